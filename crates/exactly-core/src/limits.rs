@@ -1,0 +1,60 @@
+//! Named limits enforced by the state machine and checked again at the API edge.
+//!
+//! The API edge refuses oversize input with a precise status before anything is proposed; the
+//! state machine checks the same limits again because a log entry is input too, and a bad entry
+//! must become a rejection for that job, never a panic on every replica.
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes of a queue name, at most.
+pub const QUEUE_NAME_BYTES_MAX: usize = 128;
+/// Bytes of a handler kind name, at most.
+pub const KIND_NAME_BYTES_MAX: usize = 128;
+/// Bytes of a handler result kept with a finished job; longer results are truncated.
+pub const RESULT_BYTES_MAX: usize = 4096;
+/// Bytes of an error message kept with an attempt; longer messages are truncated.
+pub const ERROR_BYTES_MAX: usize = 1024;
+/// Attempts a job may be configured to make.
+pub const MAX_ATTEMPTS_MAX: u32 = 100;
+/// Attempts ended because their node was lost (restarted or removed) before the job is failed.
+/// These do not consume `max_attempts`, since the handler never reported a failure, but a job that
+/// keeps taking nodes down with it must not loop forever.
+pub const ABANDONED_ATTEMPTS_MAX: u32 = 10;
+/// Jobs in one Submit command.
+pub const SUBMIT_BATCH_JOBS_MAX: usize = 1000;
+/// Assignments in one Assign command.
+pub const ASSIGN_BATCH_MAX: usize = 1024;
+/// Completions in one Complete command.
+pub const COMPLETE_BATCH_MAX: usize = 1024;
+/// Execution timeout of one attempt, at most (one day).
+pub const TIMEOUT_MS_MAX: u64 = 24 * 60 * 60 * 1000;
+/// Slots one node may advertise.
+pub const NODE_SLOTS_MAX: u32 = 10_000;
+/// Base delay of the exponential retry backoff.
+pub const RETRY_BACKOFF_BASE_MS: u64 = 1_000;
+/// Cap of the exponential retry backoff.
+pub const RETRY_BACKOFF_MAX_MS: u64 = 5 * 60 * 1000;
+
+/// Bytes of one job's payload that the state machine accepts from the log, whatever a node is
+/// configured to take. Apply must not depend on per-node configuration (replicas could diverge),
+/// so it enforces only constants; the configurable [`Limits`] are enforced at the API edge.
+pub const PAYLOAD_BYTES_CEILING: usize = 16 * 1024 * 1024;
+
+/// Limits that an operator configures per node and that the API edge enforces before anything is
+/// proposed. They may differ between nodes without harm because apply never reads them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Bytes of one job's payload, at most (never above [`PAYLOAD_BYTES_CEILING`]).
+    pub payload_bytes_max: usize,
+    /// Jobs that are pending or running at once, cluster-wide. Past it, submits are refused.
+    pub jobs_live_max: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            payload_bytes_max: 1024 * 1024,
+            jobs_live_max: 1_000_000,
+        }
+    }
+}
