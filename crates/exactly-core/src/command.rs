@@ -89,7 +89,11 @@ pub enum Rejection {
     #[error("node {0} is not registered")]
     UnknownNode(NodeId),
     #[error("node {node} incarnation {got} is not its current incarnation {current}")]
-    StaleIncarnation { node: NodeId, got: u64, current: u64 },
+    StaleIncarnation {
+        node: NodeId,
+        got: u64,
+        current: u64,
+    },
     #[error("node {0} has no free slot")]
     NoSlot(NodeId),
     #[error("attempt with token {got} is not the job's current attempt (current: {current:?})")]
@@ -105,8 +109,14 @@ pub enum Rejection {
 pub enum Response {
     /// Per submitted job, in order: its new id, or why it was refused.
     Submitted(Vec<Result<JobId, Rejection>>),
-    Assigned { started: u32, rejected: Vec<(JobId, Rejection)> },
-    Completed { accepted: u32, rejected: Vec<(JobId, Rejection)> },
+    Assigned {
+        started: u32,
+        rejected: Vec<(JobId, Rejection)>,
+    },
+    Completed {
+        accepted: u32,
+        rejected: Vec<(JobId, Rejection)>,
+    },
     NodeRegistered(Result<u32, Rejection>),
     /// For entries without application data (blank and membership entries).
     Empty,

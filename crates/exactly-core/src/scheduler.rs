@@ -7,15 +7,16 @@
 use std::collections::{BTreeSet, BinaryHeap};
 
 use crate::command::Assignment;
+use crate::limits::ASSIGN_BATCH_MAX;
 use crate::state::JobTable;
 use crate::{JobId, NodeId};
 
 /// Plans up to `batch_max` assignments of due pending jobs to registered nodes with free slots.
 ///
-/// Jobs go in priority order (then submission order; due delayed jobs before ready ones of the
-/// same priority is not guaranteed). Each job goes to the node with the most free slots (ties to
-/// the lower id), which spreads load evenly. `excluded` nodes (draining, unreachable, or not yet
-/// caught up) receive nothing.
+/// Jobs go in priority order, then submission order, whether they were delayed or not. Never
+/// more than [`ASSIGN_BATCH_MAX`] are planned, since apply refuses a larger batch whole. Each job
+/// goes to the node with the most free slots (ties to the lower id), which spreads load evenly.
+/// `excluded` nodes (draining, unreachable, or not yet caught up) receive nothing.
 pub fn plan_assignments(
     state: &JobTable,
     now_ms: u64,
@@ -33,13 +34,18 @@ pub fn plan_assignments(
         })
         .collect();
     let total_free: usize = free.iter().map(|(f, _, _)| f).sum();
-    let want = batch_max.min(total_free);
+    // Capped at the apply limit: a larger plan would be refused whole, every tick, forever.
+    let want = batch_max.min(total_free).min(ASSIGN_BATCH_MAX);
     if want == 0 {
         return Vec::new();
     }
 
     let mut candidates: Vec<(i64, JobId)> = Vec::with_capacity(want);
-    for id in state.due_delayed_jobs(now_ms).take(want) {
+    // Every delayed job due by `now_ms` is a candidate, not only the first `want`: that index is
+    // ordered by run_at, not priority, so truncating it before sorting skipped higher-priority
+    // jobs. Apply moves delayed jobs into `ready` as its clock passes their run_at, so this scans
+    // only jobs that fell due after the last applied entry's timestamp.
+    for id in state.due_delayed_jobs(now_ms) {
         if let Some(job) = state.job(id) {
             candidates.push((-(job.priority as i64), id));
         }

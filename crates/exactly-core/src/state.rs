@@ -28,7 +28,7 @@ pub struct NodeEntry {
 
 /// The whole replicated job state. Every field is derived only from applied commands, so two
 /// replicas that applied the same log are equal (`==`), which the cluster tests check.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobTable {
     next_job_id: JobId,
     /// The largest leader timestamp applied so far.
@@ -106,12 +106,28 @@ pub fn validate_new_job(job: &NewJob) -> Result<(), String> {
     Ok(())
 }
 
-impl JobTable {
-    pub fn new() -> Self {
+impl Default for JobTable {
+    /// The empty table, the same as [`JobTable::new`]. Written by hand because a derived
+    /// `Default` started job ids at 0: a store whose own state derives `Default` would then number
+    /// jobs differently from one that calls `new()`, and issue the id 0 that [`crate::JobId`]
+    /// promises never exists.
+    fn default() -> Self {
         Self {
             next_job_id: 1,
-            ..Self::default()
+            now_ms: 0,
+            jobs: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            delayed: BTreeSet::new(),
+            running: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            counts: StateCounts::default(),
         }
+    }
+}
+
+impl JobTable {
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Applies one committed command. `log_index` is the entry's Raft log index: it becomes the
@@ -121,16 +137,33 @@ impl JobTable {
     /// in the response, and the rest of the batch is applied.
     pub fn apply(&mut self, log_index: u64, request: Request) -> (Response, Vec<Effect>) {
         self.now_ms = self.now_ms.max(request.now_ms);
+        self.promote_due();
         let mut effects = Vec::new();
         let response = match request.command {
             Command::Submit(jobs) => Response::Submitted(self.submit(jobs, &mut effects)),
             Command::Assign(assignments) => self.assign(log_index, assignments, &mut effects),
             Command::Complete(completions) => self.complete(completions, &mut effects),
             Command::RegisterNode(registration) => {
-                Response::NodeRegistered(self.register_node(registration))
+                Response::NodeRegistered(self.register_node(registration, &mut effects))
             }
         };
         (response, effects)
+    }
+
+    /// Moves delayed jobs whose run_at has come into `ready`, so that `ready` holds every due
+    /// pending job in priority order and `delayed` only jobs not due yet, as their docs say.
+    /// Without this a due delayed job stayed in `delayed`, ordered by time rather than priority,
+    /// and the scheduler had to scan every such job to keep priority order.
+    fn promote_due(&mut self) {
+        while let Some(&(at, id)) = self.delayed.first() {
+            if at > self.now_ms {
+                break;
+            }
+            self.delayed.pop_first();
+            if let Some(job) = self.jobs.get(&id) {
+                self.ready.insert((-(job.priority as i64), id));
+            }
+        }
     }
 
     fn submit(
@@ -327,7 +360,10 @@ impl JobTable {
     }
 
     fn complete_one(&mut self, c: Completion, effects: &mut Vec<Effect>) -> Result<(), Rejection> {
-        let mut job = self.jobs.remove(&c.job).ok_or(Rejection::UnknownJob(c.job))?;
+        let mut job = self
+            .jobs
+            .remove(&c.job)
+            .ok_or(Rejection::UnknownJob(c.job))?;
         let current = job.current_attempt().map(|a| a.token);
         if current != Some(c.token) {
             self.jobs.insert(job.id, job);
@@ -398,7 +434,11 @@ impl JobTable {
         }
     }
 
-    fn register_node(&mut self, r: NodeRegistration) -> Result<u32, Rejection> {
+    fn register_node(
+        &mut self,
+        r: NodeRegistration,
+        effects: &mut Vec<Effect>,
+    ) -> Result<u32, Rejection> {
         if r.slots > NODE_SLOTS_MAX {
             return Err(Rejection::Invalid(format!(
                 "slots must be at most {NODE_SLOTS_MAX}, got {}",
@@ -432,7 +472,6 @@ impl JobTable {
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
         let mut requeued = 0;
-        let mut sink = Vec::new();
         for id in held {
             let Some(mut job) = self.jobs.remove(&id) else {
                 continue;
@@ -442,14 +481,13 @@ impl JobTable {
                 .is_some_and(|a| a.incarnation < r.incarnation);
             if stale {
                 let reason = format!("node {} restarted (incarnation {})", r.node, r.incarnation);
-                self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, &mut sink);
+                // The effects go to the caller: a job abandoned ABANDONED_ATTEMPTS_MAX times fails
+                // here, and its DropPayload used to be discarded, leaking the payload in storage.
+                self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, effects);
                 requeued += 1;
             }
             self.jobs.insert(id, job);
         }
-        debug_assert!(sink
-            .iter()
-            .all(|e| matches!(e, Effect::DropPayload { .. })));
         Ok(requeued)
     }
 
@@ -526,6 +564,11 @@ impl JobTable {
             }
             if job.attempts.windows(2).any(|w| w[0].token >= w[1].token) {
                 return Err(format!("job {} tokens do not increase", job.id));
+            }
+        }
+        if let Some(&(at, id)) = self.delayed.first() {
+            if at <= self.now_ms {
+                return Err(format!("job {id} is due at {at} but not ready"));
             }
         }
         if counts != self.counts {

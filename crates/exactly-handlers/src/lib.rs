@@ -11,6 +11,21 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
+pub mod exec;
+pub mod fail;
+pub mod noop;
+pub mod sleep;
+mod tail;
+
+pub use exec::{ExecHandler, ExecSpec, ExecSpecError};
+pub use fail::FailHandler;
+pub use noop::NoopHandler;
+pub use sleep::SleepHandler;
+
+/// The error of every attempt that stopped because its cancellation token fired. The executor
+/// cancels on timeout, on self-fencing and on drain, and retries the job with a new fencing token.
+pub const CANCELLED: &str = "cancelled";
+
 /// Everything a handler is told about the attempt it runs.
 #[derive(Clone, Debug)]
 pub struct JobContext {
@@ -37,12 +52,37 @@ pub enum HandlerOutcome {
     Failed { error: String, retryable: bool },
 }
 
+impl HandlerOutcome {
+    /// A failure worth another attempt.
+    pub fn retryable(error: impl Into<String>) -> Self {
+        Self::Failed {
+            error: error.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure that another attempt would repeat (bad input, a missing program).
+    pub fn permanent(error: impl Into<String>) -> Self {
+        Self::Failed {
+            error: error.into(),
+            retryable: false,
+        }
+    }
+
+    /// The outcome of an attempt stopped by its cancellation token: retryable, because the job
+    /// itself did nothing wrong.
+    pub fn cancelled() -> Self {
+        Self::retryable(CANCELLED)
+    }
+}
+
 /// A job handler. Implement this to run your own job kinds in your own node binary.
 ///
 /// The future must finish soon after `cancel` fires (the executor kills nothing for you; the
 /// `exec` handler kills its whole process group).
 pub trait Handler: Send + Sync + 'static {
-    fn run(&self, ctx: JobContext, cancel: CancellationToken) -> BoxFuture<'static, HandlerOutcome>;
+    fn run(&self, ctx: JobContext, cancel: CancellationToken)
+        -> BoxFuture<'static, HandlerOutcome>;
 }
 
 /// Handlers by job kind.
@@ -54,6 +94,30 @@ pub struct Registry {
 impl Registry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registry holding the handlers every node has: `noop`, `sleep` and `fail`.
+    ///
+    /// `exec` kinds are not built in: each one names a command configured on the node, added with
+    /// [`Registry::register_exec`].
+    pub fn with_builtins() -> Self {
+        let mut registry = Self::new();
+        registry.register(noop::KIND, Arc::new(NoopHandler));
+        registry.register(sleep::KIND, Arc::new(SleepHandler));
+        registry.register(fail::KIND, Arc::new(FailHandler));
+        registry
+    }
+
+    /// Registers `kind` to run the command `spec` describes, after checking the spec. Like
+    /// [`Registry::register`], this replaces any handler already registered for `kind`.
+    pub fn register_exec(
+        &mut self,
+        kind: impl Into<String>,
+        spec: ExecSpec,
+    ) -> Result<(), ExecSpecError> {
+        spec.validate()?;
+        self.register(kind, Arc::new(ExecHandler::new(spec)));
+        Ok(())
     }
 
     pub fn register(&mut self, kind: impl Into<String>, handler: Arc<dyn Handler>) {
@@ -76,5 +140,55 @@ impl Registry {
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.handlers.keys()).finish()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A context for attempt 1 of job 7 with fencing token 42 on node 3.
+    pub(crate) fn context(kind: &str, payload: &[u8]) -> JobContext {
+        JobContext {
+            job_id: 7,
+            attempt: 1,
+            fencing_token: 42,
+            node_id: 3,
+            queue: "default".to_string(),
+            kind: kind.to_string(),
+            payload: payload.to_vec(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `with_builtins` registers exactly noop, sleep and fail.
+    #[test]
+    fn builtins_are_registered() {
+        let registry = Registry::with_builtins();
+        assert_eq!(
+            registry.kinds().collect::<Vec<_>>(),
+            ["fail", "noop", "sleep"]
+        );
+    }
+
+    /// `register_exec` adds a valid spec under its kind and refuses an invalid one.
+    #[test]
+    fn register_exec_validates_the_spec() {
+        let mut registry = Registry::with_builtins();
+        registry
+            .register_exec("resize", ExecSpec::new("/bin/true"))
+            .expect("valid spec");
+        assert!(registry.contains("resize"));
+
+        let err = registry
+            .register_exec("broken", ExecSpec::new(""))
+            .expect_err("empty command");
+        assert_eq!(err.key, "command");
+        assert!(!registry.contains("broken"));
     }
 }

@@ -10,6 +10,21 @@ use std::sync::Arc;
 
 use exactly_core::{Request, Response, StartAttempt};
 
+mod codec;
+mod error;
+mod log_store;
+mod snapshot;
+mod state_machine;
+mod store;
+
+pub use error::{Error, Result};
+pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX};
+pub use state_machine::{SnapshotBuilder, StateMachine};
+pub use store::{
+    Store, OPEN_LOCK_RETRY_MS, OPEN_LOCK_WAIT_MS_MAX, PAYLOAD_BATCH_KEYS_MAX, PURGE_BATCH_KEYS_MAX,
+    SLED_CACHE_BYTES,
+};
+
 openraft::declare_raft_types!(
     /// openraft's type configuration for exactly: log entries carry an [`exactly_core::Request`].
     pub TypeConfig:

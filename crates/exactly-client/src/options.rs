@@ -1,0 +1,105 @@
+//! Timeouts and retry limits of a [`Client`](crate::Client), one typed struct with named limits.
+
+use crate::Error;
+
+/// How long a call may take and how hard the client retries.
+///
+/// The worst-case duration of one client call is about
+/// `retry_total_ms_max + call_timeout_ms + connect_timeout_ms`: no new try starts after
+/// `retry_total_ms_max`, and each try is bounded by its own timeouts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Time one request to one endpoint may take once connected, in milliseconds. Sent to the
+    /// server as the gRPC deadline too.
+    pub call_timeout_ms: u64,
+    /// Time to establish a connection to one endpoint, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Delay before the first retry, in milliseconds; it doubles with every retry.
+    pub retry_backoff_initial_ms: u64,
+    /// Upper bound of one retry delay, in milliseconds.
+    pub retry_backoff_max_ms: u64,
+    /// No new try starts once this much time has passed since the call began, in milliseconds.
+    pub retry_total_ms_max: u64,
+    /// Tries per call, the first included.
+    pub retry_attempts_max: u32,
+}
+
+impl Default for ClientOptions {
+    /// Sized for the design's timing defaults: an election takes 1–2 s, so a retry budget of 15 s
+    /// rides out a leader change, and a crashed node is skipped after one refused connection.
+    fn default() -> Self {
+        Self {
+            call_timeout_ms: 5_000,
+            connect_timeout_ms: 1_000,
+            retry_backoff_initial_ms: 25,
+            retry_backoff_max_ms: 1_000,
+            retry_total_ms_max: 15_000,
+            retry_attempts_max: 64,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Checks every limit and the relations between them, naming the offending key and value.
+    pub fn validate(self) -> Result<Self, Error> {
+        fn positive(key: &str, value: u64) -> Result<(), Error> {
+            if value == 0 {
+                return Err(Error::Config(format!(
+                    "{key} = {value}: must be at least 1"
+                )));
+            }
+            Ok(())
+        }
+        positive("call-timeout-ms", self.call_timeout_ms)?;
+        positive("connect-timeout-ms", self.connect_timeout_ms)?;
+        positive("retry-backoff-initial-ms", self.retry_backoff_initial_ms)?;
+        positive("retry-attempts-max", u64::from(self.retry_attempts_max))?;
+        if self.retry_backoff_max_ms < self.retry_backoff_initial_ms {
+            return Err(Error::Config(format!(
+                "retry-backoff-max-ms = {}: must be at least retry-backoff-initial-ms ({})",
+                self.retry_backoff_max_ms, self.retry_backoff_initial_ms
+            )));
+        }
+        if self.retry_total_ms_max < self.retry_backoff_max_ms {
+            return Err(Error::Config(format!(
+                "retry-total-ms-max = {}: must be at least retry-backoff-max-ms ({})",
+                self.retry_total_ms_max, self.retry_backoff_max_ms
+            )));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults pass their own validation.
+    #[test]
+    fn defaults_are_valid() {
+        assert!(ClientOptions::default().validate().is_ok());
+    }
+
+    /// A backoff ceiling below the first delay is rejected with the key and value named.
+    #[test]
+    fn inverted_backoff_is_rejected() {
+        let options = ClientOptions {
+            retry_backoff_initial_ms: 500,
+            retry_backoff_max_ms: 100,
+            ..ClientOptions::default()
+        };
+        let err = options.validate().unwrap_err().to_string();
+        assert!(err.contains("retry-backoff-max-ms = 100"), "{err}");
+    }
+
+    /// A zero call timeout is rejected.
+    #[test]
+    fn zero_timeout_is_rejected() {
+        let options = ClientOptions {
+            call_timeout_ms: 0,
+            ..ClientOptions::default()
+        };
+        let err = options.validate().unwrap_err().to_string();
+        assert!(err.contains("call-timeout-ms = 0"), "{err}");
+    }
+}

@@ -1,0 +1,348 @@
+//! Which failures may be retried, and how long to wait. Pure functions, so the rules are tested
+//! without a network.
+//!
+//! The central question for a write is whether the failed request *provably was not applied*.
+//! Only two signals prove it:
+//! - the connection to the endpoint was never established (tonic reports a `ConnectError`), or
+//!   the server reset the stream with HTTP/2 `REFUSED_STREAM`, which by RFC 9113 §8.7 means it did
+//!   no processing; and
+//! - the server itself answered `UNAVAILABLE`. The server's contract is that it returns
+//!   `UNAVAILABLE` for a Submit only when it did not propose the batch (no leader or quorum
+//!   reachable, shutting down); once a batch is proposed, a failure must be reported with another
+//!   code (`DEADLINE_EXCEEDED`, `UNKNOWN`, ...).
+//!
+//! Everything else that is not a final answer (the connection broke mid-call, the deadline
+//! passed, a client-side `UNAVAILABLE` from a failed keep-alive) leaves the outcome unknown.
+
+use std::error::Error as StdError;
+
+use tonic::{Code, ConnectError, Status, TimeoutExpired};
+
+use crate::ClientOptions;
+
+/// What a failed try tells about the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// The server gave a final answer that another try cannot change.
+    Final,
+    /// The request provably was not applied: any call may be retried elsewhere.
+    NotApplied,
+    /// The request may or may not have been applied.
+    MaybeApplied,
+}
+
+/// Whether a call may be repeated without changing its effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CallKind {
+    /// Get, Status: repeating is harmless.
+    Read,
+    /// Submit: repeating an applied request creates the jobs twice (until idempotency keys exist).
+    Write,
+}
+
+/// What the retry loop does after a failed try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Return the failure to the caller as it is.
+    Return,
+    /// Try again, on the next endpoint, if the budget allows.
+    Retry,
+    /// Stop and report that the outcome is unknown.
+    UnknownOutcome,
+}
+
+/// One failed try, reduced to what the retry loop and the caller need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub class: Class,
+    pub code: Code,
+    pub message: String,
+}
+
+impl Failure {
+    /// Classifies a status returned by tonic: see the module documentation for the rules.
+    pub fn from_status(status: &Status) -> Failure {
+        let message = describe(status);
+        // A status tonic made from a local error keeps that error as its source; a status decoded
+        // from the server's trailers has none.
+        let Some(source) = StdError::source(status) else {
+            let class = match status.code() {
+                Code::Unavailable => Class::NotApplied,
+                // The server gave up waiting (or failed) after it may have proposed the request.
+                Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => Class::MaybeApplied,
+                _ => Class::Final,
+            };
+            return Failure {
+                class,
+                code: status.code(),
+                message,
+            };
+        };
+        let mut code = status.code();
+        let mut class = Class::MaybeApplied;
+        for err in chain(source) {
+            if err.downcast_ref::<ConnectError>().is_some() {
+                class = Class::NotApplied;
+                code = Code::Unavailable;
+                break;
+            }
+            if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    class = Class::NotApplied;
+                    code = Code::Unavailable;
+                    break;
+                }
+            }
+            if err.downcast_ref::<TimeoutExpired>().is_some() {
+                // tonic reports its own deadline as CANCELLED; it is a deadline.
+                code = Code::DeadlineExceeded;
+                break;
+            }
+        }
+        Failure {
+            class,
+            code,
+            message,
+        }
+    }
+
+    /// Our own backstop timeout fired: nothing is known about the request.
+    pub fn timed_out(after_ms: u64) -> Failure {
+        Failure {
+            class: Class::MaybeApplied,
+            code: Code::DeadlineExceeded,
+            message: format!("no answer within {after_ms} ms"),
+        }
+    }
+}
+
+/// What to do with a failure of a call of the given kind.
+pub(crate) fn decide(class: Class, kind: CallKind) -> Decision {
+    match (class, kind) {
+        (Class::Final, _) => Decision::Return,
+        (Class::NotApplied, _) => Decision::Retry,
+        (Class::MaybeApplied, CallKind::Read) => Decision::Retry,
+        (Class::MaybeApplied, CallKind::Write) => Decision::UnknownOutcome,
+    }
+}
+
+/// The delay before retry number `retry` (0 for the first retry), in milliseconds.
+///
+/// Exponential from `retry_backoff_initial_ms`, capped at `retry_backoff_max_ms`, with "equal
+/// jitter": half the delay is fixed and half scales with `jitter` in `[0, 1]`, so clients that
+/// failed together spread out without ever retrying immediately.
+pub(crate) fn backoff_delay_ms(options: &ClientOptions, retry: u32, jitter: f64) -> u64 {
+    let jitter = jitter.clamp(0.0, 1.0);
+    let exponential = options
+        .retry_backoff_initial_ms
+        .saturating_mul(1u64 << retry.min(32))
+        .min(options.retry_backoff_max_ms);
+    let fixed = exponential / 2;
+    let varying = exponential - fixed;
+    // The product is at most `varying`, so the cast back cannot overflow.
+    fixed + (varying as f64 * jitter) as u64
+}
+
+/// Whether another try may start: `attempts` tries have been made, `elapsed_ms` have passed since
+/// the call began and the next try would start after a further `delay_ms`.
+pub(crate) fn may_retry(
+    options: &ClientOptions,
+    attempts: u32,
+    elapsed_ms: u64,
+    delay_ms: u64,
+) -> bool {
+    attempts < options.retry_attempts_max
+        && elapsed_ms.saturating_add(delay_ms) <= options.retry_total_ms_max
+}
+
+/// The status message followed by the messages of its causes, without repeats, so
+/// "transport error" becomes "transport error: tcp connect error: Connection refused".
+fn describe(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    if let Some(source) = StdError::source(status) {
+        for err in chain(source) {
+            let part = err.to_string();
+            if !part.is_empty() && !text.contains(&part) {
+                if !text.is_empty() {
+                    text.push_str(": ");
+                }
+                text.push_str(&part);
+            }
+        }
+    }
+    text
+}
+
+/// An error followed by its sources, outermost first.
+fn chain<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(err), |&err| err.source())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> Status {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        Status::from_error(Box::new(ConnectError(Box::new(io))))
+    }
+
+    /// A refused connection is classified as not applied, so even a Submit is retried.
+    #[test]
+    fn connect_error_is_not_applied() {
+        let failure = Failure::from_status(&refused());
+        assert_eq!(failure.class, Class::NotApplied);
+        assert_eq!(failure.code, Code::Unavailable);
+        assert!(failure.message.contains("refused"), "{}", failure.message);
+        assert_eq!(decide(failure.class, CallKind::Write), Decision::Retry);
+    }
+
+    /// A local error that wraps another one, as hyper and tower wrap transport errors.
+    #[derive(Debug)]
+    struct Wrapper<E>(E);
+    impl<E> std::fmt::Display for Wrapper<E> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+    impl<E: StdError + 'static> StdError for Wrapper<E> {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// A connect error buried under other errors is still found in the source chain.
+    #[test]
+    fn nested_connect_error_is_not_applied() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let status = Status::from_error(Box::new(Wrapper(ConnectError(Box::new(io)))));
+        assert_eq!(Failure::from_status(&status).class, Class::NotApplied);
+    }
+
+    /// HTTP/2 REFUSED_STREAM proves the server did not process the request.
+    #[test]
+    fn refused_stream_is_not_applied() {
+        let status = Status::from_error(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        let failure = Failure::from_status(&status);
+        assert_eq!(failure.class, Class::NotApplied);
+        assert_eq!(failure.code, Code::Unavailable);
+    }
+
+    /// Any other HTTP/2 reset (here CANCEL) leaves the outcome unknown.
+    #[test]
+    fn other_stream_reset_is_maybe_applied() {
+        let status = Status::from_error(Box::new(h2::Error::from(h2::Reason::CANCEL)));
+        assert_eq!(Failure::from_status(&status).class, Class::MaybeApplied);
+    }
+
+    /// UNAVAILABLE sent by the server (no source) means it did not propose: retried even for Submit.
+    #[test]
+    fn server_unavailable_is_not_applied() {
+        let failure = Failure::from_status(&Status::unavailable("no leader"));
+        assert_eq!(failure.class, Class::NotApplied);
+        assert_eq!(decide(failure.class, CallKind::Write), Decision::Retry);
+    }
+
+    /// UNAVAILABLE made by the client from a local cause (here a wrapped status, as tonic builds
+    /// it from a failed keep-alive) is no proof: Submit reports an unknown outcome, reads retry.
+    #[test]
+    fn client_side_unavailable_is_maybe_applied() {
+        let status = Status::from_error(Box::new(Wrapper(Status::unavailable(
+            "keep-alive timed out",
+        ))));
+        assert_eq!(status.code(), Code::Unavailable);
+        let failure = Failure::from_status(&status);
+        assert_eq!(failure.class, Class::MaybeApplied);
+        assert_eq!(
+            decide(failure.class, CallKind::Write),
+            Decision::UnknownOutcome
+        );
+        assert_eq!(decide(failure.class, CallKind::Read), Decision::Retry);
+    }
+
+    /// A connection reset mid-call (an I/O error tonic cannot map) leaves the outcome unknown.
+    #[test]
+    fn connection_reset_is_maybe_applied() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let status = Status::from_error(Box::new(io));
+        assert_eq!(Failure::from_status(&status).class, Class::MaybeApplied);
+    }
+
+    /// tonic's own deadline is reported as DEADLINE_EXCEEDED with an unknown outcome.
+    #[test]
+    fn client_deadline_is_deadline_exceeded() {
+        let status = Status::from_error(Box::new(TimeoutExpired(())));
+        assert_eq!(status.code(), Code::Cancelled);
+        let failure = Failure::from_status(&status);
+        assert_eq!(failure.code, Code::DeadlineExceeded);
+        assert_eq!(failure.class, Class::MaybeApplied);
+    }
+
+    /// Server-side DEADLINE_EXCEEDED and UNKNOWN leave a Submit's outcome unknown; reads retry.
+    #[test]
+    fn server_deadline_and_unknown_are_maybe_applied() {
+        for status in [
+            Status::deadline_exceeded("commit timed out"),
+            Status::unknown("panic"),
+        ] {
+            let failure = Failure::from_status(&status);
+            assert_eq!(failure.class, Class::MaybeApplied, "{status:?}");
+            assert_eq!(
+                decide(failure.class, CallKind::Write),
+                Decision::UnknownOutcome
+            );
+            assert_eq!(decide(failure.class, CallKind::Read), Decision::Retry);
+        }
+    }
+
+    /// Bad input, limits and missing jobs are final answers, returned at once for every call.
+    #[test]
+    fn final_codes_are_returned_at_once() {
+        for status in [
+            Status::invalid_argument("unknown kind"),
+            Status::resource_exhausted("payload too large"),
+            Status::not_found("job 7"),
+            Status::failed_precondition("draining"),
+            Status::internal("bug"),
+        ] {
+            let failure = Failure::from_status(&status);
+            assert_eq!(failure.class, Class::Final, "{status:?}");
+            assert_eq!(failure.code, status.code());
+            assert_eq!(failure.message, status.message());
+            assert_eq!(decide(failure.class, CallKind::Read), Decision::Return);
+            assert_eq!(decide(failure.class, CallKind::Write), Decision::Return);
+        }
+    }
+
+    /// Backoff doubles from the initial delay, is capped, and jitter moves it within [d/2, d].
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let options = ClientOptions {
+            retry_backoff_initial_ms: 20,
+            retry_backoff_max_ms: 300,
+            ..ClientOptions::default()
+        };
+        let full: Vec<u64> = (0..6).map(|r| backoff_delay_ms(&options, r, 1.0)).collect();
+        assert_eq!(full, vec![20, 40, 80, 160, 300, 300]);
+        let half: Vec<u64> = (0..6).map(|r| backoff_delay_ms(&options, r, 0.0)).collect();
+        assert_eq!(half, vec![10, 20, 40, 80, 150, 150]);
+        assert_eq!(backoff_delay_ms(&options, u32::MAX, 1.0), 300);
+    }
+
+    /// The retry budget stops on the attempt count or on the total time, whichever comes first.
+    #[test]
+    fn retry_budget_is_bounded() {
+        let options = ClientOptions {
+            retry_attempts_max: 3,
+            retry_total_ms_max: 1_000,
+            ..ClientOptions::default()
+        };
+        assert!(may_retry(&options, 1, 0, 10));
+        assert!(may_retry(&options, 2, 900, 100));
+        assert!(!may_retry(&options, 3, 0, 0));
+        assert!(!may_retry(&options, 1, 950, 100));
+        assert!(!may_retry(&options, 1, u64::MAX, u64::MAX));
+    }
+}

@@ -1,0 +1,194 @@
+//! Builders and a small harness shared by the core test suites.
+//!
+//! Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use exactly_core::{
+    Assignment, Command, Completion, Effect, Job, JobId, JobTable, NewJob, NodeEntry, NodeId,
+    NodeRegistration, Outcome, Request, Response, StateCounts,
+};
+
+/// A leader timestamp far enough from zero that "earlier" stamps are easy to write.
+pub const NOW: u64 = 1_000_000;
+
+/// A valid job for queue `q`, kind `k`: priority 0, 3 attempts, no timeout, due now.
+pub fn new_job(queue: &str, kind: &str, payload: &[u8]) -> NewJob {
+    NewJob {
+        queue: queue.to_string(),
+        kind: kind.to_string(),
+        payload: payload.to_vec(),
+        priority: 0,
+        max_attempts: 3,
+        timeout_ms: 0,
+        run_at_ms: 0,
+    }
+}
+
+/// A valid job changed by `edit`.
+pub fn job_with(edit: impl FnOnce(&mut NewJob)) -> NewJob {
+    let mut job = new_job("q", "noop", b"p");
+    edit(&mut job);
+    job
+}
+
+pub fn succeeded(result: &[u8]) -> Outcome {
+    Outcome::Succeeded {
+        result: result.to_vec(),
+    }
+}
+
+pub fn failed(error: &str, retryable: bool) -> Outcome {
+    Outcome::Failed {
+        error: error.to_string(),
+        retryable,
+    }
+}
+
+pub fn registration(node: NodeId, incarnation: u64, slots: u32) -> Command {
+    Command::RegisterNode(NodeRegistration {
+        node,
+        incarnation,
+        slots,
+        addr: format!("10.0.0.{node}:7000"),
+    })
+}
+
+pub fn assignment(job: JobId, node: NodeId, incarnation: u64) -> Assignment {
+    Assignment {
+        job,
+        node,
+        incarnation,
+    }
+}
+
+pub fn completion(job: JobId, token: u64, outcome: Outcome) -> Completion {
+    Completion {
+        job,
+        token,
+        outcome,
+    }
+}
+
+/// A job table fed with consecutive log indexes; checks the table's own invariants after every
+/// command.
+#[derive(Clone, Debug)]
+pub struct Harness {
+    pub table: JobTable,
+    /// The log index of the last applied entry.
+    pub index: u64,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self {
+            table: JobTable::new(),
+            index: 0,
+        }
+    }
+
+    /// Applies `command` stamped `now_ms` at the next log index.
+    pub fn apply(&mut self, now_ms: u64, command: Command) -> (Response, Vec<Effect>) {
+        self.index += 1;
+        let out = self.table.apply(self.index, Request { now_ms, command });
+        if let Err(broken) = self.table.check_invariants() {
+            panic!("invariant broken after entry {}: {broken}", self.index);
+        }
+        out
+    }
+
+    /// Submits jobs that must all be accepted; returns their ids.
+    pub fn submit(&mut self, now_ms: u64, jobs: Vec<NewJob>) -> Vec<JobId> {
+        let (response, _) = self.apply(now_ms, Command::Submit(jobs));
+        let Response::Submitted(results) = response else {
+            panic!("unexpected response {response:?}");
+        };
+        results
+            .into_iter()
+            .map(|r| r.expect("job accepted"))
+            .collect()
+    }
+
+    /// Registers a node; the registration must be accepted.
+    pub fn register(&mut self, now_ms: u64, node: NodeId, incarnation: u64, slots: u32) -> u32 {
+        let (response, _) = self.apply(now_ms, registration(node, incarnation, slots));
+        match response {
+            Response::NodeRegistered(Ok(requeued)) => requeued,
+            other => panic!("registration refused: {other:?}"),
+        }
+    }
+
+    /// Assigns one job, which must start; returns its fencing token.
+    pub fn assign(&mut self, now_ms: u64, job: JobId, node: NodeId, incarnation: u64) -> u64 {
+        let (response, _) = self.apply(
+            now_ms,
+            Command::Assign(vec![assignment(job, node, incarnation)]),
+        );
+        assert_eq!(
+            response,
+            Response::Assigned {
+                started: 1,
+                rejected: vec![]
+            }
+        );
+        self.index
+    }
+
+    /// Completes one attempt, which must be accepted; returns the effects.
+    pub fn complete(
+        &mut self,
+        now_ms: u64,
+        job: JobId,
+        token: u64,
+        outcome: Outcome,
+    ) -> Vec<Effect> {
+        let (response, effects) = self.apply(
+            now_ms,
+            Command::Complete(vec![completion(job, token, outcome)]),
+        );
+        assert_eq!(
+            response,
+            Response::Completed {
+                accepted: 1,
+                rejected: vec![]
+            }
+        );
+        effects
+    }
+
+    pub fn job(&self, id: JobId) -> &Job {
+        self.table.job(id).expect("job exists")
+    }
+}
+
+/// Everything a caller can observe of a table, for "nothing else changed" assertions where the
+/// tables themselves differ in one known counter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    pub now_ms: u64,
+    pub jobs: Vec<Job>,
+    pub counts: StateCounts,
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    pub ready: Vec<JobId>,
+    pub delayed: Vec<JobId>,
+    pub running: Vec<(NodeId, usize)>,
+}
+
+impl View {
+    pub fn of(table: &JobTable) -> Self {
+        Self {
+            now_ms: table.now_ms(),
+            jobs: table.jobs().cloned().collect(),
+            counts: table.counts().clone(),
+            nodes: table.nodes().clone(),
+            ready: table.ready_jobs().collect(),
+            delayed: table.due_delayed_jobs(u64::MAX).collect(),
+            running: table
+                .nodes()
+                .keys()
+                .map(|&n| (n, table.running_on(n)))
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,1402 @@
+//! Table-driven tests of `JobTable::apply`: each feeds commands at known log indexes and asserts
+//! the exact resulting state, response and effects.
+
+mod common;
+
+use common::{
+    assignment, completion, failed, job_with, new_job, registration, succeeded, Harness, View, NOW,
+};
+use exactly_core::limits::{
+    ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, ERROR_BYTES_MAX,
+    KIND_NAME_BYTES_MAX, MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, PAYLOAD_BYTES_CEILING,
+    QUEUE_NAME_BYTES_MAX, RESULT_BYTES_MAX, RETRY_BACKOFF_BASE_MS, RETRY_BACKOFF_MAX_MS,
+    SUBMIT_BATCH_JOBS_MAX, TIMEOUT_MS_MAX,
+};
+use exactly_core::state::retry_backoff_ms;
+use exactly_core::{
+    Attempt, AttemptEnd, Command, Effect, Job, JobStatus, JobTable, NewJob, NodeEntry, Outcome,
+    Rejection, Request, Response, StartAttempt, StateCounts,
+};
+
+fn counts(pending: u64, running: u64, succeeded: u64, failed: u64, stale: u64) -> StateCounts {
+    StateCounts {
+        pending,
+        running,
+        succeeded,
+        failed,
+        stale_completions: stale,
+    }
+}
+
+// ----- submit -----
+
+/// Submits get ids from 1 in order, a StorePayload effect each, exact records and counts.
+#[test]
+fn submit_assigns_sequential_ids_and_stores_payloads() {
+    let mut h = Harness::new();
+    let (response, effects) = h.apply(
+        NOW,
+        Command::Submit(vec![
+            new_job("q", "noop", b"a"),
+            new_job("q", "noop", b""),
+            new_job("mail", "send", b"ccc"),
+        ]),
+    );
+    assert_eq!(response, Response::Submitted(vec![Ok(1), Ok(2), Ok(3)]));
+    assert_eq!(
+        effects,
+        vec![
+            Effect::StorePayload {
+                job: 1,
+                payload: b"a".to_vec()
+            },
+            Effect::StorePayload {
+                job: 2,
+                payload: vec![]
+            },
+            Effect::StorePayload {
+                job: 3,
+                payload: b"ccc".to_vec()
+            },
+        ]
+    );
+
+    let (response, effects) = h.apply(
+        NOW + 5,
+        Command::Submit(vec![new_job("q", "noop", b"d"), new_job("q", "noop", b"e")]),
+    );
+    assert_eq!(response, Response::Submitted(vec![Ok(4), Ok(5)]));
+    assert_eq!(
+        effects,
+        vec![
+            Effect::StorePayload {
+                job: 4,
+                payload: b"d".to_vec()
+            },
+            Effect::StorePayload {
+                job: 5,
+                payload: b"e".to_vec()
+            },
+        ]
+    );
+
+    assert_eq!(h.table.counts(), &counts(5, 0, 0, 0, 0));
+    assert_eq!(
+        h.table.ready_jobs().collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(
+        h.job(3),
+        &Job {
+            id: 3,
+            queue: "mail".into(),
+            kind: "send".into(),
+            priority: 0,
+            payload_len: 3,
+            max_attempts: 3,
+            timeout_ms: 0,
+            status: JobStatus::Pending,
+            created_at_ms: NOW,
+            updated_at_ms: NOW,
+            run_at_ms: 0,
+            failures: 0,
+            abandoned: 0,
+            attempts: vec![],
+            result: None,
+            last_error: None,
+        }
+    );
+    assert_eq!(h.job(5).created_at_ms, NOW + 5);
+}
+
+/// A `JobTable::default()` equals `JobTable::new()` and issues job ids from 1.
+#[test]
+fn default_table_is_the_empty_table() {
+    // An enclosing store struct that derives `Default` builds the table this way.
+    assert_eq!(JobTable::default(), JobTable::new());
+    let mut table = JobTable::default();
+    let (response, _) = table.apply(
+        1,
+        Request {
+            now_ms: NOW,
+            command: Command::Submit(vec![new_job("q", "noop", b"")]),
+        },
+    );
+    assert_eq!(response, Response::Submitted(vec![Ok(1)]));
+}
+
+/// A job with a future run_at is pending but not ready; one with a past run_at is ready.
+#[test]
+fn submit_with_run_at_in_the_future_is_delayed() {
+    let mut h = Harness::new();
+    let ids = h.submit(
+        NOW,
+        vec![
+            job_with(|j| j.run_at_ms = NOW + 10_000),
+            job_with(|j| j.run_at_ms = NOW - 10),
+            job_with(|j| j.run_at_ms = NOW),
+        ],
+    );
+    assert_eq!(ids, vec![1, 2, 3]);
+    assert_eq!(h.table.ready_jobs().collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(h.table.due_delayed_jobs(NOW + 9_999).count(), 0);
+    assert_eq!(
+        h.table.due_delayed_jobs(NOW + 10_000).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert_eq!(h.job(1).status, JobStatus::Pending);
+    assert_eq!(h.job(1).run_at_ms, NOW + 10_000);
+    assert_eq!(h.table.counts(), &counts(3, 0, 0, 0, 0));
+}
+
+/// Ready jobs are listed highest priority first, then in submission order.
+#[test]
+fn ready_jobs_are_ordered_by_priority_then_fifo() {
+    let mut h = Harness::new();
+    h.submit(
+        NOW,
+        [0, 5, -3, 5, 0, i32::MAX, i32::MIN]
+            .into_iter()
+            .map(|p| job_with(|j| j.priority = p))
+            .collect(),
+    );
+    assert_eq!(
+        h.table.ready_jobs().collect::<Vec<_>>(),
+        vec![6, 2, 4, 1, 5, 3, 7]
+    );
+}
+
+/// Each invalid job is refused with a precise reason while the rest of its batch applies.
+#[test]
+fn invalid_job_is_rejected_alone_and_the_rest_of_the_batch_applies() {
+    // The oversize payload is zero-filled: the allocator hands out untouched zero pages, so the
+    // 16 MiB are reserved but never written, and the job is only measured, never copied.
+    let cases: Vec<(&str, NewJob, String)> = vec![
+        (
+            "empty queue",
+            job_with(|j| j.queue.clear()),
+            format!("queue name must be 1..={QUEUE_NAME_BYTES_MAX} bytes, got 0"),
+        ),
+        (
+            "oversize queue",
+            job_with(|j| j.queue = "q".repeat(QUEUE_NAME_BYTES_MAX + 1)),
+            format!(
+                "queue name must be 1..={QUEUE_NAME_BYTES_MAX} bytes, got {}",
+                QUEUE_NAME_BYTES_MAX + 1
+            ),
+        ),
+        (
+            "empty kind",
+            job_with(|j| j.kind.clear()),
+            format!("kind must be 1..={KIND_NAME_BYTES_MAX} bytes, got 0"),
+        ),
+        (
+            "oversize kind",
+            job_with(|j| j.kind = "k".repeat(KIND_NAME_BYTES_MAX + 1)),
+            format!(
+                "kind must be 1..={KIND_NAME_BYTES_MAX} bytes, got {}",
+                KIND_NAME_BYTES_MAX + 1
+            ),
+        ),
+        (
+            "max_attempts 0",
+            job_with(|j| j.max_attempts = 0),
+            format!("max_attempts must be 1..={MAX_ATTEMPTS_MAX}, got 0"),
+        ),
+        (
+            "max_attempts above the maximum",
+            job_with(|j| j.max_attempts = MAX_ATTEMPTS_MAX + 1),
+            format!(
+                "max_attempts must be 1..={MAX_ATTEMPTS_MAX}, got {}",
+                MAX_ATTEMPTS_MAX + 1
+            ),
+        ),
+        (
+            "max_attempts u32::MAX",
+            job_with(|j| j.max_attempts = u32::MAX),
+            format!(
+                "max_attempts must be 1..={MAX_ATTEMPTS_MAX}, got {}",
+                u32::MAX
+            ),
+        ),
+        (
+            "timeout above the maximum",
+            job_with(|j| j.timeout_ms = TIMEOUT_MS_MAX + 1),
+            format!(
+                "timeout of {} ms exceeds the limit of {TIMEOUT_MS_MAX} ms",
+                TIMEOUT_MS_MAX + 1
+            ),
+        ),
+        (
+            "payload over the ceiling",
+            job_with(|j| j.payload = vec![0; PAYLOAD_BYTES_CEILING + 1]),
+            format!(
+                "payload of {} bytes exceeds the ceiling of {PAYLOAD_BYTES_CEILING}",
+                PAYLOAD_BYTES_CEILING + 1
+            ),
+        ),
+    ];
+    for (name, bad, reason) in cases {
+        let mut h = Harness::new();
+        let (response, effects) = h.apply(
+            NOW,
+            Command::Submit(vec![
+                new_job("q", "noop", b"first"),
+                bad,
+                new_job("q", "noop", b"third"),
+            ]),
+        );
+        assert_eq!(
+            response,
+            Response::Submitted(vec![Ok(1), Err(Rejection::Invalid(reason)), Ok(2)]),
+            "{name}"
+        );
+        assert_eq!(
+            effects,
+            vec![
+                Effect::StorePayload {
+                    job: 1,
+                    payload: b"first".to_vec()
+                },
+                Effect::StorePayload {
+                    job: 2,
+                    payload: b"third".to_vec()
+                },
+            ],
+            "{name}"
+        );
+        assert_eq!(h.table.counts(), &counts(2, 0, 0, 0, 0), "{name}");
+        assert_eq!(h.table.jobs().count(), 2, "{name}");
+        assert_eq!(h.job(2).payload_len, 5, "{name}");
+    }
+}
+
+/// Jobs exactly at every limit are accepted.
+#[test]
+fn jobs_at_the_limits_are_accepted() {
+    let cases: Vec<(&str, NewJob)> = vec![
+        (
+            "one-byte queue and kind",
+            job_with(|j| {
+                j.queue = "q".into();
+                j.kind = "k".into();
+            }),
+        ),
+        (
+            "longest queue",
+            job_with(|j| j.queue = "q".repeat(QUEUE_NAME_BYTES_MAX)),
+        ),
+        (
+            "longest kind",
+            job_with(|j| j.kind = "k".repeat(KIND_NAME_BYTES_MAX)),
+        ),
+        ("one attempt", job_with(|j| j.max_attempts = 1)),
+        (
+            "most attempts",
+            job_with(|j| j.max_attempts = MAX_ATTEMPTS_MAX),
+        ),
+        (
+            "longest timeout",
+            job_with(|j| j.timeout_ms = TIMEOUT_MS_MAX),
+        ),
+        (
+            "payload at the ceiling",
+            job_with(|j| j.payload = vec![0; PAYLOAD_BYTES_CEILING]),
+        ),
+    ];
+    for (name, job) in cases {
+        let expected = job.clone();
+        let mut h = Harness::new();
+        let (response, effects) = h.apply(NOW, Command::Submit(vec![job]));
+        assert_eq!(response, Response::Submitted(vec![Ok(1)]), "{name}");
+        // Compare without printing a 16 MiB payload on failure.
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [Effect::StorePayload { job: 1, payload }] if *payload == expected.payload
+            ),
+            "{name}"
+        );
+        let stored = h.job(1);
+        assert_eq!(stored.queue, expected.queue, "{name}");
+        assert_eq!(stored.kind, expected.kind, "{name}");
+        assert_eq!(stored.max_attempts, expected.max_attempts, "{name}");
+        assert_eq!(stored.timeout_ms, expected.timeout_ms, "{name}");
+        assert_eq!(
+            stored.payload_len as usize,
+            expected.payload.len(),
+            "{name}"
+        );
+    }
+}
+
+/// A submit batch over SUBMIT_BATCH_JOBS_MAX is refused whole; one at the limit applies.
+#[test]
+fn submit_batch_too_large_is_refused_whole() {
+    let mut h = Harness::new();
+    let before = h.table.clone();
+    let jobs = vec![new_job("q", "noop", b""); SUBMIT_BATCH_JOBS_MAX + 1];
+    let (response, effects) = h.apply(NOW, Command::Submit(jobs));
+    let refused = Rejection::BatchTooLarge {
+        got: SUBMIT_BATCH_JOBS_MAX + 1,
+        max: SUBMIT_BATCH_JOBS_MAX,
+    };
+    assert_eq!(
+        response,
+        Response::Submitted(vec![Err(refused); SUBMIT_BATCH_JOBS_MAX + 1])
+    );
+    assert_eq!(effects, vec![]);
+    assert_eq!(h.table.jobs().count(), 0);
+    assert_eq!(
+        View {
+            now_ms: 0,
+            ..View::of(&h.table)
+        },
+        View::of(&before)
+    );
+
+    let ids = h.submit(NOW, vec![new_job("q", "noop", b""); SUBMIT_BATCH_JOBS_MAX]);
+    assert_eq!(ids, (1..=SUBMIT_BATCH_JOBS_MAX as u64).collect::<Vec<_>>());
+}
+
+// ----- assign -----
+
+/// An assignment starts attempt 1 with the log index as token and an exact Start effect.
+#[test]
+fn assign_starts_attempt_with_log_index_as_token() {
+    let mut h = Harness::new();
+    h.register(NOW, 7, 3, 2);
+    h.submit(
+        NOW,
+        vec![job_with(|j| {
+            j.queue = "mail".into();
+            j.kind = "send".into();
+            j.timeout_ms = 5_000;
+            j.priority = 4;
+        })],
+    );
+    // Log indexes need not be dense (blank and membership entries sit between commands).
+    h.index = 41;
+    let (response, effects) = h.apply(NOW + 10, Command::Assign(vec![assignment(1, 7, 3)]));
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: 1,
+            rejected: vec![]
+        }
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Start(StartAttempt {
+            job: 1,
+            token: 42,
+            attempt: 1,
+            node: 7,
+            incarnation: 3,
+            queue: "mail".into(),
+            kind: "send".into(),
+            timeout_ms: 5_000,
+        })]
+    );
+    assert_eq!(
+        h.job(1),
+        &Job {
+            id: 1,
+            queue: "mail".into(),
+            kind: "send".into(),
+            priority: 4,
+            payload_len: 1,
+            max_attempts: 3,
+            timeout_ms: 5_000,
+            status: JobStatus::Running,
+            created_at_ms: NOW,
+            updated_at_ms: NOW + 10,
+            run_at_ms: 0,
+            failures: 0,
+            abandoned: 0,
+            attempts: vec![Attempt {
+                number: 1,
+                token: 42,
+                node: 7,
+                incarnation: 3,
+                started_at_ms: NOW + 10,
+                ended_at_ms: None,
+                end: None,
+            }],
+            result: None,
+            last_error: None,
+        }
+    );
+    assert_eq!(h.job(1).current_attempt().map(|a| a.token), Some(42));
+    assert_eq!(h.table.counts(), &counts(0, 1, 0, 0, 0));
+    assert_eq!(h.table.running_on(7), 1);
+    assert_eq!(h.table.ready_jobs().count(), 0);
+}
+
+/// A fixture for assignment refusals: node 1 (incarnation 2) is full, node 2 (incarnation 1)
+/// has room; job 1 is ready, 2 runs on node 1, 3 is due at NOW + 60 s, 4 succeeded, 5 runs on
+/// node 2, 6 failed.
+fn assign_fixture() -> Harness {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 2, 1);
+    h.register(NOW, 2, 1, 5);
+    h.submit(
+        NOW,
+        vec![
+            new_job("q", "noop", b""),
+            new_job("q", "noop", b""),
+            job_with(|j| j.run_at_ms = NOW + 60_000),
+            new_job("q", "noop", b""),
+            new_job("q", "noop", b""),
+            new_job("q", "noop", b""),
+        ],
+    );
+    h.assign(NOW, 2, 1, 2);
+    let t4 = h.assign(NOW, 4, 2, 1);
+    h.complete(NOW, 4, t4, succeeded(b""));
+    h.assign(NOW, 5, 2, 1);
+    let t6 = h.assign(NOW, 6, 2, 1);
+    h.complete(NOW, 6, t6, failed("no", false));
+    assert_eq!(h.table.counts(), &counts(2, 2, 1, 1, 0));
+    h
+}
+
+/// Each refused assignment gets its precise reason and changes nothing at all.
+#[test]
+fn assign_refusals_change_nothing() {
+    let cases = [
+        (
+            "unknown node",
+            assignment(1, 9, 0),
+            Rejection::UnknownNode(9),
+        ),
+        (
+            "older incarnation",
+            assignment(1, 2, 0),
+            Rejection::StaleIncarnation {
+                node: 2,
+                got: 0,
+                current: 1,
+            },
+        ),
+        (
+            "newer incarnation than registered",
+            assignment(1, 2, 5),
+            Rejection::StaleIncarnation {
+                node: 2,
+                got: 5,
+                current: 1,
+            },
+        ),
+        (
+            "node has no free slot",
+            assignment(1, 1, 2),
+            Rejection::NoSlot(1),
+        ),
+        (
+            "job running",
+            assignment(5, 2, 1),
+            Rejection::NotPending("running".into()),
+        ),
+        (
+            "job running on another node",
+            assignment(2, 2, 1),
+            Rejection::NotPending("running".into()),
+        ),
+        (
+            "job succeeded",
+            assignment(4, 2, 1),
+            Rejection::NotPending("succeeded".into()),
+        ),
+        (
+            "job failed",
+            assignment(6, 2, 1),
+            Rejection::NotPending("failed".into()),
+        ),
+        (
+            "job not due",
+            assignment(3, 2, 1),
+            Rejection::NotDue(NOW + 60_000),
+        ),
+        (
+            "unknown job",
+            assignment(99, 2, 1),
+            Rejection::UnknownJob(99),
+        ),
+        ("job id 0", assignment(0, 2, 1), Rejection::UnknownJob(0)),
+    ];
+    let fixture = assign_fixture();
+    for (name, a, why) in cases {
+        let mut h = fixture.clone();
+        let job = a.job;
+        let (response, effects) = h.apply(NOW, Command::Assign(vec![a]));
+        assert_eq!(
+            response,
+            Response::Assigned {
+                started: 0,
+                rejected: vec![(job, why)]
+            },
+            "{name}"
+        );
+        assert_eq!(effects, vec![], "{name}");
+        assert_eq!(h.table, fixture.table, "{name}");
+    }
+}
+
+/// A delayed job is refused one millisecond before its run_at and started exactly at it.
+#[test]
+fn assign_waits_for_run_at() {
+    let mut h = assign_fixture();
+    let (response, _) = h.apply(NOW + 59_999, Command::Assign(vec![assignment(3, 2, 1)]));
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: 0,
+            rejected: vec![(3, Rejection::NotDue(NOW + 60_000))]
+        }
+    );
+    let token = h.assign(NOW + 60_000, 3, 2, 1);
+    assert_eq!(h.job(3).current_attempt().map(|a| a.token), Some(token));
+}
+
+/// An Assign batch starts the good assignments and refuses each bad one on its own.
+#[test]
+fn assign_batch_applies_the_good_and_refuses_the_bad() {
+    let mut h = assign_fixture();
+    h.submit(NOW, vec![new_job("q", "noop", b"")]); // job 7
+    let (response, effects) = h.apply(
+        NOW,
+        Command::Assign(vec![
+            assignment(1, 2, 1),
+            assignment(99, 2, 1),
+            assignment(1, 2, 1),
+            assignment(3, 2, 1),
+            assignment(7, 2, 1),
+        ]),
+    );
+    let token = h.index;
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: 2,
+            rejected: vec![
+                (99, Rejection::UnknownJob(99)),
+                (1, Rejection::NotPending("running".into())),
+                (3, Rejection::NotDue(NOW + 60_000)),
+            ]
+        }
+    );
+    let start = |job| {
+        Effect::Start(StartAttempt {
+            job,
+            token,
+            attempt: 1,
+            node: 2,
+            incarnation: 1,
+            queue: "q".into(),
+            kind: "noop".into(),
+            timeout_ms: 0,
+        })
+    };
+    assert_eq!(effects, vec![start(1), start(7)]);
+    assert_eq!(h.table.running_on(2), 3);
+    assert_eq!(h.table.counts(), &counts(1, 4, 1, 1, 0));
+}
+
+/// A node takes at most `slots` attempts; a finished attempt frees its slot.
+#[test]
+fn assign_respects_the_slot_limit_per_node() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 2);
+    h.register(NOW, 2, 1, 1);
+    h.submit(NOW, vec![new_job("q", "noop", b""); 4]);
+    let (response, effects) = h.apply(
+        NOW,
+        Command::Assign(vec![
+            assignment(1, 1, 1),
+            assignment(2, 1, 1),
+            assignment(3, 1, 1),
+            assignment(4, 2, 1),
+        ]),
+    );
+    let token = h.index;
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: 3,
+            rejected: vec![(3, Rejection::NoSlot(1))]
+        }
+    );
+    assert_eq!(effects.len(), 3);
+    assert_eq!((h.table.running_on(1), h.table.running_on(2)), (2, 1));
+
+    h.complete(NOW, 1, token, succeeded(b""));
+    assert_eq!(h.table.running_on(1), 1);
+    h.assign(NOW, 3, 1, 1);
+    assert_eq!(h.table.running_on(1), 2);
+    assert_eq!(h.table.counts(), &counts(0, 3, 1, 0, 0));
+}
+
+/// A node registered with zero slots takes nothing.
+#[test]
+fn assign_to_a_node_with_zero_slots_is_refused() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 0);
+    h.submit(NOW, vec![new_job("q", "noop", b"")]);
+    let (response, _) = h.apply(NOW, Command::Assign(vec![assignment(1, 1, 1)]));
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: 0,
+            rejected: vec![(1, Rejection::NoSlot(1))]
+        }
+    );
+}
+
+/// An Assign batch over ASSIGN_BATCH_MAX is refused whole and changes nothing.
+#[test]
+fn assign_batch_too_large_is_refused_whole() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, NODE_SLOTS_MAX);
+    h.submit(NOW, vec![new_job("q", "noop", b""); SUBMIT_BATCH_JOBS_MAX]);
+    h.submit(NOW, vec![new_job("q", "noop", b""); SUBMIT_BATCH_JOBS_MAX]);
+    let before = h.table.clone();
+    let batch: Vec<_> = (1..=ASSIGN_BATCH_MAX as u64 + 1)
+        .map(|job| assignment(job, 1, 1))
+        .collect();
+    let (response, effects) = h.apply(NOW, Command::Assign(batch));
+    let refused = Rejection::BatchTooLarge {
+        got: ASSIGN_BATCH_MAX + 1,
+        max: ASSIGN_BATCH_MAX,
+    };
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: 0,
+            rejected: (1..=ASSIGN_BATCH_MAX as u64 + 1)
+                .map(|job| (job, refused.clone()))
+                .collect()
+        }
+    );
+    assert_eq!(effects, vec![]);
+    assert_eq!(h.table, before);
+
+    let batch: Vec<_> = (1..=ASSIGN_BATCH_MAX as u64)
+        .map(|job| assignment(job, 1, 1))
+        .collect();
+    let (response, _) = h.apply(NOW, Command::Assign(batch));
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: ASSIGN_BATCH_MAX as u32,
+            rejected: vec![]
+        }
+    );
+}
+
+/// A malformed log cannot restart a job with a token not above its last one.
+#[test]
+fn assign_never_reuses_or_lowers_a_token() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 4);
+    h.submit(NOW, vec![new_job("q", "noop", b"")]);
+    h.index = 9;
+    let token = h.assign(NOW, 1, 1, 1);
+    assert_eq!(token, 10);
+    h.register(NOW, 1, 2, 4); // abandons attempt 10, the job is pending again
+    for index in [10, 5] {
+        let before = h.table.clone();
+        let response = h.table.apply(
+            index,
+            Request {
+                now_ms: NOW,
+                command: Command::Assign(vec![assignment(1, 1, 2)]),
+            },
+        );
+        assert_eq!(
+            response,
+            (
+                Response::Assigned {
+                    started: 0,
+                    rejected: vec![(
+                        1,
+                        Rejection::StaleAttempt {
+                            got: index,
+                            current: Some(10)
+                        }
+                    )]
+                },
+                vec![]
+            )
+        );
+        assert_eq!(h.table, before);
+    }
+    h.index = 11;
+    assert_eq!(h.assign(NOW, 1, 1, 2), 12);
+    assert_eq!(h.job(1).attempts[1].number, 2);
+}
+
+// ----- complete -----
+
+/// Success ends the job, truncates the result to RESULT_BYTES_MAX and drops the payload.
+#[test]
+fn completion_success_finishes_the_job() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 1);
+    h.submit(NOW, vec![new_job("q", "noop", b"x")]);
+    let token = h.assign(NOW + 1, 1, 1, 1);
+    let mut result = vec![7u8; RESULT_BYTES_MAX];
+    result.extend_from_slice(b"cut off");
+    let effects = h.complete(NOW + 2, 1, token, Outcome::Succeeded { result });
+    assert_eq!(effects, vec![Effect::DropPayload { job: 1 }]);
+    assert_eq!(
+        h.job(1),
+        &Job {
+            id: 1,
+            queue: "q".into(),
+            kind: "noop".into(),
+            priority: 0,
+            payload_len: 1,
+            max_attempts: 3,
+            timeout_ms: 0,
+            status: JobStatus::Succeeded,
+            created_at_ms: NOW,
+            updated_at_ms: NOW + 2,
+            run_at_ms: 0,
+            failures: 0,
+            abandoned: 0,
+            attempts: vec![Attempt {
+                number: 1,
+                token,
+                node: 1,
+                incarnation: 1,
+                started_at_ms: NOW + 1,
+                ended_at_ms: Some(NOW + 2),
+                end: Some(AttemptEnd::Succeeded),
+            }],
+            result: Some(vec![7u8; RESULT_BYTES_MAX]),
+            last_error: None,
+        }
+    );
+    assert_eq!(h.job(1).current_attempt(), None);
+    assert_eq!(h.table.counts(), &counts(0, 0, 1, 0, 0));
+    assert_eq!(h.table.running_on(1), 0);
+}
+
+/// Results at or under RESULT_BYTES_MAX are kept whole, including an empty one.
+#[test]
+fn completion_results_within_the_limit_are_kept_whole() {
+    for result in [vec![], b"ok".to_vec(), vec![1u8; RESULT_BYTES_MAX]] {
+        let mut h = Harness::new();
+        h.register(NOW, 1, 1, 1);
+        h.submit(NOW, vec![new_job("q", "noop", b"")]);
+        let token = h.assign(NOW, 1, 1, 1);
+        h.complete(NOW, 1, token, succeeded(&result));
+        assert_eq!(h.job(1).result.as_deref(), Some(result.as_slice()));
+    }
+}
+
+/// The retry delay doubles from RETRY_BACKOFF_BASE_MS and is capped at RETRY_BACKOFF_MAX_MS.
+#[test]
+fn retry_backoff_is_exponential_and_capped() {
+    let cases = [
+        (0, RETRY_BACKOFF_BASE_MS),
+        (1, 1_000),
+        (2, 2_000),
+        (3, 4_000),
+        (9, 256_000),
+        (10, RETRY_BACKOFF_MAX_MS),
+        (21, RETRY_BACKOFF_MAX_MS),
+        (u32::MAX, RETRY_BACKOFF_MAX_MS),
+    ];
+    for (failures, delay) in cases {
+        assert_eq!(retry_backoff_ms(failures), delay, "failures = {failures}");
+    }
+}
+
+/// Retryable failures requeue at now + backoff until max_attempts, then the job fails.
+#[test]
+fn retryable_failure_requeues_with_backoff_until_max_attempts() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 1);
+    h.submit(NOW, vec![job_with(|j| j.max_attempts = 3)]);
+
+    let mut at = NOW + 100;
+    let mut tokens = vec![];
+    for failure in 1..=2u32 {
+        let token = h.assign(at, 1, 1, 1);
+        tokens.push(token);
+        let effects = h.complete(at, 1, token, failed(&format!("boom {failure}"), true));
+        assert_eq!(effects, vec![], "failure {failure} keeps the payload");
+        let job = h.job(1);
+        assert_eq!(job.status, JobStatus::Pending);
+        assert_eq!(job.failures, failure);
+        assert_eq!(job.run_at_ms, at + retry_backoff_ms(failure));
+        assert_eq!(
+            job.last_error.as_deref(),
+            Some(format!("boom {failure}").as_str())
+        );
+        assert_eq!(job.updated_at_ms, at);
+        assert_eq!(
+            job.attempts.last().unwrap().end,
+            Some(AttemptEnd::Failed {
+                error: format!("boom {failure}"),
+                retryable: true
+            })
+        );
+        assert_eq!(h.table.counts(), &counts(1, 0, 0, 0, 0));
+        assert_eq!(h.table.running_on(1), 0, "the slot is free again");
+        assert_eq!(
+            h.table.ready_jobs().count(),
+            0,
+            "not ready before its backoff"
+        );
+
+        // Not due one millisecond early; due exactly at run_at.
+        let due = at + retry_backoff_ms(failure);
+        let (response, _) = h.apply(due - 1, Command::Assign(vec![assignment(1, 1, 1)]));
+        assert_eq!(
+            response,
+            Response::Assigned {
+                started: 0,
+                rejected: vec![(1, Rejection::NotDue(due))]
+            }
+        );
+        at = due;
+    }
+    assert_eq!(at, NOW + 100 + 1_000 + 2_000);
+
+    let token = h.assign(at, 1, 1, 1);
+    tokens.push(token);
+    let effects = h.complete(at + 5, 1, token, failed("boom 3", true));
+    assert_eq!(effects, vec![Effect::DropPayload { job: 1 }]);
+    let job = h.job(1);
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.failures, 3);
+    assert_eq!(job.last_error.as_deref(), Some("boom 3"));
+    assert_eq!(
+        job.attempts
+            .iter()
+            .map(|a| (a.number, a.token))
+            .collect::<Vec<_>>(),
+        vec![(1, tokens[0]), (2, tokens[1]), (3, tokens[2])]
+    );
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(h.table.counts(), &counts(0, 0, 0, 1, 0));
+}
+
+/// A permanent failure, or a failure of the last attempt, fails the job at once.
+#[test]
+fn permanent_failure_or_last_attempt_fails_at_once() {
+    let cases = [
+        ("permanent", 5, false),
+        ("retryable but single attempt", 1, true),
+    ];
+    for (name, max_attempts, retryable) in cases {
+        let mut h = Harness::new();
+        h.register(NOW, 1, 1, 1);
+        h.submit(NOW, vec![job_with(|j| j.max_attempts = max_attempts)]);
+        let token = h.assign(NOW, 1, 1, 1);
+        let effects = h.complete(NOW + 3, 1, token, failed("bad input", retryable));
+        assert_eq!(effects, vec![Effect::DropPayload { job: 1 }], "{name}");
+        let job = h.job(1);
+        assert_eq!(job.status, JobStatus::Failed, "{name}");
+        assert_eq!(job.failures, 1, "{name}");
+        assert_eq!(job.run_at_ms, 0, "{name}");
+        assert_eq!(job.last_error.as_deref(), Some("bad input"), "{name}");
+        assert_eq!(
+            job.attempts[0].end,
+            Some(AttemptEnd::Failed {
+                error: "bad input".into(),
+                retryable
+            }),
+            "{name}"
+        );
+        assert_eq!(h.table.counts(), &counts(0, 0, 0, 1, 0), "{name}");
+    }
+}
+
+/// A long error is truncated to ERROR_BYTES_MAX at a character boundary.
+#[test]
+fn failure_error_is_truncated_at_a_char_boundary() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 1);
+    h.submit(NOW, vec![new_job("q", "noop", b"")]);
+    let token = h.assign(NOW, 1, 1, 1);
+    // 'a' then two-byte characters: byte ERROR_BYTES_MAX (even) falls inside a character.
+    let error = format!("a{}", "é".repeat(ERROR_BYTES_MAX));
+    h.complete(NOW, 1, token, failed(&error, true));
+    let kept = h.job(1).last_error.clone().unwrap();
+    assert_eq!(kept.len(), ERROR_BYTES_MAX - 1);
+    assert!(error.starts_with(&kept));
+    assert_eq!(
+        h.job(1).attempts[0].end,
+        Some(AttemptEnd::Failed {
+            error: kept,
+            retryable: true
+        })
+    );
+}
+
+/// One stale completion: the job, the token to complete it with, and the token that is current.
+#[derive(Clone, Copy)]
+struct StaleCase {
+    name: &'static str,
+    job: u64,
+    token: u64,
+    current: Option<u64>,
+}
+
+/// A fixture for stale completions on node 1: the harness and one case per kind of staleness.
+fn stale_fixture() -> (Harness, Vec<StaleCase>) {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 10);
+    h.submit(NOW, vec![new_job("q", "noop", b""); 6]);
+    // Job 1: its first attempt was abandoned by a restart and it runs again.
+    let old = h.assign(NOW, 1, 1, 1);
+    h.register(NOW, 1, 2, 10);
+    let new = h.assign(NOW, 1, 1, 2);
+    // Job 2: pending again after a retryable failure.
+    let failed_token = h.assign(NOW, 2, 1, 2);
+    h.complete(NOW, 2, failed_token, failed("flaky", true));
+    // Job 3: succeeded.
+    let done = h.assign(NOW, 3, 1, 2);
+    h.complete(NOW, 3, done, succeeded(b"once"));
+    // Job 4: never assigned.
+    // Job 5: running.
+    let running = h.assign(NOW, 5, 1, 2);
+    // Job 6: failed permanently.
+    let dead = h.assign(NOW, 6, 1, 2);
+    h.complete(NOW, 6, dead, failed("fatal", false));
+    let cases = [
+        ("old token after reassignment", 1, old, Some(new)),
+        (
+            "job pending after a retryable failure",
+            2,
+            failed_token,
+            None,
+        ),
+        ("duplicate completion of a succeeded job", 3, done, None),
+        ("job never assigned", 4, 0, None),
+        ("token of a future attempt", 5, running + 1, Some(running)),
+        ("token below the current one", 5, running - 1, Some(running)),
+        ("completion of a failed job", 6, dead, None),
+    ];
+    let cases = cases
+        .into_iter()
+        .map(|(name, job, token, current)| StaleCase {
+            name,
+            job,
+            token,
+            current,
+        })
+        .collect();
+    (h, cases)
+}
+
+/// A stale completion is refused, counted in stale_completions, and changes nothing else.
+#[test]
+fn stale_completion_is_rejected_counted_and_changes_nothing_else() {
+    let (fixture, cases) = stale_fixture();
+    let outcomes = [
+        succeeded(b"late"),
+        failed("late", true),
+        failed("late", false),
+    ];
+    for StaleCase {
+        name,
+        job,
+        token,
+        current,
+    } in cases
+    {
+        for outcome in outcomes.clone() {
+            let mut h = fixture.clone();
+            let before = View::of(&h.table);
+            let (response, effects) = h.apply(
+                NOW,
+                Command::Complete(vec![completion(job, token, outcome.clone())]),
+            );
+            assert_eq!(
+                response,
+                Response::Completed {
+                    accepted: 0,
+                    rejected: vec![(
+                        job,
+                        Rejection::StaleAttempt {
+                            got: token,
+                            current
+                        }
+                    )]
+                },
+                "{name}, {outcome:?}"
+            );
+            assert_eq!(effects, vec![], "{name}, {outcome:?}");
+            let mut expected = before.clone();
+            expected.counts.stale_completions += 1;
+            assert_eq!(View::of(&h.table), expected, "{name}, {outcome:?}");
+        }
+    }
+}
+
+/// A completion for a job that does not exist is refused as UnknownJob and not counted as stale.
+#[test]
+fn completion_of_an_unknown_job_is_refused_without_counting() {
+    let (mut h, _) = stale_fixture();
+    let before = h.table.clone();
+    let (response, effects) = h.apply(
+        NOW,
+        Command::Complete(vec![completion(99, 1, succeeded(b""))]),
+    );
+    assert_eq!(
+        response,
+        Response::Completed {
+            accepted: 0,
+            rejected: vec![(99, Rejection::UnknownJob(99))]
+        }
+    );
+    assert_eq!(effects, vec![]);
+    assert_eq!(h.table, before);
+}
+
+/// A Complete batch applies current completions and refuses stale ones and duplicates.
+#[test]
+fn completion_batch_applies_current_and_refuses_stale() {
+    let (mut h, cases) = stale_fixture();
+    let (old, new) = (cases[0].token, cases[0].current.unwrap());
+    let running = cases[4].current.unwrap();
+    let (response, effects) = h.apply(
+        NOW + 1,
+        Command::Complete(vec![
+            completion(5, running, succeeded(b"first")),
+            completion(1, old, succeeded(b"stale")),
+            completion(5, running, succeeded(b"second")),
+            completion(1, new, failed("permanent", false)),
+        ]),
+    );
+    assert_eq!(
+        response,
+        Response::Completed {
+            accepted: 2,
+            rejected: vec![
+                (
+                    1,
+                    Rejection::StaleAttempt {
+                        got: old,
+                        current: Some(new)
+                    }
+                ),
+                (
+                    5,
+                    Rejection::StaleAttempt {
+                        got: running,
+                        current: None
+                    }
+                ),
+            ]
+        }
+    );
+    assert_eq!(
+        effects,
+        vec![
+            Effect::DropPayload { job: 5 },
+            Effect::DropPayload { job: 1 }
+        ]
+    );
+    assert_eq!(h.job(5).result.as_deref(), Some(&b"first"[..]));
+    assert_eq!(h.job(1).status, JobStatus::Failed);
+    assert_eq!(h.table.counts().stale_completions, 2);
+}
+
+/// A Complete batch over COMPLETE_BATCH_MAX is refused whole and counts nothing as stale.
+#[test]
+fn completion_batch_too_large_is_refused_whole() {
+    let (mut h, cases) = stale_fixture();
+    let running = cases[4].current.unwrap();
+    let before = h.table.clone();
+    let batch = vec![completion(5, running, succeeded(b"")); COMPLETE_BATCH_MAX + 1];
+    let (response, effects) = h.apply(NOW, Command::Complete(batch));
+    let refused = Rejection::BatchTooLarge {
+        got: COMPLETE_BATCH_MAX + 1,
+        max: COMPLETE_BATCH_MAX,
+    };
+    assert_eq!(
+        response,
+        Response::Completed {
+            accepted: 0,
+            rejected: vec![(5, refused); COMPLETE_BATCH_MAX + 1]
+        }
+    );
+    assert_eq!(effects, vec![]);
+    assert_eq!(h.table, before);
+}
+
+// ----- register node -----
+
+/// A registration is recorded exactly; the same incarnation again keeps its attempts.
+#[test]
+fn register_node_records_it_and_same_incarnation_keeps_attempts() {
+    let mut h = Harness::new();
+    let (response, effects) = h.apply(NOW, registration(7, 3, 4));
+    assert_eq!(response, Response::NodeRegistered(Ok(0)));
+    assert_eq!(effects, vec![]);
+    assert_eq!(
+        h.table.nodes().get(&7),
+        Some(&NodeEntry {
+            incarnation: 3,
+            slots: 4,
+            addr: "10.0.0.7:7000".into(),
+            registered_at_ms: NOW,
+        })
+    );
+
+    h.submit(NOW, vec![new_job("q", "noop", b"")]);
+    let token = h.assign(NOW, 1, 7, 3);
+    let (response, effects) = h.apply(
+        NOW + 9,
+        Command::RegisterNode(exactly_core::NodeRegistration {
+            node: 7,
+            incarnation: 3,
+            slots: 8,
+            addr: "10.0.0.77:7000".into(),
+        }),
+    );
+    assert_eq!(response, Response::NodeRegistered(Ok(0)));
+    assert_eq!(effects, vec![]);
+    assert_eq!(
+        h.table.nodes().get(&7),
+        Some(&NodeEntry {
+            incarnation: 3,
+            slots: 8,
+            addr: "10.0.0.77:7000".into(),
+            registered_at_ms: NOW + 9,
+        })
+    );
+    assert_eq!(h.job(1).current_attempt().map(|a| a.token), Some(token));
+    assert_eq!(h.table.running_on(7), 1);
+}
+
+/// A newer incarnation abandons and requeues the old one's attempts; old tokens go stale.
+#[test]
+fn newer_incarnation_abandons_and_requeues_old_attempts() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 4);
+    h.register(NOW, 2, 1, 4);
+    h.submit(NOW, vec![new_job("q", "noop", b""); 4]);
+    let t1 = h.assign(NOW, 1, 1, 1);
+    let t2 = h.assign(NOW, 2, 1, 1);
+    let t3 = h.assign(NOW, 3, 2, 1);
+
+    let at = NOW + 500;
+    let (response, effects) = h.apply(at, registration(1, 2, 4));
+    assert_eq!(response, Response::NodeRegistered(Ok(2)));
+    assert_eq!(effects, vec![], "requeued jobs keep their payload");
+    let reason = "node 1 restarted (incarnation 2)".to_string();
+    for (job, token) in [(1, t1), (2, t2)] {
+        let j = h.job(job);
+        assert_eq!(j.status, JobStatus::Pending);
+        assert_eq!(j.run_at_ms, at);
+        assert_eq!(j.abandoned, 1);
+        assert_eq!(j.failures, 0);
+        assert_eq!(j.updated_at_ms, at);
+        assert_eq!(j.last_error.as_deref(), Some(reason.as_str()));
+        assert_eq!(
+            j.attempts,
+            vec![Attempt {
+                number: 1,
+                token,
+                node: 1,
+                incarnation: 1,
+                started_at_ms: NOW,
+                ended_at_ms: Some(at),
+                end: Some(AttemptEnd::Abandoned {
+                    reason: reason.clone()
+                }),
+            }]
+        );
+    }
+    assert_eq!(h.table.ready_jobs().collect::<Vec<_>>(), vec![1, 2, 4]);
+    assert_eq!(h.job(3).current_attempt().map(|a| a.token), Some(t3));
+    assert_eq!(h.table.counts(), &counts(3, 1, 0, 0, 0));
+    assert_eq!((h.table.running_on(1), h.table.running_on(2)), (0, 1));
+
+    // The old incarnation's late report is stale.
+    let (response, _) = h.apply(
+        at,
+        Command::Complete(vec![completion(1, t1, succeeded(b""))]),
+    );
+    assert_eq!(
+        response,
+        Response::Completed {
+            accepted: 0,
+            rejected: vec![(
+                1,
+                Rejection::StaleAttempt {
+                    got: t1,
+                    current: None
+                }
+            )]
+        }
+    );
+    // The old incarnation can no longer be assigned to; the new one can.
+    let (response, _) = h.apply(at, Command::Assign(vec![assignment(1, 1, 1)]));
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: 0,
+            rejected: vec![(
+                1,
+                Rejection::StaleIncarnation {
+                    node: 1,
+                    got: 1,
+                    current: 2
+                }
+            )]
+        }
+    );
+    let t1b = h.assign(at, 1, 1, 2);
+    assert!(t1b > t1);
+    assert_eq!(h.job(1).attempts[1].number, 2);
+    h.complete(at, 1, t1b, succeeded(b""));
+    assert_eq!(h.job(1).status, JobStatus::Succeeded);
+}
+
+/// An older incarnation or too many slots is refused and changes nothing.
+#[test]
+fn register_node_refusals_change_nothing() {
+    let mut fixture = Harness::new();
+    fixture.register(NOW, 1, 5, 2);
+    fixture.submit(NOW, vec![new_job("q", "noop", b"")]);
+    fixture.assign(NOW, 1, 1, 5);
+    let cases = [
+        (
+            "older incarnation",
+            registration(1, 4, 2),
+            Rejection::StaleIncarnation {
+                node: 1,
+                got: 4,
+                current: 5,
+            },
+        ),
+        (
+            "too many slots",
+            registration(1, 6, NODE_SLOTS_MAX + 1),
+            Rejection::Invalid(format!(
+                "slots must be at most {NODE_SLOTS_MAX}, got {}",
+                NODE_SLOTS_MAX + 1
+            )),
+        ),
+        (
+            "too many slots for a new node",
+            registration(2, 0, u32::MAX),
+            Rejection::Invalid(format!(
+                "slots must be at most {NODE_SLOTS_MAX}, got {}",
+                u32::MAX
+            )),
+        ),
+    ];
+    for (name, command, why) in cases {
+        let mut h = fixture.clone();
+        let (response, effects) = h.apply(NOW, command);
+        assert_eq!(response, Response::NodeRegistered(Err(why)), "{name}");
+        assert_eq!(effects, vec![], "{name}");
+        assert_eq!(h.table, fixture.table, "{name}");
+    }
+    let mut h = fixture.clone();
+    assert_eq!(h.register(NOW, 2, 0, NODE_SLOTS_MAX), 0);
+}
+
+/// A one-attempt job survives ABANDONED_ATTEMPTS_MAX - 1 abandons and then succeeds.
+#[test]
+fn abandons_do_not_consume_max_attempts() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 0, 1);
+    h.submit(NOW, vec![job_with(|j| j.max_attempts = 1)]);
+    for incarnation in 0..u64::from(ABANDONED_ATTEMPTS_MAX - 1) {
+        h.assign(NOW, 1, 1, incarnation);
+        assert_eq!(h.register(NOW, 1, incarnation + 1, 1), 1);
+        assert_eq!(h.job(1).status, JobStatus::Pending);
+    }
+    assert_eq!(h.job(1).abandoned, ABANDONED_ATTEMPTS_MAX - 1);
+    assert_eq!(h.job(1).failures, 0);
+    let token = h.assign(NOW, 1, 1, u64::from(ABANDONED_ATTEMPTS_MAX - 1));
+    h.complete(NOW, 1, token, succeeded(b"finally"));
+    assert_eq!(h.job(1).status, JobStatus::Succeeded);
+    assert_eq!(h.job(1).attempts.len(), ABANDONED_ATTEMPTS_MAX as usize);
+}
+
+/// The ABANDONED_ATTEMPTS_MAX-th abandon fails the job and drops its payload.
+#[test]
+fn too_many_abandons_fail_the_job_and_drop_its_payload() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 0, 1);
+    h.submit(NOW, vec![job_with(|j| j.max_attempts = 1)]);
+    for incarnation in 0..u64::from(ABANDONED_ATTEMPTS_MAX - 1) {
+        h.assign(NOW, 1, 1, incarnation);
+        h.register(NOW, 1, incarnation + 1, 1);
+    }
+    let last = u64::from(ABANDONED_ATTEMPTS_MAX - 1);
+    h.assign(NOW, 1, 1, last);
+    let (response, effects) = h.apply(NOW + 1, registration(1, last + 1, 1));
+    assert_eq!(response, Response::NodeRegistered(Ok(1)));
+    assert_eq!(effects, vec![Effect::DropPayload { job: 1 }]);
+    let job = h.job(1);
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.abandoned, ABANDONED_ATTEMPTS_MAX);
+    assert_eq!(job.failures, 0);
+    assert_eq!(h.table.counts(), &counts(0, 0, 0, 1, 0));
+}
+
+// ----- time -----
+
+/// An earlier stamp never moves time back: creation, due checks and backoff use the max.
+#[test]
+fn time_never_goes_backwards() {
+    let mut h = Harness::new();
+    assert_eq!(h.table.now_ms(), 0);
+    h.register(NOW, 1, 1, 4);
+    assert_eq!(h.table.now_ms(), NOW);
+
+    // A job due at NOW - 10, submitted by a leader whose clock reads NOW - 500, is ready.
+    h.submit(NOW - 500, vec![job_with(|j| j.run_at_ms = NOW - 10)]);
+    assert_eq!(h.table.now_ms(), NOW);
+    assert_eq!(h.job(1).created_at_ms, NOW);
+    assert_eq!(h.table.ready_jobs().collect::<Vec<_>>(), vec![1]);
+
+    // Assigning it with the old stamp is not refused as not due.
+    let token = h.assign(NOW - 500, 1, 1, 1);
+    assert_eq!(h.job(1).attempts[0].started_at_ms, NOW);
+
+    // The backoff runs from the table's time, not the early stamp.
+    h.complete(0, 1, token, failed("flaky", true));
+    assert_eq!(h.table.now_ms(), NOW);
+    assert_eq!(h.job(1).run_at_ms, NOW + retry_backoff_ms(1));
+    assert_eq!(h.job(1).updated_at_ms, NOW);
+
+    h.apply(NOW + 7, Command::Submit(vec![]));
+    assert_eq!(h.table.now_ms(), NOW + 7);
+    h.apply(NOW + 3, Command::Assign(vec![]));
+    assert_eq!(h.table.now_ms(), NOW + 7);
+}
+
+/// Empty batches are valid no-ops that still advance time.
+#[test]
+fn empty_batches_change_nothing_but_time() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 1);
+    let before = View::of(&h.table);
+    for command in [
+        Command::Submit(vec![]),
+        Command::Assign(vec![]),
+        Command::Complete(vec![]),
+    ] {
+        h.apply(NOW + 1, command);
+    }
+    assert_eq!(
+        View::of(&h.table),
+        View {
+            now_ms: NOW + 1,
+            ..before
+        }
+    );
+}

@@ -1,0 +1,243 @@
+//! The public gRPC API (`exactly.v1`): validation at the edge, conversions between wire and
+//! domain types, and the one place per service where errors become `tonic::Status`.
+
+use exactly_core::limits::SUBMIT_BATCH_JOBS_MAX;
+use exactly_core::state::validate_new_job;
+use exactly_core::{AttemptEnd, Command, Job, JobStatus, NewJob, Response as CoreResponse};
+use exactly_proto::v1 as pb;
+use exactly_proto::v1::cluster_server::Cluster;
+use exactly_proto::v1::jobs_server::Jobs;
+use tonic::{Request, Response, Status};
+
+use crate::node::{Node, ProposeError};
+
+pub struct JobsService {
+    pub node: Node,
+}
+
+pub struct ClusterService {
+    pub node: Node,
+}
+
+impl From<ProposeError> for Status {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NoLeader(_) | ProposeError::ShuttingDown(_) => {
+                Status::unavailable(e.to_string())
+            }
+            // The caller cannot know whether it committed; UNAVAILABLE is what the API promises
+            // for "no quorum", and the message says the outcome is unknown.
+            ProposeError::Timeout(_) => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Turns a wire job spec into a domain job, applying this node's defaults and limits.
+fn new_job(node: &Node, index: usize, spec: pb::JobSpec) -> Result<NewJob, Status> {
+    let limits = &node.config.limits;
+    let defaults = &node.config.defaults;
+    if spec.payload.len() > limits.payload_bytes_max {
+        return Err(Status::resource_exhausted(format!(
+            "jobs[{index}]: payload of {} bytes exceeds limits.payload-bytes-max ({} bytes)",
+            spec.payload.len(),
+            limits.payload_bytes_max
+        )));
+    }
+    if !node.registry.contains(&spec.kind) {
+        let kinds: Vec<&str> = node.registry.kinds().collect();
+        return Err(Status::invalid_argument(format!(
+            "jobs[{index}]: unknown job kind {:?}; this node runs: {}",
+            spec.kind,
+            kinds.join(", ")
+        )));
+    }
+    let job = NewJob {
+        queue: if spec.queue.is_empty() {
+            defaults.queue.clone()
+        } else {
+            spec.queue
+        },
+        kind: spec.kind,
+        payload: spec.payload,
+        priority: spec.priority,
+        max_attempts: if spec.max_attempts == 0 {
+            defaults.max_attempts
+        } else {
+            spec.max_attempts
+        },
+        timeout_ms: spec.timeout_ms,
+        run_at_ms: spec.run_at_ms,
+    };
+    validate_new_job(&job).map_err(|why| Status::invalid_argument(format!("jobs[{index}]: {why}")))?;
+    Ok(job)
+}
+
+fn state_to_pb(status: JobStatus) -> pb::JobState {
+    match status {
+        JobStatus::Pending => pb::JobState::Pending,
+        JobStatus::Running => pb::JobState::Running,
+        JobStatus::Succeeded => pb::JobState::Succeeded,
+        JobStatus::Failed => pb::JobState::Failed,
+    }
+}
+
+/// The wire form of a job record.
+pub fn job_to_pb(job: &Job) -> pb::Job {
+    pb::Job {
+        id: job.id,
+        queue: job.queue.clone(),
+        kind: job.kind.clone(),
+        priority: job.priority,
+        state: state_to_pb(job.status) as i32,
+        payload_bytes: job.payload_len,
+        max_attempts: job.max_attempts,
+        timeout_ms: job.timeout_ms,
+        created_at_ms: job.created_at_ms,
+        updated_at_ms: job.updated_at_ms,
+        run_at_ms: job.run_at_ms,
+        attempts: job
+            .attempts
+            .iter()
+            .map(|a| {
+                let (outcome, error) = match &a.end {
+                    None => ("", String::new()),
+                    Some(AttemptEnd::Succeeded) => ("succeeded", String::new()),
+                    Some(AttemptEnd::Failed { error, retryable }) => (
+                        if *retryable { "failed-retryable" } else { "failed" },
+                        error.clone(),
+                    ),
+                    Some(AttemptEnd::Abandoned { reason }) => ("abandoned", reason.clone()),
+                };
+                pb::Attempt {
+                    number: a.number,
+                    token: a.token,
+                    node_id: a.node,
+                    started_at_ms: a.started_at_ms,
+                    ended_at_ms: a.ended_at_ms.unwrap_or(0),
+                    outcome: outcome.to_string(),
+                    error,
+                }
+            })
+            .collect(),
+        result: job.result.clone().unwrap_or_default(),
+        last_error: job.last_error.clone().unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let specs = request.into_inner().jobs;
+        if specs.is_empty() {
+            return Err(Status::invalid_argument("submit needs at least one job"));
+        }
+        if specs.len() > SUBMIT_BATCH_JOBS_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "{} jobs in one submit exceeds the limit of {SUBMIT_BATCH_JOBS_MAX}",
+                specs.len()
+            )));
+        }
+        let jobs = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| new_job(&self.node, i, spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        let live = self.node.read(|t| t.counts().live());
+        let max = self.node.config.limits.jobs_live_max;
+        if live + jobs.len() as u64 > max {
+            return Err(Status::resource_exhausted(format!(
+                "{live} jobs are pending or running; limits.jobs-live-max is {max}"
+            )));
+        }
+        match self.node.propose(Command::Submit(jobs)).await? {
+            CoreResponse::Submitted(results) => {
+                let mut ids = Vec::with_capacity(results.len());
+                for (i, r) in results.into_iter().enumerate() {
+                    // Apply checks what the edge checked, so a refusal here means the nodes
+                    // disagree on limits or versions: report it rather than hide it.
+                    ids.push(r.map_err(|why| {
+                        Status::internal(format!("jobs[{i}] refused by the state machine: {why}"))
+                    })?);
+                }
+                Ok(Response::new(pb::SubmitResponse { job_ids: ids }))
+            }
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let id = request.into_inner().job_id;
+        if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
+            return Ok(Response::new(pb::GetResponse { job: Some(job) }));
+        }
+        // This replica may lag the leader by a few milliseconds: ask the leader before saying
+        // the job does not exist.
+        if let Some((leader, addr)) = self.node.leader() {
+            if leader != self.node.id {
+                let channel = crate::network::channel(&addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                let mut client = pb::jobs_client::JobsClient::new(channel);
+                return client.get(pb::GetRequest { job_id: id }).await;
+            }
+        }
+        Err(Status::not_found(format!("job {id} does not exist")))
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let node = &self.node;
+        let metrics = node.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let (counts, registered, running) = node.read(|t| {
+            let registered = t.nodes().clone();
+            let running: std::collections::BTreeMap<u64, usize> =
+                registered.keys().map(|&id| (id, t.running_on(id))).collect();
+            (t.counts().clone(), registered, running)
+        });
+        let members = membership
+            .nodes()
+            .map(|(&id, n)| {
+                let reg = registered.get(&id);
+                pb::Member {
+                    node_id: id,
+                    addr: n.addr.clone(),
+                    role: if voters.contains(&id) { "voter" } else { "learner" }.to_string(),
+                    leader: metrics.current_leader == Some(id),
+                    matched_index: replication
+                        .get(&id)
+                        .and_then(|l| l.map(|l| l.index))
+                        .unwrap_or(0),
+                    slots: reg.map_or(0, |r| r.slots),
+                    running: running.get(&id).copied().unwrap_or(0) as u32,
+                    incarnation: reg.map_or(0, |r| r.incarnation),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: node.id,
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            committed_index: metrics.last_applied.map_or(0, |l| l.index),
+            applied_index: metrics.last_applied.map_or(0, |l| l.index),
+            members,
+            counts: Some(pb::JobCounts {
+                pending: counts.pending,
+                running: counts.running,
+                succeeded: counts.succeeded,
+                failed: counts.failed,
+                stale_completions: counts.stale_completions,
+            }),
+        }))
+    }
+}

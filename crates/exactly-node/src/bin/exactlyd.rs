@@ -1,0 +1,100 @@
+//! `exactlyd`: one node of an exactly cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use exactly_handlers::Registry;
+use exactly_node::NodeConfig;
+
+/// One node of an exactly job cluster. Flags override the config file.
+#[derive(Parser, Debug)]
+#[command(name = "exactlyd", version, about)]
+struct Args {
+    /// TOML configuration file (see cluster-config/).
+    #[arg(short, long, env = "EXACTLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Bootstrap a new one-node cluster if the data directory is new.
+    #[arg(long)]
+    init: bool,
+    /// Join the cluster through this member's address (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    join: Vec<String>,
+    /// Node id (default: generated once and kept in the data directory).
+    #[arg(long, env = "EXACTLY_NODE_ID")]
+    node_id: Option<u64>,
+    /// gRPC listen address.
+    #[arg(long, env = "EXACTLY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address other nodes and clients use to reach this node.
+    #[arg(long, env = "EXACTLY_ADVERTISE")]
+    advertise: Option<String>,
+    /// Data directory.
+    #[arg(long, env = "EXACTLY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Attempts this node runs at once.
+    #[arg(long)]
+    slots: Option<u32>,
+}
+
+fn load(args: &Args) -> anyhow::Result<NodeConfig> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    config.init |= args.init;
+    if !args.join.is_empty() {
+        config.join = args.join.clone();
+    }
+    if args.node_id.is_some() {
+        config.node_id = args.node_id;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if args.advertise.is_some() {
+        config.advertise = args.advertise.clone();
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(slots) = args.slots {
+        config.slots = slots;
+    }
+    Ok(config.validate()?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let config = load(&args)?;
+    let mut registry = Registry::with_builtins();
+    for (kind, spec) in &config.exec {
+        registry
+            .register_exec(kind.clone(), spec.clone())
+            .with_context(|| format!("invalid [exec.{kind}]"))?;
+    }
+    let node = exactly_node::start(config, registry)
+        .await
+        .context("starting the node")?;
+    println!(
+        "exactlyd node {} listening on {} (gRPC API)",
+        node.id(),
+        node.addr
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}

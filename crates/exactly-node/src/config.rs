@@ -1,0 +1,318 @@
+//! A node's configuration: one TOML file per node, overridden by flags, validated at start-up
+//! with errors that name the offending key and value.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use exactly_handlers::ExecSpec;
+use serde::Deserialize;
+
+/// Everything an `exactlyd` process needs. Keys are kebab-case; durations are humane ("100ms").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id. Unset: generated once and kept in the data directory.
+    pub node_id: Option<u64>,
+    /// Where the node keeps its Raft log, state machine and identity.
+    pub data_dir: PathBuf,
+    /// The gRPC address to listen on (public API and node-to-node traffic share it).
+    pub listen: SocketAddr,
+    /// The gRPC address other nodes and clients use to reach this node. Unset: `listen`.
+    pub advertise: Option<String>,
+    /// The HTTP address for /healthz, /readyz and /metrics. Unset: no HTTP server.
+    pub http_listen: Option<SocketAddr>,
+    /// Bootstrap a new one-node cluster if this data directory has never been initialized.
+    pub init: bool,
+    /// Addresses of existing members to ask for admission (any member will do).
+    pub join: Vec<String>,
+    /// Voters the cluster grows to as nodes join (3 or 5); later nodes stay learners.
+    pub voters_target: usize,
+    /// Attempts this node runs at once.
+    pub slots: u32,
+    /// Limits enforced at this node's API edge.
+    pub limits: LimitsConfig,
+    /// Defaults for jobs that do not set these options.
+    pub defaults: JobDefaults,
+    /// Raft timing and log policy.
+    pub raft: RaftConfig,
+    /// Commands run by job kind: `[exec.resize-image] command = "/usr/bin/convert"`.
+    pub exec: BTreeMap<String, ExecSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Bytes of one job's payload, at most.
+    pub payload_bytes_max: usize,
+    /// Pending plus running jobs cluster-wide, at most; past it submits get RESOURCE_EXHAUSTED.
+    pub jobs_live_max: u64,
+    /// How long a write may wait for a leader and a quorum before the caller gets UNAVAILABLE.
+    #[serde(with = "humantime_serde")]
+    pub propose_timeout: Duration,
+    /// Bytes of a snapshot this node accepts from a leader.
+    pub snapshot_bytes_max: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct JobDefaults {
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RaftConfig {
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_max: Duration,
+    /// Take a snapshot (and allow purging the log behind it) after this many applied entries.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind the last snapshot, for lagging followers.
+    pub keep_entries_after_snapshot: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            data_dir: PathBuf::from("./data"),
+            listen: "127.0.0.1:7101".parse().expect("constant address"),
+            advertise: None,
+            http_listen: None,
+            init: false,
+            join: Vec::new(),
+            voters_target: 3,
+            slots: 256,
+            limits: LimitsConfig::default(),
+            defaults: JobDefaults::default(),
+            raft: RaftConfig::default(),
+            exec: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            payload_bytes_max: 1024 * 1024,
+            jobs_live_max: 1_000_000,
+            propose_timeout: Duration::from_secs(5),
+            snapshot_bytes_max: 4 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for JobDefaults {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            timeout: Duration::from_secs(300),
+            queue: "default".to_string(),
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(1000),
+            election_timeout_max: Duration::from_millis(2000),
+            snapshot_after_entries: 20_000,
+            keep_entries_after_snapshot: 5_000,
+        }
+    }
+}
+
+/// A configuration problem, naming the key and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid value for `{key}`: {value} ({why})")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+fn invalid(key: &'static str, value: impl std::fmt::Debug, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: format!("{value:?}"),
+        why: why.into(),
+    }
+}
+
+impl NodeConfig {
+    /// Reads and parses a TOML file (not yet validated: flags may still override it).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The address other nodes use for this one.
+    pub fn advertise_addr(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Checks every value and the relations between them.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        use exactly_core::limits::{MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, PAYLOAD_BYTES_CEILING};
+        if self.node_id == Some(0) {
+            return Err(invalid("node-id", 0, "node ids start at 1"));
+        }
+        if !(1..=NODE_SLOTS_MAX).contains(&self.slots) {
+            return Err(invalid("slots", self.slots, format!("must be 1..={NODE_SLOTS_MAX}")));
+        }
+        if !(1..=7).contains(&self.voters_target) {
+            return Err(invalid("voters-target", self.voters_target, "must be 1..=7 (use 3 or 5)"));
+        }
+        let l = &self.limits;
+        if l.payload_bytes_max == 0 || l.payload_bytes_max > PAYLOAD_BYTES_CEILING {
+            return Err(invalid(
+                "limits.payload-bytes-max",
+                l.payload_bytes_max,
+                format!("must be 1..={PAYLOAD_BYTES_CEILING}"),
+            ));
+        }
+        if l.jobs_live_max == 0 {
+            return Err(invalid("limits.jobs-live-max", 0, "must be at least 1"));
+        }
+        if l.propose_timeout < Duration::from_millis(100) {
+            return Err(invalid("limits.propose-timeout", l.propose_timeout, "must be at least 100ms"));
+        }
+        let d = &self.defaults;
+        if !(1..=MAX_ATTEMPTS_MAX).contains(&d.max_attempts) {
+            return Err(invalid(
+                "defaults.max-attempts",
+                d.max_attempts,
+                format!("must be 1..={MAX_ATTEMPTS_MAX}"),
+            ));
+        }
+        if d.timeout.is_zero() {
+            return Err(invalid("defaults.timeout", d.timeout, "must be positive"));
+        }
+        if d.queue.is_empty() {
+            return Err(invalid("defaults.queue", &d.queue, "must not be empty"));
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval.is_zero() {
+            return Err(invalid("raft.heartbeat-interval", r.heartbeat_interval, "must be positive"));
+        }
+        // A follower must hear several heartbeats before it may start an election, or a single
+        // delayed heartbeat deposes a healthy leader.
+        if r.election_timeout_min < r.heartbeat_interval * 3 {
+            return Err(invalid(
+                "raft.election-timeout-min",
+                r.election_timeout_min,
+                "must be at least 3 × raft.heartbeat-interval",
+            ));
+        }
+        if r.election_timeout_max <= r.election_timeout_min {
+            return Err(invalid(
+                "raft.election-timeout-max",
+                r.election_timeout_max,
+                "must exceed raft.election-timeout-min",
+            ));
+        }
+        if r.snapshot_after_entries == 0 {
+            return Err(invalid("raft.snapshot-after-entries", 0, "must be at least 1"));
+        }
+        for kind in self.exec.keys() {
+            if matches!(kind.as_str(), "noop" | "sleep" | "fail") {
+                return Err(invalid("exec", kind, "built-in kinds cannot be redefined"));
+            }
+        }
+        Ok(self)
+    }
+
+    /// openraft's configuration derived from ours.
+    pub fn openraft_config(&self) -> openraft::Config {
+        let r = &self.raft;
+        openraft::Config {
+            cluster_name: "exactly".to_string(),
+            heartbeat_interval: r.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: r.election_timeout_min.as_millis() as u64,
+            election_timeout_max: r.election_timeout_max.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+            purge_batch_size: 256,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example in cluster-config/ parses and validates.
+    #[test]
+    fn every_cluster_config_example_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster-config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let config = NodeConfig::from_file(&path)
+                    .and_then(NodeConfig::validate)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(config.node_id.is_some());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "expected the local 3-node examples, found {seen}");
+    }
+
+    /// A bad value is refused with the key and the value in the message.
+    #[test]
+    fn validation_names_key_and_value() {
+        let cases = [
+            ("slots = 0", "`slots`", "0"),
+            ("[limits]\npayload-bytes-max = 999999999", "`limits.payload-bytes-max`", "999999999"),
+            ("[raft]\nelection-timeout-min = \"100ms\"", "`raft.election-timeout-min`", "100ms"),
+            ("[defaults]\nmax-attempts = 1000", "`defaults.max-attempts`", "1000"),
+        ];
+        for (text, key, value) in cases {
+            let err = NodeConfig::from_toml(text).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(value), "{text}: {err}");
+        }
+    }
+
+    /// An unknown key is an error naming it, not silently ignored.
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = NodeConfig::from_toml("slotz = 4").unwrap_err().to_string();
+        assert!(err.contains("slotz"), "{err}");
+    }
+}

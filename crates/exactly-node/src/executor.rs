@@ -1,0 +1,234 @@
+//! The executor: one actor per node that owns this node's running attempts.
+//!
+//! It receives `Start` effects from the applied log (through [`crate::hooks::Hooks`]), runs each
+//! attempt's handler in its own task with a cancellation token and the job's timeout, and
+//! proposes outcomes in batches: while one Complete command is in flight, finished attempts
+//! accumulate, and the next command carries them all (group commit).
+//!
+//! **Invariant:** an attempt starts here only if the applied Assign named this node *and this
+//! incarnation*. Apply re-runs after a restart, but a restarted node has a new incarnation, so a
+//! replayed Start of its previous life is ignored; the state machine requeues those jobs when the
+//! new incarnation registers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use exactly_core::limits::COMPLETE_BATCH_MAX;
+use exactly_core::{Command, Completion, JobId, Outcome, Response, StartAttempt};
+use exactly_handlers::{HandlerOutcome, JobContext};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio_util::sync::CancellationToken;
+
+use crate::node::Node;
+
+/// How long a cancelled handler may take to return before it is abandoned (dropped).
+pub const KILL_GRACE: Duration = Duration::from_secs(1);
+/// Delay before proposing completions again after a failed proposal.
+const FLUSH_RETRY_DELAY: Duration = Duration::from_millis(200);
+
+pub enum ExecutorMsg {
+    /// An applied Assign started an attempt (possibly on another node: filtered here).
+    Start(StartAttempt),
+    /// A handler task finished.
+    Finished {
+        job: JobId,
+        token: u64,
+        outcome: HandlerOutcome,
+    },
+    /// A Complete proposal returned.
+    Flushed {
+        batch: Vec<Completion>,
+        committed: bool,
+    },
+    /// Try to propose pending completions again.
+    Flush,
+    /// Cancel every running attempt (shutdown).
+    CancelAll,
+}
+
+pub struct Executor;
+
+pub struct ExecutorState {
+    node: Node,
+    running: HashMap<JobId, (u64, CancellationToken)>,
+    outbox: Vec<Completion>,
+    flushing: bool,
+}
+
+impl Actor for Executor {
+    type Msg = ExecutorMsg;
+    type State = ExecutorState;
+    type Arguments = Node;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ExecutorMsg>,
+        node: Node,
+    ) -> Result<ExecutorState, ActorProcessingErr> {
+        Ok(ExecutorState {
+            node,
+            running: HashMap::new(),
+            outbox: Vec::new(),
+            flushing: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ExecutorMsg>,
+        msg: ExecutorMsg,
+        state: &mut ExecutorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ExecutorMsg::Start(start) => state.start(&myself, start),
+            ExecutorMsg::Finished {
+                job,
+                token,
+                outcome,
+            } => {
+                if state.running.get(&job).is_some_and(|(t, _)| *t == token) {
+                    state.running.remove(&job);
+                }
+                let outcome = match outcome {
+                    HandlerOutcome::Succeeded(result) => Outcome::Succeeded { result },
+                    HandlerOutcome::Failed { error, retryable } => {
+                        Outcome::Failed { error, retryable }
+                    }
+                };
+                state.outbox.push(Completion {
+                    job,
+                    token,
+                    outcome,
+                });
+                state.flush(&myself);
+            }
+            ExecutorMsg::Flushed { batch, committed } => {
+                state.flushing = false;
+                if committed {
+                    state.flush(&myself);
+                } else {
+                    // Re-proposing is safe: the state machine accepts a completion only for the
+                    // current attempt, so one that did commit is refused as stale the second time.
+                    let mut retry = batch;
+                    retry.append(&mut state.outbox);
+                    state.outbox = retry;
+                    myself.send_after(FLUSH_RETRY_DELAY, || ExecutorMsg::Flush);
+                }
+            }
+            ExecutorMsg::Flush => state.flush(&myself),
+            ExecutorMsg::CancelAll => {
+                for (_, (_, cancel)) in state.running.iter() {
+                    cancel.cancel();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ExecutorState {
+    fn start(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
+        let node = &self.node;
+        if start.node != node.id || start.incarnation != node.incarnation {
+            return;
+        }
+        if self.running.contains_key(&start.job) {
+            return;
+        }
+        let cancel = CancellationToken::new();
+        self.running
+            .insert(start.job, (start.token, cancel.clone()));
+        let job = start.job;
+        let token = start.token;
+        let timeout = if start.timeout_ms == 0 {
+            node.config.defaults.timeout
+        } else {
+            Duration::from_millis(start.timeout_ms)
+        };
+        let handler = node.registry.get(&start.kind);
+        let payload = node.store.payload(job);
+        let node_id = node.id;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let outcome = match (handler, payload) {
+                (None, _) => HandlerOutcome::Failed {
+                    error: format!("no handler for kind {:?} on node {node_id}", start.kind),
+                    retryable: false,
+                },
+                (_, Err(e)) => HandlerOutcome::Failed {
+                    error: format!("cannot read payload on node {node_id}: {e}"),
+                    retryable: true,
+                },
+                (Some(handler), Ok(payload)) => {
+                    let ctx = JobContext {
+                        job_id: job,
+                        attempt: start.attempt,
+                        fencing_token: token,
+                        node_id,
+                        queue: start.queue,
+                        kind: start.kind,
+                        payload: payload.unwrap_or_default(),
+                        timeout,
+                    };
+                    run_with_timeout(handler.run(ctx, cancel.clone()), cancel, timeout).await
+                }
+            };
+            let _ = me.send_message(ExecutorMsg::Finished {
+                job,
+                token,
+                outcome,
+            });
+        });
+    }
+
+    fn flush(&mut self, myself: &ActorRef<ExecutorMsg>) {
+        if self.flushing || self.outbox.is_empty() {
+            return;
+        }
+        let take = self.outbox.len().min(COMPLETE_BATCH_MAX);
+        let batch: Vec<Completion> = self.outbox.drain(..take).collect();
+        self.flushing = true;
+        let node = self.node.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let result = node.propose(Command::Complete(batch.clone())).await;
+            let committed = match result {
+                Ok(Response::Completed { rejected, .. }) => {
+                    for (job, why) in rejected {
+                        tracing::warn!(job, %why, "completion refused by the state machine");
+                    }
+                    true
+                }
+                Ok(other) => {
+                    tracing::error!(?other, "unexpected response to Complete");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "proposing completions failed; will retry");
+                    false
+                }
+            };
+            let _ = me.send_message(ExecutorMsg::Flushed { batch, committed });
+        });
+    }
+}
+
+/// Runs a handler until it finishes, or until `timeout`, then cancels it and waits at most
+/// [`KILL_GRACE`] before dropping it.
+async fn run_with_timeout(
+    run: futures::future::BoxFuture<'static, HandlerOutcome>,
+    cancel: CancellationToken,
+    timeout: Duration,
+) -> HandlerOutcome {
+    let mut run = run;
+    tokio::select! {
+        outcome = &mut run => return outcome,
+        _ = tokio::time::sleep(timeout) => {}
+    }
+    cancel.cancel();
+    let _ = tokio::time::timeout(KILL_GRACE, run).await;
+    HandlerOutcome::Failed {
+        error: format!("timed out after {timeout:?}"),
+        retryable: true,
+    }
+}

@@ -1,0 +1,67 @@
+//! The bridge from the state machine's apply path to this node's actors.
+//!
+//! Apply must not block, so the hooks only cast: attempt starts to the executor, and a
+//! de-duplicated wake-up to the scheduler (one wake in its mailbox at a time, however many
+//! entries apply).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use exactly_core::StartAttempt;
+use exactly_store::ApplyObserver;
+use ractor::ActorRef;
+
+use crate::executor::ExecutorMsg;
+use crate::scheduler::SchedulerMsg;
+
+#[derive(Default)]
+pub struct Hooks {
+    node_id: u64,
+    pub executor: OnceLock<ActorRef<ExecutorMsg>>,
+    pub scheduler: Mutex<Option<ActorRef<SchedulerMsg>>>,
+    /// Set while a wake-up is in the scheduler's mailbox.
+    pub wake_pending: AtomicBool,
+    /// Applied index, for /readyz and tests.
+    pub applied: std::sync::atomic::AtomicU64,
+}
+
+impl Hooks {
+    pub fn new(node_id: u64) -> Self {
+        Self {
+            node_id,
+            ..Self::default()
+        }
+    }
+
+    /// Asks the scheduler (if this node leads) to plan again.
+    pub fn wake_scheduler(&self) {
+        if self.wake_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let scheduler = self.scheduler.lock().unwrap_or_else(|p| p.into_inner());
+        match scheduler.as_ref() {
+            Some(s) => {
+                if s.send_message(SchedulerMsg::Wake).is_err() {
+                    self.wake_pending.store(false, Ordering::Release);
+                }
+            }
+            None => self.wake_pending.store(false, Ordering::Release),
+        }
+    }
+}
+
+impl ApplyObserver for Hooks {
+    fn on_start(&self, start: StartAttempt) {
+        if start.node != self.node_id {
+            return;
+        }
+        if let Some(executor) = self.executor.get() {
+            let _ = executor.send_message(ExecutorMsg::Start(start));
+        }
+    }
+
+    fn on_applied(&self, index: u64) {
+        self.applied.fetch_max(index, Ordering::AcqRel);
+        self.wake_scheduler();
+    }
+}

@@ -1,0 +1,137 @@
+//! The node-to-node gRPC service: Raft RPCs, snapshot streams, forwarded writes and joins.
+
+use std::collections::BTreeSet;
+use std::io::Cursor;
+
+use exactly_core::Command;
+use exactly_proto::internal::internal_server::Internal;
+use exactly_proto::internal::{Blob, JoinRequest, SnapshotChunk};
+use exactly_store::TypeConfig;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::{BasicNode, ChangeMembers, Snapshot, SnapshotMeta, Vote};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::codec;
+use crate::node::{ForwardReply, Node, ProposeError};
+
+pub struct InternalService {
+    pub node: Node,
+}
+
+fn blob<T: serde::Serialize>(value: &T) -> Response<Blob> {
+    Response::new(Blob {
+        data: codec::encode(value),
+    })
+}
+
+/// What a Join answers.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum JoinReply {
+    /// Added (or already present); `voter` says whether it was promoted.
+    Joined { voter: bool },
+    NotLeader,
+    Failed(String),
+}
+
+#[tonic::async_trait]
+impl Internal for InternalService {
+    async fn append_entries(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = codec::decode(&request.into_inner().data)?;
+        Ok(blob(&self.node.raft.append_entries(req).await))
+    }
+
+    async fn vote(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let req: VoteRequest<u64> = codec::decode(&request.into_inner().data)?;
+        Ok(blob(&self.node.raft.vote(req).await))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Blob>, Status> {
+        let cap = self.node.config.limits.snapshot_bytes_max;
+        let mut stream = request.into_inner();
+        let mut header: Option<(Vote<u64>, SnapshotMeta<u64, BasicNode>)> = None;
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if header.is_none() {
+                header = Some(codec::decode(&chunk.header)?);
+            }
+            if (data.len() + chunk.data.len()) as u64 > cap {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot exceeds limits.snapshot-bytes-max ({cap} bytes)"
+                )));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let (vote, meta) =
+            header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let snapshot = Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        };
+        Ok(blob(&self.node.raft.install_full_snapshot(vote, snapshot).await))
+    }
+
+    async fn forward(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let command: Command = codec::decode(&request.into_inner().data)?;
+        if !self.node.is_leader() {
+            return Ok(blob(&ForwardReply::NotLeader));
+        }
+        let budget = self.node.config.limits.propose_timeout;
+        let reply = match tokio::time::timeout(budget, self.node.write_local(command)).await {
+            Ok(reply) => reply,
+            Err(_) => ForwardReply::Failed(ProposeError::Timeout(budget)),
+        };
+        Ok(blob(&reply))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<Blob>, Status> {
+        let JoinRequest { node_id, addr } = request.into_inner();
+        if node_id == 0 || addr.is_empty() {
+            return Err(Status::invalid_argument("join needs a node id and an address"));
+        }
+        if !self.node.is_leader() {
+            // Tell the caller who leads so it can ask there.
+            let leader = self.node.leader().map(|(_, a)| a).unwrap_or_default();
+            return Err(Status::failed_precondition(format!("not the leader; leader: {leader}")));
+        }
+        Ok(blob(&admit(&self.node, node_id, addr).await))
+    }
+}
+
+/// Adds a node as a learner (waiting until it has caught up), then promotes it to voter while
+/// the cluster has fewer voters than `voters-target`.
+async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
+    let raft = &node.raft;
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let known = membership.get_node(&id).is_some();
+    if !known {
+        let learner = BasicNode { addr };
+        if let Err(e) = raft.add_learner(id, learner, true).await {
+            return match e {
+                openraft::error::RaftError::APIError(
+                    openraft::error::ClientWriteError::ForwardToLeader(_),
+                ) => JoinReply::NotLeader,
+                other => JoinReply::Failed(other.to_string()),
+            };
+        }
+    }
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    if voters.contains(&id) {
+        return JoinReply::Joined { voter: true };
+    }
+    if voters.len() >= node.config.voters_target {
+        return JoinReply::Joined { voter: false };
+    }
+    match raft
+        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+        .await
+    {
+        Ok(_) => JoinReply::Joined { voter: true },
+        Err(e) => JoinReply::Failed(e.to_string()),
+    }
+}

@@ -1,0 +1,20 @@
+//! An exactly node: openraft over tonic, sled storage, the scheduler and executor actors, the
+//! public gRPC API, and the `exactlyd` binary's start-up.
+//!
+//! **Boundary:** policy lives in `exactly-core`; this crate carries it out. Nothing here decides
+//! which job runs where, or whether a completion counts: it proposes, and apply decides.
+
+pub mod api;
+pub mod codec;
+pub mod config;
+pub mod executor;
+pub mod hooks;
+pub mod internal;
+pub mod network;
+pub mod node;
+pub mod scheduler;
+pub mod server;
+
+pub use config::NodeConfig;
+pub use node::Node;
+pub use server::{start, RunningNode, StartError};

@@ -1,0 +1,193 @@
+//! openraft's network over tonic: one lazily connected channel per peer, Raft RPCs as opaque
+//! blobs, and snapshots streamed whole in bounded chunks into `install_full_snapshot` (openraft's
+//! chunked install has a per-chunk timeout that can loop forever on large snapshots).
+
+use std::future::Future;
+use std::time::Duration;
+
+use exactly_proto::internal::internal_client::InternalClient;
+use exactly_proto::internal::{Blob, SnapshotChunk};
+use exactly_store::TypeConfig;
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::codec;
+
+/// Bytes per snapshot chunk on the wire.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// How long to wait for a TCP connection to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Largest gRPC message between nodes (an append batch of many submits).
+pub const INTERNAL_MESSAGE_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Makes a lazily connected channel to a node address ("host:port" or a URL).
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(url)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .connect_lazy())
+}
+
+pub fn internal_client(channel: Channel) -> InternalClient<Channel> {
+    InternalClient::new(channel)
+        .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
+}
+
+/// Creates connections to peers.
+#[derive(Clone, Default)]
+pub struct Network;
+
+pub struct Connection {
+    target: u64,
+    client: Result<InternalClient<Channel>, String>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Connection {
+        Connection {
+            target,
+            client: channel(&node.addr)
+                .map(internal_client)
+                .map_err(|e| format!("bad address {:?}: {e}", node.addr)),
+        }
+    }
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+
+fn unreachable_err<E: std::error::Error>(e: impl std::fmt::Display) -> RPCError<u64, BasicNode, E> {
+    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e.to_string())))
+}
+
+impl Connection {
+    fn client<E: std::error::Error>(
+        &self,
+    ) -> Result<InternalClient<Channel>, RPCError<u64, BasicNode, E>> {
+        self.client.clone().map_err(unreachable_err)
+    }
+
+    /// Sends one blob RPC and decodes the reply, which is a `Result<T, RaftError<u64, E>>`.
+    async fn call<Req, T, E>(
+        &mut self,
+        req: &Req,
+        option: &RPCOption,
+        send: impl AsyncFnOnce(
+            InternalClient<Channel>,
+            tonic::Request<Blob>,
+        ) -> Result<tonic::Response<Blob>, tonic::Status>,
+    ) -> Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: serde::Serialize,
+        T: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let client = self.client()?;
+        let mut request = tonic::Request::new(Blob {
+            data: codec::encode(req),
+        });
+        request.set_timeout(option.hard_ttl());
+        let reply = send(client, request).await.map_err(|status| match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                unreachable_err(status.message())
+            }
+            _ => RPCError::Network(NetworkError::new(&status)),
+        })?;
+        let decoded: Result<T, RaftError<u64, E>> = codec::decode(&reply.into_inner().data)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        req: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        self.call(&req, &option, async |mut c, r| c.append_entries(r).await)
+            .await
+    }
+
+    /// Never called: [`Self::full_snapshot`] replaces openraft's chunked snapshot transfer.
+    async fn install_snapshot(
+        &mut self,
+        _req: openraft::raft::InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        openraft::raft::InstallSnapshotResponse<u64>,
+        RpcErr<openraft::error::InstallSnapshotError>,
+    > {
+        Err(unreachable_err(
+            "chunked snapshot transfer is not used; snapshots are streamed whole",
+        ))
+    }
+
+    async fn vote(
+        &mut self,
+        req: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr> {
+        self.call(&req, &option, async |mut c, r| c.vote(r).await).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        let mut client = self
+            .client
+            .clone()
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
+        let header = codec::encode(&(vote, snapshot.meta.clone()));
+        let data = snapshot.snapshot.into_inner();
+        let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK_BYTES + 1);
+        let mut first = true;
+        for piece in data.chunks(SNAPSHOT_CHUNK_BYTES) {
+            chunks.push(SnapshotChunk {
+                header: if first { header.clone() } else { Vec::new() },
+                data: piece.to_vec(),
+            });
+            first = false;
+        }
+        if chunks.is_empty() {
+            chunks.push(SnapshotChunk {
+                header,
+                data: Vec::new(),
+            });
+        }
+        let send = client.install_snapshot(futures::stream::iter(chunks));
+        let reply = tokio::select! {
+            reply = send => reply,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let reply = reply.map_err(|status| {
+            StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(
+                status.message().to_string(),
+            )))
+        })?;
+        let decoded: Result<SnapshotResponse<u64>, Fatal<u64>> =
+            codec::decode(&reply.into_inner().data)
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        decoded.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}

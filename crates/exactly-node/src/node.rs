@@ -1,0 +1,200 @@
+//! The node handle: its Raft instance, store and state machine, and the one way every module
+//! proposes a command — [`Node::propose`], which finds the leader (this node or another) and
+//! waits a bounded time.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use exactly_core::{Command, JobTable, Request, Response};
+use exactly_handlers::Registry;
+use exactly_proto::internal::internal_client::InternalClient;
+use exactly_proto::internal::Blob;
+use tonic::transport::Channel;
+use exactly_store::{Raft, StateMachine, Store, TypeConfig};
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec;
+use crate::config::NodeConfig;
+use crate::network;
+
+/// Backoff between attempts to find a leader, at most.
+const LEADER_RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Backoff between attempts to find a leader, at first.
+const LEADER_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
+
+/// Why a proposal did not commit.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+pub enum ProposeError {
+    /// No leader could be reached before the deadline; nothing was handed to a leader.
+    #[error("no leader reachable within {0:?}: the cluster has no quorum or is electing")]
+    NoLeader(Duration),
+    /// A leader took the command but did not commit it before the deadline. It may still commit.
+    #[error("not committed within {0:?} (no quorum?); the outcome is unknown and it may still commit")]
+    Timeout(Duration),
+    /// The node is shutting down or its Raft core stopped.
+    #[error("node is shutting down: {0}")]
+    ShuttingDown(String),
+}
+
+/// What a leader answers to a forwarded command.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Committed(Response),
+    NotLeader,
+    Failed(ProposeError),
+}
+
+pub struct NodeInner {
+    pub id: u64,
+    pub incarnation: u64,
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub store: Store,
+    pub state: StateMachine,
+    pub registry: Registry,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
+    /// One lazily connected client per peer address, reused across forwards.
+    pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
+}
+
+/// A cheap-to-clone handle to a running node.
+#[derive(Clone)]
+pub struct Node(pub Arc<NodeInner>);
+
+impl std::ops::Deref for Node {
+    type Target = NodeInner;
+    fn deref(&self) -> &NodeInner {
+        &self.0
+    }
+}
+
+/// The wall clock in Unix milliseconds: only the leader reads it, to stamp commands.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    /// Reads the local replica's job table.
+    pub fn read<T>(&self, f: impl FnOnce(&JobTable) -> T) -> T {
+        self.state.read(f)
+    }
+
+    /// The current leader and its address, as this node last heard.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())?;
+        Some((leader, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Appends `command` on this node, which must be the leader. Waits for commit and apply.
+    pub async fn write_local(&self, command: Command) -> ForwardReply {
+        let request = Request {
+            now_ms: wall_ms(),
+            command,
+        };
+        match self.raft.client_write(request).await {
+            Ok(reply) => ForwardReply::Committed(reply.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                ForwardReply::NotLeader
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                ForwardReply::Failed(ProposeError::ShuttingDown(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => ForwardReply::Failed(ProposeError::ShuttingDown(e.to_string())),
+        }
+    }
+
+    /// Proposes a command through whichever node leads, retrying while the leader is unknown or
+    /// moves, for at most the configured `limits.propose-timeout`.
+    pub async fn propose(&self, command: Command) -> Result<Response, ProposeError> {
+        let budget = self.config.limits.propose_timeout;
+        let deadline = Instant::now() + budget;
+        let mut backoff = LEADER_RETRY_BACKOFF_MIN;
+        let mut encoded: Option<Vec<u8>> = None;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Err(ProposeError::ShuttingDown("shutdown requested".into()));
+            }
+            match self.leader() {
+                Some((leader, _)) if leader == self.id => {
+                    match tokio::time::timeout_at(deadline, self.write_local(command.clone())).await {
+                        Ok(ForwardReply::Committed(r)) => return Ok(r),
+                        Ok(ForwardReply::NotLeader) => {}
+                        Ok(ForwardReply::Failed(e)) => return Err(e),
+                        Err(_) => return Err(ProposeError::Timeout(budget)),
+                    }
+                }
+                Some((_, addr)) => {
+                    let data = encoded.get_or_insert_with(|| codec::encode(&command)).clone();
+                    match self.forward(&addr, data, deadline).await {
+                        Ok(ForwardReply::Committed(r)) => return Ok(r),
+                        Ok(ForwardReply::NotLeader) => {}
+                        Ok(ForwardReply::Failed(e)) => return Err(e),
+                        // The request never reached a leader (connection refused, leader gone):
+                        // nothing was proposed, so trying again is safe.
+                        Err(Some(_unreached)) => {}
+                        Err(None) => return Err(ProposeError::Timeout(budget)),
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(ProposeError::NoLeader(budget));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(LEADER_RETRY_BACKOFF_MAX);
+        }
+    }
+
+    /// Sends an encoded command to the leader at `addr`. `Err(Some(_))`: it provably did not
+    /// reach a leader; `Err(None)`: the outcome is unknown (deadline passed in flight).
+    async fn forward(
+        &self,
+        addr: &str,
+        data: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<ForwardReply, Option<String>> {
+        let mut client = self.peer(addr).map_err(|e| Some(e.to_string()))?;
+        let mut request = tonic::Request::new(Blob { data });
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        request.set_timeout(remaining);
+        match tokio::time::timeout_at(deadline, client.forward(request)).await {
+            Ok(Ok(reply)) => codec::decode(&reply.into_inner().data).map_err(|e| Some(e.to_string())),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                Err(Some(status.message().to_string()))
+            }
+            Ok(Err(_)) | Err(_) => Err(None),
+        }
+    }
+}
+
+impl Node {
+    /// A client for the peer at `addr`, from the cache or newly (lazily) connected.
+    pub fn peer(&self, addr: &str) -> Result<InternalClient<Channel>, tonic::transport::Error> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let client = network::internal_client(network::channel(addr)?);
+        peers.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
+/// The Raft type config, re-exported for modules that name openraft types.
+pub type Config = TypeConfig;

@@ -1,0 +1,129 @@
+//! The scheduler: an actor that exists only while this node is the Raft leader.
+//!
+//! It holds no truth of its own. On each wake-up it asks the pure policy
+//! ([`exactly_core::plan_assignments`]) for a batch from the current state and proposes it as one
+//! Assign command; while that proposal is in flight it plans nothing else, so it never proposes
+//! the same job twice from a stale view (and apply would refuse it anyway). A new leader starts a
+//! fresh scheduler that rebuilds everything from the state machine.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_core::limits::ASSIGN_BATCH_MAX;
+use exactly_core::{plan_assignments, Command};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::hooks::Hooks;
+use crate::node::{wall_ms, ForwardReply, Node};
+
+/// How often the scheduler looks even without a wake-up (delayed jobs become due by time alone).
+pub const SCHEDULER_TICK: Duration = Duration::from_millis(100);
+
+pub enum SchedulerMsg {
+    Wake,
+    Tick,
+    Proposed { planned: usize, ok: bool },
+}
+
+pub struct Scheduler;
+
+pub struct SchedulerState {
+    node: Node,
+    hooks: Arc<Hooks>,
+    in_flight: bool,
+    again: bool,
+}
+
+impl Actor for Scheduler {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = (Node, Arc<Hooks>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SchedulerMsg>,
+        (node, hooks): (Node, Arc<Hooks>),
+    ) -> Result<SchedulerState, ActorProcessingErr> {
+        myself.send_interval(SCHEDULER_TICK, || SchedulerMsg::Tick);
+        let _ = myself.send_message(SchedulerMsg::Wake);
+        Ok(SchedulerState {
+            node,
+            hooks,
+            in_flight: false,
+            again: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SchedulerMsg>,
+        msg: SchedulerMsg,
+        state: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SchedulerMsg::Wake => {
+                state.hooks.wake_pending.store(false, Ordering::Release);
+                state.plan(&myself);
+            }
+            SchedulerMsg::Tick => state.plan(&myself),
+            SchedulerMsg::Proposed { planned, ok } => {
+                state.in_flight = false;
+                if !ok {
+                    // Lost leadership or no quorum: the tick retries; the leadership watcher
+                    // stops this actor if another node leads now.
+                    return Ok(());
+                }
+                if state.again || planned == ASSIGN_BATCH_MAX {
+                    state.again = false;
+                    state.plan(&myself);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SchedulerState {
+    fn plan(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        if self.in_flight {
+            self.again = true;
+            return;
+        }
+        let members: BTreeSet<u64> = self
+            .node
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        let now = wall_ms();
+        let plan = self.node.read(|table| {
+            // Registered nodes that left the membership get nothing.
+            let excluded: BTreeSet<u64> = table
+                .nodes()
+                .keys()
+                .filter(|id| !members.contains(id))
+                .copied()
+                .collect();
+            plan_assignments(table, now, ASSIGN_BATCH_MAX, &excluded)
+        });
+        if plan.is_empty() {
+            return;
+        }
+        self.in_flight = true;
+        let planned = plan.len();
+        let node = self.node.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let budget = node.config.limits.propose_timeout;
+            let reply = tokio::time::timeout(budget, node.write_local(Command::Assign(plan))).await;
+            let ok = matches!(reply, Ok(ForwardReply::Committed(_)));
+            let _ = me.send_message(SchedulerMsg::Proposed { planned, ok });
+        });
+    }
+}

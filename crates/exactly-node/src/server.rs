@@ -1,0 +1,306 @@
+//! Starting and stopping a node: storage, Raft, actors, the gRPC server, bootstrap or join, and
+//! registration of this incarnation in the state machine.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_core::{Command, NodeRegistration, Response};
+use exactly_handlers::Registry;
+use exactly_proto::internal::internal_server::InternalServer;
+use exactly_proto::internal::JoinRequest;
+use exactly_proto::v1::cluster_server::ClusterServer;
+use exactly_proto::v1::jobs_server::JobsServer;
+use exactly_store::{Raft, Store};
+use openraft::BasicNode;
+use ractor::{Actor, ActorRef};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{ClusterService, JobsService};
+use crate::config::NodeConfig;
+use crate::executor::{Executor, ExecutorMsg};
+use crate::hooks::Hooks;
+use crate::internal::{InternalService, JoinReply};
+use crate::network::{Network, INTERNAL_MESSAGE_BYTES_MAX};
+use crate::node::{Node, NodeInner};
+use crate::scheduler::Scheduler;
+use crate::{codec, network};
+
+/// Largest public gRPC message (a submit batch of large payloads).
+pub const API_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Pause between attempts to join or register.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Store(#[from] exactly_store::Error),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("actor: {0}")]
+    Actor(String),
+}
+
+/// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
+pub struct RunningNode {
+    pub node: Node,
+    pub hooks: Arc<Hooks>,
+    pub addr: String,
+    executor: ActorRef<ExecutorMsg>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    pub fn id(&self) -> u64 {
+        self.node.id
+    }
+
+    /// Stops serving, cancels running attempts, and shuts Raft down.
+    pub async fn shutdown(self) {
+        self.node.shutdown.cancel();
+        let _ = self.executor.send_message(ExecutorMsg::CancelAll);
+        if let Some(s) = self.hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            s.stop(None);
+        }
+        let _ = self.node.raft.shutdown().await;
+        self.executor.stop(None);
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts a node from a validated configuration and a handler registry.
+pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode, StartError> {
+    let store = Store::open(&config.data_dir)?;
+    let id = store.node_id_or_init(|| config.node_id.unwrap_or_else(|| rand::random::<u64>() >> 1 | 1))?;
+    if let Some(configured) = config.node_id {
+        if configured != id {
+            tracing::warn!(configured, stored = id, "data directory belongs to another node id; using the stored one");
+        }
+    }
+    let incarnation = store.next_incarnation()?;
+    let hooks = Arc::new(Hooks::new(id));
+    let state = store.state_machine(hooks.clone())?;
+    let raft_config = Arc::new(
+        config
+            .openraft_config()
+            .validate()
+            .map_err(|e| StartError::Raft(e.to_string()))?,
+    );
+    let raft = Raft::new(id, raft_config, Network, store.log_store(), state.clone())
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+    // Bind before anything else can fail late, and so that port 0 (tests) resolves to a real port.
+    let listener = bind(config.listen)?;
+    let local = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let addr = config.advertise.clone().unwrap_or_else(|| local.to_string());
+    let node = Node(Arc::new(NodeInner {
+        id,
+        incarnation,
+        config,
+        raft,
+        store,
+        state,
+        registry,
+        shutdown: CancellationToken::new(),
+        peers: Default::default(),
+    }));
+    tracing::info!(node = id, incarnation, %addr, "node starting");
+
+    let (executor, _) = Actor::spawn(
+        Some(format!("exactly-{id}-{incarnation}-executor")),
+        Executor,
+        node.clone(),
+    )
+    .await
+    .map_err(|e| StartError::Actor(e.to_string()))?;
+    let _ = hooks.executor.set(executor.clone());
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(serve(node.clone(), listener)?));
+    tasks.push(tokio::spawn(watch_leadership(node.clone(), hooks.clone())));
+    tasks.push(tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())));
+
+    Ok(RunningNode {
+        node,
+        hooks,
+        addr,
+        executor,
+        tasks,
+    })
+}
+
+fn bind(listen: std::net::SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    let err = |source| StartError::Listen {
+        addr: listen,
+        source,
+    };
+    let std_listener = std::net::TcpListener::bind(listen).map_err(err)?;
+    std_listener.set_nonblocking(true).map_err(err)?;
+    tokio::net::TcpListener::from_std(std_listener).map_err(err)
+}
+
+/// Returns the serving task for an already bound listener.
+fn serve(
+    node: Node,
+    listener: tokio::net::TcpListener,
+) -> Result<impl std::future::Future<Output = ()>, StartError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(exactly_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Actor(e.to_string()))?;
+    let shutdown = node.shutdown.clone();
+    Ok(async move {
+        health_reporter
+            .set_serving::<JobsServer<JobsService>>()
+            .await;
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(
+                JobsServer::new(JobsService { node: node.clone() })
+                    .max_decoding_message_size(API_MESSAGE_BYTES_MAX),
+            )
+            .add_service(ClusterServer::new(ClusterService { node: node.clone() }))
+            .add_service(
+                InternalServer::new(InternalService { node: node.clone() })
+                    .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX),
+            )
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    })
+}
+
+/// Starts the scheduler actor when this node becomes leader and stops it when it is not.
+async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
+    let mut metrics = node.raft.metrics();
+    let mut generation = 0u64;
+    loop {
+        let leading = {
+            let m = metrics.borrow_and_update();
+            m.current_leader == Some(node.id) && m.state == openraft::ServerState::Leader
+        };
+        let running = hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if leading && !running {
+            generation += 1;
+            let name = format!("exactly-{}-{}-scheduler-{generation}", node.id, node.incarnation);
+            match Actor::spawn(Some(name), Scheduler, (node.clone(), hooks.clone())).await {
+                Ok((actor, _)) => {
+                    tracing::info!(node = node.id, "became leader; scheduler started");
+                    *hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(actor);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot start scheduler"),
+            }
+        } else if !leading && running {
+            if let Some(actor) = hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                actor.stop(None);
+                tracing::info!(node = node.id, "no longer leader; scheduler stopped");
+            }
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = node.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Bootstraps (with `init`) or joins (with `join`), then registers this incarnation so the
+/// scheduler may assign to it (and so jobs of the previous incarnation are requeued).
+async fn bootstrap_and_register(node: Node, addr: String) {
+    let initialized = node.raft.is_initialized().await.unwrap_or(false);
+    if !initialized && node.config.init {
+        let members = BTreeMap::from([(node.id, BasicNode { addr: addr.clone() })]);
+        match node.raft.initialize(members).await {
+            Ok(()) => tracing::info!(node = node.id, "initialized a new cluster"),
+            Err(e) => tracing::warn!(error = %e, "initialize"),
+        }
+    } else if !initialized && !node.config.join.is_empty() {
+        join(&node, &addr).await;
+    }
+    loop {
+        if node.shutdown.is_cancelled() {
+            return;
+        }
+        let registration = NodeRegistration {
+            node: node.id,
+            incarnation: node.incarnation,
+            slots: node.config.slots,
+            addr: addr.clone(),
+        };
+        match node.propose(Command::RegisterNode(registration)).await {
+            Ok(Response::NodeRegistered(Ok(requeued))) => {
+                tracing::info!(node = node.id, incarnation = node.incarnation, requeued, "registered");
+                return;
+            }
+            Ok(other) => {
+                tracing::error!(?other, "registration refused");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "registration not yet possible"),
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+
+/// Asks the configured peers (and whichever leader they name) to admit this node, until one does.
+async fn join(node: &Node, addr: &str) {
+    let mut targets: Vec<String> = node.config.join.clone();
+    let mut i = 0usize;
+    loop {
+        if node.shutdown.is_cancelled() {
+            return;
+        }
+        let target = targets[i % targets.len()].clone();
+        i += 1;
+        let reply = match network::channel(&target) {
+            Ok(ch) => {
+                network::internal_client(ch)
+                    .join(JoinRequest {
+                        node_id: node.id,
+                        addr: addr.to_string(),
+                    })
+                    .await
+            }
+            Err(e) => Err(tonic::Status::invalid_argument(e.to_string())),
+        };
+        match reply {
+            Ok(blob) => match codec::decode::<JoinReply>(&blob.into_inner().data) {
+                Ok(JoinReply::Joined { voter }) => {
+                    tracing::info!(node = node.id, voter, via = %target, "joined the cluster");
+                    return;
+                }
+                Ok(other) => tracing::info!(?other, via = %target, "join not accepted yet"),
+                Err(e) => tracing::warn!(error = %e, "bad join reply"),
+            },
+            Err(status) => {
+                if let Some(leader) = status.message().strip_prefix("not the leader; leader: ") {
+                    if !leader.is_empty() && !targets.iter().any(|t| t == leader) {
+                        targets.push(leader.to_string());
+                    }
+                }
+                tracing::debug!(via = %target, %status, "join attempt failed");
+            }
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+

@@ -1,0 +1,257 @@
+//! [`LogStore`]: openraft's log and vote storage on the `log` and `meta` trees.
+//!
+//! Every operation that changes the log ends with a durability point (see `store.rs`) before it
+//! returns, and `append` calls its flushed-callback only after that point. openraft 0.9.25's
+//! core waits for the callback before it goes on (`RaftCore::append_to_log`), so a background
+//! flusher that returned early would buy nothing; one flush and fsync per `append` call, however
+//! many entries it carries, is the group commit. Writes and fsyncs run on tokio's blocking pool.
+//! Reads run inline: they are served from sled's cache unless the entries are old.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{
+    Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, StorageError, Vote,
+};
+
+use crate::codec::{decode, encode, key_u64, u64_key};
+use crate::error::{Error, Result};
+use crate::store::{Store, META_COMMITTED, META_LAST_PURGED, META_VOTE};
+use crate::TypeConfig;
+
+/// Entries one `limited_get_log_entries` call returns, at most (one replication message).
+pub const LOG_READ_ENTRIES_MAX: usize = 4096;
+/// Encoded bytes one `limited_get_log_entries` call returns, at most, unless its first entry
+/// alone is larger (it is returned anyway: openraft needs progress). The node's gRPC message
+/// limit must be above this.
+pub const LOG_READ_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+type StorageResult<T> = std::result::Result<T, StorageError<u64>>;
+
+/// The Raft log and vote of one node. Cheap to clone; every clone is the same log.
+#[derive(Clone)]
+pub struct LogStore {
+    store: Store,
+}
+
+impl LogStore {
+    pub(crate) fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// Reads entries in `range`, stopping early at `entries_max` entries or once `bytes_max`
+    /// encoded bytes were read (always returning at least one entry if there is one).
+    fn read_entries(
+        &self,
+        range: &impl RangeBounds<u64>,
+        entries_max: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(&x) => x,
+            Bound::Excluded(&x) => match x.checked_add(1) {
+                Some(x) => x,
+                None => return Ok(Vec::new()),
+            },
+            Bound::Unbounded => 0,
+        };
+        // `None` means unbounded.
+        let end_excluded = match range.end_bound() {
+            Bound::Included(&x) => x.checked_add(1),
+            Bound::Excluded(&x) => Some(x),
+            Bound::Unbounded => None,
+        };
+        let iter = match end_excluded {
+            Some(end) if end <= start => return Ok(Vec::new()),
+            Some(end) => self.store.inner.log.range(u64_key(start)..u64_key(end)),
+            None => self.store.inner.log.range(u64_key(start)..),
+        };
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        for kv in iter {
+            if entries.len() >= entries_max || (!entries.is_empty() && bytes >= bytes_max) {
+                break;
+            }
+            let (key, value) = kv.map_err(|e| Error::sled("reading log entries", e))?;
+            let index = key_u64("log key", &key)?;
+            let entry: Entry<TypeConfig> = decode("log entry", &value)?;
+            if entry.log_id.index != index {
+                return Err(Error::corrupt(
+                    "log entry",
+                    format!("entry {} stored under index {index}", entry.log_id),
+                ));
+            }
+            bytes = bytes.saturating_add(value.len());
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    fn last_entry_log_id(&self) -> Result<Option<LogId<u64>>> {
+        let last = self
+            .store
+            .inner
+            .log
+            .last()
+            .map_err(|e| Error::sled("reading the last log entry", e))?;
+        last.map(|(_, value)| decode::<Entry<TypeConfig>>("log entry", &value).map(|e| e.log_id))
+            .transpose()
+    }
+
+    /// Runs blocking storage work on tokio's blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store))
+            .await
+            .map_err(Error::task)?
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        self.read_entries(&range, usize::MAX, usize::MAX)
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        self.read_entries(&(start..end), LOG_READ_ENTRIES_MAX, LOG_READ_BYTES_MAX)
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let read = || -> Result<LogState<TypeConfig>> {
+            let last_purged_log_id = self.store.last_purged()?;
+            let last_entry = self.last_entry_log_id()?;
+            // Entries at or below `last_purged` are gone (or about to be, after a crash
+            // during a purge), so the later of the two is the last log id.
+            let last_log_id = match (last_entry, last_purged_log_id) {
+                (Some(entry), Some(purged)) if purged.index >= entry.index => Some(purged),
+                (entry, purged) => entry.or(purged),
+            };
+            Ok(LogState {
+                last_purged_log_id,
+                last_log_id,
+            })
+        };
+        read().map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    /// Returns only once the vote is durable (invariant: a node never votes twice in a term,
+    /// even across a power loss).
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
+        let vote = *vote;
+        self.blocking(move |store| {
+            store.meta_put(META_VOTE, "vote", &vote)?;
+            store.make_durable()
+        })
+        .await
+        .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Write))
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
+        self.store
+            .meta_get(META_VOTE, "vote")
+            .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Read))
+    }
+
+    /// Not a durability point of its own: losing the latest committed log id in a crash only
+    /// makes openraft re-apply less at start-up (it learns the rest from the leader). It becomes
+    /// durable with the next append, vote or purge.
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> StorageResult<()> {
+        self.store
+            .meta_put(META_COMMITTED, "committed log id", &committed)
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
+        self.store
+            .meta_get::<Option<LogId<u64>>>(META_COMMITTED, "committed log id")
+            .map(Option::flatten)
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Read))
+    }
+
+    /// Writes all entries in one sled batch and makes them durable with one flush and fsync,
+    /// then calls `callback`. Returns after the callback (openraft 0.9.25 waits for it anyway).
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let result = self
+            .blocking(move |store| {
+                let mut batch = sled::Batch::default();
+                for entry in &entries {
+                    batch.insert(&u64_key(entry.log_id.index), encode("log entry", entry)?);
+                }
+                {
+                    let _w = store.gate();
+                    store
+                        .inner
+                        .log
+                        .apply_batch(batch)
+                        .map_err(|e| Error::sled("appending log entries", e))?;
+                }
+                store.make_durable()
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e.into_raft(ErrorSubject::Logs, ErrorVerb::Write))
+            }
+        }
+    }
+
+    /// Removes entries `>= log_id.index`, newest first, and makes the removal durable.
+    async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        self.blocking(move |store| {
+            store.remove_log_from(log_id.index)?;
+            store.make_durable()
+        })
+        .await
+        .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))
+    }
+
+    /// Records `log_id` as the last purged log id, then removes entries `<= log_id.index` in
+    /// batches of at most [`crate::PURGE_BATCH_KEYS_MAX`] keys, and makes it all durable. A crash
+    /// half-way is finished by the next [`Store::open`].
+    async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        self.blocking(move |store| {
+            let previous = store.last_purged()?;
+            if previous.is_some_and(|p| p.index >= log_id.index) {
+                // openraft purges forward only; an older request has nothing left to do.
+                tracing::debug!(%log_id, ?previous, "purge request at or below the last purge");
+                return Ok(());
+            }
+            store.meta_put(META_LAST_PURGED, "last purged log id", &log_id)?;
+            store.remove_log_upto(log_id.index)?;
+            store.make_durable()
+        })
+        .await
+        .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))
+    }
+}

@@ -1,0 +1,315 @@
+//! [`StateMachine`]: the job table in memory, fed by committed entries, with snapshots.
+//!
+//! The table lives in memory behind a `std::sync::RwLock`; payloads live next to it in the
+//! `payloads` tree. Apply needs no durability point of its own: the log it applies is durable,
+//! openraft re-applies everything after the last snapshot at start-up, and every effect on the
+//! payloads tree is idempotent (insert the same bytes again, remove again).
+//!
+//! **Invariant:** a reader never sees a job whose payload is not yet readable: apply writes the
+//! payloads while it still holds the table's write lock, and calls the observer after both.
+
+use std::io::Cursor;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use exactly_core::{Effect, JobTable, Response, StartAttempt};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
+    RaftSnapshotBuilder, StorageError, StoredMembership,
+};
+
+use crate::codec::{encode_raw, u64_key};
+use crate::error::{Error, Result};
+use crate::snapshot::{self, Meta};
+use crate::store::{Store, PAYLOAD_BATCH_KEYS_MAX};
+use crate::{Observer, TypeConfig};
+
+type StorageResult<T> = std::result::Result<T, StorageError<u64>>;
+
+/// What has been applied: the job table, and the Raft bookkeeping that goes with it.
+struct Applied {
+    table: JobTable,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+}
+
+/// The replicated state machine of one node. Cheap to clone; clones share the same state.
+#[derive(Clone)]
+pub struct StateMachine {
+    store: Store,
+    shared: Arc<RwLock<Applied>>,
+    observer: Observer,
+}
+
+impl StateMachine {
+    /// Loads the persisted snapshot, if any (see [`Store::state_machine`]).
+    pub(crate) fn load(store: Store, observer: Observer) -> Result<Self> {
+        let applied = match store.read_snapshot()? {
+            Some((meta, data)) => {
+                let body = snapshot::decode_body(&data)?;
+                tracing::info!(snapshot = %meta, "state machine loaded from the snapshot");
+                Applied {
+                    table: body.table,
+                    last_applied: meta.last_log_id,
+                    membership: meta.last_membership,
+                }
+            }
+            None => Applied {
+                table: JobTable::new(),
+                last_applied: None,
+                membership: StoredMembership::default(),
+            },
+        };
+        Ok(Self {
+            store,
+            shared: Arc::new(RwLock::new(applied)),
+            observer,
+        })
+    }
+
+    /// Read access to the job table for the API and the scheduler (a read lock, held for the
+    /// duration of `f`: keep `f` short).
+    pub fn read<T>(&self, f: impl FnOnce(&JobTable) -> T) -> T {
+        // Only a panic inside apply poisons the lock, and apply then fails every later call,
+        // which stops the Raft node; readers may still look at the table meanwhile.
+        let applied = self.shared.read().unwrap_or_else(PoisonError::into_inner);
+        f(&applied.table)
+    }
+
+    /// The log id of the last applied entry (or of the loaded or installed snapshot).
+    pub fn last_applied(&self) -> Option<LogId<u64>> {
+        self.shared
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last_applied
+    }
+}
+
+/// Applies `entries` to the table and their payload effects to sled, under the write lock.
+/// Returns the responses and the attempt starts that are still current after the whole batch.
+fn apply_blocking(
+    store: &Store,
+    shared: &RwLock<Applied>,
+    entries: Vec<Entry<TypeConfig>>,
+) -> Result<(Vec<Response>, Vec<StartAttempt>)> {
+    let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
+    let mut responses = Vec::with_capacity(entries.len());
+    let mut payload_ops: Vec<([u8; 8], Option<Vec<u8>>)> = Vec::new();
+    let mut starts = Vec::new();
+    for entry in entries {
+        let log_id = entry.log_id;
+        let response = match entry.payload {
+            EntryPayload::Blank => Response::Empty,
+            EntryPayload::Normal(request) => {
+                let (response, effects) = applied.table.apply(log_id.index, request);
+                for effect in effects {
+                    match effect {
+                        Effect::StorePayload { job, payload } => {
+                            payload_ops.push((u64_key(job), Some(encode_raw(&payload))));
+                        }
+                        Effect::DropPayload { job } => payload_ops.push((u64_key(job), None)),
+                        Effect::Start(start) => starts.push(start),
+                    }
+                }
+                response
+            }
+            EntryPayload::Membership(membership) => {
+                applied.membership = StoredMembership::new(Some(log_id), membership);
+                Response::Empty
+            }
+        };
+        applied.last_applied = Some(log_id);
+        responses.push(response);
+    }
+    // In order, so that a later drop of the same job wins; in small batches, because sled
+    // leaks space with large batches of removals.
+    for chunk in payload_ops.chunks(PAYLOAD_BATCH_KEYS_MAX) {
+        let mut batch = sled::Batch::default();
+        for (key, value) in chunk {
+            match value {
+                Some(v) => batch.insert(key, v.as_slice()),
+                None => batch.remove(key),
+            }
+        }
+        let _w = store.gate();
+        store
+            .inner
+            .payloads
+            .apply_batch(batch)
+            .map_err(|e| Error::sled("writing payloads", e))?;
+    }
+    // A start that a later entry of the same batch already ended or replaced must not reach an
+    // executor (this happens when a lagging node or a restarted one applies many entries).
+    starts.retain(|s| {
+        applied
+            .table
+            .job(s.job)
+            .and_then(|job| job.current_attempt())
+            .is_some_and(|attempt| attempt.token == s.token)
+    });
+    Ok((responses, starts))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>)> {
+        let applied = self.shared.read().unwrap_or_else(PoisonError::into_inner);
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    /// Applies entries in log order: `Normal` through [`JobTable::apply`] with the entry's
+    /// index (the fencing token of the attempts it starts), `Blank` and `Membership` as
+    /// [`Response::Empty`]. Then tells the observer about the attempts started (only those
+    /// still current at the end of the batch) and the last applied index.
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            return Ok(Vec::new());
+        };
+        let store = self.store.clone();
+        let shared = self.shared.clone();
+        let (responses, starts) =
+            tokio::task::spawn_blocking(move || apply_blocking(&store, &shared, entries))
+                .await
+                .map_err(Error::task)
+                .and_then(|r| r)
+                .map_err(|e| e.into_raft(ErrorSubject::Apply(last), ErrorVerb::Write))?;
+        for start in starts {
+            self.observer.on_start(start);
+        }
+        self.observer.on_applied(last.index);
+        Ok(responses)
+    }
+
+    /// Takes a consistent copy (table, last applied, membership) under the read lock, so that
+    /// applies may go on while the snapshot is built. Costs a clone of the table.
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        let applied = self.shared.read().unwrap_or_else(PoisonError::into_inner);
+        SnapshotBuilder {
+            store: self.store.clone(),
+            table: Arc::new(applied.table.clone()),
+            last_applied: applied.last_applied,
+            membership: applied.membership.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    /// Validates the snapshot, persists it as the current one, replaces the payloads tree with
+    /// its payloads and the in-memory state with its table. Crash-safe: see
+    /// `Store::begin_payloads_rebuild`. Readers wait while the payloads are replaced, so they
+    /// never see the new table with the old payloads.
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let signature = Some(meta.signature());
+        let data = snapshot.into_inner();
+        let store = self.store.clone();
+        let shared = self.shared.clone();
+        let meta = meta.clone();
+        let last_index = meta.last_log_id.map(|l| l.index);
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let body = snapshot::decode_body(&data)?;
+            store.begin_payloads_rebuild()?;
+            store.persist_snapshot(&meta, &data, false)?;
+            let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
+            store.replace_payloads(&body.payloads)?;
+            store.finish_payloads_rebuild()?;
+            *applied = Applied {
+                table: body.table,
+                last_applied: meta.last_log_id,
+                membership: meta.last_membership,
+            };
+            Ok(())
+        })
+        .await
+        .map_err(Error::task)
+        .and_then(|r| r)
+        .map_err(|e| e.into_raft(ErrorSubject::Snapshot(signature), ErrorVerb::Write))?;
+        tracing::info!(?last_index, "installed a snapshot");
+        if let Some(index) = last_index {
+            self.observer.on_applied(index);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let store = self.store.clone();
+        let current = tokio::task::spawn_blocking(move || store.read_snapshot())
+            .await
+            .map_err(Error::task)
+            .and_then(|r| r)
+            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
+        Ok(current.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+/// A consistent copy of the state machine, taken by
+/// [`RaftStateMachine::get_snapshot_builder`], that becomes a snapshot.
+pub struct SnapshotBuilder {
+    store: Store,
+    table: Arc<JobTable>,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Serializes the copy and the payloads of its pending and running jobs (a payload already
+    /// dropped because the job finished after the copy was taken is skipped: the log after the
+    /// snapshot finishes that job again), persists it unless a newer snapshot was installed
+    /// meanwhile, and returns it.
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let store = self.store.clone();
+        let table = self.table.clone();
+        let meta = Meta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: snapshot_id(self.last_applied),
+        };
+        tokio::task::spawn_blocking(move || -> Result<Snapshot<TypeConfig>> {
+            let mut payloads = Vec::new();
+            for job in table.jobs().filter(|j| !j.status.is_terminal()) {
+                if let Some(payload) = store.payload(job.id)? {
+                    payloads.push((job.id, payload));
+                }
+            }
+            let data = snapshot::encode_body(&table, &payloads)?;
+            store.persist_snapshot(&meta, &data, true)?;
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        })
+        .await
+        .map_err(Error::task)
+        .and_then(|r| r)
+        .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Write))
+    }
+}
+
+/// A snapshot id: the last log id it covers, and the build time to tell apart two snapshots of
+/// the same log id (openraft only compares ids for equality).
+fn snapshot_id(last: Option<LogId<u64>>) -> String {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    match last {
+        Some(l) => format!("{}-{}-{}-{micros}", l.leader_id.term, l.leader_id.node_id, l.index),
+        None => format!("none-{micros}"),
+    }
+}

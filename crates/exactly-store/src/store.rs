@@ -1,0 +1,601 @@
+//! [`Store`]: one node's data directory, the sled database inside it, and the durability point
+//! every write that must survive a power loss goes through.
+//!
+//! Layout of a data directory:
+//! ```text
+//! <dir>/sled/              sled's files: `db` (its log-structured store), `conf`, `snap.*`,
+//!                          and `blobs/` (values above ~128 KiB, one file each)
+//! <dir>/snapshot/current   the current state machine snapshot (see `snapshot.rs`)
+//! ```
+//! sled trees, each value starting with a format version byte (see `codec.rs`):
+//! - `log`: big-endian log index -> `Entry<TypeConfig>`
+//! - `meta`: `vote`, `committed`, `last_purged` (log ids), `node_id`, `incarnation` (u64), and
+//!   `payloads_rebuild` (present only while a snapshot install replaces the payloads tree)
+//! - `payloads`: big-endian job id -> payload bytes
+//!
+//! # Durability: what survives what
+//!
+//! sled's `flush()` writes its buffers with `pwrite` and `sync_file_range`, which neither flushes
+//! the disk's write cache nor the file's metadata (sled #1452), and sled never fsyncs the blob
+//! files it writes for large values. A *durability point* ([`Store::make_durable`]) therefore
+//! is, in order: sled `flush()`; `fsync` of every blob file not yet synced and of the `blobs`
+//! directory; `fdatasync` of sled's `db` file through a handle this store keeps open. sled's log
+//! is ordered, so a durability point makes every write issued before it durable, whichever
+//! tree it went to. sled's periodic flusher is turned off: all flushing happens here.
+//!
+//! - Power loss or kernel crash: everything written before the last completed durability point
+//!   survives. These operations complete one before they return: `save_vote`, `append` (before
+//!   its flushed-callback is called), `truncate`, `purge`, `node_id_or_init`,
+//!   `next_incarnation`, `build_snapshot` and `install_snapshot` (sled, then the snapshot file).
+//! - Process crash (SIGKILL): the same, plus whatever sled had already written out of its
+//!   buffers; writes still in sled's user-space buffers are lost.
+//! - Not made durable by their own operation, and why that is safe: `save_committed` (a lost
+//!   update only makes openraft re-apply less at start-up) and apply's payload writes (the log
+//!   they came from is durable and apply runs again after a restart; a snapshot is only written
+//!   after a durability point, so the payloads tree is never older than the persisted snapshot).
+//! - After a failed flush or fsync the store refuses every later durability point
+//!   ([`crate::Error::DurabilityLost`]): the kernel may have dropped the dirty pages, so the
+//!   node must restart and recover from what is really on disk.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use exactly_core::JobId;
+use openraft::LogId;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::{decode, encode, encode_raw, key_u64, u64_key, versioned_body};
+use crate::error::{Error, Result};
+use crate::snapshot::{self, Meta};
+use crate::Observer;
+
+/// Log keys removed per sled batch when purging or truncating. sled 0.34 leaked space (about
+/// 210 MB of file and 900 MB of RSS per million entries, never reclaimed) when a sliding window
+/// was purged with ~1,000-key batches, and stayed bounded with batches of at most 300–500.
+pub const PURGE_BATCH_KEYS_MAX: usize = 256;
+/// Payload keys written or removed per sled batch when the payloads tree is rebuilt from a
+/// snapshot (same reason as [`PURGE_BATCH_KEYS_MAX`]).
+pub const PAYLOAD_BATCH_KEYS_MAX: usize = 256;
+/// Bytes of sled's page cache. sled's default is 1 GiB; the log and payloads are read rarely
+/// after they are written, so a smaller cache keeps a node's memory bounded.
+pub const SLED_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// How long [`Store::open`] waits for sled's lock on the data directory. A store dropped a
+/// moment ago may still be closed by sled's background threads; a live process keeps it forever.
+pub const OPEN_LOCK_WAIT_MS_MAX: u64 = 5_000;
+/// The pause between two attempts to take the lock.
+pub const OPEN_LOCK_RETRY_MS: u64 = 20;
+
+const SLED_DIR: &str = "sled";
+const TREE_LOG: &str = "log";
+const TREE_META: &str = "meta";
+const TREE_PAYLOADS: &str = "payloads";
+
+pub(crate) const META_VOTE: &[u8] = b"vote";
+pub(crate) const META_COMMITTED: &[u8] = b"committed";
+pub(crate) const META_LAST_PURGED: &[u8] = b"last_purged";
+const META_NODE_ID: &[u8] = b"node_id";
+const META_INCARNATION: &[u8] = b"incarnation";
+const META_PAYLOADS_REBUILD: &[u8] = b"payloads_rebuild";
+
+/// One node's storage, opened once per process on its data directory. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: sled::Db,
+    pub(crate) log: sled::Tree,
+    pub(crate) meta: sled::Tree,
+    pub(crate) payloads: sled::Tree,
+    durability: Durability,
+    snapshot_dir: PathBuf,
+    /// Metadata of the snapshot in the snapshot file. The lock also serializes writes of that
+    /// file, so a slow build cannot overwrite a newer snapshot installed meanwhile.
+    current_snapshot: Mutex<Option<Meta>>,
+}
+
+/// The pieces of a durability point.
+struct Durability {
+    /// sled's `db` file, opened again by us because sled only `sync_file_range`s it.
+    db_file: File,
+    blobs_dir: PathBuf,
+    /// Every write of ours to sled holds this shared; the blob scan holds it exclusively. sled
+    /// writes a blob file in the thread that inserts the value, so the scan never sees a blob
+    /// file half-written (and would otherwise mark it synced forever).
+    write_gate: RwLock<()>,
+    /// Blob files already fsynced (their names are log sequence numbers, never reused).
+    synced_blobs: Mutex<HashSet<OsString>>,
+    /// Set by the first failed durability point.
+    lost: OnceLock<String>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory `dir`, with sled in `dir/sled`, and
+    /// recovers from an interrupted purge, a torn log tail or an interrupted snapshot install.
+    /// Blocking; fails with [`Error::Locked`] if another process uses the directory.
+    pub fn open(dir: &Path) -> Result<Store> {
+        fs::create_dir_all(dir).map_err(|e| Error::io("creating the data directory", e))?;
+        let sled_dir = dir.join(SLED_DIR);
+        let snapshot_dir = snapshot::dir_of(dir);
+        fs::create_dir_all(&snapshot_dir)
+            .map_err(|e| Error::io("creating the snapshot directory", e))?;
+        let db = open_sled(&sled_dir)?;
+        let tree = |name: &'static str| {
+            db.open_tree(name)
+                .map_err(|e| Error::sled("opening a sled tree", e))
+        };
+        let (log, meta, payloads) = (tree(TREE_LOG)?, tree(TREE_META)?, tree(TREE_PAYLOADS)?);
+        let db_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(sled_dir.join("db"))
+            .map_err(|e| Error::io("opening sled's db file for fsync", e))?;
+        let blobs_dir = sled_dir.join("blobs");
+        // The files sled and we just created must not vanish with their directory entries.
+        if let Ok(conf) = File::open(sled_dir.join("conf")) {
+            conf.sync_all()
+                .map_err(|e| Error::io("fsyncing sled's conf file", e))?;
+        }
+        for d in [&blobs_dir, &sled_dir, &snapshot_dir, &dir.to_path_buf()] {
+            snapshot::sync_dir(d, "fsyncing the data directory")?;
+        }
+        snapshot::remove_leftovers(&snapshot_dir)?;
+        let current_snapshot = snapshot::read(&snapshot_dir)?.map(|(meta, _)| meta);
+        let store = Store {
+            inner: Arc::new(Inner {
+                db,
+                log,
+                meta,
+                payloads,
+                durability: Durability {
+                    db_file,
+                    blobs_dir,
+                    write_gate: RwLock::new(()),
+                    synced_blobs: Mutex::new(HashSet::new()),
+                    lost: OnceLock::new(),
+                },
+                snapshot_dir,
+                current_snapshot: Mutex::new(current_snapshot),
+            }),
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// The Raft log and vote storage of this node.
+    pub fn log_store(&self) -> crate::LogStore {
+        crate::LogStore::new(self.clone())
+    }
+
+    /// The state machine of this node, loaded from the persisted snapshot (if any); openraft
+    /// then re-applies the log after it. Call once per process: each call loads its own copy.
+    pub fn state_machine(&self, observer: Observer) -> Result<crate::StateMachine> {
+        crate::StateMachine::load(self.clone(), observer)
+    }
+
+    /// The payload of `job`, kept from its submission until it finishes. `None` for an unknown
+    /// or finished job; also, briefly, for a job that a snapshot shows as live but that finished
+    /// after the snapshot was taken (its payload was dropped before the snapshot read it).
+    /// Blocking (a sled read).
+    pub fn payload(&self, job: JobId) -> Result<Option<Vec<u8>>> {
+        let value = self
+            .inner
+            .payloads
+            .get(u64_key(job))
+            .map_err(|e| Error::sled("reading a payload", e))?;
+        value
+            .map(|v| versioned_body("payload", &v).map(<[u8]>::to_vec))
+            .transpose()
+    }
+
+    /// This node's identity: the persisted node id, or, the first time, `generate()`'s value,
+    /// persisted durably before it is returned. Blocking.
+    pub fn node_id_or_init(&self, generate: impl FnOnce() -> u64) -> Result<u64> {
+        if let Some(id) = self.meta_get::<u64>(META_NODE_ID, "node id")? {
+            return Ok(id);
+        }
+        let id = generate();
+        let swapped = {
+            let _w = self.gate();
+            self.inner
+                .meta
+                .compare_and_swap(META_NODE_ID, None::<&[u8]>, Some(encode("node id", &id)?))
+                .map_err(|e| Error::sled("persisting the node id", e))?
+        };
+        self.make_durable()?;
+        match swapped {
+            Ok(()) => Ok(id),
+            // Another caller persisted one first: theirs is the identity.
+            Err(_) => self
+                .meta_get::<u64>(META_NODE_ID, "node id")?
+                .ok_or_else(|| Error::corrupt("node id", "vanished after it was written")),
+        }
+    }
+
+    /// Increments the incarnation counter, makes it durable and returns the new value (1 on the
+    /// first boot). A node calls this once per start, so a restarted process is distinguishable
+    /// from the one before it. Blocking.
+    pub fn next_incarnation(&self) -> Result<u64> {
+        let next = loop {
+            let old = self
+                .inner
+                .meta
+                .get(META_INCARNATION)
+                .map_err(|e| Error::sled("reading the incarnation", e))?;
+            let current: u64 = match &old {
+                Some(v) => decode("incarnation", v)?,
+                None => 0,
+            };
+            let next = current
+                .checked_add(1)
+                .ok_or_else(|| Error::corrupt("incarnation", "counter at u64::MAX"))?;
+            let _w = self.gate();
+            let swapped = self
+                .inner
+                .meta
+                .compare_and_swap(
+                    META_INCARNATION,
+                    old,
+                    Some(encode("incarnation", &next)?),
+                )
+                .map_err(|e| Error::sled("persisting the incarnation", e))?;
+            if swapped.is_ok() {
+                break next;
+            }
+        };
+        self.make_durable()?;
+        Ok(next)
+    }
+
+    /// Bytes this store occupies on disk: sled's files (including blobs) and the snapshot file.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        let sled = self
+            .inner
+            .db
+            .size_on_disk()
+            .map_err(|e| Error::sled("measuring the database", e))?;
+        Ok(sled + snapshot::size(&self.inner.snapshot_dir)?)
+    }
+
+    // ----- crate-internal building blocks -----
+
+    /// Holds off the blob scan of a durability point while we write to sled.
+    pub(crate) fn gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.inner
+            .durability
+            .write_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A durability point: see the module documentation. Blocking (call it off the async
+    /// workers).
+    pub(crate) fn make_durable(&self) -> Result<()> {
+        let d = &self.inner.durability;
+        if let Some(why) = d.lost.get() {
+            return Err(Error::DurabilityLost(why.clone()));
+        }
+        let result = self
+            .inner
+            .db
+            .flush()
+            .map_err(|e| Error::sled("flushing sled", e))
+            .and_then(|_| d.sync_new_blobs())
+            .and_then(|()| {
+                d.db_file
+                    .sync_data()
+                    .map_err(|e| Error::io("fsyncing sled's db file", e))
+            });
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "durability point failed; the store refuses further writes");
+            let _ = d.lost.set(e.to_string());
+        }
+        result
+    }
+
+    pub(crate) fn meta_get<T: DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>> {
+        let value = self
+            .inner
+            .meta
+            .get(key)
+            .map_err(|e| Error::sled("reading metadata", e))?;
+        value.map(|v| decode(what, &v)).transpose()
+    }
+
+    /// Writes a metadata value (durable at the next durability point).
+    pub(crate) fn meta_put<T: Serialize>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+        value: &T,
+    ) -> Result<()> {
+        let bytes = encode(what, value)?;
+        let _w = self.gate();
+        self.inner
+            .meta
+            .insert(key, bytes)
+            .map_err(|e| Error::sled("writing metadata", e))?;
+        Ok(())
+    }
+
+    pub(crate) fn last_purged(&self) -> Result<Option<LogId<u64>>> {
+        self.meta_get(META_LAST_PURGED, "last purged log id")
+    }
+
+    /// Removes every log entry with an index `>= from`, newest first, in small batches, so that
+    /// a crash half-way leaves a log without holes.
+    pub(crate) fn remove_log_from(&self, from: u64) -> Result<usize> {
+        let mut removed = 0;
+        loop {
+            let keys = self
+                .inner
+                .log
+                .range(u64_key(from)..)
+                .keys()
+                .rev()
+                .take(PURGE_BATCH_KEYS_MAX)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::sled("listing log entries to truncate", e))?;
+            if keys.is_empty() {
+                return Ok(removed);
+            }
+            removed += keys.len();
+            self.remove_keys(&self.inner.log, keys, "truncating the log")?;
+        }
+    }
+
+    /// Removes every log entry with an index `<= upto`, oldest first, in small batches.
+    pub(crate) fn remove_log_upto(&self, upto: u64) -> Result<usize> {
+        let mut removed = 0;
+        loop {
+            let keys = self
+                .inner
+                .log
+                .range(..=u64_key(upto))
+                .keys()
+                .take(PURGE_BATCH_KEYS_MAX)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::sled("listing log entries to purge", e))?;
+            if keys.is_empty() {
+                return Ok(removed);
+            }
+            removed += keys.len();
+            self.remove_keys(&self.inner.log, keys, "purging the log")?;
+        }
+    }
+
+    fn remove_keys(
+        &self,
+        tree: &sled::Tree,
+        keys: Vec<sled::IVec>,
+        context: &'static str,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        let _w = self.gate();
+        tree.apply_batch(batch)
+            .map_err(|e| Error::sled(context, e))
+    }
+
+    /// Replaces the whole payloads tree with `payloads`, in small batches. Not atomic: callers
+    /// guard it with the `payloads_rebuild` marker.
+    pub(crate) fn replace_payloads(&self, payloads: &[(JobId, Vec<u8>)]) -> Result<()> {
+        loop {
+            let keys = self
+                .inner
+                .payloads
+                .iter()
+                .keys()
+                .take(PAYLOAD_BATCH_KEYS_MAX)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::sled("listing payloads", e))?;
+            if keys.is_empty() {
+                break;
+            }
+            self.remove_keys(&self.inner.payloads, keys, "clearing payloads")?;
+        }
+        for chunk in payloads.chunks(PAYLOAD_BATCH_KEYS_MAX) {
+            let mut batch = sled::Batch::default();
+            for (job, payload) in chunk {
+                batch.insert(&u64_key(*job), encode_raw(payload));
+            }
+            let _w = self.gate();
+            self.inner
+                .payloads
+                .apply_batch(batch)
+                .map_err(|e| Error::sled("writing payloads", e))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `payloads` the payloads tree, crash-safely with respect to the snapshot file: the
+    /// marker is durable before the tree is touched and is removed only once the tree is
+    /// durable, so a crash in between makes [`Store::open`] rebuild the tree from whichever
+    /// snapshot file survived.
+    pub(crate) fn begin_payloads_rebuild(&self) -> Result<()> {
+        self.meta_put(META_PAYLOADS_REBUILD, "payloads rebuild marker", &true)?;
+        self.make_durable()
+    }
+
+    pub(crate) fn finish_payloads_rebuild(&self) -> Result<()> {
+        self.make_durable()?;
+        {
+            let _w = self.gate();
+            self.inner
+                .meta
+                .remove(META_PAYLOADS_REBUILD)
+                .map_err(|e| Error::sled("removing the payloads rebuild marker", e))?;
+        }
+        // If this removal is lost in a crash, the next open rebuilds once more: harmless.
+        self.make_durable()
+    }
+
+    /// Persists a snapshot as the current one. With `only_if_newer`, a snapshot older than the
+    /// current one is not written (a build that raced with an install). Returns whether it
+    /// was written. Makes sled durable first, so the payloads tree on disk is never older
+    /// than the snapshot file.
+    pub(crate) fn persist_snapshot(
+        &self,
+        meta: &Meta,
+        data: &[u8],
+        only_if_newer: bool,
+    ) -> Result<bool> {
+        self.make_durable()?;
+        let mut current = self
+            .inner
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if only_if_newer {
+            if let Some(cur) = current.as_ref() {
+                if cur.last_log_id > meta.last_log_id {
+                    tracing::debug!(
+                        current = %cur, built = %meta,
+                        "not persisting a snapshot older than the current one"
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        snapshot::write(&self.inner.snapshot_dir, meta, data)?;
+        *current = Some(meta.clone());
+        Ok(true)
+    }
+
+    /// The current snapshot's metadata and data, read from its file.
+    pub(crate) fn read_snapshot(&self) -> Result<Option<(Meta, Vec<u8>)>> {
+        let _current = self
+            .inner
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        snapshot::read(&self.inner.snapshot_dir)
+    }
+
+    /// Start-up recovery. See [`Store::open`].
+    fn recover(&self) -> Result<()> {
+        // A purge persists `last_purged` before deleting; finish one a crash interrupted.
+        let last_purged = self.last_purged()?;
+        if let Some(purged) = &last_purged {
+            let n = self.remove_log_upto(purged.index)?;
+            if n > 0 {
+                tracing::info!(count = n, upto = purged.index, "finished an interrupted log purge");
+            }
+        }
+        self.trim_torn_log_tail(last_purged.map(|p| p.index + 1))?;
+        if self
+            .meta_get::<bool>(META_PAYLOADS_REBUILD, "payloads rebuild marker")?
+            .is_some()
+        {
+            tracing::warn!("a snapshot install was interrupted; rebuilding payloads from the snapshot");
+            let payloads = match self.read_snapshot()? {
+                Some((_, data)) => snapshot::decode_body(&data)?.payloads,
+                None => Vec::new(),
+            };
+            self.replace_payloads(&payloads)?;
+            self.finish_payloads_rebuild()?;
+        }
+        self.make_durable()
+    }
+
+    /// Removes everything after the first hole in the log. A hole can only come from a write
+    /// that never reached a durability point (sled skips a record whose blob file is missing
+    /// after a crash, but may keep later records), so nothing after it was ever acknowledged.
+    fn trim_torn_log_tail(&self, first_expected: Option<u64>) -> Result<()> {
+        let mut expected = first_expected;
+        let mut hole_at = None;
+        for key in self.inner.log.iter().keys() {
+            let key = key.map_err(|e| Error::sled("scanning the log", e))?;
+            let index = key_u64("log key", &key)?;
+            match expected {
+                Some(e) if e != index => {
+                    hole_at = Some((e, index));
+                    break;
+                }
+                _ => expected = Some(index + 1),
+            }
+        }
+        if let Some((missing, next)) = hole_at {
+            let removed = self.remove_log_from(next)?;
+            tracing::warn!(
+                missing,
+                removed,
+                "the log had a hole after a crash; removed the unacknowledged entries after it"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Durability {
+    /// fsyncs blob files sled wrote since the last scan, then the blobs directory.
+    fn sync_new_blobs(&self) -> Result<()> {
+        let _exclusive = self
+            .write_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut synced = self
+            .synced_blobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut present = HashSet::with_capacity(synced.len());
+        let mut added = false;
+        let entries = fs::read_dir(&self.blobs_dir)
+            .map_err(|e| Error::io("listing sled's blob files", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("listing sled's blob files", e))?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match File::open(entry.path()).and_then(|f| f.sync_all()) {
+                    Ok(()) => added = true,
+                    // sled removes blobs it no longer needs, possibly right now.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io("fsyncing a sled blob file", e)),
+                }
+            }
+            present.insert(name);
+        }
+        *synced = present;
+        if added {
+            snapshot::sync_dir(&self.blobs_dir, "fsyncing sled's blob directory")?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens sled, waiting up to [`OPEN_LOCK_WAIT_MS_MAX`] for a lock a just-dropped store of this
+/// process may still hold.
+fn open_sled(path: &Path) -> Result<sled::Db> {
+    let deadline = Instant::now() + Duration::from_millis(OPEN_LOCK_WAIT_MS_MAX);
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if Instant::now() >= deadline {
+                    return Err(Error::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(OPEN_LOCK_RETRY_MS));
+            }
+            Err(e) => return Err(Error::sled("opening the sled database", e)),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! In-process cluster tests: real nodes (openraft, sled, gRPC on loopback) in one process.
+
+use std::time::{Duration, Instant};
+
+use exactly_proto::v1 as pb;
+use exactly_tests::{ledger_job, wait_for, TestCluster};
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,openraft=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// 10,000 jobs submitted in batches through all three nodes: every job completes, none runs
+/// twice (the ledger counts executions), and all three state machines end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_jobs_run_exactly_once_on_three_nodes() -> anyhow::Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3, |_| {}).await?;
+    const JOBS: usize = 10_000;
+    const BATCH: usize = 250;
+    let mut submitters = Vec::new();
+    for s in 0..(JOBS / BATCH) {
+        let mut client = cluster.jobs_client(s % 3).await?;
+        submitters.push(tokio::spawn(async move {
+            let jobs = (0..BATCH)
+                .map(|i| ledger_job(format!("{s}-{i}").as_bytes()))
+                .collect();
+            client
+                .submit(pb::SubmitRequest { jobs })
+                .await
+                .map(|r| r.into_inner().job_ids)
+        }));
+    }
+    let mut ids = Vec::new();
+    for s in submitters {
+        ids.extend(s.await??);
+    }
+    assert_eq!(ids.len(), JOBS);
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), JOBS, "job ids are unique");
+
+    wait_for(Duration::from_secs(120), || {
+        cluster
+            .nodes
+            .iter()
+            .all(|n| n.node.read(|t| t.counts().succeeded) == JOBS as u64)
+    })
+    .await?;
+
+    let counts = cluster.ledger.counts();
+    assert_eq!(counts.len(), JOBS, "every job executed");
+    let twice: Vec<_> = counts.iter().filter(|(_, &c)| c != 1).collect();
+    assert!(twice.is_empty(), "jobs executed more than once: {twice:?}");
+    for id in &ids {
+        assert!(counts.contains_key(id), "job {id} never executed");
+    }
+    // Executions spread over all three nodes.
+    let mut per_node = std::collections::BTreeMap::new();
+    for e in cluster.ledger.executions() {
+        *per_node.entry(e.node).or_insert(0) += 1;
+    }
+    assert_eq!(per_node.len(), 3, "all nodes executed jobs: {per_node:?}");
+
+    // All replicas converge to the same applied index and identical state.
+    wait_for(Duration::from_secs(10), || {
+        let applied: Vec<_> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.node.raft.metrics().borrow().last_applied)
+            .collect();
+        applied.windows(2).all(|w| w[0] == w[1])
+    })
+    .await?;
+    let tables: Vec<_> = cluster.nodes.iter().map(|n| n.node.read(|t| t.clone())).collect();
+    assert!(tables[0] == tables[1] && tables[1] == tables[2], "state machines differ");
+    tables[0].check_invariants().map_err(anyhow::Error::msg)?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// Bad input is refused at the edge with a precise status and nothing is committed: an unknown
+/// kind gets INVALID_ARGUMENT, an oversize payload RESOURCE_EXHAUSTED, an empty submit
+/// INVALID_ARGUMENT, and Get of a missing job NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_refused_before_anything_is_committed() -> anyhow::Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3, |c| c.limits.payload_bytes_max = 1024).await?;
+    // Let registrations and the leader's blank entry settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log_index = |c: &TestCluster| {
+        c.nodes
+            .iter()
+            .map(|n| n.node.raft.metrics().borrow().last_log_index.unwrap_or(0))
+            .max()
+            .unwrap_or(0)
+    };
+    let before = log_index(&cluster);
+    for i in 0..3 {
+        let mut client = cluster.jobs_client(i).await?;
+        let unknown = pb::JobSpec {
+            kind: "no-such-kind".into(),
+            ..Default::default()
+        };
+        let err = client
+            .submit(pb::SubmitRequest { jobs: vec![ledger_job(b"ok"), unknown] })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("no-such-kind"), "{}", err.message());
+
+        let big = ledger_job(&vec![0u8; 1025]);
+        let err = client.submit(pb::SubmitRequest { jobs: vec![big] }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("payload-bytes-max"), "{}", err.message());
+
+        let err = client.submit(pb::SubmitRequest { jobs: vec![] }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+        let too_many = (0..1001).map(|_| ledger_job(b"")).collect();
+        let err = client.submit(pb::SubmitRequest { jobs: too_many }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+
+        let err = client.get(pb::GetRequest { job_id: 999_999 }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+    }
+    assert_eq!(log_index(&cluster), before, "nothing was appended to the log");
+    for n in &cluster.nodes {
+        assert_eq!(n.node.read(|t| t.jobs().count()), 0);
+    }
+    assert!(cluster.ledger.executions().is_empty());
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// A node that cannot reach a quorum answers a submit with UNAVAILABLE within a bounded time
+/// (the propose timeout plus a margin) instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_quorum_gives_unavailable_in_bounded_time() -> anyhow::Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3, |c| {
+        c.limits.propose_timeout = Duration::from_secs(2);
+    })
+    .await?;
+    // Stop two of three nodes; the survivor has no quorum whether or not it led.
+    let survivor = cluster.nodes.remove(0);
+    for n in cluster.nodes.drain(..) {
+        n.shutdown().await;
+    }
+    let mut client =
+        pb::jobs_client::JobsClient::connect(format!("http://{}", survivor.addr)).await?;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let err = client
+            .submit(pb::SubmitRequest { jobs: vec![ledger_job(b"x")] })
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+    }
+    survivor.shutdown().await;
+    Ok(())
+}
+
+/// A job submitted through a follower is readable through every node, and its record names the
+/// node and fencing token of its single attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_through_any_node_shows_the_attempt() -> anyhow::Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3, |_| {}).await?;
+    let mut client = cluster.jobs_client(2).await?;
+    let id = client
+        .submit(pb::SubmitRequest { jobs: vec![ledger_job(b"hello")] })
+        .await?
+        .into_inner()
+        .job_ids[0];
+    wait_for(Duration::from_secs(10), || {
+        cluster.nodes.iter().all(|n| {
+            n.node
+                .read(|t| t.job(id).is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded))
+        })
+    })
+    .await?;
+    for i in 0..3 {
+        let job = cluster
+            .jobs_client(i)
+            .await?
+            .get(pb::GetRequest { job_id: id })
+            .await?
+            .into_inner()
+            .job
+            .unwrap();
+        assert_eq!(job.state, pb::JobState::Succeeded as i32);
+        assert_eq!(job.attempts.len(), 1);
+        assert!(job.attempts[0].token > 0);
+        assert_eq!(job.attempts[0].outcome, "succeeded");
+    }
+    let runs = cluster.ledger.executions();
+    assert_eq!(runs.len(), 1);
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Fixtures for cluster-level tests: an in-process cluster of real nodes on loopback, and a
+//! ledger handler that counts executions per job so tests can prove each ran exactly once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use exactly_handlers::{Handler, HandlerOutcome, JobContext, Registry};
+use exactly_node::{NodeConfig, RunningNode};
+use exactly_proto::v1 as pb;
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+/// One execution as the ledger saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Execution {
+    pub job: u64,
+    pub token: u64,
+    pub node: u64,
+}
+
+/// Counts executions per job across every node of an in-process cluster.
+#[derive(Default)]
+pub struct Ledger {
+    executions: Mutex<Vec<Execution>>,
+}
+
+impl Ledger {
+    pub fn executions(&self) -> Vec<Execution> {
+        self.executions.lock().unwrap().clone()
+    }
+
+    /// Executions per job id.
+    pub fn counts(&self) -> HashMap<u64, usize> {
+        let mut counts = HashMap::new();
+        for e in self.executions.lock().unwrap().iter() {
+            *counts.entry(e.job).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+/// A handler that records each execution in a [`Ledger`] and succeeds.
+pub struct LedgerHandler(pub Arc<Ledger>);
+
+impl Handler for LedgerHandler {
+    fn run(&self, ctx: JobContext, _cancel: CancellationToken) -> BoxFuture<'static, HandlerOutcome> {
+        self.0.executions.lock().unwrap().push(Execution {
+            job: ctx.job_id,
+            token: ctx.fencing_token,
+            node: ctx.node_id,
+        });
+        Box::pin(async { HandlerOutcome::Succeeded(Vec::new()) })
+    }
+}
+
+/// The kind under which [`LedgerHandler`] is registered.
+pub const LEDGER_KIND: &str = "ledger";
+
+/// A configuration for an in-process test node: loopback, an ephemeral port, fast elections.
+pub fn test_config(dir: &std::path::Path, node_id: u64) -> NodeConfig {
+    let mut c = NodeConfig::default();
+    c.node_id = Some(node_id);
+    c.data_dir = dir.join(format!("node-{node_id}"));
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.raft.heartbeat_interval = Duration::from_millis(50);
+    c.raft.election_timeout_min = Duration::from_millis(300);
+    c.raft.election_timeout_max = Duration::from_millis(600);
+    c.limits.propose_timeout = Duration::from_secs(3);
+    c
+}
+
+/// An in-process cluster of real nodes talking gRPC over loopback.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<RunningNode>,
+    pub ledger: Arc<Ledger>,
+}
+
+impl TestCluster {
+    fn registry(ledger: &Arc<Ledger>) -> Registry {
+        let mut r = Registry::with_builtins();
+        r.register(LEDGER_KIND, Arc::new(LedgerHandler(ledger.clone())));
+        r
+    }
+
+    /// Starts `n` nodes: node 1 bootstraps, the others join through it.
+    pub async fn start(n: u64, tweak: impl Fn(&mut NodeConfig)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ledger = Arc::new(Ledger::default());
+        let mut nodes = Vec::new();
+        let mut first = test_config(dir.path(), 1);
+        first.init = true;
+        tweak(&mut first);
+        let n1 = exactly_node::start(first, Self::registry(&ledger)).await?;
+        let seed = n1.addr.clone();
+        nodes.push(n1);
+        for id in 2..=n {
+            let mut c = test_config(dir.path(), id);
+            c.join = vec![seed.clone()];
+            tweak(&mut c);
+            nodes.push(exactly_node::start(c, Self::registry(&ledger)).await?);
+        }
+        let cluster = Self { dir, nodes, ledger };
+        cluster.wait_members(n as usize).await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every node sees `n` registered nodes in its state machine.
+    pub async fn wait_members(&self, n: usize) -> anyhow::Result<()> {
+        wait_for(Duration::from_secs(30), || {
+            self.nodes.iter().all(|node| node.node.read(|t| t.nodes().len()) == n)
+        })
+        .await
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("http://{}", n.addr)).collect()
+    }
+
+    pub async fn jobs_client(&self, i: usize) -> anyhow::Result<pb::jobs_client::JobsClient<tonic::transport::Channel>> {
+        Ok(pb::jobs_client::JobsClient::connect(format!("http://{}", self.nodes[i].addr)).await?)
+    }
+
+    pub async fn shutdown(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it holds, or fails after `limit`.
+pub async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("condition not met within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A job spec for the ledger handler.
+pub fn ledger_job(payload: &[u8]) -> pb::JobSpec {
+    pb::JobSpec {
+        kind: LEDGER_KIND.to_string(),
+        payload: payload.to_vec(),
+        ..Default::default()
+    }
+}
