@@ -78,8 +78,15 @@ async fn ten_thousand_jobs_run_exactly_once_on_three_nodes() -> anyhow::Result<(
         applied.windows(2).all(|w| w[0] == w[1])
     })
     .await?;
-    let tables: Vec<_> = cluster.nodes.iter().map(|n| n.node.read(|t| t.clone())).collect();
-    assert!(tables[0] == tables[1] && tables[1] == tables[2], "state machines differ");
+    let tables: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.node.read(|t| t.clone()))
+        .collect();
+    assert!(
+        tables[0] == tables[1] && tables[1] == tables[2],
+        "state machines differ"
+    );
     tables[0].check_invariants().map_err(anyhow::Error::msg)?;
     cluster.shutdown().await;
     Ok(())
@@ -109,28 +116,50 @@ async fn bad_input_is_refused_before_anything_is_committed() -> anyhow::Result<(
             ..Default::default()
         };
         let err = client
-            .submit(pb::SubmitRequest { jobs: vec![ledger_job(b"ok"), unknown] })
+            .submit(pb::SubmitRequest {
+                jobs: vec![ledger_job(b"ok"), unknown],
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains("no-such-kind"), "{}", err.message());
 
         let big = ledger_job(&vec![0u8; 1025]);
-        let err = client.submit(pb::SubmitRequest { jobs: vec![big] }).await.unwrap_err();
+        let err = client
+            .submit(pb::SubmitRequest { jobs: vec![big] })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
-        assert!(err.message().contains("payload-bytes-max"), "{}", err.message());
+        assert!(
+            err.message().contains("payload-bytes-max"),
+            "{}",
+            err.message()
+        );
 
-        let err = client.submit(pb::SubmitRequest { jobs: vec![] }).await.unwrap_err();
+        let err = client
+            .submit(pb::SubmitRequest { jobs: vec![] })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
         let too_many = (0..1001).map(|_| ledger_job(b"")).collect();
-        let err = client.submit(pb::SubmitRequest { jobs: too_many }).await.unwrap_err();
+        let err = client
+            .submit(pb::SubmitRequest { jobs: too_many })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
 
-        let err = client.get(pb::GetRequest { job_id: 999_999 }).await.unwrap_err();
+        let err = client
+            .get(pb::GetRequest { job_id: 999_999 })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound);
     }
-    assert_eq!(log_index(&cluster), before, "nothing was appended to the log");
+    assert_eq!(
+        log_index(&cluster),
+        before,
+        "nothing was appended to the log"
+    );
     for n in &cluster.nodes {
         assert_eq!(n.node.read(|t| t.jobs().count()), 0);
     }
@@ -158,7 +187,9 @@ async fn no_quorum_gives_unavailable_in_bounded_time() -> anyhow::Result<()> {
     for _ in 0..2 {
         let started = Instant::now();
         let err = client
-            .submit(pb::SubmitRequest { jobs: vec![ledger_job(b"x")] })
+            .submit(pb::SubmitRequest {
+                jobs: vec![ledger_job(b"x")],
+            })
             .await
             .unwrap_err();
         let took = started.elapsed();
@@ -177,14 +208,18 @@ async fn get_through_any_node_shows_the_attempt() -> anyhow::Result<()> {
     let cluster = TestCluster::start(3, |_| {}).await?;
     let mut client = cluster.jobs_client(2).await?;
     let id = client
-        .submit(pb::SubmitRequest { jobs: vec![ledger_job(b"hello")] })
+        .submit(pb::SubmitRequest {
+            jobs: vec![ledger_job(b"hello")],
+        })
         .await?
         .into_inner()
         .job_ids[0];
     wait_for(Duration::from_secs(10), || {
         cluster.nodes.iter().all(|n| {
-            n.node
-                .read(|t| t.job(id).is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded))
+            n.node.read(|t| {
+                t.job(id)
+                    .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
+            })
         })
     })
     .await?;

@@ -44,7 +44,11 @@ impl Ledger {
 pub struct LedgerHandler(pub Arc<Ledger>);
 
 impl Handler for LedgerHandler {
-    fn run(&self, ctx: JobContext, _cancel: CancellationToken) -> BoxFuture<'static, HandlerOutcome> {
+    fn run(
+        &self,
+        ctx: JobContext,
+        _cancel: CancellationToken,
+    ) -> BoxFuture<'static, HandlerOutcome> {
         self.0.executions.lock().unwrap().push(Execution {
             job: ctx.job_id,
             token: ctx.fencing_token,
@@ -59,10 +63,12 @@ pub const LEDGER_KIND: &str = "ledger";
 
 /// A configuration for an in-process test node: loopback, an ephemeral port, fast elections.
 pub fn test_config(dir: &std::path::Path, node_id: u64) -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.node_id = Some(node_id);
-    c.data_dir = dir.join(format!("node-{node_id}"));
-    c.listen = "127.0.0.1:0".parse().unwrap();
+    let mut c = NodeConfig {
+        node_id: Some(node_id),
+        data_dir: dir.join(format!("node-{node_id}")),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..NodeConfig::default()
+    };
     c.raft.heartbeat_interval = Duration::from_millis(50);
     c.raft.election_timeout_min = Duration::from_millis(300);
     c.raft.election_timeout_max = Duration::from_millis(600);
@@ -109,16 +115,24 @@ impl TestCluster {
     /// Waits until every node sees `n` registered nodes in its state machine.
     pub async fn wait_members(&self, n: usize) -> anyhow::Result<()> {
         wait_for(Duration::from_secs(30), || {
-            self.nodes.iter().all(|node| node.node.read(|t| t.nodes().len()) == n)
+            self.nodes
+                .iter()
+                .all(|node| node.node.read(|t| t.nodes().len()) == n)
         })
         .await
     }
 
     pub fn endpoints(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| format!("http://{}", n.addr)).collect()
+        self.nodes
+            .iter()
+            .map(|n| format!("http://{}", n.addr))
+            .collect()
     }
 
-    pub async fn jobs_client(&self, i: usize) -> anyhow::Result<pb::jobs_client::JobsClient<tonic::transport::Channel>> {
+    pub async fn jobs_client(
+        &self,
+        i: usize,
+    ) -> anyhow::Result<pb::jobs_client::JobsClient<tonic::transport::Channel>> {
         Ok(pb::jobs_client::JobsClient::connect(format!("http://{}", self.nodes[i].addr)).await?)
     }
 

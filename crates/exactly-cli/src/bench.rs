@@ -260,10 +260,11 @@ async fn run_phases(
         let next = match tokio::time::timeout_at(deadline, submits.next()).await {
             Ok(next) => next,
             Err(_) => bail!(
-                "timed out after {} while submitting: {} of {} jobs acknowledged",
+                "timed out after {} while submitting: {} of {} jobs acknowledged{}",
                 humantime::format_duration(args.timeout),
                 ids.len(),
-                args.jobs
+                args.jobs,
+                submit_failure_note(&failures)
             ),
         };
         let Some((size, latency, result)) = next else {
@@ -319,8 +320,9 @@ async fn run_phases(
         if Instant::now() >= deadline {
             bail!(
                 "timed out after {}: {finished} of {acknowledged} acknowledged jobs finished \
-                 (succeeded or failed, per the cluster's job counts)",
-                humantime::format_duration(args.timeout)
+                 (succeeded or failed, per the cluster's job counts){}",
+                humantime::format_duration(args.timeout),
+                submit_failure_note(&failures)
             );
         }
         tokio::time::sleep(Duration::from_millis(STATUS_POLL_INTERVAL_MS)).await;
@@ -363,6 +365,18 @@ async fn run_phases(
         sampled_jobs: sampled.len() as u64,
         failures,
     })
+}
+
+/// The submit failures, for an error message that ends the run early; empty when there were none.
+fn submit_failure_note(f: &Failures) -> String {
+    match &f.first_submit_error {
+        None => String::new(),
+        Some(first) => format!(
+            "; {} submit requests failed ({} jobs not acknowledged, {} with unknown outcome), \
+             the first with: {first}",
+            f.submit_requests, f.submit_jobs, f.submit_unknown_outcome_requests
+        ),
+    }
 }
 
 fn seconds(ms: u64) -> String {
@@ -453,6 +467,24 @@ pub async fn run(client: &Client, args: &BenchArgs, json: bool) -> anyhow::Resul
 mod tests {
     use super::*;
     use exactly_client::JobCounts;
+
+    /// A run cut short names its submit failures, and says nothing when there were none.
+    #[test]
+    fn failure_note_names_submit_errors() {
+        assert_eq!(submit_failure_note(&Failures::default()), "");
+        let f = Failures {
+            submit_requests: 2,
+            submit_jobs: 200,
+            submit_unknown_outcome_requests: 1,
+            first_submit_error: Some("UNAVAILABLE: gone".into()),
+            ..Failures::default()
+        };
+        assert_eq!(
+            submit_failure_note(&f),
+            "; 2 submit requests failed (200 jobs not acknowledged, 1 with unknown outcome), \
+             the first with: UNAVAILABLE: gone"
+        );
+    }
 
     /// Throughput divides by the interval in seconds and is 0 for an empty interval.
     #[test]

@@ -185,8 +185,7 @@ mod tests {
         }
     }
 
-    /// The human view lists node, leader, log indexes, an aligned members table with a leader
-    /// marker, and the job counts.
+    /// The human view lists node, leader, log indexes, members with a leader marker, and counts.
     #[test]
     fn renders_status() {
         assert_eq!(

@@ -237,7 +237,7 @@ mod tests {
         assert_eq!(Failure::from_status(&status).class, Class::MaybeApplied);
     }
 
-    /// UNAVAILABLE sent by the server (no source) means it did not propose: retried even for Submit.
+    /// A server-sent UNAVAILABLE (no source) means "not proposed": retried even for Submit.
     #[test]
     fn server_unavailable_is_not_applied() {
         let failure = Failure::from_status(&Status::unavailable("no leader"));
@@ -245,8 +245,7 @@ mod tests {
         assert_eq!(decide(failure.class, CallKind::Write), Decision::Retry);
     }
 
-    /// UNAVAILABLE made by the client from a local cause (here a wrapped status, as tonic builds
-    /// it from a failed keep-alive) is no proof: Submit reports an unknown outcome, reads retry.
+    /// A client-made UNAVAILABLE (e.g. failed keep-alive) is no proof: Submit is unknown, reads retry.
     #[test]
     fn client_side_unavailable_is_maybe_applied() {
         let status = Status::from_error(Box::new(Wrapper(Status::unavailable(

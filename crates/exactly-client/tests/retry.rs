@@ -207,8 +207,7 @@ async fn server_deadline_is_unknown_for_submit_but_retried_for_reads() {
     assert_eq!(b.calls.load(Ordering::SeqCst), 1);
 }
 
-/// A connection that breaks after the request was sent makes a Submit's outcome unknown; a Status
-/// call on the same endpoints moves on to a live node.
+/// A connection dropped after sending makes Submit's outcome unknown; Status moves to a live node.
 #[tokio::test]
 async fn broken_connection_is_unknown_for_submit_but_retried_for_reads() {
     let dropper = connection_dropper().await;
@@ -220,7 +219,7 @@ async fn broken_connection_is_unknown_for_submit_but_retried_for_reads() {
     assert_eq!(client.status().await.unwrap().node_id, 2);
 }
 
-/// A Submit that outlives the call timeout is reported as DEADLINE_EXCEEDED with an unknown outcome.
+/// A Submit outliving the call timeout is DEADLINE_EXCEEDED with an unknown outcome.
 #[tokio::test]
 async fn slow_submit_is_unknown_outcome() {
     let (slow, _) = fake(1, Behavior::Sleep(Duration::from_secs(5))).await;

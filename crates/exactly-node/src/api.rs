@@ -68,7 +68,8 @@ fn new_job(node: &Node, index: usize, spec: pb::JobSpec) -> Result<NewJob, Statu
         timeout_ms: spec.timeout_ms,
         run_at_ms: spec.run_at_ms,
     };
-    validate_new_job(&job).map_err(|why| Status::invalid_argument(format!("jobs[{index}]: {why}")))?;
+    validate_new_job(&job)
+        .map_err(|why| Status::invalid_argument(format!("jobs[{index}]: {why}")))?;
     Ok(job)
 }
 
@@ -103,7 +104,11 @@ pub fn job_to_pb(job: &Job) -> pb::Job {
                     None => ("", String::new()),
                     Some(AttemptEnd::Succeeded) => ("succeeded", String::new()),
                     Some(AttemptEnd::Failed { error, retryable }) => (
-                        if *retryable { "failed-retryable" } else { "failed" },
+                        if *retryable {
+                            "failed-retryable"
+                        } else {
+                            "failed"
+                        },
                         error.clone(),
                     ),
                     Some(AttemptEnd::Abandoned { reason }) => ("abandoned", reason.clone()),
@@ -168,7 +173,10 @@ impl Jobs for JobsService {
         }
     }
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let id = request.into_inner().job_id;
         if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
             return Ok(Response::new(pb::GetResponse { job: Some(job) }));
@@ -200,8 +208,10 @@ impl Cluster for ClusterService {
         let replication = metrics.replication.clone().unwrap_or_default();
         let (counts, registered, running) = node.read(|t| {
             let registered = t.nodes().clone();
-            let running: std::collections::BTreeMap<u64, usize> =
-                registered.keys().map(|&id| (id, t.running_on(id))).collect();
+            let running: std::collections::BTreeMap<u64, usize> = registered
+                .keys()
+                .map(|&id| (id, t.running_on(id)))
+                .collect();
             (t.counts().clone(), registered, running)
         });
         let members = membership
@@ -211,7 +221,12 @@ impl Cluster for ClusterService {
                 pb::Member {
                     node_id: id,
                     addr: n.addr.clone(),
-                    role: if voters.contains(&id) { "voter" } else { "learner" }.to_string(),
+                    role: if voters.contains(&id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                    .to_string(),
                     leader: metrics.current_leader == Some(id),
                     matched_index: replication
                         .get(&id)

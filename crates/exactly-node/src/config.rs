@@ -192,10 +192,18 @@ impl NodeConfig {
             return Err(invalid("node-id", 0, "node ids start at 1"));
         }
         if !(1..=NODE_SLOTS_MAX).contains(&self.slots) {
-            return Err(invalid("slots", self.slots, format!("must be 1..={NODE_SLOTS_MAX}")));
+            return Err(invalid(
+                "slots",
+                self.slots,
+                format!("must be 1..={NODE_SLOTS_MAX}"),
+            ));
         }
         if !(1..=7).contains(&self.voters_target) {
-            return Err(invalid("voters-target", self.voters_target, "must be 1..=7 (use 3 or 5)"));
+            return Err(invalid(
+                "voters-target",
+                self.voters_target,
+                "must be 1..=7 (use 3 or 5)",
+            ));
         }
         let l = &self.limits;
         if l.payload_bytes_max == 0 || l.payload_bytes_max > PAYLOAD_BYTES_CEILING {
@@ -209,7 +217,11 @@ impl NodeConfig {
             return Err(invalid("limits.jobs-live-max", 0, "must be at least 1"));
         }
         if l.propose_timeout < Duration::from_millis(100) {
-            return Err(invalid("limits.propose-timeout", l.propose_timeout, "must be at least 100ms"));
+            return Err(invalid(
+                "limits.propose-timeout",
+                l.propose_timeout,
+                "must be at least 100ms",
+            ));
         }
         let d = &self.defaults;
         if !(1..=MAX_ATTEMPTS_MAX).contains(&d.max_attempts) {
@@ -227,7 +239,11 @@ impl NodeConfig {
         }
         let r = &self.raft;
         if r.heartbeat_interval.is_zero() {
-            return Err(invalid("raft.heartbeat-interval", r.heartbeat_interval, "must be positive"));
+            return Err(invalid(
+                "raft.heartbeat-interval",
+                r.heartbeat_interval,
+                "must be positive",
+            ));
         }
         // A follower must hear several heartbeats before it may start an election, or a single
         // delayed heartbeat deposes a healthy leader.
@@ -246,7 +262,11 @@ impl NodeConfig {
             ));
         }
         if r.snapshot_after_entries == 0 {
-            return Err(invalid("raft.snapshot-after-entries", 0, "must be at least 1"));
+            return Err(invalid(
+                "raft.snapshot-after-entries",
+                0,
+                "must be at least 1",
+            ));
         }
         for kind in self.exec.keys() {
             if matches!(kind.as_str(), "noop" | "sleep" | "fail") {
@@ -291,7 +311,10 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen >= 3, "expected the local 3-node examples, found {seen}");
+        assert!(
+            seen >= 3,
+            "expected the local 3-node examples, found {seen}"
+        );
     }
 
     /// A bad value is refused with the key and the value in the message.
@@ -299,12 +322,28 @@ mod tests {
     fn validation_names_key_and_value() {
         let cases = [
             ("slots = 0", "`slots`", "0"),
-            ("[limits]\npayload-bytes-max = 999999999", "`limits.payload-bytes-max`", "999999999"),
-            ("[raft]\nelection-timeout-min = \"100ms\"", "`raft.election-timeout-min`", "100ms"),
-            ("[defaults]\nmax-attempts = 1000", "`defaults.max-attempts`", "1000"),
+            (
+                "[limits]\npayload-bytes-max = 999999999",
+                "`limits.payload-bytes-max`",
+                "999999999",
+            ),
+            (
+                "[raft]\nelection-timeout-min = \"100ms\"",
+                "`raft.election-timeout-min`",
+                "100ms",
+            ),
+            (
+                "[defaults]\nmax-attempts = 1000",
+                "`defaults.max-attempts`",
+                "1000",
+            ),
         ];
         for (text, key, value) in cases {
-            let err = NodeConfig::from_toml(text).unwrap().validate().unwrap_err().to_string();
+            let err = NodeConfig::from_toml(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key) && err.contains(value), "{text}: {err}");
         }
     }

@@ -29,7 +29,9 @@ fn blob<T: serde::Serialize>(value: &T) -> Response<Blob> {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum JoinReply {
     /// Added (or already present); `voter` says whether it was promoted.
-    Joined { voter: bool },
+    Joined {
+        voter: bool,
+    },
     NotLeader,
     Failed(String),
 }
@@ -72,7 +74,9 @@ impl Internal for InternalService {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         };
-        Ok(blob(&self.node.raft.install_full_snapshot(vote, snapshot).await))
+        Ok(blob(
+            &self.node.raft.install_full_snapshot(vote, snapshot).await,
+        ))
     }
 
     async fn forward(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
@@ -91,12 +95,16 @@ impl Internal for InternalService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<Blob>, Status> {
         let JoinRequest { node_id, addr } = request.into_inner();
         if node_id == 0 || addr.is_empty() {
-            return Err(Status::invalid_argument("join needs a node id and an address"));
+            return Err(Status::invalid_argument(
+                "join needs a node id and an address",
+            ));
         }
         if !self.node.is_leader() {
             // Tell the caller who leads so it can ask there.
             let leader = self.node.leader().map(|(_, a)| a).unwrap_or_default();
-            return Err(Status::failed_precondition(format!("not the leader; leader: {leader}")));
+            return Err(Status::failed_precondition(format!(
+                "not the leader; leader: {leader}"
+            )));
         }
         Ok(blob(&admit(&self.node, node_id, addr).await))
     }
@@ -106,7 +114,12 @@ impl Internal for InternalService {
 /// the cluster has fewer voters than `voters-target`.
 async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
     let raft = &node.raft;
-    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let membership = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
     let known = membership.get_node(&id).is_some();
     if !known {
         let learner = BasicNode { addr };
@@ -119,7 +132,12 @@ async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
             };
         }
     }
-    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let membership = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     if voters.contains(&id) {
         return JoinReply::Joined { voter: true };

@@ -77,6 +77,8 @@ fn unreachable_err<E: std::error::Error>(e: impl std::fmt::Display) -> RPCError<
 }
 
 impl Connection {
+    // openraft's error type is what the trait returns; boxing it here would only unbox it again.
+    #[allow(clippy::result_large_err)]
     fn client<E: std::error::Error>(
         &self,
     ) -> Result<InternalClient<Channel>, RPCError<u64, BasicNode, E>> {
@@ -103,12 +105,14 @@ impl Connection {
             data: codec::encode(req),
         });
         request.set_timeout(option.hard_ttl());
-        let reply = send(client, request).await.map_err(|status| match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                unreachable_err(status.message())
-            }
-            _ => RPCError::Network(NetworkError::new(&status)),
-        })?;
+        let reply = send(client, request)
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => unreachable_err(status.message()),
+                _ => RPCError::Network(NetworkError::new(&status)),
+            })?;
         let decoded: Result<T, RaftError<u64, E>> = codec::decode(&reply.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -144,7 +148,8 @@ impl RaftNetwork<TypeConfig> for Connection {
         req: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RpcErr> {
-        self.call(&req, &option, async |mut c, r| c.vote(r).await).await
+        self.call(&req, &option, async |mut c, r| c.vote(r).await)
+            .await
     }
 
     async fn full_snapshot(
@@ -154,10 +159,9 @@ impl RaftNetwork<TypeConfig> for Connection {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
-        let mut client = self
-            .client
-            .clone()
-            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
+        let mut client = self.client.clone().map_err(|e| {
+            StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(e)))
+        })?;
         let header = codec::encode(&(vote, snapshot.meta.clone()));
         let data = snapshot.snapshot.into_inner();
         let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK_BYTES + 1);

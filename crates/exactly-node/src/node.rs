@@ -9,12 +9,12 @@ use exactly_core::{Command, JobTable, Request, Response};
 use exactly_handlers::Registry;
 use exactly_proto::internal::internal_client::InternalClient;
 use exactly_proto::internal::Blob;
-use tonic::transport::Channel;
 use exactly_store::{Raft, StateMachine, Store, TypeConfig};
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 use crate::codec;
 use crate::config::NodeConfig;
@@ -32,7 +32,9 @@ pub enum ProposeError {
     #[error("no leader reachable within {0:?}: the cluster has no quorum or is electing")]
     NoLeader(Duration),
     /// A leader took the command but did not commit it before the deadline. It may still commit.
-    #[error("not committed within {0:?} (no quorum?); the outcome is unknown and it may still commit")]
+    #[error(
+        "not committed within {0:?} (no quorum?); the outcome is unknown and it may still commit"
+    )]
     Timeout(Duration),
     /// The node is shutting down or its Raft core stopped.
     #[error("node is shutting down: {0}")]
@@ -115,7 +117,9 @@ impl Node {
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 ForwardReply::Failed(ProposeError::ShuttingDown(e.to_string()))
             }
-            Err(RaftError::Fatal(e)) => ForwardReply::Failed(ProposeError::ShuttingDown(e.to_string())),
+            Err(RaftError::Fatal(e)) => {
+                ForwardReply::Failed(ProposeError::ShuttingDown(e.to_string()))
+            }
         }
     }
 
@@ -132,7 +136,8 @@ impl Node {
             }
             match self.leader() {
                 Some((leader, _)) if leader == self.id => {
-                    match tokio::time::timeout_at(deadline, self.write_local(command.clone())).await {
+                    match tokio::time::timeout_at(deadline, self.write_local(command.clone())).await
+                    {
                         Ok(ForwardReply::Committed(r)) => return Ok(r),
                         Ok(ForwardReply::NotLeader) => {}
                         Ok(ForwardReply::Failed(e)) => return Err(e),
@@ -140,7 +145,9 @@ impl Node {
                     }
                 }
                 Some((_, addr)) => {
-                    let data = encoded.get_or_insert_with(|| codec::encode(&command)).clone();
+                    let data = encoded
+                        .get_or_insert_with(|| codec::encode(&command))
+                        .clone();
                     match self.forward(&addr, data, deadline).await {
                         Ok(ForwardReply::Committed(r)) => return Ok(r),
                         Ok(ForwardReply::NotLeader) => {}
@@ -174,7 +181,9 @@ impl Node {
         let remaining = deadline.saturating_duration_since(Instant::now());
         request.set_timeout(remaining);
         match tokio::time::timeout_at(deadline, client.forward(request)).await {
-            Ok(Ok(reply)) => codec::decode(&reply.into_inner().data).map_err(|e| Some(e.to_string())),
+            Ok(Ok(reply)) => {
+                codec::decode(&reply.into_inner().data).map_err(|e| Some(e.to_string()))
+            }
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                 Err(Some(status.message().to_string()))
             }

@@ -65,7 +65,13 @@ impl RunningNode {
     pub async fn shutdown(self) {
         self.node.shutdown.cancel();
         let _ = self.executor.send_message(ExecutorMsg::CancelAll);
-        if let Some(s) = self.hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(s) = self
+            .hooks
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             s.stop(None);
         }
         let _ = self.node.raft.shutdown().await;
@@ -79,10 +85,18 @@ impl RunningNode {
 /// Starts a node from a validated configuration and a handler registry.
 pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode, StartError> {
     let store = Store::open(&config.data_dir)?;
-    let id = store.node_id_or_init(|| config.node_id.unwrap_or_else(|| rand::random::<u64>() >> 1 | 1))?;
+    let id = store.node_id_or_init(|| {
+        config
+            .node_id
+            .unwrap_or_else(|| rand::random::<u64>() >> 1 | 1)
+    })?;
     if let Some(configured) = config.node_id {
         if configured != id {
-            tracing::warn!(configured, stored = id, "data directory belongs to another node id; using the stored one");
+            tracing::warn!(
+                configured,
+                stored = id,
+                "data directory belongs to another node id; using the stored one"
+            );
         }
     }
     let incarnation = store.next_incarnation()?;
@@ -103,7 +117,10 @@ pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode
         addr: config.listen,
         source,
     })?;
-    let addr = config.advertise.clone().unwrap_or_else(|| local.to_string());
+    let addr = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local.to_string());
     let node = Node(Arc::new(NodeInner {
         id,
         incarnation,
@@ -126,10 +143,11 @@ pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode
     .map_err(|e| StartError::Actor(e.to_string()))?;
     let _ = hooks.executor.set(executor.clone());
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve(node.clone(), listener)?));
-    tasks.push(tokio::spawn(watch_leadership(node.clone(), hooks.clone())));
-    tasks.push(tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())));
+    let tasks = vec![
+        tokio::spawn(serve(node.clone(), listener)?),
+        tokio::spawn(watch_leadership(node.clone(), hooks.clone())),
+        tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
+    ];
 
     Ok(RunningNode {
         node,
@@ -199,10 +217,17 @@ async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
             let m = metrics.borrow_and_update();
             m.current_leader == Some(node.id) && m.state == openraft::ServerState::Leader
         };
-        let running = hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let running = hooks
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
         if leading && !running {
             generation += 1;
-            let name = format!("exactly-{}-{}-scheduler-{generation}", node.id, node.incarnation);
+            let name = format!(
+                "exactly-{}-{}-scheduler-{generation}",
+                node.id, node.incarnation
+            );
             match Actor::spawn(Some(name), Scheduler, (node.clone(), hooks.clone())).await {
                 Ok((actor, _)) => {
                     tracing::info!(node = node.id, "became leader; scheduler started");
@@ -211,7 +236,12 @@ async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
                 Err(e) => tracing::error!(error = %e, "cannot start scheduler"),
             }
         } else if !leading && running {
-            if let Some(actor) = hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(actor) = hooks
+                .scheduler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
                 actor.stop(None);
                 tracing::info!(node = node.id, "no longer leader; scheduler stopped");
             }
@@ -248,7 +278,12 @@ async fn bootstrap_and_register(node: Node, addr: String) {
         };
         match node.propose(Command::RegisterNode(registration)).await {
             Ok(Response::NodeRegistered(Ok(requeued))) => {
-                tracing::info!(node = node.id, incarnation = node.incarnation, requeued, "registered");
+                tracing::info!(
+                    node = node.id,
+                    incarnation = node.incarnation,
+                    requeued,
+                    "registered"
+                );
                 return;
             }
             Ok(other) => {
@@ -303,4 +338,3 @@ async fn join(node: &Node, addr: &str) {
         tokio::time::sleep(RETRY_PAUSE).await;
     }
 }
-

@@ -131,8 +131,13 @@ impl Cluster {
     }
 
     async fn status(&self, i: usize) -> Option<pb::StatusResponse> {
-        let mut c = pb::cluster_client::ClusterClient::connect(self.endpoint(i)).await.ok()?;
-        c.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
+        let mut c = pb::cluster_client::ClusterClient::connect(self.endpoint(i))
+            .await
+            .ok()?;
+        c.status(pb::StatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
     }
 
     /// Waits until some node reports a leader and `n` registered members.
@@ -153,7 +158,10 @@ impl Cluster {
                     .iter()
                     .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
                     .collect();
-                panic!("cluster not ready within {limit:?}; logs:\n{}", logs.join("\n----\n"));
+                panic!(
+                    "cluster not ready within {limit:?}; logs:\n{}",
+                    logs.join("\n----\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -163,12 +171,21 @@ impl Cluster {
         self.procs.iter().position(|p| p.id == node_id).unwrap()
     }
 
-    async fn get(&self, id: u64) -> Option<pb::Job> {
+    /// Connected clients to every node (for many reads).
+    async fn clients(&self) -> Vec<Jobs> {
+        let mut clients = Vec::new();
         for i in 0..self.procs.len() {
-            if let Ok(mut c) = Jobs::connect(self.endpoint(i)).await {
-                if let Ok(r) = c.get(pb::GetRequest { job_id: id }).await {
-                    return r.into_inner().job;
-                }
+            if let Ok(c) = Jobs::connect(self.endpoint(i)).await {
+                clients.push(c);
+            }
+        }
+        clients
+    }
+
+    async fn get(clients: &mut [Jobs], id: u64) -> Option<pb::Job> {
+        for c in clients.iter_mut() {
+            if let Ok(r) = c.get(pb::GetRequest { job_id: id }).await {
+                return r.into_inner().job;
             }
         }
         None
@@ -227,13 +244,27 @@ async fn check_exactly_once(cluster: &Cluster, acked: &[u64]) {
     let mut tokens = BTreeSet::new();
     for (job, token, _node) in &runs {
         by_job.entry(*job).or_default().push(*token);
-        assert!(tokens.insert((*job, *token)), "job {job} token {token} executed twice");
+        assert!(
+            tokens.insert((*job, *token)),
+            "job {job} token {token} executed twice"
+        );
     }
     let mut reruns = 0;
+    let mut clients = cluster.clients().await;
     for &id in acked {
-        let job = cluster.get(id).await.unwrap_or_else(|| panic!("acknowledged job {id} lost"));
-        assert_eq!(job.state, pb::JobState::Succeeded as i32, "job {id}: {job:?}");
-        let succeeded: Vec<_> = job.attempts.iter().filter(|a| a.outcome == "succeeded").collect();
+        let job = Cluster::get(&mut clients, id)
+            .await
+            .unwrap_or_else(|| panic!("acknowledged job {id} lost"));
+        assert_eq!(
+            job.state,
+            pb::JobState::Succeeded as i32,
+            "job {id}: {job:?}"
+        );
+        let succeeded: Vec<_> = job
+            .attempts
+            .iter()
+            .filter(|a| a.outcome == "succeeded")
+            .collect();
         assert_eq!(succeeded.len(), 1, "job {id} completed once: {job:?}");
         let executed = by_job.get(&id).cloned().unwrap_or_default();
         assert!(
@@ -243,7 +274,10 @@ async fn check_exactly_once(cluster: &Cluster, acked: &[u64]) {
         );
         let attempt_tokens: BTreeSet<u64> = job.attempts.iter().map(|a| a.token).collect();
         for t in &executed {
-            assert!(attempt_tokens.contains(t), "job {id}: execution with unknown token {t}");
+            assert!(
+                attempt_tokens.contains(t),
+                "job {id}: execution with unknown token {t}"
+            );
         }
         reruns += executed.len() - 1;
     }
@@ -276,7 +310,11 @@ async fn leader_sigkill_and_restart_loses_nothing_and_runs_once() {
     }
     stop.cancel();
     let acked = stream.await.unwrap();
-    assert!(acked.len() > 100, "too few jobs acknowledged: {}", acked.len());
+    assert!(
+        acked.len() > 100,
+        "too few jobs acknowledged: {}",
+        acked.len()
+    );
 
     // Every acknowledged job completes, and every node catches up to the same applied index.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -287,7 +325,7 @@ async fn leader_sigkill_and_restart_loses_nothing_and_runs_once() {
         }
         let done = statuses.iter().all(|s| {
             s.as_ref().is_some_and(|s| {
-                let c = s.counts.clone().unwrap_or_default();
+                let c = s.counts.unwrap_or_default();
                 c.pending == 0 && c.running == 0 && c.succeeded >= acked.len() as u64
             })
         });
@@ -295,7 +333,10 @@ async fn leader_sigkill_and_restart_loses_nothing_and_runs_once() {
         if done && applied.len() == 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "not all jobs completed: {statuses:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not all jobs completed: {statuses:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     check_exactly_once(&cluster, &acked).await;
@@ -323,22 +364,30 @@ async fn sigkill_of_every_node_during_writes_loses_no_acknowledged_job() {
     }
     cluster.wait_ready(3, Duration::from_secs(30)).await;
     let mut missing = BTreeMap::new();
+    let mut clients = cluster.clients().await;
     for &id in &acked {
-        if cluster.get(id).await.is_none() {
+        if Cluster::get(&mut clients, id).await.is_none() {
             missing.insert(id, ());
         }
     }
-    assert!(missing.is_empty(), "acknowledged jobs lost after SIGKILL: {:?}", missing.keys());
+    assert!(
+        missing.is_empty(),
+        "acknowledged jobs lost after SIGKILL: {:?}",
+        missing.keys()
+    );
     // And they all still complete exactly once.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = cluster.status(0).await;
-        if let Some(c) = s.as_ref().and_then(|s| s.counts.clone()) {
+        if let Some(c) = s.as_ref().and_then(|s| s.counts) {
             if c.pending == 0 && c.running == 0 && c.succeeded >= acked.len() as u64 {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "jobs did not complete after restart: {s:?}");
+        assert!(
+            Instant::now() < deadline,
+            "jobs did not complete after restart: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     check_exactly_once(&cluster, &acked).await;

@@ -84,7 +84,11 @@ impl Error {
 
     /// Converts into openraft's storage error. openraft stops the Raft node on any storage
     /// error, which is right for the fatal kinds and acceptable for I/O (the node restarts).
-    pub(crate) fn into_raft(self, subject: ErrorSubject<u64>, verb: ErrorVerb) -> StorageError<u64> {
+    pub(crate) fn into_raft(
+        self,
+        subject: ErrorSubject<u64>,
+        verb: ErrorVerb,
+    ) -> StorageError<u64> {
         StorageIOError::new(subject, verb, &self).into()
     }
 }

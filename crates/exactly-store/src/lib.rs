@@ -4,6 +4,17 @@
 //! **Boundary:** this crate knows openraft, sled and exactly-core, and nothing about tonic,
 //! ractor or handlers. Effects of apply that concern the node (attempt starts) leave through
 //! the [`ApplyObserver`] the node passes in.
+//!
+//! - [`Store`] (`store.rs`): the data directory, sled's trees, the durability point (a real
+//!   fsync, not sled's `sync_file_range`), start-up recovery, node id and incarnation. Its
+//!   module documentation states exactly what survives a crash or a power loss.
+//! - [`LogStore`] (`log_store.rs`): openraft's `RaftLogStorage` (log entries and vote).
+//! - [`StateMachine`] (`state_machine.rs`): openraft's `RaftStateMachine`: the
+//!   [`exactly_core::JobTable`] in memory, payloads in sled, snapshots.
+//! - `snapshot.rs`: the snapshot data and file formats; `codec.rs`: versioned value encoding.
+//!
+//! **Invariant:** `save_vote` returns, and `append` calls its flushed-callback, only after the
+//! vote or entries are fsynced (invariant 1 of the design).
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -40,9 +51,14 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub trait ApplyObserver: Send + Sync + 'static {
     /// An attempt was started by an applied Assign. Called on every replica for every node's
     /// attempts, and again for the same entries when apply re-runs after a restart: the
-    /// implementation filters by node id and incarnation.
+    /// implementation filters by node id and incarnation. Called after the entry's payload
+    /// writes, so [`Store::payload`] finds the job's payload. Attempts that a later entry of
+    /// the same apply call already ended or replaced are not reported. Attempts inside a
+    /// snapshot (loaded at open or installed from the leader) are never reported: after
+    /// [`ApplyObserver::on_applied`] the node can reconcile from [`StateMachine::read`].
     fn on_start(&self, start: StartAttempt);
-    /// Entries up to `index` were applied (wakes the scheduler and watchers).
+    /// Entries up to `index` were applied, or a snapshot up to `index` was installed (wakes
+    /// the scheduler and watchers).
     fn on_applied(&self, index: u64);
 }
 

@@ -30,7 +30,7 @@ pub const LOG_READ_BYTES_MAX: usize = 8 * 1024 * 1024;
 type StorageResult<T> = std::result::Result<T, StorageError<u64>>;
 
 /// The Raft log and vote of one node. Cheap to clone; every clone is the same log.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct LogStore {
     store: Store,
 }

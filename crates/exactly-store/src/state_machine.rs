@@ -42,6 +42,15 @@ pub struct StateMachine {
     observer: Observer,
 }
 
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("store", &self.store)
+            .field("last_applied", &self.last_applied())
+            .finish()
+    }
+}
+
 impl StateMachine {
     /// Loads the persisted snapshot, if any (see [`Store::state_machine`]).
     pub(crate) fn load(store: Store, observer: Observer) -> Result<Self> {
@@ -309,7 +318,10 @@ fn snapshot_id(last: Option<LogId<u64>>) -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
     match last {
-        Some(l) => format!("{}-{}-{}-{micros}", l.leader_id.term, l.leader_id.node_id, l.index),
+        Some(l) => format!(
+            "{}-{}-{}-{micros}",
+            l.leader_id.term, l.leader_id.node_id, l.index
+        ),
         None => format!("none-{micros}"),
     }
 }

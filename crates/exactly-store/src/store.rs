@@ -89,6 +89,7 @@ pub struct Store {
 }
 
 pub(crate) struct Inner {
+    dir: PathBuf,
     pub(crate) db: sled::Db,
     pub(crate) log: sled::Tree,
     pub(crate) meta: sled::Tree,
@@ -113,6 +114,14 @@ struct Durability {
     synced_blobs: Mutex<HashSet<OsString>>,
     /// Set by the first failed durability point.
     lost: OnceLock<String>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
 }
 
 impl Store {
@@ -149,6 +158,7 @@ impl Store {
         let current_snapshot = snapshot::read(&snapshot_dir)?.map(|(meta, _)| meta);
         let store = Store {
             inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
                 db,
                 log,
                 meta,
@@ -239,11 +249,7 @@ impl Store {
             let swapped = self
                 .inner
                 .meta
-                .compare_and_swap(
-                    META_INCARNATION,
-                    old,
-                    Some(encode("incarnation", &next)?),
-                )
+                .compare_and_swap(META_INCARNATION, old, Some(encode("incarnation", &next)?))
                 .map_err(|e| Error::sled("persisting the incarnation", e))?;
             if swapped.is_ok() {
                 break next;
@@ -251,6 +257,11 @@ impl Store {
         };
         self.make_durable()?;
         Ok(next)
+    }
+
+    /// The data directory this store was opened on.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
     }
 
     /// Bytes this store occupies on disk: sled's files (including blobs) and the snapshot file.
@@ -385,8 +396,7 @@ impl Store {
             batch.remove(k);
         }
         let _w = self.gate();
-        tree.apply_batch(batch)
-            .map_err(|e| Error::sled(context, e))
+        tree.apply_batch(batch).map_err(|e| Error::sled(context, e))
     }
 
     /// Replaces the whole payloads tree with `payloads`, in small batches. Not atomic: callers
@@ -491,7 +501,11 @@ impl Store {
         if let Some(purged) = &last_purged {
             let n = self.remove_log_upto(purged.index)?;
             if n > 0 {
-                tracing::info!(count = n, upto = purged.index, "finished an interrupted log purge");
+                tracing::info!(
+                    count = n,
+                    upto = purged.index,
+                    "finished an interrupted log purge"
+                );
             }
         }
         self.trim_torn_log_tail(last_purged.map(|p| p.index + 1))?;
@@ -499,7 +513,9 @@ impl Store {
             .meta_get::<bool>(META_PAYLOADS_REBUILD, "payloads rebuild marker")?
             .is_some()
         {
-            tracing::warn!("a snapshot install was interrupted; rebuilding payloads from the snapshot");
+            tracing::warn!(
+                "a snapshot install was interrupted; rebuilding payloads from the snapshot"
+            );
             let payloads = match self.read_snapshot()? {
                 Some((_, data)) => snapshot::decode_body(&data)?.payloads,
                 None => Vec::new(),
@@ -552,8 +568,8 @@ impl Durability {
             .unwrap_or_else(PoisonError::into_inner);
         let mut present = HashSet::with_capacity(synced.len());
         let mut added = false;
-        let entries = fs::read_dir(&self.blobs_dir)
-            .map_err(|e| Error::io("listing sled's blob files", e))?;
+        let entries =
+            fs::read_dir(&self.blobs_dir).map_err(|e| Error::io("listing sled's blob files", e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("listing sled's blob files", e))?;
             let name = entry.file_name();
@@ -597,5 +613,145 @@ fn open_sled(path: &Path) -> Result<sled::Db> {
             }
             Err(e) => return Err(Error::sled("opening the sled database", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use exactly_core::JobTable;
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+    use crate::TypeConfig;
+
+    fn put_entries(store: &Store, indexes: impl IntoIterator<Item = u64>) {
+        for index in indexes {
+            let entry = blank_ent::<TypeConfig>(1, 1, index);
+            let bytes = encode("log entry", &entry).unwrap();
+            store.inner.log.insert(u64_key(index), bytes).unwrap();
+        }
+        store.make_durable().unwrap();
+    }
+
+    fn log_indexes(store: &Store) -> Vec<u64> {
+        store
+            .inner
+            .log
+            .iter()
+            .keys()
+            .map(|k| key_u64("log key", &k.unwrap()).unwrap())
+            .collect()
+    }
+
+    /// A purge that recorded `last_purged` but crashed before deleting is finished on reopen.
+    #[test]
+    fn interrupted_purge_is_finished_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            put_entries(&store, 1..=10);
+            store
+                .meta_put(META_LAST_PURGED, "last purged log id", &log_id(1, 1, 4))
+                .unwrap();
+            store.make_durable().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(log_indexes(&store), (5..=10).collect::<Vec<_>>());
+    }
+
+    /// A hole in the log (a write lost in a crash while later ones survived) is cut off with
+    /// everything after it on reopen.
+    #[test]
+    fn log_after_a_hole_is_trimmed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            put_entries(&store, (1..=10).filter(|&i| i != 6));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(log_indexes(&store), vec![1, 2, 3, 4, 5]);
+    }
+
+    /// A hole right after the last purged index removes every remaining entry on reopen.
+    #[test]
+    fn hole_after_the_purge_point_is_trimmed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .meta_put(META_LAST_PURGED, "last purged log id", &log_id(1, 1, 3))
+                .unwrap();
+            put_entries(&store, 5..=8);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(log_indexes(&store).is_empty());
+    }
+
+    /// A snapshot install interrupted while replacing payloads (marker still present) makes
+    /// reopening rebuild the payloads tree from the snapshot file.
+    #[test]
+    fn interrupted_install_rebuilds_payloads_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let data = snapshot::encode_body(&JobTable::new(), &[(2, b"two".to_vec())]).unwrap();
+            let meta = Meta {
+                last_log_id: Some(log_id(1, 1, 9)),
+                last_membership: Default::default(),
+                snapshot_id: "s".to_string(),
+            };
+            store.begin_payloads_rebuild().unwrap();
+            store.persist_snapshot(&meta, &data, false).unwrap();
+            store.replace_payloads(&[(9, b"stale".to_vec())]).unwrap();
+            store.make_durable().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.payload(2).unwrap(), Some(b"two".to_vec()));
+        assert_eq!(store.payload(9).unwrap(), None);
+        assert!(store
+            .meta_get::<bool>(META_PAYLOADS_REBUILD, "marker")
+            .unwrap()
+            .is_none());
+    }
+
+    /// A value large enough for sled to write as a separate blob file gets that file fsynced
+    /// by the next durability point (sled itself never fsyncs blobs).
+    #[test]
+    fn durability_point_fsyncs_new_blob_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .inner
+            .payloads
+            .insert(u64_key(1), encode_raw(&vec![5u8; 1024 * 1024]))
+            .unwrap();
+        store.make_durable().unwrap();
+        let blobs = fs::read_dir(dir.path().join(SLED_DIR).join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<HashSet<_>>();
+        assert!(
+            !blobs.is_empty(),
+            "sled wrote no blob file for a 1 MiB value"
+        );
+        let synced = store.inner.durability.synced_blobs.lock().unwrap().clone();
+        assert!(blobs.is_subset(&synced), "{blobs:?} not all in {synced:?}");
+    }
+
+    /// A snapshot built before a newer one was installed does not replace it.
+    #[test]
+    fn an_older_snapshot_does_not_replace_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = snapshot::encode_body(&JobTable::new(), &[]).unwrap();
+        let meta_at = |index| Meta {
+            last_log_id: Some(log_id(1, 1, index)),
+            last_membership: Default::default(),
+            snapshot_id: format!("s{index}"),
+        };
+        assert!(store.persist_snapshot(&meta_at(10), &data, false).unwrap());
+        assert!(!store.persist_snapshot(&meta_at(5), &data, true).unwrap());
+        let (meta, _) = store.read_snapshot().unwrap().unwrap();
+        assert_eq!(meta, meta_at(10));
     }
 }
