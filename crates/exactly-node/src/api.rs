@@ -195,6 +195,36 @@ impl Jobs for JobsService {
     }
 }
 
+/// The highest log index known committed: on the leader, the index a majority of voters has
+/// matched; elsewhere, the applied index (a follower learns commits only as it applies them).
+fn committed_index(
+    metrics: &openraft::RaftMetrics<u64, openraft::BasicNode>,
+    voters: &std::collections::BTreeSet<u64>,
+) -> u64 {
+    let applied = metrics.last_applied.map_or(0, |l| l.index);
+    let Some(replication) = metrics.replication.as_ref() else {
+        return applied;
+    };
+    let mut matched: Vec<u64> = voters
+        .iter()
+        .map(|id| {
+            if *id == metrics.id {
+                metrics.last_log_index.unwrap_or(0)
+            } else {
+                replication
+                    .get(id)
+                    .and_then(|l| l.map(|l| l.index))
+                    .unwrap_or(0)
+            }
+        })
+        .collect();
+    if matched.is_empty() {
+        return applied;
+    }
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched[matched.len() / 2].max(applied)
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn status(
@@ -243,7 +273,7 @@ impl Cluster for ClusterService {
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,
             last_log_index: metrics.last_log_index.unwrap_or(0),
-            committed_index: metrics.last_applied.map_or(0, |l| l.index),
+            committed_index: committed_index(&metrics, &voters),
             applied_index: metrics.last_applied.map_or(0, |l| l.index),
             members,
             counts: Some(pb::JobCounts {

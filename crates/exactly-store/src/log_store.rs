@@ -203,14 +203,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 for entry in &entries {
                     batch.insert(&u64_key(entry.log_id.index), encode("log entry", entry)?);
                 }
-                {
-                    let _w = store.gate();
-                    store
-                        .inner
-                        .log
-                        .apply_batch(batch)
-                        .map_err(|e| Error::sled("appending log entries", e))?;
-                }
+                store
+                    .inner
+                    .log
+                    .apply_batch(batch)
+                    .map_err(|e| Error::sled("appending log entries", e))?;
                 store.make_durable()
             })
             .await;

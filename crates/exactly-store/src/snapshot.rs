@@ -29,6 +29,9 @@ use crate::error::{Error, Result};
 /// Metadata of a snapshot in exactly's type configuration.
 pub type Meta = SnapshotMeta<u64, BasicNode>;
 
+/// Bytes of encoded snapshot metadata, at most (it is a log id and a membership config; a
+/// larger length in a file header is corruption, not a reason to allocate).
+const META_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// The name of the current snapshot file inside the snapshot directory.
 const CURRENT: &str = "current";
 /// The name a new snapshot file is written under before it is renamed over [`CURRENT`].
@@ -112,6 +115,32 @@ pub(crate) fn read(dir: &Path) -> Result<Option<(Meta, Vec<u8>)>> {
     Ok(Some((meta, bytes)))
 }
 
+/// Reads only the current snapshot's metadata (not its data), if there is one.
+pub(crate) fn read_meta(dir: &Path) -> Result<Option<Meta>> {
+    const WHAT: &str = "snapshot file";
+    let f = match File::open(dir.join(CURRENT)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("opening the snapshot file", e)),
+    };
+    let mut f = std::io::BufReader::new(f);
+    let mut header = [0u8; 5];
+    f.read_exact(&mut header)
+        .map_err(|e| Error::corrupt(WHAT, format!("reading the header: {e}")))?;
+    let meta_len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if meta_len > META_BYTES_MAX {
+        return Err(Error::corrupt(
+            WHAT,
+            format!("metadata length {meta_len} exceeds {META_BYTES_MAX}"),
+        ));
+    }
+    let mut bytes = header.to_vec();
+    bytes.resize(5 + meta_len, 0);
+    f.read_exact(&mut bytes[5..])
+        .map_err(|e| Error::corrupt(WHAT, format!("reading the metadata: {e}")))?;
+    split_file(&bytes).map(|(meta, _)| Some(meta))
+}
+
 /// Decodes the framing of a snapshot file: returns the metadata and where the data starts.
 fn split_file(bytes: &[u8]) -> Result<(Meta, usize)> {
     const WHAT: &str = "snapshot file";
@@ -175,6 +204,7 @@ mod tests {
         write(dir.path(), &meta, &data).unwrap();
         let (back_meta, back_data) = read(dir.path()).unwrap().unwrap();
         assert_eq!(back_meta, meta);
+        assert_eq!(read_meta(dir.path()).unwrap(), Some(meta.clone()));
         assert_eq!(back_data, data);
         let body = decode_body(&back_data).unwrap();
         assert_eq!(body.table, JobTable::new());
@@ -182,5 +212,6 @@ mod tests {
 
         fs::write(dir.path().join(CURRENT), [FORMAT_V1, 0, 0, 9]).unwrap();
         assert!(read(dir.path()).unwrap_err().is_corruption());
+        assert!(read_meta(dir.path()).unwrap_err().is_corruption());
     }
 }

@@ -141,7 +141,6 @@ fn apply_blocking(
                 None => batch.remove(key),
             }
         }
-        let _w = store.gate();
         store
             .inner
             .payloads

@@ -17,15 +17,17 @@
 //!
 //! sled's `flush()` writes its buffers with `pwrite` and `sync_file_range`, which neither flushes
 //! the disk's write cache nor the file's metadata (sled #1452), and sled never fsyncs the blob
-//! files it writes for large values. A *durability point* ([`Store::make_durable`]) therefore
-//! is, in order: sled `flush()`; `fsync` of every blob file not yet synced and of the `blobs`
-//! directory; `fdatasync` of sled's `db` file through a handle this store keeps open. sled's log
-//! is ordered, so a durability point makes every write issued before it durable, whichever
-//! tree it went to. sled's periodic flusher is turned off: all flushing happens here.
+//! files it writes for large values. A *durability point* (`Store::make_durable`) therefore
+//! is, in order: sled `flush()`; `fsync` of every blob file not yet synced (or grown since) and
+//! of the `blobs` directory; `fdatasync` of sled's `db` file through a handle this store keeps
+//! open. sled's log is ordered, so a durability point makes every write issued before it
+//! durable, whichever tree it went to. sled's periodic flusher is turned off: all flushing
+//! happens here. Directories are fsynced once at open; the snapshot file is written to a
+//! temporary name, fsynced, renamed, and its directory fsynced.
 //!
 //! - Power loss or kernel crash: everything written before the last completed durability point
-//!   survives. These operations complete one before they return: `save_vote`, `append` (before
-//!   its flushed-callback is called), `truncate`, `purge`, `node_id_or_init`,
+//!   survives. These operations pass a durability point before they return: `save_vote`,
+//!   `append` (before its flushed-callback is called), `truncate`, `purge`, `node_id_or_init`,
 //!   `next_incarnation`, `build_snapshot` and `install_snapshot` (sled, then the snapshot file).
 //! - Process crash (SIGKILL): the same, plus whatever sled had already written out of its
 //!   buffers; writes still in sled's user-space buffers are lost.
@@ -36,12 +38,17 @@
 //! - After a failed flush or fsync the store refuses every later durability point
 //!   ([`crate::Error::DurabilityLost`]): the kernel may have dropped the dirty pages, so the
 //!   node must restart and recover from what is really on disk.
+//!
+//! Start-up recovery ([`Store::open`]): finishes a purge a crash interrupted (entries at or
+//! below `last_purged`), cuts the log after its first hole (a write that never reached a
+//! durability point, so nothing after it was acknowledged), and rebuilds the payloads tree from
+//! the snapshot file if a snapshot install was interrupted.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use exactly_core::JobId;
@@ -106,12 +113,11 @@ struct Durability {
     /// sled's `db` file, opened again by us because sled only `sync_file_range`s it.
     db_file: File,
     blobs_dir: PathBuf,
-    /// Every write of ours to sled holds this shared; the blob scan holds it exclusively. sled
-    /// writes a blob file in the thread that inserts the value, so the scan never sees a blob
-    /// file half-written (and would otherwise mark it synced forever).
-    write_gate: RwLock<()>,
-    /// Blob files already fsynced (their names are log sequence numbers, never reused).
-    synced_blobs: Mutex<HashSet<OsString>>,
+    /// Blob files already fsynced, with their length when they were. sled writes a blob file
+    /// once, sequentially, and never changes it, but a scan may meet one while it is being
+    /// written (by any thread: readers split and merge tree nodes too), so a file whose
+    /// length changed since is synced again.
+    synced_blobs: Mutex<HashMap<OsString, u64>>,
     /// Set by the first failed durability point.
     lost: OnceLock<String>,
 }
@@ -155,7 +161,7 @@ impl Store {
             snapshot::sync_dir(d, "fsyncing the data directory")?;
         }
         snapshot::remove_leftovers(&snapshot_dir)?;
-        let current_snapshot = snapshot::read(&snapshot_dir)?.map(|(meta, _)| meta);
+        let current_snapshot = snapshot::read_meta(&snapshot_dir)?;
         let store = Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
@@ -166,8 +172,7 @@ impl Store {
                 durability: Durability {
                     db_file,
                     blobs_dir,
-                    write_gate: RwLock::new(()),
-                    synced_blobs: Mutex::new(HashSet::new()),
+                    synced_blobs: Mutex::new(HashMap::new()),
                     lost: OnceLock::new(),
                 },
                 snapshot_dir,
@@ -190,9 +195,9 @@ impl Store {
     }
 
     /// The payload of `job`, kept from its submission until it finishes. `None` for an unknown
-    /// or finished job; also, briefly, for a job that a snapshot shows as live but that finished
-    /// after the snapshot was taken (its payload was dropped before the snapshot read it).
-    /// Blocking (a sled read).
+    /// or finished job; also for a job that a snapshot shows as live but that finished after the
+    /// snapshot's point (its payload was dropped before the snapshot was built), until the
+    /// entries after the snapshot are applied. Blocking (a sled read).
     pub fn payload(&self, job: JobId) -> Result<Option<Vec<u8>>> {
         let value = self
             .inner
@@ -211,13 +216,11 @@ impl Store {
             return Ok(id);
         }
         let id = generate();
-        let swapped = {
-            let _w = self.gate();
-            self.inner
-                .meta
-                .compare_and_swap(META_NODE_ID, None::<&[u8]>, Some(encode("node id", &id)?))
-                .map_err(|e| Error::sled("persisting the node id", e))?
-        };
+        let swapped = self
+            .inner
+            .meta
+            .compare_and_swap(META_NODE_ID, None::<&[u8]>, Some(encode("node id", &id)?))
+            .map_err(|e| Error::sled("persisting the node id", e))?;
         self.make_durable()?;
         match swapped {
             Ok(()) => Ok(id),
@@ -245,7 +248,6 @@ impl Store {
             let next = current
                 .checked_add(1)
                 .ok_or_else(|| Error::corrupt("incarnation", "counter at u64::MAX"))?;
-            let _w = self.gate();
             let swapped = self
                 .inner
                 .meta
@@ -275,15 +277,6 @@ impl Store {
     }
 
     // ----- crate-internal building blocks -----
-
-    /// Holds off the blob scan of a durability point while we write to sled.
-    pub(crate) fn gate(&self) -> RwLockReadGuard<'_, ()> {
-        self.inner
-            .durability
-            .write_gate
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
 
     /// A durability point: see the module documentation. Blocking (call it off the async
     /// workers).
@@ -331,7 +324,6 @@ impl Store {
         value: &T,
     ) -> Result<()> {
         let bytes = encode(what, value)?;
-        let _w = self.gate();
         self.inner
             .meta
             .insert(key, bytes)
@@ -395,7 +387,6 @@ impl Store {
         for k in keys {
             batch.remove(k);
         }
-        let _w = self.gate();
         tree.apply_batch(batch).map_err(|e| Error::sled(context, e))
     }
 
@@ -421,7 +412,6 @@ impl Store {
             for (job, payload) in chunk {
                 batch.insert(&u64_key(*job), encode_raw(payload));
             }
-            let _w = self.gate();
             self.inner
                 .payloads
                 .apply_batch(batch)
@@ -441,13 +431,10 @@ impl Store {
 
     pub(crate) fn finish_payloads_rebuild(&self) -> Result<()> {
         self.make_durable()?;
-        {
-            let _w = self.gate();
-            self.inner
-                .meta
-                .remove(META_PAYLOADS_REBUILD)
-                .map_err(|e| Error::sled("removing the payloads rebuild marker", e))?;
-        }
+        self.inner
+            .meta
+            .remove(META_PAYLOADS_REBUILD)
+            .map_err(|e| Error::sled("removing the payloads rebuild marker", e))?;
         // If this removal is lost in a crash, the next open rebuilds once more: harmless.
         self.make_durable()
     }
@@ -556,32 +543,37 @@ impl Store {
 }
 
 impl Durability {
-    /// fsyncs blob files sled wrote since the last scan, then the blobs directory.
+    /// fsyncs blob files sled wrote (or finished writing) since the last scan, then the blobs
+    /// directory. Costs a directory listing and a `stat` per blob file; blob files exist only
+    /// for values above ~128 KiB.
     fn sync_new_blobs(&self) -> Result<()> {
-        let _exclusive = self
-            .write_gate
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
         let mut synced = self
             .synced_blobs
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut present = HashSet::with_capacity(synced.len());
+        let mut present = HashMap::with_capacity(synced.len());
         let mut added = false;
         let entries =
             fs::read_dir(&self.blobs_dir).map_err(|e| Error::io("listing sled's blob files", e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("listing sled's blob files", e))?;
             let name = entry.file_name();
-            if !synced.contains(&name) {
+            // sled removes blobs it no longer needs, possibly right now.
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("reading a sled blob file's size", e)),
+            };
+            if synced.get(&name) != Some(&len) {
+                // Sync first, then record the length seen before the sync: if the file grew
+                // meanwhile, the next scan sees a different length and syncs it again.
                 match File::open(entry.path()).and_then(|f| f.sync_all()) {
                     Ok(()) => added = true,
-                    // sled removes blobs it no longer needs, possibly right now.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(Error::io("fsyncing a sled blob file", e)),
                 }
             }
-            present.insert(name);
+            present.insert(name, len);
         }
         *synced = present;
         if added {
@@ -618,6 +610,8 @@ fn open_sled(path: &Path) -> Result<sled::Db> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use exactly_core::JobTable;
     use openraft::testing::{blank_ent, log_id};
 
@@ -735,7 +729,10 @@ mod tests {
             "sled wrote no blob file for a 1 MiB value"
         );
         let synced = store.inner.durability.synced_blobs.lock().unwrap().clone();
-        assert!(blobs.is_subset(&synced), "{blobs:?} not all in {synced:?}");
+        assert!(
+            blobs.iter().all(|b| synced.contains_key(b)),
+            "{blobs:?} not all in {synced:?}"
+        );
     }
 
     /// A snapshot built before a newer one was installed does not replace it.
