@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 jobs=${1:-100000}
 shift || true
 cargo build --release -p exactly-node -p exactly-cli --bins
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 dir=$(mktemp -d)
 pids=()
 cleanup() {

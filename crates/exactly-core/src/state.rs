@@ -513,7 +513,16 @@ impl JobTable {
         self.now_ms
     }
 
-    /// Jobs running on `node` now.
+    /// The jobs running on `node` now.
+    pub fn jobs_running_on(&self, node: NodeId) -> impl Iterator<Item = &Job> + '_ {
+        self.running
+            .get(&node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+    }
+
+    /// How many jobs are running on `node` now.
     pub fn running_on(&self, node: NodeId) -> usize {
         self.running.get(&node).map_or(0, |s| s.len())
     }

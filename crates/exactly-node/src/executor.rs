@@ -10,7 +10,7 @@
 //! replayed Start of its previous life is ignored; the state machine requeues those jobs when the
 //! new incarnation registers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use exactly_core::limits::COMPLETE_BATCH_MAX;
@@ -23,6 +23,8 @@ use crate::node::Node;
 
 /// How long a cancelled handler may take to return before it is abandoned (dropped).
 pub const KILL_GRACE: Duration = Duration::from_secs(1);
+/// How often the executor compares its running set with the state machine's.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 /// Delay before proposing completions again after a failed proposal.
 const FLUSH_RETRY_DELAY: Duration = Duration::from_millis(200);
 
@@ -44,6 +46,9 @@ pub enum ExecutorMsg {
     Flush,
     /// Cancel every running attempt (shutdown).
     CancelAll,
+    /// Start attempts the state machine gives this incarnation that this actor never saw (they
+    /// arrived inside a snapshot rather than through an applied Assign).
+    Reconcile,
 }
 
 pub struct Executor;
@@ -52,6 +57,9 @@ pub struct ExecutorState {
     node: Node,
     running: HashMap<JobId, (u64, CancellationToken)>,
     outbox: Vec<Completion>,
+    /// Attempts finished here that the local replica still shows as current, by (job, token):
+    /// never started again by reconciliation.
+    reported: HashSet<(JobId, u64)>,
     flushing: bool,
 }
 
@@ -65,10 +73,12 @@ impl Actor for Executor {
         _myself: ActorRef<ExecutorMsg>,
         node: Node,
     ) -> Result<ExecutorState, ActorProcessingErr> {
+        _myself.send_interval(RECONCILE_INTERVAL, || ExecutorMsg::Reconcile);
         Ok(ExecutorState {
             node,
             running: HashMap::new(),
             outbox: Vec::new(),
+            reported: HashSet::new(),
             flushing: false,
         })
     }
@@ -89,6 +99,7 @@ impl Actor for Executor {
                 if state.running.get(&job).is_some_and(|(t, _)| *t == token) {
                     state.running.remove(&job);
                 }
+                state.reported.insert((job, token));
                 let outcome = match outcome {
                     HandlerOutcome::Succeeded(result) => Outcome::Succeeded { result },
                     HandlerOutcome::Failed { error, retryable } => {
@@ -116,6 +127,44 @@ impl Actor for Executor {
                 }
             }
             ExecutorMsg::Flush => state.flush(&myself),
+            ExecutorMsg::Reconcile => {
+                let (id, incarnation) = (state.node.id, state.node.incarnation);
+                // Forget finished attempts once the local replica no longer shows them current
+                // (it may apply the completion later than the leader committed it).
+                let reported = std::mem::take(&mut state.reported);
+                state.reported = state.node.read(|t| {
+                    reported
+                        .into_iter()
+                        .filter(|(job, token)| {
+                            t.job(*job)
+                                .and_then(|j| j.current_attempt())
+                                .is_some_and(|a| a.token == *token)
+                        })
+                        .collect()
+                });
+                let mine: Vec<StartAttempt> = state.node.read(|t| {
+                    t.jobs_running_on(id)
+                        .filter_map(|job| {
+                            let a = job.current_attempt()?;
+                            (a.incarnation == incarnation).then(|| StartAttempt {
+                                job: job.id,
+                                token: a.token,
+                                attempt: a.number,
+                                node: id,
+                                incarnation,
+                                queue: job.queue.clone(),
+                                kind: job.kind.clone(),
+                                timeout_ms: job.timeout_ms,
+                            })
+                        })
+                        .collect()
+                });
+                for start in mine {
+                    if !state.reported.contains(&(start.job, start.token)) {
+                        state.start(&myself, start);
+                    }
+                }
+            }
             ExecutorMsg::CancelAll => {
                 for (_, (_, cancel)) in state.running.iter() {
                     cancel.cancel();
@@ -159,7 +208,13 @@ impl ExecutorState {
                     error: format!("cannot read payload on node {node_id}: {e}"),
                     retryable: true,
                 },
-                (Some(handler), Ok(payload)) => {
+                // The job finished after the snapshot this attempt came from; its outcome is
+                // refused as stale, and it never runs without its payload.
+                (_, Ok(None)) => HandlerOutcome::Failed {
+                    error: format!("payload of job {job} is gone on node {node_id}"),
+                    retryable: true,
+                },
+                (Some(handler), Ok(Some(payload))) => {
                     let ctx = JobContext {
                         job_id: job,
                         attempt: start.attempt,
@@ -167,7 +222,7 @@ impl ExecutorState {
                         node_id,
                         queue: start.queue,
                         kind: start.kind,
-                        payload: payload.unwrap_or_default(),
+                        payload,
                         timeout,
                     };
                     run_with_timeout(handler.run(ctx, cancel.clone()), cancel, timeout).await

@@ -82,6 +82,14 @@ impl RunningNode {
     }
 }
 
+/// Actor names are process-global in ractor; several nodes (and several test clusters with the
+/// same node ids) share one process in tests, so every name carries a process-unique sequence.
+fn actor_name(node: u64, incarnation: u64, role: &str) -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("exactly-{node}-{incarnation}-{role}-{seq}")
+}
+
 /// Starts a node from a validated configuration and a handler registry.
 pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode, StartError> {
     let store = Store::open(&config.data_dir)?;
@@ -135,7 +143,7 @@ pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode
     tracing::info!(node = id, incarnation, %addr, "node starting");
 
     let (executor, _) = Actor::spawn(
-        Some(format!("exactly-{id}-{incarnation}-executor")),
+        Some(actor_name(id, incarnation, "executor")),
         Executor,
         node.clone(),
     )
@@ -211,7 +219,6 @@ fn serve(
 /// Starts the scheduler actor when this node becomes leader and stops it when it is not.
 async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
     let mut metrics = node.raft.metrics();
-    let mut generation = 0u64;
     loop {
         let leading = {
             let m = metrics.borrow_and_update();
@@ -223,11 +230,7 @@ async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
             .unwrap_or_else(|p| p.into_inner())
             .is_some();
         if leading && !running {
-            generation += 1;
-            let name = format!(
-                "exactly-{}-{}-scheduler-{generation}",
-                node.id, node.incarnation
-            );
+            let name = actor_name(node.id, node.incarnation, "scheduler");
             match Actor::spawn(Some(name), Scheduler, (node.clone(), hooks.clone())).await {
                 Ok((actor, _)) => {
                     tracing::info!(node = node.id, "became leader; scheduler started");
