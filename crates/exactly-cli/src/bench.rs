@@ -5,6 +5,10 @@
 //! bench assumes no other traffic finishes jobs meanwhile. Completion latency comes from each
 //! sampled job's own record (`updated_at_ms - created_at_ms`), both stamped by the leader's clock,
 //! so it does not depend on this machine's clock or on the polling interval.
+//!
+//! A submit request with an unknown outcome (the connection broke mid-call) may still have created
+//! its jobs, and they finish too; then the count can be reached while an acknowledged job is still
+//! running. The report shows this as sampled jobs not finished.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};

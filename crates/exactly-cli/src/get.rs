@@ -25,8 +25,11 @@ pub fn render(job: &Job) -> String {
         ("kind", job.kind.clone()),
         ("priority", job.priority.to_string()),
         ("payload", format!("{} bytes", job.payload_bytes)),
-        ("max attempts", job.max_attempts.to_string()),
-        ("timeout", format!("{} ms", job.timeout_ms)),
+        (
+            "max attempts",
+            or_node_default(u64::from(job.max_attempts), ""),
+        ),
+        ("timeout", or_node_default(job.timeout_ms, " ms")),
         ("created", time_ms(job.created_at_ms)),
         ("updated", time_ms(job.updated_at_ms)),
         ("run at", time_ms(job.run_at_ms)),
@@ -67,6 +70,15 @@ pub fn render(job: &Job) -> String {
         ));
     }
     out
+}
+
+/// A number with its unit, or "node default" for 0 (the wire's "not set").
+fn or_node_default(value: u64, unit: &str) -> String {
+    if value == 0 {
+        "node default".into()
+    } else {
+        format!("{value}{unit}")
+    }
 }
 
 /// The full job for `--json`. Field names follow the proto; `state` is a lower-case name and the
@@ -210,6 +222,19 @@ result (4 bytes, text):
 sent
 "
         );
+    }
+
+    /// Unset options (0 on the wire) print as the node's default.
+    #[test]
+    fn renders_unset_options_as_node_default() {
+        let job = Job {
+            timeout_ms: 0,
+            max_attempts: 0,
+            ..sample()
+        };
+        let text = render(&job);
+        assert!(text.contains("max attempts  node default\n"), "{text}");
+        assert!(text.contains("timeout       node default\n"), "{text}");
     }
 
     /// A non-UTF-8 result is shown in hex and says so.
