@@ -206,7 +206,9 @@ fn serve(
                     .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX),
             )
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Without TCP_NODELAY on accepted sockets, a reply larger than one segment waits
+                // for the peer's delayed ACK (~40 ms): measured as a 48 ms floor on batch submits.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown.cancelled_owned(),
             )
             .await;
