@@ -25,9 +25,9 @@ impl From<ProposeError> for Status {
             ProposeError::NoLeader(_) | ProposeError::ShuttingDown(_) => {
                 Status::unavailable(e.to_string())
             }
-            // The caller cannot know whether it committed; UNAVAILABLE is what the API promises
-            // for "no quorum", and the message says the outcome is unknown.
-            ProposeError::Timeout(_) => Status::unavailable(e.to_string()),
+            // Proposed but not committed in time: it may still commit, so this must not be a
+            // code that clients treat as "safe to retry" (UNAVAILABLE).
+            ProposeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         }
     }
 }

@@ -10,7 +10,7 @@
 //! replayed Start of its previous life is ignored; the state machine requeues those jobs when the
 //! new incarnation registers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use exactly_core::limits::COMPLETE_BATCH_MAX;
@@ -57,9 +57,11 @@ pub struct ExecutorState {
     node: Node,
     running: HashMap<JobId, (u64, CancellationToken)>,
     outbox: Vec<Completion>,
-    /// Attempts finished here that the local replica still shows as current, by (job, token):
-    /// never started again by reconciliation.
-    reported: HashSet<(JobId, u64)>,
+    /// The largest fencing token this incarnation has started per job. An attempt starts at
+    /// most once however it is announced (an applied Assign, or reconciliation from a snapshot,
+    /// in either order). The second field counts consecutive reconciliation rounds in which the
+    /// local replica no longer showed that attempt as current; see [`ExecutorMsg::Reconcile`].
+    started: HashMap<JobId, (u64, u8)>,
     flushing: bool,
 }
 
@@ -78,7 +80,7 @@ impl Actor for Executor {
             node,
             running: HashMap::new(),
             outbox: Vec::new(),
-            reported: HashSet::new(),
+            started: HashMap::new(),
             flushing: false,
         })
     }
@@ -99,7 +101,6 @@ impl Actor for Executor {
                 if state.running.get(&job).is_some_and(|(t, _)| *t == token) {
                     state.running.remove(&job);
                 }
-                state.reported.insert((job, token));
                 let outcome = match outcome {
                     HandlerOutcome::Succeeded(result) => Outcome::Succeeded { result },
                     HandlerOutcome::Failed { error, retryable } => {
@@ -129,16 +130,21 @@ impl Actor for Executor {
             ExecutorMsg::Flush => state.flush(&myself),
             ExecutorMsg::Reconcile => {
                 let (id, incarnation) = (state.node.id, state.node.incarnation);
-                // Forget finished attempts once the local replica no longer shows them current
-                // (it may apply the completion later than the leader committed it).
-                let reported = std::mem::take(&mut state.reported);
-                state.reported = state.node.read(|t| {
-                    reported
+                // Forget a started attempt only after two rounds in which the local replica did
+                // not show it as current. The Start message of an attempt is enqueued when its
+                // Assign applies, before the replica can show the attempt ended; a round enqueued
+                // after an earlier round saw it ended therefore runs after that Start message.
+                let started = std::mem::take(&mut state.started);
+                state.started = state.node.read(|t| {
+                    started
                         .into_iter()
-                        .filter(|(job, token)| {
-                            t.job(*job)
+                        .filter_map(|(job, (token, stale_rounds))| {
+                            let current = t
+                                .job(job)
                                 .and_then(|j| j.current_attempt())
-                                .is_some_and(|a| a.token == *token)
+                                .is_some_and(|a| a.token == token);
+                            let stale_rounds = if current { 0 } else { stale_rounds + 1 };
+                            (stale_rounds < 2).then_some((job, (token, stale_rounds)))
                         })
                         .collect()
                 });
@@ -160,9 +166,7 @@ impl Actor for Executor {
                         .collect()
                 });
                 for start in mine {
-                    if !state.reported.contains(&(start.job, start.token)) {
-                        state.start(&myself, start);
-                    }
+                    state.start(&myself, start);
                 }
             }
             ExecutorMsg::CancelAll => {
@@ -181,8 +185,17 @@ impl ExecutorState {
         if start.node != node.id || start.incarnation != node.incarnation {
             return;
         }
-        if self.running.contains_key(&start.job) {
+        if self
+            .started
+            .get(&start.job)
+            .is_some_and(|(token, _)| *token >= start.token)
+        {
             return;
+        }
+        self.started.insert(start.job, (start.token, 0));
+        if let Some((_, previous)) = self.running.get(&start.job) {
+            // A newer attempt of a job still running here: the old one is fenced off.
+            previous.cancel();
         }
         let cancel = CancellationToken::new();
         self.running

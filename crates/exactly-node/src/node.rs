@@ -28,8 +28,8 @@ const LEADER_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
 /// Why a proposal did not commit.
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 pub enum ProposeError {
-    /// No leader could be reached before the deadline; nothing was handed to a leader.
-    #[error("no leader reachable within {0:?}: the cluster has no quorum or is electing")]
+    /// No leader with a quorum could be reached before the deadline; nothing was proposed.
+    #[error("no leader with a quorum reachable within {0:?}: the cluster has no quorum or is electing; nothing was committed")]
     NoLeader(Duration),
     /// A leader took the command but did not commit it before the deadline. It may still commit.
     #[error(
@@ -46,6 +46,8 @@ pub enum ProposeError {
 pub enum ForwardReply {
     Committed(Response),
     NotLeader,
+    /// This leader has not heard from a quorum recently; nothing was proposed.
+    NoQuorum,
     Failed(ProposeError),
 }
 
@@ -59,6 +61,11 @@ pub struct NodeInner {
     pub registry: Registry,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
+    /// When this node, as leader, last confirmed its leadership with a quorum (heartbeat round),
+    /// in milliseconds since `started`. 0: never.
+    pub quorum_confirmed_ms: std::sync::atomic::AtomicU64,
+    /// The node's monotonic start time, the origin of `quorum_confirmed_ms`.
+    pub started: std::time::Instant,
     /// One lazily connected client per peer address, reused across forwards.
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
 }
@@ -103,8 +110,40 @@ impl Node {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
+    /// Whether this leader confirmed its leadership with a quorum within the last
+    /// `raft.election-timeout-max`. A leader cut off from its quorum stops accepting writes
+    /// (callers get UNAVAILABLE, nothing is proposed) instead of letting them time out with an
+    /// unknown outcome.
+    pub fn quorum_fresh(&self) -> bool {
+        let confirmed = self
+            .quorum_confirmed_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        if confirmed == 0 {
+            return false;
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        now.saturating_sub(confirmed) <= self.config.raft.election_timeout_max.as_millis() as u64
+    }
+
+    /// Checks this node's leadership with a quorum (one heartbeat round) and records the time.
+    pub async fn confirm_quorum(&self) -> bool {
+        let sent = self.started.elapsed().as_millis() as u64;
+        let budget = self.config.raft.election_timeout_min;
+        match tokio::time::timeout(budget, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {
+                self.quorum_confirmed_ms
+                    .fetch_max(sent.max(1), std::sync::atomic::Ordering::AcqRel);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Appends `command` on this node, which must be the leader. Waits for commit and apply.
     pub async fn write_local(&self, command: Command) -> ForwardReply {
+        if !self.quorum_fresh() {
+            return ForwardReply::NoQuorum;
+        }
         let request = Request {
             now_ms: wall_ms(),
             command,
@@ -139,7 +178,7 @@ impl Node {
                     match tokio::time::timeout_at(deadline, self.write_local(command.clone())).await
                     {
                         Ok(ForwardReply::Committed(r)) => return Ok(r),
-                        Ok(ForwardReply::NotLeader) => {}
+                        Ok(ForwardReply::NotLeader | ForwardReply::NoQuorum) => {}
                         Ok(ForwardReply::Failed(e)) => return Err(e),
                         Err(_) => return Err(ProposeError::Timeout(budget)),
                     }
@@ -150,7 +189,7 @@ impl Node {
                         .clone();
                     match self.forward(&addr, data, deadline).await {
                         Ok(ForwardReply::Committed(r)) => return Ok(r),
-                        Ok(ForwardReply::NotLeader) => {}
+                        Ok(ForwardReply::NotLeader | ForwardReply::NoQuorum) => {}
                         Ok(ForwardReply::Failed(e)) => return Err(e),
                         // The request never reached a leader (connection refused, leader gone):
                         // nothing was proposed, so trying again is safe.

@@ -138,6 +138,8 @@ pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode
         state,
         registry,
         shutdown: CancellationToken::new(),
+        quorum_confirmed_ms: Default::default(),
+        started: std::time::Instant::now(),
         peers: Default::default(),
     }));
     tracing::info!(node = id, incarnation, %addr, "node starting");
@@ -154,6 +156,7 @@ pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode
     let tasks = vec![
         tokio::spawn(serve(node.clone(), listener)?),
         tokio::spawn(watch_leadership(node.clone(), hooks.clone())),
+        tokio::spawn(confirm_quorum_while_leading(node.clone())),
         tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
     ];
 
@@ -216,6 +219,21 @@ fn serve(
             tracing::error!(error = %e, "gRPC server stopped");
         }
     })
+}
+
+/// While this node leads, confirms its leadership with a quorum every heartbeat interval, so
+/// that writes stop being accepted soon after it is cut off (see [`Node::quorum_fresh`]).
+async fn confirm_quorum_while_leading(node: Node) {
+    let every = node.config.raft.heartbeat_interval;
+    loop {
+        if node.is_leader() {
+            node.confirm_quorum().await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Starts the scheduler actor when this node becomes leader and stops it when it is not.
