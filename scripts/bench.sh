@@ -23,11 +23,10 @@ for i in 2 3; do
   "$bin/exactlyd" --join 127.0.0.1:$((base+1)) --node-id $i --listen 127.0.0.1:$((base+i)) --data-dir "$dir/n$i" --slots 1024 >"$dir/n$i.log" 2>&1 &
   pids+=($!)
 done
+# Wait (at most 30 s) until all three nodes are members and registered.
 for _ in $(seq 1 150); do
-  if "$bin/exactly" --endpoints "$eps" status --json 2>/dev/null | grep -q '"incarnation": *[1-9]' ; then
-    n=$("$bin/exactly" --endpoints "$eps" status --json | grep -c '"incarnation": *[1-9]' || true)
-    [[ "$n" -ge 3 ]] && break
-  fi
+  n=$("$bin/exactly" --endpoints "$eps" --json status 2>/dev/null | grep -cE '"incarnation": *[1-9]' || true)
+  if [[ "$n" -ge 3 ]]; then break; fi
   sleep 0.2
 done
 "$bin/exactly" --endpoints "$eps" bench --jobs "$jobs" "$@"

@@ -22,8 +22,10 @@ for i in 2 3; do
   "$bin/exactlyd" --join 127.0.0.1:7101 --node-id $i --listen 127.0.0.1:710$i --data-dir .data/node-$i >.data/node-$i.log 2>&1 &
   pids+=($!)
 done
-for _ in $(seq 1 100); do
-  if "$bin/exactly" status >/dev/null 2>&1; then break; fi
+# Wait (at most 30 s) until all three nodes are members and registered.
+for _ in $(seq 1 150); do
+  n=$("$bin/exactly" --json status 2>/dev/null | grep -cE '"incarnation": *[1-9]' || true)
+  if [[ "$n" -ge 3 ]]; then break; fi
   sleep 0.2
 done
 "$bin/exactly" status || true

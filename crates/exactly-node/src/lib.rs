@@ -8,6 +8,7 @@ pub mod api;
 pub mod codec;
 pub mod config;
 pub mod executor;
+pub mod faults;
 pub mod hooks;
 pub mod internal;
 pub mod network;
@@ -17,4 +18,4 @@ pub mod server;
 
 pub use config::NodeConfig;
 pub use node::Node;
-pub use server::{start, RunningNode, StartError};
+pub use server::{start, start_with, RunningNode, StartError, StartOptions};

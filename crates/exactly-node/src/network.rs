@@ -20,6 +20,7 @@ use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::codec;
+use crate::faults::{self, FaultsHandle};
 
 /// Bytes per snapshot chunk on the wire.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
@@ -50,11 +51,18 @@ pub fn internal_client(channel: Channel) -> InternalClient<Channel> {
 
 /// Creates connections to peers.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    /// This node's id (the sender of every message).
+    pub id: u64,
+    /// Test-only fault injection; `None` in production.
+    pub faults: Option<FaultsHandle>,
+}
 
 pub struct Connection {
+    from: u64,
     target: u64,
     client: Result<InternalClient<Channel>, String>,
+    faults: Option<FaultsHandle>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -62,13 +70,17 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Connection {
         Connection {
+            from: self.id,
             target,
             client: channel(&node.addr)
                 .map(internal_client)
                 .map_err(|e| format!("bad address {:?}: {e}", node.addr)),
+            faults: self.faults.clone(),
         }
     }
 }
+
+const LOST: &str = "message lost (fault injection)";
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 
@@ -101,6 +113,13 @@ impl Connection {
         E: std::error::Error + serde::de::DeserializeOwned,
     {
         let client = self.client()?;
+        let ttl = option.hard_ttl();
+        if faults::pass(&self.faults, self.from, self.target, ttl)
+            .await
+            .is_err()
+        {
+            return Err(unreachable_err(LOST));
+        }
         let mut request = tonic::Request::new(Blob {
             data: codec::encode(req),
         });
@@ -113,6 +132,12 @@ impl Connection {
                 | tonic::Code::Cancelled => unreachable_err(status.message()),
                 _ => RPCError::Network(NetworkError::new(&status)),
             })?;
+        if faults::pass(&self.faults, self.target, self.from, ttl)
+            .await
+            .is_err()
+        {
+            return Err(unreachable_err(LOST));
+        }
         let decoded: Result<T, RaftError<u64, E>> = codec::decode(&reply.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -162,6 +187,11 @@ impl RaftNetwork<TypeConfig> for Connection {
         let mut client = self.client.clone().map_err(|e| {
             StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(e)))
         })?;
+        let lost = |_| StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(LOST)));
+        let ttl = Duration::from_secs(1);
+        faults::pass(&self.faults, self.from, self.target, ttl)
+            .await
+            .map_err(lost)?;
         let header = codec::encode(&(vote, snapshot.meta.clone()));
         let data = snapshot.snapshot.into_inner();
         let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK_BYTES + 1);
@@ -189,6 +219,9 @@ impl RaftNetwork<TypeConfig> for Connection {
                 status.message().to_string(),
             )))
         })?;
+        faults::pass(&self.faults, self.target, self.from, ttl)
+            .await
+            .map_err(lost)?;
         let decoded: Result<SnapshotResponse<u64>, Fatal<u64>> =
             codec::decode(&reply.into_inner().data)
                 .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;

@@ -66,6 +66,8 @@ pub struct NodeInner {
     pub quorum_confirmed_ms: std::sync::atomic::AtomicU64,
     /// The node's monotonic start time, the origin of `quorum_confirmed_ms`.
     pub started: std::time::Instant,
+    /// Test-only fault injection for node-to-node traffic.
+    pub faults: Option<crate::faults::FaultsHandle>,
     /// One lazily connected client per peer address, reused across forwards.
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
 }
@@ -183,11 +185,11 @@ impl Node {
                         Err(_) => return Err(ProposeError::Timeout(budget)),
                     }
                 }
-                Some((_, addr)) => {
+                Some((leader, addr)) => {
                     let data = encoded
                         .get_or_insert_with(|| codec::encode(&command))
                         .clone();
-                    match self.forward(&addr, data, deadline).await {
+                    match self.forward(leader, &addr, data, deadline).await {
                         Ok(ForwardReply::Committed(r)) => return Ok(r),
                         Ok(ForwardReply::NotLeader | ForwardReply::NoQuorum) => {}
                         Ok(ForwardReply::Failed(e)) => return Err(e),
@@ -210,6 +212,33 @@ impl Node {
     /// Sends an encoded command to the leader at `addr`. `Err(Some(_))`: it provably did not
     /// reach a leader; `Err(None)`: the outcome is unknown (deadline passed in flight).
     async fn forward(
+        &self,
+        leader: u64,
+        addr: &str,
+        data: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<ForwardReply, Option<String>> {
+        let lost_after = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        if crate::faults::pass(&self.faults, self.id, leader, lost_after)
+            .await
+            .is_err()
+        {
+            return Err(Some("request lost (fault injection)".into()));
+        }
+        let reply = self.forward_unfaulted(addr, data, deadline).await;
+        if crate::faults::pass(&self.faults, leader, self.id, lost_after)
+            .await
+            .is_err()
+        {
+            // The leader may have committed it: the outcome is unknown.
+            return Err(None);
+        }
+        reply
+    }
+
+    async fn forward_unfaulted(
         &self,
         addr: &str,
         data: Vec<u8>,

@@ -90,8 +90,24 @@ fn actor_name(node: u64, incarnation: u64, role: &str) -> String {
     format!("exactly-{node}-{incarnation}-{role}-{seq}")
 }
 
+/// What a node is started with besides its configuration and handlers.
+#[derive(Clone, Default)]
+pub struct StartOptions {
+    /// Test-only fault injection for node-to-node traffic.
+    pub faults: Option<crate::faults::FaultsHandle>,
+}
+
 /// Starts a node from a validated configuration and a handler registry.
 pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode, StartError> {
+    start_with(config, registry, StartOptions::default()).await
+}
+
+/// [`start`] with options (fault injection for tests).
+pub async fn start_with(
+    config: NodeConfig,
+    registry: Registry,
+    options: StartOptions,
+) -> Result<RunningNode, StartError> {
     let store = Store::open(&config.data_dir)?;
     let id = store.node_id_or_init(|| {
         config
@@ -116,7 +132,11 @@ pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode
             .validate()
             .map_err(|e| StartError::Raft(e.to_string()))?,
     );
-    let raft = Raft::new(id, raft_config, Network, store.log_store(), state.clone())
+    let network = Network {
+        id,
+        faults: options.faults.clone(),
+    };
+    let raft = Raft::new(id, raft_config, network, store.log_store(), state.clone())
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
     // Bind before anything else can fail late, and so that port 0 (tests) resolves to a real port.
@@ -139,6 +159,7 @@ pub async fn start(config: NodeConfig, registry: Registry) -> Result<RunningNode
         registry,
         shutdown: CancellationToken::new(),
         quorum_confirmed_ms: Default::default(),
+        faults: options.faults,
         started: std::time::Instant::now(),
         peers: Default::default(),
     }));
