@@ -24,6 +24,12 @@ pub enum Command {
     Assign(Vec<Assignment>),
     /// Record attempt outcomes (proposed by executors).
     Complete(Vec<Completion>),
+    /// A node renews the lease of its current incarnation. Committed through the log, so only a
+    /// leader that still leads can make a renewal count (invariant 5).
+    Renew(NodeLease),
+    /// The leader found a node's lease lapsed (on its own monotonic clock, after waiting a full
+    /// lease period since it became leader): abandon that incarnation's attempts.
+    Expire(NodeLease),
     /// A node announces its current incarnation and capacity. A newer incarnation proves the
     /// older one's process is gone, so its attempts are abandoned and their jobs requeued.
     RegisterNode(NodeRegistration),
@@ -64,6 +70,13 @@ pub enum Outcome {
     Failed { error: String, retryable: bool },
 }
 
+/// One incarnation of one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeLease {
+    pub node: NodeId,
+    pub incarnation: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRegistration {
     pub node: NodeId,
@@ -94,6 +107,8 @@ pub enum Rejection {
         got: u64,
         current: u64,
     },
+    #[error("the lease of node {node} incarnation {incarnation} expired")]
+    Expired { node: NodeId, incarnation: u64 },
     #[error("node {0} has no free slot")]
     NoSlot(NodeId),
     #[error("attempt with token {got} is not the job's current attempt (current: {current:?})")]
@@ -118,6 +133,9 @@ pub enum Response {
         rejected: Vec<(JobId, Rejection)>,
     },
     NodeRegistered(Result<u32, Rejection>),
+    Renewed(Result<(), Rejection>),
+    /// How many attempts the expiry abandoned.
+    Expired(Result<u32, Rejection>),
     /// For entries without application data (blank and membership entries).
     Empty,
 }
@@ -132,6 +150,8 @@ pub enum Effect {
     DropPayload { job: JobId },
     /// Start an attempt on `node` (only that node acts on it).
     Start(StartAttempt),
+    /// A lease renewal committed (the leader restarts that node's expiry clock).
+    Renewed(NodeLease),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

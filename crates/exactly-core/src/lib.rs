@@ -14,8 +14,8 @@ pub mod scheduler;
 pub mod state;
 
 pub use command::{
-    Assignment, Command, Completion, Effect, NewJob, NodeRegistration, Outcome, Rejection, Request,
-    Response, StartAttempt,
+    Assignment, Command, Completion, Effect, NewJob, NodeLease, NodeRegistration, Outcome,
+    Rejection, Request, Response, StartAttempt,
 };
 pub use job::{Attempt, AttemptEnd, Job, JobStatus, StateCounts};
 pub use limits::Limits;

@@ -27,7 +27,7 @@ pub fn plan_assignments(
     let mut free: BinaryHeap<(usize, std::cmp::Reverse<NodeId>, u64)> = state
         .nodes()
         .iter()
-        .filter(|(id, _)| !excluded.contains(id))
+        .filter(|(id, entry)| !excluded.contains(id) && !entry.expired)
         .filter_map(|(&id, entry)| {
             let free = (entry.slots as usize).saturating_sub(state.running_on(id));
             (free > 0).then_some((free, std::cmp::Reverse(id), entry.incarnation))

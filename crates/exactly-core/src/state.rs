@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{
-    Assignment, Command, Completion, Effect, NewJob, NodeRegistration, Outcome, Rejection, Request,
-    Response, StartAttempt,
+    Assignment, Command, Completion, Effect, NewJob, NodeLease, NodeRegistration, Outcome,
+    Rejection, Request, Response, StartAttempt,
 };
 use crate::job::{Attempt, AttemptEnd, Job, JobStatus, StateCounts};
 use crate::limits::{
@@ -24,6 +24,12 @@ pub struct NodeEntry {
     pub slots: u32,
     pub addr: String,
     pub registered_at_ms: u64,
+    /// Leader timestamp of the last committed lease renewal of this incarnation (display only:
+    /// expiry is decided on the leader's monotonic clock, never from these wall-clock stamps).
+    pub renewed_at_ms: u64,
+    /// The leader expired this incarnation's lease: its attempts were abandoned and it gets no
+    /// assignments and no renewals. The node must register a newer incarnation to work again.
+    pub expired: bool,
 }
 
 /// The whole replicated job state. Every field is derived only from applied commands, so two
@@ -143,6 +149,8 @@ impl JobTable {
             Command::Submit(jobs) => Response::Submitted(self.submit(jobs, &mut effects)),
             Command::Assign(assignments) => self.assign(log_index, assignments, &mut effects),
             Command::Complete(completions) => self.complete(completions, &mut effects),
+            Command::Renew(lease) => Response::Renewed(self.renew(lease, &mut effects)),
+            Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
             Command::RegisterNode(registration) => {
                 Response::NodeRegistered(self.register_node(registration, &mut effects))
             }
@@ -276,6 +284,12 @@ impl JobTable {
                 node: a.node,
                 got: a.incarnation,
                 current: node.incarnation,
+            });
+        }
+        if node.expired {
+            return Err(Rejection::Expired {
+                node: a.node,
+                incarnation: a.incarnation,
             });
         }
         let running_here = self.running.get(&a.node).map_or(0, |s| s.len());
@@ -455,6 +469,12 @@ impl JobTable {
                 });
             }
         }
+        let same = self
+            .nodes
+            .get(&r.node)
+            .filter(|n| n.incarnation == r.incarnation);
+        let expired = same.is_some_and(|n| n.expired);
+        let renewed_at_ms = same.map_or(0, |n| n.renewed_at_ms);
         self.nodes.insert(
             r.node,
             NodeEntry {
@@ -462,6 +482,8 @@ impl JobTable {
                 slots: r.slots,
                 addr: r.addr,
                 registered_at_ms: self.now_ms,
+                renewed_at_ms,
+                expired,
             },
         );
         // Attempts of an older incarnation can never report: that process is gone (its data
@@ -486,6 +508,70 @@ impl JobTable {
                 self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, effects);
                 requeued += 1;
             }
+            self.jobs.insert(id, job);
+        }
+        Ok(requeued)
+    }
+
+    /// A committed lease renewal: counts only for the node's current, unexpired incarnation.
+    fn renew(&mut self, lease: NodeLease, effects: &mut Vec<Effect>) -> Result<(), Rejection> {
+        let now = self.now_ms;
+        let node = self
+            .nodes
+            .get_mut(&lease.node)
+            .ok_or(Rejection::UnknownNode(lease.node))?;
+        if node.incarnation != lease.incarnation {
+            return Err(Rejection::StaleIncarnation {
+                node: lease.node,
+                got: lease.incarnation,
+                current: node.incarnation,
+            });
+        }
+        if node.expired {
+            return Err(Rejection::Expired {
+                node: lease.node,
+                incarnation: lease.incarnation,
+            });
+        }
+        node.renewed_at_ms = now;
+        effects.push(Effect::Renewed(lease));
+        Ok(())
+    }
+
+    /// The leader decided this incarnation's lease lapsed: abandon its attempts (their jobs are
+    /// requeued and will be reassigned with larger tokens) and refuse it further work.
+    fn expire(&mut self, lease: NodeLease, effects: &mut Vec<Effect>) -> Result<u32, Rejection> {
+        let node = self
+            .nodes
+            .get_mut(&lease.node)
+            .ok_or(Rejection::UnknownNode(lease.node))?;
+        if node.incarnation != lease.incarnation {
+            return Err(Rejection::StaleIncarnation {
+                node: lease.node,
+                got: lease.incarnation,
+                current: node.incarnation,
+            });
+        }
+        if node.expired {
+            return Ok(0);
+        }
+        node.expired = true;
+        let held: Vec<JobId> = self
+            .running
+            .get(&lease.node)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let mut requeued = 0;
+        for id in held {
+            let Some(mut job) = self.jobs.remove(&id) else {
+                continue;
+            };
+            let reason = format!(
+                "lease of node {} (incarnation {}) expired",
+                lease.node, lease.incarnation
+            );
+            self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, effects);
+            requeued += 1;
             self.jobs.insert(id, job);
         }
         Ok(requeued)

@@ -15,8 +15,8 @@ use exactly_core::limits::{
 use exactly_core::state::{retry_backoff_ms, validate_new_job};
 use exactly_core::{
     plan_assignments, Assignment, Command, Completion, Effect, Job, JobId, JobStatus, JobTable,
-    NewJob, NodeId, NodeRegistration, Outcome, Rejection, Request, Response, StartAttempt,
-    StateCounts,
+    NewJob, NodeId, NodeLease, NodeRegistration, Outcome, Rejection, Request, Response,
+    StartAttempt, StateCounts,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -96,6 +96,16 @@ enum Op {
         node: NodeId,
         incarnation_delta: i64,
         slots: u32,
+    },
+    /// A lease renewal for the node's current incarnation plus a delta (0 is the valid case).
+    Renew {
+        node: NodeId,
+        incarnation_delta: i64,
+    },
+    /// A lease expiry for the node's current incarnation plus a delta.
+    Expire {
+        node: NodeId,
+        incarnation_delta: i64,
     },
 }
 
@@ -194,6 +204,10 @@ fn op() -> impl Strategy<Value = Op> {
                 incarnation_delta,
                 slots,
             }),
+        1 => (1..=REGISTRABLE, prop_oneof![6 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)])
+            .prop_map(|(node, incarnation_delta)| Op::Renew { node, incarnation_delta }),
+        1 => (1..=REGISTRABLE, prop_oneof![6 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)])
+            .prop_map(|(node, incarnation_delta)| Op::Expire { node, incarnation_delta }),
     ]
 }
 
@@ -254,6 +268,7 @@ struct ModelJob {
 struct ModelNode {
     incarnation: u64,
     slots: u32,
+    expired: bool,
 }
 
 /// What the state machine should do, written as plainly as possible.
@@ -365,6 +380,8 @@ impl Model {
                 Response::Completed { accepted, rejected }
             }
             Command::RegisterNode(r) => Response::NodeRegistered(self.register(r, &mut effects)),
+            Command::Renew(lease) => Response::Renewed(self.renew(lease, &mut effects)),
+            Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
         };
         (response, effects)
     }
@@ -412,6 +429,12 @@ impl Model {
                 node: a.node,
                 got: a.incarnation,
                 current: node.incarnation,
+            });
+        }
+        if node.expired {
+            return Err(Rejection::Expired {
+                node: a.node,
+                incarnation: a.incarnation,
             });
         }
         if self.running_on(a.node) >= node.slots as usize {
@@ -524,11 +547,16 @@ impl Model {
                 });
             }
         }
+        let expired = self
+            .nodes
+            .get(&r.node)
+            .is_some_and(|n| n.incarnation == r.incarnation && n.expired);
         self.nodes.insert(
             r.node,
             ModelNode {
                 incarnation: r.incarnation,
                 slots: r.slots,
+                expired,
             },
         );
         let lost = self.ids_where(|j| {
@@ -536,6 +564,48 @@ impl Model {
                 .as_ref()
                 .is_some_and(|a| a.node == r.node && a.incarnation < r.incarnation)
         });
+        for &id in &lost {
+            self.end(id, End::Abandoned, effects);
+        }
+        Ok(lost.len() as u32)
+    }
+
+    /// The incarnation must be the node's current one (shared by renew and expire).
+    fn current(&self, lease: &NodeLease) -> Result<ModelNode, Rejection> {
+        let node = *self
+            .nodes
+            .get(&lease.node)
+            .ok_or(Rejection::UnknownNode(lease.node))?;
+        if node.incarnation != lease.incarnation {
+            return Err(Rejection::StaleIncarnation {
+                node: lease.node,
+                got: lease.incarnation,
+                current: node.incarnation,
+            });
+        }
+        Ok(node)
+    }
+
+    fn renew(&mut self, lease: &NodeLease, effects: &mut Vec<Effect>) -> Result<(), Rejection> {
+        if self.current(lease)?.expired {
+            return Err(Rejection::Expired {
+                node: lease.node,
+                incarnation: lease.incarnation,
+            });
+        }
+        effects.push(Effect::Renewed(*lease));
+        Ok(())
+    }
+
+    /// Expiry abandons every attempt running on the node, whatever its incarnation.
+    fn expire(&mut self, lease: &NodeLease, effects: &mut Vec<Effect>) -> Result<u32, Rejection> {
+        if self.current(lease)?.expired {
+            return Ok(0);
+        }
+        if let Some(n) = self.nodes.get_mut(&lease.node) {
+            n.expired = true;
+        }
+        let lost = self.ids_where(|j| j.current.as_ref().is_some_and(|a| a.node == lease.node));
         for &id in &lost {
             self.end(id, End::Abandoned, effects);
         }
@@ -626,6 +696,26 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                 })
                 .collect(),
         ),
+        Op::Renew {
+            node,
+            incarnation_delta,
+        } => {
+            let current = model.nodes.get(node).map_or(0, |n| n.incarnation) as i64;
+            Command::Renew(NodeLease {
+                node: *node,
+                incarnation: (current + incarnation_delta).max(0) as u64,
+            })
+        }
+        Op::Expire {
+            node,
+            incarnation_delta,
+        } => {
+            let current = model.nodes.get(node).map_or(0, |n| n.incarnation) as i64;
+            Command::Expire(NodeLease {
+                node: *node,
+                incarnation: (current + incarnation_delta).max(0) as u64,
+            })
+        }
         Op::Register {
             node,
             incarnation_delta,
@@ -660,6 +750,7 @@ fn check_plan(
     for a in plan {
         prop_assert!(!excluded.contains(&a.node), "excluded node {}", a.node);
         let node = model.nodes.get(&a.node);
+        prop_assert!(!node.is_some_and(|n| n.expired), "expired node {}", a.node);
         prop_assert_eq!(node.map(|n| n.incarnation), Some(a.incarnation));
         *per_node.entry(a.node).or_default() += 1;
     }
@@ -667,7 +758,7 @@ fn check_plan(
     for (&id, node) in &model.nodes {
         let free = (node.slots as usize).saturating_sub(model.running_on(id));
         prop_assert!(per_node.get(&id).copied().unwrap_or(0) <= free);
-        if !excluded.contains(&id) {
+        if !excluded.contains(&id) && !node.expired {
             free_total += free;
         }
     }
@@ -794,6 +885,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                 Effect::Start(start) => {
                     prop_assert_eq!(start.token, index, "token is the log index");
                 }
+                Effect::Renewed(_) => {}
             }
         }
 

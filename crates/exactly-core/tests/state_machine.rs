@@ -1147,6 +1147,8 @@ fn register_node_records_it_and_same_incarnation_keeps_attempts() {
             slots: 4,
             addr: "10.0.0.7:7000".into(),
             registered_at_ms: NOW,
+            renewed_at_ms: 0,
+            expired: false,
         })
     );
 
@@ -1170,6 +1172,8 @@ fn register_node_records_it_and_same_incarnation_keeps_attempts() {
             slots: 8,
             addr: "10.0.0.77:7000".into(),
             registered_at_ms: NOW + 9,
+            renewed_at_ms: 0,
+            expired: false,
         })
     );
     assert_eq!(h.job(1).current_attempt().map(|a| a.token), Some(token));
@@ -1399,4 +1403,113 @@ fn empty_batches_change_nothing_but_time() {
             ..before
         }
     );
+}
+
+/// A renewal of the current incarnation is recorded and announced; an unknown node, a stale
+/// incarnation and an expired one are refused without changing anything.
+#[test]
+fn renewals_count_only_for_the_current_unexpired_incarnation() {
+    let mut h = Harness::new();
+    h.apply(NOW, registration(7, 3, 4));
+    let lease = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 3,
+    };
+    let (response, effects) = h.apply(NOW + 5, Command::Renew(lease));
+    assert_eq!(response, Response::Renewed(Ok(())));
+    assert_eq!(effects, vec![exactly_core::Effect::Renewed(lease)]);
+    assert_eq!(h.table.nodes()[&7].renewed_at_ms, NOW + 5);
+
+    let before = h.table.clone();
+    let stale = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 2,
+    };
+    let (response, effects) = h.apply(NOW + 6, Command::Renew(stale));
+    assert!(matches!(
+        response,
+        Response::Renewed(Err(Rejection::StaleIncarnation { .. }))
+    ));
+    assert!(effects.is_empty());
+    let unknown = exactly_core::NodeLease {
+        node: 9,
+        incarnation: 1,
+    };
+    let (response, _) = h.apply(NOW + 6, Command::Renew(unknown));
+    assert_eq!(response, Response::Renewed(Err(Rejection::UnknownNode(9))));
+    assert_eq!(h.table.nodes(), before.nodes());
+
+    h.apply(NOW + 7, Command::Expire(lease));
+    let (response, effects) = h.apply(NOW + 8, Command::Renew(lease));
+    assert_eq!(
+        response,
+        Response::Renewed(Err(Rejection::Expired {
+            node: 7,
+            incarnation: 3
+        }))
+    );
+    assert!(effects.is_empty());
+}
+
+/// Expiring a lease abandons that node's attempts (jobs requeued, payloads kept), refuses new
+/// assignments to it and stale completions from it, and a newer incarnation clears the expiry.
+#[test]
+fn expiry_abandons_attempts_and_fences_the_incarnation() {
+    let mut h = Harness::new();
+    h.apply(NOW, registration(7, 3, 4));
+    h.apply(NOW, registration(8, 1, 4));
+    h.submit(
+        NOW,
+        vec![new_job("q", "noop", b"a"), new_job("q", "noop", b"b")],
+    );
+    let t1 = h.assign(NOW, 1, 7, 3);
+    let lease = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 3,
+    };
+    let (response, effects) = h.apply(NOW + 10, Command::Expire(lease));
+    assert_eq!(response, Response::Expired(Ok(1)));
+    assert!(
+        effects.is_empty(),
+        "the payload stays: the job will run again"
+    );
+    assert_eq!(h.job(1).status, JobStatus::Pending);
+    assert!(h.table.nodes()[&7].expired);
+    assert_eq!(h.table.running_on(7), 0);
+    // Expiring twice is a no-op.
+    assert_eq!(
+        h.apply(NOW + 11, Command::Expire(lease)).0,
+        Response::Expired(Ok(0))
+    );
+    // No new work for the expired incarnation.
+    let (response, _) = h.apply(
+        NOW + 12,
+        Command::Assign(vec![exactly_core::Assignment {
+            job: 2,
+            node: 7,
+            incarnation: 3,
+        }]),
+    );
+    assert!(matches!(response, Response::Assigned { started: 0, .. }));
+    // The scheduler does not plan for it either.
+    let plan = exactly_core::plan_assignments(&h.table, NOW + 12, 10, &Default::default());
+    assert!(plan.iter().all(|a| a.node == 8), "{plan:?}");
+    // Its late completion is stale.
+    let (response, _) = h.apply(
+        NOW + 13,
+        Command::Complete(vec![exactly_core::Completion {
+            job: 1,
+            token: t1,
+            outcome: exactly_core::Outcome::Succeeded { result: vec![] },
+        }]),
+    );
+    assert!(matches!(response, Response::Completed { accepted: 0, .. }));
+    assert_eq!(h.table.counts().stale_completions, 1);
+    // The job runs again elsewhere with a larger token.
+    let t2 = h.assign(NOW + 14, 1, 8, 1);
+    assert!(t2 > t1);
+    // A newer incarnation of node 7 works again.
+    h.apply(NOW + 15, registration(7, 4, 4));
+    assert!(!h.table.nodes()[&7].expired);
+    h.table.check_invariants().unwrap();
 }

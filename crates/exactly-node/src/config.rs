@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub defaults: JobDefaults,
     /// Raft timing and log policy.
     pub raft: RaftConfig,
+    /// Node leases: how a node keeps its right to run attempts, and when it loses it.
+    pub lease: LeaseConfig,
     /// Commands run by job kind: `[exec.resize-image] command = "/usr/bin/convert"`.
     pub exec: BTreeMap<String, ExecSpec>,
 }
@@ -94,8 +96,100 @@ impl Default for NodeConfig {
             limits: LimitsConfig::default(),
             defaults: JobDefaults::default(),
             raft: RaftConfig::default(),
+            lease: LeaseConfig::default(),
             exec: BTreeMap::new(),
         }
+    }
+}
+
+/// Lease timing. Invariant 4 of the design: a node stops running attempts (cancels, then kills
+/// after `kill-grace`) before the leader may consider its lease expired, assuming only that the
+/// nodes' monotonic clocks run at rates within `clock-rate-ratio-max` of each other:
+///
+/// ```text
+/// (self-fence-after + LEASE_CHECK_INTERVAL + kill-grace) × ratio² < expire-after
+/// ```
+///
+/// The node measures `self-fence-after` from the *send* time of its last acknowledged renewal;
+/// the leader measures `expire-after` from when it *applied* the last renewal (later than the
+/// send), or from when it became leader, whichever is later (invariant 6). One ratio factor
+/// covers a node clock running slow, the other the leader's running fast.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// How often a node renews its lease (a committed log entry).
+    #[serde(with = "humantime_serde")]
+    pub renew_interval: Duration,
+    /// A node that has had no renewal acknowledged for this long since the renewal's send time
+    /// stops starting attempts and cancels the running ones.
+    #[serde(with = "humantime_serde")]
+    pub self_fence_after: Duration,
+    /// How long a cancelled attempt may take to stop before it is killed.
+    #[serde(with = "humantime_serde")]
+    pub kill_grace: Duration,
+    /// The leader expires a node's lease (and reassigns its attempts) after this long without a
+    /// committed renewal.
+    #[serde(with = "humantime_serde")]
+    pub expire_after: Duration,
+    /// The largest ratio between two nodes' monotonic clock rates that the timing tolerates.
+    pub clock_rate_ratio_max: f64,
+}
+
+/// How often the executor compares the time with its lease deadline.
+pub const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            renew_interval: Duration::from_millis(500),
+            self_fence_after: Duration::from_millis(2500),
+            kill_grace: Duration::from_secs(1),
+            expire_after: Duration::from_secs(6),
+            clock_rate_ratio_max: 1.1,
+        }
+    }
+}
+
+impl LeaseConfig {
+    /// Checks invariant 4's timing relation and the basic bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.renew_interval < Duration::from_millis(10) {
+            return Err(invalid(
+                "lease.renew-interval",
+                self.renew_interval,
+                "must be at least 10ms",
+            ));
+        }
+        if self.self_fence_after < self.renew_interval * 2 {
+            return Err(invalid(
+                "lease.self-fence-after",
+                self.self_fence_after,
+                "must be at least 2 × lease.renew-interval (one lost renewal must not fence a node)",
+            ));
+        }
+        if !(1.0..=2.0).contains(&self.clock_rate_ratio_max) {
+            return Err(invalid(
+                "lease.clock-rate-ratio-max",
+                self.clock_rate_ratio_max,
+                "must be within 1.0..=2.0",
+            ));
+        }
+        let node_side =
+            (self.self_fence_after + LEASE_CHECK_INTERVAL + self.kill_grace).as_secs_f64();
+        let ratio = self.clock_rate_ratio_max;
+        if node_side * ratio * ratio >= self.expire_after.as_secs_f64() {
+            return Err(invalid(
+                "lease.expire-after",
+                self.expire_after,
+                format!(
+                    "must exceed (lease.self-fence-after + {LEASE_CHECK_INTERVAL:?} + lease.kill-grace) × \
+                     lease.clock-rate-ratio-max² = {:.3}s, or a node could still be running an \
+                     attempt when the leader reassigns it",
+                    node_side * ratio * ratio
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -268,9 +362,17 @@ impl NodeConfig {
                 "must be at least 1",
             ));
         }
-        for kind in self.exec.keys() {
+        self.lease.validate()?;
+        for (kind, spec) in &self.exec {
             if matches!(kind.as_str(), "noop" | "sleep" | "fail") {
                 return Err(invalid("exec", kind, "built-in kinds cannot be redefined"));
+            }
+            if spec.kill_grace > self.lease.kill_grace {
+                return Err(invalid(
+                    "exec.*.kill-grace",
+                    format!("{kind}: {:?}", spec.kill_grace),
+                    "must not exceed lease.kill-grace (the executor kills at that point)",
+                ));
             }
         }
         Ok(self)
@@ -346,6 +448,22 @@ mod tests {
                 .to_string();
             assert!(err.contains(key) && err.contains(value), "{text}: {err}");
         }
+    }
+
+    /// The default lease timing satisfies invariant 4 with room to spare, and the relation is
+    /// checked exactly at its boundary.
+    #[test]
+    fn lease_timing_relation_is_checked() {
+        LeaseConfig::default().validate().unwrap();
+        let mut l = LeaseConfig {
+            clock_rate_ratio_max: 1.0,
+            ..LeaseConfig::default()
+        };
+        // 2.5 s + 0.1 s + 1 s = 3.6 s: expiry at 3.6 s is refused, just above it accepted.
+        l.expire_after = Duration::from_millis(3600);
+        assert!(l.validate().is_err());
+        l.expire_after = Duration::from_millis(3601);
+        l.validate().unwrap();
     }
 
     /// An unknown key is an error naming it, not silently ignored.

@@ -21,8 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
 
-/// How long a cancelled handler may take to return before it is abandoned (dropped).
-pub const KILL_GRACE: Duration = Duration::from_secs(1);
 /// How often the executor compares its running set with the state machine's.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 /// Delay before proposing completions again after a failed proposal.
@@ -46,6 +44,8 @@ pub enum ExecutorMsg {
     Flush,
     /// Cancel every running attempt (shutdown).
     CancelAll,
+    /// Compare the time with the lease deadline; fence or unfence.
+    CheckLease,
     /// Start attempts the state machine gives this incarnation that this actor never saw (they
     /// arrived inside a snapshot rather than through an applied Assign).
     Reconcile,
@@ -62,6 +62,8 @@ pub struct ExecutorState {
     /// in either order). The second field counts consecutive reconciliation rounds in which the
     /// local replica no longer showed that attempt as current; see [`ExecutorMsg::Reconcile`].
     started: HashMap<JobId, (u64, u8)>,
+    /// The lease lapsed: nothing starts, and everything running was cancelled.
+    fenced: bool,
     flushing: bool,
 }
 
@@ -76,11 +78,13 @@ impl Actor for Executor {
         node: Node,
     ) -> Result<ExecutorState, ActorProcessingErr> {
         _myself.send_interval(RECONCILE_INTERVAL, || ExecutorMsg::Reconcile);
+        _myself.send_interval(crate::lease::CHECK_INTERVAL, || ExecutorMsg::CheckLease);
         Ok(ExecutorState {
             node,
             running: HashMap::new(),
             outbox: Vec::new(),
             started: HashMap::new(),
+            fenced: true,
             flushing: false,
         })
     }
@@ -128,8 +132,25 @@ impl Actor for Executor {
                 }
             }
             ExecutorMsg::Flush => state.flush(&myself),
+            ExecutorMsg::CheckLease => {
+                let valid = state.node.lease_valid();
+                if !valid && !state.fenced {
+                    state.fenced = true;
+                    tracing::warn!(
+                        node = state.node.id,
+                        running = state.running.len(),
+                        "lease lapsed: fencing (cancelling every running attempt)"
+                    );
+                    for (_, cancel) in state.running.values() {
+                        cancel.cancel();
+                    }
+                } else if valid && state.fenced {
+                    state.fenced = false;
+                    tracing::info!(node = state.node.id, "lease valid: running attempts");
+                }
+            }
             ExecutorMsg::Reconcile => {
-                let (id, incarnation) = (state.node.id, state.node.incarnation);
+                let (id, incarnation) = (state.node.id, state.node.incarnation());
                 // Forget a started attempt only after two rounds in which the local replica did
                 // not show it as current. The Start message of an attempt is enqueued when its
                 // Assign applies, before the replica can show the attempt ended; a round enqueued
@@ -182,7 +203,7 @@ impl Actor for Executor {
 impl ExecutorState {
     fn start(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
         let node = &self.node;
-        if start.node != node.id || start.incarnation != node.incarnation {
+        if start.node != node.id || start.incarnation != node.incarnation() {
             return;
         }
         if self
@@ -193,6 +214,21 @@ impl ExecutorState {
             return;
         }
         self.started.insert(start.job, (start.token, 0));
+        if !node.lease_valid() {
+            // Invariant 4: no lease, no execution. Report it so the job moves on sooner than
+            // the expiry would move it (the report is refused if the expiry came first).
+            let _ = myself.send_message(ExecutorMsg::Finished {
+                job: start.job,
+                token: start.token,
+                outcome: HandlerOutcome::Failed {
+                    error: format!("node {} has no valid lease (fenced); not started", node.id),
+                    retryable: true,
+                },
+            });
+            return;
+        }
+        // Something runs only under a valid lease, and from here CheckLease watches it lapse.
+        self.fenced = false;
         if let Some((_, previous)) = self.running.get(&start.job) {
             // A newer attempt of a job still running here: the old one is fenced off.
             previous.cancel();
@@ -210,6 +246,7 @@ impl ExecutorState {
         let handler = node.registry.get(&start.kind);
         let payload = node.store.payload(job);
         let node_id = node.id;
+        let grace = node.config.lease.kill_grace;
         let me = myself.clone();
         tokio::spawn(async move {
             let outcome = match (handler, payload) {
@@ -238,7 +275,7 @@ impl ExecutorState {
                         payload,
                         timeout,
                     };
-                    run_with_timeout(handler.run(ctx, cancel.clone()), cancel, timeout).await
+                    run_attempt(handler.run(ctx, cancel.clone()), cancel, timeout, grace).await
                 }
             };
             let _ = me.send_message(ExecutorMsg::Finished {
@@ -281,22 +318,34 @@ impl ExecutorState {
     }
 }
 
-/// Runs a handler until it finishes, or until `timeout`, then cancels it and waits at most
-/// [`KILL_GRACE`] before dropping it.
-async fn run_with_timeout(
+/// Runs a handler until it finishes, times out, or is cancelled (fencing, shutdown); then
+/// cancels it and waits at most `grace` before dropping it (the `exec` handler's drop guard
+/// kills its process group).
+async fn run_attempt(
     run: futures::future::BoxFuture<'static, HandlerOutcome>,
     cancel: CancellationToken,
     timeout: Duration,
+    grace: Duration,
 ) -> HandlerOutcome {
     let mut run = run;
-    tokio::select! {
+    let reason = tokio::select! {
         outcome = &mut run => return outcome,
-        _ = tokio::time::sleep(timeout) => {}
-    }
+        _ = tokio::time::sleep(timeout) => format!("timed out after {timeout:?}"),
+        _ = cancel.cancelled() => "cancelled".to_string(),
+    };
     cancel.cancel();
-    let _ = tokio::time::timeout(KILL_GRACE, run).await;
-    HandlerOutcome::Failed {
-        error: format!("timed out after {timeout:?}"),
-        retryable: true,
+    match tokio::time::timeout(grace, &mut run).await {
+        Ok(HandlerOutcome::Succeeded(result)) => HandlerOutcome::Succeeded(result),
+        Ok(HandlerOutcome::Failed { error, .. }) => HandlerOutcome::Failed {
+            error: format!("{reason}: {error}"),
+            retryable: true,
+        },
+        Err(_) => {
+            drop(run);
+            HandlerOutcome::Failed {
+                error: format!("{reason}; killed after a grace of {grace:?}"),
+                retryable: true,
+            }
+        }
     }
 }

@@ -7,7 +7,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use exactly_core::StartAttempt;
+use std::collections::HashMap;
+use std::time::Instant;
+
+use exactly_core::{NodeLease, StartAttempt};
 use exactly_store::ApplyObserver;
 use ractor::ActorRef;
 
@@ -23,6 +26,9 @@ pub struct Hooks {
     pub wake_pending: AtomicBool,
     /// Applied index, for /readyz and tests.
     pub applied: std::sync::atomic::AtomicU64,
+    /// When this replica applied each incarnation's last lease renewal (its monotonic clock).
+    /// Only the leader acts on it (see `lease.rs`).
+    pub renewals: Mutex<HashMap<NodeLease, Instant>>,
 }
 
 impl Hooks {
@@ -58,6 +64,13 @@ impl ApplyObserver for Hooks {
         if let Some(executor) = self.executor.get() {
             let _ = executor.send_message(ExecutorMsg::Start(start));
         }
+    }
+
+    fn on_renewed(&self, lease: NodeLease) {
+        let mut renewals = self.renewals.lock().unwrap_or_else(|p| p.into_inner());
+        // One entry per node: a newer incarnation replaces the older one's.
+        renewals.retain(|l, _| l.node != lease.node || l.incarnation >= lease.incarnation);
+        renewals.insert(lease, Instant::now());
     }
 
     fn on_applied(&self, index: u64) {

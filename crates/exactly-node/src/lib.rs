@@ -11,6 +11,7 @@ pub mod executor;
 pub mod faults;
 pub mod hooks;
 pub mod internal;
+pub mod lease;
 pub mod network;
 pub mod node;
 pub mod scheduler;

@@ -53,7 +53,10 @@ pub enum ForwardReply {
 
 pub struct NodeInner {
     pub id: u64,
-    pub incarnation: u64,
+    /// This process's current incarnation (see [`Node::incarnation`]).
+    pub incarnation: std::sync::atomic::AtomicU64,
+    /// End of this node's lease, in ms since `started` (0: no lease). See `lease.rs`.
+    pub lease_until_ms: std::sync::atomic::AtomicU64,
     pub config: NodeConfig,
     pub raft: Raft,
     pub store: Store,
@@ -91,6 +94,17 @@ pub fn wall_ms() -> u64 {
 }
 
 impl Node {
+    /// The incarnation this process runs as now. It changes only when the leader expired the
+    /// previous one (the process outlived its lease, e.g. behind a partition).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Milliseconds on this node's monotonic clock since it started.
+    pub fn mono_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     /// Reads the local replica's job table.
     pub fn read<T>(&self, f: impl FnOnce(&JobTable) -> T) -> T {
         self.state.read(f)

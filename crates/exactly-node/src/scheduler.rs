@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_core::limits::ASSIGN_BATCH_MAX;
-use exactly_core::{plan_assignments, Command};
+use exactly_core::{plan_assignments, Command, NodeLease};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::hooks::Hooks;
+use crate::lease::LeaseWatch;
 use crate::node::{wall_ms, ForwardReply, Node};
 
 /// How often the scheduler looks even without a wake-up (delayed jobs become due by time alone).
@@ -24,7 +25,12 @@ pub const SCHEDULER_TICK: Duration = Duration::from_millis(100);
 pub enum SchedulerMsg {
     Wake,
     Tick,
-    Proposed { planned: usize, ok: bool },
+    /// An Expire proposal for this lease returned.
+    Expired(NodeLease),
+    Proposed {
+        planned: usize,
+        ok: bool,
+    },
 }
 
 pub struct Scheduler;
@@ -34,6 +40,11 @@ pub struct SchedulerState {
     hooks: Arc<Hooks>,
     in_flight: bool,
     again: bool,
+    leases: LeaseWatch,
+    /// Nodes that have not renewed for `lease.self-fence-after`: no new work for them.
+    quiet: BTreeSet<u64>,
+    /// Expiries proposed and not yet answered.
+    expiring: BTreeSet<NodeLease>,
 }
 
 impl Actor for Scheduler {
@@ -53,6 +64,9 @@ impl Actor for Scheduler {
             hooks,
             in_flight: false,
             again: false,
+            leases: LeaseWatch::new(),
+            quiet: BTreeSet::new(),
+            expiring: BTreeSet::new(),
         })
     }
 
@@ -67,7 +81,13 @@ impl Actor for Scheduler {
                 state.hooks.wake_pending.store(false, Ordering::Release);
                 state.plan(&myself);
             }
-            SchedulerMsg::Tick => state.plan(&myself),
+            SchedulerMsg::Tick => {
+                state.review_leases(&myself);
+                state.plan(&myself);
+            }
+            SchedulerMsg::Expired(lease) => {
+                state.expiring.remove(&lease);
+            }
             SchedulerMsg::Proposed { planned, ok } => {
                 state.in_flight = false;
                 if !ok {
@@ -86,6 +106,39 @@ impl Actor for Scheduler {
 }
 
 impl SchedulerState {
+    /// Expires leases that lapsed on this leader's clock (one proposal per lease at a time).
+    fn review_leases(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        let renewed = self
+            .hooks
+            .renewals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (expire, quiet) = self.leases.review(&self.node, &renewed);
+        self.quiet = quiet;
+        for lease in expire {
+            if !self.expiring.insert(lease) {
+                continue;
+            }
+            tracing::warn!(
+                node = lease.node,
+                incarnation = lease.incarnation,
+                "lease expired"
+            );
+            let node = self.node.clone();
+            let me = myself.clone();
+            tokio::spawn(async move {
+                let budget = node.config.limits.propose_timeout;
+                let reply =
+                    tokio::time::timeout(budget, node.write_local(Command::Expire(lease))).await;
+                if let Ok(ForwardReply::Committed(r)) = reply {
+                    tracing::info!(?r, node = lease.node, "expiry committed");
+                }
+                let _ = me.send_message(SchedulerMsg::Expired(lease));
+            });
+        }
+    }
+
     fn plan(&mut self, myself: &ActorRef<SchedulerMsg>) {
         if self.in_flight {
             self.again = true;
@@ -107,7 +160,7 @@ impl SchedulerState {
             let excluded: BTreeSet<u64> = table
                 .nodes()
                 .keys()
-                .filter(|id| !members.contains(id))
+                .filter(|id| !members.contains(id) || self.quiet.contains(id))
                 .copied()
                 .collect();
             plan_assignments(table, now, ASSIGN_BATCH_MAX, &excluded)

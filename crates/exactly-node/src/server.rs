@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use exactly_core::{Command, NodeRegistration, Response};
 use exactly_handlers::Registry;
 use exactly_proto::internal::internal_server::InternalServer;
 use exactly_proto::internal::JoinRequest;
@@ -151,7 +150,8 @@ pub async fn start_with(
         .unwrap_or_else(|| local.to_string());
     let node = Node(Arc::new(NodeInner {
         id,
-        incarnation,
+        incarnation: incarnation.into(),
+        lease_until_ms: Default::default(),
         config,
         raft,
         store,
@@ -271,7 +271,7 @@ async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
             .unwrap_or_else(|p| p.into_inner())
             .is_some();
         if leading && !running {
-            let name = actor_name(node.id, node.incarnation, "scheduler");
+            let name = actor_name(node.id, node.incarnation(), "scheduler");
             match Actor::spawn(Some(name), Scheduler, (node.clone(), hooks.clone())).await {
                 Ok((actor, _)) => {
                     tracing::info!(node = node.id, "became leader; scheduler started");
@@ -310,34 +310,7 @@ async fn bootstrap_and_register(node: Node, addr: String) {
     } else if !initialized && !node.config.join.is_empty() {
         join(&node, &addr).await;
     }
-    loop {
-        if node.shutdown.is_cancelled() {
-            return;
-        }
-        let registration = NodeRegistration {
-            node: node.id,
-            incarnation: node.incarnation,
-            slots: node.config.slots,
-            addr: addr.clone(),
-        };
-        match node.propose(Command::RegisterNode(registration)).await {
-            Ok(Response::NodeRegistered(Ok(requeued))) => {
-                tracing::info!(
-                    node = node.id,
-                    incarnation = node.incarnation,
-                    requeued,
-                    "registered"
-                );
-                return;
-            }
-            Ok(other) => {
-                tracing::error!(?other, "registration refused");
-                return;
-            }
-            Err(e) => tracing::debug!(error = %e, "registration not yet possible"),
-        }
-        tokio::time::sleep(RETRY_PAUSE).await;
-    }
+    node.keep_lease(addr).await;
 }
 
 /// Asks the configured peers (and whichever leader they name) to admit this node, until one does.

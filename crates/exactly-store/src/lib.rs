@@ -60,6 +60,9 @@ pub trait ApplyObserver: Send + Sync + 'static {
     /// Entries up to `index` were applied, or a snapshot up to `index` was installed (wakes
     /// the scheduler and watchers).
     fn on_applied(&self, index: u64);
+    /// A lease renewal of `lease` committed. The leader restarts that node's expiry clock here
+    /// (on its own monotonic clock); other replicas ignore it.
+    fn on_renewed(&self, _lease: exactly_core::NodeLease) {}
 }
 
 /// An observer that ignores everything (storage tests).

@@ -12,7 +12,7 @@ use std::io::Cursor;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use exactly_core::{Effect, JobTable, Response, StartAttempt};
+use exactly_core::{Effect, JobTable, NodeLease, Response, StartAttempt};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
@@ -101,11 +101,12 @@ fn apply_blocking(
     store: &Store,
     shared: &RwLock<Applied>,
     entries: Vec<Entry<TypeConfig>>,
-) -> Result<(Vec<Response>, Vec<StartAttempt>)> {
+) -> Result<Applies> {
     let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
     let mut responses = Vec::with_capacity(entries.len());
     let mut payload_ops: Vec<([u8; 8], Option<Vec<u8>>)> = Vec::new();
     let mut starts = Vec::new();
+    let mut renewals = Vec::new();
     for entry in entries {
         let log_id = entry.log_id;
         let response = match entry.payload {
@@ -119,6 +120,7 @@ fn apply_blocking(
                         }
                         Effect::DropPayload { job } => payload_ops.push((u64_key(job), None)),
                         Effect::Start(start) => starts.push(start),
+                        Effect::Renewed(lease) => renewals.push(lease),
                     }
                 }
                 response
@@ -156,8 +158,11 @@ fn apply_blocking(
             .and_then(|job| job.current_attempt())
             .is_some_and(|attempt| attempt.token == s.token)
     });
-    Ok((responses, starts))
+    Ok((responses, starts, renewals))
 }
+
+/// What one apply call hands back: responses, current starts, committed renewals.
+type Applies = (Vec<Response>, Vec<StartAttempt>, Vec<NodeLease>);
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
@@ -184,7 +189,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let store = self.store.clone();
         let shared = self.shared.clone();
-        let (responses, starts) =
+        let (responses, starts, renewals) =
             tokio::task::spawn_blocking(move || apply_blocking(&store, &shared, entries))
                 .await
                 .map_err(Error::task)
@@ -192,6 +197,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|e| e.into_raft(ErrorSubject::Apply(last), ErrorVerb::Write))?;
         for start in starts {
             self.observer.on_start(start);
+        }
+        for lease in renewals {
+            self.observer.on_renewed(lease);
         }
         self.observer.on_applied(last.index);
         Ok(responses)

@@ -1,0 +1,194 @@
+//! Node leases: the node side (renewing, and knowing when to stop) and the leader side
+//! (expiring a node whose renewals stopped).
+//!
+//! **Invariant 4:** a node runs attempts only while `now < lease_until`, where `lease_until` is
+//! the *send* time of its last acknowledged renewal (or registration) plus
+//! `lease.self-fence-after`. The executor checks it every [`LEASE_CHECK_INTERVAL`] and, once it
+//! lapses, cancels every attempt and kills what has not stopped after `lease.kill-grace`.
+//!
+//! **Invariant 5:** a renewal counts only once committed through the log (a deposed leader
+//! cannot commit), and the node counts it only when the commit is acknowledged to it.
+//!
+//! **Invariant 6:** the leader measures `lease.expire-after` on its own monotonic clock from the
+//! later of (a) the moment it applied the node's last renewal and (b) the moment it became
+//! leader (or first saw that incarnation), so a new leader always waits a full lease period.
+//! Config validation checks the relation between these numbers (`LeaseConfig::validate`).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use exactly_core::{Command, NodeLease, NodeRegistration, Rejection, Response};
+
+use crate::config::LEASE_CHECK_INTERVAL;
+use crate::node::Node;
+
+/// Pause between attempts to register after a failure.
+const REGISTER_RETRY: Duration = Duration::from_millis(300);
+
+impl Node {
+    /// Whether this node may run attempts now.
+    pub fn lease_valid(&self) -> bool {
+        self.mono_ms() < self.lease_until_ms.load(Ordering::Acquire)
+    }
+
+    /// Records that a renewal (or registration) sent at `sent` was acknowledged as committed.
+    fn lease_acked(&self, sent: Instant) {
+        let sent_ms = sent.saturating_duration_since(self.started).as_millis() as u64;
+        let until = sent_ms + self.config.lease.self_fence_after.as_millis() as u64;
+        self.lease_until_ms.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Registers the current incarnation until the registration commits (or shutdown), and
+    /// takes the first lease from it.
+    pub async fn register(&self, addr: &str) -> bool {
+        loop {
+            if self.shutdown.is_cancelled() {
+                return false;
+            }
+            let registration = NodeRegistration {
+                node: self.id,
+                incarnation: self.incarnation(),
+                slots: self.config.slots,
+                addr: addr.to_string(),
+            };
+            let sent = Instant::now();
+            match self.propose(Command::RegisterNode(registration)).await {
+                Ok(Response::NodeRegistered(Ok(requeued))) => {
+                    self.lease_acked(sent);
+                    tracing::info!(
+                        node = self.id,
+                        incarnation = self.incarnation(),
+                        requeued,
+                        "registered"
+                    );
+                    return true;
+                }
+                Ok(Response::NodeRegistered(Err(why))) => {
+                    tracing::error!(%why, "registration refused; taking a new incarnation");
+                    if !self.reincarnate() {
+                        return false;
+                    }
+                }
+                Ok(other) => tracing::error!(?other, "unexpected response to registration"),
+                Err(e) => tracing::debug!(error = %e, "registration not yet possible"),
+            }
+            tokio::time::sleep(REGISTER_RETRY).await;
+        }
+    }
+
+    /// Takes a new, durable incarnation (the previous one was expired by the leader).
+    fn reincarnate(&self) -> bool {
+        match self.store.next_incarnation() {
+            Ok(next) => {
+                self.incarnation.store(next, Ordering::Release);
+                tracing::warn!(node = self.id, incarnation = next, "new incarnation");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot persist a new incarnation; stopping");
+                self.shutdown.cancel();
+                false
+            }
+        }
+    }
+
+    /// Renews this node's lease every `lease.renew-interval` for as long as the node runs. If the
+    /// leader expired this incarnation, takes a new one and registers it.
+    pub async fn keep_lease(self, addr: String) {
+        if !self.register(&addr).await {
+            return;
+        }
+        let every = self.config.lease.renew_interval;
+        let budget = self.config.lease.self_fence_after;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let lease = NodeLease {
+                node: self.id,
+                incarnation: self.incarnation(),
+            };
+            let sent = Instant::now();
+            match tokio::time::timeout(budget, self.propose(Command::Renew(lease))).await {
+                Ok(Ok(Response::Renewed(Ok(())))) => self.lease_acked(sent),
+                Ok(Ok(Response::Renewed(Err(
+                    why @ (Rejection::Expired { .. } | Rejection::StaleIncarnation { .. }),
+                )))) => {
+                    tracing::warn!(%why, "lease lost; registering a new incarnation");
+                    if !self.reincarnate() || !self.register(&addr).await {
+                        return;
+                    }
+                }
+                Ok(Ok(other)) => tracing::error!(?other, "unexpected response to a renewal"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "renewal failed"),
+                Err(_) => tracing::debug!("renewal timed out"),
+            }
+        }
+    }
+}
+
+/// The leader's view of its members' leases.
+pub struct LeaseWatch {
+    /// When this node became leader (the scheduler actor started).
+    leader_since: Instant,
+    /// When this leader first saw each incarnation registered.
+    first_seen: std::collections::HashMap<NodeLease, Instant>,
+}
+
+impl LeaseWatch {
+    pub fn new() -> Self {
+        Self {
+            leader_since: Instant::now(),
+            first_seen: Default::default(),
+        }
+    }
+
+    /// Incarnations whose lease lapsed on this leader's clock, and those that should get no new
+    /// work because they have not renewed for `lease.self-fence-after` (they are fencing).
+    pub fn review(
+        &mut self,
+        node: &Node,
+        renewed: &std::collections::HashMap<NodeLease, Instant>,
+    ) -> (Vec<NodeLease>, std::collections::BTreeSet<u64>) {
+        let now = Instant::now();
+        let lease = &node.config.lease;
+        let current: Vec<NodeLease> = node.read(|t| {
+            t.nodes()
+                .iter()
+                .filter(|(_, n)| !n.expired)
+                .map(|(&id, n)| NodeLease {
+                    node: id,
+                    incarnation: n.incarnation,
+                })
+                .collect()
+        });
+        self.first_seen.retain(|l, _| current.contains(l));
+        let mut expire = Vec::new();
+        let mut quiet = std::collections::BTreeSet::new();
+        for l in current {
+            let seen = *self.first_seen.entry(l).or_insert(now);
+            let mut last = self.leader_since.max(seen);
+            if let Some(&at) = renewed.get(&l) {
+                last = last.max(at);
+            }
+            let silent = now.saturating_duration_since(last);
+            if silent > lease.expire_after {
+                expire.push(l);
+            }
+            if silent > lease.self_fence_after {
+                quiet.insert(l.node);
+            }
+        }
+        (expire, quiet)
+    }
+}
+
+impl Default for LeaseWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How often the executor checks its lease (re-exported for the executor).
+pub const CHECK_INTERVAL: Duration = LEASE_CHECK_INTERVAL;
