@@ -22,6 +22,9 @@ use exactly_core::{Command, NodeLease, NodeRegistration, Rejection, Response};
 use crate::config::LEASE_CHECK_INTERVAL;
 use crate::node::Node;
 
+/// Renew intervals without an applied renewal after which the scheduler stops assigning to a
+/// node (a liveness hint; the lease decides safety).
+pub const QUIET_AFTER_RENEWALS: u32 = 3;
 /// Pause between attempts to register after a failure.
 const REGISTER_RETRY: Duration = Duration::from_millis(300);
 
@@ -144,8 +147,11 @@ impl LeaseWatch {
         }
     }
 
-    /// Incarnations whose lease lapsed on this leader's clock, and those that should get no new
-    /// work because they have not renewed for `lease.self-fence-after` (they are fencing).
+    /// Incarnations whose lease lapsed on this leader's clock, and nodes that should get no new
+    /// work because no renewal of theirs applied here for [`QUIET_AFTER_RENEWALS`] renew
+    /// intervals. Expiry (safety) counts from no earlier than this leader's election; the quiet
+    /// set (only a scheduling hint) uses the renewals this node applied even as a follower, so
+    /// a new leader stops assigning to a dead predecessor at once.
     pub fn review(
         &mut self,
         node: &Node,
@@ -176,7 +182,8 @@ impl LeaseWatch {
             if silent > lease.expire_after {
                 expire.push(l);
             }
-            if silent > lease.self_fence_after {
+            let heard = renewed.get(&l).copied().unwrap_or(seen);
+            if now.saturating_duration_since(heard) > lease.renew_interval * QUIET_AFTER_RENEWALS {
                 quiet.insert(l.node);
             }
         }

@@ -81,10 +81,7 @@ impl Actor for Scheduler {
                 state.hooks.wake_pending.store(false, Ordering::Release);
                 state.plan(&myself);
             }
-            SchedulerMsg::Tick => {
-                state.review_leases(&myself);
-                state.plan(&myself);
-            }
+            SchedulerMsg::Tick => state.plan(&myself),
             SchedulerMsg::Expired(lease) => {
                 state.expiring.remove(&lease);
             }
@@ -140,6 +137,9 @@ impl SchedulerState {
     }
 
     fn plan(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        // Fresh lease view first: a new leader's very first plan must already skip a dead
+        // predecessor (and expiries are proposed from here too).
+        self.review_leases(myself);
         if self.in_flight {
             self.again = true;
             return;

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Measures failover on a fresh local 3-node cluster (release build, default timings):
+#  1. worker SIGKILL -> the job it was running is running again on another node;
+#  2. leader SIGKILL -> a newly submitted job completes again.
+# Each is repeated RUNS times (default 10); prints every run, then the median and the max.
+# Usage: scripts/failover.sh [RUNS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-10}
+cargo build --release -p exactly-node -p exactly-cli --bins >&2
+bin=${CARGO_TARGET_DIR:-target}/release
+dir=$(mktemp -d)
+base=$((19000 + RANDOM % 500))
+eps="127.0.0.1:$((base+1)),127.0.0.1:$((base+2)),127.0.0.1:$((base+3))"
+declare -A pid
+start_node() { # id [extra flags]
+  local id=$1; shift
+  "$bin/exactlyd" --node-id "$id" --listen "127.0.0.1:$((base+id))" --data-dir "$dir/n$id" "$@" \
+    >>"$dir/n$id.log" 2>&1 &
+  pid[$id]=$!
+}
+cleanup() {
+  for p in "${pid[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT INT TERM
+ex() { "$bin/exactly" --endpoints "$eps" --retry-time 2s "$@"; }
+now_ms() { date +%s%3N; }
+registered() { ex --json status 2>/dev/null | grep -cE '"incarnation": *[1-9]' || true; }
+wait_ready() {
+  for _ in $(seq 1 300); do
+    if [[ "$(registered)" -ge 3 ]] && ex --json status 2>/dev/null | grep -qE '"leader_id": *[1-9]'; then return 0; fi
+    sleep 0.1
+  done
+  echo "cluster not ready" >&2; return 1
+}
+start_node 1 --init
+start_node 2 --join "127.0.0.1:$((base+1))"
+start_node 3 --join "127.0.0.1:$((base+1))"
+wait_ready
+
+summary() { # label values...
+  local label=$1; shift
+  local sorted; sorted=$(printf '%s\n' "$@" | sort -n)
+  local n=$#; local median; median=$(echo "$sorted" | sed -n "$(( (n+1)/2 ))p")
+  local max; max=$(echo "$sorted" | tail -1)
+  printf '%-28s runs %d  median %s ms  max %s ms\n' "$label" "$n" "$median" "$max"
+}
+
+worker=()
+for r in $(seq 1 "$runs"); do
+  id=$(ex submit --kind sleep --payload 120s)
+  node=""
+  for _ in $(seq 1 100); do
+    node=$(ex --json get "$id" | grep -oE '"node_id": *[0-9]+' | tail -1 | grep -oE '[0-9]+$' || true)
+    [[ -n "$node" ]] && break
+    sleep 0.05
+  done
+  leader=$(ex --json status | grep -oE '"leader_id": *[0-9]+' | grep -oE '[0-9]+$')
+  if [[ "$node" == "$leader" ]]; then
+    # Measure a worker, not the leader: move on to another job.
+    ex submit --kind sleep --payload 1ms >/dev/null; continue
+  fi
+  kill -KILL "${pid[$node]}"; t0=$(now_ms)
+  while :; do
+    attempts=$(ex --json get "$id" | grep -oE '"node_id": *[0-9]+' | grep -oE '[0-9]+$' | tr '\n' ' ')
+    last=$(echo "$attempts" | awk '{print $NF}')
+    if [[ "$last" != "$node" ]]; then break; fi
+    sleep 0.05
+  done
+  dt=$(( $(now_ms) - t0 )); worker+=("$dt")
+  echo "worker run $r: node $node killed; job $id running on node $last after ${dt} ms"
+  start_node "$node"; wait_ready
+done
+
+leader_runs=()
+for r in $(seq 1 "$runs"); do
+  leader=$(ex --json status | grep -oE '"leader_id": *[0-9]+' | grep -oE '[0-9]+$')
+  kill -KILL "${pid[$leader]}"; t0=$(now_ms)
+  while :; do
+    if id=$(ex submit --kind noop 2>/dev/null); then
+      state=""
+      for _ in $(seq 1 100); do
+        state=$(ex --json get "$id" 2>/dev/null | grep -oE '"state": *"[a-z]+"' | grep -oE '[a-z]+"$' || true)
+        [[ "$state" == 'succeeded"' ]] && break
+        sleep 0.02
+      done
+      [[ "$state" == 'succeeded"' ]] && break
+    fi
+    sleep 0.02
+  done
+  dt=$(( $(now_ms) - t0 )); leader_runs+=("$dt")
+  echo "leader run $r: leader $leader killed; a new job completed after ${dt} ms"
+  start_node "$leader"; wait_ready
+done
+echo
+summary "worker SIGKILL -> re-run" "${worker[@]}"
+summary "leader SIGKILL -> jobs flow" "${leader_runs[@]}"
