@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -188,6 +189,9 @@ impl ExecSpec {
 #[derive(Clone, Debug)]
 pub struct ExecHandler {
     spec: Arc<ExecSpec>,
+    /// Where each running command's process group leaves a marker file, so that a restarted
+    /// node can kill what its previous life left running ([`kill_leftover_groups`]).
+    group_dir: Option<Arc<PathBuf>>,
 }
 
 impl ExecHandler {
@@ -196,7 +200,14 @@ impl ExecHandler {
     pub fn new(spec: ExecSpec) -> Self {
         Self {
             spec: Arc::new(spec),
+            group_dir: None,
         }
+    }
+
+    /// Records each running command's process group in `dir` (see [`kill_leftover_groups`]).
+    pub fn with_group_dir(mut self, dir: PathBuf) -> Self {
+        self.group_dir = Some(Arc::new(dir));
+        self
     }
 
     /// The spec this handler runs.
@@ -211,7 +222,7 @@ impl Handler for ExecHandler {
         ctx: JobContext,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, HandlerOutcome> {
-        run(Arc::clone(&self.spec), ctx, cancel).boxed()
+        run(Arc::clone(&self.spec), self.group_dir.clone(), ctx, cancel).boxed()
     }
 }
 
@@ -222,7 +233,12 @@ enum Ended {
     Cancelled,
 }
 
-async fn run(spec: Arc<ExecSpec>, ctx: JobContext, cancel: CancellationToken) -> HandlerOutcome {
+async fn run(
+    spec: Arc<ExecSpec>,
+    group_dir: Option<Arc<PathBuf>>,
+    ctx: JobContext,
+    cancel: CancellationToken,
+) -> HandlerOutcome {
     if cancel.is_cancelled() {
         return HandlerOutcome::cancelled();
     }
@@ -245,6 +261,7 @@ async fn run(spec: Arc<ExecSpec>, ctx: JobContext, cancel: CancellationToken) ->
         .process_group(0)
         // Covers only the direct child; `ProcessGroup`'s drop covers the rest of the group.
         .kill_on_drop(true);
+    die_with_parent(&mut command);
 
     let mut child = match command.spawn() {
         Ok(child) => child,
@@ -257,7 +274,10 @@ async fn run(spec: Arc<ExecSpec>, ctx: JobContext, cancel: CancellationToken) ->
             spec.command
         ));
     };
-    let mut group = ProcessGroup::new(Pid::from_raw(pid));
+    let mut group = ProcessGroup::new(
+        Pid::from_raw(pid),
+        group_dir.as_deref().map(|d| d.as_path()),
+    );
     tracing::debug!(job_id = ctx.job_id, attempt = ctx.attempt, pid, command = %spec.command, "exec started");
 
     let mut stdout = TailBuffer::new(spec.output_bytes_max);
@@ -461,11 +481,27 @@ fn exit_outcome(
 struct ProcessGroup {
     pgid: Pid,
     armed: bool,
+    /// The marker file naming this group for [`kill_leftover_groups`], removed on drop.
+    marker: Option<PathBuf>,
 }
 
 impl ProcessGroup {
-    fn new(pgid: Pid) -> Self {
-        Self { pgid, armed: true }
+    fn new(pgid: Pid, group_dir: Option<&Path>) -> Self {
+        let marker = group_dir.and_then(|dir| {
+            let path = dir.join(pgid.as_raw().to_string());
+            match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, b"")) {
+                Ok(()) => Some(path),
+                Err(err) => {
+                    tracing::warn!(%err, path = %path.display(), "cannot record an exec process group");
+                    None
+                }
+            }
+        });
+        Self {
+            pgid,
+            armed: true,
+            marker,
+        }
     }
 
     fn signal(&self, signal: Signal) {
@@ -504,7 +540,91 @@ impl Drop for ProcessGroup {
         if self.armed {
             let _ = killpg(self.pgid, Signal::SIGKILL);
         }
+        if let Some(marker) = self.marker.take() {
+            let _ = std::fs::remove_file(marker);
+        }
     }
+}
+
+/// Asks the kernel to SIGKILL the command when the node process dies (SIGKILL of `exactlyd`
+/// runs none of our cleanup). This reaches the direct child only; [`kill_leftover_groups`]
+/// kills the rest of a group when the node starts again.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2) and
+    // getppid(2), both async-signal-safe; it allocates nothing and takes no locks.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The parent may have died between fork and prctl: then no signal will come.
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::other(
+                    "the node exited while starting the command",
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Kills the process groups that a previous life of this node left running, as recorded in
+/// `dir` by [`ExecHandler::with_group_dir`]. Call it at start-up, before the node registers a
+/// new incarnation: a restarted node must not let its previous life's commands go on running
+/// (or calling downstreams) while their jobs are reassigned. A group is killed only if one of
+/// its processes still carries `EXACTLY_NODE_ID=<node_id>` in its environment, so a recycled
+/// process-group id of an unrelated program is left alone. Returns how many groups it killed.
+pub fn kill_leftover_groups(dir: &Path, node_id: u64) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let marker = format!("EXACTLY_NODE_ID={node_id}");
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(pgid) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if group_carries(pgid, &marker) {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            killed += 1;
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    killed
+}
+
+/// Whether a live process in group `pgid` has `marker` in its environment (Linux /proc).
+fn group_carries(pgid: i32, marker: &str) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may contain spaces) start after the last ')'.
+        let group = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+            .and_then(|g| g.parse::<i32>().ok());
+        if group != Some(pgid) {
+            continue;
+        }
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|&b| b == 0).any(|v| v == marker.as_bytes()) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -583,6 +703,44 @@ mod tests {
 
     fn pidfile(dir: &tempfile::TempDir) -> PathBuf {
         dir.path().join("pid")
+    }
+
+    /// A command whose node "crashed" (its handler future leaked, so no cleanup ran) is
+    /// recorded in the group directory; `kill_leftover_groups` kills it and its grandchild at
+    /// the next start, and leaves alone a recorded group that is not this node's.
+    #[tokio::test]
+    async fn leftover_groups_of_a_previous_life_are_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = dir.path().join("groups");
+        let pids = pidfile(&dir);
+        let spec = sh(&format!("sleep 30 & echo $! > {}; wait", pids.display()));
+        let handler = ExecHandler::new(spec).with_group_dir(groups.clone());
+        let run = handler.run(context("exec-test", b""), CancellationToken::new());
+        // Drive it until the grandchild exists, then leak it: no drop guard runs, like SIGKILL.
+        let mut run = Box::pin(run);
+        let deadline = StdInstant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&pids).map_or(true, |s| s.trim().is_empty()) {
+            assert!(StdInstant::now() < deadline, "command did not start");
+            let _ = tokio::time::timeout(Duration::from_millis(10), &mut run).await;
+        }
+        let grandchild = Pid::from_raw(
+            std::fs::read_to_string(&pids)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap(),
+        );
+        std::mem::forget(run);
+        assert_eq!(std::fs::read_dir(&groups).unwrap().count(), 1);
+        // Another node's id: nothing is killed.
+        assert_eq!(kill_leftover_groups(&groups, 99), 0);
+        assert!(running(grandchild));
+        // The marker was consumed; record it again as the previous life would have left it.
+        let child_group = nix::unistd::getpgid(Some(grandchild)).unwrap();
+        std::fs::write(groups.join(child_group.as_raw().to_string()), b"").unwrap();
+        assert_eq!(kill_leftover_groups(&groups, 3), 1);
+        assert_gone(grandchild).await;
+        assert_eq!(std::fs::read_dir(&groups).unwrap().count(), 0);
     }
 
     /// The payload reaches the command's stdin and stdout becomes the result.

@@ -120,6 +120,22 @@ impl Registry {
         Ok(())
     }
 
+    /// Like [`Registry::register_exec`], recording running process groups in `group_dir` so a
+    /// restarted node can kill its previous life's commands ([`exec::kill_leftover_groups`]).
+    pub fn register_exec_in(
+        &mut self,
+        kind: impl Into<String>,
+        spec: ExecSpec,
+        group_dir: std::path::PathBuf,
+    ) -> Result<(), ExecSpecError> {
+        spec.validate()?;
+        self.register(
+            kind,
+            Arc::new(ExecHandler::new(spec).with_group_dir(group_dir)),
+        );
+        Ok(())
+    }
+
     pub fn register(&mut self, kind: impl Into<String>, handler: Arc<dyn Handler>) {
         self.handlers.insert(kind.into(), handler);
     }

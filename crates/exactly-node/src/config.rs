@@ -272,6 +272,12 @@ impl NodeConfig {
         toml::from_str(text)
     }
 
+    /// Where `exec` commands' process groups are recorded while they run (see
+    /// `exactly_handlers::exec::kill_leftover_groups`).
+    pub fn exec_group_dir(&self) -> PathBuf {
+        self.data_dir.join("exec-groups")
+    }
+
     /// The address other nodes use for this one.
     pub fn advertise_addr(&self) -> String {
         self.advertise

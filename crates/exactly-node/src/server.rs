@@ -122,6 +122,16 @@ pub async fn start_with(
             );
         }
     }
+    // The previous life of this node is dead (sled's lock proves it), but commands it started
+    // may not be: kill them before this incarnation registers and its jobs move on.
+    let leftovers = exactly_handlers::exec::kill_leftover_groups(&config.exec_group_dir(), id);
+    if leftovers > 0 {
+        tracing::warn!(
+            node = id,
+            groups = leftovers,
+            "killed exec commands left by the previous run"
+        );
+    }
     let incarnation = store.next_incarnation()?;
     let hooks = Arc::new(Hooks::new(id));
     let state = store.state_machine(hooks.clone())?;

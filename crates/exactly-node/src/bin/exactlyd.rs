@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::with_builtins();
     for (kind, spec) in &config.exec {
         registry
-            .register_exec(kind.clone(), spec.clone())
+            .register_exec_in(kind.clone(), spec.clone(), config.exec_group_dir())
             .with_context(|| format!("invalid [exec.{kind}]"))?;
     }
     let node = exactly_node::start(config, registry)
