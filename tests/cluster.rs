@@ -247,3 +247,60 @@ async fn get_through_any_node_shows_the_attempt() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, text))
+}
+
+/// Every node's /healthz and /readyz answer 200 once the cluster runs, and /metrics shows job
+/// counts and Raft state in Prometheus text for that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_health_readiness_and_metrics() -> anyhow::Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3, |c| {
+        c.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await?;
+    let mut client = cluster.jobs_client(0).await?;
+    client
+        .submit(pb::SubmitRequest {
+            jobs: vec![ledger_job(b"m")],
+        })
+        .await?;
+    for n in &cluster.nodes {
+        let addr = n.http_addr.expect("http enabled");
+        let (code, _) = http_get(addr, "/healthz").await?;
+        assert_eq!(code, 200);
+        let mut ready = 0;
+        for _ in 0..100 {
+            ready = http_get(addr, "/readyz").await?.0;
+            if ready == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(ready, 200);
+        let (code, text) = http_get(addr, "/metrics").await?;
+        assert_eq!(code, 200);
+        let id = n.id();
+        assert!(
+            text.contains(&format!("exactly_raft_term{{node=\"{id}\"}}")),
+            "{text}"
+        );
+        assert!(text.contains("exactly_jobs{"), "{text}");
+    }
+    cluster.shutdown().await;
+    Ok(())
+}

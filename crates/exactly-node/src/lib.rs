@@ -10,6 +10,7 @@ pub mod config;
 pub mod executor;
 pub mod faults;
 pub mod hooks;
+pub mod http;
 pub mod internal;
 pub mod lease;
 pub mod network;

@@ -51,6 +51,8 @@ pub struct RunningNode {
     pub node: Node,
     pub hooks: Arc<Hooks>,
     pub addr: String,
+    /// The bound HTTP address (/healthz, /readyz, /metrics), if any.
+    pub http_addr: Option<std::net::SocketAddr>,
     executor: ActorRef<ExecutorMsg>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -158,6 +160,13 @@ pub async fn start_with(
         .advertise
         .clone()
         .unwrap_or_else(|| local.to_string());
+    let http = match config.http_listen {
+        Some(at) => {
+            Some(crate::http::bind(at).map_err(|source| StartError::Listen { addr: at, source })?)
+        }
+        None => None,
+    };
+    crate::http::init_metrics();
     let node = Node(Arc::new(NodeInner {
         id,
         incarnation: incarnation.into(),
@@ -184,17 +193,22 @@ pub async fn start_with(
     .map_err(|e| StartError::Actor(e.to_string()))?;
     let _ = hooks.executor.set(executor.clone());
 
-    let tasks = vec![
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    let mut tasks = vec![
         tokio::spawn(serve(node.clone(), listener)?),
         tokio::spawn(watch_leadership(node.clone(), hooks.clone())),
         tokio::spawn(confirm_quorum_while_leading(node.clone())),
         tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
     ];
+    if let Some(listener) = http {
+        tasks.push(tokio::spawn(crate::http::serve(node.clone(), listener)));
+    }
 
     Ok(RunningNode {
         node,
         hooks,
         addr,
+        http_addr,
         executor,
         tasks,
     })

@@ -30,6 +30,9 @@ struct Args {
     /// Address other nodes and clients use to reach this node.
     #[arg(long, env = "EXACTLY_ADVERTISE")]
     advertise: Option<String>,
+    /// HTTP address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "EXACTLY_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     /// Data directory.
     #[arg(long, env = "EXACTLY_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -55,6 +58,9 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if args.advertise.is_some() {
         config.advertise = args.advertise.clone();
+    }
+    if args.http_listen.is_some() {
+        config.http_listen = args.http_listen;
     }
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
@@ -84,11 +90,18 @@ async fn main() -> anyhow::Result<()> {
     let node = exactly_node::start(config, registry)
         .await
         .context("starting the node")?;
-    println!(
-        "exactlyd node {} listening on {} (gRPC API)",
-        node.id(),
-        node.addr
-    );
+    match node.http_addr {
+        Some(http) => println!(
+            "exactlyd node {} listening on {} (gRPC API) and http://{http} (/healthz, /readyz, /metrics)",
+            node.id(),
+            node.addr
+        ),
+        None => println!(
+            "exactlyd node {} listening on {} (gRPC API)",
+            node.id(),
+            node.addr
+        ),
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},

@@ -1,0 +1,132 @@
+//! The node's HTTP endpoints: `/healthz` (the process and its Raft core run), `/readyz` (the
+//! node can take and run work: a leader is known, its lease is valid, it has applied what the
+//! leader committed up to a small lag), and `/metrics` (Prometheus text).
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::node::Node;
+
+/// Applied entries a node may lag its own last log entry by and still be ready.
+pub const READY_APPLY_LAG_MAX: u64 = 1_000;
+
+/// The process-wide Prometheus recorder (several in-process test nodes share it; every series
+/// carries a `node` label).
+fn recorder() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .as_ref()
+}
+
+/// Installs the metrics recorder (idempotent). Call before recording anything.
+pub fn init_metrics() {
+    let _ = recorder();
+}
+
+async fn healthz(State(node): State<Node>) -> (StatusCode, String) {
+    match &node.raft.metrics().borrow().running_state {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(fatal) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("raft stopped: {fatal}\n"),
+        ),
+    }
+}
+
+/// Why the node is not ready, or `None`.
+pub fn not_ready(node: &Node) -> Option<String> {
+    let m = node.raft.metrics().borrow().clone();
+    if let Err(fatal) = &m.running_state {
+        return Some(format!("raft stopped: {fatal}"));
+    }
+    if m.current_leader.is_none() {
+        return Some("no leader known".into());
+    }
+    if !node.lease_valid() {
+        return Some("no valid lease (not registered yet, or fenced)".into());
+    }
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let last = m.last_log_index.unwrap_or(0);
+    if last.saturating_sub(applied) > READY_APPLY_LAG_MAX {
+        return Some(format!("applying: {applied} of {last}"));
+    }
+    None
+}
+
+async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
+    match not_ready(&node) {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn metrics_text(State(node): State<Node>) -> (StatusCode, String) {
+    let Some(handle) = recorder() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another metrics recorder is installed in this process\n".into(),
+        );
+    };
+    record_gauges(&node);
+    (StatusCode::OK, handle.render())
+}
+
+/// Samples the node's state into gauges (at scrape time: nothing on the hot path).
+fn record_gauges(node: &Node) {
+    let id = node.id.to_string();
+    let m = node.raft.metrics().borrow().clone();
+    let counts = node.read(|t| t.counts().clone());
+    for (state, n) in [
+        ("pending", counts.pending),
+        ("running", counts.running),
+        ("succeeded", counts.succeeded),
+        ("failed", counts.failed),
+    ] {
+        metrics::gauge!("exactly_jobs", "node" => id.clone(), "state" => state).set(n as f64);
+    }
+    metrics::gauge!("exactly_stale_completions", "node" => id.clone())
+        .set(counts.stale_completions as f64);
+    metrics::gauge!("exactly_raft_term", "node" => id.clone()).set(m.current_term as f64);
+    metrics::gauge!("exactly_raft_last_log_index", "node" => id.clone())
+        .set(m.last_log_index.unwrap_or(0) as f64);
+    metrics::gauge!("exactly_raft_applied_index", "node" => id.clone())
+        .set(m.last_applied.map_or(0, |l| l.index) as f64);
+    metrics::gauge!("exactly_is_leader", "node" => id.clone())
+        .set(f64::from(u8::from(m.current_leader == Some(node.id))));
+    metrics::gauge!("exactly_lease_valid", "node" => id.clone())
+        .set(f64::from(u8::from(node.lease_valid())));
+    metrics::gauge!("exactly_incarnation", "node" => id.clone()).set(node.incarnation() as f64);
+    if let Ok(bytes) = node.store.size_on_disk() {
+        metrics::gauge!("exactly_store_bytes", "node" => id).set(bytes as f64);
+    }
+}
+
+/// Serves the HTTP endpoints on `addr` until the node shuts down.
+pub async fn serve(node: Node, listener: tokio::net::TcpListener) {
+    let shutdown = node.shutdown.clone();
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(node);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// Binds the HTTP listener (so a port conflict fails start-up).
+pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}
