@@ -1,17 +1,18 @@
-//! `exactly-sink`: a fencing sink, the smallest downstream that uses fencing tokens correctly.
+//! `exactly-sink`: the reference downstream for applying an external effect exactly once.
 //!
 //! Handlers call `POST /effect?job=ID&token=T&node=N` for the external effect of an attempt.
-//! The sink applies it only if `T` is at least as new as the newest token it has seen for the
-//! job (see [`fence`] for why that is what every downstream must do with
-//! `EXACTLY_FENCING_TOKEN`): 200 `accepted`, 200 `repeat` for the same token again (not applied
-//! twice), 409 `stale` for an older token. It records every call and serves `GET /report`
-//! (per-job state and totals, JSON), `GET /calls` (every call in arrival order, JSON),
-//! `GET /calls.txt` (the same as lines `job token node verdict at-ms`, verdict one of
-//! `accepted`, `repeat`, `stale`, for clients without a JSON parser) and `GET /healthz`.
+//! Per job (see [`fence`] for the rule, and why a downstream needs both halves of it): the first
+//! effect is applied (200 `applied`); a later one whose token is at least the largest seen for
+//! the job is acknowledged but not applied again (200 `repeat`); one whose token is older is
+//! refused (409 `stale`). It records every call and serves `GET /report` (per job: the applied
+//! token, how many times the effect was applied, which must be 1, the largest token seen,
+//! repeats and stale calls refused; and totals; JSON), `GET /calls` (every call in arrival
+//! order, JSON), `GET /calls.txt` (the same as lines `job token node verdict at-ms`, verdict one
+//! of `applied`, `repeat`, `stale`, for clients without a JSON parser) and `GET /healthz`.
 //!
-//! Tests use it to see, from outside the cluster, whether an abandoned attempt's effect ever
-//! slipped through. It keeps everything in memory: it is a test fixture and an example, not a
-//! store.
+//! Tests use it to see, from outside the cluster, whether a job's effect was ever applied twice
+//! or an abandoned attempt's effect slipped through. It keeps everything in memory: it is a test
+//! fixture and an example, not a store.
 
 mod fence;
 
@@ -39,7 +40,7 @@ const JOBS_MAX: usize = 1_000_000;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "A fencing sink: accepts an effect only from the newest token per job"
+    about = "A reference downstream: applies each job's effect once and refuses stale tokens"
 )]
 struct Options {
     /// Address to listen on; port 0 picks a free port. The bound address is printed on stdout
@@ -82,11 +83,12 @@ type Shared = Arc<Mutex<Sink>>;
 struct Totals {
     calls: u64,
     jobs: u64,
-    accepted: u64,
+    /// Effects applied (one per job).
+    applied: u64,
     repeats: u64,
     refused_stale: u64,
-    /// Jobs whose effect was applied by more than one token.
-    jobs_with_several_tokens: u64,
+    /// Jobs whose effect was applied more than once: always 0.
+    jobs_applied_more_than_once: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,7 +125,7 @@ async fn effect(State(sink): State<Shared>, Query(e): Query<Effect>) -> (StatusC
         sink.calls.push(call);
     }
     match verdict {
-        Verdict::Accepted => (StatusCode::OK, "accepted\n".into()),
+        Verdict::Applied => (StatusCode::OK, "applied\n".into()),
         Verdict::Repeat => (StatusCode::OK, "repeat\n".into()),
         Verdict::Stale { newest } => (
             StatusCode::CONFLICT,
@@ -140,10 +142,10 @@ async fn report(State(sink): State<Shared>) -> String {
         ..Totals::default()
     };
     for job in sink.fence.jobs().values() {
-        totals.accepted += job.accepted;
+        totals.applied += job.applied;
         totals.repeats += job.repeats;
         totals.refused_stale += job.refused_stale;
-        totals.jobs_with_several_tokens += u64::from(job.accepted_tokens.len() > 1);
+        totals.jobs_applied_more_than_once += u64::from(job.applied > 1);
     }
     let report = Report {
         totals,
@@ -162,7 +164,7 @@ async fn calls_text(State(sink): State<Shared>) -> String {
     let mut out = String::new();
     for c in &sink.calls {
         let verdict = match c.verdict {
-            Verdict::Accepted => "accepted",
+            Verdict::Applied => "applied",
             Verdict::Repeat => "repeat",
             Verdict::Stale { .. } => "stale",
         };

@@ -29,10 +29,11 @@ fn request(addr: &str, method: &str, path: &str) -> (u16, String) {
     (code, body.to_string())
 }
 
-/// Newer and equal tokens are accepted (equal as a repeat), an older one gets 409, and the
-/// report and call log show each call.
+/// The first effect for a job is applied; a later one with a token at least the largest seen
+/// is a repeat (200, not applied again, largest token raised); an older one gets 409, also after
+/// a newer repeat; the report and the call log show each call.
 #[test]
-fn refuses_older_tokens_and_reports_every_call() {
+fn applies_each_job_once_and_refuses_older_tokens() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_exactly-sink"))
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -51,19 +52,29 @@ fn refuses_older_tokens_and_reports_every_call() {
             "POST",
             &format!("/effect?job={job}&token={token}&node=1"),
         )
-        .0
     };
-    assert_eq!(effect(1, 5), 200);
-    assert_eq!(effect(1, 5), 200);
-    assert_eq!(effect(1, 9), 200);
-    assert_eq!(effect(1, 5), 409);
-    assert_eq!(effect(2, 3), 200);
+    let applied = (200, "applied\n".to_string());
+    let repeat = (200, "repeat\n".to_string());
+    assert_eq!(effect(1, 5), applied);
+    assert_eq!(effect(1, 5), repeat);
+    assert_eq!(effect(1, 9), repeat);
+    assert_eq!(effect(1, 7).0, 409);
+    assert_eq!(effect(1, 5).0, 409);
+    assert_eq!(effect(2, 3), applied);
     assert_eq!(request(addr, "POST", "/effect?job=x").0, 400);
 
     let (code, report) = request(addr, "GET", "/report");
     assert_eq!(code, 200);
     assert!(
-        report.contains(r#""1":{"accepted_token":9,"accepted_tokens":[5,9],"accepted":2,"repeats":1,"refused_stale":1}"#),
+        report.contains(
+            r#""totals":{"calls":6,"jobs":2,"applied":2,"repeats":2,"refused_stale":2,"jobs_applied_more_than_once":0}"#
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains(
+            r#""1":{"applied_token":5,"applied":1,"newest_token":9,"repeats":2,"refused_stale":2}"#
+        ),
         "{report}"
     );
     let (_, calls) = request(addr, "GET", "/calls.txt");
@@ -73,6 +84,6 @@ fn refuses_older_tokens_and_reports_every_call() {
         .collect();
     assert_eq!(
         verdicts,
-        ["accepted", "repeat", "accepted", "stale", "accepted"]
+        ["applied", "repeat", "repeat", "stale", "stale", "applied"]
     );
 }
