@@ -15,7 +15,8 @@ eps="127.0.0.1:$((base+1)),127.0.0.1:$((base+2)),127.0.0.1:$((base+3))"
 declare -A pid
 start_node() { # id [extra flags]
   local id=$1; shift
-  "$bin/exactlyd" --node-id "$id" --listen "127.0.0.1:$((base+id))" --data-dir "$dir/n$id" "$@" \
+  "$bin/exactlyd" --node-id "$id" --listen "127.0.0.1:$((base+id))" \
+    --http-listen "127.0.0.1:$((base+100+id))" --data-dir "$dir/n$id" "$@" \
     >>"$dir/n$id.log" 2>&1 &
   pid[$id]=$!
 }
@@ -27,10 +28,16 @@ cleanup() {
 trap cleanup EXIT INT TERM
 ex() { "$bin/exactly" --endpoints "$eps" --retry-time 2s "$@"; }
 now_ms() { date +%s%3N; }
-registered() { ex --json status 2>/dev/null | grep -cE '"incarnation": *[1-9]' || true; }
-wait_ready() {
-  for _ in $(seq 1 300); do
-    if [[ "$(registered)" -ge 3 ]] && ex --json status 2>/dev/null | grep -qE '"leader_id": *[1-9]'; then return 0; fi
+ready() { # id: /readyz of that node answers 200 (leader known, lease valid, log applied)
+  exec 3<>"/dev/tcp/127.0.0.1/$((base+100+$1))" 2>/dev/null || return 1
+  printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
+  local status; read -r _ status _ <&3 || true
+  exec 3<&- 3>&-
+  [[ "$status" == "200" ]]
+}
+wait_ready() { # every node ready, so each run starts from a whole cluster
+  for _ in $(seq 1 600); do
+    if ready 1 && ready 2 && ready 3; then return 0; fi
     sleep 0.1
   done
   echo "cluster not ready" >&2; return 1
@@ -77,12 +84,16 @@ done
 leader_runs=()
 for r in $(seq 1 "$runs"); do
   leader=$(ex --json status | grep -oE '"leader_id": *[0-9]+' | grep -oE '[0-9]+$')
+  # Talk to the survivors only: the measure is the cluster's failover, not a client's.
+  alive=""
+  for i in 1 2 3; do [[ "$i" != "$leader" ]] && alive+="127.0.0.1:$((base+i)),"; done
+  alive=${alive%,}
   kill -KILL "${pid[$leader]}"; t0=$(now_ms)
   while :; do
-    if id=$(ex submit --kind noop 2>/dev/null); then
+    if id=$("$bin/exactly" --endpoints "$alive" --retry-time 1s submit --kind noop 2>/dev/null); then
       state=""
       for _ in $(seq 1 100); do
-        state=$(ex --json get "$id" 2>/dev/null | grep -oE '"state": *"[a-z]+"' | grep -oE '[a-z]+"$' || true)
+        state=$("$bin/exactly" --endpoints "$alive" --json get "$id" 2>/dev/null | grep -oE '"state": *"[a-z]+"' | grep -oE '[a-z]+"$' || true)
         [[ "$state" == 'succeeded"' ]] && break
         sleep 0.02
       done
@@ -91,7 +102,9 @@ for r in $(seq 1 "$runs"); do
     sleep 0.02
   done
   dt=$(( $(now_ms) - t0 )); leader_runs+=("$dt")
-  echo "leader run $r: leader $leader killed; a new job completed after ${dt} ms"
+  new=$("$bin/exactly" --endpoints "$alive" --json status | grep -oE '"leader_id": *[0-9]+' | grep -oE '[0-9]+$')
+  ran=$("$bin/exactly" --endpoints "$alive" --json get "$id" | grep -oE '"node_id": *[0-9]+' | grep -oE '[0-9]+$' | tr '\n' ' ')
+  echo "leader run $r: leader $leader killed; job $id completed after ${dt} ms (attempts on nodes: $ran; new leader $new)"
   start_node "$leader"; wait_ready
 done
 echo
