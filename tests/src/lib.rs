@@ -1,5 +1,15 @@
 //! Fixtures for cluster-level tests: an in-process cluster of real nodes on loopback, and a
 //! ledger handler that counts executions per job so tests can prove each ran exactly once.
+//!
+//! For tests under faults: [`faults`] (a seeded fault controller for node-to-node traffic),
+//! [`harness`] (a cluster whose nodes each run on their own runtime thread, so they can be
+//! crashed, restarted and paused, and seeded fault schedules), [`history`] (a recorder and a
+//! Jepsen-style checker) and [`workload`] (the clients, and one chaos run end to end).
+
+pub mod faults;
+pub mod harness;
+pub mod history;
+pub mod workload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

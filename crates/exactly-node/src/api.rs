@@ -28,6 +28,7 @@ impl From<ProposeError> for Status {
             // Proposed but not committed in time: it may still commit, so this must not be a
             // code that clients treat as "safe to retry" (UNAVAILABLE).
             ProposeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+            ProposeError::StoppedInFlight(_) => Status::unknown(e.to_string()),
         }
     }
 }

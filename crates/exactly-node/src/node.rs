@@ -36,9 +36,13 @@ pub enum ProposeError {
         "not committed within {0:?} (no quorum?); the outcome is unknown and it may still commit"
     )]
     Timeout(Duration),
-    /// The node is shutting down or its Raft core stopped.
+    /// The node is shutting down; nothing was handed to Raft.
     #[error("node is shutting down: {0}")]
     ShuttingDown(String),
+    /// Raft stopped (shutdown or a fatal error) while this write was in flight: it may already
+    /// be on followers, and the next leader may commit it. Never report this as "not applied".
+    #[error("raft stopped with the write in flight; the outcome is unknown and it may still commit: {0}")]
+    StoppedInFlight(String),
 }
 
 /// What a leader answers to a forwarded command.
@@ -174,8 +178,10 @@ impl Node {
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 ForwardReply::Failed(ProposeError::ShuttingDown(e.to_string()))
             }
+            // Found by the chaos suite (seeds 10 and 38): a leader stopped with an appended write
+            // answered UNAVAILABLE, and the next leader committed the write.
             Err(RaftError::Fatal(e)) => {
-                ForwardReply::Failed(ProposeError::ShuttingDown(e.to_string()))
+                ForwardReply::Failed(ProposeError::StoppedInFlight(e.to_string()))
             }
         }
     }

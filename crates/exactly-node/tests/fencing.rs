@@ -291,9 +291,9 @@ listen = "127.0.0.1:{port}"
 slots = 64
 
 [raft]
-heartbeat-interval = "50ms"
-election-timeout-min = "300ms"
-election-timeout-max = "600ms"
+heartbeat-interval = "100ms"
+election-timeout-min = "800ms"
+election-timeout-max = "1600ms"
 
 [limits]
 propose-timeout = "3s"

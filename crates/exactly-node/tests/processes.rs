@@ -84,9 +84,9 @@ listen = "127.0.0.1:{port}"
 slots = 64
 
 [raft]
-heartbeat-interval = "50ms"
-election-timeout-min = "300ms"
-election-timeout-max = "600ms"
+heartbeat-interval = "100ms"
+election-timeout-min = "800ms"
+election-timeout-max = "1600ms"
 
 [limits]
 propose-timeout = "3s"
@@ -293,14 +293,14 @@ async fn check_exactly_once(cluster: &Cluster, acked: &[u64]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_sigkill_and_restart_loses_nothing_and_runs_once() {
     let mut cluster = Cluster::start(3);
-    cluster.wait_ready(3, Duration::from_secs(30)).await;
+    cluster.wait_ready(3, Duration::from_secs(60)).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let endpoints: Vec<String> = (0..3).map(|i| cluster.endpoint(i)).collect();
     let stream = tokio::spawn(submit_stream(endpoints, stop.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     for round in 0..2 {
-        let status = cluster.wait_ready(3, Duration::from_secs(30)).await;
+        let status = cluster.wait_ready(3, Duration::from_secs(60)).await;
         let leader = cluster.index_of(status.leader_id);
         eprintln!("round {round}: SIGKILL leader node {}", status.leader_id);
         cluster.procs[leader].kill9();
@@ -348,7 +348,7 @@ async fn leader_sigkill_and_restart_loses_nothing_and_runs_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_every_node_during_writes_loses_no_acknowledged_job() {
     let mut cluster = Cluster::start(3);
-    cluster.wait_ready(3, Duration::from_secs(30)).await;
+    cluster.wait_ready(3, Duration::from_secs(60)).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let endpoints: Vec<String> = (0..3).map(|i| cluster.endpoint(i)).collect();
     let stream = tokio::spawn(submit_stream(endpoints, stop.clone()));
@@ -362,7 +362,7 @@ async fn sigkill_of_every_node_during_writes_loses_no_acknowledged_job() {
     for p in cluster.procs.iter_mut() {
         p.start(&[]);
     }
-    cluster.wait_ready(3, Duration::from_secs(30)).await;
+    cluster.wait_ready(3, Duration::from_secs(60)).await;
     let mut missing = BTreeMap::new();
     let mut clients = cluster.clients().await;
     for &id in &acked {
