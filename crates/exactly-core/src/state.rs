@@ -275,25 +275,18 @@ impl JobTable {
     }
 
     fn assign_one(&mut self, token: u64, a: &Assignment) -> Result<StartAttempt, Rejection> {
-        let node = self
-            .nodes
-            .get(&a.node)
-            .ok_or(Rejection::UnknownNode(a.node))?;
-        if node.incarnation != a.incarnation {
-            return Err(Rejection::StaleIncarnation {
-                node: a.node,
-                got: a.incarnation,
-                current: node.incarnation,
-            });
-        }
+        let node = self.current_node(NodeLease {
+            node: a.node,
+            incarnation: a.incarnation,
+        })?;
         if node.expired {
             return Err(Rejection::Expired {
                 node: a.node,
                 incarnation: a.incarnation,
             });
         }
-        let running_here = self.running.get(&a.node).map_or(0, |s| s.len());
-        if running_here >= node.slots as usize {
+        let slots = node.slots as usize;
+        if self.running_on(a.node) >= slots {
             return Err(Rejection::NoSlot(a.node));
         }
         let mut job = self
@@ -513,9 +506,9 @@ impl JobTable {
         Ok(requeued)
     }
 
-    /// A committed lease renewal: counts only for the node's current, unexpired incarnation.
-    fn renew(&mut self, lease: NodeLease, effects: &mut Vec<Effect>) -> Result<(), Rejection> {
-        let now = self.now_ms;
+    /// The entry of `lease.node`, if `lease.incarnation` is its current incarnation (shared by
+    /// assign, renew and expire).
+    fn current_node(&mut self, lease: NodeLease) -> Result<&mut NodeEntry, Rejection> {
         let node = self
             .nodes
             .get_mut(&lease.node)
@@ -527,6 +520,13 @@ impl JobTable {
                 current: node.incarnation,
             });
         }
+        Ok(node)
+    }
+
+    /// A committed lease renewal: counts only for the node's current, unexpired incarnation.
+    fn renew(&mut self, lease: NodeLease, effects: &mut Vec<Effect>) -> Result<(), Rejection> {
+        let now = self.now_ms;
+        let node = self.current_node(lease)?;
         if node.expired {
             return Err(Rejection::Expired {
                 node: lease.node,
@@ -541,17 +541,7 @@ impl JobTable {
     /// The leader decided this incarnation's lease lapsed: abandon its attempts (their jobs are
     /// requeued and will be reassigned with larger tokens) and refuse it further work.
     fn expire(&mut self, lease: NodeLease, effects: &mut Vec<Effect>) -> Result<u32, Rejection> {
-        let node = self
-            .nodes
-            .get_mut(&lease.node)
-            .ok_or(Rejection::UnknownNode(lease.node))?;
-        if node.incarnation != lease.incarnation {
-            return Err(Rejection::StaleIncarnation {
-                node: lease.node,
-                got: lease.incarnation,
-                current: node.incarnation,
-            });
-        }
+        let node = self.current_node(lease)?;
         if node.expired {
             return Ok(0);
         }
