@@ -899,11 +899,11 @@ pub fn check(history: &History) -> Report {
                     key.op, key.index
                 ),
             ),
-            Some(job) if job.status == JobStatus::Failed => found.flag(
+            Some(job) if job.status == JobStatus::Dead => found.flag(
                 Lost,
                 Subject::Job(id),
                 format!(
-                    "job {id} was acknowledged but failed: {}",
+                    "job {id} was acknowledged but is a dead letter: {}",
                     describe_job(job)
                 ),
             ),
@@ -1327,7 +1327,7 @@ mod tests {
             n.jobs[1] = job(
                 11,
                 1,
-                JobStatus::Failed,
+                JobStatus::Dead,
                 vec![attempt(100, 2, AttemptState::Failed)],
             );
         }

@@ -165,16 +165,17 @@ pub fn sample_evenly(ids: &[u64], n: usize) -> Vec<u64> {
 /// terminal and its timestamps are ordered.
 pub fn completion_latency_ms(job: &Job) -> Option<u64> {
     match JobState::try_from(job.state) {
-        Ok(JobState::Succeeded | JobState::Failed) => {
+        Ok(JobState::Succeeded | JobState::Dead | JobState::Cancelled) => {
             job.updated_at_ms.checked_sub(job.created_at_ms)
         }
         _ => None,
     }
 }
 
-/// How many jobs finished (succeeded or failed) since `before`, from cluster-wide counts.
+/// How many jobs finished (succeeded, dead or cancelled) since `before`, from cluster-wide counts.
 pub fn finished_since(before: &exactly_client::JobCounts, now: &exactly_client::JobCounts) -> u64 {
-    (now.succeeded + now.failed).saturating_sub(before.succeeded + before.failed)
+    (now.succeeded + now.dead + now.cancelled)
+        .saturating_sub(before.succeeded + before.dead + before.cancelled)
 }
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {
@@ -331,7 +332,7 @@ async fn run_phases(
         }
         tokio::time::sleep(Duration::from_millis(STATUS_POLL_INTERVAL_MS)).await;
     };
-    failures.jobs_failed = after.failed.saturating_sub(before.failed);
+    failures.jobs_failed = after.dead.saturating_sub(before.dead);
 
     // Read a sample back for the submit-to-finish latency, from each job's own timestamps.
     let sampled = sample_evenly(&ids, args.sample as usize);
@@ -521,7 +522,7 @@ mod tests {
             Some(250)
         );
         assert_eq!(
-            completion_latency_ms(&job(JobState::Failed, 1_000, 1_000)),
+            completion_latency_ms(&job(JobState::Dead, 1_000, 1_000)),
             Some(0)
         );
         assert_eq!(
@@ -534,17 +535,17 @@ mod tests {
         );
     }
 
-    /// Finished jobs are counted from succeeded plus failed growth, never negative.
+    /// Finished jobs are counted from succeeded plus dead plus cancelled growth, never negative.
     #[test]
     fn finished_counts_growth() {
         let before = JobCounts {
             succeeded: 10,
-            failed: 2,
+            dead: 2,
             ..JobCounts::default()
         };
         let now = JobCounts {
             succeeded: 15,
-            failed: 3,
+            dead: 3,
             pending: 99,
             ..JobCounts::default()
         };

@@ -191,6 +191,7 @@ mod tests {
             ],
             result: b"sent".to_vec(),
             last_error: String::new(),
+            ..Job::default()
         }
     }
 

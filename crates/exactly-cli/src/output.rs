@@ -93,7 +93,8 @@ pub fn state_name(raw: i32) -> String {
         Ok(JobState::Pending) => "pending".into(),
         Ok(JobState::Running) => "running".into(),
         Ok(JobState::Succeeded) => "succeeded".into(),
-        Ok(JobState::Failed) => "failed".into(),
+        Ok(JobState::Dead) => "dead".into(),
+        Ok(JobState::Cancelled) => "cancelled".into(),
         Err(_) => format!("unknown({raw})"),
     }
 }

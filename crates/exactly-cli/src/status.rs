@@ -59,14 +59,16 @@ pub fn render(status: &StatusResponse) -> String {
         "PENDING",
         "RUNNING",
         "SUCCEEDED",
-        "FAILED",
+        "DEAD",
+        "CANCELLED",
         "STALE COMPLETIONS",
     ]);
     jobs.row(vec![
         counts.pending.to_string(),
         counts.running.to_string(),
         counts.succeeded.to_string(),
-        counts.failed.to_string(),
+        counts.dead.to_string(),
+        counts.cancelled.to_string(),
         counts.stale_completions.to_string(),
     ]);
     out.push_str(&jobs.render());
@@ -106,7 +108,8 @@ pub struct CountsView {
     pending: u64,
     running: u64,
     succeeded: u64,
-    failed: u64,
+    dead: u64,
+    cancelled: u64,
     stale_completions: u64,
 }
 
@@ -131,7 +134,8 @@ impl From<JobCounts> for CountsView {
             pending: c.pending,
             running: c.running,
             succeeded: c.succeeded,
-            failed: c.failed,
+            dead: c.dead,
+            cancelled: c.cancelled,
             stale_completions: c.stale_completions,
         }
     }
@@ -179,7 +183,8 @@ mod tests {
                 pending: 4,
                 running: 6,
                 succeeded: 10_000,
-                failed: 2,
+                dead: 2,
+                cancelled: 0,
                 stale_completions: 1,
             }),
         }

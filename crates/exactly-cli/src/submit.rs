@@ -90,6 +90,7 @@ impl SubmitArgs {
                 .delay
                 .map(|delay| now_ms.saturating_add(millis(delay)))
                 .unwrap_or(0),
+            ..JobSpec::default()
         }
     }
 

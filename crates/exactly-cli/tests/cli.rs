@@ -8,8 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use exactly_proto::v1::cluster_server::{Cluster, ClusterServer};
 use exactly_proto::v1::jobs_server::{Jobs, JobsServer};
 use exactly_proto::v1::{
-    Attempt, GetRequest, GetResponse, Job, JobCounts, JobState, Member, StatusRequest,
-    StatusResponse, SubmitRequest, SubmitResponse,
+    Attempt, CancelRequest, CancelResponse, GetRequest, GetResponse, Job, JobCounts,
+    JobEventMessage, JobState, ListRequest, ListResponse, Member, StatusRequest, StatusResponse,
+    SubmitRequest, SubmitResponse, WatchRequest,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -55,7 +56,7 @@ impl Jobs for FakeCluster {
                 kind: spec.kind,
                 priority: spec.priority,
                 state: if failed {
-                    JobState::Failed
+                    JobState::Dead
                 } else {
                     JobState::Succeeded
                 } as i32,
@@ -84,10 +85,15 @@ impl Jobs for FakeCluster {
                 } else {
                     String::new()
                 },
+                ..Job::default()
             });
             ids.push(id);
         }
-        Ok(Response::new(SubmitResponse { job_ids: ids }))
+        let existing = vec![false; ids.len()];
+        Ok(Response::new(SubmitResponse {
+            job_ids: ids,
+            existing,
+        }))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -100,6 +106,21 @@ impl Jobs for FakeCluster {
             None => Err(Status::not_found(format!("job {id} does not exist"))),
         }
     }
+
+    // The calls below are not used by these tests; the fake refuses them plainly.
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Err(Status::unimplemented("the fake cluster does not list"))
+    }
+
+    async fn cancel(&self, _: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        Err(Status::unimplemented("the fake cluster does not cancel"))
+    }
+
+    type WatchStream = tokio_stream::Empty<Result<JobEventMessage, Status>>;
+
+    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("the fake cluster does not watch"))
+    }
 }
 
 #[tonic::async_trait]
@@ -108,7 +129,7 @@ impl Cluster for FakeCluster {
         let jobs = self.jobs.lock().unwrap();
         let failed = jobs
             .iter()
-            .filter(|j| j.state == JobState::Failed as i32)
+            .filter(|j| j.state == JobState::Dead as i32)
             .count() as u64;
         Ok(Response::new(StatusResponse {
             node_id: 1,
@@ -129,7 +150,7 @@ impl Cluster for FakeCluster {
             }],
             counts: Some(JobCounts {
                 succeeded: jobs.len() as u64 - failed,
-                failed,
+                dead: failed,
                 ..JobCounts::default()
             }),
         }))

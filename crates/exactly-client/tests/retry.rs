@@ -57,6 +57,7 @@ impl Jobs for FakeNode {
         let n = request.into_inner().jobs.len() as u64;
         self.answer(SubmitResponse {
             job_ids: (1..=n).collect(),
+            existing: vec![false; n as usize],
         })
         .await
     }
@@ -70,6 +71,30 @@ impl Jobs for FakeNode {
             }),
         })
         .await
+    }
+
+    // The calls below are not used by these tests; the fake refuses them plainly.
+    async fn list(
+        &self,
+        _: Request<exactly_proto::v1::ListRequest>,
+    ) -> Result<Response<exactly_proto::v1::ListResponse>, Status> {
+        Err(Status::unimplemented("the fake node does not list"))
+    }
+
+    async fn cancel(
+        &self,
+        _: Request<exactly_proto::v1::CancelRequest>,
+    ) -> Result<Response<exactly_proto::v1::CancelResponse>, Status> {
+        Err(Status::unimplemented("the fake node does not cancel"))
+    }
+
+    type WatchStream = tokio_stream::Empty<Result<exactly_proto::v1::JobEventMessage, Status>>;
+
+    async fn watch(
+        &self,
+        _: Request<exactly_proto::v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("the fake node does not watch"))
     }
 }
 

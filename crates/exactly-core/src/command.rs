@@ -1,8 +1,12 @@
 //! Commands carried in the Raft log, the responses apply returns, and the effects it asks the
 //! shell to carry out.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::job::{Backoff, JobStatus};
+use crate::queue::{QueueConfig, RateLimit};
 use crate::{JobId, NodeId};
 
 /// One log entry's payload: a command stamped with the leader's clock.
@@ -11,7 +15,21 @@ pub struct Request {
     /// The proposing leader's wall clock in Unix milliseconds. Apply never reads a clock; it uses
     /// the largest stamp seen so far, so time never goes backwards across a leader change.
     pub now_ms: u64,
+    /// Randomness drawn by the proposing leader (retry jitter is derived from it), so that apply
+    /// stays deterministic: every replica reads the same value from the log.
+    pub entropy: u64,
     pub command: Command,
+}
+
+impl Request {
+    /// A request stamped at `now_ms` with no entropy (tests and tools).
+    pub fn at(now_ms: u64, command: Command) -> Self {
+        Self {
+            now_ms,
+            entropy: 0,
+            command,
+        }
+    }
 }
 
 /// What a log entry asks the state machine to do. Each variant carries a batch, so one Raft
@@ -33,10 +51,55 @@ pub enum Command {
     /// A node announces its current incarnation and capacity. A newer incarnation proves the
     /// older one's process is gone, so its attempts are abandoned and their jobs requeued.
     RegisterNode(NodeRegistration),
+    /// A client cancels jobs: pending ones end at once, running ones end now and their node is
+    /// told to stop the handler (its late completion is then refused).
+    Cancel(Vec<JobId>),
+    /// Dead letters matching the filter run again: attempts are reset, history is kept.
+    Redrive(DeadFilter),
+    /// Dead letters matching the filter are deleted with their payloads.
+    PurgeDead(DeadFilter),
+    /// Changes a queue's settings: the fields the patch sets, leaving the others as they are.
+    ConfigureQueue { queue: String, patch: QueuePatch },
+    /// The leader's retention pass: delete finished jobs and idempotency records older than the
+    /// cut-offs it computed from its configuration (at most `max` of each per entry).
+    Retain(Retention),
 }
 
-/// A job as a client submits it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A change to a queue's settings; `None` fields keep their current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePatch {
+    pub concurrency_max: Option<u32>,
+    /// `Some(None)` removes the rate limit.
+    pub rate: Option<Option<RateLimit>>,
+    pub paused: Option<bool>,
+}
+
+/// Which dead letters a redrive or purge applies to. Empty `ids` and no `queue`/`kind` means all.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadFilter {
+    /// Only these jobs (empty: any).
+    pub ids: Vec<JobId>,
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// At most this many jobs per command (capped at [`crate::limits::DEAD_BATCH_MAX`]).
+    pub max: u32,
+}
+
+/// Cut-offs of one retention pass, in leader Unix milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Succeeded and cancelled jobs that finished before this are deleted.
+    pub finished_before_ms: u64,
+    /// Dead letters that died before this are deleted.
+    pub dead_before_ms: u64,
+    /// Idempotency records created before this are forgotten (unless their job is still live).
+    pub keys_before_ms: u64,
+    /// At most this many jobs, and this many keys, per entry.
+    pub max: u32,
+}
+
+/// A job as a client submits it (after the API edge filled in the node's defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewJob {
     pub queue: String,
     pub kind: String,
@@ -46,6 +109,13 @@ pub struct NewJob {
     pub timeout_ms: u64,
     /// Not before this time (Unix milliseconds); 0 means now.
     pub run_at_ms: u64,
+    /// A repeat of this key (while its record is retained) returns the original job.
+    pub idempotency_key: Option<String>,
+    /// Jobs of one queue sharing this key run one at a time, in submission order.
+    pub ordering_key: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Retry backoff; zero fields mean the built-in defaults.
+    pub backoff: Backoff,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,13 +187,35 @@ pub enum Rejection {
     Full(u64),
     #[error("batch of {got} exceeds the limit of {max}")]
     BatchTooLarge { got: usize, max: usize },
+    #[error(
+        "idempotency key {key:?} was used for job {job} with a different queue, kind or payload"
+    )]
+    IdempotencyConflict { key: String, job: JobId },
+    #[error("job is already {0}")]
+    Finished(String),
+    #[error("queue {0:?} is paused")]
+    QueuePaused(String),
+    #[error("queue {queue:?} already runs {max} jobs, its concurrency limit")]
+    QueueBusy { queue: String, max: u32 },
+    #[error("queue {0:?} is over its rate limit")]
+    RateLimited(String),
+    #[error("job waits behind an earlier job with ordering key {0:?}")]
+    OrderingBlocked(String),
+    #[error("too many queues (limit {0})")]
+    TooManyQueues(usize),
+    #[error("another job of the same batch was refused, so none was created")]
+    BatchRejected,
+    #[error(
+        "idempotency key {0:?} is used twice in one batch with a different queue, kind or payload"
+    )]
+    KeyConflictInBatch(String),
 }
 
 /// What applying one entry returns to the proposer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// Per submitted job, in order: its new id, or why it was refused.
-    Submitted(Vec<Result<JobId, Rejection>>),
+    Submitted(Vec<Result<Submitted, Rejection>>),
     Assigned {
         started: u32,
         rejected: Vec<(JobId, Rejection)>,
@@ -136,6 +228,19 @@ pub enum Response {
     Renewed(Result<(), Rejection>),
     /// How many attempts the expiry abandoned.
     Expired(Result<u32, Rejection>),
+    /// Per cancelled job: its status before the cancel, or why it was refused.
+    Cancelled(Vec<(JobId, Result<JobStatus, Rejection>)>),
+    /// Dead letters redriven.
+    Redriven(Vec<JobId>),
+    /// Dead letters purged.
+    PurgedDead(Vec<JobId>),
+    /// The queue's settings after the change.
+    QueueConfigured(Result<QueueConfig, Rejection>),
+    /// Jobs and idempotency records the retention pass deleted.
+    Retained {
+        jobs: u32,
+        keys: u32,
+    },
     /// For entries without application data (blank and membership entries).
     Empty,
 }
@@ -152,6 +257,46 @@ pub enum Effect {
     Start(StartAttempt),
     /// A lease renewal committed (the leader restarts that node's expiry clock).
     Renewed(NodeLease),
+    /// Stop a running attempt on `node` (a client cancelled its job).
+    Cancel {
+        job: JobId,
+        token: u64,
+        node: NodeId,
+    },
+    /// A job changed state (for Watch streams).
+    Event(JobEvent),
+}
+
+/// One accepted submission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub id: JobId,
+    /// The idempotency key was seen before: `id` is the original job and nothing was created.
+    pub existing: bool,
+}
+
+impl Submitted {
+    pub fn new(id: JobId) -> Self {
+        Self {
+            id,
+            existing: false,
+        }
+    }
+}
+
+/// A job's state change, as Watch streams report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job: JobId,
+    pub queue: String,
+    pub status: JobStatus,
+    /// The attempt number (0 before the first attempt).
+    pub attempt: u32,
+    /// The fencing token of that attempt (0 before the first attempt).
+    pub token: u64,
+    pub node: Option<NodeId>,
+    /// The leader timestamp of the change.
+    pub at_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,4 +309,6 @@ pub struct StartAttempt {
     pub queue: String,
     pub kind: String,
     pub timeout_ms: u64,
+    /// The job's idempotency key, or one derived from its id: the same for every attempt.
+    pub idempotency_key: String,
 }

@@ -10,17 +10,21 @@
 pub mod command;
 pub mod job;
 pub mod limits;
+pub mod queue;
+pub mod retry;
 pub mod scheduler;
 pub mod state;
 
 pub use command::{
-    Assignment, Command, Completion, Effect, NewJob, NodeLease, NodeRegistration, Outcome,
-    Rejection, Request, Response, StartAttempt,
+    Assignment, Command, Completion, DeadFilter, Effect, JobEvent, NewJob, NodeLease,
+    NodeRegistration, Outcome, QueuePatch, Rejection, Request, Response, Retention, StartAttempt,
+    Submitted,
 };
-pub use job::{Attempt, AttemptEnd, Job, JobStatus, StateCounts};
+pub use job::{Attempt, AttemptEnd, Backoff, Job, JobStatus, StateCounts};
 pub use limits::Limits;
+pub use queue::{QueueConfig, RateLimit};
 pub use scheduler::plan_assignments;
-pub use state::{JobTable, NodeEntry};
+pub use state::{JobTable, KeyRecord, NodeEntry, QueueState};
 
 /// A node's identity in the cluster: stable across restarts (kept in the data directory).
 pub type NodeId = u64;

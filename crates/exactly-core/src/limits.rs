@@ -30,10 +30,34 @@ pub const COMPLETE_BATCH_MAX: usize = 1024;
 pub const TIMEOUT_MS_MAX: u64 = 24 * 60 * 60 * 1000;
 /// Slots one node may advertise.
 pub const NODE_SLOTS_MAX: u32 = 10_000;
-/// Base delay of the exponential retry backoff.
+/// Base delay of the exponential retry backoff, when a job sets none.
 pub const RETRY_BACKOFF_BASE_MS: u64 = 1_000;
-/// Cap of the exponential retry backoff.
+/// Cap of the exponential retry backoff, when a job sets none.
 pub const RETRY_BACKOFF_MAX_MS: u64 = 5 * 60 * 1000;
+/// A job's own backoff base or cap, at most (one day).
+pub const BACKOFF_MS_MAX: u64 = 24 * 60 * 60 * 1000;
+/// Bytes of an idempotency key.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+/// Bytes of an ordering key.
+pub const ORDERING_KEY_BYTES_MAX: usize = 256;
+/// Labels on one job.
+pub const LABELS_MAX: usize = 16;
+/// Bytes of a label name.
+pub const LABEL_KEY_BYTES_MAX: usize = 64;
+/// Bytes of a label value.
+pub const LABEL_VALUE_BYTES_MAX: usize = 256;
+/// Queues the state machine tracks at once (queues with jobs or with non-default settings).
+pub const QUEUES_MAX: usize = 10_000;
+/// Jobs a rate limit may allow per period.
+pub const RATE_JOBS_MAX: u32 = 1_000_000;
+/// A rate limit's period, at most (one day).
+pub const RATE_PERIOD_MS_MAX: u64 = 24 * 60 * 60 * 1000;
+/// Jobs in one Cancel command.
+pub const CANCEL_BATCH_MAX: usize = 1000;
+/// Dead letters one Redrive or PurgeDead command moves.
+pub const DEAD_BATCH_MAX: usize = 1000;
+/// Jobs (and, separately, idempotency records) one retention pass deletes.
+pub const RETAIN_BATCH_MAX: usize = 1000;
 
 /// Bytes of one job's payload that the state machine accepts from the log, whatever a node is
 /// configured to take. Apply must not depend on per-node configuration (replicas could diverge),

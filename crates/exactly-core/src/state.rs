@@ -1,21 +1,30 @@
 //! The job table: the replicated state machine's state and its apply function.
+//!
+//! The table is split by concern: `state/jobs.rs` (submit, idempotency, cancel, dead letters),
+//! `state/attempts.rs` (assign and complete), `state/nodes.rs` (registrations and leases) and
+//! `state/retention.rs` (purging what is past its retention). This file holds the table itself,
+//! its indexes, the read API and the invariant check that ties the indexes to the records.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{
-    Assignment, Command, Completion, Effect, NewJob, NodeLease, NodeRegistration, Outcome,
-    Rejection, Request, Response, StartAttempt,
-};
-use crate::job::{Attempt, AttemptEnd, Job, JobStatus, StateCounts};
+use crate::command::{Command, Effect, JobEvent, NewJob, Request, Response};
+use crate::job::{Job, JobStatus, StateCounts};
 use crate::limits::{
-    ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, ERROR_BYTES_MAX,
-    KIND_NAME_BYTES_MAX, MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, PAYLOAD_BYTES_CEILING,
-    QUEUE_NAME_BYTES_MAX, RESULT_BYTES_MAX, RETRY_BACKOFF_BASE_MS, RETRY_BACKOFF_MAX_MS,
-    SUBMIT_BATCH_JOBS_MAX, TIMEOUT_MS_MAX,
+    BACKOFF_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, KIND_NAME_BYTES_MAX, LABELS_MAX,
+    LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX, MAX_ATTEMPTS_MAX, ORDERING_KEY_BYTES_MAX,
+    PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, TIMEOUT_MS_MAX,
 };
+use crate::queue::QueueConfig;
 use crate::{JobId, NodeId};
+
+mod attempts;
+mod jobs;
+mod nodes;
+mod retention;
+
+pub use crate::retry::{backoff_ceiling_ms, retry_delay_ms};
 
 /// A node as the state machine knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +41,73 @@ pub struct NodeEntry {
     pub expired: bool,
 }
 
+/// One queue's settings and scheduling indexes. A queue exists while it has live jobs or
+/// non-default settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub config: QueueConfig,
+    /// Pending jobs that are due and eligible (first of their ordering key), by (negated
+    /// priority, id): highest priority first, then FIFO.
+    ready: BTreeSet<(i64, JobId)>,
+    /// Jobs of this queue running now, on any node.
+    running: u32,
+    /// Jobs of this queue that are pending or running.
+    live: u64,
+    /// The rate limit's GCRA state (theoretical arrival time, microseconds).
+    rate_tat_us: u64,
+}
+
+impl QueueState {
+    /// Jobs of this queue running now, cluster-wide.
+    pub fn running(&self) -> u32 {
+        self.running
+    }
+
+    /// Jobs of this queue that are pending or running.
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+
+    /// Due, eligible pending jobs in the order they should start.
+    pub fn ready(&self) -> impl Iterator<Item = JobId> + '_ {
+        self.ready.iter().map(|&(_, id)| id)
+    }
+
+    /// Like [`QueueState::ready`], with each job's scheduling key (negated priority, id).
+    pub fn ready_entries(&self) -> impl Iterator<Item = (i64, JobId)> + '_ {
+        self.ready.iter().copied()
+    }
+
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// How many more attempts this queue may start at `now_ms` (paused, concurrency and rate
+    /// limits), at most `cap`.
+    pub fn allowance(&self, now_ms: u64, cap: usize) -> usize {
+        if self.config.paused {
+            return 0;
+        }
+        let mut n = cap;
+        if self.config.concurrency_max > 0 {
+            n = n.min(self.config.concurrency_max.saturating_sub(self.running) as usize);
+        }
+        if let Some(rate) = &self.config.rate {
+            n = n.min(rate.allowance(self.rate_tat_us, now_ms) as usize);
+        }
+        n
+    }
+}
+
+/// What the table remembers about an idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub job: JobId,
+    /// SHA-256 (first 16 bytes) of the queue, kind and payload the key was first used with.
+    pub fingerprint: [u8; 16],
+    pub created_at_ms: u64,
+}
+
 /// The whole replicated job state. Every field is derived only from applied commands, so two
 /// replicas that applied the same log are equal (`==`), which the cluster tests check.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,22 +116,30 @@ pub struct JobTable {
     /// The largest leader timestamp applied so far.
     now_ms: u64,
     jobs: BTreeMap<JobId, Job>,
-    /// Pending jobs due now, by (negated priority, id): highest priority first, then FIFO.
-    ready: BTreeSet<(i64, JobId)>,
-    /// Pending jobs not due yet, by (run_at, id).
+    queues: BTreeMap<String, QueueState>,
+    /// Eligible pending jobs not due yet, by (run_at, id).
     delayed: BTreeSet<(u64, JobId)>,
     /// Running jobs per node.
     running: BTreeMap<NodeId, BTreeSet<JobId>>,
     nodes: BTreeMap<NodeId, NodeEntry>,
+    /// Live jobs per (queue, ordering key) in submission order; only the first is eligible.
+    ordering: BTreeMap<(String, String), VecDeque<JobId>>,
+    keys: BTreeMap<String, KeyRecord>,
+    /// Idempotency keys by creation time, for retention.
+    keys_by_age: BTreeSet<(u64, String)>,
+    /// Succeeded and cancelled jobs by finish time, for retention.
+    finished: BTreeSet<(u64, JobId)>,
+    /// Dead letters by time of death.
+    dead: BTreeSet<(u64, JobId)>,
     counts: StateCounts,
 }
 
-fn truncate_bytes(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
+pub(crate) fn truncate_bytes(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
     bytes.truncate(max);
     bytes
 }
 
-fn truncate_str(s: String, max: usize) -> String {
+pub(crate) fn truncate_str(s: String, max: usize) -> String {
     if s.len() <= max {
         return s;
     }
@@ -64,15 +148,6 @@ fn truncate_str(s: String, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_string()
-}
-
-/// The delay before retry number `failures + 1`: exponential from
-/// [`RETRY_BACKOFF_BASE_MS`], capped at [`RETRY_BACKOFF_MAX_MS`].
-pub fn retry_backoff_ms(failures: u32) -> u64 {
-    let shift = failures.saturating_sub(1).min(20);
-    RETRY_BACKOFF_BASE_MS
-        .saturating_mul(1u64 << shift)
-        .min(RETRY_BACKOFF_MAX_MS)
 }
 
 /// Checks a job against the limits the state machine enforces. The API edge calls this too
@@ -109,6 +184,55 @@ pub fn validate_new_job(job: &NewJob) -> Result<(), String> {
             job.timeout_ms
         ));
     }
+    if let Some(key) = &job.idempotency_key {
+        if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+            return Err(format!(
+                "idempotency key must be 1..={IDEMPOTENCY_KEY_BYTES_MAX} bytes, got {}",
+                key.len()
+            ));
+        }
+    }
+    if let Some(key) = &job.ordering_key {
+        if key.is_empty() || key.len() > ORDERING_KEY_BYTES_MAX {
+            return Err(format!(
+                "ordering key must be 1..={ORDERING_KEY_BYTES_MAX} bytes, got {}",
+                key.len()
+            ));
+        }
+    }
+    if job.labels.len() > LABELS_MAX {
+        return Err(format!(
+            "{} labels exceed the limit of {LABELS_MAX}",
+            job.labels.len()
+        ));
+    }
+    for (name, value) in &job.labels {
+        if name.is_empty() || name.len() > LABEL_KEY_BYTES_MAX {
+            return Err(format!(
+                "label name must be 1..={LABEL_KEY_BYTES_MAX} bytes, got {}",
+                name.len()
+            ));
+        }
+        if value.len() > LABEL_VALUE_BYTES_MAX {
+            return Err(format!(
+                "label {name:?} value of {} bytes exceeds the limit of {LABEL_VALUE_BYTES_MAX}",
+                value.len()
+            ));
+        }
+    }
+    let b = job.backoff;
+    if b.base_ms > BACKOFF_MS_MAX || b.max_ms > BACKOFF_MS_MAX {
+        return Err(format!(
+            "backoff must be at most {BACKOFF_MS_MAX} ms, got base {} max {}",
+            b.base_ms, b.max_ms
+        ));
+    }
+    if b.max_ms != 0 && b.base_ms > b.max_ms {
+        return Err(format!(
+            "backoff base {} ms exceeds its max {} ms",
+            b.base_ms, b.max_ms
+        ));
+    }
     Ok(())
 }
 
@@ -122,10 +246,15 @@ impl Default for JobTable {
             next_job_id: 1,
             now_ms: 0,
             jobs: BTreeMap::new(),
-            ready: BTreeSet::new(),
+            queues: BTreeMap::new(),
             delayed: BTreeSet::new(),
             running: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            ordering: BTreeMap::new(),
+            keys: BTreeMap::new(),
+            keys_by_age: BTreeSet::new(),
+            finished: BTreeSet::new(),
+            dead: BTreeSet::new(),
             counts: StateCounts::default(),
         }
     }
@@ -139,29 +268,37 @@ impl JobTable {
     /// Applies one committed command. `log_index` is the entry's Raft log index: it becomes the
     /// fencing token of every attempt the entry starts, so tokens strictly increase per job.
     ///
-    /// Never panics on bad input: a malformed job or a stale completion becomes a [`Rejection`]
-    /// in the response, and the rest of the batch is applied.
+    /// Never panics on bad input: a malformed job or a stale completion becomes a
+    /// [`crate::Rejection`] in the response, and the rest of the batch is applied.
     pub fn apply(&mut self, log_index: u64, request: Request) -> (Response, Vec<Effect>) {
         self.now_ms = self.now_ms.max(request.now_ms);
         self.promote_due();
+        let entropy = request.entropy;
         let mut effects = Vec::new();
         let response = match request.command {
             Command::Submit(jobs) => Response::Submitted(self.submit(jobs, &mut effects)),
             Command::Assign(assignments) => self.assign(log_index, assignments, &mut effects),
-            Command::Complete(completions) => self.complete(completions, &mut effects),
+            Command::Complete(completions) => self.complete(completions, entropy, &mut effects),
             Command::Renew(lease) => Response::Renewed(self.renew(lease, &mut effects)),
             Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
             Command::RegisterNode(registration) => {
                 Response::NodeRegistered(self.register_node(registration, &mut effects))
             }
+            Command::Cancel(ids) => Response::Cancelled(self.cancel(ids, &mut effects)),
+            Command::Redrive(filter) => Response::Redriven(self.redrive(&filter, &mut effects)),
+            Command::PurgeDead(filter) => {
+                Response::PurgedDead(self.purge_dead(&filter, &mut effects))
+            }
+            Command::ConfigureQueue { queue, patch } => {
+                Response::QueueConfigured(self.configure_queue(queue, patch))
+            }
+            Command::Retain(retention) => self.retain(&retention, &mut effects),
         };
         (response, effects)
     }
 
-    /// Moves delayed jobs whose run_at has come into `ready`, so that `ready` holds every due
-    /// pending job in priority order and `delayed` only jobs not due yet, as their docs say.
-    /// Without this a due delayed job stayed in `delayed`, ordered by time rather than priority,
-    /// and the scheduler had to scan every such job to keep priority order.
+    /// Moves delayed jobs whose run_at has come into their queue's `ready` set, so that `ready`
+    /// holds every due eligible pending job in priority order and `delayed` only jobs not due yet.
     fn promote_due(&mut self) {
         while let Some(&(at, id)) = self.delayed.first() {
             if at > self.now_ms {
@@ -169,402 +306,126 @@ impl JobTable {
             }
             self.delayed.pop_first();
             if let Some(job) = self.jobs.get(&id) {
-                self.ready.insert((-(job.priority as i64), id));
+                if let Some(q) = self.queues.get_mut(&job.queue) {
+                    q.ready.insert((-(job.priority as i64), id));
+                }
             }
         }
     }
 
-    fn submit(
-        &mut self,
-        jobs: Vec<NewJob>,
-        effects: &mut Vec<Effect>,
-    ) -> Vec<Result<JobId, Rejection>> {
-        if jobs.len() > SUBMIT_BATCH_JOBS_MAX {
-            let err = Rejection::BatchTooLarge {
-                got: jobs.len(),
-                max: SUBMIT_BATCH_JOBS_MAX,
-            };
-            return jobs.iter().map(|_| Err(err.clone())).collect();
-        }
-        let mut results = Vec::with_capacity(jobs.len());
-        for new in jobs {
-            if let Err(reason) = validate_new_job(&new) {
-                results.push(Err(Rejection::Invalid(reason)));
-                continue;
+    /// Whether a pending job may be scheduled: it has no ordering key, or is its key's first.
+    fn eligible(&self, job: &Job) -> bool {
+        match &job.ordering_key {
+            None => true,
+            Some(key) => {
+                self.ordering
+                    .get(&(job.queue.clone(), key.clone()))
+                    .and_then(|q| q.front())
+                    == Some(&job.id)
             }
-            let id = self.next_job_id;
-            self.next_job_id += 1;
-            let job = Job {
-                id,
-                queue: new.queue,
-                kind: new.kind,
-                priority: new.priority,
-                payload_len: new.payload.len() as u32,
-                max_attempts: new.max_attempts,
-                timeout_ms: new.timeout_ms,
-                status: JobStatus::Pending,
-                created_at_ms: self.now_ms,
-                updated_at_ms: self.now_ms,
-                run_at_ms: new.run_at_ms,
-                failures: 0,
-                abandoned: 0,
-                attempts: Vec::new(),
-                result: None,
-                last_error: None,
-            };
-            self.index_pending(&job);
-            self.counts.pending += 1;
-            self.jobs.insert(id, job);
-            effects.push(Effect::StorePayload {
-                job: id,
-                payload: new.payload,
-            });
-            results.push(Ok(id));
         }
-        results
     }
 
+    /// Puts an eligible pending job into the scheduling indexes (ready or delayed).
     fn index_pending(&mut self, job: &Job) {
+        if !self.eligible(job) {
+            return;
+        }
         if job.run_at_ms > self.now_ms {
             self.delayed.insert((job.run_at_ms, job.id));
-        } else {
-            self.ready.insert((-(job.priority as i64), job.id));
+        } else if let Some(q) = self.queues.get_mut(&job.queue) {
+            q.ready.insert((-(job.priority as i64), job.id));
         }
     }
 
     fn unindex_pending(&mut self, job: &Job) {
         self.delayed.remove(&(job.run_at_ms, job.id));
-        self.ready.remove(&(-(job.priority as i64), job.id));
+        if let Some(q) = self.queues.get_mut(&job.queue) {
+            q.ready.remove(&(-(job.priority as i64), job.id));
+        }
     }
 
-    fn set_status(&mut self, job: &mut Job, status: JobStatus) {
-        *self.counts.slot(job.status) -= 1;
+    /// Moves `job` to `status`: counts, per-queue live and running counts, the retention indexes,
+    /// ordering keys, payload lifetime and a Watch event, all in one place.
+    fn transition(&mut self, job: &mut Job, status: JobStatus, effects: &mut Vec<Effect>) {
+        let old = job.status;
+        *self.counts.slot(old) -= 1;
         *self.counts.slot(status) += 1;
         job.status = status;
         job.updated_at_ms = self.now_ms;
-    }
-
-    fn assign(
-        &mut self,
-        log_index: u64,
-        assignments: Vec<Assignment>,
-        effects: &mut Vec<Effect>,
-    ) -> Response {
-        if assignments.len() > ASSIGN_BATCH_MAX {
-            let err = Rejection::BatchTooLarge {
-                got: assignments.len(),
-                max: ASSIGN_BATCH_MAX,
-            };
-            return Response::Assigned {
-                started: 0,
-                rejected: assignments.iter().map(|a| (a.job, err.clone())).collect(),
-            };
-        }
-        let mut started = 0;
-        let mut rejected = Vec::new();
-        for a in assignments {
-            match self.assign_one(log_index, &a) {
-                Ok(start) => {
-                    started += 1;
-                    effects.push(Effect::Start(start));
-                }
-                Err(why) => rejected.push((a.job, why)),
+        if let Some(q) = self.queues.get_mut(&job.queue) {
+            if old == JobStatus::Running {
+                q.running = q.running.saturating_sub(1);
+            }
+            if status == JobStatus::Running {
+                q.running += 1;
+            }
+            if !old.is_terminal() && status.is_terminal() {
+                q.live = q.live.saturating_sub(1);
             }
         }
-        Response::Assigned { started, rejected }
-    }
-
-    fn assign_one(&mut self, token: u64, a: &Assignment) -> Result<StartAttempt, Rejection> {
-        let node = self.current_node(NodeLease {
-            node: a.node,
-            incarnation: a.incarnation,
-        })?;
-        if node.expired {
-            return Err(Rejection::Expired {
-                node: a.node,
-                incarnation: a.incarnation,
-            });
+        match status {
+            JobStatus::Succeeded | JobStatus::Cancelled => {
+                self.finished.insert((self.now_ms, job.id));
+                effects.push(Effect::DropPayload { job: job.id });
+            }
+            // A dead letter keeps its payload: it may be redriven.
+            JobStatus::Dead => {
+                self.dead.insert((self.now_ms, job.id));
+            }
+            JobStatus::Pending | JobStatus::Running => {}
         }
-        let slots = node.slots as usize;
-        if self.running_on(a.node) >= slots {
-            return Err(Rejection::NoSlot(a.node));
+        if status.is_terminal() {
+            self.release_ordering_key(job);
+            self.forget_queue_if_idle(&job.queue.clone());
         }
-        let mut job = self
-            .jobs
-            .remove(&a.job)
-            .ok_or(Rejection::UnknownJob(a.job))?;
-        let checked = if job.status != JobStatus::Pending {
-            Err(Rejection::NotPending(job.status.as_str().to_string()))
-        } else if job.run_at_ms > self.now_ms {
-            Err(Rejection::NotDue(job.run_at_ms))
-        } else if job.attempts.last().is_some_and(|last| last.token >= token) {
-            // Tokens come from log indexes, so this cannot happen for a well-formed log; refusing
-            // keeps the token order an invariant even for a malformed one.
-            Err(Rejection::StaleAttempt {
-                got: token,
-                current: job.attempts.last().map(|l| l.token),
-            })
-        } else {
-            Ok(())
-        };
-        if let Err(why) = checked {
-            self.jobs.insert(job.id, job);
-            return Err(why);
-        }
-        self.unindex_pending(&job);
-        self.set_status(&mut job, JobStatus::Running);
-        let number = job.attempts.len() as u32 + 1;
-        job.attempts.push(Attempt {
-            number,
-            token,
-            node: a.node,
-            incarnation: a.incarnation,
-            started_at_ms: self.now_ms,
-            ended_at_ms: None,
-            end: None,
-        });
-        self.running.entry(a.node).or_default().insert(job.id);
-        let start = StartAttempt {
+        let attempt = job.attempts.last();
+        effects.push(Effect::Event(JobEvent {
             job: job.id,
-            token,
-            attempt: number,
-            node: a.node,
-            incarnation: a.incarnation,
             queue: job.queue.clone(),
-            kind: job.kind.clone(),
-            timeout_ms: job.timeout_ms,
-        };
-        self.jobs.insert(job.id, job);
-        Ok(start)
+            status,
+            attempt: attempt.map_or(0, |a| a.number),
+            token: attempt.map_or(0, |a| a.token),
+            node: attempt.map(|a| a.node),
+            at_ms: self.now_ms,
+        }));
     }
 
-    fn complete(&mut self, completions: Vec<Completion>, effects: &mut Vec<Effect>) -> Response {
-        if completions.len() > COMPLETE_BATCH_MAX {
-            let err = Rejection::BatchTooLarge {
-                got: completions.len(),
-                max: COMPLETE_BATCH_MAX,
-            };
-            return Response::Completed {
-                accepted: 0,
-                rejected: completions.iter().map(|c| (c.job, err.clone())).collect(),
-            };
-        }
-        let mut accepted = 0;
-        let mut rejected = Vec::new();
-        for c in completions {
-            let job_id = c.job;
-            match self.complete_one(c, effects) {
-                Ok(()) => accepted += 1,
-                Err(why) => {
-                    if matches!(why, Rejection::StaleAttempt { .. }) {
-                        self.counts.stale_completions += 1;
-                    }
-                    rejected.push((job_id, why));
-                }
-            }
-        }
-        Response::Completed { accepted, rejected }
-    }
-
-    fn complete_one(&mut self, c: Completion, effects: &mut Vec<Effect>) -> Result<(), Rejection> {
-        let mut job = self
-            .jobs
-            .remove(&c.job)
-            .ok_or(Rejection::UnknownJob(c.job))?;
-        let current = job.current_attempt().map(|a| a.token);
-        if current != Some(c.token) {
-            self.jobs.insert(job.id, job);
-            return Err(Rejection::StaleAttempt {
-                got: c.token,
-                current,
-            });
-        }
-        let end = match c.outcome {
-            Outcome::Succeeded { result } => {
-                job.result = Some(truncate_bytes(result, RESULT_BYTES_MAX));
-                AttemptEnd::Succeeded
-            }
-            Outcome::Failed { error, retryable } => AttemptEnd::Failed {
-                error: truncate_str(error, ERROR_BYTES_MAX),
-                retryable,
-            },
-        };
-        self.end_current_attempt(&mut job, end, effects);
-        self.jobs.insert(job.id, job);
-        Ok(())
-    }
-
-    /// Ends a running job's current attempt and moves the job on: to success, to a retry, or to
-    /// failure.
-    fn end_current_attempt(&mut self, job: &mut Job, end: AttemptEnd, effects: &mut Vec<Effect>) {
-        let now = self.now_ms;
-        let Some(attempt) = job.attempts.last_mut() else {
+    /// A job with an ordering key finished for good: it leaves its key's line, and the next job
+    /// of the line becomes eligible.
+    fn release_ordering_key(&mut self, job: &Job) {
+        let Some(key) = &job.ordering_key else {
             return;
         };
-        attempt.ended_at_ms = Some(now);
-        attempt.end = Some(end.clone());
-        let node = attempt.node;
-        if let Some(set) = self.running.get_mut(&node) {
-            set.remove(&job.id);
-            if set.is_empty() {
-                self.running.remove(&node);
-            }
-        }
-        let next = match end {
-            AttemptEnd::Succeeded => JobStatus::Succeeded,
-            AttemptEnd::Failed { error, retryable } => {
-                job.failures += 1;
-                job.last_error = Some(error);
-                if retryable && job.failures < job.max_attempts {
-                    job.run_at_ms = now.saturating_add(retry_backoff_ms(job.failures));
-                    JobStatus::Pending
-                } else {
-                    JobStatus::Failed
-                }
-            }
-            AttemptEnd::Abandoned { reason } => {
-                job.abandoned += 1;
-                job.last_error = Some(reason);
-                if job.abandoned < ABANDONED_ATTEMPTS_MAX {
-                    job.run_at_ms = now;
-                    JobStatus::Pending
-                } else {
-                    JobStatus::Failed
-                }
-            }
+        let line_key = (job.queue.clone(), key.clone());
+        let Some(line) = self.ordering.get_mut(&line_key) else {
+            return;
         };
-        self.set_status(job, next);
-        if next == JobStatus::Pending {
-            self.index_pending(job);
-        } else {
-            effects.push(Effect::DropPayload { job: job.id });
+        let was_first = line.front() == Some(&job.id);
+        line.retain(|&id| id != job.id);
+        let next = line.front().copied();
+        if line.is_empty() {
+            self.ordering.remove(&line_key);
         }
-    }
-
-    fn register_node(
-        &mut self,
-        r: NodeRegistration,
-        effects: &mut Vec<Effect>,
-    ) -> Result<u32, Rejection> {
-        if r.slots > NODE_SLOTS_MAX {
-            return Err(Rejection::Invalid(format!(
-                "slots must be at most {NODE_SLOTS_MAX}, got {}",
-                r.slots
-            )));
-        }
-        let previous = self.nodes.get(&r.node).map(|n| n.incarnation);
-        if let Some(current) = previous {
-            if r.incarnation < current {
-                return Err(Rejection::StaleIncarnation {
-                    node: r.node,
-                    got: r.incarnation,
-                    current,
-                });
+        if was_first {
+            if let Some(next) = next.and_then(|id| self.jobs.get(&id)).cloned() {
+                if next.status == JobStatus::Pending {
+                    self.index_pending(&next);
+                }
             }
         }
-        let same = self
-            .nodes
-            .get(&r.node)
-            .filter(|n| n.incarnation == r.incarnation);
-        let expired = same.is_some_and(|n| n.expired);
-        let renewed_at_ms = same.map_or(0, |n| n.renewed_at_ms);
-        self.nodes.insert(
-            r.node,
-            NodeEntry {
-                incarnation: r.incarnation,
-                slots: r.slots,
-                addr: r.addr,
-                registered_at_ms: self.now_ms,
-                renewed_at_ms,
-                expired,
-            },
-        );
-        // Attempts of an older incarnation can never report: that process is gone (its data
-        // directory is locked by the new one). Requeue them now instead of waiting for a lease.
-        let held: Vec<JobId> = self
-            .running
-            .get(&r.node)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
-        let mut requeued = 0;
-        for id in held {
-            let Some(mut job) = self.jobs.remove(&id) else {
-                continue;
-            };
-            let stale = job
-                .current_attempt()
-                .is_some_and(|a| a.incarnation < r.incarnation);
-            if stale {
-                let reason = format!("node {} restarted (incarnation {})", r.node, r.incarnation);
-                // The effects go to the caller: a job abandoned ABANDONED_ATTEMPTS_MAX times fails
-                // here, and its DropPayload used to be discarded, leaking the payload in storage.
-                self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, effects);
-                requeued += 1;
-            }
-            self.jobs.insert(id, job);
-        }
-        Ok(requeued)
     }
 
-    /// The entry of `lease.node`, if `lease.incarnation` is its current incarnation (shared by
-    /// assign, renew and expire).
-    fn current_node(&mut self, lease: NodeLease) -> Result<&mut NodeEntry, Rejection> {
-        let node = self
-            .nodes
-            .get_mut(&lease.node)
-            .ok_or(Rejection::UnknownNode(lease.node))?;
-        if node.incarnation != lease.incarnation {
-            return Err(Rejection::StaleIncarnation {
-                node: lease.node,
-                got: lease.incarnation,
-                current: node.incarnation,
-            });
+    /// Drops a queue's state once it has no live jobs and default settings, so the queue map
+    /// stays bounded by the queues in use.
+    fn forget_queue_if_idle(&mut self, queue: &str) {
+        if self
+            .queues
+            .get(queue)
+            .is_some_and(|q| q.live == 0 && q.running == 0 && q.config.is_default())
+        {
+            self.queues.remove(queue);
         }
-        Ok(node)
-    }
-
-    /// A committed lease renewal: counts only for the node's current, unexpired incarnation.
-    fn renew(&mut self, lease: NodeLease, effects: &mut Vec<Effect>) -> Result<(), Rejection> {
-        let now = self.now_ms;
-        let node = self.current_node(lease)?;
-        if node.expired {
-            return Err(Rejection::Expired {
-                node: lease.node,
-                incarnation: lease.incarnation,
-            });
-        }
-        node.renewed_at_ms = now;
-        effects.push(Effect::Renewed(lease));
-        Ok(())
-    }
-
-    /// The leader decided this incarnation's lease lapsed: abandon its attempts (their jobs are
-    /// requeued and will be reassigned with larger tokens) and refuse it further work.
-    fn expire(&mut self, lease: NodeLease, effects: &mut Vec<Effect>) -> Result<u32, Rejection> {
-        let node = self.current_node(lease)?;
-        if node.expired {
-            return Ok(0);
-        }
-        node.expired = true;
-        let held: Vec<JobId> = self
-            .running
-            .get(&lease.node)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
-        let mut requeued = 0;
-        for id in held {
-            let Some(mut job) = self.jobs.remove(&id) else {
-                continue;
-            };
-            let reason = format!(
-                "lease of node {} (incarnation {}) expired",
-                lease.node, lease.incarnation
-            );
-            self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, effects);
-            requeued += 1;
-            self.jobs.insert(id, job);
-        }
-        Ok(requeued)
     }
 
     // ----- read access for the scheduler, the API and tests -----
@@ -577,6 +438,13 @@ impl JobTable {
         self.jobs.values()
     }
 
+    /// Jobs with ids greater than `after`, in id order (for paged listing).
+    pub fn jobs_after(&self, after: JobId) -> impl Iterator<Item = &Job> {
+        self.jobs
+            .range(after.saturating_add(1)..)
+            .map(|(_, job)| job)
+    }
+
     pub fn counts(&self) -> &StateCounts {
         &self.counts
     }
@@ -587,6 +455,24 @@ impl JobTable {
 
     pub fn now_ms(&self) -> u64 {
         self.now_ms
+    }
+
+    pub fn queues(&self) -> &BTreeMap<String, QueueState> {
+        &self.queues
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&QueueState> {
+        self.queues.get(name)
+    }
+
+    /// The record of an idempotency key, while it is retained.
+    pub fn idempotency_key(&self, key: &str) -> Option<&KeyRecord> {
+        self.keys.get(key)
+    }
+
+    /// Dead letters, oldest death first.
+    pub fn dead_jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.dead.iter().filter_map(|(_, id)| self.jobs.get(id))
     }
 
     /// The jobs running on `node` now.
@@ -603,12 +489,19 @@ impl JobTable {
         self.running.get(&node).map_or(0, |s| s.len())
     }
 
-    /// Pending jobs due now, highest priority first, then in submission order.
+    /// Pending jobs due now across all queues, highest priority first, then in submission order.
+    /// (Allocates: for tests and inspection; the scheduler merges queues itself.)
     pub fn ready_jobs(&self) -> impl Iterator<Item = JobId> + '_ {
-        self.ready.iter().map(|&(_, id)| id)
+        let mut all: Vec<(i64, JobId)> = self
+            .queues
+            .values()
+            .flat_map(|q| q.ready.iter().copied())
+            .collect();
+        all.sort_unstable();
+        all.into_iter().map(|(_, id)| id)
     }
 
-    /// Pending jobs due by `now_ms` that were delayed, earliest first.
+    /// Eligible pending jobs due by `now_ms` that were delayed, earliest first.
     pub fn due_delayed_jobs(&self, now_ms: u64) -> impl Iterator<Item = JobId> + '_ {
         self.delayed
             .iter()
@@ -623,12 +516,36 @@ impl JobTable {
             stale_completions: self.counts.stale_completions,
             ..StateCounts::default()
         };
+        let mut queue_live: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut queue_running: BTreeMap<&str, u32> = BTreeMap::new();
         for job in self.jobs.values() {
             *counts.slot(job.status) += 1;
-            let pending_indexed = self.ready.contains(&(-(job.priority as i64), job.id))
-                || self.delayed.contains(&(job.run_at_ms, job.id));
-            if (job.status == JobStatus::Pending) != pending_indexed {
+            if !job.status.is_terminal() {
+                *queue_live.entry(job.queue.as_str()).or_default() += 1;
+                if !self.queues.contains_key(&job.queue) {
+                    return Err(format!("live job {} has no queue state", job.id));
+                }
+            }
+            if job.status == JobStatus::Running {
+                *queue_running.entry(job.queue.as_str()).or_default() += 1;
+            }
+            let in_ready = self
+                .queues
+                .get(&job.queue)
+                .is_some_and(|q| q.ready.contains(&(-(job.priority as i64), job.id)));
+            let in_delayed = self.delayed.contains(&(job.run_at_ms, job.id));
+            let should_index = job.status == JobStatus::Pending && self.eligible(job);
+            if should_index != (in_ready || in_delayed) || (in_ready && in_delayed) {
                 return Err(format!("job {} pending index disagrees", job.id));
+            }
+            if let Some(key) = &job.ordering_key {
+                let in_line = self
+                    .ordering
+                    .get(&(job.queue.clone(), key.clone()))
+                    .is_some_and(|line| line.contains(&job.id));
+                if in_line == job.status.is_terminal() {
+                    return Err(format!("job {} ordering line disagrees", job.id));
+                }
             }
             let running_on = job
                 .current_attempt()
@@ -650,6 +567,48 @@ impl JobTable {
             if job.attempts.windows(2).any(|w| w[0].token >= w[1].token) {
                 return Err(format!("job {} tokens do not increase", job.id));
             }
+            let in_finished = self.finished.contains(&(job.updated_at_ms, job.id));
+            let in_dead = self.dead.contains(&(job.updated_at_ms, job.id));
+            let finished = matches!(job.status, JobStatus::Succeeded | JobStatus::Cancelled);
+            if in_finished != finished || in_dead != (job.status == JobStatus::Dead) {
+                return Err(format!("job {} retention index disagrees", job.id));
+            }
+        }
+        for line in self.ordering.values() {
+            for id in line {
+                if self.jobs.get(id).is_none_or(|j| j.status.is_terminal()) {
+                    return Err(format!("ordering line holds finished or gone job {id}"));
+                }
+            }
+        }
+        for (name, q) in &self.queues {
+            let live = queue_live.get(name.as_str()).copied().unwrap_or(0);
+            let running = queue_running.get(name.as_str()).copied().unwrap_or(0);
+            if q.live != live || q.running != running {
+                return Err(format!(
+                    "queue {name} counts live {} running {} but has {live} and {running}",
+                    q.live, q.running
+                ));
+            }
+            if live == 0 && q.config.is_default() {
+                return Err(format!("idle default queue {name} was kept"));
+            }
+        }
+        if self.finished.len() + self.dead.len()
+            != (counts.succeeded + counts.cancelled + counts.dead) as usize
+        {
+            return Err("retention index holds jobs that are gone".to_string());
+        }
+        for (key, record) in &self.keys {
+            if !self
+                .keys_by_age
+                .contains(&(record.created_at_ms, key.clone()))
+            {
+                return Err(format!("key {key} is not in the age index"));
+            }
+        }
+        if self.keys.len() != self.keys_by_age.len() {
+            return Err("key age index disagrees".to_string());
         }
         if let Some(&(at, id)) = self.delayed.first() {
             if at <= self.now_ms {

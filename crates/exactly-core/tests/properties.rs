@@ -12,11 +12,11 @@ use exactly_core::limits::{
     ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX,
     RESULT_BYTES_MAX, SUBMIT_BATCH_JOBS_MAX,
 };
-use exactly_core::state::{retry_backoff_ms, validate_new_job};
+use exactly_core::state::{retry_delay_ms, validate_new_job};
 use exactly_core::{
-    plan_assignments, Assignment, Command, Completion, Effect, Job, JobId, JobStatus, JobTable,
-    NewJob, NodeId, NodeLease, NodeRegistration, Outcome, Rejection, Request, Response,
-    StartAttempt, StateCounts,
+    plan_assignments, Assignment, Backoff, Command, Completion, Effect, Job, JobId, JobStatus,
+    JobTable, NewJob, NodeId, NodeLease, NodeRegistration, Outcome, Rejection, Request, Response,
+    StartAttempt, StateCounts, Submitted,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -35,6 +35,8 @@ struct JobSpec {
     delay_ms: u64,
     payload_len: usize,
     empty_queue: bool,
+    /// An idempotency key from a small set, so repeats and conflicts are frequent.
+    key: Option<u8>,
 }
 
 /// Which job an operation names, chosen among the model's jobs when the step runs.
@@ -92,6 +94,8 @@ enum Op {
     },
     Assign(Vec<AssignSpec>),
     Complete(Vec<CompleteSpec>),
+    /// A client cancels jobs (any state, or no job at all).
+    Cancel(Vec<JobPick>),
     Register {
         node: NodeId,
         incarnation_delta: i64,
@@ -127,14 +131,16 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
         prop_oneof![3 => Just(0u64), 1 => 1u64..6_000],
         0usize..4,
         proptest::bool::weighted(0.03),
+        prop_oneof![3 => Just(None), 1 => (0u8..3).prop_map(Some)],
     )
         .prop_map(
-            |(priority, max_attempts, delay_ms, payload_len, empty_queue)| JobSpec {
+            |(priority, max_attempts, delay_ms, payload_len, empty_queue, key)| JobSpec {
                 priority,
                 max_attempts,
                 delay_ms,
                 payload_len,
                 empty_queue,
+                key,
             },
         )
 }
@@ -194,6 +200,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(batch_max, excluded)| Op::Plan { batch_max, excluded }),
         2 => proptest::collection::vec(assign_spec(), 1..4).prop_map(Op::Assign),
         4 => proptest::collection::vec(complete_spec(), 1..4).prop_map(Op::Complete),
+        1 => proptest::collection::vec(job_pick(JobPick::Running), 1..3).prop_map(Op::Cancel),
         2 => (
             1..=REGISTRABLE,
             prop_oneof![4 => Just(1i64), 2 => Just(0i64), 1 => Just(-1i64), 1 => Just(3i64)],
@@ -262,6 +269,9 @@ struct ModelJob {
     /// Every token this job was ever started with, in order.
     tokens: Vec<u64>,
     current: Option<ModelAttempt>,
+    idempotency_key: Option<String>,
+    /// The token of the attempt a cancel stopped, if the job was cancelled while running.
+    cancelled_token: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -271,6 +281,9 @@ struct ModelNode {
     expired: bool,
 }
 
+/// What an idempotency key is bound to: (queue, kind, payload).
+type Fingerprint = (String, String, Vec<u8>);
+
 /// What the state machine should do, written as plainly as possible.
 #[derive(Clone, Debug)]
 struct Model {
@@ -279,12 +292,17 @@ struct Model {
     jobs: BTreeMap<JobId, ModelJob>,
     nodes: BTreeMap<NodeId, ModelNode>,
     stale_completions: u64,
+    /// The entropy of the entry being applied.
+    entropy: u64,
+    /// Invariant 7: each idempotency key and the (queue, kind, payload) it was first used with.
+    keys: BTreeMap<String, (JobId, Fingerprint)>,
 }
 
 enum End {
     Succeeded,
     Failed { retryable: bool },
     Abandoned,
+    Cancelled,
 }
 
 impl Model {
@@ -295,6 +313,8 @@ impl Model {
             jobs: BTreeMap::new(),
             nodes: BTreeMap::new(),
             stale_completions: 0,
+            entropy: 0,
+            keys: BTreeMap::new(),
         }
     }
 
@@ -340,7 +360,8 @@ impl Model {
                 JobStatus::Pending => counts.pending += 1,
                 JobStatus::Running => counts.running += 1,
                 JobStatus::Succeeded => counts.succeeded += 1,
-                JobStatus::Failed => counts.failed += 1,
+                JobStatus::Dead => counts.dead += 1,
+                JobStatus::Cancelled => counts.cancelled += 1,
             }
         }
         counts
@@ -349,11 +370,40 @@ impl Model {
     /// The exact response and effects applying `request` at `index` must produce.
     fn apply(&mut self, index: u64, request: &Request) -> (Response, Vec<Effect>) {
         self.now_ms = self.now_ms.max(request.now_ms);
+        self.entropy = request.entropy;
         let mut effects = Vec::new();
         let response = match &request.command {
             Command::Submit(jobs) => {
                 assert!(jobs.len() <= SUBMIT_BATCH_JOBS_MAX, "generator limit");
-                Response::Submitted(jobs.iter().map(|j| self.submit(j, &mut effects)).collect())
+                // All or nothing: try the batch on a copy; any refusal leaves the model as it was.
+                let mut trial = self.clone();
+                let mut trial_effects = Vec::new();
+                let results: Vec<_> = jobs
+                    .iter()
+                    .map(|j| trial.submit(j, &mut trial_effects))
+                    .collect();
+                if results.iter().any(|r| r.is_err()) {
+                    let first_new = self.next_id;
+                    Response::Submitted(
+                        results
+                            .into_iter()
+                            .map(|r| match r {
+                                Ok(_) => Err(Rejection::BatchRejected),
+                                // A conflict with a job of this very batch, which will not exist.
+                                Err(Rejection::IdempotencyConflict { key, job })
+                                    if job >= first_new =>
+                                {
+                                    Err(Rejection::KeyConflictInBatch(key))
+                                }
+                                Err(why) => Err(why),
+                            })
+                            .collect(),
+                    )
+                } else {
+                    *self = trial;
+                    effects = trial_effects;
+                    Response::Submitted(results)
+                }
             }
             Command::Assign(list) => {
                 assert!(list.len() <= ASSIGN_BATCH_MAX, "generator limit");
@@ -379,18 +429,43 @@ impl Model {
                 }
                 Response::Completed { accepted, rejected }
             }
+            Command::Cancel(ids) => Response::Cancelled(
+                ids.iter()
+                    .map(|&id| (id, self.cancel(id, &mut effects)))
+                    .collect(),
+            ),
             Command::RegisterNode(r) => Response::NodeRegistered(self.register(r, &mut effects)),
             Command::Renew(lease) => Response::Renewed(self.renew(lease, &mut effects)),
             Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
+            other => unreachable!("the generator makes no {other:?}"),
         };
         (response, effects)
     }
 
-    fn submit(&mut self, new: &NewJob, effects: &mut Vec<Effect>) -> Result<JobId, Rejection> {
+    fn submit(&mut self, new: &NewJob, effects: &mut Vec<Effect>) -> Result<Submitted, Rejection> {
         // The validation rules themselves are pinned by the table-driven tests.
         validate_new_job(new).map_err(Rejection::Invalid)?;
+        let print = (new.queue.clone(), new.kind.clone(), new.payload.clone());
+        if let Some(key) = &new.idempotency_key {
+            if let Some((job, first)) = self.keys.get(key) {
+                return if *first == print {
+                    Ok(Submitted {
+                        id: *job,
+                        existing: true,
+                    })
+                } else {
+                    Err(Rejection::IdempotencyConflict {
+                        key: key.clone(),
+                        job: *job,
+                    })
+                };
+            }
+        }
         let id = self.next_id;
         self.next_id += 1;
+        if let Some(key) = &new.idempotency_key {
+            self.keys.insert(key.clone(), (id, print));
+        }
         self.jobs.insert(
             id,
             ModelJob {
@@ -405,13 +480,42 @@ impl Model {
                 abandoned: 0,
                 tokens: Vec::new(),
                 current: None,
+                idempotency_key: new.idempotency_key.clone(),
+                cancelled_token: None,
             },
         );
         effects.push(Effect::StorePayload {
             job: id,
             payload: new.payload.clone(),
         });
-        Ok(id)
+        Ok(Submitted::new(id))
+    }
+
+    /// Pending and running jobs end as cancelled (a running one's node is told to stop it);
+    /// finished ones refuse.
+    fn cancel(&mut self, id: JobId, effects: &mut Vec<Effect>) -> Result<JobStatus, Rejection> {
+        let job = self.jobs.get(&id).ok_or(Rejection::UnknownJob(id))?;
+        let was = job.status;
+        match was {
+            JobStatus::Pending => {
+                let job = self.jobs.get_mut(&id).expect("exists");
+                job.status = JobStatus::Cancelled;
+                effects.push(Effect::DropPayload { job: id });
+            }
+            JobStatus::Running => {
+                let current = job.current.as_ref().expect("running job has an attempt");
+                let token = current.token;
+                effects.push(Effect::Cancel {
+                    job: id,
+                    token,
+                    node: current.node,
+                });
+                self.jobs.get_mut(&id).expect("exists").cancelled_token = Some(token);
+                self.end(id, End::Cancelled, effects);
+            }
+            other => return Err(Rejection::Finished(other.as_str().to_string())),
+        }
+        Ok(was)
     }
 
     fn assign(
@@ -471,6 +575,10 @@ impl Model {
             queue: job.queue.clone(),
             kind: job.kind.clone(),
             timeout_ms: job.timeout_ms,
+            idempotency_key: job
+                .idempotency_key
+                .clone()
+                .unwrap_or_else(|| format!("exactly-job-{}", a.job)),
         }));
         Ok(())
     }
@@ -481,6 +589,10 @@ impl Model {
         let job = self.jobs.get(&c.job).ok_or(Rejection::UnknownJob(c.job))?;
         let current = job.current.as_ref().map(|a| a.token);
         if current != Some(c.token) {
+            // The last attempt of a cancelled job reports late by design: refused, not counted.
+            if job.cancelled_token == Some(c.token) {
+                return Err(Rejection::Finished("cancelled".into()));
+            }
             self.stale_completions += 1;
             return Err(Rejection::StaleAttempt {
                 got: c.token,
@@ -499,6 +611,7 @@ impl Model {
 
     fn end(&mut self, id: JobId, end: End, effects: &mut Vec<Effect>) {
         let now_ms = self.now_ms;
+        let entropy = self.entropy;
         let job = self.jobs.get_mut(&id).expect("running job");
         job.current = None;
         job.status = match end {
@@ -506,23 +619,26 @@ impl Model {
             End::Failed { retryable } => {
                 job.failures += 1;
                 if retryable && job.failures < job.max_attempts {
-                    job.run_at_ms = now_ms + retry_backoff_ms(job.failures);
+                    job.run_at_ms =
+                        now_ms + retry_delay_ms(job.failures, Backoff::default(), entropy, id);
                     JobStatus::Pending
                 } else {
-                    JobStatus::Failed
+                    JobStatus::Dead
                 }
             }
+            End::Cancelled => JobStatus::Cancelled,
             End::Abandoned => {
                 job.abandoned += 1;
                 if job.abandoned < ABANDONED_ATTEMPTS_MAX {
                     job.run_at_ms = now_ms;
                     JobStatus::Pending
                 } else {
-                    JobStatus::Failed
+                    JobStatus::Dead
                 }
             }
         };
-        if job.status.is_terminal() {
+        // A dead letter keeps its payload for a redrive.
+        if job.status.is_terminal() && job.status != JobStatus::Dead {
             effects.push(Effect::DropPayload { job: id });
         }
     }
@@ -638,6 +754,8 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                     } else {
                         stamp + s.delay_ms
                     },
+                    idempotency_key: s.key.map(|k| format!("key-{k}")),
+                    ..NewJob::default()
                 })
                 .collect(),
         ),
@@ -696,6 +814,7 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                 })
                 .collect(),
         ),
+        Op::Cancel(picks) => Command::Cancel(picks.iter().map(|p| model.pick(p)).collect()),
         Op::Renew {
             node,
             incarnation_delta,
@@ -732,6 +851,9 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
     };
     Request {
         now_ms: stamp,
+        // Any value works (the model derives the same jitter from it); varying it exercises
+        // the jitter bounds.
+        entropy: stamp.wrapping_mul(0x2545_F491_4F6C_DD1D),
         command,
     }
 }
@@ -813,6 +935,15 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
         let (response, effects) = a.apply(index, request.clone());
         let (response_b, effects_b) = b.apply(index, request.clone());
         let (expected_response, expected_effects) = model.apply(index, &request);
+        // Watch events are checked by the table-driven tests; the model tracks the shell's work.
+        let effects: Vec<Effect> = effects
+            .into_iter()
+            .filter(|e| !matches!(e, Effect::Event(_)))
+            .collect();
+        let effects_b: Vec<Effect> = effects_b
+            .into_iter()
+            .filter(|e| !matches!(e, Effect::Event(_)))
+            .collect();
 
         // Determinism: a second replica fed the same entry agrees exactly.
         prop_assert_eq!(&response, &response_b, "step {}: responses differ", n);
@@ -885,7 +1016,13 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                 Effect::Start(start) => {
                     prop_assert_eq!(start.token, index, "token is the log index");
                 }
-                Effect::Renewed(_) => {}
+                Effect::Renewed(_) | Effect::Event(_) => {}
+                Effect::Cancel { job, token, .. } => {
+                    // Only the attempt that was running is told to stop, and its job is over.
+                    let j = a.job(*job).expect("cancelled job exists");
+                    prop_assert_eq!(j.status, JobStatus::Cancelled);
+                    prop_assert_eq!(j.attempts.last().map(|t| t.token), Some(*token));
+                }
             }
         }
 
@@ -933,8 +1070,8 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                 .is_none_or(|r| r.len() <= RESULT_BYTES_MAX));
             prop_assert_eq!(
                 dropped.contains(&job.id),
-                job.status.is_terminal(),
-                "job {}: payload dropped iff terminal",
+                job.status.is_terminal() && job.status != JobStatus::Dead,
+                "job {}: payload dropped iff finished (dead letters keep theirs)",
                 job.id
             );
             prop_assert!(stored.contains(&job.id));
@@ -998,6 +1135,7 @@ proptest! {
                     delay_ms: 0,
                     payload_len: 1,
                     empty_queue: false,
+                    key: None,
                 };
                 6
             ]),

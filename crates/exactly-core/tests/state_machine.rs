@@ -12,18 +12,21 @@ use exactly_core::limits::{
     QUEUE_NAME_BYTES_MAX, RESULT_BYTES_MAX, RETRY_BACKOFF_BASE_MS, RETRY_BACKOFF_MAX_MS,
     SUBMIT_BATCH_JOBS_MAX, TIMEOUT_MS_MAX,
 };
-use exactly_core::state::retry_backoff_ms;
+use exactly_core::state::{backoff_ceiling_ms, retry_delay_ms};
+use std::collections::BTreeMap;
+
 use exactly_core::{
-    Attempt, AttemptEnd, Command, Effect, Job, JobStatus, JobTable, NewJob, NodeEntry, Outcome,
-    Rejection, Request, Response, StartAttempt, StateCounts,
+    Attempt, AttemptEnd, Backoff, Command, Effect, Job, JobStatus, JobTable, NewJob, NodeEntry,
+    Outcome, Rejection, Request, Response, StartAttempt, StateCounts, Submitted,
 };
 
-fn counts(pending: u64, running: u64, succeeded: u64, failed: u64, stale: u64) -> StateCounts {
+fn counts(pending: u64, running: u64, succeeded: u64, dead: u64, stale: u64) -> StateCounts {
     StateCounts {
         pending,
         running,
         succeeded,
-        failed,
+        dead,
+        cancelled: 0,
         stale_completions: stale,
     }
 }
@@ -42,7 +45,14 @@ fn submit_assigns_sequential_ids_and_stores_payloads() {
             new_job("mail", "send", b"ccc"),
         ]),
     );
-    assert_eq!(response, Response::Submitted(vec![Ok(1), Ok(2), Ok(3)]));
+    assert_eq!(
+        response,
+        Response::Submitted(vec![
+            Ok(Submitted::new(1)),
+            Ok(Submitted::new(2)),
+            Ok(Submitted::new(3))
+        ])
+    );
     assert_eq!(
         effects,
         vec![
@@ -65,7 +75,10 @@ fn submit_assigns_sequential_ids_and_stores_payloads() {
         NOW + 5,
         Command::Submit(vec![new_job("q", "noop", b"d"), new_job("q", "noop", b"e")]),
     );
-    assert_eq!(response, Response::Submitted(vec![Ok(4), Ok(5)]));
+    assert_eq!(
+        response,
+        Response::Submitted(vec![Ok(Submitted::new(4)), Ok(Submitted::new(5))])
+    );
     assert_eq!(
         effects,
         vec![
@@ -95,6 +108,11 @@ fn submit_assigns_sequential_ids_and_stores_payloads() {
             payload_len: 3,
             max_attempts: 3,
             timeout_ms: 0,
+            backoff: Backoff::default(),
+            idempotency_key: None,
+            ordering_key: None,
+            labels: BTreeMap::new(),
+            schedule: None,
             status: JobStatus::Pending,
             created_at_ms: NOW,
             updated_at_ms: NOW,
@@ -119,10 +137,11 @@ fn default_table_is_the_empty_table() {
         1,
         Request {
             now_ms: NOW,
+            entropy: 0,
             command: Command::Submit(vec![new_job("q", "noop", b"")]),
         },
     );
-    assert_eq!(response, Response::Submitted(vec![Ok(1)]));
+    assert_eq!(response, Response::Submitted(vec![Ok(Submitted::new(1))]));
 }
 
 /// A job with a future run_at is pending but not ready; one with a past run_at is ready.
@@ -166,9 +185,10 @@ fn ready_jobs_are_ordered_by_priority_then_fifo() {
     );
 }
 
-/// Each invalid job is refused with a precise reason while the rest of its batch applies.
+/// Each invalid job is refused with a precise reason, and its batch creates nothing (the good
+/// jobs answer BatchRejected), so a client never has half a batch committed.
 #[test]
-fn invalid_job_is_rejected_alone_and_the_rest_of_the_batch_applies() {
+fn an_invalid_job_refuses_its_whole_batch_with_a_precise_reason() {
     // The oversize payload is zero-filled: the allocator hands out untouched zero pages, so the
     // 16 MiB are reserved but never written, and the job is only measured, never copied.
     let cases: Vec<(&str, NewJob, String)> = vec![
@@ -248,26 +268,19 @@ fn invalid_job_is_rejected_alone_and_the_rest_of_the_batch_applies() {
         );
         assert_eq!(
             response,
-            Response::Submitted(vec![Ok(1), Err(Rejection::Invalid(reason)), Ok(2)]),
+            Response::Submitted(vec![
+                Err(Rejection::BatchRejected),
+                Err(Rejection::Invalid(reason)),
+                Err(Rejection::BatchRejected)
+            ]),
             "{name}"
         );
-        assert_eq!(
-            effects,
-            vec![
-                Effect::StorePayload {
-                    job: 1,
-                    payload: b"first".to_vec()
-                },
-                Effect::StorePayload {
-                    job: 2,
-                    payload: b"third".to_vec()
-                },
-            ],
-            "{name}"
-        );
-        assert_eq!(h.table.counts(), &counts(2, 0, 0, 0, 0), "{name}");
-        assert_eq!(h.table.jobs().count(), 2, "{name}");
-        assert_eq!(h.job(2).payload_len, 5, "{name}");
+        assert_eq!(effects, vec![], "{name}");
+        let mut untouched = JobTable::new();
+        untouched.apply(1, Request::at(NOW, Command::Submit(vec![])));
+        assert_eq!(h.table, untouched, "{name}: nothing changed");
+        // The next good batch gets id 1: the refused one used no ids.
+        assert_eq!(h.submit(NOW, vec![new_job("q", "noop", b"")]), vec![1]);
     }
 }
 
@@ -308,7 +321,11 @@ fn jobs_at_the_limits_are_accepted() {
         let expected = job.clone();
         let mut h = Harness::new();
         let (response, effects) = h.apply(NOW, Command::Submit(vec![job]));
-        assert_eq!(response, Response::Submitted(vec![Ok(1)]), "{name}");
+        assert_eq!(
+            response,
+            Response::Submitted(vec![Ok(Submitted::new(1))]),
+            "{name}"
+        );
         // Compare without printing a 16 MiB payload on failure.
         assert!(
             matches!(
@@ -396,6 +413,7 @@ fn assign_starts_attempt_with_log_index_as_token() {
             queue: "mail".into(),
             kind: "send".into(),
             timeout_ms: 5_000,
+            idempotency_key: format!("exactly-job-{}", 1),
         })]
     );
     assert_eq!(
@@ -408,6 +426,11 @@ fn assign_starts_attempt_with_log_index_as_token() {
             payload_len: 1,
             max_attempts: 3,
             timeout_ms: 5_000,
+            backoff: Backoff::default(),
+            idempotency_key: None,
+            ordering_key: None,
+            labels: BTreeMap::new(),
+            schedule: None,
             status: JobStatus::Running,
             created_at_ms: NOW,
             updated_at_ms: NOW + 10,
@@ -511,7 +534,7 @@ fn assign_refusals_change_nothing() {
         (
             "job failed",
             assignment(6, 2, 1),
-            Rejection::NotPending("failed".into()),
+            Rejection::NotPending("dead".into()),
         ),
         (
             "job not due",
@@ -596,6 +619,7 @@ fn assign_batch_applies_the_good_and_refuses_the_bad() {
             queue: "q".into(),
             kind: "noop".into(),
             timeout_ms: 0,
+            idempotency_key: format!("exactly-job-{}", job),
         })
     };
     assert_eq!(effects, vec![start(1), start(7)]);
@@ -710,6 +734,7 @@ fn assign_never_reuses_or_lowers_a_token() {
             index,
             Request {
                 now_ms: NOW,
+                entropy: 0,
                 command: Command::Assign(vec![assignment(1, 1, 2)]),
             },
         );
@@ -759,6 +784,11 @@ fn completion_success_finishes_the_job() {
             payload_len: 1,
             max_attempts: 3,
             timeout_ms: 0,
+            backoff: Backoff::default(),
+            idempotency_key: None,
+            ordering_key: None,
+            labels: BTreeMap::new(),
+            schedule: None,
             status: JobStatus::Succeeded,
             created_at_ms: NOW,
             updated_at_ms: NOW + 2,
@@ -796,7 +826,8 @@ fn completion_results_within_the_limit_are_kept_whole() {
     }
 }
 
-/// The retry delay doubles from RETRY_BACKOFF_BASE_MS and is capped at RETRY_BACKOFF_MAX_MS.
+/// The retry delay's ceiling doubles from RETRY_BACKOFF_BASE_MS and is capped at
+/// RETRY_BACKOFF_MAX_MS.
 #[test]
 fn retry_backoff_is_exponential_and_capped() {
     let cases = [
@@ -810,14 +841,20 @@ fn retry_backoff_is_exponential_and_capped() {
         (u32::MAX, RETRY_BACKOFF_MAX_MS),
     ];
     for (failures, delay) in cases {
-        assert_eq!(retry_backoff_ms(failures), delay, "failures = {failures}");
+        assert_eq!(
+            backoff_ceiling_ms(failures, Backoff::default()),
+            delay,
+            "failures = {failures}"
+        );
     }
 }
 
-/// Retryable failures requeue at now + backoff until max_attempts, then the job fails.
+/// Retryable failures requeue at now + jittered backoff until max_attempts, then the job is a
+/// dead letter that keeps its payload.
 #[test]
 fn retryable_failure_requeues_with_backoff_until_max_attempts() {
     let mut h = Harness::new();
+    h.entropy = 0xDEAD_BEEF;
     h.register(NOW, 1, 1, 1);
     h.submit(NOW, vec![job_with(|j| j.max_attempts = 3)]);
 
@@ -831,7 +868,10 @@ fn retryable_failure_requeues_with_backoff_until_max_attempts() {
         let job = h.job(1);
         assert_eq!(job.status, JobStatus::Pending);
         assert_eq!(job.failures, failure);
-        assert_eq!(job.run_at_ms, at + retry_backoff_ms(failure));
+        let delay = retry_delay_ms(failure, Backoff::default(), h.entropy, 1);
+        let ceiling = backoff_ceiling_ms(failure, Backoff::default());
+        assert!((ceiling / 2..=ceiling).contains(&delay), "equal jitter");
+        assert_eq!(job.run_at_ms, at + delay);
         assert_eq!(
             job.last_error.as_deref(),
             Some(format!("boom {failure}").as_str())
@@ -853,7 +893,7 @@ fn retryable_failure_requeues_with_backoff_until_max_attempts() {
         );
 
         // Not due one millisecond early; due exactly at run_at.
-        let due = at + retry_backoff_ms(failure);
+        let due = at + retry_delay_ms(failure, Backoff::default(), h.entropy, 1);
         let (response, _) = h.apply(due - 1, Command::Assign(vec![assignment(1, 1, 1)]));
         assert_eq!(
             response,
@@ -864,14 +904,19 @@ fn retryable_failure_requeues_with_backoff_until_max_attempts() {
         );
         at = due;
     }
-    assert_eq!(at, NOW + 100 + 1_000 + 2_000);
+    let waited = at - (NOW + 100);
+    assert!((500 + 1_000..=1_000 + 2_000).contains(&waited), "{waited}");
 
     let token = h.assign(at, 1, 1, 1);
     tokens.push(token);
     let effects = h.complete(at + 5, 1, token, failed("boom 3", true));
-    assert_eq!(effects, vec![Effect::DropPayload { job: 1 }]);
+    assert_eq!(
+        effects,
+        vec![],
+        "a dead letter keeps its payload for a redrive"
+    );
     let job = h.job(1);
-    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.status, JobStatus::Dead);
     assert_eq!(job.failures, 3);
     assert_eq!(job.last_error.as_deref(), Some("boom 3"));
     assert_eq!(
@@ -898,9 +943,9 @@ fn permanent_failure_or_last_attempt_fails_at_once() {
         h.submit(NOW, vec![job_with(|j| j.max_attempts = max_attempts)]);
         let token = h.assign(NOW, 1, 1, 1);
         let effects = h.complete(NOW + 3, 1, token, failed("bad input", retryable));
-        assert_eq!(effects, vec![Effect::DropPayload { job: 1 }], "{name}");
+        assert_eq!(effects, vec![], "{name}: a dead letter keeps its payload");
         let job = h.job(1);
-        assert_eq!(job.status, JobStatus::Failed, "{name}");
+        assert_eq!(job.status, JobStatus::Dead, "{name}");
         assert_eq!(job.failures, 1, "{name}");
         assert_eq!(job.run_at_ms, 0, "{name}");
         assert_eq!(job.last_error.as_deref(), Some("bad input"), "{name}");
@@ -1096,15 +1141,10 @@ fn completion_batch_applies_current_and_refuses_stale() {
             ]
         }
     );
-    assert_eq!(
-        effects,
-        vec![
-            Effect::DropPayload { job: 5 },
-            Effect::DropPayload { job: 1 }
-        ]
-    );
+    // Job 1 is a dead letter now and keeps its payload.
+    assert_eq!(effects, vec![Effect::DropPayload { job: 5 }]);
     assert_eq!(h.job(5).result.as_deref(), Some(&b"first"[..]));
-    assert_eq!(h.job(1).status, JobStatus::Failed);
+    assert_eq!(h.job(1).status, JobStatus::Dead);
     assert_eq!(h.table.counts().stale_completions, 2);
 }
 
@@ -1329,9 +1369,9 @@ fn abandons_do_not_consume_max_attempts() {
     assert_eq!(h.job(1).attempts.len(), ABANDONED_ATTEMPTS_MAX as usize);
 }
 
-/// The ABANDONED_ATTEMPTS_MAX-th abandon fails the job and drops its payload.
+/// The ABANDONED_ATTEMPTS_MAX-th abandon makes the job a dead letter (its payload kept).
 #[test]
-fn too_many_abandons_fail_the_job_and_drop_its_payload() {
+fn too_many_abandons_make_the_job_a_dead_letter() {
     let mut h = Harness::new();
     h.register(NOW, 1, 0, 1);
     h.submit(NOW, vec![job_with(|j| j.max_attempts = 1)]);
@@ -1343,9 +1383,9 @@ fn too_many_abandons_fail_the_job_and_drop_its_payload() {
     h.assign(NOW, 1, 1, last);
     let (response, effects) = h.apply(NOW + 1, registration(1, last + 1, 1));
     assert_eq!(response, Response::NodeRegistered(Ok(1)));
-    assert_eq!(effects, vec![Effect::DropPayload { job: 1 }]);
+    assert_eq!(effects, vec![], "a dead letter keeps its payload");
     let job = h.job(1);
-    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.status, JobStatus::Dead);
     assert_eq!(job.abandoned, ABANDONED_ATTEMPTS_MAX);
     assert_eq!(job.failures, 0);
     assert_eq!(h.table.counts(), &counts(0, 0, 0, 1, 0));
@@ -1374,7 +1414,10 @@ fn time_never_goes_backwards() {
     // The backoff runs from the table's time, not the early stamp.
     h.complete(0, 1, token, failed("flaky", true));
     assert_eq!(h.table.now_ms(), NOW);
-    assert_eq!(h.job(1).run_at_ms, NOW + retry_backoff_ms(1));
+    assert_eq!(
+        h.job(1).run_at_ms,
+        NOW + retry_delay_ms(1, Backoff::default(), h.entropy, 1)
+    );
     assert_eq!(h.job(1).updated_at_ms, NOW);
 
     h.apply(NOW + 7, Command::Submit(vec![]));

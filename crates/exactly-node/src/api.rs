@@ -1,22 +1,48 @@
 //! The public gRPC API (`exactly.v1`): validation at the edge, conversions between wire and
-//! domain types, and the one place per service where errors become `tonic::Status`.
+//! domain types, and the one place where errors become `tonic::Status` (`status_of` for the
+//! state machine's refusals, `From<ProposeError>` for Raft's answers).
+//!
+//! Submodules hold one service each: `jobs` (Submit, Get, List, Cancel, Watch), `admin`
+//! (DeadLetters, Queues), and `convert` (wire <-> domain conversions). The Cluster service
+//! lives here.
 
-use exactly_core::limits::SUBMIT_BATCH_JOBS_MAX;
-use exactly_core::state::validate_new_job;
-use exactly_core::{AttemptEnd, Command, Job, JobStatus, NewJob, Response as CoreResponse};
+use exactly_core::Rejection;
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::cluster_server::Cluster;
-use exactly_proto::v1::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
 
 use crate::node::{Node, ProposeError};
 
-pub struct JobsService {
-    pub node: Node,
-}
+mod admin;
+pub mod convert;
+mod jobs;
+
+pub use admin::{DeadLettersService, QueuesService};
+pub use convert::job_to_pb;
+pub use jobs::JobsService;
 
 pub struct ClusterService {
     pub node: Node,
+}
+
+/// The status a client gets for a refusal by the state machine. `context` names the item
+/// (`jobs[3]`, `job 17`) so the message says which one.
+pub fn status_of(context: &str, why: &Rejection) -> Status {
+    let message = format!("{context}: {why}");
+    match why {
+        Rejection::Invalid(_) => Status::invalid_argument(message),
+        Rejection::IdempotencyConflict { .. } | Rejection::KeyConflictInBatch(_) => {
+            Status::already_exists(message)
+        }
+        Rejection::UnknownJob(_) => Status::not_found(message),
+        Rejection::Finished(_) | Rejection::NotPending(_) => Status::failed_precondition(message),
+        Rejection::TooManyQueues(_) | Rejection::BatchTooLarge { .. } | Rejection::Full(_) => {
+            Status::resource_exhausted(message)
+        }
+        // The rest are refusals of the cluster's own commands (assignments, leases): a client
+        // can never cause them, so one reaching a client is our bug.
+        _ => Status::internal(message),
+    }
 }
 
 impl From<ProposeError> for Status {
@@ -30,169 +56,6 @@ impl From<ProposeError> for Status {
             ProposeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
             ProposeError::StoppedInFlight(_) => Status::unknown(e.to_string()),
         }
-    }
-}
-
-/// Turns a wire job spec into a domain job, applying this node's defaults and limits.
-fn new_job(node: &Node, index: usize, spec: pb::JobSpec) -> Result<NewJob, Status> {
-    let limits = &node.config.limits;
-    let defaults = &node.config.defaults;
-    if spec.payload.len() > limits.payload_bytes_max {
-        return Err(Status::resource_exhausted(format!(
-            "jobs[{index}]: payload of {} bytes exceeds limits.payload-bytes-max ({} bytes)",
-            spec.payload.len(),
-            limits.payload_bytes_max
-        )));
-    }
-    if !node.registry.contains(&spec.kind) {
-        let kinds: Vec<&str> = node.registry.kinds().collect();
-        return Err(Status::invalid_argument(format!(
-            "jobs[{index}]: unknown job kind {:?}; this node runs: {}",
-            spec.kind,
-            kinds.join(", ")
-        )));
-    }
-    let job = NewJob {
-        queue: if spec.queue.is_empty() {
-            defaults.queue.clone()
-        } else {
-            spec.queue
-        },
-        kind: spec.kind,
-        payload: spec.payload,
-        priority: spec.priority,
-        max_attempts: if spec.max_attempts == 0 {
-            defaults.max_attempts
-        } else {
-            spec.max_attempts
-        },
-        timeout_ms: spec.timeout_ms,
-        run_at_ms: spec.run_at_ms,
-    };
-    validate_new_job(&job)
-        .map_err(|why| Status::invalid_argument(format!("jobs[{index}]: {why}")))?;
-    Ok(job)
-}
-
-fn state_to_pb(status: JobStatus) -> pb::JobState {
-    match status {
-        JobStatus::Pending => pb::JobState::Pending,
-        JobStatus::Running => pb::JobState::Running,
-        JobStatus::Succeeded => pb::JobState::Succeeded,
-        JobStatus::Failed => pb::JobState::Failed,
-    }
-}
-
-/// The wire form of a job record.
-pub fn job_to_pb(job: &Job) -> pb::Job {
-    pb::Job {
-        id: job.id,
-        queue: job.queue.clone(),
-        kind: job.kind.clone(),
-        priority: job.priority,
-        state: state_to_pb(job.status) as i32,
-        payload_bytes: job.payload_len,
-        max_attempts: job.max_attempts,
-        timeout_ms: job.timeout_ms,
-        created_at_ms: job.created_at_ms,
-        updated_at_ms: job.updated_at_ms,
-        run_at_ms: job.run_at_ms,
-        attempts: job
-            .attempts
-            .iter()
-            .map(|a| {
-                let (outcome, error) = match &a.end {
-                    None => ("", String::new()),
-                    Some(AttemptEnd::Succeeded) => ("succeeded", String::new()),
-                    Some(AttemptEnd::Failed { error, retryable }) => (
-                        if *retryable {
-                            "failed-retryable"
-                        } else {
-                            "failed"
-                        },
-                        error.clone(),
-                    ),
-                    Some(AttemptEnd::Abandoned { reason }) => ("abandoned", reason.clone()),
-                };
-                pb::Attempt {
-                    number: a.number,
-                    token: a.token,
-                    node_id: a.node,
-                    started_at_ms: a.started_at_ms,
-                    ended_at_ms: a.ended_at_ms.unwrap_or(0),
-                    outcome: outcome.to_string(),
-                    error,
-                }
-            })
-            .collect(),
-        result: job.result.clone().unwrap_or_default(),
-        last_error: job.last_error.clone().unwrap_or_default(),
-    }
-}
-
-#[tonic::async_trait]
-impl Jobs for JobsService {
-    async fn submit(
-        &self,
-        request: Request<pb::SubmitRequest>,
-    ) -> Result<Response<pb::SubmitResponse>, Status> {
-        let specs = request.into_inner().jobs;
-        if specs.is_empty() {
-            return Err(Status::invalid_argument("submit needs at least one job"));
-        }
-        if specs.len() > SUBMIT_BATCH_JOBS_MAX {
-            return Err(Status::resource_exhausted(format!(
-                "{} jobs in one submit exceeds the limit of {SUBMIT_BATCH_JOBS_MAX}",
-                specs.len()
-            )));
-        }
-        let jobs = specs
-            .into_iter()
-            .enumerate()
-            .map(|(i, spec)| new_job(&self.node, i, spec))
-            .collect::<Result<Vec<_>, _>>()?;
-        let live = self.node.read(|t| t.counts().live());
-        let max = self.node.config.limits.jobs_live_max;
-        if live + jobs.len() as u64 > max {
-            return Err(Status::resource_exhausted(format!(
-                "{live} jobs are pending or running; limits.jobs-live-max is {max}"
-            )));
-        }
-        match self.node.propose(Command::Submit(jobs)).await? {
-            CoreResponse::Submitted(results) => {
-                let mut ids = Vec::with_capacity(results.len());
-                for (i, r) in results.into_iter().enumerate() {
-                    // Apply checks what the edge checked, so a refusal here means the nodes
-                    // disagree on limits or versions: report it rather than hide it.
-                    ids.push(r.map_err(|why| {
-                        Status::internal(format!("jobs[{i}] refused by the state machine: {why}"))
-                    })?);
-                }
-                Ok(Response::new(pb::SubmitResponse { job_ids: ids }))
-            }
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
-        }
-    }
-
-    async fn get(
-        &self,
-        request: Request<pb::GetRequest>,
-    ) -> Result<Response<pb::GetResponse>, Status> {
-        let id = request.into_inner().job_id;
-        if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
-            return Ok(Response::new(pb::GetResponse { job: Some(job) }));
-        }
-        // This replica may lag the leader by a few milliseconds: ask the leader before saying
-        // the job does not exist.
-        if let Some((leader, addr)) = self.node.leader() {
-            if leader != self.node.id {
-                let channel = crate::network::channel(&addr)
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                let mut client = pb::jobs_client::JobsClient::new(channel);
-                return client.get(pb::GetRequest { job_id: id }).await;
-            }
-        }
-        Err(Status::not_found(format!("job {id} does not exist")))
     }
 }
 
@@ -281,7 +144,8 @@ impl Cluster for ClusterService {
                 pending: counts.pending,
                 running: counts.running,
                 succeeded: counts.succeeded,
-                failed: counts.failed,
+                dead: counts.dead,
+                cancelled: counts.cancelled,
                 stale_completions: counts.stale_completions,
             }),
         }))

@@ -44,6 +44,8 @@ pub enum ExecutorMsg {
     Flush,
     /// Cancel every running attempt (shutdown).
     CancelAll,
+    /// A client cancelled this attempt: stop its handler (its report will be refused).
+    Cancel { job: JobId, token: u64 },
     /// Compare the time with the lease deadline; fence or unfence.
     CheckLease,
     /// Start attempts the state machine gives this incarnation that this actor never saw (they
@@ -182,12 +184,30 @@ impl Actor for Executor {
                                 queue: job.queue.clone(),
                                 kind: job.kind.clone(),
                                 timeout_ms: job.timeout_ms,
+                                idempotency_key: job.effective_idempotency_key(),
                             })
                         })
                         .collect()
                 });
                 for start in mine {
                     state.start(&myself, start);
+                }
+                // An attempt this replica has shown as ended for two rounds is over (a cancel or
+                // a reassignment whose message this node missed, e.g. across a snapshot): stop it.
+                for (job, (token, cancel)) in &state.running {
+                    let known = state.started.get(job).is_some_and(|(t, _)| t == token);
+                    if !known && !cancel.is_cancelled() {
+                        tracing::info!(job, token, "attempt no longer current: stopping it");
+                        cancel.cancel();
+                    }
+                }
+            }
+            ExecutorMsg::Cancel { job, token } => {
+                if let Some((running, cancel)) = state.running.get(&job) {
+                    if *running == token {
+                        tracing::info!(job, token, "attempt cancelled by a client");
+                        cancel.cancel();
+                    }
                 }
             }
             ExecutorMsg::CancelAll => {
@@ -300,7 +320,11 @@ impl ExecutorState {
             let committed = match result {
                 Ok(Response::Completed { rejected, .. }) => {
                     for (job, why) in rejected {
-                        tracing::warn!(job, %why, "completion refused by the state machine");
+                        if matches!(why, exactly_core::Rejection::Finished(_)) {
+                            tracing::debug!(job, %why, "late report of a cancelled attempt");
+                        } else {
+                            tracing::warn!(job, %why, "completion refused by the state machine");
+                        }
                     }
                     true
                 }

@@ -29,6 +29,8 @@ pub struct Hooks {
     /// When this replica applied each incarnation's last lease renewal (its monotonic clock).
     /// Only the leader acts on it (see `lease.rs`).
     pub renewals: Mutex<HashMap<NodeLease, Instant>>,
+    /// Job events for Watch streams.
+    pub events: std::sync::Arc<crate::events::EventHub>,
 }
 
 impl Hooks {
@@ -76,5 +78,23 @@ impl ApplyObserver for Hooks {
     fn on_applied(&self, index: u64) {
         self.applied.fetch_max(index, Ordering::AcqRel);
         self.wake_scheduler();
+    }
+
+    fn on_cancel(&self, job: u64, token: u64, node: u64) {
+        if node != self.node_id {
+            return;
+        }
+        if let Some(executor) = self.executor.get() {
+            let _ = executor.send_message(ExecutorMsg::Cancel { job, token });
+        }
+    }
+
+    fn on_events(&self, events: Vec<(u64, exactly_core::JobEvent)>) {
+        self.events.publish(events);
+    }
+
+    fn on_snapshot_installed(&self, index: u64) {
+        self.events.reset_to(index);
+        self.on_applied(index);
     }
 }

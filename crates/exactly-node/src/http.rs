@@ -87,7 +87,8 @@ fn record_gauges(node: &Node) {
         ("pending", counts.pending),
         ("running", counts.running),
         ("succeeded", counts.succeeded),
-        ("failed", counts.failed),
+        ("dead", counts.dead),
+        ("cancelled", counts.cancelled),
     ] {
         metrics::gauge!("exactly_jobs", "node" => id.clone(), "state" => state).set(n as f64);
     }

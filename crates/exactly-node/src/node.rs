@@ -75,6 +75,8 @@ pub struct NodeInner {
     pub started: std::time::Instant,
     /// Test-only fault injection for node-to-node traffic.
     pub faults: Option<crate::faults::FaultsHandle>,
+    /// Job events for Watch streams (shared with the apply hooks).
+    pub events: Arc<crate::events::EventHub>,
     /// One lazily connected client per peer address, reused across forwards.
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
 }
@@ -168,6 +170,7 @@ impl Node {
         }
         let request = Request {
             now_ms: wall_ms(),
+            entropy: rand::random(),
             command,
         };
         match self.raft.client_write(request).await {

@@ -9,14 +9,16 @@ use exactly_handlers::Registry;
 use exactly_proto::internal::internal_server::InternalServer;
 use exactly_proto::internal::JoinRequest;
 use exactly_proto::v1::cluster_server::ClusterServer;
+use exactly_proto::v1::dead_letters_server::DeadLettersServer;
 use exactly_proto::v1::jobs_server::JobsServer;
+use exactly_proto::v1::queues_server::QueuesServer;
 use exactly_store::{Raft, Store};
 use openraft::BasicNode;
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ClusterService, JobsService};
+use crate::api::{ClusterService, DeadLettersService, JobsService, QueuesService};
 use crate::config::NodeConfig;
 use crate::executor::{Executor, ExecutorMsg};
 use crate::hooks::Hooks;
@@ -137,6 +139,9 @@ pub async fn start_with(
     let incarnation = store.next_incarnation()?;
     let hooks = Arc::new(Hooks::new(id));
     let state = store.state_machine(hooks.clone())?;
+    hooks
+        .events
+        .start_after(state.last_applied().map_or(0, |l| l.index));
     let raft_config = Arc::new(
         config
             .openraft_config()
@@ -180,6 +185,7 @@ pub async fn start_with(
         quorum_confirmed_ms: Default::default(),
         faults: options.faults,
         started: std::time::Instant::now(),
+        events: hooks.events.clone(),
         peers: Default::default(),
     }));
     tracing::info!(node = id, incarnation, %addr, "node starting");
@@ -248,6 +254,10 @@ fn serve(
                     .max_decoding_message_size(API_MESSAGE_BYTES_MAX),
             )
             .add_service(ClusterServer::new(ClusterService { node: node.clone() }))
+            .add_service(DeadLettersServer::new(DeadLettersService {
+                node: node.clone(),
+            }))
+            .add_service(QueuesServer::new(QueuesService { node: node.clone() }))
             .add_service(
                 InternalServer::new(InternalService { node: node.clone() })
                     .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)

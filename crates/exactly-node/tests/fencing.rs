@@ -469,8 +469,7 @@ impl Cluster {
                 }
                 if let Some(job) = self.get(id).await {
                     let state = job.state;
-                    if state == pb::JobState::Succeeded as i32
-                        || state == pb::JobState::Failed as i32
+                    if state == pb::JobState::Succeeded as i32 || state == pb::JobState::Dead as i32
                     {
                         done.insert(id, job);
                     }

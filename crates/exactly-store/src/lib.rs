@@ -63,6 +63,18 @@ pub trait ApplyObserver: Send + Sync + 'static {
     /// A lease renewal of `lease` committed. The leader restarts that node's expiry clock here
     /// (on its own monotonic clock); other replicas ignore it.
     fn on_renewed(&self, _lease: exactly_core::NodeLease) {}
+    /// A client cancelled the running attempt `token` of `job` on `node`: that node stops it.
+    /// Like `on_start`, called on every replica and again when apply re-runs after a restart.
+    fn on_cancel(&self, _job: u64, _token: u64, _node: u64) {}
+    /// Job state changes of the applied entries, each with its entry's log index, in log order
+    /// (for Watch streams). Re-sent for re-applied entries after a restart: consumers dedupe by
+    /// (log index, position within the entry).
+    fn on_events(&self, _events: Vec<(u64, exactly_core::JobEvent)>) {}
+    /// A snapshot from the leader replaced the state up to `index` (no events, starts or
+    /// cancels are reported for what it contains).
+    fn on_snapshot_installed(&self, index: u64) {
+        self.on_applied(index);
+    }
 }
 
 /// An observer that ignores everything (storage tests).

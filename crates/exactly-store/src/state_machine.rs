@@ -12,7 +12,7 @@ use std::io::Cursor;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use exactly_core::{Effect, JobTable, NodeLease, Response, StartAttempt};
+use exactly_core::{Effect, JobEvent, JobTable, NodeLease, Response, StartAttempt};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
@@ -103,10 +103,8 @@ fn apply_blocking(
     entries: Vec<Entry<TypeConfig>>,
 ) -> Result<Applies> {
     let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
-    let mut responses = Vec::with_capacity(entries.len());
     let mut payload_ops: Vec<([u8; 8], Option<Vec<u8>>)> = Vec::new();
-    let mut starts = Vec::new();
-    let mut renewals = Vec::new();
+    let mut out = Applies::default();
     for entry in entries {
         let log_id = entry.log_id;
         let response = match entry.payload {
@@ -119,8 +117,10 @@ fn apply_blocking(
                             payload_ops.push((u64_key(job), Some(encode_raw(&payload))));
                         }
                         Effect::DropPayload { job } => payload_ops.push((u64_key(job), None)),
-                        Effect::Start(start) => starts.push(start),
-                        Effect::Renewed(lease) => renewals.push(lease),
+                        Effect::Start(start) => out.starts.push(start),
+                        Effect::Renewed(lease) => out.renewals.push(lease),
+                        Effect::Cancel { job, token, node } => out.cancels.push((job, token, node)),
+                        Effect::Event(event) => out.events.push((log_id.index, event)),
                     }
                 }
                 response
@@ -131,7 +131,7 @@ fn apply_blocking(
             }
         };
         applied.last_applied = Some(log_id);
-        responses.push(response);
+        out.responses.push(response);
     }
     // In order, so that a later drop of the same job wins; in small batches, because sled
     // leaks space with large batches of removals.
@@ -151,18 +151,29 @@ fn apply_blocking(
     }
     // A start that a later entry of the same batch already ended or replaced must not reach an
     // executor (this happens when a lagging node or a restarted one applies many entries).
-    starts.retain(|s| {
+    out.starts.retain(|s| {
         applied
             .table
             .job(s.job)
             .and_then(|job| job.current_attempt())
             .is_some_and(|attempt| attempt.token == s.token)
     });
-    Ok((responses, starts, renewals))
+    Ok(out)
 }
 
-/// What one apply call hands back: responses, current starts, committed renewals.
-type Applies = (Vec<Response>, Vec<StartAttempt>, Vec<NodeLease>);
+/// What one apply call hands back to the observer.
+#[derive(Default)]
+struct Applies {
+    responses: Vec<Response>,
+    /// Attempt starts still current at the end of the batch.
+    starts: Vec<StartAttempt>,
+    /// Committed lease renewals.
+    renewals: Vec<NodeLease>,
+    /// Running attempts a client cancelled: (job, token, node).
+    cancels: Vec<(u64, u64, u64)>,
+    /// Job events with the log index of the entry that caused them.
+    events: Vec<(u64, JobEvent)>,
+}
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
@@ -189,17 +200,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let store = self.store.clone();
         let shared = self.shared.clone();
-        let (responses, starts, renewals) =
-            tokio::task::spawn_blocking(move || apply_blocking(&store, &shared, entries))
-                .await
-                .map_err(Error::task)
-                .and_then(|r| r)
-                .map_err(|e| e.into_raft(ErrorSubject::Apply(last), ErrorVerb::Write))?;
+        let Applies {
+            responses,
+            starts,
+            renewals,
+            cancels,
+            events,
+        } = tokio::task::spawn_blocking(move || apply_blocking(&store, &shared, entries))
+            .await
+            .map_err(Error::task)
+            .and_then(|r| r)
+            .map_err(|e| e.into_raft(ErrorSubject::Apply(last), ErrorVerb::Write))?;
         for start in starts {
             self.observer.on_start(start);
         }
         for lease in renewals {
             self.observer.on_renewed(lease);
+        }
+        for (job, token, node) in cancels {
+            self.observer.on_cancel(job, token, node);
+        }
+        if !events.is_empty() {
+            self.observer.on_events(events);
         }
         self.observer.on_applied(last.index);
         Ok(responses)
@@ -256,7 +278,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(|e| e.into_raft(ErrorSubject::Snapshot(signature), ErrorVerb::Write))?;
         tracing::info!(?last_index, "installed a snapshot");
         if let Some(index) = last_index {
-            self.observer.on_applied(index);
+            self.observer.on_snapshot_installed(index);
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use exactly_core::{
     Assignment, Command, Completion, JobStatus, JobTable, NewJob, NodeRegistration, Outcome,
-    Request, Response, StartAttempt,
+    Request, Response, StartAttempt, Submitted,
 };
 use exactly_store::{ApplyObserver, NoopObserver, Store, TypeConfig};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
@@ -33,10 +33,7 @@ impl ApplyObserver for Recorder {
 const NODE: u64 = 7;
 
 fn request(index: u64, command: Command) -> Request {
-    Request {
-        now_ms: 1_000 * index,
-        command,
-    }
+    Request::at(1_000 * index, command)
 }
 
 fn normal(index: u64, command: Command) -> Entry<TypeConfig> {
@@ -60,8 +57,7 @@ fn new_job(payload: &[u8]) -> NewJob {
         payload: payload.to_vec(),
         priority: 0,
         max_attempts: 3,
-        timeout_ms: 0,
-        run_at_ms: 0,
+        ..NewJob::default()
     }
 }
 
@@ -130,6 +126,7 @@ fn start(job: u64, token: u64) -> StartAttempt {
         queue: "q".to_string(),
         kind: "noop".to_string(),
         timeout_ms: 0,
+        idempotency_key: format!("exactly-job-{job}"),
     }
 }
 
@@ -173,7 +170,14 @@ async fn apply_runs_the_job_table_and_keeps_payloads() -> anyhow::Result<()> {
     }
 
     assert_eq!(responses[0], Response::Empty);
-    assert_eq!(responses[2], Response::Submitted(vec![Ok(1), Ok(2), Ok(3)]));
+    assert_eq!(
+        responses[2],
+        Response::Submitted(vec![
+            Ok(Submitted::new(1)),
+            Ok(Submitted::new(2)),
+            Ok(Submitted::new(3))
+        ])
+    );
     assert_eq!(
         responses[3],
         Response::Assigned {

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use exactly_core::{
-    Assignment, Command, Completion, Effect, Job, JobId, JobTable, NewJob, NodeEntry, NodeId,
-    NodeRegistration, Outcome, Request, Response, StateCounts,
+    Assignment, Command, Completion, Effect, Job, JobEvent, JobId, JobTable, NewJob, NodeEntry,
+    NodeId, NodeRegistration, Outcome, Request, Response, StateCounts,
 };
 
 /// A leader timestamp far enough from zero that "earlier" stamps are easy to write.
@@ -21,8 +21,7 @@ pub fn new_job(queue: &str, kind: &str, payload: &[u8]) -> NewJob {
         payload: payload.to_vec(),
         priority: 0,
         max_attempts: 3,
-        timeout_ms: 0,
-        run_at_ms: 0,
+        ..NewJob::default()
     }
 }
 
@@ -78,6 +77,11 @@ pub struct Harness {
     pub table: JobTable,
     /// The log index of the last applied entry.
     pub index: u64,
+    /// The entropy stamped on the next entries (the leader's random draw in production).
+    pub entropy: u64,
+    /// Every Watch event the entries emitted, in order. `apply` takes them out of the effects so
+    /// that effect assertions stay about the shell's work.
+    pub events: Vec<JobEvent>,
 }
 
 impl Harness {
@@ -85,17 +89,31 @@ impl Harness {
         Self {
             table: JobTable::new(),
             index: 0,
+            entropy: 0,
+            events: Vec::new(),
         }
     }
 
     /// Applies `command` stamped `now_ms` at the next log index.
     pub fn apply(&mut self, now_ms: u64, command: Command) -> (Response, Vec<Effect>) {
         self.index += 1;
-        let out = self.table.apply(self.index, Request { now_ms, command });
+        let request = Request {
+            now_ms,
+            entropy: self.entropy,
+            command,
+        };
+        let (response, effects) = self.table.apply(self.index, request);
         if let Err(broken) = self.table.check_invariants() {
             panic!("invariant broken after entry {}: {broken}", self.index);
         }
-        out
+        let mut kept = Vec::with_capacity(effects.len());
+        for effect in effects {
+            match effect {
+                Effect::Event(event) => self.events.push(event),
+                other => kept.push(other),
+            }
+        }
+        (response, kept)
     }
 
     /// Submits jobs that must all be accepted; returns their ids.
@@ -106,7 +124,7 @@ impl Harness {
         };
         results
             .into_iter()
-            .map(|r| r.expect("job accepted"))
+            .map(|r| r.expect("job accepted").id)
             .collect()
     }
 

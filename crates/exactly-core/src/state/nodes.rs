@@ -1,0 +1,143 @@
+//! Nodes: registrations (incarnations), lease renewals and lease expiry.
+
+use super::{JobTable, NodeEntry};
+use crate::command::{Effect, NodeLease, NodeRegistration, Rejection};
+use crate::job::AttemptEnd;
+use crate::limits::NODE_SLOTS_MAX;
+use crate::JobId;
+
+impl JobTable {
+    pub(super) fn register_node(
+        &mut self,
+        r: NodeRegistration,
+        effects: &mut Vec<Effect>,
+    ) -> Result<u32, Rejection> {
+        if r.slots > NODE_SLOTS_MAX {
+            return Err(Rejection::Invalid(format!(
+                "slots must be at most {NODE_SLOTS_MAX}, got {}",
+                r.slots
+            )));
+        }
+        let previous = self.nodes.get(&r.node).map(|n| n.incarnation);
+        if let Some(current) = previous {
+            if r.incarnation < current {
+                return Err(Rejection::StaleIncarnation {
+                    node: r.node,
+                    got: r.incarnation,
+                    current,
+                });
+            }
+        }
+        let same = self
+            .nodes
+            .get(&r.node)
+            .filter(|n| n.incarnation == r.incarnation);
+        let expired = same.is_some_and(|n| n.expired);
+        let renewed_at_ms = same.map_or(0, |n| n.renewed_at_ms);
+        self.nodes.insert(
+            r.node,
+            NodeEntry {
+                incarnation: r.incarnation,
+                slots: r.slots,
+                addr: r.addr,
+                registered_at_ms: self.now_ms,
+                renewed_at_ms,
+                expired,
+            },
+        );
+        // Attempts of an older incarnation can never report: that process is gone (its data
+        // directory is locked by the new one). Requeue them now instead of waiting for a lease.
+        let held: Vec<JobId> = self
+            .running
+            .get(&r.node)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let mut requeued = 0;
+        for id in held {
+            let Some(mut job) = self.jobs.remove(&id) else {
+                continue;
+            };
+            let stale = job
+                .current_attempt()
+                .is_some_and(|a| a.incarnation < r.incarnation);
+            if stale {
+                let reason = format!("node {} restarted (incarnation {})", r.node, r.incarnation);
+                // The effects go to the caller: a job abandoned ABANDONED_ATTEMPTS_MAX times dies
+                // here, and its events must reach the shell.
+                self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, 0, effects);
+                requeued += 1;
+            }
+            self.jobs.insert(id, job);
+        }
+        Ok(requeued)
+    }
+
+    /// The entry of `lease.node`, if `lease.incarnation` is its current incarnation (shared by
+    /// assign, renew and expire).
+    pub(super) fn current_node(&mut self, lease: NodeLease) -> Result<&mut NodeEntry, Rejection> {
+        let node = self
+            .nodes
+            .get_mut(&lease.node)
+            .ok_or(Rejection::UnknownNode(lease.node))?;
+        if node.incarnation != lease.incarnation {
+            return Err(Rejection::StaleIncarnation {
+                node: lease.node,
+                got: lease.incarnation,
+                current: node.incarnation,
+            });
+        }
+        Ok(node)
+    }
+
+    /// A committed lease renewal: counts only for the node's current, unexpired incarnation.
+    pub(super) fn renew(
+        &mut self,
+        lease: NodeLease,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), Rejection> {
+        let now = self.now_ms;
+        let node = self.current_node(lease)?;
+        if node.expired {
+            return Err(Rejection::Expired {
+                node: lease.node,
+                incarnation: lease.incarnation,
+            });
+        }
+        node.renewed_at_ms = now;
+        effects.push(Effect::Renewed(lease));
+        Ok(())
+    }
+
+    /// The leader decided this incarnation's lease lapsed: abandon its attempts (their jobs are
+    /// requeued and will be reassigned with larger tokens) and refuse it further work.
+    pub(super) fn expire(
+        &mut self,
+        lease: NodeLease,
+        effects: &mut Vec<Effect>,
+    ) -> Result<u32, Rejection> {
+        let node = self.current_node(lease)?;
+        if node.expired {
+            return Ok(0);
+        }
+        node.expired = true;
+        let held: Vec<JobId> = self
+            .running
+            .get(&lease.node)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let mut requeued = 0;
+        for id in held {
+            let Some(mut job) = self.jobs.remove(&id) else {
+                continue;
+            };
+            let reason = format!(
+                "lease of node {} (incarnation {}) expired",
+                lease.node, lease.incarnation
+            );
+            self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, 0, effects);
+            requeued += 1;
+            self.jobs.insert(id, job);
+        }
+        Ok(requeued)
+    }
+}

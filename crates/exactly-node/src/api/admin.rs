@@ -1,0 +1,136 @@
+//! The DeadLetters and Queues services.
+
+use exactly_core::limits::DEAD_BATCH_MAX;
+use exactly_core::{Command, DeadFilter, QueuePatch, RateLimit, Response as CoreResponse};
+use exactly_proto::v1 as pb;
+use exactly_proto::v1::dead_letters_server::DeadLetters;
+use exactly_proto::v1::queues_server::Queues;
+use tonic::{Request, Response, Status};
+
+use super::convert::queue_to_pb;
+use super::status_of;
+use crate::node::Node;
+
+pub struct DeadLettersService {
+    pub node: Node,
+}
+
+pub struct QueuesService {
+    pub node: Node,
+}
+
+fn dead_filter(f: pb::DeadLetterFilter) -> Result<DeadFilter, Status> {
+    if f.job_ids.len() > DEAD_BATCH_MAX {
+        return Err(Status::resource_exhausted(format!(
+            "{} job ids exceed the limit of {DEAD_BATCH_MAX} per call",
+            f.job_ids.len()
+        )));
+    }
+    let max = match f.limit {
+        0 => DEAD_BATCH_MAX as u32,
+        n if n as usize > DEAD_BATCH_MAX => {
+            return Err(Status::invalid_argument(format!(
+                "limit {n} exceeds the maximum of {DEAD_BATCH_MAX}"
+            )))
+        }
+        n => n,
+    };
+    Ok(DeadFilter {
+        ids: f.job_ids,
+        queue: (!f.queue.is_empty()).then_some(f.queue),
+        kind: (!f.kind.is_empty()).then_some(f.kind),
+        max,
+    })
+}
+
+#[tonic::async_trait]
+impl DeadLetters for DeadLettersService {
+    async fn redrive(
+        &self,
+        request: Request<pb::DeadLetterFilter>,
+    ) -> Result<Response<pb::DeadLetterResponse>, Status> {
+        let filter = dead_filter(request.into_inner())?;
+        match self.node.propose(Command::Redrive(filter)).await? {
+            CoreResponse::Redriven(job_ids) => {
+                Ok(Response::new(pb::DeadLetterResponse { job_ids }))
+            }
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    async fn purge(
+        &self,
+        request: Request<pb::DeadLetterFilter>,
+    ) -> Result<Response<pb::DeadLetterResponse>, Status> {
+        let filter = dead_filter(request.into_inner())?;
+        match self.node.propose(Command::PurgeDead(filter)).await? {
+            CoreResponse::PurgedDead(job_ids) => {
+                Ok(Response::new(pb::DeadLetterResponse { job_ids }))
+            }
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Queues for QueuesService {
+    async fn configure(
+        &self,
+        request: Request<pb::ConfigureQueueRequest>,
+    ) -> Result<Response<pb::QueueInfo>, Status> {
+        let r = request.into_inner();
+        if r.clear_rate && r.rate.is_some() {
+            return Err(Status::invalid_argument("set rate or clear_rate, not both"));
+        }
+        let rate = match (r.rate, r.clear_rate) {
+            (Some(spec), _) => {
+                let rate = RateLimit {
+                    jobs: spec.jobs,
+                    period_ms: spec.period_ms,
+                };
+                rate.validate().map_err(Status::invalid_argument)?;
+                Some(Some(rate))
+            }
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let patch = QueuePatch {
+            concurrency_max: r.concurrency_max,
+            rate,
+            paused: r.paused,
+        };
+        let queue = r.queue;
+        match self
+            .node
+            .propose(Command::ConfigureQueue {
+                queue: queue.clone(),
+                patch,
+            })
+            .await?
+        {
+            CoreResponse::QueueConfigured(Ok(config)) => {
+                let info = self
+                    .node
+                    .read(|t| queue_to_pb(&queue, &config, t.queue(&queue)));
+                Ok(Response::new(info))
+            }
+            CoreResponse::QueueConfigured(Err(why)) => {
+                Err(status_of(&format!("queue {queue:?}"), &why))
+            }
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    async fn list(
+        &self,
+        _request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let queues = self.node.read(|t| {
+            t.queues()
+                .iter()
+                .map(|(name, q)| queue_to_pb(name, &q.config, Some(q)))
+                .collect()
+        });
+        Ok(Response::new(pb::ListQueuesResponse { queues }))
+    }
+}

@@ -1,0 +1,290 @@
+//! The Jobs service: Submit, Get, List, Cancel and Watch.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+
+use exactly_core::limits::{CANCEL_BATCH_MAX, SUBMIT_BATCH_JOBS_MAX};
+use exactly_core::{Command, Rejection, Response as CoreResponse};
+use exactly_proto::v1 as pb;
+use exactly_proto::v1::jobs_server::Jobs;
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use super::convert::{event_to_pb, job_to_pb, new_job, state_from_pb, state_to_pb};
+use super::status_of;
+use crate::events::{Positioned, WATCHERS_MAX};
+use crate::node::Node;
+
+/// Jobs one List call returns, at most.
+pub const LIST_LIMIT_MAX: u32 = 1000;
+/// Jobs one List call looks at, at most, however selective its filter: past it the call returns
+/// what it found with a `next_after_id` to continue from, so a list never scans without bound.
+pub const LIST_SCAN_MAX: usize = 100_000;
+/// Events buffered per watch stream between the hub and the client's connection.
+const WATCH_STREAM_EVENTS_MAX: usize = 1024;
+
+pub struct JobsService {
+    pub node: Node,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEventMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let specs = request.into_inner().jobs;
+        if specs.is_empty() {
+            return Err(Status::invalid_argument("submit needs at least one job"));
+        }
+        if specs.len() > SUBMIT_BATCH_JOBS_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "{} jobs in one submit exceeds the limit of {SUBMIT_BATCH_JOBS_MAX}",
+                specs.len()
+            )));
+        }
+        let jobs = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| new_job(&self.node, &format!("jobs[{i}]"), spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        let live = self.node.read(|t| t.counts().live());
+        let max = self.node.config.limits.jobs_live_max;
+        if live + jobs.len() as u64 > max {
+            return Err(Status::resource_exhausted(format!(
+                "{live} jobs are pending or running; limits.jobs-live-max is {max}"
+            )));
+        }
+        match self.node.propose(Command::Submit(jobs)).await? {
+            CoreResponse::Submitted(results) => {
+                // The batch is all or nothing: report the refusal that caused it.
+                let refused = results.iter().enumerate().find_map(|(i, r)| match r {
+                    Err(Rejection::BatchRejected) | Ok(_) => None,
+                    Err(why) => Some((i, why.clone())),
+                });
+                if let Some((i, why)) = refused {
+                    return Err(status_of(&format!("jobs[{i}]"), &why));
+                }
+                let mut reply = pb::SubmitResponse::default();
+                for (i, r) in results.into_iter().enumerate() {
+                    let submitted = r.map_err(|why| status_of(&format!("jobs[{i}]"), &why))?;
+                    reply.job_ids.push(submitted.id);
+                    reply.existing.push(submitted.existing);
+                }
+                Ok(Response::new(reply))
+            }
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let id = request.into_inner().job_id;
+        if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
+            return Ok(Response::new(pb::GetResponse { job: Some(job) }));
+        }
+        // This replica may lag the leader by a few milliseconds: ask the leader before saying
+        // the job does not exist.
+        if let Some((leader, addr)) = self.node.leader() {
+            if leader != self.node.id {
+                let channel = crate::network::channel(&addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                let mut client = pb::jobs_client::JobsClient::new(channel);
+                return client.get(pb::GetRequest { job_id: id }).await;
+            }
+        }
+        Err(Status::not_found(format!("job {id} does not exist")))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let r = request.into_inner();
+        let state = state_from_pb(r.state)?;
+        let limit = match r.limit {
+            0 => 100,
+            n if n > LIST_LIMIT_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {n} exceeds the maximum of {LIST_LIMIT_MAX}"
+                )))
+            }
+            n => n,
+        } as usize;
+        let reply = self.node.read(|t| {
+            let mut jobs = Vec::new();
+            let mut last_seen = None;
+            for (scanned, job) in t.jobs_after(r.after_id).enumerate() {
+                if jobs.len() == limit || scanned == LIST_SCAN_MAX {
+                    break;
+                }
+                last_seen = Some(job.id);
+                let keep = (r.queue.is_empty() || job.queue == r.queue)
+                    && (r.kind.is_empty() || job.kind == r.kind)
+                    && state.is_none_or(|s| job.status == s);
+                if keep {
+                    jobs.push(job_to_pb(job));
+                }
+            }
+            // More may follow if the page or the scan budget filled up.
+            let more = last_seen.is_some_and(|id| t.jobs_after(id).next().is_some());
+            pb::ListResponse {
+                jobs,
+                next_after_id: if more { last_seen.unwrap_or(0) } else { 0 },
+            }
+        });
+        Ok(Response::new(reply))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let ids = request.into_inner().job_ids;
+        if ids.is_empty() {
+            return Err(Status::invalid_argument("cancel needs at least one job id"));
+        }
+        if ids.len() > CANCEL_BATCH_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "{} jobs in one cancel exceeds the limit of {CANCEL_BATCH_MAX}",
+                ids.len()
+            )));
+        }
+        match self.node.propose(Command::Cancel(ids)).await? {
+            CoreResponse::Cancelled(results) => Ok(Response::new(pb::CancelResponse {
+                results: results
+                    .into_iter()
+                    .map(|(job_id, r)| match r {
+                        Ok(was) => pb::CancelResult {
+                            job_id,
+                            previous_state: state_to_pb(was) as i32,
+                            error: String::new(),
+                        },
+                        Err(why) => pb::CancelResult {
+                            job_id,
+                            previous_state: pb::JobState::Unspecified as i32,
+                            error: why.to_string(),
+                        },
+                    })
+                    .collect(),
+            })),
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = request.into_inner();
+        if r.job_id != 0 && !r.queue.is_empty() {
+            return Err(Status::invalid_argument(
+                "watch one job or one queue, not both",
+            ));
+        }
+        let hub = self.node.events.clone();
+        if hub.watchers.fetch_add(1, Ordering::AcqRel) >= WATCHERS_MAX {
+            hub.watchers.fetch_sub(1, Ordering::AcqRel);
+            return Err(Status::resource_exhausted(format!(
+                "this node already serves {WATCHERS_MAX} watch streams"
+            )));
+        }
+        let after = r.after.map(|p| (p.index, p.seq));
+        let (backlog, mut live) = match hub.subscribe(after) {
+            Ok(s) => s,
+            Err(too_old) => {
+                hub.watchers.fetch_sub(1, Ordering::AcqRel);
+                return Err(Status::out_of_range(too_old.to_string()));
+            }
+        };
+        let wanted = move |e: &Positioned| {
+            (r.job_id == 0 || e.event.job == r.job_id)
+                && (r.queue.is_empty() || e.event.queue == r.queue)
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_STREAM_EVENTS_MAX);
+        let shutdown = self.node.shutdown.clone();
+        tokio::spawn(async move {
+            // Releases the watcher slot however the stream ends.
+            struct Slot(std::sync::Arc<crate::events::EventHub>);
+            impl Drop for Slot {
+                fn drop(&mut self) {
+                    self.0.watchers.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            let _slot = Slot(hub.clone());
+            let mut last = after;
+            for e in backlog {
+                last = Some(e.position);
+                if wanted(&e)
+                    && tx
+                        .send(Ok(event_to_pb(e.position, &e.event)))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    next = live.recv() => next,
+                };
+                match next {
+                    Ok(e) => {
+                        // Events already sent from the backlog come again live: skip them.
+                        if last.is_some_and(|l| e.position <= l) {
+                            continue;
+                        }
+                        last = Some(e.position);
+                        if wanted(&e)
+                            && tx
+                                .send(Ok(event_to_pb(e.position, &e.event)))
+                                .await
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        // Too slow for the live feed: catch up from the ring if it still holds
+                        // everything after the last event sent, else tell the client.
+                        match hub.subscribe(last) {
+                            Ok((backlog, fresh)) => {
+                                live = fresh;
+                                for e in backlog {
+                                    last = Some(e.position);
+                                    if wanted(&e)
+                                        && tx
+                                            .send(Ok(event_to_pb(e.position, &e.event)))
+                                            .await
+                                            .is_err()
+                                    {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(too_old) => {
+                                let _ = tx
+                                    .send(Err(Status::out_of_range(too_old.to_string())))
+                                    .await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
