@@ -8,6 +8,7 @@
 //! **Boundary:** this crate knows nothing about openraft, sled, tonic, tokio or ractor.
 
 pub mod command;
+pub mod cron;
 pub mod job;
 pub mod limits;
 pub mod queue;
