@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::job::{Backoff, JobStatus};
 use crate::queue::{QueueConfig, RateLimit};
+use crate::schedule::{Fire, Fired, ScheduleSpec};
 use crate::{JobId, NodeId};
 
 /// One log entry's payload: a command stamped with the leader's clock.
@@ -59,10 +60,23 @@ pub enum Command {
     /// Dead letters matching the filter are deleted with their payloads.
     PurgeDead(DeadFilter),
     /// Changes a queue's settings: the fields the patch sets, leaving the others as they are.
-    ConfigureQueue { queue: String, patch: QueuePatch },
+    ConfigureQueue {
+        queue: String,
+        patch: QueuePatch,
+    },
     /// The leader's retention pass: delete finished jobs and idempotency records older than the
     /// cut-offs it computed from its configuration (at most `max` of each per entry).
     Retain(Retention),
+    /// Adds (or, with `replace`, replaces) a cron schedule.
+    AddSchedule(ScheduleSpec),
+    RemoveSchedule(String),
+    /// Pauses or resumes a schedule; a resumed schedule's next tick is the first after now.
+    PauseSchedule {
+        name: String,
+        paused: bool,
+    },
+    /// The leader fires due ticks (each only if it is still its schedule's next tick).
+    FireSchedules(Vec<Fire>),
 }
 
 /// A change to a queue's settings; `None` fields keep their current value.
@@ -209,6 +223,20 @@ pub enum Rejection {
         "idempotency key {0:?} is used twice in one batch with a different queue, kind or payload"
     )]
     KeyConflictInBatch(String),
+    #[error("schedule {0:?} already exists")]
+    ScheduleExists(String),
+    #[error("schedule {0:?} does not exist")]
+    UnknownSchedule(String),
+    #[error("too many schedules (limit {0})")]
+    TooManySchedules(usize),
+    #[error("schedule {0:?} is paused")]
+    SchedulePaused(String),
+    #[error("tick {got} of schedule {name:?} is not its next tick ({next:?})")]
+    StaleTick {
+        name: String,
+        got: u64,
+        next: Option<u64>,
+    },
 }
 
 /// What applying one entry returns to the proposer.
@@ -241,6 +269,10 @@ pub enum Response {
         jobs: u32,
         keys: u32,
     },
+    /// A schedule was added, replaced, removed, paused or resumed.
+    ScheduleChanged(Result<(), Rejection>),
+    /// Per fire, in order.
+    Fired(Vec<Result<Fired, Rejection>>),
     /// For entries without application data (blank and membership entries).
     Empty,
 }

@@ -13,6 +13,7 @@ pub mod job;
 pub mod limits;
 pub mod queue;
 pub mod retry;
+pub mod schedule;
 pub mod scheduler;
 pub mod state;
 

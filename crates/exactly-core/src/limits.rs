@@ -58,6 +58,17 @@ pub const CANCEL_BATCH_MAX: usize = 1000;
 pub const DEAD_BATCH_MAX: usize = 1000;
 /// Jobs (and, separately, idempotency records) one retention pass deletes.
 pub const RETAIN_BATCH_MAX: usize = 1000;
+/// Cron schedules in the cluster.
+pub const SCHEDULES_MAX: usize = 1000;
+/// Bytes of a schedule name.
+pub const SCHEDULE_NAME_BYTES_MAX: usize = 128;
+/// Bytes of the payload a schedule's job template carries (kept in the state machine itself).
+pub const SCHEDULE_PAYLOAD_BYTES_MAX: usize = 64 * 1024;
+/// Schedules one FireSchedules command fires.
+pub const FIRE_BATCH_MAX: usize = 100;
+/// A cron tick fired later than this after its time counts as missed (see
+/// [`crate::cron::MissedTickPolicy`]); within it, a tick delayed by a leader failover still fires.
+pub const CRON_LATE_GRACE_MS: u64 = 60_000;
 
 /// Bytes of one job's payload that the state machine accepts from the log, whatever a node is
 /// configured to take. Apply must not depend on per-node configuration (replicas could diverge),

@@ -17,12 +17,16 @@ use crate::limits::{
     PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, TIMEOUT_MS_MAX,
 };
 use crate::queue::QueueConfig;
+use crate::schedule::Schedule;
 use crate::{JobId, NodeId};
 
 mod attempts;
 mod jobs;
 mod nodes;
 mod retention;
+mod schedules;
+
+pub use schedules::validate_schedule;
 
 pub use crate::retry::{backoff_ceiling_ms, retry_delay_ms};
 
@@ -131,6 +135,7 @@ pub struct JobTable {
     finished: BTreeSet<(u64, JobId)>,
     /// Dead letters by time of death.
     dead: BTreeSet<(u64, JobId)>,
+    schedules: BTreeMap<String, Schedule>,
     counts: StateCounts,
 }
 
@@ -255,6 +260,7 @@ impl Default for JobTable {
             keys_by_age: BTreeSet::new(),
             finished: BTreeSet::new(),
             dead: BTreeSet::new(),
+            schedules: BTreeMap::new(),
             counts: StateCounts::default(),
         }
     }
@@ -293,6 +299,14 @@ impl JobTable {
                 Response::QueueConfigured(self.configure_queue(queue, patch))
             }
             Command::Retain(retention) => self.retain(&retention, &mut effects),
+            Command::AddSchedule(spec) => Response::ScheduleChanged(self.add_schedule(spec)),
+            Command::RemoveSchedule(name) => Response::ScheduleChanged(self.remove_schedule(&name)),
+            Command::PauseSchedule { name, paused } => {
+                Response::ScheduleChanged(self.pause_schedule(&name, paused))
+            }
+            Command::FireSchedules(fires) => {
+                Response::Fired(self.fire_schedules(fires, &mut effects))
+            }
         };
         (response, effects)
     }
@@ -463,6 +477,29 @@ impl JobTable {
 
     pub fn queue(&self, name: &str) -> Option<&QueueState> {
         self.queues.get(name)
+    }
+
+    pub fn schedules(&self) -> &BTreeMap<String, Schedule> {
+        &self.schedules
+    }
+
+    pub fn schedule(&self, name: &str) -> Option<&Schedule> {
+        self.schedules.get(name)
+    }
+
+    /// When the oldest succeeded or cancelled job finished (for the leader's retention pass).
+    pub fn oldest_finished_ms(&self) -> Option<u64> {
+        self.finished.first().map(|&(at, _)| at)
+    }
+
+    /// When the oldest dead letter died.
+    pub fn oldest_dead_ms(&self) -> Option<u64> {
+        self.dead.first().map(|&(at, _)| at)
+    }
+
+    /// When the oldest retained idempotency key was first used.
+    pub fn oldest_key_ms(&self) -> Option<u64> {
+        self.keys_by_age.first().map(|(at, _)| *at)
     }
 
     /// The record of an idempotency key, while it is retained.

@@ -3,8 +3,8 @@
 //! state machine's refusals, `From<ProposeError>` for Raft's answers).
 //!
 //! Submodules hold one service each: `jobs` (Submit, Get, List, Cancel, Watch), `admin`
-//! (DeadLetters, Queues), and `convert` (wire <-> domain conversions). The Cluster service
-//! lives here.
+//! (DeadLetters, Queues), `schedules` (Schedules), and `convert` (wire <-> domain conversions).
+//! The Cluster service lives here.
 
 use exactly_core::Rejection;
 use exactly_proto::v1 as pb;
@@ -16,10 +16,12 @@ use crate::node::{Node, ProposeError};
 mod admin;
 pub mod convert;
 mod jobs;
+mod schedules;
 
 pub use admin::{DeadLettersService, QueuesService};
 pub use convert::job_to_pb;
 pub use jobs::JobsService;
+pub use schedules::SchedulesService;
 
 pub struct ClusterService {
     pub node: Node,
@@ -34,11 +36,13 @@ pub fn status_of(context: &str, why: &Rejection) -> Status {
         Rejection::IdempotencyConflict { .. } | Rejection::KeyConflictInBatch(_) => {
             Status::already_exists(message)
         }
-        Rejection::UnknownJob(_) => Status::not_found(message),
+        Rejection::ScheduleExists(_) => Status::already_exists(message),
+        Rejection::UnknownJob(_) | Rejection::UnknownSchedule(_) => Status::not_found(message),
         Rejection::Finished(_) | Rejection::NotPending(_) => Status::failed_precondition(message),
-        Rejection::TooManyQueues(_) | Rejection::BatchTooLarge { .. } | Rejection::Full(_) => {
-            Status::resource_exhausted(message)
-        }
+        Rejection::TooManyQueues(_)
+        | Rejection::TooManySchedules(_)
+        | Rejection::BatchTooLarge { .. }
+        | Rejection::Full(_) => Status::resource_exhausted(message),
         // The rest are refusals of the cluster's own commands (assignments, leases): a client
         // can never cause them, so one reaching a client is our bug.
         _ => Status::internal(message),

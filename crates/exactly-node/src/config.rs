@@ -39,6 +39,9 @@ pub struct NodeConfig {
     pub raft: RaftConfig,
     /// Node leases: how a node keeps its right to run attempts, and when it loses it.
     pub lease: LeaseConfig,
+    /// How long finished jobs, dead letters and idempotency keys are kept (applied by whichever
+    /// node leads, from its own configuration).
+    pub retention: RetentionConfig,
     /// Commands run by job kind: `[exec.resize-image] command = "/usr/bin/convert"`.
     pub exec: BTreeMap<String, ExecSpec>,
 }
@@ -64,6 +67,36 @@ pub struct JobDefaults {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub queue: String,
+}
+
+/// Retention: the leader deletes what is past these ages, a bounded batch at a time, so the state
+/// machine stays bounded. Every node should carry the same values (the leader's apply).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Succeeded and cancelled jobs are deleted this long after they finished.
+    #[serde(with = "humantime_serde")]
+    pub finished: Duration,
+    /// Dead letters are deleted this long after they died (unless redriven first).
+    #[serde(with = "humantime_serde")]
+    pub dead_letters: Duration,
+    /// A repeat of an idempotency key within this window returns the original job.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_keys: Duration,
+    /// How often the leader looks for something to delete.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            finished: Duration::from_secs(24 * 60 * 60),
+            dead_letters: Duration::from_secs(7 * 24 * 60 * 60),
+            idempotency_keys: Duration::from_secs(24 * 60 * 60),
+            interval: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -97,6 +130,7 @@ impl Default for NodeConfig {
             defaults: JobDefaults::default(),
             raft: RaftConfig::default(),
             lease: LeaseConfig::default(),
+            retention: RetentionConfig::default(),
             exec: BTreeMap::new(),
         }
     }
@@ -336,6 +370,23 @@ impl NodeConfig {
         }
         if d.queue.is_empty() {
             return Err(invalid("defaults.queue", &d.queue, "must not be empty"));
+        }
+        let keep = &self.retention;
+        for (key, value) in [
+            ("retention.finished", keep.finished),
+            ("retention.dead-letters", keep.dead_letters),
+            ("retention.idempotency-keys", keep.idempotency_keys),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(key, value, "must be at least 1s"));
+            }
+        }
+        if keep.interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "retention.interval",
+                keep.interval,
+                "must be at least 100ms",
+            ));
         }
         let r = &self.raft;
         if r.heartbeat_interval.is_zero() {

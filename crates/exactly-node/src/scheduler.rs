@@ -5,14 +5,19 @@
 //! Assign command; while that proposal is in flight it plans nothing else, so it never proposes
 //! the same job twice from a stale view (and apply would refuse it anyway). A new leader starts a
 //! fresh scheduler that rebuilds everything from the state machine.
+//!
+//! Besides assignments it does the leader's housekeeping, one proposal at a time: firing due
+//! cron ticks (each tick at most once: apply fires only the schedule's current next tick) and the
+//! retention pass that deletes what is past its configured age.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use exactly_core::limits::ASSIGN_BATCH_MAX;
-use exactly_core::{plan_assignments, Command, NodeLease};
+use exactly_core::limits::{ASSIGN_BATCH_MAX, FIRE_BATCH_MAX, RETAIN_BATCH_MAX};
+use exactly_core::schedule::Fire;
+use exactly_core::{plan_assignments, Command, NodeLease, Retention};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::hooks::Hooks;
@@ -31,6 +36,12 @@ pub enum SchedulerMsg {
         planned: usize,
         ok: bool,
     },
+    /// A housekeeping proposal (cron fires, retention) returned; `more` asks for another round,
+    /// `retain_again` for another retention pass at once (the last one filled its batch).
+    Housekept {
+        more: bool,
+        retain_again: bool,
+    },
 }
 
 pub struct Scheduler;
@@ -45,6 +56,10 @@ pub struct SchedulerState {
     quiet: BTreeSet<u64>,
     /// Expiries proposed and not yet answered.
     expiring: BTreeSet<NodeLease>,
+    /// A cron-fire or retention proposal is in flight.
+    housekeeping: bool,
+    /// When the last retention pass found nothing (or ran), on the monotonic clock.
+    retained_at: Option<std::time::Instant>,
 }
 
 impl Actor for Scheduler {
@@ -67,6 +82,8 @@ impl Actor for Scheduler {
             leases: LeaseWatch::new(),
             quiet: BTreeSet::new(),
             expiring: BTreeSet::new(),
+            housekeeping: false,
+            retained_at: None,
         })
     }
 
@@ -81,7 +98,19 @@ impl Actor for Scheduler {
                 state.hooks.wake_pending.store(false, Ordering::Release);
                 state.plan(&myself);
             }
-            SchedulerMsg::Tick => state.plan(&myself),
+            SchedulerMsg::Tick => {
+                state.plan(&myself);
+                state.housekeep(&myself);
+            }
+            SchedulerMsg::Housekept { more, retain_again } => {
+                state.housekeeping = false;
+                if retain_again {
+                    state.retained_at = None;
+                }
+                if more {
+                    state.housekeep(&myself);
+                }
+            }
             SchedulerMsg::Expired(lease) => {
                 state.expiring.remove(&lease);
             }
@@ -134,6 +163,88 @@ impl SchedulerState {
                 let _ = me.send_message(SchedulerMsg::Expired(lease));
             });
         }
+    }
+
+    /// Proposes the next piece of housekeeping, if any: due cron ticks first (they are
+    /// time-critical), then a retention pass every `retention.interval`.
+    fn housekeep(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        if self.housekeeping {
+            return;
+        }
+        let now = wall_ms();
+        let fires: Vec<Fire> = self.node.read(|t| {
+            t.schedules()
+                .values()
+                .filter(|s| !s.paused)
+                .filter_map(|s| {
+                    let tick = s.next_tick_ms.filter(|&tick| tick <= now)?;
+                    Some(Fire {
+                        name: s.name.clone(),
+                        tick_ms: tick,
+                    })
+                })
+                .take(FIRE_BATCH_MAX)
+                .collect()
+        });
+        let command = if !fires.is_empty() {
+            Command::FireSchedules(fires)
+        } else {
+            let keep = &self.node.config.retention;
+            if self
+                .retained_at
+                .is_some_and(|at| at.elapsed() < keep.interval)
+            {
+                return;
+            }
+            self.retained_at = Some(std::time::Instant::now());
+            let cut = |age: Duration| now.saturating_sub(age.as_millis() as u64);
+            let retention = Retention {
+                finished_before_ms: cut(keep.finished),
+                dead_before_ms: cut(keep.dead_letters),
+                keys_before_ms: cut(keep.idempotency_keys),
+                max: RETAIN_BATCH_MAX as u32,
+            };
+            let due = self.node.read(|t| {
+                t.oldest_finished_ms()
+                    .is_some_and(|at| at < retention.finished_before_ms)
+                    || t.oldest_dead_ms()
+                        .is_some_and(|at| at < retention.dead_before_ms)
+                    || t.oldest_key_ms()
+                        .is_some_and(|at| at < retention.keys_before_ms)
+            });
+            if !due {
+                return;
+            }
+            Command::Retain(retention)
+        };
+        self.housekeeping = true;
+        let node = self.node.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let budget = node.config.limits.propose_timeout;
+            let reply = tokio::time::timeout(budget, node.write_local(command)).await;
+            let mut retain_again = false;
+            let more = match reply {
+                Ok(ForwardReply::Committed(exactly_core::Response::Fired(results))) => {
+                    for r in results {
+                        match r {
+                            Ok(fired) => tracing::debug!(?fired, "cron tick fired"),
+                            Err(why) => tracing::warn!(%why, "cron tick refused"),
+                        }
+                    }
+                    true
+                }
+                Ok(ForwardReply::Committed(exactly_core::Response::Retained { jobs, keys })) => {
+                    tracing::debug!(jobs, keys, "retention pass");
+                    // A full batch means more may be past retention: go on at once.
+                    retain_again =
+                        jobs as usize == RETAIN_BATCH_MAX || keys as usize == RETAIN_BATCH_MAX;
+                    retain_again
+                }
+                _ => false,
+            };
+            let _ = me.send_message(SchedulerMsg::Housekept { more, retain_again });
+        });
     }
 
     fn plan(&mut self, myself: &ActorRef<SchedulerMsg>) {

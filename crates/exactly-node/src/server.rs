@@ -12,13 +12,16 @@ use exactly_proto::v1::cluster_server::ClusterServer;
 use exactly_proto::v1::dead_letters_server::DeadLettersServer;
 use exactly_proto::v1::jobs_server::JobsServer;
 use exactly_proto::v1::queues_server::QueuesServer;
+use exactly_proto::v1::schedules_server::SchedulesServer;
 use exactly_store::{Raft, Store};
 use openraft::BasicNode;
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ClusterService, DeadLettersService, JobsService, QueuesService};
+use crate::api::{
+    ClusterService, DeadLettersService, JobsService, QueuesService, SchedulesService,
+};
 use crate::config::NodeConfig;
 use crate::executor::{Executor, ExecutorMsg};
 use crate::hooks::Hooks;
@@ -258,6 +261,9 @@ fn serve(
                 node: node.clone(),
             }))
             .add_service(QueuesServer::new(QueuesService { node: node.clone() }))
+            .add_service(SchedulesServer::new(SchedulesService {
+                node: node.clone(),
+            }))
             .add_service(
                 InternalServer::new(InternalService { node: node.clone() })
                     .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
