@@ -26,6 +26,33 @@ pub use sleep::SleepHandler;
 /// cancels on timeout, on self-fencing and on drain, and retries the job with a new fencing token.
 pub const CANCELLED: &str = "cancelled";
 
+/// A value in a handler spec ([`ExecSpec`]) that cannot work, naming its key
+/// (relative to the spec's table, e.g. `output-bytes-max`; the node prefixes `exec.KIND.`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value for `{key}`: {value} ({why})")]
+pub struct SpecError {
+    /// The offending key, e.g. `output-bytes-max` or `env.EXACTLY_QUEUE`.
+    pub key: String,
+    /// The offending value, quoted.
+    pub value: String,
+    /// What a valid value looks like.
+    pub why: String,
+}
+
+impl SpecError {
+    pub(crate) fn new(
+        key: impl Into<String>,
+        value: impl std::fmt::Debug,
+        why: impl Into<String>,
+    ) -> Self {
+        Self {
+            key: key.into(),
+            value: format!("{value:?}"),
+            why: why.into(),
+        }
+    }
+}
+
 /// Everything a handler is told about the attempt it runs.
 #[derive(Clone, Debug)]
 pub struct JobContext {
@@ -35,6 +62,9 @@ pub struct JobContext {
     /// Strictly increasing per job: a downstream that remembers the largest token it has seen per
     /// job and refuses smaller ones applies each effect once.
     pub fencing_token: u64,
+    /// The same for every attempt of the job: a downstream that remembers the keys it has
+    /// applied applies each job's effect once (`EXACTLY_IDEMPOTENCY_KEY` for `exec`).
+    pub idempotency_key: String,
     pub node_id: u64,
     pub queue: String,
     pub kind: String,
@@ -163,12 +193,14 @@ impl std::fmt::Debug for Registry {
 pub(crate) mod test_support {
     use super::*;
 
-    /// A context for attempt 1 of job 7 with fencing token 42 on node 3.
+    /// A context for attempt 1 of job 7 with fencing token 42 on node 3, with the idempotency key
+    /// the node derives from the job id.
     pub(crate) fn context(kind: &str, payload: &[u8]) -> JobContext {
         JobContext {
             job_id: 7,
             attempt: 1,
             fencing_token: 42,
+            idempotency_key: "exactly-job-7".to_string(),
             node_id: 3,
             queue: "default".to_string(),
             kind: kind.to_string(),
