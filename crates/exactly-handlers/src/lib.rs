@@ -13,12 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 pub mod exec;
 pub mod fail;
+pub mod http;
 pub mod noop;
 pub mod sleep;
 mod tail;
 
 pub use exec::{ExecHandler, ExecSpec, ExecSpecError};
 pub use fail::FailHandler;
+pub use http::{HttpHandler, HttpSpec};
 pub use noop::NoopHandler;
 pub use sleep::SleepHandler;
 
@@ -26,7 +28,7 @@ pub use sleep::SleepHandler;
 /// cancels on timeout, on self-fencing and on drain, and retries the job with a new fencing token.
 pub const CANCELLED: &str = "cancelled";
 
-/// A value in a handler spec ([`ExecSpec`]) that cannot work, naming its key
+/// A value in a handler spec ([`ExecSpec`], [`HttpSpec`]) that cannot work, naming its key
 /// (relative to the spec's table, e.g. `output-bytes-max`; the node prefixes `exec.KIND.`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid value for `{key}`: {value} ({why})")]
@@ -63,7 +65,8 @@ pub struct JobContext {
     /// job and refuses smaller ones applies each effect once.
     pub fencing_token: u64,
     /// The same for every attempt of the job: a downstream that remembers the keys it has
-    /// applied applies each job's effect once (`EXACTLY_IDEMPOTENCY_KEY` for `exec`).
+    /// applied applies each job's effect once (`EXACTLY_IDEMPOTENCY_KEY` for `exec`, the
+    /// `Idempotency-Key` header for `http`).
     pub idempotency_key: String,
     pub node_id: u64,
     pub queue: String,
@@ -128,8 +131,8 @@ impl Registry {
 
     /// A registry holding the handlers every node has: `noop`, `sleep` and `fail`.
     ///
-    /// `exec` kinds are not built in: each one names a command configured on the node, added with
-    /// [`Registry::register_exec`].
+    /// `exec` and `http` kinds are not built in: each one names a command or a URL configured on
+    /// the node, added with [`Registry::register_exec`] and [`Registry::register_http`].
     pub fn with_builtins() -> Self {
         let mut registry = Self::new();
         registry.register(noop::KIND, Arc::new(NoopHandler));
@@ -163,6 +166,19 @@ impl Registry {
             kind,
             Arc::new(ExecHandler::new(spec).with_group_dir(group_dir)),
         );
+        Ok(())
+    }
+
+    /// Registers `kind` to POST each job's payload to the URL `spec` describes, after checking
+    /// the spec. Like [`Registry::register`], this replaces any handler already registered for
+    /// `kind`.
+    pub fn register_http(
+        &mut self,
+        kind: impl Into<String>,
+        spec: HttpSpec,
+    ) -> Result<(), SpecError> {
+        let handler = HttpHandler::new(spec)?;
+        self.register(kind, Arc::new(handler));
         Ok(())
     }
 
