@@ -94,10 +94,13 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
-    fn registry(ledger: &Arc<Ledger>) -> Registry {
+    /// The built-ins, the kinds `config` defines (`[exec.*]`, `[http.*]`, as `exactlyd`
+    /// registers them) and the ledger.
+    fn registry(ledger: &Arc<Ledger>, config: &NodeConfig) -> anyhow::Result<Registry> {
         let mut r = Registry::with_builtins();
+        config.register_kinds(&mut r)?;
         r.register(LEDGER_KIND, Arc::new(LedgerHandler(ledger.clone())));
-        r
+        Ok(r)
     }
 
     /// Starts `n` nodes: node 1 bootstraps, the others join through it.
@@ -108,14 +111,16 @@ impl TestCluster {
         let mut first = test_config(dir.path(), 1);
         first.init = true;
         tweak(&mut first);
-        let n1 = exactly_node::start(first, Self::registry(&ledger)).await?;
+        let registry = Self::registry(&ledger, &first)?;
+        let n1 = exactly_node::start(first, registry).await?;
         let seed = n1.addr.clone();
         nodes.push(n1);
         for id in 2..=n {
             let mut c = test_config(dir.path(), id);
             c.join = vec![seed.clone()];
             tweak(&mut c);
-            nodes.push(exactly_node::start(c, Self::registry(&ledger)).await?);
+            let registry = Self::registry(&ledger, &c)?;
+            nodes.push(exactly_node::start(c, registry).await?);
         }
         let cluster = Self { dir, nodes, ledger };
         cluster.wait_members(n as usize).await?;

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::tail::TailBuffer;
-use crate::{Handler, HandlerOutcome, JobContext};
+use crate::{Handler, HandlerOutcome, JobContext, SpecError};
 
 /// Bytes of captured output per stream that a spec may ask for, at most.
 pub const OUTPUT_BYTES_MAX_CEILING: usize = 1024 * 1024;
@@ -75,8 +75,10 @@ pub struct ExecSpec {
     /// `EXACTLY_` are reserved for the variables that describe the attempt.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Exit codes meaning "retrying will not help" (e.g. bad input). Any other non-zero code is
-    /// a retryable failure.
+    /// Exit codes (1..=255) meaning "retrying will not help" (e.g. bad input). Any other
+    /// non-zero code is a retryable failure, and so is death by a signal, whatever is listed
+    /// here (a signal is not an exit code; but a shell whose child was killed exits 128 + the
+    /// signal number, which *is* one).
     #[serde(default)]
     pub permanent_exit_codes: Vec<i32>,
     /// After SIGTERM on cancellation, how long the process group may take to exit before it is
@@ -97,27 +99,9 @@ fn output_bytes_max_default() -> usize {
     OUTPUT_BYTES_MAX_DEFAULT
 }
 
-/// A value in an [`ExecSpec`] that cannot work, naming its key (relative to the spec's table).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid value for `{key}`: {value} ({why})")]
-pub struct ExecSpecError {
-    /// The offending key, e.g. `output-bytes-max` or `env.EXACTLY_QUEUE`.
-    pub key: String,
-    /// The offending value, quoted.
-    pub value: String,
-    /// What a valid value looks like.
-    pub why: String,
-}
-
-impl ExecSpecError {
-    fn new(key: impl Into<String>, value: impl std::fmt::Debug, why: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            value: format!("{value:?}"),
-            why: why.into(),
-        }
-    }
-}
+/// A value in an [`ExecSpec`] that cannot work (the crate's [`SpecError`], kept under its
+/// original name).
+pub type ExecSpecError = SpecError;
 
 impl ExecSpec {
     /// A spec running `command` with no arguments and the defaults for everything else.
@@ -156,6 +140,19 @@ impl ExecSpec {
                 format!("must be 1..={OUTPUT_BYTES_MAX_CEILING}"),
             ));
         }
+        // Exit 0 is always success, and an exit status holds only 8 bits: a code outside
+        // 1..=255 here would be a rule that can never apply.
+        if let Some(code) = self
+            .permanent_exit_codes
+            .iter()
+            .find(|code| !(1..=255).contains(*code))
+        {
+            return Err(ExecSpecError::new(
+                "permanent-exit-codes",
+                code,
+                "exit codes are 1..=255 (0 is success)",
+            ));
+        }
         for (name, value) in &self.env {
             let key = format!("env.{name}");
             if name.is_empty() || name.contains(['=', '\0']) {
@@ -183,9 +180,10 @@ impl ExecSpec {
 /// Runs an [`ExecSpec`]'s command for each job of its kind.
 ///
 /// Exit 0 succeeds with the tail of stdout as the result. A non-zero exit fails with the code
-/// and the tail of stderr, permanently if the code is one of `permanent-exit-codes`. Death by a
-/// signal, cancellation and transient spawn errors are retryable; a program that cannot be found
-/// or executed fails permanently.
+/// and the tail of stderr, permanently if the code is one of `permanent-exit-codes`, retryably
+/// otherwise. Death by a signal (whatever `permanent-exit-codes` lists), cancellation and
+/// transient spawn errors are retryable; a program that cannot be found or executed fails
+/// permanently.
 #[derive(Clone, Debug)]
 pub struct ExecHandler {
     spec: Arc<ExecSpec>,
@@ -250,6 +248,7 @@ async fn run(
         .env("EXACTLY_JOB_ID", ctx.job_id.to_string())
         .env("EXACTLY_ATTEMPT", ctx.attempt.to_string())
         .env("EXACTLY_FENCING_TOKEN", ctx.fencing_token.to_string())
+        .env("EXACTLY_IDEMPOTENCY_KEY", &ctx.idempotency_key)
         .env("EXACTLY_NODE_ID", ctx.node_id.to_string())
         .env("EXACTLY_QUEUE", &ctx.queue)
         .env("EXACTLY_KIND", &ctx.kind)
@@ -766,9 +765,15 @@ mod tests {
             outcome,
             HandlerOutcome::Succeeded(b"7|1|42|3|default|exec-test|hi|".to_vec())
         );
+        let outcome = run_spec(sh("printf %s \"$EXACTLY_IDEMPOTENCY_KEY\""), b"").await;
+        assert_eq!(
+            outcome,
+            HandlerOutcome::Succeeded(b"exactly-job-7".to_vec())
+        );
     }
 
-    /// Exit 0 succeeds, exit 3 is retryable with stderr quoted, a listed code is permanent.
+    /// Exit 0 succeeds, exit 3 is retryable with stderr quoted, a listed code is permanent, and
+    /// an unlisted code of the same spec stays retryable.
     #[tokio::test]
     async fn exit_codes_are_mapped() {
         assert_eq!(
@@ -785,14 +790,57 @@ mod tests {
         let (error, retryable) = failure(run_spec(spec, b"").await);
         assert!(!retryable);
         assert_eq!(error, "exit code 42");
+
+        let mut spec = sh("exit 43");
+        spec.permanent_exit_codes = vec![2, 42];
+        let (error, retryable) = failure(run_spec(spec, b"").await);
+        assert!(retryable);
+        assert_eq!(error, "exit code 43");
+
+        // Exit 0 succeeds even when 0 would be listed (validation refuses such a list).
+        let mut spec = sh("exit 0");
+        spec.permanent_exit_codes = vec![0];
+        assert_eq!(
+            run_spec(spec, b"").await,
+            HandlerOutcome::Succeeded(Vec::new())
+        );
     }
 
-    /// A command killed by a signal is a retryable failure naming the signal.
+    /// A command killed by a signal is a retryable failure naming the signal, even when the
+    /// signal's number and the shell convention 128 + signal are listed as permanent codes.
     #[tokio::test]
     async fn death_by_signal_is_retryable() {
         let (error, retryable) = failure(run_spec(sh("kill -KILL $$"), b"").await);
         assert!(retryable);
         assert!(error.contains("SIGKILL"), "error: {error}");
+
+        let mut spec = sh("kill -TERM $$");
+        spec.permanent_exit_codes = vec![15, 143];
+        let (error, retryable) = failure(run_spec(spec, b"").await);
+        assert!(retryable);
+        assert!(error.contains("SIGTERM"), "error: {error}");
+    }
+
+    /// A cancelled command (the executor's timeout fires the token) is retryable, whatever
+    /// code the command would have exited with.
+    #[tokio::test]
+    async fn cancelled_command_is_retryable() {
+        let mut spec = sh("sleep 30; exit 2");
+        spec.permanent_exit_codes = vec![2];
+        let cancel = CancellationToken::new();
+        let run =
+            tokio::spawn(ExecHandler::new(spec).run(context("exec-test", b""), cancel.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cancel.cancel();
+        let outcome = run.await.expect("handler task");
+        assert_eq!(outcome, HandlerOutcome::cancelled());
+        assert!(matches!(
+            outcome,
+            HandlerOutcome::Failed {
+                retryable: true,
+                ..
+            }
+        ));
     }
 
     /// A command printing a megabyte to each stream leaves only the last bytes of each.
@@ -1003,8 +1051,8 @@ mod tests {
         .is_err());
     }
 
-    /// Validation names the key of an empty command, an out-of-range output limit and a
-    /// reserved variable name.
+    /// Validation names the key of an empty command, an out-of-range output limit, a reserved
+    /// variable name and a permanent exit code no exit status can have.
     #[test]
     fn validation_names_the_key() {
         let key = |spec: ExecSpec| spec.validate().expect_err("invalid").key;
@@ -1020,5 +1068,20 @@ mod tests {
         spec.env
             .insert("EXACTLY_FENCING_TOKEN".to_string(), "0".to_string());
         assert_eq!(key(spec), "env.EXACTLY_FENCING_TOKEN");
+        for code in [0, 256, -1] {
+            let spec = ExecSpec {
+                permanent_exit_codes: vec![2, code],
+                ..ExecSpec::new("cat")
+            };
+            let err = spec.validate().expect_err("code out of range");
+            assert_eq!(err.key, "permanent-exit-codes");
+            assert_eq!(err.value, code.to_string());
+        }
+        ExecSpec {
+            permanent_exit_codes: vec![1, 255],
+            ..ExecSpec::new("cat")
+        }
+        .validate()
+        .expect("1 and 255 are valid");
     }
 }

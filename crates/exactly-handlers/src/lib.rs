@@ -13,18 +13,47 @@ use tokio_util::sync::CancellationToken;
 
 pub mod exec;
 pub mod fail;
+pub mod http;
 pub mod noop;
 pub mod sleep;
 mod tail;
 
 pub use exec::{ExecHandler, ExecSpec, ExecSpecError};
 pub use fail::FailHandler;
+pub use http::{HttpHandler, HttpSpec};
 pub use noop::NoopHandler;
 pub use sleep::SleepHandler;
 
 /// The error of every attempt that stopped because its cancellation token fired. The executor
 /// cancels on timeout, on self-fencing and on drain, and retries the job with a new fencing token.
 pub const CANCELLED: &str = "cancelled";
+
+/// A value in a handler spec ([`ExecSpec`], [`HttpSpec`]) that cannot work, naming its key
+/// (relative to the spec's table, e.g. `output-bytes-max`; the node prefixes `exec.KIND.`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value for `{key}`: {value} ({why})")]
+pub struct SpecError {
+    /// The offending key, e.g. `output-bytes-max` or `env.EXACTLY_QUEUE`.
+    pub key: String,
+    /// The offending value, quoted.
+    pub value: String,
+    /// What a valid value looks like.
+    pub why: String,
+}
+
+impl SpecError {
+    pub(crate) fn new(
+        key: impl Into<String>,
+        value: impl std::fmt::Debug,
+        why: impl Into<String>,
+    ) -> Self {
+        Self {
+            key: key.into(),
+            value: format!("{value:?}"),
+            why: why.into(),
+        }
+    }
+}
 
 /// Everything a handler is told about the attempt it runs.
 #[derive(Clone, Debug)]
@@ -35,6 +64,10 @@ pub struct JobContext {
     /// Strictly increasing per job: a downstream that remembers the largest token it has seen per
     /// job and refuses smaller ones applies each effect once.
     pub fencing_token: u64,
+    /// The same for every attempt of the job: a downstream that remembers the keys it has
+    /// applied applies each job's effect once (`EXACTLY_IDEMPOTENCY_KEY` for `exec`, the
+    /// `Idempotency-Key` header for `http`).
+    pub idempotency_key: String,
     pub node_id: u64,
     pub queue: String,
     pub kind: String,
@@ -98,8 +131,8 @@ impl Registry {
 
     /// A registry holding the handlers every node has: `noop`, `sleep` and `fail`.
     ///
-    /// `exec` kinds are not built in: each one names a command configured on the node, added with
-    /// [`Registry::register_exec`].
+    /// `exec` and `http` kinds are not built in: each one names a command or a URL configured on
+    /// the node, added with [`Registry::register_exec`] and [`Registry::register_http`].
     pub fn with_builtins() -> Self {
         let mut registry = Self::new();
         registry.register(noop::KIND, Arc::new(NoopHandler));
@@ -136,6 +169,19 @@ impl Registry {
         Ok(())
     }
 
+    /// Registers `kind` to POST each job's payload to the URL `spec` describes, after checking
+    /// the spec. Like [`Registry::register`], this replaces any handler already registered for
+    /// `kind`.
+    pub fn register_http(
+        &mut self,
+        kind: impl Into<String>,
+        spec: HttpSpec,
+    ) -> Result<(), SpecError> {
+        let handler = HttpHandler::new(spec)?;
+        self.register(kind, Arc::new(handler));
+        Ok(())
+    }
+
     pub fn register(&mut self, kind: impl Into<String>, handler: Arc<dyn Handler>) {
         self.handlers.insert(kind.into(), handler);
     }
@@ -163,12 +209,14 @@ impl std::fmt::Debug for Registry {
 pub(crate) mod test_support {
     use super::*;
 
-    /// A context for attempt 1 of job 7 with fencing token 42 on node 3.
+    /// A context for attempt 1 of job 7 with fencing token 42 on node 3, with the idempotency key
+    /// the node derives from the job id.
     pub(crate) fn context(kind: &str, payload: &[u8]) -> JobContext {
         JobContext {
             job_id: 7,
             attempt: 1,
             fencing_token: 42,
+            idempotency_key: "exactly-job-7".to_string(),
             node_id: 3,
             queue: "default".to_string(),
             kind: kind.to_string(),

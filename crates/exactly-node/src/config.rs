@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use exactly_handlers::ExecSpec;
+use exactly_handlers::{ExecSpec, HttpSpec, Registry, SpecError};
 use serde::Deserialize;
 
 /// Everything an `exactlyd` process needs. Keys are kebab-case; durations are humane ("100ms").
@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub retention: RetentionConfig,
     /// Commands run by job kind: `[exec.resize-image] command = "/usr/bin/convert"`.
     pub exec: BTreeMap<String, ExecSpec>,
+    /// URLs that jobs are POSTed to, by job kind: `[http.charge] url = "http://billing/charge"`.
+    pub http: BTreeMap<String, HttpSpec>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -132,6 +134,7 @@ impl Default for NodeConfig {
             lease: LeaseConfig::default(),
             retention: RetentionConfig::default(),
             exec: BTreeMap::new(),
+            http: BTreeMap::new(),
         }
     }
 }
@@ -279,6 +282,23 @@ pub enum ConfigError {
         value: String,
         why: String,
     },
+    /// A problem in one job kind's table (`[exec.KIND]`, `[http.KIND]`); `key` is the full
+    /// path, e.g. `http.charge.url`.
+    #[error("invalid value for `{key}`: {value} ({why})")]
+    InvalidKind {
+        key: String,
+        value: String,
+        why: String,
+    },
+}
+
+/// `err`, found in `[table.kind]`, with the key made absolute.
+fn kind_error(table: &str, kind: &str, err: SpecError) -> ConfigError {
+    ConfigError::InvalidKind {
+        key: format!("{table}.{kind}.{}", err.key),
+        value: err.value,
+        why: err.why,
+    }
 }
 
 fn invalid(key: &'static str, value: impl std::fmt::Debug, why: impl Into<String>) -> ConfigError {
@@ -420,19 +440,54 @@ impl NodeConfig {
             ));
         }
         self.lease.validate()?;
+        let builtins = Registry::with_builtins();
         for (kind, spec) in &self.exec {
-            if matches!(kind.as_str(), "noop" | "sleep" | "fail") {
+            if builtins.contains(kind) {
                 return Err(invalid("exec", kind, "built-in kinds cannot be redefined"));
             }
+            spec.validate()
+                .map_err(|err| kind_error("exec", kind, err))?;
             if spec.kill_grace > self.lease.kill_grace {
-                return Err(invalid(
-                    "exec.*.kill-grace",
-                    format!("{kind}: {:?}", spec.kill_grace),
-                    "must not exceed lease.kill-grace (the executor kills at that point)",
-                ));
+                return Err(ConfigError::InvalidKind {
+                    key: format!("exec.{kind}.kill-grace"),
+                    value: format!("{:?}", spec.kill_grace),
+                    why: "must not exceed lease.kill-grace (the executor kills at that point)"
+                        .to_string(),
+                });
             }
         }
+        for (kind, spec) in &self.http {
+            if builtins.contains(kind) {
+                return Err(invalid("http", kind, "built-in kinds cannot be redefined"));
+            }
+            if self.exec.contains_key(kind) {
+                return Err(invalid(
+                    "http",
+                    kind,
+                    "also defined as [exec.KIND]: a kind has one handler",
+                ));
+            }
+            spec.validate()
+                .map_err(|err| kind_error("http", kind, err))?;
+        }
         Ok(self)
+    }
+
+    /// Adds the job kinds this configuration defines (`[exec.*]`, `[http.*]`) to `registry`,
+    /// which usually holds the built-ins ([`Registry::with_builtins`]) and an embedder's own
+    /// handlers. Call it with a validated configuration.
+    pub fn register_kinds(&self, registry: &mut Registry) -> Result<(), ConfigError> {
+        for (kind, spec) in &self.exec {
+            registry
+                .register_exec_in(kind.clone(), spec.clone(), self.exec_group_dir())
+                .map_err(|err| kind_error("exec", kind, err))?;
+        }
+        for (kind, spec) in &self.http {
+            registry
+                .register_http(kind.clone(), spec.clone())
+                .map_err(|err| kind_error("http", kind, err))?;
+        }
+        Ok(())
     }
 
     /// openraft's configuration derived from ours.
@@ -521,6 +576,78 @@ mod tests {
         assert!(l.validate().is_err());
         l.expire_after = Duration::from_millis(3601);
         l.validate().unwrap();
+    }
+
+    /// `[http.KIND]` tables are checked with the full key and the value: a bad URL, a zero
+    /// timeout, a kind that is also an exec kind or a built-in.
+    #[test]
+    fn http_kinds_are_validated() {
+        let ok = "[http.charge]\nurl = \"http://127.0.0.1:9090/charge\"\n";
+        let config = NodeConfig::from_toml(ok).unwrap().validate().unwrap();
+        assert_eq!(config.http["charge"].url, "http://127.0.0.1:9090/charge");
+        let cases = [
+            (
+                "[http.charge]\nurl = \"ftp://billing/charge\"",
+                "`http.charge.url`",
+                "ftp://billing/charge",
+            ),
+            (
+                "[http.charge]\nurl = \"http://h/\"\nconnect-timeout = \"0s\"",
+                "`http.charge.connect-timeout`",
+                "0s",
+            ),
+            (
+                "[http.charge]\nurl = \"http://h/\"\nrequest-timeout = \"0s\"",
+                "`http.charge.request-timeout`",
+                "0s",
+            ),
+            (
+                "[http.charge]\nurl = \"http://h/\"\nheaders = { Idempotency-Key = \"k\" }",
+                "`http.charge.headers.Idempotency-Key`",
+                "Idempotency-Key",
+            ),
+            ("[http.noop]\nurl = \"http://h/\"", "`http`", "noop"),
+            (
+                "[exec.charge]\ncommand = \"/bin/true\"\n[http.charge]\nurl = \"http://h/\"",
+                "`http`",
+                "charge",
+            ),
+            (
+                "[exec.resize]\ncommand = \"\"",
+                "`exec.resize.command`",
+                "\"\"",
+            ),
+        ];
+        for (text, key, value) in cases {
+            let err = NodeConfig::from_toml(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(value), "{text}: {err}");
+        }
+        // An unknown key in the table is refused when parsing.
+        let err = NodeConfig::from_toml("[http.charge]\nurl = \"http://h/\"\nmethod = \"PUT\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("method"), "{err}");
+    }
+
+    /// `register_kinds` adds every configured exec and http kind to the registry.
+    #[test]
+    fn configured_kinds_are_registered() {
+        let config = NodeConfig::from_toml(
+            "[exec.echo]\ncommand = \"cat\"\n[http.charge]\nurl = \"http://127.0.0.1:9090/\"",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let mut registry = Registry::with_builtins();
+        config.register_kinds(&mut registry).unwrap();
+        assert_eq!(
+            registry.kinds().collect::<Vec<_>>(),
+            ["charge", "echo", "fail", "noop", "sleep"]
+        );
     }
 
     /// An unknown key is an error naming it, not silently ignored.

@@ -82,11 +82,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = load(&args)?;
     let mut registry = Registry::with_builtins();
-    for (kind, spec) in &config.exec {
-        registry
-            .register_exec_in(kind.clone(), spec.clone(), config.exec_group_dir())
-            .with_context(|| format!("invalid [exec.{kind}]"))?;
-    }
+    config.register_kinds(&mut registry)?;
     let node = exactly_node::start(config, registry)
         .await
         .context("starting the node")?;
