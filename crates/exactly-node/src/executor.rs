@@ -266,7 +266,9 @@ impl ExecutorState {
         let handler = node.registry.get(&start.kind);
         let payload = node.store.payload(job);
         let node_id = node.id;
-        let idempotency_key = idempotency_key(job);
+        // The client's key, or one derived from the job id: the same for every attempt of the
+        // job on every node (the state machine decides it, see `Job::effective_idempotency_key`).
+        let idempotency_key = start.idempotency_key.clone();
         let grace = node.config.lease.kill_grace;
         let me = myself.clone();
         tokio::spawn(async move {
@@ -342,13 +344,6 @@ impl ExecutorState {
             let _ = me.send_message(ExecutorMsg::Flushed { batch, committed });
         });
     }
-}
-
-/// The idempotency key handlers receive for `job` (`JobContext::idempotency_key`): the same for
-/// every attempt of the job on every node. Until jobs carry a key supplied at submission, it is
-/// derived from the job id, which is unique and never reused.
-fn idempotency_key(job: JobId) -> String {
-    format!("exactly-job-{job}")
 }
 
 /// Runs a handler until it finishes, times out, or is cancelled (fencing, shutdown); then
