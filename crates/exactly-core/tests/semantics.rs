@@ -55,6 +55,9 @@ fn fingerprint(queue: &str, kind: &str, payload: &[u8]) -> [u8; 16] {
     out
 }
 
+/// A change to a job, for tables of variants.
+type Edit = fn(&mut NewJob);
+
 fn submit_results(
     h: &mut Harness,
     now: u64,
@@ -271,7 +274,7 @@ fn a_repeated_key_returns_the_original_job_and_creates_nothing() {
     let jobs_before: Vec<_> = h.table.jobs().cloned().collect();
     let events_before = h.events.len();
 
-    let variants: [(&str, fn(&mut NewJob)); 8] = [
+    let variants: [(&str, Edit); 8] = [
         ("identical", |_| {}),
         ("priority", |j| j.priority = 9),
         ("max_attempts", |j| j.max_attempts = 7),
@@ -348,7 +351,7 @@ fn the_same_key_with_another_queue_kind_or_payload_is_a_conflict() {
     let mut h = Harness::new();
     h.submit(NOW, vec![keyed("k", b"p")]);
     let before = h.table.clone();
-    let cases: [(&str, fn(&mut NewJob)); 6] = [
+    let cases: [(&str, Edit); 6] = [
         ("queue", |j| j.queue = "r".into()),
         ("kind", |j| j.kind = "mail".into()),
         ("payload", |j| j.payload = b"P".to_vec()),
