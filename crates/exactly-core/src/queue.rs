@@ -60,9 +60,13 @@ impl RateLimit {
         Ok(())
     }
 
-    /// Microseconds between two starts at the sustained rate (at least 1).
+    /// Microseconds between two starts at the sustained rate (at least 1). Rounded up: rounded
+    /// down, the sustained rate would exceed the limit (600 per ms would allow 1,000 per ms).
     fn interval_us(&self) -> u64 {
-        (self.period_ms.saturating_mul(1000) / u64::from(self.jobs.max(1))).max(1)
+        self.period_ms
+            .saturating_mul(1000)
+            .div_ceil(u64::from(self.jobs.max(1)))
+            .max(1)
     }
 
     /// How far ahead of now the theoretical arrival time may run: a burst of `jobs` starts.

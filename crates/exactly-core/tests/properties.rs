@@ -1,22 +1,26 @@
-//! Property tests of the state machine: random command sequences (submits, scheduler plans,
-//! arbitrary and bogus assignments, current and stale completions, node restarts, clocks that
-//! sometimes go backwards) are applied at increasing log indexes to two tables and to a small
-//! model. After every step we check invariants 2 (at most one current attempt, strictly
-//! increasing fencing tokens) and 3 (a completion is accepted only for the current attempt),
-//! that terminal jobs never change, that payloads are stored once and dropped once, and that
-//! both tables agree exactly (determinism).
+//! Property tests of the state machine: random command sequences (submits with idempotency and
+//! ordering keys into two queues, scheduler plans, arbitrary and bogus assignments, current and
+//! stale completions, cancels, redrives, queue settings (concurrency limit, rate limit, pause),
+//! node restarts, clocks that sometimes go backwards) are applied at increasing log indexes to
+//! two tables and to a small model. After every step we check invariants 2 (at most one current
+//! attempt, strictly increasing fencing tokens), 3 (a completion is accepted only for the
+//! current attempt) and 7 (a repeated idempotency key returns the original job, a conflicting
+//! one is refused), that no queue runs more than its concurrency limit after a start and no
+//! ordering key ever has two running jobs, that terminal jobs never change (except a dead
+//! letter by a redrive), that payloads are stored once and dropped once, and that both tables
+//! agree exactly (determinism).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use exactly_core::limits::{
-    ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX,
-    RESULT_BYTES_MAX, SUBMIT_BATCH_JOBS_MAX,
+    ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, DEAD_BATCH_MAX, MAX_ATTEMPTS_MAX,
+    NODE_SLOTS_MAX, RESULT_BYTES_MAX, SUBMIT_BATCH_JOBS_MAX,
 };
 use exactly_core::state::{retry_delay_ms, validate_new_job};
 use exactly_core::{
-    plan_assignments, Assignment, Backoff, Command, Completion, Effect, Job, JobId, JobStatus,
-    JobTable, NewJob, NodeId, NodeLease, NodeRegistration, Outcome, Rejection, Request, Response,
-    StartAttempt, StateCounts, Submitted,
+    plan_assignments, Assignment, Backoff, Command, Completion, DeadFilter, Effect, Job, JobId,
+    JobStatus, JobTable, NewJob, NodeId, NodeLease, NodeRegistration, Outcome, QueueConfig,
+    QueuePatch, RateLimit, Rejection, Request, Response, StartAttempt, StateCounts, Submitted,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -24,6 +28,8 @@ use proptest::sample::Index;
 /// Nodes 1..=REGISTRABLE register; node 0 and REGISTRABLE + 1 never do.
 const REGISTRABLE: u64 = 3;
 const START_MS: u64 = 1_000_000;
+/// The valid queues jobs are submitted to (an invalid empty name is generated separately).
+const QUEUES: [&str; 2] = ["q", "r"];
 
 // ----- generated operations, resolved against the model when they run -----
 
@@ -37,6 +43,10 @@ struct JobSpec {
     empty_queue: bool,
     /// An idempotency key from a small set, so repeats and conflicts are frequent.
     key: Option<u8>,
+    /// Index into QUEUES.
+    queue: usize,
+    /// An ordering key from a small set, so that lines of several jobs form.
+    ordering_key: Option<u8>,
 }
 
 /// Which job an operation names, chosen among the model's jobs when the step runs.
@@ -45,6 +55,7 @@ enum JobPick {
     Pending(Index),
     Running(Index),
     Any(Index),
+    Dead(Index),
     /// A raw id, possibly of no job at all.
     Raw(u64),
 }
@@ -111,6 +122,19 @@ enum Op {
         node: NodeId,
         incarnation_delta: i64,
     },
+    /// Change a queue's settings (a rate period of 0 is invalid and refused).
+    Configure {
+        queue: usize,
+        concurrency_max: Option<u32>,
+        rate: Option<Option<(u32, u64)>>,
+        paused: Option<bool>,
+    },
+    /// Redrive dead letters: the picked ids (possibly repeated, possibly not dead), or all of
+    /// them if none is picked, at most `max`.
+    Redrive {
+        picks: Vec<JobPick>,
+        max: u32,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -132,17 +156,52 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
         0usize..4,
         proptest::bool::weighted(0.03),
         prop_oneof![3 => Just(None), 1 => (0u8..3).prop_map(Some)],
+        0..QUEUES.len(),
+        prop_oneof![2 => Just(None), 1 => (0u8..2).prop_map(Some)],
     )
         .prop_map(
-            |(priority, max_attempts, delay_ms, payload_len, empty_queue, key)| JobSpec {
+            |(
                 priority,
                 max_attempts,
                 delay_ms,
                 payload_len,
                 empty_queue,
                 key,
+                queue,
+                ordering_key,
+            )| {
+                JobSpec {
+                    priority,
+                    max_attempts,
+                    delay_ms,
+                    payload_len,
+                    empty_queue,
+                    key,
+                    queue,
+                    ordering_key,
+                }
             },
         )
+}
+
+fn configure_op() -> impl Strategy<Value = Op> {
+    (
+        0..QUEUES.len(),
+        prop_oneof![2 => Just(None), 1 => Just(Some(0)), 3 => (1u32..3).prop_map(Some)],
+        prop_oneof![
+            4 => Just(None),
+            1 => Just(Some(None)),
+            2 => (1u32..4, prop_oneof![8 => 200u64..3_000, 1 => Just(0u64)])
+                .prop_map(|rate| Some(Some(rate))),
+        ],
+        prop_oneof![3 => Just(None), 1 => any::<bool>().prop_map(Some)],
+    )
+        .prop_map(|(queue, concurrency_max, rate, paused)| Op::Configure {
+            queue,
+            concurrency_max,
+            rate,
+            paused,
+        })
 }
 
 fn job_pick(prefer: fn(Index) -> JobPick) -> impl Strategy<Value = JobPick> {
@@ -215,6 +274,9 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(node, incarnation_delta)| Op::Renew { node, incarnation_delta }),
         1 => (1..=REGISTRABLE, prop_oneof![6 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)])
             .prop_map(|(node, incarnation_delta)| Op::Expire { node, incarnation_delta }),
+        2 => configure_op(),
+        1 => (proptest::collection::vec(job_pick(JobPick::Dead), 0..3), 0u32..3)
+            .prop_map(|(picks, max)| Op::Redrive { picks, max }),
     ]
 }
 
@@ -270,8 +332,19 @@ struct ModelJob {
     tokens: Vec<u64>,
     current: Option<ModelAttempt>,
     idempotency_key: Option<String>,
+    ordering_key: Option<String>,
     /// The token of the attempt a cancel stopped, if the job was cancelled while running.
     cancelled_token: Option<u64>,
+    /// When the job last became a dead letter (redrive "all" takes the oldest first).
+    died_at_ms: u64,
+}
+
+/// A queue's settings and rate-limit state. Kept for every queue ever named; whether the table
+/// must hold the queue is derived (live jobs or non-default settings).
+#[derive(Clone, Debug, Default)]
+struct ModelQueue {
+    config: QueueConfig,
+    tat_us: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -296,6 +369,9 @@ struct Model {
     entropy: u64,
     /// Invariant 7: each idempotency key and the (queue, kind, payload) it was first used with.
     keys: BTreeMap<String, (JobId, Fingerprint)>,
+    queues: BTreeMap<String, ModelQueue>,
+    /// Live jobs per (queue, ordering key), in line order; only the first may run.
+    lines: BTreeMap<(String, String), Vec<JobId>>,
 }
 
 enum End {
@@ -315,7 +391,139 @@ impl Model {
             stale_completions: 0,
             entropy: 0,
             keys: BTreeMap::new(),
+            queues: BTreeMap::new(),
+            lines: BTreeMap::new(),
         }
+    }
+
+    fn line_of(job: &ModelJob) -> Option<(String, String)> {
+        job.ordering_key
+            .as_ref()
+            .map(|key| (job.queue.clone(), key.clone()))
+    }
+
+    /// A job may run if it has no ordering key or is the first of its line.
+    fn eligible(&self, id: JobId) -> bool {
+        match Self::line_of(&self.jobs[&id]) {
+            None => true,
+            Some(line) => self.lines.get(&line).and_then(|l| l.first()) == Some(&id),
+        }
+    }
+
+    /// A job that ended for good leaves its line.
+    fn leave_line(&mut self, id: JobId) {
+        if let Some(line) = Self::line_of(&self.jobs[&id]) {
+            let now_empty = self.lines.get_mut(&line).is_some_and(|l| {
+                l.retain(|&j| j != id);
+                l.is_empty()
+            });
+            if now_empty {
+                self.lines.remove(&line);
+            }
+        }
+    }
+
+    fn join_line(&mut self, id: JobId) {
+        if let Some(line) = Self::line_of(&self.jobs[&id]) {
+            self.lines.entry(line).or_default().push(id);
+        }
+    }
+
+    fn running_in(&self, queue: &str) -> u32 {
+        self.jobs
+            .values()
+            .filter(|j| j.queue == queue && j.status == JobStatus::Running)
+            .count() as u32
+    }
+
+    fn live_in(&self, queue: &str) -> u64 {
+        self.jobs
+            .values()
+            .filter(|j| j.queue == queue && !j.status.is_terminal())
+            .count() as u64
+    }
+
+    fn queue(&self, name: &str) -> ModelQueue {
+        self.queues.get(name).cloned().unwrap_or_default()
+    }
+
+    /// How many starts a queue allows at `now_ms`, at most `cap` (paused, concurrency, rate).
+    fn allowance(&self, name: &str, now_ms: u64, cap: usize) -> usize {
+        let q = self.queue(name);
+        if q.config.paused {
+            return 0;
+        }
+        let mut n = cap;
+        if q.config.concurrency_max > 0 {
+            n = n.min(
+                q.config
+                    .concurrency_max
+                    .saturating_sub(self.running_in(name)) as usize,
+            );
+        }
+        if let Some(rate) = &q.config.rate {
+            n = n.min(rate.allowance(q.tat_us, now_ms) as usize);
+        }
+        n
+    }
+
+    fn configure(&mut self, queue: &str, patch: &QueuePatch) -> Result<QueueConfig, Rejection> {
+        let mut config = self.queue(queue).config;
+        if let Some(max) = patch.concurrency_max {
+            config.concurrency_max = max;
+        }
+        if let Some(rate) = patch.rate {
+            config.rate = rate;
+        }
+        if let Some(paused) = patch.paused {
+            config.paused = paused;
+        }
+        config.validate().map_err(Rejection::Invalid)?;
+        let q = self.queues.entry(queue.to_string()).or_default();
+        // A new rate limit starts with a full burst.
+        if q.config.rate != config.rate {
+            q.tat_us = 0;
+        }
+        q.config = config.clone();
+        Ok(config)
+    }
+
+    /// Dead letters run again from the back of their line: failures and abandons reset, due now.
+    fn redrive(&mut self, filter: &DeadFilter) -> Vec<JobId> {
+        let max = (filter.max as usize).clamp(1, DEAD_BATCH_MAX);
+        let is_dead = |id: &JobId| {
+            self.jobs
+                .get(id)
+                .is_some_and(|j| j.status == JobStatus::Dead)
+        };
+        let ids: Vec<JobId> = if filter.ids.is_empty() {
+            let mut dead: Vec<(u64, JobId)> = self
+                .jobs
+                .iter()
+                .filter(|(_, j)| j.status == JobStatus::Dead)
+                .map(|(&id, j)| (j.died_at_ms, id))
+                .collect();
+            dead.sort_unstable();
+            dead.into_iter().map(|(_, id)| id).take(max).collect()
+        } else {
+            let mut picked: Vec<JobId> = Vec::new();
+            for id in &filter.ids {
+                if is_dead(id) && !picked.contains(id) && picked.len() < max {
+                    picked.push(*id);
+                }
+            }
+            picked
+        };
+        for &id in &ids {
+            let now_ms = self.now_ms;
+            let job = self.jobs.get_mut(&id).expect("dead job exists");
+            job.status = JobStatus::Pending;
+            job.failures = 0;
+            job.abandoned = 0;
+            job.run_at_ms = now_ms;
+            self.join_line(id);
+        }
+        ids
     }
 
     fn running_on(&self, node: NodeId) -> usize {
@@ -346,6 +554,9 @@ impl Model {
                 .or_else(|| from(all(), i))
                 .unwrap_or(1),
             JobPick::Any(i) => from(all(), i).unwrap_or(1),
+            JobPick::Dead(i) => from(self.ids_where(|j| j.status == JobStatus::Dead), i)
+                .or_else(|| from(all(), i))
+                .unwrap_or(1),
             JobPick::Raw(id) => *id,
         }
     }
@@ -437,6 +648,10 @@ impl Model {
             Command::RegisterNode(r) => Response::NodeRegistered(self.register(r, &mut effects)),
             Command::Renew(lease) => Response::Renewed(self.renew(lease, &mut effects)),
             Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
+            Command::ConfigureQueue { queue, patch } => {
+                Response::QueueConfigured(self.configure(queue, patch))
+            }
+            Command::Redrive(filter) => Response::Redriven(self.redrive(filter)),
             other => unreachable!("the generator makes no {other:?}"),
         };
         (response, effects)
@@ -481,9 +696,12 @@ impl Model {
                 tokens: Vec::new(),
                 current: None,
                 idempotency_key: new.idempotency_key.clone(),
+                ordering_key: new.ordering_key.clone(),
                 cancelled_token: None,
+                died_at_ms: 0,
             },
         );
+        self.join_line(id);
         effects.push(Effect::StorePayload {
             job: id,
             payload: new.payload.clone(),
@@ -500,6 +718,7 @@ impl Model {
             JobStatus::Pending => {
                 let job = self.jobs.get_mut(&id).expect("exists");
                 job.status = JobStatus::Cancelled;
+                self.leave_line(id);
                 effects.push(Effect::DropPayload { job: id });
             }
             JobStatus::Running => {
@@ -545,16 +764,34 @@ impl Model {
             return Err(Rejection::NoSlot(a.node));
         }
         let now_ms = self.now_ms;
-        let job = self
-            .jobs
-            .get_mut(&a.job)
-            .ok_or(Rejection::UnknownJob(a.job))?;
+        let job = self.jobs.get(&a.job).ok_or(Rejection::UnknownJob(a.job))?;
         if job.status != JobStatus::Pending {
             return Err(Rejection::NotPending(job.status.as_str().to_string()));
         }
         if job.run_at_ms > now_ms {
             return Err(Rejection::NotDue(job.run_at_ms));
         }
+        if !self.eligible(a.job) {
+            return Err(Rejection::OrderingBlocked(
+                job.ordering_key.clone().unwrap_or_default(),
+            ));
+        }
+        let queue = job.queue.clone();
+        let q = self.queue(&queue);
+        if q.config.paused {
+            return Err(Rejection::QueuePaused(queue));
+        }
+        let max = q.config.concurrency_max;
+        if max > 0 && self.running_in(&queue) >= max {
+            return Err(Rejection::QueueBusy { queue, max });
+        }
+        if let Some(rate) = &q.config.rate {
+            let tat = rate
+                .take(q.tat_us, now_ms)
+                .ok_or_else(|| Rejection::RateLimited(queue.clone()))?;
+            self.queues.entry(queue).or_default().tat_us = tat;
+        }
+        let job = self.jobs.get_mut(&a.job).expect("exists");
         assert!(
             job.tokens.last().is_none_or(|&last| last < token),
             "log indexes increase in this test"
@@ -637,9 +874,15 @@ impl Model {
                 }
             }
         };
+        if job.status == JobStatus::Dead {
+            job.died_at_ms = now_ms;
+        }
         // A dead letter keeps its payload for a redrive.
         if job.status.is_terminal() && job.status != JobStatus::Dead {
             effects.push(Effect::DropPayload { job: id });
+        }
+        if job.status.is_terminal() {
+            self.leave_line(id);
         }
     }
 
@@ -742,7 +985,7 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                     queue: if s.empty_queue {
                         String::new()
                     } else {
-                        "q".into()
+                        QUEUES[s.queue].into()
                     },
                     kind: "noop".into(),
                     payload: vec![s.payload_len as u8; s.payload_len],
@@ -755,6 +998,7 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                         stamp + s.delay_ms
                     },
                     idempotency_key: s.key.map(|k| format!("key-{k}")),
+                    ordering_key: s.ordering_key.map(|k| format!("line-{k}")),
                     ..NewJob::default()
                 })
                 .collect(),
@@ -815,6 +1059,25 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                 .collect(),
         ),
         Op::Cancel(picks) => Command::Cancel(picks.iter().map(|p| model.pick(p)).collect()),
+        Op::Configure {
+            queue,
+            concurrency_max,
+            rate,
+            paused,
+        } => Command::ConfigureQueue {
+            queue: QUEUES[*queue].into(),
+            patch: QueuePatch {
+                concurrency_max: *concurrency_max,
+                rate: rate.map(|r| r.map(|(jobs, period_ms)| RateLimit { jobs, period_ms })),
+                paused: *paused,
+            },
+        },
+        Op::Redrive { picks, max } => Command::Redrive(DeadFilter {
+            ids: picks.iter().map(|p| model.pick(p)).collect(),
+            queue: None,
+            kind: None,
+            max: *max,
+        }),
         Op::Renew {
             node,
             incarnation_delta,
@@ -860,7 +1123,8 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
 
 /// Checks a plan against the policy before it is applied: only registered, non-excluded nodes
 /// at their current incarnation, within their free slots and batch_max, and exactly the
-/// highest-priority (then oldest) due pending jobs.
+/// highest-priority (then oldest) due pending jobs that are first of their ordering line, each
+/// queue contributing no more than its settings allow at the plan's time.
 fn check_plan(
     plan: &[Assignment],
     model: &Model,
@@ -889,12 +1153,30 @@ fn check_plan(
     let mut due: Vec<(i64, JobId)> = model
         .jobs
         .iter()
-        .filter(|(_, j)| j.status == JobStatus::Pending && j.run_at_ms <= due_by)
+        .filter(|(&id, j)| {
+            j.status == JobStatus::Pending && j.run_at_ms <= due_by && model.eligible(id)
+        })
         .map(|(&id, j)| (-i64::from(j.priority), id))
         .collect();
     due.sort_unstable();
-    let want = batch_max.min(free_total).min(due.len());
-    let expected: Vec<JobId> = due.iter().take(want).map(|&(_, id)| id).collect();
+    let want = batch_max.min(free_total);
+    let mut allowance: BTreeMap<&str, usize> = QUEUES
+        .iter()
+        .map(|&q| (q, model.allowance(q, stamp, want)))
+        .collect();
+    let mut expected: Vec<JobId> = Vec::new();
+    for (_, id) in due {
+        if expected.len() == want {
+            break;
+        }
+        let left = allowance
+            .get_mut(model.jobs[&id].queue.as_str())
+            .expect("a known queue");
+        if *left > 0 {
+            *left -= 1;
+            expected.push(id);
+        }
+    }
     let planned: Vec<JobId> = plan.iter().map(|a| a.job).collect();
     prop_assert_eq!(planned, expected, "plan order or size");
     Ok(())
@@ -1076,7 +1358,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             );
             prop_assert!(stored.contains(&job.id));
 
-            // Terminal jobs never change again.
+            // Terminal jobs never change again, except a dead letter that a redrive revived.
             if job.status.is_terminal() {
                 match terminal.get(&job.id) {
                     Some(then) => prop_assert_eq!(then, job, "terminal job {} changed", job.id),
@@ -1084,8 +1366,64 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                         terminal.insert(job.id, job.clone());
                     }
                 }
+            } else if let Some(then) = terminal.remove(&job.id) {
+                prop_assert_eq!(
+                    then.status,
+                    JobStatus::Dead,
+                    "job {} left {:?}",
+                    job.id,
+                    then.status
+                );
+                let redriven =
+                    matches!(&response, Response::Redriven(ids) if ids.contains(&job.id));
+                prop_assert!(redriven, "dead job {} came back without a redrive", job.id);
             }
         }
+        // Queues: no start past a concurrency limit; a queue's state exists exactly while it
+        // has live jobs or settings, with the model's counts.
+        let started: BTreeSet<&str> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Start(s) => Some(s.queue.as_str()),
+                _ => None,
+            })
+            .collect();
+        for name in started {
+            let q = a.queue(name).expect("a queue that starts jobs exists");
+            let max = q.config.concurrency_max;
+            prop_assert!(
+                max == 0 || q.running() <= max,
+                "step {}: queue {} runs {} past its limit {}",
+                n,
+                name,
+                q.running(),
+                max
+            );
+        }
+        for name in QUEUES {
+            let live = model.live_in(name);
+            let config = model.queue(name).config;
+            let expected =
+                (live > 0 || !config.is_default()).then(|| (config, model.running_in(name), live));
+            let got = a
+                .queue(name)
+                .map(|q| (q.config.clone(), q.running(), q.live()));
+            prop_assert_eq!(got, expected, "step {}: queue {}", n, name);
+        }
+        // Ordering keys: never two running jobs of one line.
+        let mut running_lines = BTreeSet::new();
+        for job in a.jobs().filter(|j| j.status == JobStatus::Running) {
+            if let Some(key) = &job.ordering_key {
+                prop_assert!(
+                    running_lines.insert((job.queue.clone(), key.clone())),
+                    "step {}: two jobs of line {}/{} run",
+                    n,
+                    job.queue,
+                    key
+                );
+            }
+        }
+
         for (id, node) in &model.nodes {
             let entry = a.nodes().get(id);
             prop_assert_eq!(
@@ -1118,7 +1456,8 @@ proptest! {
         slots in proptest::collection::vec(1u32..4, REGISTRABLE as usize),
         steps in proptest::collection::vec(step(), 1..80)
     ) {
-        // Most steps then assign and complete real work.
+        // Most steps then assign and complete real work, in a concurrency-limited queue (q)
+        // and a rate-limited one (r), with ordering lines in both.
         let mut all = Vec::new();
         for (i, &s) in slots.iter().enumerate() {
             all.push(Step {
@@ -1136,9 +1475,34 @@ proptest! {
                     payload_len: 1,
                     empty_queue: false,
                     key: None,
+                    queue: 0,
+                    ordering_key: None,
                 };
                 6
             ]),
+        });
+        for (queue, concurrency_max, rate) in [(0, Some(2), None), (1, None, Some(Some((2, 1_000))))] {
+            all.push(Step {
+                clock_delta_ms: 0,
+                op: Op::Configure { queue, concurrency_max, rate, paused: None },
+            });
+        }
+        all.push(Step {
+            clock_delta_ms: 0,
+            op: Op::Submit(
+                (0..8)
+                    .map(|i| JobSpec {
+                        priority: 0,
+                        max_attempts: 2,
+                        delay_ms: 0,
+                        payload_len: 1,
+                        empty_queue: false,
+                        key: None,
+                        queue: i % 2,
+                        ordering_key: Some((i / 2 % 2) as u8),
+                    })
+                    .collect(),
+            ),
         });
         all.extend(steps);
         run(&all)?;

@@ -5,10 +5,11 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{job_with, new_job, Harness, NOW};
+use common::{completion, job_with, new_job, succeeded, Harness, NOW};
 use exactly_core::limits::{ASSIGN_BATCH_MAX, NODE_SLOTS_MAX, SUBMIT_BATCH_JOBS_MAX};
 use exactly_core::{
-    plan_assignments, Assignment, Command, Effect, JobId, NodeId, Response, StartAttempt,
+    plan_assignments, Assignment, Command, Effect, JobId, NodeId, QueuePatch, RateLimit, Response,
+    StartAttempt,
 };
 
 fn none() -> BTreeSet<NodeId> {
@@ -21,6 +22,48 @@ fn jobs_of(plan: &[Assignment]) -> Vec<JobId> {
 
 fn nodes_of(plan: &[Assignment]) -> Vec<NodeId> {
     plan.iter().map(|a| a.node).collect()
+}
+
+/// Applies a queue setting, which must be accepted.
+fn configure(h: &mut Harness, now_ms: u64, queue: &str, patch: QueuePatch) {
+    let (response, _) = h.apply(
+        now_ms,
+        Command::ConfigureQueue {
+            queue: queue.to_string(),
+            patch,
+        },
+    );
+    assert!(
+        matches!(response, Response::QueueConfigured(Ok(_))),
+        "{response:?}"
+    );
+}
+
+fn limit(concurrency_max: u32) -> QueuePatch {
+    QueuePatch {
+        concurrency_max: Some(concurrency_max),
+        ..QueuePatch::default()
+    }
+}
+
+/// Completes every job in `ids` (running with the attempt started at `token`) successfully.
+fn succeed_all(h: &mut Harness, now_ms: u64, ids: &[JobId]) {
+    let completions = ids
+        .iter()
+        .map(|&id| {
+            let token = h.job(id).attempts.last().expect("started").token;
+            completion(id, token, succeeded(b""))
+        })
+        .collect::<Vec<_>>();
+    let n = completions.len() as u32;
+    let (response, _) = h.apply(now_ms, Command::Complete(completions));
+    assert_eq!(
+        response,
+        Response::Completed {
+            accepted: n,
+            rejected: vec![]
+        }
+    );
 }
 
 /// Applies `plan` stamped `now_ms` and asserts that every assignment started, with Start effects
@@ -308,4 +351,198 @@ fn plans_use_the_current_incarnation() {
     assert_eq!(jobs_of(&plan), vec![1, 2]);
     assert!(plan.iter().all(|a| a.incarnation == 2));
     apply_plan(&mut h, NOW, &plan);
+}
+
+/// A queue's concurrency limit caps what the planner takes from it, counting what already runs
+/// on every node, while other queues fill the remaining slots in priority order.
+#[test]
+fn concurrency_limits_cap_each_queue_across_nodes() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 4);
+    h.register(NOW, 2, 1, 4);
+    configure(&mut h, NOW, "q", limit(3));
+    let mut jobs: Vec<_> = (0..5)
+        .map(|_| {
+            let mut j = new_job("q", "noop", b"");
+            j.priority = 5;
+            j
+        })
+        .collect();
+    jobs.extend(vec![new_job("r", "noop", b""); 5]);
+    h.submit(NOW, jobs);
+    let plan = plan_assignments(&h.table, NOW, 100, &none());
+    assert_eq!(jobs_of(&plan), vec![1, 2, 3, 6, 7, 8, 9, 10]);
+    assert_eq!(nodes_of(&plan), vec![1, 2, 1, 2, 1, 2, 1, 2]);
+    apply_plan(&mut h, NOW, &plan);
+    assert_eq!(h.table.queue("q").unwrap().running(), 3);
+    // One q job ends and one slot frees: q may start one more, and does.
+    succeed_all(&mut h, NOW, &[1]);
+    let plan = plan_assignments(&h.table, NOW, 100, &none());
+    assert_eq!(jobs_of(&plan), vec![4]);
+    apply_plan(&mut h, NOW, &plan);
+    // An r job ends: the free slot may not go to q, which is at its limit.
+    succeed_all(&mut h, NOW, &[6]);
+    assert_eq!(plan_assignments(&h.table, NOW, 100, &none()), vec![]);
+}
+
+/// A paused queue contributes nothing to a plan; resumed, its jobs come first again by priority.
+#[test]
+fn paused_queues_are_not_planned() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 10);
+    h.submit(
+        NOW,
+        vec![
+            job_with(|j| j.priority = 9),
+            new_job("r", "noop", b""),
+            job_with(|j| j.priority = 9),
+        ],
+    );
+    let pause = |paused| QueuePatch {
+        paused: Some(paused),
+        ..QueuePatch::default()
+    };
+    configure(&mut h, NOW, "q", pause(true));
+    assert_eq!(
+        jobs_of(&plan_assignments(&h.table, NOW, 10, &none())),
+        vec![2]
+    );
+    configure(&mut h, NOW, "q", pause(false));
+    let plan = plan_assignments(&h.table, NOW, 10, &none());
+    assert_eq!(jobs_of(&plan), vec![1, 3, 2]);
+    apply_plan(&mut h, NOW, &plan);
+}
+
+/// The planner follows the GCRA allowance over time: with a steady backlog it starts the burst
+/// (`jobs`) at once and then one start each time another period/jobs has passed, and apply
+/// accepts every plan; an unlimited queue alongside is not held back. So in one period the
+/// queue can start up to 2 × jobs − 1 (the burst plus the sustained rate), and over a long
+/// run no more than jobs + elapsed × jobs / period. After idling, the burst is back, never more.
+#[test]
+fn a_rate_limited_queue_is_planned_at_its_gcra_allowance_over_time() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, NODE_SLOTS_MAX);
+    configure(
+        &mut h,
+        NOW,
+        "q",
+        QueuePatch {
+            rate: Some(Some(RateLimit {
+                jobs: 3,
+                period_ms: 1_000,
+            })),
+            ..QueuePatch::default()
+        },
+    );
+    h.submit(NOW, vec![new_job("q", "noop", b""); 100]);
+    let tick_ms = 50;
+    let mut starts: Vec<(u64, usize)> = Vec::new();
+    for step in 0..=200u64 {
+        let elapsed = step * tick_ms;
+        let at = NOW + elapsed;
+        h.submit(at, vec![new_job("r", "noop", b""); 2]);
+        let plan = plan_assignments(&h.table, at, 1_000, &none());
+        apply_plan(&mut h, at, &plan);
+        let ids = jobs_of(&plan);
+        let from_q = ids.iter().filter(|&&id| h.job(id).queue == "q").count();
+        assert_eq!(ids.len() - from_q, 2, "r is not limited");
+        succeed_all(&mut h, at, &ids);
+        if from_q > 0 {
+            starts.push((elapsed, from_q));
+        }
+        // The k-th start after the burst is allowed once k intervals have passed: 1 s / 3,
+        // rounded up to the microsecond so that the rate is never exceeded.
+        let total: usize = starts.iter().map(|&(_, n)| n).sum();
+        assert_eq!(
+            total as u64,
+            3 + elapsed * 1_000 / 333_334,
+            "at +{elapsed} ms"
+        );
+    }
+    assert_eq!(starts[..4], [(0, 3), (350, 1), (700, 1), (1_050, 1)]);
+    let most_in_a_period = starts
+        .iter()
+        .map(|&(from, _)| {
+            starts
+                .iter()
+                .filter(|&&(t, _)| t >= from && t < from + 1_000)
+                .map(|&(_, n)| n)
+                .sum::<usize>()
+        })
+        .max();
+    assert_eq!(most_in_a_period, Some(5));
+
+    // Idle for five seconds: the allowance is the burst again, not the time that passed.
+    let later = NOW + 15_000;
+    let plan = plan_assignments(&h.table, later, 1_000, &none());
+    assert_eq!(plan.len(), 3);
+    apply_plan(&mut h, later, &plan);
+    assert_eq!(
+        plan_assignments(&h.table, later + 49, 1_000, &none()),
+        vec![]
+    );
+}
+
+/// Only the first job of each ordering key's line is a candidate, so no plan holds two jobs
+/// of one line, whatever the batch size; the next is planned once the first ends.
+#[test]
+fn ordering_keys_plan_one_job_per_line() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 100);
+    let keys = ["a", "b", "a", "a", "b", "c"];
+    h.submit(
+        NOW,
+        keys.iter()
+            .map(|k| job_with(|j| j.ordering_key = Some(k.to_string())))
+            .collect(),
+    );
+    let mut rounds = Vec::new();
+    loop {
+        let plan = plan_assignments(&h.table, NOW, 100, &none());
+        if plan.is_empty() {
+            break;
+        }
+        apply_plan(&mut h, NOW, &plan);
+        let ids = jobs_of(&plan);
+        succeed_all(&mut h, NOW, &ids);
+        rounds.push(ids);
+    }
+    assert_eq!(rounds, vec![vec![1, 2, 6], vec![3, 5], vec![4]]);
+}
+
+/// A queue's allowance covers its delayed jobs that fell due since the last entry as well as
+/// its ready ones: the merge takes the highest priorities of both within the allowance and
+/// skips the rest of a used-up queue, while other queues' due jobs are still taken.
+#[test]
+fn a_queue_allowance_covers_its_due_delayed_jobs() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 100);
+    configure(&mut h, NOW, "q", limit(2));
+    let due = NOW + 100;
+    // (queue, priority, run_at)
+    let specs = [
+        ("q", 0, 0),
+        ("q", 5, due),
+        ("q", 1, 0),
+        ("q", 9, due),
+        ("r", 3, due),
+        ("q", 4, due),
+        ("r", 2, due),
+    ];
+    h.submit(
+        NOW,
+        specs
+            .iter()
+            .map(|&(q, p, at)| {
+                let mut j = new_job(q, "noop", b"");
+                j.priority = p;
+                j.run_at_ms = at;
+                j
+            })
+            .collect(),
+    );
+    let plan = plan_assignments(&h.table, due, 100, &none());
+    assert_eq!(jobs_of(&plan), vec![4, 2, 5, 7]);
+    apply_plan(&mut h, due, &plan);
+    assert_eq!(plan_assignments(&h.table, due, 100, &none()), vec![]);
 }

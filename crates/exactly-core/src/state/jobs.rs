@@ -268,10 +268,13 @@ impl JobTable {
                 .take(max)
                 .collect()
         } else {
+            // A repeated id counts once: redriving one job twice in an entry would count and
+            // enqueue it twice (an arithmetic overflow in apply on every replica).
+            let mut seen = BTreeSet::new();
             filter
                 .ids
                 .iter()
-                .filter(|id| self.jobs.get(id).is_some_and(matches))
+                .filter(|&&id| self.jobs.get(&id).is_some_and(matches) && seen.insert(id))
                 .copied()
                 .take(max)
                 .collect()
