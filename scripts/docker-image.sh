@@ -43,7 +43,7 @@ make_base() {
   local rootfs
   rootfs=$(mktemp -d /tmp/exactly-rootfs.XXXXXX)
   # shellcheck disable=SC2064 # expand now: the variable is local
-  trap "rm -rf '$rootfs'" EXIT
+  trap "rm -rf --one-file-system '$rootfs'" EXIT
   log "debootstrap bookworm (minbase + tini) from $mirror into $rootfs"
   debootstrap --variant=minbase --include=tini bookworm "$rootfs" "$mirror" >&2
   cat >"$rootfs/etc/apt/sources.list" <<EOF
@@ -63,7 +63,7 @@ EOF
   tar --numeric-owner -C "$rootfs" -c . |
     docker import --change 'CMD ["/bin/bash"]' \
       --message "Debian bookworm minbase + tini, debootstrap from $mirror" - "$base" >&2
-  rm -rf "$rootfs"
+  rm -rf --one-file-system "$rootfs"
   trap - EXIT
 }
 
