@@ -1,0 +1,72 @@
+# The exactly image: `exactlyd` (the entrypoint), the `exactly` CLI and `exactly-sink`.
+#
+# Anywhere with a registry:   docker build -t exactly .
+# On a machine without one:   scripts/docker-image.sh   (makes the base image locally with
+#                             debootstrap and copies in binaries built on the host; see there)
+#
+# The file works with the legacy builder and with BuildKit alike (no RUN --mount), because the
+# machine this project is developed on has only the legacy builder.
+
+# The Rust toolchain image that compiles the binaries, and the image they run on. The local
+# build passes its own debootstrapped base for both (the builder stage then compiles nothing).
+ARG RUST_IMAGE=rust:1.95-slim-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+FROM ${RUST_IMAGE} AS builder
+# Empty: compile from the source in the build context. Set to a directory of the build context
+# that holds ready `exactlyd`, `exactly` and `exactly-sink` binaries (glibc 2.36 or older, i.e.
+# built on Debian bookworm) to use those instead; scripts/docker-image.sh does this.
+ARG PREBUILT=
+LABEL exactly.stage=builder
+WORKDIR /src
+COPY . .
+RUN set -eu; \
+    mkdir -p /out; \
+    if [ -n "$PREBUILT" ]; then \
+        cp "$PREBUILT/exactlyd" "$PREBUILT/exactly" "$PREBUILT/exactly-sink" /out/; \
+    else \
+        CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+            cargo build --release --locked --bin exactlyd --bin exactly --bin exactly-sink; \
+        cp target/release/exactlyd target/release/exactly target/release/exactly-sink /out/; \
+    fi; \
+    cp scripts/docker-entrypoint.sh /out/exactly-entrypoint; \
+    cp scripts/docker-healthcheck.sh /out/exactly-healthcheck; \
+    chmod 0755 /out/*
+
+FROM ${RUNTIME_IMAGE} AS runtime
+# tini reaps the orphans of `exec` jobs (exactlyd is not an init) and forwards signals. The
+# local base has it already, so the local build needs no package mirror here.
+RUN set -eu; \
+    if ! command -v tini >/dev/null; then \
+        apt-get update; \
+        apt-get install -y --no-install-recommends tini; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    groupadd --system --gid 10001 exactly; \
+    useradd --system --uid 10001 --gid exactly --home-dir /var/lib/exactly --no-create-home \
+        --shell /usr/sbin/nologin exactly; \
+    install -d -o exactly -g exactly -m 0750 /var/lib/exactly
+COPY --from=builder /out/ /usr/local/bin/
+
+# Configuration by environment (flags and a TOML file named by EXACTLY_CONFIG override or add
+# to it). EXACTLY_ADVERTISE, the address other nodes dial, defaults to <hostname>:<gRPC port>
+# (see scripts/docker-entrypoint.sh); set it when the host name does not resolve for peers.
+ENV EXACTLY_LISTEN=0.0.0.0:7101 \
+    EXACTLY_HTTP_LISTEN=0.0.0.0:8101 \
+    EXACTLY_DATA_DIR=/var/lib/exactly \
+    EXACTLY_ENDPOINTS=http://127.0.0.1:7101 \
+    NO_COLOR=1
+VOLUME ["/var/lib/exactly"]
+# 7101: gRPC (public API and node-to-node traffic). 8101: HTTP /healthz, /readyz, /metrics.
+EXPOSE 7101 8101
+USER exactly:exactly
+WORKDIR /var/lib/exactly
+# Ready = a leader is known, this node holds a valid lease and has applied the log. bash's
+# /dev/tcp does the HTTP request: no curl in the image.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/exactly-healthcheck"]
+# SIGTERM is what `docker stop` sends; exactlyd shuts down on it. Allow it the drain deadline
+# (docker stop -t, compose stop_grace_period, Kubernetes terminationGracePeriodSeconds).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/exactly-entrypoint"]
+CMD []
