@@ -833,10 +833,10 @@ fn check(jobs: &BTreeMap<u64, Option<Job>>, calls: &[SinkCall]) -> Verdicts {
                         .push(format!("job {id}: succeeded, effect never applied"));
                 }
             }
-            JobState::Failed => {
+            JobState::Dead => {
                 v.lost += 1;
                 v.evidence
-                    .push(format!("job {id}: failed: {}", job.last_error));
+                    .push(format!("job {id}: dead letter: {}", job.last_error));
             }
             other => {
                 v.unfinished += 1;
@@ -907,7 +907,7 @@ fn checker_finds_each_anomaly() {
             vec![attempt(4, "succeeded"), attempt(8, "abandoned")],
         ),
     );
-    jobs.insert(4, job(4, JobState::Failed, vec![attempt(6, "failed")]));
+    jobs.insert(4, job(4, JobState::Dead, vec![attempt(6, "failed")]));
     calls.extend([
         call(2, 3, "applied"),
         call(2, 3, "applied"),
@@ -1197,7 +1197,7 @@ async fn scenario(d: &Deployment, started: Instant) -> anyhow::Result<()> {
             };
             let terminal = job
                 .as_ref()
-                .is_some_and(|j| matches!(j.state(), JobState::Succeeded | JobState::Failed));
+                .is_some_and(|j| matches!(j.state(), JobState::Succeeded | JobState::Dead));
             if !terminal {
                 still.push(id);
             }

@@ -138,7 +138,7 @@ async fn finished(cluster: &TestCluster, id: u64, limit: Duration) -> anyhow::Re
             .job
             .ok_or_else(|| anyhow::anyhow!("job {id} not found"))?;
         let state = pb::JobState::try_from(job.state)?;
-        if matches!(state, pb::JobState::Succeeded | pb::JobState::Failed) {
+        if matches!(state, pb::JobState::Succeeded | pb::JobState::Dead) {
             return Ok(job);
         }
         anyhow::ensure!(
