@@ -14,13 +14,13 @@ pub mod scheduler;
 pub mod state;
 
 pub use command::{
-    Assignment, Command, Completion, Effect, NewJob, NodeLease, NodeRegistration, Outcome,
-    Rejection, Request, Response, StartAttempt,
+    Assignment, Command, Completion, DrainNode, Effect, LeaveReason, NewJob, NodeLease,
+    NodeRegistration, Outcome, Rejection, Request, Response, StartAttempt,
 };
 pub use job::{Attempt, AttemptEnd, Job, JobStatus, StateCounts};
 pub use limits::Limits;
 pub use scheduler::plan_assignments;
-pub use state::{JobTable, NodeEntry};
+pub use state::{JobTable, Leave, NodeEntry};
 
 /// A node's identity in the cluster: stable across restarts (kept in the data directory).
 pub type NodeId = u64;

@@ -16,7 +16,8 @@ use crate::{JobId, NodeId};
 /// Jobs go in priority order, then submission order, whether they were delayed or not. Never
 /// more than [`ASSIGN_BATCH_MAX`] are planned, since apply refuses a larger batch whole. Each job
 /// goes to the node with the most free slots (ties to the lower id), which spreads load evenly.
-/// `excluded` nodes (draining, unreachable, or not yet caught up) receive nothing.
+/// `excluded` nodes (unreachable, or not yet caught up) receive nothing, and neither do expired
+/// or leaving (draining) ones.
 pub fn plan_assignments(
     state: &JobTable,
     now_ms: u64,
@@ -27,7 +28,9 @@ pub fn plan_assignments(
     let mut free: BinaryHeap<(usize, std::cmp::Reverse<NodeId>, u64)> = state
         .nodes()
         .iter()
-        .filter(|(id, entry)| !excluded.contains(id) && !entry.expired)
+        .filter(|(id, entry)| {
+            !excluded.contains(id) && !entry.expired && state.leaving(**id).is_none()
+        })
         .filter_map(|(&id, entry)| {
             let free = (entry.slots as usize).saturating_sub(state.running_on(id));
             (free > 0).then_some((free, std::cmp::Reverse(id), entry.incarnation))

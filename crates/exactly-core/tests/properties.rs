@@ -3,8 +3,9 @@
 //! sometimes go backwards) are applied at increasing log indexes to two tables and to a small
 //! model. After every step we check invariants 2 (at most one current attempt, strictly
 //! increasing fencing tokens) and 3 (a completion is accepted only for the current attempt),
-//! that terminal jobs never change, that payloads are stored once and dropped once, and that
-//! both tables agree exactly (determinism).
+//! that terminal jobs never change, that payloads are stored once and dropped once, that drained
+//! nodes get no work and removed ones never come back, and that both tables agree exactly
+//! (determinism).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,9 +15,9 @@ use exactly_core::limits::{
 };
 use exactly_core::state::{retry_backoff_ms, validate_new_job};
 use exactly_core::{
-    plan_assignments, Assignment, Command, Completion, Effect, Job, JobId, JobStatus, JobTable,
-    NewJob, NodeId, NodeLease, NodeRegistration, Outcome, Rejection, Request, Response,
-    StartAttempt, StateCounts,
+    plan_assignments, Assignment, Command, Completion, DrainNode, Effect, Job, JobId, JobStatus,
+    JobTable, LeaveReason, NewJob, NodeId, NodeLease, NodeRegistration, Outcome, Rejection,
+    Request, Response, StartAttempt, StateCounts,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -71,8 +72,14 @@ struct AssignSpec {
 
 #[derive(Clone, Debug)]
 enum OutcomeSpec {
-    Succeed { result_len: usize },
-    Fail { retryable: bool },
+    Succeed {
+        result_len: usize,
+    },
+    Fail {
+        retryable: bool,
+    },
+    /// The node gives the attempt back (drained past its deadline).
+    Abandon,
 }
 
 #[derive(Clone, Debug)]
@@ -106,6 +113,15 @@ enum Op {
     Expire {
         node: NodeId,
         incarnation_delta: i64,
+    },
+    Drain {
+        node: NodeId,
+        deadline_after_ms: u64,
+        reason: LeaveReason,
+    },
+    /// The leader records that a node left the membership.
+    Left {
+        node: NodeId,
     },
 }
 
@@ -175,6 +191,7 @@ fn complete_spec() -> impl Strategy<Value = CompleteSpec> {
             3 => (0usize..4).prop_map(|result_len| OutcomeSpec::Succeed { result_len }),
             1 => Just(OutcomeSpec::Succeed { result_len: RESULT_BYTES_MAX + 3 }),
             4 => any::<bool>().prop_map(|retryable| OutcomeSpec::Fail { retryable }),
+            1 => Just(OutcomeSpec::Abandon),
         ],
     )
         .prop_map(|(job, token, outcome)| CompleteSpec {
@@ -208,6 +225,21 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(node, incarnation_delta)| Op::Renew { node, incarnation_delta }),
         1 => (1..=REGISTRABLE, prop_oneof![6 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)])
             .prop_map(|(node, incarnation_delta)| Op::Expire { node, incarnation_delta }),
+        1 => (0..=REGISTRABLE + 1, prop_oneof![1 => Just(0u64), 2 => 1u64..5_000], reason())
+            .prop_map(|(node, deadline_after_ms, reason)| Op::Drain {
+                node,
+                deadline_after_ms,
+                reason,
+            }),
+        1 => (0..=REGISTRABLE + 1).prop_map(|node| Op::Left { node }),
+    ]
+}
+
+fn reason() -> impl Strategy<Value = LeaveReason> {
+    prop_oneof![
+        Just(LeaveReason::Stopping),
+        Just(LeaveReason::Drained),
+        Just(LeaveReason::Removed),
     ]
 }
 
@@ -271,6 +303,13 @@ struct ModelNode {
     expired: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ModelLeave {
+    since_ms: u64,
+    deadline_ms: u64,
+    reason: LeaveReason,
+}
+
 /// What the state machine should do, written as plainly as possible.
 #[derive(Clone, Debug)]
 struct Model {
@@ -279,6 +318,8 @@ struct Model {
     jobs: BTreeMap<JobId, ModelJob>,
     nodes: BTreeMap<NodeId, ModelNode>,
     stale_completions: u64,
+    leaving: BTreeMap<NodeId, ModelLeave>,
+    removed: BTreeMap<NodeId, u64>,
 }
 
 enum End {
@@ -295,6 +336,8 @@ impl Model {
             jobs: BTreeMap::new(),
             nodes: BTreeMap::new(),
             stale_completions: 0,
+            leaving: BTreeMap::new(),
+            removed: BTreeMap::new(),
         }
     }
 
@@ -382,6 +425,8 @@ impl Model {
             Command::RegisterNode(r) => Response::NodeRegistered(self.register(r, &mut effects)),
             Command::Renew(lease) => Response::Renewed(self.renew(lease, &mut effects)),
             Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
+            Command::Drain(d) => Response::Draining(self.drain(d)),
+            Command::NodeLeft(node) => Response::NodeLeft(self.left(*node)),
         };
         (response, effects)
     }
@@ -420,6 +465,12 @@ impl Model {
         a: &Assignment,
         effects: &mut Vec<Effect>,
     ) -> Result<(), Rejection> {
+        if self.leaving.contains_key(&a.node) {
+            return Err(Rejection::Draining(a.node));
+        }
+        if self.removed.contains_key(&a.node) {
+            return Err(Rejection::Removed(a.node));
+        }
         let node = *self
             .nodes
             .get(&a.node)
@@ -492,6 +543,7 @@ impl Model {
             Outcome::Failed { retryable, .. } => End::Failed {
                 retryable: *retryable,
             },
+            Outcome::Abandoned { .. } => End::Abandoned,
         };
         self.end(c.job, end, effects);
         Ok(())
@@ -532,6 +584,9 @@ impl Model {
         r: &NodeRegistration,
         effects: &mut Vec<Effect>,
     ) -> Result<u32, Rejection> {
+        if self.removed.contains_key(&r.node) {
+            return Err(Rejection::Removed(r.node));
+        }
         if r.slots > NODE_SLOTS_MAX {
             return Err(Rejection::Invalid(format!(
                 "slots must be at most {NODE_SLOTS_MAX}, got {}",
@@ -546,6 +601,19 @@ impl Model {
                     current: node.incarnation,
                 });
             }
+        }
+        // A node that drained itself to stop and started again stays.
+        let restarted = self
+            .nodes
+            .get(&r.node)
+            .is_some_and(|n| r.incarnation > n.incarnation);
+        if restarted
+            && self
+                .leaving
+                .get(&r.node)
+                .is_some_and(|l| l.reason == LeaveReason::Stopping)
+        {
+            self.leaving.remove(&r.node);
         }
         let expired = self
             .nodes
@@ -572,6 +640,9 @@ impl Model {
 
     /// The incarnation must be the node's current one (shared by renew and expire).
     fn current(&self, lease: &NodeLease) -> Result<ModelNode, Rejection> {
+        if self.removed.contains_key(&lease.node) {
+            return Err(Rejection::Removed(lease.node));
+        }
         let node = *self
             .nodes
             .get(&lease.node)
@@ -610,6 +681,54 @@ impl Model {
             self.end(id, End::Abandoned, effects);
         }
         Ok(lost.len() as u32)
+    }
+
+    /// A drain moves the deadline and keeps the strongest reason; removed nodes are refused.
+    fn drain(&mut self, d: &DrainNode) -> Result<u32, Rejection> {
+        use exactly_core::limits::NODES_LEAVING_MAX;
+        if self.removed.contains_key(&d.node) {
+            return Err(Rejection::Removed(d.node));
+        }
+        if !self.leaving.contains_key(&d.node) && self.leaving.len() >= NODES_LEAVING_MAX {
+            return Err(Rejection::TooManyLeaving {
+                got: self.leaving.len(),
+                max: NODES_LEAVING_MAX,
+            });
+        }
+        let previous = self.leaving.get(&d.node).copied();
+        self.leaving.insert(
+            d.node,
+            ModelLeave {
+                since_ms: previous.map_or(self.now_ms, |l| l.since_ms),
+                deadline_ms: self.now_ms + d.deadline_after_ms,
+                reason: previous.map_or(d.reason, |l| l.reason.max(d.reason)),
+            },
+        );
+        Ok(self.running_on(d.node) as u32)
+    }
+
+    /// A node leaves only once it runs nothing; a removed one is remembered.
+    fn left(&mut self, node: NodeId) -> Result<(), Rejection> {
+        let Some(leave) = self.leaving.get(&node).copied() else {
+            return Err(if self.removed.contains_key(&node) {
+                Rejection::Removed(node)
+            } else {
+                Rejection::NotLeaving(node)
+            });
+        };
+        let running = self.running_on(node);
+        if running > 0 {
+            return Err(Rejection::Busy {
+                node,
+                running: running as u32,
+            });
+        }
+        if leave.reason == LeaveReason::Removed {
+            self.removed.insert(node, self.now_ms);
+        }
+        self.leaving.remove(&node);
+        self.nodes.remove(&node);
+        Ok(())
     }
 }
 
@@ -687,6 +806,9 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                             error: "handler failed".into(),
                             retryable,
                         },
+                        OutcomeSpec::Abandon => Outcome::Abandoned {
+                            reason: "drained".into(),
+                        },
                     };
                     Completion {
                         job,
@@ -716,6 +838,16 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                 incarnation: (current + incarnation_delta).max(0) as u64,
             })
         }
+        Op::Drain {
+            node,
+            deadline_after_ms,
+            reason,
+        } => Command::Drain(DrainNode {
+            node: *node,
+            deadline_after_ms: *deadline_after_ms,
+            reason: *reason,
+        }),
+        Op::Left { node } => Command::NodeLeft(*node),
         Op::Register {
             node,
             incarnation_delta,
@@ -749,6 +881,11 @@ fn check_plan(
     let mut per_node: BTreeMap<NodeId, usize> = BTreeMap::new();
     for a in plan {
         prop_assert!(!excluded.contains(&a.node), "excluded node {}", a.node);
+        prop_assert!(
+            !model.leaving.contains_key(&a.node),
+            "leaving node {}",
+            a.node
+        );
         let node = model.nodes.get(&a.node);
         prop_assert!(!node.is_some_and(|n| n.expired), "expired node {}", a.node);
         prop_assert_eq!(node.map(|n| n.incarnation), Some(a.incarnation));
@@ -758,7 +895,7 @@ fn check_plan(
     for (&id, node) in &model.nodes {
         let free = (node.slots as usize).saturating_sub(model.running_on(id));
         prop_assert!(per_node.get(&id).copied().unwrap_or(0) <= free);
-        if !excluded.contains(&id) && !node.expired {
+        if !excluded.contains(&id) && !node.expired && !model.leaving.contains_key(&id) {
             free_total += free;
         }
     }
@@ -957,6 +1094,25 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             );
         }
         prop_assert_eq!(a.nodes().len(), model.nodes.len());
+        let leaving: BTreeMap<NodeId, ModelLeave> = a
+            .leaving_nodes()
+            .iter()
+            .map(|(&id, l)| {
+                (
+                    id,
+                    ModelLeave {
+                        since_ms: l.since_ms,
+                        deadline_ms: l.deadline_ms,
+                        reason: l.reason,
+                    },
+                )
+            })
+            .collect();
+        prop_assert_eq!(&leaving, &model.leaving);
+        prop_assert_eq!(a.removed_nodes(), &model.removed);
+        for id in model.removed.keys() {
+            prop_assert_eq!(a.running_on(*id), 0, "removed node {} runs attempts", id);
+        }
     }
     Ok(())
 }
