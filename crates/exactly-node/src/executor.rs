@@ -10,7 +10,7 @@
 //! replayed Start of its previous life is ignored; the state machine requeues those jobs when the
 //! new incarnation registers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use exactly_core::limits::COMPLETE_BATCH_MAX;
@@ -65,6 +65,10 @@ pub struct ExecutorState {
     /// The lease lapsed: nothing starts, and everything running was cancelled.
     fenced: bool,
     flushing: bool,
+    /// Attempts cancelled because this node's drain deadline passed: unless the handler still
+    /// succeeded, their outcome is reported as given back (`Outcome::Abandoned`), not as a
+    /// failure, so the job runs again at once elsewhere without losing an attempt.
+    released: HashSet<(JobId, u64)>,
 }
 
 impl Actor for Executor {
@@ -86,6 +90,7 @@ impl Actor for Executor {
             started: HashMap::new(),
             fenced: true,
             flushing: false,
+            released: HashSet::new(),
         })
     }
 
@@ -105,8 +110,15 @@ impl Actor for Executor {
                 if state.running.get(&job).is_some_and(|(t, _)| *t == token) {
                     state.running.remove(&job);
                 }
+                let released = state.released.remove(&(job, token));
                 let outcome = match outcome {
                     HandlerOutcome::Succeeded(result) => Outcome::Succeeded { result },
+                    HandlerOutcome::Failed { error, .. } if released => Outcome::Abandoned {
+                        reason: format!(
+                            "node {} was drained past its deadline: {error}",
+                            state.node.id
+                        ),
+                    },
                     HandlerOutcome::Failed { error, retryable } => {
                         Outcome::Failed { error, retryable }
                     }
@@ -133,6 +145,7 @@ impl Actor for Executor {
             }
             ExecutorMsg::Flush => state.flush(&myself),
             ExecutorMsg::CheckLease => {
+                state.release_if_drained();
                 let valid = state.node.lease_valid();
                 if !valid && !state.fenced {
                     state.fenced = true;
@@ -201,6 +214,25 @@ impl Actor for Executor {
 }
 
 impl ExecutorState {
+    /// Once this node's drain deadline has passed (by the replicated leader time), cancels every
+    /// running attempt; each is reported as given back when its handler has stopped (or was
+    /// killed after the kill grace), never before, so the job cannot run twice at once.
+    fn release_if_drained(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let id = self.node.id;
+        if !self.node.read(|t| t.drain_deadline_passed(id)) {
+            return;
+        }
+        for (&job, (token, cancel)) in &self.running {
+            if self.released.insert((job, *token)) {
+                tracing::info!(node = id, job, token, "drain deadline passed: cancelling");
+                cancel.cancel();
+            }
+        }
+    }
+
     fn start(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
         let node = &self.node;
         if start.node != node.id || start.incarnation != node.incarnation() {
@@ -214,6 +246,19 @@ impl ExecutorState {
             return;
         }
         self.started.insert(start.job, (start.token, 0));
+        if node.read(|t| t.drain_deadline_passed(node.id)) {
+            // Assigned just before the drain (or its deadline) applied: give it straight back.
+            self.released.insert((start.job, start.token));
+            let _ = myself.send_message(ExecutorMsg::Finished {
+                job: start.job,
+                token: start.token,
+                outcome: HandlerOutcome::Failed {
+                    error: "not started".into(),
+                    retryable: true,
+                },
+            });
+            return;
+        }
         if !node.lease_valid() {
             // Invariant 4: no lease, no execution. Report it so the job moves on sooner than
             // the expiry would move it (the report is refused if the expiry came first).

@@ -83,6 +83,45 @@ impl RunningNode {
     }
 }
 
+impl RunningNode {
+    /// Drains this node and leaves the cluster (what SIGTERM does): no new work, running
+    /// attempts may finish for `deadline`, then they are cancelled and given back; returns once
+    /// the leader took the node out of the membership. Call [`RunningNode::shutdown`] after it.
+    pub async fn drain_and_leave(
+        &self,
+        deadline: Duration,
+    ) -> Result<(), crate::membership::LeaveError> {
+        self.node.drain_and_leave(deadline).await
+    }
+}
+
+/// Once this node learns that it is out of the cluster — it left (a drain finished; its renewal
+/// is refused) or was removed (its own state machine, a refused registration or renewal, a peer
+/// refusing its vote request) — it stops campaigning so that it cannot raise the cluster's term,
+/// and cancels anything it still runs. It keeps serving reads and status (its /readyz says why
+/// it is not ready) until it is stopped.
+async fn stand_down_when_removed(node: Node, executor: ActorRef<ExecutorMsg>) {
+    tokio::select! {
+        () = node.departure.wait() => {}
+        () = node.shutdown.cancelled() => return,
+    }
+    node.raft.runtime_config().elect(false);
+    let _ = executor.send_message(ExecutorMsg::CancelAll);
+    if node.departure.is_removed() {
+        tracing::error!(
+            node = node.id,
+            "this node was removed from the cluster: it no longer votes, campaigns or runs jobs; \
+             stop it, and start it with an empty data directory to join again as a new node"
+        );
+    } else {
+        tracing::warn!(
+            node = node.id,
+            "this node left the cluster (drained): it no longer votes, campaigns or runs jobs; \
+             stop it (started again, it asks to be admitted again)"
+        );
+    }
+}
+
 /// Actor names are process-global in ractor; several nodes (and several test clusters with the
 /// same node ids) share one process in tests, so every name carries a process-unique sequence.
 fn actor_name(node: u64, incarnation: u64, role: &str) -> String {
@@ -143,9 +182,14 @@ pub async fn start_with(
             .validate()
             .map_err(|e| StartError::Raft(e.to_string()))?,
     );
+    let departure = Arc::new(crate::membership::Departure::default());
+    if state.read(|t| t.is_removed(id)) {
+        departure.mark_removed();
+    }
     let network = Network {
         id,
         faults: options.faults.clone(),
+        departure: departure.clone(),
     };
     let raft = Raft::new(id, raft_config, network, store.log_store(), state.clone())
         .await
@@ -181,6 +225,7 @@ pub async fn start_with(
         faults: options.faults,
         started: std::time::Instant::now(),
         peers: Default::default(),
+        departure,
     }));
     tracing::info!(node = id, incarnation, %addr, "node starting");
 
@@ -199,6 +244,7 @@ pub async fn start_with(
         tokio::spawn(watch_leadership(node.clone(), hooks.clone())),
         tokio::spawn(confirm_quorum_while_leading(node.clone())),
         tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
+        tokio::spawn(stand_down_when_removed(node.clone(), executor.clone())),
     ];
     if let Some(listener) = http {
         tasks.push(tokio::spawn(crate::http::serve(node.clone(), listener)));
@@ -332,14 +378,31 @@ async fn bootstrap_and_register(node: Node, addr: String) {
             Err(e) => tracing::warn!(error = %e, "initialize"),
         }
     } else if !initialized && !node.config.join.is_empty() {
-        join(&node, &addr).await;
+        join(&node, &addr, node.config.join.clone()).await;
+    } else if initialized && !node.departure.has_departed() {
+        // A node that drained itself away (SIGTERM) and starts again is no longer a member: it
+        // asks to be admitted again. For a member this is one cheap round trip (the leader
+        // answers at once), and a removed node learns here that it is out for good.
+        let mut targets = node.config.join.clone();
+        let membership = node.raft.metrics().borrow().membership_config.clone();
+        for (id, member) in membership.membership().nodes() {
+            if *id != node.id && !targets.contains(&member.addr) {
+                targets.push(member.addr.clone());
+            }
+        }
+        targets.retain(|t| *t != addr);
+        if !targets.is_empty() {
+            join(&node, &addr, targets).await;
+        }
+    }
+    if node.departure.has_departed() {
+        return;
     }
     node.keep_lease(addr).await;
 }
 
 /// Asks the configured peers (and whichever leader they name) to admit this node, until one does.
-async fn join(node: &Node, addr: &str) {
-    let mut targets: Vec<String> = node.config.join.clone();
+async fn join(node: &Node, addr: &str, mut targets: Vec<String>) {
     let mut i = 0usize;
     loop {
         if node.shutdown.is_cancelled() {
@@ -362,6 +425,10 @@ async fn join(node: &Node, addr: &str) {
             Ok(blob) => match codec::decode::<JoinReply>(&blob.into_inner().data) {
                 Ok(JoinReply::Joined { voter }) => {
                     tracing::info!(node = node.id, voter, via = %target, "joined the cluster");
+                    return;
+                }
+                Ok(JoinReply::Removed) => {
+                    node.departure.mark_removed();
                     return;
                 }
                 Ok(other) => tracing::info!(?other, via = %target, "join not accepted yet"),
