@@ -69,6 +69,9 @@ pub struct ExecutorState {
     /// succeeded, their outcome is reported as given back (`Outcome::Abandoned`), not as a
     /// failure, so the job runs again at once elsewhere without losing an attempt.
     released: HashSet<(JobId, u64)>,
+    /// This node's drain deadline has passed, as of the last reconciliation (read once per
+    /// [`RECONCILE_INTERVAL`] with the rest of the state, not on every start).
+    drain_passed: bool,
 }
 
 impl Actor for Executor {
@@ -91,6 +94,7 @@ impl Actor for Executor {
             fenced: true,
             flushing: false,
             released: HashSet::new(),
+            drain_passed: false,
         })
     }
 
@@ -145,7 +149,6 @@ impl Actor for Executor {
             }
             ExecutorMsg::Flush => state.flush(&myself),
             ExecutorMsg::CheckLease => {
-                state.release_if_drained();
                 let valid = state.node.lease_valid();
                 if !valid && !state.fenced {
                     state.fenced = true;
@@ -164,6 +167,8 @@ impl Actor for Executor {
             }
             ExecutorMsg::Reconcile => {
                 let (id, incarnation) = (state.node.id, state.node.incarnation());
+                state.drain_passed = state.node.read(|t| t.drain_deadline_passed(id));
+                state.release_if_drained();
                 // Forget a started attempt only after two rounds in which the local replica did
                 // not show it as current. The Start message of an attempt is enqueued when its
                 // Assign applies, before the replica can show the attempt ended; a round enqueued
@@ -218,13 +223,10 @@ impl ExecutorState {
     /// running attempt; each is reported as given back when its handler has stopped (or was
     /// killed after the kill grace), never before, so the job cannot run twice at once.
     fn release_if_drained(&mut self) {
-        if self.running.is_empty() {
+        if !self.drain_passed {
             return;
         }
         let id = self.node.id;
-        if !self.node.read(|t| t.drain_deadline_passed(id)) {
-            return;
-        }
         for (&job, (token, cancel)) in &self.running {
             if self.released.insert((job, *token)) {
                 tracing::info!(node = id, job, token, "drain deadline passed: cancelling");
@@ -246,7 +248,7 @@ impl ExecutorState {
             return;
         }
         self.started.insert(start.job, (start.token, 0));
-        if node.read(|t| t.drain_deadline_passed(node.id)) {
+        if self.drain_passed {
             // Assigned just before the drain (or its deadline) applied: give it straight back.
             self.released.insert((start.job, start.token));
             let _ = myself.send_message(ExecutorMsg::Finished {

@@ -30,6 +30,8 @@ use crate::{codec, network};
 pub const API_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Pause between attempts to join or register.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// How long one request to be admitted may take before the next member is asked.
+const JOIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -382,7 +384,8 @@ async fn bootstrap_and_register(node: Node, addr: String) {
     } else if initialized && !node.departure.has_departed() {
         // A node that drained itself away (SIGTERM) and starts again is no longer a member: it
         // asks to be admitted again. For a member this is one cheap round trip (the leader
-        // answers at once), and a removed node learns here that it is out for good.
+        // answers at once), and a removed node learns here that it is out for good. In the
+        // background: a member registers at once, whatever the join says.
         let mut targets = node.config.join.clone();
         let membership = node.raft.metrics().borrow().membership_config.clone();
         for (id, member) in membership.membership().nodes() {
@@ -392,7 +395,8 @@ async fn bootstrap_and_register(node: Node, addr: String) {
         }
         targets.retain(|t| *t != addr);
         if !targets.is_empty() {
-            join(&node, &addr, targets).await;
+            let (node, addr) = (node.clone(), addr.clone());
+            tokio::spawn(async move { join(&node, &addr, targets).await });
         }
     }
     if node.departure.has_departed() {
@@ -412,12 +416,16 @@ async fn join(node: &Node, addr: &str, mut targets: Vec<String>) {
         i += 1;
         let reply = match network::channel(&target) {
             Ok(ch) => {
-                network::internal_client(ch)
-                    .join(JoinRequest {
-                        node_id: node.id,
-                        addr: addr.to_string(),
-                    })
+                let mut client = network::internal_client(ch);
+                let request = client.join(JoinRequest {
+                    node_id: node.id,
+                    addr: addr.to_string(),
+                });
+                // A paused or half-dead peer must not hold the join up; an admission that took
+                // longer (a big snapshot to catch up on) goes on, and the next try finds it done.
+                tokio::time::timeout(JOIN_ATTEMPT_TIMEOUT, request)
                     .await
+                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("join timed out")))
             }
             Err(e) => Err(tonic::Status::invalid_argument(e.to_string())),
         };
