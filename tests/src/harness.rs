@@ -489,6 +489,62 @@ impl FaultyCluster {
         }
     }
 
+    /// Starts a new member `id` that joins through the first running member, configured like
+    /// the existing members (same timing and limits; `edit` adjusts it). Returns once it serves;
+    /// admission, catching up and registration go on in the background.
+    pub async fn add(&mut self, id: u64, edit: impl Fn(&mut NodeConfig)) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.members.contains_key(&id), "node {id} exists already");
+        let (template, seed) = self
+            .members
+            .values()
+            .find_map(|m| m.host.as_ref().map(|h| (m.config.clone(), h.addr.clone())))
+            .ok_or_else(|| anyhow::anyhow!("no running member to join through"))?;
+        let fresh = test_config(self.dir.path(), id);
+        let mut config = NodeConfig {
+            node_id: Some(id),
+            data_dir: fresh.data_dir,
+            listen: fresh.listen,
+            init: false,
+            join: vec![seed],
+            ..template
+        };
+        edit(&mut config);
+        let host = NodeHost::launch(config.clone(), self.registry.clone(), self.options()).await?;
+        config.listen = host.addr.parse()?;
+        self.members.insert(
+            id,
+            Member {
+                config,
+                host: Some(host),
+            },
+        );
+        Ok(())
+    }
+
+    /// What SIGTERM does to `exactlyd`: drains the member and waits until it left the cluster
+    /// (at most `deadline` for its running attempts), then stops it gracefully. Its data
+    /// directory stays, so it can be restarted. Returns how the drain-and-leave ended.
+    pub async fn terminate(
+        &mut self,
+        id: u64,
+        deadline: Duration,
+    ) -> anyhow::Result<Result<(), String>> {
+        let host = self
+            .host(id)
+            .ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
+        let node = host.node().clone();
+        let (tx, rx) = oneshot::channel();
+        host.runtime().spawn(async move {
+            let left = node.drain_and_leave(deadline).await;
+            let _ = tx.send(left.map_err(|e| e.to_string()));
+        });
+        let left = rx
+            .await
+            .map_err(|_| anyhow::anyhow!("node {id} stopped while draining"))?;
+        self.stop(id).await?;
+        Ok(left)
+    }
+
     /// Kills every member and removes the data directory.
     pub async fn shutdown(mut self) {
         for id in self.ids() {

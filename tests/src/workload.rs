@@ -509,13 +509,25 @@ pub struct Scenario {
 impl Scenario {
     /// Starts `nodes` nodes with `options`' lease timing and the recording handler.
     pub async fn start(nodes: u64, options: ChaosOptions) -> anyhow::Result<Self> {
+        Self::start_with(nodes, options, |_| {}).await
+    }
+
+    /// [`Scenario::start`], with `tweak` applied to every node's configuration after the lease.
+    pub async fn start_with(
+        nodes: u64,
+        options: ChaosOptions,
+        tweak: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<Self> {
         let recorder = Recorder::new();
         let lease = options.lease.clone();
         let cluster = FaultyCluster::start(
             nodes,
             FaultController::new(nodes),
             registry(&recorder),
-            |c| c.lease = lease.clone(),
+            |c| {
+                c.lease = lease.clone();
+                tweak(c);
+            },
         )
         .await?;
         Ok(Self {

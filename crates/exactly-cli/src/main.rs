@@ -2,6 +2,7 @@
 //! scripts; exit code 0 on success and 1 on any error, which is printed with its gRPC code.
 
 mod bench;
+mod cluster;
 mod get;
 mod output;
 mod status;
@@ -49,8 +50,14 @@ enum Command {
         /// The job's id.
         job_id: u64,
     },
-    /// Show the cluster: leader, term, log indexes, members and job counts.
+    /// Show the cluster: leader, term, log indexes, members and job counts (the same as
+    /// `exactly cluster status`).
     Status,
+    /// Membership: status, join, drain, remove.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
     /// Measure submit throughput and submit-to-finish latency.
     ///
     /// Completion is detected from the cluster-wide job counts, so run it on an otherwise idle
@@ -79,7 +86,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Submit(args) => submit::run(&client, args, cli.json).await,
         Command::Get { job_id } => get::run(&client, *job_id, cli.json).await,
-        Command::Status => status::run(&client, cli.json).await,
+        Command::Status => cluster::show_status(&client, cli.json).await,
+        Command::Cluster { command } => cluster::run(&client, command, cli.json).await,
         Command::Bench(args) => bench::run(&client, args, cli.json).await,
     }
 }
@@ -240,6 +248,50 @@ mod tests {
                 sample: 2_000,
             })
         );
+    }
+
+    /// The cluster subcommands parse their node ids, deadlines and flags; drain defaults to a
+    /// 60 s deadline and waits.
+    #[test]
+    fn cluster_subcommands_parse() {
+        use crate::cluster::ClusterCommand;
+        let cluster = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Cluster { command } => command,
+            other => panic!("not a cluster command: {other:?}"),
+        };
+        assert_eq!(cluster(&["cluster", "status"]), ClusterCommand::Status);
+        assert_eq!(
+            cluster(&["cluster", "drain", "3"]),
+            ClusterCommand::Drain {
+                node: 3,
+                deadline: Duration::from_secs(60),
+                no_wait: false
+            }
+        );
+        assert_eq!(
+            cluster(&["cluster", "drain", "3", "--deadline", "5m", "--no-wait"]),
+            ClusterCommand::Drain {
+                node: 3,
+                deadline: Duration::from_secs(300),
+                no_wait: true
+            }
+        );
+        assert_eq!(
+            cluster(&["cluster", "remove", "4"]),
+            ClusterCommand::Remove {
+                node: 4,
+                no_wait: false
+            }
+        );
+        assert_eq!(
+            cluster(&["cluster", "join", "10.0.0.5:7101"]),
+            ClusterCommand::Join {
+                addr: "10.0.0.5:7101".into()
+            }
+        );
+        assert!(parse(&["cluster", "drain"]).is_err());
+        assert!(parse(&["cluster", "drain", "x"]).is_err());
+        assert!(parse(&["cluster", "drain", "3", "--deadline", "soon"]).is_err());
     }
 
     /// Bench batches above the per-request limit of 1000 are refused at parse time.

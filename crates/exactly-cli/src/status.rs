@@ -1,44 +1,44 @@
-//! `exactly status`: the cluster as the answering node sees it.
+//! `exactly status` (and `exactly cluster status`): the cluster as one node (the leader, when it
+//! can be asked) sees it. Fetching is in `cluster.rs`; this is the layout.
 
-use exactly_client::{Client, JobCounts, Member, StatusResponse};
+use exactly_client::{JobCounts, Member, StatusResponse};
 
-use crate::output::{emit, emit_json, key_values, or_dash, Table};
+use crate::output::{key_values, or_dash, Table};
 
-/// Runs `exactly status`.
-pub async fn run(client: &Client, json: bool) -> anyhow::Result<()> {
-    let status = client.status().await?;
-    if json {
-        emit_json(&StatusView::from(&status))
-    } else {
-        emit(&render(&status))
-    }
-}
-
-/// The status as human-readable text: node and log positions, a members table, job counts.
-pub fn render(status: &StatusResponse) -> String {
+/// The status as human-readable text: node and log positions, a members table (role, health,
+/// replication lag, running jobs, drains), removed nodes, and job counts. `now_ms` (the wall
+/// clock) turns drain deadlines into "in 41s".
+pub fn render(status: &StatusResponse, now_ms: u64) -> String {
     let leader = if status.leader_id == 0 {
         "none known".to_string()
     } else {
         status.leader_id.to_string()
     };
-    let mut out = key_values(&[
+    let mut pairs = vec![
         ("node", status.node_id.to_string()),
         ("leader", leader),
         ("term", status.term.to_string()),
         ("last log index", status.last_log_index.to_string()),
         ("committed index", status.committed_index.to_string()),
         ("applied index", status.applied_index.to_string()),
-    ]);
+    ];
+    if !status.removed_node_ids.is_empty() {
+        let removed: Vec<String> = status.removed_node_ids.iter().map(u64::to_string).collect();
+        pairs.push(("removed nodes", removed.join(", ")));
+    }
+    let mut out = key_values(&pairs);
     out.push('\n');
     let mut members = Table::new(&[
         "ID",
         "ADDR",
         "ROLE",
         "LEADER",
-        "MATCHED",
-        "SLOTS",
+        "HEALTH",
+        "LAG",
         "RUNNING",
+        "SLOTS",
         "INCARNATION",
+        "DRAIN",
     ]);
     for m in &status.members {
         members.row(vec![
@@ -46,10 +46,12 @@ pub fn render(status: &StatusResponse) -> String {
             or_dash(&m.addr),
             or_dash(&m.role),
             if m.leader { "*".into() } else { String::new() },
-            m.matched_index.to_string(),
-            m.slots.to_string(),
+            or_dash(&m.health),
+            m.lag.map_or_else(|| "-".into(), |lag| lag.to_string()),
             m.running.to_string(),
+            m.slots.to_string(),
             m.incarnation.to_string(),
+            drain_text(m, now_ms),
         ]);
     }
     out.push_str(&members.render());
@@ -75,6 +77,20 @@ pub fn render(status: &StatusResponse) -> String {
     out
 }
 
+/// The DRAIN cell: empty unless the member is draining.
+fn drain_text(m: &Member, now_ms: u64) -> String {
+    if !m.draining {
+        String::new()
+    } else if m.drain_deadline_ms > now_ms {
+        format!(
+            "deadline in {}s",
+            (m.drain_deadline_ms - now_ms).div_ceil(1000)
+        )
+    } else {
+        "past deadline".into()
+    }
+}
+
 /// The status for `--json`; field names follow the proto.
 #[derive(Debug, serde::Serialize)]
 pub struct StatusView {
@@ -87,6 +103,7 @@ pub struct StatusView {
     applied_index: u64,
     members: Vec<MemberView>,
     counts: CountsView,
+    removed_node_ids: Vec<u64>,
 }
 
 /// One member for `--json`.
@@ -100,6 +117,13 @@ pub struct MemberView {
     slots: u32,
     running: u32,
     incarnation: u64,
+    health: String,
+    lease_age_ms: u64,
+    /// Entries behind the leader's log; null when a follower answered.
+    lag: Option<u64>,
+    draining: bool,
+    /// Unix milliseconds (leader clock); 0 unless draining.
+    drain_deadline_ms: u64,
 }
 
 /// Job counts by state for `--json`.
@@ -124,6 +148,11 @@ impl From<&Member> for MemberView {
             slots: m.slots,
             running: m.running,
             incarnation: m.incarnation,
+            health: m.health.clone(),
+            lease_age_ms: m.lease_age_ms,
+            lag: m.lag,
+            draining: m.draining,
+            drain_deadline_ms: m.drain_deadline_ms,
         }
     }
 }
@@ -152,6 +181,7 @@ impl From<&StatusResponse> for StatusView {
             applied_index: s.applied_index,
             members: s.members.iter().map(MemberView::from).collect(),
             counts: s.counts.unwrap_or_default().into(),
+            removed_node_ids: s.removed_node_ids.clone(),
         }
     }
 }
@@ -164,12 +194,17 @@ mod tests {
         let member = |id: u64, leader: bool| Member {
             node_id: id,
             addr: format!("127.0.0.1:710{id}"),
-            role: "voter".into(),
+            role: if id == 3 { "learner" } else { "voter" }.into(),
             leader,
             matched_index: 1200 + id,
             slots: 16,
             running: id as u32,
             incarnation: 1,
+            health: if id == 3 { "silent" } else { "ok" }.into(),
+            lease_age_ms: 100 * id,
+            lag: Some(3 - id),
+            draining: id == 3,
+            drain_deadline_ms: if id == 3 { NOW + 40_500 } else { 0 },
         };
         StatusResponse {
             node_id: 1,
@@ -187,14 +222,18 @@ mod tests {
                 cancelled: 0,
                 stale_completions: 1,
             }),
+            removed_node_ids: vec![4, 7],
         }
     }
 
-    /// The human view lists node, leader, log indexes, members with a leader marker, and counts.
+    const NOW: u64 = 1_700_000_000_000;
+
+    /// The human view lists node, leader, log indexes, removed nodes, members with a leader
+    /// marker, health, lag, running jobs and drains, and the counts.
     #[test]
     fn renders_status() {
         assert_eq!(
-            render(&sample()),
+            render(&sample(), NOW),
             "\
 node             1
 leader           2
@@ -202,15 +241,33 @@ term             7
 last log index   1204
 committed index  1203
 applied index    1202
+removed nodes    4, 7
 
-ID  ADDR            ROLE   LEADER  MATCHED  SLOTS  RUNNING  INCARNATION
-1   127.0.0.1:7101  voter          1201     16     1        1
-2   127.0.0.1:7102  voter  *       1202     16     2        1
-3   127.0.0.1:7103  voter          1203     16     3        1
+ID  ADDR            ROLE     LEADER  HEALTH  LAG  RUNNING  SLOTS  INCARNATION  DRAIN
+1   127.0.0.1:7101  voter            ok      2    1        16     1
+2   127.0.0.1:7102  voter    *       ok      1    2        16     1
+3   127.0.0.1:7103  learner          silent  0    3        16     1            deadline in 41s
 
 PENDING  RUNNING  SUCCEEDED  FAILED  STALE COMPLETIONS
 4        6        10000      2       1
 "
+        );
+    }
+
+    /// A follower's answer has no lag (shown as `-`), a past drain deadline says so, and a
+    /// cluster without removed nodes prints no such line.
+    #[test]
+    fn renders_follower_view_and_past_deadlines() {
+        let mut status = sample();
+        status.removed_node_ids.clear();
+        for m in &mut status.members {
+            m.lag = None;
+        }
+        let text = render(&status, NOW + 60_000);
+        assert!(!text.contains("removed nodes"), "{text}");
+        assert!(
+            text.contains("3   127.0.0.1:7103  learner          silent  -    3        16     1            past deadline\n"),
+            "{text}"
         );
     }
 
@@ -221,7 +278,7 @@ PENDING  RUNNING  SUCCEEDED  FAILED  STALE COMPLETIONS
             leader_id: 0,
             ..sample()
         };
-        assert!(render(&status).contains("leader           none known\n"));
+        assert!(render(&status, NOW).contains("leader           none known\n"));
     }
 
     /// The JSON view nests members and counts under their proto names.
@@ -231,5 +288,8 @@ PENDING  RUNNING  SUCCEEDED  FAILED  STALE COMPLETIONS
         assert_eq!(value["leader_id"], 2);
         assert_eq!(value["members"][1]["leader"], true);
         assert_eq!(value["counts"]["succeeded"], 10_000);
+        assert_eq!(value["members"][2]["draining"], true);
+        assert_eq!(value["members"][2]["health"], "silent");
+        assert_eq!(value["removed_node_ids"], serde_json::json!([4, 7]));
     }
 }

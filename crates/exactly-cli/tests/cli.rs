@@ -8,19 +8,27 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use exactly_proto::v1::cluster_server::{Cluster, ClusterServer};
 use exactly_proto::v1::jobs_server::{Jobs, JobsServer};
 use exactly_proto::v1::{
-    Attempt, CancelRequest, CancelResponse, GetRequest, GetResponse, Job, JobCounts,
-    JobEventMessage, JobState, ListRequest, ListResponse, Member, StatusRequest, StatusResponse,
-    SubmitRequest, SubmitResponse, WatchRequest,
+    Attempt, CancelRequest, CancelResponse, DrainRequest, DrainResponse, GetRequest, GetResponse,
+    Job, JobCounts, JobEventMessage, JobState, JoinRequest, JoinResponse, ListRequest,
+    ListResponse, Member, RemoveRequest, StatusRequest, StatusResponse, SubmitRequest,
+    SubmitResponse, WatchRequest,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-/// A one-node "cluster" that completes jobs instantly: kind `fail` fails, kind `bad` is rejected.
+/// A two-node "cluster" (node 1 leads) that completes jobs instantly: kind `fail` fails, kind
+/// `bad` is rejected. Node 2 can be drained or removed: each status call after that shows it one
+/// step further (2 jobs running, 1, none, gone).
 #[derive(Default)]
 struct FakeCluster {
+    /// The answering node's id (0: 1). A fake with another id plays a node that wants to join.
+    node_id: u64,
     jobs: Mutex<Vec<Job>>,
+    /// (node, removed, status calls since the drain).
+    leaving: Mutex<Option<(u64, bool, u32)>>,
+    joined: Mutex<Vec<(u64, String)>>,
 }
 
 fn now_ms() -> u64 {
@@ -123,6 +131,44 @@ impl Jobs for FakeCluster {
     }
 }
 
+impl FakeCluster {
+    fn member(id: u64) -> Member {
+        Member {
+            node_id: id,
+            addr: format!("127.0.0.1:710{id}"),
+            role: "voter".into(),
+            leader: id == 1,
+            matched_index: 10,
+            slots: 16,
+            running: 0,
+            incarnation: 1,
+            health: "ok".into(),
+            lease_age_ms: 120,
+            lag: Some(0),
+            draining: false,
+            drain_deadline_ms: 0,
+        }
+    }
+
+    fn start_leaving(&self, node: u64, removed: bool) -> Result<Response<DrainResponse>, Status> {
+        match node {
+            1 => Err(Status::failed_precondition(
+                "node 1 is the only voter; it cannot leave the cluster, only stop",
+            )),
+            2 => {
+                *self.leaving.lock().unwrap() = Some((node, removed, 0));
+                Ok(Response::new(DrainResponse {
+                    node_id: node,
+                    running: 2,
+                }))
+            }
+            _ => Err(Status::not_found(format!(
+                "node {node} is not a member of this cluster"
+            ))),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for FakeCluster {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -131,34 +177,68 @@ impl Cluster for FakeCluster {
             .iter()
             .filter(|j| j.state == JobState::Dead as i32)
             .count() as u64;
+        let node_id = if self.node_id == 0 { 1 } else { self.node_id };
+        let mut members = vec![Self::member(1), Self::member(2)];
+        let mut removed_node_ids = Vec::new();
+        if let Some((node, removed, polls)) = self.leaving.lock().unwrap().as_mut() {
+            *polls += 1;
+            if *polls >= 4 {
+                members.retain(|m| m.node_id != *node);
+                if *removed {
+                    removed_node_ids.push(*node);
+                }
+            } else if let Some(m) = members.iter_mut().find(|m| m.node_id == *node) {
+                m.draining = true;
+                m.running = 3 - *polls;
+                m.drain_deadline_ms = now_ms() + 60_000;
+            }
+        }
+        if self.node_id != 0 {
+            // A node that has not joined: no leader, no members.
+            members.clear();
+        }
         Ok(Response::new(StatusResponse {
-            node_id: 1,
-            leader_id: 1,
+            node_id,
+            leader_id: if self.node_id == 0 { 1 } else { 0 },
             term: 3,
             last_log_index: 10,
             committed_index: 10,
             applied_index: 10,
-            members: vec![Member {
-                node_id: 1,
-                addr: "127.0.0.1:7101".into(),
-                role: "voter".into(),
-                leader: true,
-                matched_index: 10,
-                slots: 16,
-                running: 0,
-                incarnation: 1,
-            }],
+            members,
             counts: Some(JobCounts {
                 succeeded: jobs.len() as u64 - failed,
                 dead: failed,
                 ..JobCounts::default()
             }),
+            removed_node_ids,
         }))
+    }
+
+    async fn drain(&self, r: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        self.start_leaving(r.into_inner().node_id, false)
+    }
+
+    async fn remove(&self, r: Request<RemoveRequest>) -> Result<Response<DrainResponse>, Status> {
+        self.start_leaving(r.into_inner().node_id, true)
+    }
+
+    async fn join(&self, r: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let JoinRequest { node_id, addr } = r.into_inner();
+        self.joined.lock().unwrap().push((node_id, addr));
+        Ok(Response::new(JoinResponse { voter: false }))
     }
 }
 
 async fn start_fake() -> String {
-    let fake = std::sync::Arc::new(FakeCluster::default());
+    start_fake_as(0).await
+}
+
+/// A fake answering as node `node_id` (0: the leader of the fake cluster).
+async fn start_fake_as(node_id: u64) -> String {
+    let fake = std::sync::Arc::new(FakeCluster {
+        node_id,
+        ..FakeCluster::default()
+    });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -278,12 +358,107 @@ async fn status_table() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.contains("ID  ADDR            ROLE   LEADER  MATCHED  SLOTS  RUNNING  INCARNATION\n"),
+        text.contains(
+            "ID  ADDR            ROLE   LEADER  HEALTH  LAG  RUNNING  SLOTS  INCARNATION  DRAIN\n"
+        ),
         "{text}"
     );
     assert!(
-        text.contains("1   127.0.0.1:7101  voter  *       10       16     0        1\n"),
+        text.contains("1   127.0.0.1:7101  voter  *       ok      0    0        16     1\n"),
         "{text}"
+    );
+    let again = exactly(&endpoint, &["cluster", "status"], b"").await;
+    assert_eq!(stdout(&again), text, "`cluster status` is `status`");
+}
+
+/// `cluster drain` commits the drain, prints each change of the node's progress, and returns
+/// once the node has left; `--json` prints only the final object on standard output.
+#[tokio::test]
+async fn cluster_drain_waits_until_the_node_left() {
+    let endpoint = start_fake().await;
+    let out = exactly(
+        &endpoint,
+        &["cluster", "drain", "2", "--deadline", "60s"],
+        b"",
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(lines[0], "node 2: drain committed; 2 jobs running");
+    assert!(
+        lines[1].starts_with("node 2: 2 jobs running; deadline in "),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].starts_with("node 2: 1 jobs running; deadline in "),
+        "{lines:?}"
+    );
+    assert_eq!(lines[3], "node 2: running nothing; leaving the membership");
+    assert!(
+        lines[4].starts_with("node 2 left the cluster after "),
+        "{lines:?}"
+    );
+    assert_eq!(lines.len(), 5, "{lines:?}");
+
+    let endpoint = start_fake().await;
+    let out = exactly(&endpoint, &["--json", "cluster", "remove", "2"], b"").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(value["node_id"], 2);
+    assert_eq!(value["left"], true);
+    assert_eq!(value["removed"], true);
+    assert!(
+        stderr(&out).contains("node 2: removal committed"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `--no-wait` returns once the drain is committed; refusals print their gRPC code.
+#[tokio::test]
+async fn cluster_drain_no_wait_and_refusals() {
+    let endpoint = start_fake().await;
+    let out = exactly(&endpoint, &["cluster", "drain", "2", "--no-wait"], b"").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "node 2: drain committed (2 jobs running); `exactly cluster status` shows its progress\n"
+    );
+    let out = exactly(&endpoint, &["cluster", "drain", "9"], b"").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "error: NOT_FOUND: node 9 is not a member of this cluster\n"
+    );
+    let out = exactly(&endpoint, &["cluster", "remove", "1"], b"").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with("error: FAILED_PRECONDITION: node 1 is the only voter"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `cluster join ADDR` asks the node at ADDR for its id and has the cluster admit it; a member
+/// is refused without a call.
+#[tokio::test]
+async fn cluster_join_admits_the_node_at_an_address() {
+    let endpoint = start_fake().await;
+    let newcomer = start_fake_as(9).await;
+    let addr = newcomer.trim_start_matches("http://").to_string();
+    let out = exactly(&endpoint, &["cluster", "join", &addr], b"").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("node 9 at {addr} joined as a learner\n")
+    );
+    let member = endpoint.trim_start_matches("http://").to_string();
+    let out = exactly(&endpoint, &["cluster", "join", &member], b"").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is a member already"),
+        "{}",
+        stderr(&out)
     );
 }
 

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use exactly_proto::v1::cluster_client::ClusterClient;
 use exactly_proto::v1::jobs_client::JobsClient;
-use exactly_proto::v1::{GetRequest, StatusRequest, SubmitRequest};
+use exactly_proto::v1::{
+    DrainRequest, DrainResponse, GetRequest, JoinRequest, JoinResponse, RemoveRequest,
+    StatusRequest, SubmitRequest,
+};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
@@ -166,6 +169,58 @@ impl Client {
             .call(CallKind::Read, |channel, timeout| {
                 let request = with_timeout(StatusRequest {}, timeout);
                 async move { ClusterClient::new(channel).status(request).await }
+            })
+            .await?;
+        Ok(response)
+    }
+
+    /// Drains node `node_id`: it takes no new jobs, its running jobs may finish for `deadline`,
+    /// then they are cancelled and run elsewhere; once it runs nothing it leaves the cluster.
+    /// Returns once the drain is committed (watch [`Client::status`] for its progress).
+    /// Retried on every transient failure: repeating a drain only moves its deadline.
+    pub async fn drain(&self, node_id: u64, deadline: Duration) -> Result<DrainResponse, Error> {
+        let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+        let (response, _) = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(
+                    DrainRequest {
+                        node_id,
+                        deadline_ms,
+                    },
+                    timeout,
+                );
+                async move { ClusterClient::new(channel).drain(request).await }
+            })
+            .await?;
+        Ok(response)
+    }
+
+    /// Removes node `node_id` now (typically a dead node): a drain without a deadline, after
+    /// which its id is refused for good. A dead node's jobs move once its lease expires.
+    /// Retried on every transient failure: removing twice is harmless.
+    pub async fn remove(&self, node_id: u64) -> Result<DrainResponse, Error> {
+        let (response, _) = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(RemoveRequest { node_id }, timeout);
+                async move { ClusterClient::new(channel).remove(request).await }
+            })
+            .await?;
+        Ok(response)
+    }
+
+    /// Admits node `node_id`, reachable at `addr`, that was started without `--join`. Retried on
+    /// every transient failure: admitting a member again changes nothing.
+    pub async fn join(&self, node_id: u64, addr: String) -> Result<JoinResponse, Error> {
+        let (response, _) = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(
+                    JoinRequest {
+                        node_id,
+                        addr: addr.clone(),
+                    },
+                    timeout,
+                );
+                async move { ClusterClient::new(channel).join(request).await }
             })
             .await?;
         Ok(response)

@@ -32,6 +32,8 @@ pub use client::{Client, ENDPOINTS_MAX, SUBMIT_JOBS_MAX};
 pub use error::{code_name, Error};
 pub use options::ClientOptions;
 
-pub use exactly_proto::v1::{Attempt, Job, JobCounts, JobSpec, JobState, Member, StatusResponse};
+pub use exactly_proto::v1::{
+    Attempt, DrainResponse, Job, JobCounts, JobSpec, JobState, JoinResponse, Member, StatusResponse,
+};
 /// The gRPC status code type used by [`Error::code`].
 pub use tonic::Code;

@@ -34,7 +34,8 @@ pub(crate) enum Class {
 /// Whether a call may be repeated without changing its effect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CallKind {
-    /// Get, Status: repeating is harmless.
+    /// Get, Status, and the membership calls (drain, remove, join), which are idempotent:
+    /// repeating is harmless.
     Read,
     /// Submit: repeating an applied request creates the jobs twice (until idempotency keys exist).
     Write,

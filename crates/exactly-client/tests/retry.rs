@@ -10,7 +10,8 @@ use exactly_client::{Client, ClientOptions, Code, Error, JobSpec};
 use exactly_proto::v1::cluster_server::{Cluster, ClusterServer};
 use exactly_proto::v1::jobs_server::{Jobs, JobsServer};
 use exactly_proto::v1::{
-    GetRequest, GetResponse, Job, StatusRequest, StatusResponse, SubmitRequest, SubmitResponse,
+    DrainRequest, DrainResponse, GetRequest, GetResponse, Job, JoinRequest, JoinResponse,
+    RemoveRequest, StatusRequest, StatusResponse, SubmitRequest, SubmitResponse,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -104,6 +105,30 @@ impl Cluster for FakeNode {
         self.answer(StatusResponse {
             node_id: self.node_id,
             ..StatusResponse::default()
+        })
+        .await
+    }
+
+    async fn drain(&self, r: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let r = r.into_inner();
+        self.answer(DrainResponse {
+            node_id: r.node_id,
+            running: (r.deadline_ms / 1000) as u32,
+        })
+        .await
+    }
+
+    async fn remove(&self, r: Request<RemoveRequest>) -> Result<Response<DrainResponse>, Status> {
+        self.answer(DrainResponse {
+            node_id: r.into_inner().node_id,
+            running: 0,
+        })
+        .await
+    }
+
+    async fn join(&self, r: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        self.answer(JoinResponse {
+            voter: r.into_inner().node_id % 2 == 1,
         })
         .await
     }
@@ -230,6 +255,21 @@ async fn server_deadline_is_unknown_for_submit_but_retried_for_reads() {
     assert_eq!(client.get(9).await.unwrap().id, 9);
     assert_eq!(a.calls.load(Ordering::SeqCst), 2);
     assert_eq!(b.calls.load(Ordering::SeqCst), 1);
+}
+
+/// Drain, remove and join are idempotent, so a server DEADLINE_EXCEEDED moves them on to the
+/// next endpoint like a read; the request carries the node id and the deadline in milliseconds.
+#[tokio::test]
+async fn membership_calls_retry_like_reads() {
+    let (first, a) = fake(1, Behavior::Fail(Code::DeadlineExceeded)).await;
+    let (second, b) = fake(2, Behavior::Ok).await;
+    let client = Client::connect_with(vec![first, second], quick()).unwrap();
+    let reply = client.drain(3, Duration::from_secs(7)).await.unwrap();
+    assert_eq!((reply.node_id, reply.running), (3, 7));
+    assert_eq!(a.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(client.remove(4).await.unwrap().node_id, 4);
+    assert!(client.join(5, "10.0.0.5:7101".into()).await.unwrap().voter);
+    assert_eq!(b.calls.load(Ordering::SeqCst), 3);
 }
 
 /// A connection dropped after sending makes Submit's outcome unknown; Status moves to a live node.

@@ -77,6 +77,40 @@ pub enum Command {
     },
     /// The leader fires due ticks (each only if it is still its schedule's next tick).
     FireSchedules(Vec<Fire>),
+    /// A node is to leave the cluster (an operator's drain or remove, or the node itself on
+    /// SIGTERM): it gets no new attempts; its running attempts may finish until the deadline,
+    /// after which the node cancels them and gives them back; once it runs nothing, the leader
+    /// takes it out of the Raft membership. Replicated, so a new leader carries the drain on.
+    Drain(DrainNode),
+    /// The leader took a drained node out of the Raft membership: its lease entry and drain are
+    /// dropped, and a removed node's id is remembered so that it can never register again.
+    NodeLeft(NodeId),
+}
+
+/// A request to drain a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainNode {
+    pub node: NodeId,
+    /// How long running attempts may go on, counted from the entry's leader timestamp. 0: cancel
+    /// them at once (what `remove` does).
+    pub deadline_after_ms: u64,
+    pub reason: LeaveReason,
+}
+
+/// Why a node leaves, which decides whether it may come back. Ordered: a later request never
+/// weakens an earlier one (a removal stays a removal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LeaveReason {
+    /// The node drains itself because it is stopping (SIGTERM: a container stop, a pod
+    /// deletion, a rolling restart). If it starts again before it has left (a newer incarnation
+    /// registers), the drain is over; if it has left, it joins again as a learner.
+    Stopping,
+    /// An operator drained it. Once it has left, it takes no part until it is started again,
+    /// when it joins again like a new learner.
+    Drained,
+    /// An operator removed it (typically a dead node). Once it has left, its id is refused for
+    /// good: the node, coming back with its old data, never registers, votes or runs jobs again.
+    Removed,
 }
 
 /// A change to a queue's settings; `None` fields keep their current value.
@@ -150,8 +184,19 @@ pub struct Completion {
 /// What a handler reported.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    Succeeded { result: Vec<u8> },
-    Failed { error: String, retryable: bool },
+    Succeeded {
+        result: Vec<u8>,
+    },
+    Failed {
+        error: String,
+        retryable: bool,
+    },
+    /// The node gave the attempt back without a verdict from the handler, after the handler had
+    /// stopped: it was draining and its deadline passed. The job is requeued at once and this
+    /// does not count against `max_attempts` (it counts as an abandoned attempt).
+    Abandoned {
+        reason: String,
+    },
 }
 
 /// One incarnation of one node.
@@ -237,6 +282,16 @@ pub enum Rejection {
         got: u64,
         next: Option<u64>,
     },
+    #[error("node {0} was removed from the cluster")]
+    Removed(NodeId),
+    #[error("node {0} is draining: it takes no new attempts")]
+    Draining(NodeId),
+    #[error("node {node} still runs {running} attempts")]
+    Busy { node: NodeId, running: u32 },
+    #[error("{got} nodes are leaving already; at most {max} may leave at once")]
+    TooManyLeaving { got: usize, max: usize },
+    #[error("node {0} is not leaving")]
+    NotLeaving(NodeId),
 }
 
 /// What applying one entry returns to the proposer.
@@ -275,6 +330,10 @@ pub enum Response {
     Fired(Vec<Result<Fired, Rejection>>),
     /// For entries without application data (blank and membership entries).
     Empty,
+    /// The node is draining; how many attempts it runs now.
+    Draining(Result<u32, Rejection>),
+    /// The node's departure was recorded.
+    NodeLeft(Result<(), Rejection>),
 }
 
 /// Work the shell carries out after applying an entry. Apply may run again for the same entry

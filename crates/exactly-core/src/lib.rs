@@ -18,15 +18,15 @@ pub mod scheduler;
 pub mod state;
 
 pub use command::{
-    Assignment, Command, Completion, DeadFilter, Effect, JobEvent, NewJob, NodeLease,
-    NodeRegistration, Outcome, QueuePatch, Rejection, Request, Response, Retention, StartAttempt,
-    Submitted,
+    Assignment, Command, Completion, DeadFilter, DrainNode, Effect, JobEvent, LeaveReason, NewJob,
+    NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection, Request, Response, Retention,
+    StartAttempt, Submitted,
 };
 pub use job::{Attempt, AttemptEnd, Backoff, Job, JobStatus, StateCounts};
 pub use limits::Limits;
 pub use queue::{QueueConfig, RateLimit};
 pub use scheduler::plan_assignments;
-pub use state::{JobTable, KeyRecord, NodeEntry, QueueState};
+pub use state::{JobTable, KeyRecord, Leave, NodeEntry, QueueState};
 
 /// A node's identity in the cluster: stable across restarts (kept in the data directory).
 pub type NodeId = u64;

@@ -28,6 +28,9 @@ pub const ASSIGN_BATCH_MAX: usize = 1024;
 pub const COMPLETE_BATCH_MAX: usize = 1024;
 /// Execution timeout of one attempt, at most (one day).
 pub const TIMEOUT_MS_MAX: u64 = 24 * 60 * 60 * 1000;
+/// Nodes draining (or being removed) at once: bounds the table's leaving map, which apply fills
+/// from log entries (input).
+pub const NODES_LEAVING_MAX: usize = 64;
 /// Slots one node may advertise.
 pub const NODE_SLOTS_MAX: u32 = 10_000;
 /// Base delay of the exponential retry backoff, when a job sets none.

@@ -21,7 +21,8 @@ use crate::{JobId, NodeId};
 /// candidates at all (the state machine does not index them). Never more than
 /// [`ASSIGN_BATCH_MAX`] are planned, since apply refuses a larger batch whole. Each job goes to
 /// the node with the most free slots (ties to the lower id), which spreads load evenly.
-/// `excluded` nodes (draining, unreachable, or not yet caught up) receive nothing.
+/// `excluded` nodes (unreachable, or not yet caught up) receive nothing, and neither do expired
+/// or leaving (draining) ones.
 pub fn plan_assignments(
     state: &JobTable,
     now_ms: u64,
@@ -32,7 +33,9 @@ pub fn plan_assignments(
     let mut free: BinaryHeap<(usize, Reverse<NodeId>, u64)> = state
         .nodes()
         .iter()
-        .filter(|(id, entry)| !excluded.contains(id) && !entry.expired)
+        .filter(|(id, entry)| {
+            !excluded.contains(id) && !entry.expired && state.leaving(**id).is_none()
+        })
         .filter_map(|(&id, entry)| {
             let free = (entry.slots as usize).saturating_sub(state.running_on(id));
             (free > 0).then_some((free, Reverse(id), entry.incarnation))

@@ -9,12 +9,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, Effect, JobEvent, NewJob, Request, Response};
+use crate::command::{
+    Command, DrainNode, Effect, JobEvent, LeaveReason, NewJob, Rejection, Request, Response,
+};
 use crate::job::{Job, JobStatus, StateCounts};
 use crate::limits::{
     BACKOFF_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, KIND_NAME_BYTES_MAX, LABELS_MAX,
-    LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX, MAX_ATTEMPTS_MAX, ORDERING_KEY_BYTES_MAX,
-    PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, TIMEOUT_MS_MAX,
+    LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX, MAX_ATTEMPTS_MAX, NODES_LEAVING_MAX,
+    ORDERING_KEY_BYTES_MAX, PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, TIMEOUT_MS_MAX,
 };
 use crate::queue::QueueConfig;
 use crate::schedule::Schedule;
@@ -112,6 +114,16 @@ pub struct KeyRecord {
     pub created_at_ms: u64,
 }
 
+/// A node that is to leave the cluster (drained, removed, or stopping), in leader time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leave {
+    /// When the drain was first requested.
+    pub since_ms: u64,
+    /// From this leader time on, the node cancels its running attempts and gives them back.
+    pub deadline_ms: u64,
+    pub reason: LeaveReason,
+}
+
 /// The whole replicated job state. Every field is derived only from applied commands, so two
 /// replicas that applied the same log are equal (`==`), which the cluster tests check.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +149,14 @@ pub struct JobTable {
     dead: BTreeSet<(u64, JobId)>,
     schedules: BTreeMap<String, Schedule>,
     counts: StateCounts,
+    /// Nodes asked to leave that have not left yet: no new attempts go to them.
+    #[serde(default)]
+    leaving: BTreeMap<NodeId, Leave>,
+    /// Nodes taken out of the membership, with the leader time of their removal. Never shrinks:
+    /// a removed node that comes back with its old data must stay out (a node that wants to
+    /// rejoin starts with an empty data directory, which gives it a new id).
+    #[serde(default)]
+    removed: BTreeMap<NodeId, u64>,
 }
 
 pub(crate) fn truncate_bytes(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
@@ -262,6 +282,8 @@ impl Default for JobTable {
             dead: BTreeSet::new(),
             schedules: BTreeMap::new(),
             counts: StateCounts::default(),
+            leaving: BTreeMap::new(),
+            removed: BTreeMap::new(),
         }
     }
 }
@@ -307,6 +329,8 @@ impl JobTable {
             Command::FireSchedules(fires) => {
                 Response::Fired(self.fire_schedules(fires, &mut effects))
             }
+            Command::Drain(drain) => Response::Draining(self.drain(drain)),
+            Command::NodeLeft(node) => Response::NodeLeft(self.node_left(node)),
         };
         (response, effects)
     }
@@ -440,6 +464,85 @@ impl JobTable {
         {
             self.queues.remove(queue);
         }
+    }
+
+    /// Marks a node as leaving. A later request moves the deadline (so an operator can turn a
+    /// drain into an immediate removal) and never weakens the reason. Any node id that is not
+    /// removed is accepted: a node that joined the membership but died before it registered must
+    /// be removable too.
+    fn drain(&mut self, d: DrainNode) -> Result<u32, Rejection> {
+        if self.removed.contains_key(&d.node) {
+            return Err(Rejection::Removed(d.node));
+        }
+        if !self.leaving.contains_key(&d.node) && self.leaving.len() >= NODES_LEAVING_MAX {
+            return Err(Rejection::TooManyLeaving {
+                got: self.leaving.len(),
+                max: NODES_LEAVING_MAX,
+            });
+        }
+        let now = self.now_ms;
+        let previous = self.leaving.get(&d.node);
+        let leave = Leave {
+            since_ms: previous.map_or(now, |l| l.since_ms),
+            deadline_ms: now.saturating_add(d.deadline_after_ms),
+            reason: previous.map_or(d.reason, |l| l.reason.max(d.reason)),
+        };
+        self.leaving.insert(d.node, leave);
+        Ok(self.running_on(d.node) as u32)
+    }
+
+    /// Records that the leader took the leaving `node` out of the Raft membership: its lease
+    /// entry and drain are dropped, and a removed node's id is remembered for good. Refused while
+    /// the node still runs attempts: only the node itself (by finishing or giving them back) or
+    /// its lease expiry may end them, or a job could run on two nodes at once.
+    fn node_left(&mut self, node: NodeId) -> Result<(), Rejection> {
+        let Some(leave) = self.leaving.get(&node) else {
+            return Err(if self.removed.contains_key(&node) {
+                Rejection::Removed(node)
+            } else {
+                Rejection::NotLeaving(node)
+            });
+        };
+        let running = self.running_on(node);
+        if running > 0 {
+            return Err(Rejection::Busy {
+                node,
+                running: running as u32,
+            });
+        }
+        if leave.reason == LeaveReason::Removed {
+            self.removed.insert(node, self.now_ms);
+        }
+        self.leaving.remove(&node);
+        self.nodes.remove(&node);
+        Ok(())
+    }
+
+    /// The drain of `node`, if it is leaving.
+    pub fn leaving(&self, node: NodeId) -> Option<&Leave> {
+        self.leaving.get(&node)
+    }
+
+    /// Every node that is leaving.
+    pub fn leaving_nodes(&self) -> &BTreeMap<NodeId, Leave> {
+        &self.leaving
+    }
+
+    /// Whether `node` is leaving and its drain deadline has passed (by the last applied leader
+    /// timestamp): it must cancel and give back what it still runs.
+    pub fn drain_deadline_passed(&self, node: NodeId) -> bool {
+        self.leaving
+            .get(&node)
+            .is_some_and(|l| self.now_ms >= l.deadline_ms)
+    }
+
+    /// Nodes removed from the cluster, with the leader time of their removal.
+    pub fn removed_nodes(&self) -> &BTreeMap<NodeId, u64> {
+        &self.removed
+    }
+
+    pub fn is_removed(&self, node: NodeId) -> bool {
+        self.removed.contains_key(&node)
     }
 
     // ----- read access for the scheduler, the API and tests -----
@@ -654,6 +757,19 @@ impl JobTable {
         }
         if counts != self.counts {
             return Err(format!("counts {:?} != {:?}", self.counts, counts));
+        }
+        for node in self.removed.keys() {
+            if self.nodes.contains_key(node) || self.leaving.contains_key(node) {
+                return Err(format!(
+                    "removed node {node} is still registered or leaving"
+                ));
+            }
+            if self.running_on(*node) > 0 {
+                return Err(format!("removed node {node} still runs attempts"));
+            }
+        }
+        if self.leaving.len() > NODES_LEAVING_MAX {
+            return Err(format!("{} nodes leaving", self.leaving.len()));
         }
         Ok(())
     }

@@ -841,6 +841,8 @@ impl Model {
             Outcome::Failed { retryable, .. } => End::Failed {
                 retryable: *retryable,
             },
+            // A node giving an attempt back (drain past its deadline) is an abandon.
+            Outcome::Abandoned { .. } => End::Abandoned,
         };
         self.end(c.job, end, effects);
         Ok(())

@@ -1556,3 +1556,317 @@ fn expiry_abandons_attempts_and_fences_the_incarnation() {
     assert!(!h.table.nodes()[&7].expired);
     h.table.check_invariants().unwrap();
 }
+
+// ----- drain and removal -----
+
+fn drain(node: u64, deadline_after_ms: u64) -> Command {
+    drain_for(node, deadline_after_ms, exactly_core::LeaveReason::Drained)
+}
+
+fn remove(node: u64) -> Command {
+    drain_for(node, 0, exactly_core::LeaveReason::Removed)
+}
+
+fn drain_for(node: u64, deadline_after_ms: u64, reason: exactly_core::LeaveReason) -> Command {
+    Command::Drain(exactly_core::DrainNode {
+        node,
+        deadline_after_ms,
+        reason,
+    })
+}
+
+/// A drain marks the node leaving with its deadline in leader time: new assignments to it are
+/// refused and not planned, its running attempt may still finish, the deadline counts as passed
+/// once an entry's timestamp reaches it, and a later request moves the deadline but not `since`.
+#[test]
+fn drain_refuses_new_work_and_lets_running_attempts_finish() {
+    let mut h = Harness::new();
+    h.register(NOW, 7, 1, 4);
+    h.register(NOW, 8, 1, 4);
+    h.submit(NOW, vec![new_job("q", "noop", b""); 3]);
+    let token = h.assign(NOW, 1, 7, 1);
+
+    let (response, effects) = h.apply(NOW + 10, drain(7, 30_000));
+    assert_eq!(response, Response::Draining(Ok(1)));
+    assert_eq!(effects, vec![]);
+    assert_eq!(
+        h.table.leaving(7),
+        Some(&exactly_core::Leave {
+            since_ms: NOW + 10,
+            deadline_ms: NOW + 30_010,
+            reason: exactly_core::LeaveReason::Drained,
+        })
+    );
+    assert!(!h.table.drain_deadline_passed(7));
+
+    let (response, _) = h.apply(
+        NOW + 11,
+        Command::Assign(vec![assignment(2, 7, 1), assignment(3, 8, 1)]),
+    );
+    assert_eq!(
+        response,
+        Response::Assigned {
+            started: 1,
+            rejected: vec![(2, Rejection::Draining(7))],
+        }
+    );
+    let plan = exactly_core::plan_assignments(&h.table, NOW + 11, 10, &Default::default());
+    assert_eq!(plan, vec![assignment(2, 8, 1)]);
+
+    h.complete(NOW + 12, 1, token, succeeded(b"done"));
+    assert_eq!(h.job(1).status, JobStatus::Succeeded);
+    assert_eq!(h.table.running_on(7), 0);
+
+    // Time passes with other entries; the deadline passes at exactly its timestamp.
+    h.apply(NOW + 30_009, Command::Submit(vec![]));
+    assert!(!h.table.drain_deadline_passed(7));
+    h.apply(NOW + 30_010, Command::Submit(vec![]));
+    assert!(h.table.drain_deadline_passed(7));
+    assert!(!h.table.drain_deadline_passed(8));
+
+    // A removal keeps `since`, moves the deadline and strengthens the reason; a later drain
+    // moves the deadline again but never weakens the reason.
+    let (response, _) = h.apply(NOW + 30_020, remove(7));
+    assert_eq!(response, Response::Draining(Ok(0)));
+    assert_eq!(
+        h.table.leaving(7),
+        Some(&exactly_core::Leave {
+            since_ms: NOW + 10,
+            deadline_ms: NOW + 30_020,
+            reason: exactly_core::LeaveReason::Removed,
+        })
+    );
+    h.apply(NOW + 30_030, drain(7, 5));
+    assert_eq!(
+        h.table.leaving(7),
+        Some(&exactly_core::Leave {
+            since_ms: NOW + 10,
+            deadline_ms: NOW + 30_035,
+            reason: exactly_core::LeaveReason::Removed,
+        })
+    );
+}
+
+/// An attempt the node gives back (drained past its deadline) ends as abandoned: the job is
+/// pending again at once, no failure is counted, and it runs again elsewhere with a larger token.
+#[test]
+fn abandoned_outcome_requeues_at_once_without_consuming_attempts() {
+    let mut h = Harness::new();
+    h.register(NOW, 7, 1, 4);
+    h.register(NOW, 8, 1, 4);
+    h.submit(NOW, vec![job_with(|j| j.max_attempts = 1)]);
+    let t1 = h.assign(NOW, 1, 7, 1);
+    h.apply(NOW + 1, drain(7, 0));
+    let effects = h.complete(
+        NOW + 2,
+        1,
+        t1,
+        Outcome::Abandoned {
+            reason: "drained".into(),
+        },
+    );
+    assert_eq!(effects, vec![], "the payload stays: the job runs again");
+    let job = h.job(1);
+    assert_eq!(job.status, JobStatus::Pending);
+    assert_eq!((job.failures, job.abandoned), (0, 1));
+    assert_eq!(job.run_at_ms, NOW + 2);
+    assert_eq!(job.last_error.as_deref(), Some("drained"));
+    assert_eq!(
+        job.attempts[0].end,
+        Some(AttemptEnd::Abandoned {
+            reason: "drained".into()
+        })
+    );
+    assert_eq!(h.table.counts(), &counts(1, 0, 0, 0, 0));
+    let t2 = h.assign(NOW + 3, 1, 8, 1);
+    assert!(t2 > t1);
+}
+
+/// Leaving is refused (and changes nothing) while the node runs an attempt; once it runs
+/// nothing, a removed node's entry and drain are dropped and its id is remembered: every later
+/// registration, renewal, expiry, assignment, drain or departure for it is refused.
+#[test]
+fn removal_waits_for_running_attempts_and_refuses_the_node_forever() {
+    let mut h = Harness::new();
+    h.register(NOW, 7, 1, 4);
+    h.register(NOW, 8, 1, 4);
+    h.submit(NOW, vec![new_job("q", "noop", b""); 2]);
+    let token = h.assign(NOW, 1, 7, 1);
+    h.apply(
+        NOW + 1,
+        drain_for(7, 60_000, exactly_core::LeaveReason::Removed),
+    );
+
+    let before = View::of(&h.table);
+    let (response, effects) = h.apply(NOW + 2, Command::NodeLeft(7));
+    assert_eq!(
+        response,
+        Response::NodeLeft(Err(Rejection::Busy {
+            node: 7,
+            running: 1
+        }))
+    );
+    assert_eq!(effects, vec![]);
+    assert_eq!(
+        View::of(&h.table),
+        View {
+            now_ms: NOW + 2,
+            ..before
+        }
+    );
+
+    h.complete(NOW + 3, 1, token, succeeded(b""));
+    let (response, effects) = h.apply(NOW + 4, Command::NodeLeft(7));
+    assert_eq!(response, Response::NodeLeft(Ok(())));
+    assert_eq!(effects, vec![]);
+    assert!(!h.table.nodes().contains_key(&7));
+    assert_eq!(h.table.leaving(7), None);
+    assert!(h.table.is_removed(7));
+    assert_eq!(
+        h.table.removed_nodes(),
+        &std::collections::BTreeMap::from([(7, NOW + 4)])
+    );
+
+    let before = h.table.clone();
+    assert_eq!(
+        h.apply(NOW + 4, registration(7, 2, 4)).0,
+        Response::NodeRegistered(Err(Rejection::Removed(7)))
+    );
+    let lease = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 1,
+    };
+    assert_eq!(
+        h.apply(NOW + 4, Command::Renew(lease)).0,
+        Response::Renewed(Err(Rejection::Removed(7)))
+    );
+    assert_eq!(
+        h.apply(NOW + 4, Command::Expire(lease)).0,
+        Response::Expired(Err(Rejection::Removed(7)))
+    );
+    assert_eq!(
+        h.apply(NOW + 4, Command::Assign(vec![assignment(2, 7, 1)]))
+            .0,
+        Response::Assigned {
+            started: 0,
+            rejected: vec![(2, Rejection::Removed(7))],
+        }
+    );
+    assert_eq!(
+        h.apply(NOW + 4, drain(7, 0)).0,
+        Response::Draining(Err(Rejection::Removed(7)))
+    );
+    assert_eq!(
+        h.apply(NOW + 4, Command::NodeLeft(7)).0,
+        Response::NodeLeft(Err(Rejection::Removed(7)))
+    );
+    assert_eq!(h.table, before, "refusals change nothing");
+    let plan = exactly_core::plan_assignments(&h.table, NOW + 4, 10, &Default::default());
+    assert_eq!(plan, vec![assignment(2, 8, 1)]);
+}
+
+/// A dead node is removed after its lease expired (the expiry, not the removal, gives its
+/// attempts back), and a node that never registered (a learner that died at once) can be
+/// drained and removed too.
+#[test]
+fn expired_and_unregistered_nodes_can_be_removed() {
+    let mut h = Harness::new();
+    h.register(NOW, 7, 1, 4);
+    h.submit(NOW, vec![new_job("q", "noop", b"")]);
+    h.assign(NOW, 1, 7, 1);
+    h.apply(NOW + 1, remove(7));
+    assert!(matches!(
+        h.apply(NOW + 2, Command::NodeLeft(7)).0,
+        Response::NodeLeft(Err(Rejection::Busy { .. }))
+    ));
+    let lease = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 1,
+    };
+    assert_eq!(
+        h.apply(NOW + 6_000, Command::Expire(lease)).0,
+        Response::Expired(Ok(1))
+    );
+    assert_eq!(h.job(1).status, JobStatus::Pending);
+    assert_eq!(
+        h.apply(NOW + 6_001, Command::NodeLeft(7)).0,
+        Response::NodeLeft(Ok(()))
+    );
+
+    assert_eq!(h.apply(NOW + 6_002, remove(9)).0, Response::Draining(Ok(0)));
+    assert_eq!(
+        h.apply(NOW + 6_003, Command::NodeLeft(9)).0,
+        Response::NodeLeft(Ok(()))
+    );
+    assert_eq!(
+        h.table.removed_nodes().keys().copied().collect::<Vec<_>>(),
+        vec![7, 9]
+    );
+}
+
+/// At most NODES_LEAVING_MAX nodes may be leaving at once; a node already leaving may still
+/// have its drain moved, and a refused drain changes nothing.
+#[test]
+fn leaving_nodes_are_bounded() {
+    use exactly_core::limits::NODES_LEAVING_MAX;
+    let mut h = Harness::new();
+    for node in 1..=NODES_LEAVING_MAX as u64 {
+        assert_eq!(
+            h.apply(NOW, drain(node, 1_000)).0,
+            Response::Draining(Ok(0))
+        );
+    }
+    let before = h.table.clone();
+    assert_eq!(
+        h.apply(NOW, drain(1_000, 0)).0,
+        Response::Draining(Err(Rejection::TooManyLeaving {
+            got: NODES_LEAVING_MAX,
+            max: NODES_LEAVING_MAX,
+        }))
+    );
+    assert_eq!(h.table, before);
+    assert_eq!(h.apply(NOW + 1, drain(1, 0)).0, Response::Draining(Ok(0)));
+    assert_eq!(h.table.leaving(1).map(|l| l.deadline_ms), Some(NOW + 1));
+}
+
+/// A node that drained itself to stop (SIGTERM) and starts again (a newer incarnation registers)
+/// stays; an operator's drain survives a restart. A node that left without being removed is
+/// forgotten, not banned: it registers again as new, and a departure of a node that is not
+/// leaving is refused.
+#[test]
+fn stopping_nodes_that_restart_stay_and_drained_nodes_may_return() {
+    use exactly_core::LeaveReason;
+    let mut h = Harness::new();
+    h.register(NOW, 7, 1, 4);
+    h.register(NOW, 8, 1, 4);
+    h.apply(NOW + 1, drain_for(7, 20_000, LeaveReason::Stopping));
+    h.apply(NOW + 1, drain_for(8, 20_000, LeaveReason::Drained));
+    // The same incarnation again (a repeated registration) does not end the drain.
+    h.register(NOW + 2, 7, 1, 4);
+    assert!(h.table.leaving(7).is_some());
+    h.register(NOW + 3, 7, 2, 4);
+    h.register(NOW + 3, 8, 2, 4);
+    assert_eq!(
+        h.table.leaving(7),
+        None,
+        "a stopping node that restarted stays"
+    );
+    assert!(
+        h.table.leaving(8).is_some(),
+        "an operator's drain survives a restart"
+    );
+
+    assert_eq!(
+        h.apply(NOW + 4, Command::NodeLeft(7)).0,
+        Response::NodeLeft(Err(Rejection::NotLeaving(7)))
+    );
+    assert_eq!(
+        h.apply(NOW + 5, Command::NodeLeft(8)).0,
+        Response::NodeLeft(Ok(()))
+    );
+    assert!(!h.table.nodes().contains_key(&8));
+    assert!(!h.table.is_removed(8));
+    assert_eq!(h.register(NOW + 6, 8, 3, 4), 0);
+    assert!(h.table.nodes().contains_key(&8));
+    assert_eq!(h.table.leaving(8), None);
+}

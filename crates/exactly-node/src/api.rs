@@ -6,11 +6,14 @@
 //! (DeadLetters, Queues), `schedules` (Schedules), and `convert` (wire <-> domain conversions).
 //! The Cluster service lives here.
 
-use exactly_core::Rejection;
+use exactly_core::{LeaveReason, Rejection};
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::cluster_server::Cluster;
 use tonic::{Request, Response, Status};
 
+use crate::config::DRAIN_DEADLINE_MAX;
+use crate::internal::JoinReply;
+use crate::membership::LeaveError;
 use crate::node::{Node, ProposeError};
 
 mod admin;
@@ -59,6 +62,7 @@ impl From<ProposeError> for Status {
             // code that clients treat as "safe to retry" (UNAVAILABLE).
             ProposeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
             ProposeError::StoppedInFlight(_) => Status::unknown(e.to_string()),
+            ProposeError::Departed(_) => Status::failed_precondition(e.to_string()),
         }
     }
 }
@@ -93,8 +97,180 @@ fn committed_index(
     matched[matched.len() / 2].max(applied)
 }
 
+/// Why a cluster (membership) call failed. Becomes a `tonic::Status` in exactly one place, the
+/// `From` impl below, with a code a script can branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("node {0} is not a member of this cluster (see `exactly cluster status`)")]
+    NotMember(u64),
+    #[error("node {0} was removed from the cluster; a removed node never comes back (start it with an empty data directory to join as a new node)")]
+    Removed(u64),
+    #[error(transparent)]
+    Leave(#[from] LeaveError),
+    #[error("the leader did not admit node {node}: {why}")]
+    JoinFailed { node: u64, why: String },
+    #[error("no leader is known; nothing was changed (the cluster may be electing: retry)")]
+    NoLeader,
+}
+
+impl From<ClusterError> for Status {
+    fn from(e: ClusterError) -> Self {
+        let text = e.to_string();
+        match e {
+            ClusterError::BadRequest(_) => Status::invalid_argument(text),
+            ClusterError::NotMember(_) => Status::not_found(text),
+            ClusterError::Removed(_)
+            | ClusterError::Leave(LeaveError::Removed(_) | LeaveError::LastVoter(_)) => {
+                Status::failed_precondition(text)
+            }
+            ClusterError::Leave(LeaveError::Propose(p)) => p.into(),
+            ClusterError::Leave(LeaveError::Refused(Rejection::TooManyLeaving { .. })) => {
+                Status::resource_exhausted(text)
+            }
+            ClusterError::Leave(LeaveError::Refused(_)) => Status::failed_precondition(text),
+            ClusterError::Leave(LeaveError::TimedOut { .. }) => Status::deadline_exceeded(text),
+            // Nothing changed (the learner may have been added; joining again is harmless).
+            ClusterError::JoinFailed { .. } | ClusterError::NoLeader => Status::unavailable(text),
+        }
+    }
+}
+
+/// A member's health as a word, from the replicated lease state (`lease_age_ms` in leader time).
+fn health(
+    entry: Option<&exactly_core::NodeEntry>,
+    lease_age_ms: u64,
+    quiet_ms: u64,
+) -> &'static str {
+    match entry {
+        None => "unregistered",
+        Some(e) if e.expired => "expired",
+        Some(_) if lease_age_ms > quiet_ms => "silent",
+        Some(_) => "ok",
+    }
+}
+
+impl ClusterService {
+    /// Validates and proposes a drain of `id` with `deadline` (0 for a removal).
+    async fn drain_node(
+        &self,
+        id: u64,
+        deadline: std::time::Duration,
+        reason: LeaveReason,
+    ) -> Result<pb::DrainResponse, ClusterError> {
+        let node = &self.node;
+        if id == 0 {
+            return Err(ClusterError::BadRequest("node_id is required".into()));
+        }
+        if deadline > DRAIN_DEADLINE_MAX {
+            return Err(ClusterError::BadRequest(format!(
+                "a drain deadline of {deadline:?} exceeds the limit of {DRAIN_DEADLINE_MAX:?}"
+            )));
+        }
+        let (removed, known) = node.read(|t| {
+            (
+                t.is_removed(id),
+                t.nodes().contains_key(&id) || t.leaving(id).is_some(),
+            )
+        });
+        if removed {
+            return Err(ClusterError::Removed(id));
+        }
+        if !known && !node.is_member(id) {
+            return Err(ClusterError::NotMember(id));
+        }
+        if node.is_last_voter(id) {
+            return Err(LeaveError::LastVoter(id).into());
+        }
+        let running = node.propose_drain(id, deadline, reason).await?;
+        Ok(pb::DrainResponse {
+            node_id: id,
+            running,
+        })
+    }
+
+    /// Admits a node, on the leader or through it.
+    async fn join_node(&self, id: u64, addr: String) -> Result<pb::JoinResponse, ClusterError> {
+        let node = &self.node;
+        if id == 0 || addr.is_empty() {
+            return Err(ClusterError::BadRequest(
+                "join needs the node's id and address".into(),
+            ));
+        }
+        if node.read(|t| t.is_removed(id)) {
+            return Err(ClusterError::Removed(id));
+        }
+        let reply = match node.leader() {
+            Some((leader, _)) if leader == node.id => crate::internal::admit(node, id, addr).await,
+            Some((_, leader_addr)) => {
+                let mut client = node
+                    .peer(&leader_addr)
+                    .map_err(|e| ClusterError::JoinFailed {
+                        node: id,
+                        why: e.to_string(),
+                    })?;
+                let blob = client
+                    .join(exactly_proto::internal::JoinRequest { node_id: id, addr })
+                    .await
+                    .map_err(|status| ClusterError::JoinFailed {
+                        node: id,
+                        why: status.message().to_string(),
+                    })?;
+                crate::codec::decode::<JoinReply>(&blob.into_inner().data).map_err(|e| {
+                    ClusterError::JoinFailed {
+                        node: id,
+                        why: e.to_string(),
+                    }
+                })?
+            }
+            None => return Err(ClusterError::NoLeader),
+        };
+        match reply {
+            JoinReply::Joined { voter } => Ok(pb::JoinResponse { voter }),
+            JoinReply::Removed => Err(ClusterError::Removed(id)),
+            JoinReply::NotLeader => Err(ClusterError::NoLeader),
+            JoinReply::Failed(why) => Err(ClusterError::JoinFailed { node: id, why }),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let pb::DrainRequest {
+            node_id,
+            deadline_ms,
+        } = request.into_inner();
+        let deadline = std::time::Duration::from_millis(deadline_ms);
+        Ok(Response::new(
+            self.drain_node(node_id, deadline, LeaveReason::Drained)
+                .await?,
+        ))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let id = request.into_inner().node_id;
+        Ok(Response::new(
+            self.drain_node(id, std::time::Duration::ZERO, LeaveReason::Removed)
+                .await?,
+        ))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let pb::JoinRequest { node_id, addr } = request.into_inner();
+        Ok(Response::new(self.join_node(node_id, addr).await?))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,
@@ -104,18 +280,38 @@ impl Cluster for ClusterService {
         let membership = metrics.membership_config.membership().clone();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let replication = metrics.replication.clone().unwrap_or_default();
-        let (counts, registered, running) = node.read(|t| {
+        let (counts, registered, running, leaving, removed, now_ms) = node.read(|t| {
             let registered = t.nodes().clone();
             let running: std::collections::BTreeMap<u64, usize> = registered
                 .keys()
                 .map(|&id| (id, t.running_on(id)))
                 .collect();
-            (t.counts().clone(), registered, running)
+            (
+                t.counts().clone(),
+                registered,
+                running,
+                t.leaving_nodes().clone(),
+                t.removed_nodes().keys().copied().collect::<Vec<u64>>(),
+                t.now_ms(),
+            )
         });
+        let leading = metrics.current_leader == Some(node.id);
+        let last_log = metrics.last_log_index.unwrap_or(0);
+        let quiet_ms = (node.config.lease.renew_interval * crate::lease::QUIET_AFTER_RENEWALS)
+            .as_millis() as u64;
         let members = membership
             .nodes()
             .map(|(&id, n)| {
                 let reg = registered.get(&id);
+                let lease_age_ms = reg
+                    .filter(|r| r.renewed_at_ms > 0)
+                    .map_or(0, |r| now_ms.saturating_sub(r.renewed_at_ms));
+                let matched = if id == node.id {
+                    Some(last_log)
+                } else {
+                    replication.get(&id).map(|l| l.map_or(0, |l| l.index))
+                };
+                let drain = leaving.get(&id);
                 pb::Member {
                     node_id: id,
                     addr: n.addr.clone(),
@@ -133,6 +329,13 @@ impl Cluster for ClusterService {
                     slots: reg.map_or(0, |r| r.slots),
                     running: running.get(&id).copied().unwrap_or(0) as u32,
                     incarnation: reg.map_or(0, |r| r.incarnation),
+                    health: health(reg, lease_age_ms, quiet_ms).to_string(),
+                    lease_age_ms,
+                    lag: matched
+                        .filter(|_| leading)
+                        .map(|m| last_log.saturating_sub(m)),
+                    draining: drain.is_some(),
+                    drain_deadline_ms: drain.map_or(0, |d| d.deadline_ms),
                 }
             })
             .collect();
@@ -152,6 +355,7 @@ impl Cluster for ClusterService {
                 cancelled: counts.cancelled,
                 stale_completions: counts.stale_completions,
             }),
+            removed_node_ids: removed,
         }))
     }
 }

@@ -31,6 +31,10 @@ pub struct NodeConfig {
     pub voters_target: usize,
     /// Attempts this node runs at once.
     pub slots: u32,
+    /// On SIGTERM the node drains and leaves the cluster: running attempts may finish for this
+    /// long, then they are cancelled and run again elsewhere. A second SIGTERM stops at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
     /// Limits enforced at this node's API edge.
     pub limits: LimitsConfig,
     /// Defaults for jobs that do not set these options.
@@ -128,6 +132,7 @@ impl Default for NodeConfig {
             join: Vec::new(),
             voters_target: 3,
             slots: 256,
+            drain_deadline: Duration::from_secs(20),
             limits: LimitsConfig::default(),
             defaults: JobDefaults::default(),
             raft: RaftConfig::default(),
@@ -171,6 +176,9 @@ pub struct LeaseConfig {
     /// The largest ratio between two nodes' monotonic clock rates that the timing tolerates.
     pub clock_rate_ratio_max: f64,
 }
+
+/// The longest drain deadline a node accepts (one day, the longest job timeout).
+pub const DRAIN_DEADLINE_MAX: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How often the executor compares the time with its lease deadline.
 pub const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
@@ -357,6 +365,13 @@ impl NodeConfig {
                 "voters-target",
                 self.voters_target,
                 "must be 1..=7 (use 3 or 5)",
+            ));
+        }
+        if self.drain_deadline > DRAIN_DEADLINE_MAX {
+            return Err(invalid(
+                "drain-deadline",
+                self.drain_deadline,
+                format!("must be at most {DRAIN_DEADLINE_MAX:?}"),
             ));
         }
         let l = &self.limits;

@@ -10,7 +10,7 @@
 //! replayed Start of its previous life is ignored; the state machine requeues those jobs when the
 //! new incarnation registers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use exactly_core::limits::COMPLETE_BATCH_MAX;
@@ -67,6 +67,13 @@ pub struct ExecutorState {
     /// The lease lapsed: nothing starts, and everything running was cancelled.
     fenced: bool,
     flushing: bool,
+    /// Attempts cancelled because this node's drain deadline passed: unless the handler still
+    /// succeeded, their outcome is reported as given back (`Outcome::Abandoned`), not as a
+    /// failure, so the job runs again at once elsewhere without losing an attempt.
+    released: HashSet<(JobId, u64)>,
+    /// This node's drain deadline has passed, as of the last reconciliation (read once per
+    /// [`RECONCILE_INTERVAL`] with the rest of the state, not on every start).
+    drain_passed: bool,
 }
 
 impl Actor for Executor {
@@ -88,6 +95,8 @@ impl Actor for Executor {
             started: HashMap::new(),
             fenced: true,
             flushing: false,
+            released: HashSet::new(),
+            drain_passed: false,
         })
     }
 
@@ -107,8 +116,15 @@ impl Actor for Executor {
                 if state.running.get(&job).is_some_and(|(t, _)| *t == token) {
                     state.running.remove(&job);
                 }
+                let released = state.released.remove(&(job, token));
                 let outcome = match outcome {
                     HandlerOutcome::Succeeded(result) => Outcome::Succeeded { result },
+                    HandlerOutcome::Failed { error, .. } if released => Outcome::Abandoned {
+                        reason: format!(
+                            "node {} was drained past its deadline: {error}",
+                            state.node.id
+                        ),
+                    },
                     HandlerOutcome::Failed { error, retryable } => {
                         Outcome::Failed { error, retryable }
                     }
@@ -153,6 +169,8 @@ impl Actor for Executor {
             }
             ExecutorMsg::Reconcile => {
                 let (id, incarnation) = (state.node.id, state.node.incarnation());
+                state.drain_passed = state.node.read(|t| t.drain_deadline_passed(id));
+                state.release_if_drained();
                 // Forget a started attempt only after two rounds in which the local replica did
                 // not show it as current. The Start message of an attempt is enqueued when its
                 // Assign applies, before the replica can show the attempt ended; a round enqueued
@@ -221,6 +239,22 @@ impl Actor for Executor {
 }
 
 impl ExecutorState {
+    /// Once this node's drain deadline has passed (by the replicated leader time), cancels every
+    /// running attempt; each is reported as given back when its handler has stopped (or was
+    /// killed after the kill grace), never before, so the job cannot run twice at once.
+    fn release_if_drained(&mut self) {
+        if !self.drain_passed {
+            return;
+        }
+        let id = self.node.id;
+        for (&job, (token, cancel)) in &self.running {
+            if self.released.insert((job, *token)) {
+                tracing::info!(node = id, job, token, "drain deadline passed: cancelling");
+                cancel.cancel();
+            }
+        }
+    }
+
     fn start(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
         let node = &self.node;
         if start.node != node.id || start.incarnation != node.incarnation() {
@@ -234,6 +268,19 @@ impl ExecutorState {
             return;
         }
         self.started.insert(start.job, (start.token, 0));
+        if self.drain_passed {
+            // Assigned just before the drain (or its deadline) applied: give it straight back.
+            self.released.insert((start.job, start.token));
+            let _ = myself.send_message(ExecutorMsg::Finished {
+                job: start.job,
+                token: start.token,
+                outcome: HandlerOutcome::Failed {
+                    error: "not started".into(),
+                    retryable: true,
+                },
+            });
+            return;
+        }
         if !node.lease_valid() {
             // Invariant 4: no lease, no execution. Report it so the job moves on sooner than
             // the expiry would move it (the report is refused if the expiry came first).

@@ -1,6 +1,7 @@
 //! The node's HTTP endpoints: `/healthz` (the process and its Raft core run), `/readyz` (the
 //! node can take and run work: a leader is known, its lease is valid, it has applied what the
-//! leader committed up to a small lag), and `/metrics` (Prometheus text).
+//! leader committed up to a small lag, and it is neither draining nor removed), and `/metrics`
+//! (Prometheus text).
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -45,6 +46,15 @@ pub fn not_ready(node: &Node) -> Option<String> {
     let m = node.raft.metrics().borrow().clone();
     if let Err(fatal) = &m.running_state {
         return Some(format!("raft stopped: {fatal}"));
+    }
+    if node.departure.is_removed() {
+        return Some("removed from the cluster".into());
+    }
+    if node.departure.has_departed() {
+        return Some("left the cluster (drained)".into());
+    }
+    if node.read(|t| t.leaving(node.id).is_some()) {
+        return Some("draining: leaving the cluster".into());
     }
     if m.current_leader.is_none() {
         return Some("no leader known".into());

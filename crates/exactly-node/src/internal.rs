@@ -22,6 +22,7 @@ pub struct InternalService {
 fn blob<T: serde::Serialize>(value: &T) -> Response<Blob> {
     Response::new(Blob {
         data: codec::encode(value),
+        target: 0,
     })
 }
 
@@ -34,17 +35,43 @@ pub enum JoinReply {
     },
     NotLeader,
     Failed(String),
+    /// That node id was removed from the cluster: it never comes back.
+    Removed,
+}
+
+impl InternalService {
+    /// Refuses a Raft message meant for another node id (0: the sender did not say).
+    fn check_target(&self, target: u64) -> Result<(), Status> {
+        if target != 0 && target != self.node.id {
+            return Err(Status::failed_precondition(format!(
+                "this is node {}, not node {target}: the address now belongs to another node",
+                self.node.id
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
 impl Internal for InternalService {
     async fn append_entries(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
-        let req: AppendEntriesRequest<TypeConfig> = codec::decode(&request.into_inner().data)?;
+        let Blob { data, target } = request.into_inner();
+        self.check_target(target)?;
+        let req: AppendEntriesRequest<TypeConfig> = codec::decode(&data)?;
         Ok(blob(&self.node.raft.append_entries(req).await))
     }
 
+    /// A removed node's vote request never reaches Raft: it must not raise this node's term,
+    /// and the refusal tells it that it was removed.
     async fn vote(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
-        let req: VoteRequest<u64> = codec::decode(&request.into_inner().data)?;
+        let Blob { data, target } = request.into_inner();
+        self.check_target(target)?;
+        let req: VoteRequest<u64> = codec::decode(&data)?;
+        if let Some(refusal) =
+            crate::membership::vote_refusal(&self.node, req.vote.leader_id.node_id)
+        {
+            return Err(refusal);
+        }
         Ok(blob(&self.node.raft.vote(req).await))
     }
 
@@ -59,6 +86,7 @@ impl Internal for InternalService {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             if header.is_none() {
+                self.check_target(chunk.target)?;
                 header = Some(codec::decode(&chunk.header)?);
             }
             if (data.len() + chunk.data.len()) as u64 > cap {
@@ -112,7 +140,10 @@ impl Internal for InternalService {
 
 /// Adds a node as a learner (waiting until it has caught up), then promotes it to voter while
 /// the cluster has fewer voters than `voters-target`.
-async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
+pub(crate) async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
+    if node.read(|t| t.is_removed(id)) {
+        return JoinReply::Removed;
+    }
     let raft = &node.raft;
     let membership = raft
         .metrics()

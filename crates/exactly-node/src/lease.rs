@@ -45,7 +45,7 @@ impl Node {
     /// takes the first lease from it.
     pub async fn register(&self, addr: &str) -> bool {
         loop {
-            if self.shutdown.is_cancelled() {
+            if self.shutdown.is_cancelled() || self.departure.has_departed() {
                 return false;
             }
             let registration = NodeRegistration {
@@ -65,6 +65,10 @@ impl Node {
                         "registered"
                     );
                     return true;
+                }
+                Ok(Response::NodeRegistered(Err(Rejection::Removed(_)))) => {
+                    self.departure.mark_removed();
+                    return false;
                 }
                 Ok(Response::NodeRegistered(Err(why))) => {
                     tracing::error!(%why, "registration refused; taking a new incarnation");
@@ -108,6 +112,9 @@ impl Node {
                 _ = tokio::time::sleep(every) => {}
                 _ = self.shutdown.cancelled() => return,
             }
+            if self.departure.has_departed() {
+                return;
+            }
             let lease = NodeLease {
                 node: self.id,
                 incarnation: self.incarnation(),
@@ -122,6 +129,15 @@ impl Node {
                     if !self.reincarnate() || !self.register(&addr).await {
                         return;
                     }
+                }
+                Ok(Ok(Response::Renewed(Err(Rejection::Removed(_))))) => {
+                    self.departure.mark_removed();
+                    return;
+                }
+                // The entry of a registered node goes only when it has left the cluster.
+                Ok(Ok(Response::Renewed(Err(Rejection::UnknownNode(_))))) => {
+                    self.departure.mark_left();
+                    return;
                 }
                 Ok(Ok(other)) => tracing::error!(?other, "unexpected response to a renewal"),
                 Ok(Err(e)) => tracing::debug!(error = %e, "renewal failed"),

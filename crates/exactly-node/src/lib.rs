@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod http;
 pub mod internal;
 pub mod lease;
+pub mod membership;
 pub mod network;
 pub mod node;
 pub mod scheduler;

@@ -19,8 +19,11 @@ use openraft::raft::{
 use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
 use tonic::transport::{Channel, Endpoint};
 
+use std::sync::Arc;
+
 use crate::codec;
 use crate::faults::{self, FaultsHandle};
+use crate::membership::{Departure, REMOVED_MARKER};
 
 /// Bytes per snapshot chunk on the wire.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
@@ -56,6 +59,8 @@ pub struct Network {
     pub id: u64,
     /// Test-only fault injection; `None` in production.
     pub faults: Option<FaultsHandle>,
+    /// Marked when a peer refuses this node's vote request because it was removed.
+    pub departure: Arc<Departure>,
 }
 
 pub struct Connection {
@@ -63,6 +68,7 @@ pub struct Connection {
     target: u64,
     client: Result<InternalClient<Channel>, String>,
     faults: Option<FaultsHandle>,
+    departure: Arc<Departure>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -76,6 +82,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .map(internal_client)
                 .map_err(|e| format!("bad address {:?}: {e}", node.addr)),
             faults: self.faults.clone(),
+            departure: self.departure.clone(),
         }
     }
 }
@@ -122,14 +129,22 @@ impl Connection {
         }
         let mut request = tonic::Request::new(Blob {
             data: codec::encode(req),
+            target: self.target,
         });
         request.set_timeout(option.hard_ttl());
+        let departure = &self.departure;
         let reply = send(client, request)
             .await
             .map_err(|status| match status.code() {
                 tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
                 | tonic::Code::Cancelled => unreachable_err(status.message()),
+                tonic::Code::FailedPrecondition if status.message().starts_with(REMOVED_MARKER) => {
+                    departure.mark_removed();
+                    unreachable_err(status.message())
+                }
+                // A node at that address that is not `target` (its address was reused by a new
+                // node): as good as unreachable, and it must never count for `target`.
                 _ => RPCError::Network(NetworkError::new(&status)),
             })?;
         if faults::pass(&self.faults, self.target, self.from, ttl)
@@ -200,6 +215,7 @@ impl RaftNetwork<TypeConfig> for Connection {
             chunks.push(SnapshotChunk {
                 header: if first { header.clone() } else { Vec::new() },
                 data: piece.to_vec(),
+                target: if first { self.target } else { 0 },
             });
             first = false;
         }
@@ -207,6 +223,7 @@ impl RaftNetwork<TypeConfig> for Connection {
             chunks.push(SnapshotChunk {
                 header,
                 data: Vec::new(),
+                target: self.target,
             });
         }
         let send = client.install_snapshot(futures::stream::iter(chunks));

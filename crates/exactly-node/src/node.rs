@@ -43,6 +43,11 @@ pub enum ProposeError {
     /// be on followers, and the next leader may commit it. Never report this as "not applied".
     #[error("raft stopped with the write in flight; the outcome is unknown and it may still commit: {0}")]
     StoppedInFlight(String),
+    /// This node left (or was removed from) the cluster; it proposes nothing any more.
+    #[error(
+        "node {0} is no longer a member of the cluster; nothing was proposed (use another node)"
+    )]
+    Departed(u64),
 }
 
 /// What a leader answers to a forwarded command.
@@ -79,6 +84,8 @@ pub struct NodeInner {
     pub events: Arc<crate::events::EventHub>,
     /// One lazily connected client per peer address, reused across forwards.
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
+    /// Set once this node learns that it left or was removed (see `membership.rs`).
+    pub departure: Arc<crate::membership::Departure>,
 }
 
 /// A cheap-to-clone handle to a running node.
@@ -200,6 +207,9 @@ impl Node {
             if self.shutdown.is_cancelled() {
                 return Err(ProposeError::ShuttingDown("shutdown requested".into()));
             }
+            if self.departure.has_departed() {
+                return Err(ProposeError::Departed(self.id));
+            }
             match self.leader() {
                 Some((leader, _)) if leader == self.id => {
                     match tokio::time::timeout_at(deadline, self.write_local(command.clone())).await
@@ -270,7 +280,7 @@ impl Node {
         deadline: Instant,
     ) -> Result<ForwardReply, Option<String>> {
         let mut client = self.peer(addr).map_err(|e| Some(e.to_string()))?;
-        let mut request = tonic::Request::new(Blob { data });
+        let mut request = tonic::Request::new(Blob { data, target: 0 });
         let remaining = deadline.saturating_duration_since(Instant::now());
         request.set_timeout(remaining);
         match tokio::time::timeout_at(deadline, client.forward(request)).await {

@@ -26,10 +26,14 @@ use crate::node::{wall_ms, ForwardReply, Node};
 
 /// How often the scheduler looks even without a wake-up (delayed jobs become due by time alone).
 pub const SCHEDULER_TICK: Duration = Duration::from_millis(100);
+/// Scheduler ticks between two membership rounds (drained nodes leaving, voters topped up).
+pub const MEMBERSHIP_EVERY_TICKS: u32 = 3;
 
 pub enum SchedulerMsg {
     Wake,
     Tick,
+    /// A membership round (see `membership::reconcile`) finished.
+    MembershipDone,
     /// An Expire proposal for this lease returned.
     Expired(NodeLease),
     Proposed {
@@ -60,6 +64,10 @@ pub struct SchedulerState {
     housekeeping: bool,
     /// When the last retention pass found nothing (or ran), on the monotonic clock.
     retained_at: Option<std::time::Instant>,
+    /// A membership round is running (one at a time).
+    membership_busy: bool,
+    /// Ticks since the last membership round started.
+    ticks_since_membership: u32,
 }
 
 impl Actor for Scheduler {
@@ -84,6 +92,8 @@ impl Actor for Scheduler {
             expiring: BTreeSet::new(),
             housekeeping: false,
             retained_at: None,
+            membership_busy: false,
+            ticks_since_membership: 0,
         })
     }
 
@@ -101,6 +111,7 @@ impl Actor for Scheduler {
             SchedulerMsg::Tick => {
                 state.plan(&myself);
                 state.housekeep(&myself);
+                state.maybe_reconcile_membership(&myself);
             }
             SchedulerMsg::Housekept { more, retain_again } => {
                 state.housekeeping = false;
@@ -111,6 +122,7 @@ impl Actor for Scheduler {
                     state.housekeep(&myself);
                 }
             }
+            SchedulerMsg::MembershipDone => state.membership_busy = false,
             SchedulerMsg::Expired(lease) => {
                 state.expiring.remove(&lease);
             }
@@ -132,6 +144,27 @@ impl Actor for Scheduler {
 }
 
 impl SchedulerState {
+    /// Starts a membership round every [`MEMBERSHIP_EVERY_TICKS`] ticks unless one runs: drained
+    /// nodes leave, voters are topped up from learners.
+    fn maybe_reconcile_membership(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        self.ticks_since_membership += 1;
+        if self.membership_busy || self.ticks_since_membership < MEMBERSHIP_EVERY_TICKS {
+            return;
+        }
+        self.ticks_since_membership = 0;
+        self.membership_busy = true;
+        let node = self.node.clone();
+        let policy = crate::membership::Reconcile {
+            voters_target: node.config.voters_target,
+            quiet: self.quiet.clone(),
+        };
+        let me = myself.clone();
+        tokio::spawn(async move {
+            crate::membership::reconcile(&node, &policy).await;
+            let _ = me.send_message(SchedulerMsg::MembershipDone);
+        });
+    }
+
     /// Expires leases that lapsed on this leader's clock (one proposal per lease at a time).
     fn review_leases(&mut self, myself: &ActorRef<SchedulerMsg>) {
         let renewed = self
@@ -267,7 +300,8 @@ impl SchedulerState {
             .collect();
         let now = wall_ms();
         let plan = self.node.read(|table| {
-            // Registered nodes that left the membership get nothing.
+            // Registered nodes that left the membership get nothing (leaving and expired ones
+            // are skipped by the policy itself).
             let excluded: BTreeSet<u64> = table
                 .nodes()
                 .keys()

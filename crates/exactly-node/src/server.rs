@@ -35,6 +35,8 @@ use crate::{codec, network};
 pub const API_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Pause between attempts to join or register.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// How long one request to be admitted may take before the next member is asked.
+const JOIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -85,6 +87,45 @@ impl RunningNode {
         for t in self.tasks {
             t.abort();
         }
+    }
+}
+
+impl RunningNode {
+    /// Drains this node and leaves the cluster (what SIGTERM does): no new work, running
+    /// attempts may finish for `deadline`, then they are cancelled and given back; returns once
+    /// the leader took the node out of the membership. Call [`RunningNode::shutdown`] after it.
+    pub async fn drain_and_leave(
+        &self,
+        deadline: Duration,
+    ) -> Result<(), crate::membership::LeaveError> {
+        self.node.drain_and_leave(deadline).await
+    }
+}
+
+/// Once this node learns that it is out of the cluster — it left (a drain finished; its renewal
+/// is refused) or was removed (its own state machine, a refused registration or renewal, a peer
+/// refusing its vote request) — it stops campaigning so that it cannot raise the cluster's term,
+/// and cancels anything it still runs. It keeps serving reads and status (its /readyz says why
+/// it is not ready) until it is stopped.
+async fn stand_down_when_removed(node: Node, executor: ActorRef<ExecutorMsg>) {
+    tokio::select! {
+        () = node.departure.wait() => {}
+        () = node.shutdown.cancelled() => return,
+    }
+    node.raft.runtime_config().elect(false);
+    let _ = executor.send_message(ExecutorMsg::CancelAll);
+    if node.departure.is_removed() {
+        tracing::error!(
+            node = node.id,
+            "this node was removed from the cluster: it no longer votes, campaigns or runs jobs; \
+             stop it, and start it with an empty data directory to join again as a new node"
+        );
+    } else {
+        tracing::warn!(
+            node = node.id,
+            "this node left the cluster (drained): it no longer votes, campaigns or runs jobs; \
+             stop it (started again, it asks to be admitted again)"
+        );
     }
 }
 
@@ -151,9 +192,14 @@ pub async fn start_with(
             .validate()
             .map_err(|e| StartError::Raft(e.to_string()))?,
     );
+    let departure = Arc::new(crate::membership::Departure::default());
+    if state.read(|t| t.is_removed(id)) {
+        departure.mark_removed();
+    }
     let network = Network {
         id,
         faults: options.faults.clone(),
+        departure: departure.clone(),
     };
     let raft = Raft::new(id, raft_config, network, store.log_store(), state.clone())
         .await
@@ -190,6 +236,7 @@ pub async fn start_with(
         started: std::time::Instant::now(),
         events: hooks.events.clone(),
         peers: Default::default(),
+        departure,
     }));
     tracing::info!(node = id, incarnation, %addr, "node starting");
 
@@ -208,6 +255,7 @@ pub async fn start_with(
         tokio::spawn(watch_leadership(node.clone(), hooks.clone())),
         tokio::spawn(confirm_quorum_while_leading(node.clone())),
         tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
+        tokio::spawn(stand_down_when_removed(node.clone(), executor.clone())),
     ];
     if let Some(listener) = http {
         tasks.push(tokio::spawn(crate::http::serve(node.clone(), listener)));
@@ -348,14 +396,33 @@ async fn bootstrap_and_register(node: Node, addr: String) {
             Err(e) => tracing::warn!(error = %e, "initialize"),
         }
     } else if !initialized && !node.config.join.is_empty() {
-        join(&node, &addr).await;
+        join(&node, &addr, node.config.join.clone()).await;
+    } else if initialized && !node.departure.has_departed() {
+        // A node that drained itself away (SIGTERM) and starts again is no longer a member: it
+        // asks to be admitted again. For a member this is one cheap round trip (the leader
+        // answers at once), and a removed node learns here that it is out for good. In the
+        // background: a member registers at once, whatever the join says.
+        let mut targets = node.config.join.clone();
+        let membership = node.raft.metrics().borrow().membership_config.clone();
+        for (id, member) in membership.membership().nodes() {
+            if *id != node.id && !targets.contains(&member.addr) {
+                targets.push(member.addr.clone());
+            }
+        }
+        targets.retain(|t| *t != addr);
+        if !targets.is_empty() {
+            let (node, addr) = (node.clone(), addr.clone());
+            tokio::spawn(async move { join(&node, &addr, targets).await });
+        }
+    }
+    if node.departure.has_departed() {
+        return;
     }
     node.keep_lease(addr).await;
 }
 
 /// Asks the configured peers (and whichever leader they name) to admit this node, until one does.
-async fn join(node: &Node, addr: &str) {
-    let mut targets: Vec<String> = node.config.join.clone();
+async fn join(node: &Node, addr: &str, mut targets: Vec<String>) {
     let mut i = 0usize;
     loop {
         if node.shutdown.is_cancelled() {
@@ -365,12 +432,16 @@ async fn join(node: &Node, addr: &str) {
         i += 1;
         let reply = match network::channel(&target) {
             Ok(ch) => {
-                network::internal_client(ch)
-                    .join(JoinRequest {
-                        node_id: node.id,
-                        addr: addr.to_string(),
-                    })
+                let mut client = network::internal_client(ch);
+                let request = client.join(JoinRequest {
+                    node_id: node.id,
+                    addr: addr.to_string(),
+                });
+                // A paused or half-dead peer must not hold the join up; an admission that took
+                // longer (a big snapshot to catch up on) goes on, and the next try finds it done.
+                tokio::time::timeout(JOIN_ATTEMPT_TIMEOUT, request)
                     .await
+                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("join timed out")))
             }
             Err(e) => Err(tonic::Status::invalid_argument(e.to_string())),
         };
@@ -378,6 +449,10 @@ async fn join(node: &Node, addr: &str) {
             Ok(blob) => match codec::decode::<JoinReply>(&blob.into_inner().data) {
                 Ok(JoinReply::Joined { voter }) => {
                     tracing::info!(node = node.id, voter, via = %target, "joined the cluster");
+                    return;
+                }
+                Ok(JoinReply::Removed) => {
+                    node.departure.mark_removed();
                     return;
                 }
                 Ok(other) => tracing::info!(?other, via = %target, "join not accepted yet"),

@@ -1,4 +1,5 @@
-//! Real-process tests: `exactlyd` binaries on loopback, killed with SIGKILL mid-stream.
+//! Real-process tests: `exactlyd` binaries on loopback, killed with SIGKILL mid-stream, and
+//! stopped with SIGTERM (drain and leave) and restarted.
 //!
 //! Each node runs an `exec` kind that appends "job token node" to a shared ledger file, so the
 //! test sees every execution that real processes made, and checks it against the state machine.
@@ -59,6 +60,30 @@ impl Proc {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
             let _ = c.wait();
         }
+    }
+}
+
+impl Proc {
+    /// Sends SIGTERM (what a container stop or `systemctl stop` sends).
+    fn term(&self) {
+        if let Some(c) = &self.child {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit; returns how long it took and its status.
+    async fn wait_exit(&mut self, limit: Duration) -> Option<(Duration, std::process::ExitStatus)> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Some((started.elapsed(), status));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
     }
 }
 
@@ -389,6 +414,110 @@ async fn sigkill_of_every_node_during_writes_loses_no_acknowledged_job() {
             "jobs did not complete after restart: {s:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    check_exactly_once(&cluster, &acked).await;
+}
+
+/// SIGTERM on the leader of three exactlyd processes under a stream of jobs: it drains, takes
+/// itself out of the membership (the other two elect a new leader) and exits well within its
+/// drain deadline; started again with its data it is admitted again and promoted back to voter.
+/// A node stopped with two SIGTERMs while a long job runs exits at once instead of draining.
+/// Every acknowledged job completes exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_leaves_and_a_restart_rejoins() {
+    let mut cluster = Cluster::start(3);
+    cluster.wait_ready(3, Duration::from_secs(60)).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let endpoints: Vec<String> = (0..3).map(|i| cluster.endpoint(i)).collect();
+    let stream = tokio::spawn(submit_stream(endpoints, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let status = cluster.wait_ready(3, Duration::from_secs(60)).await;
+    let leader = cluster.index_of(status.leader_id);
+    eprintln!("SIGTERM leader node {}", status.leader_id);
+    cluster.procs[leader].term();
+    let (took, exit) = cluster.procs[leader]
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the leader exits after draining (drain-deadline is 20 s)");
+    assert!(exit.success(), "{exit:?}");
+    eprintln!("the leader drained, left and exited in {took:?}");
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster.status(others[0]).await;
+        let ok = s.as_ref().is_some_and(|s| {
+            s.leader_id != 0
+                && s.leader_id != cluster.procs[leader].id
+                && s.members.len() == 2
+                && s.members.iter().all(|m| m.role == "voter")
+        });
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "two voters remain: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.procs[leader].start(&[]);
+    let status = cluster.wait_ready(3, Duration::from_secs(60)).await;
+    assert!(
+        status.members.iter().all(|m| m.role == "voter"),
+        "the restarted node is a voter again: {status:?}"
+    );
+
+    // Two SIGTERMs: the second stops the node at once, without waiting for its long job.
+    let victim = *others
+        .iter()
+        .find(|&&i| cluster.procs[i].id != status.leader_id)
+        .unwrap();
+    let mut c = Jobs::connect(cluster.endpoint(victim)).await.unwrap();
+    let long = pb::JobSpec {
+        kind: "sleep".into(),
+        payload: b"60s".to_vec(),
+        max_attempts: 5,
+        ..Default::default()
+    };
+    c.submit(pb::SubmitRequest {
+        jobs: vec![long; 6],
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.procs[victim].term();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.procs[victim].term();
+    let (took, _) = cluster.procs[victim]
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("a second SIGTERM stops the node at once");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    cluster.procs[victim].start(&[]);
+    cluster.wait_ready(3, Duration::from_secs(60)).await;
+
+    stop.cancel();
+    let acked = stream.await.unwrap();
+    assert!(
+        acked.len() > 50,
+        "too few jobs acknowledged: {}",
+        acked.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut clients = cluster.clients().await;
+    for &id in &acked {
+        loop {
+            let job = Cluster::get(&mut clients, id).await;
+            if job
+                .as_ref()
+                .is_some_and(|j| j.state == pb::JobState::Succeeded as i32)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not complete: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     check_exactly_once(&cluster, &acked).await;
 }

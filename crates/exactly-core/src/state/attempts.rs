@@ -44,6 +44,9 @@ impl JobTable {
 
     /// Checks that the assignment's node can take an attempt now.
     fn check_node(&mut self, a: &Assignment) -> Result<(), Rejection> {
+        if self.leaving.contains_key(&a.node) {
+            return Err(Rejection::Draining(a.node));
+        }
         let node = self.current_node(NodeLease {
             node: a.node,
             incarnation: a.incarnation,
@@ -228,6 +231,9 @@ impl JobTable {
             Outcome::Failed { error, retryable } => AttemptEnd::Failed {
                 error: truncate_str(error, ERROR_BYTES_MAX),
                 retryable,
+            },
+            Outcome::Abandoned { reason } => AttemptEnd::Abandoned {
+                reason: truncate_str(reason, ERROR_BYTES_MAX),
             },
         };
         self.end_current_attempt(&mut job, end, entropy, effects);

@@ -1,7 +1,7 @@
 //! Nodes: registrations (incarnations), lease renewals and lease expiry.
 
 use super::{JobTable, NodeEntry};
-use crate::command::{Effect, NodeLease, NodeRegistration, Rejection};
+use crate::command::{Effect, LeaveReason, NodeLease, NodeRegistration, Rejection};
 use crate::job::AttemptEnd;
 use crate::limits::NODE_SLOTS_MAX;
 use crate::JobId;
@@ -12,6 +12,9 @@ impl JobTable {
         r: NodeRegistration,
         effects: &mut Vec<Effect>,
     ) -> Result<u32, Rejection> {
+        if self.removed.contains_key(&r.node) {
+            return Err(Rejection::Removed(r.node));
+        }
         if r.slots > NODE_SLOTS_MAX {
             return Err(Rejection::Invalid(format!(
                 "slots must be at most {NODE_SLOTS_MAX}, got {}",
@@ -27,6 +30,16 @@ impl JobTable {
                     current,
                 });
             }
+        }
+        // A node that drained itself to stop and has started again stays.
+        let restarted = previous.is_some_and(|current| r.incarnation > current);
+        if restarted
+            && self
+                .leaving
+                .get(&r.node)
+                .is_some_and(|l| l.reason == LeaveReason::Stopping)
+        {
+            self.leaving.remove(&r.node);
         }
         let same = self
             .nodes
@@ -75,6 +88,9 @@ impl JobTable {
     /// The entry of `lease.node`, if `lease.incarnation` is its current incarnation (shared by
     /// assign, renew and expire).
     pub(super) fn current_node(&mut self, lease: NodeLease) -> Result<&mut NodeEntry, Rejection> {
+        if self.removed.contains_key(&lease.node) {
+            return Err(Rejection::Removed(lease.node));
+        }
         let node = self
             .nodes
             .get_mut(&lease.node)

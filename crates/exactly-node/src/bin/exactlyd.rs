@@ -39,6 +39,10 @@ struct Args {
     /// Attempts this node runs at once.
     #[arg(long)]
     slots: Option<u32>,
+    /// On SIGTERM, how long running jobs may finish before they are cancelled and run elsewhere
+    /// (for example 30s).
+    #[arg(long, env = "EXACTLY_DRAIN_DEADLINE", value_parser = humantime::parse_duration)]
+    drain_deadline: Option<std::time::Duration>,
 }
 
 fn load(args: &Args) -> anyhow::Result<NodeConfig> {
@@ -67,6 +71,9 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(slots) = args.slots {
         config.slots = slots;
+    }
+    if let Some(deadline) = args.drain_deadline {
+        config.drain_deadline = deadline;
     }
     Ok(config.validate()?)
 }
@@ -99,11 +106,26 @@ async fn main() -> anyhow::Result<()> {
         ),
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
+        _ = interrupt.recv() => {},
         _ = term.recv() => {},
     }
-    tracing::info!("shutting down");
+    // A graceful stop (container stop, pod deletion, systemctl stop): drain and leave, so that
+    // running jobs finish or move with new fencing tokens. A second signal stops at once.
+    let deadline = node.node.config.drain_deadline;
+    tracing::info!(
+        ?deadline,
+        "signal received: draining and leaving the cluster (signal again to stop now)"
+    );
+    tokio::select! {
+        left = node.drain_and_leave(deadline) => match left {
+            Ok(()) => tracing::info!("left the cluster"),
+            Err(e) => tracing::warn!(error = %e, "stopping without leaving the cluster"),
+        },
+        _ = interrupt.recv() => tracing::warn!("second signal: stopping at once"),
+        _ = term.recv() => tracing::warn!("second signal: stopping at once"),
+    }
     node.shutdown().await;
     Ok(())
 }

@@ -1,0 +1,389 @@
+//! Membership changes after start-up: the leader's side of drains (taking a node that runs
+//! nothing out of the Raft membership, promoting a learner so voters stay at `voters-target`),
+//! a node's own drain-and-leave (SIGTERM), and how a node that is out learns it and stands down.
+//!
+//! The drain itself is replicated state (`Command::Drain`, `JobTable::leaving`), so whichever
+//! node leads carries it on: [`reconcile`] runs on the leader's scheduler and is idempotent.
+//! A leaving node goes through these steps, each safe to repeat after a leader change:
+//!
+//! 1. It gets no new attempts (apply refuses them; the planner skips it).
+//! 2. Its running attempts finish, or, from the drain deadline on, the node cancels them and
+//!    gives them back (`Outcome::Abandoned`) once its handlers stopped; a dead node's attempts
+//!    are given back by its lease expiry. Nothing is reassigned while a node may still run it.
+//! 3. Once the state machine shows it running nothing, the leader changes the membership: a
+//!    voter is replaced by a caught-up learner when voters would drop below `voters-target`
+//!    (one joint change), a learner is simply removed.
+//! 4. The leader commits `Command::NodeLeft`: the node's lease entry goes, and a *removed*
+//!    node's id is remembered for good, so it never registers (takes work) again and its vote
+//!    requests are refused before they reach Raft ([`vote_refusal`]).
+//!
+//! A node that drained itself (SIGTERM) or was drained by an operator is not banned: started
+//! again with its data, it asks to be admitted like a joining node (`server.rs`) and comes back
+//! as a learner (promoted while voters are short).
+//!
+//! **Invariant:** the leader never removes the last voter, and never commits `NodeLeft` for a
+//! node that still runs attempts (apply refuses it too).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use exactly_core::{Command, DrainNode, LeaveReason, Rejection, Response};
+use openraft::ChangeMembers;
+use tokio::sync::Notify;
+
+use crate::node::{ForwardReply, Node, ProposeError};
+
+/// The prefix of the status a node sends to a removed node that asks for its vote. The removed
+/// node recognizes it and stops campaigning.
+pub const REMOVED_MARKER: &str = "removed from the cluster:";
+/// A learner is promoted to voter only if it is at most this many entries behind the leader.
+pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 100;
+/// How often a leaving node asks whether it has left yet.
+const LEAVE_POLL: Duration = Duration::from_millis(200);
+/// After the drain deadline (and the kill grace), how long a leaving node waits for the leader
+/// to take it out of the membership before it stops anyway.
+pub const LEAVE_MARGIN: Duration = Duration::from_secs(30);
+
+/// Whether this node is out of the cluster: it left (drained) or was removed. Set once per
+/// process and never cleared: a node that left comes back only by starting again.
+#[derive(Default)]
+pub struct Departure {
+    /// 0: a member; [`LEFT`]; [`REMOVED`].
+    state: AtomicU8,
+    notify: Notify,
+}
+
+const LEFT: u8 = 1;
+const REMOVED: u8 = 2;
+
+impl Departure {
+    /// Records that this node left the membership (it may come back by starting again).
+    pub fn mark_left(&self) {
+        self.mark(LEFT);
+    }
+
+    /// Records that this node was removed for good.
+    pub fn mark_removed(&self) {
+        self.mark(REMOVED);
+    }
+
+    fn mark(&self, state: u8) {
+        if self.state.fetch_max(state, Ordering::AcqRel) == 0 {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Whether this node is out of the cluster (left or removed).
+    pub fn has_departed(&self) -> bool {
+        self.state.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether this node was removed for good.
+    pub fn is_removed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == REMOVED
+    }
+
+    /// Returns once this node is out of the cluster.
+    pub async fn wait(&self) {
+        while !self.has_departed() {
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// The error a node answers a vote request with when the candidate was removed for good: the
+/// removed node must not raise the cluster's term, and learns from this that it is out. (A node
+/// that merely left is not refused here: openraft refuses its stale candidacy by the log, and it
+/// may come back.)
+pub fn vote_refusal(node: &Node, candidate: u64) -> Option<tonic::Status> {
+    node.read(|t| t.is_removed(candidate)).then(|| {
+        tonic::Status::failed_precondition(format!(
+            "{REMOVED_MARKER} node {candidate} was removed; start it with an empty data directory \
+             to join again as a new node"
+        ))
+    })
+}
+
+/// Why a node could not drain itself and leave.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaveError {
+    /// Nothing to leave: the node is alone, or it is the last voter (the cluster cannot go on
+    /// without it).
+    #[error("node {0} is the only voter; it cannot leave the cluster, only stop")]
+    LastVoter(u64),
+    #[error("node {0} was removed from the cluster already")]
+    Removed(u64),
+    #[error("the drain could not be committed: {0}")]
+    Propose(#[from] ProposeError),
+    #[error("the drain was refused: {0}")]
+    Refused(Rejection),
+    #[error("the leader did not take node {node} out of the membership within {waited:?}")]
+    TimedOut { node: u64, waited: Duration },
+}
+
+impl Node {
+    /// Whether `id` may not leave because it is the only voter.
+    pub fn is_last_voter(&self, id: u64) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        voters.len() == 1 && voters.contains(&id)
+    }
+
+    /// Whether `id` is in this node's view of the Raft membership (voter or learner).
+    pub fn is_member(&self, id: u64) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
+    }
+
+    /// Proposes a drain of `node`; returns how many attempts it runs now.
+    pub async fn propose_drain(
+        &self,
+        node: u64,
+        deadline: Duration,
+        reason: LeaveReason,
+    ) -> Result<u32, LeaveError> {
+        let command = Command::Drain(DrainNode {
+            node,
+            deadline_after_ms: deadline.as_millis().min(u64::MAX as u128) as u64,
+            reason,
+        });
+        match self.propose(command).await? {
+            Response::Draining(Ok(running)) => Ok(running),
+            Response::Draining(Err(Rejection::Removed(n))) => Err(LeaveError::Removed(n)),
+            Response::Draining(Err(why)) => Err(LeaveError::Refused(why)),
+            other => Err(LeaveError::Refused(Rejection::Invalid(format!(
+                "unexpected response {other:?}"
+            )))),
+        }
+    }
+
+    /// Drains this node and waits until the leader has taken it out of the membership (SIGTERM).
+    /// Running attempts may finish for `deadline`; then they are cancelled and given back.
+    /// Returns at once with [`LeaveError::LastVoter`] when the node is the only voter.
+    pub async fn drain_and_leave(&self, deadline: Duration) -> Result<(), LeaveError> {
+        if self.departure.is_removed() {
+            return Err(LeaveError::Removed(self.id));
+        }
+        if self.is_last_voter(self.id) {
+            return Err(LeaveError::LastVoter(self.id));
+        }
+        let started = tokio::time::Instant::now();
+        let give_up = deadline + self.config.lease.kill_grace + LEAVE_MARGIN;
+        // The proposal retries within `limits.propose-timeout`; keep trying while the cluster
+        // elects, up to the overall limit.
+        let running = loop {
+            match self
+                .propose_drain(self.id, deadline, LeaveReason::Stopping)
+                .await
+            {
+                Ok(running) => break running,
+                Err(LeaveError::Propose(e)) if started.elapsed() < give_up => {
+                    tracing::warn!(error = %e, "drain not committed yet; retrying");
+                    tokio::time::sleep(LEAVE_POLL).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        tracing::info!(
+            node = self.id,
+            running,
+            ?deadline,
+            "draining: no new work; running attempts may finish before the deadline"
+        );
+        let mut last_running = running as usize;
+        loop {
+            if self.has_left().await {
+                tracing::info!(node = self.id, took = ?started.elapsed(), "left the cluster");
+                return Ok(());
+            }
+            let now_running = self.read(|t| t.running_on(self.id));
+            if now_running != last_running {
+                tracing::info!(node = self.id, running = now_running, "draining");
+                last_running = now_running;
+            }
+            // Every other voter left meanwhile (the whole cluster is stopping): nothing to hand
+            // over to, so stop here, drained.
+            if now_running == 0 && self.is_last_voter(self.id) {
+                return Err(LeaveError::LastVoter(self.id));
+            }
+            if started.elapsed() >= give_up {
+                return Err(LeaveError::TimedOut {
+                    node: self.id,
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(LEAVE_POLL).await;
+        }
+    }
+
+    /// Whether this node is out of the membership: in its own view, or in the leader's (the
+    /// leader stops replicating to a removed node at once, so its own view may never change).
+    async fn has_left(&self) -> bool {
+        if self.departure.has_departed() || !self.is_member(self.id) {
+            return true;
+        }
+        let Some((leader, addr)) = self.leader() else {
+            return false;
+        };
+        if leader == self.id {
+            return false;
+        }
+        let Ok(channel) = crate::network::channel(&addr) else {
+            return false;
+        };
+        let mut client = exactly_proto::v1::cluster_client::ClusterClient::new(channel);
+        let mut request = tonic::Request::new(exactly_proto::v1::StatusRequest {});
+        request.set_timeout(Duration::from_secs(1));
+        match client.status(request).await {
+            Ok(reply) => {
+                let status = reply.into_inner();
+                status.leader_id == leader
+                    && (status.removed_node_ids.contains(&self.id)
+                        || !status.members.iter().any(|m| m.node_id == self.id))
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// What the leader's membership step may do, one change at a time.
+pub struct Reconcile {
+    pub voters_target: usize,
+    /// Nodes without a recent renewal: never promoted.
+    pub quiet: BTreeSet<u64>,
+}
+
+/// One round of the leader's membership work: take one drained node out (or record the removal
+/// of one that is out already), else promote one learner while voters are short. Every step
+/// re-reads the current state, so a round that fails half-way (lost leadership, a concurrent
+/// change) is finished by the next round or the next leader.
+pub async fn reconcile(node: &Node, policy: &Reconcile) {
+    let metrics = node.raft.metrics().borrow().clone();
+    if metrics.current_leader != Some(node.id) {
+        return;
+    }
+    let membership = metrics.membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+    let drained: Vec<u64> = node.read(|t| {
+        t.leaving_nodes()
+            .keys()
+            .copied()
+            .filter(|&id| t.running_on(id) == 0)
+            .collect()
+    });
+    if let Some(&id) = drained.first() {
+        if members.contains(&id) {
+            leave_membership(node, id, &voters, &metrics, policy).await;
+        } else {
+            record_departure(node, id).await;
+        }
+        return;
+    }
+    if voters.len() < policy.voters_target {
+        if let Some(learner) = promotable_learner(node, &voters, &members, &metrics, policy) {
+            let added = BTreeSet::from([learner]);
+            match node
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(added), false)
+                .await
+            {
+                Ok(_) => tracing::info!(node = learner, "promoted a learner to voter"),
+                Err(e) => tracing::warn!(node = learner, error = %e, "promoting a learner"),
+            }
+        }
+    }
+}
+
+/// Takes the drained node `id` out of the membership, replacing it with a learner if voters
+/// would drop below the target.
+async fn leave_membership(
+    node: &Node,
+    id: u64,
+    voters: &BTreeSet<u64>,
+    metrics: &openraft::RaftMetrics<u64, openraft::BasicNode>,
+    policy: &Reconcile,
+) {
+    let change = if voters.contains(&id) {
+        let mut next: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != id).collect();
+        if next.is_empty() {
+            tracing::warn!(node = id, "the last voter cannot leave the cluster");
+            return;
+        }
+        if next.len() < policy.voters_target {
+            let members: BTreeSet<u64> = metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(n, _)| *n)
+                .collect();
+            if let Some(learner) = promotable_learner(node, voters, &members, metrics, policy) {
+                tracing::info!(
+                    leaving = id,
+                    promoted = learner,
+                    "replacing a leaving voter"
+                );
+                next.insert(learner);
+            }
+        }
+        ChangeMembers::ReplaceAllVoters(next)
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+    };
+    tracing::info!(node = id, "drained; taking it out of the membership");
+    match node.raft.change_membership(change, false).await {
+        Ok(_) => record_departure(node, id).await,
+        Err(e) => tracing::warn!(node = id, error = %e, "membership change for a drained node"),
+    }
+}
+
+/// Commits `NodeLeft` for a drained node that is out of the membership (on this leader; a
+/// leader that removed itself leaves this to the next one).
+async fn record_departure(node: &Node, id: u64) {
+    let budget = node.config.limits.propose_timeout;
+    match tokio::time::timeout(budget, node.write_local(Command::NodeLeft(id))).await {
+        Ok(ForwardReply::Committed(Response::NodeLeft(Ok(())))) => {
+            tracing::info!(node = id, "node left the cluster");
+        }
+        Ok(ForwardReply::Committed(other)) => {
+            tracing::warn!(node = id, ?other, "departure refused")
+        }
+        Ok(other) => tracing::debug!(node = id, ?other, "departure not committed"),
+        Err(_) => tracing::debug!(node = id, "departure not committed in time"),
+    }
+}
+
+/// A learner fit to become a voter: registered with a live, unexpired lease, not leaving, not
+/// quiet, and caught up with the leader's log. The most caught-up one wins (then the lowest id).
+fn promotable_learner(
+    node: &Node,
+    voters: &BTreeSet<u64>,
+    members: &BTreeSet<u64>,
+    metrics: &openraft::RaftMetrics<u64, openraft::BasicNode>,
+    policy: &Reconcile,
+) -> Option<u64> {
+    let last = metrics.last_log_index.unwrap_or(0);
+    let replication = metrics.replication.as_ref()?;
+    let healthy: BTreeSet<u64> = node.read(|t| {
+        t.nodes()
+            .iter()
+            .filter(|(id, entry)| !entry.expired && t.leaving(**id).is_none())
+            .map(|(id, _)| *id)
+            .collect()
+    });
+    members
+        .iter()
+        .filter(|id| !voters.contains(id) && healthy.contains(id) && !policy.quiet.contains(id))
+        .filter_map(|id| {
+            let matched = replication.get(id).copied().flatten()?.index;
+            (last.saturating_sub(matched) <= PROMOTE_LAG_ENTRIES_MAX).then_some((matched, *id))
+        })
+        .max_by_key(|&(matched, id)| (matched, std::cmp::Reverse(id)))
+        .map(|(_, id)| id)
+}
