@@ -13,6 +13,8 @@
 //!
 //! Everything else that is not a final answer (the connection broke mid-call, the deadline
 //! passed, a client-side `UNAVAILABLE` from a failed keep-alive) leaves the outcome unknown.
+//! Reads and idempotent writes (a Submit, whose jobs all carry idempotency keys, a queue
+//! Configure, a schedule SetPaused) are retried anyway; other writes stop and say so.
 
 use std::error::Error as StdError;
 
@@ -34,9 +36,14 @@ pub(crate) enum Class {
 /// Whether a call may be repeated without changing its effect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CallKind {
-    /// Get, Status: repeating is harmless.
+    /// Get, List, Status, Watch: repeating is harmless and changes nothing.
     Read,
-    /// Submit: repeating an applied request creates the jobs twice (until idempotency keys exist).
+    /// A write whose repeat has the same effect as one try: a Submit whose every job carries an
+    /// idempotency key (a repeat returns the original jobs), a queue Configure or a schedule
+    /// SetPaused (they set absolute values). Retried even when a try may have been applied.
+    IdempotentWrite,
+    /// A write whose repeat could act twice or answer misleadingly (Cancel, Redrive, Purge,
+    /// schedule Add and Remove): retried only when a try provably was not applied.
     Write,
 }
 
@@ -121,7 +128,7 @@ pub(crate) fn decide(class: Class, kind: CallKind) -> Decision {
     match (class, kind) {
         (Class::Final, _) => Decision::Return,
         (Class::NotApplied, _) => Decision::Retry,
-        (Class::MaybeApplied, CallKind::Read) => Decision::Retry,
+        (Class::MaybeApplied, CallKind::Read | CallKind::IdempotentWrite) => Decision::Retry,
         (Class::MaybeApplied, CallKind::Write) => Decision::UnknownOutcome,
     }
 }
@@ -293,6 +300,10 @@ mod tests {
                 Decision::UnknownOutcome
             );
             assert_eq!(decide(failure.class, CallKind::Read), Decision::Retry);
+            assert_eq!(
+                decide(failure.class, CallKind::IdempotentWrite),
+                Decision::Retry
+            );
         }
     }
 
@@ -312,6 +323,10 @@ mod tests {
             assert_eq!(failure.message, status.message());
             assert_eq!(decide(failure.class, CallKind::Read), Decision::Return);
             assert_eq!(decide(failure.class, CallKind::Write), Decision::Return);
+            assert_eq!(
+                decide(failure.class, CallKind::IdempotentWrite),
+                Decision::Return
+            );
         }
     }
 
