@@ -190,7 +190,8 @@ mod tests {
         }
     }
 
-    /// The human view lists node, leader, log indexes, members with a leader marker, and counts.
+    /// The human view lists node, leader, log indexes, members with a leader marker, and counts
+    /// by state (dead letters and cancelled jobs separately).
     #[test]
     fn renders_status() {
         assert_eq!(
@@ -208,8 +209,8 @@ ID  ADDR            ROLE   LEADER  MATCHED  SLOTS  RUNNING  INCARNATION
 2   127.0.0.1:7102  voter  *       1202     16     2        1
 3   127.0.0.1:7103  voter          1203     16     3        1
 
-PENDING  RUNNING  SUCCEEDED  FAILED  STALE COMPLETIONS
-4        6        10000      2       1
+PENDING  RUNNING  SUCCEEDED  DEAD  CANCELLED  STALE COMPLETIONS
+4        6        10000      2     0          1
 "
         );
     }
