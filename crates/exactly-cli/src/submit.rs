@@ -241,13 +241,18 @@ pub async fn run(client: &Client, args: &SubmitArgs, json: bool) -> anyhow::Resu
         match client.submit_detailed(jobs).await {
             Ok(submission) => {
                 let mut notes = String::new();
-                for job in &submission.jobs {
-                    if job.existing {
-                        notes.push_str(&format!(
-                            "job {} already existed (idempotency key {:?}); nothing new was created\n",
-                            job.id, job.idempotency_key
-                        ));
-                    }
+                for job in submission.jobs.iter().filter(|j| j.existing) {
+                    // After a resend the key may have been recorded by this command's own
+                    // first try, whose answer was lost: say so rather than blame someone else.
+                    let by = if submission.resent_after_unknown_outcome {
+                        " (by an earlier submit, or by this command's first try whose answer was lost)"
+                    } else {
+                        ""
+                    };
+                    notes.push_str(&format!(
+                        "job {} already existed{by} (idempotency key {:?}); nothing new was created\n",
+                        job.id, job.idempotency_key
+                    ));
                 }
                 if !json {
                     let lines: String = submission

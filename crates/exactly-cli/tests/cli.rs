@@ -31,6 +31,9 @@ use tonic::{Request, Response, Status};
 
 /// Cancelling this job id answers DEADLINE_EXCEEDED: the outcome of the cancel is unknown.
 const UNKNOWN_OUTCOME_JOB: u64 = 777;
+/// The first Submit with a job of this kind commits and then answers UNKNOWN (the answer is
+/// "lost"); later ones answer normally.
+const LOST_REPLY_KIND: &str = "lost-reply";
 
 #[derive(Default)]
 struct State {
@@ -44,6 +47,8 @@ struct State {
     events: Vec<JobEventMessage>,
     queues: BTreeMap<String, QueueInfo>,
     schedules: BTreeMap<String, ScheduleInfo>,
+    /// Whether a LOST_REPLY_KIND submit has lost its answer already.
+    reply_lost: bool,
 }
 
 impl State {
@@ -124,6 +129,7 @@ impl Jobs for FakeCluster {
                 }
             }
         }
+        let lose_reply = !state.reply_lost && specs.iter().any(|s| s.kind == LOST_REPLY_KIND);
         let index = state.entry();
         let mut reply = SubmitResponse::default();
         for spec in specs {
@@ -199,6 +205,10 @@ impl Jobs for FakeCluster {
             state.jobs.insert(id, job);
             reply.job_ids.push(id);
             reply.existing.push(false);
+        }
+        if lose_reply {
+            state.reply_lost = true;
+            return Err(Status::unknown("the node stopped with the write in flight"));
         }
         Ok(Response::new(reply))
     }
@@ -693,6 +703,27 @@ async fn idempotency_key_and_job_flags() {
     )
     .await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+/// A submit whose answer is lost after it committed is resent with the same key: the job exists
+/// once, its id is printed, and the note says the key may have been recorded by the first try.
+#[tokio::test]
+async fn lost_reply_is_resent_with_the_same_key() {
+    let endpoint = start_fake().await;
+    let out = exactly(&endpoint, &["submit", "--kind", LOST_REPLY_KIND], b"").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "1\n");
+    assert!(
+        stderr(&out).contains("job 1 already existed (by an earlier submit, or by this command's first try whose answer was lost)"),
+        "{}",
+        stderr(&out)
+    );
+    let value = json(&ok(&endpoint, &["--json", "list"]).await);
+    assert_eq!(
+        value["jobs"].as_array().unwrap().len(),
+        1,
+        "one job: {value}"
+    );
 }
 
 /// Server refusals exit with 1 and print the code and message; usage errors exit with 2 (and

@@ -166,6 +166,10 @@ pub(crate) fn may_retry(
 /// "transport error" becomes "transport error: tcp connect error: Connection refused".
 fn describe(status: &Status) -> String {
     let mut text = status.message().to_string();
+    if text.is_empty() && status.code() == Code::Unimplemented {
+        // tonic answers calls a server does not serve with an empty message.
+        text = "the server does not implement this call (is it an older version?)".into();
+    }
     if let Some(source) = StdError::source(status) {
         for err in chain(source) {
             let part = err.to_string();
@@ -328,6 +332,21 @@ mod tests {
                 Decision::Return
             );
         }
+    }
+
+    /// An UNIMPLEMENTED without a message (what tonic sends for an unknown method) says what it
+    /// means instead of printing nothing.
+    #[test]
+    fn empty_unimplemented_is_explained() {
+        let failure = Failure::from_status(&Status::unimplemented(""));
+        assert_eq!(failure.class, Class::Final);
+        assert!(
+            failure.message.contains("does not implement"),
+            "{}",
+            failure.message
+        );
+        let failure = Failure::from_status(&Status::unimplemented("no lists here"));
+        assert_eq!(failure.message, "no lists here");
     }
 
     /// Backoff doubles from the initial delay, is capped, and jitter moves it within [d/2, d].
