@@ -2,8 +2,11 @@
 
 use exactly_client::{Attempt, Client, Job};
 
+use std::collections::BTreeMap;
+
 use crate::output::{
-    bytes_text, emit, emit_json, key_values, or_dash, state_name, time_ms, Encoding, Table,
+    bytes_text, duration_ms, emit, emit_json, key_values, or_dash, state_name, time_ms, Encoding,
+    Table,
 };
 
 /// Runs `exactly get`.
@@ -29,10 +32,19 @@ pub fn render(job: &Job) -> String {
             "max attempts",
             or_node_default(u64::from(job.max_attempts), ""),
         ),
+        ("failures", job.failures.to_string()),
         ("timeout", or_node_default(job.timeout_ms, " ms")),
+        (
+            "backoff",
+            backoff_text(job.backoff_base_ms, job.backoff_max_ms),
+        ),
         ("created", time_ms(job.created_at_ms)),
         ("updated", time_ms(job.updated_at_ms)),
         ("run at", time_ms(job.run_at_ms)),
+        ("idempotency key", or_dash(&job.idempotency_key)),
+        ("ordering key", or_dash(&job.ordering_key)),
+        ("labels", labels_text(&job.labels)),
+        ("schedule", or_dash(&job.schedule)),
         ("last error", or_dash(&job.last_error)),
     ]);
     out.push('\n');
@@ -72,6 +84,33 @@ pub fn render(job: &Job) -> String {
     out
 }
 
+/// `base, doubling up to max`, each part "default" when unset (0).
+fn backoff_text(base_ms: u64, max_ms: u64) -> String {
+    let part = |ms: u64| {
+        if ms == 0 {
+            "default".to_string()
+        } else {
+            duration_ms(ms)
+        }
+    };
+    format!("{}, doubling up to {}", part(base_ms), part(max_ms))
+}
+
+/// Labels as `name=value` pairs sorted by name, or `-`.
+pub fn labels_text<S: std::hash::BuildHasher>(
+    labels: &std::collections::HashMap<String, String, S>,
+) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    let sorted: BTreeMap<_, _> = labels.iter().collect();
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A number with its unit, or "node default" for 0 (the wire's "not set").
 fn or_node_default(value: u64, unit: &str) -> String {
     if value == 0 {
@@ -100,6 +139,15 @@ pub struct JobView {
     result: String,
     result_encoding: Encoding,
     last_error: String,
+    idempotency_key: String,
+    ordering_key: String,
+    labels: BTreeMap<String, String>,
+    /// The cron schedule that fired this job, if any.
+    schedule: String,
+    /// Failures that counted against max_attempts.
+    failures: u32,
+    backoff_base_ms: u64,
+    backoff_max_ms: u64,
 }
 
 /// One attempt for `--json`.
@@ -147,6 +195,13 @@ impl From<&Job> for JobView {
             result,
             result_encoding,
             last_error: job.last_error.clone(),
+            idempotency_key: job.idempotency_key.clone(),
+            ordering_key: job.ordering_key.clone(),
+            labels: job.labels.clone().into_iter().collect(),
+            schedule: job.schedule.clone(),
+            failures: job.failures,
+            backoff_base_ms: job.backoff_base_ms,
+            backoff_max_ms: job.backoff_max_ms,
         }
     }
 }
@@ -191,6 +246,10 @@ mod tests {
             ],
             result: b"sent".to_vec(),
             last_error: String::new(),
+            idempotency_key: "order-17".into(),
+            labels: [("team".to_string(), "mail".to_string())].into(),
+            failures: 0,
+            backoff_base_ms: 500,
             ..Job::default()
         }
     }
@@ -202,18 +261,24 @@ mod tests {
         assert_eq!(
             text,
             "\
-job           42
-state         succeeded
-queue         mail
-kind          exec
-priority      5
-payload       3 bytes
-max attempts  3
-timeout       30000 ms
-created       2023-11-14T22:13:20.000Z
-updated       2023-11-14T22:13:22.500Z
-run at        -
-last error    -
+job              42
+state            succeeded
+queue            mail
+kind             exec
+priority         5
+payload          3 bytes
+max attempts     3
+failures         0
+timeout          30000 ms
+backoff          500ms, doubling up to default
+created          2023-11-14T22:13:20.000Z
+updated          2023-11-14T22:13:22.500Z
+run at           -
+idempotency key  order-17
+ordering key     -
+labels           team=mail
+schedule         -
+last error       -
 
 ATTEMPT  NODE  TOKEN  STARTED                   ENDED                     OUTCOME    ERROR
 1        2     17     2023-11-14T22:13:20.100Z  2023-11-14T22:13:21.000Z  abandoned  lease expired
@@ -234,8 +299,8 @@ sent
             ..sample()
         };
         let text = render(&job);
-        assert!(text.contains("max attempts  node default\n"), "{text}");
-        assert!(text.contains("timeout       node default\n"), "{text}");
+        assert!(text.contains("max attempts     node default\n"), "{text}");
+        assert!(text.contains("timeout          node default\n"), "{text}");
     }
 
     /// A non-UTF-8 result is shown in hex and says so.
@@ -258,6 +323,9 @@ sent
         assert_eq!(value["result_encoding"], "utf8");
         assert_eq!(value["attempts"][1]["token"], 31);
         assert_eq!(value["attempts"][0]["error"], "lease expired");
-        assert_eq!(value.as_object().unwrap().len(), 15);
+        assert_eq!(value["idempotency_key"], "order-17");
+        assert_eq!(value["labels"]["team"], "mail");
+        assert_eq!(value["backoff_base_ms"], 500);
+        assert_eq!(value.as_object().unwrap().len(), 22);
     }
 }

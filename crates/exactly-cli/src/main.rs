@@ -1,12 +1,19 @@
 //! `exactly`: the command-line tool for an exactly cluster. Human tables by default, `--json` for
-//! scripts; exit code 0 on success and 1 on any error, which is printed with its gRPC code.
+//! scripts. Errors are printed with their gRPC code and the server's message; the exit code says
+//! what kind of failure it was (see [`exit_code`]).
 
 mod bench;
+mod cancel;
 mod cluster;
+mod cron;
+mod dlq;
 mod get;
+mod list;
 mod output;
+mod queue;
 mod status;
 mod submit;
+mod watch;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,7 +24,38 @@ use exactly_client::{Client, ClientOptions};
 /// The local three-node cluster's addresses.
 const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:7101,http://127.0.0.1:7102,http://127.0.0.1:7103";
 
-/// Submit and inspect jobs on an exactly cluster.
+/// Exit code: the command ran and succeeded.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: the cluster refused the request (a final gRPC status such as INVALID_ARGUMENT,
+/// NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, OUT_OF_RANGE), or some
+/// items of a batch were refused, or the command failed for another reason.
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code: the command line was wrong (unknown flag, bad value, unreadable payload file);
+/// nothing was sent.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: no node answered within --retry-time; nothing was applied.
+pub const EXIT_UNAVAILABLE: u8 = 3;
+/// Exit code: a write may or may not have been applied (the connection broke or the deadline
+/// passed after it was sent); check with get or list.
+pub const EXIT_UNKNOWN_OUTCOME: u8 = 4;
+
+/// A mistake on the command line found after parsing (for example a payload file that cannot
+/// be read). Exits with [`EXIT_USAGE`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Some items of a batch call were refused by the server although the call itself succeeded
+/// (for example a cancel of an already finished job). Exits with [`EXIT_REFUSED`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RefusedError(pub String);
+
+/// Submit, inspect, watch and manage jobs, dead letters, queues and cron schedules on an exactly
+/// cluster.
+///
+/// Exit codes: 0 success, 1 refused by the cluster, 2 usage error, 3 cluster unavailable,
+/// 4 outcome unknown (a write may or may not have been applied).
 #[derive(Parser, Debug, PartialEq)]
 #[command(name = "exactly", version)]
 struct Cli {
@@ -50,6 +88,21 @@ enum Command {
         /// The job's id.
         job_id: u64,
     },
+    /// List jobs in id order, filtered, a page at a time (or every page with --all).
+    List(list::ListArgs),
+    /// Print one line per job event until Ctrl-C: of one job, one queue, or every job.
+    Watch(watch::WatchArgs),
+    /// Cancel jobs: pending ones end at once, running ones are stopped.
+    Cancel(cancel::CancelArgs),
+    /// Dead letters: list, redrive (run again) or purge jobs out of attempts.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Queues: list them, or change a queue's concurrency, rate limit or pause.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
+    /// Cron schedules: add, list, remove, pause, resume.
+    #[command(subcommand)]
+    Cron(cron::CronCommand),
     /// Show the cluster: leader, term, log indexes, members and job counts (the same as
     /// `exactly cluster status`).
     Status,
@@ -83,13 +136,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ..defaults
     };
     let client = Client::connect_with(endpoints, options)?;
+    let json = cli.json;
     match &cli.command {
-        Command::Submit(args) => submit::run(&client, args, cli.json).await,
-        Command::Get { job_id } => get::run(&client, *job_id, cli.json).await,
-        Command::Status => cluster::show_status(&client, cli.json).await,
-        Command::Cluster { command } => cluster::run(&client, command, cli.json).await,
-        Command::Bench(args) => bench::run(&client, args, cli.json).await,
+        Command::Submit(args) => submit::run(&client, args, json).await,
+        Command::Get { job_id } => get::run(&client, *job_id, json).await,
+        Command::List(args) => {
+            list::run(&client, args.state.map(Into::into), &args.page, json).await
+        }
+        Command::Watch(args) => watch::run(&client, args, json).await,
+        Command::Cancel(args) => cancel::run(&client, args, json).await,
+        Command::Dlq(command) => dlq::run(&client, command, json).await,
+        Command::Queue(command) => queue::run(&client, command, json).await,
+        Command::Cron(command) => cron::run(&client, command, json).await,
+        Command::Status => cluster::show_status(&client, json).await,
+        Command::Cluster { command } => cluster::run(&client, command, json).await,
+        Command::Bench(args) => bench::run(&client, args, json).await,
     }
+}
+
+/// The exit code for an error: the first error in its chain that says what kind it is decides.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.is::<UsageError>() {
+            return EXIT_USAGE;
+        }
+        if cause.is::<RefusedError>() {
+            return EXIT_REFUSED;
+        }
+        if let Some(err) = cause.downcast_ref::<exactly_client::Error>() {
+            return match err {
+                exactly_client::Error::Config(_) => EXIT_USAGE,
+                err if err.is_unknown_outcome() => EXIT_UNKNOWN_OUTCOME,
+                err if err.is_unavailable() => EXIT_UNAVAILABLE,
+                _ => EXIT_REFUSED,
+            };
+        }
+    }
+    EXIT_REFUSED
 }
 
 #[tokio::main]
@@ -97,20 +180,20 @@ async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
-            // --help and --version are not errors; usage mistakes are, with exit code 1.
+            // --help and --version are not errors; usage mistakes are.
             let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::FAILURE
+            return ExitCode::from(if err.use_stderr() {
+                EXIT_USAGE
             } else {
-                ExitCode::SUCCESS
-            };
+                EXIT_OK
+            });
         }
     };
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(EXIT_OK),
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&err))
         }
     }
 }
@@ -119,7 +202,7 @@ async fn main() -> ExitCode {
 mod tests {
     use super::*;
     use crate::bench::BenchArgs;
-    use crate::submit::SubmitArgs;
+    use crate::submit::{JobArgs, SubmitArgs};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("exactly").chain(args.iter().copied()))
@@ -181,19 +264,68 @@ mod tests {
             "10s",
             "--count",
             "7",
+            "--ordering-key",
+            "customer-9",
+            "--label",
+            "team=mail",
+            "--label",
+            "tier=gold",
+            "--backoff-base",
+            "500ms",
+            "--backoff-max",
+            "1m",
         ])
         .unwrap();
         let Command::Submit(args) = cli.command else {
             panic!("not submit")
         };
         assert_eq!(args.count, 7);
-        let spec = args.spec(b"hi".to_vec(), 1_000);
+        let spec = args.spec(b"hi".to_vec());
         assert_eq!(spec.kind, "exec");
         assert_eq!(spec.queue, "mail");
+        assert_eq!(spec.payload, b"hi");
         assert_eq!(spec.priority, -3);
         assert_eq!(spec.max_attempts, 5);
         assert_eq!(spec.timeout_ms, 90_000);
-        assert_eq!(spec.run_at_ms, 11_000);
+        // The delay is measured by the cluster, not by this machine's clock.
+        assert_eq!((spec.delay_ms, spec.run_at_ms), (10_000, 0));
+        assert_eq!(spec.ordering_key, "customer-9");
+        assert_eq!(spec.labels.len(), 2);
+        assert_eq!(spec.labels["tier"], "gold");
+        assert_eq!((spec.backoff_base_ms, spec.backoff_max_ms), (500, 60_000));
+        assert!(spec.idempotency_key.is_empty());
+    }
+
+    /// --run-at takes RFC 3339 and excludes --delay; --idempotency-key is sent as given.
+    #[test]
+    fn submit_run_at_and_key() {
+        let cli = parse(&[
+            "submit",
+            "--kind",
+            "noop",
+            "--run-at",
+            "2030-01-31T09:00:00Z",
+            "--idempotency-key",
+            "order-17",
+        ])
+        .unwrap();
+        let Command::Submit(args) = cli.command else {
+            panic!("not submit")
+        };
+        let spec = args.spec(Vec::new());
+        assert_eq!(spec.run_at_ms, 1_896_080_400_000);
+        assert_eq!(spec.idempotency_key, "order-17");
+        let err = parse(&[
+            "submit",
+            "--kind",
+            "k",
+            "--delay",
+            "1s",
+            "--run-at",
+            "1700000000000",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     /// Omitted submit options become the wire's zero values, which mean "node default".
@@ -203,16 +335,18 @@ mod tests {
         let Command::Submit(args) = cli.command else {
             panic!("not submit")
         };
-        let spec = args.spec(Vec::new(), 5);
+        let spec = args.spec(Vec::new());
         assert_eq!(
             (
                 spec.queue.as_str(),
                 spec.max_attempts,
                 spec.timeout_ms,
                 spec.run_at_ms,
+                spec.delay_ms,
+                spec.backoff_base_ms,
                 args.count
             ),
-            ("", 0, 0, 0, 1)
+            ("", 0, 0, 0, 0, 0, 1)
         );
     }
 
@@ -306,9 +440,124 @@ mod tests {
     #[test]
     fn payload_file_parses() {
         let cli = parse(&["submit", "--kind", "k", "--payload-file", "/tmp/p.bin"]).unwrap();
-        let Command::Submit(SubmitArgs { payload_file, .. }) = cli.command else {
+        let Command::Submit(SubmitArgs {
+            job: JobArgs { payload_file, .. },
+            ..
+        }) = cli.command
+        else {
             panic!()
         };
         assert_eq!(payload_file.unwrap().to_str(), Some("/tmp/p.bin"));
+    }
+
+    /// Every subcommand and its flags parse into the right variant.
+    #[test]
+    fn subcommands_parse() {
+        let cli = parse(&["list", "--state", "dead", "--queue", "mail", "--all"]).unwrap();
+        let Command::List(args) = cli.command else {
+            panic!("not list")
+        };
+        assert_eq!(args.state, Some(list::StateArg::Dead));
+        assert!(args.page.all);
+        assert_eq!(args.page.limit, 100);
+
+        let cli = parse(&["watch", "--job", "5", "--after", "10:2"]).unwrap();
+        let Command::Watch(args) = cli.command else {
+            panic!("not watch")
+        };
+        assert_eq!(args.job, Some(5));
+        assert_eq!(args.after.map(|p| (p.index, p.seq)), Some((10, 2)));
+        assert!(parse(&["watch", "--job", "5", "--queue", "q"]).is_err());
+
+        let cli = parse(&["cancel", "1", "2", "3"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Command::Cancel(cancel::CancelArgs {
+                job_ids: vec![1, 2, 3]
+            })
+        );
+        assert!(parse(&["cancel"]).is_err());
+
+        let cli = parse(&["dlq", "redrive", "--id", "4", "--id", "9"]).unwrap();
+        let Command::Dlq(dlq::DlqCommand::Redrive(args)) = cli.command else {
+            panic!("not dlq redrive")
+        };
+        assert_eq!(args.ids, vec![4, 9]);
+        assert!(parse(&["dlq", "purge", "--all", "--queue", "q"]).is_err());
+
+        let cli = parse(&["queue", "configure", "mail", "--rate", "10/1s", "--pause"]).unwrap();
+        let Command::Queue(queue::QueueCommand::Configure(args)) = cli.command else {
+            panic!("not queue configure")
+        };
+        assert_eq!(args.rate.map(|r| (r.jobs, r.period_ms)), Some((10, 1_000)));
+        assert!(args.pause);
+        assert!(parse(&["queue", "configure", "q", "--pause", "--resume"]).is_err());
+        assert!(parse(&["queue", "configure", "q", "--rate", "1/s", "--clear-rate"]).is_err());
+
+        let cli = parse(&[
+            "cron",
+            "add",
+            "nightly",
+            "0 3 * * *",
+            "--tz",
+            "Europe/Berlin",
+            "--missed",
+            "run-once",
+            "--kind",
+            "noop",
+            "--label",
+            "a=b",
+        ])
+        .unwrap();
+        let Command::Cron(cron::CronCommand::Add(args)) = cli.command else {
+            panic!("not cron add")
+        };
+        let request = args.request(Vec::new());
+        assert_eq!(request.cron, "0 3 * * *");
+        assert_eq!(request.time_zone, "Europe/Berlin");
+        assert_eq!(request.missed(), exactly_client::MissedTickPolicy::RunOnce);
+        assert_eq!(request.overlap(), exactly_client::OverlapPolicy::Skip);
+        assert_eq!(request.job.unwrap().labels["a"], "b");
+        // A tick decides when its job runs and gives it its key.
+        assert!(parse(&["cron", "add", "n", "@daily", "--kind", "k", "--delay", "1s"]).is_err());
+        assert!(parse(&["cron", "pause", "nightly"]).is_ok());
+    }
+
+    /// Each kind of failure maps to its own exit code, wherever it sits in the error chain.
+    #[test]
+    fn exit_codes_are_distinct() {
+        use exactly_client::{Code, Error};
+        let status = |code| Error::Status {
+            code,
+            message: "m".into(),
+            endpoint: "e".into(),
+        };
+        let code = |err: anyhow::Error| exit_code(&err);
+        assert_eq!(code(status(Code::NotFound).into()), EXIT_REFUSED);
+        assert_eq!(code(status(Code::AlreadyExists).into()), EXIT_REFUSED);
+        assert_eq!(code(UsageError("bad".into()).into()), EXIT_USAGE);
+        assert_eq!(
+            code(Error::Config("no endpoints".into()).into()),
+            EXIT_USAGE
+        );
+        let exhausted = Error::RetriesExhausted {
+            code: Code::Unavailable,
+            message: "m".into(),
+            endpoint: "e".into(),
+            attempts: 3,
+            elapsed_ms: 10,
+        };
+        assert_eq!(
+            code(anyhow::Error::new(exhausted).context("2 of 3 jobs were submitted")),
+            EXIT_UNAVAILABLE
+        );
+        let unknown = Error::UnknownOutcome {
+            code: Code::DeadlineExceeded,
+            message: "m".into(),
+            endpoint: "e".into(),
+        };
+        assert_eq!(code(unknown.into()), EXIT_UNKNOWN_OUTCOME);
+        assert_eq!(code(RefusedError("1 of 2".into()).into()), EXIT_REFUSED);
+        assert_eq!(code(anyhow::anyhow!("broken pipe")), EXIT_REFUSED);
     }
 }

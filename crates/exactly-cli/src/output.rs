@@ -57,6 +57,66 @@ impl Table {
     }
 }
 
+/// A table printed in pages as they arrive (`list --all`): the header once, columns as wide as
+/// the widest cell seen so far. A later page with wider cells widens its own columns only.
+#[derive(Debug)]
+pub struct PagedTable {
+    headers: Vec<&'static str>,
+    widths: Vec<usize>,
+    header_done: bool,
+}
+
+impl PagedTable {
+    /// A paged table with these column headers.
+    pub fn new(headers: &[&'static str]) -> PagedTable {
+        PagedTable {
+            headers: headers.to_vec(),
+            widths: headers.iter().map(|h| h.chars().count()).collect(),
+            header_done: false,
+        }
+    }
+
+    /// The text of one page: the header line first if none was printed yet, then the rows. An
+    /// empty page prints nothing, not even the header.
+    pub fn page(&mut self, rows: &[Vec<String>]) -> String {
+        if rows.is_empty() {
+            return String::new();
+        }
+        for row in rows {
+            for (i, width) in self.widths.iter_mut().enumerate() {
+                let cell = row.get(i).map_or(0, |c| c.chars().count());
+                *width = (*width).max(cell);
+            }
+        }
+        let mut out = String::new();
+        if !self.header_done {
+            self.header_done = true;
+            let header: Vec<String> = self.headers.iter().map(|h| h.to_string()).collect();
+            out.push_str(&self.line(&header));
+        }
+        for row in rows {
+            out.push_str(&self.line(row));
+        }
+        out
+    }
+
+    fn line(&self, row: &[String]) -> String {
+        let columns = self.widths.len();
+        let mut line = String::new();
+        for (i, width) in self.widths.iter().enumerate() {
+            let text = row.get(i).map(String::as_str).unwrap_or("");
+            line.push_str(text);
+            if i + 1 < columns {
+                let pad = width.saturating_sub(text.chars().count()) + 2;
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        let mut line = line.trim_end().to_string();
+        line.push('\n');
+        line
+    }
+}
+
 /// Key/value lines with the values aligned one column past the longest key. A value spanning
 /// several lines keeps its continuation lines aligned under the first.
 pub fn key_values(pairs: &[(&str, String)]) -> String {
@@ -124,6 +184,27 @@ fn hex(bytes: &[u8]) -> String {
         // Writing to a String cannot fail.
         let _ = write!(out, "{b:02x}");
     }
+    out
+}
+
+/// A duration in milliseconds as humantime writes it (`1s`, `1m 30s`, `500ms`).
+pub fn duration_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+/// A rate limit as `JOBS/PERIOD` (`10/1s`), the form `queue configure --rate` takes.
+pub fn rate_text(jobs: u32, period_ms: u64) -> String {
+    format!("{jobs}/{}", duration_ms(period_ms).replace(' ', ""))
+}
+
+/// The first `max` characters of a one-line rendering of `text`, with `…` if cut.
+pub fn clip(text: &str, max: usize) -> String {
+    let flat = text.replace('\n', " ");
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let mut out: String = flat.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
     out
 }
 
@@ -207,6 +288,28 @@ mod tests {
     fn state_names_are_lowercase() {
         assert_eq!(state_name(JobState::Succeeded as i32), "succeeded");
         assert_eq!(state_name(99), "unknown(99)");
+    }
+
+    /// A paged table prints its header once and widens columns for wider later cells.
+    #[test]
+    fn paged_table_prints_header_once() {
+        let mut table = PagedTable::new(&["ID", "STATE"]);
+        assert_eq!(table.page(&[]), "", "no header before the first row");
+        let first = table.page(&[vec!["1".into(), "dead".into()]]);
+        let second = table.page(&[vec!["1000".into(), "pending".into()]]);
+        assert_eq!(first, "ID  STATE\n1   dead\n");
+        assert_eq!(second, "1000  pending\n");
+        assert_eq!(table.page(&[]), "");
+    }
+
+    /// Rates print as JOBS/PERIOD without spaces; long text is clipped with an ellipsis.
+    #[test]
+    fn rates_and_clipping() {
+        assert_eq!(rate_text(10, 1_000), "10/1s");
+        assert_eq!(rate_text(5, 90_000), "5/1m30s");
+        assert_eq!(duration_ms(1_500), "1s 500ms");
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("exit status 1\nstderr", 8), "exit st…");
     }
 
     /// Microseconds print as milliseconds with three decimals.

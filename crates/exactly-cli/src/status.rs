@@ -248,8 +248,8 @@ ID  ADDR            ROLE     LEADER  HEALTH  LAG  RUNNING  SLOTS  INCARNATION  D
 2   127.0.0.1:7102  voter    *       ok      1    2        16     1
 3   127.0.0.1:7103  learner          silent  0    3        16     1            deadline in 41s
 
-PENDING  RUNNING  SUCCEEDED  FAILED  STALE COMPLETIONS
-4        6        10000      2       1
+PENDING  RUNNING  SUCCEEDED  DEAD  CANCELLED  STALE COMPLETIONS
+4        6        10000      2     0          1
 "
         );
     }

@@ -1,4 +1,5 @@
-//! The [`Client`]: one lazy gRPC channel per endpoint and a bounded retry loop over them.
+//! The [`Client`]: one lazy gRPC channel per endpoint, a bounded retry loop over them, and one
+//! typed method per call of the public API.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -6,20 +7,35 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exactly_proto::v1::cluster_client::ClusterClient;
+use exactly_proto::v1::dead_letters_client::DeadLettersClient;
 use exactly_proto::v1::jobs_client::JobsClient;
+use exactly_proto::v1::queues_client::QueuesClient;
+use exactly_proto::v1::schedules_client::SchedulesClient;
 use exactly_proto::v1::{
-    DrainRequest, DrainResponse, GetRequest, JoinRequest, JoinResponse, RemoveRequest,
-    StatusRequest, SubmitRequest,
+    AddScheduleRequest, CancelRequest, CancelResult, ConfigureQueueRequest, DeadLetterFilter,
+    DrainRequest, DrainResponse, GetRequest, JoinRequest, JoinResponse, ListQueuesRequest,
+    ListRequest, ListResponse, ListSchedulesRequest, QueueInfo, RemoveRequest,
+    RemoveScheduleRequest, ScheduleInfo, SetSchedulePausedRequest, StatusRequest, SubmitRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
-use crate::retry::{backoff_delay_ms, decide, may_retry, CallKind, Decision, Failure};
-use crate::{ClientOptions, Error, Job, JobSpec, StatusResponse};
+use crate::retry::{backoff_delay_ms, decide, may_retry, CallKind, Class, Decision, Failure};
+use crate::watch::{Watch, WatchScope};
+use crate::{ClientOptions, Error, EventPosition, Job, JobSpec, StatusResponse};
 
 /// Most jobs one Submit request may carry; the server rejects larger batches with
 /// `RESOURCE_EXHAUSTED`.
 pub const SUBMIT_JOBS_MAX: usize = 1_000;
+
+/// Most job ids one Cancel request may carry; the server rejects more with `RESOURCE_EXHAUSTED`.
+pub const CANCEL_JOBS_MAX: usize = 1_000;
+
+/// Most dead letters one Redrive or Purge call moves; call again for more.
+pub const DEAD_LETTERS_PER_CALL_MAX: usize = 1_000;
+
+/// Most jobs one List call returns.
+pub const LIST_LIMIT_MAX: u32 = 1_000;
 
 /// Most endpoints one client accepts; a cluster has a handful of nodes, not hundreds.
 pub const ENDPOINTS_MAX: usize = 64;
@@ -30,21 +46,68 @@ pub const ENDPOINTS_MAX: usize = 64;
 /// moves to the next one when a try fails in a retryable way.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    endpoints: Vec<Node>,
+pub(crate) struct Inner {
+    pub(crate) endpoints: Vec<Node>,
     /// Index of the endpoint that answered last; calls start there.
-    preferred: AtomicUsize,
-    options: ClientOptions,
+    pub(crate) preferred: AtomicUsize,
+    pub(crate) options: ClientOptions,
 }
 
 #[derive(Debug)]
-struct Node {
-    uri: String,
-    channel: Channel,
+pub(crate) struct Node {
+    pub(crate) uri: String,
+    pub(crate) channel: Channel,
+}
+
+/// One job of a Submit as the cluster answered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// The job's id: a new job's, or the original job's when `existing` is true.
+    pub id: u64,
+    /// The idempotency key the job was submitted with: the caller's, or one the client chose.
+    pub idempotency_key: String,
+    /// True when the key was seen before and no job was created: `id` is the original job.
+    pub existing: bool,
+}
+
+/// The answer to [`Client::submit_detailed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submission {
+    /// One entry per submitted job, in request order.
+    pub jobs: Vec<Submitted>,
+    /// True when the request was sent again after a try whose outcome was unknown (the
+    /// connection broke, the deadline passed). That earlier try may have created some of the
+    /// jobs, which then show `existing: true` although no one else submitted them.
+    pub resent_after_unknown_outcome: bool,
+}
+
+impl Submission {
+    /// The job ids, in request order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.jobs.iter().map(|j| j.id).collect()
+    }
+}
+
+/// Gives every job without an idempotency key a fresh random (v4) UUID as its key, and leaves
+/// keys the caller set alone. [`Client::submit`] does this itself; call it first when you want to
+/// keep the keys, for example to resubmit the very same jobs after an
+/// [`Error::UnknownOutcome`].
+pub fn assign_idempotency_keys(jobs: &mut [JobSpec]) {
+    for job in jobs.iter_mut().filter(|j| j.idempotency_key.is_empty()) {
+        job.idempotency_key = uuid::Uuid::new_v4().to_string();
+    }
+}
+
+/// A successful call: the answer, the endpoint that gave it, and whether a try before it may
+/// have been applied.
+pub(crate) struct Answer<T> {
+    pub value: T,
+    pub endpoint: usize,
+    pub after_unknown_outcome: bool,
 }
 
 impl Client {
@@ -80,6 +143,8 @@ impl Client {
             let endpoint = Endpoint::from_shared(uri.clone())
                 .map_err(|err| Error::Config(format!("endpoint {raw:?}: {err}")))?
                 .connect_timeout(Duration::from_millis(options.connect_timeout_ms))
+                .http2_keep_alive_interval(Duration::from_millis(options.keepalive_interval_ms))
+                .keep_alive_timeout(Duration::from_millis(options.keepalive_timeout_ms))
                 .tcp_nodelay(true);
             nodes.push(Node {
                 uri,
@@ -106,72 +171,263 @@ impl Client {
     }
 
     /// Submits `jobs` in one request and returns their ids in request order. All or nothing: either
-    /// every job is accepted (durable on a quorum) or none is.
+    /// every job is accepted (durable on a quorum) or none is. See [`Client::submit_detailed`] for
+    /// the retry rules and for which ids name jobs that existed before.
+    pub async fn submit(&self, jobs: Vec<JobSpec>) -> Result<Vec<u64>, Error> {
+        Ok(self.submit_detailed(jobs).await?.ids())
+    }
+
+    /// Submits `jobs` in one request and reports, per job, its id, its idempotency key and
+    /// whether the key was seen before (`existing`: no job was created, the id is the original
+    /// job's). All or nothing: either every job is accepted (durable on a quorum) or none is.
     ///
     /// At most [`SUBMIT_JOBS_MAX`] jobs per call; split larger sets yourself, knowing that each
     /// request is then all-or-nothing on its own.
     ///
-    /// # Retries and duplicates
+    /// # Idempotency keys and retries
     ///
-    /// A Submit is retried on another endpoint only when the failed try provably was not applied:
-    /// the connection could not be established, the server refused the HTTP/2 stream, or the server
-    /// answered `UNAVAILABLE` (which it does only before proposing the batch). Any other failure
-    /// after the request may have been sent (the connection broke, the deadline passed) is returned
-    /// as [`Error::UnknownOutcome`]: the jobs may or may not exist, and retrying could create them
-    /// twice. Until Submit carries idempotency keys, resolving that is the caller's decision.
-    pub async fn submit(&self, jobs: Vec<JobSpec>) -> Result<Vec<u64>, Error> {
-        let expected = jobs.len();
+    /// Every job without an idempotency key gets a fresh random UUID as its key, chosen once
+    /// before the first try ([`assign_idempotency_keys`]). A repeat of a key returns the original
+    /// job and creates nothing, so this call retries on the next endpoint after *any* transient
+    /// failure, including those after which the first try may have committed (the connection
+    /// broke, `DEADLINE_EXCEEDED`, `UNKNOWN`), reusing the same keys: each job exists at most
+    /// once. If such a try may have committed, [`Submission::resent_after_unknown_outcome`] says
+    /// so. If the retry budget runs out after one, the error is [`Error::UnknownOutcome`].
+    ///
+    /// A key is remembered by the cluster for its retention window (24 h by default). The same
+    /// key with a different queue, kind or payload is refused with `ALREADY_EXISTS`.
+    pub async fn submit_detailed(&self, mut jobs: Vec<JobSpec>) -> Result<Submission, Error> {
+        assign_idempotency_keys(&mut jobs);
+        let keys: Vec<String> = jobs.iter().map(|j| j.idempotency_key.clone()).collect();
         let request = SubmitRequest { jobs };
-        let (response, at) = self
-            .call(CallKind::Write, |channel, timeout| {
+        let answer = self
+            .call(CallKind::IdempotentWrite, |channel, timeout| {
                 let request = with_timeout(request.clone(), timeout);
                 async move { JobsClient::new(channel).submit(request).await }
             })
             .await?;
-        if response.job_ids.len() != expected {
+        let response = answer.value;
+        if response.job_ids.len() != keys.len() {
             return Err(Error::Protocol {
                 message: format!(
-                    "submitted {expected} jobs but got {} ids",
+                    "submitted {} jobs but got {} ids",
+                    keys.len(),
                     response.job_ids.len()
                 ),
-                endpoint: self.uri(at),
+                endpoint: self.uri(answer.endpoint),
             });
         }
-        Ok(response.job_ids)
+        // A server that predates idempotency keys sends no `existing` flags: none existed.
+        let mut existing = response.existing;
+        existing.resize(keys.len(), false);
+        let jobs = response
+            .job_ids
+            .into_iter()
+            .zip(keys)
+            .zip(existing)
+            .map(|((id, idempotency_key), existing)| Submitted {
+                id,
+                idempotency_key,
+                existing,
+            })
+            .collect();
+        Ok(Submission {
+            jobs,
+            resent_after_unknown_outcome: answer.after_unknown_outcome,
+        })
     }
 
-    /// Submits one job and returns its id. Same retry rules as [`Client::submit`].
+    /// Submits one job and returns its id. Same rules as [`Client::submit_detailed`].
     pub async fn submit_one(&self, job: JobSpec) -> Result<u64, Error> {
         let ids = self.submit(vec![job]).await?;
-        // `submit` checked that there is exactly one id per job.
+        // `submit_detailed` checked that there is exactly one id per job.
         Ok(ids[0])
     }
 
     /// Returns one job with its attempts. `NOT_FOUND` if the cluster does not know the id.
     /// Retried on every transient failure: reading twice is harmless.
     pub async fn get(&self, job_id: u64) -> Result<Job, Error> {
-        let (response, at) = self
+        let answer = self
             .call(CallKind::Read, |channel, timeout| {
                 let request = with_timeout(GetRequest { job_id }, timeout);
                 async move { JobsClient::new(channel).get(request).await }
             })
             .await?;
-        response.job.ok_or_else(|| Error::Protocol {
+        answer.value.job.ok_or_else(|| Error::Protocol {
             message: format!("Get of job {job_id} returned no job"),
-            endpoint: self.uri(at),
+            endpoint: self.uri(answer.endpoint),
         })
+    }
+
+    /// Lists jobs in id order, filtered, one page at a time (at most [`LIST_LIMIT_MAX`]). Pass
+    /// the answer's `next_after_id` as the next request's `after_id`; it is 0 after the last
+    /// page. A page may hold fewer jobs than `limit` and still not be the last: the server bounds
+    /// how many jobs one call looks at.
+    pub async fn list(&self, request: ListRequest) -> Result<ListResponse, Error> {
+        let answer = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(request.clone(), timeout);
+                async move { JobsClient::new(channel).list(request).await }
+            })
+            .await?;
+        Ok(answer.value)
+    }
+
+    /// Cancels jobs (at most [`CANCEL_JOBS_MAX`] per call): pending ones end at once, running
+    /// ones end now and their handler is stopped. Returns one result per job; a job that could
+    /// not be cancelled (unknown, already finished) carries an error and the others are still
+    /// cancelled.
+    ///
+    /// Retried only when a try provably was not applied: a repeat of an applied cancel would
+    /// report the jobs as already finished. Otherwise [`Error::UnknownOutcome`].
+    pub async fn cancel(&self, job_ids: Vec<u64>) -> Result<Vec<CancelResult>, Error> {
+        let request = CancelRequest { job_ids };
+        let answer = self
+            .call(CallKind::Write, |channel, timeout| {
+                let request = with_timeout(request.clone(), timeout);
+                async move { JobsClient::new(channel).cancel(request).await }
+            })
+            .await?;
+        Ok(answer.value.results)
+    }
+
+    /// Opens a stream of job state changes: of one job, one queue, or every job, from `after`
+    /// (a position from an earlier event) or, with `None`, from now. See [`Watch`] for how it
+    /// survives disconnects.
+    pub async fn watch(
+        &self,
+        scope: WatchScope,
+        after: Option<EventPosition>,
+    ) -> Result<Watch, Error> {
+        Watch::open(self.clone(), scope, after).await
+    }
+
+    /// Runs matching dead letters again (attempts reset, history kept) and returns their ids. At
+    /// most [`DEAD_LETTERS_PER_CALL_MAX`] per call (`limit`); call again while a call returns a
+    /// full batch. An empty filter matches every dead letter.
+    ///
+    /// Retried only when a try provably was not applied (a repeat could redrive jobs that died
+    /// again meanwhile); otherwise [`Error::UnknownOutcome`].
+    pub async fn redrive(&self, filter: DeadLetterFilter) -> Result<Vec<u64>, Error> {
+        let answer = self
+            .call(CallKind::Write, |channel, timeout| {
+                let request = with_timeout(filter.clone(), timeout);
+                async move { DeadLettersClient::new(channel).redrive(request).await }
+            })
+            .await?;
+        Ok(answer.value.job_ids)
+    }
+
+    /// Deletes matching dead letters and their payloads and returns their ids. Batching and
+    /// retries as for [`Client::redrive`].
+    pub async fn purge(&self, filter: DeadLetterFilter) -> Result<Vec<u64>, Error> {
+        let answer = self
+            .call(CallKind::Write, |channel, timeout| {
+                let request = with_timeout(filter.clone(), timeout);
+                async move { DeadLettersClient::new(channel).purge(request).await }
+            })
+            .await?;
+        Ok(answer.value.job_ids)
+    }
+
+    /// Changes a queue's settings (fields left unset keep their value) and returns the queue.
+    /// The settings are absolute values, so a repeat has the same effect: retried on every
+    /// transient failure.
+    pub async fn configure_queue(
+        &self,
+        request: ConfigureQueueRequest,
+    ) -> Result<QueueInfo, Error> {
+        let answer = self
+            .call(CallKind::IdempotentWrite, |channel, timeout| {
+                let request = with_timeout(request.clone(), timeout);
+                async move { QueuesClient::new(channel).configure(request).await }
+            })
+            .await?;
+        Ok(answer.value)
+    }
+
+    /// Every queue with jobs or settings.
+    pub async fn list_queues(&self) -> Result<Vec<QueueInfo>, Error> {
+        let answer = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(ListQueuesRequest {}, timeout);
+                async move { QueuesClient::new(channel).list(request).await }
+            })
+            .await?;
+        Ok(answer.value.queues)
+    }
+
+    /// Adds a recurring cron schedule (or replaces one of the same name with `replace`) and
+    /// returns it. `ALREADY_EXISTS` if the name is taken and `replace` is false.
+    ///
+    /// Retried only when a try provably was not applied (a repeat of an applied add would answer
+    /// `ALREADY_EXISTS`); otherwise [`Error::UnknownOutcome`]: check with
+    /// [`Client::list_schedules`].
+    pub async fn add_schedule(&self, request: AddScheduleRequest) -> Result<ScheduleInfo, Error> {
+        let answer = self
+            .call(CallKind::Write, |channel, timeout| {
+                let request = with_timeout(request.clone(), timeout);
+                async move { SchedulesClient::new(channel).add(request).await }
+            })
+            .await?;
+        Ok(answer.value)
+    }
+
+    /// Every cron schedule.
+    pub async fn list_schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        let answer = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(ListSchedulesRequest {}, timeout);
+                async move { SchedulesClient::new(channel).list(request).await }
+            })
+            .await?;
+        Ok(answer.value.schedules)
+    }
+
+    /// Removes a cron schedule; jobs it already fired are not touched. `NOT_FOUND` if there is
+    /// no such schedule. Retried like [`Client::add_schedule`].
+    pub async fn remove_schedule(&self, name: &str) -> Result<(), Error> {
+        let request = RemoveScheduleRequest {
+            name: name.to_string(),
+        };
+        self.call(CallKind::Write, |channel, timeout| {
+            let request = with_timeout(request.clone(), timeout);
+            async move { SchedulesClient::new(channel).remove(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Pauses (`true`) or resumes (`false`) a cron schedule and returns it. Retried on every
+    /// transient failure: setting the same state twice is harmless.
+    pub async fn set_schedule_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<ScheduleInfo, Error> {
+        let request = SetSchedulePausedRequest {
+            name: name.to_string(),
+            paused,
+        };
+        let answer = self
+            .call(CallKind::IdempotentWrite, |channel, timeout| {
+                let request = with_timeout(request.clone(), timeout);
+                async move { SchedulesClient::new(channel).set_paused(request).await }
+            })
+            .await?;
+        Ok(answer.value)
     }
 
     /// Returns the cluster's status as the answering node sees it. Retried on every transient
     /// failure.
     pub async fn status(&self) -> Result<StatusResponse, Error> {
-        let (response, _) = self
+        let answer = self
             .call(CallKind::Read, |channel, timeout| {
                 let request = with_timeout(StatusRequest {}, timeout);
                 async move { ClusterClient::new(channel).status(request).await }
             })
             .await?;
-        Ok(response)
+        Ok(answer.value)
     }
 
     /// Drains node `node_id`: it takes no new jobs, its running jobs may finish for `deadline`,
@@ -180,7 +436,7 @@ impl Client {
     /// Retried on every transient failure: repeating a drain only moves its deadline.
     pub async fn drain(&self, node_id: u64, deadline: Duration) -> Result<DrainResponse, Error> {
         let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
-        let (response, _) = self
+        let answer = self
             .call(CallKind::Read, |channel, timeout| {
                 let request = with_timeout(
                     DrainRequest {
@@ -192,26 +448,26 @@ impl Client {
                 async move { ClusterClient::new(channel).drain(request).await }
             })
             .await?;
-        Ok(response)
+        Ok(answer.value)
     }
 
     /// Removes node `node_id` now (typically a dead node): a drain without a deadline, after
     /// which its id is refused for good. A dead node's jobs move once its lease expires.
     /// Retried on every transient failure: removing twice is harmless.
     pub async fn remove(&self, node_id: u64) -> Result<DrainResponse, Error> {
-        let (response, _) = self
+        let answer = self
             .call(CallKind::Read, |channel, timeout| {
                 let request = with_timeout(RemoveRequest { node_id }, timeout);
                 async move { ClusterClient::new(channel).remove(request).await }
             })
             .await?;
-        Ok(response)
+        Ok(answer.value)
     }
 
     /// Admits node `node_id`, reachable at `addr`, that was started without `--join`. Retried on
     /// every transient failure: admitting a member again changes nothing.
     pub async fn join(&self, node_id: u64, addr: String) -> Result<JoinResponse, Error> {
-        let (response, _) = self
+        let answer = self
             .call(CallKind::Read, |channel, timeout| {
                 let request = with_timeout(
                     JoinRequest {
@@ -223,15 +479,15 @@ impl Client {
                 async move { ClusterClient::new(channel).join(request).await }
             })
             .await?;
-        Ok(response)
+        Ok(answer.value)
     }
 
-    fn uri(&self, index: usize) -> String {
+    pub(crate) fn uri(&self, index: usize) -> String {
         self.inner.endpoints[index].uri.clone()
     }
 
     /// Runs one call with retries, returning the answer and the index of the endpoint that gave it.
-    async fn call<T, F, Fut>(&self, kind: CallKind, mut attempt: F) -> Result<(T, usize), Error>
+    async fn call<T, F, Fut>(&self, kind: CallKind, mut attempt: F) -> Result<Answer<T>, Error>
     where
         F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -246,6 +502,9 @@ impl Client {
         let count = inner.endpoints.len();
         let mut index = inner.preferred.load(Ordering::Relaxed) % count;
         let mut attempts: u32 = 0;
+        // Whether an earlier try may have been applied: then a later success may find its
+        // effect, and giving up leaves the outcome unknown.
+        let mut maybe_applied = false;
         loop {
             let node = &inner.endpoints[index];
             attempts += 1;
@@ -254,7 +513,11 @@ impl Client {
             {
                 Ok(Ok(response)) => {
                     inner.preferred.store(index, Ordering::Relaxed);
-                    return Ok((response.into_inner(), index));
+                    return Ok(Answer {
+                        value: response.into_inner(),
+                        endpoint: index,
+                        after_unknown_outcome: maybe_applied,
+                    });
                 }
                 Ok(Err(status)) => Failure::from_status(&status),
                 Err(_) => Failure::timed_out(backstop_ms),
@@ -276,9 +539,20 @@ impl Client {
                 }
                 Decision::Retry => {}
             }
+            maybe_applied |= failure.class == Class::MaybeApplied;
             let delay_ms = backoff_delay_ms(options, attempts - 1, rand::random::<f64>());
             let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             if !may_retry(options, attempts, elapsed_ms, delay_ms) {
+                if maybe_applied && kind == CallKind::IdempotentWrite {
+                    return Err(Error::UnknownOutcome {
+                        code: failure.code,
+                        message: format!(
+                            "{} (gave up after {attempts} attempts in {elapsed_ms} ms)",
+                            failure.message
+                        ),
+                        endpoint: node.uri.clone(),
+                    });
+                }
                 return Err(Error::RetriesExhausted {
                     code: failure.code,
                     message: failure.message,
@@ -302,7 +576,7 @@ impl Client {
 }
 
 /// Wraps a message in a request that carries the deadline to the server as `grpc-timeout`.
-fn with_timeout<M>(message: M, timeout: Duration) -> tonic::Request<M> {
+pub(crate) fn with_timeout<M>(message: M, timeout: Duration) -> tonic::Request<M> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(timeout);
     request
@@ -351,5 +625,29 @@ mod tests {
     async fn bad_endpoint_is_config_error() {
         let err = Client::connect(vec!["http://bad host:1".into()]).unwrap_err();
         assert!(err.to_string().contains("bad host"), "{err}");
+    }
+
+    /// Jobs without a key get distinct v4 UUIDs; a caller's key is kept as it is.
+    #[test]
+    fn missing_keys_become_uuids() {
+        let mut jobs = vec![
+            JobSpec::default(),
+            JobSpec {
+                idempotency_key: "order-17".into(),
+                ..JobSpec::default()
+            },
+            JobSpec::default(),
+        ];
+        assign_idempotency_keys(&mut jobs);
+        assert_eq!(jobs[1].idempotency_key, "order-17");
+        for key in [&jobs[0].idempotency_key, &jobs[2].idempotency_key] {
+            let uuid = uuid::Uuid::parse_str(key).expect("a UUID");
+            assert_eq!(uuid.get_version_num(), 4, "{key}");
+        }
+        assert_ne!(jobs[0].idempotency_key, jobs[2].idempotency_key);
+        // Assigning again changes nothing: the keys are chosen once.
+        let before = jobs.clone();
+        assign_idempotency_keys(&mut jobs);
+        assert_eq!(jobs, before);
     }
 }

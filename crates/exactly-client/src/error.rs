@@ -24,8 +24,8 @@ pub enum Error {
     },
 
     /// Every try failed with a retryable error (`UNAVAILABLE`, a refused connection, a timeout on a
-    /// read) until the retry budget ran out. For a Submit this is only returned when every try
-    /// provably was not applied, so nothing was submitted.
+    /// read) until the retry budget ran out. For a write this is only returned when every try
+    /// provably was not applied, so nothing was written.
     #[error(
         "{}: {message} (last tried {endpoint}; gave up after {attempts} attempts in {elapsed_ms} ms)",
         code_name(*code)
@@ -43,11 +43,17 @@ pub enum Error {
         elapsed_ms: u64,
     },
 
-    /// A Submit failed in a way that does not tell whether the cluster applied it: the connection
-    /// broke or the deadline passed after the request may have been sent. The jobs may or may not
-    /// exist; retrying blindly could create them twice. Check with `get` or by your own records.
+    /// A write failed in a way that does not tell whether the cluster applied it: the connection
+    /// broke or the deadline passed after the request may have been sent.
+    ///
+    /// For Cancel, Redrive, Purge and schedule Add/Remove this is returned at once, because
+    /// repeating them blindly could act twice; check the state (Get, List) before repeating. For a
+    /// Submit it is returned only when the retry budget ran out after such a failure: every job
+    /// carried an idempotency key, so submitting the same jobs again with the same keys is safe
+    /// and tells which exist (see [`crate::assign_idempotency_keys`] to keep the keys the client
+    /// would otherwise choose for you).
     #[error(
-        "{}: outcome unknown, the jobs may or may not have been submitted: {message} (endpoint {endpoint})",
+        "{}: outcome unknown, the request may or may not have been applied: {message} (endpoint {endpoint})",
         code_name(*code)
     )]
     UnknownOutcome {
@@ -56,6 +62,24 @@ pub enum Error {
         /// What went wrong.
         message: String,
         /// The endpoint the request was sent to.
+        endpoint: String,
+    },
+
+    /// A Watch could not resume: every endpoint answered `OUT_OF_RANGE`, because the events after
+    /// the resume position are no longer retained (each node keeps a bounded window of recent
+    /// events) or the stream fell too far behind. Events may have been missed: re-read the state
+    /// you care about (Get, List) and watch again from now.
+    #[error(
+        "OUT_OF_RANGE: cannot resume the watch after position {index}:{seq}: {message} (endpoint {endpoint})"
+    )]
+    WatchPositionLost {
+        /// The log index of the resume position.
+        index: u64,
+        /// The place within that entry of the resume position.
+        seq: u32,
+        /// The server's message.
+        message: String,
+        /// The endpoint that answered last.
         endpoint: String,
     },
 
@@ -80,6 +104,7 @@ impl Error {
             Error::Status { code, .. }
             | Error::RetriesExhausted { code, .. }
             | Error::UnknownOutcome { code, .. } => *code,
+            Error::WatchPositionLost { .. } => Code::OutOfRange,
             Error::Protocol { .. } => Code::Internal,
         }
     }
@@ -91,13 +116,27 @@ impl Error {
             Error::Status { message, .. }
             | Error::RetriesExhausted { message, .. }
             | Error::UnknownOutcome { message, .. }
+            | Error::WatchPositionLost { message, .. }
             | Error::Protocol { message, .. } => message.clone(),
         }
     }
 
-    /// True when a Submit failed without telling whether its jobs were created.
+    /// True when a write failed without telling whether the cluster applied it.
     pub fn is_unknown_outcome(&self) -> bool {
         matches!(self, Error::UnknownOutcome { .. })
+    }
+
+    /// True when no endpoint gave an answer within the retry budget: the cluster (or the network
+    /// to it) is unavailable. Nothing was applied unless [`Error::is_unknown_outcome`] says so.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::RetriesExhausted { .. })
+            || matches!(
+                self,
+                Error::Status {
+                    code: Code::Unavailable,
+                    ..
+                }
+            )
     }
 }
 
@@ -151,5 +190,21 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("UNAVAILABLE: outcome unknown"), "{text}");
         assert!(err.is_unknown_outcome());
+        assert!(!err.is_unavailable());
+    }
+
+    /// A lost watch position carries OUT_OF_RANGE and names the position it could not resume at.
+    #[test]
+    fn watch_position_lost_names_the_position() {
+        let err = Error::WatchPositionLost {
+            index: 12,
+            seq: 3,
+            message: "no longer retained".into(),
+            endpoint: "http://a".into(),
+        };
+        assert_eq!(err.code(), Code::OutOfRange);
+        let text = err.to_string();
+        assert!(text.starts_with("OUT_OF_RANGE: "), "{text}");
+        assert!(text.contains("12:3"), "{text}");
     }
 }

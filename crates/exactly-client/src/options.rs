@@ -22,6 +22,12 @@ pub struct ClientOptions {
     pub retry_total_ms_max: u64,
     /// Tries per call, the first included.
     pub retry_attempts_max: u32,
+    /// How often an HTTP/2 ping checks a connection, in milliseconds. A Watch can be silent for
+    /// hours; the ping is what notices a node that froze or vanished without closing the
+    /// connection, so the watch moves to another endpoint.
+    pub keepalive_interval_ms: u64,
+    /// How long a ping may go unanswered before the connection is closed, in milliseconds.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for ClientOptions {
@@ -35,6 +41,8 @@ impl Default for ClientOptions {
             retry_backoff_max_ms: 1_000,
             retry_total_ms_max: 15_000,
             retry_attempts_max: 64,
+            keepalive_interval_ms: 5_000,
+            keepalive_timeout_ms: 5_000,
         }
     }
 }
@@ -54,6 +62,8 @@ impl ClientOptions {
         positive("connect-timeout-ms", self.connect_timeout_ms)?;
         positive("retry-backoff-initial-ms", self.retry_backoff_initial_ms)?;
         positive("retry-attempts-max", u64::from(self.retry_attempts_max))?;
+        positive("keepalive-interval-ms", self.keepalive_interval_ms)?;
+        positive("keepalive-timeout-ms", self.keepalive_timeout_ms)?;
         if self.retry_backoff_max_ms < self.retry_backoff_initial_ms {
             return Err(Error::Config(format!(
                 "retry-backoff-max-ms = {}: must be at least retry-backoff-initial-ms ({})",

@@ -13,6 +13,8 @@
 //!
 //! Everything else that is not a final answer (the connection broke mid-call, the deadline
 //! passed, a client-side `UNAVAILABLE` from a failed keep-alive) leaves the outcome unknown.
+//! Reads and idempotent writes (a Submit, whose jobs all carry idempotency keys, a queue
+//! Configure, a schedule SetPaused) are retried anyway; other writes stop and say so.
 
 use std::error::Error as StdError;
 
@@ -34,10 +36,15 @@ pub(crate) enum Class {
 /// Whether a call may be repeated without changing its effect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CallKind {
-    /// Get, Status, and the membership calls (drain, remove, join), which are idempotent:
-    /// repeating is harmless.
+    /// Get, List, Status, Watch, and the membership calls (drain, remove, join): repeating is
+    /// harmless.
     Read,
-    /// Submit: repeating an applied request creates the jobs twice (until idempotency keys exist).
+    /// A write whose repeat has the same effect as one try: a Submit whose every job carries an
+    /// idempotency key (a repeat returns the original jobs), a queue Configure or a schedule
+    /// SetPaused (they set absolute values). Retried even when a try may have been applied.
+    IdempotentWrite,
+    /// A write whose repeat could act twice or answer misleadingly (Cancel, Redrive, Purge,
+    /// schedule Add and Remove): retried only when a try provably was not applied.
     Write,
 }
 
@@ -122,7 +129,7 @@ pub(crate) fn decide(class: Class, kind: CallKind) -> Decision {
     match (class, kind) {
         (Class::Final, _) => Decision::Return,
         (Class::NotApplied, _) => Decision::Retry,
-        (Class::MaybeApplied, CallKind::Read) => Decision::Retry,
+        (Class::MaybeApplied, CallKind::Read | CallKind::IdempotentWrite) => Decision::Retry,
         (Class::MaybeApplied, CallKind::Write) => Decision::UnknownOutcome,
     }
 }
@@ -160,6 +167,10 @@ pub(crate) fn may_retry(
 /// "transport error" becomes "transport error: tcp connect error: Connection refused".
 fn describe(status: &Status) -> String {
     let mut text = status.message().to_string();
+    if text.is_empty() && status.code() == Code::Unimplemented {
+        // tonic answers calls a server does not serve with an empty message.
+        text = "the server does not implement this call (is it an older version?)".into();
+    }
     if let Some(source) = StdError::source(status) {
         for err in chain(source) {
             let part = err.to_string();
@@ -294,6 +305,10 @@ mod tests {
                 Decision::UnknownOutcome
             );
             assert_eq!(decide(failure.class, CallKind::Read), Decision::Retry);
+            assert_eq!(
+                decide(failure.class, CallKind::IdempotentWrite),
+                Decision::Retry
+            );
         }
     }
 
@@ -313,7 +328,26 @@ mod tests {
             assert_eq!(failure.message, status.message());
             assert_eq!(decide(failure.class, CallKind::Read), Decision::Return);
             assert_eq!(decide(failure.class, CallKind::Write), Decision::Return);
+            assert_eq!(
+                decide(failure.class, CallKind::IdempotentWrite),
+                Decision::Return
+            );
         }
+    }
+
+    /// An UNIMPLEMENTED without a message (what tonic sends for an unknown method) says what it
+    /// means instead of printing nothing.
+    #[test]
+    fn empty_unimplemented_is_explained() {
+        let failure = Failure::from_status(&Status::unimplemented(""));
+        assert_eq!(failure.class, Class::Final);
+        assert!(
+            failure.message.contains("does not implement"),
+            "{}",
+            failure.message
+        );
+        let failure = Failure::from_status(&Status::unimplemented("no lists here"));
+        assert_eq!(failure.message, "no lists here");
     }
 
     /// Backoff doubles from the initial delay, is capped, and jitter moves it within [d/2, d].

@@ -62,11 +62,34 @@ fn schedule_to_pb(s: &Schedule) -> pb::ScheduleInfo {
     }
 }
 
+/// How long a node that answered a schedule change waits for its own replica to apply it before
+/// it reports the schedule (the change committed on the leader; a follower applies it soon after).
+const APPLY_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SchedulesService {
     fn info(&self, name: &str) -> Result<pb::ScheduleInfo, Status> {
         self.node
             .read(|t| t.schedule(name).map(schedule_to_pb))
             .ok_or_else(|| Status::not_found(format!("schedule {name:?} does not exist")))
+    }
+
+    /// The schedule once this replica shows `done` true for it. Found by the cluster tests: a
+    /// follower answered NOT_FOUND for an Add that had committed, because it read its own state
+    /// before applying the entry.
+    async fn info_when(
+        &self,
+        name: &str,
+        done: impl Fn(&pb::ScheduleInfo) -> bool,
+    ) -> Result<pb::ScheduleInfo, Status> {
+        let until = tokio::time::Instant::now() + APPLY_WAIT_MAX;
+        loop {
+            let info = self.node.read(|t| t.schedule(name).map(schedule_to_pb));
+            match info {
+                Some(info) if done(&info) => return Ok(info),
+                _ if tokio::time::Instant::now() >= until => return self.info(name),
+                _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
     }
 
     async fn change(&self, name: &str, command: Command) -> Result<(), Status> {
@@ -111,8 +134,10 @@ impl Schedules for SchedulesService {
             replace: r.replace,
         };
         validate_schedule(&schedule).map_err(Status::invalid_argument)?;
+        let cron = schedule.cron.clone();
         self.change(&r.name, Command::AddSchedule(schedule)).await?;
-        Ok(Response::new(self.info(&r.name)?))
+        let info = self.info_when(&r.name, |i| i.cron == cron).await?;
+        Ok(Response::new(info))
     }
 
     async fn list(
@@ -148,6 +173,7 @@ impl Schedules for SchedulesService {
             },
         )
         .await?;
-        Ok(Response::new(self.info(&r.name)?))
+        let info = self.info_when(&r.name, |i| i.paused == r.paused).await?;
+        Ok(Response::new(info))
     }
 }
