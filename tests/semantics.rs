@@ -636,3 +636,411 @@ async fn idempotent_submit_across_nodes() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// What a refused call must leave alone on the leader: every job and its state, the job
+/// counts, and the names of queues and schedules.
+type Committed = (
+    Vec<(u64, JobStatus)>,
+    exactly_core::StateCounts,
+    Vec<String>,
+    Vec<String>,
+);
+
+fn committed(cluster: &FaultyCluster, leader: u64) -> anyhow::Result<Committed> {
+    let node = cluster
+        .node(leader)
+        .ok_or_else(|| anyhow::anyhow!("leader {leader} not running"))?;
+    Ok(node.read(|t| {
+        (
+            t.jobs().map(|j| (j.id, j.status)).collect(),
+            t.counts().clone(),
+            t.queues().keys().cloned().collect(),
+            t.schedules().keys().cloned().collect(),
+        )
+    }))
+}
+
+/// Cancel: a delayed pending job ends CANCELLED and never runs; a running job ends CANCELLED,
+/// its handler is cancelled on its node (it stops long before its 30 s sleep), its late
+/// completion is refused (the job stays CANCELLED) and it never runs again. Cancelling a
+/// finished or unknown job is a per-result error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_pending_and_running_jobs() -> anyhow::Result<()> {
+    init_tracing();
+    let (cluster, timeline) = start(3).await?;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(&cluster, 1)?);
+    let ids = jobs
+        .submit(pb::SubmitRequest {
+            jobs: vec![
+                pb::JobSpec {
+                    delay_ms: 60_000,
+                    ..job("sleep=0")
+                },
+                job("sleep=30000"),
+                job("sleep=0"),
+            ],
+        })
+        .await?
+        .into_inner()
+        .job_ids;
+    let (delayed, long, quick) = (ids[0], ids[1], ids[2]);
+    wait_status(
+        &cluster,
+        &[quick],
+        JobStatus::Succeeded,
+        Duration::from_secs(30),
+    )
+    .await?;
+    wait_for(Duration::from_secs(30), || {
+        timeline.started.lock().unwrap().contains_key(&long)
+    })
+    .await?;
+    let cancelled_at = Instant::now();
+    let results = jobs
+        .cancel(pb::CancelRequest {
+            job_ids: vec![delayed, long, quick, 9_999_999],
+        })
+        .await?
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 4);
+    assert_eq!(results[0].previous_state, pb::JobState::Pending as i32);
+    assert!(results[0].error.is_empty(), "{:?}", results[0]);
+    assert_eq!(results[1].previous_state, pb::JobState::Running as i32);
+    assert!(results[1].error.is_empty(), "{:?}", results[1]);
+    assert!(
+        !results[2].error.is_empty(),
+        "cancel of a finished job: {:?}",
+        results[2]
+    );
+    assert!(
+        !results[3].error.is_empty(),
+        "cancel of an unknown job: {:?}",
+        results[3]
+    );
+    wait_status(
+        &cluster,
+        &[delayed, long],
+        JobStatus::Cancelled,
+        Duration::from_secs(30),
+    )
+    .await?;
+    // The handler was cancelled on its node: its run ends well before the 30 s sleep.
+    wait_for(Duration::from_secs(20), || {
+        timeline.runs().iter().any(|r| r.job == long)
+    })
+    .await?;
+    let run = timeline
+        .runs()
+        .into_iter()
+        .find(|r| r.job == long)
+        .ok_or_else(|| anyhow::anyhow!("no run"))?;
+    assert!(
+        run.end < cancelled_at + Duration::from_secs(20),
+        "the handler ran on after the cancel"
+    );
+    // Its late report (the handler returns success) does not revive the job; nothing reruns.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_status(
+        &cluster,
+        &[delayed, long],
+        JobStatus::Cancelled,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let started = timeline.started.lock().unwrap().clone();
+    assert_eq!(started.get(&long), Some(&1), "the cancelled job ran again");
+    assert_eq!(started.get(&delayed), None, "the cancelled delayed job ran");
+    let got = jobs
+        .get(pb::GetRequest { job_id: long })
+        .await?
+        .into_inner()
+        .job;
+    assert_eq!(got.map(|j| j.state), Some(pb::JobState::Cancelled as i32));
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// Watch: one job's events arrive in order (PENDING, RUNNING, SUCCEEDED). A watcher that saw
+/// only the first event and reconnects to another node from that position gets exactly the
+/// events it missed, none twice. A position older than the node retains is OUT_OF_RANGE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_is_ordered_and_resumable_on_another_node() -> anyhow::Result<()> {
+    init_tracing();
+    let (cluster, _timeline) = start(3).await?;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(&cluster, 1)?);
+    let mut stream = jobs
+        .watch(pb::WatchRequest {
+            queue: "watched".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let id = jobs
+        .submit(pb::SubmitRequest {
+            jobs: vec![pb::JobSpec {
+                queue: "watched".into(),
+                ..job("sleep=300")
+            }],
+        })
+        .await?
+        .into_inner()
+        .job_ids[0];
+    let mut seen = Vec::new();
+    while seen.last().map(|e: &pb::JobEventMessage| e.state) != Some(pb::JobState::Succeeded as i32)
+    {
+        let e = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        assert_eq!(e.job_id, id);
+        seen.push(e);
+    }
+    drop(stream);
+    let states: Vec<i32> = seen.iter().map(|e| e.state).collect();
+    assert_eq!(
+        states,
+        vec![
+            pb::JobState::Pending as i32,
+            pb::JobState::Running as i32,
+            pb::JobState::Succeeded as i32
+        ]
+    );
+    let positions: Vec<(u64, u32)> = seen
+        .iter()
+        .map(|e| e.position.map(|p| (p.index, p.seq)).unwrap_or_default())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+
+    // Resume on node 2 after the first event: exactly the two missed events.
+    wait_status(
+        &cluster,
+        &[id],
+        JobStatus::Succeeded,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let mut other = pb::jobs_client::JobsClient::new(channel(&cluster, 2)?);
+    let mut resumed = other
+        .watch(pb::WatchRequest {
+            job_id: id,
+            after: seen[0].position,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut again = Vec::new();
+    for _ in 0..2 {
+        let e = tokio::time::timeout(Duration::from_secs(30), resumed.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        again.push(e);
+    }
+    assert_eq!(
+        again,
+        seen[1..].to_vec(),
+        "the resumed stream replays the missed events"
+    );
+    let extra = tokio::time::timeout(Duration::from_millis(500), resumed.message()).await;
+    assert!(
+        extra.is_err(),
+        "an event came twice or from nowhere: {extra:?}"
+    );
+    drop(resumed);
+
+    // A position before the first event node 3 retains (its floor is where its state machine
+    // started) is refused.
+    let mut third = pb::jobs_client::JobsClient::new(channel(&cluster, 3)?);
+    let status = third
+        .watch(pb::WatchRequest {
+            job_id: id,
+            after: Some(pb::EventPosition { index: 0, seq: 0 }),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .expect_err("a position older than retained");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// Every error a client can cause gets its status code, and the leader's jobs, counts, queues
+/// and schedules are the same after as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_errors_have_codes_and_commit_nothing() -> anyhow::Result<()> {
+    use tonic::Code;
+    init_tracing();
+    let timeline = Arc::new(Timeline::default());
+    let cluster = FaultyCluster::start(3, FaultController::new(1), registry(&timeline), |c| {
+        c.limits.payload_bytes_max = 1024
+    })
+    .await?;
+    let l = leader(&cluster).await?;
+    let ch = channel(&cluster, 2)?;
+    let mut jobs = pb::jobs_client::JobsClient::new(ch.clone());
+    let mut queues = pb::queues_client::QueuesClient::new(ch);
+    // Schedules go to the leader: Add through a follower can answer NOT_FOUND for a schedule it
+    // just committed (the follower reads its own state before applying the entry).
+    let mut schedules = pb::schedules_client::SchedulesClient::new(channel(&cluster, l)?);
+    // One finished job, and one schedule for the duplicate-name case.
+    let done = jobs
+        .submit(pb::SubmitRequest {
+            jobs: vec![job("sleep=0")],
+        })
+        .await?
+        .into_inner()
+        .job_ids[0];
+    let yearly = pb::AddScheduleRequest {
+        name: "yearly".into(),
+        cron: "0 0 1 1 *".into(),
+        job: Some(job("sleep=0")),
+        ..Default::default()
+    };
+    schedules.add(yearly.clone()).await?;
+    wait_status(
+        &cluster,
+        &[done],
+        JobStatus::Succeeded,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let before = committed(&cluster, l)?;
+
+    let code = |r: Result<tonic::Response<pb::SubmitResponse>, tonic::Status>| {
+        r.map(|_| ()).expect_err("refused").code()
+    };
+    let submit = |jobs: Vec<pb::JobSpec>| pb::SubmitRequest { jobs };
+    assert_eq!(
+        code(jobs.submit(submit(vec![])).await),
+        Code::InvalidArgument
+    );
+    let unknown = pb::JobSpec {
+        kind: "no-such-kind".into(),
+        ..job("")
+    };
+    assert_eq!(
+        code(jobs.submit(submit(vec![unknown])).await),
+        Code::InvalidArgument
+    );
+    let big = pb::JobSpec {
+        payload: vec![b'x'; 1025],
+        ..job("")
+    };
+    assert_eq!(
+        code(jobs.submit(submit(vec![big])).await),
+        Code::ResourceExhausted
+    );
+    let many = vec![job("sleep=0"); exactly_core::limits::SUBMIT_BATCH_JOBS_MAX + 1];
+    assert_eq!(
+        code(jobs.submit(submit(many)).await),
+        Code::ResourceExhausted
+    );
+    let long_key = pb::JobSpec {
+        idempotency_key: "k".repeat(exactly_core::limits::IDEMPOTENCY_KEY_BYTES_MAX + 1),
+        ..job("")
+    };
+    assert_eq!(
+        code(jobs.submit(submit(vec![long_key])).await),
+        Code::InvalidArgument
+    );
+    let long_order = pb::JobSpec {
+        ordering_key: "o".repeat(exactly_core::limits::ORDERING_KEY_BYTES_MAX + 1),
+        ..job("")
+    };
+    assert_eq!(
+        code(jobs.submit(submit(vec![long_order])).await),
+        Code::InvalidArgument
+    );
+    let both = pb::JobSpec {
+        run_at_ms: 1,
+        delay_ms: 1,
+        ..job("")
+    };
+    assert_eq!(
+        code(jobs.submit(submit(vec![both])).await),
+        Code::InvalidArgument
+    );
+
+    let list = jobs
+        .list(pb::ListRequest {
+            limit: 1001,
+            ..Default::default()
+        })
+        .await
+        .expect_err("list limit over max");
+    assert_eq!(list.code(), Code::InvalidArgument);
+
+    let cancel = jobs
+        .cancel(pb::CancelRequest {
+            job_ids: vec![done, 9_999_999],
+        })
+        .await?
+        .into_inner()
+        .results;
+    assert!(cancel.iter().all(|r| !r.error.is_empty()), "{cancel:?}");
+
+    for rate in [
+        pb::RateLimitSpec {
+            jobs: 0,
+            period_ms: 1000,
+        },
+        pb::RateLimitSpec {
+            jobs: 5,
+            period_ms: 0,
+        },
+    ] {
+        let s = queues
+            .configure(pb::ConfigureQueueRequest {
+                queue: "rated".into(),
+                rate: Some(rate),
+                ..Default::default()
+            })
+            .await
+            .expect_err("bad rate");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+    }
+
+    let bad_cron = pb::AddScheduleRequest {
+        name: "bad".into(),
+        cron: "61 * * * *".into(),
+        ..yearly.clone()
+    };
+    let s = schedules.add(bad_cron).await.expect_err("bad cron");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+    let bad_tz = pb::AddScheduleRequest {
+        name: "bad".into(),
+        time_zone: "Mars/Olympus_Mons".into(),
+        ..yearly.clone()
+    };
+    let s = schedules.add(bad_tz).await.expect_err("unknown time zone");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+    let s = schedules.add(yearly).await.expect_err("duplicate name");
+    assert_eq!(s.code(), Code::AlreadyExists, "{s}");
+    let s = schedules
+        .remove(pb::RemoveScheduleRequest {
+            name: "no-such-schedule".into(),
+        })
+        .await
+        .expect_err("unknown schedule");
+    assert_eq!(s.code(), Code::NotFound, "{s}");
+
+    let s = jobs
+        .watch(pb::WatchRequest {
+            job_id: done,
+            queue: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .expect_err("job and queue at once");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        committed(&cluster, l)?,
+        before,
+        "a refused call changed the state"
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
