@@ -1044,3 +1044,66 @@ async fn client_errors_have_codes_and_commit_nothing() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A queue limited to 5 starts per second (GCRA: a burst of 5, then one start per 200 ms) runs
+/// 15 jobs no faster than that: the k-th start (0-based, from the handlers' start times) comes
+/// at least (k - 4) x 200 ms after the first, less 300 ms slack for scheduling jitter, and all
+/// jobs complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_rate_limit_bounds_starts() -> anyhow::Result<()> {
+    init_tracing();
+    let (cluster, timeline) = start(3).await?;
+    let mut queues = pb::queues_client::QueuesClient::new(channel(&cluster, 1)?);
+    queues
+        .configure(pb::ConfigureQueueRequest {
+            queue: "rated".into(),
+            rate: Some(pb::RateLimitSpec {
+                jobs: 5,
+                period_ms: 1000,
+            }),
+            ..Default::default()
+        })
+        .await?;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(&cluster, 2)?);
+    let specs = (0..15)
+        .map(|_| pb::JobSpec {
+            queue: "rated".into(),
+            ..job("sleep=0")
+        })
+        .collect();
+    let ids = jobs
+        .submit(pb::SubmitRequest { jobs: specs })
+        .await?
+        .into_inner()
+        .job_ids;
+    wait_status(
+        &cluster,
+        &ids,
+        JobStatus::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let mut starts: Vec<Instant> = timeline
+        .runs()
+        .iter()
+        .filter(|r| ids.contains(&r.job))
+        .map(|r| r.start)
+        .collect();
+    assert_eq!(starts.len(), 15, "each job ran once");
+    starts.sort();
+    let slack = Duration::from_millis(300);
+    for (k, t) in starts.iter().enumerate().skip(5) {
+        let earliest = Duration::from_millis(200 * (k as u64 - 4));
+        let after = t.duration_since(starts[0]);
+        assert!(
+            after + slack >= earliest,
+            "start {k} came {after:?} after the first; the limit allows it at {earliest:?}"
+        );
+    }
+    eprintln!(
+        "rate 5/s: 15 starts over {:?}",
+        starts[14].duration_since(starts[0])
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
