@@ -738,3 +738,40 @@ async fn the_last_voter_just_stops_and_misaddressed_messages_are_refused() -> an
     assert!(started.elapsed() < Duration::from_secs(10));
     Ok(())
 }
+
+/// The only voter, drained while a learner is caught up, hands over: one joint change makes the
+/// learner the voter, the old leader steps down and leaves, and the new one leads and runs jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_only_voter_hands_over_to_a_learner_when_drained() -> anyhow::Result<()> {
+    init_tracing();
+    let mut s = Scenario::start_with(2, ChaosOptions::short(), |c| c.voters_target = 1).await?;
+    let leader = s.leader().await?;
+    assert_eq!(
+        roles(&s.cluster, leader),
+        (BTreeSet::from([1]), BTreeSet::from([2]))
+    );
+    ids(s
+        .submit(1, &plans(8, RunPlan::fixed(Duration::from_millis(300))))
+        .await?)?;
+    s.recorder.nemesis("drain node 1, the only voter");
+    cluster_client(&s.cluster, 2)
+        .await?
+        .drain(pb::DrainRequest {
+            node_id: 1,
+            deadline_ms: 10_000,
+        })
+        .await?;
+    wait_for(CHANGE_WAIT, || {
+        s.cluster.leader() == Some(2) && has_left(&s.cluster, 1)
+    })
+    .await?;
+    assert_eq!(roles(&s.cluster, 2), (BTreeSet::from([2]), BTreeSet::new()));
+    s.cluster.stop(1).await?;
+    ids(s
+        .submit(2, &plans(8, RunPlan::fixed(Duration::from_millis(100))))
+        .await?)?;
+    s.healed();
+    let report = s.finish(SETTLE_MAX).await;
+    assert_clean(&report);
+    Ok(())
+}
