@@ -621,3 +621,164 @@ async fn a_new_node_gets_a_snapshot_after_the_log_was_compacted() -> anyhow::Res
     assert_clean(&report);
     Ok(())
 }
+
+/// A node started with neither --init nor --join waits; `Cluster.Join` (what `exactly cluster
+/// join` calls), sent to a follower, has the leader admit it: it becomes a voter (voters were
+/// short of the target), registers and runs jobs. Joining it again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_join_admits_a_node_started_without_join() -> anyhow::Result<()> {
+    init_tracing();
+    let mut s = Scenario::start_with(2, ChaosOptions::short(), |c| c.voters_target = 3).await?;
+    let leader = s.leader().await?;
+    let follower = if leader == 1 { 2 } else { 1 };
+    s.cluster.add(3, |c| c.join.clear()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !roles(&s.cluster, leader).1.contains(&3),
+        "not admitted by itself"
+    );
+    let addr = s
+        .cluster
+        .endpoints()
+        .into_iter()
+        .find(|(id, _)| *id == 3)
+        .map(|(_, a)| a)
+        .unwrap();
+    let reply = cluster_client(&s.cluster, follower)
+        .await?
+        .join(pb::JoinRequest {
+            node_id: 3,
+            addr: addr.clone(),
+        })
+        .await?
+        .into_inner();
+    assert!(reply.voter, "voters were short of the target");
+    wait_for(CHANGE_WAIT, || {
+        s.cluster
+            .node(leader)
+            .is_some_and(|n| n.read(|t| t.nodes().contains_key(&3)))
+    })
+    .await?;
+    assert_eq!(roles(&s.cluster, leader).0, BTreeSet::from([1, 2, 3]));
+    let again = cluster_client(&s.cluster, leader)
+        .await?
+        .join(pb::JoinRequest { node_id: 3, addr })
+        .await?
+        .into_inner();
+    assert!(again.voter);
+    let added_at = now_us();
+    let mut tries = 0;
+    while executions_on_since(&s, 3, added_at) == 0 {
+        anyhow::ensure!(tries < 40, "node 3 never ran a job");
+        tries += 1;
+        ids(s
+            .submit(
+                leader,
+                &plans(12, RunPlan::fixed(Duration::from_millis(100))),
+            )
+            .await?)?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    s.healed();
+    let report = s.finish(SETTLE_MAX).await;
+    assert_clean(&report);
+    Ok(())
+}
+
+/// The only voter cannot leave: a drain or removal of it is FAILED_PRECONDITION, an unknown
+/// node is NOT_FOUND, and SIGTERM's drain-and-leave returns at once so the node just stops. A
+/// Raft message addressed to another node id is refused before it is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_voter_just_stops_and_misaddressed_messages_are_refused() -> anyhow::Result<()> {
+    init_tracing();
+    let mut s = Scenario::start(1, ChaosOptions::short()).await?;
+    let mut client = cluster_client(&s.cluster, 1).await?;
+    let err = client
+        .drain(pb::DrainRequest {
+            node_id: 1,
+            deadline_ms: 1_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("only voter"), "{err}");
+    let err = client
+        .remove(pb::RemoveRequest { node_id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let err = client
+        .drain(pb::DrainRequest {
+            node_id: 42,
+            deadline_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    let err = client
+        .drain(pb::DrainRequest {
+            node_id: 1,
+            deadline_ms: 2 * 24 * 3600 * 1000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
+    let addr = s.cluster.endpoints()[0].1.clone();
+    let mut internal =
+        exactly_proto::internal::internal_client::InternalClient::connect(format!("http://{addr}"))
+            .await?;
+    let err = internal
+        .vote(exactly_proto::internal::Blob {
+            data: vec![0xff; 4],
+            target: 9,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("not node 9"), "{err}");
+
+    let started = std::time::Instant::now();
+    let left = s.cluster.terminate(1, Duration::from_secs(30)).await?;
+    let err = left.unwrap_err();
+    assert!(err.contains("only voter"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
+
+/// The only voter, drained while a learner is caught up, hands over: one joint change makes the
+/// learner the voter, the old leader steps down and leaves, and the new one leads and runs jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_only_voter_hands_over_to_a_learner_when_drained() -> anyhow::Result<()> {
+    init_tracing();
+    let mut s = Scenario::start_with(2, ChaosOptions::short(), |c| c.voters_target = 1).await?;
+    let leader = s.leader().await?;
+    assert_eq!(
+        roles(&s.cluster, leader),
+        (BTreeSet::from([1]), BTreeSet::from([2]))
+    );
+    ids(s
+        .submit(1, &plans(8, RunPlan::fixed(Duration::from_millis(300))))
+        .await?)?;
+    s.recorder.nemesis("drain node 1, the only voter");
+    cluster_client(&s.cluster, 2)
+        .await?
+        .drain(pb::DrainRequest {
+            node_id: 1,
+            deadline_ms: 10_000,
+        })
+        .await?;
+    wait_for(CHANGE_WAIT, || {
+        s.cluster.leader() == Some(2) && has_left(&s.cluster, 1)
+    })
+    .await?;
+    assert_eq!(roles(&s.cluster, 2), (BTreeSet::from([2]), BTreeSet::new()));
+    s.cluster.stop(1).await?;
+    ids(s
+        .submit(2, &plans(8, RunPlan::fixed(Duration::from_millis(100))))
+        .await?)?;
+    s.healed();
+    let report = s.finish(SETTLE_MAX).await;
+    assert_clean(&report);
+    Ok(())
+}

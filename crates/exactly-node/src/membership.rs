@@ -108,9 +108,9 @@ pub fn vote_refusal(node: &Node, candidate: u64) -> Option<tonic::Status> {
 /// Why a node could not drain itself and leave.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaveError {
-    /// Nothing to leave: the node is alone, or it is the last voter (the cluster cannot go on
-    /// without it).
-    #[error("node {0} is the only voter; it cannot leave the cluster, only stop")]
+    /// Nothing to leave: the node is alone, or it is the last voter and no learner can take its
+    /// place (the cluster cannot go on without it).
+    #[error("node {0} is the only voter and no learner can replace it; it cannot leave the cluster, only stop")]
     LastVoter(u64),
     #[error("node {0} was removed from the cluster already")]
     Removed(u64),
@@ -123,11 +123,13 @@ pub enum LeaveError {
 }
 
 impl Node {
-    /// Whether `id` may not leave because it is the only voter.
+    /// Whether `id` may not leave because it is the only voter and no learner could take its
+    /// place.
     pub fn is_last_voter(&self, id: u64) -> bool {
         let m = self.raft.metrics().borrow().membership_config.clone();
         let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
-        voters.len() == 1 && voters.contains(&id)
+        let others = m.membership().nodes().filter(|(n, _)| **n != id).count();
+        voters.len() == 1 && voters.contains(&id) && others == 0
     }
 
     /// Whether `id` is in this node's view of the Raft membership (voter or learner).
@@ -312,11 +314,7 @@ async fn leave_membership(
 ) {
     let change = if voters.contains(&id) {
         let mut next: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != id).collect();
-        if next.is_empty() {
-            tracing::warn!(node = id, "the last voter cannot leave the cluster");
-            return;
-        }
-        if next.len() < policy.voters_target {
+        if next.len() < policy.voters_target.max(1) {
             let members: BTreeSet<u64> = metrics
                 .membership_config
                 .membership()
@@ -331,6 +329,13 @@ async fn leave_membership(
                 );
                 next.insert(learner);
             }
+        }
+        if next.is_empty() {
+            tracing::warn!(
+                node = id,
+                "the last voter cannot leave until a learner is healthy and caught up"
+            );
+            return;
         }
         ChangeMembers::ReplaceAllVoters(next)
     } else {
