@@ -6,6 +6,10 @@
 //! flusher that returned early would buy nothing; one flush and fsync per `append` call, however
 //! many entries it carries, is the group commit. Writes and fsyncs run on tokio's blocking pool.
 //! Reads run inline: they are served from sled's cache unless the entries are old.
+//!
+//! The test seams of `durability.rs` act here: `append_sync_delay` holds an append between
+//! its write and its durability point, `acknowledge_before_sync` (wrong on purpose) calls the
+//! callback first, and the hook hears of every callback and every `save_vote` return.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -88,15 +92,12 @@ impl LogStore {
         Ok(entries)
     }
 
-    fn last_entry_log_id(&self) -> Result<Option<LogId<u64>>> {
-        let last = self
-            .store
-            .inner
-            .log
-            .last()
-            .map_err(|e| Error::sled("reading the last log entry", e))?;
-        last.map(|(_, value)| decode::<Entry<TypeConfig>>("log entry", &value).map(|e| e.log_id))
-            .transpose()
+    /// Tells openraft (and the test hook, first) that the entries up to `last` are on disk.
+    fn acknowledge(&self, last: Option<LogId<u64>>, callback: LogFlushed<TypeConfig>) {
+        if let (Some(hook), Some(last)) = (self.store.hook(), last) {
+            hook.append_acknowledged(last);
+        }
+        callback.log_io_completed(Ok(()));
     }
 
     /// Runs blocking storage work on tokio's blocking pool.
@@ -109,6 +110,19 @@ impl LogStore {
             .await
             .map_err(Error::task)?
     }
+}
+
+/// Writes `entries` in one sled batch (durable at the next durability point).
+fn write_entries(store: &Store, entries: &[Entry<TypeConfig>]) -> Result<()> {
+    let mut batch = sled::Batch::default();
+    for entry in entries {
+        batch.insert(&u64_key(entry.log_id.index), encode("log entry", entry)?);
+    }
+    store
+        .inner
+        .log
+        .apply_batch(batch)
+        .map_err(|e| Error::sled("appending log entries", e))
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -135,17 +149,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let read = || -> Result<LogState<TypeConfig>> {
-            let last_purged_log_id = self.store.last_purged()?;
-            let last_entry = self.last_entry_log_id()?;
-            // Entries at or below `last_purged` are gone (or about to be, after a crash
-            // during a purge), so the later of the two is the last log id.
-            let last_log_id = match (last_entry, last_purged_log_id) {
-                (Some(entry), Some(purged)) if purged.index >= entry.index => Some(purged),
-                (entry, purged) => entry.or(purged),
-            };
             Ok(LogState {
-                last_purged_log_id,
-                last_log_id,
+                last_purged_log_id: self.store.last_purged()?,
+                last_log_id: self.store.log_last()?,
             })
         };
         read().map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
@@ -164,7 +170,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             store.make_durable()
         })
         .await
-        .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Write))
+        .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Write))?;
+        if let Some(hook) = self.store.hook() {
+            hook.vote_saved(vote);
+        }
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
@@ -191,29 +201,45 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     /// Writes all entries in one sled batch and makes them durable with one flush and fsync,
     /// then calls `callback`. Returns after the callback (openraft 0.9.25 waits for it anyway).
+    /// With the test seams: waits `append_sync_delay` between the write and the durability
+    /// point, or (`acknowledge_before_sync`, wrong on purpose) calls the callback right after
+    /// the write and leaves the fsync to a background task.
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let result = self
-            .blocking(move |store| {
-                let mut batch = sled::Batch::default();
-                for entry in &entries {
-                    batch.insert(&u64_key(entry.log_id.index), encode("log entry", entry)?);
-                }
-                store
-                    .inner
-                    .log
-                    .apply_batch(batch)
-                    .map_err(|e| Error::sled("appending log entries", e))?;
+        let last = entries.last().map(|e| e.log_id);
+        let delay = self.store.inner.options.append_sync_delay;
+        let early = self.store.inner.options.acknowledge_before_sync;
+        let result = if delay.is_zero() && !early {
+            // Production: the write and its durability point in one trip to the blocking pool.
+            self.blocking(move |store| {
+                write_entries(&store, &entries)?;
                 store.make_durable()
             })
-            .await;
+            .await
+        } else {
+            match self
+                .blocking(move |store| write_entries(&store, &entries))
+                .await
+            {
+                Ok(()) if early => {
+                    self.acknowledge(last, callback);
+                    self.store.sync_later(delay);
+                    return Ok(());
+                }
+                Ok(()) => {
+                    tokio::time::sleep(delay).await;
+                    self.blocking(|store| store.make_durable()).await
+                }
+                Err(e) => Err(e),
+            }
+        };
         match result {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                self.acknowledge(last, callback);
                 Ok(())
             }
             Err(e) => {
