@@ -12,12 +12,13 @@
 //!   the store refuses every later one), and a point whose fsync returned only after the power
 //!   went off did not complete either: the hook decides both under one lock, so the instant
 //!   the power goes off splits the points cleanly into durable and not.
-//! - **Acknowledgements.** The hook sees every append callback and every `save_vote` return,
-//!   so it can check them against the image when the power goes off (openraft's contract: an
+//! - **Writes and acknowledgements.** The hook hears when `append` has written entries (so a
+//!   test can cut the power while some are unsynced), and of every append callback and every
+//!   `save_vote` return, so it can check them against the images (openraft's contract: an
 //!   acknowledged entry or vote is on disk).
 //! - `append_sync_delay` (a slow disk) holds each append's fsync and callback for a while, so a
 //!   crash really finds unsynced entries; `acknowledge_before_sync` is a deliberately *wrong*
-//!   store for negative controls (callback first, fsync later).
+//!   store for negative controls (callback at once, no fsync of its own).
 //!
 //! After the node is gone, [`lose_unsynced_writes`] turns its data directory into what the
 //! power loss left: see there for what it drops and why that models a power loss.
@@ -69,6 +70,9 @@ pub trait DurabilityHook: Send + Sync + 'static {
     /// if the power went off first: then the point did not complete and the store fails it.
     /// Must be atomic with cutting the power.
     fn completed(&self, image: DurableImage) -> bool;
+    /// `append` wrote the entries up to `last`; they are not durable before the next
+    /// durability point completes.
+    fn append_written(&self, _last: LogId<u64>) {}
     /// openraft's append callback is about to report the entries up to `last` as on disk.
     fn append_acknowledged(&self, last: LogId<u64>);
     /// `save_vote` is about to return for `vote`.
@@ -86,12 +90,12 @@ pub struct StoreOptions {
     pub durability_hook: Option<DurabilityHookHandle>,
     /// Test-only fault, a slow disk: every `append` holds its fsync and its flushed-callback
     /// this long after writing the entries (openraft waits for the callback, so the node's Raft
-    /// core waits too). With `acknowledge_before_sync`, the longest an acknowledged write waits
-    /// for its fsync.
+    /// core waits too).
     pub append_sync_delay: Duration,
     /// **Wrong on purpose**, for negative controls only: `append` calls the flushed-callback as
-    /// soon as the entries are written, and a background task fsyncs them up to
-    /// `append_sync_delay` later ("flush every N ms"). Breaks invariant 1.
+    /// soon as the entries are written and passes no durability point, the mistake of
+    /// openraft 0.9's rocksdb example; its entries become durable only with the next durability
+    /// point of another operation (a vote, a snapshot, a purge). Breaks invariant 1.
     pub acknowledge_before_sync: bool,
 }
 

@@ -9,7 +9,8 @@
 //!
 //! The test seams of `durability.rs` act here: `append_sync_delay` holds an append between
 //! its write and its durability point, `acknowledge_before_sync` (wrong on purpose) calls the
-//! callback first, and the hook hears of every callback and every `save_vote` return.
+//! callback without one, and the hook hears of every write, every callback and every
+//! `save_vote` return.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -122,7 +123,11 @@ fn write_entries(store: &Store, entries: &[Entry<TypeConfig>]) -> Result<()> {
         .inner
         .log
         .apply_batch(batch)
-        .map_err(|e| Error::sled("appending log entries", e))
+        .map_err(|e| Error::sled("appending log entries", e))?;
+    if let (Some(hook), Some(last)) = (store.hook(), entries.last()) {
+        hook.append_written(last.log_id);
+    }
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -203,7 +208,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// then calls `callback`. Returns after the callback (openraft 0.9.25 waits for it anyway).
     /// With the test seams: waits `append_sync_delay` between the write and the durability
     /// point, or (`acknowledge_before_sync`, wrong on purpose) calls the callback right after
-    /// the write and leaves the fsync to a background task.
+    /// the write and skips the durability point.
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
@@ -213,30 +218,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last = entries.last().map(|e| e.log_id);
         let delay = self.store.inner.options.append_sync_delay;
         let early = self.store.inner.options.acknowledge_before_sync;
-        let result = if delay.is_zero() && !early {
-            // Production: the write and its durability point in one trip to the blocking pool.
-            self.blocking(move |store| {
+        // One trip to the blocking pool: the write, then (unless the store is the deliberately
+        // wrong one) the slow disk's delay and the durability point. The delay sleeps a
+        // blocking-pool thread, not the node's runtime: a paused node's disk goes on, as the
+        // kernel's would.
+        let result = self
+            .blocking(move |store| {
                 write_entries(&store, &entries)?;
-                store.make_durable()
-            })
-            .await
-        } else {
-            match self
-                .blocking(move |store| write_entries(&store, &entries))
-                .await
-            {
-                Ok(()) if early => {
-                    self.acknowledge(last, callback);
-                    self.store.sync_later(delay);
+                if early {
                     return Ok(());
                 }
-                Ok(()) => {
-                    tokio::time::sleep(delay).await;
-                    self.blocking(|store| store.make_durable()).await
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
                 }
-                Err(e) => Err(e),
-            }
-        };
+                store.make_durable()
+            })
+            .await;
         match result {
             Ok(()) => {
                 self.acknowledge(last, callback);

@@ -51,7 +51,6 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -112,8 +111,6 @@ pub(crate) struct Inner {
     /// The `seq` of the last captured [`DurableImage`]. The lock makes capture order and `seq`
     /// order the same.
     image_seq: Mutex<u64>,
-    /// `acknowledge_before_sync` only: a background durability point is scheduled.
-    sync_pending: AtomicBool,
     snapshot_dir: PathBuf,
     /// Metadata of the snapshot in the snapshot file. The lock also serializes writes of that
     /// file, so a slow build cannot overwrite a newer snapshot installed meanwhile.
@@ -194,7 +191,6 @@ impl Store {
                 },
                 options,
                 image_seq: Mutex::new(0),
-                sync_pending: AtomicBool::new(false),
                 snapshot_dir,
                 current_snapshot: Mutex::new(current_snapshot),
             }),
@@ -369,24 +365,6 @@ impl Store {
             vote,
             committed,
         })
-    }
-
-    /// `acknowledge_before_sync` only: makes everything written so far durable at most `delay`
-    /// from now, on a background task of the current runtime (one at a time).
-    pub(crate) fn sync_later(&self, delay: Duration) {
-        if self.inner.sync_pending.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let store = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            // Cleared before the point starts: a write after this schedules the next one.
-            store.inner.sync_pending.store(false, Ordering::SeqCst);
-            let synced = tokio::task::spawn_blocking(move || store.make_durable()).await;
-            if let Ok(Err(e)) = synced {
-                tracing::warn!(error = %e, "background durability point failed");
-            }
-        });
     }
 
     /// The id of the last log entry, if any.
