@@ -730,6 +730,8 @@ pub fn check(history: &History) -> Report {
     // Submits, and what each acknowledged id should be.
     let mut ops: BTreeMap<u64, &SubmitOp> = BTreeMap::new();
     let mut acked: BTreeMap<u64, JobKey> = BTreeMap::new();
+    // Earlier acknowledgements of an id that a later submit was acknowledged with again.
+    let mut superseded: Vec<(u64, JobKey)> = Vec::new();
     let mut starts = Vec::new();
     let mut ends: BTreeMap<u64, (Micros, ExecEnd)> = BTreeMap::new();
     // Per node: (paused at, resumed at; `None`: never resumed).
@@ -759,6 +761,7 @@ pub fn check(history: &History) -> Report {
                                 index: index as u32,
                             };
                             if let Some(other) = acked.insert(*id, key) {
+                                superseded.push((*id, other));
                                 found.flag(
                                     Duplicated,
                                     Subject::Job(*id),
@@ -890,18 +893,9 @@ pub fn check(history: &History) -> Report {
         if let Some(op) = op_id {
             *per_op.entry(op).or_default() += 1;
         }
-        if let Some(key) = acked.get(&id) {
-            if op_id != Some(key.op) {
-                found.flag(
-                    Unexpected,
-                    Subject::Job(id),
-                    format!(
-                        "job {id} was acknowledged to submit {} but is {}",
-                        key.op,
-                        describe_job(job)
-                    ),
-                );
-            }
+        // An acknowledged id holding another submit's job is checked below (the acknowledged
+        // job is lost); the job it holds is attributed like any other.
+        if acked.get(&id).is_some_and(|key| op_id == Some(key.op)) {
             continue;
         }
         let Some(op) = op_id.and_then(|o| ops.get(&o)) else {
@@ -960,7 +954,9 @@ pub fn check(history: &History) -> Report {
     report.recovered = recovered.len();
 
     // Acknowledged jobs must have succeeded; acknowledged and recovered ones must be terminal.
-    for (&id, key) in &acked {
+    // An id that holds another submit's job lost the acknowledged one: its entry was lost and
+    // the id given out again.
+    for (id, key) in acked.iter().map(|(id, key)| (*id, *key)).chain(superseded) {
         match reference.get(&id) {
             None => found.flag(
                 Lost,
@@ -968,6 +964,17 @@ pub fn check(history: &History) -> Report {
                 format!(
                     "job {id} (submit {}, index {}) was acknowledged but is in no final state",
                     key.op, key.index
+                ),
+            ),
+            Some(job) if parse_queue(&job.queue) != Some(key.op) => found.flag(
+                Lost,
+                Subject::Job(id),
+                format!(
+                    "job {id} (submit {}, index {}) was acknowledged, but id {id} now holds \
+                     another job: {}",
+                    key.op,
+                    key.index,
+                    describe_job(job)
                 ),
             ),
             Some(job) if job.status == JobStatus::Failed => found.flag(
@@ -1456,6 +1463,39 @@ mod tests {
         h.events.push(loss(None, Some(2)));
         let report = check(&h);
         assert_eq!(only(&report, AnomalyKind::NotDurable), 1, "{report}");
+    }
+
+    /// An acknowledged job whose id now holds another submit's job (its entry was lost and the
+    /// id given out again) is lost, whether or not the other submit was acknowledged too.
+    #[test]
+    fn acknowledged_id_reused_by_another_submit_is_lost() {
+        let mut h = clean_history();
+        // Submit 1 was acknowledged with ids 10 and 11; id 11 now holds submit 9's job.
+        h.events.push(submit(
+            9,
+            1,
+            SubmitOutcome::Unknown("transport error".into()),
+        ));
+        for n in &mut h.finals {
+            n.jobs[1] = succeeded(11, 9, 110, 2);
+        }
+        h.events
+            .retain(|e| !matches!(e, Event::ExecStart { job: 11, .. }));
+        let report = check(&h);
+        assert_eq!(report.lost, 1, "{report}");
+        assert_eq!(only(&report, AnomalyKind::Lost), 1);
+        assert_eq!(report.recovered, 1, "{report}");
+
+        let mut h = clean_history();
+        h.events.push(ok_submit(9, &[11]));
+        for n in &mut h.finals {
+            n.jobs[1] = succeeded(11, 9, 110, 2);
+        }
+        h.events
+            .retain(|e| !matches!(e, Event::ExecStart { job: 11, .. }));
+        let report = check(&h);
+        assert_eq!(report.lost, 1, "{report}");
+        assert_eq!(report.duplicated, 1, "acknowledged twice: {report}");
     }
 
     /// Two accepted successes of one job are a duplicate.
