@@ -1,9 +1,11 @@
-//! Tests of the fault-injection harness itself: that pause, crash, restart and partitions do to
-//! real nodes what they claim, and that client errors are classified soundly.
+//! Tests of the fault-injection harness itself: that pause, crash (with or without losing
+//! unsynced writes), restart and partitions do to real nodes what they claim, and that client
+//! errors are classified soundly.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use exactly_tests::disk::DiskOptions;
 use exactly_tests::faults::FaultController;
 use exactly_tests::harness::{FaultyCluster, NodeState};
 use exactly_tests::history::{Recorder, RunPlan, SubmitOutcome};
@@ -209,6 +211,75 @@ async fn refused_connections_are_definite_failures() -> anyhow::Result<()> {
     )
     .await;
     assert!(matches!(outcome, SubmitOutcome::Failed(_)), "{outcome:?}");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// A crash that loses unsynced writes, on a slow disk: the leader's power is cut while it holds
+/// written but unsynced entries; its data directory loses exactly those (its disk acknowledged
+/// none of them), nothing it acknowledged is lost, and the restarted node rejoins the cluster,
+/// which still commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_unsynced_writes_drops_only_the_unacknowledged_suffix() -> anyhow::Result<()> {
+    init_tracing();
+    let recorder = Recorder::new();
+    let disk = DiskOptions {
+        append_sync_delay: Duration::from_millis(100),
+        acknowledge_before_sync: false,
+    };
+    let mut cluster = FaultyCluster::start_on_disks(
+        3,
+        FaultController::new(1),
+        registry(&recorder),
+        disk,
+        |_| {},
+    )
+    .await?;
+    let l = leader(&cluster).await?;
+    let before = submit(&cluster, &recorder, l, 3).await?;
+    // Keep the leader appending, so that the cut finds entries written but not yet synced.
+    let stream = {
+        let addr = cluster.endpoints()[l as usize - 1].1.clone();
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                let Ok(mut c) = client(&addr) else { return };
+                let _ = submit_once(
+                    &recorder,
+                    &mut c,
+                    l,
+                    &quick_jobs(1),
+                    &WorkloadOptions::default(),
+                )
+                .await;
+            }
+        })
+    };
+    let waited = cluster
+        .await_unsynced_entries(&[l], 1, Duration::from_secs(5))
+        .await;
+    assert!(waited.is_some(), "the leader never held unsynced entries");
+    let loss = cluster.crash_losing_unsynced(l).await?;
+    stream.abort();
+    println!("node {l}: {:?}", loss);
+    assert!(loss.lost.log_entries > 0, "{}", loss.lost);
+    let (image, _) = loss.cut.durable.clone().expect("a durable image");
+    assert_eq!(loss.cut.acknowledged_not_durable, None);
+    assert_eq!(loss.cut.vote_not_durable, None);
+    assert!(
+        loss.lost.log_last_found > image.log_last,
+        "entries after {} were found",
+        image
+    );
+
+    cluster.restart(l).await?;
+    wait_for(Duration::from_secs(15), || {
+        holds_all(&cluster, l, &before) && cluster.leader().is_some()
+    })
+    .await?;
+    let new = leader(&cluster).await?;
+    let after = submit(&cluster, &recorder, new, 2).await?;
+    wait_for(Duration::from_secs(15), || holds_all(&cluster, l, &after)).await?;
     cluster.shutdown().await;
     Ok(())
 }

@@ -114,6 +114,7 @@ impl Cluster {
             registry.register("hold", Arc::new(HoldHandler(runs.clone())));
             let options = StartOptions {
                 faults: Some(isolation.clone()),
+                ..StartOptions::default()
             };
             nodes.push(Some(exactly_node::start_with(c, registry, options).await?));
         }

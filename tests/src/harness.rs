@@ -4,8 +4,14 @@
 //! dedicated OS thread ([`NodeHost`]). That is what makes the node-level faults honest:
 //! - *crash* drops the node's runtime without a graceful shutdown: every task (Raft core,
 //!   actors, gRPC server, running handlers) is dropped where it stands, like SIGKILL. Its data
-//!   directory is kept; what sled had written survives (in-process, nothing unsynced is lost:
-//!   losing unsynced writes would need a hook in the store).
+//!   directory is kept; what sled had written survives, synced or not.
+//! - *crash losing unsynced writes* is a power loss: the node's [`Disk`] loses power first (from
+//!   that instant no durability point of the node completes, so nothing acknowledged later
+//!   depends on one), then the node is killed, then [`exactly_store::lose_unsynced_writes`]
+//!   leaves its data directory as the power loss would, from the newest durability point that
+//!   completed before the cut. A *power loss* does this to every node at once (the cuts first).
+//!   Nodes run on a slow disk ([`DiskOptions::append_sync_delay`]), so a cut usually finds
+//!   written but unsynced log entries to drop.
 //! - *restart* starts the node again on the same data directory and the same address (the
 //!   membership names it). A new incarnation registers and requeues what the old one ran.
 //! - *pause* blocks the node's only runtime thread on a `std` condition variable, so its timers
@@ -20,7 +26,8 @@
 //!
 //! **Schedules.** [`Schedule::generate`] turns a seed into timed [`Step`]s: partitions of random
 //! subsets, isolating the leader, one-way cuts, lossy and slow links (random delays reorder),
-//! crash + restart and pause + resume episodes (targeting the leader half the time), and heals.
+//! crash + restart (some losing unsynced writes) and pause + resume episodes (targeting the
+//! leader half the time), power losses of the whole cluster, and heals.
 //! It always ends with [`Action::HealAll`]: links healed, every paused node resumed, every
 //! crashed node restarted — except nodes crashed "forever" when
 //! [`ScheduleOptions::crash_forever`] is on (which needs node leases for the cluster to take
@@ -34,13 +41,15 @@ use std::time::Duration;
 
 use exactly_handlers::Registry;
 use exactly_node::{Node, NodeConfig, StartOptions};
+use exactly_store::lose_unsynced_writes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+use crate::disk::{Disk, DiskOptions};
 use crate::faults::FaultController;
-use crate::history::{now_us, Event, NodeFinal, Recorder};
+use crate::history::{now_us, Event, NodeFinal, PowerLoss, Recorder};
 use crate::test_config;
 
 /// How long a restart keeps trying while the previous life's sled lock or port lingers.
@@ -49,6 +58,13 @@ const RESTART_TRY_MAX: Duration = Duration::from_secs(15);
 const STOP_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How often the settle loop looks at the replicas.
 const SETTLE_POLL: Duration = Duration::from_millis(50);
+/// How long a crash that loses unsynced writes waits, at most, for its node (a majority of the
+/// nodes, in a power loss) to hold written but unsynced log entries: power fails at random
+/// instants, but only one that strikes mid-write tests anything, so the nemesis picks such an
+/// instant if one comes soon. Nodes that append nothing for this long are cut anyway.
+pub const UNSYNCED_WAIT_MAX: Duration = Duration::from_millis(500);
+/// How often that wait looks at the disks.
+const UNSYNCED_POLL: Duration = Duration::from_millis(1);
 
 /// Blocks a node's runtime thread while paused.
 #[derive(Default)]
@@ -230,6 +246,8 @@ pub enum NodeState {
 struct Member {
     config: NodeConfig,
     host: Option<NodeHost>,
+    /// The disk of the current (or last) life.
+    disk: Arc<Disk>,
 }
 
 /// N real nodes in one process, each on its own runtime thread, all sharing one
@@ -239,6 +257,7 @@ pub struct FaultyCluster {
     members: BTreeMap<u64, Member>,
     faults: Arc<FaultController>,
     registry: Registry,
+    disk: DiskOptions,
 }
 
 impl FaultyCluster {
@@ -251,6 +270,17 @@ impl FaultyCluster {
         registry: Registry,
         tweak: impl Fn(&mut NodeConfig),
     ) -> anyhow::Result<Self> {
+        Self::start_on_disks(n, faults, registry, DiskOptions::default(), tweak).await
+    }
+
+    /// [`FaultyCluster::start`] with disk faults on every node.
+    pub async fn start_on_disks(
+        n: u64,
+        faults: Arc<FaultController>,
+        registry: Registry,
+        disk: DiskOptions,
+        tweak: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(n >= 1, "a cluster needs a node");
         let dir = tempfile::tempdir()?;
         let mut cluster = Self {
@@ -258,6 +288,7 @@ impl FaultyCluster {
             members: BTreeMap::new(),
             faults,
             registry,
+            disk,
         };
         let mut seed_addr = String::new();
         for id in 1..=n {
@@ -269,9 +300,13 @@ impl FaultyCluster {
                 config.join = vec![seed_addr.clone()];
             }
             tweak(&mut config);
-            let host =
-                NodeHost::launch(config.clone(), cluster.registry.clone(), cluster.options())
-                    .await?;
+            let disk = Arc::new(Disk::default());
+            let host = NodeHost::launch(
+                config.clone(),
+                cluster.registry.clone(),
+                cluster.options(&disk),
+            )
+            .await?;
             // Restarts must come back on the same address: the membership names it.
             config.listen = host.addr.parse()?;
             if id == 1 {
@@ -282,6 +317,7 @@ impl FaultyCluster {
                 Member {
                     config,
                     host: Some(host),
+                    disk,
                 },
             );
         }
@@ -289,9 +325,11 @@ impl FaultyCluster {
         Ok(cluster)
     }
 
-    fn options(&self) -> StartOptions {
+    /// The start options of one node life on `disk`.
+    fn options(&self, disk: &Arc<Disk>) -> StartOptions {
         StartOptions {
             faults: Some(self.faults.handle()),
+            store: self.disk.store_options(disk),
         }
     }
 
@@ -366,6 +404,78 @@ impl FaultyCluster {
         self.stop_member(id, false).await
     }
 
+    /// Waits (at most `limit`) until `at_least` of the running members among `ids` hold
+    /// written but unsynced log entries at once; returns how long that took, or `None` if that
+    /// did not happen in time.
+    pub async fn await_unsynced_entries(
+        &self,
+        ids: &[u64],
+        at_least: usize,
+        limit: Duration,
+    ) -> Option<Duration> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let unsynced = ids
+                .iter()
+                .filter(|id| {
+                    self.members
+                        .get(id)
+                        .is_some_and(|m| m.host.is_some() && m.disk.has_unsynced_entries())
+                })
+                .count();
+            if unsynced >= at_least {
+                return Some(started.elapsed());
+            }
+            if started.elapsed() >= limit {
+                return None;
+            }
+            tokio::time::sleep(UNSYNCED_POLL).await;
+        }
+    }
+
+    /// Cuts the power of a running (or paused) member, kills it and drops from its data
+    /// directory every write no durability point had completed before the cut. See
+    /// [`FaultyCluster::power_loss`].
+    pub async fn crash_losing_unsynced(&mut self, id: u64) -> anyhow::Result<PowerLoss> {
+        self.power_loss(&[id])
+            .await?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("node {id} is not running"))
+    }
+
+    /// A power loss of the running (or paused) members among `ids`: every one's disk loses
+    /// power first, at (nearly) one instant; then each is killed and its data directory left
+    /// as the power loss would leave it ([`lose_unsynced_writes`], from the newest durability
+    /// point its disk completed before the cut). Members already crashed are left alone.
+    pub async fn power_loss(&mut self, ids: &[u64]) -> anyhow::Result<Vec<PowerLoss>> {
+        let cuts: Vec<_> = ids
+            .iter()
+            .filter_map(|id| {
+                let member = self.members.get(id)?;
+                member.host.as_ref()?;
+                Some((*id, member.disk.cut_power()))
+            })
+            .collect();
+        let mut losses = Vec::with_capacity(cuts.len());
+        for (id, cut) in cuts {
+            self.stop_member(id, false).await?;
+            let (image, _) = cut
+                .durable
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("node {id} never completed a durability point"))?;
+            let dir = self.members[&id].config.data_dir.clone();
+            let lost = tokio::task::spawn_blocking(move || lose_unsynced_writes(&dir, &image))
+                .await?
+                .map_err(|e| anyhow::anyhow!("losing node {id}'s unsynced writes: {e}"))?;
+            losses.push(PowerLoss {
+                node: id,
+                cut,
+                lost,
+            });
+        }
+        Ok(losses)
+    }
+
     /// Stops a member gracefully (`RunningNode::shutdown`); its data directory stays.
     pub async fn stop(&mut self, id: u64) -> anyhow::Result<()> {
         self.stop_member(id, true).await
@@ -385,7 +495,9 @@ impl FaultyCluster {
     /// Starts a crashed member again on its data directory and address. Retries for a while:
     /// the previous life's sled lock or listening port may linger briefly.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
-        let options = self.options();
+        // A new life on a new disk (the old one stays without power).
+        let disk = Arc::new(Disk::default());
+        let options = self.options(&disk);
         let registry = self.registry.clone();
         let member = self
             .members
@@ -399,6 +511,7 @@ impl FaultyCluster {
             match NodeHost::launch(member.config.clone(), registry.clone(), options.clone()).await {
                 Ok(host) => {
                     member.host = Some(host);
+                    member.disk = disk;
                     return Ok(());
                 }
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -509,13 +622,16 @@ impl FaultyCluster {
             ..template
         };
         edit(&mut config);
-        let host = NodeHost::launch(config.clone(), self.registry.clone(), self.options()).await?;
+        let disk = Arc::new(Disk::default());
+        let host =
+            NodeHost::launch(config.clone(), self.registry.clone(), self.options(&disk)).await?;
         config.listen = host.addr.parse()?;
         self.members.insert(
             id,
             Member {
                 config,
                 host: Some(host),
+                disk,
             },
         );
         Ok(())
@@ -596,14 +712,23 @@ pub enum Action {
     HealNet,
     /// `graceful`: `RunningNode::shutdown` (cancels running attempts first, like SIGTERM)
     /// instead of dropping everything where it stands (SIGKILL). `forever`: no restart, not even
-    /// by [`Action::HealAll`].
+    /// by [`Action::HealAll`]. `lose_unsynced` (never with `graceful`): the node's power is cut,
+    /// so writes no durability point had completed are lost
+    /// ([`FaultyCluster::crash_losing_unsynced`]).
     Crash {
         episode: u32,
         target: Target,
         graceful: bool,
         forever: bool,
+        lose_unsynced: bool,
     },
-    /// Ends a crash episode (if it ends before the schedule does; else `HealAll` restarts).
+    /// Every running or paused node loses power at once ([`FaultyCluster::power_loss`]): a
+    /// cluster-wide crash that loses unsynced writes. Its restart brings them all back.
+    PowerLoss {
+        episode: u32,
+    },
+    /// Ends a crash or power loss episode (if it ends before the schedule does; else `HealAll`
+    /// restarts).
     Restart {
         episode: u32,
     },
@@ -636,11 +761,17 @@ impl fmt::Display for Step {
                 target,
                 graceful,
                 forever,
+                lose_unsynced,
             } => {
-                let how = if *graceful { "stop" } else { "crash" };
+                let how = match (graceful, lose_unsynced) {
+                    (true, _) => "stop",
+                    (false, true) => "crash (losing unsynced writes)",
+                    (false, false) => "crash",
+                };
                 let forever = if *forever { " forever" } else { "" };
                 write!(f, "{how} {target}{forever} (#{episode})")
             }
+            Action::PowerLoss { episode } => write!(f, "power loss of every node (#{episode})"),
             Action::Restart { episode } => write!(f, "restart (#{episode})"),
             Action::Pause { episode, target } => write!(f, "pause {target} (#{episode})"),
             Action::Resume { episode } => write!(f, "resume (#{episode})"),
@@ -666,6 +797,11 @@ pub struct ScheduleOptions {
     pub graceful_share: f64,
     /// Node-level episodes (crash or pause) active at once, at most.
     pub down_max: usize,
+    /// The share (0.0..=1.0) of non-graceful crashes that lose unsynced writes.
+    pub lossy_crash_share: f64,
+    /// The chance (0.0..=1.0) that a step which would otherwise do nothing (one in ten) is a
+    /// power loss of every node instead, when no other node is down or paused but for good.
+    pub power_loss_share: f64,
     /// Whether a crash may last forever (never restarted, even by [`Action::HealAll`]). At most
     /// a minority of nodes. Needs node leases: until then a node that never returns keeps its
     /// running jobs.
@@ -685,6 +821,8 @@ impl ScheduleOptions {
             graceful_share: 0.25,
             down_max: (nodes as usize - 1).max(1),
             crash_forever: true,
+            lossy_crash_share: 0.5,
+            power_loss_share: 0.5,
         }
     }
 
@@ -720,6 +858,11 @@ impl Schedule {
     /// The schedule of `seed`: the same seed and options always give the same steps.
     pub fn generate(seed: u64, options: &ScheduleOptions) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
+        // Power faults draw from their own generator, so that they leave every other draw,
+        // and the schedules of seeds without a power loss, as they were before they existed.
+        let mut power_rng = StdRng::seed_from_u64(seed ^ 0x706f_7765_7200);
+        // No node-level episode starts before this (every node is down in a power loss).
+        let mut blackout_until = Duration::ZERO;
         let n = options.nodes;
         let ids: Vec<u64> = (1..=n).collect();
         let mut steps = Vec::new();
@@ -781,7 +924,7 @@ impl Schedule {
             } else if roll < 55 {
                 Action::HealNet
             } else if roll < 90 {
-                if active.len() >= options.down_max {
+                if active.len() >= options.down_max || t < blackout_until {
                     continue;
                 }
                 let crash = roll < 75;
@@ -828,17 +971,38 @@ impl Schedule {
                     });
                 }
                 if crash {
+                    let graceful = rng.random_bool(options.graceful_share.clamp(0.0, 1.0));
+                    let lose_unsynced = !graceful
+                        && power_rng.random_bool(options.lossy_crash_share.clamp(0.0, 1.0));
                     Action::Crash {
                         episode,
                         target,
-                        graceful: rng.random_bool(options.graceful_share.clamp(0.0, 1.0)),
+                        graceful,
                         forever: is_forever,
+                        lose_unsynced,
                     }
                 } else {
                     Action::Pause { episode, target }
                 }
             } else {
-                continue;
+                // Only when no node is down or paused, except for good: all come back together.
+                let others_down = episodes.iter().any(|(end, _)| end.is_some_and(|e| e > t));
+                if others_down
+                    || t < blackout_until
+                    || !power_rng.random_bool(options.power_loss_share.clamp(0.0, 1.0))
+                {
+                    continue;
+                }
+                let episode = next_episode;
+                next_episode += 1;
+                blackout_until = t + pick(&mut power_rng, options.crash_for);
+                if blackout_until < options.duration {
+                    steps.push(Step {
+                        at: blackout_until,
+                        action: Action::Restart { episode },
+                    });
+                }
+                Action::PowerLoss { episode }
             };
             steps.push(Step { at: t, action });
         }
@@ -873,13 +1037,29 @@ impl fmt::Display for Schedule {
     }
 }
 
+/// How long a power cut waited for unsynced entries, in words.
+fn waited_text(waited: Option<Duration>) -> String {
+    match waited {
+        Some(d) => format!("cut {}ms later, with entries unsynced", d.as_millis()),
+        None => format!("no unsynced entries within {UNSYNCED_WAIT_MAX:?}"),
+    }
+}
+
+/// "node 3", or "nodes [1, 2, 3]".
+fn nodes_text(nodes: &[u64]) -> String {
+    match nodes {
+        [one] => format!("node {one}"),
+        many => format!("nodes {many:?}"),
+    }
+}
+
 /// Carries out a [`Schedule`] on a cluster, in real time, recording every action as a nemesis
 /// event. Node-level episodes are resolved when they start ([`Target::Leader`] becomes a node
 /// id); an episode whose node is already down is moved to another running node, or skipped.
 pub struct Nemesis {
     rng: StdRng,
-    /// Episode → the node it hit.
-    episodes: BTreeMap<u32, u64>,
+    /// Episode → the nodes it hit (one, or every node a power loss hit).
+    episodes: BTreeMap<u32, Vec<u64>>,
     /// Nodes crashed by an episode that has no restart.
     forever: BTreeSet<u64>,
 }
@@ -921,7 +1101,7 @@ impl Nemesis {
     }
 
     fn resolve(&mut self, cluster: &FaultyCluster, target: Target) -> Option<u64> {
-        let busy: BTreeSet<u64> = self.episodes.values().copied().collect();
+        let busy: BTreeSet<u64> = self.episodes.values().flatten().copied().collect();
         let eligible = |id: u64| cluster.state(id) == NodeState::Running && !busy.contains(&id);
         let wanted = match target {
             Target::Node(id) => Some(id),
@@ -1008,27 +1188,81 @@ impl Nemesis {
                 target,
                 graceful,
                 forever,
+                lose_unsynced,
             } => match self.resolve(cluster, *target) {
                 Some(id) => {
+                    let mut lost = String::new();
                     if *graceful {
                         cluster.stop(id).await?;
+                    } else if *lose_unsynced {
+                        let waited = cluster
+                            .await_unsynced_entries(&[id], 1, UNSYNCED_WAIT_MAX)
+                            .await;
+                        let loss = cluster.crash_losing_unsynced(id).await?;
+                        lost = format!(": {}, lost {}", waited_text(waited), loss.lost);
+                        recorder.record(Event::PowerLoss(Box::new(loss)));
                     } else {
                         cluster.crash(id).await?;
                     }
-                    self.episodes.insert(*episode, id);
+                    self.episodes.insert(*episode, vec![id]);
                     if *forever {
                         self.forever.insert(id);
                     }
-                    let how = if *graceful { "stop" } else { "crash" };
+                    let how = match (graceful, lose_unsynced) {
+                        (true, _) => "stop",
+                        (false, true) => "crash (losing unsynced writes)",
+                        (false, false) => "crash",
+                    };
                     let forever = if *forever { " forever" } else { "" };
-                    format!("{how} node {id}{forever} ({target}, #{episode})")
+                    format!("{how} node {id}{forever} ({target}, #{episode}){lost}")
                 }
                 None => format!("crash {target} skipped: no eligible node (#{episode})"),
             },
+            Action::PowerLoss { episode } => {
+                let up: Vec<u64> = ids
+                    .iter()
+                    .copied()
+                    .filter(|&id| cluster.state(id) != NodeState::Crashed)
+                    .collect();
+                // A paused node loses power too: its pause ends with it.
+                let paused: Vec<u64> = up
+                    .iter()
+                    .copied()
+                    .filter(|&id| cluster.state(id) == NodeState::Paused)
+                    .collect();
+                self.episodes
+                    .retain(|_, nodes| !nodes.iter().any(|id| paused.contains(id)));
+                // A quorum losing its unsynced suffix at once is what an early acknowledgement
+                // cannot survive.
+                let majority = (ids.len() / 2 + 1).min(up.len());
+                let waited = cluster
+                    .await_unsynced_entries(&up, majority, UNSYNCED_WAIT_MAX)
+                    .await;
+                let losses = cluster.power_loss(&up).await?;
+                let at = now_us();
+                for node in paused {
+                    recorder.record(Event::Resumed { node, at });
+                }
+                let what: Vec<String> = losses
+                    .iter()
+                    .map(|l| format!("node {} lost {}", l.node, l.lost))
+                    .collect();
+                for loss in losses {
+                    recorder.record(Event::PowerLoss(Box::new(loss)));
+                }
+                self.episodes.insert(*episode, up);
+                format!(
+                    "power loss (#{episode}, {}): {}",
+                    waited_text(waited),
+                    what.join("; ")
+                )
+            }
             Action::Restart { episode } => match self.episodes.remove(episode) {
-                Some(id) => {
-                    cluster.restart(id).await?;
-                    format!("restart node {id} (#{episode})")
+                Some(nodes) => {
+                    for &id in &nodes {
+                        cluster.restart(id).await?;
+                    }
+                    format!("restart {} (#{episode})", nodes_text(&nodes))
                 }
                 None => format!("restart skipped (#{episode})"),
             },
@@ -1039,25 +1273,28 @@ impl Nemesis {
                         at: now_us(),
                     });
                     cluster.pause(id).await;
-                    self.episodes.insert(*episode, id);
+                    self.episodes.insert(*episode, vec![id]);
                     format!("pause node {id} ({target}, #{episode})")
                 }
                 None => format!("pause {target} skipped: no eligible node (#{episode})"),
             },
             Action::Resume { episode } => match self.episodes.remove(episode) {
-                Some(id) => {
-                    cluster.resume(id);
-                    recorder.record(Event::Resumed {
-                        node: id,
-                        at: now_us(),
-                    });
-                    format!("resume node {id} (#{episode})")
+                Some(nodes) => {
+                    for &id in &nodes {
+                        cluster.resume(id);
+                        recorder.record(Event::Resumed {
+                            node: id,
+                            at: now_us(),
+                        });
+                    }
+                    format!("resume {} (#{episode})", nodes_text(&nodes))
                 }
                 None => format!("resume skipped (#{episode})"),
             },
             Action::HealAll => {
                 let keep_down = self.forever.clone();
-                self.episodes.retain(|_, id| keep_down.contains(id));
+                self.episodes
+                    .retain(|_, nodes| nodes.iter().all(|id| keep_down.contains(id)));
                 let paused: Vec<u64> = cluster
                     .ids()
                     .into_iter()
@@ -1101,7 +1338,9 @@ mod tests {
             for step in &s.steps {
                 kinds.insert(std::mem::discriminant(&step.action));
                 match step.action {
-                    Action::Crash { episode, .. } | Action::Pause { episode, .. } => {
+                    Action::Crash { episode, .. }
+                    | Action::Pause { episode, .. }
+                    | Action::PowerLoss { episode } => {
                         open.insert(episode);
                         assert!(open.len() <= options.down_max, "seed {seed}: {s}");
                     }
@@ -1114,9 +1353,70 @@ mod tests {
         }
         assert_eq!(
             kinds.len(),
-            7,
+            8,
             "every kind of action appears in 200 schedules"
         );
+    }
+
+    /// Power faults come at the configured rates, never lose unsynced writes in a graceful
+    /// stop, start a power loss only while no node is down but for good, and leave the
+    /// schedule of a seed without power faults as it was without them (their draws come from
+    /// a generator of their own).
+    #[test]
+    fn power_faults_come_at_a_reasonable_rate() {
+        let options = ScheduleOptions::short(3);
+        let without = ScheduleOptions {
+            lossy_crash_share: 0.0,
+            power_loss_share: 0.0,
+            ..options.clone()
+        };
+        let (mut kills, mut lossy, mut with_power_loss, mut unchanged) = (0, 0, 0, 0);
+        for seed in 1..=50 {
+            let s = Schedule::generate(seed, &options);
+            let mut power_losses = 0;
+            for step in &s.steps {
+                match step.action {
+                    Action::Crash {
+                        graceful,
+                        lose_unsynced,
+                        ..
+                    } => {
+                        assert!(!(graceful && lose_unsynced), "seed {seed}: {s}");
+                        kills += usize::from(!graceful);
+                        lossy += usize::from(lose_unsynced);
+                    }
+                    Action::PowerLoss { .. } => power_losses += 1,
+                    _ => {}
+                }
+            }
+            with_power_loss += usize::from(power_losses > 0);
+            // Without power faults the same seed gives the same steps, less the lossy flags.
+            let plain = Schedule::generate(seed, &without);
+            if power_losses == 0 {
+                let strip = |s: &Schedule| -> Vec<Step> {
+                    let mut steps = s.steps.clone();
+                    for step in &mut steps {
+                        if let Action::Crash { lose_unsynced, .. } = &mut step.action {
+                            *lose_unsynced = false;
+                        }
+                    }
+                    steps
+                };
+                assert_eq!(strip(&s), plain.steps, "seed {seed}");
+                unchanged += 1;
+            }
+        }
+        // Half the kills lose unsynced writes; between a fifth and a half of the schedules
+        // have a power loss.
+        assert!(
+            lossy * 4 >= kills && lossy * 4 <= kills * 3,
+            "{lossy} of {kills}"
+        );
+        assert!(
+            (10..=25).contains(&with_power_loss),
+            "{with_power_loss} of 50 schedules have a power loss"
+        );
+        assert_eq!(unchanged, 50 - with_power_loss);
     }
 
     /// With `crash_forever`, some crashes have no restart, never more than a minority.

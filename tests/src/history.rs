@@ -5,7 +5,8 @@
 //! every submit with its outcome (ok with the job ids, failed = definitely not applied, or
 //! unknown), every handler execution's start and end (job, fencing token, node) from the
 //! [`RecordingHandler`] registered on every node, every fencing (the handler saw its cancellation
-//! token fire), and every fault the nemesis injected. After the run, the harness adds each node's
+//! token fire), every fault the nemesis injected, and every power cut (what the node's disk had
+//! made durable, what it had acknowledged, and what losing the unsynced writes dropped). After the run, the harness adds each node's
 //! final job table as [`NodeFinal`].
 //!
 //! **Identity.** Job ids are assigned by the state machine, so a submit whose outcome is unknown
@@ -24,8 +25,11 @@ use std::time::{Duration, Instant};
 
 use exactly_core::{AttemptEnd, Job, JobStatus, JobTable};
 use exactly_handlers::{Handler, HandlerOutcome, JobContext};
+use exactly_store::LostWrites;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+
+use crate::disk::PowerCut;
 
 /// Microseconds on the process-wide monotonic clock.
 pub type Micros = u64;
@@ -193,6 +197,17 @@ pub enum Event {
         node: u64,
         at: Micros,
     },
+    /// A node's power was cut (a crash that loses unsynced writes). Boxed: it is large and rare.
+    PowerLoss(Box<PowerLoss>),
+}
+
+/// A node whose power was cut: what its disk held at that instant, and what losing the
+/// unsynced writes then removed from its data directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PowerLoss {
+    pub node: u64,
+    pub cut: PowerCut,
+    pub lost: LostWrites,
 }
 
 /// Collects events from every node and the workload. Cheap to share behind an `Arc`.
@@ -437,6 +452,9 @@ pub enum AnomalyKind {
     StaleAccepted,
     /// Acknowledged (or recovered) but not terminal when the history ended: liveness.
     Unfinished,
+    /// A node's store told openraft that log entries (or a vote) were on disk before any
+    /// durability point covered them, and a power loss then dropped them (breaks invariant 1).
+    NotDurable,
 }
 
 /// What an anomaly is about: each subject counts once per kind.
@@ -444,6 +462,7 @@ pub enum AnomalyKind {
 pub enum Subject {
     Job(u64),
     Op(u64),
+    Node(u64),
 }
 
 /// One anomaly, with the evidence.
@@ -486,6 +505,12 @@ pub struct Report {
     pub overlapping: usize,
     pub stale_accepted: usize,
     pub unfinished: usize,
+    /// Nodes whose power was cut (crashes that lose unsynced writes; a cluster-wide power loss
+    /// counts each node), how many of those cuts dropped log entries, and how many entries in all.
+    pub power_losses: usize,
+    pub power_losses_dropping: usize,
+    pub entries_dropped: u64,
+    pub not_durable: usize,
     /// From heal to the captured final state, if both are known.
     pub settle: Option<Duration>,
     /// Why submits failed or ended unknown: `"failed: <status>"` / `"unknown: <status>"` (the
@@ -507,9 +532,9 @@ impl Report {
         format!(
             "submits ok/failed/unknown {}/{}/{}, acknowledged {}, recovered {}, executions {} \
              (fenced {}, killed {}, re-executed jobs {}), attempts abandoned {} (lease expired \
-             {}), stale completions rejected {}, overlaps excused by a pause {}; lost {}, \
-             duplicated {}, unexpected {}, \
-             overlapping {}, stale accepted {}, unfinished {}{}",
+             {}), stale completions rejected {}, overlaps excused by a pause {}, power losses {} \
+             ({} dropped {} log entries); lost {}, duplicated {}, unexpected {}, \
+             overlapping {}, stale accepted {}, unfinished {}, not durable {}{}",
             self.submits_ok,
             self.submits_failed,
             self.submits_unknown,
@@ -523,12 +548,16 @@ impl Report {
             self.expired,
             self.stale_rejected,
             self.excused_overlaps,
+            self.power_losses,
+            self.power_losses_dropping,
+            self.entries_dropped,
             self.lost,
             self.duplicated,
             self.unexpected,
             self.overlapping,
             self.stale_accepted,
             self.unfinished,
+            self.not_durable,
             self.settle
                 .map(|d| format!("; settled {}ms after healing", d.as_millis()))
                 .unwrap_or_default(),
@@ -648,6 +677,47 @@ fn describe_job(job: &FinalJob) -> String {
     )
 }
 
+/// Counts a power loss and flags acknowledgements that it dropped.
+fn check_power_loss(loss: &PowerLoss, report: &mut Report, found: &mut Findings) {
+    report.power_losses += 1;
+    if loss.lost.log_entries > 0 {
+        report.power_losses_dropping += 1;
+        report.entries_dropped += loss.lost.log_entries;
+    }
+    let durable = loss
+        .cut
+        .durable
+        .as_ref()
+        .map_or("nothing".to_string(), |(image, at)| {
+            format!("{image} (durable at {})", ms(*at))
+        });
+    if let Some(acked) = loss.cut.acknowledged_not_durable {
+        found.flag(
+            AnomalyKind::NotDurable,
+            Subject::Node(loss.node),
+            format!(
+                "node {} reported log entries up to {acked} to openraft as on disk, but when \
+                 its power went off at {} the newest durable point held {durable}; lost: {}",
+                loss.node,
+                ms(loss.cut.at),
+                loss.lost
+            ),
+        );
+    }
+    if let Some(vote) = loss.cut.vote_not_durable {
+        found.flag(
+            AnomalyKind::NotDurable,
+            Subject::Node(loss.node),
+            format!(
+                "node {} returned from save_vote({vote}), but when its power went off at {} \
+                 the newest durable point held {durable}",
+                loss.node,
+                ms(loss.cut.at)
+            ),
+        );
+    }
+}
+
 /// Checks a history. Pure: the same history always gives the same report.
 pub fn check(history: &History) -> Report {
     use AnomalyKind::*;
@@ -660,6 +730,8 @@ pub fn check(history: &History) -> Report {
     // Submits, and what each acknowledged id should be.
     let mut ops: BTreeMap<u64, &SubmitOp> = BTreeMap::new();
     let mut acked: BTreeMap<u64, JobKey> = BTreeMap::new();
+    // Earlier acknowledgements of an id that a later submit was acknowledged with again.
+    let mut superseded: Vec<(u64, JobKey)> = Vec::new();
     let mut starts = Vec::new();
     let mut ends: BTreeMap<u64, (Micros, ExecEnd)> = BTreeMap::new();
     // Per node: (paused at, resumed at; `None`: never resumed).
@@ -689,6 +761,7 @@ pub fn check(history: &History) -> Report {
                                 index: index as u32,
                             };
                             if let Some(other) = acked.insert(*id, key) {
+                                superseded.push((*id, other));
                                 found.flag(
                                     Duplicated,
                                     Subject::Job(*id),
@@ -745,6 +818,7 @@ pub fn check(history: &History) -> Report {
                     }
                 }
             }
+            Event::PowerLoss(loss) => check_power_loss(loss, &mut report, &mut found),
         }
     }
     report.acknowledged = acked.len();
@@ -819,18 +893,9 @@ pub fn check(history: &History) -> Report {
         if let Some(op) = op_id {
             *per_op.entry(op).or_default() += 1;
         }
-        if let Some(key) = acked.get(&id) {
-            if op_id != Some(key.op) {
-                found.flag(
-                    Unexpected,
-                    Subject::Job(id),
-                    format!(
-                        "job {id} was acknowledged to submit {} but is {}",
-                        key.op,
-                        describe_job(job)
-                    ),
-                );
-            }
+        // An acknowledged id holding another submit's job is checked below (the acknowledged
+        // job is lost); the job it holds is attributed like any other.
+        if acked.get(&id).is_some_and(|key| op_id == Some(key.op)) {
             continue;
         }
         let Some(op) = op_id.and_then(|o| ops.get(&o)) else {
@@ -889,7 +954,9 @@ pub fn check(history: &History) -> Report {
     report.recovered = recovered.len();
 
     // Acknowledged jobs must have succeeded; acknowledged and recovered ones must be terminal.
-    for (&id, key) in &acked {
+    // An id that holds another submit's job lost the acknowledged one: its entry was lost and
+    // the id given out again.
+    for (id, key) in acked.iter().map(|(id, key)| (*id, *key)).chain(superseded) {
         match reference.get(&id) {
             None => found.flag(
                 Lost,
@@ -897,6 +964,17 @@ pub fn check(history: &History) -> Report {
                 format!(
                     "job {id} (submit {}, index {}) was acknowledged but is in no final state",
                     key.op, key.index
+                ),
+            ),
+            Some(job) if parse_queue(&job.queue) != Some(key.op) => found.flag(
+                Lost,
+                Subject::Job(id),
+                format!(
+                    "job {id} (submit {}, index {}) was acknowledged, but id {id} now holds \
+                     another job: {}",
+                    key.op,
+                    key.index,
+                    describe_job(job)
                 ),
             ),
             Some(job) if job.status == JobStatus::Dead => found.flag(
@@ -1114,6 +1192,7 @@ pub fn check(history: &History) -> Report {
     report.overlapping = found.count(Overlapping);
     report.stale_accepted = found.count(StaleAccepted);
     report.unfinished = found.count(Unfinished);
+    report.not_durable = found.count(NotDurable);
     report.settle = match (history.healed_at, history.settled_at) {
         (Some(h), Some(s)) if s >= h => Some(Duration::from_micros(s - h)),
         _ => None,
@@ -1335,6 +1414,88 @@ mod tests {
             .retain(|e| !matches!(e, Event::ExecStart { job: 11, .. }));
         let report = check(&h);
         assert_eq!(report.lost, 1, "{report}");
+    }
+
+    /// A power cut is counted with what it dropped; one that finds acknowledged log entries or
+    /// a returned vote that no durable point covered is a durability anomaly, one that finds
+    /// only unacknowledged entries to drop is not.
+    #[test]
+    fn acknowledged_but_not_durable_is_detected() {
+        use exactly_store::DurableImage;
+        use openraft::testing::log_id;
+        let image = DurableImage {
+            seq: 4,
+            log_last: Some(log_id(1, 1, 20)),
+            vote: Some(openraft::Vote::new(1, 1)),
+            committed: Some(log_id(1, 1, 18)),
+        };
+        let loss = |acked: Option<u64>, vote_term: Option<u64>| {
+            Event::PowerLoss(Box::new(PowerLoss {
+                node: 2,
+                cut: PowerCut {
+                    at: 7_000,
+                    durable: Some((image.clone(), 6_900)),
+                    acknowledged_not_durable: acked.map(|i| log_id(1, 1, i)),
+                    vote_not_durable: vote_term.map(|t| openraft::Vote::new(t, 2)),
+                    acknowledgements: 30,
+                },
+                lost: LostWrites {
+                    log_last_found: Some(log_id(1, 1, 24)),
+                    log_entries: 4,
+                    ..LostWrites::default()
+                },
+            }))
+        };
+        let mut h = clean_history();
+        h.events.push(loss(None, None));
+        let report = check(&h);
+        assert!(report.is_clean(), "{report}");
+        assert_eq!((report.power_losses, report.power_losses_dropping), (1, 1));
+        assert_eq!(report.entries_dropped, 4);
+
+        let mut h = clean_history();
+        h.events.push(loss(Some(23), None));
+        let report = check(&h);
+        assert_eq!(report.not_durable, 1, "{report}");
+        assert_eq!(only(&report, AnomalyKind::NotDurable), 1);
+
+        let mut h = clean_history();
+        h.events.push(loss(None, Some(2)));
+        let report = check(&h);
+        assert_eq!(only(&report, AnomalyKind::NotDurable), 1, "{report}");
+    }
+
+    /// An acknowledged job whose id now holds another submit's job (its entry was lost and the
+    /// id given out again) is lost, whether or not the other submit was acknowledged too.
+    #[test]
+    fn acknowledged_id_reused_by_another_submit_is_lost() {
+        let mut h = clean_history();
+        // Submit 1 was acknowledged with ids 10 and 11; id 11 now holds submit 9's job.
+        h.events.push(submit(
+            9,
+            1,
+            SubmitOutcome::Unknown("transport error".into()),
+        ));
+        for n in &mut h.finals {
+            n.jobs[1] = succeeded(11, 9, 110, 2);
+        }
+        h.events
+            .retain(|e| !matches!(e, Event::ExecStart { job: 11, .. }));
+        let report = check(&h);
+        assert_eq!(report.lost, 1, "{report}");
+        assert_eq!(only(&report, AnomalyKind::Lost), 1);
+        assert_eq!(report.recovered, 1, "{report}");
+
+        let mut h = clean_history();
+        h.events.push(ok_submit(9, &[11]));
+        for n in &mut h.finals {
+            n.jobs[1] = succeeded(11, 9, 110, 2);
+        }
+        h.events
+            .retain(|e| !matches!(e, Event::ExecStart { job: 11, .. }));
+        let report = check(&h);
+        assert_eq!(report.lost, 1, "{report}");
+        assert_eq!(report.duplicated, 1, "acknowledged twice: {report}");
     }
 
     /// Two accepted successes of one job are a duplicate.

@@ -2,10 +2,13 @@
 //! ledger handler that counts executions per job so tests can prove each ran exactly once.
 //!
 //! For tests under faults: [`faults`] (a seeded fault controller for node-to-node traffic),
+//! [`disk`] (a simulated disk per node: what was durable when, and a power switch),
 //! [`harness`] (a cluster whose nodes each run on their own runtime thread, so they can be
-//! crashed, restarted and paused, and seeded fault schedules), [`history`] (a recorder and a
-//! Jepsen-style checker) and [`workload`] (the clients, and one chaos run end to end).
+//! crashed, with or without losing unsynced writes, restarted and paused, and seeded fault
+//! schedules), [`history`] (a recorder and a Jepsen-style checker) and [`workload`] (the
+//! clients, and one chaos run end to end).
 
+pub mod disk;
 pub mod faults;
 pub mod harness;
 pub mod history;

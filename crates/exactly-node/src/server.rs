@@ -142,6 +142,9 @@ fn actor_name(node: u64, incarnation: u64, role: &str) -> String {
 pub struct StartOptions {
     /// Test-only fault injection for node-to-node traffic.
     pub faults: Option<crate::faults::FaultsHandle>,
+    /// How the store is opened: the default (real fsyncs, nothing else) in production; tests
+    /// add a durability hook and disk faults.
+    pub store: exactly_store::StoreOptions,
 }
 
 /// Starts a node from a validated configuration and a handler registry.
@@ -155,7 +158,7 @@ pub async fn start_with(
     registry: Registry,
     options: StartOptions,
 ) -> Result<RunningNode, StartError> {
-    let store = Store::open(&config.data_dir)?;
+    let store = Store::open_with(&config.data_dir, options.store)?;
     let id = store.node_id_or_init(|| {
         config
             .node_id

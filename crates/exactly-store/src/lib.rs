@@ -12,6 +12,9 @@
 //! - [`StateMachine`] (`state_machine.rs`): openraft's `RaftStateMachine`: the
 //!   [`exactly_core::JobTable`] in memory, payloads in sled, snapshots.
 //! - `snapshot.rs`: the snapshot data and file formats; `codec.rs`: versioned value encoding.
+//! - `durability.rs`: the test-only seam at the durability points ([`StoreOptions`],
+//!   [`DurabilityHook`]) and [`lose_unsynced_writes`], which leaves a data directory as a power
+//!   loss would. Production opens stores with the default options: real fsyncs, nothing else.
 //!
 //! **Invariant:** `save_vote` returns, and `append` calls its flushed-callback, only after the
 //! vote or entries are fsynced (invariant 1 of the design).
@@ -22,12 +25,17 @@ use std::sync::Arc;
 use exactly_core::{Request, Response, StartAttempt};
 
 mod codec;
+mod durability;
 mod error;
 mod log_store;
 mod snapshot;
 mod state_machine;
 mod store;
 
+pub use durability::{
+    lose_unsynced_writes, DurabilityHook, DurabilityHookHandle, DurableImage, LostWrites,
+    StoreOptions,
+};
 pub use error::{Error, Result};
 pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX};
 pub use state_machine::{SnapshotBuilder, StateMachine};

@@ -6,6 +6,11 @@
 //! flusher that returned early would buy nothing; one flush and fsync per `append` call, however
 //! many entries it carries, is the group commit. Writes and fsyncs run on tokio's blocking pool.
 //! Reads run inline: they are served from sled's cache unless the entries are old.
+//!
+//! The test seams of `durability.rs` act here: `append_sync_delay` holds an append between
+//! its write and its durability point, `acknowledge_before_sync` (wrong on purpose) calls the
+//! callback without one, and the hook hears of every write, every callback and every
+//! `save_vote` return.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -88,15 +93,12 @@ impl LogStore {
         Ok(entries)
     }
 
-    fn last_entry_log_id(&self) -> Result<Option<LogId<u64>>> {
-        let last = self
-            .store
-            .inner
-            .log
-            .last()
-            .map_err(|e| Error::sled("reading the last log entry", e))?;
-        last.map(|(_, value)| decode::<Entry<TypeConfig>>("log entry", &value).map(|e| e.log_id))
-            .transpose()
+    /// Tells openraft (and the test hook, first) that the entries up to `last` are on disk.
+    fn acknowledge(&self, last: Option<LogId<u64>>, callback: LogFlushed<TypeConfig>) {
+        if let (Some(hook), Some(last)) = (self.store.hook(), last) {
+            hook.append_acknowledged(last);
+        }
+        callback.log_io_completed(Ok(()));
     }
 
     /// Runs blocking storage work on tokio's blocking pool.
@@ -109,6 +111,23 @@ impl LogStore {
             .await
             .map_err(Error::task)?
     }
+}
+
+/// Writes `entries` in one sled batch (durable at the next durability point).
+fn write_entries(store: &Store, entries: &[Entry<TypeConfig>]) -> Result<()> {
+    let mut batch = sled::Batch::default();
+    for entry in entries {
+        batch.insert(&u64_key(entry.log_id.index), encode("log entry", entry)?);
+    }
+    store
+        .inner
+        .log
+        .apply_batch(batch)
+        .map_err(|e| Error::sled("appending log entries", e))?;
+    if let (Some(hook), Some(last)) = (store.hook(), entries.last()) {
+        hook.append_written(last.log_id);
+    }
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -135,17 +154,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let read = || -> Result<LogState<TypeConfig>> {
-            let last_purged_log_id = self.store.last_purged()?;
-            let last_entry = self.last_entry_log_id()?;
-            // Entries at or below `last_purged` are gone (or about to be, after a crash
-            // during a purge), so the later of the two is the last log id.
-            let last_log_id = match (last_entry, last_purged_log_id) {
-                (Some(entry), Some(purged)) if purged.index >= entry.index => Some(purged),
-                (entry, purged) => entry.or(purged),
-            };
             Ok(LogState {
-                last_purged_log_id,
-                last_log_id,
+                last_purged_log_id: self.store.last_purged()?,
+                last_log_id: self.store.log_last()?,
             })
         };
         read().map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
@@ -164,7 +175,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             store.make_durable()
         })
         .await
-        .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Write))
+        .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Write))?;
+        if let Some(hook) = self.store.hook() {
+            hook.vote_saved(vote);
+        }
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
@@ -191,29 +206,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     /// Writes all entries in one sled batch and makes them durable with one flush and fsync,
     /// then calls `callback`. Returns after the callback (openraft 0.9.25 waits for it anyway).
+    /// With the test seams: waits `append_sync_delay` between the write and the durability
+    /// point, or (`acknowledge_before_sync`, wrong on purpose) calls the callback right after
+    /// the write and skips the durability point.
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let last = entries.last().map(|e| e.log_id);
+        let delay = self.store.inner.options.append_sync_delay;
+        let early = self.store.inner.options.acknowledge_before_sync;
+        // One trip to the blocking pool: the write, then (unless the store is the deliberately
+        // wrong one) the slow disk's delay and the durability point. The delay sleeps a
+        // blocking-pool thread, not the node's runtime: a paused node's disk goes on, as the
+        // kernel's would.
         let result = self
             .blocking(move |store| {
-                let mut batch = sled::Batch::default();
-                for entry in &entries {
-                    batch.insert(&u64_key(entry.log_id.index), encode("log entry", entry)?);
+                write_entries(&store, &entries)?;
+                if early {
+                    return Ok(());
                 }
-                store
-                    .inner
-                    .log
-                    .apply_batch(batch)
-                    .map_err(|e| Error::sled("appending log entries", e))?;
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
                 store.make_durable()
             })
             .await;
         match result {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                self.acknowledge(last, callback);
                 Ok(())
             }
             Err(e) => {

@@ -38,6 +38,9 @@
 //! - After a failed flush or fsync the store refuses every later durability point
 //!   ([`crate::Error::DurabilityLost`]): the kernel may have dropped the dirty pages, so the
 //!   node must restart and recover from what is really on disk.
+//! - Tests simulate a power loss through the seam in `durability.rs`: a hook learns what each
+//!   durability point made durable and can cut the power, and
+//!   [`crate::lose_unsynced_writes`] then leaves the directory as the power loss would.
 //!
 //! Start-up recovery ([`Store::open`]): finishes a purge a crash interrupted (entries at or
 //! below `last_purged`), cuts the log after its first hole (a write that never reached a
@@ -52,14 +55,15 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use exactly_core::JobId;
-use openraft::LogId;
+use openraft::{Entry, LogId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::{decode, encode, encode_raw, key_u64, u64_key, versioned_body};
+use crate::durability::{DurabilityHook, DurableImage, StoreOptions};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, Meta};
-use crate::Observer;
+use crate::{Observer, TypeConfig};
 
 /// Log keys removed per sled batch when purging or truncating. sled 0.34 leaked space (about
 /// 210 MB of file and 900 MB of RSS per million entries, never reclaimed) when a sliding window
@@ -102,6 +106,11 @@ pub(crate) struct Inner {
     pub(crate) meta: sled::Tree,
     pub(crate) payloads: sled::Tree,
     durability: Durability,
+    /// Test seams at the durability points (see `durability.rs`); default in production.
+    pub(crate) options: StoreOptions,
+    /// The `seq` of the last captured [`DurableImage`]. The lock makes capture order and `seq`
+    /// order the same.
+    image_seq: Mutex<u64>,
     snapshot_dir: PathBuf,
     /// Metadata of the snapshot in the snapshot file. The lock also serializes writes of that
     /// file, so a slow build cannot overwrite a newer snapshot installed meanwhile.
@@ -135,6 +144,11 @@ impl Store {
     /// recovers from an interrupted purge, a torn log tail or an interrupted snapshot install.
     /// Blocking; fails with [`Error::Locked`] if another process uses the directory.
     pub fn open(dir: &Path) -> Result<Store> {
+        Self::open_with(dir, StoreOptions::default())
+    }
+
+    /// [`Store::open`] with test seams at the durability points (see [`StoreOptions`]).
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Store> {
         fs::create_dir_all(dir).map_err(|e| Error::io("creating the data directory", e))?;
         let sled_dir = dir.join(SLED_DIR);
         let snapshot_dir = snapshot::dir_of(dir);
@@ -175,6 +189,8 @@ impl Store {
                     synced_blobs: Mutex::new(HashMap::new()),
                     lost: OnceLock::new(),
                 },
+                options,
+                image_seq: Mutex::new(0),
                 snapshot_dir,
                 current_snapshot: Mutex::new(current_snapshot),
             }),
@@ -285,6 +301,12 @@ impl Store {
         if let Some(why) = d.lost.get() {
             return Err(Error::DurabilityLost(why.clone()));
         }
+        let hook = self.hook();
+        let image = match hook {
+            Some(h) if !h.powered() => return Err(self.power_lost()),
+            Some(_) => Some(self.capture_image()?),
+            None => None,
+        };
         let result = self
             .inner
             .db
@@ -299,8 +321,102 @@ impl Store {
         if let Err(e) = &result {
             tracing::error!(error = %e, "durability point failed; the store refuses further writes");
             let _ = d.lost.set(e.to_string());
+            return result;
         }
-        result
+        if let (Some(h), Some(image)) = (hook, image) {
+            if !h.completed(image) {
+                return Err(self.power_lost());
+            }
+        }
+        Ok(())
+    }
+
+    /// The test hook at the durability points, if any.
+    pub(crate) fn hook(&self) -> Option<&dyn DurabilityHook> {
+        self.inner.options.durability_hook.as_deref()
+    }
+
+    /// The error of a durability point on a disk without power (fault injection). Like any
+    /// failed fsync, it makes the store refuse every later durability point.
+    fn power_lost(&self) -> Error {
+        let why = "the disk lost power (fault injection)";
+        let _ = self.inner.durability.lost.set(why.to_string());
+        tracing::warn!("durability point refused: {why}");
+        Error::DurabilityLost(why.to_string())
+    }
+
+    /// What a durability point starting now will make durable, at least. Reads the committed
+    /// log id before the log, so the log read is never older than the committed id.
+    fn capture_image(&self) -> Result<DurableImage> {
+        let mut seq = self
+            .inner
+            .image_seq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *seq += 1;
+        let committed = self
+            .meta_get::<Option<LogId<u64>>>(META_COMMITTED, "committed log id")?
+            .flatten();
+        let vote = self.meta_get(META_VOTE, "vote")?;
+        let log_last = self.log_last()?;
+        Ok(DurableImage {
+            seq: *seq,
+            log_last,
+            vote,
+            committed,
+        })
+    }
+
+    /// The id of the last log entry, if any.
+    pub(crate) fn last_entry_log_id(&self) -> Result<Option<LogId<u64>>> {
+        let last = self
+            .inner
+            .log
+            .last()
+            .map_err(|e| Error::sled("reading the last log entry", e))?;
+        last.map(|(_, value)| decode::<Entry<TypeConfig>>("log entry", &value).map(|e| e.log_id))
+            .transpose()
+    }
+
+    /// The last log id: of the last entry, or the last purged one if that is later (entries at
+    /// or below it are gone, or about to be after a crash during a purge).
+    pub(crate) fn log_last(&self) -> Result<Option<LogId<u64>>> {
+        let entry = self.last_entry_log_id()?;
+        let purged = self.last_purged()?;
+        Ok(match (entry, purged) {
+            (Some(entry), Some(purged)) if purged.index >= entry.index => Some(purged),
+            (entry, purged) => entry.or(purged),
+        })
+    }
+
+    /// The log id of the entry at `index`, if there is one.
+    pub(crate) fn log_entry_id(&self, index: u64) -> Result<Option<LogId<u64>>> {
+        let value = self
+            .inner
+            .log
+            .get(u64_key(index))
+            .map_err(|e| Error::sled("reading a log entry", e))?;
+        value
+            .map(|v| decode::<Entry<TypeConfig>>("log entry", &v).map(|e| e.log_id))
+            .transpose()
+    }
+
+    /// How many payloads the payloads tree holds.
+    pub(crate) fn payload_count(&self) -> Result<u64> {
+        let mut n = 0;
+        for key in self.inner.payloads.iter().keys() {
+            key.map_err(|e| Error::sled("counting payloads", e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The payloads of the persisted snapshot (none without a snapshot).
+    pub(crate) fn snapshot_payloads(&self) -> Result<Vec<(JobId, Vec<u8>)>> {
+        Ok(match self.read_snapshot()? {
+            Some((_, data)) => snapshot::decode_body(&data)?.payloads,
+            None => Vec::new(),
+        })
     }
 
     pub(crate) fn meta_get<T: DeserializeOwned>(
@@ -328,6 +444,15 @@ impl Store {
             .meta
             .insert(key, bytes)
             .map_err(|e| Error::sled("writing metadata", e))?;
+        Ok(())
+    }
+
+    /// Removes a metadata value (durable at the next durability point).
+    pub(crate) fn meta_remove(&self, key: &[u8]) -> Result<()> {
+        self.inner
+            .meta
+            .remove(key)
+            .map_err(|e| Error::sled("removing metadata", e))?;
         Ok(())
     }
 
@@ -503,10 +628,7 @@ impl Store {
             tracing::warn!(
                 "a snapshot install was interrupted; rebuilding payloads from the snapshot"
             );
-            let payloads = match self.read_snapshot()? {
-                Some((_, data)) => snapshot::decode_body(&data)?.payloads,
-                None => Vec::new(),
-            };
+            let payloads = self.snapshot_payloads()?;
             self.replace_payloads(&payloads)?;
             self.finish_payloads_rebuild()?;
         }
