@@ -456,9 +456,22 @@ impl FaultyCluster {
                 Some((*id, member.disk.cut_power()))
             })
             .collect();
-        let mut losses = Vec::with_capacity(cuts.len());
+        // Every node without power goes down, even if one of them fails to.
+        let mut stopped = Vec::with_capacity(cuts.len());
+        let mut first_error = None;
         for (id, cut) in cuts {
-            self.stop_member(id, false).await?;
+            match self.stop_member(id, false).await {
+                Ok(()) => stopped.push((id, cut)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let mut losses = Vec::with_capacity(stopped.len());
+        for (id, cut) in stopped {
             let (image, _) = cut
                 .durable
                 .clone()
