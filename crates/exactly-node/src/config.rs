@@ -516,10 +516,19 @@ impl NodeConfig {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
             max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
             purge_batch_size: 256,
+            // openraft 0.9 gives an AppendEntries RPC one heartbeat interval to complete. Its
+            // default of 300 entries per RPC, each entry a batch of up to 1,000 jobs, could not be
+            // shipped in time on a busy machine: the RPC timed out again and again and the leader
+            // never committed (found by the 10k-job test under load). Fewer entries per RPC keep
+            // each one small; openraft sends the next right after.
+            max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,
             ..Default::default()
         }
     }
 }
+
+/// Log entries per AppendEntries RPC (see [`NodeConfig::openraft_config`]).
+pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 16;
 
 #[cfg(test)]
 mod tests {
