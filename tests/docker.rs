@@ -14,10 +14,11 @@
 //!    expiry and connects it again;
 //! 3. scales the cluster from 3 to 5 nodes (two more containers `--join`; they become learners
 //!    that run jobs);
-//! 4. restarts every node, one at a time (`docker restart`: SIGTERM, then a new start).
-//!
-//! Issue 5's "drain and remove two nodes" belongs between 3 and 4 as a further [`Step`] once
-//! `exactly cluster drain` / `remove` exist; it is not faked here.
+//! 4. drains and removes two nodes, back to 3: `exactly cluster drain` (run in the leader's
+//!    container) on a voter, whose running jobs finish before it leaves and a learner is
+//!    promoted in its place; then kills a learner's container and `exactly cluster remove`s it
+//!    (its jobs move once its lease expired);
+//! 5. restarts every remaining node, one at a time (`docker restart`: SIGTERM, then a new start).
 //!
 //! Then it checks, from the jobs' records and the sink's call log: zero lost, zero duplicated,
 //! zero stale accepted, every acknowledged job completed, and every node kept its id.
@@ -396,6 +397,8 @@ struct Deployment {
     sink_port: u16,
     /// How many of `nodes` have been started (the first ones).
     started: AtomicUsize,
+    /// Aliases of nodes drained or removed from the cluster (their containers are stopped).
+    departed: Mutex<BTreeSet<String>>,
     /// The containers and volumes created so far (what teardown removes).
     created: Mutex<(Vec<String>, Vec<String>)>,
     network_created: AtomicBool,
@@ -424,6 +427,7 @@ impl Deployment {
             sink_container: format!("{run}-sink"),
             sink_port: free_port(),
             started: AtomicUsize::new(0),
+            departed: Mutex::default(),
             created: Mutex::default(),
             network_created: AtomicBool::new(false),
         }
@@ -433,9 +437,27 @@ impl Deployment {
         format!("{LABEL}={}", std::process::id())
     }
 
-    /// The nodes started so far.
-    fn live(&self) -> &[NodeBox] {
-        &self.nodes[..self.started.load(Ordering::SeqCst)]
+    /// The nodes started so far and still in the cluster.
+    fn live(&self) -> Vec<&NodeBox> {
+        let departed = self.departed.lock().unwrap();
+        self.nodes[..self.started.load(Ordering::SeqCst)]
+            .iter()
+            .filter(|n| !departed.contains(&n.alias))
+            .collect()
+    }
+
+    fn node_by_id<'a>(
+        &'a self,
+        status: &exactly_client::StatusResponse,
+        id: u64,
+    ) -> anyhow::Result<&'a NodeBox> {
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.node_id == id)
+            .with_context(|| format!("node {id} is no member"))?;
+        self.node_by_addr(&member.addr)
+            .with_context(|| format!("node {id}'s address {} is no container", member.addr))
     }
 
     /// Client endpoints: the initial nodes (a client keeps its endpoint list).
@@ -923,8 +945,7 @@ fn checker_finds_each_anomaly() {
 // ---------------------------------------------------------------------------------------------
 // The fault test.
 
-/// A fault or change the test applies while jobs stream. Issue 5's "drain and remove two
-/// nodes" (back to 3) slots in after `ScaleUp` once `exactly cluster drain` and `remove` exist.
+/// A fault or change the test applies while jobs stream.
 #[derive(Clone, Copy, Debug)]
 enum Step {
     /// SIGKILL the leader's container, leave it down briefly, start it again.
@@ -934,16 +955,31 @@ enum Step {
     CutOffFollower,
     /// Start two more nodes (`--join`): they join as learners, catch up and take work.
     ScaleUp,
+    /// Back to 3 nodes: `exactly cluster drain` a voter (a learner replaces it), then kill a
+    /// learner's container and `exactly cluster remove` it.
+    DrainAndRemove,
     /// `docker restart` every node in turn (SIGTERM, new start), waiting for readiness between.
     RestartEach,
 }
 
-const STEPS: [Step; 4] = [
+const STEPS: [Step; 5] = [
     Step::KillLeader,
     Step::CutOffFollower,
     Step::ScaleUp,
+    Step::DrainAndRemove,
     Step::RestartEach,
 ];
+
+/// How long the drained voter's running jobs may finish (the drain deadline).
+const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Runs the CLI in `via`'s container against that node: `exactly ARGS`; returns its output.
+async fn cli_in(via: &NodeBox, args: &[&str]) -> anyhow::Result<String> {
+    let endpoint = format!("http://127.0.0.1:{GRPC_PORT}");
+    let mut full = vec!["exec", &via.container, "exactly", "--endpoints", &endpoint];
+    full.extend_from_slice(args);
+    docker(&full).await
+}
 
 /// Waits until `node` answers /readyz with 200; returns how long that took.
 async fn node_ready(node: &NodeBox, limit: Duration) -> anyhow::Result<Duration> {
@@ -1002,7 +1038,7 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
             eprintln!("  {} reconnected: ready in {took:.1?}", node.alias);
         }
         Step::ScaleUp => {
-            while d.live().len() < NODES_SCALED {
+            while d.started.load(Ordering::SeqCst) < NODES_SCALED {
                 let start = Instant::now();
                 let node = d.start_next_node().await?;
                 node_ready(node, READY_WAIT).await?;
@@ -1015,6 +1051,69 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
                     node.alias
                 );
             }
+        }
+        Step::DrainAndRemove => {
+            let status = client.status().await?;
+            let leader_id = status.leader_id;
+            let via = d.node_by_id(&status, leader_id)?;
+            let voter = status
+                .members
+                .iter()
+                .filter(|m| m.role == "voter" && m.node_id != leader_id)
+                .max_by_key(|m| m.running)
+                .context("no follower voter")?;
+            let drained = d.node_by_id(&status, voter.node_id)?;
+            eprintln!(
+                "  exactly cluster drain {} ({}, a voter running {} attempts)",
+                voter.node_id, drained.alias, voter.running
+            );
+            let start = Instant::now();
+            let deadline = format!("{}s", DRAIN_DEADLINE.as_secs());
+            let id = voter.node_id.to_string();
+            let out = cli_in(via, &["cluster", "drain", &id, "--deadline", &deadline]).await?;
+            eprintln!(
+                "  {} drained and left in {:.1?}: {}",
+                drained.alias,
+                start.elapsed(),
+                out.lines().last().unwrap_or_default()
+            );
+            d.departed.lock().unwrap().insert(drained.alias.clone());
+            docker(&["stop", "-t", "30", &drained.container]).await?;
+            let status = client.status().await?;
+            let voters: Vec<u64> = status
+                .members
+                .iter()
+                .filter(|m| m.role == "voter")
+                .map(|m| m.node_id)
+                .collect();
+            anyhow::ensure!(
+                voters.len() == NODES && !voters.contains(&voter.node_id),
+                "after the drain the voters are {voters:?}"
+            );
+            let learner = status
+                .members
+                .iter()
+                .find(|m| m.role == "learner")
+                .context("no learner left to remove")?;
+            let dead = d.node_by_id(&status, learner.node_id)?;
+            eprintln!(
+                "  kill {} (node {}, a learner running {} attempts), then exactly cluster \
+                 remove {}",
+                dead.alias, learner.node_id, learner.running, learner.node_id
+            );
+            docker(&["kill", &dead.container]).await?;
+            d.departed.lock().unwrap().insert(dead.alias.clone());
+            let start = Instant::now();
+            let status = client.status().await?;
+            let via = d.node_by_id(&status, status.leader_id)?;
+            let id = learner.node_id.to_string();
+            let out = cli_in(via, &["cluster", "remove", &id]).await?;
+            eprintln!(
+                "  {} removed in {:.1?}: {}",
+                dead.alias,
+                start.elapsed(),
+                out.lines().last().unwrap_or_default()
+            );
         }
         Step::RestartEach => {
             for node in d.live() {
@@ -1102,7 +1201,8 @@ fn image() -> anyhow::Result<String> {
 
 /// A 3-node cluster in containers takes a steady stream of jobs that call the fencing sink
 /// while the leader's container is killed, a follower is cut off the network past its lease,
-/// two nodes join, and every node is restarted in turn; afterwards no acknowledged job is lost,
+/// two nodes join, a voter is drained and a dead learner removed, and every node is restarted
+/// in turn; afterwards no acknowledged job is lost,
 /// none ran its effect twice, no stale attempt's effect or completion was accepted, every job
 /// completed, and the nodes kept their generated ids through every restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -27,6 +27,9 @@ use rand::{Rng, SeedableRng};
 pub struct Link {
     /// Every message is lost (a partition in this direction).
     pub cut: bool,
+    /// Raft requests are lost, nothing else: the sender dials a stale address for Raft while
+    /// forwarded requests and every reply still get through.
+    pub raft_cut: bool,
     /// Probability in `0.0..=1.0` that a message is lost.
     pub drop_p: f64,
     /// Each delivered message is delayed by a time drawn uniformly from `min..=max`.
@@ -43,6 +46,9 @@ impl fmt::Display for Link {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.cut {
             return f.write_str("cut");
+        }
+        if self.raft_cut {
+            return f.write_str("raft requests cut");
         }
         let mut parts = Vec::new();
         if self.drop_p > 0.0 {
@@ -118,6 +124,12 @@ impl FaultController {
     /// Cuts `from → to` only: requests one way are lost, so are replies the other way.
     pub fn cut_one_way(&self, from: u64, to: u64) {
         self.update(from, to, |l| l.cut = true);
+    }
+
+    /// Loses every Raft request `from → to` (appends, votes, snapshots), nothing else: `from`
+    /// dials a stale address of `to` for Raft, while `to`'s own requests and all replies pass.
+    pub fn cut_raft_requests(&self, from: u64, to: u64) {
+        self.update(from, to, |l| l.raft_cut = true);
     }
 
     /// Cuts both directions between `a` and `b`.
@@ -234,6 +246,14 @@ impl Faults for FaultController {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         fate
+    }
+
+    fn raft_request_fate(&self, from: u64, to: u64) -> Fate {
+        if self.link(from, to).raft_cut {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Fate::Drop;
+        }
+        self.fate(from, to)
     }
 }
 

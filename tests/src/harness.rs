@@ -538,6 +538,26 @@ impl FaultyCluster {
         }
     }
 
+    /// Starts a crashed member again on its data directory but at a new address (a container
+    /// recreated with a new host name). Nothing listens at the old address any more.
+    pub async fn restart_at_new_address(&mut self, id: u64) -> anyhow::Result<String> {
+        let member = self
+            .members
+            .get_mut(&id)
+            .ok_or_else(|| anyhow::anyhow!("no node {id}"))?;
+        anyhow::ensure!(member.host.is_none(), "node {id} is running");
+        member.config.listen = "127.0.0.1:0".parse()?;
+        self.restart(id).await?;
+        let member = self.members.get_mut(&id).expect("restarted just now");
+        let addr = member
+            .host
+            .as_ref()
+            .map(|h| h.addr.clone())
+            .ok_or_else(|| anyhow::anyhow!("node {id} did not start"))?;
+        member.config.listen = addr.parse()?;
+        Ok(addr)
+    }
+
     /// Pauses a running member (its runtime thread blocks). No-op if crashed or paused.
     pub async fn pause(&mut self, id: u64) {
         if let Some(host) = self.members.get_mut(&id).and_then(|m| m.host.as_mut()) {

@@ -44,8 +44,9 @@ pub enum Command {
     /// Record attempt outcomes (proposed by executors).
     Complete(Vec<Completion>),
     /// A node renews the lease of its current incarnation. Committed through the log, so only a
-    /// leader that still leads can make a renewal count (invariant 5).
-    Renew(NodeLease),
+    /// leader that still leads can make a renewal count (invariant 5); and it counts only from a
+    /// node that applies the log (see [`Renewal`]).
+    Renew(Renewal),
     /// The leader found a node's lease lapsed (on its own monotonic clock, after waiting a full
     /// lease period since it became leader): abandon that incarnation's attempts.
     Expire(NodeLease),
@@ -206,6 +207,21 @@ pub struct NodeLease {
     pub incarnation: u64,
 }
 
+/// A lease renewal, with how far the renewing node has applied the log.
+///
+/// A node whose renewals reach the leader (they are forwarded) but which receives no log (the
+/// leader dials an old address, a one-way partition) would otherwise keep its lease while never
+/// learning its assignments. So a renewal counts only if `applied` reaches what was committed
+/// [`RENEW_APPLY_LAG_MAX_MS`](crate::limits::RENEW_APPLY_LAG_MAX_MS) before it (the index of an
+/// earlier renewal or registration of the same incarnation); otherwise it is refused with
+/// [`Rejection::Lagging`], the node's lease runs out and its work moves on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewal {
+    pub lease: NodeLease,
+    /// The renewing node's last applied log index.
+    pub applied: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRegistration {
     pub node: NodeId,
@@ -214,6 +230,10 @@ pub struct NodeRegistration {
     pub slots: u32,
     /// The node's gRPC address, for display.
     pub addr: String,
+    /// The node's last applied log index: a registration is refused like a renewal
+    /// ([`Renewal`]) while the node is behind what its previous incarnation had renewed at.
+    #[serde(default)]
+    pub applied: u64,
 }
 
 /// Why the state machine refused part of a command. Refusals are normal results, not errors:
@@ -238,6 +258,12 @@ pub enum Rejection {
     },
     #[error("the lease of node {node} incarnation {incarnation} expired")]
     Expired { node: NodeId, incarnation: u64 },
+    #[error("node {node} has applied the log only to index {applied}, behind index {needed} committed over {} ms ago: it does not receive the log", crate::limits::RENEW_APPLY_LAG_MAX_MS)]
+    Lagging {
+        node: NodeId,
+        applied: u64,
+        needed: u64,
+    },
     #[error("node {0} has no free slot")]
     NoSlot(NodeId),
     #[error("attempt with token {got} is not the job's current attempt (current: {current:?})")]

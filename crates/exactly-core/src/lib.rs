@@ -19,8 +19,8 @@ pub mod state;
 
 pub use command::{
     Assignment, Command, Completion, DeadFilter, DrainNode, Effect, JobEvent, LeaveReason, NewJob,
-    NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection, Request, Response, Retention,
-    StartAttempt, Submitted,
+    NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection, Renewal, Request, Response,
+    Retention, StartAttempt, Submitted,
 };
 pub use job::{Attempt, AttemptEnd, Backoff, Job, JobStatus, StateCounts};
 pub use limits::Limits;

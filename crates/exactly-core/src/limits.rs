@@ -31,6 +31,11 @@ pub const TIMEOUT_MS_MAX: u64 = 24 * 60 * 60 * 1000;
 /// Nodes draining (or being removed) at once: bounds the table's leaving map, which apply fills
 /// from log entries (input).
 pub const NODES_LEAVING_MAX: usize = 64;
+/// A lease renewal counts only from a node that has applied what was committed this long before
+/// it (see [`crate::command::Renewal`]).
+pub const RENEW_APPLY_LAG_MAX_MS: u64 = 2_000;
+/// Renewal marks (log index, time) kept per node to find what a renewal must have applied.
+pub const RENEW_MARKS_MAX: usize = 64;
 /// Slots one node may advertise.
 pub const NODE_SLOTS_MAX: u32 = 10_000;
 /// Base delay of the exponential retry backoff, when a job sets none.

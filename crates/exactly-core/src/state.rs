@@ -45,6 +45,11 @@ pub struct NodeEntry {
     /// The leader expired this incarnation's lease: its attempts were abandoned and it gets no
     /// assignments and no renewals. The node must register a newer incarnation to work again.
     pub expired: bool,
+    /// (log index, leader time) of this incarnation's registration and accepted renewals, oldest
+    /// first, at most [`crate::limits::RENEW_MARKS_MAX`]: what a renewal must have applied
+    /// (see [`crate::Renewal`]).
+    #[serde(default)]
+    pub renewal_marks: std::collections::VecDeque<(u64, u64)>,
 }
 
 /// One queue's settings and scheduling indexes. A queue exists while it has live jobs or
@@ -307,10 +312,12 @@ impl JobTable {
             Command::Submit(jobs) => Response::Submitted(self.submit(jobs, &mut effects)),
             Command::Assign(assignments) => self.assign(log_index, assignments, &mut effects),
             Command::Complete(completions) => self.complete(completions, entropy, &mut effects),
-            Command::Renew(lease) => Response::Renewed(self.renew(lease, &mut effects)),
+            Command::Renew(renewal) => {
+                Response::Renewed(self.renew(log_index, renewal, &mut effects))
+            }
             Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
             Command::RegisterNode(registration) => {
-                Response::NodeRegistered(self.register_node(registration, &mut effects))
+                Response::NodeRegistered(self.register_node(log_index, registration, &mut effects))
             }
             Command::Cancel(ids) => Response::Cancelled(self.cancel(ids, &mut effects)),
             Command::Redrive(filter) => Response::Redriven(self.redrive(&filter, &mut effects)),

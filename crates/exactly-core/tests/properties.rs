@@ -20,7 +20,8 @@ use exactly_core::state::{retry_delay_ms, validate_new_job};
 use exactly_core::{
     plan_assignments, Assignment, Backoff, Command, Completion, DeadFilter, Effect, Job, JobId,
     JobStatus, JobTable, NewJob, NodeId, NodeLease, NodeRegistration, Outcome, QueueConfig,
-    QueuePatch, RateLimit, Rejection, Request, Response, StartAttempt, StateCounts, Submitted,
+    QueuePatch, RateLimit, Rejection, Renewal, Request, Response, StartAttempt, StateCounts,
+    Submitted,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -646,7 +647,7 @@ impl Model {
                     .collect(),
             ),
             Command::RegisterNode(r) => Response::NodeRegistered(self.register(r, &mut effects)),
-            Command::Renew(lease) => Response::Renewed(self.renew(lease, &mut effects)),
+            Command::Renew(lease) => Response::Renewed(self.renew(&lease.lease, &mut effects)),
             Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
             Command::ConfigureQueue { queue, patch } => {
                 Response::QueueConfigured(self.configure(queue, patch))
@@ -1085,9 +1086,12 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
             incarnation_delta,
         } => {
             let current = model.nodes.get(node).map_or(0, |n| n.incarnation) as i64;
-            Command::Renew(NodeLease {
-                node: *node,
-                incarnation: (current + incarnation_delta).max(0) as u64,
+            Command::Renew(Renewal {
+                lease: NodeLease {
+                    node: *node,
+                    incarnation: (current + incarnation_delta).max(0) as u64,
+                },
+                applied: u64::MAX,
             })
         }
         Op::Expire {
@@ -1111,6 +1115,7 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                 incarnation: (current + incarnation_delta).max(0) as u64,
                 slots: *slots,
                 addr: format!("node-{node}"),
+                applied: u64::MAX,
             })
         }
     };

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    assignment, completion, failed, job_with, new_job, registration, succeeded, Harness, View, NOW,
+    assignment, completion, failed, job_with, new_job, registration, renew, succeeded, Harness,
+    View, NOW,
 };
 use exactly_core::limits::{
     ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, ERROR_BYTES_MAX,
@@ -1189,6 +1190,7 @@ fn register_node_records_it_and_same_incarnation_keeps_attempts() {
             registered_at_ms: NOW,
             renewed_at_ms: 0,
             expired: false,
+            renewal_marks: [(1, NOW)].into(),
         })
     );
 
@@ -1201,6 +1203,7 @@ fn register_node_records_it_and_same_incarnation_keeps_attempts() {
             incarnation: 3,
             slots: 8,
             addr: "10.0.0.77:7000".into(),
+            applied: u64::MAX,
         }),
     );
     assert_eq!(response, Response::NodeRegistered(Ok(0)));
@@ -1214,6 +1217,8 @@ fn register_node_records_it_and_same_incarnation_keeps_attempts() {
             registered_at_ms: NOW + 9,
             renewed_at_ms: 0,
             expired: false,
+            // A mark less than 1/32 of the lag window after the previous one is not kept.
+            renewal_marks: [(1, NOW)].into(),
         })
     );
     assert_eq!(h.job(1).current_attempt().map(|a| a.token), Some(token));
@@ -1448,6 +1453,99 @@ fn empty_batches_change_nothing_but_time() {
     );
 }
 
+/// A node that renews but does not apply the log (the leader dials an old address; a one-way
+/// partition) loses its lease: a renewal counts only if the node has applied what was committed
+/// `RENEW_APPLY_LAG_MAX_MS` before it. Within that window any lag is fine; catching up restores it.
+#[test]
+fn renewals_count_only_from_a_node_that_applies_the_log() {
+    use exactly_core::limits::RENEW_APPLY_LAG_MAX_MS as LAG;
+    let mut h = Harness::new();
+    h.apply(NOW, registration(7, 1, 4));
+    let registered_at = h.index;
+    let lease = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 1,
+    };
+    let renewal = |applied| Command::Renew(exactly_core::Renewal { lease, applied });
+    // Young registration: nothing is old enough to be required yet.
+    assert_eq!(h.apply(NOW + 500, renewal(0)).0, Response::Renewed(Ok(())));
+    let first_renewal = h.index;
+    // LAG after registering, the registration must have been applied.
+    let (response, effects) = h.apply(NOW + LAG, renewal(registered_at - 1));
+    assert_eq!(
+        response,
+        Response::Renewed(Err(Rejection::Lagging {
+            node: 7,
+            applied: registered_at - 1,
+            needed: registered_at
+        }))
+    );
+    assert!(effects.is_empty(), "a refused renewal is not announced");
+    assert_eq!(h.table.nodes()[&7].renewed_at_ms, NOW + 500);
+    assert_eq!(
+        h.apply(NOW + LAG, renewal(registered_at)).0,
+        Response::Renewed(Ok(()))
+    );
+    // Later the node must have applied the newest mark older than LAG (the first renewal).
+    let later = NOW + 500 + LAG;
+    assert!(matches!(
+        h.apply(later, renewal(first_renewal - 1)).0,
+        Response::Renewed(Err(Rejection::Lagging { needed, .. })) if needed == first_renewal
+    ));
+    assert_eq!(
+        h.apply(later, renewal(first_renewal)).0,
+        Response::Renewed(Ok(()))
+    );
+    // A long series of renewals keeps the marks bounded and still measures LAG back.
+    let mut t = later;
+    for _ in 0..1_000 {
+        t += 10;
+        let applied = h.index;
+        assert_eq!(h.apply(t, renewal(applied)).0, Response::Renewed(Ok(())));
+    }
+    let marks = &h.table.nodes()[&7].renewal_marks;
+    assert!(
+        marks.len() <= exactly_core::limits::RENEW_MARKS_MAX,
+        "{}",
+        marks.len()
+    );
+    assert!(
+        marks.front().unwrap().1 + LAG <= t,
+        "the oldest mark spans the window"
+    );
+    // A new incarnation must have caught up too (a restarted node dialed at an old address).
+    let lagging = Command::RegisterNode(exactly_core::NodeRegistration {
+        node: 7,
+        incarnation: 2,
+        slots: 4,
+        addr: "10.0.0.7:7000".into(),
+        applied: 0,
+    });
+    let before = h.table.clone();
+    assert!(matches!(
+        h.apply(t + 1, lagging).0,
+        Response::NodeRegistered(Err(Rejection::Lagging { applied: 0, .. }))
+    ));
+    assert_eq!(h.table.nodes(), before.nodes());
+    // Caught up, it registers and starts over from its registration.
+    h.apply(t + 1, registration(7, 2, 4));
+    let fresh = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 2,
+    };
+    assert_eq!(
+        h.apply(
+            t + 2,
+            Command::Renew(exactly_core::Renewal {
+                lease: fresh,
+                applied: 0
+            })
+        )
+        .0,
+        Response::Renewed(Ok(()))
+    );
+}
+
 /// A renewal of the current incarnation is recorded and announced; an unknown node, a stale
 /// incarnation and an expired one are refused without changing anything.
 #[test]
@@ -1458,7 +1556,7 @@ fn renewals_count_only_for_the_current_unexpired_incarnation() {
         node: 7,
         incarnation: 3,
     };
-    let (response, effects) = h.apply(NOW + 5, Command::Renew(lease));
+    let (response, effects) = h.apply(NOW + 5, renew(lease));
     assert_eq!(response, Response::Renewed(Ok(())));
     assert_eq!(effects, vec![exactly_core::Effect::Renewed(lease)]);
     assert_eq!(h.table.nodes()[&7].renewed_at_ms, NOW + 5);
@@ -1468,7 +1566,7 @@ fn renewals_count_only_for_the_current_unexpired_incarnation() {
         node: 7,
         incarnation: 2,
     };
-    let (response, effects) = h.apply(NOW + 6, Command::Renew(stale));
+    let (response, effects) = h.apply(NOW + 6, renew(stale));
     assert!(matches!(
         response,
         Response::Renewed(Err(Rejection::StaleIncarnation { .. }))
@@ -1478,12 +1576,12 @@ fn renewals_count_only_for_the_current_unexpired_incarnation() {
         node: 9,
         incarnation: 1,
     };
-    let (response, _) = h.apply(NOW + 6, Command::Renew(unknown));
+    let (response, _) = h.apply(NOW + 6, renew(unknown));
     assert_eq!(response, Response::Renewed(Err(Rejection::UnknownNode(9))));
     assert_eq!(h.table.nodes(), before.nodes());
 
     h.apply(NOW + 7, Command::Expire(lease));
-    let (response, effects) = h.apply(NOW + 8, Command::Renew(lease));
+    let (response, effects) = h.apply(NOW + 8, renew(lease));
     assert_eq!(
         response,
         Response::Renewed(Err(Rejection::Expired {
@@ -1737,7 +1835,7 @@ fn removal_waits_for_running_attempts_and_refuses_the_node_forever() {
         incarnation: 1,
     };
     assert_eq!(
-        h.apply(NOW + 4, Command::Renew(lease)).0,
+        h.apply(NOW + 4, renew(lease)).0,
         Response::Renewed(Err(Rejection::Removed(7)))
     );
     assert_eq!(

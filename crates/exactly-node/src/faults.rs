@@ -21,10 +21,30 @@ pub enum Fate {
 /// Decides the fate of each node-to-node message.
 pub trait Faults: Send + Sync + 'static {
     fn fate(&self, from: u64, to: u64) -> Fate;
+
+    /// The fate of a Raft request (append, vote, snapshot) `from → to`; by default that of any
+    /// message. A test can lose only these (the sender dials a stale address for Raft while the
+    /// receiver's own requests and their replies still get through).
+    fn raft_request_fate(&self, from: u64, to: u64) -> Fate {
+        self.fate(from, to)
+    }
 }
 
 /// Shared handle, cheap to clone.
 pub type FaultsHandle = Arc<dyn Faults>;
+
+/// [`pass`] for a Raft request (see [`Faults::raft_request_fate`]).
+pub(crate) async fn pass_raft_request(
+    faults: &Option<FaultsHandle>,
+    from: u64,
+    to: u64,
+    lost_after: Duration,
+) -> Result<(), ()> {
+    let Some(f) = faults else {
+        return Ok(());
+    };
+    apply(f.raft_request_fate(from, to), lost_after).await
+}
 
 /// Applies the fate of `from → to` before a message leaves. `Err(())`: it is lost, after the
 /// sender has waited `lost_after` (what a lost message costs a real sender: its timeout).
@@ -37,7 +57,11 @@ pub(crate) async fn pass(
     let Some(f) = faults else {
         return Ok(());
     };
-    match f.fate(from, to) {
+    apply(f.fate(from, to), lost_after).await
+}
+
+async fn apply(fate: Fate, lost_after: Duration) -> Result<(), ()> {
+    match fate {
         Fate::Deliver => Ok(()),
         Fate::Delay(d) => {
             tokio::time::sleep(d).await;

@@ -151,17 +151,27 @@ pub(crate) async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
         .membership_config
         .membership()
         .clone();
-    let known = membership.get_node(&id).is_some();
-    if !known {
-        let learner = BasicNode { addr };
-        if let Err(e) = raft.add_learner(id, learner, true).await {
-            return match e {
-                openraft::error::RaftError::APIError(
-                    openraft::error::ClientWriteError::ForwardToLeader(_),
-                ) => JoinReply::NotLeader,
-                other => JoinReply::Failed(other.to_string()),
-            };
+    match membership.get_node(&id) {
+        None => {
+            let learner = BasicNode { addr };
+            if let Err(e) = raft.add_learner(id, learner, true).await {
+                return match e {
+                    openraft::error::RaftError::APIError(
+                        openraft::error::ClientWriteError::ForwardToLeader(_),
+                    ) => JoinReply::NotLeader,
+                    other => JoinReply::Failed(other.to_string()),
+                };
+            }
         }
+        // A member that comes back at another address (a container recreated with a new host
+        // name keeps its data and id): without this, the leader would go on dialing the old
+        // address, and the node would get no log.
+        Some(known) if known.addr != addr => {
+            if let Err(e) = set_address(node, id, known.addr.clone(), addr).await {
+                return e;
+            }
+        }
+        Some(_) => {}
     }
     let membership = raft
         .metrics()
@@ -182,5 +192,29 @@ pub(crate) async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
     {
         Ok(_) => JoinReply::Joined { voter: true },
         Err(e) => JoinReply::Failed(e.to_string()),
+    }
+}
+
+/// Replaces the address of member `id` in the Raft membership (a membership change of node
+/// information only: voters and learners stay as they are).
+pub(crate) async fn set_address(
+    node: &Node,
+    id: u64,
+    old: String,
+    addr: String,
+) -> Result<(), JoinReply> {
+    let change = ChangeMembers::SetNodes(std::collections::BTreeMap::from([(
+        id,
+        BasicNode { addr: addr.clone() },
+    )]));
+    match node.raft.change_membership(change, false).await {
+        Ok(_) => {
+            tracing::info!(node = id, %old, new = %addr, "member's address changed");
+            Ok(())
+        }
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::ClientWriteError::ForwardToLeader(_),
+        )) => Err(JoinReply::NotLeader),
+        Err(e) => Err(JoinReply::Failed(e.to_string())),
     }
 }

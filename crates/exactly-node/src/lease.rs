@@ -7,7 +7,10 @@
 //! lapses, cancels every attempt and kills what has not stopped after `lease.kill-grace`.
 //!
 //! **Invariant 5:** a renewal counts only once committed through the log (a deposed leader
-//! cannot commit), and the node counts it only when the commit is acknowledged to it.
+//! cannot commit), and the node counts it only when the commit is acknowledged to it. It is
+//! refused (on every replica alike) unless the node has applied the log up to what was committed
+//! `RENEW_APPLY_LAG_MAX_MS` before: a node that reaches the leader but gets no log from it must
+//! not hold work it never learns about (`exactly_core::Renewal`).
 //!
 //! **Invariant 6:** the leader measures `lease.expire-after` on its own monotonic clock from the
 //! later of (a) the moment it applied the node's last renewal and (b) the moment it became
@@ -17,7 +20,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use exactly_core::{Command, NodeLease, NodeRegistration, Rejection, Response};
+use exactly_core::{Command, NodeLease, NodeRegistration, Rejection, Renewal, Response};
 
 use crate::config::LEASE_CHECK_INTERVAL;
 use crate::node::Node;
@@ -53,6 +56,7 @@ impl Node {
                 incarnation: self.incarnation(),
                 slots: self.config.slots,
                 addr: addr.to_string(),
+                applied: self.state.last_applied().map_or(0, |l| l.index),
             };
             let sent = Instant::now();
             match self.propose(Command::RegisterNode(registration)).await {
@@ -69,6 +73,11 @@ impl Node {
                 Ok(Response::NodeRegistered(Err(Rejection::Removed(_)))) => {
                     self.departure.mark_removed();
                     return false;
+                }
+                // Behind the log (catching up after a restart, or the cluster dials an old
+                // address of this node): try again once more of the log has arrived.
+                Ok(Response::NodeRegistered(Err(why @ Rejection::Lagging { .. }))) => {
+                    tracing::info!(%why, "registration refused until this node catches up");
                 }
                 Ok(Response::NodeRegistered(Err(why))) => {
                     tracing::error!(%why, "registration refused; taking a new incarnation");
@@ -115,13 +124,21 @@ impl Node {
             if self.departure.has_departed() {
                 return;
             }
-            let lease = NodeLease {
-                node: self.id,
-                incarnation: self.incarnation(),
+            let renewal = Renewal {
+                lease: NodeLease {
+                    node: self.id,
+                    incarnation: self.incarnation(),
+                },
+                applied: self.state.last_applied().map_or(0, |l| l.index),
             };
             let sent = Instant::now();
-            match tokio::time::timeout(budget, self.propose(Command::Renew(lease))).await {
+            match tokio::time::timeout(budget, self.propose(Command::Renew(renewal))).await {
                 Ok(Ok(Response::Renewed(Ok(())))) => self.lease_acked(sent),
+                // Not receiving the log (an old address in the membership, a one-way partition):
+                // the lease runs out and the work moves on; catching up restores it.
+                Ok(Ok(Response::Renewed(Err(why @ Rejection::Lagging { .. })))) => {
+                    tracing::warn!(%why, "renewal refused: this node is behind the log");
+                }
                 Ok(Ok(Response::Renewed(Err(
                     why @ (Rejection::Expired { .. } | Rejection::StaleIncarnation { .. }),
                 )))) => {

@@ -271,6 +271,14 @@ pub async fn reconcile(node: &Node, policy: &Reconcile) {
         return;
     }
     let membership = metrics.membership_config.membership().clone();
+    // A leader restarted at a new address (a recreated container) is told of it by nobody.
+    if let Some(me) = membership.get_node(&node.id) {
+        if me.addr != node.addr {
+            let _ = crate::internal::set_address(node, node.id, me.addr.clone(), node.addr.clone())
+                .await;
+            return;
+        }
+    }
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
     let drained: Vec<u64> = node.read(|t| {

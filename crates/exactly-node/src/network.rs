@@ -121,7 +121,7 @@ impl Connection {
     {
         let client = self.client()?;
         let ttl = option.hard_ttl();
-        if faults::pass(&self.faults, self.from, self.target, ttl)
+        if faults::pass_raft_request(&self.faults, self.from, self.target, ttl)
             .await
             .is_err()
         {
@@ -204,7 +204,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         })?;
         let lost = |_| StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(LOST)));
         let ttl = Duration::from_secs(1);
-        faults::pass(&self.faults, self.from, self.target, ttl)
+        faults::pass_raft_request(&self.faults, self.from, self.target, ttl)
             .await
             .map_err(lost)?;
         let header = codec::encode(&(vote, snapshot.meta.clone()));

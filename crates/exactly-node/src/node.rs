@@ -62,6 +62,8 @@ pub enum ForwardReply {
 
 pub struct NodeInner {
     pub id: u64,
+    /// The address other nodes reach this one at (`advertise`, else the bound listen address).
+    pub addr: String,
     /// This process's current incarnation (see [`Node::incarnation`]).
     pub incarnation: std::sync::atomic::AtomicU64,
     /// End of this node's lease, in ms since `started` (0: no lease). See `lease.rs`.

@@ -226,6 +226,7 @@ pub async fn start_with(
     crate::http::init_metrics();
     let node = Node(Arc::new(NodeInner {
         id,
+        addr: addr.clone(),
         incarnation: incarnation.into(),
         lease_until_ms: Default::default(),
         config,

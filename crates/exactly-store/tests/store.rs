@@ -67,6 +67,7 @@ fn register() -> Command {
         incarnation: 1,
         slots: 4,
         addr: "n7:7000".to_string(),
+        applied: u64::MAX,
     })
 }
 

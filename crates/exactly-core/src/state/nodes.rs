@@ -1,14 +1,15 @@
 //! Nodes: registrations (incarnations), lease renewals and lease expiry.
 
 use super::{JobTable, NodeEntry};
-use crate::command::{Effect, LeaveReason, NodeLease, NodeRegistration, Rejection};
+use crate::command::{Effect, LeaveReason, NodeLease, NodeRegistration, Rejection, Renewal};
 use crate::job::AttemptEnd;
-use crate::limits::NODE_SLOTS_MAX;
+use crate::limits::{NODE_SLOTS_MAX, RENEW_APPLY_LAG_MAX_MS, RENEW_MARKS_MAX};
 use crate::JobId;
 
 impl JobTable {
     pub(super) fn register_node(
         &mut self,
+        log_index: u64,
         r: NodeRegistration,
         effects: &mut Vec<Effect>,
     ) -> Result<u32, Rejection> {
@@ -20,6 +21,16 @@ impl JobTable {
                 "slots must be at most {NODE_SLOTS_MAX}, got {}",
                 r.slots
             )));
+        }
+        if let Some(entry) = self.nodes.get(&r.node) {
+            let needed = needed_index(&entry.renewal_marks, self.now_ms);
+            if r.applied < needed {
+                return Err(Rejection::Lagging {
+                    node: r.node,
+                    applied: r.applied,
+                    needed,
+                });
+            }
         }
         let previous = self.nodes.get(&r.node).map(|n| n.incarnation);
         if let Some(current) = previous {
@@ -47,6 +58,8 @@ impl JobTable {
             .filter(|n| n.incarnation == r.incarnation);
         let expired = same.is_some_and(|n| n.expired);
         let renewed_at_ms = same.map_or(0, |n| n.renewed_at_ms);
+        let mut renewal_marks = same.map(|n| n.renewal_marks.clone()).unwrap_or_default();
+        push_mark(&mut renewal_marks, log_index, self.now_ms);
         self.nodes.insert(
             r.node,
             NodeEntry {
@@ -56,6 +69,7 @@ impl JobTable {
                 registered_at_ms: self.now_ms,
                 renewed_at_ms,
                 expired,
+                renewal_marks,
             },
         );
         // Attempts of an older incarnation can never report: that process is gone (its data
@@ -105,12 +119,15 @@ impl JobTable {
         Ok(node)
     }
 
-    /// A committed lease renewal: counts only for the node's current, unexpired incarnation.
+    /// A committed lease renewal: counts only for the node's current, unexpired incarnation, and
+    /// only if the node has applied what was committed [`RENEW_APPLY_LAG_MAX_MS`] before.
     pub(super) fn renew(
         &mut self,
-        lease: NodeLease,
+        log_index: u64,
+        renewal: Renewal,
         effects: &mut Vec<Effect>,
     ) -> Result<(), Rejection> {
+        let Renewal { lease, applied } = renewal;
         let now = self.now_ms;
         let node = self.current_node(lease)?;
         if node.expired {
@@ -119,6 +136,15 @@ impl JobTable {
                 incarnation: lease.incarnation,
             });
         }
+        let needed = needed_index(&node.renewal_marks, now);
+        if applied < needed {
+            return Err(Rejection::Lagging {
+                node: lease.node,
+                applied,
+                needed,
+            });
+        }
+        push_mark(&mut node.renewal_marks, log_index, now);
         node.renewed_at_ms = now;
         effects.push(Effect::Renewed(lease));
         Ok(())
@@ -155,5 +181,33 @@ impl JobTable {
             self.jobs.insert(id, job);
         }
         Ok(requeued)
+    }
+}
+
+/// The log index a node must have applied for a renewal (or registration) at `now_ms` to count:
+/// that of its newest mark older than [`RENEW_APPLY_LAG_MAX_MS`] (0 if none is that old).
+fn needed_index(marks: &std::collections::VecDeque<(u64, u64)>, now_ms: u64) -> u64 {
+    marks
+        .iter()
+        .rev()
+        .find(|(_, at)| at.saturating_add(RENEW_APPLY_LAG_MAX_MS) <= now_ms)
+        .map_or(0, |(index, _)| *index)
+}
+
+/// Records a registration or accepted renewal at `index`, keeping the marks a later renewal may
+/// be measured against: the newest one older than [`RENEW_APPLY_LAG_MAX_MS`] and newer ones
+/// spaced at least 1/32 of it apart (so [`RENEW_MARKS_MAX`] marks always span it).
+fn push_mark(marks: &mut std::collections::VecDeque<(u64, u64)>, index: u64, now_ms: u64) {
+    let spacing = RENEW_APPLY_LAG_MAX_MS / 32;
+    if marks
+        .back()
+        .is_some_and(|last| last.1.saturating_add(spacing) > now_ms)
+    {
+        return;
+    }
+    marks.push_back((index, now_ms));
+    let old = |m: &(u64, u64)| m.1.saturating_add(RENEW_APPLY_LAG_MAX_MS) <= now_ms;
+    while marks.len() > 1 && (marks.len() > RENEW_MARKS_MAX || marks.get(1).is_some_and(old)) {
+        marks.pop_front();
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use exactly_core::{
     Assignment, Command, Completion, Effect, Job, JobEvent, JobId, JobTable, NewJob, NodeEntry,
-    NodeId, NodeRegistration, Outcome, Request, Response, StateCounts,
+    NodeId, NodeLease, NodeRegistration, Outcome, Renewal, Request, Response, StateCounts,
 };
 
 /// A leader timestamp far enough from zero that "earlier" stamps are easy to write.
@@ -51,6 +51,15 @@ pub fn registration(node: NodeId, incarnation: u64, slots: u32) -> Command {
         incarnation,
         slots,
         addr: format!("10.0.0.{node}:7000"),
+        applied: u64::MAX,
+    })
+}
+
+/// A renewal from a node that has applied everything (the common case).
+pub fn renew(lease: NodeLease) -> Command {
+    Command::Renew(Renewal {
+        lease,
+        applied: u64::MAX,
     })
 }
 
