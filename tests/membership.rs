@@ -284,7 +284,21 @@ async fn drain_lets_running_attempts_finish_then_a_learner_replaces_the_voter() 
         "a drained node is not banned"
     );
 
-    s.cluster.stop(victim).await?;
+    // Stopped now (SIGTERM), the node that left does not try to drain again: it just stops.
+    wait_for(CHANGE_WAIT, || {
+        s.cluster
+            .node(victim)
+            .is_some_and(|n| n.departure.has_departed())
+    })
+    .await?;
+    let stopping = std::time::Instant::now();
+    let left = s.cluster.terminate(victim, Duration::from_secs(10)).await?;
+    assert_eq!(left, Ok(()));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "SIGTERM after leaving took {:?}",
+        stopping.elapsed()
+    );
     s.healed();
     let report = s.finish(SETTLE_MAX).await;
     assert_clean(&report);

@@ -134,9 +134,13 @@ impl EventHub {
     pub fn subscribe(&self, after: Option<Position>) -> Result<Subscription, TooOld> {
         let ring = self.ring();
         let receiver = self.live.subscribe();
-        let Some(after) = after else {
+        let Some(mut after) = after else {
             return Ok((Vec::new(), receiver));
         };
+        // Log index 0 holds no entry, so no event: any place in it is "from the very start".
+        if after.0 == 0 {
+            after = (0, u32::MAX);
+        }
         if after < ring.floor {
             return Err(TooOld {
                 after,
@@ -190,6 +194,20 @@ mod tests {
         assert_eq!(all.len(), 4);
         // Older than the floor: refused, not silently partial.
         assert!(hub.subscribe(Some((3, 0))).is_err());
+        assert!(hub.subscribe(Some((0, 0))).is_err());
+    }
+
+    /// A node that has seen the log from its first entry serves a watch from the very start,
+    /// however the start is written (`0:0` or `0:<any>`): index 0 holds no events.
+    #[test]
+    fn the_very_start_is_served_while_nothing_was_dropped() {
+        let hub = EventHub::default();
+        hub.start_after(0);
+        hub.publish(vec![(1, event(1)), (2, event(2))]);
+        for after in [(0, 0), (0, 7), (0, u32::MAX)] {
+            let (all, _) = hub.subscribe(Some(after)).expect("from the start");
+            assert_eq!(all.len(), 2, "{after:?}");
+        }
     }
 
     /// The ring is bounded: past WATCH_BUFFER_EVENTS_MAX the oldest go, and the floor moves.

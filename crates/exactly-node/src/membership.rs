@@ -172,6 +172,11 @@ impl Node {
         if self.departure.is_removed() {
             return Err(LeaveError::Removed(self.id));
         }
+        // Drained by an operator and out already (found by the container test: a stop after
+        // `exactly cluster drain` retried its own drain until the stop timeout killed it).
+        if self.departure.has_departed() {
+            return Ok(());
+        }
         if self.is_last_voter(self.id) {
             return Err(LeaveError::LastVoter(self.id));
         }
@@ -185,6 +190,12 @@ impl Node {
                 .await
             {
                 Ok(running) => break running,
+                // It learned meanwhile that it is out (drained by an operator).
+                Err(LeaveError::Propose(ProposeError::Departed(_)))
+                    if !self.departure.is_removed() =>
+                {
+                    return Ok(());
+                }
                 Err(LeaveError::Propose(e)) if started.elapsed() < give_up => {
                     tracing::warn!(error = %e, "drain not committed yet; retrying");
                     tokio::time::sleep(LEAVE_POLL).await;
