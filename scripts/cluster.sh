@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts a local 3-node cluster on embedded defaults (no config file needed) and stops it on
-# Ctrl-C. gRPC API: 127.0.0.1:7101, :7102, :7103 (any node takes any call); HTTP /healthz,
-# /readyz and /metrics on 127.0.0.1:8101, :8102, :8103.
+# Ctrl-C. gRPC API: 127.0.0.1:7101, :7102, :7103 (any node takes any call); the dashboard,
+# /healthz, /readyz and /metrics on http://127.0.0.1:8101, :8102, :8103.
 # Data lives in .data/ (delete it for a fresh cluster). Usage: scripts/cluster.sh [--release]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,8 @@ cat <<MSG
 
 exactly: 3 nodes running (logs in .data/node-N.log).
   gRPC API:  127.0.0.1:7101  127.0.0.1:7102  127.0.0.1:7103
-  HTTP:      http://127.0.0.1:8101/metrics  (also /healthz, /readyz; :8102, :8103)
+  dashboard: http://127.0.0.1:8101/  (any node: :8102, :8103)
+  HTTP:      http://127.0.0.1:8101/metrics  (also /healthz, /readyz)
   try:       $bin/exactly submit --kind noop --payload hello
              $bin/exactly status
 Ctrl-C stops the cluster.

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use exactly_proto::v1 as pb;
-use exactly_tests::{ledger_job, wait_for, TestCluster};
+use exactly_tests::{ledger_job, wait_for, TestCluster, LEDGER_KIND};
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -310,8 +310,9 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16
     Ok((code, text))
 }
 
-/// Every node's /healthz and /readyz answer 200 once the cluster runs, and /metrics shows job
-/// counts and Raft state in Prometheus text for that node.
+/// Every node's /healthz and /readyz answer 200 once the cluster runs, /metrics shows job
+/// counts and Raft state in Prometheus text for that node, and its dashboard serves the page
+/// and the status it polls: this node, the leader, three voters, the job that ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_health_readiness_and_metrics() -> anyhow::Result<()> {
     init_tracing();
@@ -346,6 +347,38 @@ async fn http_health_readiness_and_metrics() -> anyhow::Result<()> {
             "{text}"
         );
         assert!(text.contains("exactly_jobs{"), "{text}");
+        // The dashboard: the page, and the status it polls (this node's view).
+        let (code, page) = http_get(addr, "/").await?;
+        assert_eq!(code, 200);
+        assert!(page.contains("<title>exactly</title>"), "{page}");
+        assert!(page.contains("api/status"), "the page polls api/status");
+        let mut seen = serde_json::Value::Null;
+        for _ in 0..100 {
+            let (code, text) = http_get(addr, "/api/status").await?;
+            assert_eq!(code, 200, "{text}");
+            let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            seen = serde_json::from_str(body)?;
+            if seen["counts"]["succeeded"] == 1 && seen["node"]["leader_id"] != "0" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(seen["node"]["id"], id.to_string(), "{seen:#}");
+        assert_eq!(seen["counts"]["succeeded"], 1, "{seen:#}");
+        let members = seen["members"].as_array().expect("members");
+        assert_eq!(members.len(), 3, "{seen:#}");
+        assert_eq!(
+            members.iter().filter(|m| m["leader"] == true).count(),
+            1,
+            "{seen:#}"
+        );
+        assert!(members.iter().all(|m| m["role"] == "voter"), "{seen:#}");
+        let jobs = seen["jobs"].as_array().expect("jobs");
+        assert_eq!(jobs.len(), 1, "{seen:#}");
+        assert_eq!(jobs[0]["status"], "succeeded", "{seen:#}");
+        assert_eq!(jobs[0]["kind"], LEDGER_KIND, "{seen:#}");
+        assert_eq!(jobs[0]["attempts"], 1, "{seen:#}");
+        assert!(seen["node"]["not_ready"].is_null(), "{seen:#}");
     }
     cluster.shutdown().await;
     Ok(())

@@ -562,6 +562,11 @@ impl JobTable {
         self.jobs.values()
     }
 
+    /// The `n` newest jobs (highest ids first), for the dashboard.
+    pub fn newest_jobs(&self, n: usize) -> impl Iterator<Item = &Job> {
+        self.jobs.values().rev().take(n)
+    }
+
     /// Jobs with ids greater than `after`, in id order (for paged listing).
     pub fn jobs_after(&self, after: JobId) -> impl Iterator<Item = &Job> {
         self.jobs

@@ -275,7 +275,14 @@ impl Cluster for ClusterService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let node = &self.node;
+        Ok(Response::new(cluster_status(&self.node)))
+    }
+}
+
+/// The cluster as this node sees it: membership and roles from Raft, health and jobs per node
+/// from its replica (the Status call and the dashboard).
+pub(crate) fn cluster_status(node: &Node) -> pb::StatusResponse {
+    {
         let metrics = node.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership().clone();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -339,7 +346,7 @@ impl Cluster for ClusterService {
                 }
             })
             .collect();
-        Ok(Response::new(pb::StatusResponse {
+        pb::StatusResponse {
             node_id: node.id,
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,
@@ -356,6 +363,6 @@ impl Cluster for ClusterService {
                 stale_completions: counts.stale_completions,
             }),
             removed_node_ids: removed,
-        }))
+        }
     }
 }

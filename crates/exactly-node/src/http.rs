@@ -1,7 +1,7 @@
 //! The node's HTTP endpoints: `/healthz` (the process and its Raft core run), `/readyz` (the
 //! node can take and run work: a leader is known, its lease is valid, it has applied what the
-//! leader committed up to a small lag, and it is neither draining nor removed), and `/metrics`
-//! (Prometheus text).
+//! leader committed up to a small lag, and it is neither draining nor removed), `/metrics`
+//! (Prometheus text), and the dashboard (`/`, `/api/status`: `dashboard.rs`).
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -9,7 +9,6 @@ use std::sync::OnceLock;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::node::Node;
@@ -122,7 +121,7 @@ fn record_gauges(node: &Node) {
 /// Serves the HTTP endpoints on `addr` until the node shuts down.
 pub async fn serve(node: Node, listener: tokio::net::TcpListener) {
     let shutdown = node.shutdown.clone();
-    let app = Router::new()
+    let app = crate::dashboard::routes()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod codec;
 pub mod config;
+pub mod dashboard;
 pub mod events;
 pub mod executor;
 pub mod faults;
