@@ -949,3 +949,27 @@ async fn a_node_that_gets_no_log_loses_its_lease() -> anyhow::Result<()> {
     assert_clean(&report);
     Ok(())
 }
+
+/// SIGTERM on a node whose cluster has no quorum (the other two voters are gone: the whole
+/// cluster is being stopped) does not wait for a drain that cannot commit: it stops, without
+/// leaving, within `DRAIN_COMMIT_WAIT_MAX` and one proposal's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_without_quorum_stops_without_leaving() -> anyhow::Result<()> {
+    init_tracing();
+    let mut s = Scenario::start(3, ChaosOptions::short()).await?;
+    let leader = s.leader().await?;
+    for id in s.cluster.ids() {
+        if id != leader {
+            s.recorder.nemesis(format!("kill node {id}"));
+            s.cluster.crash(id).await?;
+        }
+    }
+    let started = std::time::Instant::now();
+    let left = s.cluster.terminate(leader, Duration::from_secs(20)).await?;
+    let took = started.elapsed();
+    assert!(left.is_err(), "it cannot have left: {left:?}");
+    let bound = exactly_node::membership::DRAIN_COMMIT_WAIT_MAX + Duration::from_secs(8);
+    assert!(took < bound, "SIGTERM without quorum took {took:?}");
+    eprintln!("SIGTERM without quorum: stopped after {took:?}: {left:?}");
+    Ok(())
+}

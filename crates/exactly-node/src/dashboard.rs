@@ -103,6 +103,8 @@ pub struct QueueRow {
 pub struct ScheduleRow {
     pub name: String,
     pub cron: String,
+    /// IANA time zone the expression is read in.
+    pub tz: String,
     pub queue: String,
     pub kind: String,
     pub paused: bool,
@@ -173,6 +175,7 @@ pub fn dashboard_status(node: &Node) -> DashboardStatus {
             .map(|s| ScheduleRow {
                 name: s.name.clone(),
                 cron: s.cron.expr().to_string(),
+                tz: s.cron.tz().to_string(),
                 queue: s.job.queue.clone(),
                 kind: s.job.kind.clone(),
                 paused: s.paused,

@@ -44,6 +44,11 @@ const LEAVE_POLL: Duration = Duration::from_millis(200);
 /// After the drain deadline (and the kill grace), how long a leaving node waits for the leader
 /// to take it out of the membership before it stops anyway.
 pub const LEAVE_MARGIN: Duration = Duration::from_secs(30);
+/// How long a node that is stopping keeps trying to commit its own drain. Past it the cluster
+/// has had no quorum for that long (every other node is stopping too, or cut off): the node
+/// stops without leaving, like a crash as far as the cluster is concerned (its lease expires,
+/// and it is admitted again when it starts).
+pub const DRAIN_COMMIT_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// Whether this node is out of the cluster: it left (drained) or was removed. Set once per
 /// process and never cleared: a node that left comes back only by starting again.
@@ -183,7 +188,7 @@ impl Node {
         let started = tokio::time::Instant::now();
         let give_up = deadline + self.config.lease.kill_grace + LEAVE_MARGIN;
         // The proposal retries within `limits.propose-timeout`; keep trying while the cluster
-        // elects, up to the overall limit.
+        // elects, for at most DRAIN_COMMIT_WAIT_MAX.
         let running = loop {
             match self
                 .propose_drain(self.id, deadline, LeaveReason::Stopping)
@@ -196,7 +201,7 @@ impl Node {
                 {
                     return Ok(());
                 }
-                Err(LeaveError::Propose(e)) if started.elapsed() < give_up => {
+                Err(LeaveError::Propose(e)) if started.elapsed() < DRAIN_COMMIT_WAIT_MAX => {
                     tracing::warn!(error = %e, "drain not committed yet; retrying");
                     tokio::time::sleep(LEAVE_POLL).await;
                 }

@@ -60,6 +60,9 @@ pub struct SchedulerState {
     quiet: BTreeSet<u64>,
     /// Expiries proposed and not yet answered.
     expiring: BTreeSet<NodeLease>,
+    /// Lapsed leases already logged (an expiry that cannot commit, without a quorum, is retried
+    /// every tick but logged once).
+    expiry_logged: BTreeSet<NodeLease>,
     /// A cron-fire or retention proposal is in flight.
     housekeeping: bool,
     /// When the last retention pass found nothing (or ran), on the monotonic clock.
@@ -90,6 +93,7 @@ impl Actor for Scheduler {
             leases: LeaseWatch::new(),
             quiet: BTreeSet::new(),
             expiring: BTreeSet::new(),
+            expiry_logged: BTreeSet::new(),
             housekeeping: false,
             retained_at: None,
             membership_busy: false,
@@ -175,15 +179,18 @@ impl SchedulerState {
             .clone();
         let (expire, quiet) = self.leases.review(&self.node, &renewed);
         self.quiet = quiet;
+        self.expiry_logged.retain(|l| expire.contains(l));
         for lease in expire {
             if !self.expiring.insert(lease) {
                 continue;
             }
-            tracing::warn!(
-                node = lease.node,
-                incarnation = lease.incarnation,
-                "lease expired"
-            );
+            if self.expiry_logged.insert(lease) {
+                tracing::warn!(
+                    node = lease.node,
+                    incarnation = lease.incarnation,
+                    "lease expired"
+                );
+            }
             let node = self.node.clone();
             let me = myself.clone();
             tokio::spawn(async move {
