@@ -763,11 +763,12 @@ async fn cancel_pending_and_running_jobs() -> anyhow::Result<()> {
 
 /// Watch: one job's events arrive in order (PENDING, RUNNING, SUCCEEDED). A watcher that saw
 /// only the first event and reconnects to another node from that position gets exactly the
-/// events it missed, none twice. A position older than the node retains is OUT_OF_RANGE.
+/// events it missed, none twice. A node that started from an empty log replays everything
+/// from 0:0; restarted from a snapshot, a position older than it retains is OUT_OF_RANGE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_is_ordered_and_resumable_on_another_node() -> anyhow::Result<()> {
     init_tracing();
-    let (cluster, _timeline) = start(3).await?;
+    let (mut cluster, _timeline) = start(3).await?;
     let mut jobs = pb::jobs_client::JobsClient::new(channel(&cluster, 1)?);
     let mut stream = jobs
         .watch(pb::WatchRequest {
@@ -847,13 +848,44 @@ async fn watch_is_ordered_and_resumable_on_another_node() -> anyhow::Result<()> 
     );
     drop(resumed);
 
-    // A position before the first event node 3 retains (its floor is where its state machine
-    // started) is refused.
+    // Node 3 started from an empty log and holds every event since: from the very start
+    // (0:0) it replays the job's whole history.
+    let start = Some(pb::EventPosition { index: 0, seq: 0 });
+    let mut third = pb::jobs_client::JobsClient::new(channel(&cluster, 3)?);
+    let mut replay = third
+        .watch(pb::WatchRequest {
+            job_id: id,
+            after: start,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut all = Vec::new();
+    for _ in 0..3 {
+        let e = tokio::time::timeout(Duration::from_secs(30), replay.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        all.push(e);
+    }
+    assert_eq!(all, seen, "0:0 replays the whole history");
+    drop(replay);
+
+    // With a snapshot taken, node 3 restarts from it and holds events only after it (its
+    // floor): the start is older than that and is refused, not silently partial.
+    let node3 = cluster.node(3).expect("node 3 runs").clone();
+    node3.raft.trigger().snapshot().await?;
+    wait_for(Duration::from_secs(30), || {
+        node3.raft.metrics().borrow().snapshot.is_some()
+    })
+    .await?;
+    drop(node3);
+    cluster.crash(3).await?;
+    cluster.restart(3).await?;
     let mut third = pb::jobs_client::JobsClient::new(channel(&cluster, 3)?);
     let status = third
         .watch(pb::WatchRequest {
             job_id: id,
-            after: Some(pb::EventPosition { index: 0, seq: 0 }),
+            after: start,
             ..Default::default()
         })
         .await
