@@ -18,7 +18,9 @@
 //!    container) on a voter, whose running jobs finish before it leaves and a learner is
 //!    promoted in its place; then kills a learner's container and `exactly cluster remove`s it
 //!    (its jobs move once its lease expired);
-//! 5. restarts every remaining node, one at a time (`docker restart`: SIGTERM, then a new start).
+//! 5. kills a follower's container and recreates it under a new host name on its volume (what
+//!    `docker compose up --force-recreate` does): the same node id comes back at a new address;
+//! 6. restarts every remaining node, one at a time (`docker restart`: SIGTERM, then a new start).
 //!
 //! Then it checks, from the jobs' records and the sink's call log: zero lost, zero duplicated,
 //! zero stale accepted, every acknowledged job completed, and every node kept its id.
@@ -39,6 +41,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const NODES: usize = 3;
 /// Nodes after the scale-up step (the two added ones join as learners).
 const NODES_SCALED: usize = 5;
+/// Container slots: the scaled cluster plus one for a node recreated under a new host name.
+const NODE_SLOTS: usize = NODES_SCALED + 1;
 /// The gRPC and HTTP ports inside every node container (the image's defaults).
 const GRPC_PORT: u16 = 7101;
 const HTTP_PORT: u16 = 8101;
@@ -411,7 +415,7 @@ impl Deployment {
             .map(|d| d.as_millis() % 1_000_000)
             .unwrap_or(0);
         let run = format!("exactly-dt-{}-{millis}", std::process::id());
-        let nodes = (1..=NODES_SCALED)
+        let nodes = (1..=NODE_SLOTS)
             .map(|i| NodeBox {
                 alias: format!("node-{i}"),
                 container: format!("{run}-node-{i}"),
@@ -525,10 +529,32 @@ impl Deployment {
         let node = self.nodes.get(i).context("no more nodes")?;
         self.created.lock().unwrap().1.push(node.volume.clone());
         docker(&["volume", "create", "--label", &self.label(), &node.volume]).await?;
+        self.run_node(node, &node.volume, i == 0).await?;
+        self.started.store(i + 1, Ordering::SeqCst);
+        Ok(node)
+    }
+
+    /// Replaces `old`'s container by a new one under the next free name and host name, on
+    /// `old`'s volume (what `docker compose up --force-recreate` does to a scaled service): the
+    /// same node id and data at a new address. `old` is killed first, so it does not drain.
+    async fn recreate(&self, old: &NodeBox) -> anyhow::Result<&NodeBox> {
+        let i = self.started.load(Ordering::SeqCst);
+        let new = self.nodes.get(i).context("no spare container slot")?;
+        docker(&["kill", &old.container]).await?;
+        docker(&["rm", "-f", &old.container]).await?;
+        self.departed.lock().unwrap().insert(old.alias.clone());
+        self.run_node(new, &old.volume, false).await?;
+        self.started.store(i + 1, Ordering::SeqCst);
+        Ok(new)
+    }
+
+    /// Starts `node`'s container on `volume`: bootstrapping (`init`) or joining the initial
+    /// nodes.
+    async fn run_node(&self, node: &NodeBox, volume: &str, init: bool) -> anyhow::Result<()> {
         self.created.lock().unwrap().0.push(node.container.clone());
         let config = repo().join("cluster-config/containers/node.toml");
         let mount_config = format!("{}:/etc/exactly/node.toml:ro", config.display());
-        let mount_data = format!("{}:/var/lib/exactly", node.volume);
+        let mount_data = format!("{volume}:/var/lib/exactly");
         let label = self.label();
         let advertise = format!("EXACTLY_ADVERTISE={}", node.addr());
         let sink = format!("EXACTLY_SINK_ADDR={SINK_ALIAS}:{SINK_PORT}");
@@ -568,7 +594,7 @@ impl Deployment {
             .filter(|n| n.alias != node.alias)
             .map(NodeBox::addr)
             .collect();
-        if i == 0 {
+        if init {
             args.push("--init");
         } else {
             for peer in &peers {
@@ -577,8 +603,7 @@ impl Deployment {
             }
         }
         docker(&args).await?;
-        self.started.store(i + 1, Ordering::SeqCst);
-        Ok(node)
+        Ok(())
     }
 
     /// Prints the last lines of every container's log (on failure).
@@ -958,15 +983,19 @@ enum Step {
     /// Back to 3 nodes: `exactly cluster drain` a voter (a learner replaces it), then kill a
     /// learner's container and `exactly cluster remove` it.
     DrainAndRemove,
+    /// Kill a follower's container and recreate it under a new host name on its volume: the
+    /// same node comes back at a new address, which the leader puts in the membership.
+    RecreateFollower,
     /// `docker restart` every node in turn (SIGTERM, new start), waiting for readiness between.
     RestartEach,
 }
 
-const STEPS: [Step; 5] = [
+const STEPS: [Step; 6] = [
     Step::KillLeader,
     Step::CutOffFollower,
     Step::ScaleUp,
     Step::DrainAndRemove,
+    Step::RecreateFollower,
     Step::RestartEach,
 ];
 
@@ -1113,6 +1142,37 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
                 dead.alias,
                 start.elapsed(),
                 out.lines().last().unwrap_or_default()
+            );
+        }
+        Step::RecreateFollower => {
+            let status = client.status().await?;
+            let member = status
+                .members
+                .iter()
+                .filter(|m| m.node_id != status.leader_id)
+                .max_by_key(|m| m.running)
+                .context("no follower")?;
+            let old = d.node_by_id(&status, member.node_id)?;
+            let start = Instant::now();
+            let new = d.recreate(old).await?;
+            eprintln!(
+                "  killed {} (node {}, {} attempts running) and recreated it as {}",
+                old.alias, member.node_id, member.running, new.alias
+            );
+            // The same node, at its new address (wait_ready below also needs it ready: that
+            // takes the log, which it gets only at the new address).
+            let id = member_id(client, new, READY_WAIT).await?;
+            anyhow::ensure!(
+                id == member.node_id,
+                "{} came back as node {id}, not {}",
+                new.alias,
+                member.node_id
+            );
+            let took = node_ready(new, READY_WAIT).await?;
+            eprintln!(
+                "  node {id} back at {}: listed there {:.1?} after the kill, ready {took:.1?} later",
+                new.addr(),
+                start.elapsed() - took
             );
         }
         Step::RestartEach => {
@@ -1352,7 +1412,10 @@ async fn scenario(d: &Deployment, started: Instant) -> anyhow::Result<()> {
     assert_eq!(v.not_applied, 0, "succeeded jobs without an applied effect");
     assert_eq!(v.stale_accepted, 0, "stale attempts accepted");
     assert_eq!(v.succeeded, v.acknowledged);
-    assert_eq!(ids.len(), NODES_SCALED, "members by address: {ids:?}");
+    // Every address ever used, one id each: 5 nodes, one of them also at its second address.
+    assert_eq!(ids.len(), NODE_SLOTS, "members by address: {ids:?}");
+    let distinct: BTreeSet<u64> = ids.values().copied().collect();
+    assert_eq!(distinct.len(), NODES_SCALED, "node ids: {ids:?}");
     eprintln!("container fault test passed in {:.1?}", started.elapsed());
     Ok(())
 }
