@@ -1024,6 +1024,19 @@ async fn node_ready(node: &NodeBox, limit: Duration) -> anyhow::Result<Duration>
     }
 }
 
+/// The follower (a voter if `voter`) running the most attempts, so a fault hits real work.
+fn busiest_follower(
+    status: &exactly_client::StatusResponse,
+    voter: bool,
+) -> anyhow::Result<&exactly_client::Member> {
+    status
+        .members
+        .iter()
+        .filter(|m| m.node_id != status.leader_id && (!voter || m.role == "voter"))
+        .max_by_key(|m| m.running)
+        .context("no such follower")
+}
+
 async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result<()> {
     match step {
         Step::KillLeader => {
@@ -1041,12 +1054,7 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
         Step::CutOffFollower => {
             let status = client.status().await?;
             // The follower running the most attempts, so the cut fences real work.
-            let member = status
-                .members
-                .iter()
-                .filter(|m| m.node_id != status.leader_id)
-                .max_by_key(|m| m.running)
-                .context("no follower")?;
+            let member = busiest_follower(&status, false)?;
             let node = d.node_by_addr(&member.addr).context("follower container")?;
             eprintln!(
                 "  cut {} off the network for {CUT_OFF:?} ({} attempts running on it)",
@@ -1085,12 +1093,7 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
             let status = client.status().await?;
             let leader_id = status.leader_id;
             let via = d.node_by_id(&status, leader_id)?;
-            let voter = status
-                .members
-                .iter()
-                .filter(|m| m.role == "voter" && m.node_id != leader_id)
-                .max_by_key(|m| m.running)
-                .context("no follower voter")?;
+            let voter = busiest_follower(&status, true)?;
             let drained = d.node_by_id(&status, voter.node_id)?;
             eprintln!(
                 "  exactly cluster drain {} ({}, a voter running {} attempts)",
@@ -1146,12 +1149,7 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
         }
         Step::RecreateFollower => {
             let status = client.status().await?;
-            let member = status
-                .members
-                .iter()
-                .filter(|m| m.node_id != status.leader_id)
-                .max_by_key(|m| m.running)
-                .context("no follower")?;
+            let member = busiest_follower(&status, false)?;
             let old = d.node_by_id(&status, member.node_id)?;
             let start = Instant::now();
             let new = d.recreate(old).await?;

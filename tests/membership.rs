@@ -106,6 +106,31 @@ fn executions_on_since(s: &Scenario, node: u64, since: u64) -> usize {
         .count()
 }
 
+/// Submits batches of `batch` jobs that each run for `run` through the current leader, one
+/// every `pause`, until `node` has started a job after `since` (at most 40 batches).
+async fn submit_until_it_runs(
+    s: &Scenario,
+    node: u64,
+    since: u64,
+    batch: usize,
+    run: Duration,
+    pause: Duration,
+) -> anyhow::Result<()> {
+    for _ in 0..40 {
+        if executions_on_since(s, node, since) > 0 {
+            return Ok(());
+        }
+        let leader = s.leader().await?;
+        ids(s.submit(leader, &plans(batch, RunPlan::fixed(run))).await?)?;
+        tokio::time::sleep(pause).await;
+    }
+    anyhow::ensure!(
+        executions_on_since(s, node, since) > 0,
+        "node {node} never ran a job"
+    );
+    Ok(())
+}
+
 fn assert_clean(report: &Report) {
     assert!(report.is_clean(), "{report:#}");
     assert_eq!(report.lost + report.duplicated + report.stale_accepted, 0);
@@ -154,18 +179,15 @@ async fn nodes_joining_under_load_are_promoted_up_to_the_target_then_stay_learne
     workload.await??;
     // Node 6 takes work: submit until it has run a job.
     let leader = s.leader().await?;
-    let mut tries = 0;
-    while executions_on_since(&s, 6, added_at) == 0 {
-        anyhow::ensure!(tries < 40, "node 6 never ran a job");
-        tries += 1;
-        ids(s
-            .submit(
-                leader,
-                &plans(20, RunPlan::fixed(Duration::from_millis(300))),
-            )
-            .await?)?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    submit_until_it_runs(
+        &s,
+        6,
+        added_at,
+        20,
+        Duration::from_millis(300),
+        Duration::from_millis(500),
+    )
+    .await?;
     assert_eq!(roles(&s.cluster, leader).0, all, "node 6 stayed a learner");
     s.healed();
     let report = s.finish(SETTLE_MAX).await;
@@ -419,16 +441,15 @@ async fn sigterm_drains_and_leaves_and_a_restart_rejoins() -> anyhow::Result<()>
     })
     .await?;
     let back_at = now_us();
-    let l = s.leader().await?;
-    let mut tries = 0;
-    while executions_on_since(&s, leader, back_at) == 0 {
-        anyhow::ensure!(tries < 40, "the restarted node never ran a job");
-        tries += 1;
-        ids(s
-            .submit(l, &plans(12, RunPlan::fixed(Duration::from_millis(200))))
-            .await?)?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    submit_until_it_runs(
+        &s,
+        leader,
+        back_at,
+        12,
+        Duration::from_millis(200),
+        Duration::from_millis(300),
+    )
+    .await?;
     s.healed();
     let report = s.finish(SETTLE_MAX).await;
     assert_clean(&report);
@@ -618,18 +639,15 @@ async fn a_new_node_gets_a_snapshot_after_the_log_was_compacted() -> anyhow::Res
         })
     })
     .await?;
-    let mut tries = 0;
-    while executions_on_since(&s, 4, added_at) == 0 {
-        anyhow::ensure!(tries < 40, "node 4 never ran a job");
-        tries += 1;
-        ids(s
-            .submit(
-                leader,
-                &plans(20, RunPlan::fixed(Duration::from_millis(200))),
-            )
-            .await?)?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    submit_until_it_runs(
+        &s,
+        4,
+        added_at,
+        20,
+        Duration::from_millis(200),
+        Duration::from_millis(300),
+    )
+    .await?;
     s.healed();
     let report = s.finish(SETTLE_MAX).await;
     assert_clean(&report);
@@ -681,18 +699,15 @@ async fn cluster_join_admits_a_node_started_without_join() -> anyhow::Result<()>
         .into_inner();
     assert!(again.voter);
     let added_at = now_us();
-    let mut tries = 0;
-    while executions_on_since(&s, 3, added_at) == 0 {
-        anyhow::ensure!(tries < 40, "node 3 never ran a job");
-        tries += 1;
-        ids(s
-            .submit(
-                leader,
-                &plans(12, RunPlan::fixed(Duration::from_millis(100))),
-            )
-            .await?)?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    submit_until_it_runs(
+        &s,
+        3,
+        added_at,
+        12,
+        Duration::from_millis(100),
+        Duration::from_millis(300),
+    )
+    .await?;
     s.healed();
     let report = s.finish(SETTLE_MAX).await;
     assert_clean(&report);
@@ -832,16 +847,15 @@ async fn a_member_back_at_a_new_address_gets_the_log_there() -> anyhow::Result<(
     })
     .await?;
     let back_at = now_us();
-    let mut tries = 0;
-    while executions_on_since(&s, follower, back_at) == 0 {
-        anyhow::ensure!(tries < 40, "the node at its new address never ran a job");
-        tries += 1;
-        let l = s.leader().await?;
-        ids(s
-            .submit(l, &plans(12, RunPlan::fixed(Duration::from_millis(100))))
-            .await?)?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    submit_until_it_runs(
+        &s,
+        follower,
+        back_at,
+        12,
+        Duration::from_millis(100),
+        Duration::from_millis(300),
+    )
+    .await?;
     s.healed();
     let report = s.finish(SETTLE_MAX).await;
     assert_clean(&report);
@@ -934,16 +948,15 @@ async fn a_node_that_gets_no_log_loses_its_lease() -> anyhow::Result<()> {
     s.cluster.faults().heal();
     // Healed, it catches up, registers and runs jobs again.
     let back_at = now_us();
-    let mut tries = 0;
-    while executions_on_since(&s, victim, back_at) == 0 {
-        anyhow::ensure!(tries < 40, "the healed node never ran a job again");
-        tries += 1;
-        let l = s.leader().await?;
-        ids(s
-            .submit(l, &plans(12, RunPlan::fixed(Duration::from_millis(100))))
-            .await?)?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    submit_until_it_runs(
+        &s,
+        victim,
+        back_at,
+        12,
+        Duration::from_millis(100),
+        Duration::from_millis(300),
+    )
+    .await?;
     s.healed();
     let report = s.finish(SETTLE_MAX).await;
     assert_clean(&report);

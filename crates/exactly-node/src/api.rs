@@ -62,7 +62,10 @@ impl From<ProposeError> for Status {
             // code that clients treat as "safe to retry" (UNAVAILABLE).
             ProposeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
             ProposeError::StoppedInFlight(_) => Status::unknown(e.to_string()),
-            ProposeError::Departed(_) => Status::failed_precondition(e.to_string()),
+            // Nothing was proposed, and any other node can take the call: UNAVAILABLE makes a
+            // client go on to its next endpoint (found by the container test: a client that
+            // reached a drained node got its batch refused).
+            ProposeError::Departed(_) => Status::unavailable(e.to_string()),
         }
     }
 }
@@ -364,5 +367,31 @@ pub(crate) fn cluster_status(node: &Node) -> pb::StatusResponse {
             }),
             removed_node_ids: removed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only outcomes where nothing was proposed are UNAVAILABLE (safe to retry elsewhere).
+    #[test]
+    fn propose_errors_map_to_retry_safe_codes_only_when_nothing_was_proposed() {
+        let d = std::time::Duration::from_secs(1);
+        let code = |e| Status::from(e).code();
+        assert_eq!(code(ProposeError::NoLeader(d)), tonic::Code::Unavailable);
+        assert_eq!(code(ProposeError::Departed(7)), tonic::Code::Unavailable);
+        assert_eq!(
+            code(ProposeError::ShuttingDown("x".into())),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            code(ProposeError::Timeout(d)),
+            tonic::Code::DeadlineExceeded
+        );
+        assert_eq!(
+            code(ProposeError::StoppedInFlight("x".into())),
+            tonic::Code::Unknown
+        );
     }
 }
