@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 pub mod exec;
 pub mod fail;
 pub mod http;
+pub mod lease;
 pub mod noop;
 pub mod sleep;
 mod tail;
@@ -21,6 +22,7 @@ mod tail;
 pub use exec::{ExecHandler, ExecSpec, ExecSpecError};
 pub use fail::FailHandler;
 pub use http::{HttpHandler, HttpSpec};
+pub use lease::{monotonic_ms, LeaseDeadline};
 pub use noop::NoopHandler;
 pub use sleep::SleepHandler;
 
@@ -74,6 +76,9 @@ pub struct JobContext {
     pub payload: Vec<u8>,
     /// The attempt's execution timeout (the executor cancels at this point).
     pub timeout: Duration,
+    /// The running node's lease deadline (see [`lease`]): work a handler runs outside the node
+    /// process must stop by then even if the node cannot tell it to (killed or frozen).
+    pub lease: LeaseDeadline,
 }
 
 /// What a handler reports.
@@ -222,6 +227,7 @@ pub(crate) mod test_support {
             kind: kind.to_string(),
             payload: payload.to_vec(),
             timeout: Duration::from_secs(30),
+            lease: LeaseDeadline::unbounded(),
         }
     }
 }

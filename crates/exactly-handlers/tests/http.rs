@@ -181,6 +181,7 @@ fn context(job_id: u64, attempt: u32, token: u64, payload: &[u8]) -> JobContext 
         kind: "call".to_string(),
         payload: payload.to_vec(),
         timeout: Duration::from_secs(30),
+        lease: exactly_handlers::LeaseDeadline::unbounded(),
     }
 }
 

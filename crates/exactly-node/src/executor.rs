@@ -317,6 +317,7 @@ impl ExecutorState {
         // job on every node (the state machine decides it, see `Job::effective_idempotency_key`).
         let idempotency_key = start.idempotency_key.clone();
         let grace = node.config.lease.kill_grace;
+        let lease = node.lease_deadline();
         let me = myself.clone();
         tokio::spawn(async move {
             let outcome = match (handler, payload) {
@@ -345,6 +346,7 @@ impl ExecutorState {
                         kind: start.kind,
                         payload,
                         timeout,
+                        lease,
                     };
                     run_attempt(handler.run(ctx, cancel.clone()), cancel, timeout, grace).await
                 }

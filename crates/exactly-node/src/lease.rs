@@ -37,11 +37,16 @@ impl Node {
         self.mono_ms() < self.lease_until_ms.load(Ordering::Acquire)
     }
 
-    /// Records that a renewal (or registration) sent at `sent` was acknowledged as committed.
-    fn lease_acked(&self, sent: Instant) {
-        let sent_ms = sent.saturating_duration_since(self.started).as_millis() as u64;
+    /// Records that a renewal (or registration) sent at `sent_ms` (the lease clock,
+    /// [`Node::mono_ms`]) was acknowledged as committed.
+    fn lease_acked(&self, sent_ms: u64) {
         let until = sent_ms + self.config.lease.self_fence_after.as_millis() as u64;
         self.lease_until_ms.fetch_max(until, Ordering::AcqRel);
+        self.lease_deadline.send_if_modified(|d| {
+            let moved = until > *d;
+            *d = (*d).max(until);
+            moved
+        });
     }
 
     /// Registers the current incarnation until the registration commits (or shutdown), and
@@ -58,7 +63,7 @@ impl Node {
                 addr: addr.to_string(),
                 applied: self.state.last_applied().map_or(0, |l| l.index),
             };
-            let sent = Instant::now();
+            let sent = self.mono_ms();
             match self.propose(Command::RegisterNode(registration)).await {
                 Ok(Response::NodeRegistered(Ok(requeued))) => {
                     self.lease_acked(sent);
@@ -131,7 +136,7 @@ impl Node {
                 },
                 applied: self.state.last_applied().map_or(0, |l| l.index),
             };
-            let sent = Instant::now();
+            let sent = self.mono_ms();
             match tokio::time::timeout(budget, self.propose(Command::Renew(renewal))).await {
                 Ok(Ok(Response::Renewed(Ok(())))) => self.lease_acked(sent),
                 // Not receiving the log (an old address in the membership, a one-way partition):

@@ -66,8 +66,12 @@ pub struct NodeInner {
     pub addr: String,
     /// This process's current incarnation (see [`Node::incarnation`]).
     pub incarnation: std::sync::atomic::AtomicU64,
-    /// End of this node's lease, in ms since `started` (0: no lease). See `lease.rs`.
+    /// End of this node's lease, in [`exactly_handlers::monotonic_ms`] (0: no lease). See
+    /// `lease.rs`.
     pub lease_until_ms: std::sync::atomic::AtomicU64,
+    /// The same deadline for running attempts' handlers (the `exec` guard enforces it even when
+    /// this process is frozen or dead).
+    pub lease_deadline: tokio::sync::watch::Sender<u64>,
     pub config: NodeConfig,
     pub raft: Raft,
     pub store: Store,
@@ -115,9 +119,14 @@ impl Node {
         self.incarnation.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Milliseconds on this node's monotonic clock since it started.
+    /// Milliseconds on the machine's monotonic clock (the lease clock; see `lease.rs`).
     pub fn mono_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        exactly_handlers::monotonic_ms()
+    }
+
+    /// The lease deadline as handlers see it (moved forward by every acknowledged renewal).
+    pub fn lease_deadline(&self) -> exactly_handlers::LeaseDeadline {
+        exactly_handlers::LeaseDeadline::from(self.lease_deadline.subscribe())
     }
 
     /// Reads the local replica's job table.

@@ -229,6 +229,7 @@ pub async fn start_with(
         addr: addr.clone(),
         incarnation: incarnation.into(),
         lease_until_ms: Default::default(),
+        lease_deadline: tokio::sync::watch::channel(0).0,
         config,
         raft,
         store,
