@@ -364,3 +364,198 @@ async fn dead_worker_jobs_move_after_the_lease_expires() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// How the leader is taken away in [`leader_failover_cancels_nothing_on_healthy_nodes`].
+#[derive(Clone, Copy, Debug)]
+enum LeaderLoss {
+    /// The process dies (cut off first, then shut down).
+    Killed,
+    /// The process lives on but nothing it sends or receives arrives, as for a frozen leader
+    /// seen from the others (it fences its own attempts; the others must not).
+    CutOff,
+}
+
+/// A leader failover (the leader killed, or cut off as if frozen) while one-attempt jobs run on
+/// every node: the healthy nodes keep their leases through the election, so none of their
+/// running attempts is cancelled; the lost leader's attempts are given back (abandoned, costing
+/// no attempt) and run once more elsewhere; every job succeeds and none becomes a dead letter.
+/// The lost leader's jobs move about `lease.expire-after` after its last renewal, not that plus
+/// the election (the new leader counts from renewals it applied as a follower). Runs with the
+/// default Raft timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_failover_cancels_nothing_on_healthy_nodes() -> anyhow::Result<()> {
+    for loss in [LeaderLoss::Killed, LeaderLoss::CutOff] {
+        // The shipped Raft timing, not the test fixture's: this is what users run.
+        let mut cluster = Cluster::start(|c| c.raft = NodeConfig::default().raft).await?;
+        let leader = cluster.leader();
+        let jobs: Vec<pb::JobSpec> = (0..30)
+            .map(|_| pb::JobSpec {
+                max_attempts: 1,
+                ..hold(9_000)
+            })
+            .collect();
+        let ids = cluster.submit(leader, jobs).await?;
+        // Every node runs some.
+        wait_for(Duration::from_secs(10), || {
+            let runs = cluster.runs();
+            (1..=3).all(|n| runs.iter().any(|r| r.node == n))
+        })
+        .await?;
+        let lost_at = Instant::now();
+        cluster.isolation.0.lock().unwrap().insert(leader);
+        if let LeaderLoss::Killed = loss {
+            let index = cluster
+                .nodes
+                .iter()
+                .position(|n| n.as_ref().is_some_and(|n| n.id() == leader))
+                .unwrap();
+            cluster.nodes[index].take().unwrap().shutdown().await;
+        }
+        let survivor = (1..=3).find(|&n| n != leader).unwrap();
+        wait_for(Duration::from_secs(60), || {
+            let table = cluster.node(survivor).node.read(|t| t.clone());
+            ids.iter()
+                .all(|id| table.job(*id).is_some_and(|j| j.status.is_terminal()))
+        })
+        .await?;
+        let elected = cluster
+            .live()
+            .filter(|n| n.id() != leader)
+            .find_map(|n| n.node.leader().map(|(l, _)| l))
+            .unwrap();
+        assert_ne!(elected, leader, "{loss:?}");
+        let runs = cluster.runs();
+        assert_no_overlap(&runs);
+        let healthy_cancelled: Vec<&Run> = runs
+            .iter()
+            .filter(|r| r.node != leader && r.cancelled)
+            .collect();
+        assert!(
+            healthy_cancelled.is_empty(),
+            "{loss:?}: the failover cancelled attempts on healthy nodes: {healthy_cancelled:?}"
+        );
+        let table = cluster.node(survivor).node.read(|t| t.clone());
+        let mut moved_after = Vec::new();
+        for id in &ids {
+            let job = table.job(*id).unwrap();
+            assert_eq!(
+                job.status,
+                exactly_core::JobStatus::Succeeded,
+                "{loss:?}: job {id} (no handler failed) must succeed: {job:?}"
+            );
+            assert_eq!(job.failures, 0, "{loss:?}: job {id}: {job:?}");
+            if job.attempts.len() > 1 {
+                let first = &job.attempts[0];
+                assert_eq!(
+                    first.node, leader,
+                    "{loss:?}: only the lost leader's jobs move"
+                );
+                let Some(exactly_core::AttemptEnd::Abandoned { reason }) = &first.end else {
+                    panic!("{loss:?}: job {id}: the lost attempt must be abandoned: {job:?}");
+                };
+                assert!(
+                    reason.contains("lease") && !reason.contains("cancelled: cancelled"),
+                    "{loss:?}: {reason}"
+                );
+                let again = runs
+                    .iter()
+                    .filter(|r| r.job == *id && r.node != leader)
+                    .map(|r| r.start)
+                    .min()
+                    .unwrap();
+                moved_after.push(again - lost_at);
+            }
+        }
+        let lease = NodeConfig::default().lease;
+        assert!(!moved_after.is_empty(), "{loss:?}: the leader ran jobs");
+        let slowest = *moved_after.iter().max().unwrap();
+        // Counted from the last renewal the new leader applied, at most a renew interval (and a
+        // commit) before the loss; a count from the election would add the whole failover.
+        assert!(
+            slowest <= lease.expire_after + Duration::from_millis(750),
+            "{loss:?}: the lost leader's jobs moved only after {slowest:?}"
+        );
+        eprintln!(
+            "{loss:?}: leader {leader} lost; {} of its jobs moved after {:?}..{:?}; \
+             healthy nodes cancelled 0 attempts",
+            moved_after.len(),
+            moved_after.iter().min().unwrap(),
+            slowest
+        );
+        cluster.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Two of three nodes cut off for 4 s (less than the lease expiry): no node can commit a
+/// renewal, so every node fences itself and stops its attempts. Those ends are not the jobs'
+/// doing: each is recorded as abandoned with a reason that says the lease lapsed, costs no
+/// attempt, and every one-attempt job still succeeds (none is a dead letter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_lease_costs_no_attempt() -> anyhow::Result<()> {
+    let cluster = Cluster::start(|_| {}).await?;
+    let leader = cluster.leader();
+    let ids = cluster
+        .submit(
+            leader,
+            (0..12)
+                .map(|_| pb::JobSpec {
+                    max_attempts: 1,
+                    ..hold(8_000)
+                })
+                .collect(),
+        )
+        .await?;
+    wait_for(Duration::from_secs(10), || {
+        let runs = cluster.runs();
+        (1..=3).all(|n| runs.iter().any(|r| r.node == n))
+    })
+    .await?;
+    let cut: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+    cluster
+        .isolation
+        .0
+        .lock()
+        .unwrap()
+        .extend(cut.iter().copied());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.isolation.0.lock().unwrap().clear();
+    wait_for(Duration::from_secs(60), || {
+        let table = cluster.node(leader).node.read(|t| t.clone());
+        ids.iter()
+            .all(|id| table.job(*id).is_some_and(|j| j.status.is_terminal()))
+    })
+    .await?;
+    assert_no_overlap(&cluster.runs());
+    let fenced = cluster.runs().iter().filter(|r| r.cancelled).count();
+    assert!(fenced > 0, "the cut nodes fenced themselves");
+    // Wait for every node's view, then read the leader's.
+    let table = cluster.node(cluster.leader()).node.read(|t| t.clone());
+    let mut abandoned = 0;
+    for id in &ids {
+        let job = table.job(*id).unwrap();
+        assert_eq!(
+            job.status,
+            exactly_core::JobStatus::Succeeded,
+            "job {id}: {job:?}"
+        );
+        assert_eq!(job.failures, 0, "job {id}: {job:?}");
+        for a in &job.attempts {
+            match &a.end {
+                Some(exactly_core::AttemptEnd::Abandoned { reason }) => {
+                    abandoned += 1;
+                    assert!(
+                        reason.contains("lease lapsed") || reason.contains("no valid lease"),
+                        "job {id}: {reason}"
+                    );
+                }
+                Some(exactly_core::AttemptEnd::Succeeded) => {}
+                other => panic!("job {id}: attempt ended {other:?}: {job:?}"),
+            }
+        }
+    }
+    assert!(abandoned > 0);
+    eprintln!("{fenced} attempts fenced, {abandoned} recorded as abandoned, 0 dead");
+    cluster.shutdown().await;
+    Ok(())
+}

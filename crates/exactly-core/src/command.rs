@@ -193,8 +193,10 @@ pub enum Outcome {
         retryable: bool,
     },
     /// The node gave the attempt back without a verdict from the handler, after the handler had
-    /// stopped: it was draining and its deadline passed. The job is requeued at once and this
-    /// does not count against `max_attempts` (it counts as an abandoned attempt).
+    /// stopped, for a reason the job did not cause: the node fenced itself (its lease lapsed),
+    /// refused to start it without a lease, was drained past its deadline, or is stopping. The
+    /// job runs again (see [`crate::limits::ABANDONS_RERUN_AT_ONCE`]); this never counts against
+    /// `max_attempts` and never makes a dead letter.
     Abandoned {
         reason: String,
     },
@@ -372,7 +374,8 @@ pub enum Effect {
     DropPayload { job: JobId },
     /// Start an attempt on `node` (only that node acts on it).
     Start(StartAttempt),
-    /// A lease renewal committed (the leader restarts that node's expiry clock).
+    /// A lease renewal or registration committed (the leader restarts that incarnation's expiry
+    /// clock).
     Renewed(NodeLease),
     /// Stop a running attempt on `node` (a client cancelled its job).
     Cancel {

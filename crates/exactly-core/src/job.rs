@@ -108,7 +108,8 @@ pub struct Job {
     pub run_at_ms: u64,
     /// Failures that consumed `max_attempts` (reset by a redrive).
     pub failures: u32,
-    /// Attempts abandoned because their node was lost.
+    /// Attempts that ended without the job's doing (its node fenced itself, restarted, was
+    /// drained past its deadline or lost its lease). They cost no attempt (reset by a redrive).
     pub abandoned: u32,
     pub attempts: Vec<Attempt>,
     /// The handler's output on success, truncated to [`crate::limits::RESULT_BYTES_MAX`].
@@ -125,6 +126,18 @@ impl Job {
         } else {
             None
         }
+    }
+
+    /// Abandoned attempts at the end of the attempt history, since the last attempt that ended
+    /// otherwise (or since the last redrive, which resets `abandoned`).
+    pub fn abandoned_in_a_row(&self) -> u32 {
+        let tail = self
+            .attempts
+            .iter()
+            .rev()
+            .take_while(|a| matches!(a.end, Some(AttemptEnd::Abandoned { .. })))
+            .count() as u32;
+        tail.min(self.abandoned)
     }
 
     /// The key handlers receive: the client's idempotency key, or one derived from the job id.

@@ -315,10 +315,13 @@ impl JobTable {
             Command::Renew(renewal) => {
                 Response::Renewed(self.renew(log_index, renewal, &mut effects))
             }
-            Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
-            Command::RegisterNode(registration) => {
-                Response::NodeRegistered(self.register_node(log_index, registration, &mut effects))
-            }
+            Command::Expire(lease) => Response::Expired(self.expire(lease, entropy, &mut effects)),
+            Command::RegisterNode(registration) => Response::NodeRegistered(self.register_node(
+                log_index,
+                registration,
+                entropy,
+                &mut effects,
+            )),
             Command::Cancel(ids) => Response::Cancelled(self.cancel(ids, &mut effects)),
             Command::Redrive(filter) => Response::Redriven(self.redrive(&filter, &mut effects)),
             Command::PurgeDead(filter) => {

@@ -13,8 +13,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use exactly_core::limits::{
-    ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, DEAD_BATCH_MAX, MAX_ATTEMPTS_MAX,
-    NODE_SLOTS_MAX, RESULT_BYTES_MAX, SUBMIT_BATCH_JOBS_MAX,
+    ABANDONS_RERUN_AT_ONCE, ABANDON_DELAY_MAX_MS, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX,
+    DEAD_BATCH_MAX, MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, RESULT_BYTES_MAX, SUBMIT_BATCH_JOBS_MAX,
 };
 use exactly_core::state::{retry_delay_ms, validate_new_job};
 use exactly_core::{
@@ -281,8 +281,8 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Mostly scheduler plans and node restarts, so that jobs are abandoned again and again and
-/// reach ABANDONED_ATTEMPTS_MAX.
+/// Mostly scheduler plans and node restarts, so that jobs are abandoned again and again, past
+/// ABANDONS_RERUN_AT_ONCE (where their backoff starts).
 fn churn_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => proptest::collection::vec(job_spec(), 0..2).prop_map(Op::Submit),
@@ -329,6 +329,8 @@ struct ModelJob {
     run_at_ms: u64,
     failures: u32,
     abandoned: u32,
+    /// Abandons since the last attempt that ended otherwise (or the last redrive).
+    abandoned_in_a_row: u32,
     /// Every token this job was ever started with, in order.
     tokens: Vec<u64>,
     current: Option<ModelAttempt>,
@@ -521,6 +523,7 @@ impl Model {
             job.status = JobStatus::Pending;
             job.failures = 0;
             job.abandoned = 0;
+            job.abandoned_in_a_row = 0;
             job.run_at_ms = now_ms;
             self.join_line(id);
         }
@@ -694,6 +697,7 @@ impl Model {
                 run_at_ms: new.run_at_ms,
                 failures: 0,
                 abandoned: 0,
+                abandoned_in_a_row: 0,
                 tokens: Vec::new(),
                 current: None,
                 idempotency_key: new.idempotency_key.clone(),
@@ -854,6 +858,9 @@ impl Model {
         let entropy = self.entropy;
         let job = self.jobs.get_mut(&id).expect("running job");
         job.current = None;
+        if !matches!(end, End::Abandoned) {
+            job.abandoned_in_a_row = 0;
+        }
         job.status = match end {
             End::Succeeded => JobStatus::Succeeded,
             End::Failed { retryable } => {
@@ -867,14 +874,21 @@ impl Model {
                 }
             }
             End::Cancelled => JobStatus::Cancelled,
+            // Never the job's fault: never dead, and free for a few times in a row.
             End::Abandoned => {
                 job.abandoned += 1;
-                if job.abandoned < ABANDONED_ATTEMPTS_MAX {
-                    job.run_at_ms = now_ms;
-                    JobStatus::Pending
+                job.abandoned_in_a_row += 1;
+                let beyond = job
+                    .abandoned_in_a_row
+                    .saturating_sub(ABANDONS_RERUN_AT_ONCE);
+                let delay = if beyond == 0 {
+                    0
                 } else {
-                    JobStatus::Dead
-                }
+                    retry_delay_ms(beyond, Backoff::default(), entropy, id)
+                        .min(ABANDON_DELAY_MAX_MS)
+                };
+                job.run_at_ms = now_ms + delay;
+                JobStatus::Pending
             }
         };
         if job.status == JobStatus::Dead {
@@ -913,6 +927,10 @@ impl Model {
             .nodes
             .get(&r.node)
             .is_some_and(|n| n.incarnation == r.incarnation && n.expired);
+        effects.push(Effect::Renewed(NodeLease {
+            node: r.node,
+            incarnation: r.incarnation,
+        }));
         self.nodes.insert(
             r.node,
             ModelNode {

@@ -12,7 +12,7 @@ use common::{
     assignment, completion, failed, job_with, new_job, registration, succeeded, Harness, NOW,
 };
 use exactly_core::limits::{
-    ABANDONED_ATTEMPTS_MAX, BACKOFF_MS_MAX, CANCEL_BATCH_MAX, DEAD_BATCH_MAX, QUEUES_MAX,
+    ABANDONS_RERUN_AT_ONCE, BACKOFF_MS_MAX, CANCEL_BATCH_MAX, DEAD_BATCH_MAX, QUEUES_MAX,
     QUEUE_NAME_BYTES_MAX, RATE_JOBS_MAX, RATE_PERIOD_MS_MAX, RETAIN_BATCH_MAX,
     RETRY_BACKOFF_BASE_MS, RETRY_BACKOFF_MAX_MS, SUBMIT_BATCH_JOBS_MAX,
 };
@@ -792,30 +792,28 @@ fn backoff_settings_are_validated() {
 
 // ----- dead letters -----
 
-/// The three ways into the dead letters (a permanent failure, out of attempts, too many lost
-/// nodes) each record the full attempt history and the last error, keep the payload, and list
-/// the job among the dead.
+/// The two ways into the dead letters (a permanent failure, out of attempts) each record the
+/// full attempt history and the last error, keep the payload, and list the job among the dead.
+/// (Abandoned attempts are no way in: `abandons_never_consume_attempts_or_kill_the_job`.)
 #[test]
 fn dead_letters_keep_their_history_last_error_and_payload() {
     #[derive(Clone, Copy, Debug)]
     enum Route {
         Permanent,
         OutOfAttempts,
-        Abandoned,
     }
-    for route in [Route::Permanent, Route::OutOfAttempts, Route::Abandoned] {
+    for route in [Route::Permanent, Route::OutOfAttempts] {
         let mut h = Harness::new();
         h.register(NOW, 1, 1, 1);
         let max_attempts = match route {
             Route::Permanent => 5,
             Route::OutOfAttempts => 3,
-            Route::Abandoned => 1,
         };
         h.submit(NOW, vec![job_with(|j| j.max_attempts = max_attempts)]);
         let mut expected: Vec<Attempt> = Vec::new();
         let mut effects = Vec::new();
         let mut at = NOW + 10;
-        let mut incarnation = 1;
+        let incarnation = 1;
         let mut last_error: String;
         loop {
             at = at.max(h.job(1).run_at_ms);
@@ -838,22 +836,12 @@ fn dead_letters_keep_their_history_last_error_and_payload() {
                         retryable: true,
                     }
                 }
-                Route::Abandoned => {
-                    incarnation += 1;
-                    let (response, more) = h.apply(at + 1, registration(1, incarnation, 1));
-                    assert_eq!(response, Response::NodeRegistered(Ok(1)));
-                    effects.extend(more);
-                    last_error = format!("node 1 restarted (incarnation {incarnation})");
-                    AttemptEnd::Abandoned {
-                        reason: last_error.clone(),
-                    }
-                }
             };
             expected.push(Attempt {
                 number,
                 token,
                 node: 1,
-                incarnation: incarnation - u64::from(matches!(route, Route::Abandoned)),
+                incarnation,
                 started_at_ms: at,
                 ended_at_ms: Some(at + 1),
                 end: Some(end),
@@ -868,7 +856,6 @@ fn dead_letters_keep_their_history_last_error_and_payload() {
         let attempts = match route {
             Route::Permanent => 1,
             Route::OutOfAttempts => 3,
-            Route::Abandoned => ABANDONED_ATTEMPTS_MAX as usize,
         };
         assert_eq!(job.attempts.len(), attempts, "{route:?}");
         assert_eq!(job.attempts, expected, "{route:?}");
@@ -880,7 +867,6 @@ fn dead_letters_keep_their_history_last_error_and_payload() {
         let (failures, abandoned) = match route {
             Route::Permanent => (1, 0),
             Route::OutOfAttempts => (3, 0),
-            Route::Abandoned => (0, ABANDONED_ATTEMPTS_MAX),
         };
         assert_eq!(
             (job.failures, job.abandoned),
@@ -1424,12 +1410,40 @@ fn an_ordering_key_job_keeps_its_place_through_retries_and_abandons() {
     assert_eq!(ready(&h), vec![2]);
 }
 
-/// However the first job of a line ends (success, a permanent failure, out of attempts, too
-/// many lost nodes, cancelled while running or while pending), the next becomes ready then.
+/// A line's first job whose node is lost under it again and again (more than
+/// ABANDONS_RERUN_AT_ONCE times) stays first: it never dies of it, and the next job of its
+/// ordering key waits until it has run.
+#[test]
+fn lost_nodes_keep_the_line() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 10);
+    let mut first = ordered("q", Some("k"));
+    first.max_attempts = 1;
+    h.submit(NOW, vec![first, ordered("q", Some("k"))]);
+    let mut at = NOW;
+    for incarnation in 1..=u64::from(ABANDONS_RERUN_AT_ONCE) + 3 {
+        at = at.max(h.job(1).run_at_ms);
+        h.assign(at, 1, 1, incarnation);
+        h.register(at, 1, incarnation + 1, 10);
+        assert_eq!(status(&h, 1), JobStatus::Pending);
+        assert_eq!(status(&h, 2), JobStatus::Pending);
+        let (_, rejected, _) = assign_batch(&mut h, at, &[(2, 1, incarnation + 1)]);
+        assert_eq!(rejected, vec![(2, Rejection::OrderingBlocked("k".into()))]);
+    }
+    at = at.max(h.job(1).run_at_ms);
+    let incarnation = u64::from(ABANDONS_RERUN_AT_ONCE) + 4;
+    let token = h.assign(at, 1, 1, incarnation);
+    h.complete(at, 1, token, succeeded(b""));
+    assert_eq!(ready(&h), vec![2]);
+}
+
+/// However the first job of a line ends (success, a permanent failure, out of attempts,
+/// cancelled while running or while pending), the next becomes ready then; lost nodes never end
+/// it (`lost_nodes_keep_the_line`).
 #[test]
 fn any_end_of_the_first_job_releases_the_next() {
     type End = fn(&mut Harness);
-    let ends: [(&str, End); 6] = [
+    let ends: [(&str, End); 5] = [
         ("succeeded", |h| {
             finish(h, NOW, 1);
         }),
@@ -1439,12 +1453,6 @@ fn any_end_of_the_first_job_releases_the_next() {
         ("out of attempts", |h| {
             let token = h.assign(NOW, 1, 1, 1);
             h.complete(NOW, 1, token, failed("flaky", true));
-        }),
-        ("lost nodes", |h| {
-            for incarnation in 1..=u64::from(ABANDONED_ATTEMPTS_MAX) {
-                h.assign(NOW, 1, 1, incarnation);
-                h.register(NOW, 1, incarnation + 1, 10);
-            }
         }),
         ("cancelled running", |h| {
             h.assign(NOW, 1, 1, 1);

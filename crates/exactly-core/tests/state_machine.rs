@@ -8,8 +8,8 @@ use common::{
     View, NOW,
 };
 use exactly_core::limits::{
-    ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, ERROR_BYTES_MAX,
-    KIND_NAME_BYTES_MAX, MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, PAYLOAD_BYTES_CEILING,
+    ABANDONS_RERUN_AT_ONCE, ABANDON_DELAY_MAX_MS, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX,
+    ERROR_BYTES_MAX, KIND_NAME_BYTES_MAX, MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, PAYLOAD_BYTES_CEILING,
     QUEUE_NAME_BYTES_MAX, RESULT_BYTES_MAX, RETRY_BACKOFF_BASE_MS, RETRY_BACKOFF_MAX_MS,
     SUBMIT_BATCH_JOBS_MAX, TIMEOUT_MS_MAX,
 };
@@ -1178,9 +1178,13 @@ fn completion_batch_too_large_is_refused_whole() {
 #[test]
 fn register_node_records_it_and_same_incarnation_keeps_attempts() {
     let mut h = Harness::new();
+    let lease = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 3,
+    };
     let (response, effects) = h.apply(NOW, registration(7, 3, 4));
     assert_eq!(response, Response::NodeRegistered(Ok(0)));
-    assert_eq!(effects, vec![]);
+    assert_eq!(effects, vec![Effect::Renewed(lease)], "the first lease");
     assert_eq!(
         h.table.nodes().get(&7),
         Some(&NodeEntry {
@@ -1207,7 +1211,7 @@ fn register_node_records_it_and_same_incarnation_keeps_attempts() {
         }),
     );
     assert_eq!(response, Response::NodeRegistered(Ok(0)));
-    assert_eq!(effects, vec![]);
+    assert_eq!(effects, vec![Effect::Renewed(lease)]);
     assert_eq!(
         h.table.nodes().get(&7),
         Some(&NodeEntry {
@@ -1239,7 +1243,14 @@ fn newer_incarnation_abandons_and_requeues_old_attempts() {
     let at = NOW + 500;
     let (response, effects) = h.apply(at, registration(1, 2, 4));
     assert_eq!(response, Response::NodeRegistered(Ok(2)));
-    assert_eq!(effects, vec![], "requeued jobs keep their payload");
+    assert_eq!(
+        effects,
+        vec![Effect::Renewed(exactly_core::NodeLease {
+            node: 1,
+            incarnation: 2
+        })],
+        "requeued jobs keep their payload"
+    );
     let reason = "node 1 restarted (incarnation 2)".to_string();
     for (job, token) in [(1, t1), (2, t2)] {
         let j = h.job(job);
@@ -1355,45 +1366,69 @@ fn register_node_refusals_change_nothing() {
     assert_eq!(h.register(NOW, 2, 0, NODE_SLOTS_MAX), 0);
 }
 
-/// A one-attempt job survives ABANDONED_ATTEMPTS_MAX - 1 abandons and then succeeds.
+/// A one-attempt job whose node restarts under it again and again (every attempt abandoned)
+/// never consumes an attempt and never becomes a dead letter; it finally succeeds.
 #[test]
-fn abandons_do_not_consume_max_attempts() {
+fn abandons_never_consume_attempts_or_kill_the_job() {
     let mut h = Harness::new();
     h.register(NOW, 1, 0, 1);
     h.submit(NOW, vec![job_with(|j| j.max_attempts = 1)]);
-    for incarnation in 0..u64::from(ABANDONED_ATTEMPTS_MAX - 1) {
-        h.assign(NOW, 1, 1, incarnation);
-        assert_eq!(h.register(NOW, 1, incarnation + 1, 1), 1);
+    let rounds = ABANDONS_RERUN_AT_ONCE + 8;
+    let mut at = NOW;
+    for incarnation in 0..u64::from(rounds) {
+        at = at.max(h.job(1).run_at_ms);
+        h.assign(at, 1, 1, incarnation);
+        assert_eq!(h.register(at, 1, incarnation + 1, 1), 1);
         assert_eq!(h.job(1).status, JobStatus::Pending);
     }
-    assert_eq!(h.job(1).abandoned, ABANDONED_ATTEMPTS_MAX - 1);
-    assert_eq!(h.job(1).failures, 0);
-    let token = h.assign(NOW, 1, 1, u64::from(ABANDONED_ATTEMPTS_MAX - 1));
-    h.complete(NOW, 1, token, succeeded(b"finally"));
+    assert_eq!((h.job(1).abandoned, h.job(1).failures), (rounds, 0));
+    at = at.max(h.job(1).run_at_ms);
+    let token = h.assign(at, 1, 1, u64::from(rounds));
+    h.complete(at, 1, token, succeeded(b"finally"));
     assert_eq!(h.job(1).status, JobStatus::Succeeded);
-    assert_eq!(h.job(1).attempts.len(), ABANDONED_ATTEMPTS_MAX as usize);
+    assert_eq!(h.job(1).attempts.len(), rounds as usize + 1);
+    assert_eq!(h.table.counts(), &counts(0, 0, 1, 0, 0));
 }
 
-/// The ABANDONED_ATTEMPTS_MAX-th abandon makes the job a dead letter (its payload kept).
+/// The first ABANDONS_RERUN_AT_ONCE abandons in a row requeue the job at once; each later one
+/// waits the job's retry backoff (growing, jittered), never more than ABANDON_DELAY_MAX_MS; an
+/// attempt that ends otherwise (here a retryable failure) starts the count again.
 #[test]
-fn too_many_abandons_make_the_job_a_dead_letter() {
+fn repeated_abandons_back_off_up_to_a_cap() {
     let mut h = Harness::new();
     h.register(NOW, 1, 0, 1);
-    h.submit(NOW, vec![job_with(|j| j.max_attempts = 1)]);
-    for incarnation in 0..u64::from(ABANDONED_ATTEMPTS_MAX - 1) {
-        h.assign(NOW, 1, 1, incarnation);
-        h.register(NOW, 1, incarnation + 1, 1);
+    h.submit(NOW, vec![job_with(|j| j.max_attempts = 5)]);
+    let mut at = NOW;
+    let mut incarnation = 0;
+    // Runs job 1 on node 1 and restarts the node under it; returns the wait before the job is due.
+    fn abandon(h: &mut Harness, at: u64, incarnation: &mut u64) -> u64 {
+        h.assign(at, 1, 1, *incarnation);
+        *incarnation += 1;
+        h.register(at, 1, *incarnation, 1);
+        h.job(1).run_at_ms - at
     }
-    let last = u64::from(ABANDONED_ATTEMPTS_MAX - 1);
-    h.assign(NOW, 1, 1, last);
-    let (response, effects) = h.apply(NOW + 1, registration(1, last + 1, 1));
-    assert_eq!(response, Response::NodeRegistered(Ok(1)));
-    assert_eq!(effects, vec![], "a dead letter keeps its payload");
-    let job = h.job(1);
-    assert_eq!(job.status, JobStatus::Dead);
-    assert_eq!(job.abandoned, ABANDONED_ATTEMPTS_MAX);
-    assert_eq!(job.failures, 0);
-    assert_eq!(h.table.counts(), &counts(0, 0, 0, 1, 0));
+    for _ in 0..ABANDONS_RERUN_AT_ONCE {
+        assert_eq!(abandon(&mut h, at, &mut incarnation), 0, "at once");
+    }
+    let mut last = 0;
+    for n in 1..=12u32 {
+        let waited = abandon(&mut h, at, &mut incarnation);
+        let ceiling = backoff_ceiling_ms(n, Backoff::default()).min(ABANDON_DELAY_MAX_MS);
+        assert!(waited <= ceiling, "abandon {n}: {waited} > {ceiling}");
+        assert!(waited >= ceiling / 2, "abandon {n}: {waited}");
+        if ceiling < ABANDON_DELAY_MAX_MS {
+            assert!(waited >= last, "abandon {n}: grows ({last} then {waited})");
+        }
+        last = waited;
+        at += waited;
+    }
+    assert_eq!(h.job(1).status, JobStatus::Pending);
+    // A real failure ends the streak: the next abandons are free again.
+    let token = h.assign(at, 1, 1, incarnation);
+    h.complete(at, 1, token, failed("flaky", true));
+    at = h.job(1).run_at_ms;
+    assert_eq!(abandon(&mut h, at, &mut incarnation), 0);
+    assert_eq!(h.job(1).failures, 1);
 }
 
 // ----- time -----

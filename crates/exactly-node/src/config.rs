@@ -108,10 +108,15 @@ impl Default for RetentionConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct RaftConfig {
+    /// How often the leader sends heartbeats (and confirms its quorum).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// Shortest random election timeout: a follower that has heard nothing from a leader for
+    /// the leader lease (`election-timeout-max`) plus its timeout campaigns.
     #[serde(with = "humantime_serde")]
     pub election_timeout_min: Duration,
+    /// Longest random election timeout, and the leader lease during which followers refuse to
+    /// vote for anyone else after the last word from their leader.
     #[serde(with = "humantime_serde")]
     pub election_timeout_max: Duration,
     /// Take a snapshot (and allow purging the log behind it) after this many applied entries.
@@ -262,9 +267,9 @@ impl Default for JobDefaults {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(1000),
-            election_timeout_max: Duration::from_millis(2000),
+            heartbeat_interval: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(200),
+            election_timeout_max: Duration::from_millis(400),
             snapshot_after_entries: 20_000,
             keep_entries_after_snapshot: 5_000,
         }
@@ -447,6 +452,24 @@ impl NodeConfig {
                 "must exceed raft.election-timeout-min",
             ));
         }
+        // openraft's followers refuse votes for `election-timeout-max` after the last word from
+        // their leader (its lease), then each waits its own random timeout in [min, max]: a dead
+        // leader is replaced after at most 2 × max (one round). Renewals resume with the new
+        // leader within a renew interval, so a failover leaves every healthy node's lease valid
+        // when this holds (DESIGN: a failover never fences a healthy node).
+        let failover = r.election_timeout_max * 2 + self.lease.renew_interval;
+        if failover >= self.lease.self_fence_after {
+            return Err(invalid(
+                "raft.election-timeout-max",
+                r.election_timeout_max,
+                format!(
+                    "2 × raft.election-timeout-max + lease.renew-interval = {failover:?} must be \
+                     below lease.self-fence-after ({:?}), or a leader failover would fence \
+                     healthy nodes",
+                    self.lease.self_fence_after
+                ),
+            ));
+        }
         if r.snapshot_after_entries == 0 {
             return Err(invalid(
                 "raft.snapshot-after-entries",
@@ -600,6 +623,29 @@ mod tests {
         assert!(l.validate().is_err());
         l.expire_after = Duration::from_millis(3601);
         l.validate().unwrap();
+    }
+
+    /// Raft timing that would let a leader failover outlast a healthy node's lease is refused,
+    /// naming the key; the defaults leave room.
+    #[test]
+    fn failover_must_fit_inside_the_self_fence_time() {
+        let config = NodeConfig::from_toml("").unwrap().validate().unwrap();
+        let r = &config.raft;
+        assert!(
+            r.election_timeout_max * 2 + config.lease.renew_interval
+                < config.lease.self_fence_after
+        );
+        let err = NodeConfig::from_toml(
+            "[raft]\nheartbeat-interval = \"100ms\"\nelection-timeout-min = \"1s\"\nelection-timeout-max = \"2s\"",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`raft.election-timeout-max`") && err.contains("self-fence-after"),
+            "{err}"
+        );
     }
 
     /// `[http.KIND]` tables are checked with the full key and the value: a bad URL, a zero

@@ -10,12 +10,12 @@
 //! replayed Start of its previous life is ignored; the state machine requeues those jobs when the
 //! new incarnation registers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use exactly_core::limits::COMPLETE_BATCH_MAX;
 use exactly_core::{Command, Completion, JobId, Outcome, Response, StartAttempt};
-use exactly_handlers::{HandlerOutcome, JobContext};
+use exactly_handlers::{HandlerOutcome, JobContext, CANCELLED};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::CancellationToken;
 
@@ -29,12 +29,8 @@ const FLUSH_RETRY_DELAY: Duration = Duration::from_millis(200);
 pub enum ExecutorMsg {
     /// An applied Assign started an attempt (possibly on another node: filtered here).
     Start(StartAttempt),
-    /// A handler task finished.
-    Finished {
-        job: JobId,
-        token: u64,
-        outcome: HandlerOutcome,
-    },
+    /// A handler task finished (by itself, or stopped by this actor or its timeout).
+    Finished { job: JobId, token: u64, end: RunEnd },
     /// A Complete proposal returned.
     Flushed {
         batch: Vec<Completion>,
@@ -67,10 +63,10 @@ pub struct ExecutorState {
     /// The lease lapsed: nothing starts, and everything running was cancelled.
     fenced: bool,
     flushing: bool,
-    /// Attempts cancelled because this node's drain deadline passed: unless the handler still
-    /// succeeded, their outcome is reported as given back (`Outcome::Abandoned`), not as a
-    /// failure, so the job runs again at once elsewhere without losing an attempt.
-    released: HashSet<(JobId, u64)>,
+    /// Why this actor stopped an attempt it runs. Unless the handler still succeeded, a stop
+    /// the job did not cause is reported as given back (`Outcome::Abandoned`): the job runs
+    /// again elsewhere without losing an attempt and never becomes a dead letter for it.
+    stops: HashMap<(JobId, u64), Stop>,
     /// This node's drain deadline has passed, as of the last reconciliation (read once per
     /// [`RECONCILE_INTERVAL`] with the rest of the state, not on every start).
     drain_passed: bool,
@@ -95,7 +91,7 @@ impl Actor for Executor {
             started: HashMap::new(),
             fenced: true,
             flushing: false,
-            released: HashSet::new(),
+            stops: HashMap::new(),
             drain_passed: false,
         })
     }
@@ -108,27 +104,12 @@ impl Actor for Executor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ExecutorMsg::Start(start) => state.start(&myself, start),
-            ExecutorMsg::Finished {
-                job,
-                token,
-                outcome,
-            } => {
+            ExecutorMsg::Finished { job, token, end } => {
                 if state.running.get(&job).is_some_and(|(t, _)| *t == token) {
                     state.running.remove(&job);
                 }
-                let released = state.released.remove(&(job, token));
-                let outcome = match outcome {
-                    HandlerOutcome::Succeeded(result) => Outcome::Succeeded { result },
-                    HandlerOutcome::Failed { error, .. } if released => Outcome::Abandoned {
-                        reason: format!(
-                            "node {} was drained past its deadline: {error}",
-                            state.node.id
-                        ),
-                    },
-                    HandlerOutcome::Failed { error, retryable } => {
-                        Outcome::Failed { error, retryable }
-                    }
-                };
+                let stop = state.stops.remove(&(job, token));
+                let outcome = outcome_of(end, stop, state.node.id);
                 state.outbox.push(Completion {
                     job,
                     token,
@@ -154,14 +135,16 @@ impl Actor for Executor {
                 let valid = state.node.lease_valid();
                 if !valid && !state.fenced {
                     state.fenced = true;
-                    tracing::warn!(
-                        node = state.node.id,
-                        running = state.running.len(),
-                        "lease lapsed: fencing (cancelling every running attempt)"
-                    );
-                    for (_, cancel) in state.running.values() {
-                        cancel.cancel();
+                    if !state.running.is_empty() {
+                        tracing::warn!(
+                            node = state.node.id,
+                            running = state.running.len(),
+                            self_fence_after = ?state.node.config.lease.self_fence_after,
+                            "lease lapsed (no committed renewal): fencing, stopping every running attempt"
+                        );
                     }
+                    let after = state.node.config.lease.self_fence_after;
+                    state.stop_all(Stop::Fenced { after });
                 } else if valid && state.fenced {
                     state.fenced = false;
                     tracing::info!(node = state.node.id, "lease valid: running attempts");
@@ -212,27 +195,26 @@ impl Actor for Executor {
                 }
                 // An attempt this replica has shown as ended for two rounds is over (a cancel or
                 // a reassignment whose message this node missed, e.g. across a snapshot): stop it.
-                for (job, (token, cancel)) in &state.running {
-                    let known = state.started.get(job).is_some_and(|(t, _)| t == token);
-                    if !known && !cancel.is_cancelled() {
+                let gone: Vec<(JobId, u64)> = state
+                    .running
+                    .iter()
+                    .filter(|(job, (token, _))| {
+                        !state.started.get(job).is_some_and(|(t, _)| t == token)
+                    })
+                    .map(|(&job, &(token, _))| (job, token))
+                    .collect();
+                for (job, token) in gone {
+                    if state.stop(job, token, Stop::NoLongerCurrent) {
                         tracing::info!(job, token, "attempt no longer current: stopping it");
-                        cancel.cancel();
                     }
                 }
             }
             ExecutorMsg::Cancel { job, token } => {
-                if let Some((running, cancel)) = state.running.get(&job) {
-                    if *running == token {
-                        tracing::info!(job, token, "attempt cancelled by a client");
-                        cancel.cancel();
-                    }
+                if state.stop(job, token, Stop::ClientCancelled) {
+                    tracing::info!(job, token, "attempt cancelled by a client");
                 }
             }
-            ExecutorMsg::CancelAll => {
-                for (_, (_, cancel)) in state.running.iter() {
-                    cancel.cancel();
-                }
-            }
+            ExecutorMsg::CancelAll => state.stop_all(Stop::ShuttingDown),
         }
         Ok(())
     }
@@ -246,17 +228,59 @@ impl ExecutorState {
         if !self.drain_passed {
             return;
         }
-        let id = self.node.id;
-        for (&job, (token, cancel)) in &self.running {
-            if self.released.insert((job, *token)) {
-                tracing::info!(node = id, job, token, "drain deadline passed: cancelling");
-                cancel.cancel();
+        let running: Vec<(JobId, u64)> = self.running.iter().map(|(&j, &(t, _))| (j, t)).collect();
+        for (job, token) in running {
+            if self.stop(job, token, Stop::Drained) {
+                tracing::info!(
+                    node = self.node.id,
+                    job,
+                    token,
+                    "drain deadline passed: stopping"
+                );
             }
         }
     }
 
+    /// Stops the running attempt `(job, token)` for `why`, unless it is not running or already
+    /// stopping (the first reason stands). Returns whether it was stopped now.
+    fn stop(&mut self, job: JobId, token: u64, why: Stop) -> bool {
+        let Some((running, cancel)) = self.running.get(&job) else {
+            return false;
+        };
+        if *running != token || self.stops.contains_key(&(job, token)) {
+            return false;
+        }
+        cancel.cancel();
+        self.stops.insert((job, token), why);
+        true
+    }
+
+    /// Stops every running attempt for `why`.
+    fn stop_all(&mut self, why: Stop) {
+        let running: Vec<(JobId, u64)> = self.running.iter().map(|(&j, &(t, _))| (j, t)).collect();
+        for (job, token) in running {
+            self.stop(job, token, why.clone());
+        }
+    }
+
+    /// Reports an attempt this node will not run as given back at once (it never started).
+    fn give_back(
+        &mut self,
+        myself: &ActorRef<ExecutorMsg>,
+        job: JobId,
+        token: u64,
+        reason: String,
+    ) {
+        self.outbox.push(Completion {
+            job,
+            token,
+            outcome: Outcome::Abandoned { reason },
+        });
+        self.flush(myself);
+    }
+
     fn start(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
-        let node = &self.node;
+        let node = self.node.clone();
         if start.node != node.id || start.incarnation != node.incarnation() {
             return;
         }
@@ -270,35 +294,25 @@ impl ExecutorState {
         self.started.insert(start.job, (start.token, 0));
         if self.drain_passed {
             // Assigned just before the drain (or its deadline) applied: give it straight back.
-            self.released.insert((start.job, start.token));
-            let _ = myself.send_message(ExecutorMsg::Finished {
-                job: start.job,
-                token: start.token,
-                outcome: HandlerOutcome::Failed {
-                    error: "not started".into(),
-                    retryable: true,
-                },
-            });
+            let reason = format!("node {} is drained past its deadline: not started", node.id);
+            self.give_back(myself, start.job, start.token, reason);
             return;
         }
         if !node.lease_valid() {
             // Invariant 4: no lease, no execution. Report it so the job moves on sooner than
             // the expiry would move it (the report is refused if the expiry came first).
-            let _ = myself.send_message(ExecutorMsg::Finished {
-                job: start.job,
-                token: start.token,
-                outcome: HandlerOutcome::Failed {
-                    error: format!("node {} has no valid lease (fenced); not started", node.id),
-                    retryable: true,
-                },
-            });
+            let reason = format!(
+                "node {} had no valid lease (no committed renewal for {:?}): not started",
+                node.id, node.config.lease.self_fence_after
+            );
+            self.give_back(myself, start.job, start.token, reason);
             return;
         }
         // Something runs only under a valid lease, and from here CheckLease watches it lapse.
         self.fenced = false;
-        if let Some((_, previous)) = self.running.get(&start.job) {
+        if let Some(&(previous, _)) = self.running.get(&start.job) {
             // A newer attempt of a job still running here: the old one is fenced off.
-            previous.cancel();
+            self.stop(start.job, previous, Stop::NoLongerCurrent);
         }
         let cancel = CancellationToken::new();
         self.running
@@ -320,21 +334,21 @@ impl ExecutorState {
         let lease = node.lease_deadline();
         let me = myself.clone();
         tokio::spawn(async move {
-            let outcome = match (handler, payload) {
-                (None, _) => HandlerOutcome::Failed {
+            let end = match (handler, payload) {
+                (None, _) => RunEnd::Reported(HandlerOutcome::Failed {
                     error: format!("no handler for kind {:?} on node {node_id}", start.kind),
                     retryable: false,
-                },
-                (_, Err(e)) => HandlerOutcome::Failed {
+                }),
+                (_, Err(e)) => RunEnd::Reported(HandlerOutcome::Failed {
                     error: format!("cannot read payload on node {node_id}: {e}"),
                     retryable: true,
-                },
+                }),
                 // The job finished after the snapshot this attempt came from; its outcome is
                 // refused as stale, and it never runs without its payload.
-                (_, Ok(None)) => HandlerOutcome::Failed {
+                (_, Ok(None)) => RunEnd::Reported(HandlerOutcome::Failed {
                     error: format!("payload of job {job} is gone on node {node_id}"),
                     retryable: true,
-                },
+                }),
                 (Some(handler), Ok(Some(payload))) => {
                     let ctx = JobContext {
                         job_id: job,
@@ -351,11 +365,7 @@ impl ExecutorState {
                     run_attempt(handler.run(ctx, cancel.clone()), cancel, timeout, grace).await
                 }
             };
-            let _ = me.send_message(ExecutorMsg::Finished {
-                job,
-                token,
-                outcome,
-            });
+            let _ = me.send_message(ExecutorMsg::Finished { job, token, end });
         });
     }
 
@@ -395,34 +405,265 @@ impl ExecutorState {
     }
 }
 
-/// Runs a handler until it finishes, times out, or is cancelled (fencing, shutdown); then
-/// cancels it and waits at most `grace` before dropping it (the `exec` handler's drop guard
-/// kills its process group).
+/// Why this executor stopped an attempt while its handler ran.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The node's lease lapsed: no renewal was acknowledged for `after`.
+    Fenced { after: Duration },
+    /// The node's drain deadline passed.
+    Drained,
+    /// The node is stopping (or standing down after it left the cluster).
+    ShuttingDown,
+    /// A client cancelled the job (the state machine has already ended the attempt).
+    ClientCancelled,
+    /// The attempt is no longer the job's current one (a newer attempt, or an end this node
+    /// learned of late); its report will be refused as stale.
+    NoLongerCurrent,
+}
+
+/// How a handler task ended.
+#[derive(Debug)]
+pub enum RunEnd {
+    /// The handler reported by itself.
+    Reported(HandlerOutcome),
+    /// The attempt's own timeout passed; `handler` is what it said within the kill grace after
+    /// being cancelled (`None`: it was dropped, i.e. killed, after the grace).
+    TimedOut {
+        after: Duration,
+        handler: Option<HandlerOutcome>,
+    },
+    /// This executor stopped it (see [`Stop`]); `handler` as for `TimedOut`.
+    Stopped { handler: Option<HandlerOutcome> },
+}
+
+/// The outcome to report for an attempt that ended as `end`, stopped (if it was) for `stop`.
+///
+/// A success is always reported as one: the work was done. A timeout is the job's own failure
+/// (retryable). An attempt stopped for a reason the job did not cause is given back
+/// (`Abandoned`, which costs no attempt), with a reason saying what happened.
+pub fn outcome_of(end: RunEnd, stop: Option<Stop>, node: u64) -> Outcome {
+    let handler = match end {
+        RunEnd::Reported(HandlerOutcome::Succeeded(result))
+        | RunEnd::TimedOut {
+            handler: Some(HandlerOutcome::Succeeded(result)),
+            ..
+        }
+        | RunEnd::Stopped {
+            handler: Some(HandlerOutcome::Succeeded(result)),
+        } => return Outcome::Succeeded { result },
+        // A failure reported after this executor asked the attempt to stop is the stop's doing
+        // (the handler saw the same cancellation): attribute it to the stop.
+        RunEnd::Reported(failed @ HandlerOutcome::Failed { .. }) if stop.is_some() => Some(failed),
+        RunEnd::Reported(HandlerOutcome::Failed { error, retryable }) => {
+            return Outcome::Failed { error, retryable };
+        }
+        RunEnd::TimedOut { after, handler } => {
+            let mut error = format!("timed out after {after:?}");
+            match handler {
+                Some(HandlerOutcome::Failed { error: said, .. }) if said != CANCELLED => {
+                    error = format!("{error}; then: {said}");
+                }
+                Some(_) => {}
+                None => error.push_str("; killed after the kill grace"),
+            }
+            return Outcome::Failed {
+                error,
+                retryable: true,
+            };
+        }
+        RunEnd::Stopped { handler } => handler,
+    };
+    let what = match stop {
+        Some(Stop::Fenced { after }) => format!(
+            "lease lapsed: node {node} fenced itself after {after:?} without a committed renewal"
+        ),
+        Some(Stop::Drained) => format!("node {node} was drained past its deadline"),
+        Some(Stop::ShuttingDown) => format!("node {node} is stopping"),
+        Some(Stop::ClientCancelled) => "cancelled by a client".to_string(),
+        Some(Stop::NoLongerCurrent) => "no longer the job's current attempt".to_string(),
+        None => format!("stopped by node {node}"),
+    };
+    let reason = match handler {
+        None => format!("{what}; the attempt was killed after the kill grace"),
+        Some(HandlerOutcome::Failed { error, .. }) if error != CANCELLED => {
+            format!("{what}; the attempt was stopped ({error})")
+        }
+        Some(_) => format!("{what}; the attempt was stopped"),
+    };
+    Outcome::Abandoned { reason }
+}
+
+/// Runs a handler until it finishes, times out, or is cancelled (fencing, shutdown, a drain, a
+/// client); then cancels it and waits at most `grace` before dropping it (the `exec` handler's
+/// guard then kills the command's whole process tree).
 async fn run_attempt(
     run: futures::future::BoxFuture<'static, HandlerOutcome>,
     cancel: CancellationToken,
     timeout: Duration,
     grace: Duration,
-) -> HandlerOutcome {
+) -> RunEnd {
     let mut run = run;
-    let reason = tokio::select! {
-        outcome = &mut run => return outcome,
-        _ = tokio::time::sleep(timeout) => format!("timed out after {timeout:?}"),
-        _ = cancel.cancelled() => "cancelled".to_string(),
+    let timed_out = tokio::select! {
+        outcome = &mut run => return RunEnd::Reported(outcome),
+        _ = tokio::time::sleep(timeout) => true,
+        _ = cancel.cancelled() => false,
     };
     cancel.cancel();
-    match tokio::time::timeout(grace, &mut run).await {
-        Ok(HandlerOutcome::Succeeded(result)) => HandlerOutcome::Succeeded(result),
-        Ok(HandlerOutcome::Failed { error, .. }) => HandlerOutcome::Failed {
-            error: format!("{reason}: {error}"),
+    let handler = tokio::time::timeout(grace, &mut run).await.ok();
+    if handler.is_none() {
+        drop(run);
+    }
+    if timed_out {
+        RunEnd::TimedOut {
+            after: timeout,
+            handler,
+        }
+    } else {
+        RunEnd::Stopped { handler }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(error: &str) -> HandlerOutcome {
+        HandlerOutcome::Failed {
+            error: error.into(),
             retryable: true,
-        },
-        Err(_) => {
-            drop(run);
-            HandlerOutcome::Failed {
-                error: format!("{reason}; killed after a grace of {grace:?}"),
-                retryable: true,
-            }
+        }
+    }
+
+    fn abandoned(reason: &str) -> Outcome {
+        Outcome::Abandoned {
+            reason: reason.into(),
+        }
+    }
+
+    /// Every way an attempt ends maps to the outcome the state machine should record: successes
+    /// stand, timeouts are the job's retryable failure, and every stop the job did not cause is
+    /// given back (abandoned, costing no attempt) with a message that says what happened (never
+    /// "cancelled: cancelled").
+    #[test]
+    fn each_end_maps_to_its_outcome() {
+        let fenced = Some(Stop::Fenced {
+            after: Duration::from_millis(2500),
+        });
+        let cases: Vec<(&str, RunEnd, Option<Stop>, Outcome)> = vec![
+            (
+                "reported success",
+                RunEnd::Reported(HandlerOutcome::Succeeded(b"ok".to_vec())),
+                None,
+                Outcome::Succeeded {
+                    result: b"ok".to_vec(),
+                },
+            ),
+            (
+                "reported failure",
+                RunEnd::Reported(HandlerOutcome::permanent("bad input")),
+                None,
+                Outcome::Failed {
+                    error: "bad input".into(),
+                    retryable: false,
+                },
+            ),
+            (
+                "success within the grace after a fence",
+                RunEnd::Stopped {
+                    handler: Some(HandlerOutcome::Succeeded(vec![])),
+                },
+                fenced.clone(),
+                Outcome::Succeeded { result: vec![] },
+            ),
+            (
+                "fenced, handler stopped",
+                RunEnd::Stopped {
+                    handler: Some(HandlerOutcome::cancelled()),
+                },
+                fenced.clone(),
+                abandoned(
+                    "lease lapsed: node 2 fenced itself after 2.5s without a committed renewal; \
+                     the attempt was stopped",
+                ),
+            ),
+            (
+                "fenced, handler killed",
+                RunEnd::Stopped { handler: None },
+                fenced,
+                abandoned(
+                    "lease lapsed: node 2 fenced itself after 2.5s without a committed renewal; \
+                     the attempt was killed after the kill grace",
+                ),
+            ),
+            (
+                "drained, handler said why it stopped",
+                RunEnd::Stopped {
+                    handler: Some(failed("SIGTERM received")),
+                },
+                Some(Stop::Drained),
+                abandoned(
+                    "node 2 was drained past its deadline; the attempt was stopped \
+                     (SIGTERM received)",
+                ),
+            ),
+            (
+                "shutdown",
+                RunEnd::Stopped {
+                    handler: Some(HandlerOutcome::cancelled()),
+                },
+                Some(Stop::ShuttingDown),
+                abandoned("node 2 is stopping; the attempt was stopped"),
+            ),
+            (
+                "fenced, the handler reported its cancellation before the stop was seen",
+                RunEnd::Reported(failed("cancelled by the node")),
+                Some(Stop::Fenced {
+                    after: Duration::from_secs(2),
+                }),
+                abandoned(
+                    "lease lapsed: node 2 fenced itself after 2s without a committed renewal; \
+                     the attempt was stopped (cancelled by the node)",
+                ),
+            ),
+            (
+                "timed out, stopped in the grace",
+                RunEnd::TimedOut {
+                    after: Duration::from_secs(5),
+                    handler: Some(HandlerOutcome::cancelled()),
+                },
+                None,
+                Outcome::Failed {
+                    error: "timed out after 5s".into(),
+                    retryable: true,
+                },
+            ),
+            (
+                "timed out, killed",
+                RunEnd::TimedOut {
+                    after: Duration::from_secs(5),
+                    handler: None,
+                },
+                None,
+                Outcome::Failed {
+                    error: "timed out after 5s; killed after the kill grace".into(),
+                    retryable: true,
+                },
+            ),
+            (
+                "timed out, handler said something",
+                RunEnd::TimedOut {
+                    after: Duration::from_secs(5),
+                    handler: Some(failed("exit code 3")),
+                },
+                None,
+                Outcome::Failed {
+                    error: "timed out after 5s; then: exit code 3".into(),
+                    retryable: true,
+                },
+            ),
+        ];
+        for (name, end, stop, expected) in cases {
+            assert_eq!(outcome_of(end, stop, 2), expected, "{name}");
         }
     }
 }

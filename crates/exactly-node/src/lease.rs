@@ -13,8 +13,10 @@
 //! not hold work it never learns about (`exactly_core::Renewal`).
 //!
 //! **Invariant 6:** the leader measures `lease.expire-after` on its own monotonic clock from the
-//! later of (a) the moment it applied the node's last renewal and (b) the moment it became
-//! leader (or first saw that incarnation), so a new leader always waits a full lease period.
+//! moment this process applied the incarnation's last renewal or registration (even as a
+//! follower), or from its election if it never applied one, and expires nothing before it has
+//! applied an entry of its own term (see [`LeaseWatch::review`]). Every replica applies a
+//! renewal after the node sent it, so this never counts from earlier than the node does.
 //! Config validation checks the relation between these numbers (`LeaseConfig::validate`).
 
 use std::sync::atomic::Ordering;
@@ -115,81 +117,145 @@ impl Node {
 
     /// Renews this node's lease every `lease.renew-interval` for as long as the node runs. If the
     /// leader expired this incarnation, takes a new one and registers it.
+    ///
+    /// Renewals do not wait for each other: one is sent every interval (at most
+    /// [`RENEWALS_IN_FLIGHT_MAX`] unanswered), each counting from its own send time. So a renewal
+    /// stuck on a leader that died or froze does not hold up the next one, which goes to the new
+    /// leader as soon as one is elected: a leader failover shorter than the self-fence time never
+    /// fences a healthy node.
     pub async fn keep_lease(self, addr: String) {
         if !self.register(&addr).await {
             return;
         }
         let every = self.config.lease.renew_interval;
+        // A renewal acknowledged after its own send time + self-fence-after extends nothing.
         let budget = self.config.lease.self_fence_after;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut in_flight = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = self.shutdown.cancelled() => return,
-            }
-            if self.departure.has_departed() {
-                return;
-            }
-            let renewal = Renewal {
-                lease: NodeLease {
-                    node: self.id,
-                    incarnation: self.incarnation(),
-                },
-                applied: self.state.last_applied().map_or(0, |l| l.index),
-            };
-            let sent = self.mono_ms();
-            match tokio::time::timeout(budget, self.propose(Command::Renew(renewal))).await {
-                Ok(Ok(Response::Renewed(Ok(())))) => self.lease_acked(sent),
-                // Not receiving the log (an old address in the membership, a one-way partition):
-                // the lease runs out and the work moves on; catching up restores it.
-                Ok(Ok(Response::Renewed(Err(why @ Rejection::Lagging { .. })))) => {
-                    tracing::warn!(%why, "renewal refused: this node is behind the log");
-                }
-                Ok(Ok(Response::Renewed(Err(
-                    why @ (Rejection::Expired { .. } | Rejection::StaleIncarnation { .. }),
-                )))) => {
-                    tracing::warn!(%why, "lease lost; registering a new incarnation");
-                    if !self.reincarnate() || !self.register(&addr).await {
+                _ = tick.tick() => {
+                    if self.departure.has_departed() {
                         return;
                     }
+                    if in_flight.len() >= RENEWALS_IN_FLIGHT_MAX {
+                        continue;
+                    }
+                    let renewal = Renewal {
+                        lease: NodeLease {
+                            node: self.id,
+                            incarnation: self.incarnation(),
+                        },
+                        applied: self.state.last_applied().map_or(0, |l| l.index),
+                    };
+                    let node = self.clone();
+                    in_flight.spawn(async move {
+                        let sent = node.mono_ms();
+                        let reply =
+                            tokio::time::timeout(budget, node.propose(Command::Renew(renewal))).await;
+                        (sent, renewal.lease.incarnation, reply)
+                    });
                 }
-                Ok(Ok(Response::Renewed(Err(Rejection::Removed(_))))) => {
-                    self.departure.mark_removed();
-                    return;
+                Some(done) = in_flight.join_next() => {
+                    let Ok((sent, incarnation, reply)) = done else { continue };
+                    match self.renewed(sent, incarnation, reply) {
+                        Renewed::Go => {}
+                        Renewed::Reincarnate => {
+                            in_flight.abort_all();
+                            if !self.reincarnate() || !self.register(&addr).await {
+                                return;
+                            }
+                        }
+                        Renewed::Stop => return,
+                    }
                 }
-                // The entry of a registered node goes only when it has left the cluster.
-                Ok(Ok(Response::Renewed(Err(Rejection::UnknownNode(_))))) => {
-                    self.departure.mark_left();
-                    return;
-                }
-                Ok(Ok(other)) => tracing::error!(?other, "unexpected response to a renewal"),
-                Ok(Err(e)) => tracing::debug!(error = %e, "renewal failed"),
-                Err(_) => tracing::debug!("renewal timed out"),
+                _ = self.shutdown.cancelled() => return,
             }
         }
     }
+
+    /// Acts on the answer to one renewal of `incarnation` sent at `sent` (lease clock).
+    fn renewed(
+        &self,
+        sent: u64,
+        incarnation: u64,
+        reply: Result<Result<Response, crate::node::ProposeError>, tokio::time::error::Elapsed>,
+    ) -> Renewed {
+        if incarnation != self.incarnation() {
+            // Sent by an incarnation this process has since replaced: it says nothing now.
+            return Renewed::Go;
+        }
+        match reply {
+            Ok(Ok(Response::Renewed(Ok(())))) => self.lease_acked(sent),
+            // Not receiving the log (an old address in the membership, a one-way partition):
+            // the lease runs out and the work moves on; catching up restores it.
+            Ok(Ok(Response::Renewed(Err(why @ Rejection::Lagging { .. })))) => {
+                tracing::warn!(%why, "renewal refused: this node is behind the log");
+            }
+            Ok(Ok(Response::Renewed(Err(
+                why @ (Rejection::Expired { .. } | Rejection::StaleIncarnation { .. }),
+            )))) => {
+                tracing::warn!(%why, "lease lost; registering a new incarnation");
+                return Renewed::Reincarnate;
+            }
+            Ok(Ok(Response::Renewed(Err(Rejection::Removed(_))))) => {
+                self.departure.mark_removed();
+                return Renewed::Stop;
+            }
+            // The entry of a registered node goes only when it has left the cluster.
+            Ok(Ok(Response::Renewed(Err(Rejection::UnknownNode(_))))) => {
+                self.departure.mark_left();
+                return Renewed::Stop;
+            }
+            Ok(Ok(other)) => tracing::error!(?other, "unexpected response to a renewal"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "renewal failed"),
+            Err(_) => tracing::debug!("renewal not acknowledged within the self-fence time"),
+        }
+        Renewed::Go
+    }
 }
+
+/// What the renewal loop does after one answer.
+enum Renewed {
+    Go,
+    /// This incarnation's lease was expired: take a new incarnation and register it.
+    Reincarnate,
+    /// This node is out of the cluster.
+    Stop,
+}
+
+/// Renewals sent and not yet answered, at most (one per renew interval within the self-fence
+/// time, rounded up; a renewal answered later than that extends nothing).
+pub const RENEWALS_IN_FLIGHT_MAX: usize = 8;
 
 /// The leader's view of its members' leases.
 pub struct LeaseWatch {
-    /// When this node became leader (the scheduler actor started).
+    /// When this node became leader (the scheduler actor started): the expiry clock of a lease
+    /// this process never saw renewed or registered starts here.
     leader_since: Instant,
-    /// When this leader first saw each incarnation registered.
-    first_seen: std::collections::HashMap<NodeLease, Instant>,
 }
 
 impl LeaseWatch {
     pub fn new() -> Self {
         Self {
             leader_since: Instant::now(),
-            first_seen: Default::default(),
         }
     }
 
     /// Incarnations whose lease lapsed on this leader's clock, and nodes that should get no new
     /// work because no renewal of theirs applied here for [`QUIET_AFTER_RENEWALS`] renew
-    /// intervals. Expiry (safety) counts from no earlier than this leader's election; the quiet
-    /// set (only a scheduling hint) uses the renewals this node applied even as a follower, so
-    /// a new leader stops assigning to a dead predecessor at once.
+    /// intervals.
+    ///
+    /// Expiry counts from the moment *this process* applied the incarnation's last renewal or
+    /// registration, even as a follower, and from its election for one it never saw applied.
+    /// That is safe (invariant 6) because the node counted that renewal from its *send* time,
+    /// which came before any replica applied it; and complete because nothing is expired before
+    /// this leader has applied an entry of its own term, by which point it has applied every
+    /// renewal any earlier leader committed (they precede that entry in its log). So a dead
+    /// leader's jobs move as soon as a dead follower's would, not a full lease period after the
+    /// election.
     pub fn review(
         &mut self,
         node: &Node,
@@ -207,21 +273,16 @@ impl LeaseWatch {
                 })
                 .collect()
         });
-        self.first_seen.retain(|l, _| current.contains(l));
+        let settled = node.applied_own_term();
         let mut expire = Vec::new();
         let mut quiet = std::collections::BTreeSet::new();
         for l in current {
-            let seen = *self.first_seen.entry(l).or_insert(now);
-            let mut last = self.leader_since.max(seen);
-            if let Some(&at) = renewed.get(&l) {
-                last = last.max(at);
-            }
+            let last = renewed.get(&l).copied().unwrap_or(self.leader_since);
             let silent = now.saturating_duration_since(last);
-            if silent > lease.expire_after {
+            if settled && silent > lease.expire_after {
                 expire.push(l);
             }
-            let heard = renewed.get(&l).copied().unwrap_or(seen);
-            if now.saturating_duration_since(heard) > lease.renew_interval * QUIET_AFTER_RENEWALS {
+            if silent > lease.renew_interval * QUIET_AFTER_RENEWALS {
                 quiet.insert(l.node);
             }
         }

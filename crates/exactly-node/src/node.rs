@@ -146,6 +146,15 @@ impl Node {
         Some((leader, addr))
     }
 
+    /// Whether this node has applied an entry of its current term (as a new leader: its own
+    /// first entry), hence every entry any earlier leader committed.
+    pub fn applied_own_term(&self) -> bool {
+        let term = self.raft.metrics().borrow().current_term;
+        self.state
+            .last_applied()
+            .is_some_and(|l| l.leader_id.get_term() == term)
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
@@ -221,6 +230,7 @@ impl Node {
             if self.departure.has_departed() {
                 return Err(ProposeError::Departed(self.id));
             }
+            let tried = self.leader().map(|(id, _)| id);
             match self.leader() {
                 Some((leader, _)) if leader == self.id => {
                     match tokio::time::timeout_at(deadline, self.write_local(command.clone())).await
@@ -250,8 +260,29 @@ impl Node {
             if Instant::now() + backoff >= deadline {
                 return Err(ProposeError::NoLeader(budget));
             }
-            tokio::time::sleep(backoff).await;
+            self.until_leader_changes(tried, backoff).await;
             backoff = (backoff * 2).min(LEADER_RETRY_BACKOFF_MAX);
+        }
+    }
+
+    /// Waits `backoff`, or less if the leader this node knows changes from `tried` first (a new
+    /// leader was elected: the next try should go to it at once, not after the backoff).
+    async fn until_leader_changes(&self, tried: Option<u64>, backoff: Duration) {
+        let mut metrics = self.raft.metrics();
+        let changed = async {
+            loop {
+                if metrics.borrow_and_update().current_leader != tried {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    // Raft stopped: let the backoff run out.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = changed => {}
         }
     }
 

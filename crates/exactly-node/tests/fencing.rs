@@ -290,11 +290,6 @@ data-dir = "{data}"
 listen = "127.0.0.1:{port}"
 slots = 64
 
-[raft]
-heartbeat-interval = "100ms"
-election-timeout-min = "800ms"
-election-timeout-max = "1600ms"
-
 [limits]
 propose-timeout = "3s"
 

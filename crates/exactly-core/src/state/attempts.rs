@@ -7,7 +7,8 @@ use crate::command::{
 };
 use crate::job::{Attempt, AttemptEnd, Job, JobStatus};
 use crate::limits::{
-    ABANDONED_ATTEMPTS_MAX, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX, ERROR_BYTES_MAX, RESULT_BYTES_MAX,
+    ABANDONS_RERUN_AT_ONCE, ABANDON_DELAY_MAX_MS, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX,
+    ERROR_BYTES_MAX, RESULT_BYTES_MAX,
 };
 use crate::retry::retry_delay_ms;
 
@@ -277,15 +278,12 @@ impl JobTable {
                     JobStatus::Dead
                 }
             }
+            // Not the job's doing: no attempt is consumed and the job never dies of it.
             AttemptEnd::Abandoned { reason } => {
                 job.abandoned += 1;
                 job.last_error = Some(reason);
-                if job.abandoned < ABANDONED_ATTEMPTS_MAX {
-                    job.run_at_ms = now;
-                    JobStatus::Pending
-                } else {
-                    JobStatus::Dead
-                }
+                job.run_at_ms = now.saturating_add(abandon_delay_ms(job, entropy));
+                JobStatus::Pending
             }
             AttemptEnd::Cancelled { reason } => {
                 job.last_error = Some(reason);
@@ -297,4 +295,17 @@ impl JobTable {
             self.index_pending(job);
         }
     }
+}
+
+/// How long a job whose attempt was just abandoned (its `abandoned` count already raised) waits
+/// before it may run again: nothing for the first [`ABANDONS_RERUN_AT_ONCE`] abandons since its
+/// last success, failure or redrive, then its retry backoff, capped at [`ABANDON_DELAY_MAX_MS`].
+fn abandon_delay_ms(job: &Job, entropy: u64) -> u64 {
+    let beyond = job
+        .abandoned_in_a_row()
+        .saturating_sub(ABANDONS_RERUN_AT_ONCE);
+    if beyond == 0 {
+        return 0;
+    }
+    retry_delay_ms(beyond, job.backoff, entropy, job.id).min(ABANDON_DELAY_MAX_MS)
 }

@@ -11,6 +11,7 @@ impl JobTable {
         &mut self,
         log_index: u64,
         r: NodeRegistration,
+        entropy: u64,
         effects: &mut Vec<Effect>,
     ) -> Result<u32, Rejection> {
         if self.removed.contains_key(&r.node) {
@@ -60,6 +61,11 @@ impl JobTable {
         let renewed_at_ms = same.map_or(0, |n| n.renewed_at_ms);
         let mut renewal_marks = same.map(|n| n.renewal_marks.clone()).unwrap_or_default();
         push_mark(&mut renewal_marks, log_index, self.now_ms);
+        // A registration is the incarnation's first lease: the leader counts its expiry from here.
+        effects.push(Effect::Renewed(NodeLease {
+            node: r.node,
+            incarnation: r.incarnation,
+        }));
         self.nodes.insert(
             r.node,
             NodeEntry {
@@ -89,9 +95,13 @@ impl JobTable {
                 .is_some_and(|a| a.incarnation < r.incarnation);
             if stale {
                 let reason = format!("node {} restarted (incarnation {})", r.node, r.incarnation);
-                // The effects go to the caller: a job abandoned ABANDONED_ATTEMPTS_MAX times dies
-                // here, and its events must reach the shell.
-                self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, 0, effects);
+                // The effects go to the caller: the job's events must reach the shell.
+                self.end_current_attempt(
+                    &mut job,
+                    AttemptEnd::Abandoned { reason },
+                    entropy,
+                    effects,
+                );
                 requeued += 1;
             }
             self.jobs.insert(id, job);
@@ -155,6 +165,7 @@ impl JobTable {
     pub(super) fn expire(
         &mut self,
         lease: NodeLease,
+        entropy: u64,
         effects: &mut Vec<Effect>,
     ) -> Result<u32, Rejection> {
         let node = self.current_node(lease)?;
@@ -176,7 +187,7 @@ impl JobTable {
                 "lease of node {} (incarnation {}) expired",
                 lease.node, lease.incarnation
             );
-            self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, 0, effects);
+            self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, entropy, effects);
             requeued += 1;
             self.jobs.insert(id, job);
         }
