@@ -199,7 +199,7 @@ impl Actor for Executor {
                     .running
                     .iter()
                     .filter(|(job, (token, _))| {
-                        !state.started.get(job).is_some_and(|(t, _)| t == token)
+                        state.started.get(job).is_none_or(|(t, _)| t != token)
                     })
                     .map(|(&job, &(token, _))| (job, token))
                     .collect();
