@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use exactly_core::JobStatus;
+use exactly_node::membership::Stopped;
 use exactly_proto::v1 as pb;
 use exactly_tests::harness::FaultyCluster;
 use exactly_tests::history::{now_us, Event, Report, RunPlan, SubmitOutcome};
@@ -315,7 +316,7 @@ async fn drain_lets_running_attempts_finish_then_a_learner_replaces_the_voter() 
     .await?;
     let stopping = std::time::Instant::now();
     let left = s.cluster.terminate(victim, Duration::from_secs(10)).await?;
-    assert_eq!(left, Ok(()));
+    assert_eq!(left, Ok(Stopped::Left));
     assert!(
         stopping.elapsed() < Duration::from_secs(5),
         "SIGTERM after leaving took {:?}",
@@ -397,31 +398,38 @@ async fn drain_past_the_deadline_gives_attempts_back_and_they_run_elsewhere() ->
     Ok(())
 }
 
-/// SIGTERM on the leader: it drains itself, takes itself out of the membership (the other two
-/// voters elect a new leader), and stops. Started again with its data, it asks to be admitted,
-/// comes back as a learner and is promoted (voters were short). Checker clean.
+/// SIGTERM on the leader of three voters with no learner: it drains (its running attempts
+/// finish on it, nothing is cancelled) and stops, but stays a voter, since nobody could take its
+/// place and the others might be stopping too. The other two elect a leader and run new jobs;
+/// started again with its data, it registers a new incarnation as the same voter and runs jobs.
+/// The membership never changed. Checker clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_drains_and_leaves_and_a_restart_rejoins() -> anyhow::Result<()> {
+async fn sigterm_on_a_voter_nobody_can_replace_drains_and_stays_a_voter() -> anyhow::Result<()> {
     init_tracing();
     let mut s = Scenario::start(3, ChaosOptions::short()).await?;
     let leader = s.leader().await?;
-    ids(s
+    let (voters, _) = roles(&s.cluster, leader);
+    let jobs = ids(s
         .submit(
             leader,
             &plans(12, RunPlan::fixed(Duration::from_millis(700))),
         )
         .await?)?;
+    wait_for(CHANGE_WAIT, || !running_on(&s, &jobs, leader).is_empty()).await?;
     s.recorder
         .nemesis(format!("SIGTERM node {leader} (the leader)"));
     let left = s.cluster.terminate(leader, Duration::from_secs(10)).await?;
-    assert_eq!(left, Ok(()));
+    let Ok(Stopped::Stayed(why)) = &left else {
+        panic!("a voter nobody can replace stays a voter: {left:?}");
+    };
+    assert!(why.contains("voters-target"), "{why}");
     let new_leader = s.leader().await?;
     assert_ne!(new_leader, leader);
-    wait_for(CHANGE_WAIT, || {
-        let (voters, learners) = roles(&s.cluster, new_leader);
-        voters.len() == 2 && !voters.contains(&leader) && !learners.contains(&leader)
-    })
-    .await?;
+    assert_eq!(
+        roles(&s.cluster, new_leader).0,
+        voters,
+        "the voters did not change"
+    );
     ids(s
         .submit(
             new_leader,
@@ -431,15 +439,6 @@ async fn sigterm_drains_and_leaves_and_a_restart_rejoins() -> anyhow::Result<()>
 
     s.recorder.nemesis(format!("restart node {leader}"));
     s.cluster.restart(leader).await?;
-    wait_for(CHANGE_WAIT, || {
-        leader_voters(&s.cluster).is_some_and(|v| v.len() == 3 && v.contains(&leader))
-            && s.cluster.leader().is_some_and(|l| {
-                s.cluster
-                    .node(l)
-                    .is_some_and(|n| n.read(|t| t.nodes().contains_key(&leader)))
-            })
-    })
-    .await?;
     let back_at = now_us();
     submit_until_it_runs(
         &s,
@@ -449,6 +448,131 @@ async fn sigterm_drains_and_leaves_and_a_restart_rejoins() -> anyhow::Result<()>
         Duration::from_millis(200),
         Duration::from_millis(300),
     )
+    .await?;
+    let now_leader = s.leader().await?;
+    assert_eq!(
+        roles(&s.cluster, now_leader).0,
+        voters,
+        "the same three voters"
+    );
+    s.healed();
+    let report = s.finish(SETTLE_MAX).await;
+    assert_clean(&report);
+    assert_eq!(report.fenced, 0, "the drain cancelled nothing: {report}");
+    Ok(())
+}
+
+/// SIGTERM on a voter while a caught-up learner can take its place (a scale-down): it drains,
+/// the learner replaces it in one joint change (voters stay at 3), and it leaves. Started again
+/// with its data, it asks to be admitted and comes back as a learner. Checker clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_on_a_replaceable_voter_hands_over_and_leaves() -> anyhow::Result<()> {
+    init_tracing();
+    let mut s = Scenario::start_with(4, ChaosOptions::short(), |c| c.voters_target = 3).await?;
+    let leader = s.leader().await?;
+    let (voters, learners) = roles(&s.cluster, leader);
+    assert_eq!(
+        (voters.len(), learners.len()),
+        (3, 1),
+        "{voters:?} {learners:?}"
+    );
+    let learner = *learners.iter().next().unwrap();
+    let victim = *voters.iter().find(|&&v| v != leader).unwrap();
+    ids(s
+        .submit(
+            leader,
+            &plans(12, RunPlan::fixed(Duration::from_millis(700))),
+        )
+        .await?)?;
+    s.recorder.nemesis(format!("SIGTERM node {victim}"));
+    let left = s.cluster.terminate(victim, Duration::from_secs(10)).await?;
+    assert_eq!(left, Ok(Stopped::Left));
+    let leader = s.leader().await?;
+    let expected: BTreeSet<u64> = voters
+        .iter()
+        .copied()
+        .filter(|&v| v != victim)
+        .chain([learner])
+        .collect();
+    wait_for(CHANGE_WAIT, || roles(&s.cluster, leader).0 == expected).await?;
+
+    s.recorder.nemesis(format!("restart node {victim}"));
+    s.cluster.restart(victim).await?;
+    wait_for(CHANGE_WAIT, || {
+        let (v, l) = roles(&s.cluster, leader);
+        v == expected && l.contains(&victim)
+    })
+    .await?;
+    let back_at = now_us();
+    submit_until_it_runs(
+        &s,
+        victim,
+        back_at,
+        12,
+        Duration::from_millis(200),
+        Duration::from_millis(300),
+    )
+    .await?;
+    s.healed();
+    let report = s.finish(SETTLE_MAX).await;
+    assert_clean(&report);
+    Ok(())
+}
+
+/// SIGTERM to every node of a 3-node cluster at once (`docker compose down`, a host shutdown)
+/// while jobs run and wait: each node drains and stops within its drain deadline plus a few
+/// seconds, none leaves the membership; started again with their data, the nodes are the same
+/// three voters, elect a leader, and every acknowledged job completes exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_the_whole_cluster_keeps_it() -> anyhow::Result<()> {
+    init_tracing();
+    let mut s = Scenario::start(3, ChaosOptions::short()).await?;
+    let leader = s.leader().await?;
+    let (voters, _) = roles(&s.cluster, leader);
+    ids(s
+        .submit(leader, &plans(30, RunPlan::fixed(Duration::from_secs(1))))
+        .await?)?;
+    ids(s
+        .submit(
+            leader,
+            &plans(200, RunPlan::fixed(Duration::from_millis(50))),
+        )
+        .await?)?;
+    let deadline = Duration::from_secs(5);
+    s.recorder.nemesis("SIGTERM every node at once".to_string());
+    let all = s.cluster.ids();
+    let ended = s.cluster.terminate_all(&all, deadline).await?;
+    let bound = deadline
+        + exactly_node::NodeConfig::default().lease.kill_grace
+        + exactly_node::membership::STOP_MARGIN
+        + Duration::from_secs(2);
+    for (id, left, took) in &ended {
+        assert!(
+            matches!(left, Ok(Stopped::Stayed(_))),
+            "node {id} stays a member: {left:?}"
+        );
+        assert!(
+            *took < bound,
+            "node {id} took {took:?} to stop (bound {bound:?})"
+        );
+        eprintln!("node {id} stopped after {took:?}: {left:?}");
+    }
+    let restarted = std::time::Instant::now();
+    for &id in &all {
+        s.recorder.nemesis(format!("restart node {id}"));
+        s.cluster.restart(id).await?;
+    }
+    let leader = s.leader().await?;
+    eprintln!(
+        "whole cluster back with leader {leader} after {:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(roles(&s.cluster, leader).0, voters, "the same three voters");
+    wait_for(CHANGE_WAIT, || {
+        s.cluster
+            .node(leader)
+            .is_some_and(|n| n.read(|t| all.iter().all(|id| t.nodes().contains_key(id))))
+    })
     .await?;
     s.healed();
     let report = s.finish(SETTLE_MAX).await;
@@ -715,7 +839,7 @@ async fn cluster_join_admits_a_node_started_without_join() -> anyhow::Result<()>
 }
 
 /// The only voter cannot leave: a drain or removal of it is FAILED_PRECONDITION, an unknown
-/// node is NOT_FOUND, and SIGTERM's drain-and-leave returns at once so the node just stops. A
+/// node is NOT_FOUND, and SIGTERM drains it (nothing runs) and stops it as the voter it stays. A
 /// Raft message addressed to another node id is refused before it is decoded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_last_voter_just_stops_and_misaddressed_messages_are_refused() -> anyhow::Result<()> {
@@ -769,8 +893,10 @@ async fn the_last_voter_just_stops_and_misaddressed_messages_are_refused() -> an
 
     let started = std::time::Instant::now();
     let left = s.cluster.terminate(1, Duration::from_secs(30)).await?;
-    let err = left.unwrap_err();
-    assert!(err.contains("only voter"), "{err}");
+    let Ok(Stopped::Stayed(why)) = left else {
+        panic!("the only voter stays one: {left:?}");
+    };
+    assert!(why.contains("voters-target"), "{why}");
     assert!(started.elapsed() < Duration::from_secs(10));
     Ok(())
 }
@@ -964,8 +1090,8 @@ async fn a_node_that_gets_no_log_loses_its_lease() -> anyhow::Result<()> {
 }
 
 /// SIGTERM on a node whose cluster has no quorum (the other two voters are gone: the whole
-/// cluster is being stopped) does not wait for a drain that cannot commit: it stops, without
-/// leaving, within `DRAIN_COMMIT_WAIT_MAX` and one proposal's timeout.
+/// cluster is being stopped) does not wait for a drain that cannot commit: it stops as a member
+/// within `DRAIN_COMMIT_WAIT_MAX` and a few seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_without_quorum_stops_without_leaving() -> anyhow::Result<()> {
     init_tracing();
@@ -980,7 +1106,10 @@ async fn sigterm_without_quorum_stops_without_leaving() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let left = s.cluster.terminate(leader, Duration::from_secs(20)).await?;
     let took = started.elapsed();
-    assert!(left.is_err(), "it cannot have left: {left:?}");
+    assert!(
+        matches!(left, Ok(Stopped::Stayed(_))),
+        "it cannot have left: {left:?}"
+    );
     let bound = exactly_node::membership::DRAIN_COMMIT_WAIT_MAX + Duration::from_secs(8);
     assert!(took < bound, "SIGTERM without quorum took {took:?}");
     eprintln!("SIGTERM without quorum: stopped after {took:?}: {left:?}");

@@ -670,14 +670,14 @@ impl FaultyCluster {
         Ok(())
     }
 
-    /// What SIGTERM does to `exactlyd`: drains the member and waits until it left the cluster
-    /// (at most `deadline` for its running attempts), then stops it gracefully. Its data
-    /// directory stays, so it can be restarted. Returns how the drain-and-leave ended.
+    /// What SIGTERM does to `exactlyd`: drains the member (at most `deadline` for its running
+    /// attempts), leaves the cluster if it can be spared, then stops it gracefully. Its data
+    /// directory stays, so it can be restarted. Returns how the drain ended.
     pub async fn terminate(
         &mut self,
         id: u64,
         deadline: Duration,
-    ) -> anyhow::Result<Result<(), String>> {
+    ) -> anyhow::Result<Result<exactly_node::membership::Stopped, String>> {
         let host = self
             .host(id)
             .ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
@@ -692,6 +692,49 @@ impl FaultyCluster {
             .map_err(|_| anyhow::anyhow!("node {id} stopped while draining"))?;
         self.stop(id).await?;
         Ok(left)
+    }
+
+    /// SIGTERM to several members at once (a whole cluster stopped by `docker compose down` or
+    /// a host shutdown): each drains concurrently, then each is stopped. Returns, per member, how
+    /// its drain ended and how long it took from the signal until it was stopped.
+    pub async fn terminate_all(
+        &mut self,
+        ids: &[u64],
+        deadline: Duration,
+    ) -> anyhow::Result<
+        Vec<(
+            u64,
+            Result<exactly_node::membership::Stopped, String>,
+            Duration,
+        )>,
+    > {
+        let signalled = std::time::Instant::now();
+        let mut pending = Vec::new();
+        for &id in ids {
+            let host = self
+                .host(id)
+                .ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
+            let node = host.node().clone();
+            let (tx, rx) = oneshot::channel();
+            host.runtime().spawn(async move {
+                let left = node.drain_and_leave(deadline).await;
+                let _ = tx.send((left.map_err(|e| e.to_string()), signalled.elapsed()));
+            });
+            pending.push((id, rx));
+        }
+        let mut ended = Vec::new();
+        for (id, rx) in pending {
+            let (left, _) = rx
+                .await
+                .map_err(|_| anyhow::anyhow!("node {id} stopped while draining"))?;
+            ended.push((id, left));
+        }
+        let mut out = Vec::new();
+        for (id, left) in ended {
+            self.stop(id).await?;
+            out.push((id, left, signalled.elapsed()));
+        }
+        Ok(out)
     }
 
     /// Kills every member and removes the data directory.

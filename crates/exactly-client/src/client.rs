@@ -2,7 +2,7 @@
 //! typed method per call of the public API.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,9 @@ pub(crate) struct Inner {
     /// Index of the endpoint that answered last; calls start there.
     pub(crate) preferred: AtomicUsize,
     pub(crate) options: ClientOptions,
+    /// The largest log index any reply carried (`exactly-index`): every later read asks for at
+    /// least this much (`exactly-min-index`), so it sees what this client saw, on any node.
+    pub(crate) seen_index: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -156,6 +159,7 @@ impl Client {
                 endpoints: nodes,
                 preferred: AtomicUsize::new(0),
                 options,
+                seen_index: AtomicU64::new(0),
             }),
         })
     }
@@ -168,6 +172,12 @@ impl Client {
     /// The options this client was built with.
     pub fn options(&self) -> &ClientOptions {
         &self.inner.options
+    }
+
+    /// The largest log index this client has seen in a reply: its reads reflect at least this
+    /// position (read-your-writes). 0 before the first reply.
+    pub fn seen_index(&self) -> u64 {
+        self.inner.seen_index.load(Ordering::Acquire)
     }
 
     /// Submits `jobs` in one request and returns their ids in request order. All or nothing: either
@@ -489,7 +499,7 @@ impl Client {
     /// Runs one call with retries, returning the answer and the index of the endpoint that gave it.
     async fn call<T, F, Fut>(&self, kind: CallKind, mut attempt: F) -> Result<Answer<T>, Error>
     where
-        F: FnMut(Channel, Duration) -> Fut,
+        F: FnMut(Channel, CallHead) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let inner = &*self.inner;
@@ -508,11 +518,17 @@ impl Client {
         loop {
             let node = &inner.endpoints[index];
             attempts += 1;
-            let try_ = attempt(node.channel.clone(), call_timeout);
+            let head = CallHead {
+                timeout: call_timeout,
+                min_index: inner.seen_index.load(Ordering::Acquire),
+                linearizable: options.linearizable_reads && kind == CallKind::Read,
+            };
+            let try_ = attempt(node.channel.clone(), head);
             let failure = match tokio::time::timeout(Duration::from_millis(backstop_ms), try_).await
             {
                 Ok(Ok(response)) => {
                     inner.preferred.store(index, Ordering::Relaxed);
+                    self.saw(response.metadata());
                     return Ok(Answer {
                         value: response.into_inner(),
                         endpoint: index,
@@ -575,11 +591,66 @@ impl Client {
     }
 }
 
-/// Wraps a message in a request that carries the deadline to the server as `grpc-timeout`.
-pub(crate) fn with_timeout<M>(message: M, timeout: Duration) -> tonic::Request<M> {
+/// Response header: the log index a reply reflects.
+pub const INDEX_HEADER: &str = "exactly-index";
+/// Request header: the smallest log index a read must reflect.
+pub const MIN_INDEX_HEADER: &str = "exactly-min-index";
+/// Request header: `linearizable` for a linearizable read.
+pub const READ_HEADER: &str = "exactly-read";
+
+/// What every try of a call sends besides its message.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CallHead {
+    /// The deadline, sent as `grpc-timeout`.
+    pub timeout: Duration,
+    /// The largest log index the client has seen (0: none yet).
+    pub min_index: u64,
+    /// Ask for a linearizable read.
+    pub linearizable: bool,
+}
+
+impl CallHead {
+    /// A head with a deadline and nothing else.
+    pub(crate) fn timeout(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            min_index: 0,
+            linearizable: false,
+        }
+    }
+}
+
+/// Wraps a message in a request that carries the deadline to the server as `grpc-timeout`, and
+/// the consistency headers.
+pub(crate) fn with_timeout<M>(message: M, head: CallHead) -> tonic::Request<M> {
     let mut request = tonic::Request::new(message);
-    request.set_timeout(timeout);
+    request.set_timeout(head.timeout);
+    if head.min_index > 0 {
+        request.metadata_mut().insert(
+            MIN_INDEX_HEADER,
+            tonic::metadata::MetadataValue::from(head.min_index),
+        );
+    }
+    if head.linearizable {
+        request.metadata_mut().insert(
+            READ_HEADER,
+            tonic::metadata::MetadataValue::from_static("linearizable"),
+        );
+    }
     request
+}
+
+impl Client {
+    /// Remembers the log index a reply carried.
+    pub(crate) fn saw(&self, metadata: &tonic::metadata::MetadataMap) {
+        let index = metadata
+            .get(INDEX_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(index) = index {
+            self.inner.seen_index.fetch_max(index, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Adds `http://` to an endpoint given as a bare `host:port`.

@@ -28,6 +28,11 @@ pub struct ClientOptions {
     pub keepalive_interval_ms: u64,
     /// How long a ping may go unanswered before the connection is closed, in milliseconds.
     pub keepalive_timeout_ms: u64,
+    /// Ask for linearizable reads (`exactly-read: linearizable`): every read first learns the
+    /// leader's read index, so it sees every write acknowledged to anyone before it began, at the
+    /// cost of a round trip to the leader. Off by default: reads then see at least every write
+    /// this client saw acknowledged (read-your-writes), from any node.
+    pub linearizable_reads: bool,
 }
 
 impl Default for ClientOptions {
@@ -43,6 +48,7 @@ impl Default for ClientOptions {
             retry_attempts_max: 64,
             keepalive_interval_ms: 5_000,
             keepalive_timeout_ms: 5_000,
+            linearizable_reads: false,
         }
     }
 }

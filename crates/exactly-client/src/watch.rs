@@ -13,7 +13,7 @@ use exactly_proto::v1::{JobEventMessage, StatusRequest, WatchRequest};
 use tonic::codec::Streaming;
 use tonic::{Code, Status};
 
-use crate::client::with_timeout;
+use crate::client::{with_timeout, CallHead};
 use crate::retry::{backoff_delay_ms, decide, may_retry, CallKind, Decision, Failure};
 use crate::{Client, Error, EventPosition};
 
@@ -272,10 +272,16 @@ impl Watch {
             Some(after) => after,
             None => {
                 let timeout = Duration::from_millis(self.client.inner.options.call_timeout_ms);
-                let status = ClusterClient::new(channel.clone())
-                    .status(with_timeout(StatusRequest {}, timeout))
-                    .await?
-                    .into_inner();
+                // From now, and no earlier than what this client has seen.
+                let head = CallHead {
+                    min_index: self.client.seen_index(),
+                    ..CallHead::timeout(timeout)
+                };
+                let reply = ClusterClient::new(channel.clone())
+                    .status(with_timeout(StatusRequest {}, head))
+                    .await?;
+                self.client.saw(reply.metadata());
+                let status = reply.into_inner();
                 // Every event of entries up to the applied index happened before "now".
                 let anchor = (status.applied_index, u32::MAX);
                 self.after = Some(anchor);

@@ -16,14 +16,15 @@ pub const RESULT_BYTES_MAX: usize = 4096;
 pub const ERROR_BYTES_MAX: usize = 1024;
 /// Attempts a job may be configured to make.
 pub const MAX_ATTEMPTS_MAX: u32 = 100;
-/// Abandoned attempts (ends the job did not cause: its node fenced itself, restarted, was drained
-/// past its deadline, lost its lease) never consume `max_attempts` and never make a dead letter.
-/// The first this many in a row run again at once; later ones wait a backoff (the job's retry
-/// backoff, capped at [`ABANDON_DELAY_MAX_MS`]), so that a job that keeps taking its node down
-/// with it slows down instead of crash-looping the cluster.
+/// Abandoned attempts (ends the job did not cause: its node fenced itself, refused to start it
+/// without a lease, was drained past its deadline, restarted or lost its lease) never consume
+/// `max_attempts` and never make a dead letter, and a job its node gives back runs again at once.
+/// But when its node was *lost* under it (restarted, or its lease expired) after this many
+/// abandons in a row, the job waits its retry backoff (capped at [`ABANDON_DELAY_MAX_MS`]): a
+/// job that keeps taking its node down with it slows down instead of crash-looping the cluster.
 pub const ABANDONS_RERUN_AT_ONCE: u32 = 3;
-/// The longest wait before a job abandoned again and again runs again.
-pub const ABANDON_DELAY_MAX_MS: u64 = 30_000;
+/// The longest wait before a job whose nodes keep being lost under it runs again.
+pub const ABANDON_DELAY_MAX_MS: u64 = 10_000;
 /// Jobs in one Submit command.
 pub const SUBMIT_BATCH_JOBS_MAX: usize = 1000;
 /// Assignments in one Assign command.

@@ -379,8 +379,13 @@ struct Model {
 
 enum End {
     Succeeded,
-    Failed { retryable: bool },
-    Abandoned,
+    Failed {
+        retryable: bool,
+    },
+    /// `node_lost`: the node restarted or its lease expired (else it gave the attempt back).
+    Abandoned {
+        node_lost: bool,
+    },
     Cancelled,
 }
 
@@ -847,7 +852,7 @@ impl Model {
                 retryable: *retryable,
             },
             // A node giving an attempt back (drain past its deadline) is an abandon.
-            Outcome::Abandoned { .. } => End::Abandoned,
+            Outcome::Abandoned { .. } => End::Abandoned { node_lost: false },
         };
         self.end(c.job, end, effects);
         Ok(())
@@ -858,7 +863,7 @@ impl Model {
         let entropy = self.entropy;
         let job = self.jobs.get_mut(&id).expect("running job");
         job.current = None;
-        if !matches!(end, End::Abandoned) {
+        if !matches!(end, End::Abandoned { .. }) {
             job.abandoned_in_a_row = 0;
         }
         job.status = match end {
@@ -874,14 +879,14 @@ impl Model {
                 }
             }
             End::Cancelled => JobStatus::Cancelled,
-            // Never the job's fault: never dead, and free for a few times in a row.
-            End::Abandoned => {
+            // Never dead of it; given back: at once; its node lost: free a few times in a row.
+            End::Abandoned { node_lost } => {
                 job.abandoned += 1;
                 job.abandoned_in_a_row += 1;
                 let beyond = job
                     .abandoned_in_a_row
                     .saturating_sub(ABANDONS_RERUN_AT_ONCE);
-                let delay = if beyond == 0 {
+                let delay = if beyond == 0 || !node_lost {
                     0
                 } else {
                     retry_delay_ms(beyond, Backoff::default(), entropy, id)
@@ -945,7 +950,7 @@ impl Model {
                 .is_some_and(|a| a.node == r.node && a.incarnation < r.incarnation)
         });
         for &id in &lost {
-            self.end(id, End::Abandoned, effects);
+            self.end(id, End::Abandoned { node_lost: true }, effects);
         }
         Ok(lost.len() as u32)
     }
@@ -987,7 +992,7 @@ impl Model {
         }
         let lost = self.ids_where(|j| j.current.as_ref().is_some_and(|a| a.node == lease.node));
         for &id in &lost {
-            self.end(id, End::Abandoned, effects);
+            self.end(id, End::Abandoned { node_lost: true }, effects);
         }
         Ok(lost.len() as u32)
     }

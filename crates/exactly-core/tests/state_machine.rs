@@ -1390,7 +1390,30 @@ fn abandons_never_consume_attempts_or_kill_the_job() {
     assert_eq!(h.table.counts(), &counts(0, 0, 1, 0, 0));
 }
 
-/// The first ABANDONS_RERUN_AT_ONCE abandons in a row requeue the job at once; each later one
+/// A job its node gives back (fenced, drained past its deadline, not started without a lease)
+/// runs again at once however often that happens: only a lost node (below) backs off.
+#[test]
+fn given_back_attempts_requeue_at_once_every_time() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 0, 1);
+    h.submit(NOW, vec![job_with(|j| j.max_attempts = 1)]);
+    for _ in 0..ABANDONS_RERUN_AT_ONCE * 3 {
+        let token = h.assign(NOW, 1, 1, 0);
+        let given_back = Outcome::Abandoned {
+            reason: "lease lapsed".into(),
+        };
+        h.complete(NOW, 1, token, given_back);
+        assert_eq!(h.job(1).status, JobStatus::Pending);
+        assert_eq!(h.job(1).run_at_ms, NOW, "at once");
+    }
+    assert_eq!(
+        (h.job(1).abandoned, h.job(1).failures),
+        (ABANDONS_RERUN_AT_ONCE * 3, 0)
+    );
+}
+
+/// When a job's node is lost under it (restarted, or its lease expired), the first
+/// ABANDONS_RERUN_AT_ONCE abandons in a row requeue the job at once; each later one
 /// waits the job's retry backoff (growing, jittered), never more than ABANDON_DELAY_MAX_MS; an
 /// attempt that ends otherwise (here a retryable failure) starts the count again.
 #[test]

@@ -17,6 +17,7 @@ use crate::membership::LeaveError;
 use crate::node::{Node, ProposeError};
 
 mod admin;
+pub mod consistency;
 pub mod convert;
 mod jobs;
 mod schedules;
@@ -276,9 +277,13 @@ impl Cluster for ClusterService {
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(cluster_status(&self.node)))
+        let at = consistency::before_read(&self.node, &request).await?;
+        Ok(consistency::stamped(
+            Response::new(cluster_status(&self.node)),
+            at,
+        ))
     }
 }
 

@@ -70,6 +70,10 @@ pub struct ExecutorState {
     /// This node's drain deadline has passed, as of the last reconciliation (read once per
     /// [`RECONCILE_INTERVAL`] with the rest of the state, not on every start).
     drain_passed: bool,
+    /// Attempts assigned while the lease was out, with when they arrived: started once it is
+    /// valid again, given back if it stays out (see [`ExecutorState::release_held`]). At most
+    /// `slots`.
+    held: Vec<(StartAttempt, tokio::time::Instant)>,
 }
 
 impl Actor for Executor {
@@ -93,6 +97,7 @@ impl Actor for Executor {
             flushing: false,
             stops: HashMap::new(),
             drain_passed: false,
+            held: Vec::new(),
         })
     }
 
@@ -149,6 +154,7 @@ impl Actor for Executor {
                     state.fenced = false;
                     tracing::info!(node = state.node.id, "lease valid: running attempts");
                 }
+                state.release_held(&myself);
             }
             ExecutorMsg::Reconcile => {
                 let (id, incarnation) = (state.node.id, state.node.incarnation());
@@ -216,6 +222,15 @@ impl Actor for Executor {
             }
             ExecutorMsg::CancelAll => state.stop_all(Stop::ShuttingDown),
         }
+        // What a stopping node waits for before it goes (see `Node::drain_and_leave`).
+        let in_hand = state.running.len()
+            + state.held.len()
+            + state.outbox.len()
+            + usize::from(state.flushing);
+        state
+            .node
+            .attempts_in_hand
+            .store(in_hand, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }
@@ -299,15 +314,62 @@ impl ExecutorState {
             return;
         }
         if !node.lease_valid() {
-            // Invariant 4: no lease, no execution. Report it so the job moves on sooner than
-            // the expiry would move it (the report is refused if the expiry came first).
-            let reason = format!(
-                "node {} had no valid lease (no committed renewal for {:?}): not started",
-                node.id, node.config.lease.self_fence_after
-            );
-            self.give_back(myself, start.job, start.token, reason);
+            // Invariant 4: no lease, no execution. A node whose renewals are only slow gets its
+            // lease back within moments: hold the start until then (giving it straight back
+            // would have the leader assign it again and again while the lease is out, and that
+            // churn makes a busy cluster busier). CheckLease gives it back if the lease stays out.
+            if self.held.len() < node.config.slots as usize {
+                self.held.push((start, tokio::time::Instant::now()));
+            } else {
+                let reason = format!(
+                    "node {} had no valid lease (no committed renewal for {:?}): not started",
+                    node.id, node.config.lease.self_fence_after
+                );
+                self.give_back(myself, start.job, start.token, reason);
+            }
             return;
         }
+        self.run(myself, start);
+    }
+
+    /// Starts held attempts once the lease is valid again; gives back those held for longer
+    /// than `lease.self-fence-after` (the lease is not coming back soon: let another node run
+    /// them) and drops those no longer current.
+    fn release_held(&mut self, myself: &ActorRef<ExecutorMsg>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let node = self.node.clone();
+        let valid = node.lease_valid();
+        let hold_max = node.config.lease.self_fence_after;
+        let held = std::mem::take(&mut self.held);
+        for (start, since) in held {
+            let current = start.incarnation == node.incarnation()
+                && node.read(|t| {
+                    t.job(start.job)
+                        .and_then(|j| j.current_attempt())
+                        .is_some_and(|a| a.token == start.token)
+                });
+            if !current {
+                continue;
+            }
+            if valid && !self.drain_passed {
+                self.run(myself, start);
+            } else if since.elapsed() >= hold_max || self.drain_passed {
+                let reason = format!(
+                    "node {} had no valid lease (no committed renewal for {:?}): not started",
+                    node.id, hold_max
+                );
+                self.give_back(myself, start.job, start.token, reason);
+            } else {
+                self.held.push((start, since));
+            }
+        }
+    }
+
+    /// Runs an attempt under a valid lease.
+    fn run(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
+        let node = self.node.clone();
         // Something runs only under a valid lease, and from here CheckLease watches it lapse.
         self.fenced = false;
         if let Some(&(previous, _)) = self.running.get(&start.job) {

@@ -1,6 +1,7 @@
 //! The node's HTTP endpoints: `/healthz` (the process and its Raft core run), `/readyz` (the
-//! node can take and run work: a leader is known, its lease is valid, it has applied what the
-//! leader committed up to a small lag, and it is neither draining nor removed), `/metrics`
+//! node can take and run work: a leader is known, it has applied everything the leader had
+//! committed when the node started, its lease is valid, it applies the log within a small lag,
+//! and it is neither draining nor removed), `/metrics`
 //! (Prometheus text), and the dashboard (`/`, `/api/status`: `dashboard.rs`).
 
 use std::net::SocketAddr;
@@ -58,10 +59,21 @@ pub fn not_ready(node: &Node) -> Option<String> {
     if m.current_leader.is_none() {
         return Some("no leader known".into());
     }
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    match node.ready_index.load(std::sync::atomic::Ordering::Acquire) {
+        u64::MAX => {
+            return Some("catching up: asking the leader how far the log is committed".into())
+        }
+        needed if applied < needed => {
+            return Some(format!(
+                "catching up: applied {applied} of the {needed} entries committed when it started"
+            ))
+        }
+        _ => {}
+    }
     if !node.lease_valid() {
         return Some("no valid lease (not registered yet, or fenced)".into());
     }
-    let applied = m.last_applied.map_or(0, |l| l.index);
     let last = m.last_log_index.unwrap_or(0);
     if last.saturating_sub(applied) > READY_APPLY_LAG_MAX {
         return Some(format!("applying: {applied} of {last}"));

@@ -26,6 +26,16 @@ fn blob<T: serde::Serialize>(value: &T) -> Response<Blob> {
     })
 }
 
+/// What a ReadIndex answers.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum ReadIndexReply {
+    /// Leadership confirmed by a quorum: a replica that has applied this index serves
+    /// linearizable reads.
+    Index(u64),
+    NotLeader,
+    Failed(String),
+}
+
 /// What a Join answers.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum JoinReply {
@@ -105,6 +115,10 @@ impl Internal for InternalService {
         Ok(blob(
             &self.node.raft.install_full_snapshot(vote, snapshot).await,
         ))
+    }
+
+    async fn read_index(&self, _request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        Ok(blob(&self.node.leader_read_index().await))
     }
 
     async fn forward(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {

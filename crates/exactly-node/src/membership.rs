@@ -41,14 +41,26 @@ pub const REMOVED_MARKER: &str = "removed from the cluster:";
 pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 100;
 /// How often a leaving node asks whether it has left yet.
 const LEAVE_POLL: Duration = Duration::from_millis(200);
-/// After the drain deadline (and the kill grace), how long a leaving node waits for the leader
-/// to take it out of the membership before it stops anyway.
-pub const LEAVE_MARGIN: Duration = Duration::from_secs(30);
+/// After the drain deadline (and the kill grace), how long a stopping node waits for its last
+/// outcomes to commit before it stops anyway.
+pub const STOP_MARGIN: Duration = Duration::from_secs(3);
+/// How long a drained node that may leave waits for the leader to take it out of the
+/// membership before it stops anyway (the leader finishes the change without it).
+pub const LEAVE_WAIT: Duration = Duration::from_secs(5);
 /// How long a node that is stopping keeps trying to commit its own drain. Past it the cluster
-/// has had no quorum for that long (every other node is stopping too, or cut off): the node
-/// stops without leaving, like a crash as far as the cluster is concerned (its lease expires,
-/// and it is admitted again when it starts).
-pub const DRAIN_COMMIT_WAIT_MAX: Duration = Duration::from_secs(10);
+/// has had no quorum for that long (a failover takes well under a second; every other node is
+/// stopping too, or cut off): the node stops as a member, like a crash as far as the cluster is
+/// concerned (its lease expires; started again, it registers and carries on).
+pub const DRAIN_COMMIT_WAIT_MAX: Duration = Duration::from_secs(3);
+
+/// How a node that was asked to stop (SIGTERM) went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// It left the membership: a learner, or a voter a learner replaced.
+    Left,
+    /// It stays a member (why): started again with its data, it carries on as the same node.
+    Stayed(String),
+}
 
 /// Whether this node is out of the cluster: it left (drained) or was removed. Set once per
 /// process and never cleared: a node that left comes back only by starting again.
@@ -170,42 +182,57 @@ impl Node {
         }
     }
 
-    /// Drains this node and waits until the leader has taken it out of the membership (SIGTERM).
-    /// Running attempts may finish for `deadline`; then they are cancelled and given back.
-    /// Returns at once with [`LeaveError::LastVoter`] when the node is the only voter.
-    pub async fn drain_and_leave(&self, deadline: Duration) -> Result<(), LeaveError> {
+    /// What SIGTERM does: drains this node (no new work; running attempts may finish for
+    /// `deadline`, then they are stopped and given back), waits until its outcomes are committed,
+    /// then leaves the membership if the cluster can spare it, else stays a member.
+    ///
+    /// A learner leaves, and so does a voter that a learner can replace. A voter that nobody
+    /// can replace stays a voter: a SIGTERM cannot tell a scale-down from a restart or from the
+    /// whole cluster being stopped (`docker compose down`, a host shutdown), and shrinking the
+    /// voters then would dismantle the cluster. Started again with its data, a node that stayed
+    /// carries on as the same member. Returns within `deadline` + `lease.kill-grace` +
+    /// [`STOP_MARGIN`] (+ [`DRAIN_COMMIT_WAIT_MAX`] when the drain cannot commit at first).
+    pub async fn drain_and_leave(&self, deadline: Duration) -> Result<Stopped, LeaveError> {
         if self.departure.is_removed() {
             return Err(LeaveError::Removed(self.id));
         }
         // Drained by an operator and out already (found by the container test: a stop after
         // `exactly cluster drain` retried its own drain until the stop timeout killed it).
         if self.departure.has_departed() {
-            return Ok(());
-        }
-        if self.is_last_voter(self.id) {
-            return Err(LeaveError::LastVoter(self.id));
+            return Ok(Stopped::Left);
         }
         let started = tokio::time::Instant::now();
-        let give_up = deadline + self.config.lease.kill_grace + LEAVE_MARGIN;
         // The proposal retries within `limits.propose-timeout`; keep trying while the cluster
         // elects, for at most DRAIN_COMMIT_WAIT_MAX.
         let running = loop {
-            match self
-                .propose_drain(self.id, deadline, LeaveReason::Stopping)
-                .await
-            {
-                Ok(running) => break running,
+            let attempt = tokio::time::timeout(
+                DRAIN_COMMIT_WAIT_MAX.saturating_sub(started.elapsed()),
+                self.propose_drain(self.id, deadline, LeaveReason::Stopping),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(running)) => break running,
                 // It learned meanwhile that it is out (drained by an operator).
-                Err(LeaveError::Propose(ProposeError::Departed(_)))
+                Ok(Err(LeaveError::Propose(ProposeError::Departed(_))))
                     if !self.departure.is_removed() =>
                 {
-                    return Ok(());
+                    return Ok(Stopped::Left);
                 }
-                Err(LeaveError::Propose(e)) if started.elapsed() < DRAIN_COMMIT_WAIT_MAX => {
+                Ok(Err(LeaveError::Propose(e))) if started.elapsed() < DRAIN_COMMIT_WAIT_MAX => {
                     tracing::warn!(error = %e, "drain not committed yet; retrying");
                     tokio::time::sleep(LEAVE_POLL).await;
                 }
-                Err(e) => return Err(e),
+                Ok(Err(LeaveError::Propose(e))) => {
+                    return Ok(Stopped::Stayed(format!(
+                        "the drain could not be committed within {DRAIN_COMMIT_WAIT_MAX:?} ({e})"
+                    )));
+                }
+                Err(_) => {
+                    return Ok(Stopped::Stayed(format!(
+                        "the drain could not be committed within {DRAIN_COMMIT_WAIT_MAX:?}"
+                    )));
+                }
+                Ok(Err(e)) => return Err(e),
             }
         };
         tracing::info!(
@@ -214,30 +241,80 @@ impl Node {
             ?deadline,
             "draining: no new work; running attempts may finish before the deadline"
         );
+        // Until nothing of this node's work is in hand: its attempts ended (past the deadline
+        // the executor stops them and gives them back) and their outcomes committed. Without a
+        // lease nothing more can commit: its attempts are stopped, and go when it restarts or
+        // its lease expires.
+        let hard_stop = deadline + self.config.lease.kill_grace + STOP_MARGIN;
         let mut last_running = running as usize;
         loop {
             if self.has_left().await {
                 tracing::info!(node = self.id, took = ?started.elapsed(), "left the cluster");
-                return Ok(());
+                return Ok(Stopped::Left);
             }
-            let now_running = self.read(|t| t.running_on(self.id));
-            if now_running != last_running {
-                tracing::info!(node = self.id, running = now_running, "draining");
-                last_running = now_running;
+            let in_hand = self.attempts_in_hand.load(Ordering::Acquire);
+            let running = self.read(|t| t.running_on(self.id));
+            if running != last_running {
+                tracing::info!(node = self.id, running, "draining");
+                last_running = running;
             }
-            // Every other voter left meanwhile (the whole cluster is stopping): nothing to hand
-            // over to, so stop here, drained.
-            if now_running == 0 && self.is_last_voter(self.id) {
-                return Err(LeaveError::LastVoter(self.id));
+            if in_hand == 0 && (running == 0 || !self.lease_valid()) {
+                break;
             }
-            if started.elapsed() >= give_up {
-                return Err(LeaveError::TimedOut {
-                    node: self.id,
-                    waited: started.elapsed(),
-                });
+            if started.elapsed() >= hard_stop {
+                tracing::warn!(
+                    node = self.id,
+                    in_hand,
+                    running,
+                    "drain deadline passed with work still in hand: stopping anyway"
+                );
+                break;
             }
             tokio::time::sleep(LEAVE_POLL).await;
         }
+        if let Some(why) = self.why_stay() {
+            tracing::info!(node = self.id, took = ?started.elapsed(), %why, "drained; staying a member");
+            return Ok(Stopped::Stayed(why));
+        }
+        // The leader takes a drained learner out, or replaces a drained voter, in its next
+        // membership round.
+        let wait_until = tokio::time::Instant::now() + LEAVE_WAIT;
+        while tokio::time::Instant::now() < wait_until {
+            if self.has_left().await {
+                tracing::info!(node = self.id, took = ?started.elapsed(), "left the cluster");
+                return Ok(Stopped::Left);
+            }
+            tokio::time::sleep(LEAVE_POLL).await;
+        }
+        Ok(Stopped::Stayed(format!(
+            "the leader did not take it out of the membership within {LEAVE_WAIT:?}"
+        )))
+    }
+
+    /// Why this drained node should stay a member rather than leave, if it should: it is a
+    /// voter, the voters are not above `voters-target`, and no learner that is not itself leaving
+    /// could take its place (the same rule as the leader's [`reconcile`] for a `Stopping` node).
+    fn why_stay(&self) -> Option<String> {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = membership.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        if !voters.contains(&self.id) || voters.len() > self.config.voters_target {
+            return None;
+        }
+        let replaceable = membership.nodes().any(|(id, _)| {
+            !voters.contains(id)
+                && self.read(|t| {
+                    t.leaving(*id).is_none() && t.nodes().get(id).is_some_and(|n| !n.expired)
+                })
+        });
+        (!replaceable).then(|| {
+            format!(
+                "a voter of {} with no learner to take its place: leaving would shrink the voters \
+                 below voters-target ({})",
+                voters.len(),
+                self.config.voters_target
+            )
+        })
     }
 
     /// Whether this node is out of the membership: in its own view, or in the leader's (the
@@ -361,6 +438,19 @@ async fn leave_membership(
             );
             return;
         }
+        // A voter stopping by itself (SIGTERM) stays unless replaced: the others may be stopping
+        // too (a whole cluster shut down), and a restart brings it back as the same voter.
+        let stopping = node.read(|t| {
+            t.leaving(id)
+                .is_some_and(|l| l.reason == exactly_core::LeaveReason::Stopping)
+        });
+        if stopping && next.len() < policy.voters_target.max(1).min(voters.len()) {
+            tracing::debug!(
+                node = id,
+                "a stopping voter nobody can replace stays a voter"
+            );
+            return;
+        }
         ChangeMembers::ReplaceAllVoters(next)
     } else {
         ChangeMembers::RemoveNodes(BTreeSet::from([id]))
@@ -377,10 +467,10 @@ async fn leave_membership(
 async fn record_departure(node: &Node, id: u64) {
     let budget = node.config.limits.propose_timeout;
     match tokio::time::timeout(budget, node.write_local(Command::NodeLeft(id))).await {
-        Ok(ForwardReply::Committed(Response::NodeLeft(Ok(())))) => {
+        Ok(ForwardReply::Committed(Response::NodeLeft(Ok(())), _)) => {
             tracing::info!(node = id, "node left the cluster");
         }
-        Ok(ForwardReply::Committed(other)) => {
+        Ok(ForwardReply::Committed(other, _)) => {
             tracing::warn!(node = id, ?other, "departure refused")
         }
         Ok(other) => tracing::debug!(node = id, ?other, "departure not committed"),

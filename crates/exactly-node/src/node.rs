@@ -24,6 +24,9 @@ use crate::network;
 const LEADER_RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Backoff between attempts to find a leader, at first.
 const LEADER_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
+/// How long a client's write waits, once committed, for this node to apply it before the
+/// reply goes out anyway (a follower applies a commit one round trip after the leader).
+pub const WRITE_APPLY_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// Why a proposal did not commit.
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
@@ -32,9 +35,7 @@ pub enum ProposeError {
     #[error("no leader with a quorum reachable within {0:?}: the cluster has no quorum or is electing; nothing was committed")]
     NoLeader(Duration),
     /// A leader took the command but did not commit it before the deadline. It may still commit.
-    #[error(
-        "not committed within {0:?} (no quorum?); the outcome is unknown and it may still commit"
-    )]
+    #[error("not committed within {0:?}; the outcome is unknown and it may still commit")]
     Timeout(Duration),
     /// The node is shutting down; nothing was handed to Raft.
     #[error("node is shutting down: {0}")]
@@ -53,7 +54,8 @@ pub enum ProposeError {
 /// What a leader answers to a forwarded command.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardReply {
-    Committed(Response),
+    /// Committed and applied on the leader: its response and the entry's log index.
+    Committed(Response, u64),
     NotLeader,
     /// This leader has not heard from a quorum recently; nothing was proposed.
     NoQuorum,
@@ -92,6 +94,12 @@ pub struct NodeInner {
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
     /// Set once this node learns that it left or was removed (see `membership.rs`).
     pub departure: Arc<crate::membership::Departure>,
+    /// Attempts the executor runs, plus outcomes it has not yet seen committed (0: nothing of
+    /// this node's work would be lost if it stopped now).
+    pub attempts_in_hand: std::sync::atomic::AtomicUsize,
+    /// The leader's read index learned once after start: this node is ready only once it has
+    /// applied that far (`u64::MAX`: not learned yet). See `http::not_ready`.
+    pub ready_index: std::sync::atomic::AtomicU64,
 }
 
 /// A cheap-to-clone handle to a running node.
@@ -201,7 +209,7 @@ impl Node {
             command,
         };
         match self.raft.client_write(request).await {
-            Ok(reply) => ForwardReply::Committed(reply.data),
+            Ok(reply) => ForwardReply::Committed(reply.data, reply.log_id.index),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 ForwardReply::NotLeader
             }
@@ -219,6 +227,36 @@ impl Node {
     /// Proposes a command through whichever node leads, retrying while the leader is unknown or
     /// moves, for at most the configured `limits.propose-timeout`.
     pub async fn propose(&self, command: Command) -> Result<Response, ProposeError> {
+        self.propose_at(command).await.map(|(response, _)| response)
+    }
+
+    /// A client's write: [`Node::propose`], then a bounded wait until this node has applied the
+    /// entry too, so that a read on this node after the reply sees the write. Returns the entry's
+    /// log index (the position a client's later reads may ask for, on any node).
+    pub async fn propose_for_client(
+        &self,
+        command: Command,
+    ) -> Result<(Response, u64), ProposeError> {
+        let (response, index) = self.propose_at(command).await?;
+        self.await_applied(index, WRITE_APPLY_WAIT_MAX).await;
+        Ok((response, index))
+    }
+
+    /// Waits until this node has applied the log up to `index`, for at most `limit`. Returns
+    /// whether it has.
+    pub async fn await_applied(&self, index: u64, limit: Duration) -> bool {
+        if self.state.last_applied().is_some_and(|l| l.index >= index) {
+            return true;
+        }
+        self.raft
+            .wait(Some(limit))
+            .applied_index_at_least(Some(index), "read your writes")
+            .await
+            .is_ok()
+    }
+
+    /// [`Node::propose`], with the log index of the committed entry.
+    pub async fn propose_at(&self, command: Command) -> Result<(Response, u64), ProposeError> {
         let budget = self.config.limits.propose_timeout;
         let deadline = Instant::now() + budget;
         let mut backoff = LEADER_RETRY_BACKOFF_MIN;
@@ -230,12 +268,14 @@ impl Node {
             if self.departure.has_departed() {
                 return Err(ProposeError::Departed(self.id));
             }
-            let tried = self.leader().map(|(id, _)| id);
+            // What Raft reports, not `leader()` (which also needs the leader's address): waiting
+            // for a change of the one while testing the other would spin.
+            let seen = self.raft.metrics().borrow().current_leader;
             match self.leader() {
                 Some((leader, _)) if leader == self.id => {
                     match tokio::time::timeout_at(deadline, self.write_local(command.clone())).await
                     {
-                        Ok(ForwardReply::Committed(r)) => return Ok(r),
+                        Ok(ForwardReply::Committed(r, index)) => return Ok((r, index)),
                         Ok(ForwardReply::NotLeader | ForwardReply::NoQuorum) => {}
                         Ok(ForwardReply::Failed(e)) => return Err(e),
                         Err(_) => return Err(ProposeError::Timeout(budget)),
@@ -246,7 +286,7 @@ impl Node {
                         .get_or_insert_with(|| codec::encode(&command))
                         .clone();
                     match self.forward(leader, &addr, data, deadline).await {
-                        Ok(ForwardReply::Committed(r)) => return Ok(r),
+                        Ok(ForwardReply::Committed(r, index)) => return Ok((r, index)),
                         Ok(ForwardReply::NotLeader | ForwardReply::NoQuorum) => {}
                         Ok(ForwardReply::Failed(e)) => return Err(e),
                         // The request never reached a leader (connection refused, leader gone):
@@ -260,18 +300,63 @@ impl Node {
             if Instant::now() + backoff >= deadline {
                 return Err(ProposeError::NoLeader(budget));
             }
-            self.until_leader_changes(tried, backoff).await;
+            self.until_leader_changes(seen, backoff).await;
             backoff = (backoff * 2).min(LEADER_RETRY_BACKOFF_MAX);
         }
     }
 
-    /// Waits `backoff`, or less if the leader this node knows changes from `tried` first (a new
+    /// On the leader: confirms leadership with a quorum and returns the index a replica must have
+    /// applied to serve a linearizable read (openraft's read index).
+    pub async fn leader_read_index(&self) -> crate::internal::ReadIndexReply {
+        use crate::internal::ReadIndexReply;
+        if !self.is_leader() {
+            return ReadIndexReply::NotLeader;
+        }
+        let budget = self.config.raft.election_timeout_max;
+        match tokio::time::timeout(budget, self.raft.get_read_log_id()).await {
+            Ok(Ok((read, _applied))) => ReadIndexReply::Index(read.map_or(0, |l| l.index)),
+            Ok(Err(RaftError::APIError(_))) => ReadIndexReply::NotLeader,
+            Ok(Err(e)) => ReadIndexReply::Failed(e.to_string()),
+            Err(_) => ReadIndexReply::Failed(format!(
+                "leadership not confirmed by a quorum within {budget:?}"
+            )),
+        }
+    }
+
+    /// The read index of the current leader (this node or another), for a linearizable read or
+    /// for readiness: every write acknowledged before this call is at or below it.
+    pub async fn read_index(&self) -> Result<u64, String> {
+        use crate::internal::ReadIndexReply;
+        let (leader, addr) = self.leader().ok_or("no leader is known")?;
+        let reply = if leader == self.id {
+            self.leader_read_index().await
+        } else {
+            let mut client = self.peer(&addr).map_err(|e| e.to_string())?;
+            let mut request = tonic::Request::new(Blob {
+                data: Vec::new(),
+                target: 0,
+            });
+            request.set_timeout(self.config.raft.election_timeout_max * 2);
+            let blob = client
+                .read_index(request)
+                .await
+                .map_err(|s| format!("leader {leader}: {}", s.message()))?;
+            codec::decode(&blob.into_inner().data).map_err(|e| e.to_string())?
+        };
+        match reply {
+            ReadIndexReply::Index(index) => Ok(index),
+            ReadIndexReply::NotLeader => Err(format!("node {leader} is no longer the leader")),
+            ReadIndexReply::Failed(why) => Err(why),
+        }
+    }
+
+    /// Waits `backoff`, or less if the leader Raft reports changes from `seen` first (a new
     /// leader was elected: the next try should go to it at once, not after the backoff).
-    async fn until_leader_changes(&self, tried: Option<u64>, backoff: Duration) {
+    async fn until_leader_changes(&self, seen: Option<u64>, backoff: Duration) {
         let mut metrics = self.raft.metrics();
         let changed = async {
             loop {
-                if metrics.borrow_and_update().current_leader != tried {
+                if metrics.borrow_and_update().current_leader != seen {
                     return;
                 }
                 if metrics.changed().await.is_err() {

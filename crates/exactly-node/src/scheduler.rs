@@ -197,7 +197,7 @@ impl SchedulerState {
                 let budget = node.config.limits.propose_timeout;
                 let reply =
                     tokio::time::timeout(budget, node.write_local(Command::Expire(lease))).await;
-                if let Ok(ForwardReply::Committed(r)) = reply {
+                if let Ok(ForwardReply::Committed(r, _)) = reply {
                     tracing::info!(?r, node = lease.node, "expiry committed");
                 }
                 let _ = me.send_message(SchedulerMsg::Expired(lease));
@@ -265,7 +265,7 @@ impl SchedulerState {
             let reply = tokio::time::timeout(budget, node.write_local(command)).await;
             let mut retain_again = false;
             let more = match reply {
-                Ok(ForwardReply::Committed(exactly_core::Response::Fired(results))) => {
+                Ok(ForwardReply::Committed(exactly_core::Response::Fired(results), _)) => {
                     for r in results {
                         match r {
                             Ok(fired) => tracing::debug!(?fired, "cron tick fired"),
@@ -274,7 +274,7 @@ impl SchedulerState {
                     }
                     true
                 }
-                Ok(ForwardReply::Committed(exactly_core::Response::Retained { jobs, keys })) => {
+                Ok(ForwardReply::Committed(exactly_core::Response::Retained { jobs, keys }, _)) => {
                     tracing::debug!(jobs, keys, "retention pass");
                     // A full batch means more may be past retention: go on at once.
                     retain_again =
@@ -327,7 +327,7 @@ impl SchedulerState {
         tokio::spawn(async move {
             let budget = node.config.limits.propose_timeout;
             let reply = tokio::time::timeout(budget, node.write_local(Command::Assign(plan))).await;
-            let ok = matches!(reply, Ok(ForwardReply::Committed(_)));
+            let ok = matches!(reply, Ok(ForwardReply::Committed(..)));
             let _ = me.send_message(SchedulerMsg::Proposed { planned, ok });
         });
     }

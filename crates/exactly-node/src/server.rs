@@ -91,13 +91,14 @@ impl RunningNode {
 }
 
 impl RunningNode {
-    /// Drains this node and leaves the cluster (what SIGTERM does): no new work, running
-    /// attempts may finish for `deadline`, then they are cancelled and given back; returns once
-    /// the leader took the node out of the membership. Call [`RunningNode::shutdown`] after it.
+    /// What SIGTERM does: drains this node (no new work; running attempts may finish for
+    /// `deadline`, then they are stopped and given back), then leaves the membership if the
+    /// cluster can spare it, else stays a member (see [`Node::drain_and_leave`]). Call
+    /// [`RunningNode::shutdown`] after it.
     pub async fn drain_and_leave(
         &self,
         deadline: Duration,
-    ) -> Result<(), crate::membership::LeaveError> {
+    ) -> Result<crate::membership::Stopped, crate::membership::LeaveError> {
         self.node.drain_and_leave(deadline).await
     }
 }
@@ -242,6 +243,8 @@ pub async fn start_with(
         events: hooks.events.clone(),
         peers: Default::default(),
         departure,
+        attempts_in_hand: Default::default(),
+        ready_index: u64::MAX.into(),
     }));
     tracing::info!(node = id, incarnation, %addr, "node starting");
 
@@ -261,6 +264,7 @@ pub async fn start_with(
         tokio::spawn(confirm_quorum_while_leading(node.clone())),
         tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
         tokio::spawn(stand_down_when_removed(node.clone(), executor.clone())),
+        tokio::spawn(learn_ready_index(node.clone())),
     ];
     if let Some(listener) = http {
         tasks.push(tokio::spawn(crate::http::serve(node.clone(), listener)));
@@ -349,6 +353,36 @@ async fn confirm_quorum_while_leading(node: Node) {
         }
     }
 }
+
+/// Learns, once, how far the log was committed when this node started (the leader's read
+/// index): `/readyz` says ready only once this node has applied that far, so a restarted node
+/// does not serve its pre-crash state as current.
+async fn learn_ready_index(node: Node) {
+    loop {
+        if node.leader().is_some() {
+            match node.read_index().await {
+                Ok(index) => {
+                    node.ready_index
+                        .store(index, std::sync::atomic::Ordering::Release);
+                    tracing::debug!(
+                        node = node.id,
+                        index,
+                        "ready once applied to the leader's read index"
+                    );
+                    return;
+                }
+                Err(why) => tracing::debug!(%why, "read index not learned yet"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(READY_INDEX_RETRY) => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Pause between attempts to learn the leader's read index at start-up.
+const READY_INDEX_RETRY: Duration = Duration::from_millis(100);
 
 /// Starts the scheduler actor when this node becomes leader and stops it when it is not.
 async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {

@@ -237,18 +237,21 @@ impl JobTable {
                 reason: truncate_str(reason, ERROR_BYTES_MAX),
             },
         };
-        self.end_current_attempt(&mut job, end, entropy, effects);
+        self.end_current_attempt(&mut job, end, false, entropy, effects);
         self.jobs.insert(job.id, job);
         Ok(())
     }
 
     /// Ends a running job's current attempt and moves the job on: to success, to a retry after
     /// a jittered backoff (drawn from the leader's `entropy`), to the dead letters, or to
-    /// cancelled.
+    /// cancelled. An abandoned attempt requeues the job at once, unless its node was lost under
+    /// it (`node_lost`: restarted or expired, which the job itself may have caused) after
+    /// [`ABANDONS_RERUN_AT_ONCE`] abandons in a row.
     pub(super) fn end_current_attempt(
         &mut self,
         job: &mut Job,
         end: AttemptEnd,
+        node_lost: bool,
         entropy: u64,
         effects: &mut Vec<Effect>,
     ) {
@@ -282,7 +285,12 @@ impl JobTable {
             AttemptEnd::Abandoned { reason } => {
                 job.abandoned += 1;
                 job.last_error = Some(reason);
-                job.run_at_ms = now.saturating_add(abandon_delay_ms(job, entropy));
+                let delay = if node_lost {
+                    abandon_delay_ms(job, entropy)
+                } else {
+                    0
+                };
+                job.run_at_ms = now.saturating_add(delay);
                 JobStatus::Pending
             }
             AttemptEnd::Cancelled { reason } => {
@@ -297,9 +305,11 @@ impl JobTable {
     }
 }
 
-/// How long a job whose attempt was just abandoned (its `abandoned` count already raised) waits
-/// before it may run again: nothing for the first [`ABANDONS_RERUN_AT_ONCE`] abandons since its
-/// last success, failure or redrive, then its retry backoff, capped at [`ABANDON_DELAY_MAX_MS`].
+/// How long a job whose node was just lost under it (its `abandoned` count already raised) waits
+/// before it may run again: nothing while it has been abandoned at most
+/// [`ABANDONS_RERUN_AT_ONCE`] times in a row (since its last other end or redrive), then its retry
+/// backoff, capped at [`ABANDON_DELAY_MAX_MS`]. A job that keeps taking its node down with it
+/// thus slows down instead of crash-looping the cluster.
 fn abandon_delay_ms(job: &Job, entropy: u64) -> u64 {
     let beyond = job
         .abandoned_in_a_row()

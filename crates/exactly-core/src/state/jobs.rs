@@ -240,6 +240,7 @@ impl JobTable {
                     AttemptEnd::Cancelled {
                         reason: "cancelled by a client".to_string(),
                     },
+                    false,
                     0,
                     effects,
                 );

@@ -99,6 +99,7 @@ impl JobTable {
                 self.end_current_attempt(
                     &mut job,
                     AttemptEnd::Abandoned { reason },
+                    true,
                     entropy,
                     effects,
                 );
@@ -187,7 +188,8 @@ impl JobTable {
                 "lease of node {} (incarnation {}) expired",
                 lease.node, lease.incarnation
             );
-            self.end_current_attempt(&mut job, AttemptEnd::Abandoned { reason }, entropy, effects);
+            let end = AttemptEnd::Abandoned { reason };
+            self.end_current_attempt(&mut job, end, true, entropy, effects);
             requeued += 1;
             self.jobs.insert(id, job);
         }

@@ -7,6 +7,7 @@ use exactly_proto::v1::dead_letters_server::DeadLetters;
 use exactly_proto::v1::queues_server::Queues;
 use tonic::{Request, Response, Status};
 
+use super::consistency::{before_read, stamped};
 use super::convert::queue_to_pb;
 use super::status_of;
 use crate::node::Node;
@@ -50,10 +51,15 @@ impl DeadLetters for DeadLettersService {
         request: Request<pb::DeadLetterFilter>,
     ) -> Result<Response<pb::DeadLetterResponse>, Status> {
         let filter = dead_filter(request.into_inner())?;
-        match self.node.propose(Command::Redrive(filter)).await? {
-            CoreResponse::Redriven(job_ids) => {
-                Ok(Response::new(pb::DeadLetterResponse { job_ids }))
-            }
+        let (response, index) = self
+            .node
+            .propose_for_client(Command::Redrive(filter))
+            .await?;
+        match response {
+            CoreResponse::Redriven(job_ids) => Ok(stamped(
+                Response::new(pb::DeadLetterResponse { job_ids }),
+                index,
+            )),
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
     }
@@ -63,10 +69,15 @@ impl DeadLetters for DeadLettersService {
         request: Request<pb::DeadLetterFilter>,
     ) -> Result<Response<pb::DeadLetterResponse>, Status> {
         let filter = dead_filter(request.into_inner())?;
-        match self.node.propose(Command::PurgeDead(filter)).await? {
-            CoreResponse::PurgedDead(job_ids) => {
-                Ok(Response::new(pb::DeadLetterResponse { job_ids }))
-            }
+        let (response, index) = self
+            .node
+            .propose_for_client(Command::PurgeDead(filter))
+            .await?;
+        match response {
+            CoreResponse::PurgedDead(job_ids) => Ok(stamped(
+                Response::new(pb::DeadLetterResponse { job_ids }),
+                index,
+            )),
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
     }
@@ -100,19 +111,19 @@ impl Queues for QueuesService {
             paused: r.paused,
         };
         let queue = r.queue;
-        match self
+        let (response, index) = self
             .node
-            .propose(Command::ConfigureQueue {
+            .propose_for_client(Command::ConfigureQueue {
                 queue: queue.clone(),
                 patch,
             })
-            .await?
-        {
+            .await?;
+        match response {
             CoreResponse::QueueConfigured(Ok(config)) => {
                 let info = self
                     .node
                     .read(|t| queue_to_pb(&queue, &config, t.queue(&queue)));
-                Ok(Response::new(info))
+                Ok(stamped(Response::new(info), index))
             }
             CoreResponse::QueueConfigured(Err(why)) => {
                 Err(status_of(&format!("queue {queue:?}"), &why))
@@ -123,14 +134,18 @@ impl Queues for QueuesService {
 
     async fn list(
         &self,
-        _request: Request<pb::ListQueuesRequest>,
+        request: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let at = before_read(&self.node, &request).await?;
         let queues = self.node.read(|t| {
             t.queues()
                 .iter()
                 .map(|(name, q)| queue_to_pb(name, &q.config, Some(q)))
                 .collect()
         });
-        Ok(Response::new(pb::ListQueuesResponse { queues }))
+        Ok(stamped(
+            Response::new(pb::ListQueuesResponse { queues }),
+            at,
+        ))
     }
 }

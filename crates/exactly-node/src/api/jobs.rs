@@ -11,6 +11,7 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
+use super::consistency::{before_read, stamped};
 use super::convert::{event_to_pb, job_to_pb, new_job, state_from_pb, state_to_pb};
 use super::status_of;
 use crate::events::{Positioned, WATCHERS_MAX};
@@ -58,7 +59,8 @@ impl Jobs for JobsService {
                 "{live} jobs are pending or running; limits.jobs-live-max is {max}"
             )));
         }
-        match self.node.propose(Command::Submit(jobs)).await? {
+        let (response, index) = self.node.propose_for_client(Command::Submit(jobs)).await?;
+        match response {
             CoreResponse::Submitted(results) => {
                 // The batch is all or nothing: report the refusal that caused it.
                 let refused = results.iter().enumerate().find_map(|(i, r)| match r {
@@ -74,7 +76,7 @@ impl Jobs for JobsService {
                     reply.job_ids.push(submitted.id);
                     reply.existing.push(submitted.existing);
                 }
-                Ok(Response::new(reply))
+                Ok(stamped(Response::new(reply), index))
             }
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
@@ -84,9 +86,13 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        let at = before_read(&self.node, &request).await?;
         let id = request.into_inner().job_id;
         if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
-            return Ok(Response::new(pb::GetResponse { job: Some(job) }));
+            return Ok(stamped(
+                Response::new(pb::GetResponse { job: Some(job) }),
+                at,
+            ));
         }
         // This replica may lag the leader by a few milliseconds: ask the leader before saying
         // the job does not exist.
@@ -105,6 +111,7 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let at = before_read(&self.node, &request).await?;
         let r = request.into_inner();
         let state = state_from_pb(r.state)?;
         let limit = match r.limit {
@@ -138,7 +145,7 @@ impl Jobs for JobsService {
                 next_after_id: if more { last_seen.unwrap_or(0) } else { 0 },
             }
         });
-        Ok(Response::new(reply))
+        Ok(stamped(Response::new(reply), at))
     }
 
     async fn cancel(
@@ -155,24 +162,28 @@ impl Jobs for JobsService {
                 ids.len()
             )));
         }
-        match self.node.propose(Command::Cancel(ids)).await? {
-            CoreResponse::Cancelled(results) => Ok(Response::new(pb::CancelResponse {
-                results: results
-                    .into_iter()
-                    .map(|(job_id, r)| match r {
-                        Ok(was) => pb::CancelResult {
-                            job_id,
-                            previous_state: state_to_pb(was) as i32,
-                            error: String::new(),
-                        },
-                        Err(why) => pb::CancelResult {
-                            job_id,
-                            previous_state: pb::JobState::Unspecified as i32,
-                            error: why.to_string(),
-                        },
-                    })
-                    .collect(),
-            })),
+        let (response, index) = self.node.propose_for_client(Command::Cancel(ids)).await?;
+        match response {
+            CoreResponse::Cancelled(results) => Ok(stamped(
+                Response::new(pb::CancelResponse {
+                    results: results
+                        .into_iter()
+                        .map(|(job_id, r)| match r {
+                            Ok(was) => pb::CancelResult {
+                                job_id,
+                                previous_state: state_to_pb(was) as i32,
+                                error: String::new(),
+                            },
+                            Err(why) => pb::CancelResult {
+                                job_id,
+                                previous_state: pb::JobState::Unspecified as i32,
+                                error: why.to_string(),
+                            },
+                        })
+                        .collect(),
+                }),
+                index,
+            )),
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
     }
@@ -183,6 +194,8 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        // A watch "from now" starts no earlier than what the caller has seen.
+        before_read(&self.node, &request).await?;
         let r = request.into_inner();
         if r.job_id != 0 && !r.queue.is_empty() {
             return Err(Status::invalid_argument(

@@ -9,6 +9,7 @@ use exactly_proto::v1 as pb;
 use exactly_proto::v1::schedules_server::Schedules;
 use tonic::{Request, Response, Status};
 
+use super::consistency::{before_read, stamped};
 use super::convert::{new_job, spec_to_pb};
 use super::status_of;
 use crate::node::Node;
@@ -92,9 +93,11 @@ impl SchedulesService {
         }
     }
 
-    async fn change(&self, name: &str, command: Command) -> Result<(), Status> {
-        match self.node.propose(command).await? {
-            CoreResponse::ScheduleChanged(Ok(())) => Ok(()),
+    /// Proposes a schedule change for a client; returns the entry's log index.
+    async fn change(&self, name: &str, command: Command) -> Result<u64, Status> {
+        let (response, index) = self.node.propose_for_client(command).await?;
+        match response {
+            CoreResponse::ScheduleChanged(Ok(())) => Ok(index),
             CoreResponse::ScheduleChanged(Err(why)) => {
                 Err(status_of(&format!("schedule {name:?}"), &why))
             }
@@ -135,19 +138,23 @@ impl Schedules for SchedulesService {
         };
         validate_schedule(&schedule).map_err(Status::invalid_argument)?;
         let cron = schedule.cron.clone();
-        self.change(&r.name, Command::AddSchedule(schedule)).await?;
+        let index = self.change(&r.name, Command::AddSchedule(schedule)).await?;
         let info = self.info_when(&r.name, |i| i.cron == cron).await?;
-        Ok(Response::new(info))
+        Ok(stamped(Response::new(info), index))
     }
 
     async fn list(
         &self,
-        _request: Request<pb::ListSchedulesRequest>,
+        request: Request<pb::ListSchedulesRequest>,
     ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        let at = before_read(&self.node, &request).await?;
         let schedules = self
             .node
             .read(|t| t.schedules().values().map(schedule_to_pb).collect());
-        Ok(Response::new(pb::ListSchedulesResponse { schedules }))
+        Ok(stamped(
+            Response::new(pb::ListSchedulesResponse { schedules }),
+            at,
+        ))
     }
 
     async fn remove(
@@ -155,9 +162,10 @@ impl Schedules for SchedulesService {
         request: Request<pb::RemoveScheduleRequest>,
     ) -> Result<Response<pb::RemoveScheduleResponse>, Status> {
         let name = request.into_inner().name;
-        self.change(&name, Command::RemoveSchedule(name.clone()))
+        let index = self
+            .change(&name, Command::RemoveSchedule(name.clone()))
             .await?;
-        Ok(Response::new(pb::RemoveScheduleResponse {}))
+        Ok(stamped(Response::new(pb::RemoveScheduleResponse {}), index))
     }
 
     async fn set_paused(
@@ -165,15 +173,16 @@ impl Schedules for SchedulesService {
         request: Request<pb::SetSchedulePausedRequest>,
     ) -> Result<Response<pb::ScheduleInfo>, Status> {
         let r = request.into_inner();
-        self.change(
-            &r.name,
-            Command::PauseSchedule {
-                name: r.name.clone(),
-                paused: r.paused,
-            },
-        )
-        .await?;
+        let index = self
+            .change(
+                &r.name,
+                Command::PauseSchedule {
+                    name: r.name.clone(),
+                    paused: r.paused,
+                },
+            )
+            .await?;
         let info = self.info_when(&r.name, |i| i.paused == r.paused).await?;
-        Ok(Response::new(info))
+        Ok(stamped(Response::new(info), index))
     }
 }

@@ -116,12 +116,15 @@ async fn main() -> anyhow::Result<()> {
     let deadline = node.node.config.drain_deadline;
     tracing::info!(
         ?deadline,
-        "signal received: draining and leaving the cluster (signal again to stop now)"
+        "signal received: draining (signal again to stop now)"
     );
     tokio::select! {
         left = node.drain_and_leave(deadline) => match left {
-            Ok(()) => tracing::info!("left the cluster"),
-            Err(e) => tracing::warn!(error = %e, "stopping without leaving the cluster"),
+            Ok(exactly_node::membership::Stopped::Left) => tracing::info!("left the cluster; stopping"),
+            Ok(exactly_node::membership::Stopped::Stayed(why)) => {
+                tracing::info!(%why, "drained; stopping as a member of the cluster")
+            }
+            Err(e) => tracing::warn!(error = %e, "stopping without draining"),
         },
         _ = interrupt.recv() => tracing::warn!("second signal: stopping at once"),
         _ = term.recv() => tracing::warn!("second signal: stopping at once"),
