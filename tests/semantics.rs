@@ -445,7 +445,9 @@ async fn ordering_keys_run_in_order_and_keys_in_parallel() -> anyhow::Result<()>
 
 /// A job failing every attempt with max_attempts 3 becomes a dead letter (DEAD, 3 attempts each
 /// with its error); DeadLetters.Redrive runs it again and the redriven run succeeds; Purge
-/// deletes another dead letter (Get then says NOT_FOUND).
+/// deletes another dead letter by id (Get then says NOT_FOUND) and the last one with
+/// `all = true`. An empty filter (and `all` with a filter) is INVALID_ARGUMENT for Redrive and
+/// Purge alike and leaves every dead letter dead: an empty Purge used to delete them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
     init_tracing();
@@ -459,12 +461,16 @@ async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
     };
     let ids = jobs
         .submit(pb::SubmitRequest {
-            jobs: vec![spec("fail=3", 3), spec("fail=100", 1)],
+            jobs: vec![
+                spec("fail=3", 3),
+                spec("fail=100", 1),
+                spec("fail=100;last", 1),
+            ],
         })
         .await?
         .into_inner()
         .job_ids;
-    let (flaky, doomed) = (ids[0], ids[1]);
+    let (flaky, doomed, last) = (ids[0], ids[1], ids[2]);
     wait_status(&cluster, &ids, JobStatus::Dead, Duration::from_secs(60)).await?;
     let got = jobs
         .get(pb::GetRequest { job_id: flaky })
@@ -489,6 +495,41 @@ async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
     assert_eq!(timeline.runs().iter().filter(|r| r.job == flaky).count(), 3);
 
     let mut dead = pb::dead_letters_client::DeadLettersClient::new(channel(&cluster, 1)?);
+    let refused = [
+        pb::DeadLetterFilter::default(),
+        pb::DeadLetterFilter {
+            limit: 10,
+            ..Default::default()
+        },
+        pb::DeadLetterFilter {
+            queue: "default".into(),
+            all: true,
+            ..Default::default()
+        },
+    ];
+    for filter in refused {
+        for purge in [false, true] {
+            let status = if purge {
+                dead.purge(filter.clone()).await
+            } else {
+                dead.redrive(filter.clone()).await
+            }
+            .expect_err("refused");
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{filter:?} (purge {purge}): {status:?}"
+            );
+            assert!(status.message().contains("all"), "{}", status.message());
+        }
+    }
+    let leader_id = leader(&cluster).await?;
+    let still_dead = cluster
+        .node(leader_id)
+        .ok_or_else(|| anyhow::anyhow!("leader gone"))?
+        .read(|t| t.dead_jobs().count());
+    assert_eq!(still_dead, 3, "a refused filter purged or redrove nothing");
+
     let redriven = dead
         .redrive(pb::DeadLetterFilter {
             job_ids: vec![flaky],
@@ -544,6 +585,16 @@ async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
         .await
         .expect_err("a purged job is gone");
     assert_eq!(status.code(), tonic::Code::NotFound);
+
+    let purged = dead
+        .purge(pb::DeadLetterFilter {
+            all: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .job_ids;
+    assert_eq!(purged, vec![last], "all = true purges the one dead letter left");
     cluster.shutdown().await;
     Ok(())
 }

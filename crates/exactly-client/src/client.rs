@@ -304,7 +304,9 @@ impl Client {
 
     /// Runs matching dead letters again (attempts reset, history kept) and returns their ids. At
     /// most [`DEAD_LETTERS_PER_CALL_MAX`] per call (`limit`); call again while a call returns a
-    /// full batch. An empty filter matches every dead letter.
+    /// full batch. The filter needs `job_ids`, `queue` or `kind`, or else `all: true` to act on
+    /// every dead letter; an empty filter (and `all` with a filter) is refused with
+    /// `INVALID_ARGUMENT` and changes nothing.
     ///
     /// Retried only when a try provably was not applied (a repeat could redrive jobs that died
     /// again meanwhile); otherwise [`Error::UnknownOutcome`].

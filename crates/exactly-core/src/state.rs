@@ -320,10 +320,18 @@ impl JobTable {
                 Response::NodeRegistered(self.register_node(log_index, registration, &mut effects))
             }
             Command::Cancel(ids) => Response::Cancelled(self.cancel(ids, &mut effects)),
-            Command::Redrive(filter) => Response::Redriven(self.redrive(&filter, &mut effects)),
-            Command::PurgeDead(filter) => {
-                Response::PurgedDead(self.purge_dead(&filter, &mut effects))
-            }
+            Command::Redrive(filter) => Response::Redriven(
+                filter
+                    .check()
+                    .map_err(Rejection::Invalid)
+                    .map(|()| self.redrive(&filter, &mut effects)),
+            ),
+            Command::PurgeDead(filter) => Response::PurgedDead(
+                filter
+                    .check()
+                    .map_err(Rejection::Invalid)
+                    .map(|()| self.purge_dead(&filter, &mut effects)),
+            ),
             Command::ConfigureQueue { queue, patch } => {
                 Response::QueueConfigured(self.configure_queue(queue, patch))
             }

@@ -35,12 +35,16 @@ fn dead_filter(f: pb::DeadLetterFilter) -> Result<DeadFilter, Status> {
         }
         n => n,
     };
-    Ok(DeadFilter {
+    let filter = DeadFilter {
         ids: f.job_ids,
         queue: (!f.queue.is_empty()).then_some(f.queue),
         kind: (!f.kind.is_empty()).then_some(f.kind),
         max,
-    })
+        all: f.all,
+    };
+    // An empty message must never mean "every dead letter": that takes `all = true`.
+    filter.check().map_err(Status::invalid_argument)?;
+    Ok(filter)
 }
 
 #[tonic::async_trait]
@@ -51,9 +55,10 @@ impl DeadLetters for DeadLettersService {
     ) -> Result<Response<pb::DeadLetterResponse>, Status> {
         let filter = dead_filter(request.into_inner())?;
         match self.node.propose(Command::Redrive(filter)).await? {
-            CoreResponse::Redriven(job_ids) => {
+            CoreResponse::Redriven(Ok(job_ids)) => {
                 Ok(Response::new(pb::DeadLetterResponse { job_ids }))
             }
+            CoreResponse::Redriven(Err(why)) => Err(status_of("filter", &why)),
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
     }
@@ -64,9 +69,10 @@ impl DeadLetters for DeadLettersService {
     ) -> Result<Response<pb::DeadLetterResponse>, Status> {
         let filter = dead_filter(request.into_inner())?;
         match self.node.propose(Command::PurgeDead(filter)).await? {
-            CoreResponse::PurgedDead(job_ids) => {
+            CoreResponse::PurgedDead(Ok(job_ids)) => {
                 Ok(Response::new(pb::DeadLetterResponse { job_ids }))
             }
+            CoreResponse::PurgedDead(Err(why)) => Err(status_of("filter", &why)),
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
     }
