@@ -1058,7 +1058,10 @@ async fn watch_is_ordered_and_resumable_on_another_node() -> anyhow::Result<()> 
 }
 
 /// Every error a client can cause gets its status code, and the leader's jobs, counts, queues
-/// and schedules are the same after as before. This includes requests whose bytes are not the
+/// and schedules are the same after as before: among them a run_at or delay more than ten years
+/// ahead (2^64-1 included), idempotency keys that are not printable ASCII (a newline, a
+/// non-ASCII letter, a leading space), ordering keys and labels with control characters, a
+/// schedule name that is not ASCII. This includes requests whose bytes are not the
 /// method's message (a bad varint, a string that is not UTF-8, a length past the end, a wire
 /// type that does not exist), sent raw: INVALID_ARGUMENT, where prost's codec said INTERNAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1155,6 +1158,72 @@ async fn client_errors_have_codes_and_commit_nothing() -> anyhow::Result<()> {
         code(jobs.submit(submit(vec![both])).await),
         Code::InvalidArgument
     );
+    // A run_at or delay past ten years ahead (2^64-1 made a job that never runs yet counts as
+    // live), and keys that cannot be sent as a header or hold control characters: refused
+    // with the rule named.
+    let ten_years = exactly_core::limits::RUN_AT_AHEAD_MS_MAX;
+    let mut labelled = job("");
+    labelled.labels.insert("team".into(), "a\u{7}b".into());
+    let refused_specs = [
+        (
+            pb::JobSpec {
+                run_at_ms: u64::MAX,
+                ..job("")
+            },
+            "3650 days",
+        ),
+        (
+            pb::JobSpec {
+                delay_ms: u64::MAX,
+                ..job("")
+            },
+            "3650 days",
+        ),
+        (
+            pb::JobSpec {
+                delay_ms: ten_years + 1,
+                ..job("")
+            },
+            "3650 days",
+        ),
+        (
+            pb::JobSpec {
+                idempotency_key: "order\n17".into(),
+                ..job("")
+            },
+            "printable ASCII",
+        ),
+        (
+            pb::JobSpec {
+                idempotency_key: "zahlung-ä".into(),
+                ..job("")
+            },
+            "printable ASCII",
+        ),
+        (
+            pb::JobSpec {
+                idempotency_key: " order-17".into(),
+                ..job("")
+            },
+            "start or end with a space",
+        ),
+        (
+            pb::JobSpec {
+                ordering_key: "line\r1".into(),
+                ..job("")
+            },
+            "control characters",
+        ),
+        (labelled, "control characters"),
+    ];
+    for (spec, rule) in refused_specs {
+        let s = jobs
+            .submit(submit(vec![spec.clone()]))
+            .await
+            .expect_err("refused");
+        assert_eq!(s.code(), Code::InvalidArgument, "{spec:?}: {s:?}");
+        assert!(s.message().contains(rule), "{spec:?}: {s:?}");
+    }
 
     let list = jobs
         .list(pb::ListRequest {
@@ -1208,6 +1277,15 @@ async fn client_errors_have_codes_and_commit_nothing() -> anyhow::Result<()> {
         ..yearly.clone()
     };
     let s = schedules.add(bad_tz).await.expect_err("unknown time zone");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+    let bad_name = pb::AddScheduleRequest {
+        name: "nächtlich".into(),
+        ..yearly.clone()
+    };
+    let s = schedules
+        .add(bad_name)
+        .await
+        .expect_err("a name that is not ASCII");
     assert_eq!(s.code(), Code::InvalidArgument, "{s}");
     let s = schedules.add(yearly).await.expect_err("duplicate name");
     assert_eq!(s.code(), Code::AlreadyExists, "{s}");

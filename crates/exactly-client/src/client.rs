@@ -629,7 +629,8 @@ mod tests {
         assert!(err.to_string().contains("bad host"), "{err}");
     }
 
-    /// Jobs without a key get distinct v4 UUIDs; a caller's key is kept as it is.
+    /// Jobs without a key get distinct v4 UUIDs, which pass the server's key rule (printable
+    /// ASCII); a caller's key is kept as it is.
     #[test]
     fn missing_keys_become_uuids() {
         let mut jobs = vec![
@@ -645,6 +646,13 @@ mod tests {
         for key in [&jobs[0].idempotency_key, &jobs[2].idempotency_key] {
             let uuid = uuid::Uuid::parse_str(key).expect("a UUID");
             assert_eq!(uuid.get_version_num(), 4, "{key}");
+            // The server's rule for keys: 1..=256 bytes of printable ASCII, no space at either
+            // end (hyphenated lowercase hex has no space at all).
+            assert_eq!(key.len(), 36, "{key}");
+            assert!(
+                key.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'),
+                "{key}"
+            );
         }
         assert_ne!(jobs[0].idempotency_key, jobs[2].idempotency_key);
         // Assigning again changes nothing: the keys are chosen once.

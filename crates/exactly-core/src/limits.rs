@@ -44,6 +44,11 @@ pub const RETRY_BACKOFF_BASE_MS: u64 = 1_000;
 pub const RETRY_BACKOFF_MAX_MS: u64 = 5 * 60 * 1000;
 /// A job's own backoff base or cap, at most (one day).
 pub const BACKOFF_MS_MAX: u64 = 24 * 60 * 60 * 1000;
+/// How far after now (the leader's time in apply, the answering node's clock at the API edge) a
+/// job's `run_at` may lie: about ten years (3,650 days). Without a bound, a `run_at` or `delay`
+/// of 2^64-1 made a job that never runs yet counts as live (against `limits.jobs-live-max`) and
+/// holds its payload for ever.
+pub const RUN_AT_AHEAD_MS_MAX: u64 = 3_650 * 24 * 60 * 60 * 1000;
 /// Bytes of an idempotency key.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 /// Bytes of an ordering key.

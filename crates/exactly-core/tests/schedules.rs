@@ -449,7 +449,8 @@ fn pause_and_resume() {
 }
 
 /// Adding an existing name is refused unless replacing; remove deletes; bad specs are refused
-/// with the reason; and none of the refusals changes anything.
+/// with the reason (a name that is not printable ASCII too: it is part of every fired job's
+/// idempotency key); and none of the refusals changes anything.
 #[test]
 fn add_replace_remove_and_refusals() {
     let mut h = Harness::new();
@@ -471,6 +472,8 @@ fn add_replace_remove_and_refusals() {
         (spec("b", "61 * * * *"), "minute"),
         (spec("b", "0 0 31 2 *"), "never fire"),
         (keyed, "idempotency key"),
+        (spec("night\nly", "@daily"), "printable ASCII"),
+        (spec("nächtlich", "@daily"), "printable ASCII"),
     ] {
         match add(&mut h, T0, bad) {
             Err(Rejection::Invalid(reason)) => assert!(reason.contains(why), "{reason}"),

@@ -31,6 +31,18 @@ pub fn validate_schedule(spec: &ScheduleSpec) -> Result<CronSchedule, String> {
             spec.name.len()
         ));
     }
+    // The name is part of each fired job's idempotency key, `schedule/<name>/<tick ms>`.
+    if let Some((at, byte)) = spec
+        .name
+        .bytes()
+        .enumerate()
+        .find(|&(_, b)| !(0x20..=0x7e).contains(&b))
+    {
+        return Err(format!(
+            "schedule name must be printable ASCII (0x20-0x7E), as it is part of its jobs' \
+             idempotency keys; byte {at} is {byte:#04x}"
+        ));
+    }
     let cron = CronSchedule::parse(&spec.cron, &spec.tz).map_err(|e| e.to_string())?;
     if !cron.days_exist() {
         return Err(format!(
