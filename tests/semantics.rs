@@ -824,7 +824,8 @@ fn committed(cluster: &FaultyCluster, leader: u64) -> anyhow::Result<Committed> 
 /// Cancel: a delayed pending job ends CANCELLED and never runs; a running job ends CANCELLED,
 /// its handler is cancelled on its node (it stops long before its 30 s sleep), its late
 /// completion is refused (the job stays CANCELLED) and it never runs again. Cancelling a
-/// finished or unknown job is a per-result error.
+/// finished or unknown job is a per-result error with its code: FAILED_PRECONDITION for the
+/// finished one, NOT_FOUND for the unknown one (OK for the two cancelled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_pending_and_running_jobs() -> anyhow::Result<()> {
     init_tracing();
@@ -867,16 +868,30 @@ async fn cancel_pending_and_running_jobs() -> anyhow::Result<()> {
     assert_eq!(results.len(), 4);
     assert_eq!(results[0].previous_state, pb::JobState::Pending as i32);
     assert!(results[0].error.is_empty(), "{:?}", results[0]);
+    assert_eq!(results[0].code, tonic::Code::Ok as i32);
     assert_eq!(results[1].previous_state, pb::JobState::Running as i32);
     assert!(results[1].error.is_empty(), "{:?}", results[1]);
+    assert_eq!(results[1].code, tonic::Code::Ok as i32);
     assert!(
         !results[2].error.is_empty(),
         "cancel of a finished job: {:?}",
         results[2]
     );
+    assert_eq!(
+        results[2].code,
+        tonic::Code::FailedPrecondition as i32,
+        "a finished job: {:?}",
+        results[2]
+    );
     assert!(
         !results[3].error.is_empty(),
         "cancel of an unknown job: {:?}",
+        results[3]
+    );
+    assert_eq!(
+        results[3].code,
+        tonic::Code::NotFound as i32,
+        "an unknown job: {:?}",
         results[3]
     );
     wait_status(
@@ -1242,6 +1257,12 @@ async fn client_errors_have_codes_and_commit_nothing() -> anyhow::Result<()> {
         .into_inner()
         .results;
     assert!(cancel.iter().all(|r| !r.error.is_empty()), "{cancel:?}");
+    let codes: Vec<i32> = cancel.iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        [Code::FailedPrecondition as i32, Code::NotFound as i32],
+        "{cancel:?}"
+    );
 
     for rate in [
         pb::RateLimitSpec {

@@ -275,11 +275,13 @@ impl Jobs for FakeCluster {
                 None => CancelResult {
                     job_id,
                     error: format!("job {job_id} does not exist"),
+                    code: tonic::Code::NotFound as i32,
                     ..CancelResult::default()
                 },
                 Some(job) if job.state != JobState::Pending as i32 => CancelResult {
                     job_id,
                     error: format!("job {job_id} has already finished"),
+                    code: tonic::Code::FailedPrecondition as i32,
                     ..CancelResult::default()
                 },
                 Some(mut job) => {
@@ -291,6 +293,7 @@ impl Jobs for FakeCluster {
                         job_id,
                         previous_state,
                         error: String::new(),
+                        code: tonic::Code::Ok as i32,
                     }
                 }
             };
@@ -880,7 +883,9 @@ async fn list_pages() {
     assert_eq!(value["next_after_id"], 4);
 }
 
-/// Cancel reports each job; a job that could not be cancelled makes the command exit with 1.
+/// Cancel reports each job, a refused one with its code (FAILED_PRECONDITION for a finished
+/// job, NOT_FOUND for an unknown one; `code` in --json); a job that could not be cancelled makes
+/// the command exit with 1.
 #[tokio::test]
 async fn cancel_reports_per_job() {
     let endpoint = start_fake().await;
@@ -895,10 +900,20 @@ async fn cancel_reports_per_job() {
         stdout(&out),
         "JOB  RESULT\n\
          2    cancelled (was pending)\n\
-         3    not cancelled: job 3 has already finished\n\
-         99   not cancelled: job 99 does not exist\n"
+         3    not cancelled: FAILED_PRECONDITION: job 3 has already finished\n\
+         99   not cancelled: NOT_FOUND: job 99 does not exist\n"
     );
     assert_eq!(stderr(&out), "error: 2 of 3 jobs were not cancelled\n");
+    let out = exactly(&endpoint, &["--json", "cancel", "3", "99"], b"").await;
+    assert_eq!(out.status.code(), Some(1));
+    let value = json(&stdout(&out));
+    let codes: Vec<&str> = value["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["FAILED_PRECONDITION", "NOT_FOUND"]);
     let value = json(&ok(&endpoint, &["get", "--json", "2"]).await);
     assert_eq!(value["state"], "cancelled");
 }

@@ -102,6 +102,29 @@ pub fn assign_idempotency_keys(jobs: &mut [JobSpec]) {
     }
 }
 
+/// The per-job outcome of a [`Client::cancel`] as a gRPC code, read from
+/// [`CancelResult::code`](exactly_proto::v1::CancelResult).
+pub trait CancelResultExt {
+    /// `Code::Ok` if the job was cancelled, `NotFound` if no such job exists,
+    /// `FailedPrecondition` if it had finished already. A result with an error but no code (a
+    /// server from before the field existed) is `Code::Unknown`.
+    fn status_code(&self) -> tonic::Code;
+
+    /// Whether the job was cancelled by this call.
+    fn cancelled(&self) -> bool {
+        self.status_code() == tonic::Code::Ok
+    }
+}
+
+impl CancelResultExt for CancelResult {
+    fn status_code(&self) -> tonic::Code {
+        match tonic::Code::from_i32(self.code) {
+            tonic::Code::Ok if !self.error.is_empty() => tonic::Code::Unknown,
+            code => code,
+        }
+    }
+}
+
 /// A successful call: the answer, the endpoint that gave it, and whether a try before it may
 /// have been applied.
 pub(crate) struct Answer<T> {
@@ -275,8 +298,9 @@ impl Client {
 
     /// Cancels jobs (at most [`CANCEL_JOBS_MAX`] per call): pending ones end at once, running
     /// ones end now and their handler is stopped. Returns one result per job; a job that could
-    /// not be cancelled (unknown, already finished) carries an error and the others are still
-    /// cancelled.
+    /// not be cancelled carries an error and a code ([`CancelResultExt::status_code`]:
+    /// `NotFound` for an unknown job, `FailedPrecondition` for a finished one), and the others
+    /// are still cancelled.
     ///
     /// Retried only when a try provably was not applied: a repeat of an applied cancel would
     /// report the jobs as already finished. Otherwise [`Error::UnknownOutcome`].
