@@ -1,7 +1,7 @@
 //! `exactly cancel ID...`: cancels jobs and says, per job, whether it was cancelled and from which
 //! state. Exits non-zero if any job could not be cancelled.
 
-use exactly_client::{CancelResult, Client, CANCEL_JOBS_MAX};
+use exactly_client::{code_name, CancelResult, CancelResultExt, Client, CANCEL_JOBS_MAX};
 
 use crate::output::{emit, emit_json, state_name, Table};
 use crate::RefusedError;
@@ -21,13 +21,15 @@ pub struct CancelView {
     cancelled: bool,
     /// The state the job was in when it was cancelled; empty if it was not.
     previous_state: String,
+    /// The outcome as a gRPC code name: `OK`, `NOT_FOUND`, `FAILED_PRECONDITION`.
+    code: &'static str,
     /// Why it was not cancelled; empty if it was.
     error: String,
 }
 
 impl From<&CancelResult> for CancelView {
     fn from(r: &CancelResult) -> Self {
-        let cancelled = r.error.is_empty();
+        let cancelled = r.cancelled();
         CancelView {
             job_id: r.job_id,
             cancelled,
@@ -36,6 +38,7 @@ impl From<&CancelResult> for CancelView {
             } else {
                 String::new()
             },
+            code: code_name(r.status_code()),
             error: r.error.clone(),
         }
     }
@@ -45,10 +48,10 @@ impl From<&CancelResult> for CancelView {
 pub fn render(results: &[CancelResult]) -> String {
     let mut table = Table::new(&["JOB", "RESULT"]);
     for r in results {
-        let result = if r.error.is_empty() {
+        let result = if r.cancelled() {
             format!("cancelled (was {})", state_name(r.previous_state))
         } else {
-            format!("not cancelled: {}", r.error)
+            format!("not cancelled: {}: {}", code_name(r.status_code()), r.error)
         };
         table.row(vec![r.job_id.to_string(), result]);
     }
@@ -72,7 +75,7 @@ pub async fn run(client: &Client, args: &CancelArgs, json: bool) -> anyhow::Resu
         }
     }
     print(&results, json)?;
-    let refused = results.iter().filter(|r| !r.error.is_empty()).count();
+    let refused = results.iter().filter(|r| !r.cancelled()).count();
     if refused > 0 {
         return Err(RefusedError(format!(
             "{refused} of {} jobs were not cancelled",
@@ -102,7 +105,8 @@ mod tests {
     use super::*;
     use exactly_client::JobState;
 
-    /// Cancelled jobs show their previous state; refused ones show the server's reason.
+    /// Cancelled jobs show their previous state; refused ones show the code and the server's
+    /// reason; a result with an error but no code (an older server) shows UNKNOWN.
     #[test]
     fn renders_results() {
         let results = [
@@ -110,21 +114,33 @@ mod tests {
                 job_id: 4,
                 previous_state: JobState::Running as i32,
                 error: String::new(),
+                code: 0,
             },
             CancelResult {
                 job_id: 9,
                 previous_state: JobState::Unspecified as i32,
-                error: "job 9 has already finished".into(),
+                error: "job is already succeeded".into(),
+                code: exactly_client::Code::FailedPrecondition as i32,
+            },
+            CancelResult {
+                job_id: 11,
+                previous_state: JobState::Unspecified as i32,
+                error: "job 11 has already finished".into(),
+                code: 0,
             },
         ];
         assert_eq!(
             render(&results),
             "JOB  RESULT\n\
              4    cancelled (was running)\n\
-             9    not cancelled: job 9 has already finished\n"
+             9    not cancelled: FAILED_PRECONDITION: job is already succeeded\n\
+             11   not cancelled: UNKNOWN: job 11 has already finished\n"
         );
         let value = serde_json::to_value(CancelView::from(&results[1])).unwrap();
         assert_eq!(value["cancelled"], false);
         assert_eq!(value["previous_state"], "");
+        assert_eq!(value["code"], "FAILED_PRECONDITION");
+        let value = serde_json::to_value(CancelView::from(&results[0])).unwrap();
+        assert_eq!(value["code"], "OK");
     }
 }

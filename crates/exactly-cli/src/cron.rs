@@ -38,18 +38,19 @@ pub enum CronCommand {
 /// What to do with a tick while the previous job of the schedule still runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OverlapArg {
-    /// Skip the tick.
+    /// Skip the tick; the schedule's jobs run one at a time.
     Skip,
     /// Fire it anyway.
     Allow,
 }
 
-/// What to do with ticks missed while the cluster was down.
+/// What to do with ticks more than 60 s late (the cluster had no leader for longer); later ones
+/// fire late, each its own job, either way.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MissedArg {
     /// Skip them.
     Skip,
-    /// Fire one job, once, when the cluster is back.
+    /// Fire one job for all of them when the cluster is back.
     RunOnce,
 }
 
@@ -67,7 +68,8 @@ pub struct CronAddArgs {
     /// A tick while the schedule's previous job still runs: skip it, or fire anyway.
     #[arg(long, value_enum, default_value_t = OverlapArg::Skip)]
     pub overlap: OverlapArg,
-    /// Ticks missed while the cluster was down: skip them, or fire once when it is back.
+    /// Ticks more than 60 s late (no leader for longer): skip them, or fire one job for all.
+    /// Ticks less late fire each, either way.
     #[arg(long, value_enum, default_value_t = MissedArg::Skip)]
     pub missed: MissedArg,
     /// Replace a schedule of the same name instead of failing.

@@ -80,6 +80,8 @@ fn filters(args: &DlqFilterArgs) -> Result<Vec<DeadLetterFilter>, UsageError> {
         queue: args.queue.clone().unwrap_or_default(),
         kind: args.kind.clone().unwrap_or_default(),
         limit: 0,
+        // The server refuses an empty filter unless it says `all` (and `all` with a filter).
+        all: !filtered,
     };
     if args.ids.is_empty() {
         return Ok(vec![base]);
@@ -167,12 +169,21 @@ mod tests {
         }
     }
 
-    /// No filter and no --all is a usage error; --all is one unfiltered call group.
+    /// No filter and no --all is a usage error; --all is one unfiltered call group that says
+    /// `all` (the server refuses an empty filter without it).
     #[test]
     fn an_empty_filter_needs_all() {
         assert!(filters(&args(vec![], None, false)).is_err());
         let all = filters(&args(vec![], None, true)).unwrap();
-        assert_eq!(all, vec![DeadLetterFilter::default()]);
+        assert_eq!(
+            all,
+            vec![DeadLetterFilter {
+                all: true,
+                ..DeadLetterFilter::default()
+            }]
+        );
+        let mail = filters(&args(vec![], Some("mail"), false)).unwrap();
+        assert!(!mail[0].all, "a filter is sent without all");
     }
 
     /// Named ids are split into groups of at most 1000 and keep the other filters.

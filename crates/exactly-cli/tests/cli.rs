@@ -76,9 +76,18 @@ impl State {
         });
     }
 
-    fn dead_matching(&self, f: &DeadLetterFilter) -> Vec<u64> {
+    /// The dead letters a filter selects; like the real server, an empty filter needs `all`
+    /// and `all` takes no filter.
+    fn dead_matching(&self, f: &DeadLetterFilter) -> Result<Vec<u64>, Status> {
+        let unfiltered = f.job_ids.is_empty() && f.queue.is_empty() && f.kind.is_empty();
+        if unfiltered != f.all {
+            return Err(Status::invalid_argument(
+                "set job_ids, queue or kind, or all = true (not both)",
+            ));
+        }
         let limit = if f.limit == 0 { 1000 } else { f.limit as usize };
-        self.jobs
+        Ok(self
+            .jobs
             .values()
             .filter(|j| j.state == JobState::Dead as i32)
             .filter(|j| f.job_ids.is_empty() || f.job_ids.contains(&j.id))
@@ -86,7 +95,7 @@ impl State {
             .filter(|j| f.kind.is_empty() || j.kind == f.kind)
             .map(|j| j.id)
             .take(limit)
-            .collect()
+            .collect())
     }
 }
 
@@ -266,11 +275,13 @@ impl Jobs for FakeCluster {
                 None => CancelResult {
                     job_id,
                     error: format!("job {job_id} does not exist"),
+                    code: tonic::Code::NotFound as i32,
                     ..CancelResult::default()
                 },
                 Some(job) if job.state != JobState::Pending as i32 => CancelResult {
                     job_id,
                     error: format!("job {job_id} has already finished"),
+                    code: tonic::Code::FailedPrecondition as i32,
                     ..CancelResult::default()
                 },
                 Some(mut job) => {
@@ -282,6 +293,7 @@ impl Jobs for FakeCluster {
                         job_id,
                         previous_state,
                         error: String::new(),
+                        code: tonic::Code::Ok as i32,
                     }
                 }
             };
@@ -341,7 +353,7 @@ impl DeadLetters for FakeCluster {
         request: Request<DeadLetterFilter>,
     ) -> Result<Response<DeadLetterResponse>, Status> {
         let mut state = self.state.lock().unwrap();
-        let ids = state.dead_matching(&request.into_inner());
+        let ids = state.dead_matching(&request.into_inner())?;
         let index = state.entry();
         for id in &ids {
             let mut job = state.jobs[id].clone();
@@ -357,7 +369,7 @@ impl DeadLetters for FakeCluster {
         request: Request<DeadLetterFilter>,
     ) -> Result<Response<DeadLetterResponse>, Status> {
         let mut state = self.state.lock().unwrap();
-        let ids = state.dead_matching(&request.into_inner());
+        let ids = state.dead_matching(&request.into_inner())?;
         state.entry();
         for id in &ids {
             state.jobs.remove(id);
@@ -871,7 +883,9 @@ async fn list_pages() {
     assert_eq!(value["next_after_id"], 4);
 }
 
-/// Cancel reports each job; a job that could not be cancelled makes the command exit with 1.
+/// Cancel reports each job, a refused one with its code (FAILED_PRECONDITION for a finished
+/// job, NOT_FOUND for an unknown one; `code` in --json); a job that could not be cancelled makes
+/// the command exit with 1.
 #[tokio::test]
 async fn cancel_reports_per_job() {
     let endpoint = start_fake().await;
@@ -886,16 +900,28 @@ async fn cancel_reports_per_job() {
         stdout(&out),
         "JOB  RESULT\n\
          2    cancelled (was pending)\n\
-         3    not cancelled: job 3 has already finished\n\
-         99   not cancelled: job 99 does not exist\n"
+         3    not cancelled: FAILED_PRECONDITION: job 3 has already finished\n\
+         99   not cancelled: NOT_FOUND: job 99 does not exist\n"
     );
     assert_eq!(stderr(&out), "error: 2 of 3 jobs were not cancelled\n");
+    let out = exactly(&endpoint, &["--json", "cancel", "3", "99"], b"").await;
+    assert_eq!(out.status.code(), Some(1));
+    let value = json(&stdout(&out));
+    let codes: Vec<&str> = value["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["FAILED_PRECONDITION", "NOT_FOUND"]);
     let value = json(&ok(&endpoint, &["get", "--json", "2"]).await);
     assert_eq!(value["state"], "cancelled");
 }
 
 /// Dead letters are listed, redriven by id and purged by queue, across as many calls as it
-/// takes (1500 dead letters need two calls of at most 1000); no filter needs --all.
+/// takes (1500 dead letters need two calls of at most 1000); no filter needs --all, and --all
+/// reaches the server as `all = true` (the fake, like a node, refuses an empty filter without
+/// it).
 #[tokio::test]
 async fn dead_letters() {
     let endpoint = start_fake().await;

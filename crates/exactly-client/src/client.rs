@@ -105,6 +105,29 @@ pub fn assign_idempotency_keys(jobs: &mut [JobSpec]) {
     }
 }
 
+/// The per-job outcome of a [`Client::cancel`] as a gRPC code, read from
+/// [`CancelResult::code`](exactly_proto::v1::CancelResult).
+pub trait CancelResultExt {
+    /// `Code::Ok` if the job was cancelled, `NotFound` if no such job exists,
+    /// `FailedPrecondition` if it had finished already. A result with an error but no code (a
+    /// server from before the field existed) is `Code::Unknown`.
+    fn status_code(&self) -> tonic::Code;
+
+    /// Whether the job was cancelled by this call.
+    fn cancelled(&self) -> bool {
+        self.status_code() == tonic::Code::Ok
+    }
+}
+
+impl CancelResultExt for CancelResult {
+    fn status_code(&self) -> tonic::Code {
+        match tonic::Code::from_i32(self.code) {
+            tonic::Code::Ok if !self.error.is_empty() => tonic::Code::Unknown,
+            code => code,
+        }
+    }
+}
+
 /// A successful call: the answer, the endpoint that gave it, and whether a try before it may
 /// have been applied.
 pub(crate) struct Answer<T> {
@@ -285,8 +308,9 @@ impl Client {
 
     /// Cancels jobs (at most [`CANCEL_JOBS_MAX`] per call): pending ones end at once, running
     /// ones end now and their handler is stopped. Returns one result per job; a job that could
-    /// not be cancelled (unknown, already finished) carries an error and the others are still
-    /// cancelled.
+    /// not be cancelled carries an error and a code ([`CancelResultExt::status_code`]:
+    /// `NotFound` for an unknown job, `FailedPrecondition` for a finished one), and the others
+    /// are still cancelled.
     ///
     /// Retried only when a try provably was not applied: a repeat of an applied cancel would
     /// report the jobs as already finished. Otherwise [`Error::UnknownOutcome`].
@@ -314,7 +338,9 @@ impl Client {
 
     /// Runs matching dead letters again (attempts reset, history kept) and returns their ids. At
     /// most [`DEAD_LETTERS_PER_CALL_MAX`] per call (`limit`); call again while a call returns a
-    /// full batch. An empty filter matches every dead letter.
+    /// full batch. The filter needs `job_ids`, `queue` or `kind`, or else `all: true` to act on
+    /// every dead letter; an empty filter (and `all` with a filter) is refused with
+    /// `INVALID_ARGUMENT` and changes nothing.
     ///
     /// Retried only when a try provably was not applied (a repeat could redrive jobs that died
     /// again meanwhile); otherwise [`Error::UnknownOutcome`].
@@ -698,7 +724,8 @@ mod tests {
         assert!(err.to_string().contains("bad host"), "{err}");
     }
 
-    /// Jobs without a key get distinct v4 UUIDs; a caller's key is kept as it is.
+    /// Jobs without a key get distinct v4 UUIDs, which pass the server's key rule (printable
+    /// ASCII); a caller's key is kept as it is.
     #[test]
     fn missing_keys_become_uuids() {
         let mut jobs = vec![
@@ -714,6 +741,13 @@ mod tests {
         for key in [&jobs[0].idempotency_key, &jobs[2].idempotency_key] {
             let uuid = uuid::Uuid::parse_str(key).expect("a UUID");
             assert_eq!(uuid.get_version_num(), 4, "{key}");
+            // The server's rule for keys: 1..=256 bytes of printable ASCII, no space at either
+            // end (hyphenated lowercase hex has no space at all).
+            assert_eq!(key.len(), 36, "{key}");
+            assert!(
+                key.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'),
+                "{key}"
+            );
         }
         assert_ne!(jobs[0].idempotency_key, jobs[2].idempotency_key);
         // Assigning again changes nothing: the keys are chosen once.

@@ -46,7 +46,7 @@ mod retry;
 mod watch;
 
 pub use client::{
-    assign_idempotency_keys, Client, Submission, Submitted, CANCEL_JOBS_MAX,
+    assign_idempotency_keys, CancelResultExt, Client, Submission, Submitted, CANCEL_JOBS_MAX,
     DEAD_LETTERS_PER_CALL_MAX, ENDPOINTS_MAX, LIST_LIMIT_MAX, SUBMIT_JOBS_MAX,
 };
 pub use error::{code_name, Error};

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use exactly_client::{
-    Client, ClientOptions, Code, ConfigureQueueRequest, DeadLetterFilter, JobSpec, JobState,
-    ListRequest, RateLimitSpec, WatchScope,
+    CancelResultExt, Client, ClientOptions, Code, ConfigureQueueRequest, DeadLetterFilter, JobSpec,
+    JobState, ListRequest, RateLimitSpec, WatchScope,
 };
 use exactly_handlers::Registry;
 use exactly_node::{NodeConfig, RunningNode};
@@ -145,8 +145,10 @@ async fn keyed_submits_and_a_watch_that_outlives_its_node() -> anyhow::Result<()
 }
 
 /// Every other call once against one real node: a delayed job is listed as pending and
-/// cancelled; a permanently failing job lands in dead letters, is redriven, dies again and is
-/// purged; a queue is configured and listed.
+/// cancelled (codes per job: OK, NOT_FOUND for an unknown id, FAILED_PRECONDITION when
+/// cancelled again); a permanently failing job lands in dead letters, is redriven by queue,
+/// dies again, is refused an empty Purge (INVALID_ARGUMENT, still dead), is redriven with
+/// `all`, dies again and is purged; a queue is configured and listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn list_cancel_dead_letters_and_queues() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -175,11 +177,22 @@ async fn list_cancel_dead_letters_and_queues() -> anyhow::Result<()> {
     let results = client.cancel(vec![delayed, 999_999]).await?;
     assert_eq!(results[0].previous_state(), JobState::Pending);
     assert!(results[0].error.is_empty());
+    assert!(results[0].cancelled());
+    assert_eq!(results[0].status_code(), Code::Ok);
     assert!(
         !results[1].error.is_empty(),
         "an unknown job is not cancelled"
     );
+    assert_eq!(results[1].status_code(), Code::NotFound, "{:?}", results[1]);
     assert_eq!(client.get(delayed).await?.state(), JobState::Cancelled);
+    let again = client.cancel(vec![delayed]).await?;
+    assert!(!again[0].cancelled());
+    assert_eq!(
+        again[0].status_code(),
+        Code::FailedPrecondition,
+        "a finished job: {:?}",
+        again[0]
+    );
 
     let doomed = client
         .submit_one(JobSpec {
@@ -222,6 +235,16 @@ async fn list_cancel_dead_letters_and_queues() -> anyhow::Result<()> {
             break;
         }
     }
+    dead(client.clone()).await?;
+    // An empty filter is refused (it used to purge every dead letter); `all` selects them all.
+    let err = client.purge(DeadLetterFilter::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(client.get(doomed).await?.state(), JobState::Dead);
+    let all = DeadLetterFilter {
+        all: true,
+        ..DeadLetterFilter::default()
+    };
+    assert_eq!(client.redrive(all).await?, [doomed]);
     dead(client.clone()).await?;
     assert_eq!(client.purge(filter).await?, [doomed]);
     let err = client.get(doomed).await.unwrap_err();

@@ -135,6 +135,7 @@ impl Jobs for FakeNode {
                         job_id,
                         previous_state: JobState::Pending as i32,
                         error: String::new(),
+                        code: 0,
                     })
                     .collect(),
             }

@@ -61,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             START_MS + year_ms,
             MissedTickPolicy::RunOnce,
             30_000,
+            exactly_core::limits::CRON_CATCH_UP_FIRES_MAX,
         ));
     });
     println!(

@@ -123,7 +123,10 @@ pub struct QueuePatch {
     pub paused: Option<bool>,
 }
 
-/// Which dead letters a redrive or purge applies to. Empty `ids` and no `queue`/`kind` means all.
+/// Which dead letters a redrive or purge applies to: the ones matching every filter that is set
+/// (`ids`, `queue`, `kind`), or, with `all` and no filter, every dead letter. A filter with
+/// nothing set and no `all` is refused ([`DeadFilter::check`]), so that a request whose fields
+/// were all left unset (an empty message) can never purge every dead letter by accident.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadFilter {
     /// Only these jobs (empty: any).
@@ -132,6 +135,32 @@ pub struct DeadFilter {
     pub kind: Option<String>,
     /// At most this many jobs per command (capped at [`crate::limits::DEAD_BATCH_MAX`]).
     pub max: u32,
+    /// Every dead letter: the explicit consent an empty filter needs. Refused together with a
+    /// filter, where it would be ambiguous (does it widen the filter or not?).
+    pub all: bool,
+}
+
+impl DeadFilter {
+    /// Whether no filter is set (`ids`, `queue` and `kind` all empty).
+    pub fn is_unfiltered(&self) -> bool {
+        self.ids.is_empty() && self.queue.is_none() && self.kind.is_none()
+    }
+
+    /// The one rule for a filter, checked by the API edge and again by apply: a filter, or
+    /// `all`, never both and never neither.
+    pub fn check(&self) -> Result<(), String> {
+        match (self.is_unfiltered(), self.all) {
+            (true, false) => Err("an empty dead-letter filter selects nothing: set job_ids, \
+                 queue or kind, or set all = true to select every dead letter"
+                .into()),
+            (false, true) => Err(
+                "all = true selects every dead letter and takes no job_ids, \
+                 queue or kind: set one or the other"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Cut-offs of one retention pass, in leader Unix milliseconds.
@@ -341,10 +370,10 @@ pub enum Response {
     Expired(Result<u32, Rejection>),
     /// Per cancelled job: its status before the cancel, or why it was refused.
     Cancelled(Vec<(JobId, Result<JobStatus, Rejection>)>),
-    /// Dead letters redriven.
-    Redriven(Vec<JobId>),
-    /// Dead letters purged.
-    PurgedDead(Vec<JobId>),
+    /// Dead letters redriven, or why the filter was refused (then nothing changed).
+    Redriven(Result<Vec<JobId>, Rejection>),
+    /// Dead letters purged, or why the filter was refused (then nothing changed).
+    PurgedDead(Result<Vec<JobId>, Rejection>),
     /// The queue's settings after the change.
     QueueConfigured(Result<QueueConfig, Rejection>),
     /// Jobs and idempotency records the retention pass deleted.

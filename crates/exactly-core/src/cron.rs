@@ -4,8 +4,8 @@
 //! Everything here is a pure function of its arguments: instants are Unix epoch milliseconds
 //! (UTC) passed in by the caller, never read from a clock. The state machine stores a
 //! [`CronSchedule`] per recurring schedule and calls [`CronSchedule::next_after`] and
-//! [`CronSchedule::plan_fire`] while applying a committed FireCron entry, so every replica computes
-//! the same ticks.
+//! [`CronSchedule::plan_fire`] while applying a committed FireSchedules entry, so every replica
+//! computes the same ticks.
 //!
 //! # Expressions
 //!
@@ -53,21 +53,28 @@
 //! transitions through 2099 and keeps the last offset after that (New York stays on standard
 //! time from November 2099), and croner searches no further than the year 5000.
 //!
-//! # Missed ticks
+//! # Late and missed ticks
 //!
-//! [`CronSchedule::plan_fire`] turns "the stored next tick, and the time now" into at most one fire
-//! and the new next tick. A due tick is *late* when `now - tick > late_grace_ms`. Whatever the
-//! policy, at most one job fires per plan and it is for the newest due tick; the next tick is
-//! always the first tick strictly after now, so no tick is ever fired twice:
+//! [`CronSchedule::plan_fire`] turns "the stored next tick, and the time now" into the ticks to
+//! fire now and the new next tick. Every tick in `[next tick, now]` is due; a due tick is *late*
+//! when `now - tick > late_grace_ms` and *recent* otherwise (late, perhaps, but within the
+//! grace: it came due while no leader could fire it, during a failover).
 //!
-//! * [`MissedTickPolicy::Skip`] fires the newest due tick only if it is on time; late ticks are
-//!   counted as missed and dropped.
-//! * [`MissedTickPolicy::RunOnce`] fires one job for all due ticks (for the newest one), however
-//!   late.
+//! * Recent ticks each fire their own job, oldest first, whatever the policy.
+//! * Late ticks follow the [`MissedTickPolicy`]: [`MissedTickPolicy::Skip`] counts them as missed
+//!   and fires nothing for them; [`MissedTickPolicy::RunOnce`] fires one job for all of them,
+//!   for the newest late tick (before the recent ones, so the fired ticks stay in tick order).
 //!
-//! Counting missed ticks walks them one by one, so the count stops at
+//! At most `fires_max` ticks fire per plan (the state machine passes
+//! [`crate::limits::CRON_CATCH_UP_FIRES_MAX`]); when more are due, the new next tick is the first
+//! one left (still due, so the caller plans again at once) and nothing is skipped for it.
+//! Otherwise the new next tick is the first tick strictly after now. Fired ticks strictly
+//! increase from plan to plan, so no tick is ever fired twice.
+//!
+//! Counting late ticks walks them one by one, so the count stops at
 //! [`CRON_MISSED_TICKS_COUNTED_MAX`] ([`FirePlan::missed_capped`] then says it is a lower bound);
-//! the newest due tick is still found exactly, by bisection, in bounded work.
+//! the newest late tick is still found exactly, by bisection, in bounded work, and recent ticks
+//! are walked only up to `fires_max`.
 //!
 //! # Cost
 //!
@@ -282,68 +289,91 @@ impl CronSchedule {
     }
 
     /// Decides what to fire when the scheduler looks at this schedule at `now_ms`, given the tick
-    /// it stored as next (`next_tick_ms`, from an earlier [`CronSchedule::next_after`]).
+    /// it stored as next (`next_tick_ms`, from an earlier [`CronSchedule::next_after`] or plan).
     ///
     /// * `now_ms < next_tick_ms`: nothing is due; nothing fires and the next tick is unchanged.
-    /// * Otherwise every tick in `[next_tick_ms, now_ms]` is due. At most one fires, the newest:
-    ///   always under [`MissedTickPolicy::RunOnce`], and under [`MissedTickPolicy::Skip`] only if
-    ///   it is on time (`now_ms - tick <= late_grace_ms`). Every other due tick is counted in
-    ///   [`FirePlan::missed`]. The new next tick is the first tick strictly after `now_ms`.
+    /// * Otherwise every tick in `[next_tick_ms, now_ms]` is due (see the module docs). Under
+    ///   [`MissedTickPolicy::RunOnce`] the newest late tick (`now_ms - tick > late_grace_ms`)
+    ///   fires for all late ones; then every recent tick fires, oldest first; at most `fires_max`
+    ///   in all (0 counts as 1). Late ticks not fired are counted in [`FirePlan::missed`]. The new
+    ///   next tick is the first tick not fired: strictly after `now_ms` unless `fires_max` cut
+    ///   the plan short.
     pub fn plan_fire(
         &self,
         next_tick_ms: u64,
         now_ms: u64,
         policy: MissedTickPolicy,
         late_grace_ms: u64,
+        fires_max: usize,
     ) -> FirePlan {
         if now_ms < next_tick_ms {
             return FirePlan {
-                fire: None,
+                fire: Vec::new(),
                 missed: 0,
                 missed_capped: false,
                 next_tick_ms: Some(next_tick_ms),
             };
         }
+        let fires_max = fires_max.max(1);
+        // Ticks before this are late: now - tick > grace.
+        let late_before = now_ms.saturating_sub(late_grace_ms);
 
-        // Walk the due ticks oldest first, counting them, up to the counting limit.
-        let mut due: u64 = 1;
-        let mut newest = next_tick_ms;
+        // Walk the late ticks oldest first, counting them, up to the counting limit.
+        let mut late: u64 = 0;
+        let mut newest_late = None;
         let mut capped = false;
-        while let Some(tick) = self.next_after(newest).filter(|&t| t <= now_ms) {
-            if due == CRON_MISSED_TICKS_COUNTED_MAX + 1 {
-                capped = true;
+        if next_tick_ms < late_before {
+            late = 1;
+            let mut newest = next_tick_ms;
+            while let Some(tick) = self.next_after(newest).filter(|&t| t < late_before) {
+                if late == CRON_MISSED_TICKS_COUNTED_MAX + 1 {
+                    capped = true;
+                    break;
+                }
+                late += 1;
+                newest = tick;
+            }
+            if capped {
+                newest = self.newest_due_by_bisection(newest, late_before - 1);
+            }
+            newest_late = Some(newest);
+        }
+
+        let mut fire = Vec::new();
+        let mut missed = late;
+        if let (Some(tick), MissedTickPolicy::RunOnce) = (newest_late, policy) {
+            fire.push(tick);
+            missed -= 1;
+        }
+        // The recent ticks, oldest first, up to the limit.
+        let mut next = match newest_late {
+            Some(tick) => self.next_after(tick),
+            None => Some(next_tick_ms),
+        };
+        while let Some(tick) = next.filter(|&t| t <= now_ms) {
+            if fire.len() == fires_max {
                 break;
             }
-            due += 1;
-            newest = tick;
+            fire.push(tick);
+            next = self.next_after(tick);
         }
-        if capped {
-            newest = self.newest_due_by_bisection(newest, now_ms);
-        }
-
-        let on_time = now_ms - newest <= late_grace_ms;
-        let fire = match policy {
-            MissedTickPolicy::RunOnce => Some(newest),
-            MissedTickPolicy::Skip => on_time.then_some(newest),
-        };
-        let fired = u64::from(fire.is_some());
         FirePlan {
             fire,
-            missed: due - fired,
+            missed,
             missed_capped: capped,
-            next_tick_ms: self.next_after(now_ms),
+            next_tick_ms: next,
         }
     }
 
-    /// The newest tick at or before `now_ms`, given a tick `known` such that the tick after it is
-    /// still at or before `now_ms`. `next_after` is non-decreasing in its argument, so the largest
-    /// `s` in `[known, now_ms)` with `next_after(s) <= now_ms` is found by bisection in at most 64
-    /// searches, and the tick after it is the newest due one.
-    fn newest_due_by_bisection(&self, known: u64, now_ms: u64) -> u64 {
-        let is_due_after = |s: u64| self.next_after(s).is_some_and(|t| t <= now_ms);
-        // Invariant: is_due_after(lo) and !is_due_after(hi) (next_after(now_ms) > now_ms).
+    /// The newest tick at or before `bound_ms`, given a tick `known` such that the tick after it
+    /// is still at or before `bound_ms`. `next_after` is non-decreasing in its argument, so the
+    /// largest `s` in `[known, bound_ms)` with `next_after(s) <= bound_ms` is found by bisection
+    /// in at most 64 searches, and the tick after it is the newest one.
+    fn newest_due_by_bisection(&self, known: u64, bound_ms: u64) -> u64 {
+        let is_due_after = |s: u64| self.next_after(s).is_some_and(|t| t <= bound_ms);
+        // Invariant: is_due_after(lo) and !is_due_after(hi) (next_after(bound_ms) > bound_ms).
         let mut lo = known;
-        let mut hi = now_ms;
+        let mut hi = bound_ms;
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
             if is_due_after(mid) {
@@ -352,33 +382,36 @@ impl CronSchedule {
                 hi = mid;
             }
         }
-        // `lo` satisfies the invariant, so this is Some and at most now_ms; `known` is a safe
+        // `lo` satisfies the invariant, so this is Some and at most bound_ms; `known` is a safe
         // answer should the parser crate ever break monotonicity.
         self.next_after(lo)
-            .filter(|&t| t <= now_ms)
+            .filter(|&t| t <= bound_ms)
             .unwrap_or(known)
     }
 }
 
-/// What to do with ticks that are due but late (see [`CronSchedule::plan_fire`]).
+/// What to do with ticks that are due and late: more than the grace after their time (see
+/// [`CronSchedule::plan_fire`]). Ticks within the grace always fire, each its own job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum MissedTickPolicy {
-    /// Fire nothing for late ticks; fire the newest due tick only if it is on time.
+    /// Fire nothing for late ticks: count them as missed.
     Skip,
-    /// Fire one job, for the newest due tick, however many ticks were missed and however late.
+    /// Fire one job for all late ticks, for the newest of them, however many and however late.
     RunOnce,
 }
 
 /// The outcome of [`CronSchedule::plan_fire`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FirePlan {
-    /// The tick to fire a job for now, if any (always the newest due tick).
-    pub fire: Option<u64>,
-    /// Due ticks not fired. A lower bound when `missed_capped` is set.
+    /// The ticks to fire a job for now, oldest first: under [`MissedTickPolicy::RunOnce`] the
+    /// newest late tick (for all late ones), then the due ticks within the grace.
+    pub fire: Vec<u64>,
+    /// Late ticks not fired. A lower bound when `missed_capped` is set.
     pub missed: u64,
-    /// More than [`CRON_MISSED_TICKS_COUNTED_MAX`] ticks were due, so `missed` is "at least".
+    /// More than [`CRON_MISSED_TICKS_COUNTED_MAX`] ticks were late, so `missed` is "at least".
     pub missed_capped: bool,
-    /// The first tick strictly after `now_ms`; `None` if the schedule never fires again.
+    /// The first tick not fired: strictly after `now_ms`, unless the plan stopped at its
+    /// `fires_max` with more ticks due; `None` if the schedule never fires again.
     pub next_tick_ms: Option<u64>,
 }
 

@@ -49,6 +49,11 @@ pub const RETRY_BACKOFF_BASE_MS: u64 = 1_000;
 pub const RETRY_BACKOFF_MAX_MS: u64 = 5 * 60 * 1000;
 /// A job's own backoff base or cap, at most (one day).
 pub const BACKOFF_MS_MAX: u64 = 24 * 60 * 60 * 1000;
+/// How far after now (the leader's time in apply, the answering node's clock at the API edge) a
+/// job's `run_at` may lie: about ten years (3,650 days). Without a bound, a `run_at` or `delay`
+/// of 2^64-1 made a job that never runs yet counts as live (against `limits.jobs-live-max`) and
+/// holds its payload for ever.
+pub const RUN_AT_AHEAD_MS_MAX: u64 = 3_650 * 24 * 60 * 60 * 1000;
 /// Bytes of an idempotency key.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 /// Bytes of an ordering key.
@@ -80,8 +85,23 @@ pub const SCHEDULE_PAYLOAD_BYTES_MAX: usize = 64 * 1024;
 /// Schedules one FireSchedules command fires.
 pub const FIRE_BATCH_MAX: usize = 100;
 /// A cron tick fired later than this after its time counts as missed (see
-/// [`crate::cron::MissedTickPolicy`]); within it, a tick delayed by a leader failover still fires.
+/// [`crate::cron::MissedTickPolicy`]); within it, a tick delayed by a leader failover still fires
+/// (each such tick its own job: see [`CRON_CATCH_UP_FIRES_MAX`]).
 pub const CRON_LATE_GRACE_MS: u64 = 60_000;
+/// Jobs one schedule fires in one FireSchedules entry, at most. Ticks that came due while no
+/// leader could fire them (a failover) and are still within [`CRON_LATE_GRACE_MS`] each fire
+/// their own job, oldest first; past this many, the schedule's next tick stays at the first
+/// unfired one (already due), and the leader's next entry goes on from there. An every-second
+/// schedule has at most 61 ticks within the grace, so a catch-up takes at most 7 entries.
+pub const CRON_CATCH_UP_FIRES_MAX: usize = 10;
+
+// One FireSchedules entry creates no more jobs than the largest Submit.
+const _: () = assert!(FIRE_BATCH_MAX * CRON_CATCH_UP_FIRES_MAX <= SUBMIT_BATCH_JOBS_MAX);
+// The ordering line a `skip` schedule's jobs share, `schedule/<name>`, is a valid ordering key.
+const _: () = assert!(SCHEDULE_NAME_BYTES_MAX + "schedule/".len() <= ORDERING_KEY_BYTES_MAX);
+// The key of a fired job, `schedule/<name>/<tick ms>`, is a valid idempotency key.
+const _: () =
+    assert!(SCHEDULE_NAME_BYTES_MAX + "schedule//".len() + 20 <= IDEMPOTENCY_KEY_BYTES_MAX);
 
 /// Bytes of one job's payload that the state machine accepts from the log, whatever a node is
 /// configured to take. Apply must not depend on per-node configuration (replicas could diverge),

@@ -16,7 +16,8 @@ use crate::job::{Job, JobStatus, StateCounts};
 use crate::limits::{
     BACKOFF_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, KIND_NAME_BYTES_MAX, LABELS_MAX,
     LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX, MAX_ATTEMPTS_MAX, NODES_LEAVING_MAX,
-    ORDERING_KEY_BYTES_MAX, PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, TIMEOUT_MS_MAX,
+    ORDERING_KEY_BYTES_MAX, PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, RUN_AT_AHEAD_MS_MAX,
+    TIMEOUT_MS_MAX,
 };
 use crate::queue::QueueConfig;
 use crate::schedule::Schedule;
@@ -180,6 +181,55 @@ pub(crate) fn truncate_str(s: String, max: usize) -> String {
     s[..end].to_string()
 }
 
+/// Checks that `value` is printable ASCII (0x20-0x7E) with no space at either end: what an
+/// idempotency key must be, because the `http` handler sends it as the `Idempotency-Key` header
+/// (a control character cannot be in a header at all, and non-ASCII bytes are not portable in
+/// one) and `exec` as an environment variable. Found from outside: a key with `\n` was accepted
+/// and every http attempt of its job then failed.
+pub fn check_header_value(what: &str, value: &str) -> Result<(), String> {
+    if let Some((at, byte)) = value
+        .bytes()
+        .enumerate()
+        .find(|&(_, b)| !(0x20..=0x7e).contains(&b))
+    {
+        return Err(format!(
+            "{what} must be printable ASCII (0x20-0x7E), as it is sent as an HTTP header; byte \
+             {at} is {byte:#04x}"
+        ));
+    }
+    if value.starts_with(' ') || value.ends_with(' ') {
+        return Err(format!(
+            "{what} must not start or end with a space (an HTTP header value is trimmed)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `value` holds no control character (Unicode category Cc: C0, DEL and C1).
+pub fn check_no_control(what: &str, value: &str) -> Result<(), String> {
+    match value.char_indices().find(|(_, c)| c.is_control()) {
+        Some((at, c)) => Err(format!(
+            "{what} must not contain control characters; byte {at} is U+{:04X}",
+            u32::from(c)
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks that a job's `run_at_ms` lies at most [`RUN_AT_AHEAD_MS_MAX`] after `now_ms`: apply
+/// checks it against the entry's leader time, the API edge against its own clock first.
+pub fn validate_run_at(run_at_ms: u64, now_ms: u64) -> Result<(), String> {
+    let latest = now_ms.saturating_add(RUN_AT_AHEAD_MS_MAX);
+    if run_at_ms > latest {
+        return Err(format!(
+            "run_at {run_at_ms} ms is more than {} days after now ({now_ms} ms); the latest \
+             accepted is {latest} ms",
+            RUN_AT_AHEAD_MS_MAX / (24 * 60 * 60 * 1000)
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a job against the limits the state machine enforces. The API edge calls this too
 /// (with its stricter, configured payload limit checked separately) so that bad input is refused
 /// before it is proposed.
@@ -221,6 +271,7 @@ pub fn validate_new_job(job: &NewJob) -> Result<(), String> {
                 key.len()
             ));
         }
+        check_header_value("idempotency key", key)?;
     }
     if let Some(key) = &job.ordering_key {
         if key.is_empty() || key.len() > ORDERING_KEY_BYTES_MAX {
@@ -229,6 +280,7 @@ pub fn validate_new_job(job: &NewJob) -> Result<(), String> {
                 key.len()
             ));
         }
+        check_no_control("ordering key", key)?;
     }
     if job.labels.len() > LABELS_MAX {
         return Err(format!(
@@ -243,12 +295,14 @@ pub fn validate_new_job(job: &NewJob) -> Result<(), String> {
                 name.len()
             ));
         }
+        check_no_control("label name", name)?;
         if value.len() > LABEL_VALUE_BYTES_MAX {
             return Err(format!(
                 "label {name:?} value of {} bytes exceeds the limit of {LABEL_VALUE_BYTES_MAX}",
                 value.len()
             ));
         }
+        check_no_control(&format!("label {name:?} value"), value)?;
     }
     let b = job.backoff;
     if b.base_ms > BACKOFF_MS_MAX || b.max_ms > BACKOFF_MS_MAX {
@@ -323,10 +377,18 @@ impl JobTable {
                 &mut effects,
             )),
             Command::Cancel(ids) => Response::Cancelled(self.cancel(ids, &mut effects)),
-            Command::Redrive(filter) => Response::Redriven(self.redrive(&filter, &mut effects)),
-            Command::PurgeDead(filter) => {
-                Response::PurgedDead(self.purge_dead(&filter, &mut effects))
-            }
+            Command::Redrive(filter) => Response::Redriven(
+                filter
+                    .check()
+                    .map_err(Rejection::Invalid)
+                    .map(|()| self.redrive(&filter, &mut effects)),
+            ),
+            Command::PurgeDead(filter) => Response::PurgedDead(
+                filter
+                    .check()
+                    .map_err(Rejection::Invalid)
+                    .map(|()| self.purge_dead(&filter, &mut effects)),
+            ),
             Command::ConfigureQueue { queue, patch } => {
                 Response::QueueConfigured(self.configure_queue(queue, patch))
             }

@@ -510,6 +510,9 @@ fn interval_lists_follow_real_time_across_dst() {
 
 // ----- plan_fire -----
 
+/// The per-plan fire limit the table uses unless a row says otherwise (the state machine's).
+const FIRES_MAX: usize = exactly_core::limits::CRON_CATCH_UP_FIRES_MAX;
+
 /// One row of the plan_fire table: an every-minute UTC schedule, ticks at BASE + k minutes.
 struct PlanCase {
     name: &'static str,
@@ -517,11 +520,14 @@ struct PlanCase {
     now: u64,
     policy: MissedTickPolicy,
     grace_ms: u64,
+    fires_max: usize,
     expected: FirePlan,
 }
 
-/// The missed-tick table: not due, on time, late, several missed with the newest on time or
-/// late, and a grace that covers several ticks, under both policies.
+/// The late- and missed-tick table: not due, on time, late, several due with some within the
+/// grace and some past it, a grace that covers several ticks (each fires its own job, oldest
+/// first), and the per-plan limit cutting a catch-up short (the next tick stays at the first
+/// unfired one, nothing counted missed), under both policies.
 #[test]
 fn plan_fire_table() {
     use MissedTickPolicy::{RunOnce, Skip};
@@ -529,151 +535,311 @@ fn plan_fire_table() {
     let base = utc(2025, 1, 1, 0, 0, 0);
     let m = |k: u64| base + k * MINUTE_MS;
     let sec = 1000;
-    let plan = |fire: Option<u64>, missed: u64, next: u64| FirePlan {
-        fire,
+    let plan = |fire: &[u64], missed: u64, next: u64| FirePlan {
+        fire: fire.to_vec(),
         missed,
         missed_capped: false,
         next_tick_ms: Some(next),
     };
+    let case = |name, next_tick, now, policy, grace_ms, expected| PlanCase {
+        name,
+        next_tick,
+        now,
+        policy,
+        grace_ms,
+        fires_max: FIRES_MAX,
+        expected,
+    };
     let cases = [
+        case(
+            "not due yet: nothing fires, next unchanged",
+            m(1),
+            m(0) + 30 * sec,
+            Skip,
+            30 * sec,
+            plan(&[], 0, m(1)),
+        ),
+        case(
+            "due exactly now (skip)",
+            m(0),
+            m(0),
+            Skip,
+            30 * sec,
+            plan(&[m(0)], 0, m(1)),
+        ),
+        case(
+            "due exactly now (run once)",
+            m(0),
+            m(0),
+            RunOnce,
+            0,
+            plan(&[m(0)], 0, m(1)),
+        ),
+        case(
+            "one tick, within grace (skip)",
+            m(0),
+            m(0) + 30 * sec,
+            Skip,
+            30 * sec,
+            plan(&[m(0)], 0, m(1)),
+        ),
+        case(
+            "one tick, late (skip): dropped",
+            m(0),
+            m(0) + 31 * sec,
+            Skip,
+            30 * sec,
+            plan(&[], 1, m(1)),
+        ),
+        case(
+            "one tick, late (run once): fired",
+            m(0),
+            m(0) + 31 * sec,
+            RunOnce,
+            30 * sec,
+            plan(&[m(0)], 0, m(1)),
+        ),
+        case(
+            "four due, newest within grace (skip): it fires, three late missed",
+            m(0),
+            m(3) + 10 * sec,
+            Skip,
+            30 * sec,
+            plan(&[m(3)], 3, m(4)),
+        ),
+        case(
+            "four due, newest within grace (run once): one job for the three late, then it",
+            m(0),
+            m(3) + 10 * sec,
+            RunOnce,
+            30 * sec,
+            plan(&[m(2), m(3)], 2, m(4)),
+        ),
+        case(
+            "four due, all late (skip): nothing fires, four missed",
+            m(0),
+            m(3) + 45 * sec,
+            Skip,
+            30 * sec,
+            plan(&[], 4, m(4)),
+        ),
+        case(
+            "four due, all late (run once): one fire for all",
+            m(0),
+            m(3) + 45 * sec,
+            RunOnce,
+            30 * sec,
+            plan(&[m(3)], 3, m(4)),
+        ),
+        case(
+            "grace covers four ticks (skip): each fires, oldest first, none missed",
+            m(0),
+            m(3) + 10 * sec,
+            Skip,
+            10 * 60 * sec,
+            plan(&[m(0), m(1), m(2), m(3)], 0, m(4)),
+        ),
+        case(
+            "grace covers four ticks (run once): the same, nothing is late",
+            m(0),
+            m(3) + 10 * sec,
+            RunOnce,
+            10 * 60 * sec,
+            plan(&[m(0), m(1), m(2), m(3)], 0, m(4)),
+        ),
+        case(
+            "grace covers the newest two of four (skip): two missed, two fire",
+            m(0),
+            m(3) + 10 * sec,
+            Skip,
+            MINUTE_MS + 10 * sec,
+            plan(&[m(2), m(3)], 2, m(4)),
+        ),
+        case(
+            "grace covers the newest two of four (run once): one for the late, two fire",
+            m(0),
+            m(3) + 10 * sec,
+            RunOnce,
+            MINUTE_MS + 10 * sec,
+            plan(&[m(1), m(2), m(3)], 1, m(4)),
+        ),
+        case(
+            "a tick exactly at the grace is within it",
+            m(0),
+            m(1) + 30 * sec,
+            Skip,
+            90 * sec,
+            plan(&[m(0), m(1)], 0, m(2)),
+        ),
+        case(
+            "now exactly on a later tick, no grace: that tick fires, the earlier two missed",
+            m(0),
+            m(2),
+            Skip,
+            0,
+            plan(&[m(2)], 2, m(3)),
+        ),
         PlanCase {
-            name: "not due yet: nothing fires, next unchanged",
-            next_tick: m(1),
-            now: m(0) + 30 * sec,
-            policy: Skip,
-            grace_ms: 30 * sec,
-            expected: plan(None, 0, m(1)),
-        },
-        PlanCase {
-            name: "due exactly now (skip)",
+            name: "limit 3, six within grace: the oldest three fire, next is the fourth (due)",
             next_tick: m(0),
-            now: m(0),
-            policy: Skip,
-            grace_ms: 30 * sec,
-            expected: plan(Some(m(0)), 0, m(1)),
-        },
-        PlanCase {
-            name: "due exactly now (run once)",
-            next_tick: m(0),
-            now: m(0),
-            policy: RunOnce,
-            grace_ms: 0,
-            expected: plan(Some(m(0)), 0, m(1)),
-        },
-        PlanCase {
-            name: "one tick, within grace (skip)",
-            next_tick: m(0),
-            now: m(0) + 30 * sec,
-            policy: Skip,
-            grace_ms: 30 * sec,
-            expected: plan(Some(m(0)), 0, m(1)),
-        },
-        PlanCase {
-            name: "one tick, late (skip): dropped",
-            next_tick: m(0),
-            now: m(0) + 31 * sec,
-            policy: Skip,
-            grace_ms: 30 * sec,
-            expected: plan(None, 1, m(1)),
-        },
-        PlanCase {
-            name: "one tick, late (run once): fired",
-            next_tick: m(0),
-            now: m(0) + 31 * sec,
-            policy: RunOnce,
-            grace_ms: 30 * sec,
-            expected: plan(Some(m(0)), 0, m(1)),
-        },
-        PlanCase {
-            name: "four due, newest on time (skip): newest fires, three missed",
-            next_tick: m(0),
-            now: m(3) + 10 * sec,
-            policy: Skip,
-            grace_ms: 30 * sec,
-            expected: plan(Some(m(3)), 3, m(4)),
-        },
-        PlanCase {
-            name: "four due, newest on time (run once)",
-            next_tick: m(0),
-            now: m(3) + 10 * sec,
-            policy: RunOnce,
-            grace_ms: 30 * sec,
-            expected: plan(Some(m(3)), 3, m(4)),
-        },
-        PlanCase {
-            name: "four due, all late (skip): nothing fires, four missed",
-            next_tick: m(0),
-            now: m(3) + 45 * sec,
-            policy: Skip,
-            grace_ms: 30 * sec,
-            expected: plan(None, 4, m(4)),
-        },
-        PlanCase {
-            name: "four due, all late (run once): one fire for all",
-            next_tick: m(0),
-            now: m(3) + 45 * sec,
-            policy: RunOnce,
-            grace_ms: 30 * sec,
-            expected: plan(Some(m(3)), 3, m(4)),
-        },
-        PlanCase {
-            name: "grace covers several ticks: still one fire, the newest",
-            next_tick: m(0),
-            now: m(3) + 10 * sec,
+            now: m(5) + sec,
             policy: Skip,
             grace_ms: 10 * 60 * sec,
-            expected: plan(Some(m(3)), 3, m(4)),
+            fires_max: 3,
+            expected: plan(&[m(0), m(1), m(2)], 0, m(3)),
         },
         PlanCase {
-            name: "now exactly on a later tick: that tick is due, next is after it",
+            name: "limit 3 (run once): the late tick's job counts against it",
+            next_tick: m(0),
+            now: m(5) + sec,
+            policy: RunOnce,
+            grace_ms: 3 * MINUTE_MS,
+            fires_max: 3,
+            // m0..m2 are past the grace: one job for them (m2), then m3 and m4; m5 waits.
+            expected: plan(&[m(2), m(3), m(4)], 2, m(5)),
+        },
+        PlanCase {
+            name: "limit 0 counts as 1",
             next_tick: m(0),
             now: m(2),
             policy: Skip,
-            grace_ms: 0,
-            expected: plan(Some(m(2)), 2, m(3)),
+            grace_ms: 10 * 60 * sec,
+            fires_max: 0,
+            expected: plan(&[m(0)], 0, m(1)),
         },
     ];
     for case in cases {
-        let got = s.plan_fire(case.next_tick, case.now, case.policy, case.grace_ms);
+        let got = s.plan_fire(
+            case.next_tick,
+            case.now,
+            case.policy,
+            case.grace_ms,
+            case.fires_max,
+        );
         assert_eq!(got, case.expected, "{}", case.name);
     }
 }
 
-/// After a year's outage of an every-minute schedule the count stops at the named limit and says
-/// so, yet the newest due tick and the next tick are exact.
+/// A failover delays an every-second schedule by 3.3 s (the outage reported from outside, where
+/// two of 24 ticks were skipped): the leader that takes over fires every tick that came due
+/// meanwhile, each its own job in tick order, and counts none as missed.
+#[test]
+fn plan_fire_after_a_failover_fires_every_tick_within_the_grace() {
+    let s = sched("* * * * * *", "UTC");
+    let t0 = utc(2025, 6, 1, 12, 0, 0);
+    let now = t0 + 3_300;
+    for policy in [MissedTickPolicy::Skip, MissedTickPolicy::RunOnce] {
+        let plan = s.plan_fire(
+            t0,
+            now,
+            policy,
+            exactly_core::limits::CRON_LATE_GRACE_MS,
+            FIRES_MAX,
+        );
+        assert_eq!(
+            plan,
+            FirePlan {
+                fire: vec![t0, t0 + 1_000, t0 + 2_000, t0 + 3_000],
+                missed: 0,
+                missed_capped: false,
+                next_tick_ms: Some(t0 + 4_000),
+            },
+            "{policy:?}"
+        );
+    }
+}
+
+/// A catch-up longer than the per-plan limit goes on plan after plan, in tick order, without a
+/// gap or a repeat, until the next tick is after now; ticks that slipped past the grace while
+/// it went on are missed (Skip).
+#[test]
+fn plan_fire_catch_up_goes_on_across_plans() {
+    let s = sched("* * * * * *", "UTC");
+    let t0 = utc(2025, 6, 1, 12, 0, 0);
+    let grace = exactly_core::limits::CRON_LATE_GRACE_MS;
+    // 45 s without a leader: 46 ticks due at the first plan, each plan 5 ms after the last.
+    let mut now = t0 + 45_000;
+    let mut next = t0;
+    let mut fired = Vec::new();
+    let mut plans = 0;
+    while next <= now {
+        let plan = s.plan_fire(next, now, MissedTickPolicy::Skip, grace, FIRES_MAX);
+        assert!(plan.fire.len() <= FIRES_MAX);
+        assert_eq!(plan.missed, 0, "all within the grace");
+        fired.extend(plan.fire);
+        next = plan.next_tick_ms.expect("an every-second schedule goes on");
+        now += 5;
+        plans += 1;
+    }
+    let expected: Vec<u64> = (0..=45).map(|k| t0 + k * 1_000).collect();
+    assert_eq!(fired, expected);
+    assert_eq!(plans, 5, "46 ticks, 10 per plan");
+    assert_eq!(next, t0 + 46_000);
+
+    // Stuck for 70 s: the first ten ticks are past the grace and missed; the rest fire.
+    let plan = s.plan_fire(t0, t0 + 70_000, MissedTickPolicy::Skip, grace, 100);
+    assert_eq!(plan.missed, 10);
+    assert_eq!(
+        plan.fire,
+        (10..=70).map(|k| t0 + k * 1_000).collect::<Vec<_>>()
+    );
+}
+
+/// After a year's outage of an every-minute schedule the count of late ticks stops at the named
+/// limit and says so, yet the newest late tick (RunOnce's fire), the tick within the grace and
+/// the next tick are exact.
 #[test]
 fn plan_fire_caps_the_missed_count() {
     let s = sched("* * * * *", "UTC");
     let start = utc(2025, 1, 1, 0, 0, 0);
     let now = start + 365 * DAY_MS + 5_000;
-    for policy in [MissedTickPolicy::Skip, MissedTickPolicy::RunOnce] {
-        let plan = s.plan_fire(start, now, policy, 30_000);
-        assert_eq!(plan.fire, Some(start + 365 * DAY_MS), "{policy:?}");
+    let newest = start + 365 * DAY_MS;
+    for (policy, fire, missed) in [
+        (
+            MissedTickPolicy::Skip,
+            vec![newest],
+            CRON_MISSED_TICKS_COUNTED_MAX + 1,
+        ),
+        (
+            MissedTickPolicy::RunOnce,
+            vec![newest - MINUTE_MS, newest],
+            CRON_MISSED_TICKS_COUNTED_MAX,
+        ),
+    ] {
+        let plan = s.plan_fire(start, now, policy, 30_000, FIRES_MAX);
+        assert_eq!(plan.fire, fire, "{policy:?}");
         assert!(plan.missed_capped, "{policy:?}");
-        assert_eq!(plan.missed, CRON_MISSED_TICKS_COUNTED_MAX, "{policy:?}");
-        assert_eq!(plan.next_tick_ms, Some(start + 365 * DAY_MS + MINUTE_MS));
+        assert_eq!(plan.missed, missed, "{policy:?}");
+        assert_eq!(plan.next_tick_ms, Some(newest + MINUTE_MS));
     }
 }
 
-/// The cap is exact at its edge: limit + 1 due ticks are counted in full, limit + 2 are not.
+/// The cap is exact at its edge: limit + 1 late ticks are counted in full, limit + 2 are not.
 #[test]
 fn plan_fire_cap_edge() {
     let s = sched("* * * * *", "UTC");
     let start = utc(2025, 1, 1, 0, 0, 0);
     let n = CRON_MISSED_TICKS_COUNTED_MAX;
     // Ticks start .. start + n minutes: n + 1 due, all late.
-    let plan = s.plan_fire(start, start + n * MINUTE_MS + 1, MissedTickPolicy::Skip, 0);
+    let plan = s.plan_fire(
+        start,
+        start + n * MINUTE_MS + 1,
+        MissedTickPolicy::Skip,
+        0,
+        FIRES_MAX,
+    );
     assert_eq!(
-        (plan.fire, plan.missed, plan.missed_capped),
-        (None, n + 1, false)
+        (plan.fire.clone(), plan.missed, plan.missed_capped),
+        (vec![], n + 1, false)
     );
     let plan = s.plan_fire(
         start,
         start + (n + 1) * MINUTE_MS + 1,
         MissedTickPolicy::Skip,
         0,
+        FIRES_MAX,
     );
-    assert_eq!(plan.fire, None);
+    assert!(plan.fire.is_empty());
     assert!(plan.missed_capped);
     assert!(plan.missed >= n);
     let plan = s.plan_fire(
@@ -681,8 +847,9 @@ fn plan_fire_cap_edge() {
         start + (n + 1) * MINUTE_MS + 1,
         MissedTickPolicy::RunOnce,
         0,
+        FIRES_MAX,
     );
-    assert_eq!(plan.fire, Some(start + (n + 1) * MINUTE_MS));
+    assert_eq!(plan.fire, vec![start + (n + 1) * MINUTE_MS]);
     assert!(plan.missed_capped);
 }
 
@@ -696,11 +863,12 @@ fn plan_fire_across_fall_back() {
         utc(2025, 11, 2, 7, 30, 0),
         MissedTickPolicy::RunOnce,
         60_000,
+        FIRES_MAX,
     );
     assert_eq!(
         plan,
         FirePlan {
-            fire: Some(utc(2025, 11, 2, 7, 0, 0)),
+            fire: vec![utc(2025, 11, 2, 7, 0, 0)],
             missed: 3, // 00:00 EDT, 01:00 EDT, 01:00 EST
             missed_capped: false,
             next_tick_ms: Some(utc(2025, 11, 2, 8, 0, 0)),
@@ -714,9 +882,9 @@ fn plan_fire_on_an_exhausted_schedule() {
     let never = sched("0 0 31 2 *", "UTC");
     let t = utc(2025, 1, 1, 0, 0, 0);
     assert_eq!(
-        never.plan_fire(t, t, MissedTickPolicy::Skip, 0),
+        never.plan_fire(t, t, MissedTickPolicy::Skip, 0, FIRES_MAX),
         FirePlan {
-            fire: Some(t),
+            fire: vec![t],
             missed: 0,
             missed_capped: false,
             next_tick_ms: None,
@@ -902,16 +1070,19 @@ proptest! {
         }
     }
 
-    /// Planning again and again as time moves on never fires a tick twice, never fires a tick
-    /// after `now`, and always leaves the next tick strictly after `now`.
+    /// Planning again and again as time moves on never fires a tick twice or out of order,
+    /// never fires a tick after `now`, fires at most the limit per plan, and accounts for every
+    /// due tick it passes: fired, or counted missed only if it was late (past the grace). The
+    /// next tick is strictly after `now` unless the limit cut the plan short.
     #[test]
-    fn plans_never_repeat_a_tick(
+    fn plans_never_repeat_or_lose_a_tick(
         expr in valid_expr(),
         tz in zone().prop_filter("known zones", |z| *z != "Nowhere/Else"),
         start in 1_700_000_000_000u64..1_800_000_000_000,
         steps in prop::collection::vec(0u64..3 * DAY_MS, 1..20),
         run_once in any::<bool>(),
         grace_ms in 0u64..2 * HOUR_MS,
+        fires_max in 1usize..12,
     ) {
         let s = sched(&expr, tz);
         let policy = if run_once { MissedTickPolicy::RunOnce } else { MissedTickPolicy::Skip };
@@ -920,27 +1091,54 @@ proptest! {
         let mut last_fired: Option<u64> = None;
         for step in steps {
             now += step;
-            let plan = s.plan_fire(next, now, policy, grace_ms);
-            if let Some(fired) = plan.fire {
-                prop_assert!(fired >= next && fired <= now);
-                prop_assert!(last_fired.is_none_or(|l| fired > l));
-                prop_assert_eq!(s.next_after(fired), plan.next_tick_ms, "newest due tick");
-                last_fired = Some(fired);
-            }
+            let plan = s.plan_fire(next, now, policy, grace_ms, fires_max);
             if now < next {
                 prop_assert_eq!(plan, FirePlan {
-                    fire: None, missed: 0, missed_capped: false, next_tick_ms: Some(next),
+                    fire: vec![], missed: 0, missed_capped: false, next_tick_ms: Some(next),
                 });
                 continue;
             }
-            prop_assert_eq!(plan.next_tick_ms, s.next_after(now));
+            prop_assert!(plan.fire.len() <= fires_max);
+            for &fired in &plan.fire {
+                prop_assert!(fired >= next && fired <= now);
+                prop_assert!(last_fired.is_none_or(|l| fired > l), "in order, never twice");
+                last_fired = Some(fired);
+            }
+            // Only RunOnce's one job for the late ticks may be late itself.
+            let late = |t: u64| now - t > grace_ms;
+            let late_fired = plan.fire.iter().filter(|&&t| late(t)).count();
+            prop_assert!(late_fired <= usize::from(run_once));
+            let full = plan.fire.len() == fires_max;
             match plan.next_tick_ms {
+                Some(n) if full => prop_assert!(n > *plan.fire.last().unwrap_or(&next)),
                 Some(n) => {
                     prop_assert!(n > now);
-                    next = n;
+                    prop_assert_eq!(Some(n), s.next_after(now));
                 }
+                None => {}
+            }
+            if !plan.missed_capped {
+                // Every due tick the plan passed is fired or counted missed.
+                let passed = ticks_in(&s, next, plan.next_tick_ms.map_or(now, |n| n - 1));
+                prop_assert_eq!(passed.len() as u64, plan.fire.len() as u64 + plan.missed);
+                prop_assert!(passed.iter().filter(|&&t| !plan.fire.contains(&t)).all(|&t| late(t)));
+            }
+            match plan.next_tick_ms {
+                Some(n) => next = n,
                 None => break,
             }
         }
     }
+}
+
+/// Every tick in `[from, to]`, walked one by one (bounded: the caller's range holds at most the
+/// counting limit plus the fire limit of ticks when a plan was not capped).
+fn ticks_in(s: &CronSchedule, from: u64, to: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut t = Some(from).filter(|&f| f <= to && s.next_after(f.saturating_sub(1)) == Some(f));
+    while let Some(tick) = t.filter(|&t| t <= to) {
+        out.push(tick);
+        t = s.next_after(tick);
+    }
+    out
 }

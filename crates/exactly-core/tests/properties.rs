@@ -660,7 +660,12 @@ impl Model {
             Command::ConfigureQueue { queue, patch } => {
                 Response::QueueConfigured(self.configure(queue, patch))
             }
-            Command::Redrive(filter) => Response::Redriven(self.redrive(filter)),
+            Command::Redrive(filter) => Response::Redriven(
+                filter
+                    .check()
+                    .map_err(Rejection::Invalid)
+                    .map(|()| self.redrive(filter)),
+            ),
             other => unreachable!("the generator makes no {other:?}"),
         };
         (response, effects)
@@ -1103,6 +1108,8 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
             queue: None,
             kind: None,
             max: *max,
+            // No picks: every dead letter, which takes the explicit `all`.
+            all: picks.is_empty(),
         }),
         Op::Renew {
             node,
@@ -1405,7 +1412,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                     then.status
                 );
                 let redriven =
-                    matches!(&response, Response::Redriven(ids) if ids.contains(&job.id));
+                    matches!(&response, Response::Redriven(Ok(ids)) if ids.contains(&job.id));
                 prop_assert!(redriven, "dead job {} came back without a redrive", job.id);
             }
         }

@@ -135,12 +135,22 @@ fn dead_filter(ids: &[JobId], queue: Option<&str>, kind: Option<&str>, max: u32)
         queue: queue.map(str::to_string),
         kind: kind.map(str::to_string),
         max,
+        all: false,
+    }
+}
+
+/// Every dead letter, at most `max`: no filter, and the explicit `all`.
+fn all_dead(max: u32) -> DeadFilter {
+    DeadFilter {
+        max,
+        all: true,
+        ..DeadFilter::default()
     }
 }
 
 fn redrive(h: &mut Harness, now: u64, filter: DeadFilter) -> (Vec<JobId>, Vec<Effect>) {
     let (response, effects) = h.apply(now, Command::Redrive(filter));
-    let Response::Redriven(ids) = response else {
+    let Response::Redriven(Ok(ids)) = response else {
         panic!("unexpected response {response:?}");
     };
     (ids, effects)
@@ -148,7 +158,7 @@ fn redrive(h: &mut Harness, now: u64, filter: DeadFilter) -> (Vec<JobId>, Vec<Ef
 
 fn purge(h: &mut Harness, now: u64, filter: DeadFilter) -> (Vec<JobId>, Vec<Effect>) {
     let (response, effects) = h.apply(now, Command::PurgeDead(filter));
-    let Response::PurgedDead(ids) = response else {
+    let Response::PurgedDead(Ok(ids)) = response else {
         panic!("unexpected response {response:?}");
     };
     (ids, effects)
@@ -960,9 +970,9 @@ fn redrive_selects_dead_letters_and_requeues_them() {
             dead_filter(&[], Some("b"), Some("y"), 10),
             vec![4],
         ),
-        ("all", dead_filter(&[], None, None, 10), vec![1, 2, 3, 4]),
-        ("all, max 2", dead_filter(&[], None, None, 2), vec![1, 2]),
-        ("all, max 0", dead_filter(&[], None, None, 0), vec![1]),
+        ("all", all_dead(10), vec![1, 2, 3, 4]),
+        ("all, max 2", all_dead(2), vec![1, 2]),
+        ("all, max 0", all_dead(0), vec![1]),
         (
             "ids, max 3",
             dead_filter(&[4, 3, 2, 1], None, None, 3),
@@ -1028,7 +1038,7 @@ fn purge_deletes_dead_letters_and_their_payloads() {
         ),
         ("queue", dead_filter(&[], Some("b"), None, 10), vec![2, 4]),
         ("kind, max 1", dead_filter(&[], None, Some("y"), 1), vec![3]),
-        ("all", dead_filter(&[], None, None, 10), vec![1, 2, 3, 4]),
+        ("all", all_dead(10), vec![1, 2, 3, 4]),
     ];
     let fixture = dead_fixture();
     for (name, filter, expected) in cases {
@@ -1066,6 +1076,50 @@ fn purge_deletes_dead_letters_and_their_payloads() {
             );
             assert_eq!(results, vec![existing(1)], "{name}");
             assert_eq!(effects, vec![], "{name}");
+        }
+    }
+}
+
+/// A filter with nothing set and no `all` (what an empty request decodes to) is refused by
+/// Redrive and PurgeDead alike, and so is `all` together with a filter; neither changes a
+/// thing, whatever the table holds. Found from outside: an empty Purge deleted every dead
+/// letter.
+#[test]
+fn an_empty_dead_letter_filter_without_all_is_refused() {
+    let fixture = dead_fixture();
+    let mut with_all = dead_filter(&[], Some("a"), None, 10);
+    with_all.all = true;
+    let mut ids_and_all = dead_filter(&[1], None, None, 10);
+    ids_and_all.all = true;
+    let cases = [
+        ("empty", dead_filter(&[], None, None, 10), "all = true"),
+        ("empty, max 0", DeadFilter::default(), "all = true"),
+        ("queue and all", with_all, "takes no job_ids"),
+        ("ids and all", ids_and_all, "takes no job_ids"),
+    ];
+    for (name, filter, why) in cases {
+        for purge in [false, true] {
+            let mut h = fixture.clone();
+            let command = if purge {
+                Command::PurgeDead(filter.clone())
+            } else {
+                Command::Redrive(filter.clone())
+            };
+            let (response, effects) = h.apply(NOW + 1_000, command);
+            let refusal = match response {
+                Response::Redriven(Err(r)) | Response::PurgedDead(Err(r)) => r,
+                other => panic!("{name} (purge {purge}): expected a refusal, got {other:?}"),
+            };
+            let Rejection::Invalid(reason) = refusal else {
+                panic!("{name}: expected Invalid, got {refusal:?}");
+            };
+            assert!(reason.contains(why), "{name}: {reason}");
+            assert_eq!(effects, vec![], "{name}");
+            assert!(h.events.is_empty(), "{name}");
+            let jobs = |h: &Harness| h.table.jobs().cloned().collect::<Vec<_>>();
+            assert_eq!(jobs(&h), jobs(&fixture), "{name}: no job changed");
+            assert_eq!(h.table.counts(), fixture.table.counts(), "{name}");
+            assert_eq!(h.table.dead_jobs().count(), 4, "{name}: nothing purged");
         }
     }
 }
@@ -1109,10 +1163,7 @@ fn a_redriven_job_continues_its_attempt_numbers_with_fresh_attempts() {
     h.complete(at, 1, token, failed("flaky", true));
     assert_eq!((status(&h, 1), h.job(1).failures), (JobStatus::Dead, 2));
 
-    assert_eq!(
-        redrive(&mut h, at, dead_filter(&[], None, None, 5)).0,
-        vec![1]
-    );
+    assert_eq!(redrive(&mut h, at, all_dead(5)).0, vec![1]);
     let token = h.assign(at, 1, 1, 1);
     tokens.push(token);
     let effects = h.complete(at, 1, token, succeeded(b"done"));
@@ -1183,9 +1234,9 @@ fn a_dead_letter_command_moves_at_most_dead_batch_max() {
         h.apply(NOW, Command::Complete(completions));
     }
     assert_eq!(h.table.counts().dead, n as u64);
-    let (ids, _) = redrive(&mut h, NOW, dead_filter(&[], None, None, u32::MAX));
+    let (ids, _) = redrive(&mut h, NOW, all_dead(u32::MAX));
     assert_eq!(ids.len(), DEAD_BATCH_MAX);
-    let (ids, effects) = purge(&mut h, NOW, dead_filter(&[], None, None, u32::MAX));
+    let (ids, effects) = purge(&mut h, NOW, all_dead(u32::MAX));
     assert_eq!(ids, vec![n as JobId]);
     assert_eq!(effects, vec![Effect::DropPayload { job: n as JobId }]);
 }
@@ -1961,10 +2012,7 @@ fn queues_max_bounds_the_queue_table() {
         Err(Rejection::TooManyQueues(QUEUES_MAX))
     );
     assert!(configure(&mut h, NOW, "q1", limit(3)).is_ok());
-    assert_eq!(
-        redrive(&mut h, NOW, dead_filter(&[], None, None, 10)).0,
-        vec![]
-    );
+    assert_eq!(redrive(&mut h, NOW, all_dead(10)).0, vec![]);
     assert_eq!(status(&h, 1), JobStatus::Dead);
 
     // Job 2 is queue q0's only job: cancelling it frees one place.
@@ -1985,10 +2033,7 @@ fn queues_max_bounds_the_queue_table() {
     assert_eq!(h.table.queues().len(), QUEUES_MAX);
     // Job 4 is queue q2's only job (q1 has settings, so it stays).
     cancel(&mut h, NOW, &[4]);
-    assert_eq!(
-        redrive(&mut h, NOW, dead_filter(&[], None, None, 10)).0,
-        vec![1]
-    );
+    assert_eq!(redrive(&mut h, NOW, all_dead(10)).0, vec![1]);
     assert_eq!(h.table.queues().len(), QUEUES_MAX);
 }
 
@@ -2340,7 +2385,7 @@ fn every_transition_emits_one_event() {
     let t7 = h.assign(later, 5, 2, 2);
     h.complete(later, 5, t7, failed("no", false));
     h.events.clear();
-    purge(&mut h, later, dead_filter(&[], None, None, 10));
+    purge(&mut h, later, all_dead(10));
     retain(
         &mut h,
         later,
@@ -2525,7 +2570,7 @@ fn issue_4_state_survives_a_snapshot_round_trip() {
             harness.apply(at, Command::Assign(plan));
             let running: Vec<JobId> = harness.table.jobs_running_on(1).map(|j| j.id).collect();
             succeed_first(harness, at, &running);
-            harness.apply(at, Command::Redrive(dead_filter(&[], None, None, 1)));
+            harness.apply(at, Command::Redrive(all_dead(1)));
         }
         assert!(h.table == twin.table, "diverged at {at}");
     }

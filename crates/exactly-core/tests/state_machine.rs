@@ -11,7 +11,7 @@ use exactly_core::limits::{
     ABANDONS_RERUN_AT_ONCE, ABANDON_DELAY_MAX_MS, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX,
     ERROR_BYTES_MAX, KIND_NAME_BYTES_MAX, MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, PAYLOAD_BYTES_CEILING,
     QUEUE_NAME_BYTES_MAX, RESULT_BYTES_MAX, RETRY_BACKOFF_BASE_MS, RETRY_BACKOFF_MAX_MS,
-    SUBMIT_BATCH_JOBS_MAX, TIMEOUT_MS_MAX,
+    RUN_AT_AHEAD_MS_MAX, SUBMIT_BATCH_JOBS_MAX, TIMEOUT_MS_MAX,
 };
 use exactly_core::state::{backoff_ceiling_ms, retry_delay_ms};
 use std::collections::BTreeMap;
@@ -256,6 +256,78 @@ fn an_invalid_job_refuses_its_whole_batch_with_a_precise_reason() {
                 PAYLOAD_BYTES_CEILING + 1
             ),
         ),
+        (
+            "run_at one ms past ten years after the entry's time",
+            job_with(|j| j.run_at_ms = NOW + RUN_AT_AHEAD_MS_MAX + 1),
+            format!(
+                "run_at {} ms is more than 3650 days after now ({NOW} ms); the latest accepted \
+                 is {} ms",
+                NOW + RUN_AT_AHEAD_MS_MAX + 1,
+                NOW + RUN_AT_AHEAD_MS_MAX
+            ),
+        ),
+        (
+            "idempotency key with a newline (it could never be an HTTP header)",
+            job_with(|j| j.idempotency_key = Some("order\n17".into())),
+            "idempotency key must be printable ASCII (0x20-0x7E), as it is sent as an HTTP \
+             header; byte 5 is 0x0a"
+                .into(),
+        ),
+        (
+            "non-ASCII idempotency key",
+            job_with(|j| j.idempotency_key = Some("zahlung-ä".into())),
+            "idempotency key must be printable ASCII (0x20-0x7E), as it is sent as an HTTP \
+             header; byte 8 is 0xc3"
+                .into(),
+        ),
+        (
+            "idempotency key with DEL",
+            job_with(|j| j.idempotency_key = Some("k\u{7f}".into())),
+            "idempotency key must be printable ASCII (0x20-0x7E), as it is sent as an HTTP \
+             header; byte 1 is 0x7f"
+                .into(),
+        ),
+        (
+            "idempotency key with a leading space",
+            job_with(|j| j.idempotency_key = Some(" k".into())),
+            "idempotency key must not start or end with a space (an HTTP header value is trimmed)"
+                .into(),
+        ),
+        (
+            "idempotency key with a trailing space",
+            job_with(|j| j.idempotency_key = Some("k ".into())),
+            "idempotency key must not start or end with a space (an HTTP header value is trimmed)"
+                .into(),
+        ),
+        (
+            "ordering key with a tab",
+            job_with(|j| j.ordering_key = Some("line\t1".into())),
+            "ordering key must not contain control characters; byte 4 is U+0009".into(),
+        ),
+        (
+            "label name with a newline",
+            job_with(|j| {
+                j.labels.insert("te\nam".into(), "x".into());
+            }),
+            "label name must not contain control characters; byte 2 is U+000A".into(),
+        ),
+        (
+            "label value with a C1 control character",
+            job_with(|j| {
+                j.labels.insert("team".into(), "bil\u{85}ling".into());
+            }),
+            "label \"team\" value must not contain control characters; byte 3 is U+0085".into(),
+        ),
+        (
+            "run_at 2^64-1 (a job that would never run, yet count as live)",
+            job_with(|j| j.run_at_ms = u64::MAX),
+            format!(
+                "run_at {} ms is more than 3650 days after now ({NOW} ms); the latest accepted \
+                 is {} ms",
+                u64::MAX,
+                NOW + RUN_AT_AHEAD_MS_MAX
+            ),
+        ),
     ];
     for (name, bad, reason) in cases {
         let mut h = Harness::new();
@@ -317,6 +389,31 @@ fn jobs_at_the_limits_are_accepted() {
             "payload at the ceiling",
             job_with(|j| j.payload = vec![0; PAYLOAD_BYTES_CEILING]),
         ),
+        (
+            "run_at exactly ten years after the entry's time",
+            job_with(|j| j.run_at_ms = NOW + RUN_AT_AHEAD_MS_MAX),
+        ),
+        (
+            "idempotency key of every printable ASCII character, spaces inside",
+            job_with(|j| {
+                j.idempotency_key = Some((0x21u8..=0x7e).map(char::from).collect::<String>() + " x")
+            }),
+        ),
+        (
+            "longest idempotency key",
+            job_with(|j| j.idempotency_key = Some("k".repeat(256))),
+        ),
+        (
+            "a UUID as the Rust client and the CLI choose",
+            job_with(|j| j.idempotency_key = Some("0b3c1a52-6f0e-4d4e-9a0c-2f1d3e4b5a69".into())),
+        ),
+        (
+            "non-ASCII ordering key and labels without control characters",
+            job_with(|j| {
+                j.ordering_key = Some("kunde-ü 9".into());
+                j.labels.insert("équipe".into(), "facturación ✓".into());
+            }),
+        ),
     ];
     for (name, job) in cases {
         let expected = job.clone();
@@ -346,6 +443,26 @@ fn jobs_at_the_limits_are_accepted() {
             "{name}"
         );
     }
+}
+
+/// The run_at bound is relative to the leader time apply uses (the largest stamp so far): the
+/// same run_at is refused in an entry stamped one ms too early and accepted one ms later, and a
+/// stamp that goes backwards does not widen the bound.
+#[test]
+fn run_at_is_bounded_from_the_entry_s_leader_time() {
+    let run_at = NOW + RUN_AT_AHEAD_MS_MAX + 1;
+    let mut h = Harness::new();
+    let job = job_with(|j| j.run_at_ms = run_at);
+    let (response, _) = h.apply(NOW, Command::Submit(vec![job.clone()]));
+    assert!(
+        matches!(&response, Response::Submitted(r) if matches!(r[..], [Err(Rejection::Invalid(_))])),
+        "{response:?}"
+    );
+    assert_eq!(h.submit(NOW + 1, vec![job.clone()]), vec![1]);
+    assert_eq!(h.job(1).run_at_ms, run_at);
+    // An earlier stamp after a later one: apply's time stays at NOW + 1.
+    let later = job_with(|j| j.run_at_ms = NOW + 1 + RUN_AT_AHEAD_MS_MAX);
+    assert_eq!(h.submit(NOW - 500, vec![later]), vec![2]);
 }
 
 /// A submit batch over SUBMIT_BATCH_JOBS_MAX is refused whole; one at the limit applies.

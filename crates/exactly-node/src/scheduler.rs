@@ -7,7 +7,8 @@
 //! fresh scheduler that rebuilds everything from the state machine.
 //!
 //! Besides assignments it does the leader's housekeeping, one proposal at a time: firing due
-//! cron ticks (each tick at most once: apply fires only the schedule's current next tick) and the
+//! cron ticks (each tick at most once: apply fires only the schedule's current next tick, and
+//! with it every tick that came due since, within the late grace, each its own job) and the
 //! retention pass that deletes what is past its configured age.
 
 use std::collections::BTreeSet;
@@ -268,10 +269,15 @@ impl SchedulerState {
                 Ok(ForwardReply::Committed(exactly_core::Response::Fired(results), _)) => {
                     for r in results {
                         match r {
-                            Ok(fired) => tracing::debug!(?fired, "cron tick fired"),
-                            Err(why) => tracing::warn!(%why, "cron tick refused"),
+                            Ok(fired) => match &fired.refused {
+                                Some(why) => tracing::warn!(%why, ?fired, "cron tick refused"),
+                                None => tracing::debug!(?fired, "cron ticks fired"),
+                            },
+                            Err(why) => tracing::warn!(%why, "cron fire refused"),
                         }
                     }
+                    // A catch-up longer than CRON_CATCH_UP_FIRES_MAX leaves the next tick due:
+                    // the next round proposes it at once.
                     true
                 }
                 Ok(ForwardReply::Committed(exactly_core::Response::Retained { jobs, keys }, _)) => {

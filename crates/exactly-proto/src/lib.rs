@@ -1,7 +1,10 @@
-//! Generated code for exactly's gRPC APIs. Nothing but generated code lives here: domain types
-//! never derive prost, and conversions live with the services that use them.
+//! Generated code for exactly's gRPC APIs. Nothing but generated code lives here (and the
+//! servers' codec, wire-level plumbing the generated code names): domain types never derive
+//! prost, and conversions live with the services that use them.
 
 #![allow(clippy::all, rust_2018_idioms)]
+
+pub mod codec;
 
 /// The public API (`exactly.v1`).
 pub mod v1 {

@@ -59,6 +59,7 @@ impl JobTable {
         for new in jobs {
             let outcome = (|| {
                 super::validate_new_job(new).map_err(Rejection::Invalid)?;
+                super::validate_run_at(new.run_at_ms, self.now_ms).map_err(Rejection::Invalid)?;
                 if let Some(key) = &new.idempotency_key {
                     let print = fingerprint(new);
                     if let Some(record) = self.keys.get(key) {
@@ -111,6 +112,7 @@ impl JobTable {
         effects: &mut Vec<Effect>,
     ) -> Result<Submitted, Rejection> {
         super::validate_new_job(&new).map_err(Rejection::Invalid)?;
+        super::validate_run_at(new.run_at_ms, self.now_ms).map_err(Rejection::Invalid)?;
         let print = new.idempotency_key.as_ref().map(|_| fingerprint(&new));
         if let (Some(key), Some(print)) = (&new.idempotency_key, print) {
             if let Some(record) = self.keys.get(key) {

@@ -1,13 +1,26 @@
 //! Adding, removing, pausing and firing cron schedules.
+//!
+//! **Catch-up and overlap.** Ticks that came due while no leader could fire them (a failover)
+//! fire late, each its own job, oldest first, as long as they are within
+//! [`CRON_LATE_GRACE_MS`]; older ones follow the missed-tick policy. Under
+//! [`OverlapPolicy::Skip`] a tick is skipped only if the schedule's previous job was created
+//! before the tick and still pends or runs ([`JobTable::overlaps`]): a job fired late in the same
+//! catch-up does not make the next tick an overlap. So that `Skip` still means "never two runs
+//! at once", its jobs share the ordering line `schedule/<name>` in their queue (unless the
+//! template names an ordering key of its own, which serializes them already): a catch-up's jobs
+//! run one after the other, in tick order.
 
 use super::JobTable;
 use crate::command::{Effect, Rejection};
 use crate::cron::CronSchedule;
 use crate::limits::{
-    CRON_LATE_GRACE_MS, FIRE_BATCH_MAX, SCHEDULES_MAX, SCHEDULE_NAME_BYTES_MAX,
-    SCHEDULE_PAYLOAD_BYTES_MAX,
+    CRON_CATCH_UP_FIRES_MAX, CRON_LATE_GRACE_MS, FIRE_BATCH_MAX, SCHEDULES_MAX,
+    SCHEDULE_NAME_BYTES_MAX, SCHEDULE_PAYLOAD_BYTES_MAX,
 };
-use crate::schedule::{fire_key, Fire, Fired, OverlapPolicy, Schedule, ScheduleSpec};
+use crate::schedule::{
+    fire_key, schedule_line, Fire, Fired, OverlapPolicy, Schedule, ScheduleSpec,
+};
+use crate::JobId;
 
 /// Checks a schedule spec and parses its expression: the API edge calls this too, so a bad
 /// schedule is refused before anything is proposed.
@@ -16,6 +29,18 @@ pub fn validate_schedule(spec: &ScheduleSpec) -> Result<CronSchedule, String> {
         return Err(format!(
             "schedule name must be 1..={SCHEDULE_NAME_BYTES_MAX} bytes, got {}",
             spec.name.len()
+        ));
+    }
+    // The name is part of each fired job's idempotency key, `schedule/<name>/<tick ms>`.
+    if let Some((at, byte)) = spec
+        .name
+        .bytes()
+        .enumerate()
+        .find(|&(_, b)| !(0x20..=0x7e).contains(&b))
+    {
+        return Err(format!(
+            "schedule name must be printable ASCII (0x20-0x7E), as it is part of its jobs' \
+             idempotency keys; byte {at} is {byte:#04x}"
         ));
     }
     let cron = CronSchedule::parse(&spec.cron, &spec.tz).map_err(|e| e.to_string())?;
@@ -110,7 +135,11 @@ impl JobTable {
             .collect()
     }
 
-    /// Fires one tick, at most once: only if `tick_ms` is still the schedule's next tick.
+    /// Fires the due ticks of one schedule, each at most once: only if `tick_ms` is still the
+    /// schedule's next tick. What fires is [`CronSchedule::plan_fire`]'s plan (every due tick
+    /// within [`CRON_LATE_GRACE_MS`], and late ones by the missed-tick policy, at most
+    /// [`CRON_CATCH_UP_FIRES_MAX`]), each tick its own job keyed `schedule/<name>/<tick ms>`, in
+    /// tick order, less the ticks the overlap policy skips ([`JobTable::overlaps`]).
     fn fire_one(&mut self, fire: Fire, effects: &mut Vec<Effect>) -> Result<Fired, Rejection> {
         let now = self.now_ms;
         let schedule = self
@@ -127,46 +156,61 @@ impl JobTable {
                 next: schedule.next_tick_ms,
             });
         }
-        let plan = schedule
-            .cron
-            .plan_fire(fire.tick_ms, now, schedule.missed, CRON_LATE_GRACE_MS);
-        let previous_live = schedule
-            .last_job
-            .and_then(|id| self.jobs.get(&id))
-            .is_some_and(|job| !job.status.is_terminal());
-        let overlap_blocks = schedule.overlap == OverlapPolicy::Skip && previous_live;
-        let template = schedule.job.clone();
-        let mut fired = Fired::Skipped;
-        let mut job_id = None;
-        if let Some(tick) = plan.fire.filter(|_| !overlap_blocks) {
-            let mut job = template;
-            job.idempotency_key = Some(fire_key(&fire.name, tick));
+        let plan = schedule.cron.plan_fire(
+            fire.tick_ms,
+            now,
+            schedule.missed,
+            CRON_LATE_GRACE_MS,
+            CRON_CATCH_UP_FIRES_MAX,
+        );
+        let name = fire.name;
+        let mut fired = Fired {
+            jobs: Vec::with_capacity(plan.fire.len()),
+            skipped: plan.missed,
+            refused: None,
+        };
+        for tick in plan.fire {
+            let schedule = &self.schedules[&name];
+            if schedule.overlap == OverlapPolicy::Skip && self.overlaps(schedule.last_job, tick) {
+                fired.skipped += 1;
+                continue;
+            }
+            let mut job = schedule.job.clone();
+            job.idempotency_key = Some(fire_key(&name, tick));
             job.run_at_ms = 0;
-            match self.submit_one(job, Some(fire.name.clone()), effects) {
+            if schedule.overlap == OverlapPolicy::Skip && job.ordering_key.is_none() {
+                job.ordering_key = Some(schedule_line(&name));
+            }
+            match self.submit_one(job, Some(name.clone()), effects) {
                 Ok(submitted) => {
-                    fired = Fired::Job(submitted.id);
-                    job_id = Some((submitted.id, tick));
+                    let schedule = self.schedules.get_mut(&name).expect("checked above");
+                    schedule.fired += 1;
+                    schedule.last_job = Some(submitted.id);
+                    schedule.last_fired_tick_ms = Some(tick);
+                    fired.jobs.push(submitted.id);
                 }
                 // The template was valid when added; a failure here (a queue limit, a key taken
                 // by a client) skips the tick rather than blocking the schedule forever.
                 Err(why) => {
-                    let schedule = self.schedules.get_mut(&fire.name).expect("checked above");
-                    schedule.skipped += 1 + plan.missed;
-                    schedule.next_tick_ms = plan.next_tick_ms;
-                    return Err(why);
+                    fired.skipped += 1;
+                    fired.refused.get_or_insert(why);
                 }
             }
         }
-        let schedule = self.schedules.get_mut(&fire.name).expect("checked above");
-        schedule.skipped += plan.missed;
-        if let Some((id, tick)) = job_id {
-            schedule.fired += 1;
-            schedule.last_job = Some(id);
-            schedule.last_fired_tick_ms = Some(tick);
-        } else if plan.fire.is_some() {
-            schedule.skipped += 1;
-        }
+        let schedule = self.schedules.get_mut(&name).expect("checked above");
+        schedule.skipped += fired.skipped;
         schedule.next_tick_ms = plan.next_tick_ms;
         Ok(fired)
+    }
+
+    /// Whether a tick at `tick_ms` overlaps the schedule's previous job (`last`) in the sense of
+    /// [`OverlapPolicy::Skip`]: that job still pends or runs *and it existed when the tick came
+    /// due* (created before `tick_ms`). A job created at or after the tick's time did not exist
+    /// then: it was fired late for an earlier tick in the same catch-up (a leader failover
+    /// delayed both), so the tick is not skipped for it. Overlap is judged as of the tick's own
+    /// time, as if every tick had fired on time.
+    fn overlaps(&self, last: Option<JobId>, tick_ms: u64) -> bool {
+        last.and_then(|id| self.jobs.get(&id))
+            .is_some_and(|job| !job.status.is_terminal() && job.created_at_ms < tick_ms)
     }
 }

@@ -36,12 +36,16 @@ fn dead_filter(f: pb::DeadLetterFilter) -> Result<DeadFilter, Status> {
         }
         n => n,
     };
-    Ok(DeadFilter {
+    let filter = DeadFilter {
         ids: f.job_ids,
         queue: (!f.queue.is_empty()).then_some(f.queue),
         kind: (!f.kind.is_empty()).then_some(f.kind),
         max,
-    })
+        all: f.all,
+    };
+    // An empty message must never mean "every dead letter": that takes `all = true`.
+    filter.check().map_err(Status::invalid_argument)?;
+    Ok(filter)
 }
 
 #[tonic::async_trait]
@@ -56,10 +60,11 @@ impl DeadLetters for DeadLettersService {
             .propose_for_client(Command::Redrive(filter))
             .await?;
         match response {
-            CoreResponse::Redriven(job_ids) => Ok(stamped(
+            CoreResponse::Redriven(Ok(job_ids)) => Ok(stamped(
                 Response::new(pb::DeadLetterResponse { job_ids }),
                 index,
             )),
+            CoreResponse::Redriven(Err(why)) => Err(status_of("filter", &why)),
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
     }
@@ -74,10 +79,11 @@ impl DeadLetters for DeadLettersService {
             .propose_for_client(Command::PurgeDead(filter))
             .await?;
         match response {
-            CoreResponse::PurgedDead(job_ids) => Ok(stamped(
+            CoreResponse::PurgedDead(Ok(job_ids)) => Ok(stamped(
                 Response::new(pb::DeadLetterResponse { job_ids }),
                 index,
             )),
+            CoreResponse::PurgedDead(Err(why)) => Err(status_of("filter", &why)),
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
     }

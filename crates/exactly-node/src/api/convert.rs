@@ -1,6 +1,7 @@
 //! Conversions between wire (`exactly.v1`) and domain (`exactly-core`) types, in one place.
 
-use exactly_core::state::validate_new_job;
+use exactly_core::limits::RUN_AT_AHEAD_MS_MAX;
+use exactly_core::state::{validate_new_job, validate_run_at};
 use exactly_core::{
     AttemptEnd, Backoff, Job, JobEvent, JobStatus, NewJob, QueueConfig, QueueState, RateLimit,
 };
@@ -34,11 +35,21 @@ pub fn new_job(node: &Node, context: &str, spec: pb::JobSpec) -> Result<NewJob, 
             "{context}: set run_at_ms or delay_ms, not both"
         )));
     }
+    let now = wall_ms();
+    if spec.delay_ms > RUN_AT_AHEAD_MS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "{context}: delay_ms {} exceeds the limit of {RUN_AT_AHEAD_MS_MAX} ms ({} days)",
+            spec.delay_ms,
+            RUN_AT_AHEAD_MS_MAX / (24 * 60 * 60 * 1000)
+        )));
+    }
     let run_at_ms = if spec.delay_ms != 0 {
-        wall_ms().saturating_add(spec.delay_ms)
+        now.saturating_add(spec.delay_ms)
     } else {
         spec.run_at_ms
     };
+    validate_run_at(run_at_ms, now)
+        .map_err(|why| Status::invalid_argument(format!("{context}: {why}")))?;
     let job = NewJob {
         queue: if spec.queue.is_empty() {
             defaults.queue.clone()

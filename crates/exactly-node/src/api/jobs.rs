@@ -173,11 +173,14 @@ impl Jobs for JobsService {
                                 job_id,
                                 previous_state: state_to_pb(was) as i32,
                                 error: String::new(),
+                                code: tonic::Code::Ok as i32,
                             },
+                            // The same code a whole call refused for this reason would get.
                             Err(why) => pb::CancelResult {
                                 job_id,
                                 previous_state: pb::JobState::Unspecified as i32,
                                 error: why.to_string(),
+                                code: status_of(&format!("job {job_id}"), &why).code() as i32,
                             },
                         })
                         .collect(),
