@@ -223,14 +223,11 @@ impl Actor for Executor {
             ExecutorMsg::CancelAll => state.stop_all(Stop::ShuttingDown),
         }
         // What a stopping node waits for before it goes (see `Node::drain_and_leave`).
-        let in_hand = state.running.len()
-            + state.held.len()
-            + state.outbox.len()
-            + usize::from(state.flushing);
+        let unreported = state.held.len() + state.outbox.len() + usize::from(state.flushing);
         state
             .node
-            .attempts_in_hand
-            .store(in_hand, std::sync::atomic::Ordering::Release);
+            .work_in_hand
+            .store(state.running.len(), unreported);
         Ok(())
     }
 }

@@ -243,8 +243,9 @@ impl Node {
         );
         // Until nothing of this node's work is in hand: its attempts ended (past the deadline
         // the executor stops them and gives them back) and their outcomes committed. Without a
-        // lease nothing more can commit: its attempts are stopped, and go when it restarts or
-        // its lease expires.
+        // lease (no quorum: the rest of the cluster is stopping too) nothing more can commit:
+        // once its handlers stopped the node goes, and its attempts end when it restarts or its
+        // lease expires.
         let hard_stop = deadline + self.config.lease.kill_grace + STOP_MARGIN;
         let mut last_running = running as usize;
         loop {
@@ -252,19 +253,22 @@ impl Node {
                 tracing::info!(node = self.id, took = ?started.elapsed(), "left the cluster");
                 return Ok(Stopped::Left);
             }
-            let in_hand = self.attempts_in_hand.load(Ordering::Acquire);
+            let handlers = self.work_in_hand.running();
+            let unreported = self.work_in_hand.unreported();
             let running = self.read(|t| t.running_on(self.id));
             if running != last_running {
                 tracing::info!(node = self.id, running, "draining");
                 last_running = running;
             }
-            if in_hand == 0 && (running == 0 || !self.lease_valid()) {
+            let reported = unreported == 0 && running == 0;
+            if handlers == 0 && (reported || !self.lease_valid()) {
                 break;
             }
             if started.elapsed() >= hard_stop {
                 tracing::warn!(
                     node = self.id,
-                    in_hand,
+                    handlers,
+                    unreported,
                     running,
                     "drain deadline passed with work still in hand: stopping anyway"
                 );

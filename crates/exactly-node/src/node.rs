@@ -94,12 +94,37 @@ pub struct NodeInner {
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
     /// Set once this node learns that it left or was removed (see `membership.rs`).
     pub departure: Arc<crate::membership::Departure>,
-    /// Attempts the executor runs, plus outcomes it has not yet seen committed (0: nothing of
-    /// this node's work would be lost if it stopped now).
-    pub attempts_in_hand: std::sync::atomic::AtomicUsize,
+    /// What the executor has in hand, for a stopping node (see `Node::drain_and_leave`).
+    pub work_in_hand: WorkInHand,
     /// The leader's read index learned once after start: this node is ready only once it has
     /// applied that far (`u64::MAX`: not learned yet). See `http::not_ready`.
     pub ready_index: std::sync::atomic::AtomicU64,
+}
+
+/// What this node's executor has in hand: attempts whose handlers run, and outcomes not yet
+/// committed (held starts, reports not yet proposed or in flight).
+#[derive(Default)]
+pub struct WorkInHand {
+    running: std::sync::atomic::AtomicUsize,
+    unreported: std::sync::atomic::AtomicUsize,
+}
+
+impl WorkInHand {
+    pub fn store(&self, running: usize, unreported: usize) {
+        use std::sync::atomic::Ordering::Release;
+        self.running.store(running, Release);
+        self.unreported.store(unreported, Release);
+    }
+
+    /// Attempts whose handlers still run.
+    pub fn running(&self) -> usize {
+        self.running.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Outcomes not yet committed.
+    pub fn unreported(&self) -> usize {
+        self.unreported.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// A cheap-to-clone handle to a running node.

@@ -243,7 +243,7 @@ pub async fn start_with(
         events: hooks.events.clone(),
         peers: Default::default(),
         departure,
-        attempts_in_hand: Default::default(),
+        work_in_hand: Default::default(),
         ready_index: u64::MAX.into(),
     }));
     tracing::info!(node = id, incarnation, %addr, "node starting");

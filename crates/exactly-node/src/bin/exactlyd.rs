@@ -86,6 +86,10 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
         )
         .init();
+    // Signals are caught from the first moment: a SIGTERM that arrives while the node starts
+    // (a restart followed at once by a stop) must not kill the process by its default action.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let args = Args::parse();
     let config = load(&args)?;
     let mut registry = Registry::with_builtins();
@@ -105,8 +109,6 @@ async fn main() -> anyhow::Result<()> {
             node.addr
         ),
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
         _ = interrupt.recv() => {},
         _ = term.recv() => {},
