@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Measures failover on a fresh local 3-node cluster (release build, default timings):
 #  1. worker SIGKILL -> the job it was running is running again on another node;
-#  2. leader SIGKILL -> a newly submitted job completes again (the next acknowledged write);
-#     and, in the same runs, the dead leader's own job running again on another node, and how
-#     many attempts running on the healthy nodes the failover ended (the goal is none).
+#  2. leader SIGKILL, then leader SIGSTOP (frozen; let go afterwards) -> a newly submitted job
+#     completes again (the next acknowledged write); and, in the same runs, the lost leader's
+#     own job running again on another node, and how many attempts running on the healthy nodes
+#     the failover ended (the goal is none).
 # Each is repeated RUNS times (default 10); prints every run, then the median and the max.
 # Usage: scripts/failover.sh [RUNS]
 set -euo pipefail
@@ -86,10 +87,15 @@ done
 leader_runs=()
 leader_rerun=()
 healthy_lost=0
+stop_runs=()
+stop_rerun=()
+stop_lost=0
 job_node() { # id: the node of the job's latest attempt, if any
   ex --json get "$1" | grep -oE '"node_id": *[0-9]+' | tail -1 | grep -oE '[0-9]+$' || true
 }
-for r in $(seq 1 "$runs"); do
+for r in $(seq 1 $((2 * runs))); do
+  # Runs 1..RUNS SIGKILL the leader; RUNS+1..2×RUNS freeze it (SIGSTOP), then let it go on.
+  how=KILL; [[ $r -gt $runs ]] && how=STOP
   leader=$(ex --json status | grep -oE '"leader_id": *[0-9]+' | grep -oE '[0-9]+$')
   # Long jobs until one runs on the leader and one on each follower.
   declare -A held=()
@@ -104,7 +110,7 @@ for r in $(seq 1 "$runs"); do
   alive=""
   for i in 1 2 3; do [[ "$i" != "$leader" ]] && alive+="127.0.0.1:$((base+i)),"; done
   alive=${alive%,}
-  kill -KILL "${pid[$leader]}"; t0=$(now_ms)
+  kill -"$how" "${pid[$leader]}"; t0=$(now_ms)
   while :; do
     if id=$("$bin/exactly" --endpoints "$alive" --retry-time 1s submit --kind noop 2>/dev/null); then
       state=""
@@ -117,13 +123,14 @@ for r in $(seq 1 "$runs"); do
     fi
     sleep 0.02
   done
-  dt=$(( $(now_ms) - t0 )); leader_runs+=("$dt")
-  # The dead leader's job, running again elsewhere.
+  dt=$(( $(now_ms) - t0 ))
+  # The lost leader's job, running again elsewhere.
   lj=${held[$leader]}
   while [[ "$("$bin/exactly" --endpoints "$alive" --json get "$lj" 2>/dev/null | grep -oE '"node_id": *[0-9]+' | tail -1 | grep -oE '[0-9]+$')" == "$leader" ]]; do
     sleep 0.05
   done
-  rerun=$(( $(now_ms) - t0 )); leader_rerun+=("$rerun")
+  rerun=$(( $(now_ms) - t0 ))
+  if [[ $how == KILL ]]; then leader_runs+=("$dt"); leader_rerun+=("$rerun"); else stop_runs+=("$dt"); stop_rerun+=("$rerun"); fi
   # Attempts on the healthy nodes: each of their jobs must still run its first attempt.
   lost=0
   for i in 1 2 3; do
@@ -132,15 +139,18 @@ for r in $(seq 1 "$runs"); do
     state=$("$bin/exactly" --endpoints "$alive" --json get "${held[$i]}" | grep -oE '"state": *"[a-z]+"' | head -1 | grep -oE '[a-z]+"$')
     if [[ "$n_attempts" != 1 || "$state" != 'running"' ]]; then lost=$((lost + 1)); fi
   done
-  healthy_lost=$((healthy_lost + lost))
+  if [[ $how == KILL ]]; then healthy_lost=$((healthy_lost + lost)); else stop_lost=$((stop_lost + lost)); fi
   new=$("$bin/exactly" --endpoints "$alive" --json status | grep -oE '"leader_id": *[0-9]+' | grep -oE '[0-9]+$')
-  echo "leader run $r: leader $leader killed; next write acknowledged and done after ${dt} ms; its job $lj running elsewhere after ${rerun} ms; healthy nodes' attempts ended: $lost; new leader $new"
+  echo "leader run $r: leader $leader SIG$how; next write acknowledged and done after ${dt} ms; its job $lj running elsewhere after ${rerun} ms; healthy nodes' attempts ended: $lost; new leader $new"
   "$bin/exactly" --endpoints "$alive" cancel "${ids[@]}" >/dev/null 2>&1 || true
-  start_node "$leader"; wait_ready
+  if [[ $how == KILL ]]; then start_node "$leader"; else kill -CONT "${pid[$leader]}"; fi
+  wait_ready
   unset held
 done
 echo
 summary "worker SIGKILL -> re-run" "${worker[@]}"
 summary "leader SIGKILL -> jobs flow" "${leader_runs[@]}"
 summary "leader SIGKILL -> its job re-run" "${leader_rerun[@]}"
-echo "attempts on healthy nodes ended by the $runs leader kills: $healthy_lost"
+summary "leader SIGSTOP -> jobs flow" "${stop_runs[@]}"
+summary "leader SIGSTOP -> its job re-run" "${stop_rerun[@]}"
+echo "attempts on healthy nodes ended by the $runs leader kills: $healthy_lost; by the $runs leader freezes: $stop_lost"
