@@ -905,6 +905,52 @@ mod tests {
         assert_eq!(std::fs::read_dir(&groups).unwrap().count(), 0);
     }
 
+    /// A previous life's guard (its handler leaked, as when the node is SIGKILLed) is waited
+    /// for: `kill_leftover_groups` kills the command's group, the guard then kills the rest of
+    /// its tree (a `setsid` child outside the group, ignoring SIGTERM) and exits, and only then
+    /// does the call return; a guard of another node is not waited for.
+    #[tokio::test]
+    async fn leftover_guards_are_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = dir.path().join("groups");
+        let pids = pidfile(&dir);
+        let spec = sh(&format!(
+            "setsid sh -c 'trap \"\" TERM; echo $$ > {}; exec sleep 30' & wait",
+            pids.display()
+        ));
+        let run = handler(spec)
+            .with_group_dir(groups.clone())
+            .run(context("exec-test", b""), CancellationToken::new());
+        // Drive it until the worker and the group's marker exist, then leak it: no drop guard
+        // runs and the guard's control pipe stays open, like a node killed with SIGKILL.
+        let mut run = Box::pin(run);
+        let deadline = StdInstant::now() + Duration::from_secs(5);
+        let marked = || std::fs::read_dir(&groups).is_ok_and(|d| d.count() == 1);
+        while std::fs::read_to_string(&pids).map_or(true, |s| !s.ends_with('\n')) || !marked() {
+            assert!(StdInstant::now() < deadline, "command did not start");
+            let _ = tokio::time::timeout(Duration::from_millis(10), &mut run).await;
+        }
+        let worker = read_pid(&pids).await;
+        std::mem::forget(run);
+        let marker = std::fs::read_dir(&groups)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let text = std::fs::read_to_string(&marker).unwrap();
+        assert!(text.starts_with("guard "), "marker: {text:?}");
+        assert_eq!(kill_leftover_groups(&groups, 99), 0);
+        assert!(running(worker), "another node's leftovers were touched");
+        // The marker was consumed; put it back as the previous life left it.
+        std::fs::write(&marker, &text).unwrap();
+        assert_eq!(kill_leftover_groups(&groups, 3), 1);
+        assert!(
+            !running(worker),
+            "the setsid worker outlived kill_leftover_groups"
+        );
+    }
+
     /// The payload reaches the command's stdin and stdout becomes the result.
     #[tokio::test]
     async fn payload_reaches_stdin() {
