@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 profile=debug
 flags=()
 if [[ "${1:-}" == "--release" ]]; then profile=release; flags=(--release); fi
-cargo build "${flags[@]}" -p exactly-node -p exactly-cli --bins
+cargo build "${flags[@]}" -p exactly-node -p exactly-handlers -p exactly-cli --bins
 bin=target/$profile
 mkdir -p .data
 pids=()
