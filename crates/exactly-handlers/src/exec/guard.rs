@@ -54,6 +54,7 @@ pub mod policy;
 pub mod tree;
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStderr, ChildStdin, ChildStdout, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -84,6 +85,15 @@ const PIPE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes read from an output pipe at once.
 const READ_CHUNK_BYTES: usize = 8 * 1024;
 
+/// Payloads up to this size are written to the command's stdin by the main thread: a pipe holds
+/// at least `PIPE_BUF` (4096) bytes, so such a write to the fresh, empty pipe never blocks, and
+/// the common small payload costs no thread.
+const PAYLOAD_INLINE_BYTES_MAX: usize = 4096;
+
+/// Stack of each of the guard's threads: they hold little on the stack (buffers are on the heap),
+/// and a small stack keeps the guard's footprint small.
+const THREAD_STACK_BYTES: usize = 64 * 1024;
+
 /// What the guard's threads tell the main thread.
 enum Msg {
     Event(Event),
@@ -104,7 +114,15 @@ pub fn main() -> i32 {
 
     let mut control = io::stdin();
     let setup = read_setup(&mut control);
-    let mut out = io::stdout();
+    // Our own handle on fd 1, unbuffered: each frame is one write (std's `Stdout` is
+    // line-buffered and would split a frame at every newline byte).
+    let Ok(mut out) = io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+    else {
+        return 2;
+    };
     if out.write_all(&protocol::PREAMBLE).is_err() {
         return 2;
     }
@@ -175,10 +193,12 @@ pub fn main() -> i32 {
         let tx = tx.clone();
         move || read_control(control, tx)
     });
-    spawn_thread("stdin", {
-        let stdin = child.stdin.take();
-        move || feed(stdin, &payload)
-    });
+    let stdin = child.stdin.take();
+    if payload.len() <= PAYLOAD_INLINE_BYTES_MAX {
+        feed(stdin, &payload);
+    } else {
+        spawn_thread("stdin", move || feed(stdin, &payload));
+    }
     for (pipe, tail) in [
         (child.stdout.take().map(Pipe::Out), stdout_tail.clone()),
         (child.stderr.take().map(Pipe::Err), stderr_tail.clone()),
@@ -310,7 +330,8 @@ fn read_setup(r: &mut impl Read) -> Result<Option<(Start, Vec<u8>)>, ProtocolErr
         match protocol::read_frame::<ToGuard>(r)? {
             None => return Ok(None),
             Some(ToGuard::Payload(chunk))
-                if chunk.len() <= protocol::PAYLOAD_CHUNK_BYTES_MAX
+                if !chunk.is_empty()
+                    && chunk.len() <= protocol::PAYLOAD_CHUNK_BYTES_MAX
                     && (payload.len() + chunk.len()) as u64 <= start.payload_bytes =>
             {
                 payload.extend_from_slice(&chunk);
@@ -360,7 +381,7 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
     // sees (and which SIGKILLs the command through PR_SET_PDEATHSIG), than to run unguarded.
     std::thread::Builder::new()
         .name(format!("guard-{name}"))
-        .stack_size(64 * 1024)
+        .stack_size(THREAD_STACK_BYTES)
         .spawn(f)
         .expect("start a guard thread");
 }
