@@ -588,7 +588,8 @@ async fn a_later_guard_does_not_hold_an_earlier_guards_pipe() {
 }
 
 /// The per-job cost of an exec attempt through its guard: a no-op command (`/bin/true`) run
-/// sequentially. Prints the distribution (README quotes it); asserts only a loose bound.
+/// sequentially. Prints the distribution (README quotes it, with the figure before the guard);
+/// asserts only a loose bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noop_job_latency() {
     let handler = handler(ExecSpec::new("/bin/true"));

@@ -142,14 +142,25 @@ pub fn main() -> i32 {
             not_started(End::NotStarted(NotStarted::Setup(why))),
         );
     }
-    let mut policy = Policy::new(start.deadline_ms, start.kill_grace_ms);
+    let policy = Policy::new(start.deadline_ms, start.kill_grace_ms);
     if !policy.may_start(monotonic_ms()) {
         return report(
             &mut out,
             not_started(End::NotStarted(NotStarted::LeaseLapsed)),
         );
     }
+    let outcome = run(&start, payload, policy, control, &mut out);
+    report(&mut out, outcome)
+}
 
+/// Starts the command and supervises its tree until the policy is done; the report to send.
+fn run(
+    start: &Start,
+    payload: Vec<u8>,
+    mut policy: Policy,
+    control: io::Stdin,
+    out: &mut impl Write,
+) -> Report {
     let mut command = std::process::Command::new(&start.command);
     command
         .args(&start.args)
@@ -165,17 +176,16 @@ pub fn main() -> i32 {
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(err) => {
-            let end = End::NotStarted(NotStarted::Spawn {
+            return not_started(End::NotStarted(NotStarted::Spawn {
                 os_error: err.raw_os_error(),
                 message: err.to_string(),
-            });
-            return report(&mut out, not_started(end));
+            }));
         }
     };
     let command_pid = Pid::from_raw(child.id() as i32);
     // Nothing can be done if the node is gone; the command is then stopped by the EOF below.
     let _ = protocol::write_frame(
-        &mut out,
+        out,
         &FromGuard::Started {
             pid: command_pid.as_raw(),
         },
@@ -212,8 +222,7 @@ pub fn main() -> i32 {
     // `child` is never waited for through std: the reaper reaps every child with waitpid(-1).
     drop(child);
 
-    let (ended, notes) = supervise(&mut policy, &rx);
-    let mut notes = notes;
+    let (ended, mut notes) = supervise(&mut policy, &rx);
     // Once no descendant is left, nothing in the tree holds the pipes: both end promptly.
     let drain_by = std::time::Instant::now() + PIPE_DRAIN_TIMEOUT;
     for _ in 0..2 {
@@ -240,19 +249,16 @@ pub fn main() -> i32 {
     let (stdout, stdout_truncated) = take(&stdout_tail);
     let (stderr, stderr_truncated) = take(&stderr_tail);
     notes.truncate(protocol::NOTES_MAX);
-    report(
-        &mut out,
-        Report {
-            end: ended.unwrap_or(End::Unreaped),
-            stopped: policy.stopped(),
-            stdout,
-            stdout_truncated,
-            stderr,
-            stderr_truncated,
-            survivors,
-            notes,
-        },
-    )
+    Report {
+        end: ended.unwrap_or(End::Unreaped),
+        stopped: policy.stopped(),
+        stdout,
+        stdout_truncated,
+        stderr,
+        stderr_truncated,
+        survivors,
+        notes,
+    }
 }
 
 /// The I/O loop around the policy: carries out its steps, feeds it events and the clock, until
