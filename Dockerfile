@@ -1,4 +1,5 @@
-# The exactly image: `exactlyd` (the entrypoint), the `exactly` CLI and `exactly-sink`.
+# The exactly image: `exactlyd` (the entrypoint) with its `exactly-exec-guard` (which runs each
+# `exec` job's command; exactlyd finds it next to itself), the `exactly` CLI and `exactly-sink`.
 #
 # Anywhere with a registry:   docker build -t exactly .
 # On a machine without one:   scripts/docker-image.sh   (makes the base image locally with
@@ -14,8 +15,9 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS builder
 # Empty: compile from the source in the build context. Set to a directory of the build context
-# that holds ready `exactlyd`, `exactly` and `exactly-sink` binaries (glibc 2.36 or older, i.e.
-# built on Debian bookworm) to use those instead; scripts/docker-image.sh does this.
+# that holds ready `exactlyd`, `exactly-exec-guard`, `exactly` and `exactly-sink` binaries (glibc
+# 2.36 or older, i.e. built on Debian bookworm) to use those instead; scripts/docker-image.sh
+# does this.
 ARG PREBUILT=
 LABEL exactly.stage=builder
 WORKDIR /src
@@ -23,19 +25,23 @@ COPY . .
 RUN set -eu; \
     mkdir -p /out; \
     if [ -n "$PREBUILT" ]; then \
-        cp "$PREBUILT/exactlyd" "$PREBUILT/exactly" "$PREBUILT/exactly-sink" /out/; \
+        cp "$PREBUILT/exactlyd" "$PREBUILT/exactly-exec-guard" "$PREBUILT/exactly" \
+            "$PREBUILT/exactly-sink" /out/; \
     else \
         CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo \
-            cargo build --release --locked --bin exactlyd --bin exactly --bin exactly-sink; \
-        cp target/release/exactlyd target/release/exactly target/release/exactly-sink /out/; \
+            cargo build --release --locked --bin exactlyd --bin exactly-exec-guard --bin exactly \
+            --bin exactly-sink; \
+        cp target/release/exactlyd target/release/exactly-exec-guard target/release/exactly \
+            target/release/exactly-sink /out/; \
     fi; \
     cp scripts/docker-entrypoint.sh /out/exactly-entrypoint; \
     cp scripts/docker-healthcheck.sh /out/exactly-healthcheck; \
     chmod 0755 /out/*
 
 FROM ${RUNTIME_IMAGE} AS runtime
-# tini reaps the orphans of `exec` jobs (exactlyd is not an init) and forwards signals. The
-# local base has it already, so the local build needs no package mirror here.
+# tini forwards signals and reaps what nobody else does (each `exec` job's guard reaps its own
+# command's orphans; tini gets those of a guard that was itself killed). The local base has it
+# already, so the local build needs no package mirror here.
 RUN set -eu; \
     if ! command -v tini >/dev/null; then \
         apt-get update; \

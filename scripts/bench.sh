@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${1:-100000}
 shift || true
-cargo build --release -p exactly-node -p exactly-cli --bins
+cargo build --release -p exactly-node -p exactly-handlers -p exactly-cli --bins
 bin=${CARGO_TARGET_DIR:-target}/release
 dir=$(mktemp -d)
 pids=()

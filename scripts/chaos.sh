@@ -9,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export EXACTLY_CHAOS_SECS="${1:-${EXACTLY_CHAOS_SECS:-300}}"
 if [[ -n "${2:-}" ]]; then export EXACTLY_CHAOS_SEED="$2"; fi
-cargo build -p exactly-sink -p exactly-node --bins
+cargo build -p exactly-sink -p exactly-node -p exactly-handlers --bins
 exec cargo test -p exactly-node --test fencing -- --exact \
   chaos_of_kills_and_pauses_loses_nothing_and_fences_every_stale_effect --nocapture

@@ -73,13 +73,14 @@ else
   log "reusing the base image $base (EXACTLY_REBUILD_BASE=1 makes it afresh)"
 fi
 
-log "cargo build --release (exactlyd, exactly, exactly-sink)"
-cargo build --release --locked --bin exactlyd --bin exactly --bin exactly-sink >&2
+log "cargo build --release (exactlyd, exactly-exec-guard, exactly, exactly-sink)"
+cargo build --release --locked --bin exactlyd --bin exactly-exec-guard --bin exactly \
+  --bin exactly-sink >&2
 
 context=target/docker-context
 rm -rf "$context"
 mkdir -p "$context/prebuilt" "$context/scripts"
-for bin in exactlyd exactly exactly-sink; do
+for bin in exactlyd exactly-exec-guard exactly exactly-sink; do
   # The release profile keeps line tables for profiling; the image does not need them.
   strip --strip-debug -o "$context/prebuilt/$bin" "target/release/$bin"
 done

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-10}
-cargo build --release -p exactly-node -p exactly-cli --bins >&2
+cargo build --release -p exactly-node -p exactly-handlers -p exactly-cli --bins >&2
 bin=${CARGO_TARGET_DIR:-target}/release
 dir=$(mktemp -d)
 base=$((19000 + RANDOM % 500))

@@ -6,35 +6,45 @@
 //! command) and the bytes on stdin.
 //!
 //! A node may run an attempt only while its lease is valid (DESIGN.md, invariant 4), so no
-//! process started for an attempt may outlive it. The child therefore runs in its own process
-//! group, and the whole group, grandchildren included, is signalled: SIGTERM when the
-//! cancellation token fires (timeout, self-fencing, drain), SIGKILL after `kill-grace`, SIGKILL
-//! as soon as the command exits (leftover background processes), and SIGKILL if the handler's
-//! future is dropped.
+//! process started for an attempt may outlive it, even if the node itself is killed or frozen
+//! and so cannot stop anything. The handler therefore does not start the command itself: it
+//! starts an exec guard (`exactly-exec-guard`, [`guard`]) in a process group of its own, tells it
+//! over a pipe ([`protocol`]) what to run, the lease deadline and every extension of it, and a
+//! cancel (timeout, self-fencing, drain). The guard runs the command, kills its whole process
+//! tree (every descendant, whatever it forked) when the command exits, on cancel, when the
+//! deadline passes without an extension and when the pipe closes (the node died), and reports
+//! the outcome. [`guard`]'s docs state the guarantee and what escapes it.
 //!
-//! Output is captured through bounded tail buffers: a command that prints gigabytes costs
-//! `output-bytes-max` bytes per stream.
+//! Output is captured through bounded tail buffers in the guard: a command that prints gigabytes
+//! costs `output-bytes-max` bytes per stream.
+
+pub mod guard;
+mod locate;
+pub mod protocol;
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::{BoxFuture, FusedFuture, FutureExt};
+use futures::future::{BoxFuture, FutureExt};
 use nix::errno::Errno;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, Command};
-use tokio::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{ChildStdin, ChildStdout, Command};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::tail::TailBuffer;
+pub use self::locate::{candidates as guard_candidates, locate_guard, GuardNotFound};
+use self::protocol::{
+    End, FromGuard, NotStarted, ProtocolError, Report, Start, StopReason, ToGuard,
+};
 use crate::{Handler, HandlerOutcome, JobContext, SpecError};
 
 /// Bytes of captured output per stream that a spec may ask for, at most.
@@ -46,21 +56,17 @@ pub const KILL_GRACE_DEFAULT: Duration = Duration::from_secs(1);
 /// Default of [`ExecSpec::output_bytes_max`]; matches the result size the state machine keeps.
 pub const OUTPUT_BYTES_MAX_DEFAULT: usize = 4096;
 
-/// Bytes read from a pipe at once.
-const READ_CHUNK_BYTES: usize = 8 * 1024;
+/// How long we wait for a guard whose report stream ended without a report to exit, before we
+/// clean up after it anyway.
+const GUARD_EXIT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How often we look for surviving group members during the kill grace, once the direct child
-/// has exited (they are not our children, so we cannot wait for them).
-const GROUP_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How long a restarting node waits for the guards of its previous life to finish killing their
+/// trees ([`kill_leftover_groups`]). They got EOF when that life died and kill within their
+/// kill grace; only a stuck guard makes this run out.
+const LEFTOVER_GUARD_WAIT_MAX: Duration = Duration::from_secs(10);
 
-/// How long we keep reading the pipes after the process group is gone. Only a process that left
-/// the group (`setsid`) and kept our pipes open can make this run out; we then give up on the
-/// rest of its output rather than wait for it.
-const PIPE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// How long we wait to reap the direct child after SIGKILL. Only a process stuck in the kernel
-/// (uninterruptible sleep) survives that long; tokio reaps it later in the background.
-const REAP_TIMEOUT: Duration = Duration::from_secs(1);
+/// Between two looks at whether leftover guards are gone.
+const LEFTOVER_GUARD_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// A command that a node runs for one job kind: `[exec.<kind>]` in the node's configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -177,27 +183,31 @@ impl ExecSpec {
     }
 }
 
-/// Runs an [`ExecSpec`]'s command for each job of its kind.
+/// Runs an [`ExecSpec`]'s command for each job of its kind, through an exec guard.
 ///
 /// Exit 0 succeeds with the tail of stdout as the result. A non-zero exit fails with the code
 /// and the tail of stderr, permanently if the code is one of `permanent-exit-codes`, retryably
-/// otherwise. Death by a signal (whatever `permanent-exit-codes` lists), cancellation and
-/// transient spawn errors are retryable; a program that cannot be found or executed fails
-/// permanently.
+/// otherwise. Death by a signal (whatever `permanent-exit-codes` lists), cancellation, a guard
+/// that died or could not start, and transient spawn errors are retryable; a program that cannot
+/// be found or executed fails permanently.
 #[derive(Clone, Debug)]
 pub struct ExecHandler {
     spec: Arc<ExecSpec>,
+    /// The `exactly-exec-guard` binary (see [`locate_guard`]).
+    guard: Arc<PathBuf>,
     /// Where each running command's process group leaves a marker file, so that a restarted
     /// node can kill what its previous life left running ([`kill_leftover_groups`]).
     group_dir: Option<Arc<PathBuf>>,
 }
 
 impl ExecHandler {
-    /// A handler for `spec`, taken as it is: call [`ExecSpec::validate`] first (as
-    /// [`crate::Registry::register_exec`] does).
-    pub fn new(spec: ExecSpec) -> Self {
+    /// A handler for `spec`, taken as it is (call [`ExecSpec::validate`] first, as
+    /// [`crate::Registry::register_exec`] does), running each command under the guard binary
+    /// `guard`.
+    pub fn new(spec: ExecSpec, guard: PathBuf) -> Self {
         Self {
             spec: Arc::new(spec),
+            guard: Arc::new(guard),
             group_dir: None,
         }
     }
@@ -212,6 +222,11 @@ impl ExecHandler {
     pub fn spec(&self) -> &ExecSpec {
         &self.spec
     }
+
+    /// The guard binary this handler starts.
+    pub fn guard(&self) -> &Path {
+        &self.guard
+    }
 }
 
 impl Handler for ExecHandler {
@@ -220,19 +235,29 @@ impl Handler for ExecHandler {
         ctx: JobContext,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, HandlerOutcome> {
-        run(Arc::clone(&self.spec), self.group_dir.clone(), ctx, cancel).boxed()
+        run(
+            Arc::clone(&self.spec),
+            Arc::clone(&self.guard),
+            self.group_dir.clone(),
+            ctx,
+            cancel,
+        )
+        .boxed()
     }
 }
 
-/// How the supervised child ended.
-enum Ended {
-    Exited(ExitStatus),
-    WaitFailed(io::Error),
-    Cancelled,
+/// Why a guard's report never came.
+#[derive(Debug, thiserror::Error)]
+enum GuardFailed {
+    #[error("ended its report stream without a report")]
+    Vanished,
+    #[error("sent a malformed report stream: {0}")]
+    Protocol(#[from] ProtocolError),
 }
 
 async fn run(
     spec: Arc<ExecSpec>,
+    guard: Arc<PathBuf>,
     group_dir: Option<Arc<PathBuf>>,
     ctx: JobContext,
     cancel: CancellationToken,
@@ -240,193 +265,285 @@ async fn run(
     if cancel.is_cancelled() {
         return HandlerOutcome::cancelled();
     }
-    let mut command = Command::new(&spec.command);
+    let mut lease = ctx.lease.watch();
+    let start = Start {
+        command: spec.command.clone(),
+        args: spec.args.clone(),
+        env: attempt_env(&spec, &ctx),
+        kill_grace_ms: u64::try_from(spec.kill_grace.as_millis()).unwrap_or(u64::MAX),
+        output_bytes_max: u32::try_from(spec.output_bytes_max).unwrap_or(u32::MAX),
+        deadline_ms: *lease.borrow_and_update(),
+        payload_bytes: ctx.payload.len() as u64,
+    };
+    let mut command = Command::new(guard.as_path());
     command
-        .args(&spec.args)
-        .envs(&spec.env)
-        // Set after the spec's variables: these describe the attempt and must be accurate.
-        .env("EXACTLY_JOB_ID", ctx.job_id.to_string())
-        .env("EXACTLY_ATTEMPT", ctx.attempt.to_string())
-        .env("EXACTLY_FENCING_TOKEN", ctx.fencing_token.to_string())
-        .env("EXACTLY_IDEMPOTENCY_KEY", &ctx.idempotency_key)
-        .env("EXACTLY_NODE_ID", ctx.node_id.to_string())
-        .env("EXACTLY_QUEUE", &ctx.queue)
-        .env("EXACTLY_KIND", &ctx.kind)
+        // Labels for `ps`, and how a restarted node recognises its previous life's guards
+        // (`guard_of_node`); the guard itself reads only its stdin.
+        .arg(format!("node={}", ctx.node_id))
+        .arg(format!("job={}", ctx.job_id))
+        .arg(format!("token={}", ctx.fencing_token))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // A new group whose id is the child's pid, so that one killpg reaches every process the
-        // command starts, and signals sent to the node's own group (a terminal's Ctrl-C) do not.
+        // The guard writes nothing there unless it panics: then it lands in the node's log.
+        .stderr(Stdio::inherit())
+        // Its own group, set atomically at spawn: signals to the node's group (a terminal's
+        // Ctrl-C, `kill -STOP -<pgid>`) do not reach it, so it can act while the node cannot.
         .process_group(0)
-        // Covers only the direct child; `ProcessGroup`'s drop covers the rest of the group.
-        .kill_on_drop(true);
-    die_with_parent(&mut command);
-
+        // Never: killing the guard would stop it from killing the tree. Dropping our end of its
+        // stdin (EOF) is how it learns that the attempt is over for us.
+        .kill_on_drop(false);
+    // std creates the pipes with O_CLOEXEC, so no other child of the node (another guard)
+    // inherits our end of this guard's stdin: the guard sees EOF as soon as this node's end
+    // closes, whoever else the node has started.
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(err) => return spawn_failure(&spec.command, &err),
+        Err(err) => {
+            // A node refuses to start without a guard, so a guard missing now is being replaced
+            // (an upgrade) or a transient limit (processes, memory): worth another attempt.
+            return HandlerOutcome::retryable(format!(
+                "cannot start the exec guard `{}`: {err}",
+                guard.display()
+            ));
+        }
     };
-    let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
-        // Unreachable in practice: the child cannot have been reaped before we waited for it.
-        return HandlerOutcome::retryable(format!(
-            "`{}` started without a process id",
-            spec.command
-        ));
+    let guard_pid = child.id();
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return HandlerOutcome::retryable("the exec guard started without its pipes");
     };
-    let mut group = ProcessGroup::new(
-        Pid::from_raw(pid),
-        group_dir.as_deref().map(|d| d.as_path()),
-    );
-    tracing::debug!(job_id = ctx.job_id, attempt = ctx.attempt, pid, command = %spec.command, "exec started");
+    let mut attempt = Attempt {
+        guard_pid,
+        pgid: None,
+        group_dir,
+        marker: None,
+        armed: true,
+    };
+    tracing::debug!(job_id = ctx.job_id, attempt = ctx.attempt, ?guard_pid, command = %spec.command, "exec guard started");
 
-    let mut stdout = TailBuffer::new(spec.output_bytes_max);
-    let mut stderr = TailBuffer::new(spec.output_bytes_max);
-    let ended = {
-        let stdin = child.stdin.take();
-        let stdout_pipe = child.stdout.take();
-        let stderr_pipe = child.stderr.take();
-        // Feeding stdin and reading both pipes all progress together and alongside the wait, so a
-        // child blocked writing to a full pipe, or not reading its stdin, cannot deadlock us.
-        let mut io = Box::pin(
-            async {
-                tokio::join!(
-                    feed_stdin(stdin, &ctx.payload),
-                    read_tail(stdout_pipe, &mut stdout),
-                    read_tail(stderr_pipe, &mut stderr),
+    let reported = {
+        let control = control(stdin, start, &ctx.payload, lease, &cancel);
+        let reports = read_reports(stdout, &mut attempt);
+        tokio::select! {
+            biased;
+            reported = reports => reported,
+            never = control => match never {},
+        }
+        // `control` is dropped here, closing the guard's stdin.
+    };
+    match reported {
+        Ok(report) => {
+            // The guard reports only once every process of the tree is gone.
+            attempt.disarm();
+            if !report.notes.is_empty() || report.survivors > 0 {
+                tracing::warn!(
+                    job_id = ctx.job_id,
+                    survivors = report.survivors,
+                    notes = ?report.notes,
+                    "exec guard diagnostics"
                 );
             }
-            .fuse(),
-        );
-        let ended = supervise(
-            &mut child,
-            &mut group,
-            spec.kill_grace,
-            &cancel,
-            io.as_mut(),
-        )
-        .await;
-        if !io.is_terminated()
-            && tokio::time::timeout(PIPE_DRAIN_TIMEOUT, &mut io)
-                .await
-                .is_err()
-        {
-            tracing::warn!(
+            outcome(report, &spec)
+        }
+        Err(failed) => {
+            if matches!(failed, GuardFailed::Protocol(_)) {
+                // Not a guard we can talk to (a wrong binary, another version): stop it.
+                let _ = child.start_kill();
+            }
+            let status = match tokio::time::timeout(GUARD_EXIT_TIMEOUT, child.wait()).await {
+                Ok(Ok(status)) => status.to_string(),
+                Ok(Err(err)) => format!("not waited for: {err}"),
+                Err(_) => "still running".to_string(),
+            };
+            // The kernel SIGKILLed the command when its guard died (PR_SET_PDEATHSIG). Its
+            // group and anything carrying this guard's marker may live on: kill them.
+            attempt.kill_group();
+            let swept = guard_pid.map_or(0, |pid| sweep_dead_guard(pid, &ctx));
+            tracing::error!(
                 job_id = ctx.job_id,
-                pid,
-                "exec output pipes still open after the process group ended (a process left the group?); keeping the output read so far"
+                ?guard_pid,
+                %status,
+                swept,
+                "exec guard {failed}: killed the command's process group and {swept} process(es) of the attempt"
             );
+            HandlerOutcome::retryable(format!(
+                "the exec guard {failed} ({status}); the attempt's processes were killed"
+            ))
         }
-        ended
-    };
-
-    match ended {
-        Ended::Cancelled => HandlerOutcome::cancelled(),
-        Ended::WaitFailed(err) => {
-            HandlerOutcome::retryable(format!("waiting for `{}`: {err}", spec.command))
-        }
-        Ended::Exited(status) => exit_outcome(status, stdout, stderr, &spec.permanent_exit_codes),
     }
 }
 
-/// Waits for the child to exit or for cancellation, driving `io` meanwhile. Returns once every
-/// member of the process group has exited or been sent SIGKILL, with `group` disarmed.
-async fn supervise(
-    child: &mut Child,
-    group: &mut ProcessGroup,
-    kill_grace: Duration,
+/// The command's environment on top of the node's: the spec's variables, then the attempt's,
+/// which must be accurate and so come last (later entries win).
+fn attempt_env(spec: &ExecSpec, ctx: &JobContext) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.extend([
+        ("EXACTLY_JOB_ID".to_string(), ctx.job_id.to_string()),
+        ("EXACTLY_ATTEMPT".to_string(), ctx.attempt.to_string()),
+        (
+            "EXACTLY_FENCING_TOKEN".to_string(),
+            ctx.fencing_token.to_string(),
+        ),
+        (
+            "EXACTLY_IDEMPOTENCY_KEY".to_string(),
+            ctx.idempotency_key.clone(),
+        ),
+        ("EXACTLY_NODE_ID".to_string(), ctx.node_id.to_string()),
+        ("EXACTLY_QUEUE".to_string(), ctx.queue.clone()),
+        ("EXACTLY_KIND".to_string(), ctx.kind.clone()),
+    ]);
+    env
+}
+
+/// Tells the guard what to run, then forwards every lease extension and a cancel. Never
+/// returns: our end of the pipe must stay open until the guard has reported (or this future is
+/// dropped), since its closing tells the guard that the node is gone.
+async fn control(
+    mut stdin: ChildStdin,
+    start: Start,
+    payload: &[u8],
+    lease: watch::Receiver<u64>,
     cancel: &CancellationToken,
-    mut io: Pin<&mut impl FusedFuture<Output = ()>>,
-) -> Ended {
-    let exited = loop {
-        tokio::select! {
-            // Biased towards the exit: a command that finished as the token fired did its work,
-            // and reporting it is the truth (a stale attempt's completion is refused upstream).
-            biased;
-            status = child.wait() => break Some(status),
-            () = cancel.cancelled() => break None,
-            () = io.as_mut(), if !io.is_terminated() => {}
-        }
-    };
-    if let Some(status) = exited {
-        // The command is done; whatever it left running in the background must not outlive the
-        // attempt (and would hold our pipes open).
-        group.kill();
-        return match status {
-            Ok(status) => Ended::Exited(status),
-            Err(err) => Ended::WaitFailed(err),
-        };
+) -> Infallible {
+    if let Err(err) = send_control(&mut stdin, start, payload, lease, cancel).await {
+        // The guard is gone (EPIPE): its report stream says the rest.
+        tracing::debug!(%err, "writing to an exec guard");
     }
+    std::future::pending().await
+}
 
-    group.signal(Signal::SIGTERM);
-    let deadline = Instant::now() + kill_grace;
-    let mut reaped = false;
+async fn send_control(
+    stdin: &mut ChildStdin,
+    start: Start,
+    payload: &[u8],
+    mut lease: watch::Receiver<u64>,
+    cancel: &CancellationToken,
+) -> Result<(), ProtocolError> {
+    let mut sent_ms = start.deadline_ms;
+    stdin.write_all(&protocol::PREAMBLE).await?;
+    stdin
+        .write_all(&protocol::encode(&ToGuard::Start(start))?)
+        .await?;
+    for chunk in payload.chunks(protocol::PAYLOAD_CHUNK_BYTES_MAX) {
+        let frame = protocol::encode(&ToGuard::Payload(chunk.to_vec()))?;
+        stdin.write_all(&frame).await?;
+    }
+    let mut lease_open = true;
     loop {
-        // The group is gone once the direct child is reaped (a zombie still counts as a member)
-        // and no other member is left. A grandchild's zombie counts too until pid 1 reaps it, so
-        // under an init that reaps slowly we may wait out the grace: that costs only time.
-        if reaped && !group.has_members() {
-            // Nothing left to kill, and the group id is free for reuse: do not signal it again.
-            group.disarm();
-            return Ended::Cancelled;
-        }
         tokio::select! {
             biased;
-            result = child.wait(), if !reaped => {
-                reaped = true;
-                if let Err(err) = result {
-                    tracing::warn!(%err, "waiting for a cancelled exec child");
+            () = cancel.cancelled() => {
+                stdin.write_all(&protocol::encode(&ToGuard::Cancel)?).await?;
+                return Ok(());
+            }
+            changed = lease.changed(), if lease_open => match changed {
+                Ok(()) => {
+                    let deadline_ms = *lease.borrow_and_update();
+                    if deadline_ms > sent_ms {
+                        sent_ms = deadline_ms;
+                        let frame = protocol::encode(&ToGuard::Extend { deadline_ms })?;
+                        stdin.write_all(&frame).await?;
+                    }
                 }
-            }
-            // Keep reading: a child flushing output on SIGTERM must not block on a full pipe.
-            () = io.as_mut(), if !io.is_terminated() => {}
-            () = tokio::time::sleep_until(deadline) => break,
-            () = tokio::time::sleep(GROUP_POLL_INTERVAL), if reaped => {}
+                // The node is shutting down: the deadline stands as it is.
+                Err(_) => lease_open = false,
+            },
         }
     }
-    group.kill();
-    if !reaped
-        && tokio::time::timeout(REAP_TIMEOUT, child.wait())
-            .await
-            .is_err()
-    {
-        tracing::warn!(
-            "exec child survived SIGKILL for {REAP_TIMEOUT:?}; leaving it to be reaped later"
-        );
-    }
-    Ended::Cancelled
 }
 
-/// Writes the payload to the child's stdin, then closes it. A child that exits without reading
-/// it all is not an error: the exit status speaks for the child.
-async fn feed_stdin(stdin: Option<ChildStdin>, payload: &[u8]) {
-    let Some(mut stdin) = stdin else {
-        return;
-    };
-    match stdin.write_all(payload).await {
-        Ok(()) => {}
-        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {}
-        Err(err) => tracing::debug!(%err, "writing the payload to an exec child's stdin"),
+/// Reads the guard's stream until its report, recording the command's process group as soon
+/// as the guard names it.
+async fn read_reports(
+    mut stdout: ChildStdout,
+    attempt: &mut Attempt,
+) -> Result<Report, GuardFailed> {
+    let mut preamble = [0u8; 4];
+    match stdout.read_exact(&mut preamble).await {
+        Ok(_) => protocol::check_preamble(preamble)?,
+        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(GuardFailed::Vanished)
+        }
+        Err(err) => return Err(ProtocolError::Io(err).into()),
     }
-    // Dropping `stdin` closes it, so the child sees end of input.
-}
-
-/// Reads a pipe to its end, keeping its tail.
-async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, tail: &mut TailBuffer) {
-    let Some(mut pipe) = pipe else {
-        return;
-    };
-    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
-        match pipe.read(&mut chunk).await {
-            Ok(0) => return,
-            Ok(n) => tail.push(&chunk[..n]),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => {
-                tracing::debug!(%err, "reading an exec child's output");
-                return;
-            }
+        match read_frame(&mut stdout).await? {
+            None => return Err(GuardFailed::Vanished),
+            Some(FromGuard::Started { pid }) => attempt.started(pid),
+            Some(FromGuard::Ended(report)) => return Ok(report),
         }
     }
+}
+
+/// [`protocol::read_frame`] over an async pipe.
+async fn read_frame(stdout: &mut ChildStdout) -> Result<Option<FromGuard>, ProtocolError> {
+    let mut len = [0u8; 4];
+    if stdout.read(&mut len[..1]).await? == 0 {
+        return Ok(None);
+    }
+    stdout
+        .read_exact(&mut len[1..])
+        .await
+        .map_err(|_| ProtocolError::Truncated)?;
+    let len = protocol::check_len(u32::from_le_bytes(len) as usize)?;
+    let mut body = vec![0u8; len];
+    stdout
+        .read_exact(&mut body)
+        .await
+        .map_err(|_| ProtocolError::Truncated)?;
+    protocol::decode(&body).map(Some)
+}
+
+/// The handler's outcome for a guard's report.
+fn outcome(report: Report, spec: &ExecSpec) -> HandlerOutcome {
+    match report.stopped {
+        // The token fired before the command ended: whatever it exited with, the attempt was
+        // cancelled (a command that finished first is reported as it ended).
+        Some(StopReason::Cancelled) => return HandlerOutcome::cancelled(),
+        Some(reason) => {
+            return HandlerOutcome::retryable(format!("stopped by the exec guard: {reason}"))
+        }
+        None => {}
+    }
+    let status = match report.end {
+        End::Exited { code } => ExitStatus::from_raw((code & 0xff) << 8),
+        End::Signaled { signal } => ExitStatus::from_raw(signal & 0x7f),
+        End::NotStarted(NotStarted::Spawn { os_error, message }) => {
+            let err =
+                os_error.map_or_else(|| io::Error::other(message), io::Error::from_raw_os_error);
+            return spawn_failure(&spec.command, &err);
+        }
+        End::NotStarted(NotStarted::LeaseLapsed) => {
+            return HandlerOutcome::retryable(
+                "the node's lease had lapsed before the command could start",
+            )
+        }
+        End::NotStarted(NotStarted::Setup(why)) => {
+            return HandlerOutcome::retryable(format!(
+                "the exec guard cannot supervise here: {why}"
+            ))
+        }
+        End::NotStarted(NotStarted::Protocol(why)) => {
+            return HandlerOutcome::retryable(format!(
+                "the exec guard refused the node's stream: {why}"
+            ))
+        }
+        End::Unreaped => {
+            return HandlerOutcome::retryable(format!(
+                "`{}` did not exit after SIGKILL (stuck in the kernel?)",
+                spec.command
+            ))
+        }
+    };
+    exit_outcome(
+        status,
+        report.stdout,
+        report.stderr,
+        report.stderr_truncated,
+        &spec.permanent_exit_codes,
+    )
 }
 
 fn spawn_failure(command: &str, err: &io::Error) -> HandlerOutcome {
@@ -444,12 +561,13 @@ fn spawn_failure(command: &str, err: &io::Error) -> HandlerOutcome {
 
 fn exit_outcome(
     status: ExitStatus,
-    stdout: TailBuffer,
-    stderr: TailBuffer,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    stderr_truncated: bool,
     permanent_exit_codes: &[i32],
 ) -> HandlerOutcome {
     if status.success() {
-        return HandlerOutcome::Succeeded(stdout.into_vec());
+        return HandlerOutcome::Succeeded(stdout);
     }
     let (what, retryable) = if let Some(code) = status.code() {
         (
@@ -463,11 +581,9 @@ fn exit_outcome(
     } else {
         (format!("ended with {status}"), true)
     };
-    let truncated = stderr.truncated();
-    let stderr = stderr.into_vec();
     let stderr = String::from_utf8_lossy(&stderr);
     let stderr = stderr.trim();
-    let error = match (stderr.is_empty(), truncated) {
+    let error = match (stderr.is_empty(), stderr_truncated) {
         (true, _) => what,
         (false, false) => format!("{what}: {stderr}"),
         (false, true) => format!("{what}: …{stderr}"),
@@ -475,69 +591,64 @@ fn exit_outcome(
     HandlerOutcome::Failed { error, retryable }
 }
 
-/// The child's process group, killed with SIGKILL when this is dropped while armed, so that
-/// dropping the handler's future leaves no process of the attempt running.
-struct ProcessGroup {
-    pgid: Pid,
-    armed: bool,
+/// One running attempt as the node sees it: its guard, and the command's process group once the
+/// guard has named it. Dropped while armed (the executor gave up waiting after the kill grace),
+/// it SIGKILLs the command's group at once, and our end of the guard's stdin closes with the
+/// handler's future, so the guard kills whatever else is left.
+struct Attempt {
+    guard_pid: Option<u32>,
+    pgid: Option<Pid>,
+    group_dir: Option<Arc<PathBuf>>,
     /// The marker file naming this group for [`kill_leftover_groups`], removed on drop.
     marker: Option<PathBuf>,
+    armed: bool,
 }
 
-impl ProcessGroup {
-    fn new(pgid: Pid, group_dir: Option<&Path>) -> Self {
-        let marker = group_dir.and_then(|dir| {
-            let path = dir.join(pgid.as_raw().to_string());
-            match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, b"")) {
-                Ok(()) => Some(path),
-                Err(err) => {
-                    tracing::warn!(%err, path = %path.display(), "cannot record an exec process group");
-                    None
-                }
-            }
-        });
-        Self {
-            pgid,
-            armed: true,
-            marker,
-        }
-    }
-
-    fn signal(&self, signal: Signal) {
-        match killpg(self.pgid, signal) {
-            // ESRCH: every member has already exited.
-            Ok(()) | Err(Errno::ESRCH) => {}
+impl Attempt {
+    /// The command runs as `pid`, leading its own group.
+    fn started(&mut self, pid: i32) {
+        let pgid = Pid::from_raw(pid);
+        self.pgid = Some(pgid);
+        let Some(dir) = self.group_dir.as_deref() else {
+            return;
+        };
+        let path = dir.join(pgid.as_raw().to_string());
+        // The guard's pid lets a restarted node wait for it to finish killing the tree.
+        let content = self
+            .guard_pid
+            .map_or_else(String::new, |g| format!("guard {g}\n"));
+        match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, content)) {
+            Ok(()) => self.marker = Some(path),
             Err(err) => {
-                tracing::warn!(pgid = %self.pgid, %signal, %err, "signalling an exec process group")
+                tracing::warn!(%err, path = %path.display(), "cannot record an exec process group")
             }
         }
     }
 
-    /// Sends SIGKILL to every member and disarms the guard. Called while the direct child is
-    /// unreaped, while other members remain, or moments after the child was reaped: the group id
-    /// is the child's pid, and pids are allocated cyclically, so it cannot yet name an unrelated
-    /// group.
-    fn kill(&mut self) {
-        self.signal(Signal::SIGKILL);
+    /// SIGKILLs the command's group (if the guard named it) and disarms. The guard has not
+    /// reported, so it has not reaped the command; either the group still has members, or the
+    /// group id was freed moments ago and pids are allocated cyclically, so it cannot yet name
+    /// an unrelated group.
+    fn kill_group(&mut self) {
+        if let Some(pgid) = self.pgid {
+            match killpg(pgid, Signal::SIGKILL) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(err) => tracing::warn!(%pgid, %err, "killing an exec process group"),
+            }
+        }
         self.disarm();
     }
 
-    /// Stops the guard from killing the group when dropped.
+    /// The guard reported: everything is gone, nothing to kill on drop.
     fn disarm(&mut self) {
         self.armed = false;
     }
-
-    fn has_members(&self) -> bool {
-        // EPERM means a member exists that we may not signal (it changed its credentials): wait
-        // for it like any other; the grace bounds the wait.
-        !matches!(killpg(self.pgid, None), Err(Errno::ESRCH))
-    }
 }
 
-impl Drop for ProcessGroup {
+impl Drop for Attempt {
     fn drop(&mut self) {
         if self.armed {
-            let _ = killpg(self.pgid, Signal::SIGKILL);
+            self.kill_group();
         }
         if let Some(marker) = self.marker.take() {
             let _ = std::fs::remove_file(marker);
@@ -545,40 +656,62 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// Asks the kernel to SIGKILL the command when the node process dies (SIGKILL of `exactlyd`
-/// runs none of our cleanup). This reaches the direct child only; [`kill_leftover_groups`]
-/// kills the rest of a group when the node starts again.
-#[allow(unsafe_code)]
-fn die_with_parent(command: &mut Command) {
-    let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2) and
-    // getppid(2), both async-signal-safe; it allocates nothing and takes no locks.
-    unsafe {
-        command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
-            // The parent may have died between fork and prctl: then no signal will come.
-            if nix::unistd::getppid() != parent {
-                return Err(io::Error::other(
-                    "the node exited while starting the command",
-                ));
-            }
-            Ok(())
-        });
+/// After a guard died without reporting: SIGKILLs every process whose environment names this
+/// guard (`EXACTLY_GUARD_PID`, inherited by everything the command started) together with the
+/// attempt's node id and fencing token, so a recycled pid cannot make an unrelated process
+/// match. Returns how many it signalled.
+fn sweep_dead_guard(guard_pid: u32, ctx: &JobContext) -> usize {
+    let markers = [
+        format!("{}={guard_pid}", guard::GUARD_PID_VAR),
+        format!("EXACTLY_NODE_ID={}", ctx.node_id),
+        format!("EXACTLY_FENCING_TOKEN={}", ctx.fencing_token),
+    ];
+    let mut swept = 0;
+    for pid in proc_pids() {
+        if environ_has(pid, &markers) && kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            swept += 1;
+        }
     }
+    swept
+}
+
+/// Every pid in `/proc`.
+fn proc_pids() -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+/// Whether `pid`'s environment holds every one of `markers` (`NAME=value`).
+fn environ_has(pid: i32, markers: &[String]) -> bool {
+    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    markers
+        .iter()
+        .all(|m| env.split(|&b| b == 0).any(|v| v == m.as_bytes()))
 }
 
 /// Kills the process groups that a previous life of this node left running, as recorded in
-/// `dir` by [`ExecHandler::with_group_dir`]. Call it at start-up, before the node registers a
-/// new incarnation: a restarted node must not let its previous life's commands go on running
-/// (or calling downstreams) while their jobs are reassigned. A group is killed only if one of
-/// its processes still carries `EXACTLY_NODE_ID=<node_id>` in its environment, so a recycled
-/// process-group id of an unrelated program is left alone. Returns how many groups it killed.
+/// `dir` by [`ExecHandler::with_group_dir`], then waits (at most 10 s) for that life's exec
+/// guards to finish killing the rest of their trees (they got EOF when it died). Call it at
+/// start-up, before the node registers a new incarnation: a restarted node must not let its
+/// previous life's commands go on running (or calling downstreams) while their jobs are
+/// reassigned. A group is killed only if one of its processes still carries
+/// `EXACTLY_NODE_ID=<node_id>` in its environment, and a guard is waited for only if its
+/// arguments name this node, so a recycled id of an unrelated program is left alone. Returns how
+/// many groups it killed.
 pub fn kill_leftover_groups(dir: &Path, node_id: u64) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let marker = format!("EXACTLY_NODE_ID={node_id}");
     let mut killed = 0;
+    let mut guards = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
         let Some(pgid) = path
@@ -592,38 +725,57 @@ pub fn kill_leftover_groups(dir: &Path, node_id: u64) -> usize {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             killed += 1;
         }
+        let guard = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.strip_prefix("guard ")?.trim().parse::<i32>().ok());
+        guards.extend(guard.filter(|&pid| guard_of_node(pid, node_id)));
         let _ = std::fs::remove_file(&path);
+    }
+    let until = std::time::Instant::now() + LEFTOVER_GUARD_WAIT_MAX;
+    while guards.iter().any(|&pid| guard_of_node(pid, node_id)) {
+        if std::time::Instant::now() >= until {
+            tracing::warn!(
+                ?guards,
+                "exec guards of the previous run still alive; going on"
+            );
+            break;
+        }
+        std::thread::sleep(LEFTOVER_GUARD_POLL_INTERVAL);
     }
     killed
 }
 
-/// Whether a live process in group `pgid` has `marker` in its environment (Linux /proc).
-fn group_carries(pgid: i32, marker: &str) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
+/// Whether `pid` is a live exec guard started by node `node_id` (its first argument says so).
+fn guard_of_node(pid: i32, node_id: u64) -> bool {
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    });
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name (which may contain spaces) start after the last ')'.
-        let group = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
-            .and_then(|g| g.parse::<i32>().ok());
-        if group != Some(pgid) {
-            continue;
-        }
-        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
-            if env.split(|&b| b == 0).any(|v| v == marker.as_bytes()) {
-                return true;
-            }
-        }
-    }
-    false
+    let label = format!("node={node_id}");
+    alive && cmdline.split(|&b| b == 0).nth(1) == Some(label.as_bytes())
+}
+
+/// Whether a live process in group `pgid` has `marker` in its environment (Linux /proc).
+fn group_carries(pgid: i32, marker: &str) -> bool {
+    let marker = [marker.to_string()];
+    proc_pids().into_iter().any(|pid| {
+        let group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // Fields after the command name (which may contain spaces) start after the
+                // last ')'.
+                stat.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(2)?
+                    .parse::<i32>()
+                    .ok()
+            });
+        group == Some(pgid) && environ_has(pid, &marker)
+    })
 }
 
 #[cfg(test)]
@@ -645,8 +797,19 @@ mod tests {
         }
     }
 
+    /// The guard binary `cargo test -p exactly-handlers` builds next to the test binaries.
+    fn test_guard() -> PathBuf {
+        locate_guard(None).unwrap_or_else(|err| {
+            panic!("{err}: run `cargo build -p exactly-handlers --bin exactly-exec-guard` first")
+        })
+    }
+
+    fn handler(spec: ExecSpec) -> ExecHandler {
+        ExecHandler::new(spec, test_guard())
+    }
+
     async fn run_spec(spec: ExecSpec, payload: &[u8]) -> HandlerOutcome {
-        ExecHandler::new(spec)
+        handler(spec)
             .run(context("exec-test", payload), CancellationToken::new())
             .await
     }
@@ -713,7 +876,7 @@ mod tests {
         let groups = dir.path().join("groups");
         let pids = pidfile(&dir);
         let spec = sh(&format!("sleep 30 & echo $! > {}; wait", pids.display()));
-        let handler = ExecHandler::new(spec).with_group_dir(groups.clone());
+        let handler = handler(spec).with_group_dir(groups.clone());
         let run = handler.run(context("exec-test", b""), CancellationToken::new());
         // Drive it until the grandchild exists, then leak it: no drop guard runs, like SIGKILL.
         let mut run = Box::pin(run);
@@ -740,6 +903,52 @@ mod tests {
         assert_eq!(kill_leftover_groups(&groups, 3), 1);
         assert_gone(grandchild).await;
         assert_eq!(std::fs::read_dir(&groups).unwrap().count(), 0);
+    }
+
+    /// A previous life's guard (its handler leaked, as when the node is SIGKILLed) is waited
+    /// for: `kill_leftover_groups` kills the command's group, the guard then kills the rest of
+    /// its tree (a `setsid` child outside the group, ignoring SIGTERM) and exits, and only then
+    /// does the call return; a guard of another node is not waited for.
+    #[tokio::test]
+    async fn leftover_guards_are_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = dir.path().join("groups");
+        let pids = pidfile(&dir);
+        let spec = sh(&format!(
+            "setsid sh -c 'trap \"\" TERM; echo $$ > {}; exec sleep 30' & wait",
+            pids.display()
+        ));
+        let run = handler(spec)
+            .with_group_dir(groups.clone())
+            .run(context("exec-test", b""), CancellationToken::new());
+        // Drive it until the worker and the group's marker exist, then leak it: no drop guard
+        // runs and the guard's control pipe stays open, like a node killed with SIGKILL.
+        let mut run = Box::pin(run);
+        let deadline = StdInstant::now() + Duration::from_secs(5);
+        let marked = || std::fs::read_dir(&groups).is_ok_and(|d| d.count() == 1);
+        while std::fs::read_to_string(&pids).map_or(true, |s| !s.ends_with('\n')) || !marked() {
+            assert!(StdInstant::now() < deadline, "command did not start");
+            let _ = tokio::time::timeout(Duration::from_millis(10), &mut run).await;
+        }
+        let worker = read_pid(&pids).await;
+        std::mem::forget(run);
+        let marker = std::fs::read_dir(&groups)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let text = std::fs::read_to_string(&marker).unwrap();
+        assert!(text.starts_with("guard "), "marker: {text:?}");
+        assert_eq!(kill_leftover_groups(&groups, 99), 0);
+        assert!(running(worker), "another node's leftovers were touched");
+        // The marker was consumed; put it back as the previous life left it.
+        std::fs::write(&marker, &text).unwrap();
+        assert_eq!(kill_leftover_groups(&groups, 3), 1);
+        assert!(
+            !running(worker),
+            "the setsid worker outlived kill_leftover_groups"
+        );
     }
 
     /// The payload reaches the command's stdin and stdout becomes the result.
@@ -828,8 +1037,7 @@ mod tests {
         let mut spec = sh("sleep 30; exit 2");
         spec.permanent_exit_codes = vec![2];
         let cancel = CancellationToken::new();
-        let run =
-            tokio::spawn(ExecHandler::new(spec).run(context("exec-test", b""), cancel.clone()));
+        let run = tokio::spawn(handler(spec).run(context("exec-test", b""), cancel.clone()));
         tokio::time::sleep(Duration::from_millis(100)).await;
         cancel.cancel();
         let outcome = run.await.expect("handler task");
@@ -891,8 +1099,7 @@ mod tests {
         // grace bounds this test's duration.
         spec.kill_grace = Duration::from_secs(1);
         let cancel = CancellationToken::new();
-        let run =
-            tokio::spawn(ExecHandler::new(spec).run(context("exec-test", b""), cancel.clone()));
+        let run = tokio::spawn(handler(spec).run(context("exec-test", b""), cancel.clone()));
 
         let grandchild = read_pid(&path).await;
         assert!(running(grandchild));
@@ -928,8 +1135,7 @@ mod tests {
         ));
         spec.kill_grace = Duration::from_secs(1);
         let cancel = CancellationToken::new();
-        let run =
-            tokio::spawn(ExecHandler::new(spec).run(context("exec-test", b""), cancel.clone()));
+        let run = tokio::spawn(handler(spec).run(context("exec-test", b""), cancel.clone()));
 
         let grandchild = read_pid(&path).await;
         cancel.cancel();
@@ -953,8 +1159,7 @@ mod tests {
         ));
         let grace = spec.kill_grace;
         let cancel = CancellationToken::new();
-        let run =
-            tokio::spawn(ExecHandler::new(spec).run(context("exec-test", b""), cancel.clone()));
+        let run = tokio::spawn(handler(spec).run(context("exec-test", b""), cancel.clone()));
 
         let grandchild = read_pid(&path).await;
         let cancelled_at = StdInstant::now();
@@ -981,7 +1186,7 @@ mod tests {
             child_path.display(),
             path.display()
         ));
-        let run = ExecHandler::new(spec).run(context("exec-test", b""), CancellationToken::new());
+        let run = handler(spec).run(context("exec-test", b""), CancellationToken::new());
         let grandchild = tokio::select! {
             outcome = run => panic!("the command ended on its own: {outcome:?}"),
             pid = read_pid(&path) => pid,
@@ -999,7 +1204,7 @@ mod tests {
         let path = pidfile(&dir);
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let outcome = ExecHandler::new(sh(&format!("echo $$ > '{}'", path.display())))
+        let outcome = handler(sh(&format!("echo $$ > '{}'", path.display())))
             .run(context("exec-test", b""), cancel)
             .await;
         assert_eq!(outcome, HandlerOutcome::cancelled());

@@ -19,7 +19,7 @@ pub mod noop;
 pub mod sleep;
 mod tail;
 
-pub use exec::{ExecHandler, ExecSpec, ExecSpecError};
+pub use exec::{locate_guard, ExecHandler, ExecSpec, ExecSpecError, GuardNotFound};
 pub use fail::FailHandler;
 pub use http::{HttpHandler, HttpSpec};
 pub use lease::{monotonic_ms, LeaseDeadline};
@@ -117,7 +117,7 @@ impl HandlerOutcome {
 /// A job handler. Implement this to run your own job kinds in your own node binary.
 ///
 /// The future must finish soon after `cancel` fires (the executor kills nothing for you; the
-/// `exec` handler kills its whole process group).
+/// `exec` handler's guard kills the command's whole process tree).
 pub trait Handler: Send + Sync + 'static {
     fn run(&self, ctx: JobContext, cancel: CancellationToken)
         -> BoxFuture<'static, HandlerOutcome>;
@@ -146,15 +146,17 @@ impl Registry {
         registry
     }
 
-    /// Registers `kind` to run the command `spec` describes, after checking the spec. Like
-    /// [`Registry::register`], this replaces any handler already registered for `kind`.
+    /// Registers `kind` to run the command `spec` describes under the exec guard binary `guard`
+    /// (see [`locate_guard`]), after checking the spec. Like [`Registry::register`], this
+    /// replaces any handler already registered for `kind`.
     pub fn register_exec(
         &mut self,
         kind: impl Into<String>,
         spec: ExecSpec,
+        guard: std::path::PathBuf,
     ) -> Result<(), ExecSpecError> {
         spec.validate()?;
-        self.register(kind, Arc::new(ExecHandler::new(spec)));
+        self.register(kind, Arc::new(ExecHandler::new(spec, guard)));
         Ok(())
     }
 
@@ -164,12 +166,13 @@ impl Registry {
         &mut self,
         kind: impl Into<String>,
         spec: ExecSpec,
+        guard: std::path::PathBuf,
         group_dir: std::path::PathBuf,
     ) -> Result<(), ExecSpecError> {
         spec.validate()?;
         self.register(
             kind,
-            Arc::new(ExecHandler::new(spec).with_group_dir(group_dir)),
+            Arc::new(ExecHandler::new(spec, guard).with_group_dir(group_dir)),
         );
         Ok(())
     }
@@ -250,13 +253,14 @@ mod tests {
     #[test]
     fn register_exec_validates_the_spec() {
         let mut registry = Registry::with_builtins();
+        let guard = std::path::PathBuf::from("exactly-exec-guard");
         registry
-            .register_exec("resize", ExecSpec::new("/bin/true"))
+            .register_exec("resize", ExecSpec::new("/bin/true"), guard.clone())
             .expect("valid spec");
         assert!(registry.contains("resize"));
 
         let err = registry
-            .register_exec("broken", ExecSpec::new(""))
+            .register_exec("broken", ExecSpec::new(""), guard)
             .expect_err("empty command");
         assert_eq!(err.key, "command");
         assert!(!registry.contains("broken"));

@@ -48,6 +48,11 @@ pub struct NodeConfig {
     pub retention: RetentionConfig,
     /// Commands run by job kind: `[exec.resize-image] command = "/usr/bin/convert"`.
     pub exec: BTreeMap<String, ExecSpec>,
+    /// The `exactly-exec-guard` binary that runs each `exec` command (it kills the command's
+    /// whole process tree when the node dies, freezes or cancels). Unset: `exactly-exec-guard`
+    /// next to the running executable, then in its parent directory, then on `PATH`. A node with
+    /// `[exec.*]` kinds refuses to start without one.
+    pub exec_guard: Option<PathBuf>,
     /// URLs that jobs are POSTed to, by job kind: `[http.charge] url = "http://billing/charge"`.
     pub http: BTreeMap<String, HttpSpec>,
 }
@@ -144,6 +149,7 @@ impl Default for NodeConfig {
             lease: LeaseConfig::default(),
             retention: RetentionConfig::default(),
             exec: BTreeMap::new(),
+            exec_guard: None,
             http: BTreeMap::new(),
         }
     }
@@ -345,6 +351,22 @@ impl NodeConfig {
         self.data_dir.join("exec-groups")
     }
 
+    /// The exec guard binary (`exec-guard`, or where its default is found), or an error naming
+    /// the key and every place looked at.
+    pub fn locate_exec_guard(&self) -> Result<PathBuf, ConfigError> {
+        exactly_handlers::locate_guard(self.exec_guard.as_deref()).map_err(|err| {
+            let value = match &self.exec_guard {
+                Some(path) => path.display().to_string(),
+                None => "unset".to_string(),
+            };
+            ConfigError::Invalid {
+                key: "exec-guard",
+                value,
+                why: format!("{err}; `[exec.*]` kinds need it"),
+            }
+        })
+    }
+
     /// The address other nodes use for this one.
     pub fn advertise_addr(&self) -> String {
         self.advertise
@@ -515,10 +537,18 @@ impl NodeConfig {
     /// which usually holds the built-ins ([`Registry::with_builtins`]) and an embedder's own
     /// handlers. Call it with a validated configuration.
     pub fn register_kinds(&self, registry: &mut Registry) -> Result<(), ConfigError> {
-        for (kind, spec) in &self.exec {
-            registry
-                .register_exec_in(kind.clone(), spec.clone(), self.exec_group_dir())
-                .map_err(|err| kind_error("exec", kind, err))?;
+        if !self.exec.is_empty() {
+            let guard = self.locate_exec_guard()?;
+            for (kind, spec) in &self.exec {
+                registry
+                    .register_exec_in(
+                        kind.clone(),
+                        spec.clone(),
+                        guard.clone(),
+                        self.exec_group_dir(),
+                    )
+                    .map_err(|err| kind_error("exec", kind, err))?;
+            }
         }
         for (kind, spec) in &self.http {
             registry
@@ -706,9 +736,13 @@ mod tests {
     /// `register_kinds` adds every configured exec and http kind to the registry.
     #[test]
     fn configured_kinds_are_registered() {
-        let config = NodeConfig::from_toml(
-            "[exec.echo]\ncommand = \"cat\"\n[http.charge]\nurl = \"http://127.0.0.1:9090/\"",
-        )
+        // Any executable file will do as the guard for registering; this test's own binary is
+        // one that surely exists.
+        let guard = std::env::current_exe().unwrap();
+        let config = NodeConfig::from_toml(&format!(
+            "exec-guard = {:?}\n[exec.echo]\ncommand = \"cat\"\n[http.charge]\nurl = \"http://127.0.0.1:9090/\"",
+            guard.display().to_string()
+        ))
         .unwrap()
         .validate()
         .unwrap();
@@ -718,6 +752,30 @@ mod tests {
             registry.kinds().collect::<Vec<_>>(),
             ["charge", "echo", "fail", "noop", "sleep"]
         );
+    }
+
+    /// A node with exec kinds and no guard where `exec-guard` points refuses to register them,
+    /// naming the key and the path; a node without exec kinds needs no guard.
+    #[test]
+    fn exec_kinds_need_the_guard() {
+        let text =
+            "exec-guard = \"/nonexistent/exactly-exec-guard\"\n[exec.echo]\ncommand = \"cat\"";
+        let config = NodeConfig::from_toml(text).unwrap().validate().unwrap();
+        let err = config
+            .register_kinds(&mut Registry::with_builtins())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`exec-guard`") && err.contains("/nonexistent/exactly-exec-guard"),
+            "{err}"
+        );
+        let config = NodeConfig::from_toml("exec-guard = \"/nonexistent/exactly-exec-guard\"")
+            .unwrap()
+            .validate()
+            .unwrap();
+        config
+            .register_kinds(&mut Registry::with_builtins())
+            .expect("no exec kinds, no guard needed");
     }
 
     /// An unknown key is an error naming it, not silently ignored.

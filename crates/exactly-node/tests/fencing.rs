@@ -5,24 +5,30 @@
 //! whether a job's effect was ever applied twice or an abandoned attempt's effect slipped
 //! through.
 //!
-//! A pause here is a pause of the whole "machine": SIGSTOP goes to `exactlyd` and then to the
-//! process group of every command it runs (they are group leaders), SIGCONT to all of them on
-//! waking. SIGKILL goes to `exactlyd` alone, as a crash of the daemon would: whatever its
-//! commands were doing goes on, orphaned.
+//! A pause here is a pause of the whole "machine": SIGSTOP goes to `exactlyd` and then to every
+//! process below it (its exec guards and everything their commands started), SIGCONT to all of
+//! them on waking. SIGKILL goes to `exactlyd` alone, as a crash of the daemon would: its exec
+//! guards see their control pipes close and kill their commands' trees. Two tests check that for
+//! every shape a command's processes can take (a shell wrapper, a grandchild, a `setsid` child, a
+//! daemon): after SIGKILL of `exactlyd`, and after SIGSTOP of `exactlyd` alone (its guards and
+//! commands keep running, but the guards enforce the lease deadline themselves).
 //!
 //! The sink binary lives in another package, so it is found next to `exactlyd` in the same
 //! target directory. `cargo test --workspace` builds it (the sink package has an integration
 //! test, which makes cargo build its binary); when only this package is tested and the binary
-//! is missing, the test builds it with `cargo build -p exactly-sink`.
+//! is missing, the test builds it with `cargo build -p exactly-sink`. The exec guard is found
+//! (or built) the same way (`common::exec_guard_binary`).
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use exactly_proto::v1 as pb;
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::{Rng, SeedableRng};
 
@@ -44,39 +50,56 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The direct children of `pid` (the commands `exactlyd` runs; each leads its process group).
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
+/// Every process's parent, from /proc (pid -> ppid).
+fn parents() -> HashMap<i32, i32> {
+    let mut out = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(child) = entry
+        let Some(pid) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<i32>().ok())
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
         // Fields after the command name (which may hold spaces): state, ppid, ...
         let Some((_, rest)) = stat.rsplit_once(')') else {
             continue;
         };
-        if rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) == Some(pid) {
-            out.push(child);
+        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            out.insert(pid, ppid);
         }
     }
     out
 }
 
-/// Signals each child and its process group.
-fn signal_groups(groups: &[i32], signal: Signal) {
-    for &g in groups {
-        let _ = killpg(Pid::from_raw(g), signal);
-        let _ = kill(Pid::from_raw(g), signal);
+/// Every process below `pid`: its exec guards first, then what their commands started.
+fn descendants_of(pid: i32) -> Vec<i32> {
+    let parents = parents();
+    let mut out = Vec::new();
+    let mut level = vec![pid];
+    while !level.is_empty() {
+        let next: Vec<i32> = parents
+            .iter()
+            .filter(|(_, ppid)| level.contains(ppid))
+            .map(|(&child, _)| child)
+            .filter(|child| !out.contains(child) && *child != pid)
+            .collect();
+        out.extend(&next);
+        level = next;
+    }
+    out
+}
+
+/// Signals each process.
+fn signal_pids(pids: &[i32], signal: Signal) {
+    for &p in pids {
+        let _ = kill(Pid::from_raw(p), signal);
     }
 }
 
@@ -87,8 +110,9 @@ struct Proc {
     config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
-    /// Process groups stopped with the node, while it is paused.
-    paused_groups: Option<Vec<i32>>,
+    /// While the node is stopped: the processes below it stopped with it (none when only
+    /// `exactlyd` was stopped).
+    paused: Option<Vec<i32>>,
 }
 
 impl Proc {
@@ -118,39 +142,62 @@ impl Proc {
         self.child = Some(child);
     }
 
-    /// SIGSTOP to the node, then to every command it runs: the machine stops, its clocks do not.
+    /// SIGSTOP to the node, then to every process below it: the machine stops, its clocks do
+    /// not.
     fn pause(&mut self) {
         let Some(pid) = self.pid() else { return };
-        if self.paused_groups.is_some() {
+        if self.paused.is_some() {
             return;
         }
-        // The node first, so that it starts no command after we list them.
+        // The node first, so that it starts no guard after we list them; then the tree, again
+        // and again until a pass finds no process it has not stopped (a command may fork until
+        // it is stopped itself).
         let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
-        let groups = children_of(pid);
-        signal_groups(&groups, Signal::SIGSTOP);
-        self.paused_groups = Some(groups);
+        let mut stopped: Vec<i32> = Vec::new();
+        loop {
+            let new: Vec<i32> = descendants_of(pid)
+                .into_iter()
+                .filter(|p| !stopped.contains(p))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            signal_pids(&new, Signal::SIGSTOP);
+            stopped.extend(new);
+        }
+        self.paused = Some(stopped);
     }
 
-    /// SIGCONT to the node and the commands stopped with it.
+    /// SIGSTOP to `exactlyd` alone (`kill -STOP <pid>`): its exec guards and their commands run
+    /// on, as they did in the report that started the guard.
+    fn stop_alone(&mut self) {
+        if let (Some(pid), None) = (self.pid(), &self.paused) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+            self.paused = Some(Vec::new());
+        }
+    }
+
+    /// SIGCONT to the node and the processes stopped with it.
     fn resume(&mut self) {
-        let Some(groups) = self.paused_groups.take() else {
+        let Some(stopped) = self.paused.take() else {
             return;
         };
         if let Some(pid) = self.pid() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
         }
-        signal_groups(&groups, Signal::SIGCONT);
+        signal_pids(&stopped, Signal::SIGCONT);
     }
 
-    /// SIGKILL to the node alone (a daemon crash): its commands go on, orphaned. If the node was
-    /// paused, its commands are resumed so they do not stay stopped forever.
+    /// SIGKILL to the node alone (a daemon crash): its exec guards see their pipes close and
+    /// kill their trees. If the node was paused, the processes stopped with it are resumed so
+    /// they do not stay stopped forever.
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
             let _ = c.wait();
         }
-        if let Some(groups) = self.paused_groups.take() {
-            signal_groups(&groups, Signal::SIGCONT);
+        if let Some(stopped) = self.paused.take() {
+            signal_pids(&stopped, Signal::SIGCONT);
         }
     }
 
@@ -160,13 +207,13 @@ impl Proc {
 }
 
 impl Drop for Proc {
-    /// Kills the node and every command it runs, so nothing outlives the test, even on panic.
+    /// Kills the node and every process below it, so nothing outlives the test, even on panic.
     fn drop(&mut self) {
         if let Some(pid) = self.pid() {
-            let mut groups = children_of(pid);
-            groups.extend(self.paused_groups.take().unwrap_or_default());
+            let mut below = descendants_of(pid);
+            below.extend(self.paused.take().unwrap_or_default());
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            signal_groups(&groups, Signal::SIGKILL);
+            signal_pids(&below, Signal::SIGKILL);
         }
         self.kill9();
     }
@@ -281,7 +328,66 @@ esac
     path
 }
 
-fn write_config(dir: &Path, id: u64, port: u16, script: &Path) -> PathBuf {
+/// The `shaped` kind's script, run as `sh -c '/bin/bash shaped.sh; exit $?'` (a shell wrapper,
+/// as in the report that started the exec guard). Its payload is `SHAPE SECS`; a worker process
+/// of that shape ignores SIGTERM, sleeps SECS and then reports (job, token, node) to the sink:
+/// `wrapper` is the script itself, `grandchild` a subshell of a subshell, `setsid` a child in a
+/// new session the script waits for, `daemon` a double-forked child in a new session, orphaned
+/// at once, whose exit file the script polls. Every process writes its pid to
+/// `PIDS/<job>-<token>/<role>` (roles `script`, `child`, `worker`).
+fn write_shaped_script(dir: &Path, sink_port: u16, pids: &Path) -> PathBuf {
+    let path = dir.join("shaped.sh");
+    let text = format!(
+        r#"#!/bin/bash
+read -r shape secs || true
+export secs
+export dir="{pids}/$EXACTLY_JOB_ID-$EXACTLY_FENCING_TOKEN"
+mkdir -p "$dir"
+rec() {{ echo "$2" > "$dir/$1.tmp" && mv "$dir/$1.tmp" "$dir/$1"; }}
+work() {{
+  trap '' TERM
+  rec worker "$BASHPID"
+  sleep "$secs"
+  exec 3<>/dev/tcp/127.0.0.1/{sink_port} || {{ rec exit 1; exit 1; }}
+  printf 'POST /effect?job=%s&token=%s&node=%s HTTP/1.1
+Host: sink
+Content-Length: 0
+Connection: close
+
+'     "$EXACTLY_JOB_ID" "$EXACTLY_FENCING_TOKEN" "$EXACTLY_NODE_ID" >&3
+  read -r _ code _ <&3
+  case "$code" in 200) c=0 ;; 409) c={EXIT_STALE} ;; *) c=1 ;; esac
+  rec exit "$c"
+  exit "$c"
+}}
+export -f rec work
+rec script "$$"
+case "$shape" in
+  wrapper) work ;;
+  grandchild) ( rec child "$BASHPID"; ( work ); exit $? ); exit $? ;;
+  setsid) setsid bash -c work & wait $!; exit $? ;;
+  daemon)
+    ( setsid bash -c work & )
+    until [ -e "$dir/exit" ]; do sleep 0.1; done
+    exit "$(cat "$dir/exit")" ;;
+  *) echo "unknown shape $shape" >&2; exit 2 ;;
+esac
+"#,
+        pids = pids.display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The shapes of the `shaped` kind, and the roles whose pids each records.
+const SHAPES: [(&str, &[&str]); 4] = [
+    ("wrapper", &["script", "worker"]),
+    ("grandchild", &["script", "child", "worker"]),
+    ("setsid", &["script", "worker"]),
+    ("daemon", &["script", "worker"]),
+];
+
+fn write_config(dir: &Path, id: u64, port: u16, script: &Path, shaped: &Path) -> PathBuf {
     let path = dir.join(format!("node-{id}.toml"));
     let text = format!(
         r#"
@@ -297,9 +403,15 @@ propose-timeout = "3s"
 command = "/bin/bash"
 args = ["{script}"]
 permanent-exit-codes = [{EXIT_STALE}]
+
+[exec.shaped]
+command = "/bin/sh"
+args = ["-c", "/bin/bash {shaped}; exit $?"]
+permanent-exit-codes = [{EXIT_STALE}]
 "#,
         data = dir.join(format!("data-{id}")).display(),
         script = script.display(),
+        shaped = shaped.display(),
     );
     std::fs::write(&path, text).unwrap();
     path
@@ -319,25 +431,30 @@ fn effect_job(secs: f64) -> pb::JobSpec {
 struct Cluster {
     procs: Vec<Proc>,
     sink: Sink,
+    /// Where the `shaped` kind's processes write their pids.
+    pids: PathBuf,
     // Dropped last: the processes above still write into it.
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     fn start(n: u64) -> Self {
+        common::exec_guard_binary();
         let sink = Sink::start();
         let dir = tempfile::tempdir().unwrap();
         let script = write_script(dir.path(), sink.port());
+        let pids = dir.path().join("pids");
+        let shaped = write_shaped_script(dir.path(), sink.port(), &pids);
         let mut procs: Vec<Proc> = (1..=n)
             .map(|id| {
                 let port = free_port();
                 Proc {
                     id,
                     port,
-                    config: write_config(dir.path(), id, port, &script),
+                    config: write_config(dir.path(), id, port, &script, &shaped),
                     child: None,
                     log: dir.path().join(format!("node-{id}.log")),
-                    paused_groups: None,
+                    paused: None,
                 }
             })
             .collect();
@@ -349,6 +466,7 @@ impl Cluster {
         Self {
             procs,
             sink,
+            pids,
             _dir: dir,
         }
     }
@@ -374,7 +492,7 @@ impl Cluster {
     async fn statuses(&self) -> Vec<pb::StatusResponse> {
         let mut out = Vec::new();
         for i in 0..self.procs.len() {
-            if self.procs[i].running() && self.procs[i].paused_groups.is_none() {
+            if self.procs[i].running() && self.procs[i].paused.is_none() {
                 out.extend(self.status(i).await);
             }
         }
@@ -419,7 +537,7 @@ impl Cluster {
     /// The job as some answering node sees it.
     async fn get(&self, id: u64) -> Option<pb::Job> {
         for i in 0..self.procs.len() {
-            if !self.procs[i].running() || self.procs[i].paused_groups.is_some() {
+            if !self.procs[i].running() || self.procs[i].paused.is_some() {
                 continue;
             }
             let call = async {
@@ -1089,4 +1207,364 @@ async fn chaos_of_kills_and_pauses_loses_nothing_and_fences_every_stale_effect()
         v.succeeded_not_last, 0,
         "stale completions accepted (seed {seed})"
     );
+}
+
+/// The kill grace of the `shaped` kind and of the nodes' leases (the defaults).
+const KILL_GRACE: Duration = Duration::from_secs(1);
+
+/// `lease.self-fence-after` of the nodes (the default): the lease deadline a guard enforces is
+/// at most this long after the node stopped renewing.
+const SELF_FENCE_AFTER: Duration = Duration::from_millis(2500);
+
+/// Scheduling slack on a busy machine, for "dead by".
+const SLACK: Duration = Duration::from_millis(1500);
+
+fn shaped_job(shape: &str, secs: u32) -> pb::JobSpec {
+    pb::JobSpec {
+        kind: "shaped".into(),
+        payload: format!("{shape} {secs}\n").into_bytes(),
+        max_attempts: 100,
+        timeout_ms: 120_000,
+        ..Default::default()
+    }
+}
+
+/// One attempt of a `shaped` job on the node a test kills or stops, and its processes.
+#[derive(Debug)]
+struct Stranded {
+    job: u64,
+    token: u64,
+    shape: &'static str,
+    pids: Vec<(String, Pid)>,
+}
+
+/// Whether `pid` still runs. A zombie counts as dead: it runs nothing (and in some containers
+/// nobody reaps the orphans of a dead guard).
+fn running(pid: Pid) -> bool {
+    match kill(pid, None) {
+        Err(nix::errno::Errno::ESRCH) => false,
+        _ => std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        }),
+    }
+}
+
+/// Waits (up to 20 s) for the pids a `shaped` attempt's processes write.
+async fn read_shaped_pids(pids: &Path, job: u64, token: u64, roles: &[&str]) -> Vec<(String, Pid)> {
+    let dir = pids.join(format!("{job}-{token}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    for role in roles {
+        loop {
+            let pid = std::fs::read_to_string(dir.join(role))
+                .ok()
+                .and_then(|t| t.trim().parse().ok());
+            if let Some(pid) = pid {
+                out.push((role.to_string(), Pid::from_raw(pid)));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job} token {token}: no pid for {role} in {}",
+                dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    out
+}
+
+/// Submits six `shaped` jobs of every shape, each working `secs` before its effect, waits until
+/// all run, and picks a follower running every shape. Returns every job id, the follower's id,
+/// and its attempts with their processes' pids (all running).
+async fn strand_every_shape(
+    cluster: &Cluster,
+    leader: u64,
+    secs: u32,
+) -> (Vec<u64>, u64, Vec<Stranded>) {
+    let shapes: Vec<usize> = (0..6).flat_map(|_| 0..SHAPES.len()).collect();
+    let specs = shapes
+        .iter()
+        .map(|&s| shaped_job(SHAPES[s].0, secs))
+        .collect();
+    let ids = cluster.submit(specs).await.expect("submit");
+    let shape_of: BTreeMap<u64, usize> = ids.iter().copied().zip(shapes).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let attempts = loop {
+        let attempts = running_attempts(cluster, &ids).await;
+        if attempts.len() == ids.len() {
+            break attempts;
+        }
+        assert!(Instant::now() < deadline, "jobs not started: {attempts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The planner fills the emptiest node first, so the jobs go round the nodes and each one
+    // gets every shape; take a follower, so the kill costs no election.
+    let mut shapes_on: BTreeMap<u64, BTreeSet<usize>> = BTreeMap::new();
+    for (job, (node, _)) in &attempts {
+        shapes_on.entry(*node).or_default().insert(shape_of[job]);
+    }
+    let victim = shapes_on
+        .iter()
+        .find(|(&node, shapes)| node != leader && shapes.len() == SHAPES.len())
+        .map(|(&node, _)| node)
+        .unwrap_or_else(|| panic!("no follower runs every shape: {shapes_on:?}"));
+    let mut stranded = Vec::new();
+    for (&job, &(node, token)) in &attempts {
+        if node == victim {
+            let (shape, roles) = SHAPES[shape_of[&job]];
+            let pids = read_shaped_pids(&cluster.pids, job, token, roles).await;
+            for (role, pid) in &pids {
+                assert!(
+                    running(*pid),
+                    "job {job} ({shape}): {role} {pid} is not running"
+                );
+            }
+            stranded.push(Stranded {
+                job,
+                token,
+                shape,
+                pids,
+            });
+        }
+    }
+    (ids, victim, stranded)
+}
+
+/// Waits until none of the stranded processes runs; panics at `deadline`.
+async fn wait_dead(stranded: &[Stranded], deadline: Instant, what: &str) {
+    loop {
+        let alive: Vec<String> = stranded
+            .iter()
+            .flat_map(|s| {
+                s.pids
+                    .iter()
+                    .filter(|(_, p)| running(*p))
+                    .map(move |(role, pid)| format!("job {} ({}) {role} {pid}", s.job, s.shape))
+            })
+            .collect();
+        if alive.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still running: {alive:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// For every stranded attempt: no call to the sink at or after `fault_ms` (the old attempt's
+/// processes were dead before they could make one) and, the property a downstream needs, none
+/// after the job's next attempt started.
+fn assert_no_stale_effect(
+    stranded: &[Stranded],
+    jobs: &BTreeMap<u64, pb::Job>,
+    calls: &[SinkCall],
+    fault_ms: u64,
+) {
+    for s in stranded {
+        let job = &jobs[&s.job];
+        let new_start = job
+            .attempts
+            .iter()
+            .filter(|a| a.token > s.token)
+            .map(|a| a.started_at_ms)
+            .min()
+            .unwrap_or_else(|| panic!("job {} ({}): no newer attempt: {job:?}", s.job, s.shape));
+        let old: Vec<&SinkCall> = calls
+            .iter()
+            .filter(|c| c.job == s.job && c.token == s.token)
+            .collect();
+        eprintln!(
+            "job {} ({}): next attempt started {} ms after the fault; calls of the old attempt: \
+             {old:?}",
+            s.job,
+            s.shape,
+            new_start.saturating_sub(fault_ms)
+        );
+        assert!(
+            old.iter().all(|c| c.at_ms < new_start),
+            "job {} ({}): the old attempt's effect arrived after the new attempt started at \
+             {new_start}: {old:?}",
+            s.job,
+            s.shape
+        );
+        assert!(
+            old.iter().all(|c| c.at_ms < fault_ms),
+            "job {} ({}): the old attempt called the sink after the fault at {fault_ms}: {old:?}",
+            s.job,
+            s.shape
+        );
+    }
+}
+
+/// SIGKILL of `exactlyd` (the daemon alone, as a crash) while it runs `exec` commands of every
+/// shape their processes can take: a shell wrapper whose child does the work (`sh -c 'bash …'`,
+/// as in the original report), a grandchild, a `setsid` child and a double-forked daemon, each
+/// worker ignoring SIGTERM and reporting its effect to the sink 10 s in. The exec guards see
+/// their control pipes close and every process of every tree is dead within the kill grace (plus
+/// slack); so no effect of an old attempt reaches the sink after the kill, let alone after the
+/// job's new attempt started elsewhere; and every job's effect is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_node_kills_every_shape_of_its_commands() {
+    let started = Instant::now();
+    let mut cluster = Cluster::start(3);
+    let status = cluster.wait_ready(3, Duration::from_secs(30)).await;
+    let (ids, victim, stranded) = strand_every_shape(&cluster, status.leader_id, 10).await;
+    let i = cluster.index_of(victim);
+    let killed_ms = wall_ms();
+    let killed_at = Instant::now();
+    cluster.procs[i].kill9();
+    eprintln!(
+        "SIGKILL node {victim} (leader {}), running {} attempts: {:?}",
+        status.leader_id,
+        stranded.len(),
+        stranded
+            .iter()
+            .map(|s| (s.job, s.token, s.shape))
+            .collect::<Vec<_>>()
+    );
+    wait_dead(&stranded, killed_at + KILL_GRACE + SLACK, "after SIGKILL").await;
+    eprintln!(
+        "every process of node {victim}'s attempts was dead {:?} after the SIGKILL",
+        killed_at.elapsed()
+    );
+    let kill = FaultEvent {
+        node: victim,
+        kind: "sigkill",
+        from_ms: killed_ms,
+        to_ms: wall_ms(),
+    };
+
+    let jobs = cluster.wait_finished(&ids, Duration::from_secs(90)).await;
+    let calls = cluster.sink.calls();
+    assert_no_stale_effect(&stranded, &jobs, &calls, killed_ms);
+    let v = check(&jobs, &calls, cluster.stale_completions().await, &[kill]);
+    v.print("sigkill, every shape");
+    assert_eq!(v.lost, 0, "lost jobs");
+    assert_eq!(v.duplicated, 0, "duplicated jobs");
+    assert_eq!(v.not_applied_once, 0, "jobs not applied exactly once");
+    assert_eq!(v.succeeded_not_last, 0, "stale completions accepted");
+    eprintln!("sigkill shapes test took {:?}", started.elapsed());
+}
+
+/// Polls `pids` (every 5 ms, up to `limit`) and returns when each was first seen dead, in
+/// wall-clock ms (the clock the leader stamps attempts with); `u64::MAX` for one still running.
+fn death_times(pids: &[Pid], limit: Duration) -> HashMap<Pid, u64> {
+    let until = Instant::now() + limit;
+    let mut dead: HashMap<Pid, u64> = HashMap::new();
+    let mut left: HashSet<Pid> = pids.iter().copied().collect();
+    while !left.is_empty() && Instant::now() < until {
+        left.retain(|&pid| {
+            let alive = running(pid);
+            if !alive {
+                dead.insert(pid, wall_ms());
+            }
+            alive
+        });
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    dead.extend(left.into_iter().map(|pid| (pid, u64::MAX)));
+    dead
+}
+
+/// SIGSTOP of `exactlyd` alone (`kill -STOP <pid>`: its exec guards and commands are not
+/// stopped) for longer than its lease, while it runs commands of every shape whose workers
+/// ignore SIGTERM and would report their effect 12 s in. No extension reaches the guards, which
+/// kill every tree by the lease deadline + the kill grace: every process is seen dead before the
+/// leader reassigns its job (it waits `lease.expire-after`, 6 s), no effect of an old attempt
+/// reaches the sink after the stop, and once the node is woken every job's effect is applied
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_of_exactlyd_alone_kills_its_commands_before_the_leader_reassigns() {
+    let started = Instant::now();
+    let mut cluster = Cluster::start(3);
+    let status = cluster.wait_ready(3, Duration::from_secs(30)).await;
+    let (ids, victim, stranded) = strand_every_shape(&cluster, status.leader_id, 12).await;
+    let i = cluster.index_of(victim);
+    let stopped_ms = wall_ms();
+    cluster.procs[i].stop_alone();
+    eprintln!(
+        "SIGSTOP node {victim} alone (leader {}), running {} attempts",
+        status.leader_id,
+        stranded.len()
+    );
+    let tracked: Vec<Pid> = stranded
+        .iter()
+        .flat_map(|s| s.pids.iter().map(|(_, p)| *p))
+        .collect();
+    let deaths =
+        tokio::task::spawn_blocking(move || death_times(&tracked, Duration::from_secs(30)));
+
+    // The moment the leader reassigned each stranded job (its next attempt's start).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut reassigned: BTreeMap<u64, u64> = BTreeMap::new();
+    while reassigned.len() < stranded.len() {
+        for s in &stranded {
+            if let Some(job) = cluster.get(s.job).await {
+                if let Some(a) = job.attempts.iter().find(|a| a.token > s.token) {
+                    reassigned.insert(s.job, a.started_at_ms);
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stranded jobs not reassigned: {reassigned:?}; {}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deaths = deaths.await.unwrap();
+    let dead_by_ms = stopped_ms + (SELF_FENCE_AFTER + KILL_GRACE + SLACK).as_millis() as u64;
+    for s in &stranded {
+        let reassigned_ms = reassigned[&s.job];
+        for (role, pid) in &s.pids {
+            let dead_ms = deaths[pid];
+            assert!(
+                dead_ms < reassigned_ms,
+                "job {} ({}): {role} {pid} still ran when the leader reassigned the job at \
+                 {reassigned_ms} (seen dead at {dead_ms})",
+                s.job,
+                s.shape
+            );
+            assert!(
+                dead_ms <= dead_by_ms,
+                "job {} ({}): {role} {pid} seen dead {} ms after the stop",
+                s.job,
+                s.shape,
+                dead_ms.saturating_sub(stopped_ms)
+            );
+        }
+        let last_death = s.pids.iter().map(|(_, p)| deaths[p]).max().unwrap_or(0);
+        eprintln!(
+            "job {} ({}): processes dead {} ms after the stop, {} ms before the reassignment",
+            s.job,
+            s.shape,
+            last_death - stopped_ms,
+            reassigned_ms - last_death
+        );
+    }
+    cluster.procs[i].resume();
+    let stop = FaultEvent {
+        node: victim,
+        kind: "sigstop",
+        from_ms: stopped_ms,
+        to_ms: wall_ms(),
+    };
+
+    let jobs = cluster.wait_finished(&ids, Duration::from_secs(90)).await;
+    // Let a late completion of the woken node arrive before looking.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = cluster.sink.calls();
+    assert_no_stale_effect(&stranded, &jobs, &calls, stopped_ms);
+    let v = check(&jobs, &calls, cluster.stale_completions().await, &[stop]);
+    v.print("sigstop alone, every shape");
+    assert_eq!(v.lost, 0, "lost jobs");
+    assert_eq!(v.duplicated, 0, "duplicated jobs");
+    assert_eq!(v.not_applied_once, 0, "jobs not applied exactly once");
+    assert_eq!(v.succeeded_not_last, 0, "stale completions accepted");
+    eprintln!("sigstop alone test took {:?}", started.elapsed());
 }

@@ -4,6 +4,8 @@
 //! Each node runs an `exec` kind that appends "job token node" to a shared ledger file, so the
 //! test sees every execution that real processes made, and checks it against the state machine.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -124,6 +126,8 @@ args = ["-c", "echo \"$EXACTLY_JOB_ID $EXACTLY_FENCING_TOKEN $EXACTLY_NODE_ID\" 
 
 impl Cluster {
     fn start(n: u64) -> Self {
+        // Each node runs the `record` exec kind, so it needs its exec guard.
+        common::exec_guard_binary();
         let dir = tempfile::tempdir().unwrap();
         let ledger = dir.path().join("ledger.txt");
         let mut procs: Vec<Proc> = (1..=n)

@@ -43,6 +43,10 @@ struct Args {
     /// (for example 30s).
     #[arg(long, env = "EXACTLY_DRAIN_DEADLINE", value_parser = humantime::parse_duration)]
     drain_deadline: Option<std::time::Duration>,
+    /// The exactly-exec-guard binary that runs `exec` commands (default: next to exactlyd, then
+    /// on PATH).
+    #[arg(long, env = "EXACTLY_EXEC_GUARD", value_name = "PATH")]
+    exec_guard: Option<PathBuf>,
 }
 
 fn load(args: &Args) -> anyhow::Result<NodeConfig> {
@@ -74,6 +78,9 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(deadline) = args.drain_deadline {
         config.drain_deadline = deadline;
+    }
+    if args.exec_guard.is_some() {
+        config.exec_guard = args.exec_guard.clone();
     }
     Ok(config.validate()?)
 }
