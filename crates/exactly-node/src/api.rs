@@ -62,7 +62,9 @@ impl From<ProposeError> for Status {
             // Proposed but not committed in time: it may still commit, so this must not be a
             // code that clients treat as "safe to retry" (UNAVAILABLE).
             ProposeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
-            ProposeError::StoppedInFlight(_) => Status::unknown(e.to_string()),
+            ProposeError::StoppedInFlight(_) | ProposeError::LeaderChanged(_) => {
+                Status::unknown(e.to_string())
+            }
             // Nothing was proposed, and any other node can take the call: UNAVAILABLE makes a
             // client go on to its next endpoint (found by the container test: a client that
             // reached a drained node got its batch refused).
@@ -398,5 +400,6 @@ mod tests {
             code(ProposeError::StoppedInFlight("x".into())),
             tonic::Code::Unknown
         );
+        assert_eq!(code(ProposeError::LeaderChanged(3)), tonic::Code::Unknown);
     }
 }

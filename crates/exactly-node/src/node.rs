@@ -24,6 +24,9 @@ use crate::network;
 const LEADER_RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Backoff between attempts to find a leader, at first.
 const LEADER_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
+/// After a new leader is elected while a write forwarded to the old one is unanswered, how long
+/// the old one may still answer before the write's outcome is reported as unknown.
+pub const LEADER_CHANGE_GRACE: Duration = Duration::from_millis(300);
 /// How long a client's write waits, once committed, for this node to apply it before the
 /// reply goes out anyway (a follower applies a commit one round trip after the leader).
 pub const WRITE_APPLY_WAIT_MAX: Duration = Duration::from_secs(1);
@@ -44,6 +47,11 @@ pub enum ProposeError {
     /// be on followers, and the next leader may commit it. Never report this as "not applied".
     #[error("raft stopped with the write in flight; the outcome is unknown and it may still commit: {0}")]
     StoppedInFlight(String),
+    /// The write was forwarded to leader `0`, which did not answer, and another leader was
+    /// elected meanwhile: the old leader may have replicated it before it stopped answering, so
+    /// the new one may still commit it.
+    #[error("leader {0} stopped answering with the write in flight and another leader was elected; the outcome is unknown and it may still commit")]
+    LeaderChanged(u64),
     /// This node left (or was removed from) the cluster; it proposes nothing any more.
     #[error(
         "node {0} is no longer a member of the cluster; nothing was proposed (use another node)"
@@ -310,7 +318,21 @@ impl Node {
                     let data = encoded
                         .get_or_insert_with(|| codec::encode(&command))
                         .clone();
-                    match self.forward(leader, &addr, data, deadline).await {
+                    let forward = self.forward(leader, &addr, data, deadline);
+                    tokio::pin!(forward);
+                    // A leader that froze (SIGSTOP, a VM pause) holds the request without an
+                    // answer: once another leader is elected, give it a moment, then report the
+                    // outcome as unknown instead of waiting out the whole deadline.
+                    let reply = tokio::select! {
+                        reply = &mut forward => reply,
+                        () = self.until_new_leader(leader) => {
+                            match tokio::time::timeout(LEADER_CHANGE_GRACE, &mut forward).await {
+                                Ok(reply) => reply,
+                                Err(_) => return Err(ProposeError::LeaderChanged(leader)),
+                            }
+                        }
+                    };
+                    match reply {
                         Ok(ForwardReply::Committed(r, index)) => return Ok((r, index)),
                         Ok(ForwardReply::NotLeader | ForwardReply::NoQuorum) => {}
                         Ok(ForwardReply::Failed(e)) => return Err(e),
@@ -372,6 +394,23 @@ impl Node {
             ReadIndexReply::Index(index) => Ok(index),
             ReadIndexReply::NotLeader => Err(format!("node {leader} is no longer the leader")),
             ReadIndexReply::Failed(why) => Err(why),
+        }
+    }
+
+    /// Returns once Raft reports a leader other than `old` (not merely none: an election).
+    async fn until_new_leader(&self, old: u64) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if metrics
+                .borrow_and_update()
+                .current_leader
+                .is_some_and(|l| l != old)
+            {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
