@@ -678,20 +678,8 @@ impl FaultyCluster {
         id: u64,
         deadline: Duration,
     ) -> anyhow::Result<Result<exactly_node::membership::Stopped, String>> {
-        let host = self
-            .host(id)
-            .ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
-        let node = host.node().clone();
-        let (tx, rx) = oneshot::channel();
-        host.runtime().spawn(async move {
-            let left = node.drain_and_leave(deadline).await;
-            let _ = tx.send(left.map_err(|e| e.to_string()));
-        });
-        let left = rx
-            .await
-            .map_err(|_| anyhow::anyhow!("node {id} stopped while draining"))?;
-        self.stop(id).await?;
-        Ok(left)
+        let mut ended = self.terminate_all(&[id], deadline).await?;
+        Ok(ended.remove(0).1)
     }
 
     /// SIGTERM to several members at once (a whole cluster stopped by `docker compose down` or
