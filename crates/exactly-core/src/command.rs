@@ -86,6 +86,10 @@ pub enum Command {
     /// The leader took a drained node out of the Raft membership: its lease entry and drain are
     /// dropped, and a removed node's id is remembered so that it can never register again.
     NodeLeft(NodeId),
+    /// Several clients' Submits in one entry (group commit): each group is applied as its own
+    /// all-or-nothing Submit, in order, so one bad request never refuses its neighbours'. At most
+    /// [`crate::limits::SUBMIT_GROUP_JOBS_MAX`] jobs in all.
+    SubmitGroups(Vec<Vec<NewJob>>),
 }
 
 /// A request to drain a node.
@@ -391,6 +395,8 @@ pub enum Response {
     Draining(Result<u32, Rejection>),
     /// The node's departure was recorded.
     NodeLeft(Result<(), Rejection>),
+    /// Per group of a `SubmitGroups`, in order: what `Submitted` would have answered for it.
+    SubmittedGroups(Vec<Vec<Result<Submitted, Rejection>>>),
 }
 
 /// Work the shell carries out after applying an entry. Apply may run again for the same entry

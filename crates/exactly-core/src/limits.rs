@@ -27,6 +27,11 @@ pub const ABANDONS_RERUN_AT_ONCE: u32 = 3;
 pub const ABANDON_DELAY_MAX_MS: u64 = 10_000;
 /// Jobs in one Submit command.
 pub const SUBMIT_BATCH_JOBS_MAX: usize = 1000;
+/// Jobs in one SubmitGroups command (all its groups together; each group at most
+/// [`SUBMIT_BATCH_JOBS_MAX`]).
+pub const SUBMIT_GROUP_JOBS_MAX: usize = 4096;
+/// Groups in one SubmitGroups command.
+pub const SUBMIT_GROUPS_MAX: usize = 1024;
 /// Assignments in one Assign command.
 pub const ASSIGN_BATCH_MAX: usize = 1024;
 /// Completions in one Complete command.

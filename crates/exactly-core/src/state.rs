@@ -403,6 +403,9 @@ impl JobTable {
             }
             Command::Drain(drain) => Response::Draining(self.drain(drain)),
             Command::NodeLeft(node) => Response::NodeLeft(self.node_left(node)),
+            Command::SubmitGroups(groups) => {
+                Response::SubmittedGroups(self.submit_groups(groups, &mut effects))
+            }
         };
         (response, effects)
     }

@@ -2143,3 +2143,61 @@ fn stopping_nodes_that_restart_stay_and_drained_nodes_may_return() {
     assert!(h.table.nodes().contains_key(&8));
     assert_eq!(h.table.leaving(8), None);
 }
+
+// ----- group commit -----
+
+/// Several clients' Submits in one entry: each group is all or nothing on its own (a bad job
+/// refuses only its own group), groups apply in order (a key repeated in a later group finds the
+/// earlier group's job), and a command over the limits creates nothing.
+#[test]
+fn submit_groups_are_independent_all_or_nothing_batches() {
+    let mut h = Harness::new();
+    let keyed = job_with(|j| j.idempotency_key = Some("k".into()));
+    let bad = job_with(|j| j.kind = String::new());
+    let (response, _) = h.apply(
+        NOW,
+        Command::SubmitGroups(vec![
+            vec![new_job("q", "noop", b"a"), keyed.clone()],
+            vec![new_job("q", "noop", b"b"), bad],
+            vec![keyed],
+        ]),
+    );
+    let Response::SubmittedGroups(groups) = response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(groups.len(), 3);
+    assert_eq!(
+        groups[0],
+        vec![Ok(Submitted::new(1)), Ok(Submitted::new(2))],
+        "the first group is created"
+    );
+    assert!(
+        groups[1]
+            .iter()
+            .all(|r| matches!(r, Err(Rejection::BatchRejected | Rejection::Invalid(_)))),
+        "{:?}",
+        groups[1]
+    );
+    assert_eq!(
+        groups[2],
+        vec![Ok(Submitted {
+            id: 2,
+            existing: true
+        })],
+        "a key of an earlier group in the same entry is found"
+    );
+    assert_eq!(h.table.counts().pending, 2);
+
+    let before = h.table.clone();
+    let too_many = vec![vec![new_job("q", "noop", b""); SUBMIT_BATCH_JOBS_MAX]; 5];
+    let (response, effects) = h.apply(NOW, Command::SubmitGroups(too_many));
+    let Response::SubmittedGroups(groups) = response else {
+        panic!("{response:?}")
+    };
+    assert!(groups
+        .iter()
+        .flatten()
+        .all(|r| matches!(r, Err(Rejection::BatchTooLarge { .. }))));
+    assert_eq!(effects, vec![]);
+    assert_eq!(h.table, before);
+}

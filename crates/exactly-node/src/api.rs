@@ -65,6 +65,18 @@ impl From<ProposeError> for Status {
             ProposeError::StoppedInFlight(_) | ProposeError::LeaderChanged(_) => {
                 Status::unknown(e.to_string())
             }
+            ProposeError::Unexpected(_) => Status::internal(e.to_string()),
+            // Refused before anything was proposed.
+            ProposeError::Overloaded(_) => {
+                let mut status = Status::resource_exhausted(e.to_string());
+                status.metadata_mut().insert(
+                    "retry-after-ms",
+                    tonic::metadata::MetadataValue::from(
+                        crate::group::RETRY_AFTER.as_millis() as u64
+                    ),
+                );
+                status
+            }
             // Nothing was proposed, and any other node can take the call: UNAVAILABLE makes a
             // client go on to its next endpoint (found by the container test: a client that
             // reached a drained node got its batch refused).

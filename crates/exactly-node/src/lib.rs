@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod events;
 pub mod executor;
 pub mod faults;
+pub mod group;
 pub mod hooks;
 pub mod http;
 pub mod internal;

@@ -52,6 +52,12 @@ pub enum ProposeError {
     /// the new one may still commit it.
     #[error("leader {0} stopped answering with the write in flight and another leader was elected; the outcome is unknown and it may still commit")]
     LeaderChanged(u64),
+    /// This node is overloaded and refused the write before proposing it.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The state machine answered with a response of another kind (a bug).
+    #[error("unexpected response from the state machine: {0}")]
+    Unexpected(String),
     /// This node left (or was removed from) the cluster; it proposes nothing any more.
     #[error(
         "node {0} is no longer a member of the cluster; nothing was proposed (use another node)"
@@ -104,6 +110,8 @@ pub struct NodeInner {
     pub departure: Arc<crate::membership::Departure>,
     /// What the executor has in hand, for a stopping node (see `Node::drain_and_leave`).
     pub work_in_hand: WorkInHand,
+    /// Groups client Submits into few log entries (see `group.rs`); set once at start.
+    pub submitter: std::sync::OnceLock<crate::group::Submitter>,
     /// The leader's read index learned once after start: this node is ready only once it has
     /// applied that far (`u64::MAX`: not learned yet). See `http::not_ready`.
     pub ready_index: std::sync::atomic::AtomicU64,

@@ -245,7 +245,11 @@ pub async fn start_with(
         departure,
         work_in_hand: Default::default(),
         ready_index: u64::MAX.into(),
+        submitter: Default::default(),
     }));
+    let _ = node
+        .submitter
+        .set(crate::group::Submitter::start(node.clone()));
     tracing::info!(node = id, incarnation, %addr, "node starting");
 
     let (executor, _) = Actor::spawn(

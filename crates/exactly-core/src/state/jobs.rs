@@ -8,7 +8,10 @@ use sha2::{Digest, Sha256};
 use super::{JobTable, KeyRecord};
 use crate::command::{DeadFilter, Effect, NewJob, QueuePatch, Rejection, Submitted};
 use crate::job::{AttemptEnd, Job, JobStatus};
-use crate::limits::{CANCEL_BATCH_MAX, DEAD_BATCH_MAX, QUEUES_MAX, SUBMIT_BATCH_JOBS_MAX};
+use crate::limits::{
+    CANCEL_BATCH_MAX, DEAD_BATCH_MAX, QUEUES_MAX, SUBMIT_BATCH_JOBS_MAX, SUBMIT_GROUPS_MAX,
+    SUBMIT_GROUP_JOBS_MAX,
+};
 use crate::queue::QueueConfig;
 use crate::JobId;
 
@@ -46,6 +49,30 @@ impl JobTable {
         }
         jobs.into_iter()
             .map(|new| self.submit_one(new, None, effects))
+            .collect()
+    }
+
+    /// Several Submits in one entry: each group all or nothing on its own, in order. A command
+    /// over the limits refuses every job of it (`BatchTooLarge`), creating nothing.
+    pub(super) fn submit_groups(
+        &mut self,
+        groups: Vec<Vec<NewJob>>,
+        effects: &mut Vec<Effect>,
+    ) -> Vec<Vec<Result<Submitted, Rejection>>> {
+        let total: usize = groups.iter().map(Vec::len).sum();
+        if total > SUBMIT_GROUP_JOBS_MAX || groups.len() > SUBMIT_GROUPS_MAX {
+            let err = Rejection::BatchTooLarge {
+                got: total,
+                max: SUBMIT_GROUP_JOBS_MAX,
+            };
+            return groups
+                .iter()
+                .map(|g| g.iter().map(|_| Err(err.clone())).collect())
+                .collect();
+        }
+        groups
+            .into_iter()
+            .map(|group| self.submit(group, effects))
             .collect()
     }
 

@@ -59,27 +59,45 @@ impl Jobs for JobsService {
                 "{live} jobs are pending or running; limits.jobs-live-max is {max}"
             )));
         }
-        let (response, index) = self.node.propose_for_client(Command::Submit(jobs)).await?;
-        match response {
-            CoreResponse::Submitted(results) => {
-                // The batch is all or nothing: report the refusal that caused it.
-                let refused = results.iter().enumerate().find_map(|(i, r)| match r {
-                    Err(Rejection::BatchRejected) | Ok(_) => None,
-                    Err(why) => Some((i, why.clone())),
-                });
-                if let Some((i, why)) = refused {
-                    return Err(status_of(&format!("jobs[{i}]"), &why));
-                }
-                let mut reply = pb::SubmitResponse::default();
-                for (i, r) in results.into_iter().enumerate() {
-                    let submitted = r.map_err(|why| status_of(&format!("jobs[{i}]"), &why))?;
-                    reply.job_ids.push(submitted.id);
-                    reply.existing.push(submitted.existing);
-                }
-                Ok(stamped(Response::new(reply), index))
+        let submitter = self
+            .node
+            .submitter
+            .get()
+            .ok_or_else(|| Status::unavailable("node is starting; nothing was proposed"))?;
+        let (results, index) = match submitter.submit(jobs).await {
+            Ok(outcome) => outcome?,
+            Err(
+                refused @ (crate::group::Refused::Full { .. }
+                | crate::group::Refused::Overloaded { .. }),
+            ) => {
+                let mut status = Status::resource_exhausted(refused.to_string());
+                status.metadata_mut().insert(
+                    "retry-after-ms",
+                    tonic::metadata::MetadataValue::from(
+                        crate::group::RETRY_AFTER.as_millis() as u64
+                    ),
+                );
+                return Err(status);
             }
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+            Err(refused @ crate::group::Refused::Closed) => {
+                return Err(Status::unavailable(refused.to_string()))
+            }
+        };
+        // The batch is all or nothing: report the refusal that caused it.
+        let refused = results.iter().enumerate().find_map(|(i, r)| match r {
+            Err(Rejection::BatchRejected) | Ok(_) => None,
+            Err(why) => Some((i, why.clone())),
+        });
+        if let Some((i, why)) = refused {
+            return Err(status_of(&format!("jobs[{i}]"), &why));
         }
+        let mut reply = pb::SubmitResponse::default();
+        for (i, r) in results.into_iter().enumerate() {
+            let submitted = r.map_err(|why| status_of(&format!("jobs[{i}]"), &why))?;
+            reply.job_ids.push(submitted.id);
+            reply.existing.push(submitted.existing);
+        }
+        Ok(stamped(Response::new(reply), index))
     }
 
     async fn get(

@@ -1,0 +1,230 @@
+//! Group commit of client Submits: every Submit this node takes waits in one bounded queue, and
+//! a single task proposes what has queued as one `Command::SubmitGroups` entry (one Raft commit,
+//! one fsync on a quorum, for many requests), with at most [`GROUPS_IN_FLIGHT_MAX`] entries in
+//! flight. Nothing waits on a timer: an idle node proposes a lone request at once; under load,
+//! requests gather while earlier entries commit, so batching grows with the load. Each request
+//! keeps its own all-or-nothing answer (apply treats each group as its own Submit).
+//!
+//! **Admission control:** the queue is bounded in requests and in payload bytes; past either
+//! bound a Submit is refused at once with `RESOURCE_EXHAUSTED` and a `retry-after-ms` hint,
+//! having proposed nothing, instead of waiting into a timeout with an unknown outcome.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_core::limits::{SUBMIT_GROUPS_MAX, SUBMIT_GROUP_JOBS_MAX};
+use exactly_core::{Command, NewJob, Rejection, Response, Submitted};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::node::{Node, ProposeError, WRITE_APPLY_WAIT_MAX};
+
+/// Submit requests waiting to be proposed on one node, at most.
+pub const SUBMIT_QUEUE_REQUESTS_MAX: usize = 8_192;
+/// Payload bytes waiting to be proposed on one node, at most.
+pub const SUBMIT_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// SubmitGroups entries one node has in flight at once.
+pub const GROUPS_IN_FLIGHT_MAX: usize = 4;
+/// Payload bytes one SubmitGroups entry carries, at most (a lone larger request goes alone).
+pub const GROUP_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// The retry hint a refused Submit carries.
+pub const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Admission by queueing delay: while the requests this node last took from its queue had
+/// waited longer than this, new Submits are refused at once (the queue is not draining as fast
+/// as it fills: more would only wait into their callers' timeouts).
+pub const ADMIT_QUEUE_DELAY_MAX: Duration = Duration::from_millis(200);
+/// A request that waited this long in the queue is refused when its turn comes, unproposed.
+pub const QUEUE_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// What one Submit gets back: its jobs' results and the entry's log index.
+pub type Outcome = Result<(Vec<Result<Submitted, Rejection>>, u64), ProposeError>;
+
+struct Request {
+    jobs: Vec<NewJob>,
+    bytes: usize,
+    queued_at: tokio::time::Instant,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// Why a Submit was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error(
+        "node {node} has {waiting} submit requests ({bytes} payload bytes) waiting to commit, its \
+         limit: nothing was proposed; retry after {RETRY_AFTER:?}, or at another node"
+    )]
+    Full {
+        node: u64,
+        waiting: usize,
+        bytes: usize,
+    },
+    #[error(
+        "node {node} is overloaded: submits wait {delay_ms} ms in its queue (limit \
+         {ADMIT_QUEUE_DELAY_MAX:?}): nothing was proposed; retry after {RETRY_AFTER:?}, or at \
+         another node"
+    )]
+    Overloaded { node: u64, delay_ms: u64 },
+    #[error("node is shutting down; nothing was proposed")]
+    Closed,
+}
+
+/// The handle the API uses: cheap to clone.
+#[derive(Clone)]
+pub struct Submitter {
+    tx: mpsc::Sender<Request>,
+    bytes: Arc<AtomicUsize>,
+    /// How long the requests last taken from the queue had waited, in milliseconds.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    node_id: u64,
+}
+
+impl Submitter {
+    /// Starts the grouping task for `node`.
+    pub fn start(node: Node) -> Self {
+        let (tx, rx) = mpsc::channel(SUBMIT_QUEUE_REQUESTS_MAX);
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(run(node.clone(), rx, bytes.clone(), delay_ms.clone()));
+        Self {
+            tx,
+            bytes,
+            delay_ms,
+            node_id: node.id,
+        }
+    }
+
+    /// Queues a Submit and waits for its answer. Refused at once when the queue is full.
+    pub async fn submit(&self, jobs: Vec<NewJob>) -> Result<Outcome, Refused> {
+        let waiting = SUBMIT_QUEUE_REQUESTS_MAX - self.tx.capacity();
+        let delay_ms = self.delay_ms.load(Ordering::Acquire);
+        if waiting > 0 && delay_ms > ADMIT_QUEUE_DELAY_MAX.as_millis() as u64 {
+            return Err(Refused::Overloaded {
+                node: self.node_id,
+                delay_ms,
+            });
+        }
+        let bytes: usize = jobs.iter().map(|j| j.payload.len()).sum();
+        let queued = self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        if queued > 0 && queued + bytes > SUBMIT_QUEUE_BYTES_MAX {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(self.full(queued));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            jobs,
+            bytes,
+            queued_at: tokio::time::Instant::now(),
+            reply,
+        };
+        if let Err(e) = self.tx.try_send(request) {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => self.full(queued),
+                mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+            });
+        }
+        answer.await.map_err(|_| Refused::Closed)
+    }
+
+    fn full(&self, bytes: usize) -> Refused {
+        Refused::Full {
+            node: self.node_id,
+            waiting: SUBMIT_QUEUE_REQUESTS_MAX - self.tx.capacity(),
+            bytes,
+        }
+    }
+}
+
+/// Takes the next group from the queue: everything waiting, up to the entry's limits. Returns
+/// `None` once the queue is closed and empty.
+async fn next_group(
+    rx: &mut mpsc::Receiver<Request>,
+    carry: &mut Option<Request>,
+) -> Option<Vec<Request>> {
+    let first = match carry.take() {
+        Some(r) => r,
+        None => rx.recv().await?,
+    };
+    let mut jobs = first.jobs.len();
+    let mut bytes = first.bytes;
+    let mut group = vec![first];
+    while group.len() < SUBMIT_GROUPS_MAX {
+        let Ok(next) = rx.try_recv() else { break };
+        if jobs + next.jobs.len() > SUBMIT_GROUP_JOBS_MAX || bytes + next.bytes > GROUP_BYTES_MAX {
+            *carry = Some(next);
+            break;
+        }
+        jobs += next.jobs.len();
+        bytes += next.bytes;
+        group.push(next);
+    }
+    Some(group)
+}
+
+async fn run(
+    node: Node,
+    mut rx: mpsc::Receiver<Request>,
+    queued: Arc<AtomicUsize>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let permits = Arc::new(Semaphore::new(GROUPS_IN_FLIGHT_MAX));
+    let mut carry = None;
+    loop {
+        // A permit first: requests keep gathering while every slot is busy.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let group = tokio::select! {
+            group = next_group(&mut rx, &mut carry) => group,
+            () = node.shutdown.cancelled() => None,
+        };
+        let Some(group) = group else { return };
+        let bytes: usize = group.iter().map(|r| r.bytes).sum();
+        queued.fetch_sub(bytes, Ordering::AcqRel);
+        let waited = group
+            .first()
+            .map_or(Duration::ZERO, |r| r.queued_at.elapsed());
+        delay_ms.store(waited.as_millis() as u64, Ordering::Release);
+        // Requests that waited past their callers' patience are refused, unproposed.
+        let (group, stale): (Vec<Request>, Vec<Request>) = group
+            .into_iter()
+            .partition(|r| r.queued_at.elapsed() < QUEUE_WAIT_MAX);
+        for r in stale {
+            let _ = r.reply.send(Err(ProposeError::Overloaded(format!(
+                "the submit waited {:?} in node {}'s queue (limit {QUEUE_WAIT_MAX:?}); nothing \
+                 was proposed; retry after {RETRY_AFTER:?}, or at another node",
+                r.queued_at.elapsed(),
+                node.id
+            ))));
+        }
+        if group.is_empty() {
+            continue;
+        }
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (jobs, replies): (Vec<Vec<NewJob>>, Vec<oneshot::Sender<Outcome>>) =
+                group.into_iter().map(|r| (r.jobs, r.reply)).unzip();
+            match node.propose_at(Command::SubmitGroups(jobs)).await {
+                Ok((Response::SubmittedGroups(results), index)) => {
+                    // Read-your-writes on this node (see `Node::propose_for_client`).
+                    node.await_applied(index, WRITE_APPLY_WAIT_MAX).await;
+                    for (reply, results) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok((results, index)));
+                    }
+                }
+                Ok((other, _)) => {
+                    let e = ProposeError::Unexpected(format!("{other:?}"));
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,120 @@
+//! Overload: far more one-job Submits at once than the cluster commits per second (in-process
+//! 3-node cluster over loopback gRPC). The nodes group the submits into few log entries and
+//! refuse what they cannot take at once; the leader never changes, every answer is an
+//! acknowledgement or a refusal that provably committed nothing (RESOURCE_EXHAUSTED with a
+//! retry hint, or UNAVAILABLE), and every acknowledged job completes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use exactly_proto::v1 as pb;
+use exactly_tests::{wait_for, TestCluster};
+
+/// 1,000 clients each submitting one job per request as fast as answers come, for 8 seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_overload_of_one_job_submits_changes_no_leader_and_refuses_cleanly() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start(3, |c| c.slots = 1024).await?;
+    let terms: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.node.raft.metrics().borrow().current_term)
+        .collect();
+    let leader = cluster.nodes[0].node.leader().map(|(l, _)| l);
+    let endpoints = cluster.endpoints();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let refused = Arc::new(AtomicU64::new(0));
+    let hinted = Arc::new(AtomicU64::new(0));
+    let other = Arc::new(Mutex::new(Vec::<String>::new()));
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut tasks = Vec::new();
+    for i in 0..1_000usize {
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        let (acked, refused, hinted, other) = (
+            acked.clone(),
+            refused.clone(),
+            hinted.clone(),
+            other.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut client) = pb::jobs_client::JobsClient::connect(endpoint).await else {
+                return;
+            };
+            while tokio::time::Instant::now() < until {
+                let mut request = tonic::Request::new(pb::SubmitRequest {
+                    jobs: vec![pb::JobSpec {
+                        kind: "noop".into(),
+                        ..Default::default()
+                    }],
+                });
+                request.set_timeout(Duration::from_secs(60));
+                match client.submit(request).await {
+                    Ok(reply) => acked.lock().unwrap().extend(reply.into_inner().job_ids),
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        if s.metadata().get("retry-after-ms").is_some() {
+                            hinted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(s) if s.code() == tonic::Code::Unavailable => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(s) => {
+                        other
+                            .lock()
+                            .unwrap()
+                            .push(format!("{:?}: {}", s.code(), s.message()))
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let other = other.lock().unwrap().clone();
+    let (refused, hinted) = (
+        refused.load(Ordering::Relaxed),
+        hinted.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "{} acknowledged, {refused} refused ({hinted} with a retry hint), {} other answers",
+        acked.len(),
+        other.len()
+    );
+    assert!(
+        other.is_empty(),
+        "answers neither acknowledged nor refused: {:?}",
+        &other[..other.len().min(5)]
+    );
+    assert!(
+        acked.len() > 1_000,
+        "too few jobs acknowledged: {}",
+        acked.len()
+    );
+    for (node, before) in cluster.nodes.iter().zip(&terms) {
+        assert_eq!(
+            node.node.raft.metrics().borrow().current_term,
+            *before,
+            "the overload changed the term on node {}",
+            node.id()
+        );
+    }
+    assert_eq!(cluster.nodes[0].node.leader().map(|(l, _)| l), leader);
+    let node = &cluster.nodes[0].node;
+    wait_for(Duration::from_secs(120), || {
+        node.read(|t| {
+            acked.iter().all(|id| {
+                t.job(*id)
+                    .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
+            })
+        })
+    })
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}
