@@ -49,9 +49,9 @@ pub struct BenchArgs {
     /// How many jobs to submit.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=BENCH_JOBS_MAX))]
     pub jobs: u64,
-    /// Jobs per Submit request (at most 1000).
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=exactly_client::SUBMIT_JOBS_MAX as i64))]
-    pub batch: u32,
+    /// Jobs per Submit request (at most 1000; default 100, or 1 with --rate).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=exactly_client::SUBMIT_JOBS_MAX as i64))]
+    pub batch: Option<u32>,
     /// Submit requests in flight at once.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=i64::from(BENCH_CONCURRENCY_MAX)))]
     pub concurrency: u32,
@@ -67,6 +67,28 @@ pub struct BenchArgs {
     /// How many submitted jobs to read back for the completion latency (0 skips it).
     #[arg(long, value_name = "N", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(0..=i64::from(BENCH_SAMPLE_MAX)))]
     pub sample: u32,
+    /// Open loop: send this many requests per second whatever the cluster answers (one job
+    /// each unless --batch), for --duration, and report every answer per second and each job's
+    /// submit-to-end latency from a Watch stream. Without it: closed loop (--jobs, --concurrency).
+    #[arg(long, value_name = "REQUESTS_PER_S", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate: Option<u32>,
+    /// Open loop: how long to offer the load.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
+    pub duration: Duration,
+    /// Open loop: connections the requests are spread over (each its own client).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub connections: u32,
+    /// Open loop: how long to wait after the last request for acknowledged jobs to finish.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
+    pub drain: Duration,
+}
+
+impl BenchArgs {
+    /// Jobs per request: as given, else 100 in a closed loop and 1 in an open loop.
+    pub fn jobs_per_request(&self) -> u32 {
+        self.batch
+            .unwrap_or(if self.rate.is_some() { 1 } else { 100 })
+    }
 }
 
 /// p50, p99 and max of a histogram.
@@ -250,17 +272,20 @@ async fn run_phases(
     let deadline = started + args.timeout;
 
     // Submit: `concurrency` requests in flight, each timed on its own.
-    let mut submits = futures::stream::iter(chunk_sizes(args.jobs as usize, args.batch as usize))
-        .map(|size| {
-            let client = client.clone();
-            let jobs = vec![spec.clone(); size];
-            async move {
-                let sent = Instant::now();
-                let result = client.submit(jobs).await;
-                (size, sent.elapsed(), result)
-            }
-        })
-        .buffer_unordered(args.concurrency as usize);
+    let mut submits = futures::stream::iter(chunk_sizes(
+        args.jobs as usize,
+        args.jobs_per_request() as usize,
+    ))
+    .map(|size| {
+        let client = client.clone();
+        let jobs = vec![spec.clone(); size];
+        async move {
+            let sent = Instant::now();
+            let result = client.submit(jobs).await;
+            (size, sent.elapsed(), result)
+        }
+    })
+    .buffer_unordered(args.concurrency as usize);
     loop {
         let next = match tokio::time::timeout_at(deadline, submits.next()).await {
             Ok(next) => next,
@@ -356,7 +381,7 @@ async fn run_phases(
     Ok(Report {
         jobs: args.jobs,
         acknowledged,
-        batch: args.batch,
+        batch: args.jobs_per_request(),
         concurrency: args.concurrency,
         kind: args.kind.clone(),
         payload_bytes: args.payload_bytes,
@@ -450,6 +475,24 @@ pub fn render(r: &Report) -> String {
 
 /// Runs `exactly bench`. Exits with an error after printing the report if any submit failed.
 pub async fn run(client: &Client, args: &BenchArgs, json: bool) -> anyhow::Result<()> {
+    if let Some(rate) = args.rate {
+        let plan = crate::bench_open::OpenLoop {
+            rate,
+            duration: args.duration,
+            connections: args.connections,
+            jobs_per_request: args.jobs_per_request(),
+            kind: args.kind.clone(),
+            payload_bytes: args.payload_bytes,
+            drain: args.drain,
+        };
+        let report = crate::bench_open::measure(client, &plan).await?;
+        if json {
+            emit_json(&report)?;
+        } else {
+            emit(&crate::bench_open::render(&report))?;
+        }
+        return Ok(());
+    }
     let show_progress = !json && std::io::stderr().is_terminal();
     let report = measure(client, args, show_progress).await?;
     if json {

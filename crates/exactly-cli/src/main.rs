@@ -3,6 +3,7 @@
 //! what kind of failure it was (see [`exit_code`]).
 
 mod bench;
+mod bench_open;
 mod cancel;
 mod cluster;
 mod cron;
@@ -374,14 +375,26 @@ mod tests {
             cli.command,
             Command::Bench(BenchArgs {
                 jobs: 10_000,
-                batch: 100,
+                batch: None,
                 concurrency: 8,
                 kind: "noop".into(),
                 payload_bytes: 0,
                 timeout: Duration::from_secs(300),
                 sample: 2_000,
+                rate: None,
+                duration: Duration::from_secs(30),
+                connections: 4,
+                drain: Duration::from_secs(30),
             })
         );
+        let Command::Bench(closed) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(closed.jobs_per_request(), 100);
+        let Command::Bench(open) = parse(&["bench", "--rate", "500"]).unwrap().command else {
+            panic!("bench")
+        };
+        assert_eq!((open.rate, open.jobs_per_request()), (Some(500), 1));
     }
 
     /// The cluster subcommands parse their node ids, deadlines and flags; drain defaults to a
