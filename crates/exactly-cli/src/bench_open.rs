@@ -114,8 +114,10 @@ pub fn classify(code: Code, unknown_outcome: bool) -> Answer {
 pub async fn measure(client: &Client, plan: &OpenLoop) -> anyhow::Result<OpenReport> {
     let endpoints = client.endpoints();
     // One try per request: a retry would hide the answer the cluster gave.
+    // The run bounds what it has in flight itself (`OPEN_IN_FLIGHT_MAX`, counted as not sent).
     let options = ClientOptions {
         retry_attempts_max: 1,
+        in_flight_max: OPEN_IN_FLIGHT_MAX as u32,
         ..client.options().clone()
     };
     let mut clients = Vec::new();

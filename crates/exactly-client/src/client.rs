@@ -20,7 +20,7 @@ use exactly_proto::v1::{
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
-use crate::retry::{backoff_delay_ms, decide, may_retry, CallKind, Class, Decision, Failure};
+use crate::retry::{decide, may_retry, retry_delay_ms, CallKind, Class, Decision, Failure};
 use crate::watch::{Watch, WatchScope};
 use crate::{ClientOptions, Error, EventPosition, Job, JobSpec, StatusResponse};
 
@@ -58,6 +58,8 @@ pub(crate) struct Inner {
     /// The largest log index any reply carried (`exactly-index`): every later read asks for at
     /// least this much (`exactly-min-index`), so it sees what this client saw, on any node.
     pub(crate) seen_index: AtomicU64,
+    /// One permit per call in flight (`ClientOptions::in_flight_max`).
+    pub(crate) in_flight: tokio::sync::Semaphore,
 }
 
 #[derive(Debug)]
@@ -181,6 +183,7 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoints: nodes,
                 preferred: AtomicUsize::new(0),
+                in_flight: tokio::sync::Semaphore::new(options.in_flight_max as usize),
                 options,
                 seen_index: AtomicU64::new(0),
             }),
@@ -529,6 +532,8 @@ impl Client {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let inner = &*self.inner;
+        // The semaphore is never closed, so acquiring only waits.
+        let _permit = inner.in_flight.acquire().await.ok();
         let options = &inner.options;
         let call_timeout = Duration::from_millis(options.call_timeout_ms);
         // tonic enforces `call_timeout` once connected and `connect_timeout` while dialling; this
@@ -582,7 +587,7 @@ impl Client {
                 Decision::Retry => {}
             }
             maybe_applied |= failure.class == Class::MaybeApplied;
-            let delay_ms = backoff_delay_ms(options, attempts - 1, rand::random::<f64>());
+            let delay_ms = retry_delay_ms(options, attempts - 1, &failure, rand::random::<f64>());
             let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             if !may_retry(options, attempts, elapsed_ms, delay_ms) {
                 if maybe_applied && kind == CallKind::IdempotentWrite {

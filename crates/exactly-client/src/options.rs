@@ -33,6 +33,10 @@ pub struct ClientOptions {
     /// cost of a round trip to the leader. Off by default: reads then see at least every write
     /// this client saw acknowledged (read-your-writes), from any node.
     pub linearizable_reads: bool,
+    /// Calls this client has in flight at once, at most; more wait for a free place (not
+    /// counted in their timeouts) instead of piling onto an overloaded cluster. Watch streams
+    /// are not counted.
+    pub in_flight_max: u32,
 }
 
 impl Default for ClientOptions {
@@ -49,6 +53,7 @@ impl Default for ClientOptions {
             keepalive_interval_ms: 5_000,
             keepalive_timeout_ms: 5_000,
             linearizable_reads: false,
+            in_flight_max: 1_024,
         }
     }
 }
@@ -68,6 +73,7 @@ impl ClientOptions {
         positive("connect-timeout-ms", self.connect_timeout_ms)?;
         positive("retry-backoff-initial-ms", self.retry_backoff_initial_ms)?;
         positive("retry-attempts-max", u64::from(self.retry_attempts_max))?;
+        positive("in-flight-max", u64::from(self.in_flight_max))?;
         positive("keepalive-interval-ms", self.keepalive_interval_ms)?;
         positive("keepalive-timeout-ms", self.keepalive_timeout_ms)?;
         if self.retry_backoff_max_ms < self.retry_backoff_initial_ms {

@@ -9,7 +9,11 @@
 //! - the server itself answered `UNAVAILABLE`. The server's contract is that it returns
 //!   `UNAVAILABLE` for a Submit only when it did not propose the batch (no leader or quorum
 //!   reachable, shutting down); once a batch is proposed, a failure must be reported with another
-//!   code (`DEADLINE_EXCEEDED`, `UNKNOWN`, ...).
+//!   code (`DEADLINE_EXCEEDED`, `UNKNOWN`, ...);
+//! - the server answered `RESOURCE_EXHAUSTED` with a `retry-after-ms` hint: it was overloaded
+//!   and refused the request before proposing anything. The next try waits at least the hint
+//!   (plus jitter, so refused clients do not come back together). A `RESOURCE_EXHAUSTED`
+//!   without the hint is a limit of the request itself (too large, a full queue) and final.
 //!
 //! Everything else that is not a final answer (the connection broke mid-call, the deadline
 //! passed, a client-side `UNAVAILABLE` from a failed keep-alive) leaves the outcome unknown.
@@ -65,7 +69,14 @@ pub(crate) struct Failure {
     pub class: Class,
     pub code: Code,
     pub message: String,
+    /// The server's `retry-after-ms` hint on an overload refusal.
+    pub retry_after_ms: Option<u64>,
 }
+
+/// Response metadata of an overload refusal: how long to wait before trying again.
+pub const RETRY_AFTER_HEADER: &str = "retry-after-ms";
+/// The longest server retry hint the client honours, in milliseconds (a larger one is capped).
+pub const RETRY_AFTER_MS_MAX: u64 = 10_000;
 
 impl Failure {
     /// Classifies a status returned by tonic: see the module documentation for the rules.
@@ -74,8 +85,14 @@ impl Failure {
         // A status tonic made from a local error keeps that error as its source; a status decoded
         // from the server's trailers has none.
         let Some(source) = StdError::source(status) else {
+            let retry_after_ms = (status.code() == Code::ResourceExhausted)
+                .then(|| status.metadata().get(RETRY_AFTER_HEADER))
+                .flatten()
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .map(|ms| ms.min(RETRY_AFTER_MS_MAX));
             let class = match status.code() {
                 Code::Unavailable => Class::NotApplied,
+                Code::ResourceExhausted if retry_after_ms.is_some() => Class::NotApplied,
                 // The server gave up waiting (or failed) after it may have proposed the request.
                 Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => Class::MaybeApplied,
                 _ => Class::Final,
@@ -84,6 +101,7 @@ impl Failure {
                 class,
                 code: status.code(),
                 message,
+                retry_after_ms,
             };
         };
         let mut code = status.code();
@@ -111,6 +129,7 @@ impl Failure {
             class,
             code,
             message,
+            retry_after_ms: None,
         }
     }
 
@@ -120,6 +139,7 @@ impl Failure {
             class: Class::MaybeApplied,
             code: Code::DeadlineExceeded,
             message: format!("no answer within {after_ms} ms"),
+            retry_after_ms: None,
         }
     }
 }
@@ -149,6 +169,21 @@ pub(crate) fn backoff_delay_ms(options: &ClientOptions, retry: u32, jitter: f64)
     let varying = exponential - fixed;
     // The product is at most `varying`, so the cast back cannot overflow.
     fixed + (varying as f64 * jitter) as u64
+}
+
+/// The delay before retry number `retry` after `failure`: the backoff, or the server's retry
+/// hint plus up to as much again of jitter when that is longer.
+pub(crate) fn retry_delay_ms(
+    options: &ClientOptions,
+    retry: u32,
+    failure: &Failure,
+    jitter: f64,
+) -> u64 {
+    let backoff = backoff_delay_ms(options, retry, jitter);
+    match failure.retry_after_ms {
+        Some(hint) => backoff.max(hint + (hint as f64 * jitter.clamp(0.0, 1.0)) as u64),
+        None => backoff,
+    }
 }
 
 /// Whether another try may start: `attempts` tries have been made, `elapsed_ms` have passed since
@@ -310,6 +345,38 @@ mod tests {
                 Decision::Retry
             );
         }
+    }
+
+    /// An overload refusal (RESOURCE_EXHAUSTED with a retry hint) proposed nothing: every call
+    /// retries it, after at least the hint; without the hint the code is a final limit.
+    #[test]
+    fn overload_refusal_with_a_hint_is_not_applied() {
+        let mut status = Status::resource_exhausted("node 1 is overloaded");
+        status
+            .metadata_mut()
+            .insert(RETRY_AFTER_HEADER, "100".parse().unwrap());
+        let failure = Failure::from_status(&status);
+        assert_eq!(failure.class, Class::NotApplied);
+        assert_eq!(failure.retry_after_ms, Some(100));
+        assert_eq!(decide(failure.class, CallKind::Write), Decision::Retry);
+        let options = ClientOptions::default();
+        assert_eq!(retry_delay_ms(&options, 0, &failure, 0.0), 100);
+        assert_eq!(retry_delay_ms(&options, 0, &failure, 1.0), 200);
+        // A backoff already longer than the hint wins.
+        assert_eq!(retry_delay_ms(&options, 10, &failure, 0.0), 500);
+        // An absurd hint is capped.
+        status
+            .metadata_mut()
+            .insert(RETRY_AFTER_HEADER, "999999999".parse().unwrap());
+        assert_eq!(
+            Failure::from_status(&status).retry_after_ms,
+            Some(RETRY_AFTER_MS_MAX)
+        );
+        // A garbled hint is no hint.
+        status
+            .metadata_mut()
+            .insert(RETRY_AFTER_HEADER, "soon".parse().unwrap());
+        assert_eq!(Failure::from_status(&status).class, Class::Final);
     }
 
     /// Bad input, limits and missing jobs are final answers, returned at once for every call.

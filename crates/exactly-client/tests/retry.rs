@@ -35,6 +35,9 @@ enum Behavior {
     ApplyThenFail(Code),
     /// Apply the request, then answer only after this long (past the client's deadline).
     ApplyThenSleep(Duration),
+    /// Refuse the first `n` calls as overloaded (RESOURCE_EXHAUSTED with a `retry-after-ms`
+    /// hint of `ms`), applying nothing; apply the ones after.
+    Overloaded { n: u32, ms: u64 },
 }
 
 /// What the whole fake cluster has committed.
@@ -81,10 +84,20 @@ struct FakeNode {
 impl FakeNode {
     /// Applies `apply` (unless the behaviour refuses first) and answers as scripted.
     async fn answer<T>(&self, apply: impl FnOnce(&mut Store) -> T) -> Result<Response<T>, Status> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
         let scripted = |code| Status::new(code, format!("scripted by node {}", self.node_id));
         match self.behavior {
             Behavior::Fail(code) => Err(scripted(code)),
+            Behavior::Overloaded { n, ms } if call < n => {
+                let mut status = scripted(Code::ResourceExhausted);
+                status
+                    .metadata_mut()
+                    .insert("retry-after-ms", ms.to_string().parse().unwrap());
+                Err(status)
+            }
+            Behavior::Overloaded { .. } => {
+                Ok(Response::new(apply(&mut self.store.lock().unwrap())))
+            }
             Behavior::Ok => Ok(Response::new(apply(&mut self.store.lock().unwrap()))),
             Behavior::ApplyThenFail(code) => {
                 apply(&mut self.store.lock().unwrap());
@@ -311,6 +324,65 @@ async fn submit_retries_after_server_unavailable() {
     // The endpoint that answered is preferred by the next call.
     client.status().await.unwrap();
     assert_eq!(a.calls.load(Ordering::SeqCst), 1);
+}
+
+/// An overloaded node's refusal (RESOURCE_EXHAUSTED with a retry hint) is retried, after at
+/// least the hint each time, and the job is created once; without the hint the same code is a
+/// final answer.
+#[tokio::test]
+async fn submit_waits_out_an_overload_refusal() {
+    let (endpoint, node) = fake(1, Behavior::Overloaded { n: 2, ms: 60 }).await;
+    let client = Client::connect_with(vec![endpoint], quick()).unwrap();
+    let started = Instant::now();
+    assert_eq!(client.submit_one(noop()).await.unwrap(), 1);
+    assert!(
+        started.elapsed() >= Duration::from_millis(120),
+        "two refusals with a 60 ms hint were retried after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(node.calls.load(Ordering::SeqCst), 3);
+    let (plain, node) = fake(2, Behavior::Fail(Code::ResourceExhausted)).await;
+    let client = Client::connect_with(vec![plain], quick()).unwrap();
+    let err = client.submit_one(noop()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Status {
+                code: Code::ResourceExhausted,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(node.calls.load(Ordering::SeqCst), 1);
+}
+
+/// A client never has more than `in_flight_max` calls in flight: the rest wait their turn.
+#[tokio::test]
+async fn calls_in_flight_are_bounded() {
+    let (endpoint, node) = fake(1, Behavior::ApplyThenSleep(Duration::from_millis(100))).await;
+    let options = ClientOptions {
+        in_flight_max: 2,
+        ..quick()
+    };
+    let client = Client::connect_with(vec![endpoint], options).unwrap();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.status().await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // Six 100 ms calls two at a time take three rounds.
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(node.calls.load(Ordering::SeqCst), 6);
 }
 
 /// Every job without a key is sent with its own v4 UUID; a key the caller set is sent as it is;
