@@ -61,6 +61,8 @@ pub struct Network {
     pub faults: Option<FaultsHandle>,
     /// Marked when a peer refuses this node's vote request because it was removed.
     pub departure: Arc<Departure>,
+    /// When each peer last answered a Raft message of this node's.
+    pub answers: Arc<Answers>,
 }
 
 pub struct Connection {
@@ -69,6 +71,57 @@ pub struct Connection {
     client: Result<InternalClient<Channel>, String>,
     faults: Option<FaultsHandle>,
     departure: Arc<Departure>,
+    answers: Arc<Answers>,
+}
+
+/// When each peer last answered one of this node's Raft messages (a heartbeat, an append, a
+/// vote), on the monotonic clock. A leader sends every member a heartbeat each
+/// `raft.heartbeat-interval`, so a member that has not answered for a few intervals is dead,
+/// frozen or cut off: the scheduler gives it no new work (its lease, not this, decides when its
+/// running jobs are taken back). A scheduling hint only: nothing safety-related depends on it.
+#[derive(Default)]
+pub struct Answers {
+    last: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+}
+
+impl Answers {
+    pub fn record(&self, peer: u64, at: std::time::Instant) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = last.entry(peer).or_insert(at);
+        *entry = (*entry).max(at);
+    }
+
+    /// The peers among `members` (other than `me`) that have not answered within `within`
+    /// before `now`, never answered included.
+    pub fn silent(
+        &self,
+        me: u64,
+        members: &std::collections::BTreeSet<u64>,
+        now: std::time::Instant,
+        within: std::time::Duration,
+    ) -> std::collections::BTreeSet<u64> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        silent(&last, me, members, now, within)
+    }
+}
+
+/// Pure rule behind [`Answers::silent`].
+fn silent(
+    last: &std::collections::HashMap<u64, std::time::Instant>,
+    me: u64,
+    members: &std::collections::BTreeSet<u64>,
+    now: std::time::Instant,
+    within: std::time::Duration,
+) -> std::collections::BTreeSet<u64> {
+    members
+        .iter()
+        .copied()
+        .filter(|&m| m != me)
+        .filter(|m| {
+            last.get(m)
+                .is_none_or(|&at| now.saturating_duration_since(at) > within)
+        })
+        .collect()
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -83,6 +136,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .map_err(|e| format!("bad address {:?}: {e}", node.addr)),
             faults: self.faults.clone(),
             departure: self.departure.clone(),
+            answers: self.answers.clone(),
         }
     }
 }
@@ -153,6 +207,8 @@ impl Connection {
         {
             return Err(unreachable_err(LOST));
         }
+        self.answers
+            .record(self.target, std::time::Instant::now());
         let decoded: Result<T, RaftError<u64, E>> = codec::decode(&reply.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -243,5 +299,46 @@ impl RaftNetwork<TypeConfig> for Connection {
             codec::decode(&reply.into_inner().data)
                 .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+    use std::time::{Duration, Instant};
+
+    /// Silent: members other than this node that never answered or not within the window.
+    #[test]
+    fn silent_peers_are_those_without_a_recent_answer() {
+        let t0 = Instant::now();
+        let members: BTreeSet<u64> = [1, 2, 3, 4].into();
+        let last: HashMap<u64, Instant> = [
+            (2, t0),                              // answered just now
+            (3, t0 - Duration::from_millis(500)), // long ago
+            (9, t0),                              // not a member: ignored
+        ]
+        .into();
+        let within = Duration::from_millis(200);
+        // Node 1 is this node; node 4 never answered.
+        assert_eq!(super::silent(&last, 1, &members, t0, within), [3, 4].into());
+        // Exactly at the window's edge still counts as answered.
+        let edge = t0 + within;
+        assert_eq!(super::silent(&last, 1, &members, edge, within), [3, 4].into());
+        let past = edge + Duration::from_millis(1);
+        assert_eq!(super::silent(&last, 1, &members, past, within), [2, 3, 4].into());
+    }
+
+    /// A later answer moves the time forward; an older one recorded late never moves it back.
+    #[test]
+    fn answers_keep_the_latest_time() {
+        let answers = super::Answers::default();
+        let t0 = Instant::now();
+        answers.record(2, t0 + Duration::from_millis(300));
+        answers.record(2, t0);
+        let members: BTreeSet<u64> = [1, 2].into();
+        let at = t0 + Duration::from_millis(400);
+        assert!(answers
+            .silent(1, &members, at, Duration::from_millis(200))
+            .is_empty());
     }
 }

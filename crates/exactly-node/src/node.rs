@@ -108,6 +108,8 @@ pub struct NodeInner {
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
     /// Set once this node learns that it left or was removed (see `membership.rs`).
     pub departure: Arc<crate::membership::Departure>,
+    /// When each peer last answered this node's Raft messages (see `network::Answers`).
+    pub answers: Arc<crate::network::Answers>,
     /// What the executor has in hand, for a stopping node (see `Node::drain_and_leave`).
     pub work_in_hand: WorkInHand,
     /// Groups client Submits into few log entries (see `group.rs`); set once at start.
@@ -241,7 +243,11 @@ impl Node {
 
     /// Appends `command` on this node, which must be the leader. Waits for commit and apply.
     pub async fn write_local(&self, command: Command) -> ForwardReply {
-        if !self.quorum_fresh() {
+        // A leader elected a moment ago has not confirmed its quorum yet (the background check
+        // runs every heartbeat interval): confirm it now rather than send the write away to
+        // retry after a backoff. A leader cut off from its quorum still refuses, having
+        // proposed nothing, within `raft.election-timeout-min`.
+        if !self.quorum_fresh() && !self.confirm_quorum().await {
             return ForwardReply::NoQuorum;
         }
         let request = Request {
@@ -356,7 +362,13 @@ impl Node {
                 return Err(ProposeError::NoLeader(budget));
             }
             self.until_leader_changes(seen, backoff).await;
-            backoff = (backoff * 2).min(LEADER_RETRY_BACKOFF_MAX);
+            // A newly elected leader is tried at once and, if it is not ready yet, again soon:
+            // the backoff only grows while the leader stays the same.
+            backoff = if self.raft.metrics().borrow().current_leader != seen {
+                LEADER_RETRY_BACKOFF_MIN
+            } else {
+                (backoff * 2).min(LEADER_RETRY_BACKOFF_MAX)
+            };
         }
     }
 

@@ -27,6 +27,9 @@ use crate::node::{wall_ms, ForwardReply, Node};
 
 /// How often the scheduler looks even without a wake-up (delayed jobs become due by time alone).
 pub const SCHEDULER_TICK: Duration = Duration::from_millis(100);
+/// A member that has not answered the leader's heartbeats for this many heartbeat intervals
+/// gets no new work (see `network::Answers`).
+pub const SILENT_AFTER_HEARTBEATS: u32 = 4;
 /// Scheduler ticks between two membership rounds (drained nodes leaving, voters topped up).
 pub const MEMBERSHIP_EVERY_TICKS: u32 = 3;
 
@@ -312,13 +315,23 @@ impl SchedulerState {
             .map(|(id, _)| *id)
             .collect();
         let now = wall_ms();
+        // Members that stopped answering heartbeats (a dead or frozen node, before its lease
+        // runs out; a new leader's dead predecessor) get nothing new either.
+        let silent = self.node.answers.silent(
+            self.node.id,
+            &members,
+            std::time::Instant::now(),
+            self.node.config.raft.heartbeat_interval * SILENT_AFTER_HEARTBEATS,
+        );
         let plan = self.node.read(|table| {
             // Registered nodes that left the membership get nothing (leaving and expired ones
             // are skipped by the policy itself).
             let excluded: BTreeSet<u64> = table
                 .nodes()
                 .keys()
-                .filter(|id| !members.contains(id) || self.quiet.contains(id))
+                .filter(|id| {
+                    !members.contains(id) || self.quiet.contains(id) || silent.contains(id)
+                })
                 .copied()
                 .collect();
             plan_assignments(table, now, ASSIGN_BATCH_MAX, &excluded)

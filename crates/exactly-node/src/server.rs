@@ -200,10 +200,12 @@ pub async fn start_with(
     if state.read(|t| t.is_removed(id)) {
         departure.mark_removed();
     }
+    let answers = Arc::new(crate::network::Answers::default());
     let network = Network {
         id,
         faults: options.faults.clone(),
         departure: departure.clone(),
+        answers: answers.clone(),
     };
     let raft = Raft::new(id, raft_config, network, store.log_store(), state.clone())
         .await
@@ -243,6 +245,7 @@ pub async fn start_with(
         events: hooks.events.clone(),
         peers: Default::default(),
         departure,
+        answers,
         work_in_hand: Default::default(),
         ready_index: u64::MAX.into(),
         submitter: Default::default(),
