@@ -17,7 +17,10 @@ jobs=${JOBS:-100000}
 if ! command -v nats-server >/dev/null; then
   apt-get install -y nats-server
 fi
-cargo build --release -p exactly-node -p exactly-handlers -p exactly-cli -p exactly-peer-bench --bins
+# Two builds: the exactly binaries exactly as bench.sh builds them (the same features, so the
+# same cached artifacts), then the peer client on its own.
+cargo build --release -p exactly-peer-bench --bins
+cargo build --release -p exactly-node -p exactly-handlers -p exactly-cli --bins
 bin=${CARGO_TARGET_DIR:-target}/release
 dir=$(mktemp -d)
 pids=()

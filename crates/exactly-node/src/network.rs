@@ -207,8 +207,7 @@ impl Connection {
         {
             return Err(unreachable_err(LOST));
         }
-        self.answers
-            .record(self.target, std::time::Instant::now());
+        self.answers.record(self.target, std::time::Instant::now());
         let decoded: Result<T, RaftError<u64, E>> = codec::decode(&reply.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -323,9 +322,15 @@ mod tests {
         assert_eq!(super::silent(&last, 1, &members, t0, within), [3, 4].into());
         // Exactly at the window's edge still counts as answered.
         let edge = t0 + within;
-        assert_eq!(super::silent(&last, 1, &members, edge, within), [3, 4].into());
+        assert_eq!(
+            super::silent(&last, 1, &members, edge, within),
+            [3, 4].into()
+        );
         let past = edge + Duration::from_millis(1);
-        assert_eq!(super::silent(&last, 1, &members, past, within), [2, 3, 4].into());
+        assert_eq!(
+            super::silent(&last, 1, &members, past, within),
+            [2, 3, 4].into()
+        );
     }
 
     /// A later answer moves the time forward; an older one recorded late never moves it back.
