@@ -365,6 +365,41 @@ async fn dead_worker_jobs_move_after_the_lease_expires() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// No handler outlives its executor: stopping the executor actor (a shutdown's last step, or
+/// the actor dying) stops every attempt it runs at once, even with a `CancelAll` still queued
+/// behind the stop signal. Regression: a node shut down right after it was cut off left a
+/// 9 s handler running 3.3 s into the job's next attempt elsewhere (CI, under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handlers_never_outlive_their_executor() -> anyhow::Result<()> {
+    let cluster = Cluster::start(|_| {}).await?;
+    let leader = cluster.leader();
+    cluster
+        .submit(leader, (0..12).map(|_| hold(20_000)).collect())
+        .await?;
+    let victim = (1..=3).find(|&n| n != leader).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        cluster.runs().iter().any(|r| r.node == victim)
+    })
+    .await?;
+    cluster.node(victim).stop_executor();
+    wait_for(Duration::from_secs(2), || {
+        cluster
+            .runs()
+            .iter()
+            .filter(|r| r.node == victim)
+            .all(|r| r.end.is_some())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("handlers of a stopped executor still run: {e}"))?;
+    assert!(cluster
+        .runs()
+        .iter()
+        .filter(|r| r.node == victim)
+        .all(|r| r.cancelled));
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// How the leader is taken away in [`leader_failover_cancels_nothing_on_healthy_nodes`].
 #[derive(Clone, Copy, Debug)]
 enum LeaderLoss {

@@ -101,6 +101,20 @@ impl Actor for Executor {
         })
     }
 
+    /// No handler outlives its executor: a stop signal overtakes messages still queued (a
+    /// `CancelAll` sent just before it may never be handled), so whatever still runs is
+    /// stopped here. Found by `leases::leader_failover_cancels_nothing_on_healthy_nodes` under
+    /// CI load: a node shut down right after it was cut off left a handler running 9 s, 3.3 s
+    /// into its job's next attempt elsewhere.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ExecutorMsg>,
+        state: &mut ExecutorState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.stop_all(Stop::ShuttingDown);
+        Ok(())
+    }
+
     async fn handle(
         &self,
         myself: ActorRef<ExecutorMsg>,

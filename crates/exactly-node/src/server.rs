@@ -65,6 +65,12 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
+    /// Stops this node's executor actor and nothing else, as a crash of the actor would: every
+    /// handler it runs is stopped with it. For tests of what outlives what.
+    pub fn stop_executor(&self) {
+        self.executor.stop(None);
+    }
+
     pub fn id(&self) -> u64 {
         self.node.id
     }
