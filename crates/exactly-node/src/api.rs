@@ -53,6 +53,18 @@ pub fn status_of(context: &str, why: &Rejection) -> Status {
     }
 }
 
+/// The refusal of a node past its bounds: `RESOURCE_EXHAUSTED` with a `retry-after-ms` header
+/// (the client's sign that nothing was proposed and a retry after the hint is safe; the same code
+/// without the header is a limit of the request itself, which a retry cannot pass).
+pub(crate) fn overloaded(message: String) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    status.metadata_mut().insert(
+        "retry-after-ms",
+        tonic::metadata::MetadataValue::from(crate::group::RETRY_AFTER.as_millis() as u64),
+    );
+    status
+}
+
 impl From<ProposeError> for Status {
     fn from(e: ProposeError) -> Self {
         match e {
@@ -67,16 +79,7 @@ impl From<ProposeError> for Status {
             }
             ProposeError::Unexpected(_) => Status::internal(e.to_string()),
             // Refused before anything was proposed.
-            ProposeError::Overloaded(_) => {
-                let mut status = Status::resource_exhausted(e.to_string());
-                status.metadata_mut().insert(
-                    "retry-after-ms",
-                    tonic::metadata::MetadataValue::from(
-                        crate::group::RETRY_AFTER.as_millis() as u64
-                    ),
-                );
-                status
-            }
+            ProposeError::Overloaded(_) => overloaded(e.to_string()),
             // Nothing was proposed, and any other node can take the call: UNAVAILABLE makes a
             // client go on to its next endpoint (found by the container test: a client that
             // reached a drained node got its batch refused).

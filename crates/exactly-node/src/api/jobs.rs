@@ -69,16 +69,7 @@ impl Jobs for JobsService {
             Err(
                 refused @ (crate::group::Refused::Full { .. }
                 | crate::group::Refused::Overloaded { .. }),
-            ) => {
-                let mut status = Status::resource_exhausted(refused.to_string());
-                status.metadata_mut().insert(
-                    "retry-after-ms",
-                    tonic::metadata::MetadataValue::from(
-                        crate::group::RETRY_AFTER.as_millis() as u64
-                    ),
-                );
-                return Err(status);
-            }
+            ) => return Err(super::overloaded(refused.to_string())),
             Err(refused @ crate::group::Refused::Closed) => {
                 return Err(Status::unavailable(refused.to_string()))
             }
