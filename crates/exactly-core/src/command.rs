@@ -1,7 +1,7 @@
 //! Commands carried in the Raft log, the responses apply returns, and the effects it asks the
 //! shell to carry out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +90,19 @@ pub enum Command {
     /// all-or-nothing Submit, in order, so one bad request never refuses its neighbours'. At most
     /// [`crate::limits::SUBMIT_GROUP_JOBS_MAX`] jobs in all.
     SubmitGroups(Vec<Vec<NewJob>>),
+    /// A `SubmitGroups` that also starts attempts in the same entry (the leader's group commit):
+    /// the groups are applied exactly as `SubmitGroups`, then the scheduling policy
+    /// ([`crate::plan_assignments`]) runs on the resulting state, over every pending job, not
+    /// only the new ones, and its plan is applied as an `Assign` at this entry's index. A job
+    /// submitted to an idle cluster so starts one commit after its submit instead of two.
+    /// `excluded` is the leader's view of members that get no new work (silent, quiet, or not in
+    /// the membership), as the scheduler would use it; expired and leaving nodes are skipped by
+    /// the policy anyway. More than [`crate::limits::ASSIGN_EXCLUDED_MAX`] ids: nothing is
+    /// assigned (the groups are still applied; the scheduler assigns later).
+    SubmitAssign {
+        groups: Vec<Vec<NewJob>>,
+        excluded: BTreeSet<NodeId>,
+    },
 }
 
 /// A request to drain a node.

@@ -34,6 +34,8 @@ pub const SUBMIT_GROUP_JOBS_MAX: usize = 4096;
 pub const SUBMIT_GROUPS_MAX: usize = 1024;
 /// Assignments in one Assign command.
 pub const ASSIGN_BATCH_MAX: usize = 1024;
+/// Excluded node ids a `SubmitAssign` command may name.
+pub const ASSIGN_EXCLUDED_MAX: usize = 1024;
 /// Completions in one Complete command.
 pub const COMPLETE_BATCH_MAX: usize = 1024;
 /// Execution timeout of one attempt, at most (one day).

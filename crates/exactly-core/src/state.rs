@@ -14,10 +14,10 @@ use crate::command::{
 };
 use crate::job::{Job, JobStatus, StateCounts};
 use crate::limits::{
-    BACKOFF_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, KIND_NAME_BYTES_MAX, LABELS_MAX,
-    LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX, MAX_ATTEMPTS_MAX, NODES_LEAVING_MAX,
-    ORDERING_KEY_BYTES_MAX, PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, RUN_AT_AHEAD_MS_MAX,
-    TIMEOUT_MS_MAX,
+    ASSIGN_BATCH_MAX, ASSIGN_EXCLUDED_MAX, BACKOFF_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX,
+    KIND_NAME_BYTES_MAX, LABELS_MAX, LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX, MAX_ATTEMPTS_MAX,
+    NODES_LEAVING_MAX, ORDERING_KEY_BYTES_MAX, PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX,
+    RUN_AT_AHEAD_MS_MAX, TIMEOUT_MS_MAX,
 };
 use crate::queue::QueueConfig;
 use crate::schedule::Schedule;
@@ -405,6 +405,18 @@ impl JobTable {
             Command::NodeLeft(node) => Response::NodeLeft(self.node_left(node)),
             Command::SubmitGroups(groups) => {
                 Response::SubmittedGroups(self.submit_groups(groups, &mut effects))
+            }
+            Command::SubmitAssign { groups, excluded } => {
+                let submitted = self.submit_groups(groups, &mut effects);
+                if excluded.len() <= ASSIGN_EXCLUDED_MAX {
+                    let plan =
+                        crate::plan_assignments(self, self.now_ms, ASSIGN_BATCH_MAX, &excluded);
+                    if !plan.is_empty() {
+                        // The plan is made from this very state, so apply takes all of it.
+                        self.assign(log_index, plan, &mut effects);
+                    }
+                }
+                Response::SubmittedGroups(submitted)
             }
         };
         (response, effects)

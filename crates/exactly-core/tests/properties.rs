@@ -8,7 +8,8 @@
 //! one is refused), that no queue runs more than its concurrency limit after a start and no
 //! ordering key ever has two running jobs, that terminal jobs never change (except a dead
 //! letter by a redrive), that payloads are stored once and dropped once, and that both tables
-//! agree exactly (determinism).
+//! agree exactly (determinism). At every submit step, the leader's group commit
+//! (`SubmitAssign`) is checked to equal a `SubmitGroups` plus the policy's `Assign` at one index.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -1250,6 +1251,9 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             check_plan(plan, &model, stamp, *batch_max, excluded)?;
         }
         let before = a.clone();
+        if let Command::Submit(jobs) = &request.command {
+            check_submit_assign(&before, index, &request, jobs, n)?;
+        }
 
         let (response, effects) = a.apply(index, request.clone());
         let (response_b, effects_b) = b.apply(index, request.clone());
@@ -1469,6 +1473,72 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             );
         }
         prop_assert_eq!(a.nodes().len(), model.nodes.len());
+    }
+    Ok(())
+}
+
+/// The leader's group commit (`SubmitAssign`) is, by definition, a `SubmitGroups` followed by
+/// an `Assign` of the scheduling policy's plan on the result, both at the same log index: the
+/// same responses, effects and state, whatever state the sequence reached (ordering lines, rate
+/// and concurrency limits, paused queues, delayed jobs, expired nodes). The submit is split in
+/// two groups, and each node is excluded in turn, so every exclusion the scheduler can publish
+/// is exercised; after it, the policy finds nothing more to start.
+fn check_submit_assign(
+    before: &JobTable,
+    index: u64,
+    request: &Request,
+    jobs: &[NewJob],
+    n: usize,
+) -> Result<(), TestCaseError> {
+    let half = jobs.len() / 2;
+    let groups = vec![jobs[..half].to_vec(), jobs[half..].to_vec()];
+    for skip in 0..=REGISTRABLE + 1 {
+        let excluded: BTreeSet<NodeId> = [skip].into_iter().filter(|&id| id != 0).collect();
+        let stamped = |command| Request {
+            now_ms: request.now_ms,
+            entropy: request.entropy,
+            command,
+        };
+        let mut folded = before.clone();
+        let (response, effects) = folded.apply(
+            index,
+            stamped(Command::SubmitAssign {
+                groups: groups.clone(),
+                excluded: excluded.clone(),
+            }),
+        );
+        let mut split = before.clone();
+        let (expected, mut expected_effects) =
+            split.apply(index, stamped(Command::SubmitGroups(groups.clone())));
+        let plan = plan_assignments(&split, split.now_ms(), ASSIGN_BATCH_MAX, &excluded);
+        let planned = plan.len();
+        if !plan.is_empty() {
+            let (assigned, assign_effects) = split.apply(index, stamped(Command::Assign(plan)));
+            prop_assert!(
+                matches!(&assigned, Response::Assigned { rejected, .. } if rejected.is_empty()),
+                "step {}: the policy's own plan was refused: {:?}",
+                n,
+                assigned
+            );
+            expected_effects.extend(assign_effects);
+        }
+        prop_assert_eq!(&response, &expected, "step {}: SubmitAssign response", n);
+        prop_assert_eq!(
+            &effects,
+            &expected_effects,
+            "step {}: SubmitAssign effects",
+            n
+        );
+        prop_assert!(folded == split, "step {}: SubmitAssign state differs", n);
+        if let Err(broken) = folded.check_invariants() {
+            return Err(TestCaseError::fail(format!(
+                "step {n}: SubmitAssign: {broken}"
+            )));
+        }
+        if planned < ASSIGN_BATCH_MAX {
+            let more = plan_assignments(&folded, folded.now_ms(), ASSIGN_BATCH_MAX, &excluded);
+            prop_assert!(more.is_empty(), "step {}: left startable: {:?}", n, more);
+        }
     }
     Ok(())
 }

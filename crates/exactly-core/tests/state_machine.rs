@@ -2201,3 +2201,83 @@ fn submit_groups_are_independent_all_or_nothing_batches() {
     assert_eq!(effects, vec![]);
     assert_eq!(h.table, before);
 }
+
+/// The leader's group commit starts attempts in the submit's own entry: the groups apply as in
+/// `SubmitGroups`, then the scheduling policy runs on the result over every pending job (older
+/// ones first, whatever their entry), at this entry's index as the fencing token, skipping the
+/// excluded nodes; with too many excluded ids nothing is assigned, and the submit still applies.
+#[test]
+fn submit_assign_starts_attempts_in_the_submits_entry() {
+    let mut h = Harness::new();
+    h.apply(NOW, registration(1, 1, 2));
+    h.apply(NOW, registration(2, 1, 8));
+    // An older pending job (submitted while nothing was assigned) goes first.
+    h.apply(NOW, Command::Submit(vec![new_job("q", "noop", b"old")]));
+    let excluded: std::collections::BTreeSet<u64> = [2].into();
+    let (response, effects) = h.apply(
+        NOW + 1,
+        Command::SubmitAssign {
+            groups: vec![
+                vec![new_job("q", "noop", b"a")],
+                vec![job_with(|j| j.kind = String::new())],
+                vec![new_job("q", "noop", b"b")],
+            ],
+            excluded,
+        },
+    );
+    let Response::SubmittedGroups(groups) = response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(groups[0], vec![Ok(Submitted::new(2))]);
+    assert!(matches!(groups[1][..], [Err(Rejection::Invalid(_))]));
+    assert_eq!(groups[2], vec![Ok(Submitted::new(3))]);
+    let index = h.index;
+    let starts: Vec<(u64, u64, u64)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Start(s) => Some((s.job, s.node, s.token)),
+            _ => None,
+        })
+        .collect();
+    // Node 2 is excluded and node 1 has two slots: the two oldest jobs start there.
+    assert_eq!(starts, vec![(1, 1, index), (2, 1, index)]);
+    assert_eq!(h.job(1).status, JobStatus::Running);
+    assert_eq!(h.job(2).status, JobStatus::Running);
+    assert_eq!(h.job(3).status, JobStatus::Pending);
+    assert_eq!(h.table.counts(), &counts(1, 2, 0, 0, 0));
+
+    // Too many excluded ids: the submit applies, nothing starts.
+    let excluded: std::collections::BTreeSet<u64> =
+        (100..100 + exactly_core::limits::ASSIGN_EXCLUDED_MAX as u64 + 1).collect();
+    let (response, effects) = h.apply(
+        NOW + 2,
+        Command::SubmitAssign {
+            groups: vec![vec![new_job("q", "noop", b"c")]],
+            excluded,
+        },
+    );
+    assert_eq!(
+        response,
+        Response::SubmittedGroups(vec![vec![Ok(Submitted::new(4))]])
+    );
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Start(_))));
+    assert_eq!(h.table.counts(), &counts(2, 2, 0, 0, 0));
+
+    // With no exclusion node 2 takes the rest.
+    let (_, effects) = h.apply(
+        NOW + 3,
+        Command::SubmitAssign {
+            groups: vec![vec![new_job("q", "noop", b"d")]],
+            excluded: Default::default(),
+        },
+    );
+    let started: Vec<(u64, u64)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Start(s) => Some((s.job, s.node)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, vec![(3, 2), (4, 2), (5, 2)]);
+    assert_eq!(h.table.counts(), &counts(0, 5, 0, 0, 0));
+}

@@ -114,6 +114,9 @@ pub struct NodeInner {
     pub work_in_hand: WorkInHand,
     /// Groups client Submits into few log entries (see `group.rs`); set once at start.
     pub submitter: std::sync::OnceLock<crate::group::Submitter>,
+    /// Which members the running scheduler would give no new work (`None`: no scheduler runs
+    /// here). The leader's group commit uses it to start attempts in the submit's own entry.
+    pub assign_view: crate::scheduler::AssignView,
     /// The leader's read index learned once after start: this node is ready only once it has
     /// applied that far (`u64::MAX`: not learned yet). See `http::not_ready`.
     pub ready_index: std::sync::atomic::AtomicU64,
@@ -250,6 +253,15 @@ impl Node {
         if !self.quorum_fresh() && !self.confirm_quorum().await {
             return ForwardReply::NoQuorum;
         }
+        // Group commit folds assignment into the submit's entry while this node's scheduler
+        // runs (with its view of who gets no new work); otherwise the scheduler assigns later.
+        let command = match command {
+            Command::SubmitGroups(groups) => match self.assign_view.get() {
+                Some(excluded) => Command::SubmitAssign { groups, excluded },
+                None => Command::SubmitGroups(groups),
+            },
+            other => other,
+        };
         let request = Request {
             now_ms: wall_ms(),
             entropy: rand::random(),

@@ -33,6 +33,22 @@ pub const SILENT_AFTER_HEARTBEATS: u32 = 4;
 /// Scheduler ticks between two membership rounds (drained nodes leaving, voters topped up).
 pub const MEMBERSHIP_EVERY_TICKS: u32 = 3;
 
+/// Which members the scheduler gives no new work, as it last planned (`None`: no scheduler
+/// runs on this node). Published for the leader's group commit (`Node::write_local`), which
+/// folds the same policy into each submit's entry (`Command::SubmitAssign`).
+#[derive(Debug, Default)]
+pub struct AssignView(std::sync::Mutex<Option<BTreeSet<u64>>>);
+
+impl AssignView {
+    pub fn get(&self) -> Option<BTreeSet<u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, view: Option<BTreeSet<u64>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+}
+
 pub enum SchedulerMsg {
     Wake,
     Tick,
@@ -103,6 +119,17 @@ impl Actor for Scheduler {
             membership_busy: false,
             ticks_since_membership: 0,
         })
+    }
+
+    /// A stopped scheduler (this node no longer leads, or shuts down) withdraws its view: no
+    /// entry this node proposes from now on starts attempts by it.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SchedulerMsg>,
+        state: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.node.assign_view.set(None);
+        Ok(())
     }
 
     async fn handle(
@@ -323,7 +350,7 @@ impl SchedulerState {
             std::time::Instant::now(),
             self.node.config.raft.heartbeat_interval * SILENT_AFTER_HEARTBEATS,
         );
-        let plan = self.node.read(|table| {
+        let (plan, excluded) = self.node.read(|table| {
             // Registered nodes that left the membership get nothing (leaving and expired ones
             // are skipped by the policy itself).
             let excluded: BTreeSet<u64> = table
@@ -334,8 +361,10 @@ impl SchedulerState {
                 })
                 .copied()
                 .collect();
-            plan_assignments(table, now, ASSIGN_BATCH_MAX, &excluded)
+            let plan = plan_assignments(table, now, ASSIGN_BATCH_MAX, &excluded);
+            (plan, excluded)
         });
+        self.node.assign_view.set(Some(excluded));
         if plan.is_empty() {
             return;
         }

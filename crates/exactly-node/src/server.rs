@@ -255,6 +255,7 @@ pub async fn start_with(
         work_in_hand: Default::default(),
         ready_index: u64::MAX.into(),
         submitter: Default::default(),
+        assign_view: Default::default(),
     }));
     let _ = node
         .submitter
