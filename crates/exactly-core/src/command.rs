@@ -103,6 +103,13 @@ pub enum Command {
         groups: Vec<Vec<NewJob>>,
         excluded: BTreeSet<NodeId>,
     },
+    /// Several proposals in one entry (the leader's proposal batching: what queued while the
+    /// previous entries were appended shares one append and one fsync on a quorum). Applied in
+    /// order, each exactly as if it were its own entry at this index with this entry's clock and
+    /// entropy; each gets its own response. At most [`crate::limits::BATCH_COMMANDS_MAX`]
+    /// commands and no nested `Batch`, else nothing is applied. Two attempts of one job can
+    /// never start in one entry: the second would not have a larger token, and apply refuses it.
+    Batch(Vec<Command>),
 }
 
 /// A request to drain a node.
@@ -410,6 +417,8 @@ pub enum Response {
     NodeLeft(Result<(), Rejection>),
     /// Per group of a `SubmitGroups`, in order: what `Submitted` would have answered for it.
     SubmittedGroups(Vec<Vec<Result<Submitted, Rejection>>>),
+    /// Per command of a `Batch`, in order; or why the batch was refused whole.
+    Batch(Result<Vec<Response>, Rejection>),
 }
 
 /// Work the shell carries out after applying an entry. Apply may run again for the same entry

@@ -36,6 +36,8 @@ pub const SUBMIT_GROUPS_MAX: usize = 1024;
 pub const ASSIGN_BATCH_MAX: usize = 1024;
 /// Excluded node ids a `SubmitAssign` command may name.
 pub const ASSIGN_EXCLUDED_MAX: usize = 1024;
+/// Commands in one `Batch` entry.
+pub const BATCH_COMMANDS_MAX: usize = 256;
 /// Completions in one Complete command.
 pub const COMPLETE_BATCH_MAX: usize = 1024;
 /// Execution timeout of one attempt, at most (one day).

@@ -14,10 +14,10 @@ use crate::command::{
 };
 use crate::job::{Job, JobStatus, StateCounts};
 use crate::limits::{
-    ASSIGN_BATCH_MAX, ASSIGN_EXCLUDED_MAX, BACKOFF_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX,
-    KIND_NAME_BYTES_MAX, LABELS_MAX, LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX, MAX_ATTEMPTS_MAX,
-    NODES_LEAVING_MAX, ORDERING_KEY_BYTES_MAX, PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX,
-    RUN_AT_AHEAD_MS_MAX, TIMEOUT_MS_MAX,
+    ASSIGN_BATCH_MAX, ASSIGN_EXCLUDED_MAX, BACKOFF_MS_MAX, BATCH_COMMANDS_MAX,
+    IDEMPOTENCY_KEY_BYTES_MAX, KIND_NAME_BYTES_MAX, LABELS_MAX, LABEL_KEY_BYTES_MAX,
+    LABEL_VALUE_BYTES_MAX, MAX_ATTEMPTS_MAX, NODES_LEAVING_MAX, ORDERING_KEY_BYTES_MAX,
+    PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, RUN_AT_AHEAD_MS_MAX, TIMEOUT_MS_MAX,
 };
 use crate::queue::QueueConfig;
 use crate::schedule::Schedule;
@@ -359,67 +359,109 @@ impl JobTable {
     /// [`crate::Rejection`] in the response, and the rest of the batch is applied.
     pub fn apply(&mut self, log_index: u64, request: Request) -> (Response, Vec<Effect>) {
         self.now_ms = self.now_ms.max(request.now_ms);
-        self.promote_due();
-        let entropy = request.entropy;
         let mut effects = Vec::new();
         let response = match request.command {
-            Command::Submit(jobs) => Response::Submitted(self.submit(jobs, &mut effects)),
-            Command::Assign(assignments) => self.assign(log_index, assignments, &mut effects),
-            Command::Complete(completions) => self.complete(completions, entropy, &mut effects),
-            Command::Renew(renewal) => {
-                Response::Renewed(self.renew(log_index, renewal, &mut effects))
-            }
-            Command::Expire(lease) => Response::Expired(self.expire(lease, entropy, &mut effects)),
+            Command::Batch(commands) => Response::Batch(self.apply_batch(
+                log_index,
+                request.entropy,
+                commands,
+                &mut effects,
+            )),
+            command => self.apply_command(log_index, request.entropy, command, &mut effects),
+        };
+        (response, effects)
+    }
+
+    /// A `Batch`: every command in order, as its own entry at the same index, clock and
+    /// entropy; or nothing, if the batch is malformed.
+    fn apply_batch(
+        &mut self,
+        log_index: u64,
+        entropy: u64,
+        commands: Vec<Command>,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Vec<Response>, Rejection> {
+        if commands.len() > BATCH_COMMANDS_MAX {
+            return Err(Rejection::BatchTooLarge {
+                got: commands.len(),
+                max: BATCH_COMMANDS_MAX,
+            });
+        }
+        if commands.iter().any(|c| matches!(c, Command::Batch(_))) {
+            return Err(Rejection::Invalid("a batch cannot hold a batch".into()));
+        }
+        Ok(commands
+            .into_iter()
+            .map(|command| self.apply_command(log_index, entropy, command, effects))
+            .collect())
+    }
+
+    /// One command (not a `Batch`) at `log_index`, after the clock was advanced.
+    fn apply_command(
+        &mut self,
+        log_index: u64,
+        entropy: u64,
+        command: Command,
+        effects: &mut Vec<Effect>,
+    ) -> Response {
+        self.promote_due();
+        match command {
+            Command::Submit(jobs) => Response::Submitted(self.submit(jobs, effects)),
+            Command::Assign(assignments) => self.assign(log_index, assignments, effects),
+            Command::Complete(completions) => self.complete(completions, entropy, effects),
+            Command::Renew(renewal) => Response::Renewed(self.renew(log_index, renewal, effects)),
+            Command::Expire(lease) => Response::Expired(self.expire(lease, entropy, effects)),
             Command::RegisterNode(registration) => Response::NodeRegistered(self.register_node(
                 log_index,
                 registration,
                 entropy,
-                &mut effects,
+                effects,
             )),
-            Command::Cancel(ids) => Response::Cancelled(self.cancel(ids, &mut effects)),
+            Command::Cancel(ids) => Response::Cancelled(self.cancel(ids, effects)),
             Command::Redrive(filter) => Response::Redriven(
                 filter
                     .check()
                     .map_err(Rejection::Invalid)
-                    .map(|()| self.redrive(&filter, &mut effects)),
+                    .map(|()| self.redrive(&filter, effects)),
             ),
             Command::PurgeDead(filter) => Response::PurgedDead(
                 filter
                     .check()
                     .map_err(Rejection::Invalid)
-                    .map(|()| self.purge_dead(&filter, &mut effects)),
+                    .map(|()| self.purge_dead(&filter, effects)),
             ),
             Command::ConfigureQueue { queue, patch } => {
                 Response::QueueConfigured(self.configure_queue(queue, patch))
             }
-            Command::Retain(retention) => self.retain(&retention, &mut effects),
+            Command::Retain(retention) => self.retain(&retention, effects),
             Command::AddSchedule(spec) => Response::ScheduleChanged(self.add_schedule(spec)),
             Command::RemoveSchedule(name) => Response::ScheduleChanged(self.remove_schedule(&name)),
             Command::PauseSchedule { name, paused } => {
                 Response::ScheduleChanged(self.pause_schedule(&name, paused))
             }
-            Command::FireSchedules(fires) => {
-                Response::Fired(self.fire_schedules(fires, &mut effects))
-            }
+            Command::FireSchedules(fires) => Response::Fired(self.fire_schedules(fires, effects)),
             Command::Drain(drain) => Response::Draining(self.drain(drain)),
             Command::NodeLeft(node) => Response::NodeLeft(self.node_left(node)),
             Command::SubmitGroups(groups) => {
-                Response::SubmittedGroups(self.submit_groups(groups, &mut effects))
+                Response::SubmittedGroups(self.submit_groups(groups, effects))
             }
             Command::SubmitAssign { groups, excluded } => {
-                let submitted = self.submit_groups(groups, &mut effects);
+                let submitted = self.submit_groups(groups, effects);
                 if excluded.len() <= ASSIGN_EXCLUDED_MAX {
                     let plan =
                         crate::plan_assignments(self, self.now_ms, ASSIGN_BATCH_MAX, &excluded);
                     if !plan.is_empty() {
                         // The plan is made from this very state, so apply takes all of it.
-                        self.assign(log_index, plan, &mut effects);
+                        self.assign(log_index, plan, effects);
                     }
                 }
                 Response::SubmittedGroups(submitted)
             }
-        };
-        (response, effects)
+            // Handled by `apply`; a nested one is refused by `apply_batch` before this.
+            Command::Batch(_) => Response::Batch(Err(Rejection::Invalid(
+                "a batch cannot hold a batch".into(),
+            ))),
+        }
     }
 
     /// Moves delayed jobs whose run_at has come into their queue's `ready` set, so that `ready`

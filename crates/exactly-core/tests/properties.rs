@@ -1254,6 +1254,16 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
         if let Command::Submit(jobs) = &request.command {
             check_submit_assign(&before, index, &request, jobs, n)?;
         }
+        // The same command alone in a `Batch` entry: the same state, effects and response.
+        let mut batched = before.clone();
+        let (batch_response, batch_effects) = batched.apply(
+            index,
+            Request {
+                now_ms: request.now_ms,
+                entropy: request.entropy,
+                command: Command::Batch(vec![request.command.clone()]),
+            },
+        );
 
         let (response, effects) = a.apply(index, request.clone());
         let (response_b, effects_b) = b.apply(index, request.clone());
@@ -1267,6 +1277,19 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             .into_iter()
             .filter(|e| !matches!(e, Effect::Event(_)))
             .collect();
+
+        prop_assert_eq!(
+            &batch_response,
+            &Response::Batch(Ok(vec![response.clone()])),
+            "step {}: batched response",
+            n
+        );
+        let batch_effects: Vec<Effect> = batch_effects
+            .into_iter()
+            .filter(|e| !matches!(e, Effect::Event(_)))
+            .collect();
+        prop_assert_eq!(&batch_effects, &effects, "step {}: batched effects", n);
+        prop_assert!(batched == a, "step {}: a batch of one differs", n);
 
         // Determinism: a second replica fed the same entry agrees exactly.
         prop_assert_eq!(&response, &response_b, "step {}: responses differ", n);

@@ -2281,3 +2281,89 @@ fn submit_assign_starts_attempts_in_the_submits_entry() {
     assert_eq!(started, vec![(3, 2), (4, 2), (5, 2)]);
     assert_eq!(h.table.counts(), &counts(0, 5, 0, 0, 0));
 }
+
+/// A `Batch` entry applies its commands in order, each as its own entry at the batch's index
+/// (its attempts take that index as their token), with one response each; a second attempt of
+/// one job in the same entry is refused (its token would not be larger); an oversized or nested
+/// batch applies nothing.
+#[test]
+fn a_batch_applies_each_command_as_its_own_entry() {
+    let mut h = Harness::new();
+    h.apply(NOW, registration(1, 1, 4));
+    let (response, effects) = h.apply(
+        NOW,
+        Command::Batch(vec![
+            Command::Submit(vec![new_job("q", "noop", b"a")]),
+            Command::Submit(vec![job_with(|j| j.kind = String::new())]),
+            Command::Assign(vec![assignment(1, 1, 1)]),
+        ]),
+    );
+    let index = h.index;
+    let Response::Batch(Ok(responses)) = response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(responses.len(), 3);
+    assert_eq!(
+        responses[0],
+        Response::Submitted(vec![Ok(Submitted::new(1))])
+    );
+    assert!(matches!(&responses[1], Response::Submitted(r) if r[0].is_err()));
+    assert_eq!(
+        responses[2],
+        Response::Assigned {
+            started: 1,
+            rejected: vec![]
+        }
+    );
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::Start(s) if s.job == 1 && s.token == index)));
+
+    // The attempt is abandoned (its node restarts) and assigned again in the same entry: the
+    // second start would reuse the token, so it is refused.
+    let (response, _) = h.apply(
+        NOW + 1,
+        Command::Batch(vec![
+            registration(1, 2, 4),
+            Command::Assign(vec![assignment(1, 1, 2)]),
+            Command::Assign(vec![assignment(1, 1, 2)]),
+        ]),
+    );
+    let Response::Batch(Ok(responses)) = response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(
+        responses[1],
+        Response::Assigned {
+            started: 1,
+            rejected: vec![]
+        },
+        "the requeued job starts again"
+    );
+    assert!(
+        matches!(&responses[2], Response::Assigned { started: 0, rejected } if rejected.len() == 1),
+        "{:?}",
+        responses[2]
+    );
+
+    // A refused entry still moves the clock, as every entry does; nothing else changes.
+    h.apply(NOW + 2, Command::Cancel(vec![]));
+    let before = h.table.clone();
+    let nested = Command::Batch(vec![Command::Batch(vec![])]);
+    let (response, effects) = h.apply(NOW + 2, nested);
+    assert!(matches!(
+        response,
+        Response::Batch(Err(Rejection::Invalid(_)))
+    ));
+    let too_many = Command::Batch(vec![
+        Command::Cancel(vec![]);
+        exactly_core::limits::BATCH_COMMANDS_MAX + 1
+    ]);
+    let (response2, effects2) = h.apply(NOW + 2, too_many);
+    assert!(matches!(
+        response2,
+        Response::Batch(Err(Rejection::BatchTooLarge { .. }))
+    ));
+    assert!(effects.is_empty() && effects2.is_empty());
+    assert_eq!(h.table, before);
+}

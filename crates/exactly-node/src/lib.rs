@@ -19,6 +19,7 @@ pub mod lease;
 pub mod membership;
 pub mod network;
 pub mod node;
+pub mod proposer;
 pub mod scheduler;
 pub mod server;
 

@@ -66,7 +66,7 @@ pub enum ProposeError {
 }
 
 /// What a leader answers to a forwarded command.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ForwardReply {
     /// Committed and applied on the leader: its response and the entry's log index.
     Committed(Response, u64),
@@ -117,6 +117,9 @@ pub struct NodeInner {
     /// Which members the running scheduler would give no new work (`None`: no scheduler runs
     /// here). The leader's group commit uses it to start attempts in the submit's own entry.
     pub assign_view: crate::scheduler::AssignView,
+    /// Batches what this node proposes as leader into few entries (see `proposer.rs`); set once
+    /// at start.
+    pub proposer: std::sync::OnceLock<crate::proposer::Proposer>,
     /// The leader's read index learned once after start: this node is ready only once it has
     /// applied that far (`u64::MAX`: not learned yet). See `http::not_ready`.
     pub ready_index: std::sync::atomic::AtomicU64,
@@ -262,6 +265,16 @@ impl Node {
             },
             other => other,
         };
+        match self.proposer.get() {
+            Some(proposer) => proposer.propose(command).await,
+            None => self.client_write(command).await,
+        }
+    }
+
+    /// Appends one entry holding `command` (stamped with this node's clock and fresh entropy)
+    /// and waits for its commit and apply. Every proposal of a running node goes through its
+    /// batching proposer (`proposer.rs`), which calls this.
+    pub(crate) async fn client_write(&self, command: Command) -> ForwardReply {
         let request = Request {
             now_ms: wall_ms(),
             entropy: rand::random(),

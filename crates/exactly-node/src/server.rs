@@ -256,7 +256,11 @@ pub async fn start_with(
         ready_index: u64::MAX.into(),
         submitter: Default::default(),
         assign_view: Default::default(),
+        proposer: Default::default(),
     }));
+    let _ = node
+        .proposer
+        .set(crate::proposer::Proposer::start(node.clone()));
     let _ = node
         .submitter
         .set(crate::group::Submitter::start(node.clone()));
