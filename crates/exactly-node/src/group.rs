@@ -135,30 +135,51 @@ impl Submitter {
     }
 }
 
-/// Takes the next group from the queue: everything waiting, up to the entry's limits. Returns
-/// `None` once the queue is closed and empty.
+/// Takes the next batch from a queue: the first item (waiting for one), then everything already
+/// waiting, at most `max` items, while `joins` accepts each next one (it is told of the first
+/// too, which always goes, so that it can count it). An item `joins` refuses is kept in `carry`
+/// and starts the next batch. `None` once the queue is closed and empty. Shared by the group
+/// commit here and the leader's proposal batching (`proposer.rs`).
+pub(crate) async fn gather<T>(
+    rx: &mut mpsc::Receiver<T>,
+    carry: &mut Option<T>,
+    max: usize,
+    mut joins: impl FnMut(&T) -> bool,
+) -> Option<Vec<T>> {
+    let first = match carry.take() {
+        Some(item) => item,
+        None => rx.recv().await?,
+    };
+    joins(&first);
+    let mut batch = vec![first];
+    while batch.len() < max {
+        let Ok(next) = rx.try_recv() else { break };
+        if !joins(&next) {
+            *carry = Some(next);
+            break;
+        }
+        batch.push(next);
+    }
+    Some(batch)
+}
+
+/// Takes the next group from the queue: everything waiting, up to the entry's limits.
 async fn next_group(
     rx: &mut mpsc::Receiver<Request>,
     carry: &mut Option<Request>,
 ) -> Option<Vec<Request>> {
-    let first = match carry.take() {
-        Some(r) => r,
-        None => rx.recv().await?,
-    };
-    let mut jobs = first.jobs.len();
-    let mut bytes = first.bytes;
-    let mut group = vec![first];
-    while group.len() < SUBMIT_GROUPS_MAX {
-        let Ok(next) = rx.try_recv() else { break };
-        if jobs + next.jobs.len() > SUBMIT_GROUP_JOBS_MAX || bytes + next.bytes > GROUP_BYTES_MAX {
-            *carry = Some(next);
-            break;
+    let (mut jobs, mut bytes, mut first) = (0, 0, true);
+    gather(rx, carry, SUBMIT_GROUPS_MAX, |r| {
+        let over = jobs + r.jobs.len() > SUBMIT_GROUP_JOBS_MAX || bytes + r.bytes > GROUP_BYTES_MAX;
+        if over && !first {
+            return false;
         }
-        jobs += next.jobs.len();
-        bytes += next.bytes;
-        group.push(next);
-    }
-    Some(group)
+        first = false;
+        jobs += r.jobs.len();
+        bytes += r.bytes;
+        true
+    })
+    .await
 }
 
 async fn run(
@@ -226,5 +247,44 @@ async fn run(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gather;
+    use tokio::sync::mpsc;
+
+    /// Weights 5, 3, 4, 9, 1 with a limit of 8 per batch and 3 items: the first always goes,
+    /// an item over the limit is carried into the next batch, and `max` caps the count.
+    #[tokio::test]
+    async fn gather_takes_what_waits_within_its_limits() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for w in [5usize, 3, 4, 9, 1, 1, 1, 1] {
+            tx.send(w).await.unwrap();
+        }
+        drop(tx);
+        let mut carry = None;
+        let mut batches = Vec::new();
+        loop {
+            let mut total = 0;
+            let batch = gather(&mut rx, &mut carry, 3, |&w| {
+                if total > 0 && total + w > 8 {
+                    return false;
+                }
+                total += w;
+                true
+            })
+            .await;
+            match batch {
+                Some(b) => batches.push(b),
+                None => break,
+            }
+        }
+        assert_eq!(
+            batches,
+            vec![vec![5, 3], vec![4], vec![9], vec![1, 1, 1], vec![1]]
+        );
+        assert!(carry.is_none());
     }
 }

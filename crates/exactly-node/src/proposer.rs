@@ -96,28 +96,21 @@ fn estimated_bytes(command: &Command) -> usize {
     }
 }
 
-/// Takes the next batch: everything waiting, up to the entry's limits. `None` once the queue is
-/// closed and empty.
+/// Takes the next batch: everything waiting, up to the entry's limits.
 async fn next_batch(
     rx: &mut mpsc::Receiver<Proposal>,
     carry: &mut Option<Proposal>,
 ) -> Option<Vec<Proposal>> {
-    let first = match carry.take() {
-        Some(p) => p,
-        None => rx.recv().await?,
-    };
-    let mut bytes = first.bytes;
-    let mut batch = vec![first];
-    while batch.len() < BATCH_COMMANDS_MAX {
-        let Ok(next) = rx.try_recv() else { break };
-        if bytes + next.bytes > BATCH_BYTES_MAX {
-            *carry = Some(next);
-            break;
+    let (mut bytes, mut first) = (0, true);
+    crate::group::gather(rx, carry, BATCH_COMMANDS_MAX, |p| {
+        if bytes + p.bytes > BATCH_BYTES_MAX && !first {
+            return false;
         }
-        bytes += next.bytes;
-        batch.push(next);
-    }
-    Some(batch)
+        first = false;
+        bytes += p.bytes;
+        true
+    })
+    .await
 }
 
 async fn run(node: Node, mut rx: mpsc::Receiver<Proposal>) {
