@@ -21,6 +21,8 @@ use crate::output::{key_values, micros_as_ms};
 /// Requests a run keeps in flight at most; past it a scheduled request is counted as not sent
 /// (the client, not the cluster, could not keep up).
 pub const OPEN_IN_FLIGHT_MAX: usize = 50_000;
+/// A refusal answered within this many milliseconds counts as prompt (issue 11's bound).
+pub const REFUSAL_PROMPT_MS: u64 = 50;
 /// Highest latency the histograms track (ten minutes), in microseconds.
 const LATENCY_US_MAX: u64 = 600_000_000;
 
@@ -75,6 +77,10 @@ pub struct OpenReport {
     pub submit_latency_us: Option<Summary>,
     /// Scheduled send to the job's terminal event on the Watch stream, in microseconds.
     pub end_to_end_latency_us: Option<Summary>,
+    /// Request sent (scheduled) to answered, refused requests only, in microseconds.
+    pub refusal_latency_us: Option<Summary>,
+    /// Refused requests answered within [`REFUSAL_PROMPT_MS`].
+    pub refused_promptly: u64,
     /// Refused or unknown requests answered after this many milliseconds, at most.
     pub slowest_refusal_ms: u64,
     pub first_error: Option<String>,
@@ -192,6 +198,8 @@ pub async fn measure(client: &Client, plan: &OpenLoop) -> anyhow::Result<OpenRep
     let mut requests = Second::default();
     let mut submit_latency = histogram()?;
     let mut slowest_refusal = Duration::ZERO;
+    let mut refusal_latency = histogram()?;
+    let mut refused_promptly = 0;
     let mut acknowledged: Vec<(u64, Instant)> = Vec::new();
     let mut first_error: Option<String> = None;
     while let Some((scheduled, answered, answer, error)) = rx.recv().await {
@@ -211,6 +219,10 @@ pub async fn measure(client: &Client, plan: &OpenLoop) -> anyhow::Result<OpenRep
             }
             Answer::Refused => {
                 s.refused += 1;
+                refusal_latency.saturating_record(micros(took));
+                if took <= Duration::from_millis(REFUSAL_PROMPT_MS) {
+                    refused_promptly += 1;
+                }
                 slowest_refusal = slowest_refusal.max(took);
             }
             Answer::Unknown => {
@@ -268,6 +280,8 @@ pub async fn measure(client: &Client, plan: &OpenLoop) -> anyhow::Result<OpenRep
         unfinished_jobs: acknowledged.len() as u64 - finished_jobs,
         submit_latency_us: Summary::of(&submit_latency),
         end_to_end_latency_us: Summary::of(&end_to_end),
+        refusal_latency_us: Summary::of(&refusal_latency),
+        refused_promptly,
         slowest_refusal_ms: slowest_refusal.as_millis() as u64,
         first_error,
         per_second,
@@ -319,6 +333,15 @@ pub fn render(r: &OpenReport) -> String {
         ),
         ("submit latency", latency(&r.submit_latency_us)),
         ("end to end", latency(&r.end_to_end_latency_us)),
+        (
+            "refusals",
+            format!(
+                "{}; {} of {} within {REFUSAL_PROMPT_MS} ms",
+                latency(&r.refusal_latency_us),
+                r.refused_promptly,
+                q.refused
+            ),
+        ),
         (
             "slowest refusal",
             format!("{} ms (refused or unknown answers)", r.slowest_refusal_ms),

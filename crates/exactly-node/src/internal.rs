@@ -108,6 +108,16 @@ impl Internal for InternalService {
         }
         let (vote, meta) =
             header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        // Before openraft sees it: it purges the log before the state machine decodes the data.
+        let checked = tokio::task::spawn_blocking(move || {
+            exactly_store::check_snapshot(&meta, &data).map(|()| (meta, data))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("checking the snapshot: {e}")))?;
+        let (meta, data) = checked.map_err(|e| {
+            tracing::warn!(error = %e, "refused a snapshot from a peer");
+            Status::invalid_argument(format!("snapshot refused, nothing changed: {e}"))
+        })?;
         let snapshot = Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -123,6 +133,7 @@ impl Internal for InternalService {
 
     async fn forward(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
         let command: Command = codec::decode(&request.into_inner().data)?;
+        check_forwarded(&command, self.node.config.limits.payload_bytes_max)?;
         if !self.node.is_leader() {
             return Ok(blob(&ForwardReply::NotLeader));
         }
@@ -150,6 +161,63 @@ impl Internal for InternalService {
         }
         Ok(blob(&admit(&self.node, node_id, addr).await))
     }
+}
+
+/// What a peer may forward to the leader, checked before anything is proposed. A peer forwards
+/// what the public API asked of it (client writes, already checked at the edge of the node that
+/// took them, and checked again here against this node's payload limit) and what its own node
+/// reports (its registration, lease renewals and attempt outcomes). What only a leader decides
+/// is never taken from a peer: assignments, lease expiry, retention, cron fires, a member's
+/// departure, and the leader's own batched or submit-and-assign entries. Forged, any of these
+/// could start a second attempt of a running job or delete finished work (issue 12: a forged
+/// `Expire` ran one job on two nodes at once, a forged `Retain` deleted every finished job).
+pub(crate) fn check_forwarded(command: &Command, payload_bytes_max: usize) -> Result<(), Status> {
+    let leader_only = match command {
+        Command::Assign(_) => Some("Assign"),
+        Command::Expire(_) => Some("Expire"),
+        Command::Retain(_) => Some("Retain"),
+        Command::FireSchedules(_) => Some("FireSchedules"),
+        Command::NodeLeft(_) => Some("NodeLeft"),
+        Command::SubmitAssign { .. } => Some("SubmitAssign"),
+        Command::Batch(_) => Some("Batch"),
+        Command::Submit(_)
+        | Command::SubmitGroups(_)
+        | Command::Complete(_)
+        | Command::Renew(_)
+        | Command::RegisterNode(_)
+        | Command::Cancel(_)
+        | Command::Redrive(_)
+        | Command::PurgeDead(_)
+        | Command::ConfigureQueue { .. }
+        | Command::AddSchedule(_)
+        | Command::RemoveSchedule(_)
+        | Command::PauseSchedule { .. }
+        | Command::Drain(_) => None,
+    };
+    if let Some(name) = leader_only {
+        return Err(Status::permission_denied(format!(
+            "a {name} command is proposed only by the leader itself, never forwarded by a peer; \
+             nothing was proposed"
+        )));
+    }
+    let jobs: Vec<&exactly_core::NewJob> = match command {
+        Command::Submit(jobs) => jobs.iter().collect(),
+        Command::SubmitGroups(groups) => groups.iter().flatten().collect(),
+        _ => Vec::new(),
+    };
+    if let Some((i, job)) = jobs
+        .iter()
+        .enumerate()
+        .find(|(_, j)| j.payload.len() > payload_bytes_max)
+    {
+        return Err(Status::resource_exhausted(format!(
+            "forwarded job {i}: payload of {} bytes exceeds limits.payload-bytes-max ({} bytes) \
+             on the leader; nothing was proposed",
+            job.payload.len(),
+            payload_bytes_max
+        )));
+    }
+    Ok(())
 }
 
 /// Adds a node as a learner (waiting until it has caught up), then promotes it to voter while
@@ -230,5 +298,79 @@ pub(crate) async fn set_address(
             openraft::error::ClientWriteError::ForwardToLeader(_),
         )) => Err(JoinReply::NotLeader),
         Err(e) => Err(JoinReply::Failed(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use exactly_core::{Command, NewJob, NodeLease, Retention};
+    use tonic::Code;
+
+    use super::check_forwarded;
+
+    fn job(payload_bytes: usize) -> NewJob {
+        NewJob {
+            payload: vec![0; payload_bytes],
+            ..NewJob::default()
+        }
+    }
+
+    /// Client writes and a node's own reports pass; what only the leader decides is refused
+    /// with PERMISSION_DENIED; an oversized payload (checked again on the leader) with
+    /// RESOURCE_EXHAUSTED.
+    #[test]
+    fn a_peer_forwards_only_client_writes_and_its_own_reports() {
+        let cases: Vec<(Command, Option<Code>)> = vec![
+            (Command::Submit(vec![job(10)]), None),
+            (
+                Command::SubmitGroups(vec![vec![job(10)], vec![job(100)]]),
+                None,
+            ),
+            (Command::Cancel(vec![1]), None),
+            (Command::Complete(Vec::new()), None),
+            (Command::RemoveSchedule("s".into()), None),
+            (
+                Command::Submit(vec![job(10), job(101)]),
+                Some(Code::ResourceExhausted),
+            ),
+            (
+                Command::SubmitGroups(vec![vec![job(1)], vec![job(101)]]),
+                Some(Code::ResourceExhausted),
+            ),
+            (Command::Assign(Vec::new()), Some(Code::PermissionDenied)),
+            (
+                Command::Expire(NodeLease {
+                    node: 2,
+                    incarnation: 1,
+                }),
+                Some(Code::PermissionDenied),
+            ),
+            (
+                Command::Retain(Retention::default()),
+                Some(Code::PermissionDenied),
+            ),
+            (
+                Command::FireSchedules(Vec::new()),
+                Some(Code::PermissionDenied),
+            ),
+            (Command::NodeLeft(2), Some(Code::PermissionDenied)),
+            (
+                Command::SubmitAssign {
+                    groups: vec![vec![job(1)]],
+                    excluded: BTreeSet::new(),
+                },
+                Some(Code::PermissionDenied),
+            ),
+            (
+                Command::Batch(vec![Command::Cancel(vec![1])]),
+                Some(Code::PermissionDenied),
+            ),
+        ];
+        for (command, expected) in cases {
+            let got = check_forwarded(&command, 100).err().map(|s| s.code());
+            assert_eq!(got, expected, "{command:?}");
+        }
     }
 }

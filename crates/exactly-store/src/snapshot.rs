@@ -67,6 +67,31 @@ pub(crate) fn decode_body(data: &[u8]) -> Result<SnapshotBody> {
     Ok(body)
 }
 
+/// Checks a snapshot received from a peer completely (metadata consistent, data decodes, the
+/// table's invariants hold) without changing anything. The node calls it before it hands the
+/// snapshot to openraft, because openraft purges the log up to the snapshot's last log id
+/// before the state machine sees the data: a snapshot refused only at install would stop the
+/// Raft core and leave a data directory that cannot start again.
+pub fn check(meta: &Meta, data: &[u8]) -> Result<()> {
+    if meta.last_log_id.is_none() {
+        return Err(Error::corrupt(
+            "snapshot metadata",
+            "a snapshot without a last log id",
+        ));
+    }
+    if meta.last_membership.log_id() > &meta.last_log_id {
+        return Err(Error::corrupt(
+            "snapshot metadata",
+            format!(
+                "membership at {:?} is after the last log id {:?}",
+                meta.last_membership.log_id(),
+                meta.last_log_id
+            ),
+        ));
+    }
+    decode_body(data).map(|_| ())
+}
+
 /// The snapshot directory's path.
 pub(crate) fn dir_of(data_dir: &Path) -> PathBuf {
     data_dir.join("snapshot")
