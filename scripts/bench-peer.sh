@@ -90,10 +90,11 @@ EOF
 start_exactly() {
   local base=$((17000 + RANDOM % 2000)) i n
   eps="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
-  "$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base + 1)) --data-dir "$dir/x1" --slots 1024 >"$dir/x1.log" 2>&1 &
+  # Each node serves node-to-node traffic on its own peer port (`--peer-listen`, base + 10 + i).
+  "$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base + 1)) --peer-listen 127.0.0.1:$((base + 11)) --data-dir "$dir/x1" --slots 1024 >"$dir/x1.log" 2>&1 &
   pids+=($!)
   for i in 2 3; do
-    "$bin/exactlyd" --join 127.0.0.1:$((base + 1)) --node-id $i --listen 127.0.0.1:$((base + i)) --data-dir "$dir/x$i" --slots 1024 >"$dir/x$i.log" 2>&1 &
+    "$bin/exactlyd" --join 127.0.0.1:$((base + 11)) --node-id $i --listen 127.0.0.1:$((base + i)) --peer-listen 127.0.0.1:$((base + 10 + i)) --data-dir "$dir/x$i" --slots 1024 >"$dir/x$i.log" 2>&1 &
     pids+=($!)
   done
   # Wait (at most 30 s) until all three nodes are members and registered.

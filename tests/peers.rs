@@ -1,6 +1,7 @@
 //! Untrusted peers: what a process that reaches a node's internal service may send, and what the
-//! node does with it (in-process 3-node cluster over loopback gRPC). Every probe is refused
-//! before anything changes: the node keeps its data, its term and its jobs.
+//! node does with it (in-process 3-node cluster over loopback gRPC, node-to-node traffic on its
+//! own peer listener). Every probe is refused before anything changes: the node keeps its data,
+//! its term and its jobs; and the public port does not serve the node-to-node service.
 
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ async fn a_corrupt_snapshot_is_refused_and_the_node_keeps_its_data() -> anyhow::
     let metrics = target.node.raft.metrics().borrow().clone();
     let term = metrics.current_term;
     let mut peer =
-        exactly_node::network::internal_client(exactly_node::network::channel(&target.addr)?);
+        exactly_node::network::internal_client(exactly_node::network::channel(&target.peer_addr)?);
     for body in [b"garbage".to_vec(), Vec::new(), vec![1u8; 100_000]] {
         let meta: SnapshotMeta<u64, openraft::BasicNode> = SnapshotMeta {
             last_log_id: Some(LogId::new(
@@ -117,8 +118,9 @@ async fn a_peer_cannot_forward_what_only_the_leader_decides() -> anyhow::Result<
         Command::Batch(vec![Command::Retain(Retention::default())]),
     ];
     for node in &cluster.nodes {
-        let mut peer =
-            exactly_node::network::internal_client(exactly_node::network::channel(&node.addr)?);
+        let mut peer = exactly_node::network::internal_client(exactly_node::network::channel(
+            &node.peer_addr,
+        )?);
         for command in &forged {
             let refused = peer
                 .forward(Blob {
@@ -159,6 +161,19 @@ async fn a_peer_cannot_forward_what_only_the_leader_decides() -> anyhow::Result<
             "node {victim}'s lease was expired by a forged command"
         );
         assert!(kept, "job {done} was deleted by a forged command");
+    }
+    // With a peer listener, the public port does not serve the node-to-node service at all.
+    for node in &cluster.nodes {
+        let mut public =
+            exactly_node::network::internal_client(exactly_node::network::channel(&node.addr)?);
+        let refused = public
+            .forward(Blob {
+                data: exactly_node::codec::encode(&Command::Cancel(vec![done])),
+                target: 0,
+            })
+            .await
+            .expect_err("the public port must not serve Forward");
+        assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
     }
     // And the cluster still runs jobs.
     one_job_done(&cluster).await?;

@@ -330,6 +330,8 @@ impl FaultyCluster {
         StartOptions {
             faults: Some(self.faults.handle()),
             store: self.disk.store_options(disk),
+            // A pause or crash of the node's runtime thread stops all of it, Raft included.
+            shared_raft_runtime: true,
         }
     }
 

@@ -106,20 +106,24 @@ impl TestCluster {
         Ok(r)
     }
 
-    /// Starts `n` nodes: node 1 bootstraps, the others join through it.
+    /// Starts `n` nodes: node 1 bootstraps, the others join through it. Node-to-node traffic
+    /// has its own listener (`peer-listen`), as in production; the fault harness
+    /// (`harness.rs`) covers nodes that share one port.
     pub async fn start(n: u64, tweak: impl Fn(&mut NodeConfig)) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let ledger = Arc::new(Ledger::default());
         let mut nodes = Vec::new();
         let mut first = test_config(dir.path(), 1);
         first.init = true;
+        first.peer_listen = Some("127.0.0.1:0".parse()?);
         tweak(&mut first);
         let registry = Self::registry(&ledger, &first)?;
         let n1 = exactly_node::start(first, registry).await?;
-        let seed = n1.addr.clone();
+        let seed = n1.peer_addr.clone();
         nodes.push(n1);
         for id in 2..=n {
             let mut c = test_config(dir.path(), id);
+            c.peer_listen = Some("127.0.0.1:0".parse()?);
             c.join = vec![seed.clone()];
             tweak(&mut c);
             let registry = Self::registry(&ledger, &c)?;

@@ -17,10 +17,20 @@ pub struct NodeConfig {
     pub node_id: Option<u64>,
     /// Where the node keeps its Raft log, state machine and identity.
     pub data_dir: PathBuf,
-    /// The gRPC address to listen on (public API and node-to-node traffic share it).
+    /// The gRPC address to listen on: the public API, and node-to-node traffic too unless
+    /// `peer-listen` is set.
     pub listen: SocketAddr,
-    /// The gRPC address other nodes and clients use to reach this node. Unset: `listen`.
+    /// The gRPC address clients (and, without `peer-listen`, other nodes) use to reach this
+    /// node. Unset: `listen`.
     pub advertise: Option<String>,
+    /// A separate gRPC address for node-to-node traffic (Raft, forwarded writes, joins), served
+    /// on the node's Raft runtime, apart from client requests: client load cannot delay Raft's
+    /// messages, and the peer port can be firewalled from clients. Unset: node-to-node traffic
+    /// shares `listen`. Every member of a cluster must agree (a member's Raft address is its peer
+    /// address when it has one); `join` then names peer addresses.
+    pub peer_listen: Option<SocketAddr>,
+    /// The peer address other nodes use to reach this one. Unset: `peer-listen`.
+    pub peer_advertise: Option<String>,
     /// The HTTP address for /healthz, /readyz and /metrics. Unset: no HTTP server.
     pub http_listen: Option<SocketAddr>,
     /// Bootstrap a new one-node cluster if this data directory has never been initialized.
@@ -137,6 +147,8 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("./data"),
             listen: "127.0.0.1:7101".parse().expect("constant address"),
             advertise: None,
+            peer_listen: None,
+            peer_advertise: None,
             http_listen: None,
             init: false,
             join: Vec::new(),
@@ -377,6 +389,22 @@ impl NodeConfig {
     /// Checks every value and the relations between them.
     pub fn validate(self) -> Result<Self, ConfigError> {
         use exactly_core::limits::{MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, PAYLOAD_BYTES_CEILING};
+        if self.peer_advertise.is_some() && self.peer_listen.is_none() {
+            return Err(invalid(
+                "peer-advertise",
+                self.peer_advertise.clone().unwrap_or_default(),
+                "set peer-listen too: without it, peers use the public address",
+            ));
+        }
+        if let Some(peer) = self.peer_listen {
+            if peer == self.listen && peer.port() != 0 {
+                return Err(invalid(
+                    "peer-listen",
+                    peer,
+                    "must differ from listen (unset it to share the public port)",
+                ));
+            }
+        }
         if self.node_id == Some(0) {
             return Err(invalid("node-id", 0, "node ids start at 1"));
         }
@@ -627,6 +655,16 @@ mod tests {
                 "[defaults]\nmax-attempts = 1000",
                 "`defaults.max-attempts`",
                 "1000",
+            ),
+            (
+                "listen = \"127.0.0.1:7101\"\npeer-listen = \"127.0.0.1:7101\"",
+                "`peer-listen`",
+                "127.0.0.1:7101",
+            ),
+            (
+                "peer-advertise = \"n1:7201\"",
+                "`peer-advertise`",
+                "n1:7201",
             ),
         ];
         for (text, key, value) in cases {

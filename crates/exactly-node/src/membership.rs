@@ -327,12 +327,16 @@ impl Node {
         if self.departure.has_departed() || !self.is_member(self.id) {
             return true;
         }
-        let Some((leader, addr)) = self.leader() else {
+        let Some((leader, _)) = self.leader() else {
             return false;
         };
         if leader == self.id {
             return false;
         }
+        // The leader's public API (its Raft address may be a peer port).
+        let Some(addr) = self.api_addr_of(leader) else {
+            return false;
+        };
         let Ok(channel) = crate::network::channel(&addr) else {
             return false;
         };
@@ -370,9 +374,14 @@ pub async fn reconcile(node: &Node, policy: &Reconcile) {
     let membership = metrics.membership_config.membership().clone();
     // A leader restarted at a new address (a recreated container) is told of it by nobody.
     if let Some(me) = membership.get_node(&node.id) {
-        if me.addr != node.addr {
-            let _ = crate::internal::set_address(node, node.id, me.addr.clone(), node.addr.clone())
-                .await;
+        if me.addr != node.peer_addr {
+            let _ = crate::internal::set_address(
+                node,
+                node.id,
+                me.addr.clone(),
+                node.peer_addr.clone(),
+            )
+            .await;
             return;
         }
     }

@@ -78,8 +78,12 @@ pub enum ForwardReply {
 
 pub struct NodeInner {
     pub id: u64,
-    /// The address other nodes reach this one at (`advertise`, else the bound listen address).
+    /// The address clients reach this one at (`advertise`, else the bound listen address); also
+    /// other nodes without a peer listener. Registered in the state machine (`NodeEntry::addr`).
     pub addr: String,
+    /// The address other nodes reach this one's node-to-node service at (`peer-advertise`,
+    /// else the bound `peer-listen`, else [`NodeInner::addr`]): its Raft membership address.
+    pub peer_addr: String,
     /// This process's current incarnation (see [`Node::incarnation`]).
     pub incarnation: std::sync::atomic::AtomicU64,
     /// End of this node's lease, in [`exactly_handlers::monotonic_ms`] (0: no lease). See
@@ -123,6 +127,59 @@ pub struct NodeInner {
     /// The leader's read index learned once after start: this node is ready only once it has
     /// applied that far (`u64::MAX`: not learned yet). See `http::not_ready`.
     pub ready_index: std::sync::atomic::AtomicU64,
+    /// The runtime openraft's core, log, state machine and replication run on (see
+    /// [`RaftRuntime`]).
+    pub raft_runtime: RaftRuntime,
+}
+
+/// Threads of a node's Raft runtime.
+pub const RAFT_RUNTIME_THREADS: usize = 2;
+
+/// openraft's own tokio runtime: the Raft core, its storage tasks, the state machine's apply
+/// and the replication streams (with their connections to peers) run on their own threads, not
+/// among the client requests' tasks. Under a flood of client requests (or of their refusals) a
+/// node's runtime queues thousands of tasks; Raft's heartbeats, appends and applies would wait
+/// behind them, and a commit that stalls past the propose deadline turns acknowledged-looking
+/// work into unknown outcomes. Found by the overload test: with admission that refused at
+/// once, the clients' retries flooded the shared runtime and commits stalled for 3 s.
+///
+/// Dropped without blocking (`shutdown_background`), as the last `Node` handle may go away
+/// inside async code; `RunningNode::shutdown` stops Raft first. The fault harness runs Raft on
+/// the node's own runtime instead ([`RaftRuntime::shared`]), so that pausing or dropping that
+/// runtime pauses or kills the whole node.
+pub struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+impl RaftRuntime {
+    /// A runtime of its own for node `id`'s Raft.
+    pub fn own(id: u64) -> std::io::Result<Self> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RAFT_RUNTIME_THREADS)
+            .thread_name(format!("raft-{id}"))
+            .enable_all()
+            .build()
+            .map(|rt| Self(Some(rt)))
+    }
+
+    /// Raft on the runtime that starts the node (tests that pause or kill a node's runtime).
+    pub fn shared() -> Self {
+        Self(None)
+    }
+
+    /// The handle to spawn Raft's tasks with. Called inside a runtime.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// What this node's executor has in hand: attempts whose handlers run, and outcomes not yet
@@ -191,7 +248,12 @@ impl Node {
         self.state.read(f)
     }
 
-    /// The current leader and its address, as this node last heard.
+    /// The public API address node `id` registered (its Raft address may be a peer port).
+    pub fn api_addr_of(&self, id: u64) -> Option<String> {
+        self.read(|t| t.nodes().get(&id).map(|e| e.addr.clone()))
+    }
+
+    /// The current leader and its node-to-node address, as this node last heard.
     pub fn leader(&self) -> Option<(u64, String)> {
         let metrics = self.raft.metrics().borrow().clone();
         let leader = metrics.current_leader?;

@@ -57,7 +57,10 @@ pub enum StartError {
 pub struct RunningNode {
     pub node: Node,
     pub hooks: Arc<Hooks>,
+    /// The public API's address.
     pub addr: String,
+    /// The node-to-node service's address (the public one without `peer-listen`).
+    pub peer_addr: String,
     /// The bound HTTP address (/healthz, /readyz, /metrics), if any.
     pub http_addr: Option<std::net::SocketAddr>,
     executor: ActorRef<ExecutorMsg>,
@@ -152,6 +155,9 @@ pub struct StartOptions {
     /// How the store is opened: the default (real fsyncs, nothing else) in production; tests
     /// add a durability hook and disk faults.
     pub store: exactly_store::StoreOptions,
+    /// Test-only: run Raft on the runtime that starts the node rather than on its own (see
+    /// `RaftRuntime`), so that pausing or dropping that runtime pauses or kills the whole node.
+    pub shared_raft_runtime: bool,
 }
 
 /// Starts a node from a validated configuration and a handler registry.
@@ -213,9 +219,21 @@ pub async fn start_with(
         departure: departure.clone(),
         answers: answers.clone(),
     };
-    let raft = Raft::new(id, raft_config, network, store.log_store(), state.clone())
-        .await
-        .map_err(|e| StartError::Raft(e.to_string()))?;
+    // openraft spawns its tasks on the runtime it is created on: its own (see `RaftRuntime`).
+    let raft_runtime = if options.shared_raft_runtime {
+        crate::node::RaftRuntime::shared()
+    } else {
+        crate::node::RaftRuntime::own(id).map_err(|e| StartError::Raft(e.to_string()))?
+    };
+    let raft = {
+        let (log_store, state) = (store.log_store(), state.clone());
+        raft_runtime
+            .handle()
+            .spawn(async move { Raft::new(id, raft_config, network, log_store, state).await })
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?
+            .map_err(|e| StartError::Raft(e.to_string()))?
+    };
     // Bind before anything else can fail late, and so that port 0 (tests) resolves to a real port.
     let listener = bind(config.listen)?;
     let local = listener.local_addr().map_err(|source| StartError::Listen {
@@ -226,6 +244,21 @@ pub async fn start_with(
         .advertise
         .clone()
         .unwrap_or_else(|| local.to_string());
+    let peer_listener = match config.peer_listen {
+        Some(at) => Some(bind_std(at)?),
+        None => None,
+    };
+    let peer_addr = match (&peer_listener, &config.peer_advertise) {
+        (Some(_), Some(advertised)) => advertised.clone(),
+        (Some(l), None) => l
+            .local_addr()
+            .map_err(|source| StartError::Listen {
+                addr: config.peer_listen.unwrap_or(config.listen),
+                source,
+            })?
+            .to_string(),
+        (None, _) => addr.clone(),
+    };
     let http = match config.http_listen {
         Some(at) => {
             Some(crate::http::bind(at).map_err(|source| StartError::Listen { addr: at, source })?)
@@ -236,6 +269,7 @@ pub async fn start_with(
     let node = Node(Arc::new(NodeInner {
         id,
         addr: addr.clone(),
+        peer_addr: peer_addr.clone(),
         incarnation: incarnation.into(),
         lease_until_ms: Default::default(),
         lease_deadline: tokio::sync::watch::channel(0).0,
@@ -257,6 +291,7 @@ pub async fn start_with(
         submitter: Default::default(),
         assign_view: Default::default(),
         proposer: Default::default(),
+        raft_runtime,
     }));
     let _ = node
         .proposer
@@ -264,7 +299,7 @@ pub async fn start_with(
     let _ = node
         .submitter
         .set(crate::group::Submitter::start(node.clone()));
-    tracing::info!(node = id, incarnation, %addr, "node starting");
+    tracing::info!(node = id, incarnation, %addr, %peer_addr, "node starting");
 
     let (executor, _) = Actor::spawn(
         Some(actor_name(id, incarnation, "executor")),
@@ -276,8 +311,9 @@ pub async fn start_with(
     let _ = hooks.executor.set(executor.clone());
 
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    let with_internal = peer_listener.is_none();
     let mut tasks = vec![
-        tokio::spawn(serve(node.clone(), listener)?),
+        tokio::spawn(serve(node.clone(), listener, with_internal)?),
         tokio::spawn(watch_leadership(node.clone(), hooks.clone())),
         tokio::spawn(confirm_quorum_while_leading(node.clone())),
         tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
@@ -287,11 +323,16 @@ pub async fn start_with(
     if let Some(listener) = http {
         tasks.push(tokio::spawn(crate::http::serve(node.clone(), listener)));
     }
+    if let Some(listener) = peer_listener {
+        let handle = node.raft_runtime.handle();
+        tasks.push(handle.spawn(serve_peers(node.clone(), listener)));
+    }
 
     Ok(RunningNode {
         node,
         hooks,
         addr,
+        peer_addr,
         http_addr,
         executor,
         tasks,
@@ -299,19 +340,61 @@ pub async fn start_with(
 }
 
 fn bind(listen: std::net::SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    let std_listener = bind_std(listen)?;
+    tokio::net::TcpListener::from_std(std_listener).map_err(|source| StartError::Listen {
+        addr: listen,
+        source,
+    })
+}
+
+/// Binds a non-blocking listener, to be registered with whichever runtime serves it.
+fn bind_std(listen: std::net::SocketAddr) -> Result<std::net::TcpListener, StartError> {
     let err = |source| StartError::Listen {
         addr: listen,
         source,
     };
     let std_listener = std::net::TcpListener::bind(listen).map_err(err)?;
     std_listener.set_nonblocking(true).map_err(err)?;
-    tokio::net::TcpListener::from_std(std_listener).map_err(err)
+    Ok(std_listener)
+}
+
+/// The node-to-node service, with its message bounds.
+fn internal_service(node: &Node) -> InternalServer<InternalService> {
+    InternalServer::new(InternalService { node: node.clone() })
+        .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
+}
+
+/// Serves the node-to-node service on the peer listener. Runs on the node's Raft runtime, so
+/// that the Raft messages it takes in wait behind no client request (see `RaftRuntime`).
+async fn serve_peers(node: Node, listener: std::net::TcpListener) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "peer listener");
+            return;
+        }
+    };
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(internal_service(&node))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            node.shutdown.clone().cancelled_owned(),
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "peer gRPC server stopped");
+    }
 }
 
 /// Returns the serving task for an already bound listener.
+/// Returns the serving task of the public API; with `with_internal`, the node-to-node service
+/// shares the listener (no `peer-listen`).
 fn serve(
     node: Node,
     listener: tokio::net::TcpListener,
+    with_internal: bool,
 ) -> Result<impl std::future::Future<Output = ()>, StartError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -339,11 +422,7 @@ fn serve(
             .add_service(SchedulesServer::new(SchedulesService {
                 node: node.clone(),
             }))
-            .add_service(
-                InternalServer::new(InternalService { node: node.clone() })
-                    .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
-                    .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX),
-            )
+            .add_optional_service(with_internal.then(|| internal_service(&node)))
             .serve_with_incoming_shutdown(
                 // Without TCP_NODELAY on accepted sockets, a reply larger than one segment waits
                 // for the peer's delayed ACK (~40 ms): measured as a 48 ms floor on batch submits.
@@ -447,13 +526,18 @@ async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
 async fn bootstrap_and_register(node: Node, addr: String) {
     let initialized = node.raft.is_initialized().await.unwrap_or(false);
     if !initialized && node.config.init {
-        let members = BTreeMap::from([(node.id, BasicNode { addr: addr.clone() })]);
+        let members = BTreeMap::from([(
+            node.id,
+            BasicNode {
+                addr: node.peer_addr.clone(),
+            },
+        )]);
         match node.raft.initialize(members).await {
             Ok(()) => tracing::info!(node = node.id, "initialized a new cluster"),
             Err(e) => tracing::warn!(error = %e, "initialize"),
         }
     } else if !initialized && !node.config.join.is_empty() {
-        join(&node, &addr, node.config.join.clone()).await;
+        join(&node, &node.peer_addr, node.config.join.clone()).await;
     } else if initialized && !node.departure.has_departed() {
         // A node that drained itself away (SIGTERM) and starts again is no longer a member: it
         // asks to be admitted again. For a member this is one cheap round trip (the leader
@@ -466,10 +550,10 @@ async fn bootstrap_and_register(node: Node, addr: String) {
                 targets.push(member.addr.clone());
             }
         }
-        targets.retain(|t| *t != addr);
+        targets.retain(|t| *t != node.peer_addr);
         if !targets.is_empty() {
-            let (node, addr) = (node.clone(), addr.clone());
-            tokio::spawn(async move { join(&node, &addr, targets).await });
+            let node = node.clone();
+            tokio::spawn(async move { join(&node, &node.peer_addr, targets).await });
         }
     }
     if node.departure.has_departed() {

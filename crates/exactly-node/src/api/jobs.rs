@@ -105,8 +105,15 @@ impl Jobs for JobsService {
         }
         // This replica may lag the leader by a few milliseconds: ask the leader before saying
         // the job does not exist.
-        if let Some((leader, addr)) = self.node.leader() {
+        if let Some((leader, _)) = self.node.leader() {
             if leader != self.node.id {
+                // The leader's public API (its Raft address may be a peer port).
+                let addr = self.node.api_addr_of(leader).ok_or_else(|| {
+                    Status::unavailable(format!(
+                        "job {id} is not on this node yet and leader {leader} has not registered \
+                         its address; retry"
+                    ))
+                })?;
                 let channel = crate::network::channel(&addr)
                     .map_err(|e| Status::unavailable(e.to_string()))?;
                 let mut client = pb::jobs_client::JobsClient::new(channel);

@@ -30,6 +30,12 @@ struct Args {
     /// Address other nodes and clients use to reach this node.
     #[arg(long, env = "EXACTLY_ADVERTISE")]
     advertise: Option<String>,
+    /// A separate listen address for node-to-node traffic (Raft, forwarded writes, joins).
+    #[arg(long, env = "EXACTLY_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
+    /// Address other nodes use to reach this node's peer listener.
+    #[arg(long, env = "EXACTLY_PEER_ADVERTISE")]
+    peer_advertise: Option<String>,
     /// HTTP address for /healthz, /readyz and /metrics.
     #[arg(long, env = "EXACTLY_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
@@ -66,6 +72,12 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if args.advertise.is_some() {
         config.advertise = args.advertise.clone();
+    }
+    if args.peer_listen.is_some() {
+        config.peer_listen = args.peer_listen;
+    }
+    if args.peer_advertise.is_some() {
+        config.peer_advertise = args.peer_advertise.clone();
     }
     if args.http_listen.is_some() {
         config.http_listen = args.http_listen;
@@ -104,6 +116,13 @@ async fn main() -> anyhow::Result<()> {
     let node = exactly_node::start(config, registry)
         .await
         .context("starting the node")?;
+    if node.peer_addr != node.addr {
+        println!(
+            "exactlyd node {} serves node-to-node traffic on {} (peer port)",
+            node.id(),
+            node.peer_addr
+        );
+    }
     match node.http_addr {
         Some(http) => println!(
             "exactlyd node {} listening on {} (gRPC API) and http://{http} (/healthz, /readyz, /metrics)",
