@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks a fresh local 3-node cluster (release build, fsync on) with N no-op jobs and prints
 # throughput and latency figures. Usage: scripts/bench.sh [JOBS] [extra `exactly bench` flags]
+# THEN="<flags>" runs a second `exactly bench` on the same cluster right after the first, e.g.
+# an overload and then the normal rate, to see how fast latency recovers:
+#   THEN="--rate 2000 --duration 10s" scripts/bench.sh 1 --rate 10000 --duration 60s --drain 1s
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${1:-100000}
@@ -17,10 +20,11 @@ cleanup() {
 trap cleanup EXIT INT TERM
 base=$((17000 + RANDOM % 2000))
 eps="127.0.0.1:$((base+1)),127.0.0.1:$((base+2)),127.0.0.1:$((base+3))"
-"$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base+1)) --data-dir "$dir/n1" --slots 1024 >"$dir/n1.log" 2>&1 &
+# Each node serves node-to-node traffic on its own peer port (`--peer-listen`, base + 10 + i).
+"$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base+1)) --peer-listen 127.0.0.1:$((base+11)) --data-dir "$dir/n1" --slots 1024 >"$dir/n1.log" 2>&1 &
 pids+=($!)
 for i in 2 3; do
-  "$bin/exactlyd" --join 127.0.0.1:$((base+1)) --node-id $i --listen 127.0.0.1:$((base+i)) --data-dir "$dir/n$i" --slots 1024 >"$dir/n$i.log" 2>&1 &
+  "$bin/exactlyd" --join 127.0.0.1:$((base+11)) --node-id $i --listen 127.0.0.1:$((base+i)) --peer-listen 127.0.0.1:$((base+10+i)) --data-dir "$dir/n$i" --slots 1024 >"$dir/n$i.log" 2>&1 &
   pids+=($!)
 done
 # Wait (at most 30 s) until all three nodes are members and registered.
@@ -30,3 +34,9 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 "$bin/exactly" --endpoints "$eps" bench --jobs "$jobs" "$@"
+if [[ -n "${THEN:-}" ]]; then
+  echo
+  echo "then, on the same cluster: exactly bench $THEN"
+  # shellcheck disable=SC2086 # THEN is a list of flags
+  "$bin/exactly" --endpoints "$eps" bench --jobs "$jobs" $THEN
+fi

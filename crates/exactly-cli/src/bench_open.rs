@@ -56,6 +56,11 @@ pub struct Second {
     pub not_sent: u64,
     /// Slowest answer of the second's requests, in milliseconds.
     pub slowest_answer_ms: u64,
+    /// 99th percentile of the second's acknowledged requests' submit latency, in milliseconds.
+    pub submit_p99_ms: u64,
+    /// 99th percentile of the end-to-end latency of the jobs acknowledged for this second's
+    /// requests (those seen finished), in milliseconds: how latency recovers after an overload.
+    pub end_to_end_p99_ms: u64,
 }
 
 /// The result of an open-loop run; `--json` prints exactly this.
@@ -197,6 +202,9 @@ pub async fn measure(client: &Client, plan: &OpenLoop) -> anyhow::Result<OpenRep
     let mut per_second = vec![Second::default(); seconds];
     let mut requests = Second::default();
     let mut submit_latency = histogram()?;
+    let mut submit_by_second = (0..seconds)
+        .map(|_| histogram())
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut slowest_refusal = Duration::ZERO;
     let mut refusal_latency = histogram()?;
     let mut refused_promptly = 0;
@@ -215,6 +223,7 @@ pub async fn measure(client: &Client, plan: &OpenLoop) -> anyhow::Result<OpenRep
             Answer::Acknowledged(ids) => {
                 s.acknowledged += 1;
                 submit_latency.saturating_record(micros(took));
+                submit_by_second[second].saturating_record(micros(took));
                 acknowledged.extend(ids.into_iter().map(|id| (id, scheduled)));
             }
             Answer::Refused => {
@@ -261,12 +270,29 @@ pub async fn measure(client: &Client, plan: &OpenLoop) -> anyhow::Result<OpenRep
     watcher.abort();
     let finished = finished.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut end_to_end = histogram()?;
+    let mut end_to_end_by_second = (0..seconds)
+        .map(|_| histogram())
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut finished_jobs = 0;
     for (id, scheduled) in &acknowledged {
         if let Some(at) = finished.get(id) {
             finished_jobs += 1;
-            end_to_end.saturating_record(micros(at.saturating_duration_since(*scheduled)));
+            let took = micros(at.saturating_duration_since(*scheduled));
+            end_to_end.saturating_record(took);
+            let second = ((*scheduled - started).as_secs() as usize).min(seconds - 1);
+            end_to_end_by_second[second].saturating_record(took);
         }
+    }
+    let p99_ms = |h: &Histogram<u64>| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(0.99) / 1000
+        }
+    };
+    for (i, s) in per_second.iter_mut().enumerate() {
+        s.submit_p99_ms = p99_ms(&submit_by_second[i]);
+        s.end_to_end_p99_ms = p99_ms(&end_to_end_by_second[i]);
     }
     Ok(OpenReport {
         rate: plan.rate,
@@ -351,17 +377,22 @@ pub fn render(r: &OpenReport) -> String {
             r.first_error.clone().unwrap_or_else(|| "-".into()),
         ),
     ]);
-    out.push_str("second  offered  acked  refused  unknown  errors  not-sent  slowest(ms)\n");
+    out.push_str(
+        "second  offered  acked  refused  unknown  errors  not-sent  slowest(ms)  \
+         submit-p99(ms)  e2e-p99(ms)\n",
+    );
     for (i, s) in r.per_second.iter().enumerate() {
         out.push_str(&format!(
-            "{i:>6}  {:>7}  {:>5}  {:>7}  {:>7}  {:>6}  {:>8}  {:>11}\n",
+            "{i:>6}  {:>7}  {:>5}  {:>7}  {:>7}  {:>6}  {:>8}  {:>11}  {:>14}  {:>11}\n",
             s.offered,
             s.acknowledged,
             s.refused,
             s.unknown,
             s.errors,
             s.not_sent,
-            s.slowest_answer_ms
+            s.slowest_answer_ms,
+            s.submit_p99_ms,
+            s.end_to_end_p99_ms
         ));
     }
     out
