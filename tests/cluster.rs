@@ -280,15 +280,7 @@ async fn get_through_any_node_shows_the_attempt() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .job_ids[0];
-    wait_for(Duration::from_secs(10), || {
-        cluster.nodes.iter().all(|n| {
-            n.node.read(|t| {
-                t.job(id)
-                    .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
-            })
-        })
-    })
-    .await?;
+    cluster.wait_succeeded(id, Duration::from_secs(10)).await?;
     for i in 0..3 {
         let job = cluster
             .jobs_client(i)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use exactly_core::{Command, NodeLease, Retention};
 use exactly_proto::internal::{Blob, SnapshotChunk};
-use exactly_tests::{ledger_job, wait_for, TestCluster};
+use exactly_tests::{ledger_job, TestCluster};
 use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, Vote};
 use tonic::Code;
 
@@ -21,15 +21,7 @@ async fn one_job_done(cluster: &TestCluster) -> anyhow::Result<u64> {
         .await?
         .into_inner();
     let id = reply.job_ids[0];
-    wait_for(Duration::from_secs(20), || {
-        cluster.nodes.iter().all(|n| {
-            n.node.read(|t| {
-                t.job(id)
-                    .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
-            })
-        })
-    })
-    .await?;
+    cluster.wait_succeeded(id, Duration::from_secs(20)).await?;
     Ok(id)
 }
 

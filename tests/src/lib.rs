@@ -144,6 +144,19 @@ impl TestCluster {
         .await
     }
 
+    /// Waits until every node has applied job `id` as succeeded, or fails after `limit`.
+    pub async fn wait_succeeded(&self, id: u64, limit: Duration) -> anyhow::Result<()> {
+        wait_for(limit, || {
+            self.nodes.iter().all(|n| {
+                n.node.read(|t| {
+                    t.job(id)
+                        .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
+                })
+            })
+        })
+        .await
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.nodes
             .iter()
