@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use exactly_core::{Command, NodeLease, Retention};
+use exactly_core::{Command, Expiry, NodeLease, Retention};
 use exactly_proto::internal::{Blob, SnapshotChunk};
 use exactly_tests::{ledger_job, TestCluster};
 use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, Vote};
@@ -90,14 +90,17 @@ async fn a_corrupt_snapshot_is_refused_and_the_node_keeps_its_data() -> anyhow::
 async fn a_peer_cannot_forward_what_only_the_leader_decides() -> anyhow::Result<()> {
     let cluster = TestCluster::start(3, |_| {}).await?;
     let done = one_job_done(&cluster).await?;
-    let (victim, incarnation) = cluster.nodes[0].node.read(|t| {
+    let (victim, incarnation, renewed_index) = cluster.nodes[0].node.read(|t| {
         let (id, entry) = t.nodes().iter().next().expect("a registered node");
-        (*id, entry.incarnation)
+        (*id, entry.incarnation, entry.renewed_index)
     });
     let forged = [
-        Command::Expire(NodeLease {
-            node: victim,
-            incarnation,
+        Command::Expire(Expiry {
+            lease: NodeLease {
+                node: victim,
+                incarnation,
+            },
+            renewed_index,
         }),
         Command::Retain(Retention {
             finished_before_ms: u64::MAX,

@@ -49,7 +49,7 @@ pub enum Command {
     Renew(Renewal),
     /// The leader found a node's lease lapsed (on its own monotonic clock, after waiting a full
     /// lease period since it became leader): abandon that incarnation's attempts.
-    Expire(NodeLease),
+    Expire(Expiry),
     /// A node announces its current incarnation and capacity. A newer incarnation proves the
     /// older one's process is gone, so its attempts are abandoned and their jobs requeued.
     RegisterNode(NodeRegistration),
@@ -262,6 +262,18 @@ pub struct NodeLease {
     pub incarnation: u64,
 }
 
+/// The leader's decision that a lease lapsed, with the registration or renewal its clock counted
+/// from. Applied only if that is still the incarnation's newest one (else
+/// [`Rejection::RenewedSince`]): a renewal committed after the leader last looked but applied
+/// before this entry restarted the node's lease, and the node may be running attempts under it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expiry {
+    pub lease: NodeLease,
+    /// Log index of the registration or renewal the silence was measured from
+    /// ([`crate::NodeEntry::renewed_index`] when the leader decided).
+    pub renewed_index: u64,
+}
+
 /// A lease renewal, with how far the renewing node has applied the log.
 ///
 /// A node whose renewals reach the leader (they are forwarded) but which receives no log (the
@@ -373,6 +385,13 @@ pub enum Rejection {
     TooManyLeaving { got: usize, max: usize },
     #[error("node {0} is not leaving")]
     NotLeaving(NodeId),
+    #[error("node {node} incarnation {incarnation} renewed at index {renewed}, after the renewal at index {counted_from} this expiry counted from")]
+    RenewedSince {
+        node: NodeId,
+        incarnation: u64,
+        counted_from: u64,
+        renewed: u64,
+    },
 }
 
 /// What applying one entry returns to the proposer.

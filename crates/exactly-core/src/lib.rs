@@ -18,9 +18,9 @@ pub mod scheduler;
 pub mod state;
 
 pub use command::{
-    Assignment, Command, Completion, DeadFilter, DrainNode, Effect, JobEvent, LeaveReason, NewJob,
-    NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection, Renewal, Request, Response,
-    Retention, StartAttempt, Submitted,
+    Assignment, Command, Completion, DeadFilter, DrainNode, Effect, Expiry, JobEvent, LeaveReason,
+    NewJob, NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection, Renewal, Request,
+    Response, Retention, StartAttempt, Submitted,
 };
 pub use job::{Attempt, AttemptEnd, Backoff, Job, JobStatus, StateCounts};
 pub use limits::Limits;

@@ -51,6 +51,10 @@ pub struct NodeEntry {
     /// (see [`crate::Renewal`]).
     #[serde(default)]
     pub renewal_marks: std::collections::VecDeque<(u64, u64)>,
+    /// Log index of this incarnation's registration or newest accepted renewal. An
+    /// [`crate::Expiry`] names the one its leader counted from and is refused if a later one was
+    /// accepted since (the leader decided on a stale view).
+    pub renewed_index: u64,
 }
 
 /// One queue's settings and scheduling indexes. A queue exists while it has live jobs or
@@ -410,7 +414,7 @@ impl JobTable {
             Command::Assign(assignments) => self.assign(log_index, assignments, effects),
             Command::Complete(completions) => self.complete(completions, entropy, effects),
             Command::Renew(renewal) => Response::Renewed(self.renew(log_index, renewal, effects)),
-            Command::Expire(lease) => Response::Expired(self.expire(lease, entropy, effects)),
+            Command::Expire(expiry) => Response::Expired(self.expire(expiry, entropy, effects)),
             Command::RegisterNode(registration) => Response::NodeRegistered(self.register_node(
                 log_index,
                 registration,

@@ -19,8 +19,8 @@ use exactly_core::limits::{
 };
 use exactly_core::state::{retry_delay_ms, validate_new_job};
 use exactly_core::{
-    plan_assignments, Assignment, Backoff, Command, Completion, DeadFilter, Effect, Job, JobId,
-    JobStatus, JobTable, NewJob, NodeId, NodeLease, NodeRegistration, Outcome, QueueConfig,
+    plan_assignments, Assignment, Backoff, Command, Completion, DeadFilter, Effect, Expiry, Job,
+    JobId, JobStatus, JobTable, NewJob, NodeId, NodeLease, NodeRegistration, Outcome, QueueConfig,
     QueuePatch, RateLimit, Rejection, Renewal, Request, Response, StartAttempt, StateCounts,
     Submitted,
 };
@@ -119,10 +119,13 @@ enum Op {
         node: NodeId,
         incarnation_delta: i64,
     },
-    /// A lease expiry for the node's current incarnation plus a delta.
+    /// A lease expiry for the node's current incarnation plus a delta, counted from its newest
+    /// renewal or (`stale`) from an earlier index, as a leader that had not yet applied the
+    /// newest one would.
     Expire {
         node: NodeId,
         incarnation_delta: i64,
+        stale: bool,
     },
     /// Change a queue's settings (a rate period of 0 is invalid and refused).
     Configure {
@@ -274,8 +277,16 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         1 => (1..=REGISTRABLE, prop_oneof![6 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)])
             .prop_map(|(node, incarnation_delta)| Op::Renew { node, incarnation_delta }),
-        1 => (1..=REGISTRABLE, prop_oneof![6 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)])
-            .prop_map(|(node, incarnation_delta)| Op::Expire { node, incarnation_delta }),
+        1 => (
+            1..=REGISTRABLE,
+            prop_oneof![6 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)],
+            prop_oneof![3 => Just(false), 1 => Just(true)],
+        )
+            .prop_map(|(node, incarnation_delta, stale)| Op::Expire {
+                node,
+                incarnation_delta,
+                stale,
+            }),
         2 => configure_op(),
         1 => (proptest::collection::vec(job_pick(JobPick::Dead), 0..3), 0u32..3)
             .prop_map(|(picks, max)| Op::Redrive { picks, max }),
@@ -356,6 +367,8 @@ struct ModelNode {
     incarnation: u64,
     slots: u32,
     expired: bool,
+    /// Log index of the registration or newest accepted renewal.
+    renewed_index: u64,
 }
 
 /// What an idempotency key is bound to: (queue, kind, payload).
@@ -655,9 +668,13 @@ impl Model {
                     .map(|&id| (id, self.cancel(id, &mut effects)))
                     .collect(),
             ),
-            Command::RegisterNode(r) => Response::NodeRegistered(self.register(r, &mut effects)),
-            Command::Renew(lease) => Response::Renewed(self.renew(&lease.lease, &mut effects)),
-            Command::Expire(lease) => Response::Expired(self.expire(lease, &mut effects)),
+            Command::RegisterNode(r) => {
+                Response::NodeRegistered(self.register(index, r, &mut effects))
+            }
+            Command::Renew(lease) => {
+                Response::Renewed(self.renew(index, &lease.lease, &mut effects))
+            }
+            Command::Expire(expiry) => Response::Expired(self.expire(expiry, &mut effects)),
             Command::ConfigureQueue { queue, patch } => {
                 Response::QueueConfigured(self.configure(queue, patch))
             }
@@ -916,6 +933,7 @@ impl Model {
 
     fn register(
         &mut self,
+        index: u64,
         r: &NodeRegistration,
         effects: &mut Vec<Effect>,
     ) -> Result<u32, Rejection> {
@@ -948,6 +966,7 @@ impl Model {
                 incarnation: r.incarnation,
                 slots: r.slots,
                 expired,
+                renewed_index: index,
             },
         );
         let lost = self.ids_where(|j| {
@@ -977,21 +996,40 @@ impl Model {
         Ok(node)
     }
 
-    fn renew(&mut self, lease: &NodeLease, effects: &mut Vec<Effect>) -> Result<(), Rejection> {
+    fn renew(
+        &mut self,
+        index: u64,
+        lease: &NodeLease,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), Rejection> {
         if self.current(lease)?.expired {
             return Err(Rejection::Expired {
                 node: lease.node,
                 incarnation: lease.incarnation,
             });
         }
+        if let Some(n) = self.nodes.get_mut(&lease.node) {
+            n.renewed_index = index;
+        }
         effects.push(Effect::Renewed(*lease));
         Ok(())
     }
 
-    /// Expiry abandons every attempt running on the node, whatever its incarnation.
-    fn expire(&mut self, lease: &NodeLease, effects: &mut Vec<Effect>) -> Result<u32, Rejection> {
-        if self.current(lease)?.expired {
+    /// Expiry abandons every attempt running on the node, whatever its incarnation, unless the
+    /// node renewed after the renewal the expiry counted from.
+    fn expire(&mut self, expiry: &Expiry, effects: &mut Vec<Effect>) -> Result<u32, Rejection> {
+        let lease = &expiry.lease;
+        let node = self.current(lease)?;
+        if node.expired {
             return Ok(0);
+        }
+        if node.renewed_index != expiry.renewed_index {
+            return Err(Rejection::RenewedSince {
+                node: lease.node,
+                incarnation: lease.incarnation,
+                counted_from: expiry.renewed_index,
+                renewed: node.renewed_index,
+            });
         }
         if let Some(n) = self.nodes.get_mut(&lease.node) {
             n.expired = true;
@@ -1128,11 +1166,20 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
         Op::Expire {
             node,
             incarnation_delta,
+            stale,
         } => {
             let current = model.nodes.get(node).map_or(0, |n| n.incarnation) as i64;
-            Command::Expire(NodeLease {
-                node: *node,
-                incarnation: (current + incarnation_delta).max(0) as u64,
+            let renewed = model.nodes.get(node).map_or(0, |n| n.renewed_index);
+            Command::Expire(Expiry {
+                lease: NodeLease {
+                    node: *node,
+                    incarnation: (current + incarnation_delta).max(0) as u64,
+                },
+                renewed_index: if *stale {
+                    renewed.saturating_sub(1)
+                } else {
+                    renewed
+                },
             })
         }
         Op::Register {
@@ -1491,8 +1538,13 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
         for (id, node) in &model.nodes {
             let entry = a.nodes().get(id);
             prop_assert_eq!(
-                entry.map(|e| (e.incarnation, e.slots)),
-                Some((node.incarnation, node.slots))
+                entry.map(|e| (e.incarnation, e.slots, e.expired, e.renewed_index)),
+                Some((
+                    node.incarnation,
+                    node.slots,
+                    node.expired,
+                    node.renewed_index
+                ))
             );
         }
         prop_assert_eq!(a.nodes().len(), model.nodes.len());

@@ -2315,13 +2315,11 @@ fn every_transition_emits_one_event() {
     let t2 = h.assign(due, 1, 2, 1);
     h.register(due + 1, 2, 2, 10);
     let t3 = h.assign(due + 2, 1, 1, 1);
-    h.apply(
-        due + 3,
-        Command::Expire(exactly_core::NodeLease {
-            node: 1,
-            incarnation: 1,
-        }),
-    );
+    let expiry = h.expiry(exactly_core::NodeLease {
+        node: 1,
+        incarnation: 1,
+    });
+    h.apply(due + 3, expiry);
     let t4 = h.assign(due + 4, 1, 2, 2);
     h.complete(due + 5, 1, t4, succeeded(b""));
     let q = "mail";

@@ -1312,6 +1312,7 @@ fn register_node_records_it_and_same_incarnation_keeps_attempts() {
             renewed_at_ms: 0,
             expired: false,
             renewal_marks: [(1, NOW)].into(),
+            renewed_index: 1,
         })
     );
 
@@ -1340,6 +1341,7 @@ fn register_node_records_it_and_same_incarnation_keeps_attempts() {
             expired: false,
             // A mark less than 1/32 of the lag window after the previous one is not kept.
             renewal_marks: [(1, NOW)].into(),
+            renewed_index: 4,
         })
     );
     assert_eq!(h.job(1).current_attempt().map(|a| a.token), Some(token));
@@ -1755,7 +1757,7 @@ fn renewals_count_only_for_the_current_unexpired_incarnation() {
     assert_eq!(response, Response::Renewed(Err(Rejection::UnknownNode(9))));
     assert_eq!(h.table.nodes(), before.nodes());
 
-    h.apply(NOW + 7, Command::Expire(lease));
+    h.apply(NOW + 7, h.expiry(lease));
     let (response, effects) = h.apply(NOW + 8, renew(lease));
     assert_eq!(
         response,
@@ -1765,6 +1767,69 @@ fn renewals_count_only_for_the_current_unexpired_incarnation() {
         }))
     );
     assert!(effects.is_empty());
+}
+
+/// An expiry counted from a renewal older than the incarnation's newest is refused and changes
+/// nothing: the leader decided before it had applied that renewal (committed while the Expire
+/// was on its way), and the node, whose lease counts from the renewal's send time, may be running
+/// attempts. Found by chaos seed 35: the job ran on the renewed node and on the node its expiry
+/// requeued it to, at once. A re-registration of the same incarnation counts as a renewal.
+#[test]
+fn an_expiry_that_missed_a_renewal_is_refused() {
+    let mut h = Harness::new();
+    h.register(NOW, 7, 3, 4);
+    let registered = h.index;
+    h.submit(NOW, vec![new_job("q", "noop", b"a")]);
+    let token = h.assign(NOW, 1, 7, 3);
+    let lease = exactly_core::NodeLease {
+        node: 7,
+        incarnation: 3,
+    };
+    let counted_from = |renewed_index| {
+        Command::Expire(exactly_core::Expiry {
+            lease,
+            renewed_index,
+        })
+    };
+    h.apply(NOW + 500, renew(lease));
+    let renewed = h.index;
+    assert_eq!(h.table.nodes()[&7].renewed_index, renewed);
+
+    let before = h.table.clone();
+    let (response, effects) = h.apply(NOW + 500, counted_from(registered));
+    assert_eq!(
+        response,
+        Response::Expired(Err(Rejection::RenewedSince {
+            node: 7,
+            incarnation: 3,
+            counted_from: registered,
+            renewed,
+        }))
+    );
+    assert!(effects.is_empty());
+    assert_eq!(h.table, before, "a refused expiry changes nothing");
+    assert_eq!(h.job(1).current_attempt().map(|a| a.token), Some(token));
+    // An index the node never renewed at (a forged or confused expiry) is refused too.
+    assert!(matches!(
+        h.apply(NOW + 500, counted_from(renewed + 1)).0,
+        Response::Expired(Err(Rejection::RenewedSince { .. }))
+    ));
+
+    // The same incarnation registering again restarts the count as well.
+    h.apply(NOW + 700, registration(7, 3, 4));
+    let reregistered = h.index;
+    assert!(matches!(
+        h.apply(NOW + 800, counted_from(renewed)).0,
+        Response::Expired(Err(Rejection::RenewedSince { .. }))
+    ));
+
+    // Counted from the newest, it applies.
+    assert_eq!(
+        h.apply(NOW + 900, counted_from(reregistered)).0,
+        Response::Expired(Ok(1))
+    );
+    assert!(h.table.nodes()[&7].expired);
+    assert_eq!(h.job(1).status, JobStatus::Pending);
 }
 
 /// Expiring a lease abandons that node's attempts (jobs requeued, payloads kept), refuses new
@@ -1783,7 +1848,7 @@ fn expiry_abandons_attempts_and_fences_the_incarnation() {
         node: 7,
         incarnation: 3,
     };
-    let (response, effects) = h.apply(NOW + 10, Command::Expire(lease));
+    let (response, effects) = h.apply(NOW + 10, h.expiry(lease));
     assert_eq!(response, Response::Expired(Ok(1)));
     assert!(
         effects.is_empty(),
@@ -1794,7 +1859,7 @@ fn expiry_abandons_attempts_and_fences_the_incarnation() {
     assert_eq!(h.table.running_on(7), 0);
     // Expiring twice is a no-op.
     assert_eq!(
-        h.apply(NOW + 11, Command::Expire(lease)).0,
+        h.apply(NOW + 11, h.expiry(lease)).0,
         Response::Expired(Ok(0))
     );
     // No new work for the expired incarnation.
@@ -2014,7 +2079,7 @@ fn removal_waits_for_running_attempts_and_refuses_the_node_forever() {
         Response::Renewed(Err(Rejection::Removed(7)))
     );
     assert_eq!(
-        h.apply(NOW + 4, Command::Expire(lease)).0,
+        h.apply(NOW + 4, h.expiry(lease)).0,
         Response::Expired(Err(Rejection::Removed(7)))
     );
     assert_eq!(
@@ -2057,7 +2122,7 @@ fn expired_and_unregistered_nodes_can_be_removed() {
         incarnation: 1,
     };
     assert_eq!(
-        h.apply(NOW + 6_000, Command::Expire(lease)).0,
+        h.apply(NOW + 6_000, h.expiry(lease)).0,
         Response::Expired(Ok(1))
     );
     assert_eq!(h.job(1).status, JobStatus::Pending);

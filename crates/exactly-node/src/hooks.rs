@@ -7,7 +7,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use exactly_core::{NodeLease, StartAttempt};
@@ -26,9 +25,9 @@ pub struct Hooks {
     pub wake_pending: AtomicBool,
     /// Applied index, for /readyz and tests.
     pub applied: std::sync::atomic::AtomicU64,
-    /// When this replica applied each incarnation's last lease renewal (its monotonic clock).
-    /// Only the leader acts on it (see `lease.rs`).
-    pub renewals: Mutex<HashMap<NodeLease, Instant>>,
+    /// When this replica applied each incarnation's newest lease renewal or registration (its
+    /// log index, this process's monotonic clock). Only the leader acts on it (see `lease.rs`).
+    pub renewals: Mutex<crate::lease::Renewals>,
     /// Job events for Watch streams.
     pub events: std::sync::Arc<crate::events::EventHub>,
 }
@@ -68,11 +67,11 @@ impl ApplyObserver for Hooks {
         }
     }
 
-    fn on_renewed(&self, lease: NodeLease) {
+    fn on_renewed(&self, lease: NodeLease, index: u64) {
         let mut renewals = self.renewals.lock().unwrap_or_else(|p| p.into_inner());
         // One entry per node: a newer incarnation replaces the older one's.
         renewals.retain(|l, _| l.node != lease.node || l.incarnation >= lease.incarnation);
-        renewals.insert(lease, Instant::now());
+        renewals.insert(lease, (index, Instant::now()));
     }
 
     fn on_applied(&self, index: u64) {

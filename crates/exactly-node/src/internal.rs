@@ -341,9 +341,12 @@ mod tests {
             ),
             (Command::Assign(Vec::new()), Some(Code::PermissionDenied)),
             (
-                Command::Expire(NodeLease {
-                    node: 2,
-                    incarnation: 1,
+                Command::Expire(exactly_core::Expiry {
+                    lease: NodeLease {
+                        node: 2,
+                        incarnation: 1,
+                    },
+                    renewed_index: 7,
                 }),
                 Some(Code::PermissionDenied),
             ),

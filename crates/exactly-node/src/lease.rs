@@ -22,7 +22,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use exactly_core::{Command, NodeLease, NodeRegistration, Rejection, Renewal, Response};
+use exactly_core::{Command, Expiry, NodeLease, NodeRegistration, Rejection, Renewal, Response};
 
 use crate::config::LEASE_CHECK_INTERVAL;
 use crate::node::Node;
@@ -230,69 +230,247 @@ enum Renewed {
 /// time, rounded up; a renewal answered later than that extends nothing).
 pub const RENEWALS_IN_FLIGHT_MAX: usize = 8;
 
+/// When this replica applied each incarnation's newest renewal or registration: (its log index,
+/// this process's monotonic clock). Filled by the apply hook (`Hooks::on_renewed`).
+pub type Renewals = std::collections::HashMap<NodeLease, (u64, Instant)>;
+
 /// The leader's view of its members' leases.
 pub struct LeaseWatch {
     /// When this node became leader (the scheduler actor started): the expiry clock of a lease
     /// this process never saw renewed or registered starts here.
     leader_since: Instant,
+    /// The log index this replica had applied then: a renewal at or below it was applied
+    /// before `leader_since` (or came in a snapshot, which a leader never installs).
+    applied_at_start: u64,
 }
 
 impl LeaseWatch {
-    pub fn new() -> Self {
+    pub fn new(applied_at_start: u64) -> Self {
         Self {
             leader_since: Instant::now(),
+            applied_at_start,
         }
     }
 
-    /// Incarnations whose lease lapsed on this leader's clock, and nodes that should get no new
-    /// work because no renewal of theirs applied here for [`QUIET_AFTER_RENEWALS`] renew
-    /// intervals.
-    ///
-    /// Expiry counts from the moment *this process* applied the incarnation's last renewal or
-    /// registration, even as a follower, and from its election for one it never saw applied.
-    /// That is safe (invariant 6) because the node counted that renewal from its *send* time,
-    /// which came before any replica applied it; and complete because nothing is expired before
-    /// this leader has applied an entry of its own term, by which point it has applied every
-    /// renewal any earlier leader committed (they precede that entry in its log). So a dead
-    /// leader's jobs move as soon as a dead follower's would, not a full lease period after the
-    /// election.
+    /// Reads the table, then the renewals this replica applied (in that order, see
+    /// [`review`]), and decides.
     pub fn review(
-        &mut self,
+        &self,
         node: &Node,
-        renewed: &std::collections::HashMap<NodeLease, Instant>,
-    ) -> (Vec<NodeLease>, std::collections::BTreeSet<u64>) {
-        let now = Instant::now();
-        let lease = &node.config.lease;
-        let current: Vec<NodeLease> = node.read(|t| {
+        renewals: &std::sync::Mutex<Renewals>,
+    ) -> (Vec<Expiry>, std::collections::BTreeSet<u64>) {
+        let current: Vec<(NodeLease, u64)> = node.read(|t| {
             t.nodes()
                 .iter()
                 .filter(|(_, n)| !n.expired)
-                .map(|(&id, n)| NodeLease {
-                    node: id,
-                    incarnation: n.incarnation,
+                .map(|(&id, n)| {
+                    let lease = NodeLease {
+                        node: id,
+                        incarnation: n.incarnation,
+                    };
+                    (lease, n.renewed_index)
                 })
                 .collect()
         });
         let settled = node.applied_own_term();
-        let mut expire = Vec::new();
-        let mut quiet = std::collections::BTreeSet::new();
-        for l in current {
-            let last = renewed.get(&l).copied().unwrap_or(self.leader_since);
-            let silent = now.saturating_duration_since(last);
-            if settled && silent > lease.expire_after {
-                expire.push(l);
-            }
-            if silent > lease.renew_interval * QUIET_AFTER_RENEWALS {
-                quiet.insert(l.node);
-            }
-        }
-        (expire, quiet)
+        let renewed = renewals.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let inputs = ReviewInputs {
+            now: Instant::now(),
+            leader_since: self.leader_since,
+            applied_at_start: self.applied_at_start,
+            settled,
+            expire_after: node.config.lease.expire_after,
+            quiet_after: node.config.lease.renew_interval * QUIET_AFTER_RENEWALS,
+        };
+        review(&inputs, &current, &renewed)
     }
 }
 
-impl Default for LeaseWatch {
-    fn default() -> Self {
-        Self::new()
+/// Everything [`review`] decides from besides the leases.
+#[derive(Clone, Copy, Debug)]
+pub struct ReviewInputs {
+    pub now: Instant,
+    pub leader_since: Instant,
+    pub applied_at_start: u64,
+    /// This leader has applied an entry of its own term.
+    pub settled: bool,
+    pub expire_after: Duration,
+    pub quiet_after: Duration,
+}
+
+/// Incarnations whose lease lapsed on this leader's clock, each with the renewal its silence
+/// was measured from, and nodes that should get no new work because no renewal of theirs
+/// applied here for `quiet_after`. `current` holds each unexpired incarnation with the index of
+/// its newest renewal as the table had it; `renewed` was read after the table.
+///
+/// Expiry counts from the moment *this process* applied the incarnation's newest renewal or
+/// registration, even as a follower, and from its election for one it never saw applied.
+/// That is safe (invariant 6) because the node counted that renewal from its *send* time,
+/// which came before any replica applied it; and complete because nothing is expired before
+/// this leader has applied an entry of its own term, by which point it has applied every
+/// renewal any earlier leader committed (they precede that entry in its log). So a dead
+/// leader's jobs move as soon as a dead follower's would, not a full lease period after the
+/// election.
+///
+/// The [`Expiry`] names the renewal counted from, and the state machine refuses it if a later
+/// one was accepted before the expiry's entry: a renewal committed while this leader had not
+/// yet applied it (chaos seed 35 ran a job twice that way). A renewal the table shows but whose
+/// apply time this process has not recorded yet (the hook runs just after the apply) counts as
+/// just made.
+pub fn review(
+    inputs: &ReviewInputs,
+    current: &[(NodeLease, u64)],
+    renewed: &Renewals,
+) -> (Vec<Expiry>, std::collections::BTreeSet<u64>) {
+    let mut expire = Vec::new();
+    let mut quiet = std::collections::BTreeSet::new();
+    for &(lease, table_index) in current {
+        let (counted_from, last) = match renewed.get(&lease) {
+            Some(&(index, at)) if index >= table_index => (index, at),
+            None if table_index <= inputs.applied_at_start => (table_index, inputs.leader_since),
+            // Applied after the table was read is covered above; here the table has a renewal
+            // this process applied but whose time the hook has not recorded yet.
+            _ => continue,
+        };
+        let silent = inputs.now.saturating_duration_since(last);
+        if inputs.settled && silent > inputs.expire_after {
+            expire.push(Expiry {
+                lease,
+                renewed_index: counted_from,
+            });
+        }
+        if silent > inputs.quiet_after {
+            quiet.insert(lease.node);
+        }
+    }
+    (expire, quiet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXPIRE: Duration = Duration::from_millis(3_000);
+    const QUIET: Duration = Duration::from_millis(1_500);
+
+    fn lease(node: u64, incarnation: u64) -> NodeLease {
+        NodeLease { node, incarnation }
+    }
+
+    fn inputs(start: Instant, elapsed_ms: u64, applied_at_start: u64) -> ReviewInputs {
+        ReviewInputs {
+            now: start + Duration::from_millis(elapsed_ms),
+            leader_since: start,
+            applied_at_start,
+            settled: true,
+            expire_after: EXPIRE,
+            quiet_after: QUIET,
+        }
+    }
+
+    /// The silence is measured from the renewal this process applied, and the expiry names it.
+    #[test]
+    fn silence_counts_from_the_applied_renewal_and_the_expiry_names_it() {
+        let start = Instant::now();
+        let renewed: Renewals = [(lease(1, 1), (40, start + Duration::from_millis(500)))].into();
+        let current = [(lease(1, 1), 40)];
+        let (expire, quiet) = review(&inputs(start, 2_000, 10), &current, &renewed);
+        assert!(expire.is_empty());
+        assert!(
+            quiet.is_empty(),
+            "silent 1.5 s is not more than quiet-after"
+        );
+        let (expire, quiet) = review(&inputs(start, 2_100, 10), &current, &renewed);
+        assert!(expire.is_empty());
+        assert_eq!(quiet, [1].into());
+        let (expire, _) = review(&inputs(start, 3_501, 10), &current, &renewed);
+        assert_eq!(
+            expire,
+            vec![Expiry {
+                lease: lease(1, 1),
+                renewed_index: 40
+            }]
+        );
+    }
+
+    /// Nothing expires before the leader applied an entry of its own term.
+    #[test]
+    fn an_unsettled_leader_expires_nothing() {
+        let start = Instant::now();
+        let renewed: Renewals = [(lease(1, 1), (40, start))].into();
+        let mut at = inputs(start, 10_000, 10);
+        at.settled = false;
+        let (expire, quiet) = review(&at, &[(lease(1, 1), 40)], &renewed);
+        assert!(expire.is_empty());
+        assert_eq!(quiet, [1].into(), "quiet is only a hint: it does not wait");
+    }
+
+    /// An incarnation renewed before this leader's time (applied before it led, or loaded from a
+    /// snapshot) is counted from the election.
+    #[test]
+    fn a_renewal_from_before_the_election_counts_from_the_election() {
+        let start = Instant::now();
+        let current = [(lease(2, 5), 9)];
+        let none = Renewals::new();
+        assert!(review(&inputs(start, 3_000, 10), &current, &none)
+            .0
+            .is_empty());
+        assert_eq!(
+            review(&inputs(start, 3_001, 10), &current, &none).0,
+            vec![Expiry {
+                lease: lease(2, 5),
+                renewed_index: 9
+            }]
+        );
+    }
+
+    /// A renewal the table holds but whose apply this process has not yet recorded (the hook
+    /// runs just after the apply) is not silence: counting it from the election or from an older
+    /// renewal would expire a lease its node just renewed.
+    #[test]
+    fn a_renewal_not_yet_recorded_is_not_silence() {
+        let start = Instant::now();
+        let current = [(lease(1, 1), 50)];
+        let older: Renewals = [(lease(1, 1), (40, start))].into();
+        let at = inputs(start, 60_000, 10);
+        assert_eq!(review(&at, &current, &older), (vec![], [].into()));
+        let none = Renewals::new();
+        assert_eq!(review(&at, &current, &none), (vec![], [].into()));
+    }
+
+    /// The renewals map may be newer than the table read before it: the newer renewal counts.
+    #[test]
+    fn a_renewal_recorded_after_the_table_read_counts() {
+        let start = Instant::now();
+        let renewed: Renewals = [(lease(1, 1), (60, start + Duration::from_millis(4_000)))].into();
+        let at = inputs(start, 7_001, 10);
+        assert_eq!(
+            review(&at, &[(lease(1, 1), 50)], &renewed).0,
+            vec![Expiry {
+                lease: lease(1, 1),
+                renewed_index: 60
+            }]
+        );
+        assert!(
+            review(&inputs(start, 6_000, 10), &[(lease(1, 1), 50)], &renewed)
+                .0
+                .is_empty()
+        );
+    }
+
+    /// A recorded renewal of another incarnation says nothing about this one.
+    #[test]
+    fn another_incarnations_renewal_does_not_count() {
+        let start = Instant::now();
+        let renewed: Renewals = [(lease(1, 1), (40, start + Duration::from_secs(60)))].into();
+        let (expire, _) = review(&inputs(start, 3_001, 45), &[(lease(1, 2), 45)], &renewed);
+        assert_eq!(
+            expire,
+            vec![Expiry {
+                lease: lease(1, 2),
+                renewed_index: 45
+            }]
+        );
     }
 }
 

@@ -105,12 +105,13 @@ impl Actor for Scheduler {
     ) -> Result<SchedulerState, ActorProcessingErr> {
         myself.send_interval(SCHEDULER_TICK, || SchedulerMsg::Tick);
         let _ = myself.send_message(SchedulerMsg::Wake);
+        let leases = LeaseWatch::new(node.state.last_applied().map_or(0, |l| l.index));
         Ok(SchedulerState {
             node,
             hooks,
             in_flight: false,
             again: false,
-            leases: LeaseWatch::new(),
+            leases,
             quiet: BTreeSet::new(),
             expiring: BTreeSet::new(),
             expiry_logged: BTreeSet::new(),
@@ -202,16 +203,12 @@ impl SchedulerState {
 
     /// Expires leases that lapsed on this leader's clock (one proposal per lease at a time).
     fn review_leases(&mut self, myself: &ActorRef<SchedulerMsg>) {
-        let renewed = self
-            .hooks
-            .renewals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let (expire, quiet) = self.leases.review(&self.node, &renewed);
+        let (expire, quiet) = self.leases.review(&self.node, &self.hooks.renewals);
         self.quiet = quiet;
-        self.expiry_logged.retain(|l| expire.contains(l));
-        for lease in expire {
+        self.expiry_logged
+            .retain(|l| expire.iter().any(|e| e.lease == *l));
+        for expiry in expire {
+            let lease = expiry.lease;
             if !self.expiring.insert(lease) {
                 continue;
             }
@@ -227,8 +224,10 @@ impl SchedulerState {
             tokio::spawn(async move {
                 let budget = node.config.limits.propose_timeout;
                 let reply =
-                    tokio::time::timeout(budget, node.write_local(Command::Expire(lease))).await;
+                    tokio::time::timeout(budget, node.write_local(Command::Expire(expiry))).await;
                 if let Ok(ForwardReply::Committed(r, _)) = reply {
+                    // Refused (RenewedSince) if the node renewed after the renewal this expiry
+                    // counted from: the next review counts from the newer one.
                     tracing::info!(?r, node = lease.node, "expiry committed");
                 }
                 let _ = me.send_message(SchedulerMsg::Expired(lease));

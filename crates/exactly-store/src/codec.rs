@@ -2,10 +2,10 @@
 //! later release can read old data or refuse it with a clear error instead of misreading it.
 //!
 //! - Structured values (log entries, vote, log ids, node id, incarnation, snapshot metadata and
-//!   the snapshot body) are `[FORMAT_V1][postcard]`. postcard round-trips every openraft 0.9.25
+//!   the snapshot body) are `[FORMAT][postcard]`. postcard round-trips every openraft 0.9.25
 //!   type we store (the openraft storage suite checks it: openraft's types use no
 //!   `skip_serializing_if`, `flatten` or untagged enums outside its compat module).
-//! - Payloads are `[FORMAT_V1][raw bytes]`: they are opaque, and skipping serde keeps them cheap.
+//! - Payloads are `[FORMAT][raw bytes]`: they are opaque, and skipping serde keeps them cheap.
 //! - Keys that are indexes or job ids are big-endian `u64`, so sled's byte order is numeric order.
 
 use serde::de::DeserializeOwned;
@@ -13,12 +13,17 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// The first (and current) version of every persisted value.
-pub(crate) const FORMAT_V1: u8 = 1;
+/// The version of every persisted value. postcard is not self-describing, so any change to a
+/// stored type is a new version:
+/// - 1: the first.
+/// - 2: `NodeEntry::renewed_index` and `Command::Expire(Expiry)` (an expiry names the renewal it
+///   counted from). Data of version 1 is refused ("unknown format version 1"): there is no
+///   migration before the formats are versioned per type (issue 14).
+pub(crate) const FORMAT: u8 = 2;
 
-/// Encodes `value` as `[FORMAT_V1][postcard]`.
+/// Encodes `value` as `[FORMAT][postcard]`.
 pub(crate) fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Vec<u8>> {
-    postcard::to_extend(value, vec![FORMAT_V1]).map_err(|e| Error::Encode {
+    postcard::to_extend(value, vec![FORMAT]).map_err(|e| Error::Encode {
         what,
         detail: e.to_string(),
     })
@@ -27,7 +32,7 @@ pub(crate) fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Re
 /// Returns the body of a versioned value, refusing unknown versions.
 pub(crate) fn versioned_body<'a>(what: &'static str, bytes: &'a [u8]) -> Result<&'a [u8]> {
     match bytes.split_first() {
-        Some((&FORMAT_V1, body)) => Ok(body),
+        Some((&FORMAT, body)) => Ok(body),
         Some((version, _)) => Err(Error::corrupt(
             what,
             format!("unknown format version {version}"),
@@ -49,10 +54,10 @@ pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
     Ok(value)
 }
 
-/// Frames raw bytes as `[FORMAT_V1][bytes]`.
+/// Frames raw bytes as `[FORMAT][bytes]`.
 pub(crate) fn encode_raw(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len() + 1);
-    out.push(FORMAT_V1);
+    out.push(FORMAT);
     out.extend_from_slice(bytes);
     out
 }
@@ -77,15 +82,20 @@ mod tests {
     #[test]
     fn versioned_values_round_trip_and_refuse_garbage() {
         let bytes = encode("test", &(7u64, "x".to_string())).unwrap();
-        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(bytes[0], FORMAT);
         let back: (u64, String) = decode("test", &bytes).unwrap();
         assert_eq!(back, (7, "x".to_string()));
 
-        let mut wrong = bytes.clone();
-        wrong[0] = 99;
-        assert!(decode::<(u64, String)>("test", &wrong)
-            .unwrap_err()
-            .is_corruption());
+        for version in [1, 99] {
+            // 1: written before `NodeEntry::renewed_index`; refused, never misread.
+            let mut wrong = bytes.clone();
+            wrong[0] = version;
+            let err = decode::<(u64, String)>("test", &wrong).unwrap_err();
+            assert!(err.is_corruption());
+            assert!(err
+                .to_string()
+                .contains(&format!("unknown format version {version}")));
+        }
         assert!(decode::<u64>("test", &[]).unwrap_err().is_corruption());
         let mut long = bytes;
         long.push(0);

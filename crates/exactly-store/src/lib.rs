@@ -69,9 +69,10 @@ pub trait ApplyObserver: Send + Sync + 'static {
     /// Entries up to `index` were applied, or a snapshot up to `index` was installed (wakes
     /// the scheduler and watchers).
     fn on_applied(&self, index: u64);
-    /// A lease renewal of `lease` committed. The leader restarts that node's expiry clock here
-    /// (on its own monotonic clock); other replicas ignore it.
-    fn on_renewed(&self, _lease: exactly_core::NodeLease) {}
+    /// A lease renewal (or registration) of `lease` at log `index` was applied. The leader
+    /// restarts that node's expiry clock here (on its own monotonic clock) and names `index` in
+    /// the expiry it may propose later; other replicas ignore it.
+    fn on_renewed(&self, _lease: exactly_core::NodeLease, _index: u64) {}
     /// A client cancelled the running attempt `token` of `job` on `node`: that node stops it.
     /// Like `on_start`, called on every replica and again when apply re-runs after a restart.
     fn on_cancel(&self, _job: u64, _token: u64, _node: u64) {}

@@ -9,11 +9,11 @@
 //! one is atomic, costs no memory at rest, and is read only when openraft asks for it.
 //!
 //! Snapshot data (what [`openraft::Snapshot::snapshot`] carries):
-//! `[FORMAT_V1][postcard(SnapshotBody)]`, where the body is the job table and the payloads of
+//! `[FORMAT][postcard(SnapshotBody)]`, where the body is the job table and the payloads of
 //! its pending and running jobs. Last applied log id and membership travel in the
 //! [`SnapshotMeta`], as openraft expects.
 //!
-//! Snapshot file: `[FORMAT_V1][u32 BE meta length][encoded meta][snapshot data]`.
+//! Snapshot file: `[FORMAT][u32 BE meta length][encoded meta][snapshot data]`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -23,7 +23,7 @@ use exactly_core::{JobId, JobTable};
 use openraft::{BasicNode, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{decode, encode, FORMAT_V1};
+use crate::codec::{decode, encode, FORMAT};
 use crate::error::{Error, Result};
 
 /// Metadata of a snapshot in exactly's type configuration.
@@ -113,7 +113,7 @@ pub(crate) fn write(dir: &Path, meta: &Meta, data: &[u8]) -> Result<()> {
         .open(&tmp)
         .map_err(|e| Error::io("creating the snapshot file", e))?;
     let write_all = |f: &mut File| -> std::io::Result<()> {
-        f.write_all(&[FORMAT_V1])?;
+        f.write_all(&[FORMAT])?;
         f.write_all(&meta_len.to_be_bytes())?;
         f.write_all(&meta_bytes)?;
         f.write_all(data)?;
@@ -170,7 +170,7 @@ pub(crate) fn read_meta(dir: &Path) -> Result<Option<Meta>> {
 fn split_file(bytes: &[u8]) -> Result<(Meta, usize)> {
     const WHAT: &str = "snapshot file";
     match bytes.first() {
-        Some(&FORMAT_V1) => {}
+        Some(&FORMAT) => {}
         Some(v) => return Err(Error::corrupt(WHAT, format!("unknown format version {v}"))),
         None => return Err(Error::corrupt(WHAT, "empty file")),
     }
@@ -235,7 +235,7 @@ mod tests {
         assert_eq!(body.table, JobTable::new());
         assert_eq!(body.payloads, vec![(1, vec![1, 2, 3])]);
 
-        fs::write(dir.path().join(CURRENT), [FORMAT_V1, 0, 0, 9]).unwrap();
+        fs::write(dir.path().join(CURRENT), [FORMAT, 0, 0, 9]).unwrap();
         assert!(read(dir.path()).unwrap_err().is_corruption());
         assert!(read_meta(dir.path()).unwrap_err().is_corruption());
     }

@@ -118,7 +118,7 @@ fn apply_blocking(
                         }
                         Effect::DropPayload { job } => payload_ops.push((u64_key(job), None)),
                         Effect::Start(start) => out.starts.push(start),
-                        Effect::Renewed(lease) => out.renewals.push(lease),
+                        Effect::Renewed(lease) => out.renewals.push((lease, log_id.index)),
                         Effect::Cancel { job, token, node } => out.cancels.push((job, token, node)),
                         Effect::Event(event) => out.events.push((log_id.index, event)),
                     }
@@ -167,8 +167,8 @@ struct Applies {
     responses: Vec<Response>,
     /// Attempt starts still current at the end of the batch.
     starts: Vec<StartAttempt>,
-    /// Committed lease renewals.
-    renewals: Vec<NodeLease>,
+    /// Committed lease renewals and registrations, with their log indexes.
+    renewals: Vec<(NodeLease, u64)>,
     /// Running attempts a client cancelled: (job, token, node).
     cancels: Vec<(u64, u64, u64)>,
     /// Job events with the log index of the entry that caused them.
@@ -214,8 +214,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for start in starts {
             self.observer.on_start(start);
         }
-        for lease in renewals {
-            self.observer.on_renewed(lease);
+        for (lease, index) in renewals {
+            self.observer.on_renewed(lease, index);
         }
         for (job, token, node) in cancels {
             self.observer.on_cancel(job, token, node);

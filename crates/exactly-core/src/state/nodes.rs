@@ -1,7 +1,9 @@
 //! Nodes: registrations (incarnations), lease renewals and lease expiry.
 
 use super::{JobTable, NodeEntry};
-use crate::command::{Effect, LeaveReason, NodeLease, NodeRegistration, Rejection, Renewal};
+use crate::command::{
+    Effect, Expiry, LeaveReason, NodeLease, NodeRegistration, Rejection, Renewal,
+};
 use crate::job::AttemptEnd;
 use crate::limits::{NODE_SLOTS_MAX, RENEW_APPLY_LAG_MAX_MS, RENEW_MARKS_MAX};
 use crate::JobId;
@@ -76,6 +78,7 @@ impl JobTable {
                 renewed_at_ms,
                 expired,
                 renewal_marks,
+                renewed_index: log_index,
             },
         );
         // Attempts of an older incarnation can never report: that process is gone (its data
@@ -157,21 +160,39 @@ impl JobTable {
         }
         push_mark(&mut node.renewal_marks, log_index, now);
         node.renewed_at_ms = now;
+        node.renewed_index = log_index;
         effects.push(Effect::Renewed(lease));
         Ok(())
     }
 
     /// The leader decided this incarnation's lease lapsed: abandon its attempts (their jobs are
     /// requeued and will be reassigned with larger tokens) and refuse it further work.
+    ///
+    /// Refused if the incarnation registered or renewed again after the one the leader counted
+    /// from: the leader decided before it had applied that renewal (it was committed, or even
+    /// applied, while the Expire was on its way), and the node, which counts its lease from the
+    /// renewal's send time, may be running attempts under it.
     pub(super) fn expire(
         &mut self,
-        lease: NodeLease,
+        expiry: Expiry,
         entropy: u64,
         effects: &mut Vec<Effect>,
     ) -> Result<u32, Rejection> {
+        let Expiry {
+            lease,
+            renewed_index,
+        } = expiry;
         let node = self.current_node(lease)?;
         if node.expired {
             return Ok(0);
+        }
+        if node.renewed_index != renewed_index {
+            return Err(Rejection::RenewedSince {
+                node: lease.node,
+                incarnation: lease.incarnation,
+                counted_from: renewed_index,
+                renewed: node.renewed_index,
+            });
         }
         node.expired = true;
         let held: Vec<JobId> = self

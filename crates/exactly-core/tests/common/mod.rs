@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 
 use exactly_core::{
-    Assignment, Command, Completion, Effect, Job, JobEvent, JobId, JobTable, NewJob, NodeEntry,
-    NodeId, NodeLease, NodeRegistration, Outcome, Renewal, Request, Response, StateCounts,
+    Assignment, Command, Completion, Effect, Expiry, Job, JobEvent, JobId, JobTable, NewJob,
+    NodeEntry, NodeId, NodeLease, NodeRegistration, Outcome, Renewal, Request, Response,
+    StateCounts,
 };
 
 /// A leader timestamp far enough from zero that "earlier" stamps are easy to write.
@@ -144,6 +145,20 @@ impl Harness {
             Response::NodeRegistered(Ok(requeued)) => requeued,
             other => panic!("registration refused: {other:?}"),
         }
+    }
+
+    /// The expiry a leader that has applied everything would propose for `lease`: counted from
+    /// the incarnation's newest registration or renewal (0 for a node the table does not know).
+    pub fn expiry(&self, lease: NodeLease) -> Command {
+        let renewed_index = self
+            .table
+            .nodes()
+            .get(&lease.node)
+            .map_or(0, |n| n.renewed_index);
+        Command::Expire(Expiry {
+            lease,
+            renewed_index,
+        })
     }
 
     /// Assigns one job, which must start; returns its fencing token.
