@@ -346,6 +346,9 @@ pub fn review(
     (expire, quiet)
 }
 
+/// How often the executor checks its lease (re-exported for the executor).
+pub const CHECK_INTERVAL: Duration = LEASE_CHECK_INTERVAL;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,6 +476,3 @@ mod tests {
         );
     }
 }
-
-/// How often the executor checks its lease (re-exported for the executor).
-pub const CHECK_INTERVAL: Duration = LEASE_CHECK_INTERVAL;
