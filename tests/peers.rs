@@ -175,3 +175,189 @@ async fn a_peer_cannot_forward_what_only_the_leader_decides() -> anyhow::Result<
     cluster.shutdown().await;
     Ok(())
 }
+
+/// Certificates for a TLS test cluster: a CA and nodes 1..=9 in `dir`, and a second CA with a
+/// node 2 certificate of its own in `dir/other`.
+fn issue_certs(dir: &std::path::Path) -> anyhow::Result<()> {
+    use exactly_client::certs::{issue_node, new_ca};
+    let write = |dir: &std::path::Path, name: &str, pair: &exactly_client::certs::CertifiedKey| {
+        std::fs::write(dir.join(format!("{name}.pem")), &pair.cert)?;
+        std::fs::write(dir.join(format!("{name}.key")), &pair.key)
+    };
+    let ca = new_ca(1)?;
+    write(dir, "ca", &ca)?;
+    for id in 1..=9 {
+        write(dir, &format!("node-{id}"), &issue_node(&ca, id, 1)?)?;
+    }
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other)?;
+    let foreign = new_ca(1)?;
+    write(&other, "node-2", &issue_node(&foreign, 2, 1)?)?;
+    Ok(())
+}
+
+fn tls_files(dir: &std::path::Path, ca: &str, node: &str) -> exactly_node::config::PeerTlsConfig {
+    exactly_node::config::PeerTlsConfig {
+        ca: dir.join(ca),
+        cert: dir.join(format!("{node}.pem")),
+        key: dir.join(format!("{node}.key")),
+    }
+}
+
+/// A client of `addr`'s peer service presenting `node`'s certificate (trusting `dir/ca.pem`).
+fn tls_peer(
+    dir: &std::path::Path,
+    node: &str,
+    id: u64,
+    addr: &str,
+    target: u64,
+) -> anyhow::Result<
+    exactly_proto::internal::internal_client::InternalClient<tonic::transport::Channel>,
+> {
+    let tls = exactly_node::tls::PeerTls::load(&tls_files(dir, "ca.pem", node), id)
+        .map_err(anyhow::Error::msg)?;
+    Ok(exactly_node::network::internal_client(
+        exactly_node::network::peer_channel(addr, Some(&tls), Some(target))?,
+    ))
+}
+
+fn vote_request(term: u64, candidate: u64, target: u64) -> Blob {
+    let request = openraft::raft::VoteRequest::new(Vote::new(term, candidate), None);
+    Blob {
+        data: exactly_node::codec::encode(&request),
+        target,
+    }
+}
+
+/// Mutual TLS on the peer port (`[peer-tls]`): a cluster whose nodes hold certificates from
+/// one CA runs jobs, and refuses every probe from outside before anything changes: a plaintext
+/// connection, a certificate from another CA, a certificate of a node that is not a member
+/// (its vote, its join as another id, its forwarded writes), and a member's certificate used to
+/// speak as another member (a vote, an AppendEntries, a renewal in another node's name). The
+/// term and the leader stay as they were, and the cluster still runs jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
+    let certs = tempfile::tempdir()?;
+    issue_certs(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(3, |c| {
+        let id = c.node_id.expect("test configs name their node");
+        c.peer_tls = Some(tls_files(&dir, "ca.pem", &format!("node-{id}")));
+    })
+    .await?;
+    one_job_done(&cluster).await?;
+    let metrics = cluster.nodes[0].node.raft.metrics().borrow().clone();
+    let (term, leader) = (metrics.current_term, metrics.current_leader);
+    let target = &cluster.nodes[1];
+    let (addr, to) = (target.peer_addr.as_str(), target.node.id);
+
+    // Plaintext, and a certificate from another CA: no request gets through the handshake.
+    let mut plain = exactly_node::network::internal_client(exactly_node::network::channel(addr)?);
+    let refused = plain
+        .vote(vote_request(term + 5, 1, to))
+        .await
+        .expect_err("a plaintext connection must be refused");
+    assert_ne!(refused.code(), Code::Ok);
+    let foreign = exactly_node::tls::PeerTls::load(
+        &exactly_node::config::PeerTlsConfig {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("other/node-2.pem"),
+            key: dir.join("other/node-2.key"),
+        },
+        2,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut foreign = exactly_node::network::internal_client(exactly_node::network::peer_channel(
+        addr,
+        Some(&foreign),
+        Some(to),
+    )?);
+    let refused = foreign
+        .vote(vote_request(term + 5, 2, to))
+        .await
+        .expect_err("a certificate from another CA must be refused");
+    assert_ne!(refused.code(), Code::Ok);
+
+    // Node 9 holds a certificate from the cluster's CA but is not a member.
+    let mut stranger = tls_peer(&dir, "node-9", 9, addr, to)?;
+    let denied = |result: Result<tonic::Response<Blob>, tonic::Status>, what: &str| {
+        let status = result.expect_err(what);
+        assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+    };
+    denied(
+        stranger.vote(vote_request(term + 5, 9, to)).await,
+        "a vote from a non-member",
+    );
+    denied(
+        stranger.vote(vote_request(term + 5, 2, to)).await,
+        "a vote in another node's name",
+    );
+    let renewal = Command::Renew(exactly_core::Renewal {
+        lease: NodeLease {
+            node: 1,
+            incarnation: 1,
+        },
+        applied: u64::MAX,
+    });
+    for (command, what) in [
+        (renewal.clone(), "a renewal in node 1's name"),
+        (Command::Cancel(vec![1]), "a write from a non-member"),
+    ] {
+        let forwarded = Blob {
+            data: exactly_node::codec::encode(&command),
+            target: 0,
+        };
+        denied(stranger.forward(forwarded).await, what);
+    }
+    let status = stranger
+        .join(exactly_proto::internal::JoinRequest {
+            node_id: 4,
+            addr: "127.0.0.1:1".into(),
+        })
+        .await
+        .expect_err("a join as another id");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // Node 3 is a member, but may speak only as itself.
+    let mut member = tls_peer(&dir, "node-3", 3, addr, to)?;
+    denied(
+        member.vote(vote_request(term + 5, 1, to)).await,
+        "a member's vote in another member's name",
+    );
+    let append = openraft::raft::AppendEntriesRequest::<exactly_store::TypeConfig> {
+        vote: Vote::new_committed(term + 5, 1),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    denied(
+        member
+            .append_entries(Blob {
+                data: exactly_node::codec::encode(&append),
+                target: to,
+            })
+            .await,
+        "an AppendEntries in the leader's name",
+    );
+    let forwarded = Blob {
+        data: exactly_node::codec::encode(&renewal),
+        target: 0,
+    };
+    denied(
+        member.forward(forwarded).await,
+        "a member's renewal in another's name",
+    );
+
+    for node in &cluster.nodes {
+        let now = node.node.raft.metrics().borrow().clone();
+        assert_eq!(
+            now.current_term, term,
+            "node {}: a probe moved the term",
+            node.node.id
+        );
+        assert_eq!(now.current_leader, leader, "node {}", node.node.id);
+    }
+    one_job_done(&cluster).await?;
+    cluster.shutdown().await;
+    Ok(())
+}

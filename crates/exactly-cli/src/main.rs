@@ -5,6 +5,7 @@
 mod bench;
 mod bench_open;
 mod cancel;
+mod cert;
 mod cluster;
 mod cron;
 mod dlq;
@@ -118,9 +119,16 @@ enum Command {
     /// cluster. Completion latency comes from each sampled job's own record (updated_at_ms minus
     /// created_at_ms, both stamped by the leader's clock).
     Bench(bench::BenchArgs),
+    /// Certificates for the peer port's mutual TLS: a cluster CA, and one per node.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Cert(command) = &cli.command {
+        // Local files only: no cluster to reach.
+        return cert::run(command);
+    }
     let endpoints: Vec<String> = cli
         .endpoints
         .iter()
@@ -152,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => cluster::show_status(&client, json).await,
         Command::Cluster { command } => cluster::run(&client, command, json).await,
         Command::Bench(args) => bench::run(&client, args, json).await,
+        Command::Cert(_) => unreachable!("handled before connecting"),
     }
 }
 

@@ -39,6 +39,7 @@
 //! The request and response types are the generated protobuf messages, re-exported here so users
 //! need no direct dependency on `exactly-proto`.
 
+pub mod certs;
 mod client;
 mod error;
 mod options;

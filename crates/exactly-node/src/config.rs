@@ -31,6 +31,10 @@ pub struct NodeConfig {
     pub peer_listen: Option<SocketAddr>,
     /// The peer address other nodes use to reach this one. Unset: `peer-listen`.
     pub peer_advertise: Option<String>,
+    /// Mutual TLS on the peer port (needs `peer-listen`): only holders of a certificate from the
+    /// cluster's CA reach it, and each Raft message, forwarded write and join must come from the
+    /// node its certificate names (`exactly cert` makes them). Unset: plaintext.
+    pub peer_tls: Option<PeerTlsConfig>,
     /// The HTTP address for /healthz, /readyz and /metrics. Unset: no HTTP server.
     pub http_listen: Option<SocketAddr>,
     /// Bootstrap a new one-node cluster if this data directory has never been initialized.
@@ -65,6 +69,18 @@ pub struct NodeConfig {
     pub exec_guard: Option<PathBuf>,
     /// URLs that jobs are POSTed to, by job kind: `[http.charge] url = "http://billing/charge"`.
     pub http: BTreeMap<String, HttpSpec>,
+}
+
+/// The PEM files of a node's peer-port mutual TLS (`[peer-tls]`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PeerTlsConfig {
+    /// The cluster CA's certificate: the only issuer this node trusts, as server and client.
+    pub ca: PathBuf,
+    /// This node's certificate, naming its node id (`exactly cert node`).
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -149,6 +165,7 @@ impl Default for NodeConfig {
             advertise: None,
             peer_listen: None,
             peer_advertise: None,
+            peer_tls: None,
             http_listen: None,
             init: false,
             join: Vec::new(),
@@ -394,6 +411,13 @@ impl NodeConfig {
                 "peer-advertise",
                 self.peer_advertise.clone().unwrap_or_default(),
                 "set peer-listen too: without it, peers use the public address",
+            ));
+        }
+        if self.peer_tls.is_some() && self.peer_listen.is_none() {
+            return Err(invalid(
+                "peer-tls",
+                "set",
+                "needs peer-listen: TLS covers the peer port, not the public API",
             ));
         }
         if let Some(peer) = self.peer_listen {

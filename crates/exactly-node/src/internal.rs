@@ -49,7 +49,58 @@ pub enum JoinReply {
     Removed,
 }
 
+/// Who sent a request, as far as this node can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sender {
+    /// Plaintext peer port: anyone who reaches it (README, "Security").
+    Unauthenticated,
+    /// Mutual TLS: the node id the sender's certificate names.
+    Node(u64),
+}
+
+/// Refuses a request whose sender is not `claimed` (the leader or candidate a Raft message
+/// names, the node a renewal or join is about). Plaintext: nothing to check.
+fn check_claim(sender: Sender, claimed: u64, what: &str) -> Result<(), Status> {
+    match sender {
+        Sender::Node(id) if id != claimed => Err(Status::permission_denied(format!(
+            "{what} names node {claimed}, but the sender's certificate is node {id}'s"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl InternalService {
+    /// The sender of a request: with peer TLS, the node its certificate names (a connection
+    /// without a node certificate never gets here: the TLS handshake requires one).
+    fn sender<T>(&self, request: &Request<T>) -> Result<Sender, Status> {
+        if self.node.peer_tls.is_none() {
+            return Ok(Sender::Unauthenticated);
+        }
+        crate::tls::sender(request)
+            .map(Sender::Node)
+            .ok_or_else(|| Status::unauthenticated("no node certificate on this connection"))
+    }
+
+    /// Refuses a sender that is not in this node's view of the membership (`voters_only`: not
+    /// a voter). Plaintext: nothing to check.
+    fn check_member(&self, sender: Sender, voters_only: bool, what: &str) -> Result<(), Status> {
+        let Sender::Node(id) = sender else {
+            return Ok(());
+        };
+        let metrics = self.node.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let member = membership.voter_ids().any(|v| v == id)
+            || (!voters_only && membership.learner_ids().any(|l| l == id));
+        if member {
+            return Ok(());
+        }
+        let role = if voters_only { "a voter" } else { "a member" };
+        Err(Status::permission_denied(format!(
+            "node {id} is not {role} of this cluster: it may not send {what}"
+        )))
+    }
+
     /// Refuses a Raft message meant for another node id (0: the sender did not say).
     fn check_target(&self, target: u64) -> Result<(), Status> {
         if target != 0 && target != self.node.id {
@@ -64,24 +115,32 @@ impl InternalService {
 
 #[tonic::async_trait]
 impl Internal for InternalService {
+    /// With peer TLS, only from the leader the message names. Not checked against this node's
+    /// membership: a lagging follower may not yet know that a new leader became a voter, and
+    /// must still hear from it to learn.
     async fn append_entries(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let sender = self.sender(&request)?;
         let Blob { data, target } = request.into_inner();
         self.check_target(target)?;
         let req: AppendEntriesRequest<TypeConfig> = codec::decode(&data)?;
+        check_claim(sender, req.vote.leader_id.node_id, "AppendEntries")?;
         Ok(blob(&self.node.raft.append_entries(req).await))
     }
 
     /// A removed node's vote request never reaches Raft: it must not raise this node's term,
     /// and the refusal tells it that it was removed.
+    /// With peer TLS, only from the candidate it names, and only from a voter.
     async fn vote(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let sender = self.sender(&request)?;
         let Blob { data, target } = request.into_inner();
         self.check_target(target)?;
         let req: VoteRequest<u64> = codec::decode(&data)?;
-        if let Some(refusal) =
-            crate::membership::vote_refusal(&self.node, req.vote.leader_id.node_id)
-        {
+        let candidate = req.vote.leader_id.node_id;
+        check_claim(sender, candidate, "the vote request")?;
+        if let Some(refusal) = crate::membership::vote_refusal(&self.node, candidate) {
             return Err(refusal);
         }
+        self.check_member(sender, true, "vote requests")?;
         Ok(blob(&self.node.raft.vote(req).await))
     }
 
@@ -89,6 +148,7 @@ impl Internal for InternalService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Blob>, Status> {
+        let sender = self.sender(&request)?;
         let cap = self.node.config.limits.snapshot_bytes_max;
         let mut stream = request.into_inner();
         let mut header: Option<(Vote<u64>, SnapshotMeta<u64, BasicNode>)> = None;
@@ -108,6 +168,7 @@ impl Internal for InternalService {
         }
         let (vote, meta) =
             header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        check_claim(sender, vote.leader_id.node_id, "the snapshot")?;
         // Before openraft sees it: it purges the log before the state machine decodes the data.
         let checked = tokio::task::spawn_blocking(move || {
             exactly_store::check_snapshot(&meta, &data).map(|()| (meta, data))
@@ -127,13 +188,24 @@ impl Internal for InternalService {
         ))
     }
 
-    async fn read_index(&self, _request: Request<Blob>) -> Result<Response<Blob>, Status> {
+    async fn read_index(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let sender = self.sender(&request)?;
+        self.check_member(sender, false, "read-index requests")?;
         Ok(blob(&self.node.leader_read_index().await))
     }
 
+    /// With peer TLS, only from a member, and a node's renewal or registration only from that
+    /// node.
     async fn forward(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let sender = self.sender(&request)?;
         let command: Command = codec::decode(&request.into_inner().data)?;
         check_forwarded(&command, self.node.config.limits.payload_bytes_max)?;
+        match &command {
+            Command::Renew(r) => check_claim(sender, r.lease.node, "the renewal")?,
+            Command::RegisterNode(r) => check_claim(sender, r.node, "the registration")?,
+            _ => {}
+        }
+        self.check_member(sender, false, "forwarded writes")?;
         if !self.node.is_leader() {
             return Ok(blob(&ForwardReply::NotLeader));
         }
@@ -145,13 +217,16 @@ impl Internal for InternalService {
         Ok(blob(&reply))
     }
 
+    /// With peer TLS, a node joins only as the id its certificate names.
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<Blob>, Status> {
+        let sender = self.sender(&request)?;
         let JoinRequest { node_id, addr } = request.into_inner();
         if node_id == 0 || addr.is_empty() {
             return Err(Status::invalid_argument(
                 "join needs a node id and an address",
             ));
         }
+        check_claim(sender, node_id, "the join request")?;
         if !self.node.is_leader() {
             // Tell the caller who leads so it can ask there.
             let leader = self.node.leader().map(|(_, a)| a).unwrap_or_default();

@@ -22,6 +22,7 @@ pub mod node;
 pub mod proposer;
 pub mod scheduler;
 pub mod server;
+pub mod tls;
 
 pub use config::NodeConfig;
 pub use node::Node;

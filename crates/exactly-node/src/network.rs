@@ -46,6 +46,27 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
+/// A lazily connected channel to a node's peer service: plaintext, or mutual TLS expecting
+/// node `target`'s certificate (any cluster node's when `None`).
+pub fn peer_channel(
+    addr: &str,
+    tls: Option<&crate::tls::PeerTls>,
+    target: Option<u64>,
+) -> Result<Channel, tonic::transport::Error> {
+    let Some(tls) = tls else {
+        return channel(addr);
+    };
+    let host = addr
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    Ok(Endpoint::from_shared(format!("https://{host}"))?
+        .tls_config(tls.client(target))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .connect_lazy())
+}
+
 pub fn internal_client(channel: Channel) -> InternalClient<Channel> {
     InternalClient::new(channel)
         .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
@@ -63,6 +84,8 @@ pub struct Network {
     pub departure: Arc<Departure>,
     /// When each peer last answered a Raft message of this node's.
     pub answers: Arc<Answers>,
+    /// Mutual TLS on the peer port, if configured.
+    pub tls: Option<crate::tls::PeerTls>,
 }
 
 pub struct Connection {
@@ -131,7 +154,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Connection {
             from: self.id,
             target,
-            client: channel(&node.addr)
+            client: peer_channel(&node.addr, self.tls.as_ref(), Some(target))
                 .map(internal_client)
                 .map_err(|e| format!("bad address {:?}: {e}", node.addr)),
             faults: self.faults.clone(),

@@ -110,6 +110,8 @@ pub struct NodeInner {
     pub events: Arc<crate::events::EventHub>,
     /// One lazily connected client per peer address, reused across forwards.
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
+    /// Mutual TLS on the peer port, if configured (`crate::tls`).
+    pub peer_tls: Option<crate::tls::PeerTls>,
     /// Set once this node learns that it left or was removed (see `membership.rs`).
     pub departure: Arc<crate::membership::Departure>,
     /// When each peer last answered this node's Raft messages (see `network::Answers`).
@@ -600,7 +602,8 @@ impl Node {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let client = network::internal_client(network::channel(addr)?);
+        let channel = network::peer_channel(addr, self.peer_tls.as_ref(), None)?;
+        let client = network::internal_client(channel);
         peers.insert(addr.to_string(), client.clone());
         Ok(client)
     }

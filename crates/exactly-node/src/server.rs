@@ -51,6 +51,8 @@ pub enum StartError {
     },
     #[error("actor: {0}")]
     Actor(String),
+    #[error("{0}")]
+    PeerTls(String),
 }
 
 /// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
@@ -196,6 +198,10 @@ pub async fn start_with(
             "killed exec commands left by the previous run"
         );
     }
+    let peer_tls = match &config.peer_tls {
+        Some(files) => Some(crate::tls::PeerTls::load(files, id).map_err(StartError::PeerTls)?),
+        None => None,
+    };
     let incarnation = store.next_incarnation()?;
     let hooks = Arc::new(Hooks::new(id));
     let state = store.state_machine(hooks.clone())?;
@@ -218,6 +224,7 @@ pub async fn start_with(
         faults: options.faults.clone(),
         departure: departure.clone(),
         answers: answers.clone(),
+        tls: peer_tls.clone(),
     };
     // openraft spawns its tasks on the runtime it is created on: its own (see `RaftRuntime`).
     let raft_runtime = if options.shared_raft_runtime {
@@ -284,6 +291,7 @@ pub async fn start_with(
         started: std::time::Instant::now(),
         events: hooks.events.clone(),
         peers: Default::default(),
+        peer_tls,
         departure,
         answers,
         work_in_hand: Default::default(),
@@ -375,8 +383,18 @@ async fn serve_peers(node: Node, listener: std::net::TcpListener) {
             return;
         }
     };
-    let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &node.peer_tls {
+        builder = match builder.tls_config(tls.server()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "peer TLS");
+                node.shutdown.cancel();
+                return;
+            }
+        };
+    }
+    let result = builder
         .add_service(internal_service(&node))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -571,7 +589,7 @@ async fn join(node: &Node, addr: &str, mut targets: Vec<String>) {
         }
         let target = targets[i % targets.len()].clone();
         i += 1;
-        let reply = match network::channel(&target) {
+        let reply = match network::peer_channel(&target, node.peer_tls.as_ref(), None) {
             Ok(ch) => {
                 let mut client = network::internal_client(ch);
                 let request = client.join(JoinRequest {

@@ -28,6 +28,8 @@ fn free_port() -> u16 {
 struct Proc {
     id: u64,
     port: u16,
+    /// The peer port, when the cluster runs with peer TLS.
+    peer_port: Option<u16>,
     config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
@@ -36,6 +38,11 @@ struct Proc {
 impl Proc {
     fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What other nodes dial: the peer port if there is one.
+    fn peer_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.peer_port.unwrap_or(self.port))
     }
 
     fn start(&mut self, extra: &[&str]) {
@@ -101,11 +108,30 @@ struct Cluster {
     ledger: PathBuf,
 }
 
-fn write_config(dir: &Path, id: u64, port: u16, ledger: &Path) -> PathBuf {
+/// A node's config file; with `peer` (a peer port and the directory of `exactly_client::certs`
+/// files), node-to-node traffic on that port under mutual TLS.
+fn write_config(
+    dir: &Path,
+    id: u64,
+    port: u16,
+    ledger: &Path,
+    peer: Option<(u16, &Path)>,
+) -> PathBuf {
     let path = dir.join(format!("node-{id}.toml"));
+    let peer_section = peer.map_or_else(String::new, |(_, certs)| {
+        format!(
+            "\n[peer-tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+            ca = certs.join("ca.pem").display(),
+            cert = certs.join(format!("node-{id}.pem")).display(),
+            key = certs.join(format!("node-{id}.key")).display(),
+        )
+    });
+    let peer_listen = peer.map_or_else(String::new, |(peer_port, _)| {
+        format!("peer-listen = \"127.0.0.1:{peer_port}\"\n")
+    });
     let text = format!(
         r#"
-node-id = {id}
+{peer_listen}node-id = {id}
 data-dir = "{data}"
 listen = "127.0.0.1:{port}"
 slots = 64
@@ -119,30 +145,51 @@ args = ["-c", "echo \"$EXACTLY_JOB_ID $EXACTLY_FENCING_TOKEN $EXACTLY_NODE_ID\" 
 "#,
         data = dir.join(format!("data-{id}")).display(),
         ledger = ledger.display(),
-    );
+    ) + &peer_section;
     std::fs::write(&path, text).unwrap();
     path
 }
 
 impl Cluster {
     fn start(n: u64) -> Self {
+        Self::start_with(n, false)
+    }
+
+    /// With `peer_tls`, each node serves node-to-node traffic on a peer port under mutual TLS,
+    /// with a certificate from one CA (`exactly_client::certs`).
+    fn start_with(n: u64, peer_tls: bool) -> Self {
         // Each node runs the `record` exec kind, so it needs its exec guard.
         common::exec_guard_binary();
         let dir = tempfile::tempdir().unwrap();
         let ledger = dir.path().join("ledger.txt");
+        let certs = dir.path().join("certs");
+        if peer_tls {
+            use exactly_client::certs::{issue_node, new_ca};
+            std::fs::create_dir_all(&certs).unwrap();
+            let ca = new_ca(1).unwrap();
+            std::fs::write(certs.join("ca.pem"), &ca.cert).unwrap();
+            for id in 1..=n {
+                let node = issue_node(&ca, id, 1).unwrap();
+                std::fs::write(certs.join(format!("node-{id}.pem")), node.cert).unwrap();
+                std::fs::write(certs.join(format!("node-{id}.key")), node.key).unwrap();
+            }
+        }
         let mut procs: Vec<Proc> = (1..=n)
             .map(|id| {
                 let port = free_port();
+                let peer_port = peer_tls.then(free_port);
+                let peer = peer_port.map(|p| (p, certs.as_path()));
                 Proc {
                     id,
                     port,
-                    config: write_config(dir.path(), id, port, &ledger),
+                    peer_port,
+                    config: write_config(dir.path(), id, port, &ledger, peer),
                     child: None,
                     log: dir.path().join(format!("node-{id}.log")),
                 }
             })
             .collect();
-        let seed = procs[0].addr();
+        let seed = procs[0].peer_addr();
         procs[0].start(&["--init"]);
         for p in procs.iter_mut().skip(1) {
             p.start(&["--join", &seed]);
@@ -314,9 +361,11 @@ async fn check_exactly_once(cluster: &Cluster, acked: &[u64]) {
 
 /// Three exactlyd processes take a stream of jobs while the leader is SIGKILLed and restarted:
 /// every acknowledged job completes exactly once, and the restarted node rejoins and catches up.
+/// The nodes speak to each other on peer ports under mutual TLS (`[peer-tls]`), so this is also
+/// where real processes with certificates elect, replicate, forward and rejoin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_sigkill_and_restart_loses_nothing_and_runs_once() {
-    let mut cluster = Cluster::start(3);
+    let mut cluster = Cluster::start_with(3, true);
     cluster.wait_ready(3, Duration::from_secs(60)).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let endpoints: Vec<String> = (0..3).map(|i| cluster.endpoint(i)).collect();

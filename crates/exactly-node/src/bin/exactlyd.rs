@@ -36,6 +36,16 @@ struct Args {
     /// Address other nodes use to reach this node's peer listener.
     #[arg(long, env = "EXACTLY_PEER_ADVERTISE")]
     peer_advertise: Option<String>,
+    /// Peer-port mutual TLS: the cluster CA's certificate (PEM). With --peer-tls-cert and
+    /// --peer-tls-key; needs --peer-listen.
+    #[arg(long, env = "EXACTLY_PEER_TLS_CA", value_name = "PATH", requires_all = ["peer_tls_cert", "peer_tls_key"])]
+    peer_tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM, from `exactly cert node`).
+    #[arg(long, env = "EXACTLY_PEER_TLS_CERT", value_name = "PATH", requires_all = ["peer_tls_ca", "peer_tls_key"])]
+    peer_tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "EXACTLY_PEER_TLS_KEY", value_name = "PATH", requires_all = ["peer_tls_ca", "peer_tls_cert"])]
+    peer_tls_key: Option<PathBuf>,
     /// HTTP address for /healthz, /readyz and /metrics.
     #[arg(long, env = "EXACTLY_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
@@ -78,6 +88,15 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if args.peer_advertise.is_some() {
         config.peer_advertise = args.peer_advertise.clone();
+    }
+    if let (Some(ca), Some(cert), Some(key)) =
+        (&args.peer_tls_ca, &args.peer_tls_cert, &args.peer_tls_key)
+    {
+        config.peer_tls = Some(exactly_node::config::PeerTlsConfig {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        });
     }
     if args.http_listen.is_some() {
         config.http_listen = args.http_listen;

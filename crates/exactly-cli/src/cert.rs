@@ -1,0 +1,179 @@
+//! `exactly cert`: the cluster CA and node certificates for the peer port's mutual TLS.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+use exactly_client::certs::{issue_node, new_ca, CertifiedKey};
+
+use crate::UsageError;
+
+#[derive(Subcommand, Debug, PartialEq)]
+pub enum CertCommand {
+    /// Make a new cluster CA: DIR/ca.pem (give it to every node) and DIR/ca.key (keep it
+    /// offline; it only signs node certificates).
+    Ca {
+        /// Where to write the files.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace files that exist.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue node N's certificate with the CA in DIR: DIR/node-N.pem and DIR/node-N.key.
+    Node {
+        /// The directory of ca.pem and ca.key, where the node's files are written too.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The node id the certificate names (the node's --node-id).
+        #[arg(long)]
+        node_id: u64,
+        /// Days the certificate is valid (issue a new one and restart the node before then).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace files that exist.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Writes `text` to `path` (mode `mode`), refusing to replace a file unless `force`.
+fn write(path: &Path, text: &str, mode: u32, force: bool) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(mode);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::Error::new(UsageError(format!(
+                "{} exists; --force replaces it",
+                path.display()
+            )))
+        } else {
+            anyhow::Error::new(e).context(format!("writing {}", path.display()))
+        }
+    })?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_pair(
+    dir: &Path,
+    name: &str,
+    pair: &CertifiedKey,
+    force: bool,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    for path in [&cert, &key] {
+        if !force && path.exists() {
+            return Err(
+                UsageError(format!("{} exists; --force replaces it", path.display())).into(),
+            );
+        }
+    }
+    write(&cert, &pair.cert, 0o644, force)?;
+    write(&key, &pair.key, 0o600, force)?;
+    Ok((cert, key))
+}
+
+pub fn run(command: &CertCommand) -> anyhow::Result<()> {
+    match command {
+        CertCommand::Ca { dir, days, force } => {
+            let ca = new_ca(*days).map_err(|e| UsageError(e.to_string()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let (cert, key) = write_pair(dir, "ca", &ca, *force)?;
+            println!(
+                "wrote {} and {} (valid {days} days)",
+                cert.display(),
+                key.display()
+            );
+        }
+        CertCommand::Node {
+            dir,
+            node_id,
+            days,
+            force,
+        } => {
+            let read = |name: &str| {
+                let path = dir.join(name);
+                std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "reading {} (make it with `exactly cert ca`)",
+                        path.display()
+                    )
+                })
+            };
+            let ca = CertifiedKey {
+                cert: read("ca.pem")?,
+                key: read("ca.key")?,
+            };
+            let node = issue_node(&ca, *node_id, *days).map_err(|e| UsageError(e.to_string()))?;
+            let (cert, key) = write_pair(dir, &format!("node-{node_id}"), &node, *force)?;
+            println!(
+                "wrote {} and {} (valid {days} days); start the node with\n  \
+                 --peer-tls-ca {} --peer-tls-cert {} --peer-tls-key {}",
+                cert.display(),
+                key.display(),
+                dir.join("ca.pem").display(),
+                cert.display(),
+                key.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// `cert ca` then `cert node` write the four files (keys readable by the owner only), refuse
+    /// to replace them without --force, and a node certificate needs the CA's files.
+    #[test]
+    fn writes_a_ca_and_node_certificates_and_replaces_nothing_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().to_path_buf();
+        let node = |force| CertCommand::Node {
+            dir: dir.clone(),
+            node_id: 2,
+            days: 30,
+            force,
+        };
+        let err = run(&node(false)).unwrap_err();
+        assert!(format!("{err:#}").contains("exactly cert ca"), "{err:#}");
+        let ca = |force| CertCommand::Ca {
+            dir: dir.clone(),
+            days: 30,
+            force,
+        };
+        run(&ca(false)).unwrap();
+        run(&node(false)).unwrap();
+        for (name, mode) in [
+            ("ca.pem", 0o644),
+            ("ca.key", 0o600),
+            ("node-2.pem", 0o644),
+            ("node-2.key", 0o600),
+        ] {
+            let meta = std::fs::metadata(dir.join(name)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+        }
+        let before = std::fs::read_to_string(dir.join("ca.key")).unwrap();
+        for again in [ca(false), node(false)] {
+            let err = run(&again).unwrap_err();
+            assert!(err.is::<UsageError>(), "{err:#}");
+        }
+        assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), before);
+        run(&node(true)).unwrap();
+    }
+}
