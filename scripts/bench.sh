@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks a fresh local 3-node cluster (release build, fsync on) with N no-op jobs and prints
 # throughput and latency figures. Usage: scripts/bench.sh [JOBS] [extra `exactly bench` flags]
+# PEER_TLS=1 runs the nodes with mutual TLS on their peer ports.
 # THEN="<flags>" runs a second `exactly bench` on the same cluster right after the first, e.g.
 # an overload and then the normal rate, to see how fast latency recovers:
 #   THEN="--rate 2000 --duration 10s" scripts/bench.sh 1 --rate 10000 --duration 60s --drain 1s
@@ -20,11 +21,21 @@ cleanup() {
 trap cleanup EXIT INT TERM
 base=$((17000 + RANDOM % 2000))
 eps="127.0.0.1:$((base+1)),127.0.0.1:$((base+2)),127.0.0.1:$((base+3))"
-# Each node serves node-to-node traffic on its own peer port (`--peer-listen`, base + 10 + i).
-"$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base+1)) --peer-listen 127.0.0.1:$((base+11)) --data-dir "$dir/n1" --slots 1024 >"$dir/n1.log" 2>&1 &
+# Each node serves node-to-node traffic on its own peer port (`--peer-listen`, base + 10 + i);
+# PEER_TLS=1 puts it under mutual TLS with certificates from `exactly cert`.
+tls() { :; }
+if [[ "${PEER_TLS:-0}" == 1 ]]; then
+  "$bin/exactly" cert ca --dir "$dir/certs" >/dev/null
+  for i in 1 2 3; do "$bin/exactly" cert node --dir "$dir/certs" --node-id "$i" >/dev/null; done
+  tls() { echo --peer-tls-ca "$dir/certs/ca.pem" --peer-tls-cert "$dir/certs/node-$1.pem" --peer-tls-key "$dir/certs/node-$1.key"; }
+  echo "peer port under mutual TLS"
+fi
+# shellcheck disable=SC2046 # tls prints separate flags
+"$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base+1)) --peer-listen 127.0.0.1:$((base+11)) $(tls 1) --data-dir "$dir/n1" --slots 1024 >"$dir/n1.log" 2>&1 &
 pids+=($!)
 for i in 2 3; do
-  "$bin/exactlyd" --join 127.0.0.1:$((base+11)) --node-id $i --listen 127.0.0.1:$((base+i)) --peer-listen 127.0.0.1:$((base+10+i)) --data-dir "$dir/n$i" --slots 1024 >"$dir/n$i.log" 2>&1 &
+  # shellcheck disable=SC2046
+  "$bin/exactlyd" --join 127.0.0.1:$((base+11)) --node-id $i --listen 127.0.0.1:$((base+i)) --peer-listen 127.0.0.1:$((base+10+i)) $(tls $i) --data-dir "$dir/n$i" --slots 1024 >"$dir/n$i.log" 2>&1 &
   pids+=($!)
 done
 # Wait (at most 30 s) until all three nodes are members and registered.
