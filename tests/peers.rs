@@ -233,7 +233,8 @@ fn vote_request(term: u64, candidate: u64, target: u64) -> Blob {
 /// one CA runs jobs, and refuses every probe from outside before anything changes: a plaintext
 /// connection, a certificate from another CA, a certificate of a node that is not a member
 /// (its vote, its join as another id, its forwarded writes), and a member's certificate used to
-/// speak as another member (a vote, an AppendEntries, a renewal in another node's name). The
+/// speak as another member (a vote, an AppendEntries, a renewal in another node's name, the
+/// outcome of an attempt that ran elsewhere). The
 /// term and the leader stay as they were, and the cluster still runs jobs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
@@ -245,7 +246,7 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
         c.peer_tls = Some(tls_files(&dir, "ca.pem", &format!("node-{id}")));
     })
     .await?;
-    one_job_done(&cluster).await?;
+    let done = one_job_done(&cluster).await?;
     let metrics = cluster.nodes[0].node.raft.metrics().borrow().clone();
     let (term, leader) = (metrics.current_term, metrics.current_leader);
     let target = &cluster.nodes[1];
@@ -346,6 +347,30 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
     denied(
         member.forward(forwarded).await,
         "a member's renewal in another's name",
+    );
+    // Nor report the outcome of an attempt that ran on another node.
+    let (token, ran_on) = cluster.nodes[0].node.read(|t| {
+        let attempt = &t.job(done).expect("the job").attempts[0];
+        (attempt.token, attempt.node)
+    });
+    let other = (1..=3).find(|&n| n != ran_on).expect("another member");
+    let mut other = tls_peer(&dir, &format!("node-{other}"), other, addr, to)?;
+    let outcome = Command::Complete(vec![exactly_core::Completion {
+        job: done,
+        token,
+        outcome: exactly_core::Outcome::Failed {
+            error: "forged".into(),
+            retryable: false,
+        },
+    }]);
+    denied(
+        other
+            .forward(Blob {
+                data: exactly_node::codec::encode(&outcome),
+                target: 0,
+            })
+            .await,
+        "an outcome of another node's attempt",
     );
 
     for node in &cluster.nodes {

@@ -101,6 +101,33 @@ impl InternalService {
         )))
     }
 
+    /// Refuses outcomes of attempts that ran on another node than the sender: an honest node
+    /// reports only its own (a late report of an attempt since replaced is still its own, and
+    /// the state machine refuses it as stale). A token this node does not know (a retained
+    /// job, a future index) is left to the state machine, which refuses it too.
+    fn check_own_attempts(
+        &self,
+        sender: Sender,
+        list: &[exactly_core::Completion],
+    ) -> Result<(), Status> {
+        let Sender::Node(id) = sender else {
+            return Ok(());
+        };
+        let foreign = self.node.read(|t| {
+            list.iter().find_map(|c| {
+                let attempt = t.job(c.job)?.attempts.iter().find(|a| a.token == c.token)?;
+                (attempt.node != id).then_some((c.job, c.token, attempt.node))
+            })
+        });
+        match foreign {
+            Some((job, token, node)) => Err(Status::permission_denied(format!(
+                "the outcome of job {job} attempt {token} ran on node {node}: node {id} may not \
+                 report it"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses a Raft message meant for another node id (0: the sender did not say).
     fn check_target(&self, target: u64) -> Result<(), Status> {
         if target != 0 && target != self.node.id {
@@ -203,6 +230,7 @@ impl Internal for InternalService {
         match &command {
             Command::Renew(r) => check_claim(sender, r.lease.node, "the renewal")?,
             Command::RegisterNode(r) => check_claim(sender, r.node, "the registration")?,
+            Command::Complete(list) => self.check_own_attempts(sender, list)?,
             _ => {}
         }
         self.check_member(sender, false, "forwarded writes")?;
