@@ -157,6 +157,54 @@ async fn a_peer_cannot_forward_what_only_the_leader_decides() -> anyhow::Result<
         );
         assert!(kept, "job {done} was deleted by a forged command");
     }
+    // A join or a registration with an address no node has (a forged 1 MiB one used to cost
+    // every replica memory) is refused, and no such address is kept.
+    let huge = "a".repeat(1 << 20);
+    let leader = cluster
+        .nodes
+        .iter()
+        .find(|n| n.node.is_leader())
+        .unwrap_or(&cluster.nodes[0]);
+    let mut peer =
+        exactly_node::network::internal_client(exactly_node::network::channel(&leader.peer_addr)?);
+    let refused = peer
+        .join(exactly_proto::internal::JoinRequest {
+            node_id: 9,
+            addr: huge.clone(),
+        })
+        .await
+        .expect_err("a 1 MiB join address must be refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let forged = Command::RegisterNode(exactly_core::NodeRegistration {
+        node: 9,
+        incarnation: 1,
+        slots: 1,
+        addr: huge,
+        applied: u64::MAX,
+    });
+    let reply = peer
+        .forward(Blob {
+            data: exactly_node::codec::encode(&forged),
+            target: 0,
+        })
+        .await?;
+    let reply: exactly_node::node::ForwardReply =
+        exactly_node::codec::decode(&reply.into_inner().data)?;
+    assert!(
+        matches!(
+            reply,
+            exactly_node::node::ForwardReply::Committed(
+                exactly_core::Response::NodeRegistered(Err(exactly_core::Rejection::Invalid(_))),
+                _
+            )
+        ),
+        "{reply:?}"
+    );
+    for node in &cluster.nodes {
+        assert!(node
+            .node
+            .read(|t| t.nodes().values().all(|n| n.addr.len() < 256)));
+    }
     // With a peer listener, the public port does not serve the node-to-node service at all.
     for node in &cluster.nodes {
         let mut public =

@@ -65,6 +65,8 @@ pub const BACKOFF_MS_MAX: u64 = 24 * 60 * 60 * 1000;
 pub const RUN_AT_AHEAD_MS_MAX: u64 = 3_650 * 24 * 60 * 60 * 1000;
 /// Bytes of an idempotency key.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+/// Bytes of a node's registered or joining address (`host:port`; a DNS name is at most 253).
+pub const NODE_ADDR_BYTES_MAX: usize = 255;
 /// Bytes of an ordering key.
 pub const ORDERING_KEY_BYTES_MAX: usize = 256;
 /// Labels on one job.

@@ -220,6 +220,31 @@ pub fn check_no_control(what: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a node's address as it registers or joins: 1..=[`NODE_ADDR_BYTES_MAX`] bytes of
+/// printable ASCII without spaces (`host:port`, a DNS name or an IP literal). Every replica keeps
+/// it and every client may be redirected to it, so it is bounded and inert.
+///
+/// [`NODE_ADDR_BYTES_MAX`]: crate::limits::NODE_ADDR_BYTES_MAX
+pub fn validate_node_addr(addr: &str) -> Result<(), String> {
+    use crate::limits::NODE_ADDR_BYTES_MAX;
+    if addr.is_empty() || addr.len() > NODE_ADDR_BYTES_MAX {
+        return Err(format!(
+            "node address must be 1..={NODE_ADDR_BYTES_MAX} bytes, got {}",
+            addr.len()
+        ));
+    }
+    if let Some((at, byte)) = addr
+        .bytes()
+        .enumerate()
+        .find(|&(_, b)| !(0x21..=0x7e).contains(&b))
+    {
+        return Err(format!(
+            "node address must be printable ASCII without spaces; byte {at} is {byte:#04x}"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that a job's `run_at_ms` lies at most [`RUN_AT_AHEAD_MS_MAX`] after `now_ms`: apply
 /// checks it against the entry's leader time, the API edge against its own clock first.
 pub fn validate_run_at(run_at_ms: u64, now_ms: u64) -> Result<(), String> {
@@ -244,12 +269,14 @@ pub fn validate_new_job(job: &NewJob) -> Result<(), String> {
             job.queue.len()
         ));
     }
+    check_no_control("queue name", &job.queue)?;
     if job.kind.is_empty() || job.kind.len() > KIND_NAME_BYTES_MAX {
         return Err(format!(
             "kind must be 1..={KIND_NAME_BYTES_MAX} bytes, got {}",
             job.kind.len()
         ));
     }
+    check_no_control("kind", &job.kind)?;
     if job.payload.len() > PAYLOAD_BYTES_CEILING {
         return Err(format!(
             "payload of {} bytes exceeds the ceiling of {PAYLOAD_BYTES_CEILING}",

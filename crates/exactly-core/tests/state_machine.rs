@@ -300,6 +300,16 @@ fn an_invalid_job_refuses_its_whole_batch_with_a_precise_reason() {
                 .into(),
         ),
         (
+            "queue name with an escape (it is shown in terminals and dashboards)",
+            job_with(|j| j.queue = "mail\u{1b}[2J".into()),
+            "queue name must not contain control characters; byte 4 is U+001B".into(),
+        ),
+        (
+            "kind with a NUL",
+            job_with(|j| j.kind = "no\0op".into()),
+            "kind must not contain control characters; byte 2 is U+0000".into(),
+        ),
+        (
             "ordering key with a tab",
             job_with(|j| j.ordering_key = Some("line\t1".into())),
             "ordering key must not contain control characters; byte 4 is U+0009".into(),
@@ -1292,6 +1302,53 @@ fn completion_batch_too_large_is_refused_whole() {
 // ----- register node -----
 
 /// A registration is recorded exactly; the same incarnation again keeps its attempts.
+/// A registration's address is kept by every replica and given to clients as a redirect: an
+/// empty, oversized (a forged 1 MiB address used to cost every node memory) or non-printable one
+/// is refused and changes nothing.
+#[test]
+fn a_registration_with_a_bad_address_is_refused() {
+    let mut h = Harness::new();
+    let with_addr = |addr: String| {
+        Command::RegisterNode(exactly_core::NodeRegistration {
+            node: 7,
+            incarnation: 1,
+            slots: 4,
+            addr,
+            applied: u64::MAX,
+        })
+    };
+    let before = h.table.clone();
+    for (addr, why) in [
+        (
+            String::new(),
+            "node address must be 1..=255 bytes, got 0".to_string(),
+        ),
+        (
+            "a".repeat(1 << 20),
+            "node address must be 1..=255 bytes, got 1048576".to_string(),
+        ),
+        (
+            "10.0.0.7:7000 x".into(),
+            "node address must be printable ASCII without spaces; byte 13 is 0x20".into(),
+        ),
+        (
+            "n\u{e9}:7000".into(),
+            "node address must be printable ASCII without spaces; byte 1 is 0xc3".into(),
+        ),
+    ] {
+        assert_eq!(
+            h.apply(NOW, with_addr(addr)).0,
+            Response::NodeRegistered(Err(Rejection::Invalid(why)))
+        );
+    }
+    assert_eq!(h.table.nodes(), before.nodes());
+    assert_eq!(
+        h.apply(NOW, with_addr(format!("{}:7000", "h".repeat(250))))
+            .0,
+        Response::NodeRegistered(Ok(0))
+    );
+}
+
 #[test]
 fn register_node_records_it_and_same_incarnation_keeps_attempts() {
     let mut h = Harness::new();

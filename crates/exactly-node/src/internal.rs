@@ -249,11 +249,10 @@ impl Internal for InternalService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<Blob>, Status> {
         let sender = self.sender(&request)?;
         let JoinRequest { node_id, addr } = request.into_inner();
-        if node_id == 0 || addr.is_empty() {
-            return Err(Status::invalid_argument(
-                "join needs a node id and an address",
-            ));
+        if node_id == 0 {
+            return Err(Status::invalid_argument("join needs a node id"));
         }
+        exactly_core::state::validate_node_addr(&addr).map_err(Status::invalid_argument)?;
         check_claim(sender, node_id, "the join request")?;
         if !self.node.is_leader() {
             // Tell the caller who leads so it can ask there.

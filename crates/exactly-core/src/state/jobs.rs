@@ -378,6 +378,7 @@ impl JobTable {
                 queue.len()
             )));
         }
+        super::check_no_control("queue name", &queue).map_err(Rejection::Invalid)?;
         let mut config = self
             .queues
             .get(&queue)

@@ -25,6 +25,7 @@ impl JobTable {
                 r.slots
             )));
         }
+        super::validate_node_addr(&r.addr).map_err(Rejection::Invalid)?;
         if let Some(entry) = self.nodes.get(&r.node) {
             let needed = needed_index(&entry.renewal_marks, self.now_ms);
             if r.applied < needed {
