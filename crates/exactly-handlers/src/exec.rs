@@ -77,10 +77,20 @@ pub struct ExecSpec {
     /// Arguments passed to the program, after its name.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Variables added to the node's environment for the program. Names starting with
-    /// `EXACTLY_` are reserved for the variables that describe the attempt.
+    /// Variables set for the program. Names starting with `EXACTLY_` are reserved for the
+    /// variables that describe the attempt.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Variables of the node's own environment passed on to the program, by name (default:
+    /// `PATH` only). Nothing else of the node's environment reaches it: the program sees these,
+    /// `env` and the attempt's `EXACTLY_*` variables, so a secret in the node's environment
+    /// does not leak into every job.
+    #[serde(default = "inherit_env_default")]
+    pub inherit_env: Vec<String>,
+    /// The program's working directory: an absolute path (default `/`). The node refuses its
+    /// own data directory or anything inside it.
+    #[serde(default = "workdir_default")]
+    pub workdir: std::path::PathBuf,
     /// Exit codes (1..=255) meaning "retrying will not help" (e.g. bad input). Any other
     /// non-zero code is a retryable failure, and so is death by a signal, whatever is listed
     /// here (a signal is not an exit code; but a shell whose child was killed exits 128 + the
@@ -95,6 +105,14 @@ pub struct ExecSpec {
     /// in the error of a failed attempt); earlier output is discarded as it arrives.
     #[serde(default = "output_bytes_max_default")]
     pub output_bytes_max: usize,
+}
+
+fn inherit_env_default() -> Vec<String> {
+    vec!["PATH".to_string()]
+}
+
+fn workdir_default() -> std::path::PathBuf {
+    std::path::PathBuf::from("/")
 }
 
 fn kill_grace_default() -> Duration {
@@ -116,6 +134,8 @@ impl ExecSpec {
             command: command.into(),
             args: Vec::new(),
             env: BTreeMap::new(),
+            inherit_env: inherit_env_default(),
+            workdir: workdir_default(),
             permanent_exit_codes: Vec::new(),
             kill_grace: KILL_GRACE_DEFAULT,
             output_bytes_max: OUTPUT_BYTES_MAX_DEFAULT,
@@ -178,6 +198,25 @@ impl ExecSpec {
                     "names starting with EXACTLY_ are reserved for the attempt's own variables",
                 ));
             }
+        }
+        if let Some(name) = self
+            .inherit_env
+            .iter()
+            .find(|n| n.is_empty() || n.contains(['=', '\0']) || n.starts_with("EXACTLY_"))
+        {
+            return Err(ExecSpecError::new(
+                "inherit-env",
+                name,
+                "a variable name must be non-empty, without '=' or NUL, and not EXACTLY_*",
+            ));
+        }
+        let workdir = self.workdir.to_string_lossy();
+        if !self.workdir.is_absolute() || workdir.contains('\0') {
+            return Err(ExecSpecError::new(
+                "workdir",
+                workdir,
+                "must be an absolute path",
+            ));
         }
         Ok(())
     }
@@ -270,6 +309,7 @@ async fn run(
         command: spec.command.clone(),
         args: spec.args.clone(),
         env: attempt_env(&spec, &ctx),
+        workdir: spec.workdir.to_string_lossy().into_owned(),
         kill_grace_ms: u64::try_from(spec.kill_grace.as_millis()).unwrap_or(u64::MAX),
         output_bytes_max: u32::try_from(spec.output_bytes_max).unwrap_or(u32::MAX),
         deadline_ms: *lease.borrow_and_update(),
@@ -371,14 +411,16 @@ async fn run(
     }
 }
 
-/// The command's environment on top of the node's: the spec's variables, then the attempt's,
-/// which must be accurate and so come last (later entries win).
+/// The command's whole environment: the node's variables named in `inherit-env` (those it
+/// has), the spec's variables, then the attempt's, which must be accurate and so come last
+/// (later entries win).
 fn attempt_env(spec: &ExecSpec, ctx: &JobContext) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = spec
-        .env
+        .inherit_env
         .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .filter_map(|name| Some((name.clone(), std::env::var(name).ok()?)))
         .collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend([
         ("EXACTLY_JOB_ID".to_string(), ctx.job_id.to_string()),
         ("EXACTLY_ATTEMPT".to_string(), ctx.attempt.to_string()),
@@ -959,6 +1001,65 @@ mod tests {
             outcome,
             HandlerOutcome::Succeeded(b"hello, exactly".to_vec())
         );
+    }
+
+    /// The node's own environment does not reach the command, except the variables
+    /// `inherit-env` names (`PATH` by default); it runs in `workdir` (`/` by default).
+    #[tokio::test]
+    async fn only_inherited_variables_reach_the_command_in_its_workdir() {
+        // cargo sets it for every test process: a variable the node has and does not pass on.
+        let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo");
+        let script =
+            "printf '%s|%s|%s' \"${PATH:+path}\" \"${CARGO_MANIFEST_DIR:-unset}\" \"$(pwd)\"";
+        assert_eq!(
+            run_spec(sh(script), b"").await,
+            HandlerOutcome::Succeeded(b"path|unset|/".to_vec())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path().canonicalize().unwrap();
+        let spec = ExecSpec {
+            inherit_env: vec!["CARGO_MANIFEST_DIR".to_string()],
+            workdir: workdir.clone(),
+            ..sh(script)
+        };
+        // Without PATH passed on, sh sets its own default one.
+        assert_eq!(
+            run_spec(spec, b"").await,
+            HandlerOutcome::Succeeded(
+                format!("path|{manifest}|{}", workdir.display()).into_bytes()
+            )
+        );
+    }
+
+    /// `inherit-env` names variables, and `workdir` is absolute.
+    #[test]
+    fn inherit_env_and_workdir_are_validated() {
+        for (spec, key) in [
+            (
+                ExecSpec {
+                    inherit_env: vec!["A=B".to_string()],
+                    ..sh("true")
+                },
+                "inherit-env",
+            ),
+            (
+                ExecSpec {
+                    inherit_env: vec!["EXACTLY_NODE_ID".to_string()],
+                    ..sh("true")
+                },
+                "inherit-env",
+            ),
+            (
+                ExecSpec {
+                    workdir: "relative".into(),
+                    ..sh("true")
+                },
+                "workdir",
+            ),
+        ] {
+            let err = spec.validate().unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     /// The attempt's variables (fencing token included) and the spec's env are set.

@@ -110,6 +110,7 @@ impl Scratch {
             command: spec.command,
             args: spec.args,
             env: vec![("EXACTLY_JOB_ID".to_string(), "1".to_string())],
+            workdir: "/".to_string(),
             kill_grace_ms: GRACE.as_millis() as u64,
             output_bytes_max: 4096,
             deadline_ms,

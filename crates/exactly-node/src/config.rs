@@ -567,6 +567,18 @@ impl NodeConfig {
                         .to_string(),
                 });
             }
+            // A command that writes relative paths must not write into the Raft log's store.
+            let data = std::path::absolute(&self.data_dir).unwrap_or(self.data_dir.clone());
+            if spec.workdir.starts_with(&data) {
+                return Err(ConfigError::InvalidKind {
+                    key: format!("exec.{kind}.workdir"),
+                    value: spec.workdir.display().to_string(),
+                    why: format!(
+                        "must not be the data directory or inside it ({})",
+                        data.display()
+                    ),
+                });
+            }
         }
         for (kind, spec) in &self.http {
             if builtins.contains(kind) {
@@ -778,6 +790,17 @@ mod tests {
                 "[exec.resize]\ncommand = \"\"",
                 "`exec.resize.command`",
                 "\"\"",
+            ),
+            (
+                "data-dir = \"/var/lib/exactly\"\n[exec.resize]\ncommand = \"/bin/true\"\n\
+                 workdir = \"/var/lib/exactly/tmp\"",
+                "`exec.resize.workdir`",
+                "/var/lib/exactly/tmp",
+            ),
+            (
+                "[exec.resize]\ncommand = \"/bin/true\"\ninherit-env = [\"A=B\"]",
+                "`exec.resize.inherit-env`",
+                "A=B",
             ),
         ];
         for (text, key, value) in cases {

@@ -164,7 +164,11 @@ fn run(
     let mut command = std::process::Command::new(&start.command);
     command
         .args(&start.args)
+        // Only what the node chose (`inherit-env`, `env`, the attempt's variables): nothing of
+        // the node's own environment, which the guard inherited, reaches the command.
+        .env_clear()
         .envs(start.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&start.workdir)
         .env(GUARD_PID_VAR, std::process::id().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The protocol version; a guard refuses a stream of another version, and so does the node.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// The first bytes of each direction's stream.
 pub const PREAMBLE: [u8; 4] = [b'E', b'X', b'G', VERSION];
@@ -67,8 +67,11 @@ pub enum ToGuard {
 pub struct Start {
     pub command: String,
     pub args: Vec<String>,
-    /// Added to the guard's environment (which is the node's), in order: later entries win.
+    /// The command's whole environment (the guard's own is not passed on), in order: later
+    /// entries win.
     pub env: Vec<(String, String)>,
+    /// The command's working directory (absolute).
+    pub workdir: String,
     /// SIGTERM, then SIGKILL this much later.
     pub kill_grace_ms: u64,
     /// Bytes kept from the end of stdout and, separately, of stderr.
@@ -103,6 +106,9 @@ impl Start {
             if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
                 return invalid(format!("env var {name:?}: bad name or NUL in value"));
             }
+        }
+        if !self.workdir.starts_with('/') || self.workdir.contains('\0') {
+            return invalid(format!("workdir {:?}: not an absolute path", self.workdir));
         }
         if self.kill_grace_ms > KILL_GRACE_MS_MAX {
             return invalid(format!(
@@ -316,6 +322,7 @@ mod tests {
             command: "/bin/sh".to_string(),
             args: vec!["-c".to_string(), "true".to_string()],
             env: vec![("EXACTLY_JOB_ID".to_string(), "7".to_string())],
+            workdir: "/".to_string(),
             kill_grace_ms: 1000,
             output_bytes_max: 4096,
             deadline_ms: u64::MAX,
@@ -414,7 +421,9 @@ mod tests {
     #[test]
     fn start_is_validated() {
         start().validate().unwrap();
-        let cases: [fn(&mut Start); 11] = [
+        let cases: [fn(&mut Start); 13] = [
+            |s| s.workdir = "tmp".to_string(),
+            |s| s.workdir = "/tmp\0".to_string(),
             |s| s.command.clear(),
             |s| s.command.push('\0'),
             |s| s.args.push("a\0b".to_string()),
