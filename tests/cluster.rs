@@ -229,15 +229,40 @@ async fn bad_input_is_refused_before_anything_is_committed() -> anyhow::Result<(
     Ok(())
 }
 
+/// The gRPC health of a node's whole server ("").
+async fn health(addr: &str) -> anyhow::Result<i32> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
+    Ok(reply.into_inner().status)
+}
+
 /// A node that cannot reach a quorum answers a submit with UNAVAILABLE within a bounded time
-/// (the propose timeout plus a margin) instead of hanging, and commits nothing.
+/// (the propose timeout plus a margin) instead of hanging, and commits nothing; its gRPC health
+/// follows its readiness, SERVING before and NOT_SERVING once it has no leader or lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_quorum_gives_unavailable_in_bounded_time() -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
     init_tracing();
     let mut cluster = TestCluster::start(3, |c| {
         c.limits.propose_timeout = Duration::from_secs(2);
     })
     .await?;
+    let serving = ServingStatus::Serving as i32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&cluster.nodes[0].addr).await? != serving {
+        assert!(
+            Instant::now() < deadline,
+            "a ready node's health is not SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Stop two of three nodes; the survivor has no quorum whether or not it led.
     let survivor = cluster.nodes.remove(0);
     for n in cluster.nodes.drain(..) {
@@ -262,6 +287,14 @@ async fn no_quorum_gives_unavailable_in_bounded_time() -> anyhow::Result<()> {
         assert!(took < Duration::from_secs(4), "took {took:?}");
     }
     assert_eq!(survivor.node.read(|t| t.jobs().count()), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&survivor.addr).await? != ServingStatus::NotServing as i32 {
+        assert!(
+            Instant::now() < deadline,
+            "a node without a quorum stays SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     survivor.shutdown().await;
     Ok(())
 }

@@ -406,7 +406,9 @@ async fn serve_peers(node: Node, listener: std::net::TcpListener) {
     }
 }
 
-/// Returns the serving task for an already bound listener.
+/// How often gRPC health is brought in line with readiness (`/readyz`).
+const READINESS_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Returns the serving task of the public API; with `with_internal`, the node-to-node service
 /// shares the listener (no `peer-listen`).
 fn serve(
@@ -420,10 +422,38 @@ fn serve(
         .build_v1()
         .map_err(|e| StartError::Actor(e.to_string()))?;
     let shutdown = node.shutdown.clone();
+    let watched = node.clone();
     Ok(async move {
-        health_reporter
-            .set_serving::<JobsServer<JobsService>>()
-            .await;
+        // gRPC health follows /readyz: SERVING (the server as a whole, "", and the Jobs
+        // service) only while the node is ready, checked every READINESS_CHECK.
+        let reporter = health_reporter.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            let mut tick = tokio::time::interval(READINESS_CHECK);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = watched.shutdown.cancelled() => return,
+                }
+                let ready = crate::http::not_ready(&watched).is_none();
+                if last == Some(ready) {
+                    continue;
+                }
+                last = Some(ready);
+                let status = if ready {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status("", status).await;
+                reporter
+                    .set_service_status(
+                        <JobsServer<JobsService> as tonic::server::NamedService>::NAME,
+                        status,
+                    )
+                    .await;
+            }
+        });
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(health)
