@@ -108,6 +108,21 @@ fn response_bytes_max_default() -> usize {
     RESPONSE_BYTES_MAX_DEFAULT
 }
 
+/// A URL as error texts show it: scheme, host, port and path, with a query (which may carry an
+/// API key) replaced by `?…`. Credentials in the authority are refused by validation.
+fn shown_uri(uri: &Uri) -> String {
+    let base = format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("http"),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    );
+    match uri.query() {
+        Some(_) => format!("{base}?…"),
+        None => base,
+    }
+}
+
 impl HttpSpec {
     /// A spec POSTing to `url` with the defaults for everything else.
     pub fn new(url: impl Into<String>) -> Self {
@@ -375,8 +390,11 @@ async fn run(inner: Arc<Inner>, ctx: JobContext, cancel: CancellationToken) -> H
     {
         Ok(uri) => uri,
         // Unreachable: the template was checked with values of the same shape.
-        Err(why) => return HandlerOutcome::permanent(format!("url {:?}: {why}", inner.spec.url)),
+        Err(why) => return HandlerOutcome::permanent(format!("url of kind {}: {why}", ctx.kind)),
     };
+    // What errors (stored in the job, shown to every reader) may say of the URL: not its query,
+    // which may carry a key.
+    let shown = shown_uri(&uri);
     let request = match build_request(&inner, &ctx, uri.clone()) {
         Ok(request) => request,
         Err(outcome) => return outcome,
@@ -392,9 +410,9 @@ async fn run(inner: Arc<Inner>, ctx: JobContext, cancel: CancellationToken) -> H
         // work, and reporting it is the truth (a stale attempt's completion is refused upstream).
         biased;
         outcome = exchange => match outcome {
-            Ok(outcome) => outcome.map_err(|why| format!("POST {uri}: {why}")).into_outcome(),
+            Ok(outcome) => outcome.map_err(|why| format!("POST {shown}: {why}")).into_outcome(),
             Err(_) => HandlerOutcome::retryable(format!(
-                "POST {uri}: no complete response within {}",
+                "POST {shown}: no complete response within {}",
                 humantime::format_duration(timeout)
             )),
         },
@@ -640,6 +658,15 @@ mod tests {
         ] {
             assert_eq!(class(code), StatusClass::Permanent, "{code}");
         }
+    }
+
+    /// Error texts show a URL without its query, which may carry a key.
+    #[test]
+    fn errors_do_not_show_a_urls_query() {
+        let uri = Uri::from_static("https://hooks.example.com:8443/v1/mail?api_key=s3cret&x=1");
+        assert_eq!(shown_uri(&uri), "https://hooks.example.com:8443/v1/mail?…");
+        let plain = Uri::from_static("http://127.0.0.1:9090/effect");
+        assert_eq!(shown_uri(&plain), "http://127.0.0.1:9090/effect");
     }
 
     /// Placeholders render the attempt's values; unknown ones, unclosed braces, other schemes,
