@@ -95,6 +95,11 @@ pub struct LimitsConfig {
     pub propose_timeout: Duration,
     /// Bytes of a snapshot this node accepts from a leader.
     pub snapshot_bytes_max: u64,
+    /// Requests one client connection may have open at once on the public port (HTTP/2
+    /// `MAX_CONCURRENT_STREAMS`). One more is refused at once with `REFUSED_STREAM`, which
+    /// proves to the client that nothing was processed (the Rust client and the CLI retry it
+    /// with backoff), instead of waiting unseen in front of admission control.
+    pub streams_per_connection_max: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -278,6 +283,9 @@ impl LeaseConfig {
     }
 }
 
+/// Default of `limits.streams-per-connection-max`.
+pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 1024;
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -285,6 +293,7 @@ impl Default for LimitsConfig {
             jobs_live_max: 1_000_000,
             propose_timeout: Duration::from_secs(5),
             snapshot_bytes_max: 4 * 1024 * 1024 * 1024,
+            streams_per_connection_max: STREAMS_PER_CONNECTION_MAX_DEFAULT,
         }
     }
 }
@@ -463,6 +472,13 @@ impl NodeConfig {
         }
         if l.jobs_live_max == 0 {
             return Err(invalid("limits.jobs-live-max", 0, "must be at least 1"));
+        }
+        if self.limits.streams_per_connection_max == 0 {
+            return Err(invalid(
+                "limits.streams-per-connection-max",
+                0,
+                "must be at least 1",
+            ));
         }
         if l.propose_timeout < Duration::from_millis(100) {
             return Err(invalid(

@@ -456,6 +456,7 @@ fn serve(
         });
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .max_concurrent_streams(Some(node.config.limits.streams_per_connection_max))
             .add_service(health)
             .add_service(reflection)
             .add_service(
