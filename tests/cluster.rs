@@ -423,3 +423,34 @@ async fn http_health_readiness_and_metrics() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// `limits.streams-per-connection-max` is what a node advertises as HTTP/2
+/// `MAX_CONCURRENT_STREAMS`: with 1, a request on a connection that has a Watch stream open
+/// does not start until the stream closes (a compliant client queues it on its side), and then
+/// runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_has_at_most_the_configured_streams_open() -> anyhow::Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(1, |c| c.limits.streams_per_connection_max = 1).await?;
+    let mut jobs = cluster.jobs_client(0).await?;
+    let watch = jobs
+        .watch(pb::WatchRequest {
+            queue: "watched".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let get = |mut jobs: pb::jobs_client::JobsClient<tonic::transport::Channel>| async move {
+        jobs.get(pb::GetRequest { job_id: 1 }).await
+    };
+    let second = tokio::time::timeout(Duration::from_secs(1), get(jobs.clone())).await;
+    assert!(second.is_err(), "a second stream opened: {second:?}");
+    drop(watch);
+    let third = tokio::time::timeout(Duration::from_secs(5), get(jobs.clone())).await;
+    let status = third
+        .expect("the stream limit freed")
+        .expect_err("no job 1");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    cluster.shutdown().await;
+    Ok(())
+}

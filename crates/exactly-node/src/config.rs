@@ -96,9 +96,8 @@ pub struct LimitsConfig {
     /// Bytes of a snapshot this node accepts from a leader.
     pub snapshot_bytes_max: u64,
     /// Requests one client connection may have open at once on the public port (HTTP/2
-    /// `MAX_CONCURRENT_STREAMS`). One more is refused at once with `REFUSED_STREAM`, which
-    /// proves to the client that nothing was processed (the Rust client and the CLI retry it
-    /// with backoff), instead of waiting unseen in front of admission control.
+    /// `MAX_CONCURRENT_STREAMS`): a compliant client holds the next one until one ends; one
+    /// sent anyway is refused with `REFUSED_STREAM`, which proves that nothing was processed.
     pub streams_per_connection_max: u32,
 }
 
