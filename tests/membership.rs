@@ -665,8 +665,33 @@ async fn a_removed_dead_voter_is_replaced_and_cannot_come_back() -> anyhow::Resu
             .is_some_and(|n| n.departure.is_removed())
     })
     .await?;
-    // Several election timeouts (300-600 ms in tests) pass: nobody's term moves.
+    // Several election timeouts (300-600 ms in tests) pass: nobody's term moves. Nor does an
+    // AppendEntries in the removed node's name with a higher term, sent to every member: a
+    // removed node never leads again.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    for &(id, term) in &terms_before {
+        let addr = s.cluster.node(id).unwrap().peer_addr.clone();
+        let mut peer =
+            exactly_node::network::internal_client(exactly_node::network::channel(&addr)?);
+        let append = openraft::raft::AppendEntriesRequest::<exactly_store::TypeConfig> {
+            vote: openraft::Vote::new_committed(term + 5, victim),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+        let refused = peer
+            .append_entries(exactly_proto::internal::Blob {
+                data: exactly_node::codec::encode(&append),
+                target: id,
+            })
+            .await
+            .expect_err("an AppendEntries from a removed node");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+    }
     for (id, term) in terms_before {
         let now = s
             .cluster

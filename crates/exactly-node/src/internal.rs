@@ -150,7 +150,13 @@ impl Internal for InternalService {
         let Blob { data, target } = request.into_inner();
         self.check_target(target)?;
         let req: AppendEntriesRequest<TypeConfig> = codec::decode(&data)?;
-        check_claim(sender, req.vote.leader_id.node_id, "AppendEntries")?;
+        let leader = req.vote.leader_id.node_id;
+        check_claim(sender, leader, "AppendEntries")?;
+        // A removed node never leads again (its id is never reused): what it sends as leader
+        // must not move this node's term, and the refusal tells it that it was removed.
+        if let Some(refusal) = crate::membership::removed_refusal(&self.node, leader) {
+            return Err(refusal);
+        }
         Ok(blob(&self.node.raft.append_entries(req).await))
     }
 
@@ -164,7 +170,7 @@ impl Internal for InternalService {
         let req: VoteRequest<u64> = codec::decode(&data)?;
         let candidate = req.vote.leader_id.node_id;
         check_claim(sender, candidate, "the vote request")?;
-        if let Some(refusal) = crate::membership::vote_refusal(&self.node, candidate) {
+        if let Some(refusal) = crate::membership::removed_refusal(&self.node, candidate) {
             return Err(refusal);
         }
         self.check_member(sender, true, "vote requests")?;
@@ -196,6 +202,9 @@ impl Internal for InternalService {
         let (vote, meta) =
             header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         check_claim(sender, vote.leader_id.node_id, "the snapshot")?;
+        if let Some(refusal) = crate::membership::removed_refusal(&self.node, vote.leader_id.node_id) {
+            return Err(refusal);
+        }
         // Before openraft sees it: it purges the log before the state machine decodes the data.
         let checked = tokio::task::spawn_blocking(move || {
             exactly_store::check_snapshot(&meta, &data).map(|()| (meta, data))

@@ -15,7 +15,7 @@
 //!    (one joint change), a learner is simply removed.
 //! 4. The leader commits `Command::NodeLeft`: the node's lease entry goes, and a *removed*
 //!    node's id is remembered for good, so it never registers (takes work) again and its vote
-//!    requests are refused before they reach Raft ([`vote_refusal`]).
+//!    requests are refused before they reach Raft ([`removed_refusal`]).
 //!
 //! A node that drained itself (SIGTERM) or was drained by an operator is not banned: started
 //! again with its data, it asks to be admitted like a joining node (`server.rs`) and comes back
@@ -109,11 +109,11 @@ impl Departure {
     }
 }
 
-/// The error a node answers a vote request with when the candidate was removed for good: the
-/// removed node must not raise the cluster's term, and learns from this that it is out. (A node
-/// that merely left is not refused here: openraft refuses its stale candidacy by the log, and it
-/// may come back.)
-pub fn vote_refusal(node: &Node, candidate: u64) -> Option<tonic::Status> {
+/// The error a node answers a vote request, an AppendEntries or a snapshot with when the node
+/// that sent it (as candidate or leader) was removed for good: the removed node must not raise
+/// the cluster's term, and learns from this that it is out. (A node that merely left is not
+/// refused here: openraft refuses its stale candidacy by the log, and it may come back.)
+pub fn removed_refusal(node: &Node, candidate: u64) -> Option<tonic::Status> {
     node.read(|t| t.is_removed(candidate)).then(|| {
         tonic::Status::failed_precondition(format!(
             "{REMOVED_MARKER} node {candidate} was removed; start it with an empty data directory \
