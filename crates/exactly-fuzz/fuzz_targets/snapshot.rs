@@ -1,0 +1,15 @@
+//! Arbitrary bytes as a snapshot received from a peer: `check_snapshot` (what a node runs
+//! before openraft sees a snapshot) must refuse or accept, never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use openraft::{BasicNode, CommittedLeaderId, LogId, SnapshotMeta, StoredMembership};
+
+fuzz_target!(|data: &[u8]| {
+    let meta: SnapshotMeta<u64, BasicNode> = SnapshotMeta {
+        last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 10)),
+        last_membership: StoredMembership::default(),
+        snapshot_id: "fuzz".into(),
+    };
+    let _ = exactly_store::check_snapshot(&meta, data);
+});
