@@ -10,7 +10,12 @@ use exactly_node::NodeConfig;
 
 /// One node of an exactly job cluster. Flags override the config file.
 #[derive(Parser, Debug)]
-#[command(name = "exactlyd", version, about)]
+#[command(
+    name = "exactlyd",
+    version,
+    about = "One node of an exactly job cluster: start the first with --init, every other with \
+             --join <a member's address>. Flags override the config file (see cluster-config/)."
+)]
 struct Args {
     /// TOML configuration file (see cluster-config/).
     #[arg(short, long, env = "EXACTLY_CONFIG")]
@@ -123,6 +128,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
         )
+        // Colour only on a terminal: a log file or a container log gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     // Signals are caught from the first moment: a SIGTERM that arrives while the node starts
     // (a restart followed at once by a stop) must not kill the process by its default action.
