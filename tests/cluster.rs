@@ -387,6 +387,11 @@ async fn http_health_readiness_and_metrics() -> anyhow::Result<()> {
             "{text}"
         );
         assert!(text.contains("exactly_jobs{"), "{text}");
+        // Cluster-wide counts come from the leader alone: summed over nodes, each job once.
+        let succeeded = format!("exactly_jobs{{node=\"{id}\",state=\"succeeded\"}} ");
+        if !n.node.is_leader() {
+            assert!(text.contains(&format!("{succeeded}0\n")), "{text}");
+        }
         // The dashboard: the page, and the status it polls (this node's view).
         let (code, page) = http_get(addr, "/").await?;
         assert_eq!(code, 200);

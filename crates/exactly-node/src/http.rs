@@ -103,7 +103,15 @@ async fn metrics_text(State(node): State<Node>) -> (StatusCode, String) {
 fn record_gauges(node: &Node) {
     let id = node.id.to_string();
     let m = node.raft.metrics().borrow().clone();
-    let counts = node.read(|t| t.counts().clone());
+    // The job counts are the cluster's, the same on every replica: only the leader reports them
+    // (the others report 0), so that summing a metric over nodes, as dashboards do, counts
+    // each job once.
+    let leads = m.current_leader == Some(node.id);
+    let counts = if leads {
+        node.read(|t| t.counts().clone())
+    } else {
+        Default::default()
+    };
     for (state, n) in [
         ("pending", counts.pending),
         ("running", counts.running),
