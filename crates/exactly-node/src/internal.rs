@@ -202,7 +202,9 @@ impl Internal for InternalService {
         let (vote, meta) =
             header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         check_claim(sender, vote.leader_id.node_id, "the snapshot")?;
-        if let Some(refusal) = crate::membership::removed_refusal(&self.node, vote.leader_id.node_id) {
+        if let Some(refusal) =
+            crate::membership::removed_refusal(&self.node, vote.leader_id.node_id)
+        {
             return Err(refusal);
         }
         // Before openraft sees it: it purges the log before the state machine decodes the data.
