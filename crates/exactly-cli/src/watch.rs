@@ -21,6 +21,20 @@ pub struct WatchArgs {
     /// Exit after this many events.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
+    /// With --job: keep watching after the job has finished (a redrive runs it again). Without
+    /// it, the watch ends at the job's terminal state, at once if it has one already.
+    #[arg(long, requires = "job")]
+    pub follow: bool,
+}
+
+/// Whether a job in `state` (the wire enum) has finished: succeeded, dead or cancelled.
+fn terminal(state: i32) -> bool {
+    matches!(
+        exactly_client::JobState::try_from(state),
+        Ok(exactly_client::JobState::Succeeded
+            | exactly_client::JobState::Dead
+            | exactly_client::JobState::Cancelled)
+    )
 }
 
 /// `INDEX:SEQ`, both decimal.
@@ -102,6 +116,19 @@ pub async fn run(client: &Client, args: &WatchArgs, json: bool) -> anyhow::Resul
         (None, None) => (WatchScope::All, "every job".to_string()),
     };
     let mut watch = client.watch(scope, args.after).await?;
+    // One job, not followed: the watch ends at its terminal state. Read after the watch is open,
+    // so a state reached in between is either seen here or arrives as an event.
+    let until_done = args.job.filter(|_| !args.follow);
+    if let Some(id) = until_done {
+        let job = client.get(id).await?;
+        if terminal(job.state) && args.after.is_none() {
+            eprintln!(
+                "job {id} is {} already (--after or --follow to watch anyway)",
+                state_name(job.state)
+            );
+            return Ok(());
+        }
+    }
     eprintln!(
         "watching {what} after position {} (Ctrl-C to stop)",
         position_text(watch.position())
@@ -128,6 +155,9 @@ pub async fn run(client: &Client, args: &WatchArgs, json: bool) -> anyhow::Resul
                     line(&event)
                 };
                 emit(&text)?;
+                if until_done.is_some() && terminal(event.state) {
+                    break Ok(());
+                }
             }
             Err(err) => break Err(err),
         }

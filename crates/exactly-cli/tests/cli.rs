@@ -1162,6 +1162,41 @@ async fn watch_from_a_position() {
     assert_eq!(events[1]["state"], "succeeded");
 }
 
+/// `watch --job` ends at the job's terminal state: at once (saying so) for a job that finished
+/// already, after its terminal event when replaying from a position; `--follow` needs `--job`.
+#[tokio::test]
+async fn a_job_watch_ends_when_the_job_has() {
+    let endpoint = start_fake().await;
+    ok(&endpoint, &["submit", "--kind", "noop", "--count", "2"]).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        exactly(&endpoint, &["watch", "--job", "1"], b""),
+    )
+    .await
+    .expect("a watch of a finished job ends");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("job 1 is succeeded already"),
+        "{}",
+        stderr(&out)
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        exactly(&endpoint, &["watch", "--job", "2", "--after", "0:0"], b""),
+    )
+    .await
+    .expect("a replayed watch ends at the terminal event");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].contains("job 2  queue default  succeeded"),
+        "{lines:?}"
+    );
+    let out = exactly(&endpoint, &["watch", "--follow"], b"").await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
 /// A watch from now prints only new events, and Ctrl-C (SIGINT) ends it with exit code 0 and the
 /// position to resume from.
 #[tokio::test]
