@@ -102,10 +102,12 @@ async fn act(
     args: &DlqFilterArgs,
     json: bool,
 ) -> anyhow::Result<()> {
+    // A usage error is reported alone: nothing was asked of the server, so there is no summary.
+    let filters = filters(args)?;
     let mut done: Vec<u64> = Vec::new();
     let mut calls = 0;
     let result: anyhow::Result<()> = async {
-        for filter in filters(args)? {
+        for filter in filters {
             loop {
                 calls += 1;
                 anyhow::ensure!(

@@ -936,9 +936,17 @@ async fn dead_letters() {
     let text = ok(&endpoint, &["dlq", "list"]).await;
     assert_eq!(text.lines().count(), 3, "{text}");
 
-    let out = exactly(&endpoint, &["dlq", "purge"], b"").await;
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("--all"), "{}", stderr(&out));
+    for json in [false, true] {
+        let mut argv = vec!["dlq", "purge"];
+        if json {
+            argv.insert(0, "--json");
+        }
+        let out = exactly(&endpoint, &argv, b"").await;
+        assert_eq!(out.status.code(), Some(2));
+        assert!(stderr(&out).contains("--all"), "{}", stderr(&out));
+        // Only the usage error: no summary of a purge that never ran.
+        assert_eq!(stdout(&out), "", "{argv:?}");
+    }
 
     assert_eq!(
         ok(&endpoint, &["dlq", "redrive", "--id", "2"]).await,
