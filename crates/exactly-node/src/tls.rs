@@ -78,6 +78,18 @@ impl PeerTls {
                 ))
             }
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let (from, until) = validity_secs(&leaf)
+            .ok_or_else(|| format!("peer-tls.cert: cannot read {}", config.cert.display()))?;
+        match expiry_check(from, until, now) {
+            Err(why) => return Err(format!("peer-tls.cert: {}: {why}", config.cert.display())),
+            Ok(Some(warning)) => {
+                tracing::warn!(cert = %config.cert.display(), "{warning}");
+            }
+            Ok(None) => {}
+        }
         if !String::from_utf8_lossy(&key).contains("PRIVATE KEY") {
             return Err(format!(
                 "peer-tls.key: no PEM private key in {}",
@@ -107,6 +119,40 @@ impl PeerTls {
             .identity(self.identity.clone())
             .domain_name(target.map_or_else(|| PEER_NAME.to_string(), node_name))
     }
+}
+
+/// Days before its expiry from which a node warns at start that its certificate needs renewing.
+pub const CERT_EXPIRY_WARN_DAYS: i64 = 30;
+
+/// A DER certificate's validity, in Unix seconds.
+fn validity_secs(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// What to do with a certificate valid from `from` to `until` at `now` (Unix seconds): refuse
+/// it if it is not valid now (every peer would refuse the handshake), warn when fewer than
+/// [`CERT_EXPIRY_WARN_DAYS`] days are left.
+pub fn expiry_check(from: i64, until: i64, now: i64) -> Result<Option<String>, String> {
+    if now < from {
+        return Err(format!(
+            "not valid yet (from {from}, now {now}, Unix seconds; is this machine's clock right?)"
+        ));
+    }
+    if now > until {
+        return Err(format!(
+            "expired {} days ago; issue a new one with `exactly cert node`",
+            (now - until) / 86_400
+        ));
+    }
+    let left = (until - now) / 86_400;
+    Ok((left < CERT_EXPIRY_WARN_DAYS).then(|| {
+        format!(
+            "the node certificate expires in {left} days: issue a new one with `exactly cert \
+             node` and restart the node with it before then"
+        )
+    }))
 }
 
 /// The node id a DER certificate names: exactly one `node-<id>.exactly` among its subject
@@ -183,6 +229,26 @@ mod tests {
         };
         let err = PeerTls::load(&missing, 2).unwrap_err();
         assert!(err.contains("peer-tls.ca: cannot read"), "{err}");
+    }
+
+    /// A certificate not valid now is refused with what to do; one close to its end is taken
+    /// with a warning; one with time left is just taken.
+    #[test]
+    fn expiry_is_refused_or_warned_about() {
+        let day = 86_400;
+        let now = 1_000 * day;
+        assert_eq!(expiry_check(now - day, now + 365 * day, now), Ok(None));
+        let warning = expiry_check(now - day, now + 29 * day, now)
+            .unwrap()
+            .unwrap();
+        assert!(warning.contains("expires in 29 days"), "{warning}");
+        assert!(expiry_check(now - day, now + 30 * day, now)
+            .unwrap()
+            .is_none());
+        let expired = expiry_check(now - 10 * day, now - 2 * day, now).unwrap_err();
+        assert!(expired.contains("expired 2 days ago"), "{expired}");
+        let early = expiry_check(now + day, now + 2 * day, now).unwrap_err();
+        assert!(early.contains("not valid yet"), "{early}");
     }
 
     #[test]
