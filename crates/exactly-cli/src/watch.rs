@@ -54,6 +54,15 @@ fn position_text(p: Option<EventPosition>) -> String {
     p.map_or("-".into(), |p| format!("{}:{}", p.index, p.seq))
 }
 
+/// Where a watch starts, for people: a position whose seq is `u32::MAX` means "after all of
+/// that log entry" (a watch from now), so it reads as the entry, not as a huge number.
+fn start_text(p: Option<EventPosition>) -> String {
+    match p {
+        Some(p) if p.seq == u32::MAX => format!("log entry {}", p.index),
+        other => format!("position {}", position_text(other)),
+    }
+}
+
 /// One event as one human-readable line.
 pub fn line(e: &JobEventMessage) -> String {
     let mut text = format!(
@@ -130,8 +139,8 @@ pub async fn run(client: &Client, args: &WatchArgs, json: bool) -> anyhow::Resul
         }
     }
     eprintln!(
-        "watching {what} after position {} (Ctrl-C to stop)",
-        position_text(watch.position())
+        "watching {what} after {} (Ctrl-C to stop)",
+        start_text(watch.position())
     );
     let mut seen: u64 = 0;
     let interrupted = tokio::signal::ctrl_c();
@@ -188,6 +197,10 @@ mod tests {
         assert!(parse_position("1042").unwrap_err().contains("INDEX:SEQ"));
         assert!(parse_position("a:1").is_err());
         assert!(parse_position("1:-1").is_err());
+        let at = |index, seq| Some(EventPosition { index, seq });
+        assert_eq!(start_text(at(1780, u32::MAX)), "log entry 1780");
+        assert_eq!(start_text(at(1042, 3)), "position 1042:3");
+        assert_eq!(start_text(None), "position -");
     }
 
     /// A line carries the position first, then time, job, queue, state, attempt, node and token.

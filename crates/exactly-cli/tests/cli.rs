@@ -1222,7 +1222,7 @@ async fn watch_until_interrupted() {
         .unwrap();
     assert_eq!(
         started,
-        "watching queue mail after position 1:4294967295 (Ctrl-C to stop)"
+        "watching queue mail after log entry 1 (Ctrl-C to stop)"
     );
     ok(&endpoint, &["submit", "--kind", "noop", "--queue", "mail"]).await;
     let mut out_lines = BufReader::new(child.stdout.take().unwrap()).lines();
