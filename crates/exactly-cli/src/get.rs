@@ -1,6 +1,6 @@
 //! `exactly get JOB_ID`: one job with its attempts and result.
 
-use exactly_client::{Attempt, Client, Job};
+use exactly_client::{Attempt, Client, Job, JobState};
 
 use std::collections::BTreeMap;
 
@@ -54,14 +54,22 @@ pub fn render(job: &Job) -> String {
         let mut table = Table::new(&[
             "ATTEMPT", "NODE", "TOKEN", "STARTED", "ENDED", "OUTCOME", "ERROR",
         ]);
-        for a in &job.attempts {
+        let dead = job.state == JobState::Dead as i32;
+        for (i, a) in job.attempts.iter().enumerate() {
+            // A dead job's last retryable failure was not retried: it had no attempt left.
+            let last = i + 1 == job.attempts.len();
+            let outcome = if dead && last && a.outcome == "failed-retryable" {
+                "failed-retryable, no attempts left".to_string()
+            } else {
+                or_dash(&a.outcome)
+            };
             table.row(vec![
                 a.number.to_string(),
                 a.node_id.to_string(),
                 a.token.to_string(),
                 time_ms(a.started_at_ms),
                 time_ms(a.ended_at_ms),
-                or_dash(&a.outcome),
+                outcome,
                 or_dash(&a.error),
             ]);
         }
@@ -209,7 +217,6 @@ impl From<&Job> for JobView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use exactly_client::JobState;
 
     fn sample() -> Job {
         Job {
@@ -252,6 +259,31 @@ mod tests {
             backoff_base_ms: 500,
             ..Job::default()
         }
+    }
+
+    /// A dead job's last retryable failure says that no attempt was left; earlier ones, and a
+    /// live job's, do not.
+    #[test]
+    fn a_dead_jobs_last_retryable_failure_says_why_it_stopped() {
+        let failed = |number| Attempt {
+            number,
+            outcome: "failed-retryable".into(),
+            error: "timeout".into(),
+            ..Attempt::default()
+        };
+        let mut job = Job {
+            state: JobState::Dead as i32,
+            attempts: vec![failed(1), failed(2)],
+            ..sample()
+        };
+        let text = render(&job);
+        assert_eq!(
+            text.matches("failed-retryable, no attempts left").count(),
+            1,
+            "{text}"
+        );
+        job.state = JobState::Pending as i32;
+        assert!(!render(&job).contains("no attempts left"));
     }
 
     /// The human view shows the job's fields, an aligned attempts table and the result text.
