@@ -39,11 +39,15 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
     } else {
         format!("http://{addr}")
     };
-    Ok(Endpoint::from_shared(url)?
+    Ok(with_transport(Endpoint::from_shared(url)?).connect_lazy())
+}
+
+/// The connection settings every channel to a node uses.
+fn with_transport(endpoint: Endpoint) -> Endpoint {
+    endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .connect_lazy())
 }
 
 /// A lazily connected channel to a node's peer service: plaintext, or mutual TLS expecting
@@ -59,12 +63,9 @@ pub fn peer_channel(
     let host = addr
         .trim_start_matches("http://")
         .trim_start_matches("https://");
-    Ok(Endpoint::from_shared(format!("https://{host}"))?
-        .tls_config(tls.client(target))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .connect_lazy())
+    let endpoint =
+        Endpoint::from_shared(format!("https://{host}"))?.tls_config(tls.client(target))?;
+    Ok(with_transport(endpoint).connect_lazy())
 }
 
 pub fn internal_client(channel: Channel) -> InternalClient<Channel> {
