@@ -1,4 +1,5 @@
-//! `exactly cert`: the cluster CA and node certificates for the peer port's mutual TLS.
+//! `exactly cert`: the cluster CA, node certificates for the peer port's mutual TLS, and server
+//! certificates for the public port's TLS.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -6,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
-use exactly_client::certs::{issue_node, new_ca, CertifiedKey};
+use exactly_client::certs::{issue_node, issue_server, new_ca, CertifiedKey};
 
 use crate::UsageError;
 
@@ -40,6 +41,42 @@ pub enum CertCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Issue a certificate for the public port (`--api-tls-cert`/`--api-tls-key`) with the CA
+    /// in DIR: DIR/NAME.pem and DIR/NAME.key. Clients trust it with `exactly --ca DIR/ca.pem`.
+    Server {
+        /// The directory of ca.pem and ca.key, where the files are written too.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// A DNS name or IP address clients dial the node by (repeatable).
+        #[arg(long = "name", required = true, value_name = "HOST")]
+        names: Vec<String>,
+        /// The files' base name.
+        #[arg(long, default_value = "api")]
+        file: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace files that exist.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Reads the CA in `dir`.
+fn read_ca(dir: &Path) -> anyhow::Result<CertifiedKey> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (make it with `exactly cert ca`)",
+                path.display()
+            )
+        })
+    };
+    Ok(CertifiedKey {
+        cert: read("ca.pem")?,
+        key: read("ca.key")?,
+    })
 }
 
 /// Writes `text` to `path` (mode `mode`), refusing to replace a file unless `force`.
@@ -103,19 +140,7 @@ pub fn run(command: &CertCommand) -> anyhow::Result<()> {
             days,
             force,
         } => {
-            let read = |name: &str| {
-                let path = dir.join(name);
-                std::fs::read_to_string(&path).with_context(|| {
-                    format!(
-                        "reading {} (make it with `exactly cert ca`)",
-                        path.display()
-                    )
-                })
-            };
-            let ca = CertifiedKey {
-                cert: read("ca.pem")?,
-                key: read("ca.key")?,
-            };
+            let ca = read_ca(dir)?;
             let node = issue_node(&ca, *node_id, *days).map_err(|e| UsageError(e.to_string()))?;
             let (cert, key) = write_pair(dir, &format!("node-{node_id}"), &node, *force)?;
             println!(
@@ -126,6 +151,34 @@ pub fn run(command: &CertCommand) -> anyhow::Result<()> {
                 dir.join("ca.pem").display(),
                 cert.display(),
                 key.display()
+            );
+        }
+        CertCommand::Server {
+            dir,
+            names,
+            file,
+            days,
+            force,
+        } => {
+            let plain = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+            if file.is_empty() || !file.chars().all(plain) || file.starts_with('.') {
+                return Err(UsageError(format!(
+                    "--file {file:?}: letters, digits, '-', '_' and '.' only"
+                ))
+                .into());
+            }
+            let ca = read_ca(dir)?;
+            let server = issue_server(&ca, names, *days).map_err(|e| UsageError(e.to_string()))?;
+            let (cert, key) = write_pair(dir, file, &server, *force)?;
+            println!(
+                "wrote {} and {} for {} (valid {days} days); start the node with\n  \
+                 --api-tls-cert {} --api-tls-key {}\nand give clients --ca {}",
+                cert.display(),
+                key.display(),
+                names.join(", "),
+                cert.display(),
+                key.display(),
+                dir.join("ca.pem").display()
             );
         }
     }

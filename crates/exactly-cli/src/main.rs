@@ -15,6 +15,7 @@ mod output;
 mod queue;
 mod status;
 mod submit;
+mod token;
 mod watch;
 
 use std::process::ExitCode;
@@ -77,6 +78,26 @@ struct Cli {
     /// Stop retrying a call on other endpoints after this long (for example 2s).
     #[arg(long, global = true, help_heading = "Global options", value_name = "DURATION", default_value = "15s", value_parser = submit::parse_positive_duration)]
     retry_time: Duration,
+    /// Bearer token for a cluster with `[[tokens]]` (sent only over https:// or to loopback).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "EXACTLY_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+    /// CA certificate (PEM) to check the nodes' TLS certificates against; bare host:port
+    /// endpoints then use https://.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "EXACTLY_CA",
+        value_name = "PATH"
+    )]
+    ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -119,15 +140,22 @@ enum Command {
     /// cluster. Completion latency comes from each sampled job's own record (updated_at_ms minus
     /// created_at_ms, both stamped by the leader's clock).
     Bench(bench::BenchArgs),
-    /// Certificates for the peer port's mutual TLS: a cluster CA, and one per node.
+    /// Certificates: a cluster CA, one per node for the peer port's mutual TLS, and server
+    /// certificates for the public port's TLS.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Bearer tokens for the public API: make one, with the entry the nodes need.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Cert(command) = &cli.command {
         // Local files only: no cluster to reach.
         return cert::run(command);
+    }
+    if let Command::Token(command) = &cli.command {
+        return token::run(command, cli.json);
     }
     let endpoints: Vec<String> = cli
         .endpoints
@@ -138,10 +166,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // A short --retry-time also caps the backoff, so the options stay valid.
     let retry_ms = submit::millis(cli.retry_time);
     let defaults = ClientOptions::default();
+    let ca_pem = match &cli.ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| UsageError(format!("--ca {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     let options = ClientOptions {
         retry_total_ms_max: retry_ms,
         retry_backoff_max_ms: defaults.retry_backoff_max_ms.min(retry_ms),
         retry_backoff_initial_ms: defaults.retry_backoff_initial_ms.min(retry_ms),
+        token: cli.token.clone().map(exactly_client::Token),
+        ca_pem,
         ..defaults
     };
     let client = Client::connect_with(endpoints, options)?;
@@ -160,7 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => cluster::show_status(&client, json).await,
         Command::Cluster { command } => cluster::run(&client, command, json).await,
         Command::Bench(args) => bench::run(&client, args, json).await,
-        Command::Cert(_) => unreachable!("handled before connecting"),
+        Command::Cert(_) | Command::Token(_) => unreachable!("handled before connecting"),
     }
 }
 

@@ -45,6 +45,8 @@ pub enum CertError {
     NodeId,
     #[error("validity must be 1..=3650 days, got {0}")]
     Days(u32),
+    #[error("a server certificate needs 1..={SERVER_NAMES_MAX} names, got {0}")]
+    Names(usize),
 }
 
 fn validity(params: &mut CertificateParams, days: u32) -> Result<(), CertError> {
@@ -91,6 +93,36 @@ pub fn issue_node(ca: &CertifiedKey, node_id: u64, days: u32) -> Result<Certifie
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
+    validity(&mut params, days)?;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(CertifiedKey {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// Names of one server certificate, at most.
+pub const SERVER_NAMES_MAX: usize = 32;
+
+/// A certificate for a node's public port (`[api-tls]`), signed by `ca`, valid for `days`, for
+/// the DNS names and IP addresses clients dial it by.
+pub fn issue_server(
+    ca: &CertifiedKey,
+    names: &[String],
+    days: u32,
+) -> Result<CertifiedKey, CertError> {
+    if names.is_empty() || names.len() > SERVER_NAMES_MAX {
+        return Err(CertError::Names(names.len()));
+    }
+    let ca_key = KeyPair::from_pem(&ca.key)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, names[0].clone());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     validity(&mut params, days)?;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;

@@ -65,7 +65,7 @@ pub(crate) struct Inner {
 #[derive(Debug)]
 pub(crate) struct Node {
     pub(crate) uri: String,
-    pub(crate) channel: Channel,
+    pub(crate) channel: Transport,
 }
 
 /// One job of a Submit as the cluster answered it.
@@ -165,18 +165,37 @@ impl Client {
                 "Client::connect must be called within a Tokio runtime".into(),
             ));
         }
+        let authorize = Authorize::new(options.token.as_ref())?;
         let mut nodes = Vec::with_capacity(endpoints.len());
         for raw in endpoints {
-            let uri = normalize_endpoint(&raw);
-            let endpoint = Endpoint::from_shared(uri.clone())
+            let uri = normalize_endpoint(&raw, options.ca_pem.is_some());
+            let mut endpoint = Endpoint::from_shared(uri.clone())
                 .map_err(|err| Error::Config(format!("endpoint {raw:?}: {err}")))?
                 .connect_timeout(Duration::from_millis(options.connect_timeout_ms))
                 .http2_keep_alive_interval(Duration::from_millis(options.keepalive_interval_ms))
                 .keep_alive_timeout(Duration::from_millis(options.keepalive_timeout_ms))
                 .tcp_nodelay(true);
+            if uri.starts_with("https://") {
+                let tls = match &options.ca_pem {
+                    Some(pem) => tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                    None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
+                };
+                endpoint = endpoint
+                    .tls_config(tls)
+                    .map_err(|err| Error::Config(format!("endpoint {raw:?}: TLS: {err}")))?;
+            } else if options.token.is_some() && !is_loopback_uri(&uri) {
+                return Err(Error::Config(format!(
+                    "endpoint {uri}: a token is sent only over https:// (or to a loopback \
+                     address), never in the clear"
+                )));
+            }
             nodes.push(Node {
                 uri,
-                channel: endpoint.connect_lazy(),
+                channel: tonic::service::interceptor::InterceptedService::new(
+                    endpoint.connect_lazy(),
+                    authorize.clone(),
+                ),
             });
         }
         Ok(Client {
@@ -528,7 +547,7 @@ impl Client {
     /// Runs one call with retries, returning the answer and the index of the endpoint that gave it.
     async fn call<T, F, Fut>(&self, kind: CallKind, mut attempt: F) -> Result<Answer<T>, Error>
     where
-        F: FnMut(Channel, CallHead) -> Fut,
+        F: FnMut(Transport, CallHead) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let inner = &*self.inner;
@@ -684,13 +703,60 @@ impl Client {
     }
 }
 
-/// Adds `http://` to an endpoint given as a bare `host:port`.
-pub(crate) fn normalize_endpoint(raw: &str) -> String {
+/// Adds `http://` (`https://` when a CA is given) to an endpoint given as a bare `host:port`.
+pub(crate) fn normalize_endpoint(raw: &str, tls: bool) -> String {
     let trimmed = raw.trim();
     if trimmed.contains("://") {
         trimmed.to_string()
+    } else if tls {
+        format!("https://{trimmed}")
     } else {
         format!("http://{trimmed}")
+    }
+}
+
+/// Whether a plain endpoint is on this machine (`localhost`, 127.0.0.0/8, `[::1]`), where a
+/// token may travel without TLS.
+fn is_loopback_uri(uri: &str) -> bool {
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A channel to one endpoint that adds the client's token to every request.
+pub(crate) type Transport = tonic::service::interceptor::InterceptedService<Channel, Authorize>;
+
+/// Adds `authorization: Bearer <token>` (marked sensitive) when the client has a token.
+#[derive(Clone)]
+pub(crate) struct Authorize(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Authorize {
+    fn new(token: Option<&crate::Token>) -> Result<Self, Error> {
+        let Some(token) = token else {
+            return Ok(Self(None));
+        };
+        let mut value = tonic::metadata::MetadataValue::try_from(format!("Bearer {}", token.0))
+            .map_err(|_| Error::Config("token: not a valid header value".into()))?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for Authorize {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
     }
 }
 
@@ -702,10 +768,50 @@ mod tests {
     #[test]
     fn endpoints_are_normalized() {
         assert_eq!(
-            normalize_endpoint("127.0.0.1:7101"),
+            normalize_endpoint("127.0.0.1:7101", false),
             "http://127.0.0.1:7101"
         );
-        assert_eq!(normalize_endpoint(" https://a:1 "), "https://a:1");
+        assert_eq!(
+            normalize_endpoint("127.0.0.1:7101", true),
+            "https://127.0.0.1:7101"
+        );
+        assert_eq!(normalize_endpoint(" https://a:1 ", false), "https://a:1");
+    }
+
+    /// A token may go in the clear only to this machine.
+    #[test]
+    fn loopback_endpoints_are_recognised() {
+        for yes in [
+            "http://127.0.0.1:7101",
+            "http://127.9.0.1:1",
+            "http://localhost:7101",
+            "http://[::1]:7101",
+        ] {
+            assert!(is_loopback_uri(yes), "{yes}");
+        }
+        for no in [
+            "http://10.0.0.1:7101",
+            "http://localhost.evil.com:7101",
+            "http://node-1:7101",
+            "http://[::2]:1",
+            "http://127.0.0.1.nip.io:7101",
+        ] {
+            assert!(!is_loopback_uri(no), "{no}");
+        }
+    }
+
+    /// A token is never sent to a remote plain-text endpoint.
+    #[tokio::test]
+    async fn a_token_is_refused_for_a_remote_plain_endpoint() {
+        let options = ClientOptions {
+            token: Some(crate::Token("exa_x".into())),
+            ..ClientOptions::default()
+        };
+        let err = Client::connect_with(vec!["http://10.0.0.1:7101".into()], options.clone())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("never in the clear"), "{err}");
+        assert!(Client::connect_with(vec!["127.0.0.1:7101".into()], options).is_ok());
     }
 
     /// An empty endpoint list is a configuration error, not a panic.

@@ -44,6 +44,7 @@ mod client;
 mod error;
 mod options;
 mod retry;
+pub mod token;
 mod watch;
 
 pub use client::{
@@ -51,7 +52,7 @@ pub use client::{
     DEAD_LETTERS_PER_CALL_MAX, ENDPOINTS_MAX, LIST_LIMIT_MAX, SUBMIT_JOBS_MAX,
 };
 pub use error::{code_name, Error};
-pub use options::ClientOptions;
+pub use options::{ClientOptions, Token};
 pub use watch::{Watch, WatchScope};
 
 pub use exactly_proto::v1::{

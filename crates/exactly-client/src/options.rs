@@ -37,6 +37,23 @@ pub struct ClientOptions {
     /// counted in their timeouts) instead of piling onto an overloaded cluster. Watch streams
     /// are not counted.
     pub in_flight_max: u32,
+    /// The bearer token sent with every call (`authorization: Bearer …`), for a cluster with
+    /// `[[tokens]]`; see [`crate::token`].
+    pub token: Option<Token>,
+    /// The CA certificate (PEM) that an `https://` endpoint's certificate must chain to (the
+    /// nodes' `[api-tls]`). Unset: the bundled web PKI roots.
+    pub ca_pem: Option<String>,
+}
+
+/// A bearer token; its `Debug` shows only its first characters, so options can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: String = self.0.chars().take(8).collect();
+        write!(f, "Token({shown}…)")
+    }
 }
 
 impl Default for ClientOptions {
@@ -54,6 +71,8 @@ impl Default for ClientOptions {
             keepalive_timeout_ms: 5_000,
             linearizable_reads: false,
             in_flight_max: 1_024,
+            token: None,
+            ca_pem: None,
         }
     }
 }
@@ -88,9 +107,20 @@ impl ClientOptions {
                 self.retry_total_ms_max, self.retry_backoff_max_ms
             )));
         }
+        if let Some(Token(token)) = &self.token {
+            let visible = |b: u8| b.is_ascii_graphic();
+            if token.is_empty() || token.len() > TOKEN_BYTES_MAX || !token.bytes().all(visible) {
+                return Err(Error::Config(format!(
+                    "token: must be 1..={TOKEN_BYTES_MAX} printable ASCII characters without spaces"
+                )));
+            }
+        }
         Ok(self)
     }
 }
+
+/// Longest bearer token a client sends.
+pub const TOKEN_BYTES_MAX: usize = 256;
 
 #[cfg(test)]
 mod tests {
@@ -112,6 +142,24 @@ mod tests {
         };
         let err = options.validate().unwrap_err().to_string();
         assert!(err.contains("retry-backoff-max-ms = 100"), "{err}");
+    }
+
+    /// A token that could not travel in a header is refused before any call, and never shown.
+    #[test]
+    fn a_token_must_be_printable_and_is_not_debug_printed() {
+        for bad in ["", "a b", "tok\n", "é"] {
+            let options = ClientOptions {
+                token: Some(Token(bad.into())),
+                ..ClientOptions::default()
+            };
+            assert!(options.validate().is_err(), "{bad:?}");
+        }
+        let options = ClientOptions {
+            token: Some(Token("exa_0123456789abcdef".into())),
+            ..ClientOptions::default()
+        };
+        assert!(!format!("{options:?}").contains("0123456789abcdef"));
+        assert!(options.validate().is_ok());
     }
 
     /// A zero call timeout is rejected.

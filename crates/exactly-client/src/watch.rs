@@ -266,7 +266,7 @@ impl Watch {
     /// known yet, then open the stream after the position.
     async fn open_on(
         &mut self,
-        channel: tonic::transport::Channel,
+        channel: crate::client::Transport,
     ) -> Result<Streaming<JobEventMessage>, Status> {
         let after = match self.after {
             Some(after) => after,

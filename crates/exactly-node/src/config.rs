@@ -35,6 +35,15 @@ pub struct NodeConfig {
     /// cluster's CA reach it, and each Raft message, forwarded write and join must come from the
     /// node its certificate names (`exactly cert` makes them). Unset: plaintext.
     pub peer_tls: Option<PeerTlsConfig>,
+    /// TLS on the public gRPC port (`[api-tls] cert = "…" key = "…"`): clients then dial
+    /// `https://` and check the node's certificate against the CA they are given
+    /// (`exactly --ca`). Unset: plaintext.
+    pub api_tls: Option<ApiTlsConfig>,
+    /// Bearer tokens that may call the public API, each with its scopes (`[[tokens]] name =
+    /// "web" sha256 = "…" scopes = ["submit:emails", "read"]`; `exactly token new` makes one).
+    /// Only their SHA-256 digests are kept here. Unset: the public API is open to anyone who
+    /// reaches it.
+    pub tokens: Vec<TokenConfig>,
     /// The HTTP address for /healthz, /readyz and /metrics. Unset: no HTTP server.
     pub http_listen: Option<SocketAddr>,
     /// Bootstrap a new one-node cluster if this data directory has never been initialized.
@@ -81,6 +90,52 @@ pub struct PeerTlsConfig {
     pub cert: PathBuf,
     /// This node's private key.
     pub key: PathBuf,
+}
+
+/// The PEM files of the public port's TLS (`[api-tls]`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    /// The node's certificate for clients (`exactly cert server`), with the names and addresses
+    /// clients dial it by.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// One bearer token of the public API (`[[tokens]]`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it: shown in logs and refusals, never the token itself.
+    pub name: String,
+    /// The SHA-256 digest of the token, 64 hex digits (`exactly token new` prints it).
+    pub sha256: String,
+    /// What it may do: `submit`, `submit:<queue>`, `read`, `operate`, `admin`.
+    pub scopes: Vec<String>,
+}
+
+/// Longest token name.
+pub const TOKEN_NAME_BYTES_MAX: usize = 64;
+
+/// A tokens file (`exactlyd --tokens-file`): `[[tokens]]` tables and nothing else, so that
+/// tokens can be deployed apart from the rest of the configuration (a Kubernetes Secret).
+pub fn read_tokens_file(path: &Path) -> Result<Vec<TokenConfig>, ConfigError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TokensFile {
+        #[serde(default)]
+        tokens: Vec<TokenConfig>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file: TokensFile = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })?;
+    Ok(file.tokens)
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -170,6 +225,8 @@ impl Default for NodeConfig {
             peer_listen: None,
             peer_advertise: None,
             peer_tls: None,
+            api_tls: None,
+            tokens: Vec::new(),
             http_listen: None,
             init: false,
             join: Vec::new(),
@@ -436,6 +493,30 @@ impl NodeConfig {
                     "must differ from listen (unset it to share the public port)",
                 ));
             }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for t in &self.tokens {
+            let printable = t.name.bytes().all(|b| b.is_ascii_graphic());
+            if t.name.is_empty() || t.name.len() > TOKEN_NAME_BYTES_MAX || !printable {
+                return Err(invalid(
+                    "tokens.name",
+                    &t.name,
+                    format!("must be 1..={TOKEN_NAME_BYTES_MAX} printable ASCII characters without spaces"),
+                ));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(invalid("tokens.name", &t.name, "listed twice"));
+            }
+            if t.scopes.is_empty() {
+                return Err(invalid(
+                    "tokens.scopes",
+                    &t.name,
+                    "give at least one of submit, submit:<queue>, read, operate, admin",
+                ));
+            }
+        }
+        if let Err(why) = crate::auth::Tokens::from_config(&self.tokens) {
+            return Err(invalid("tokens", "", why));
         }
         if self.node_id == Some(0) {
             return Err(invalid("node-id", 0, "node ids start at 1"));
@@ -726,6 +807,59 @@ mod tests {
                 .to_string();
             assert!(err.contains(key) && err.contains(value), "{text}: {err}");
         }
+    }
+
+    /// Tokens: names bounded, printable and unique, at least one known scope, a digest of 64
+    /// hex digits listed once; a tokens file holds `[[tokens]]` and nothing else.
+    #[test]
+    fn tokens_are_validated() {
+        let digest = "a".repeat(64);
+        let entry = |name: &str, sha: &str, scopes: &str| {
+            format!("[[tokens]]\nname = \"{name}\"\nsha256 = \"{sha}\"\nscopes = {scopes}\n")
+        };
+        let ok = entry("web", &digest, "[\"submit:mail\", \"read\"]");
+        let config = NodeConfig::from_toml(&ok).unwrap().validate().unwrap();
+        assert_eq!(config.tokens.len(), 1);
+        let other = "b".repeat(64);
+        for (text, says) in [
+            (entry("web app", &digest, "[\"read\"]"), "tokens.name"),
+            (entry("", &digest, "[\"read\"]"), "tokens.name"),
+            (entry("web", &digest, "[]"), "tokens.scopes"),
+            (entry("web", &digest, "[\"write\"]"), "scopes are submit"),
+            (entry("web", "abc", "[\"read\"]"), "64 hex"),
+            (
+                format!(
+                    "{}{}",
+                    entry("a", &digest, "[\"read\"]"),
+                    entry("a", &other, "[\"read\"]")
+                ),
+                "listed twice",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    entry("a", &digest, "[\"read\"]"),
+                    entry("b", &digest, "[\"read\"]")
+                ),
+                "twice",
+            ),
+        ] {
+            let err = NodeConfig::from_toml(&text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens.toml");
+        std::fs::write(&file, &ok).unwrap();
+        assert_eq!(read_tokens_file(&file).unwrap().len(), 1);
+        std::fs::write(&file, format!("slots = 3\n{ok}")).unwrap();
+        assert!(
+            read_tokens_file(&file).is_err(),
+            "only [[tokens]] in a tokens file"
+        );
     }
 
     /// The default lease timing satisfies invariant 4 with room to spare, and the relation is

@@ -5,13 +5,14 @@
 //! (Prometheus text), and the dashboard (`/`, `/api/status`: `dashboard.rs`).
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::auth::{Denied, Need, Tokens};
 use crate::node::Node;
 
 /// Applied entries a node may lag its own last log entry by and still be ready.
@@ -138,13 +139,45 @@ fn record_gauges(node: &Node) {
     }
 }
 
+/// With `[[tokens]]`, everything but `/healthz` and `/readyz` (probes) needs a token with the
+/// `read` scope: `Authorization: Bearer <token>` (Prometheus' `authorization` setting), or HTTP
+/// Basic with the token as password, which a browser asks for when it opens the dashboard.
+async fn require_read(
+    State(tokens): State<Arc<Tokens>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match tokens.admit(header, Need::Read) {
+        Ok(_) => next.run(request).await,
+        Err(denied @ Denied::Scope { .. }) => {
+            (StatusCode::FORBIDDEN, format!("{denied}\n")).into_response()
+        }
+        Err(denied) => (
+            StatusCode::UNAUTHORIZED,
+            [(
+                axum::http::header::WWW_AUTHENTICATE,
+                "Basic realm=\"exactly\", charset=\"UTF-8\"",
+            )],
+            format!("{denied} (a browser: any user name, the token as password)\n"),
+        )
+            .into_response(),
+    }
+}
+
 /// Serves the HTTP endpoints on `addr` until the node shuts down.
-pub async fn serve(node: Node, listener: tokio::net::TcpListener) {
+pub async fn serve(node: Node, listener: tokio::net::TcpListener, tokens: Arc<Tokens>) {
     let shutdown = node.shutdown.clone();
-    let app = crate::dashboard::routes()
+    let guarded = crate::dashboard::routes()
+        .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn_with_state(tokens, require_read));
+    let app = guarded
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .with_state(node);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

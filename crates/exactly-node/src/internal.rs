@@ -34,6 +34,18 @@ pub enum ReadIndexReply {
     Index(u64),
     NotLeader,
     Failed(String),
+    /// The asking node is not in the leader's membership (`removed`: and never may be again);
+    /// how a node that drained away learns that it is out (see `Node::has_left`).
+    NotMember {
+        removed: bool,
+    },
+}
+
+/// What a ReadIndex request carries: the asking node (with peer TLS, it must be the node its
+/// certificate names). An empty body (an older node) asks for the index only.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ReadIndexAsk {
+    pub node: u64,
 }
 
 /// What a Join answers.
@@ -226,8 +238,31 @@ impl Internal for InternalService {
         ))
     }
 
+    /// From a member: the leader's read index. From a node that is not (one that drained away
+    /// or was removed, asking whether it is out): only that answer.
     async fn read_index(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
         let sender = self.sender(&request)?;
+        let data = &request.get_ref().data;
+        let asker = if data.is_empty() {
+            None
+        } else {
+            let ask: ReadIndexAsk = codec::decode(data)?;
+            check_claim(sender, ask.node, "the read-index request")?;
+            Some(ask.node)
+        };
+        let asker = match sender {
+            Sender::Node(id) => Some(id),
+            Sender::Unauthenticated => asker,
+        };
+        if let Some(id) = asker {
+            if !self.node.is_leader() {
+                return Ok(blob(&ReadIndexReply::NotLeader));
+            }
+            if !self.node.is_member(id) {
+                let removed = self.node.read(|t| t.is_removed(id));
+                return Ok(blob(&ReadIndexReply::NotMember { removed }));
+            }
+        }
         self.check_member(sender, false, "read-index requests")?;
         Ok(blob(&self.node.leader_read_index().await))
     }

@@ -5,6 +5,7 @@
 //! which job runs where, or whether a completion counts: it proposes, and apply decides.
 
 pub mod api;
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod dashboard;

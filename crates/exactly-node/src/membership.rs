@@ -333,25 +333,12 @@ impl Node {
         if leader == self.id {
             return false;
         }
-        // The leader's public API (its Raft address may be a peer port).
-        let Some(addr) = self.api_addr_of(leader) else {
-            return false;
-        };
-        let Ok(channel) = crate::network::channel(&addr) else {
-            return false;
-        };
-        let mut client = exactly_proto::v1::cluster_client::ClusterClient::new(channel);
-        let mut request = tonic::Request::new(exactly_proto::v1::StatusRequest {});
-        request.set_timeout(Duration::from_secs(1));
-        match client.status(request).await {
-            Ok(reply) => {
-                let status = reply.into_inner();
-                status.leader_id == leader
-                    && (status.removed_node_ids.contains(&self.id)
-                        || !status.members.iter().any(|m| m.node_id == self.id))
-            }
-            Err(_) => false,
-        }
+        // Asked over the peer port (the public one may need a token this node does not hold):
+        // the leader answers a node outside its membership with `NotMember`.
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), self.ask_read_index()).await,
+            Ok(Ok((_, crate::internal::ReadIndexReply::NotMember { .. })))
+        )
     }
 }
 

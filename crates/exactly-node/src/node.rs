@@ -250,11 +250,6 @@ impl Node {
         self.state.read(f)
     }
 
-    /// The public API address node `id` registered (its Raft address may be a peer port).
-    pub fn api_addr_of(&self, id: u64) -> Option<String> {
-        self.read(|t| t.nodes().get(&id).map(|e| e.addr.clone()))
-    }
-
     /// The current leader and its node-to-node address, as this node last heard.
     pub fn leader(&self) -> Option<(u64, String)> {
         let metrics = self.raft.metrics().borrow().clone();
@@ -483,27 +478,38 @@ impl Node {
     /// for readiness: every write acknowledged before this call is at or below it.
     pub async fn read_index(&self) -> Result<u64, String> {
         use crate::internal::ReadIndexReply;
-        let (leader, addr) = self.leader().ok_or("no leader is known")?;
-        let reply = if leader == self.id {
-            self.leader_read_index().await
-        } else {
-            let mut client = self.peer(&addr).map_err(|e| e.to_string())?;
-            let mut request = tonic::Request::new(Blob {
-                data: Vec::new(),
-                target: 0,
-            });
-            request.set_timeout(self.config.raft.election_timeout_max * 2);
-            let blob = client
-                .read_index(request)
-                .await
-                .map_err(|s| format!("leader {leader}: {}", s.message()))?;
-            codec::decode(&blob.into_inner().data).map_err(|e| e.to_string())?
-        };
+        let (leader, reply) = self.ask_read_index().await?;
         match reply {
             ReadIndexReply::Index(index) => Ok(index),
             ReadIndexReply::NotLeader => Err(format!("node {leader} is no longer the leader")),
             ReadIndexReply::Failed(why) => Err(why),
+            ReadIndexReply::NotMember { removed } => Err(format!(
+                "leader {leader} says this node is not a member{}",
+                if removed { " (removed)" } else { "" }
+            )),
         }
+    }
+
+    /// Asks the current leader (this node or another) for its read index, over the peer port.
+    pub(crate) async fn ask_read_index(
+        &self,
+    ) -> Result<(u64, crate::internal::ReadIndexReply), String> {
+        let (leader, addr) = self.leader().ok_or("no leader is known")?;
+        if leader == self.id {
+            return Ok((leader, self.leader_read_index().await));
+        }
+        let mut client = self.peer(&addr).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(Blob {
+            data: codec::encode(&crate::internal::ReadIndexAsk { node: self.id }),
+            target: 0,
+        });
+        request.set_timeout(self.config.raft.election_timeout_max * 2);
+        let blob = client
+            .read_index(request)
+            .await
+            .map_err(|s| format!("leader {leader}: {}", s.message()))?;
+        let reply = codec::decode(&blob.into_inner().data).map_err(|e| e.to_string())?;
+        Ok((leader, reply))
     }
 
     /// Returns once Raft reports a leader other than `old` (not merely none: an election).

@@ -53,6 +53,10 @@ pub enum StartError {
     Actor(String),
     #[error("{0}")]
     PeerTls(String),
+    #[error("api-tls: {0}")]
+    ApiTls(String),
+    #[error("tokens: {0}")]
+    Tokens(String),
 }
 
 /// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
@@ -202,6 +206,12 @@ pub async fn start_with(
         Some(files) => Some(crate::tls::PeerTls::load(files, id).map_err(StartError::PeerTls)?),
         None => None,
     };
+    let api_tls = match &config.api_tls {
+        Some(files) => Some(load_api_tls(files).map_err(StartError::ApiTls)?),
+        None => None,
+    };
+    let tokens =
+        Arc::new(crate::auth::Tokens::from_config(&config.tokens).map_err(StartError::Tokens)?);
     let incarnation = store.next_incarnation()?;
     let hooks = Arc::new(Hooks::new(id));
     let state = store.state_machine(hooks.clone())?;
@@ -321,7 +331,13 @@ pub async fn start_with(
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     let with_internal = peer_listener.is_none();
     let mut tasks = vec![
-        tokio::spawn(serve(node.clone(), listener, with_internal)?),
+        tokio::spawn(serve(
+            node.clone(),
+            listener,
+            with_internal,
+            api_tls,
+            tokens.clone(),
+        )?),
         tokio::spawn(watch_leadership(node.clone(), hooks.clone())),
         tokio::spawn(confirm_quorum_while_leading(node.clone())),
         tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
@@ -329,7 +345,11 @@ pub async fn start_with(
         tokio::spawn(learn_ready_index(node.clone())),
     ];
     if let Some(listener) = http {
-        tasks.push(tokio::spawn(crate::http::serve(node.clone(), listener)));
+        tasks.push(tokio::spawn(crate::http::serve(
+            node.clone(),
+            listener,
+            tokens.clone(),
+        )));
     }
     if let Some(listener) = peer_listener {
         let handle = node.raft_runtime.handle();
@@ -406,6 +426,25 @@ async fn serve_peers(node: Node, listener: std::net::TcpListener) {
     }
 }
 
+/// Reads the public port's certificate and key, so that a missing or unreadable file stops the
+/// start with its path named.
+fn load_api_tls(
+    files: &crate::config::ApiTlsConfig,
+) -> Result<tonic::transport::ServerTlsConfig, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let (cert, key) = (read(&files.cert)?, read(&files.key)?);
+    if !String::from_utf8_lossy(&cert).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{}: not a PEM certificate", files.cert.display()));
+    }
+    if !String::from_utf8_lossy(&key).contains("PRIVATE KEY-----") {
+        return Err(format!("{}: not a PEM private key", files.key.display()));
+    }
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key)))
+}
+
 /// How often gRPC health is brought in line with readiness (`/readyz`).
 const READINESS_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -415,7 +454,17 @@ fn serve(
     node: Node,
     listener: tokio::net::TcpListener,
     with_internal: bool,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    tokens: Arc<crate::auth::Tokens>,
 ) -> Result<impl std::future::Future<Output = ()>, StartError> {
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(node.config.limits.streams_per_connection_max));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| StartError::ApiTls(e.to_string()))?;
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(exactly_proto::FILE_DESCRIPTOR_SET)
@@ -454,9 +503,8 @@ fn serve(
                     .await;
             }
         });
-        let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .max_concurrent_streams(Some(node.config.limits.streams_per_connection_max))
+        let result = builder
+            .layer(crate::auth::AuthLayer { tokens })
             .add_service(health)
             .add_service(reflection)
             .add_service(

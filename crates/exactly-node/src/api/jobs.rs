@@ -37,6 +37,7 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let credential = crate::auth::credential_of(&request).cloned();
         let specs = request.into_inner().jobs;
         if specs.is_empty() {
             return Err(Status::invalid_argument("submit needs at least one job"));
@@ -52,6 +53,18 @@ impl Jobs for JobsService {
             .enumerate()
             .map(|(i, spec)| new_job(&self.node, &format!("jobs[{i}]"), spec))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(credential) = credential {
+            if let Some((i, job)) = jobs
+                .iter()
+                .enumerate()
+                .find(|(_, job)| !credential.may_submit_to(&job.queue))
+            {
+                return Err(Status::permission_denied(format!(
+                    "jobs[{i}]: token {:?} may not submit to queue {:?}; nothing was submitted",
+                    credential.name, job.queue
+                )));
+            }
+        }
         let live = self.node.read(|t| t.counts().live());
         let max = self.node.config.limits.jobs_live_max;
         if live + jobs.len() as u64 > max {
@@ -103,21 +116,33 @@ impl Jobs for JobsService {
                 at,
             ));
         }
-        // This replica may lag the leader by a few milliseconds: ask the leader before saying
-        // the job does not exist.
-        if let Some((leader, _)) = self.node.leader() {
-            if leader != self.node.id {
-                // The leader's public API (its Raft address may be a peer port).
-                let addr = self.node.api_addr_of(leader).ok_or_else(|| {
-                    Status::unavailable(format!(
-                        "job {id} is not on this node yet and leader {leader} has not registered \
-                         its address; retry"
-                    ))
-                })?;
-                let channel = crate::network::channel(&addr)
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                let mut client = pb::jobs_client::JobsClient::new(channel);
-                return client.get(pb::GetRequest { job_id: id }).await;
+        // This replica may lag the leader by a few milliseconds: catch up to the leader's read
+        // index (over the peer port) before saying the job does not exist.
+        if self
+            .node
+            .leader()
+            .is_some_and(|(leader, _)| leader != self.node.id)
+        {
+            let index = self.node.read_index().await.map_err(|why| {
+                Status::unavailable(format!(
+                    "job {id} is not on this node yet and the leader's read index is unknown \
+                     ({why}); retry"
+                ))
+            })?;
+            if !self
+                .node
+                .await_applied(index, super::consistency::READ_WAIT_MAX)
+                .await
+            {
+                return Err(Status::unavailable(format!(
+                    "job {id} is not on this node yet and it is behind the leader; retry"
+                )));
+            }
+            if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
+                return Ok(stamped(
+                    Response::new(pb::GetResponse { job: Some(job) }),
+                    super::consistency::applied(&self.node),
+                ));
             }
         }
         Err(Status::not_found(format!("job {id} does not exist")))

@@ -51,6 +51,27 @@ struct Args {
     /// This node's private key (PEM).
     #[arg(long, env = "EXACTLY_PEER_TLS_KEY", value_name = "PATH", requires_all = ["peer_tls_ca", "peer_tls_cert"])]
     peer_tls_key: Option<PathBuf>,
+    /// TLS on the public gRPC port: this node's certificate for clients (PEM, from `exactly
+    /// cert server`). With --api-tls-key.
+    #[arg(
+        long,
+        env = "EXACTLY_API_TLS_CERT",
+        value_name = "PATH",
+        requires = "api_tls_key"
+    )]
+    api_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(
+        long,
+        env = "EXACTLY_API_TLS_KEY",
+        value_name = "PATH",
+        requires = "api_tls_cert"
+    )]
+    api_tls_key: Option<PathBuf>,
+    /// A TOML file of `[[tokens]]` (name, sha256, scopes), added to the config file's: the
+    /// bearer tokens that may call the public API (`exactly token new` makes them).
+    #[arg(long, env = "EXACTLY_TOKENS_FILE", value_name = "PATH")]
+    tokens_file: Option<PathBuf>,
     /// HTTP address for /healthz, /readyz and /metrics.
     #[arg(long, env = "EXACTLY_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
@@ -102,6 +123,17 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
             cert: cert.clone(),
             key: key.clone(),
         });
+    }
+    if let (Some(cert), Some(key)) = (&args.api_tls_cert, &args.api_tls_key) {
+        config.api_tls = Some(exactly_node::config::ApiTlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
+    if let Some(path) = &args.tokens_file {
+        config
+            .tokens
+            .extend(exactly_node::config::read_tokens_file(path)?);
     }
     if args.http_listen.is_some() {
         config.http_listen = args.http_listen;

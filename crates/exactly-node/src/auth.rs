@@ -1,0 +1,531 @@
+//! Who may call what on the public port: bearer tokens (`[[tokens]]`, kept as SHA-256 digests),
+//! their scopes, and the scope each gRPC method needs. The decisions are pure ([`Tokens::admit`],
+//! [`need_of`], [`Credential::may_submit_to`]); [`AuthLayer`] only carries them out in front of
+//! every public service.
+//!
+//! Scopes: `submit` (Submit, any queue) or `submit:<queue>` (that queue only), `read` (Get,
+//! List, Watch, dead letters, queues, schedules, status), `operate` (`read`, and Cancel,
+//! Redrive, queue changes, schedule pause, Drain) and `admin` (everything: membership, Purge,
+//! schedules). With no `[[tokens]]` the port is open to anyone who reaches it (a loopback
+//! cluster; see `secure-by-default` in README).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+
+use crate::config::TokenConfig;
+
+/// What a method needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Anyone who reaches the port: health, reflection, and (without `peer-listen`) the
+    /// node-to-node service, which peers call without tokens.
+    Open,
+    Submit,
+    Read,
+    Operate,
+    Admin,
+}
+
+impl Need {
+    fn name(self) -> &'static str {
+        match self {
+            Need::Open => "none",
+            Need::Submit => "submit",
+            Need::Read => "read",
+            Need::Operate => "operate",
+            Need::Admin => "admin",
+        }
+    }
+}
+
+/// The scope a public gRPC method (its path, `/package.Service/Method`) needs. Unknown methods
+/// need `admin`: a method added without a line here is closed, not open.
+pub fn need_of(path: &str) -> Need {
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return Need::Admin;
+    };
+    match (service, method) {
+        ("grpc.health.v1.Health", _)
+        | ("grpc.reflection.v1.ServerReflection", _)
+        | ("grpc.reflection.v1alpha.ServerReflection", _)
+        | ("exactly.internal.v1.Internal", _) => Need::Open,
+        ("exactly.v1.Jobs", "Submit") => Need::Submit,
+        ("exactly.v1.Jobs", "Get" | "List" | "Watch") => Need::Read,
+        ("exactly.v1.Jobs", "Cancel") => Need::Operate,
+        ("exactly.v1.DeadLetters", "List") => Need::Read,
+        ("exactly.v1.DeadLetters", "Redrive") => Need::Operate,
+        ("exactly.v1.DeadLetters", "Purge") => Need::Admin,
+        ("exactly.v1.Queues", "List") => Need::Read,
+        ("exactly.v1.Queues", "Configure") => Need::Operate,
+        ("exactly.v1.Schedules", "List") => Need::Read,
+        ("exactly.v1.Schedules", "SetPaused") => Need::Operate,
+        ("exactly.v1.Schedules", "Add" | "Remove") => Need::Admin,
+        ("exactly.v1.Cluster", "Status") => Need::Read,
+        ("exactly.v1.Cluster", "Drain") => Need::Operate,
+        ("exactly.v1.Cluster", "Remove" | "Join") => Need::Admin,
+        _ => Need::Admin,
+    }
+}
+
+/// One scope of a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Submit to every queue (`None`) or to one.
+    Submit(Option<String>),
+    Read,
+    Operate,
+    Admin,
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "submit" => Ok(Scope::Submit(None)),
+            "read" => Ok(Scope::Read),
+            "operate" => Ok(Scope::Operate),
+            "admin" => Ok(Scope::Admin),
+            other => match other.strip_prefix("submit:") {
+                Some(queue) => {
+                    let max = exactly_core::limits::QUEUE_NAME_BYTES_MAX;
+                    if queue.is_empty() || queue.len() > max || queue.chars().any(char::is_control)
+                    {
+                        return Err(format!(
+                            "{other:?}: a queue name is 1..={max} bytes without control characters"
+                        ));
+                    }
+                    Ok(Scope::Submit(Some(queue.to_string())))
+                }
+                None => Err(format!(
+                    "{other:?}: scopes are submit, submit:<queue>, read, operate and admin"
+                )),
+            },
+        }
+    }
+}
+
+/// A caller the node recognised: its token's name (for logs and the audit trail) and scopes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    pub name: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl Credential {
+    /// Whether these scopes cover a method's need (for Submit: to some queue; the handler then
+    /// checks each job's queue with [`Credential::may_submit_to`]).
+    pub fn allows(&self, need: Need) -> bool {
+        self.scopes.iter().any(|scope| {
+            matches!(
+                (scope, need),
+                (_, Need::Open)
+                    | (Scope::Admin, _)
+                    | (Scope::Operate, Need::Operate | Need::Read)
+                    | (Scope::Read, Need::Read)
+                    | (Scope::Submit(_), Need::Submit)
+            )
+        })
+    }
+
+    /// Whether this credential may submit to `queue`.
+    pub fn may_submit_to(&self, queue: &str) -> bool {
+        self.scopes.iter().any(|scope| match scope {
+            Scope::Admin | Scope::Submit(None) => true,
+            Scope::Submit(Some(only)) => only == queue,
+            _ => false,
+        })
+    }
+}
+
+/// Why a request was turned away; nothing was done for it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("this cluster needs a token: send `authorization: Bearer <token>` (exactly --token, EXACTLY_TOKEN)")]
+    Missing,
+    #[error("the authorization header is not `Bearer <token>`")]
+    Malformed,
+    #[error("unknown token")]
+    Unknown,
+    #[error("token {name:?} lacks the {need} scope this call needs")]
+    Scope { name: String, need: &'static str },
+}
+
+impl Denied {
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            Denied::Scope { .. } => tonic::Status::permission_denied(self.to_string()),
+            _ => tonic::Status::unauthenticated(self.to_string()),
+        }
+    }
+}
+
+/// Longest `authorization` header value looked at.
+const AUTHORIZATION_BYTES_MAX: usize = 512;
+
+/// The configured tokens, by digest.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    by_digest: HashMap<[u8; 32], Arc<Credential>>,
+}
+
+impl Tokens {
+    /// From validated configuration (`NodeConfig::validate` checked digests and scopes).
+    pub fn from_config(tokens: &[TokenConfig]) -> Result<Self, String> {
+        let mut by_digest = HashMap::new();
+        for t in tokens {
+            let digest = exactly_client::token::parse_digest_hex(&t.sha256)
+                .ok_or_else(|| format!("token {:?}: sha256 is not 64 hex digits", t.name))?;
+            let scopes = t
+                .scopes
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<Vec<Scope>, _>>()
+                .map_err(|why| format!("token {:?}: scope {why}", t.name))?;
+            let credential = Credential {
+                name: t.name.clone(),
+                scopes,
+            };
+            if by_digest.insert(digest, Arc::new(credential)).is_some() {
+                return Err(format!(
+                    "token {:?}: the same token is listed twice",
+                    t.name
+                ));
+            }
+        }
+        Ok(Self { by_digest })
+    }
+
+    /// Whether the port asks for tokens at all.
+    pub fn enabled(&self) -> bool {
+        !self.by_digest.is_empty()
+    }
+
+    /// Decides one request: the credential it carries (`None` when tokens are off, or for an
+    /// open method called without one), or why it is refused. `authorization` is the header's
+    /// raw value; `Basic` (any user name, the token as password) is accepted too, so that a
+    /// browser can log in to the dashboard.
+    pub fn admit(
+        &self,
+        authorization: Option<&[u8]>,
+        need: Need,
+    ) -> Result<Option<Arc<Credential>>, Denied> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let Some(header) = authorization else {
+            return if need == Need::Open {
+                Ok(None)
+            } else {
+                Err(Denied::Missing)
+            };
+        };
+        let token = bearer_or_basic(header).ok_or(Denied::Malformed)?;
+        let credential = self
+            .by_digest
+            .get(&exactly_client::token::digest(&token))
+            .ok_or(Denied::Unknown)?;
+        if !credential.allows(need) {
+            return Err(Denied::Scope {
+                name: credential.name.clone(),
+                need: need.name(),
+            });
+        }
+        Ok(Some(credential.clone()))
+    }
+}
+
+/// The token in `Bearer <token>` or `Basic base64(<user>:<token>)`.
+fn bearer_or_basic(header: &[u8]) -> Option<String> {
+    if header.len() > AUTHORIZATION_BYTES_MAX {
+        return None;
+    }
+    let header = std::str::from_utf8(header).ok()?.trim();
+    let (scheme, rest) = header.split_once(' ')?;
+    let rest = rest.trim();
+    let token = if scheme.eq_ignore_ascii_case("bearer") {
+        rest.to_string()
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64_decode(rest)?;
+        let text = String::from_utf8(decoded).ok()?;
+        text.split_once(':')?.1.to_string()
+    } else {
+        return None;
+    };
+    (!token.is_empty()).then_some(token)
+}
+
+/// Standard base64 with padding (RFC 4648 §4), as HTTP Basic uses it.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let bytes = text.as_bytes();
+    if !bytes.chunks_exact(4).remainder().is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let last = i + 1 == bytes.len() / 4;
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            n = n << 6 | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let three = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&three[..3 - pad]);
+    }
+    Some(out)
+}
+
+/// Puts [`Tokens::admit`] in front of a gRPC server's services: a refused request gets its
+/// status at once (nothing reaches a handler), an admitted one carries its [`Credential`] in
+/// the request's extensions.
+#[derive(Clone)]
+pub struct AuthLayer {
+    pub tokens: Arc<Tokens>,
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            tokens: self.tokens.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    tokens: Arc<Tokens>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Auth<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let need = need_of(request.uri().path());
+        let header = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        match self.tokens.admit(header, need) {
+            Ok(credential) => {
+                if let Some(credential) = credential {
+                    request.extensions_mut().insert(credential);
+                }
+                Box::pin(self.inner.call(request))
+            }
+            Err(denied) => {
+                tracing::debug!(path = request.uri().path(), %denied, "request refused");
+                let response = denied.status().into_http();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+/// The credential a request was admitted with (none when tokens are off).
+pub fn credential_of<T>(request: &tonic::Request<T>) -> Option<&Arc<Credential>> {
+    request.extensions().get::<Arc<Credential>>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(list: &[(&str, &str, &[&str])]) -> Tokens {
+        let config: Vec<TokenConfig> = list
+            .iter()
+            .map(|(name, token, scopes)| TokenConfig {
+                name: name.to_string(),
+                sha256: exactly_client::token::digest_hex(token),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect();
+        Tokens::from_config(&config).unwrap()
+    }
+
+    fn bearer(token: &str) -> Vec<u8> {
+        format!("Bearer {token}").into_bytes()
+    }
+
+    #[test]
+    fn without_tokens_everything_is_open() {
+        let t = Tokens::default();
+        assert_eq!(t.admit(None, Need::Admin), Ok(None));
+        assert_eq!(t.admit(Some(b"junk"), Need::Admin), Ok(None));
+    }
+
+    #[test]
+    fn every_method_needs_its_scope() {
+        let t = tokens(&[
+            ("web", "tw", &["submit:emails", "read"]),
+            ("ops", "to", &["operate"]),
+            ("root", "ta", &["admin"]),
+            ("feed", "ts", &["submit"]),
+        ]);
+        let table: &[(&str, &str, Result<(), &str>)] = &[
+            ("tw", "/exactly.v1.Jobs/Submit", Ok(())),
+            ("tw", "/exactly.v1.Jobs/Get", Ok(())),
+            ("tw", "/exactly.v1.Jobs/Watch", Ok(())),
+            ("tw", "/exactly.v1.Jobs/Cancel", Err("operate")),
+            ("tw", "/exactly.v1.DeadLetters/Purge", Err("admin")),
+            ("to", "/exactly.v1.Jobs/Cancel", Ok(())),
+            ("to", "/exactly.v1.Jobs/List", Ok(())),
+            ("to", "/exactly.v1.DeadLetters/Redrive", Ok(())),
+            ("to", "/exactly.v1.Queues/Configure", Ok(())),
+            ("to", "/exactly.v1.Cluster/Drain", Ok(())),
+            ("to", "/exactly.v1.Jobs/Submit", Err("submit")),
+            ("to", "/exactly.v1.Cluster/Remove", Err("admin")),
+            ("to", "/exactly.v1.Schedules/Add", Err("admin")),
+            ("to", "/exactly.v1.DeadLetters/Purge", Err("admin")),
+            ("ts", "/exactly.v1.Jobs/Submit", Ok(())),
+            ("ts", "/exactly.v1.Jobs/Get", Err("read")),
+            ("ta", "/exactly.v1.Cluster/Join", Ok(())),
+            ("ta", "/exactly.v1.Jobs/Submit", Ok(())),
+            ("ta", "/exactly.v1.Future/Thing", Ok(())),
+            ("to", "/exactly.v1.Future/Thing", Err("admin")),
+            ("ts", "/grpc.health.v1.Health/Check", Ok(())),
+        ];
+        for (token, path, expected) in table {
+            let got = t.admit(Some(&bearer(token)), need_of(path));
+            match expected {
+                Ok(()) => assert!(got.is_ok(), "{token} {path}: {got:?}"),
+                Err(need) => assert!(
+                    matches!(&got, Err(Denied::Scope { need: n, .. }) if n == need),
+                    "{token} {path}: {got:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn missing_unknown_and_malformed_tokens_are_unauthenticated() {
+        let t = tokens(&[("web", "secret", &["read"])]);
+        let get = Need::Read;
+        assert_eq!(t.admit(None, get), Err(Denied::Missing));
+        assert_eq!(t.admit(None, Need::Open), Ok(None));
+        assert_eq!(t.admit(Some(&bearer("other")), get), Err(Denied::Unknown));
+        for bad in [
+            &b"secret"[..],
+            b"Bearer",
+            b"Bearer ",
+            b"Token secret",
+            &[0xff, 0xfe],
+        ] {
+            assert_eq!(t.admit(Some(bad), get), Err(Denied::Malformed), "{bad:?}");
+        }
+        let long = bearer(&"x".repeat(AUTHORIZATION_BYTES_MAX));
+        assert_eq!(t.admit(Some(&long), get), Err(Denied::Malformed));
+        assert_eq!(
+            t.admit(Some(&bearer("secret")), get).unwrap().unwrap().name,
+            "web"
+        );
+        assert_eq!(
+            t.admit(Some(b"bearer  secret "), get)
+                .unwrap()
+                .unwrap()
+                .name,
+            "web"
+        );
+        assert_eq!(
+            Denied::Missing.status().code(),
+            tonic::Code::Unauthenticated
+        );
+        let scope = t.admit(Some(&bearer("secret")), Need::Admin).unwrap_err();
+        assert_eq!(scope.status().code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn a_browser_logs_in_with_basic_and_the_token_as_password() {
+        let t = tokens(&[("web", "secret", &["read"])]);
+        // base64("anyone:secret")
+        let basic = b"Basic YW55b25lOnNlY3JldA==";
+        assert_eq!(
+            t.admit(Some(basic), Need::Read).unwrap().unwrap().name,
+            "web"
+        );
+        assert_eq!(
+            t.admit(Some(b"Basic YW55b25lOnNlY3JldA"), Need::Read),
+            Err(Denied::Malformed)
+        );
+        assert_eq!(base64_decode("YQ=="), Some(b"a".to_vec()));
+        assert_eq!(base64_decode("YWI="), Some(b"ab".to_vec()));
+        assert_eq!(base64_decode("YWJj"), Some(b"abc".to_vec()));
+        assert_eq!(base64_decode("Y==="), None);
+        assert_eq!(base64_decode("YQ==YWJj"), None);
+        assert_eq!(base64_decode("Y!=="), None);
+    }
+
+    #[test]
+    fn submit_scopes_name_their_queues() {
+        let web = Credential {
+            name: "web".into(),
+            scopes: vec!["submit:emails".parse().unwrap(), Scope::Read],
+        };
+        assert!(web.may_submit_to("emails"));
+        assert!(!web.may_submit_to("billing"));
+        let admin = Credential {
+            name: "root".into(),
+            scopes: vec![Scope::Admin],
+        };
+        assert!(admin.may_submit_to("billing"));
+        let reader = Credential {
+            name: "r".into(),
+            scopes: vec![Scope::Read],
+        };
+        assert!(!reader.may_submit_to("emails"));
+        assert!("submit:".parse::<Scope>().is_err());
+        assert!("submit:a\u{1b}[31m".parse::<Scope>().is_err());
+        assert!("write".parse::<Scope>().is_err());
+    }
+
+    #[test]
+    fn config_errors_name_the_token() {
+        let bad_digest = TokenConfig {
+            name: "web".into(),
+            sha256: "abc".into(),
+            scopes: vec!["read".into()],
+        };
+        let err = Tokens::from_config(&[bad_digest]).unwrap_err();
+        assert!(err.contains("\"web\"") && err.contains("64 hex"), "{err}");
+        let twice = TokenConfig {
+            name: "a".into(),
+            sha256: exactly_client::token::digest_hex("t"),
+            scopes: vec!["read".into()],
+        };
+        let mut again = twice.clone();
+        again.name = "b".into();
+        assert!(Tokens::from_config(&[twice, again])
+            .unwrap_err()
+            .contains("twice"));
+    }
+}
