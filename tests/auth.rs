@@ -82,7 +82,8 @@ fn code_of<T: std::fmt::Debug>(result: Result<T, exactly_client::Error>) -> Code
 /// without the scope a call needs is PERMISSION_DENIED (a `submit:emails` token cannot submit
 /// to another queue, in a batch either), and the refused calls changed nothing; a plaintext
 /// client does not get through the TLS port; health checks need no token; `/metrics` and the
-/// dashboard want a `read` token (Bearer, or Basic as a browser sends it), probes do not.
+/// dashboard want a `read` token (Bearer, or Basic as a browser sends it), probes do not; the
+/// audit trail names who did each operator's write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
     let certs = tempfile::tempdir()?;
@@ -172,6 +173,31 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
         assert_eq!(n.node.read(|t| t.counts().live()), 0);
     }
     assert_eq!(cluster.ledger.executions().len(), 2);
+
+    // The audit trail: the operator's cancel and the admin's purge, by name, in log order, the
+    // same on every replica; the refused calls are not in it; reading it needs admin.
+    assert_eq!(code_of(ops.audit(0, 100).await), Code::PermissionDenied);
+    let trail = root.audit(0, 100).await?;
+    let seen: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|r| (r.by.as_str(), r.action.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("ops", format!("cancel jobs {id}").as_str()),
+            ("root", "purge dead letters (all)"),
+        ],
+        "{trail:?}"
+    );
+    assert_eq!(trail[0].outcome, "0 of 1 cancelled", "{trail:?}");
+    assert!(trail[0].index < trail[1].index && trail[0].at_ms > 0);
+    let replicas: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.node.read(|t| t.audit().clone()))
+        .collect();
+    assert!(replicas.windows(2).all(|w| w[0] == w[1]), "{replicas:?}");
 
     // gRPC health needs no token (load balancers and orchestrators probe it).
     let tls = tonic::transport::ClientTlsConfig::new()

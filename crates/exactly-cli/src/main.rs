@@ -2,6 +2,7 @@
 //! scripts. Errors are printed with their gRPC code and the server's message; the exit code says
 //! what kind of failure it was (see [`exit_code`]).
 
+mod audit;
 mod bench;
 mod bench_open;
 mod cancel;
@@ -144,6 +145,9 @@ enum Command {
     /// certificates for the public port's TLS.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// The audit trail: operators' and administrators' writes, with the token that made each
+    /// (needs an admin token).
+    Audit(audit::AuditArgs),
     /// Bearer tokens for the public API: make one, with the entry the nodes need.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -197,6 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => cluster::show_status(&client, json).await,
         Command::Cluster { command } => cluster::run(&client, command, json).await,
         Command::Bench(args) => bench::run(&client, args, json).await,
+        Command::Audit(args) => audit::run(&client, args, json).await,
         Command::Cert(_) | Command::Token(_) => unreachable!("handled before connecting"),
     }
 }

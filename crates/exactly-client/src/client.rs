@@ -12,10 +12,11 @@ use exactly_proto::v1::jobs_client::JobsClient;
 use exactly_proto::v1::queues_client::QueuesClient;
 use exactly_proto::v1::schedules_client::SchedulesClient;
 use exactly_proto::v1::{
-    AddScheduleRequest, CancelRequest, CancelResult, ConfigureQueueRequest, DeadLetterFilter,
-    DrainRequest, DrainResponse, GetRequest, JoinRequest, JoinResponse, ListQueuesRequest,
-    ListRequest, ListResponse, ListSchedulesRequest, QueueInfo, RemoveRequest,
-    RemoveScheduleRequest, ScheduleInfo, SetSchedulePausedRequest, StatusRequest, SubmitRequest,
+    AddScheduleRequest, AuditRecord, AuditRequest, CancelRequest, CancelResult,
+    ConfigureQueueRequest, DeadLetterFilter, DrainRequest, DrainResponse, GetRequest, JoinRequest,
+    JoinResponse, ListQueuesRequest, ListRequest, ListResponse, ListSchedulesRequest, QueueInfo,
+    RemoveRequest, RemoveScheduleRequest, ScheduleInfo, SetSchedulePausedRequest, StatusRequest,
+    SubmitRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
@@ -474,6 +475,19 @@ impl Client {
             })
             .await?;
         Ok(answer.value)
+    }
+
+    /// The audit trail (operators' and administrators' writes, with the token that made each),
+    /// oldest first: the newest `limit` records (`after_index` 0), or those after a log index.
+    /// Needs the admin scope.
+    pub async fn audit(&self, after_index: u64, limit: u32) -> Result<Vec<AuditRecord>, Error> {
+        let answer = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(AuditRequest { after_index, limit }, timeout);
+                async move { ClusterClient::new(channel).audit(request).await }
+            })
+            .await?;
+        Ok(answer.value.records)
     }
 
     /// Returns the cluster's status as the answering node sees it. Retried on every transient

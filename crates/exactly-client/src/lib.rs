@@ -56,10 +56,10 @@ pub use options::{ClientOptions, Token};
 pub use watch::{Watch, WatchScope};
 
 pub use exactly_proto::v1::{
-    AddScheduleRequest, Attempt, CancelResult, ConfigureQueueRequest, DeadLetterFilter,
-    DrainResponse, EventPosition, Job, JobCounts, JobEventMessage, JobSpec, JobState, JoinResponse,
-    ListRequest, ListResponse, Member, MissedTickPolicy, OverlapPolicy, QueueInfo, RateLimitSpec,
-    ScheduleInfo, StatusResponse,
+    AddScheduleRequest, Attempt, AuditRecord, CancelResult, ConfigureQueueRequest,
+    DeadLetterFilter, DrainResponse, EventPosition, Job, JobCounts, JobEventMessage, JobSpec,
+    JobState, JoinResponse, ListRequest, ListResponse, Member, MissedTickPolicy, OverlapPolicy,
+    QueueInfo, RateLimitSpec, ScheduleInfo, StatusResponse,
 };
 /// The gRPC status code type used by [`Error::code`].
 pub use tonic::Code;

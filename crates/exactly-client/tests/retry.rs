@@ -176,6 +176,13 @@ impl Jobs for FakeNode {
 
 #[tonic::async_trait]
 impl Cluster for FakeNode {
+    async fn audit(
+        &self,
+        _: Request<exactly_proto::v1::AuditRequest>,
+    ) -> Result<Response<exactly_proto::v1::AuditResponse>, Status> {
+        Err(Status::unimplemented("the fake keeps no audit trail"))
+    }
+
     // Membership calls are not used by these tests; the fake refuses them plainly.
     async fn drain(
         &self,

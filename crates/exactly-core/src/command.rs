@@ -110,6 +110,47 @@ pub enum Command {
     /// commands and no nested `Batch`, else nothing is applied. Two attempts of one job can
     /// never start in one entry: the second would not have a larger token, and apply refuses it.
     Batch(Vec<Command>),
+    /// An operator's or administrator's write from the public API, with the name of the
+    /// credential that asked for it: applied exactly as its command, and recorded with its
+    /// outcome in the audit trail ([`crate::state::AuditRecord`]). Only the commands
+    /// [`Audited::check`] accepts; anything else is refused whole (`Response::Refused`).
+    Audited(Box<Audited>),
+}
+
+/// A command and who asked for it (see [`Command::Audited`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Audited {
+    /// The name of the token (`anonymous` on a cluster without tokens).
+    pub by: String,
+    pub command: Command,
+}
+
+impl Audited {
+    /// Whether this may be applied: a bounded, printable name and an operator's command.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::limits::AUDIT_BY_BYTES_MAX;
+        let printable = self.by.bytes().all(|b| b.is_ascii_graphic());
+        if self.by.is_empty() || self.by.len() > AUDIT_BY_BYTES_MAX || !printable {
+            return Err(format!(
+                "an audited command's name must be 1..={AUDIT_BY_BYTES_MAX} printable ASCII \
+                 characters without spaces"
+            ));
+        }
+        match &self.command {
+            Command::Cancel(_)
+            | Command::Redrive(_)
+            | Command::PurgeDead(_)
+            | Command::ConfigureQueue { .. }
+            | Command::AddSchedule(_)
+            | Command::RemoveSchedule(_)
+            | Command::PauseSchedule { .. }
+            | Command::Drain(_) => Ok(()),
+            other => Err(format!(
+                "only an operator's command is audited, not {}",
+                crate::state::audit::command_name(other)
+            )),
+        }
+    }
 }
 
 /// A request to drain a node.
@@ -438,6 +479,9 @@ pub enum Response {
     SubmittedGroups(Vec<Vec<Result<Submitted, Rejection>>>),
     /// Per command of a `Batch`, in order; or why the batch was refused whole.
     Batch(Result<Vec<Response>, Rejection>),
+    /// The command was malformed as a whole and nothing was applied (an `Audited` whose name or
+    /// command is not allowed).
+    Refused(Rejection),
 }
 
 /// Work the shell carries out after applying an entry. Apply may run again for the same entry

@@ -18,15 +18,15 @@ pub mod scheduler;
 pub mod state;
 
 pub use command::{
-    Assignment, Command, Completion, DeadFilter, DrainNode, Effect, Expiry, JobEvent, LeaveReason,
-    NewJob, NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection, Renewal, Request,
-    Response, Retention, StartAttempt, Submitted,
+    Assignment, Audited, Command, Completion, DeadFilter, DrainNode, Effect, Expiry, JobEvent,
+    LeaveReason, NewJob, NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection, Renewal,
+    Request, Response, Retention, StartAttempt, Submitted,
 };
 pub use job::{Attempt, AttemptEnd, Backoff, Job, JobStatus, StateCounts};
 pub use limits::Limits;
 pub use queue::{QueueConfig, RateLimit};
 pub use scheduler::plan_assignments;
-pub use state::{JobTable, KeyRecord, Leave, NodeEntry, QueueState};
+pub use state::{AuditRecord, JobTable, KeyRecord, Leave, NodeEntry, QueueState};
 
 /// A node's identity in the cluster: stable across restarts (kept in the data directory).
 pub type NodeId = u64;

@@ -137,3 +137,10 @@ impl Default for Limits {
         }
     }
 }
+
+/// Records the audit trail keeps (the newest; older ones are dropped as new ones come).
+pub const AUDIT_RECORDS_MAX: usize = 10_000;
+/// Bytes of the credential name an audited command carries, at most.
+pub const AUDIT_BY_BYTES_MAX: usize = 64;
+/// Bytes of an audit record's action and outcome texts, at most each.
+pub const AUDIT_TEXT_BYTES_MAX: usize = 512;

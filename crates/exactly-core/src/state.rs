@@ -24,11 +24,13 @@ use crate::schedule::Schedule;
 use crate::{JobId, NodeId};
 
 mod attempts;
+pub mod audit;
 mod jobs;
 mod nodes;
 mod retention;
 mod schedules;
 
+pub use audit::AuditRecord;
 pub use schedules::validate_schedule;
 
 pub use crate::retry::{backoff_ceiling_ms, retry_delay_ms};
@@ -167,6 +169,9 @@ pub struct JobTable {
     /// rejoin starts with an empty data directory, which gives it a new id).
     #[serde(default)]
     removed: BTreeMap<NodeId, u64>,
+    /// Operators' and administrators' writes, oldest first (see `audit.rs`).
+    #[serde(default)]
+    audit: VecDeque<AuditRecord>,
 }
 
 pub(crate) fn truncate_bytes(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
@@ -374,6 +379,7 @@ impl Default for JobTable {
             counts: StateCounts::default(),
             leaving: BTreeMap::new(),
             removed: BTreeMap::new(),
+            audit: VecDeque::new(),
         }
     }
 }
@@ -492,6 +498,7 @@ impl JobTable {
             Command::Batch(_) => Response::Batch(Err(Rejection::Invalid(
                 "a batch cannot hold a batch".into(),
             ))),
+            Command::Audited(audited) => self.apply_audited(log_index, entropy, *audited, effects),
         }
     }
 
@@ -817,6 +824,7 @@ impl JobTable {
     /// Checks that the indexes agree with the job records. A broken index is a bug in this
     /// module, never bad input; tests call this after every command.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_audit()?;
         let mut counts = StateCounts {
             stale_completions: self.counts.stale_completions,
             ..StateCounts::default()

@@ -684,6 +684,15 @@ impl Model {
                     .map_err(Rejection::Invalid)
                     .map(|()| self.redrive(filter)),
             ),
+            // The generator makes only valid audited commands: applied as what they wrap (the
+            // trail itself is checked by `check_invariants` and the table tests).
+            Command::Audited(audited) => {
+                let inner = Request {
+                    command: audited.command.clone(),
+                    ..request.clone()
+                };
+                return self.apply(index, &inner);
+            }
             other => unreachable!("the generator makes no {other:?}"),
         };
         (response, effects)
@@ -1128,7 +1137,11 @@ fn resolve(step: &Step, stamp: u64, model: &Model, table: &JobTable) -> Request 
                 })
                 .collect(),
         ),
-        Op::Cancel(picks) => Command::Cancel(picks.iter().map(|p| model.pick(p)).collect()),
+        // A client's cancel comes through the API, which proposes it audited.
+        Op::Cancel(picks) => Command::Audited(Box::new(exactly_core::Audited {
+            by: "ops".into(),
+            command: Command::Cancel(picks.iter().map(|p| model.pick(p)).collect()),
+        })),
         Op::Configure {
             queue,
             concurrency_max,

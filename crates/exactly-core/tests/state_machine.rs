@@ -2489,3 +2489,93 @@ fn a_batch_applies_each_command_as_its_own_entry() {
     assert!(effects.is_empty() && effects2.is_empty());
     assert_eq!(h.table, before);
 }
+
+fn audited(by: &str, command: Command) -> Command {
+    Command::Audited(Box::new(exactly_core::Audited {
+        by: by.into(),
+        command,
+    }))
+}
+
+/// An operator's write is applied exactly as its command and recorded with the credential's
+/// name, what it asked and what came of it; a refused one is recorded as refused. An audited
+/// wrapper around anything but an operator's command, or with a name that is empty, too long or
+/// not printable, is refused whole: nothing changes, not even the trail.
+#[test]
+fn audited_writes_are_applied_and_recorded() {
+    let mut h = Harness::new();
+    let ids = h.submit(
+        NOW,
+        vec![new_job("q", "noop", b"a"), new_job("q", "noop", b"b")],
+    );
+    let (response, _) = h.apply(NOW + 10, audited("ops", Command::Cancel(ids.clone())));
+    assert!(
+        matches!(&response, Response::Cancelled(r) if r.len() == 2 && r.iter().all(|(_, r)| r.is_ok()))
+    );
+    let cancelled_at = h.index;
+    let purge_nothing = exactly_core::DeadFilter {
+        ids: vec![],
+        queue: None,
+        kind: None,
+        max: 10,
+        all: false,
+    };
+    let (response, _) = h.apply(NOW + 20, audited("root", Command::PurgeDead(purge_nothing)));
+    assert!(
+        matches!(response, Response::PurgedDead(Err(_))),
+        "{response:?}"
+    );
+    let trail: Vec<_> = h.table.audit().iter().cloned().collect();
+    assert_eq!(trail.len(), 2);
+    assert_eq!(trail[0].index, cancelled_at);
+    assert_eq!(trail[0].at_ms, NOW + 10);
+    assert_eq!(trail[0].by, "ops");
+    assert_eq!(trail[0].action, "cancel jobs 1, 2");
+    assert_eq!(trail[0].outcome, "2 of 2 cancelled");
+    assert_eq!(trail[1].by, "root");
+    assert!(trail[1].outcome.starts_with("refused: "), "{:?}", trail[1]);
+
+    let before = h.table.clone();
+    let renewal = renew(exactly_core::NodeLease {
+        node: 7,
+        incarnation: 1,
+    });
+    for (bad, says) in [
+        (audited("ops", renewal), "not Renew"),
+        (
+            audited("ops", audited("ops", Command::Cancel(vec![1]))),
+            "not Audited",
+        ),
+        (audited("", Command::Cancel(vec![1])), "name"),
+        (audited("two words", Command::Cancel(vec![1])), "name"),
+        (audited("esc\u{1b}", Command::Cancel(vec![1])), "name"),
+        (audited(&"x".repeat(65), Command::Cancel(vec![1])), "name"),
+    ] {
+        match h.apply(NOW + 20, bad).0 {
+            Response::Refused(Rejection::Invalid(why)) => assert!(why.contains(says), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(h.table, before, "a refused audited command changes nothing");
+    }
+}
+
+/// The trail keeps the newest `AUDIT_RECORDS_MAX` records.
+#[test]
+fn the_audit_trail_is_bounded() {
+    let mut h = Harness::new();
+    let max = exactly_core::limits::AUDIT_RECORDS_MAX;
+    for i in 0..max + 5 {
+        let pause = Command::ConfigureQueue {
+            queue: "q".into(),
+            patch: exactly_core::QueuePatch {
+                paused: Some(i % 2 == 0),
+                ..Default::default()
+            },
+        };
+        h.apply(NOW, audited("ops", pause));
+    }
+    let trail = h.table.audit();
+    assert_eq!(trail.len(), max);
+    assert_eq!(trail.front().map(|r| r.index), Some(6));
+    assert_eq!(trail.back().map(|r| r.index), Some(h.index));
+}

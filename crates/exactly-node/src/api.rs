@@ -172,10 +172,15 @@ fn health(
     }
 }
 
+/// Audit records per page when the request sets no limit, and at most.
+const AUDIT_PAGE_DEFAULT: usize = 100;
+const AUDIT_PAGE_MAX: usize = 1_000;
+
 impl ClusterService {
     /// Validates and proposes a drain of `id` with `deadline` (0 for a removal).
     async fn drain_node(
         &self,
+        by: String,
         id: u64,
         deadline: std::time::Duration,
         reason: LeaveReason,
@@ -204,7 +209,7 @@ impl ClusterService {
         if node.is_last_voter(id) {
             return Err(LeaveError::LastVoter(id).into());
         }
-        let running = node.propose_drain(id, deadline, reason).await?;
+        let running = node.propose_drain(id, deadline, reason, Some(by)).await?;
         Ok(pb::DrainResponse {
             node_id: id,
             running,
@@ -262,13 +267,14 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
+        let by = crate::auth::actor(&request);
         let pb::DrainRequest {
             node_id,
             deadline_ms,
         } = request.into_inner();
         let deadline = std::time::Duration::from_millis(deadline_ms);
         Ok(Response::new(
-            self.drain_node(node_id, deadline, LeaveReason::Drained)
+            self.drain_node(by, node_id, deadline, LeaveReason::Drained)
                 .await?,
         ))
     }
@@ -277,9 +283,10 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
+        let by = crate::auth::actor(&request);
         let id = request.into_inner().node_id;
         Ok(Response::new(
-            self.drain_node(id, std::time::Duration::ZERO, LeaveReason::Removed)
+            self.drain_node(by, id, std::time::Duration::ZERO, LeaveReason::Removed)
                 .await?,
         ))
     }
@@ -290,6 +297,51 @@ impl Cluster for ClusterService {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let pb::JoinRequest { node_id, addr } = request.into_inner();
         Ok(Response::new(self.join_node(node_id, addr).await?))
+    }
+
+    async fn audit(
+        &self,
+        request: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        let at = consistency::before_read(&self.node, &request).await?;
+        let pb::AuditRequest { after_index, limit } = request.into_inner();
+        let limit = match limit {
+            0 => AUDIT_PAGE_DEFAULT,
+            n if n as usize > AUDIT_PAGE_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {n} exceeds the maximum of {AUDIT_PAGE_MAX}"
+                )))
+            }
+            n => n as usize,
+        };
+        let records = self.node.read(|t| {
+            let trail = t.audit();
+            let page: Vec<_> = if after_index == 0 {
+                trail
+                    .iter()
+                    .skip(trail.len().saturating_sub(limit))
+                    .collect()
+            } else {
+                trail
+                    .iter()
+                    .filter(|r| r.index > after_index)
+                    .take(limit)
+                    .collect()
+            };
+            page.into_iter()
+                .map(|r| pb::AuditRecord {
+                    index: r.index,
+                    at_ms: r.at_ms,
+                    by: r.by.clone(),
+                    action: r.action.clone(),
+                    outcome: r.outcome.clone(),
+                })
+                .collect()
+        });
+        Ok(consistency::stamped(
+            Response::new(pb::AuditResponse { records }),
+            at,
+        ))
     }
 
     async fn status(

@@ -65,7 +65,7 @@ pub fn need_of(path: &str) -> Need {
         ("exactly.v1.Schedules", "Add" | "Remove") => Need::Admin,
         ("exactly.v1.Cluster", "Status") => Need::Read,
         ("exactly.v1.Cluster", "Drain") => Need::Operate,
-        ("exactly.v1.Cluster", "Remove" | "Join") => Need::Admin,
+        ("exactly.v1.Cluster", "Remove" | "Join" | "Audit") => Need::Admin,
         _ => Need::Admin,
     }
 }
@@ -352,6 +352,15 @@ where
     }
 }
 
+/// The name an operator's write is recorded under in the audit trail: the token's, or
+/// `anonymous` on a port without tokens.
+pub fn actor<T>(request: &tonic::Request<T>) -> String {
+    credential_of(request).map_or_else(|| ANONYMOUS.to_string(), |c| c.name.clone())
+}
+
+/// The audit trail's name for a caller on a port without tokens.
+pub const ANONYMOUS: &str = "anonymous";
+
 /// The credential a request was admitted with (none when tokens are off).
 pub fn credential_of<T>(request: &tonic::Request<T>) -> Option<&Arc<Credential>> {
     request.extensions().get::<Arc<Credential>>()
@@ -410,6 +419,7 @@ mod tests {
             ("ts", "/exactly.v1.Jobs/Submit", Ok(())),
             ("ts", "/exactly.v1.Jobs/Get", Err("read")),
             ("ta", "/exactly.v1.Cluster/Join", Ok(())),
+            ("to", "/exactly.v1.Cluster/Audit", Err("admin")),
             ("ta", "/exactly.v1.Jobs/Submit", Ok(())),
             ("ta", "/exactly.v1.Future/Thing", Ok(())),
             ("to", "/exactly.v1.Future/Thing", Err("admin")),

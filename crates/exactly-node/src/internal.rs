@@ -320,6 +320,15 @@ impl Internal for InternalService {
 /// could start a second attempt of a running job or delete finished work (issue 12: a forged
 /// `Expire` ran one job on two nodes at once, a forged `Retain` deleted every finished job).
 pub(crate) fn check_forwarded(command: &Command, payload_bytes_max: usize) -> Result<(), Status> {
+    // An operator's write with its credential's name: what the name wraps is checked here, and
+    // apply checks the rest (an operator's command, a bounded printable name).
+    let command = match command {
+        Command::Audited(audited) => {
+            audited.check().map_err(Status::invalid_argument)?;
+            &audited.command
+        }
+        other => other,
+    };
     let leader_only = match command {
         Command::Assign(_) => Some("Assign"),
         Command::Expire(_) => Some("Expire"),
@@ -328,6 +337,8 @@ pub(crate) fn check_forwarded(command: &Command, payload_bytes_max: usize) -> Re
         Command::NodeLeft(_) => Some("NodeLeft"),
         Command::SubmitAssign { .. } => Some("SubmitAssign"),
         Command::Batch(_) => Some("Batch"),
+        // Unwrapped above; one inside another is refused by `Audited::check`.
+        Command::Audited(_) => Some("nested Audited"),
         Command::Submit(_)
         | Command::SubmitGroups(_)
         | Command::Complete(_)

@@ -166,13 +166,19 @@ impl Node {
         node: u64,
         deadline: Duration,
         reason: LeaveReason,
+        by: Option<String>,
     ) -> Result<u32, LeaveError> {
         let command = Command::Drain(DrainNode {
             node,
             deadline_after_ms: deadline.as_millis().min(u64::MAX as u128) as u64,
             reason,
         });
-        match self.propose(command).await? {
+        // An operator's drain or removal goes into the audit trail; a node's own (SIGTERM) not.
+        let response = match by {
+            Some(by) => self.propose_as(by, command).await?.0,
+            None => self.propose(command).await?,
+        };
+        match response {
             Response::Draining(Ok(running)) => Ok(running),
             Response::Draining(Err(Rejection::Removed(n))) => Err(LeaveError::Removed(n)),
             Response::Draining(Err(why)) => Err(LeaveError::Refused(why)),
@@ -207,7 +213,7 @@ impl Node {
         let running = loop {
             let attempt = tokio::time::timeout(
                 DRAIN_COMMIT_WAIT_MAX.saturating_sub(started.elapsed()),
-                self.propose_drain(self.id, deadline, LeaveReason::Stopping),
+                self.propose_drain(self.id, deadline, LeaveReason::Stopping, None),
             )
             .await;
             match attempt {

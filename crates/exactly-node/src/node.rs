@@ -373,6 +373,20 @@ impl Node {
         Ok((response, index))
     }
 
+    /// [`Node::propose_for_client`] for an operator's or administrator's write: proposed as
+    /// `Command::Audited` with the caller's credential name, so the audit trail records it.
+    pub async fn propose_as(
+        &self,
+        by: String,
+        command: Command,
+    ) -> Result<(Response, u64), ProposeError> {
+        let audited = Command::Audited(Box::new(exactly_core::Audited { by, command }));
+        match self.propose_for_client(audited).await? {
+            (Response::Refused(why), _) => Err(ProposeError::Unexpected(why.to_string())),
+            answer => Ok(answer),
+        }
+    }
+
     /// Waits until this node has applied the log up to `index`, for at most `limit`. Returns
     /// whether it has.
     pub async fn await_applied(&self, index: u64, limit: Duration) -> bool {

@@ -19,7 +19,9 @@ use crate::error::{Error, Result};
 /// - 2: `NodeEntry::renewed_index` and `Command::Expire(Expiry)` (an expiry names the renewal it
 ///   counted from). Data of version 1 is refused ("unknown format version 1"): there is no
 ///   migration before the formats are versioned per type (issue 14).
-pub(crate) const FORMAT: u8 = 2;
+/// - 3: `Command::Audited`, `Response::Refused` and the audit trail in `JobTable`. Data of
+///   versions 1 and 2 is refused the same way.
+pub(crate) const FORMAT: u8 = 3;
 
 /// Encodes `value` as `[FORMAT][postcard]`.
 pub(crate) fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Vec<u8>> {

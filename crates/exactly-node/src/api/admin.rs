@@ -54,11 +54,9 @@ impl DeadLetters for DeadLettersService {
         &self,
         request: Request<pb::DeadLetterFilter>,
     ) -> Result<Response<pb::DeadLetterResponse>, Status> {
+        let by = crate::auth::actor(&request);
         let filter = dead_filter(request.into_inner())?;
-        let (response, index) = self
-            .node
-            .propose_for_client(Command::Redrive(filter))
-            .await?;
+        let (response, index) = self.node.propose_as(by, Command::Redrive(filter)).await?;
         match response {
             CoreResponse::Redriven(Ok(job_ids)) => Ok(stamped(
                 Response::new(pb::DeadLetterResponse { job_ids }),
@@ -73,11 +71,9 @@ impl DeadLetters for DeadLettersService {
         &self,
         request: Request<pb::DeadLetterFilter>,
     ) -> Result<Response<pb::DeadLetterResponse>, Status> {
+        let by = crate::auth::actor(&request);
         let filter = dead_filter(request.into_inner())?;
-        let (response, index) = self
-            .node
-            .propose_for_client(Command::PurgeDead(filter))
-            .await?;
+        let (response, index) = self.node.propose_as(by, Command::PurgeDead(filter)).await?;
         match response {
             CoreResponse::PurgedDead(Ok(job_ids)) => Ok(stamped(
                 Response::new(pb::DeadLetterResponse { job_ids }),
@@ -95,6 +91,7 @@ impl Queues for QueuesService {
         &self,
         request: Request<pb::ConfigureQueueRequest>,
     ) -> Result<Response<pb::QueueInfo>, Status> {
+        let by = crate::auth::actor(&request);
         let r = request.into_inner();
         if r.clear_rate && r.rate.is_some() {
             return Err(Status::invalid_argument("set rate or clear_rate, not both"));
@@ -119,10 +116,13 @@ impl Queues for QueuesService {
         let queue = r.queue;
         let (response, index) = self
             .node
-            .propose_for_client(Command::ConfigureQueue {
-                queue: queue.clone(),
-                patch,
-            })
+            .propose_as(
+                by,
+                Command::ConfigureQueue {
+                    queue: queue.clone(),
+                    patch,
+                },
+            )
             .await?;
         match response {
             CoreResponse::QueueConfigured(Ok(config)) => {

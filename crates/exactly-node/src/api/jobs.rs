@@ -193,6 +193,7 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
+        let by = crate::auth::actor(&request);
         let ids = request.into_inner().job_ids;
         if ids.is_empty() {
             return Err(Status::invalid_argument("cancel needs at least one job id"));
@@ -203,7 +204,7 @@ impl Jobs for JobsService {
                 ids.len()
             )));
         }
-        let (response, index) = self.node.propose_for_client(Command::Cancel(ids)).await?;
+        let (response, index) = self.node.propose_as(by, Command::Cancel(ids)).await?;
         match response {
             CoreResponse::Cancelled(results) => Ok(stamped(
                 Response::new(pb::CancelResponse {

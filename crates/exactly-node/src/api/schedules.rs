@@ -94,8 +94,8 @@ impl SchedulesService {
     }
 
     /// Proposes a schedule change for a client; returns the entry's log index.
-    async fn change(&self, name: &str, command: Command) -> Result<u64, Status> {
-        let (response, index) = self.node.propose_for_client(command).await?;
+    async fn change(&self, by: String, name: &str, command: Command) -> Result<u64, Status> {
+        let (response, index) = self.node.propose_as(by, command).await?;
         match response {
             CoreResponse::ScheduleChanged(Ok(())) => Ok(index),
             CoreResponse::ScheduleChanged(Err(why)) => {
@@ -112,6 +112,7 @@ impl Schedules for SchedulesService {
         &self,
         request: Request<pb::AddScheduleRequest>,
     ) -> Result<Response<pb::ScheduleInfo>, Status> {
+        let by = crate::auth::actor(&request);
         let r = request.into_inner();
         let spec = r
             .job
@@ -138,7 +139,9 @@ impl Schedules for SchedulesService {
         };
         validate_schedule(&schedule).map_err(Status::invalid_argument)?;
         let cron = schedule.cron.clone();
-        let index = self.change(&r.name, Command::AddSchedule(schedule)).await?;
+        let index = self
+            .change(by, &r.name, Command::AddSchedule(schedule))
+            .await?;
         let info = self.info_when(&r.name, |i| i.cron == cron).await?;
         Ok(stamped(Response::new(info), index))
     }
@@ -161,9 +164,10 @@ impl Schedules for SchedulesService {
         &self,
         request: Request<pb::RemoveScheduleRequest>,
     ) -> Result<Response<pb::RemoveScheduleResponse>, Status> {
+        let by = crate::auth::actor(&request);
         let name = request.into_inner().name;
         let index = self
-            .change(&name, Command::RemoveSchedule(name.clone()))
+            .change(by, &name, Command::RemoveSchedule(name.clone()))
             .await?;
         Ok(stamped(Response::new(pb::RemoveScheduleResponse {}), index))
     }
@@ -172,9 +176,11 @@ impl Schedules for SchedulesService {
         &self,
         request: Request<pb::SetSchedulePausedRequest>,
     ) -> Result<Response<pb::ScheduleInfo>, Status> {
+        let by = crate::auth::actor(&request);
         let r = request.into_inner();
         let index = self
             .change(
+                by,
                 &r.name,
                 Command::PauseSchedule {
                     name: r.name.clone(),

@@ -1,0 +1,194 @@
+//! The audit trail: who asked for each operator's or administrator's write, what it was, and
+//! what came of it, kept in the replicated state (the newest
+//! [`AUDIT_RECORDS_MAX`](crate::limits::AUDIT_RECORDS_MAX)), so every replica holds the same
+//! trail and a snapshot carries it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{truncate_str, JobTable};
+use crate::command::{Audited, Command, DeadFilter, Effect, LeaveReason, Response};
+use crate::limits::{AUDIT_RECORDS_MAX, AUDIT_TEXT_BYTES_MAX};
+
+/// One audited write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// The log index of the entry that carried it.
+    pub index: u64,
+    /// The leader's clock when it was proposed.
+    pub at_ms: u64,
+    /// The credential's name.
+    pub by: String,
+    /// What was asked, in words (`cancel jobs 4, 9`).
+    pub action: String,
+    /// What came of it (`2 of 2 cancelled`, `refused: …`).
+    pub outcome: String,
+}
+
+/// A command's name, for messages.
+pub fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Submit(_) => "Submit",
+        Command::Assign(_) => "Assign",
+        Command::Complete(_) => "Complete",
+        Command::Renew(_) => "Renew",
+        Command::Expire(_) => "Expire",
+        Command::RegisterNode(_) => "RegisterNode",
+        Command::Cancel(_) => "Cancel",
+        Command::Redrive(_) => "Redrive",
+        Command::PurgeDead(_) => "PurgeDead",
+        Command::ConfigureQueue { .. } => "ConfigureQueue",
+        Command::Retain(_) => "Retain",
+        Command::AddSchedule(_) => "AddSchedule",
+        Command::RemoveSchedule(_) => "RemoveSchedule",
+        Command::PauseSchedule { .. } => "PauseSchedule",
+        Command::FireSchedules(_) => "FireSchedules",
+        Command::Drain(_) => "Drain",
+        Command::NodeLeft(_) => "NodeLeft",
+        Command::SubmitGroups(_) => "SubmitGroups",
+        Command::SubmitAssign { .. } => "SubmitAssign",
+        Command::Batch(_) => "Batch",
+        Command::Audited(_) => "Audited",
+    }
+}
+
+/// Job ids in words, the first few of them.
+fn ids(list: &[u64]) -> String {
+    const SHOWN: usize = 10;
+    let shown: Vec<String> = list.iter().take(SHOWN).map(u64::to_string).collect();
+    if list.len() > SHOWN {
+        format!("{}, … ({} in all)", shown.join(", "), list.len())
+    } else {
+        shown.join(", ")
+    }
+}
+
+fn filter(f: &DeadFilter) -> String {
+    let mut parts = Vec::new();
+    if f.all {
+        parts.push("all".to_string());
+    }
+    if !f.ids.is_empty() {
+        parts.push(format!("jobs {}", ids(&f.ids)));
+    }
+    if let Some(q) = &f.queue {
+        parts.push(format!("queue {q:?}"));
+    }
+    if let Some(k) = &f.kind {
+        parts.push(format!("kind {k:?}"));
+    }
+    if parts.is_empty() {
+        return "no filter".into();
+    }
+    parts.join(", ")
+}
+
+/// An audited command in words.
+pub fn describe(command: &Command) -> String {
+    let text = match command {
+        Command::Cancel(list) => format!("cancel jobs {}", ids(list)),
+        Command::Redrive(f) => format!("redrive dead letters ({})", filter(f)),
+        Command::PurgeDead(f) => format!("purge dead letters ({})", filter(f)),
+        Command::ConfigureQueue { queue, patch } => format!("configure queue {queue:?}: {patch:?}"),
+        Command::AddSchedule(spec) => format!(
+            "{} schedule {:?} ({:?} {}) of kind {:?}",
+            if spec.replace {
+                "add or replace"
+            } else {
+                "add"
+            },
+            spec.name,
+            spec.cron,
+            spec.tz,
+            spec.job.kind
+        ),
+        Command::RemoveSchedule(name) => format!("remove schedule {name:?}"),
+        Command::PauseSchedule { name, paused } => format!(
+            "{} schedule {name:?}",
+            if *paused { "pause" } else { "resume" }
+        ),
+        Command::Drain(d) => match d.reason {
+            LeaveReason::Removed => format!("remove node {}", d.node),
+            _ => format!(
+                "drain node {} (running jobs may finish for {} ms)",
+                d.node, d.deadline_after_ms
+            ),
+        },
+        other => command_name(other).to_string(),
+    };
+    truncate_str(text, AUDIT_TEXT_BYTES_MAX)
+}
+
+/// What came of an audited command, in words.
+pub fn outcome(response: &Response) -> String {
+    let refused = |why: &dyn std::fmt::Display| format!("refused: {why}");
+    let text = match response {
+        Response::Cancelled(results) => {
+            let done = results.iter().filter(|(_, r)| r.is_ok()).count();
+            format!("{done} of {} cancelled", results.len())
+        }
+        Response::Redriven(Ok(list)) => format!("{} redriven", list.len()),
+        Response::PurgedDead(Ok(list)) => format!("{} purged", list.len()),
+        Response::QueueConfigured(Ok(_)) | Response::ScheduleChanged(Ok(())) => "done".into(),
+        Response::Draining(Ok(running)) => format!("draining; {running} attempts running"),
+        Response::Redriven(Err(why))
+        | Response::PurgedDead(Err(why))
+        | Response::QueueConfigured(Err(why))
+        | Response::ScheduleChanged(Err(why))
+        | Response::Draining(Err(why))
+        | Response::Refused(why) => refused(why),
+        other => format!("{other:?}"),
+    };
+    truncate_str(text, AUDIT_TEXT_BYTES_MAX)
+}
+
+impl JobTable {
+    /// An `Audited` command: checked, applied as its command, recorded with its outcome.
+    pub(super) fn apply_audited(
+        &mut self,
+        log_index: u64,
+        entropy: u64,
+        audited: Audited,
+        effects: &mut Vec<Effect>,
+    ) -> Response {
+        if let Err(why) = audited.check() {
+            return Response::Refused(crate::command::Rejection::Invalid(why));
+        }
+        let Audited { by, command } = audited;
+        let action = describe(&command);
+        let response = self.apply_command(log_index, entropy, command, effects);
+        if self.audit.len() >= AUDIT_RECORDS_MAX {
+            self.audit.pop_front();
+        }
+        self.audit.push_back(AuditRecord {
+            index: log_index,
+            at_ms: self.now_ms,
+            by,
+            action,
+            outcome: outcome(&response),
+        });
+        response
+    }
+
+    /// The audit trail, oldest first.
+    pub fn audit(&self) -> &std::collections::VecDeque<AuditRecord> {
+        &self.audit
+    }
+
+    /// The audit trail's invariants: bounded, in log order, every record within its bounds.
+    pub(super) fn check_audit(&self) -> Result<(), String> {
+        if self.audit.len() > AUDIT_RECORDS_MAX {
+            return Err(format!("{} audit records", self.audit.len()));
+        }
+        let mut last = 0;
+        for r in &self.audit {
+            if r.index < last {
+                return Err(format!("audit record at {} after {last}", r.index));
+            }
+            last = r.index;
+            if r.action.len() > AUDIT_TEXT_BYTES_MAX || r.outcome.len() > AUDIT_TEXT_BYTES_MAX {
+                return Err(format!("audit record at {} is too long", r.index));
+            }
+        }
+        Ok(())
+    }
+}
