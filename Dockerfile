@@ -36,6 +36,7 @@ RUN set -eu; \
     fi; \
     cp scripts/docker-entrypoint.sh /out/exactly-entrypoint; \
     cp scripts/docker-healthcheck.sh /out/exactly-healthcheck; \
+    cp scripts/docker-certs.sh /out/exactly-certs; \
     chmod 0755 /out/*
 
 FROM ${RUNTIME_IMAGE} AS runtime
@@ -63,8 +64,11 @@ ENV EXACTLY_LISTEN=0.0.0.0:7101 \
     EXACTLY_ENDPOINTS=http://127.0.0.1:7101 \
     NO_COLOR=1
 VOLUME ["/var/lib/exactly"]
-# 7101: gRPC (public API and node-to-node traffic). 8101: HTTP /healthz, /readyz, /metrics.
-EXPOSE 7101 8101
+# 7101: gRPC public API (and node-to-node traffic without a peer port). 7201: the peer port
+# the deployment files use (EXACTLY_PEER_LISTEN, mutual TLS). 8101: HTTP /healthz, /readyz,
+# /metrics, dashboard. A node listening beyond loopback needs TLS and tokens (README,
+# "Security"), or EXACTLY_INSECURE=1; `exactly-certs` makes what a deployment needs.
+EXPOSE 7101 7201 8101
 USER exactly:exactly
 WORKDIR /var/lib/exactly
 # Ready = a leader is known, this node holds a valid lease and has applied the log. bash's

@@ -85,7 +85,7 @@ for bin in exactlyd exactly-exec-guard exactly exactly-sink; do
   strip --strip-debug -o "$context/prebuilt/$bin" "target/release/$bin"
 done
 cp Dockerfile "$context/"
-cp scripts/docker-entrypoint.sh scripts/docker-healthcheck.sh "$context/scripts/"
+cp scripts/docker-entrypoint.sh scripts/docker-healthcheck.sh scripts/docker-certs.sh "$context/scripts/"
 
 previous=$(docker image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 log "docker build -t $image (base $base, prebuilt binaries)"

@@ -100,6 +100,7 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
             token("root", ROOT, &["admin"]),
         ];
         c.http_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.limits.watch_streams_per_token_max = 2;
     })
     .await?;
 
@@ -198,6 +199,29 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
         .map(|n| n.node.read(|t| t.audit().clone()))
         .collect();
     assert!(replicas.windows(2).all(|w| w[0] == w[1]), "{replicas:?}");
+
+    // One token holds at most `watch-streams-per-token-max` watch streams on a node; another
+    // token still gets its own.
+    let on_first = |secret: &str| -> anyhow::Result<Client> {
+        let options = ClientOptions {
+            token: Some(Token(secret.into())),
+            ca_pem: Some(ca.clone()),
+            retry_total_ms_max: 2_000,
+            ..ClientOptions::default()
+        };
+        Ok(Client::connect_with(
+            vec![format!("https://{}", cluster.nodes[0].addr)],
+            options,
+        )?)
+    };
+    let (web_0, ops_0) = (on_first(WEB)?, on_first(OPS)?);
+    let all = exactly_client::WatchScope::All;
+    let w1 = web_0.watch(all.clone(), None).await?;
+    let w2 = web_0.watch(all.clone(), None).await?;
+    let third = web_0.watch(all.clone(), None).await;
+    assert_eq!(code_of(third.map(|_| ())), Code::ResourceExhausted);
+    let w3 = ops_0.watch(all.clone(), None).await?;
+    drop((w1, w2, w3));
 
     // gRPC health needs no token (load balancers and orchestrators probe it).
     let tls = tonic::transport::ClientTlsConfig::new()

@@ -24,6 +24,11 @@
 //!
 //! Then it checks, from the jobs' records and the sink's call log: zero lost, zero duplicated,
 //! zero stale accepted, every acknowledged job completed, and every node kept its id.
+//!
+//! The cluster runs as a production one should (README, "Security"): node-to-node traffic on
+//! its own port with mutual TLS (a certificate per node id, made by this test with
+//! `exactly_client::certs`), TLS and bearer tokens on the public port, the client and the CLI
+//! with the cluster's CA and an admin token; no node runs `--insecure`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -43,9 +48,13 @@ const NODES: usize = 3;
 const NODES_SCALED: usize = 5;
 /// Container slots: the scaled cluster plus one for a node recreated under a new host name.
 const NODE_SLOTS: usize = NODES_SCALED + 1;
-/// The gRPC and HTTP ports inside every node container (the image's defaults).
+/// The gRPC and HTTP ports inside every node container (the image's defaults), and the peer
+/// port (node-to-node traffic, mutual TLS).
 const GRPC_PORT: u16 = 7101;
 const HTTP_PORT: u16 = 8101;
+const PEER_PORT: u16 = 7201;
+/// Where the certificates and the tokens file are mounted in every node container.
+const CERTS: &str = "/certs";
 /// The sink's port inside its container, and its network alias (the config's default address).
 const SINK_PORT: u16 = 9090;
 const SINK_ALIAS: &str = "sink";
@@ -137,6 +146,42 @@ fn deployment_files_parse() {
         );
     }
     assert_eq!(services["worker"]["scale"], 0);
+    // Secure by default: every node has mutual TLS on its peer port (joins go there), TLS and
+    // tokens on its API, certificates from the one-shot `certs` service; none is --insecure.
+    assert!(
+        command("certs").contains("exactly-certs"),
+        "{}",
+        command("certs")
+    );
+    for s in ["node-1", "node-2", "node-3", "worker"] {
+        let env = &services[s]["environment"];
+        for key in [
+            "EXACTLY_PEER_LISTEN",
+            "EXACTLY_PEER_TLS_CA",
+            "EXACTLY_API_TLS_CERT",
+            "EXACTLY_API_TLS_KEY",
+            "EXACTLY_TOKENS_FILE",
+        ] {
+            assert!(env[key].is_string(), "{s}: no {key} in {env}");
+        }
+        assert!(env.get("EXACTLY_INSECURE").is_none(), "{s} is insecure");
+        assert_eq!(
+            services[s]["depends_on"]["certs"]["condition"],
+            "service_completed_successfully"
+        );
+        if s != "worker" {
+            let n = &s["node-".len()..];
+            assert_eq!(env["EXACTLY_NODE_ID"], n, "{s}");
+            assert_eq!(env["EXACTLY_PEER_TLS_CERT"], format!("/certs/node-{n}.pem"));
+        }
+    }
+    for s in ["node-2", "node-3", "worker"] {
+        assert!(
+            command(s).contains(":7201"),
+            "{s} joins a peer port: {}",
+            command(s)
+        );
+    }
 
     let k8s: Vec<&serde_json::Value> = docs["k8s"].as_array().expect("k8s docs").iter().collect();
     let kinds: BTreeSet<&str> = k8s.iter().filter_map(|d| d["kind"].as_str()).collect();
@@ -165,6 +210,38 @@ fn deployment_files_parse() {
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert!(container["lifecycle"]["preStop"].is_object());
+    let env: BTreeMap<&str, &serde_json::Value> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, &e["value"])))
+        .collect();
+    for key in [
+        "EXACTLY_PEER_LISTEN",
+        "EXACTLY_PEER_TLS_CA",
+        "EXACTLY_API_TLS_CERT",
+        "EXACTLY_TOKENS_FILE",
+    ] {
+        assert!(env.contains_key(key), "no {key} in the StatefulSet's env");
+    }
+    assert!(!env.contains_key("EXACTLY_INSECURE"));
+    let args = container["args"].to_string();
+    assert!(
+        args.contains("EXACTLY_PEER_TLS_CERT") && args.contains(":7201"),
+        "{args}"
+    );
+    let init = &pod["initContainers"][0];
+    assert!(
+        init["args"].to_string().contains("exactly cert node"),
+        "{init}"
+    );
+    let secrets: BTreeSet<&str> = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(secrets, BTreeSet::from(["exactly-ca", "exactly-tokens"]));
     let grace = pod["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("grace");
@@ -379,6 +456,8 @@ async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
 struct NodeBox {
     /// Network alias and advertised host: `node-N`.
     alias: String,
+    /// The node id it starts with (a recreated node keeps the id of the one it replaces).
+    id: u64,
     container: String,
     volume: String,
     /// Host ports (127.0.0.1) published for the container's gRPC and HTTP ports.
@@ -390,11 +469,56 @@ impl NodeBox {
     fn addr(&self) -> String {
         format!("{}:{GRPC_PORT}", self.alias)
     }
+
+    fn peer_addr(&self) -> String {
+        format!("{}:{PEER_PORT}", self.alias)
+    }
+}
+
+/// The cluster's CA, a peer certificate per node id, one public-port certificate for every
+/// node's names, and a tokens file with one admin token, in a directory the containers' user can
+/// read; returns the CA certificate and the token.
+fn issue_certs(dir: &Path, aliases: &[String], ids: &[u64]) -> anyhow::Result<(String, String)> {
+    use exactly_client::certs::{issue_node, issue_server, new_ca};
+    use std::os::unix::fs::PermissionsExt;
+    let write = |name: &str, text: &str| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        // The containers run as uid 10001: a test's throwaway keys are world-readable.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        Ok(())
+    };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let ca = new_ca(60)?;
+    write("ca.pem", &ca.cert)?;
+    for &id in ids {
+        let node = issue_node(&ca, id, 60)?;
+        write(&format!("node-{id}.pem"), &node.cert)?;
+        write(&format!("node-{id}.key"), &node.key)?;
+    }
+    let mut names: Vec<String> = aliases.to_vec();
+    names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+    let api = issue_server(&ca, &names, 60)?;
+    write("api.pem", &api.cert)?;
+    write("api.key", &api.key)?;
+    let token = exactly_client::token::generate();
+    write(
+        "tokens.toml",
+        &format!(
+            "[[tokens]]\nname = \"admin\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n",
+            exactly_client::token::digest_hex(&token)
+        ),
+    )?;
+    Ok((ca.cert, token))
 }
 
 /// Everything one run creates; dropping it removes all of it.
 struct Deployment {
     image: String,
+    /// Certificates and tokens (see [`issue_certs`]), mounted read-only at [`CERTS`].
+    certs: tempfile::TempDir,
+    ca_pem: String,
+    token: String,
     network: String,
     nodes: Vec<NodeBox>,
     sink_container: String,
@@ -409,23 +533,31 @@ struct Deployment {
 }
 
 impl Deployment {
-    fn new(image: String) -> Self {
+    fn new(image: String) -> anyhow::Result<Self> {
         let millis = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() % 1_000_000)
             .unwrap_or(0);
         let run = format!("exactly-dt-{}-{millis}", std::process::id());
-        let nodes = (1..=NODE_SLOTS)
+        let nodes: Vec<NodeBox> = (1..=NODE_SLOTS)
             .map(|i| NodeBox {
                 alias: format!("node-{i}"),
+                id: i as u64,
                 container: format!("{run}-node-{i}"),
                 volume: format!("{run}-data-{i}"),
                 grpc_port: free_port(),
                 http_port: free_port(),
             })
             .collect();
-        Self {
+        let certs = tempfile::tempdir()?;
+        let aliases: Vec<String> = nodes.iter().map(|n| n.alias.clone()).collect();
+        let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+        let (ca_pem, token) = issue_certs(certs.path(), &aliases, &ids)?;
+        Ok(Self {
             image,
+            certs,
+            ca_pem,
+            token,
             network: format!("{run}-net"),
             nodes,
             sink_container: format!("{run}-sink"),
@@ -434,6 +566,15 @@ impl Deployment {
             departed: Mutex::default(),
             created: Mutex::default(),
             network_created: AtomicBool::new(false),
+        })
+    }
+
+    /// Client options for this cluster: its CA and the admin token.
+    fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            token: Some(exactly_client::Token(self.token.clone())),
+            ca_pem: Some(self.ca_pem.clone()),
+            ..ClientOptions::default()
         }
     }
 
@@ -468,12 +609,13 @@ impl Deployment {
     fn endpoints(&self) -> Vec<String> {
         self.nodes[..NODES]
             .iter()
-            .map(|n| format!("http://127.0.0.1:{}", n.grpc_port))
+            .map(|n| format!("https://127.0.0.1:{}", n.grpc_port))
             .collect()
     }
 
     fn node_by_addr(&self, addr: &str) -> Option<&NodeBox> {
-        self.nodes.iter().find(|n| n.addr() == addr)
+        // A member's address is its Raft address: the peer port.
+        self.nodes.iter().find(|n| n.peer_addr() == addr)
     }
 
     async fn create_network(&self) -> anyhow::Result<()> {
@@ -529,7 +671,7 @@ impl Deployment {
         let node = self.nodes.get(i).context("no more nodes")?;
         self.created.lock().unwrap().1.push(node.volume.clone());
         docker(&["volume", "create", "--label", &self.label(), &node.volume]).await?;
-        self.run_node(node, &node.volume, i == 0).await?;
+        self.run_node(node, node.id, &node.volume, i == 0).await?;
         self.started.store(i + 1, Ordering::SeqCst);
         Ok(node)
     }
@@ -543,14 +685,20 @@ impl Deployment {
         docker(&["kill", &old.container]).await?;
         docker(&["rm", "-f", &old.container]).await?;
         self.departed.lock().unwrap().insert(old.alias.clone());
-        self.run_node(new, &old.volume, false).await?;
+        self.run_node(new, old.id, &old.volume, false).await?;
         self.started.store(i + 1, Ordering::SeqCst);
         Ok(new)
     }
 
-    /// Starts `node`'s container on `volume`: bootstrapping (`init`) or joining the initial
-    /// nodes.
-    async fn run_node(&self, node: &NodeBox, volume: &str, init: bool) -> anyhow::Result<()> {
+    /// Starts `node`'s container as node `id` on `volume`: bootstrapping (`init`) or joining
+    /// the initial nodes (through their peer ports).
+    async fn run_node(
+        &self,
+        node: &NodeBox,
+        id: u64,
+        volume: &str,
+        init: bool,
+    ) -> anyhow::Result<()> {
         self.created.lock().unwrap().0.push(node.container.clone());
         let config = repo().join("cluster-config/containers/node.toml");
         let mount_config = format!("{}:/etc/exactly/node.toml:ro", config.display());
@@ -560,6 +708,18 @@ impl Deployment {
         let sink = format!("EXACTLY_SINK_ADDR={SINK_ALIAS}:{SINK_PORT}");
         let grpc = format!("127.0.0.1:{}:{GRPC_PORT}", node.grpc_port);
         let http = format!("127.0.0.1:{}:{HTTP_PORT}", node.http_port);
+        let mount_certs = format!("{}:{CERTS}:ro", self.certs.path().display());
+        let env = [
+            format!("EXACTLY_NODE_ID={id}"),
+            format!("EXACTLY_PEER_LISTEN=0.0.0.0:{PEER_PORT}"),
+            format!("EXACTLY_PEER_ADVERTISE={}", node.peer_addr()),
+            format!("EXACTLY_PEER_TLS_CA={CERTS}/ca.pem"),
+            format!("EXACTLY_PEER_TLS_CERT={CERTS}/node-{id}.pem"),
+            format!("EXACTLY_PEER_TLS_KEY={CERTS}/node-{id}.key"),
+            format!("EXACTLY_API_TLS_CERT={CERTS}/api.pem"),
+            format!("EXACTLY_API_TLS_KEY={CERTS}/api.key"),
+            format!("EXACTLY_TOKENS_FILE={CERTS}/tokens.toml"),
+        ];
         let mut args = vec![
             "run",
             "-d",
@@ -583,16 +743,22 @@ impl Deployment {
             &mount_config,
             "-v",
             &mount_data,
+            "-v",
+            &mount_certs,
             "-p",
             &grpc,
             "-p",
             &http,
-            &self.image,
         ];
+        for e in &env {
+            args.push("-e");
+            args.push(e);
+        }
+        args.push(&self.image);
         let peers: Vec<String> = self.nodes[..NODES]
             .iter()
             .filter(|n| n.alias != node.alias)
-            .map(NodeBox::addr)
+            .map(NodeBox::peer_addr)
             .collect();
         if init {
             args.push("--init");
@@ -1002,10 +1168,23 @@ const STEPS: [Step; 6] = [
 /// How long the drained voter's running jobs may finish (the drain deadline).
 const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 
-/// Runs the CLI in `via`'s container against that node: `exactly ARGS`; returns its output.
-async fn cli_in(via: &NodeBox, args: &[&str]) -> anyhow::Result<String> {
-    let endpoint = format!("http://127.0.0.1:{GRPC_PORT}");
-    let mut full = vec!["exec", &via.container, "exactly", "--endpoints", &endpoint];
+/// Runs the CLI in `via`'s container against that node, over TLS with the admin token:
+/// `exactly ARGS`; returns its output.
+async fn cli_in(d: &Deployment, via: &NodeBox, args: &[&str]) -> anyhow::Result<String> {
+    let endpoint = format!("https://127.0.0.1:{GRPC_PORT}");
+    let token = format!("EXACTLY_TOKEN={}", d.token);
+    let ca = format!("EXACTLY_CA={CERTS}/ca.pem");
+    let mut full = vec![
+        "exec",
+        "-e",
+        &token,
+        "-e",
+        &ca,
+        &via.container,
+        "exactly",
+        "--endpoints",
+        &endpoint,
+    ];
     full.extend_from_slice(args);
     docker(&full).await
 }
@@ -1102,7 +1281,7 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
             let start = Instant::now();
             let deadline = format!("{}s", DRAIN_DEADLINE.as_secs());
             let id = voter.node_id.to_string();
-            let out = cli_in(via, &["cluster", "drain", &id, "--deadline", &deadline]).await?;
+            let out = cli_in(d, via, &["cluster", "drain", &id, "--deadline", &deadline]).await?;
             eprintln!(
                 "  {} drained and left in {:.1?}: {}",
                 drained.alias,
@@ -1139,7 +1318,7 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
             let status = client.status().await?;
             let via = d.node_by_id(&status, status.leader_id)?;
             let id = learner.node_id.to_string();
-            let out = cli_in(via, &["cluster", "remove", &id]).await?;
+            let out = cli_in(d, via, &["cluster", "remove", &id]).await?;
             eprintln!(
                 "  {} removed in {:.1?}: {}",
                 dead.alias,
@@ -1169,7 +1348,7 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
             let took = node_ready(new, READY_WAIT).await?;
             eprintln!(
                 "  node {id} back at {}: listed there {:.1?} after the kill, ready {took:.1?} later",
-                new.addr(),
+                new.peer_addr(),
                 start.elapsed() - took
             );
         }
@@ -1192,7 +1371,7 @@ async fn run_step(d: &Deployment, client: &Client, step: Step) -> anyhow::Result
 }
 
 /// Records each member's node id by address, and fails if a node (an address) has a different
-/// id than before: ids are generated once and kept in the data volume, through restarts.
+/// id than before: an id is kept in the data volume through restarts.
 async fn track_ids(client: &Client, ids: &mut BTreeMap<String, u64>) -> anyhow::Result<()> {
     for m in client.status().await?.members {
         let id = *ids.entry(m.addr.clone()).or_insert(m.node_id);
@@ -1206,12 +1385,12 @@ async fn track_ids(client: &Client, ids: &mut BTreeMap<String, u64>) -> anyhow::
     Ok(())
 }
 
-/// The node id `node` got (generated in its container), once the cluster lists it.
+/// The node id `node` runs as (its `EXACTLY_NODE_ID`), once the cluster lists it.
 async fn member_id(client: &Client, node: &NodeBox, limit: Duration) -> anyhow::Result<u64> {
     let start = Instant::now();
     loop {
         if let Ok(status) = client.status().await {
-            if let Some(m) = status.members.iter().find(|m| m.addr == node.addr()) {
+            if let Some(m) = status.members.iter().find(|m| m.addr == node.peer_addr()) {
                 return Ok(m.node_id);
             }
         }
@@ -1262,7 +1441,8 @@ fn image() -> anyhow::Result<String> {
 /// two nodes join, a voter is drained and a dead learner removed, and every node is restarted
 /// in turn; afterwards no acknowledged job is lost,
 /// none ran its effect twice, no stale attempt's effect or completion was accepted, every job
-/// completed, and the nodes kept their generated ids through every restart.
+/// completed, and the nodes kept their ids through every restart (a recreated node too, at its
+/// new address).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn container_faults_keep_jobs_exactly_once() -> anyhow::Result<()> {
     if let Some(why) = docker_unavailable() {
@@ -1272,7 +1452,7 @@ async fn container_faults_keep_jobs_exactly_once() -> anyhow::Result<()> {
     let started = Instant::now();
     reap_leftovers();
     let image = tokio::task::spawn_blocking(image).await??;
-    let d = Deployment::new(image);
+    let d = Deployment::new(image)?;
     let outcome = scenario(&d, started).await;
     if outcome.is_err() {
         d.print_logs();
@@ -1287,7 +1467,7 @@ async fn scenario(d: &Deployment, started: Instant) -> anyhow::Result<()> {
     for _ in 0..NODES {
         d.start_next_node().await?;
     }
-    let client = Client::connect_with(d.endpoints(), ClientOptions::default())?;
+    let client = Client::connect_with(d.endpoints(), d.client_options())?;
     wait_ready(d, &client, READY_WAIT).await?;
     let mut ids = BTreeMap::new();
     track_ids(&client, &mut ids).await?;

@@ -31,6 +31,9 @@ pub enum CertCommand {
         /// The directory of ca.pem and ca.key, where the node's files are written too.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Read ca.pem and ca.key from here instead of DIR (a read-only secret, say).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: Option<PathBuf>,
         /// The node id the certificate names (the node's --node-id).
         #[arg(long)]
         node_id: u64,
@@ -47,6 +50,9 @@ pub enum CertCommand {
         /// The directory of ca.pem and ca.key, where the files are written too.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Read ca.pem and ca.key from here instead of DIR.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: Option<PathBuf>,
         /// A DNS name or IP address clients dial the node by (repeatable).
         #[arg(long = "name", required = true, value_name = "HOST")]
         names: Vec<String>,
@@ -136,11 +142,12 @@ pub fn run(command: &CertCommand) -> anyhow::Result<()> {
         }
         CertCommand::Node {
             dir,
+            ca_dir,
             node_id,
             days,
             force,
         } => {
-            let ca = read_ca(dir)?;
+            let ca = read_ca(ca_dir.as_ref().unwrap_or(dir))?;
             let node = issue_node(&ca, *node_id, *days).map_err(|e| UsageError(e.to_string()))?;
             let (cert, key) = write_pair(dir, &format!("node-{node_id}"), &node, *force)?;
             println!(
@@ -148,13 +155,14 @@ pub fn run(command: &CertCommand) -> anyhow::Result<()> {
                  --peer-tls-ca {} --peer-tls-cert {} --peer-tls-key {}",
                 cert.display(),
                 key.display(),
-                dir.join("ca.pem").display(),
+                ca_dir.as_ref().unwrap_or(dir).join("ca.pem").display(),
                 cert.display(),
                 key.display()
             );
         }
         CertCommand::Server {
             dir,
+            ca_dir,
             names,
             file,
             days,
@@ -167,7 +175,7 @@ pub fn run(command: &CertCommand) -> anyhow::Result<()> {
                 ))
                 .into());
             }
-            let ca = read_ca(dir)?;
+            let ca = read_ca(ca_dir.as_ref().unwrap_or(dir))?;
             let server = issue_server(&ca, names, *days).map_err(|e| UsageError(e.to_string()))?;
             let (cert, key) = write_pair(dir, file, &server, *force)?;
             println!(
@@ -178,7 +186,7 @@ pub fn run(command: &CertCommand) -> anyhow::Result<()> {
                 names.join(", "),
                 cert.display(),
                 key.display(),
-                dir.join("ca.pem").display()
+                ca_dir.as_ref().unwrap_or(dir).join("ca.pem").display()
             );
         }
     }
@@ -199,6 +207,7 @@ mod tests {
         let dir = dir.path().to_path_buf();
         let node = |force| CertCommand::Node {
             dir: dir.clone(),
+            ca_dir: None,
             node_id: 2,
             days: 30,
             force,

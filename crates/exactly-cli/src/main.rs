@@ -89,6 +89,16 @@ struct Cli {
         value_name = "TOKEN"
     )]
     token: Option<String>,
+    /// Read the bearer token from this file (a mounted secret) instead.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "EXACTLY_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "token"
+    )]
+    token_file: Option<std::path::PathBuf>,
     /// CA certificate (PEM) to check the nodes' TLS certificates against; bare host:port
     /// endpoints then use https://.
     #[arg(
@@ -181,7 +191,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         retry_total_ms_max: retry_ms,
         retry_backoff_max_ms: defaults.retry_backoff_max_ms.min(retry_ms),
         retry_backoff_initial_ms: defaults.retry_backoff_initial_ms.min(retry_ms),
-        token: cli.token.clone().map(exactly_client::Token),
+        // An empty EXACTLY_TOKEN (`EXACTLY_TOKEN= exactly ...`) means none.
+        token: match (
+            cli.token.as_ref().filter(|t| !t.is_empty()),
+            &cli.token_file,
+        ) {
+            (Some(token), _) => Some(exactly_client::Token(token.clone())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| UsageError(format!("--token-file {}: {e}", path.display())))?;
+                Some(exactly_client::Token(text.trim().to_string()))
+            }
+            (None, None) => None,
+        },
         ca_pem,
         ..defaults
     };

@@ -44,6 +44,12 @@ pub struct NodeConfig {
     /// Only their SHA-256 digests are kept here. Unset: the public API is open to anyone who
     /// reaches it.
     pub tokens: Vec<TokenConfig>,
+    /// Serve ports beyond this machine without TLS or tokens anyway. Without it, a node whose
+    /// public port listens on a non-loopback address refuses to start unless that port has TLS
+    /// (`[api-tls]`) and tokens (`[[tokens]]`), its node-to-node traffic has a peer port with
+    /// mutual TLS (`peer-listen`, `[peer-tls]`), and its HTTP port has tokens. With it, what is
+    /// open is logged at every start and shown by /readyz and the dashboard.
+    pub insecure: bool,
     /// The HTTP address for /healthz, /readyz and /metrics. Unset: no HTTP server.
     pub http_listen: Option<SocketAddr>,
     /// Bootstrap a new one-node cluster if this data directory has never been initialized.
@@ -154,6 +160,9 @@ pub struct LimitsConfig {
     /// `MAX_CONCURRENT_STREAMS`): a compliant client holds the next one until one ends; one
     /// sent anyway is refused with `REFUSED_STREAM`, which proves that nothing was processed.
     pub streams_per_connection_max: u32,
+    /// Watch streams one token may have open on one node at once (with `[[tokens]]`; the
+    /// node's own limit of 1,024 applies to everyone): one client cannot take every slot.
+    pub watch_streams_per_token_max: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -227,6 +236,7 @@ impl Default for NodeConfig {
             peer_tls: None,
             api_tls: None,
             tokens: Vec::new(),
+            insecure: false,
             http_listen: None,
             init: false,
             join: Vec::new(),
@@ -350,6 +360,7 @@ impl Default for LimitsConfig {
             propose_timeout: Duration::from_secs(5),
             snapshot_bytes_max: 4 * 1024 * 1024 * 1024,
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX_DEFAULT,
+            watch_streams_per_token_max: 64,
         }
     }
 }
@@ -468,8 +479,44 @@ impl NodeConfig {
             .unwrap_or_else(|| self.listen.to_string())
     }
 
+    /// What this node would serve beyond this machine without protection: empty on a loopback
+    /// node, or one with TLS, tokens and peer mutual TLS where they are needed.
+    pub fn exposure(&self) -> Vec<&'static str> {
+        let beyond = |addr: SocketAddr| !addr.ip().is_loopback();
+        let mut open = Vec::new();
+        if beyond(self.listen) {
+            if self.api_tls.is_none() {
+                open.push("the public gRPC API without TLS ([api-tls])");
+            }
+            if self.tokens.is_empty() {
+                open.push("the public gRPC API without tokens ([[tokens]])");
+            }
+        }
+        let peer = self.peer_listen.unwrap_or(self.listen);
+        if beyond(peer) && (self.peer_listen.is_none() || self.peer_tls.is_none()) {
+            open.push("node-to-node traffic without mutual TLS (peer-listen and [peer-tls])");
+        }
+        if self.http_listen.is_some_and(beyond) && self.tokens.is_empty() {
+            open.push("/metrics and the dashboard without tokens ([[tokens]])");
+        }
+        open
+    }
+
     /// Checks every value and the relations between them.
     pub fn validate(self) -> Result<Self, ConfigError> {
+        let open = self.exposure();
+        if !self.insecure && !open.is_empty() {
+            return Err(invalid(
+                "insecure",
+                false,
+                format!(
+                    "this node would serve {} beyond this machine; set them up (README, \
+                     \"Security\"), listen on a loopback address, or start with --insecure \
+                     to serve them open anyway",
+                    open.join(", ")
+                ),
+            ));
+        }
         use exactly_core::limits::{MAX_ATTEMPTS_MAX, NODE_SLOTS_MAX, PAYLOAD_BYTES_CEILING};
         if self.peer_advertise.is_some() && self.peer_listen.is_none() {
             return Err(invalid(
@@ -552,6 +599,14 @@ impl NodeConfig {
         }
         if l.jobs_live_max == 0 {
             return Err(invalid("limits.jobs-live-max", 0, "must be at least 1"));
+        }
+        let per_token = self.limits.watch_streams_per_token_max;
+        if !(1..=crate::events::WATCHERS_MAX as u32).contains(&per_token) {
+            return Err(invalid(
+                "limits.watch-streams-per-token-max",
+                per_token,
+                format!("must be 1..={}", crate::events::WATCHERS_MAX),
+            ));
         }
         if self.limits.streams_per_connection_max == 0 {
             return Err(invalid(
@@ -807,6 +862,67 @@ mod tests {
                 .to_string();
             assert!(err.contains(key) && err.contains(value), "{text}: {err}");
         }
+    }
+
+    /// Secure by default: a port beyond loopback needs its protection (TLS and tokens on the
+    /// public port, a peer port with mutual TLS, tokens on the HTTP port) unless `insecure`;
+    /// loopback needs none.
+    #[test]
+    fn ports_beyond_loopback_need_protection_unless_insecure() {
+        let loopback = NodeConfig::default();
+        assert!(loopback.exposure().is_empty());
+        loopback.validate().unwrap();
+        let tls = |c: &mut NodeConfig| {
+            c.api_tls = Some(ApiTlsConfig {
+                cert: "a.pem".into(),
+                key: "a.key".into(),
+            });
+            c.tokens = vec![TokenConfig {
+                name: "web".into(),
+                sha256: "a".repeat(64),
+                scopes: vec!["read".into()],
+            }];
+            c.peer_listen = Some("0.0.0.0:7201".parse().unwrap());
+            c.peer_tls = Some(PeerTlsConfig {
+                ca: "ca.pem".into(),
+                cert: "n.pem".into(),
+                key: "n.key".into(),
+            });
+        };
+        let mut open = NodeConfig {
+            listen: "0.0.0.0:7101".parse().unwrap(),
+            http_listen: Some("0.0.0.0:8101".parse().unwrap()),
+            ..NodeConfig::default()
+        };
+        assert_eq!(open.exposure().len(), 4, "{:?}", open.exposure());
+        let err = open.clone().validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--insecure") && err.contains("without TLS"),
+            "{err}"
+        );
+        open.insecure = true;
+        open.clone().validate().unwrap();
+        let mut closed = NodeConfig {
+            insecure: false,
+            ..open.clone()
+        };
+        tls(&mut closed);
+        assert!(closed.exposure().is_empty(), "{:?}", closed.exposure());
+        closed.clone().validate().unwrap();
+        // Each missing piece alone is named.
+        let mut no_peer_tls = closed.clone();
+        no_peer_tls.peer_tls = None;
+        assert_eq!(no_peer_tls.exposure().len(), 1);
+        assert!(no_peer_tls.exposure()[0].contains("node-to-node"));
+        let mut no_tokens = closed.clone();
+        no_tokens.tokens.clear();
+        assert_eq!(no_tokens.exposure().len(), 2, "{:?}", no_tokens.exposure());
+        // A public port on loopback with its peer port beyond it still needs peer TLS.
+        let peer_only = NodeConfig {
+            peer_listen: Some("10.0.0.5:7201".parse().unwrap()),
+            ..NodeConfig::default()
+        };
+        assert_eq!(peer_only.exposure().len(), 1);
     }
 
     /// Tokens: names bounded, printable and unique, at least one known scope, a digest of 64

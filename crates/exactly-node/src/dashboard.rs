@@ -59,6 +59,8 @@ pub struct ThisNode {
     pub applied_index: u64,
     /// Why this node is not ready (`/readyz`), or null.
     pub not_ready: Option<String>,
+    /// What this node serves beyond its machine without TLS or tokens (`--insecure`).
+    pub insecure: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -219,6 +221,7 @@ pub fn dashboard_status(node: &Node) -> DashboardStatus {
             committed_index: status.committed_index,
             applied_index: status.applied_index,
             not_ready: crate::http::not_ready(node),
+            insecure: node.config.exposure(),
         },
         members,
         removed: status

@@ -51,8 +51,44 @@ struct Ring {
 pub struct EventHub {
     ring: Mutex<Ring>,
     live: broadcast::Sender<Arc<Positioned>>,
-    /// Open watch streams, bounded by [`WATCHERS_MAX`].
-    pub watchers: std::sync::atomic::AtomicUsize,
+    /// Open watch streams: in all (at most [`WATCHERS_MAX`]) and per token name.
+    watchers: Mutex<Watchers>,
+}
+
+#[derive(Default)]
+struct Watchers {
+    all: usize,
+    by_token: std::collections::HashMap<String, usize>,
+}
+
+/// One admitted watch stream; dropping it frees its place.
+pub struct WatcherSlot {
+    hub: Arc<EventHub>,
+    token: Option<String>,
+}
+
+impl Drop for WatcherSlot {
+    fn drop(&mut self) {
+        let mut w = self.hub.watchers();
+        w.all = w.all.saturating_sub(1);
+        if let Some(token) = &self.token {
+            if let Some(n) = w.by_token.get_mut(token) {
+                *n -= 1;
+                if *n == 0 {
+                    w.by_token.remove(token);
+                }
+            }
+        }
+    }
+}
+
+/// Why a watch stream was not admitted.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WatchRefused {
+    #[error("this node already serves {WATCHERS_MAX} watch streams")]
+    Node,
+    #[error("token {0:?} already has {1} watch streams open on this node (limits.watch-streams-per-token-max)")]
+    Token(String, usize),
 }
 
 impl Default for EventHub {
@@ -73,6 +109,40 @@ impl EventHub {
             live,
             watchers: Default::default(),
         }
+    }
+
+    fn watchers(&self) -> std::sync::MutexGuard<'_, Watchers> {
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits one more watch stream, for `token` (its name; `None` without tokens) at most
+    /// `per_token_max` of them, and at most [`WATCHERS_MAX`] on this node in all.
+    pub fn admit_watcher(
+        self: &Arc<Self>,
+        token: Option<&str>,
+        per_token_max: usize,
+    ) -> Result<WatcherSlot, WatchRefused> {
+        let mut w = self.watchers();
+        if w.all >= WATCHERS_MAX {
+            return Err(WatchRefused::Node);
+        }
+        if let Some(token) = token {
+            let open = w.by_token.get(token).copied().unwrap_or(0);
+            if open >= per_token_max {
+                return Err(WatchRefused::Token(token.to_string(), open));
+            }
+            *w.by_token.entry(token.to_string()).or_default() += 1;
+        }
+        w.all += 1;
+        Ok(WatcherSlot {
+            hub: self.clone(),
+            token: token.map(str::to_string),
+        })
+    }
+
+    /// Open watch streams on this node.
+    pub fn watchers_open(&self) -> usize {
+        self.watchers().all
     }
 
     fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
@@ -161,6 +231,35 @@ impl EventHub {
 mod tests {
     use super::*;
     use exactly_core::JobStatus;
+
+    /// One token cannot take every watch slot: it gets its own share, others keep theirs, and a
+    /// closed stream frees its place.
+    #[test]
+    fn watch_streams_are_bounded_per_token_and_in_all() {
+        let hub = Arc::new(EventHub::new());
+        let a: Vec<_> = (0..3)
+            .map(|_| hub.admit_watcher(Some("a"), 3).unwrap())
+            .collect();
+        assert_eq!(
+            hub.admit_watcher(Some("a"), 3).err(),
+            Some(WatchRefused::Token("a".into(), 3))
+        );
+        let b = hub.admit_watcher(Some("b"), 3).unwrap();
+        assert_eq!(hub.watchers_open(), 4);
+        drop(a);
+        drop(b);
+        assert_eq!(hub.watchers_open(), 0);
+        assert!(hub.watchers().by_token.is_empty());
+        let many: Vec<_> = (0..WATCHERS_MAX)
+            .map(|_| hub.admit_watcher(None, 0).unwrap())
+            .collect();
+        assert_eq!(
+            hub.admit_watcher(Some("c"), 9).err(),
+            Some(WatchRefused::Node)
+        );
+        drop(many);
+        assert!(hub.admit_watcher(Some("c"), 9).is_ok());
+    }
 
     fn event(job: u64) -> JobEvent {
         JobEvent {

@@ -84,7 +84,20 @@ pub fn not_ready(node: &Node) -> Option<String> {
 
 async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
     match not_ready(&node) {
-        None => (StatusCode::OK, "ready\n".into()),
+        None => {
+            let open = node.config.exposure();
+            if open.is_empty() {
+                (StatusCode::OK, "ready\n".into())
+            } else {
+                (
+                    StatusCode::OK,
+                    format!(
+                        "ready\nINSECURE (--insecure): serving {}\n",
+                        open.join(", ")
+                    ),
+                )
+            }
+        }
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }

@@ -318,6 +318,12 @@ pub async fn start_with(
         .submitter
         .set(crate::group::Submitter::start(node.clone()));
     tracing::info!(node = id, incarnation, %addr, %peer_addr, "node starting");
+    for open in node.config.exposure() {
+        tracing::warn!(
+            node = id,
+            "INSECURE (--insecure): serving {open} beyond this machine"
+        );
+    }
 
     let (executor, _) = Actor::spawn(
         Some(actor_name(id, incarnation, "executor")),

@@ -1,7 +1,6 @@
 //! The Jobs service: Submit, Get, List, Cancel and Watch.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 
 use exactly_core::limits::{CANCEL_BATCH_MAX, SUBMIT_BATCH_JOBS_MAX};
 use exactly_core::{Command, Rejection, Response as CoreResponse};
@@ -14,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::consistency::{before_read, stamped};
 use super::convert::{event_to_pb, job_to_pb, new_job, state_from_pb, state_to_pb};
 use super::status_of;
-use crate::events::{Positioned, WATCHERS_MAX};
+use crate::events::Positioned;
 use crate::node::Node;
 
 /// Jobs one List call returns, at most.
@@ -241,6 +240,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         // A watch "from now" starts no earlier than what the caller has seen.
         before_read(&self.node, &request).await?;
+        let token = crate::auth::credential_of(&request).map(|c| c.name.clone());
         let r = request.into_inner();
         if r.job_id != 0 && !r.queue.is_empty() {
             return Err(Status::invalid_argument(
@@ -248,20 +248,14 @@ impl Jobs for JobsService {
             ));
         }
         let hub = self.node.events.clone();
-        if hub.watchers.fetch_add(1, Ordering::AcqRel) >= WATCHERS_MAX {
-            hub.watchers.fetch_sub(1, Ordering::AcqRel);
-            return Err(Status::resource_exhausted(format!(
-                "this node already serves {WATCHERS_MAX} watch streams"
-            )));
-        }
+        let per_token = self.node.config.limits.watch_streams_per_token_max as usize;
+        let slot = hub
+            .admit_watcher(token.as_deref(), per_token)
+            .map_err(|refused| Status::resource_exhausted(refused.to_string()))?;
         let after = r.after.map(|p| (p.index, p.seq));
-        let (backlog, mut live) = match hub.subscribe(after) {
-            Ok(s) => s,
-            Err(too_old) => {
-                hub.watchers.fetch_sub(1, Ordering::AcqRel);
-                return Err(Status::out_of_range(too_old.to_string()));
-            }
-        };
+        let (backlog, mut live) = hub
+            .subscribe(after)
+            .map_err(|too_old| Status::out_of_range(too_old.to_string()))?;
         let wanted = move |e: &Positioned| {
             (r.job_id == 0 || e.event.job == r.job_id)
                 && (r.queue.is_empty() || e.event.queue == r.queue)
@@ -270,13 +264,7 @@ impl Jobs for JobsService {
         let shutdown = self.node.shutdown.clone();
         tokio::spawn(async move {
             // Releases the watcher slot however the stream ends.
-            struct Slot(std::sync::Arc<crate::events::EventHub>);
-            impl Drop for Slot {
-                fn drop(&mut self) {
-                    self.0.watchers.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            let _slot = Slot(hub.clone());
+            let _slot = slot;
             let mut last = after;
             for e in backlog {
                 last = Some(e.position);

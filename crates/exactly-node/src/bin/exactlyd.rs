@@ -72,6 +72,9 @@ struct Args {
     /// bearer tokens that may call the public API (`exactly token new` makes them).
     #[arg(long, env = "EXACTLY_TOKENS_FILE", value_name = "PATH")]
     tokens_file: Option<PathBuf>,
+    /// Serve ports beyond this machine without TLS or tokens anyway (see README, "Security").
+    #[arg(long, env = "EXACTLY_INSECURE")]
+    insecure: bool,
     /// HTTP address for /healthz, /readyz and /metrics.
     #[arg(long, env = "EXACTLY_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
@@ -138,6 +141,7 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     if args.http_listen.is_some() {
         config.http_listen = args.http_listen;
     }
+    config.insecure |= args.insecure;
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
     }
