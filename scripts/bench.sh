@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks a fresh local 3-node cluster (release build, fsync on) with N no-op jobs and prints
 # throughput and latency figures. Usage: scripts/bench.sh [JOBS] [extra `exactly bench` flags]
-# PEER_TLS=1 runs the nodes with mutual TLS on their peer ports.
+# PEER_TLS=1 runs the nodes with mutual TLS on their peer ports; API_TLS=1 with TLS and a
+# bearer token on the public port (the bench client then uses https and the token).
 # THEN="<flags>" runs a second `exactly bench` on the same cluster right after the first, e.g.
 # an overload and then the normal rate, to see how fast latency recovers:
 #   THEN="--rate 2000 --duration 10s" scripts/bench.sh 1 --rate 10000 --duration 60s --drain 1s
@@ -30,24 +31,37 @@ if [[ "${PEER_TLS:-0}" == 1 ]]; then
   tls() { echo --peer-tls-ca "$dir/certs/ca.pem" --peer-tls-cert "$dir/certs/node-$1.pem" --peer-tls-key "$dir/certs/node-$1.key"; }
   echo "peer port under mutual TLS"
 fi
-# shellcheck disable=SC2046 # tls prints separate flags
-"$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base+1)) --peer-listen 127.0.0.1:$((base+11)) $(tls 1) --data-dir "$dir/n1" --slots 1024 >"$dir/n1.log" 2>&1 &
+api() { :; }
+client=("$bin/exactly" --endpoints "$eps")
+if [[ "${API_TLS:-0}" == 1 ]]; then
+  [[ -f "$dir/certs/ca.pem" ]] || "$bin/exactly" cert ca --dir "$dir/certs" >/dev/null
+  "$bin/exactly" cert server --dir "$dir/certs" --name 127.0.0.1 >/dev/null
+  out=$("$bin/exactly" token new --name bench --scope admin)
+  EXACTLY_TOKEN=$(printf '%s\n' "$out" | sed -n 's/^token: //p')
+  export EXACTLY_TOKEN
+  printf '%s\n' "$out" | sed -n '/^\[\[tokens\]\]/,$p' >"$dir/tokens.toml"
+  api() { echo --api-tls-cert "$dir/certs/api.pem" --api-tls-key "$dir/certs/api.key" --tokens-file "$dir/tokens.toml"; }
+  client+=(--ca "$dir/certs/ca.pem")
+  echo "public port under TLS with a bearer token"
+fi
+# shellcheck disable=SC2046 # tls and api print separate flags
+"$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base+1)) --peer-listen 127.0.0.1:$((base+11)) $(tls 1) $(api) --data-dir "$dir/n1" --slots 1024 >"$dir/n1.log" 2>&1 &
 pids+=($!)
 for i in 2 3; do
   # shellcheck disable=SC2046
-  "$bin/exactlyd" --join 127.0.0.1:$((base+11)) --node-id $i --listen 127.0.0.1:$((base+i)) --peer-listen 127.0.0.1:$((base+10+i)) $(tls $i) --data-dir "$dir/n$i" --slots 1024 >"$dir/n$i.log" 2>&1 &
+  "$bin/exactlyd" --join 127.0.0.1:$((base+11)) --node-id $i --listen 127.0.0.1:$((base+i)) --peer-listen 127.0.0.1:$((base+10+i)) $(tls $i) $(api) --data-dir "$dir/n$i" --slots 1024 >"$dir/n$i.log" 2>&1 &
   pids+=($!)
 done
 # Wait (at most 30 s) until all three nodes are members and registered.
 for _ in $(seq 1 150); do
-  n=$("$bin/exactly" --endpoints "$eps" --json status 2>/dev/null | grep -cE '"incarnation": *[1-9]' || true)
+  n=$("${client[@]}" --json status 2>/dev/null | grep -cE '"incarnation": *[1-9]' || true)
   if [[ "$n" -ge 3 ]]; then break; fi
   sleep 0.2
 done
-"$bin/exactly" --endpoints "$eps" bench --jobs "$jobs" "$@"
+"${client[@]}" bench --jobs "$jobs" "$@"
 if [[ -n "${THEN:-}" ]]; then
   echo
   echo "then, on the same cluster: exactly bench $THEN"
   # shellcheck disable=SC2086 # THEN is a list of flags
-  "$bin/exactly" --endpoints "$eps" bench --jobs "$jobs" $THEN
+  "${client[@]}" bench --jobs "$jobs" $THEN
 fi

@@ -4,13 +4,13 @@
 # (sanitizer flags), so this is not part of `.ci/run` (stable only); crashes are saved under
 # crates/exactly-fuzz/artifacts/<target>/ and reproduce with
 #   cargo +nightly fuzz run --fuzz-dir crates/exactly-fuzz <target> <artifact file>
-# Usage: scripts/fuzz.sh [SECONDS] [TARGET...]   (targets: apply snapshot)
+# Usage: scripts/fuzz.sh [SECONDS] [TARGET...]   (targets: apply snapshot submit config authorization)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-if [[ ${#targets[@]} -eq 0 ]]; then targets=(apply snapshot); fi
+if [[ ${#targets[@]} -eq 0 ]]; then targets=(apply snapshot submit config authorization); fi
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
   echo "fuzz.sh needs a nightly toolchain (rustup toolchain install nightly)" >&2
   exit 2

@@ -249,7 +249,11 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
     assert_eq!(code, 200, "{text}");
     assert!(text.contains("exactly_raft_term"), "{text}");
     // A browser's login: any user name, the token as password.
-    let basic = format!("Basic {}", base64(&format!("me:{OPS}")));
+    let basic = {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("me:{OPS}"));
+        format!("Basic {encoded}")
+    };
     let (code, text) = http_get(http, "/api/status", Some(&basic)).await?;
     assert_eq!(code, 200, "{text}");
     let (code, _) = http_get(http, "/", None).await?;
@@ -260,26 +264,4 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
     }
     cluster.shutdown().await;
     Ok(())
-}
-
-/// Standard base64 with padding, for the Basic header.
-fn base64(text: &str) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in text.as_bytes().chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }

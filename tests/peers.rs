@@ -434,3 +434,88 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// The certificate node `target`'s peer port presents to a new connection (made with node 1's).
+async fn presented(dir: &std::path::Path, addr: &str, target: u64) -> anyhow::Result<Vec<u8>> {
+    use tower::Service;
+    let tls = exactly_node::tls::PeerTls::load(&tls_files(dir, "ca.pem", "node-1"), 1)
+        .map_err(anyhow::Error::msg)?;
+    let uri: http::Uri = format!("http://{addr}").parse()?;
+    let io = tls.connector(Some(target)).call(uri).await?;
+    let certs = io
+        .inner()
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default();
+    Ok(certs.first().map(|c| c.to_vec()).unwrap_or_default())
+}
+
+/// Certificate rotation without a restart: a member's certificate and key are replaced on disk
+/// (a new key, the same CA); within a few seconds its peer port presents the new certificate
+/// to new connections, and the cluster keeps running jobs. Files that would not do (another
+/// node's certificate) are refused: the node keeps presenting the last good one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_peer_certificate_is_used_without_a_restart() -> anyhow::Result<()> {
+    use exactly_client::certs::{issue_node, CertifiedKey};
+    let certs = tempfile::tempdir()?;
+    issue_certs(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(3, |c| {
+        let id = c.node_id.expect("test configs name their node");
+        c.peer_tls = Some(tls_files(&dir, "ca.pem", &format!("node-{id}")));
+    })
+    .await?;
+    one_job_done(&cluster).await?;
+    let target = &cluster.nodes[1];
+    let id = target.node.id;
+    let old = presented(&dir, &target.peer_addr, id).await?;
+    assert!(!old.is_empty());
+
+    let ca = CertifiedKey {
+        cert: std::fs::read_to_string(dir.join("ca.pem"))?,
+        key: std::fs::read_to_string(dir.join("ca.key"))?,
+    };
+    let replace = |pair: &CertifiedKey, bump: u64| -> anyhow::Result<()> {
+        let (cert, key) = (
+            dir.join(format!("node-{id}.pem")),
+            dir.join(format!("node-{id}.key")),
+        );
+        std::fs::write(&key, &pair.key)?;
+        std::fs::write(&cert, &pair.cert)?;
+        let at = std::time::SystemTime::now() + Duration::from_secs(bump);
+        std::fs::File::options()
+            .write(true)
+            .open(&cert)?
+            .set_modified(at)?;
+        Ok(())
+    };
+    let fresh = issue_node(&ca, id, 1)?;
+    replace(&fresh, 10)?;
+    let fresh_der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(fresh.cert.as_bytes())?.to_vec()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = presented(&dir, &target.peer_addr, id).await?;
+        if now == fresh_der {
+            break;
+        }
+        assert_eq!(now, old, "neither the old nor the new certificate");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reloaded within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    one_job_done(&cluster).await?;
+
+    // Another node's certificate in its place is refused; the last good one stays in use.
+    replace(&issue_node(&ca, 9, 1)?, 20)?;
+    tokio::time::sleep(exactly_node::tls::RELOAD_CHECK + Duration::from_secs(1)).await;
+    assert_eq!(presented(&dir, &target.peer_addr, id).await?, fresh_der);
+    one_job_done(&cluster).await?;
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -51,10 +51,11 @@ fn with_transport(endpoint: Endpoint) -> Endpoint {
 }
 
 /// A lazily connected channel to a node's peer service: plaintext, or mutual TLS expecting
-/// node `target`'s certificate (any cluster node's when `None`).
+/// node `target`'s certificate (any cluster node's when `None`), with the certificates loaded
+/// last whenever it (re)connects.
 pub fn peer_channel(
     addr: &str,
-    tls: Option<&crate::tls::PeerTls>,
+    tls: Option<&std::sync::Arc<crate::tls::PeerTls>>,
     target: Option<u64>,
 ) -> Result<Channel, tonic::transport::Error> {
     let Some(tls) = tls else {
@@ -63,9 +64,9 @@ pub fn peer_channel(
     let host = addr
         .trim_start_matches("http://")
         .trim_start_matches("https://");
-    let endpoint =
-        Endpoint::from_shared(format!("https://{host}"))?.tls_config(tls.client(target))?;
-    Ok(with_transport(endpoint).connect_lazy())
+    // The connector does the TLS; the URI only names the host and port.
+    let endpoint = with_transport(Endpoint::from_shared(format!("http://{host}"))?);
+    Ok(endpoint.connect_with_connector_lazy(tls.connector(target)))
 }
 
 pub fn internal_client(channel: Channel) -> InternalClient<Channel> {
@@ -86,7 +87,7 @@ pub struct Network {
     /// When each peer last answered a Raft message of this node's.
     pub answers: Arc<Answers>,
     /// Mutual TLS on the peer port, if configured.
-    pub tls: Option<crate::tls::PeerTls>,
+    pub tls: Option<Arc<crate::tls::PeerTls>>,
 }
 
 pub struct Connection {

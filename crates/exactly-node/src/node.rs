@@ -111,7 +111,7 @@ pub struct NodeInner {
     /// One lazily connected client per peer address, reused across forwards.
     pub peers: std::sync::Mutex<std::collections::HashMap<String, InternalClient<Channel>>>,
     /// Mutual TLS on the peer port, if configured (`crate::tls`).
-    pub peer_tls: Option<crate::tls::PeerTls>,
+    pub peer_tls: Option<Arc<crate::tls::PeerTls>>,
     /// Set once this node learns that it left or was removed (see `membership.rs`).
     pub departure: Arc<crate::membership::Departure>,
     /// When each peer last answered this node's Raft messages (see `network::Answers`).

@@ -361,6 +361,12 @@ pub async fn start_with(
         let handle = node.raft_runtime.handle();
         tasks.push(handle.spawn(serve_peers(node.clone(), listener)));
     }
+    if let Some(tls) = &node.peer_tls {
+        tasks.push(tokio::spawn(crate::tls::reload_on_change(
+            tls.clone(),
+            node.shutdown.clone(),
+        )));
+    }
 
     Ok(RunningNode {
         node,
@@ -409,24 +415,23 @@ async fn serve_peers(node: Node, listener: std::net::TcpListener) {
             return;
         }
     };
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
-    if let Some(tls) = &node.peer_tls {
-        builder = match builder.tls_config(tls.server()) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "peer TLS");
-                node.shutdown.cancel();
-                return;
-            }
-        };
-    }
-    let result = builder
-        .add_service(internal_service(&node))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            node.shutdown.clone().cancelled_owned(),
-        )
-        .await;
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(internal_service(&node));
+    let stop = node.shutdown.clone().cancelled_owned();
+    let result = match &node.peer_tls {
+        // TLS by this node's own acceptor, so that rotated certificates are taken up without a
+        // restart (`tls::reload_on_change`).
+        Some(tls) => {
+            let incoming = tls.incoming(listener, node.shutdown.clone());
+            router.serve_with_incoming_shutdown(incoming, stop).await
+        }
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, stop).await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "peer gRPC server stopped");
     }

@@ -10,19 +10,44 @@
 //! join from the id it asks for.
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
 use exactly_client::certs::{node_id_of_name, node_name, PEER_NAME};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use futures::future::BoxFuture;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
 use x509_parser::extensions::GeneralName;
 
 use crate::config::PeerTlsConfig;
 
-/// A node's loaded peer TLS material. Cheap to clone.
-#[derive(Clone)]
+/// How often a node looks at its certificate files for a new version.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
+/// How long a TLS handshake on the peer port may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes the peer port runs at once; more connections wait to be accepted.
+const HANDSHAKES_MAX: usize = 64;
+
+/// A node's peer TLS material, reloaded when its files change (certificate rotation without a
+/// restart): every new connection, accepted or dialled, uses what was loaded last; connections
+/// already open keep theirs until they close.
 pub struct PeerTls {
-    ca: Certificate,
-    identity: Identity,
+    files: PeerTlsConfig,
+    node_id: u64,
+    current: RwLock<Arc<Material>>,
 }
+
+/// One loaded version of the files.
+struct Material {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    stamp: Stamp,
+}
+
+/// What the files looked like when they were read: (modified, length) of ca, cert and key.
+type Stamp = [Option<(SystemTime, u64)>; 3];
 
 impl std::fmt::Debug for PeerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,6 +57,15 @@ impl std::fmt::Debug for PeerTls {
 
 fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("peer-tls.{what}: cannot read {}: {e}", path.display()))
+}
+
+fn stamp(files: &PeerTlsConfig) -> Stamp {
+    let one = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+    };
+    [one(&files.ca), one(&files.cert), one(&files.key)]
 }
 
 /// The certificates of a PEM bundle, DER-encoded.
@@ -46,23 +80,35 @@ fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
 impl PeerTls {
     /// Reads the files and checks that the certificate is node `node_id`'s: a node started with
     /// another node's certificate would be refused by every peer, or worse, speak as it.
-    pub fn load(config: &PeerTlsConfig, node_id: u64) -> Result<Self, String> {
+    pub fn load(config: &PeerTlsConfig, node_id: u64) -> Result<Arc<Self>, String> {
+        let material = Self::read_material(config, node_id)?;
+        Ok(Arc::new(Self {
+            files: config.clone(),
+            node_id,
+            current: RwLock::new(Arc::new(material)),
+        }))
+    }
+
+    fn read_material(config: &PeerTlsConfig, node_id: u64) -> Result<Material, String> {
+        let stamp = stamp(config);
         let ca = read("ca", &config.ca)?;
         let cert = read("cert", &config.cert)?;
         let key = read("key", &config.key)?;
-        if pem_certificates(&ca).is_empty() {
+        let roots = pem_certificates(&ca);
+        if roots.is_empty() {
             return Err(format!(
                 "peer-tls.ca: no PEM certificate in {}",
                 config.ca.display()
             ));
         }
-        let Some(leaf) = pem_certificates(&cert).into_iter().next() else {
+        let chain = pem_certificates(&cert);
+        let Some(leaf) = chain.first() else {
             return Err(format!(
                 "peer-tls.cert: no PEM certificate in {}",
                 config.cert.display()
             ));
         };
-        match node_id_of_der(&leaf) {
+        match node_id_of_der(leaf) {
             Some(id) if id == node_id => {}
             Some(id) => {
                 return Err(format!(
@@ -78,10 +124,10 @@ impl PeerTls {
                 ))
             }
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let (from, until) = validity_secs(&leaf)
+        let (from, until) = validity_secs(leaf)
             .ok_or_else(|| format!("peer-tls.cert: cannot read {}", config.cert.display()))?;
         match expiry_check(from, until, now) {
             Err(why) => return Err(format!("peer-tls.cert: {}: {why}", config.cert.display())),
@@ -90,34 +136,263 @@ impl PeerTls {
             }
             Ok(None) => {}
         }
-        if !String::from_utf8_lossy(&key).contains("PRIVATE KEY") {
-            return Err(format!(
+        let key = PrivateKeyDer::from_pem_slice(&key).map_err(|_| {
+            format!(
                 "peer-tls.key: no PEM private key in {}",
                 config.key.display()
-            ));
-        }
-        Ok(Self {
-            ca: Certificate::from_pem(ca),
-            identity: Identity::from_pem(cert, key),
+            )
+        })?;
+        let (server, client) = configs(&roots, &chain, key)?;
+        Ok(Material {
+            server,
+            client,
+            stamp,
         })
     }
 
-    /// The peer listener's TLS: this node's certificate, and a client certificate from the
-    /// cluster CA required of every connection.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity.clone())
-            .client_ca_root(self.ca.clone())
+    /// Reads the files again if they changed since they were last read, and uses them from now
+    /// on if they are valid (this node's certificate, valid now, a key that matches it);
+    /// otherwise keeps what it has and says why. Returns whether it took new material.
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        let last = self.current().stamp;
+        if stamp(&self.files) == last {
+            return Ok(false);
+        }
+        let material = Self::read_material(&self.files, self.node_id)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(material);
+        Ok(true)
     }
 
-    /// TLS for dialing node `target` (its certificate must name it), or any node of the
+    fn current(&self) -> Arc<Material> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A connector that dials node `target` (its certificate must name it), or any node of the
     /// cluster when the id at that address is not known (joining, forwarding to a leader known
-    /// by address).
-    pub fn client(&self, target: Option<u64>) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(self.ca.clone())
-            .identity(self.identity.clone())
-            .domain_name(target.map_or_else(|| PEER_NAME.to_string(), node_name))
+    /// by address), presenting this node's current certificate.
+    pub fn connector(self: &Arc<Self>, target: Option<u64>) -> PeerConnector {
+        let name = target.map_or_else(|| PEER_NAME.to_string(), node_name);
+        PeerConnector {
+            tls: self.clone(),
+            name: ServerName::try_from(name).expect("node names are valid DNS names"),
+        }
+    }
+
+    /// Serves TLS on the peer listener: accepts connections, runs each handshake (a client
+    /// certificate from the cluster CA required) with the current material, and yields the
+    /// connections that completed one. Handshakes run apart, bounded in time and number, so a
+    /// slow or silent client holds up no other.
+    pub fn incoming(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKES_MAX);
+        let tls = self.clone();
+        let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    () = shutdown.cancelled() => return,
+                };
+                let (tcp, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "peer accept");
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().server.clone());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(PeerStream(stream))).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "peer TLS handshake refused"),
+                        Err(_) => tracing::debug!("peer TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// Builds the server config (this node's certificate; a client certificate from the CA
+/// required) and the client config (trusting only the CA; presenting this node's certificate).
+fn configs(
+    roots: &[Vec<u8>],
+    chain: &[Vec<u8>],
+    key: PrivateKeyDer<'static>,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>), String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store
+            .add(CertificateDer::from(root.clone()))
+            .map_err(|e| format!("peer-tls.ca: {e}"))?;
+    }
+    let store = Arc::new(store);
+    let chain: Vec<CertificateDer<'static>> = chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        store.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("peer-tls.ca: {e}"))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| format!("peer-tls.key: does not match the certificate: {e}"))?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("peer-tls.key: {e}"))?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(server), Arc::new(client)))
+}
+
+/// Dials a peer over TLS with the node's current certificate (see [`PeerTls::connector`]).
+#[derive(Clone)]
+pub struct PeerConnector {
+    tls: Arc<PeerTls>,
+    name: ServerName<'static>,
+}
+
+impl tower::Service<http::Uri> for PeerConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connector = tokio_rustls::TlsConnector::from(self.tls.current().client.clone());
+        let name = self.name.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other(format!("no host in {uri}")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = connector.connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
+/// A peer connection after its TLS handshake; its certificates reach every request on it.
+pub struct PeerStream(tokio_rustls::server::TlsStream<TcpStream>);
+
+/// The certificates the other end of a peer connection presented (verified against the CA).
+#[derive(Clone, Debug)]
+pub struct PeerCerts(pub Option<Arc<Vec<Vec<u8>>>>);
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = PeerCerts;
+
+    fn connect_info(&self) -> PeerCerts {
+        let certs = self
+            .0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect()));
+        PeerCerts(certs)
+    }
+}
+
+impl tokio::io::AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// Reloads the peer certificates when their files change, until the node stops.
+pub async fn reload_on_change(tls: Arc<PeerTls>, shutdown: tokio_util::sync::CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(RELOAD_CHECK) => {}
+            () = shutdown.cancelled() => return,
+        }
+        match tls.reload_if_changed() {
+            Ok(true) => {
+                failing = false;
+                tracing::info!(cert = %tls.files.cert.display(), "peer TLS certificates reloaded; new connections use them");
+            }
+            Ok(false) => {}
+            Err(why) => {
+                if !failing {
+                    tracing::error!(%why, "peer TLS files changed but cannot be used; keeping the certificates loaded before");
+                }
+                failing = true;
+            }
+        }
     }
 }
 
@@ -150,7 +425,7 @@ pub fn expiry_check(from: i64, until: i64, now: i64) -> Result<Option<String>, S
     Ok((left < CERT_EXPIRY_WARN_DAYS).then(|| {
         format!(
             "the node certificate expires in {left} days: issue a new one with `exactly cert \
-             node` and restart the node with it before then"
+             node`; the node takes it up once its file changes"
         )
     }))
 }
@@ -175,8 +450,8 @@ pub fn node_id_of_der(der: &[u8]) -> Option<u64> {
 /// The node id of the certificate the sender of `request` presented (TLS verified it against
 /// the cluster CA before the request got here); `None` on a plaintext connection.
 pub fn sender<T>(request: &tonic::Request<T>) -> Option<u64> {
-    let certs = request.peer_certs()?;
-    node_id_of_der(certs.first()?)
+    let PeerCerts(certs) = request.extensions().get::<PeerCerts>()?;
+    node_id_of_der(certs.as_ref()?.first()?)
 }
 
 #[cfg(test)]
@@ -229,6 +504,54 @@ mod tests {
         };
         let err = PeerTls::load(&missing, 2).unwrap_err();
         assert!(err.contains("peer-tls.ca: cannot read"), "{err}");
+    }
+
+    /// Rotation without a restart: new files (a new key and certificate for the same node from
+    /// the same CA) are taken up; files that would not do (another node's certificate, a key
+    /// that does not match) are refused and the material loaded before stays; unchanged files
+    /// are not read again.
+    #[test]
+    fn changed_files_are_reloaded_only_when_they_are_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca(1).unwrap();
+        let first = issue_node(&ca, 2, 1).unwrap();
+        let config = PeerTlsConfig {
+            ca: write(dir.path(), "ca.pem", &ca.cert),
+            cert: write(dir.path(), "node.pem", &first.cert),
+            key: write(dir.path(), "node.key", &first.key),
+        };
+        let tls = PeerTls::load(&config, 2).unwrap();
+        assert_eq!(tls.reload_if_changed(), Ok(false));
+        let touch = |path: &Path, secs: u64| {
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(SystemTime::now() + Duration::from_secs(secs))
+                .unwrap();
+        };
+        let before = Arc::as_ptr(&tls.current());
+
+        let second = issue_node(&ca, 2, 1).unwrap();
+        write(dir.path(), "node.pem", &second.cert);
+        write(dir.path(), "node.key", &second.key);
+        touch(&config.cert, 10);
+        assert_eq!(tls.reload_if_changed(), Ok(true));
+        let after = tls.current();
+        assert_ne!(Arc::as_ptr(&after), before);
+        assert_eq!(tls.reload_if_changed(), Ok(false));
+
+        let other = issue_node(&ca, 3, 1).unwrap();
+        write(dir.path(), "node.pem", &other.cert);
+        write(dir.path(), "node.key", &other.key);
+        touch(&config.cert, 20);
+        let err = tls.reload_if_changed().unwrap_err();
+        assert!(err.contains("node 3's certificate"), "{err}");
+        assert_eq!(Arc::as_ptr(&tls.current()), Arc::as_ptr(&after), "kept");
+
+        write(dir.path(), "node.pem", &second.cert);
+        write(dir.path(), "node.key", &first.key);
+        touch(&config.cert, 30);
+        let err = tls.reload_if_changed().unwrap_err();
+        assert!(err.contains("does not match"), "{err}");
+        assert_eq!(Arc::as_ptr(&tls.current()), Arc::as_ptr(&after), "kept");
     }
 
     /// A certificate not valid now is refused with what to do; one close to its end is taken

@@ -13,8 +13,20 @@ use crate::node::{wall_ms, Node};
 /// Turns a wire job spec into a domain job, applying this node's defaults and limits. `context`
 /// names the spec in error messages (`jobs[2]`).
 pub fn new_job(node: &Node, context: &str, spec: pb::JobSpec) -> Result<NewJob, Status> {
-    let limits = &node.config.limits;
-    let defaults = &node.config.defaults;
+    job_from_pb(&node.config, &node.registry, wall_ms(), context, spec)
+}
+
+/// [`new_job`] as a pure function of the configuration, the kinds this node runs and the wall
+/// clock: every check a submitted job meets at the edge (the fuzz target `submit` runs it).
+pub fn job_from_pb(
+    config: &crate::config::NodeConfig,
+    registry: &exactly_handlers::Registry,
+    now: u64,
+    context: &str,
+    spec: pb::JobSpec,
+) -> Result<NewJob, Status> {
+    let limits = &config.limits;
+    let defaults = &config.defaults;
     if spec.payload.len() > limits.payload_bytes_max {
         return Err(Status::resource_exhausted(format!(
             "{context}: payload of {} bytes exceeds limits.payload-bytes-max ({} bytes)",
@@ -22,8 +34,8 @@ pub fn new_job(node: &Node, context: &str, spec: pb::JobSpec) -> Result<NewJob, 
             limits.payload_bytes_max
         )));
     }
-    if !node.registry.contains(&spec.kind) {
-        let kinds: Vec<&str> = node.registry.kinds().collect();
+    if !registry.contains(&spec.kind) {
+        let kinds: Vec<&str> = registry.kinds().collect();
         return Err(Status::invalid_argument(format!(
             "{context}: unknown job kind {:?}; this node runs: {}",
             spec.kind,
@@ -35,7 +47,6 @@ pub fn new_job(node: &Node, context: &str, spec: pb::JobSpec) -> Result<NewJob, 
             "{context}: set run_at_ms or delay_ms, not both"
         )));
     }
-    let now = wall_ms();
     if spec.delay_ms > RUN_AT_AHEAD_MS_MAX {
         return Err(Status::invalid_argument(format!(
             "{context}: delay_ms {} exceeds the limit of {RUN_AT_AHEAD_MS_MAX} ms ({} days)",
