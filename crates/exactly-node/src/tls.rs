@@ -181,50 +181,169 @@ impl PeerTls {
         }
     }
 
-    /// Serves TLS on the peer listener: accepts connections, runs each handshake (a client
-    /// certificate from the cluster CA required) with the current material, and yields the
-    /// connections that completed one. Handshakes run apart, bounded in time and number, so a
-    /// slow or silent client holds up no other.
+    /// Serves TLS on the peer listener (see [`incoming`]): a client certificate from the
+    /// cluster CA is required of every connection.
     pub fn incoming(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKES_MAX);
-        let tls = self.clone();
-        let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
-        tokio::spawn(async move {
-            loop {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    () = shutdown.cancelled() => return,
-                };
-                let (tcp, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "peer accept");
-                        continue;
+        incoming(self.clone(), listener, shutdown)
+    }
+}
+
+/// What a TLS listener needs: the server configuration to use for the next handshake.
+pub trait ServerMaterial: Send + Sync + 'static {
+    fn server_config(&self) -> Arc<rustls::ServerConfig>;
+}
+
+impl ServerMaterial for PeerTls {
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.current().server.clone()
+    }
+}
+
+/// Accepts connections on `listener`, runs each TLS handshake with the configuration loaded
+/// last, and yields the connections that completed one. Handshakes run apart, bounded in time
+/// and number, so a slow or silent client holds up no other.
+pub fn incoming<M: ServerMaterial>(
+    tls: Arc<M>,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKES_MAX);
+    let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = shutdown.cancelled() => return,
+            };
+            let (tcp, _) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept");
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(PeerStream(stream))).await;
                     }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().server.clone());
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(PeerStream(stream))).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "peer TLS handshake refused"),
-                        Err(_) => tracing::debug!("peer TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        tokio_stream::wrappers::ReceiverStream::new(rx)
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The public port's TLS (`[api-tls]`), reloaded when its files change like [`PeerTls`].
+pub struct ApiTls {
+    files: crate::config::ApiTlsConfig,
+    current: RwLock<(Arc<rustls::ServerConfig>, [Option<(SystemTime, u64)>; 2])>,
+}
+
+impl ApiTls {
+    /// Reads the certificate and key; a missing file, one without PEM, or a key that does not
+    /// match the certificate stops the start with the path named.
+    pub fn load(files: &crate::config::ApiTlsConfig) -> Result<Arc<Self>, String> {
+        let loaded = Self::read(files)?;
+        Ok(Arc::new(Self {
+            files: files.clone(),
+            current: RwLock::new(loaded),
+        }))
+    }
+
+    fn stamp(files: &crate::config::ApiTlsConfig) -> [Option<(SystemTime, u64)>; 2] {
+        let one = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+        };
+        [one(&files.cert), one(&files.key)]
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn read(
+        files: &crate::config::ApiTlsConfig,
+    ) -> Result<(Arc<rustls::ServerConfig>, [Option<(SystemTime, u64)>; 2]), String> {
+        let stamp = Self::stamp(files);
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let (cert, key) = (read(&files.cert)?, read(&files.key)?);
+        let chain: Vec<CertificateDer<'static>> = pem_certificates(&cert)
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        if chain.is_empty() {
+            return Err(format!("{}: not a PEM certificate", files.cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&key)
+            .map_err(|_| format!("{}: not a PEM private key", files.key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("{}: {e}", files.key.display()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok((Arc::new(config), stamp))
+    }
+}
+
+impl ServerMaterial for ApiTls {
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+}
+
+/// TLS material that a node reloads when its files change.
+pub trait Reload: Send + Sync + 'static {
+    /// Reads the files again if they changed; `Ok(true)` when new material is in use.
+    fn reload_if_changed(&self) -> Result<bool, String>;
+    /// What it is, for the log.
+    fn what(&self) -> String;
+}
+
+impl Reload for PeerTls {
+    fn reload_if_changed(&self) -> Result<bool, String> {
+        PeerTls::reload_if_changed(self)
+    }
+
+    fn what(&self) -> String {
+        format!("peer TLS ({})", self.files.cert.display())
+    }
+}
+
+impl Reload for ApiTls {
+    fn reload_if_changed(&self) -> Result<bool, String> {
+        let last = self.current.read().unwrap_or_else(|p| p.into_inner()).1;
+        if Self::stamp(&self.files) == last {
+            return Ok(false);
+        }
+        let loaded = Self::read(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        Ok(true)
+    }
+
+    fn what(&self) -> String {
+        format!("API TLS ({})", self.files.cert.display())
     }
 }
 
@@ -372,8 +491,11 @@ impl tokio::io::AsyncWrite for PeerStream {
     }
 }
 
-/// Reloads the peer certificates when their files change, until the node stops.
-pub async fn reload_on_change(tls: Arc<PeerTls>, shutdown: tokio_util::sync::CancellationToken) {
+/// Reloads TLS material when its files change, until the node stops.
+pub async fn reload_on_change<R: Reload>(
+    tls: Arc<R>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut failing = false;
     loop {
         tokio::select! {
@@ -383,12 +505,12 @@ pub async fn reload_on_change(tls: Arc<PeerTls>, shutdown: tokio_util::sync::Can
         match tls.reload_if_changed() {
             Ok(true) => {
                 failing = false;
-                tracing::info!(cert = %tls.files.cert.display(), "peer TLS certificates reloaded; new connections use them");
+                tracing::info!(what = %tls.what(), "certificates reloaded; new connections use them");
             }
             Ok(false) => {}
             Err(why) => {
                 if !failing {
-                    tracing::error!(%why, "peer TLS files changed but cannot be used; keeping the certificates loaded before");
+                    tracing::error!(what = %tls.what(), %why, "certificate files changed but cannot be used; keeping the ones loaded before");
                 }
                 failing = true;
             }
@@ -552,6 +674,51 @@ mod tests {
         let err = tls.reload_if_changed().unwrap_err();
         assert!(err.contains("does not match"), "{err}");
         assert_eq!(Arc::as_ptr(&tls.current()), Arc::as_ptr(&after), "kept");
+    }
+
+    /// The public port's certificate reloads the same way: a new pair is taken up, a key that
+    /// does not match the certificate is refused and the pair loaded before stays.
+    #[test]
+    fn the_api_certificate_reloads_when_valid() {
+        use exactly_client::certs::issue_server;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca(1).unwrap();
+        let names = ["127.0.0.1".to_string()];
+        let first = issue_server(&ca, &names, 1).unwrap();
+        let files = crate::config::ApiTlsConfig {
+            cert: write(dir.path(), "api.pem", &first.cert),
+            key: write(dir.path(), "api.key", &first.key),
+        };
+        let tls = ApiTls::load(&files).unwrap();
+        assert_eq!(Reload::reload_if_changed(&*tls), Ok(false));
+        let touch = |path: &Path, secs: u64| {
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(SystemTime::now() + Duration::from_secs(secs))
+                .unwrap();
+        };
+        let before = Arc::as_ptr(&tls.server_config());
+        let second = issue_server(&ca, &names, 1).unwrap();
+        write(dir.path(), "api.pem", &second.cert);
+        write(dir.path(), "api.key", &second.key);
+        touch(&files.cert, 10);
+        assert_eq!(Reload::reload_if_changed(&*tls), Ok(true));
+        let after = tls.server_config();
+        assert_ne!(Arc::as_ptr(&after), before);
+        write(dir.path(), "api.key", &first.key);
+        touch(&files.key, 20);
+        assert!(Reload::reload_if_changed(&*tls).is_err());
+        assert_eq!(
+            Arc::as_ptr(&tls.server_config()),
+            Arc::as_ptr(&after),
+            "kept"
+        );
+        let err = ApiTls::load(&crate::config::ApiTlsConfig {
+            cert: files.key.clone(),
+            key: files.key.clone(),
+        })
+        .err()
+        .unwrap();
+        assert!(err.contains("not a PEM certificate"), "{err}");
     }
 
     /// A certificate not valid now is refused with what to do; one close to its end is taken
