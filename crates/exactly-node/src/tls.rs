@@ -250,8 +250,11 @@ pub fn incoming<M: ServerMaterial>(
 /// The public port's TLS (`[api-tls]`), reloaded when its files change like [`PeerTls`].
 pub struct ApiTls {
     files: crate::config::ApiTlsConfig,
-    current: RwLock<(Arc<rustls::ServerConfig>, [Option<(SystemTime, u64)>; 2])>,
+    current: RwLock<(Arc<rustls::ServerConfig>, ApiStamp)>,
 }
+
+/// (modified, length) of the API certificate and key when they were read.
+type ApiStamp = [Option<(SystemTime, u64)>; 2];
 
 impl ApiTls {
     /// Reads the certificate and key; a missing file, one without PEM, or a key that does not
@@ -264,7 +267,7 @@ impl ApiTls {
         }))
     }
 
-    fn stamp(files: &crate::config::ApiTlsConfig) -> [Option<(SystemTime, u64)>; 2] {
+    fn stamp(files: &crate::config::ApiTlsConfig) -> ApiStamp {
         let one = |p: &Path| {
             std::fs::metadata(p)
                 .ok()
@@ -273,10 +276,9 @@ impl ApiTls {
         [one(&files.cert), one(&files.key)]
     }
 
-    #[allow(clippy::type_complexity)]
     fn read(
         files: &crate::config::ApiTlsConfig,
-    ) -> Result<(Arc<rustls::ServerConfig>, [Option<(SystemTime, u64)>; 2]), String> {
+    ) -> Result<(Arc<rustls::ServerConfig>, ApiStamp), String> {
         let stamp = Self::stamp(files);
         let read = |path: &Path| {
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
