@@ -13,6 +13,33 @@ use exactly_tests::{ledger_job, TestCluster};
 const WEB: &str = "exa_web_token_for_tests";
 const OPS: &str = "exa_ops_token_for_tests";
 const ROOT: &str = "exa_root_token_for_tests";
+const FEED: &str = "exa_feed_token_for_tests";
+const FEED2: &str = "exa_feed2_token_for_tests";
+
+/// Writes `dir/tokens.toml` with these (name, secret) tokens, each with `submit:feed`, and
+/// moves its modification time `bump` seconds ahead (so that a rewrite within the same
+/// instant is seen as a change).
+fn write_tokens_file(
+    dir: &std::path::Path,
+    tokens: &[(&str, &str)],
+    bump: u64,
+) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for (name, secret) in tokens {
+        text.push_str(&format!(
+            "[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = [\"submit:feed\"]\n",
+            exactly_client::token::digest_hex(secret)
+        ));
+    }
+    let path = dir.join("tokens.toml");
+    std::fs::write(&path, text)?;
+    let at = std::time::SystemTime::now() + Duration::from_secs(bump);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)?
+        .set_modified(at)?;
+    Ok(())
+}
 
 fn token(name: &str, secret: &str, scopes: &[&str]) -> TokenConfig {
     TokenConfig {
@@ -89,6 +116,7 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
     let certs = tempfile::tempdir()?;
     let ca = issue(certs.path())?;
     let dir = certs.path().to_path_buf();
+    write_tokens_file(&dir, &[("feed", FEED)], 0)?;
     let cluster = TestCluster::start(3, |c| {
         c.api_tls = Some(ApiTlsConfig {
             cert: dir.join("api.pem"),
@@ -101,6 +129,7 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
         ];
         c.http_listen = Some("127.0.0.1:0".parse().unwrap());
         c.limits.watch_streams_per_token_max = 2;
+        c.tokens_file = Some(dir.join("tokens.toml"));
     })
     .await?;
 
@@ -235,6 +264,35 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await?;
     assert_eq!(health.into_inner().status, 1, "SERVING");
+
+    // The tokens file is read again when it changes: a token added there works, one taken out
+    // is refused, on every node, without a restart; a file that would not do (no token in it)
+    // is refused and the tokens in use stay.
+    let feed = client(&cluster, Some(&ca), Some(FEED))?;
+    feed.submit_one(in_queue("feed")).await?;
+    write_tokens_file(&dir, &[("feed2", FEED2)], 10)?;
+    let feed2 = client(&cluster, Some(&ca), Some(FEED2))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let new_works = feed2.submit_one(in_queue("feed")).await.is_ok();
+        let old_refused = feed
+            .submit_one(in_queue("feed"))
+            .await
+            .err()
+            .map(|e| e.code())
+            == Some(Code::Unauthenticated);
+        if new_works && old_refused {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tokens file not reloaded in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    write_tokens_file(&dir, &[], 20)?;
+    tokio::time::sleep(exactly_node::tls::RELOAD_CHECK + Duration::from_secs(1)).await;
+    feed2.submit_one(in_queue("feed")).await?;
 
     let http = cluster.nodes[0].http_addr.expect("http enabled");
     let (code, text) = http_get(http, "/metrics", None).await?;

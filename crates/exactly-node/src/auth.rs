@@ -261,12 +261,91 @@ fn bearer_or_basic(header: &[u8]) -> Option<String> {
     (!token.is_empty()).then_some(token)
 }
 
+/// The tokens a node admits: those of its configuration and of its tokens file, read again
+/// when the file changes (a token added or revoked without a restart). Cheap to share.
+pub struct TokenSet {
+    inline: Vec<TokenConfig>,
+    file: Option<std::path::PathBuf>,
+    current: std::sync::RwLock<(Arc<Tokens>, FileStamp)>,
+}
+
+/// (modified, length) of the tokens file when it was read.
+type FileStamp = Option<(std::time::SystemTime, u64)>;
+
+impl TokenSet {
+    /// The tokens of a validated configuration.
+    pub fn load(config: &crate::config::NodeConfig) -> Result<Arc<Self>, String> {
+        let stamp = config.tokens_file.as_deref().and_then(stamp);
+        let all = config.all_tokens().map_err(|e| e.to_string())?;
+        let tokens = Tokens::from_config(&all)?;
+        Ok(Arc::new(Self {
+            inline: config.tokens.clone(),
+            file: config.tokens_file.clone(),
+            current: std::sync::RwLock::new((Arc::new(tokens), stamp)),
+        }))
+    }
+
+    /// The tokens in use now.
+    pub fn current(&self) -> Arc<Tokens> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// [`Tokens::admit`] with the tokens in use now.
+    pub fn admit(
+        &self,
+        authorization: Option<&[u8]>,
+        need: Need,
+    ) -> Result<Option<Arc<Credential>>, Denied> {
+        self.current().admit(authorization, need)
+    }
+}
+
+fn stamp(path: &std::path::Path) -> FileStamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+}
+
+impl crate::tls::Reload for TokenSet {
+    /// Reads the tokens file again if it changed; a file that cannot be read, holds no token or
+    /// an invalid one is refused and the tokens in use stay.
+    fn reload_if_changed(&self) -> Result<bool, String> {
+        let Some(path) = &self.file else {
+            return Ok(false);
+        };
+        let now = stamp(path);
+        if now == self.current.read().unwrap_or_else(|p| p.into_inner()).1 {
+            return Ok(false);
+        }
+        let from_file = crate::config::read_tokens_file(path).map_err(|e| e.to_string())?;
+        if from_file.is_empty() {
+            return Err(format!("{} holds no [[tokens]]", path.display()));
+        }
+        let mut all = self.inline.clone();
+        all.extend(from_file);
+        crate::config::validate_tokens(&all).map_err(|e| e.to_string())?;
+        let tokens = Tokens::from_config(&all)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(tokens), now);
+        Ok(true)
+    }
+
+    fn what(&self) -> String {
+        match &self.file {
+            Some(path) => format!("tokens ({})", path.display()),
+            None => "tokens".into(),
+        }
+    }
+}
+
 /// Puts [`Tokens::admit`] in front of a gRPC server's services: a refused request gets its
 /// status at once (nothing reaches a handler), an admitted one carries its [`Credential`] in
 /// the request's extensions.
 #[derive(Clone)]
 pub struct AuthLayer {
-    pub tokens: Arc<Tokens>,
+    pub tokens: Arc<TokenSet>,
 }
 
 impl<S> tower::Layer<S> for AuthLayer {
@@ -283,7 +362,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct Auth<S> {
     inner: S,
-    tokens: Arc<Tokens>,
+    tokens: Arc<TokenSet>,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Auth<S>

@@ -44,6 +44,10 @@ pub struct NodeConfig {
     /// Only their SHA-256 digests are kept here. Unset: the public API is open to anyone who
     /// reaches it.
     pub tokens: Vec<TokenConfig>,
+    /// A file of `[[tokens]]` and nothing else, used besides `tokens` (a Kubernetes Secret,
+    /// say). The node reads it again when it changes: tokens are added and revoked without a
+    /// restart.
+    pub tokens_file: Option<PathBuf>,
     /// Serve ports beyond this machine without TLS or tokens anyway. Without it, a node whose
     /// public port listens on a non-loopback address refuses to start unless that port has TLS
     /// (`[api-tls]`) and tokens (`[[tokens]]`), its node-to-node traffic has a peer port with
@@ -123,6 +127,36 @@ pub struct TokenConfig {
 
 /// Longest token name.
 pub const TOKEN_NAME_BYTES_MAX: usize = 64;
+
+/// Checks a list of tokens: names bounded, printable and unique, at least one scope each, every
+/// scope known, every digest 64 hex digits and listed once.
+pub fn validate_tokens(tokens: &[TokenConfig]) -> Result<(), ConfigError> {
+    let mut names = std::collections::BTreeSet::new();
+    for t in tokens {
+        let printable = t.name.bytes().all(|b| b.is_ascii_graphic());
+        if t.name.is_empty() || t.name.len() > TOKEN_NAME_BYTES_MAX || !printable {
+            return Err(invalid(
+                "tokens.name",
+                &t.name,
+                format!(
+                    "must be 1..={TOKEN_NAME_BYTES_MAX} printable ASCII characters without spaces"
+                ),
+            ));
+        }
+        if !names.insert(t.name.as_str()) {
+            return Err(invalid("tokens.name", &t.name, "listed twice"));
+        }
+        if t.scopes.is_empty() {
+            return Err(invalid(
+                "tokens.scopes",
+                &t.name,
+                "give at least one of submit, submit:<queue>, read, operate, admin",
+            ));
+        }
+    }
+    crate::auth::Tokens::from_config(tokens).map_err(|why| invalid("tokens", "", why))?;
+    Ok(())
+}
 
 /// A tokens file (`exactlyd --tokens-file`): `[[tokens]]` tables and nothing else, so that
 /// tokens can be deployed apart from the rest of the configuration (a Kubernetes Secret).
@@ -236,6 +270,7 @@ impl Default for NodeConfig {
             peer_tls: None,
             api_tls: None,
             tokens: Vec::new(),
+            tokens_file: None,
             insecure: false,
             http_listen: None,
             init: false,
@@ -479,6 +514,21 @@ impl NodeConfig {
             .unwrap_or_else(|| self.listen.to_string())
     }
 
+    /// The tokens of the configuration and of `tokens-file`, as they are now.
+    pub fn all_tokens(&self) -> Result<Vec<TokenConfig>, ConfigError> {
+        let mut all = self.tokens.clone();
+        if let Some(path) = &self.tokens_file {
+            all.extend(read_tokens_file(path)?);
+        }
+        Ok(all)
+    }
+
+    /// Whether the public API asks for tokens (a tokens file always holds some: validation and
+    /// reloads refuse an empty one).
+    fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty() || self.tokens_file.is_some()
+    }
+
     /// What this node would serve beyond this machine without protection: empty on a loopback
     /// node, or one with TLS, tokens and peer mutual TLS where they are needed.
     pub fn exposure(&self) -> Vec<&'static str> {
@@ -488,7 +538,7 @@ impl NodeConfig {
             if self.api_tls.is_none() {
                 open.push("the public gRPC API without TLS ([api-tls])");
             }
-            if self.tokens.is_empty() {
+            if !self.has_tokens() {
                 open.push("the public gRPC API without tokens ([[tokens]])");
             }
         }
@@ -496,7 +546,7 @@ impl NodeConfig {
         if beyond(peer) && (self.peer_listen.is_none() || self.peer_tls.is_none()) {
             open.push("node-to-node traffic without mutual TLS (peer-listen and [peer-tls])");
         }
-        if self.http_listen.is_some_and(beyond) && self.tokens.is_empty() {
+        if self.http_listen.is_some_and(beyond) && !self.has_tokens() {
             open.push("/metrics and the dashboard without tokens ([[tokens]])");
         }
         open
@@ -541,30 +591,15 @@ impl NodeConfig {
                 ));
             }
         }
-        let mut names = std::collections::BTreeSet::new();
-        for t in &self.tokens {
-            let printable = t.name.bytes().all(|b| b.is_ascii_graphic());
-            if t.name.is_empty() || t.name.len() > TOKEN_NAME_BYTES_MAX || !printable {
-                return Err(invalid(
-                    "tokens.name",
-                    &t.name,
-                    format!("must be 1..={TOKEN_NAME_BYTES_MAX} printable ASCII characters without spaces"),
-                ));
-            }
-            if !names.insert(t.name.as_str()) {
-                return Err(invalid("tokens.name", &t.name, "listed twice"));
-            }
-            if t.scopes.is_empty() {
-                return Err(invalid(
-                    "tokens.scopes",
-                    &t.name,
-                    "give at least one of submit, submit:<queue>, read, operate, admin",
-                ));
-            }
+        let tokens = self.all_tokens()?;
+        if self.tokens_file.is_some() && tokens.len() == self.tokens.len() {
+            return Err(invalid(
+                "tokens-file",
+                self.tokens_file.clone().unwrap_or_default(),
+                "holds no [[tokens]]",
+            ));
         }
-        if let Err(why) = crate::auth::Tokens::from_config(&self.tokens) {
-            return Err(invalid("tokens", "", why));
-        }
+        validate_tokens(&tokens)?;
         if self.node_id == Some(0) {
             return Err(invalid("node-id", 0, "node ids start at 1"));
         }
@@ -971,6 +1006,23 @@ mod tests {
         let file = dir.path().join("tokens.toml");
         std::fs::write(&file, &ok).unwrap();
         assert_eq!(read_tokens_file(&file).unwrap().len(), 1);
+        let with_file = NodeConfig {
+            tokens_file: Some(file.clone()),
+            ..NodeConfig::default()
+        };
+        assert_eq!(
+            with_file
+                .clone()
+                .validate()
+                .unwrap()
+                .all_tokens()
+                .unwrap()
+                .len(),
+            1
+        );
+        std::fs::write(&file, "").unwrap();
+        let err = with_file.validate().unwrap_err().to_string();
+        assert!(err.contains("holds no [[tokens]]"), "{err}");
         std::fs::write(&file, format!("slots = 3\n{ok}")).unwrap();
         assert!(
             read_tokens_file(&file).is_err(),

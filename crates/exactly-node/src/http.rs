@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::auth::{Denied, Need, Tokens};
+use crate::auth::{Denied, Need, TokenSet};
 use crate::node::Node;
 
 /// Applied entries a node may lag its own last log entry by and still be ready.
@@ -156,7 +156,7 @@ fn record_gauges(node: &Node) {
 /// `read` scope: `Authorization: Bearer <token>` (Prometheus' `authorization` setting), or HTTP
 /// Basic with the token as password, which a browser asks for when it opens the dashboard.
 async fn require_read(
-    State(tokens): State<Arc<Tokens>>,
+    State(tokens): State<Arc<TokenSet>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -183,7 +183,7 @@ async fn require_read(
 }
 
 /// Serves the HTTP endpoints on `addr` until the node shuts down.
-pub async fn serve(node: Node, listener: tokio::net::TcpListener, tokens: Arc<Tokens>) {
+pub async fn serve(node: Node, listener: tokio::net::TcpListener, tokens: Arc<TokenSet>) {
     let shutdown = node.shutdown.clone();
     let guarded = crate::dashboard::routes()
         .route("/metrics", get(metrics_text))

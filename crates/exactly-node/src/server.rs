@@ -210,8 +210,7 @@ pub async fn start_with(
         Some(files) => Some(crate::tls::ApiTls::load(files).map_err(StartError::ApiTls)?),
         None => None,
     };
-    let tokens =
-        Arc::new(crate::auth::Tokens::from_config(&config.tokens).map_err(StartError::Tokens)?);
+    let tokens = crate::auth::TokenSet::load(&config).map_err(StartError::Tokens)?;
     let incarnation = store.next_incarnation()?;
     let hooks = Arc::new(Hooks::new(id));
     let state = store.state_machine(hooks.clone())?;
@@ -368,6 +367,12 @@ pub async fn start_with(
             node.shutdown.clone(),
         )));
     }
+    if node.config.tokens_file.is_some() {
+        tasks.push(tokio::spawn(crate::tls::reload_on_change(
+            tokens.clone(),
+            node.shutdown.clone(),
+        )));
+    }
     if let Some(tls) = api_tls_reload {
         tasks.push(tokio::spawn(crate::tls::reload_on_change(
             tls,
@@ -454,7 +459,7 @@ fn serve(
     listener: tokio::net::TcpListener,
     with_internal: bool,
     tls: Option<Arc<crate::tls::ApiTls>>,
-    tokens: Arc<crate::auth::Tokens>,
+    tokens: Arc<crate::auth::TokenSet>,
 ) -> Result<impl std::future::Future<Output = ()>, StartError> {
     let builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -493,7 +493,7 @@ impl tokio::io::AsyncWrite for PeerStream {
     }
 }
 
-/// Reloads TLS material when its files change, until the node stops.
+/// Reloads TLS material (or tokens) when its files change, until the node stops.
 pub async fn reload_on_change<R: Reload>(
     tls: Arc<R>,
     shutdown: tokio_util::sync::CancellationToken,
@@ -507,12 +507,12 @@ pub async fn reload_on_change<R: Reload>(
         match tls.reload_if_changed() {
             Ok(true) => {
                 failing = false;
-                tracing::info!(what = %tls.what(), "certificates reloaded; new connections use them");
+                tracing::info!(what = %tls.what(), "reloaded: new connections and calls use it");
             }
             Ok(false) => {}
             Err(why) => {
                 if !failing {
-                    tracing::error!(what = %tls.what(), %why, "certificate files changed but cannot be used; keeping the ones loaded before");
+                    tracing::error!(what = %tls.what(), %why, "files changed but cannot be used; keeping what was loaded before");
                 }
                 failing = true;
             }

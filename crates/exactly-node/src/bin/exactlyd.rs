@@ -69,7 +69,8 @@ struct Args {
     )]
     api_tls_key: Option<PathBuf>,
     /// A TOML file of `[[tokens]]` (name, sha256, scopes), added to the config file's: the
-    /// bearer tokens that may call the public API (`exactly token new` makes them).
+    /// bearer tokens that may call the public API (`exactly token new` makes them). Read again
+    /// when it changes.
     #[arg(long, env = "EXACTLY_TOKENS_FILE", value_name = "PATH")]
     tokens_file: Option<PathBuf>,
     /// Serve ports beyond this machine without TLS or tokens anyway (see README, "Security").
@@ -133,10 +134,8 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
             key: key.clone(),
         });
     }
-    if let Some(path) = &args.tokens_file {
-        config
-            .tokens
-            .extend(exactly_node::config::read_tokens_file(path)?);
+    if args.tokens_file.is_some() {
+        config.tokens_file = args.tokens_file.clone();
     }
     if args.http_listen.is_some() {
         config.http_listen = args.http_listen;
