@@ -2576,6 +2576,10 @@ fn the_audit_trail_is_bounded() {
     }
     let trail = h.table.audit();
     assert_eq!(trail.len(), max);
+    assert_eq!(
+        trail.back().map(|r| r.action.as_str()),
+        Some("configure queue \"q\": pause")
+    );
     assert_eq!(trail.front().map(|r| r.index), Some(6));
     assert_eq!(trail.back().map(|r| r.index), Some(h.index));
 }

@@ -82,13 +82,39 @@ fn filter(f: &DeadFilter) -> String {
     parts.join(", ")
 }
 
+/// A queue change in words (`pause, concurrency 0 (no limit), rate 10 per 1000 ms`).
+fn queue_patch(patch: &crate::command::QueuePatch) -> String {
+    let mut parts = Vec::new();
+    match patch.paused {
+        Some(true) => parts.push("pause".to_string()),
+        Some(false) => parts.push("resume".to_string()),
+        None => {}
+    }
+    match patch.concurrency_max {
+        Some(0) => parts.push("concurrency 0 (no limit)".to_string()),
+        Some(n) => parts.push(format!("concurrency {n}")),
+        None => {}
+    }
+    match &patch.rate {
+        Some(Some(rate)) => parts.push(format!("rate {} per {} ms", rate.jobs, rate.period_ms)),
+        Some(None) => parts.push("no rate limit".to_string()),
+        None => {}
+    }
+    if parts.is_empty() {
+        return "no change".into();
+    }
+    parts.join(", ")
+}
+
 /// An audited command in words.
 pub fn describe(command: &Command) -> String {
     let text = match command {
         Command::Cancel(list) => format!("cancel jobs {}", ids(list)),
         Command::Redrive(f) => format!("redrive dead letters ({})", filter(f)),
         Command::PurgeDead(f) => format!("purge dead letters ({})", filter(f)),
-        Command::ConfigureQueue { queue, patch } => format!("configure queue {queue:?}: {patch:?}"),
+        Command::ConfigureQueue { queue, patch } => {
+            format!("configure queue {queue:?}: {}", queue_patch(patch))
+        }
         Command::AddSchedule(spec) => format!(
             "{} schedule {:?} ({:?} {}) of kind {:?}",
             if spec.replace {
