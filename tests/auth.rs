@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use exactly_client::{Client, ClientOptions, Code, DeadLetterFilter, Token};
 use exactly_node::config::{ApiTlsConfig, TokenConfig};
-use exactly_tests::{ledger_job, TestCluster};
+use exactly_tests::{http_get, ledger_job, TestCluster};
 
 const WEB: &str = "exa_web_token_for_tests";
 const OPS: &str = "exa_ops_token_for_tests";
@@ -73,29 +73,6 @@ fn client(cluster: &TestCluster, ca: Option<&str>, secret: Option<&str>) -> anyh
         ..ClientOptions::default()
     };
     Ok(Client::connect_with(endpoints, options)?)
-}
-
-async fn http_get(
-    addr: std::net::SocketAddr,
-    path: &str,
-    authorization: Option<&str>,
-) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let auth = authorization
-        .map(|a| format!("Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, text))
 }
 
 fn code_of<T: std::fmt::Debug>(result: Result<T, exactly_client::Error>) -> Code {

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use exactly_proto::v1 as pb;
-use exactly_tests::{ledger_job, wait_for, TestCluster, LEDGER_KIND};
+use exactly_tests::{http_get, ledger_job, wait_for, TestCluster, LEDGER_KIND};
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -334,22 +334,6 @@ async fn get_through_any_node_shows_the_attempt() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, text))
-}
-
 /// Every node's /healthz and /readyz answer 200 once the cluster runs, /metrics shows job
 /// counts and Raft state in Prometheus text for that node, and its dashboard serves the page
 /// and the status it polls: this node, the leader, three voters, the job that ran.
@@ -368,18 +352,18 @@ async fn http_health_readiness_and_metrics() -> anyhow::Result<()> {
         .await?;
     for n in &cluster.nodes {
         let addr = n.http_addr.expect("http enabled");
-        let (code, _) = http_get(addr, "/healthz").await?;
+        let (code, _) = http_get(addr, "/healthz", None).await?;
         assert_eq!(code, 200);
         let mut ready = 0;
         for _ in 0..100 {
-            ready = http_get(addr, "/readyz").await?.0;
+            ready = http_get(addr, "/readyz", None).await?.0;
             if ready == 200 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(ready, 200);
-        let (code, text) = http_get(addr, "/metrics").await?;
+        let (code, text) = http_get(addr, "/metrics", None).await?;
         assert_eq!(code, 200);
         let id = n.id();
         assert!(
@@ -393,13 +377,13 @@ async fn http_health_readiness_and_metrics() -> anyhow::Result<()> {
             assert!(text.contains(&format!("{succeeded}0\n")), "{text}");
         }
         // The dashboard: the page, and the status it polls (this node's view).
-        let (code, page) = http_get(addr, "/").await?;
+        let (code, page) = http_get(addr, "/", None).await?;
         assert_eq!(code, 200);
         assert!(page.contains("<title>exactly</title>"), "{page}");
         assert!(page.contains("api/status"), "the page polls api/status");
         let mut seen = serde_json::Value::Null;
         for _ in 0..100 {
-            let (code, text) = http_get(addr, "/api/status").await?;
+            let (code, text) = http_get(addr, "/api/status", None).await?;
             assert_eq!(code, 200, "{text}");
             let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
             seen = serde_json::from_str(body)?;

@@ -83,8 +83,6 @@ pub fn issue_node(ca: &CertifiedKey, node_id: u64, days: u32) -> Result<Certifie
     if node_id == 0 {
         return Err(CertError::NodeId);
     }
-    let ca_key = KeyPair::from_pem(&ca.key)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
     let name = node_name(node_id);
     let mut params = CertificateParams::new(vec![name.clone(), PEER_NAME.to_string()])?;
     params.distinguished_name.push(DnType::CommonName, name);
@@ -93,6 +91,17 @@ pub fn issue_node(ca: &CertifiedKey, node_id: u64, days: u32) -> Result<Certifie
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
+    sign(ca, params, days)
+}
+
+/// Signs `params` with `ca` for `days`, with a new key.
+fn sign(
+    ca: &CertifiedKey,
+    mut params: CertificateParams,
+    days: u32,
+) -> Result<CertifiedKey, CertError> {
+    let ca_key = KeyPair::from_pem(&ca.key)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
     validity(&mut params, days)?;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
@@ -115,21 +124,13 @@ pub fn issue_server(
     if names.is_empty() || names.len() > SERVER_NAMES_MAX {
         return Err(CertError::Names(names.len()));
     }
-    let ca_key = KeyPair::from_pem(&ca.key)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
     let mut params = CertificateParams::new(names.to_vec())?;
     params
         .distinguished_name
         .push(DnType::CommonName, names[0].clone());
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    validity(&mut params, days)?;
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(CertifiedKey {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    })
+    sign(ca, params, days)
 }
 
 #[cfg(test)]

@@ -275,7 +275,10 @@ type FileStamp = Option<(std::time::SystemTime, u64)>;
 impl TokenSet {
     /// The tokens of a validated configuration.
     pub fn load(config: &crate::config::NodeConfig) -> Result<Arc<Self>, String> {
-        let stamp = config.tokens_file.as_deref().and_then(stamp);
+        let stamp = config
+            .tokens_file
+            .as_deref()
+            .and_then(crate::tls::file_stamp);
         let all = config.all_tokens().map_err(|e| e.to_string())?;
         let tokens = Tokens::from_config(&all)?;
         Ok(Arc::new(Self {
@@ -304,11 +307,6 @@ impl TokenSet {
     }
 }
 
-fn stamp(path: &std::path::Path) -> FileStamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
-}
-
 impl crate::tls::Reload for TokenSet {
     /// Reads the tokens file again if it changed; a file that cannot be read, holds no token or
     /// an invalid one is refused and the tokens in use stay.
@@ -316,7 +314,7 @@ impl crate::tls::Reload for TokenSet {
         let Some(path) = &self.file else {
             return Ok(false);
         };
-        let now = stamp(path);
+        let now = crate::tls::file_stamp(path);
         if now == self.current.read().unwrap_or_else(|p| p.into_inner()).1 {
             return Ok(false);
         }

@@ -59,13 +59,19 @@ fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("peer-tls.{what}: cannot read {}: {e}", path.display()))
 }
 
+/// What a file looks like now: (modified, length), or `None` if it cannot be read. A reload
+/// reads the files again only when this changed.
+pub(crate) fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
 fn stamp(files: &PeerTlsConfig) -> Stamp {
-    let one = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-    };
-    [one(&files.ca), one(&files.cert), one(&files.key)]
+    [
+        file_stamp(&files.ca),
+        file_stamp(&files.cert),
+        file_stamp(&files.key),
+    ]
 }
 
 /// The certificates of a PEM bundle, DER-encoded.
@@ -268,12 +274,7 @@ impl ApiTls {
     }
 
     fn stamp(files: &crate::config::ApiTlsConfig) -> ApiStamp {
-        let one = |p: &Path| {
-            std::fs::metadata(p)
-                .ok()
-                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-        };
-        [one(&files.cert), one(&files.key)]
+        [file_stamp(&files.cert), file_stamp(&files.key)]
     }
 
     fn read(
