@@ -300,3 +300,57 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A stranger that opens many connections to the TLS port and never starts a handshake (a
+/// slowloris, here from 127.0.0.2) holds only its own source's share of the handshake places:
+/// a client from another address (127.0.0.1) connects and is answered at once, and the
+/// stranger's connections past its share are closed by the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_source_holds_up_no_other_clients_handshakes() -> anyhow::Result<()> {
+    use exactly_node::tls::{HANDSHAKES_PER_SOURCE_MAX, HANDSHAKES_WAITING_PER_SOURCE_MAX};
+    use tokio::io::AsyncReadExt;
+    let certs = tempfile::tempdir()?;
+    let ca = issue(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(1, |c| {
+        c.api_tls = Some(ApiTlsConfig {
+            cert: dir.join("api.pem"),
+            key: dir.join("api.key"),
+        });
+        c.tokens = vec![token("root", ROOT, &["admin"])];
+    })
+    .await?;
+    let addr: std::net::SocketAddr = cluster.nodes[0].addr.parse()?;
+    let share = HANDSHAKES_PER_SOURCE_MAX + HANDSHAKES_WAITING_PER_SOURCE_MAX;
+    let mut silent = Vec::new();
+    for _ in 0..share + 40 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.2:0".parse()?)?;
+        silent.push(socket.connect(addr).await?);
+    }
+    let started = std::time::Instant::now();
+    let root = client(&cluster, Some(&ca), Some(ROOT))?;
+    root.status().await?;
+    let took = started.elapsed();
+    eprintln!("answered after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "a client from another address waited {took:?} behind a silent one (handshake timeout \
+         {:?})",
+        exactly_node::tls::HANDSHAKE_TIMEOUT
+    );
+    // The node closed the connections past the silent source's share (EOF at once), and kept
+    // the others waiting (no EOF yet).
+    let mut closed = 0;
+    for stream in &mut silent {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(20), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 40, "connections closed past the share of {share}");
+    cluster.shutdown().await;
+    Ok(())
+}

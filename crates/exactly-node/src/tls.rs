@@ -25,10 +25,20 @@ use crate::config::PeerTlsConfig;
 
 /// How often a node looks at its certificate files for a new version.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
-/// How long a TLS handshake on the peer port may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes the peer port runs at once; more connections wait to be accepted.
-const HANDSHAKES_MAX: usize = 64;
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes a listener runs at once.
+pub const HANDSHAKES_MAX: usize = 256;
+/// TLS handshakes a listener runs at once for one source (an IPv4 address, an IPv6 /64):
+/// connections that open and never finish a handshake hold at most this many places.
+pub const HANDSHAKES_PER_SOURCE_MAX: usize = 16;
+/// Accepted connections of one source waiting for a handshake place, at most; more from that
+/// source are closed at once.
+pub const HANDSHAKES_WAITING_PER_SOURCE_MAX: usize = 240;
+/// Accepted connections waiting for or in a handshake, at most, all sources together; beyond
+/// it the listener stops accepting until one finishes (new connections wait in the kernel's
+/// backlog).
+pub const HANDSHAKES_PENDING_MAX: usize = 1024;
 
 /// A node's peer TLS material, reloaded when its files change (certificate rotation without a
 /// restart): every new connection, accepted or dialled, uses what was loaded last; connections
@@ -209,43 +219,154 @@ impl ServerMaterial for PeerTls {
     }
 }
 
+/// Where a connection comes from, for fairness between clients: an IPv4 address, or the /64
+/// prefix of an IPv6 address (one host often holds a whole /64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    V4(std::net::Ipv4Addr),
+    V6Prefix(u64),
+}
+
+impl Source {
+    pub fn of(ip: std::net::IpAddr) -> Self {
+        match ip {
+            std::net::IpAddr::V4(v4) => Source::V4(v4),
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4),
+                None => Source::V6Prefix((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// Per-source admission of accepted connections to the handshake stage: each source has at
+/// most [`HANDSHAKES_PER_SOURCE_MAX`] handshakes running and [`HANDSHAKES_WAITING_PER_SOURCE_MAX`]
+/// connections waiting; past that its new connections are closed. So a client that opens
+/// connections and never speaks (a slowloris) delays its own connections, not other clients'.
+#[derive(Debug, Default)]
+pub struct HandshakeSources {
+    sources: std::sync::Mutex<std::collections::HashMap<Source, SourceState>>,
+}
+
+#[derive(Debug)]
+struct SourceState {
+    /// Connections of this source that were admitted and have not finished (running or
+    /// waiting for a place).
+    admitted: usize,
+    places: Arc<tokio::sync::Semaphore>,
+}
+
+/// One admitted connection's claim on its source; dropping it gives the claim back.
+#[derive(Debug)]
+pub struct SourceClaim {
+    sources: Arc<HandshakeSources>,
+    source: Source,
+    places: Arc<tokio::sync::Semaphore>,
+}
+
+impl HandshakeSources {
+    /// Admits one more connection from `source`, or `None` if that source already has
+    /// [`HANDSHAKES_PER_SOURCE_MAX`] + [`HANDSHAKES_WAITING_PER_SOURCE_MAX`] admitted.
+    pub fn admit(self: &Arc<Self>, source: Source) -> Option<SourceClaim> {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let state = sources.entry(source).or_insert_with(|| SourceState {
+            admitted: 0,
+            places: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PER_SOURCE_MAX)),
+        });
+        if state.admitted >= HANDSHAKES_PER_SOURCE_MAX + HANDSHAKES_WAITING_PER_SOURCE_MAX {
+            return None;
+        }
+        state.admitted += 1;
+        Some(SourceClaim {
+            sources: self.clone(),
+            source,
+            places: state.places.clone(),
+        })
+    }
+
+    /// Sources with admitted connections (a source is forgotten once it has none).
+    pub fn tracked(&self) -> usize {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl SourceClaim {
+    /// Waits for one of the source's handshake places.
+    pub async fn place(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.places.clone().acquire_owned().await.ok()
+    }
+}
+
+impl Drop for SourceClaim {
+    fn drop(&mut self) {
+        let mut sources = self
+            .sources
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = sources.get_mut(&self.source) {
+            state.admitted -= 1;
+            if state.admitted == 0 {
+                sources.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// Accepts connections on `listener`, runs each TLS handshake with the configuration loaded
-/// last, and yields the connections that completed one. Handshakes run apart, bounded in time
-/// and number, so a slow or silent client holds up no other.
+/// last, and yields the connections that completed one. Handshakes run apart, each bounded to
+/// [`HANDSHAKE_TIMEOUT`]; at most [`HANDSHAKES_MAX`] run at once, and each source gets a
+/// bounded share ([`HandshakeSources`]), so a slow or silent client holds up no other.
 pub fn incoming<M: ServerMaterial>(
     tls: Arc<M>,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKES_MAX);
-    let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    let pending = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PENDING_MAX));
+    let running = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    let sources = Arc::new(HandshakeSources::default());
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            let Ok(pending) = pending.clone().acquire_owned().await else {
                 return;
             };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 () = shutdown.cancelled() => return,
             };
-            let (tcp, _) = match accepted {
+            let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::debug!(error = %e, "accept");
+                    // Out of file descriptors, most likely: give the open ones time to close
+                    // instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
+            let Some(claim) = sources.admit(Source::of(peer.ip())) else {
+                tracing::debug!(%peer, "too many TLS handshakes from this source; connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-            let tx = tx.clone();
+            let (tls, tx, running) = (tls.clone(), tx.clone(), running.clone());
             tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
+                let _pending = pending;
+                let handshake = async {
+                    let _place = claim.place().await?;
+                    let _running = running.acquire_owned().await.ok()?;
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                    Some(acceptor.accept(tcp).await)
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(Some(Ok(stream))) => {
+                        drop(claim);
                         let _ = tx.send(Ok(PeerStream(stream))).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                    Ok(Some(Err(e))) => tracing::debug!(error = %e, "TLS handshake refused"),
+                    Ok(None) => {}
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             });
         }
@@ -583,6 +704,62 @@ pub fn sender<T>(request: &tonic::Request<T>) -> Option<u64> {
 mod tests {
     use super::*;
     use exactly_client::certs::{issue_node, new_ca};
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_prefixes() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(
+            Source::of(ip("10.0.0.7")),
+            Source::V4("10.0.0.7".parse().unwrap())
+        );
+        assert_eq!(
+            Source::of(ip("::ffff:10.0.0.7")),
+            Source::of(ip("10.0.0.7"))
+        );
+        assert_eq!(
+            Source::of(ip("2001:db8:1:2::1")),
+            Source::of(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            Source::of(ip("2001:db8:1:2::1")),
+            Source::of(ip("2001:db8:1:3::1"))
+        );
+        assert_ne!(Source::of(ip("10.0.0.7")), Source::of(ip("10.0.0.8")));
+    }
+
+    /// One source gets at most its share of admitted connections; others are unaffected, and
+    /// a claim given back makes room again (a source with none is forgotten).
+    #[tokio::test]
+    async fn each_source_gets_a_bounded_share_of_handshakes() {
+        let sources = Arc::new(HandshakeSources::default());
+        let a = Source::of("10.0.0.1".parse().unwrap());
+        let b = Source::of("10.0.0.2".parse().unwrap());
+        let share = HANDSHAKES_PER_SOURCE_MAX + HANDSHAKES_WAITING_PER_SOURCE_MAX;
+        let mut claims: Vec<SourceClaim> = (0..share).map(|_| sources.admit(a).unwrap()).collect();
+        assert!(sources.admit(a).is_none(), "one over the share is refused");
+        let other = sources.admit(b).expect("another source is unaffected");
+        // Only HANDSHAKES_PER_SOURCE_MAX of a source's connections hold a place at once.
+        let mut places = Vec::new();
+        for claim in &claims[..HANDSHAKES_PER_SOURCE_MAX] {
+            places.push(claim.place().await.unwrap());
+        }
+        let waiting = claims[HANDSHAKES_PER_SOURCE_MAX].place();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), waiting)
+                .await
+                .is_err(),
+            "the next one waits for a place"
+        );
+        assert!(
+            other.place().await.is_some(),
+            "the other source has its own places"
+        );
+        claims.pop();
+        assert!(sources.admit(a).is_some(), "a claim given back makes room");
+        drop(claims);
+        drop(other);
+        assert_eq!(sources.tracked(), 0);
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
         let path = dir.join(name);
