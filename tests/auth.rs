@@ -354,3 +354,41 @@ async fn a_silent_source_holds_up_no_other_clients_handshakes() -> anyhow::Resul
     cluster.shutdown().await;
     Ok(())
 }
+
+/// `[http-tls]`: the HTTP port serves the probes, `/metrics` and the dashboard over TLS (so a
+/// token sent to it does not cross the network in the clear), with the same token checks, and
+/// a plaintext request gets no answer from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_http_port_serves_over_tls() -> anyhow::Result<()> {
+    use exactly_tests::https_get;
+    let certs = tempfile::tempdir()?;
+    let ca = issue(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let files = ApiTlsConfig {
+        cert: dir.join("api.pem"),
+        key: dir.join("api.key"),
+    };
+    let cluster = TestCluster::start(1, |c| {
+        c.api_tls = Some(files.clone());
+        c.http_tls = Some(files.clone());
+        c.http_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tokens = vec![token("root", ROOT, &["admin"])];
+    })
+    .await?;
+    let http = cluster.nodes[0].http_addr.expect("http enabled");
+    let (code, text) = https_get(http, &ca, "/healthz", None).await?;
+    assert_eq!(code, 200, "{text}");
+    let (code, text) = https_get(http, &ca, "/metrics", None).await?;
+    assert_eq!(code, 401, "{text}");
+    let (code, text) = https_get(http, &ca, "/metrics", Some(&format!("Bearer {ROOT}"))).await?;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("exactly_raft_term"), "{text}");
+    let (code, text) = https_get(http, &ca, "/api/status", Some(&format!("Bearer {ROOT}"))).await?;
+    assert_eq!(code, 200, "{text}");
+    // Plain HTTP to the TLS port: no HTTP answer.
+    if let Ok((code, text)) = http_get(http, "/healthz", None).await {
+        assert_ne!(code, 200, "plaintext answered: {text}");
+    }
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -56,6 +56,10 @@ pub struct NodeConfig {
     pub insecure: bool,
     /// The HTTP address for /healthz, /readyz and /metrics. Unset: no HTTP server.
     pub http_listen: Option<SocketAddr>,
+    /// TLS on the HTTP port (`[http-tls] cert = "…" key = "…"`, may be the API's files): the
+    /// dashboard and /metrics are then served over https, so their tokens do not cross the
+    /// network in the clear. Unset: plain HTTP.
+    pub http_tls: Option<ApiTlsConfig>,
     /// Bootstrap a new one-node cluster if this data directory has never been initialized.
     pub init: bool,
     /// Addresses of existing members to ask for admission (any member will do).
@@ -273,6 +277,7 @@ impl Default for NodeConfig {
             tokens_file: None,
             insecure: false,
             http_listen: None,
+            http_tls: None,
             init: false,
             join: Vec::new(),
             voters_target: 3,
@@ -552,6 +557,18 @@ impl NodeConfig {
         open
     }
 
+    /// What a node would send in the clear beyond this machine although it is protected: the
+    /// HTTP port's tokens without `[http-tls]`. Warned about at every start, not refused (the
+    /// probes `/healthz` and `/readyz` need no token, and a scraper inside the host's network may
+    /// be accepted risk).
+    pub fn cleartext_secrets(&self) -> Option<&'static str> {
+        let beyond = self.http_listen.is_some_and(|a| !a.ip().is_loopback());
+        (beyond && self.has_tokens() && self.http_tls.is_none()).then_some(
+            "the HTTP port takes tokens without TLS: a scraper's or browser's token crosses the \
+             network in the clear; set [http-tls] (it may use the API's certificate)",
+        )
+    }
+
     /// Checks every value and the relations between them.
     pub fn validate(self) -> Result<Self, ConfigError> {
         let open = self.exposure();
@@ -580,6 +597,13 @@ impl NodeConfig {
                 "peer-tls",
                 "set",
                 "needs peer-listen: TLS covers the peer port, not the public API",
+            ));
+        }
+        if self.http_tls.is_some() && self.http_listen.is_none() {
+            return Err(invalid(
+                "http-tls",
+                "set",
+                "needs http-listen: it is the HTTP port's TLS",
             ));
         }
         if let Some(peer) = self.peer_listen {
@@ -838,6 +862,38 @@ mod tests {
     use super::*;
 
     /// Every example in cluster-config/ parses and validates.
+    /// Tokens on a non-loopback HTTP port without `[http-tls]` are warned about; with it, on a
+    /// loopback port or without tokens, not. `[http-tls]` without an HTTP port is refused.
+    #[test]
+    fn tokens_on_plain_http_beyond_loopback_are_warned_about() {
+        let files = ApiTlsConfig {
+            cert: "a.pem".into(),
+            key: "a.key".into(),
+        };
+        let mut c = NodeConfig {
+            http_listen: Some("0.0.0.0:8101".parse().unwrap()),
+            tokens: vec![TokenConfig {
+                name: "prom".into(),
+                sha256: "0".repeat(64),
+                scopes: vec!["read".into()],
+            }],
+            ..NodeConfig::default()
+        };
+        assert!(c.cleartext_secrets().is_some());
+        c.http_tls = Some(files.clone());
+        assert!(c.cleartext_secrets().is_none());
+        c.http_tls = None;
+        c.http_listen = Some("127.0.0.1:8101".parse().unwrap());
+        assert!(c.cleartext_secrets().is_none());
+        let err = NodeConfig {
+            http_tls: Some(files),
+            ..NodeConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("http-tls"), "{err}");
+    }
+
     #[test]
     fn every_cluster_config_example_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster-config");

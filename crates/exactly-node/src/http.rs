@@ -182,8 +182,14 @@ async fn require_read(
     }
 }
 
-/// Serves the HTTP endpoints on `addr` until the node shuts down.
-pub async fn serve(node: Node, listener: tokio::net::TcpListener, tokens: Arc<TokenSet>) {
+/// Serves the HTTP endpoints on `listener` until the node shuts down; over TLS with `tls`
+/// (`[http-tls]`: the same acceptor as the gRPC ports, with its reloads and handshake bounds).
+pub async fn serve(
+    node: Node,
+    listener: tokio::net::TcpListener,
+    tokens: Arc<TokenSet>,
+    tls: Option<Arc<crate::tls::ApiTls>>,
+) {
     let shutdown = node.shutdown.clone();
     let guarded = crate::dashboard::routes()
         .route("/metrics", get(metrics_text))
@@ -192,11 +198,61 @@ pub async fn serve(node: Node, listener: tokio::net::TcpListener, tokens: Arc<To
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(node);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let stop = shutdown.clone().cancelled_owned();
+    let result = match tls {
+        Some(tls) => {
+            let addr = listener.local_addr();
+            let incoming = crate::tls::incoming(tls, listener, shutdown);
+            match addr {
+                Ok(addr) => {
+                    axum::serve(TlsListener { incoming, addr }, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// The HTTP port's connections after their TLS handshakes, as axum takes them.
+struct TlsListener {
+    incoming:
+        tokio_stream::wrappers::ReceiverStream<Result<crate::tls::PeerStream, std::io::Error>>,
+    /// The listener's own address.
+    addr: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = crate::tls::PeerStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    let peer = stream.peer_addr().unwrap_or(self.addr);
+                    return (stream, peer);
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "HTTP TLS connection"),
+                // The acceptor stopped: the node is shutting down, and axum's graceful
+                // shutdown ends the server.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
     }
 }
 

@@ -55,6 +55,8 @@ pub enum StartError {
     PeerTls(String),
     #[error("api-tls: {0}")]
     ApiTls(String),
+    #[error("http-tls: {0}")]
+    HttpTls(String),
     #[error("tokens: {0}")]
     Tokens(String),
 }
@@ -207,7 +209,15 @@ pub async fn start_with(
         None => None,
     };
     let api_tls = match &config.api_tls {
-        Some(files) => Some(crate::tls::ApiTls::load(files).map_err(StartError::ApiTls)?),
+        Some(files) => Some(
+            crate::tls::ApiTls::load(files, crate::tls::ALPN_GRPC).map_err(StartError::ApiTls)?,
+        ),
+        None => None,
+    };
+    let http_tls = match &config.http_tls {
+        Some(files) => Some(
+            crate::tls::ApiTls::load(files, crate::tls::ALPN_HTTP).map_err(StartError::HttpTls)?,
+        ),
         None => None,
     };
     let tokens = crate::auth::TokenSet::load(&config).map_err(StartError::Tokens)?;
@@ -323,6 +333,9 @@ pub async fn start_with(
             "INSECURE (--insecure): serving {open} beyond this machine"
         );
     }
+    if let Some(why) = node.config.cleartext_secrets() {
+        tracing::warn!(node = id, "{why}");
+    }
 
     let (executor, _) = Actor::spawn(
         Some(actor_name(id, incarnation, "executor")),
@@ -355,6 +368,13 @@ pub async fn start_with(
             node.clone(),
             listener,
             tokens.clone(),
+            http_tls.clone(),
+        )));
+    }
+    if let Some(tls) = http_tls {
+        tasks.push(tokio::spawn(crate::tls::reload_on_change(
+            tls,
+            node.shutdown.clone(),
         )));
     }
     if let Some(listener) = peer_listener {

@@ -374,11 +374,20 @@ pub fn incoming<M: ServerMaterial>(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The public port's TLS (`[api-tls]`), reloaded when its files change like [`PeerTls`].
+/// A server certificate without client certificates, reloaded when its files change like
+/// [`PeerTls`]: the public gRPC port's (`[api-tls]`, HTTP/2 only) or the HTTP port's
+/// (`[http-tls]`, HTTP/1.1).
 pub struct ApiTls {
     files: crate::config::ApiTlsConfig,
+    /// The ALPN protocols offered.
+    alpn: &'static [&'static [u8]],
     current: RwLock<(Arc<rustls::ServerConfig>, ApiStamp)>,
 }
+
+/// ALPN of the public gRPC port.
+pub const ALPN_GRPC: &[&[u8]] = &[b"h2"];
+/// ALPN of the HTTP port (browsers, Prometheus, probes).
+pub const ALPN_HTTP: &[&[u8]] = &[b"http/1.1"];
 
 /// (modified, length) of the API certificate and key when they were read.
 type ApiStamp = [Option<(SystemTime, u64)>; 2];
@@ -386,10 +395,14 @@ type ApiStamp = [Option<(SystemTime, u64)>; 2];
 impl ApiTls {
     /// Reads the certificate and key; a missing file, one without PEM, or a key that does not
     /// match the certificate stops the start with the path named.
-    pub fn load(files: &crate::config::ApiTlsConfig) -> Result<Arc<Self>, String> {
-        let loaded = Self::read(files)?;
+    pub fn load(
+        files: &crate::config::ApiTlsConfig,
+        alpn: &'static [&'static [u8]],
+    ) -> Result<Arc<Self>, String> {
+        let loaded = Self::read(files, alpn)?;
         Ok(Arc::new(Self {
             files: files.clone(),
+            alpn,
             current: RwLock::new(loaded),
         }))
     }
@@ -400,6 +413,7 @@ impl ApiTls {
 
     fn read(
         files: &crate::config::ApiTlsConfig,
+        alpn: &[&[u8]],
     ) -> Result<(Arc<rustls::ServerConfig>, ApiStamp), String> {
         let stamp = Self::stamp(files);
         let read = |path: &Path| {
@@ -422,7 +436,7 @@ impl ApiTls {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .map_err(|e| format!("{}: {e}", files.key.display()))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok((Arc::new(config), stamp))
     }
 }
@@ -461,13 +475,18 @@ impl Reload for ApiTls {
         if Self::stamp(&self.files) == last {
             return Ok(false);
         }
-        let loaded = Self::read(&self.files)?;
+        let loaded = Self::read(&self.files, self.alpn)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = loaded;
         Ok(true)
     }
 
     fn what(&self) -> String {
-        format!("API TLS ({})", self.files.cert.display())
+        let port = if self.alpn == ALPN_GRPC {
+            "API"
+        } else {
+            "HTTP"
+        };
+        format!("{port} TLS ({})", self.files.cert.display())
     }
 }
 
@@ -550,6 +569,13 @@ impl tower::Service<http::Uri> for PeerConnector {
 
 /// A peer connection after its TLS handshake; its certificates reach every request on it.
 pub struct PeerStream(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl PeerStream {
+    /// The address of the other end.
+    pub fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.get_ref().0.peer_addr()
+    }
+}
 
 /// The certificates the other end of a peer connection presented (verified against the CA).
 #[derive(Clone, Debug)]
@@ -869,7 +895,7 @@ mod tests {
             cert: write(dir.path(), "api.pem", &first.cert),
             key: write(dir.path(), "api.key", &first.key),
         };
-        let tls = ApiTls::load(&files).unwrap();
+        let tls = ApiTls::load(&files, ALPN_GRPC).unwrap();
         assert_eq!(Reload::reload_if_changed(&*tls), Ok(false));
         let touch = |path: &Path, secs: u64| {
             let file = std::fs::File::options().write(true).open(path).unwrap();
@@ -892,10 +918,13 @@ mod tests {
             Arc::as_ptr(&after),
             "kept"
         );
-        let err = ApiTls::load(&crate::config::ApiTlsConfig {
-            cert: files.key.clone(),
-            key: files.key.clone(),
-        })
+        let err = ApiTls::load(
+            &crate::config::ApiTlsConfig {
+                cert: files.key.clone(),
+                key: files.key.clone(),
+            },
+            ALPN_HTTP,
+        )
         .err()
         .unwrap();
         assert!(err.contains("not a PEM certificate"), "{err}");

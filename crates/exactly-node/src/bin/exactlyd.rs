@@ -68,6 +68,23 @@ struct Args {
         requires = "api_tls_cert"
     )]
     api_tls_key: Option<PathBuf>,
+    /// TLS on the HTTP port (dashboard, /metrics, probes): its certificate (PEM; the API's may
+    /// serve). With --http-tls-key.
+    #[arg(
+        long,
+        env = "EXACTLY_HTTP_TLS_CERT",
+        value_name = "PATH",
+        requires = "http_tls_key"
+    )]
+    http_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(
+        long,
+        env = "EXACTLY_HTTP_TLS_KEY",
+        value_name = "PATH",
+        requires = "http_tls_cert"
+    )]
+    http_tls_key: Option<PathBuf>,
     /// A TOML file of `[[tokens]]` (name, sha256, scopes), added to the config file's: the
     /// bearer tokens that may call the public API (`exactly token new` makes them). Read again
     /// when it changes.
@@ -130,6 +147,12 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let (Some(cert), Some(key)) = (&args.api_tls_cert, &args.api_tls_key) {
         config.api_tls = Some(exactly_node::config::ApiTlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
+    if let (Some(cert), Some(key)) = (&args.http_tls_cert, &args.http_tls_key) {
+        config.http_tls = Some(exactly_node::config::ApiTlsConfig {
             cert: cert.clone(),
             key: key.clone(),
         });
