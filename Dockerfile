@@ -71,8 +71,8 @@ VOLUME ["/var/lib/exactly"]
 EXPOSE 7101 7201 8101
 USER exactly:exactly
 WORKDIR /var/lib/exactly
-# Ready = a leader is known, this node holds a valid lease and has applied the log. bash's
-# /dev/tcp does the HTTP request: no curl in the image.
+# Ready = a leader is known, this node holds a valid lease and has applied the log: the node's
+# gRPC health check on its API port (`exactly health`), over https when the API has TLS.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/exactly-healthcheck"]
 # SIGTERM is what `docker stop` sends; exactlyd shuts down on it. Allow it the drain deadline

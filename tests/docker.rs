@@ -161,6 +161,8 @@ fn deployment_files_parse() {
             "EXACTLY_API_TLS_CERT",
             "EXACTLY_API_TLS_KEY",
             "EXACTLY_TOKENS_FILE",
+            "EXACTLY_HTTP_TLS_CERT",
+            "EXACTLY_HTTP_TLS_KEY",
         ] {
             assert!(env[key].is_string(), "{s}: no {key} in {env}");
         }
@@ -209,6 +211,9 @@ fn deployment_files_parse() {
     let container = &pod["containers"][0];
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(container[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+    }
     assert!(container["lifecycle"]["preStop"].is_object());
     let env: BTreeMap<&str, &serde_json::Value> = container["env"]
         .as_array()
@@ -221,6 +226,7 @@ fn deployment_files_parse() {
         "EXACTLY_PEER_TLS_CA",
         "EXACTLY_API_TLS_CERT",
         "EXACTLY_TOKENS_FILE",
+        "EXACTLY_HTTP_TLS_CERT",
     ] {
         assert!(env.contains_key(key), "no {key} in the StatefulSet's env");
     }

@@ -11,6 +11,7 @@ mod cluster;
 mod cron;
 mod dlq;
 mod get;
+mod health;
 mod list;
 mod output;
 mod queue;
@@ -140,6 +141,9 @@ enum Command {
     /// Show the cluster: leader, term, log indexes, members and job counts (the same as
     /// `exactly cluster status`).
     Status,
+    /// Ask every endpoint whether it is ready (the gRPC health check, which follows the node's
+    /// /readyz); exits 0 only if all are serving, 3 otherwise. Needs no token.
+    Health,
     /// Membership: status, join, drain, remove.
     Cluster {
         #[command(subcommand)]
@@ -221,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Queue(command) => queue::run(&client, command, json).await,
         Command::Cron(command) => cron::run(&client, command, json).await,
         Command::Status => cluster::show_status(&client, json).await,
+        Command::Health => health::run(&client, json).await,
         Command::Cluster { command } => cluster::run(&client, command, json).await,
         Command::Bench(args) => bench::run(&client, args, json).await,
         Command::Audit(args) => audit::run(&client, args, json).await,
@@ -236,6 +241,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if cause.is::<RefusedError>() {
             return EXIT_REFUSED;
+        }
+        if cause.is::<health::NotReady>() {
+            return EXIT_UNAVAILABLE;
         }
         if let Some(err) = cause.downcast_ref::<exactly_client::Error>() {
             return match err {

@@ -1324,3 +1324,48 @@ async fn bench_with_rejected_submits_fails() {
         stderr(&out)
     );
 }
+
+/// `exactly health` asks every endpoint's gRPC health service: exit 0 and "serving" when all
+/// serve; exit 3 when one is not serving or does not answer, naming it (also with --json).
+#[tokio::test]
+async fn health_exits_zero_only_when_every_endpoint_serves() {
+    use tonic_health::ServingStatus;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let endpoint = format!("http://{addr}");
+    let out = exactly(&endpoint, &["health"], b"").await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("serving"), "{}", stdout(&out));
+
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let out = exactly(&endpoint, &["health"], b"").await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stdout(&out).contains("not serving"), "{}", stdout(&out));
+    assert!(stderr(&out).contains(&endpoint), "{}", stderr(&out));
+
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let both = format!("{endpoint},http://{closed}");
+    let out = exactly(&both, &["--json", "--retry-time", "1s", "health"], b"").await;
+    assert_eq!(out.status.code(), Some(3));
+    let answers = json(&stdout(&out));
+    assert_eq!(answers[0]["serving"], true, "{answers}");
+    assert_eq!(answers[1]["serving"], false, "{answers}");
+    assert!(answers[1]["error"].is_string(), "{answers}");
+}

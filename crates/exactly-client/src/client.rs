@@ -490,6 +490,41 @@ impl Client {
         Ok(answer.value.records)
     }
 
+    /// Asks every endpoint, at once, whether it is ready (the standard gRPC health check,
+    /// `grpc.health.v1.Health/Check`, which a node answers `SERVING` exactly when its `/readyz`
+    /// says ready). One answer per endpoint, in the order given: `Ok(true)` serving,
+    /// `Ok(false)` not serving, `Err` no answer within the call timeout. Not retried: it
+    /// reports what each node says now. Needs no token.
+    pub async fn health(&self) -> Vec<(String, Result<bool, Error>)> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let timeout = Duration::from_millis(self.inner.options.call_timeout_ms);
+        let checks = self.inner.endpoints.iter().map(|node| async move {
+            let mut request = tonic::Request::new(HealthCheckRequest::default());
+            request.set_timeout(timeout);
+            let answer = tokio::time::timeout(
+                timeout,
+                HealthClient::new(node.channel.clone()).check(request),
+            )
+            .await;
+            let failed = |code: tonic::Code, message: String| Error::Status {
+                code,
+                message,
+                endpoint: node.uri.clone(),
+            };
+            let result = match answer {
+                Ok(Ok(reply)) => Ok(reply.into_inner().status() == ServingStatus::Serving),
+                Ok(Err(status)) => Err(failed(status.code(), status.message().to_string())),
+                Err(_) => Err(failed(
+                    tonic::Code::DeadlineExceeded,
+                    format!("no health answer within {timeout:?}"),
+                )),
+            };
+            (node.uri.clone(), result)
+        });
+        futures::future::join_all(checks).await
+    }
+
     /// Returns the cluster's status as the answering node sees it. Retried on every transient
     /// failure.
     pub async fn status(&self) -> Result<StatusResponse, Error> {
