@@ -197,7 +197,10 @@ async fn bad_input_is_refused_before_anything_is_committed() -> anyhow::Result<(
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
 
         let err = client
-            .get(pb::GetRequest { job_id: 999_999 })
+            .get(pb::GetRequest {
+                job_id: 999_999,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound);
@@ -318,7 +321,10 @@ async fn get_through_any_node_shows_the_attempt() -> anyhow::Result<()> {
         let job = cluster
             .jobs_client(i)
             .await?
-            .get(pb::GetRequest { job_id: id })
+            .get(pb::GetRequest {
+                job_id: id,
+                ..Default::default()
+            })
             .await?
             .into_inner()
             .job
@@ -430,7 +436,11 @@ async fn a_connection_has_at_most_the_configured_streams_open() -> anyhow::Resul
         .await?
         .into_inner();
     let get = |mut jobs: pb::jobs_client::JobsClient<tonic::transport::Channel>| async move {
-        jobs.get(pb::GetRequest { job_id: 1 }).await
+        jobs.get(pb::GetRequest {
+            job_id: 1,
+            ..Default::default()
+        })
+        .await
     };
     let second = tokio::time::timeout(Duration::from_secs(1), get(jobs.clone())).await;
     assert!(second.is_err(), "a second stream opened: {second:?}");

@@ -62,7 +62,12 @@ async fn a_write_through_a_follower_is_read_there_at_once() -> anyhow::Result<()
         let id = submitted.into_inner().job_ids[0];
         let cancelled = jobs.cancel(pb::CancelRequest { job_ids: vec![id] }).await?;
         assert!(index_of(&cancelled) > at, "round {round}");
-        let got = jobs.get(pb::GetRequest { job_id: id }).await?;
+        let got = jobs
+            .get(pb::GetRequest {
+                job_id: id,
+                ..Default::default()
+            })
+            .await?;
         assert!(index_of(&got) >= index_of(&cancelled), "round {round}");
         if got.into_inner().job.unwrap().state != pb::JobState::Cancelled as i32 {
             stale += 1;
@@ -103,7 +108,10 @@ async fn a_write_through_a_follower_is_read_there_at_once() -> anyhow::Result<()
         })
         .await?;
         let job = jobs
-            .get(pb::GetRequest { job_id: id })
+            .get(pb::GetRequest {
+                job_id: id,
+                ..Default::default()
+            })
             .await?
             .into_inner()
             .job
@@ -138,7 +146,10 @@ async fn reads_wait_for_the_position_they_ask_for() -> anyhow::Result<()> {
             .await?;
         let at = index_of(&reply);
         let id = reply.into_inner().job_ids[0];
-        let mut get = Request::new(pb::GetRequest { job_id: id });
+        let mut get = Request::new(pb::GetRequest {
+            job_id: id,
+            ..Default::default()
+        });
         get.metadata_mut()
             .insert("exactly-min-index", at.to_string().parse()?);
         let got = on_follower.get(get).await?;
@@ -148,7 +159,10 @@ async fn reads_wait_for_the_position_they_ask_for() -> anyhow::Result<()> {
         let reply = on_leader
             .cancel(pb::CancelRequest { job_ids: vec![id] })
             .await?;
-        let mut get = Request::new(pb::GetRequest { job_id: id });
+        let mut get = Request::new(pb::GetRequest {
+            job_id: id,
+            ..Default::default()
+        });
         get.metadata_mut()
             .insert("exactly-read", "linearizable".parse()?);
         let got = on_follower.get(get).await?;

@@ -132,7 +132,10 @@ async fn finished(cluster: &TestCluster, id: u64, limit: Duration) -> anyhow::Re
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let job = client
-            .get(pb::GetRequest { job_id: id })
+            .get(pb::GetRequest {
+                job_id: id,
+                ..Default::default()
+            })
             .await?
             .into_inner()
             .job

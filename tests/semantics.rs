@@ -579,7 +579,10 @@ async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
     let (flaky, doomed, last) = (ids[0], ids[1], ids[2]);
     wait_status(&cluster, &ids, JobStatus::Dead, Duration::from_secs(60)).await?;
     let got = jobs
-        .get(pb::GetRequest { job_id: flaky })
+        .get(pb::GetRequest {
+            job_id: flaky,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .job
@@ -598,6 +601,23 @@ async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
         "{}",
         got.last_error
     );
+    // A dead letter keeps its payload, and Get returns it when asked (only then).
+    let answer = jobs
+        .get(pb::GetRequest {
+            job_id: flaky,
+            include_payload: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(answer.payload.as_deref(), Some(&b"fail=3"[..]));
+    let answer = jobs
+        .get(pb::GetRequest {
+            job_id: flaky,
+            include_payload: false,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(answer.payload, None);
     assert_eq!(timeline.runs().iter().filter(|r| r.job == flaky).count(), 3);
 
     let mut dead = pb::dead_letters_client::DeadLettersClient::new(channel(&cluster, 1)?);
@@ -663,12 +683,19 @@ async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
         "three failures and the redriven success"
     );
     assert!(flaky_runs[3].succeeded);
-    let got = jobs
-        .get(pb::GetRequest { job_id: flaky })
+    let answer = jobs
+        .get(pb::GetRequest {
+            job_id: flaky,
+            include_payload: true,
+        })
         .await?
-        .into_inner()
-        .job;
-    assert_eq!(got.map(|j| j.state), Some(pb::JobState::Succeeded as i32));
+        .into_inner();
+    assert_eq!(
+        answer.job.map(|j| j.state),
+        Some(pb::JobState::Succeeded as i32)
+    );
+    // A succeeded job's payload is gone.
+    assert_eq!(answer.payload, None);
 
     let purged = dead
         .purge(pb::DeadLetterFilter {
@@ -687,7 +714,10 @@ async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
     })
     .await?;
     let status = jobs
-        .get(pb::GetRequest { job_id: doomed })
+        .get(pb::GetRequest {
+            job_id: doomed,
+            ..Default::default()
+        })
         .await
         .expect_err("a purged job is gone");
     assert_eq!(status.code(), tonic::Code::NotFound);
@@ -928,7 +958,10 @@ async fn cancel_pending_and_running_jobs() -> anyhow::Result<()> {
     assert_eq!(started.get(&long), Some(&1), "the cancelled job ran again");
     assert_eq!(started.get(&delayed), None, "the cancelled delayed job ran");
     let got = jobs
-        .get(pb::GetRequest { job_id: long })
+        .get(pb::GetRequest {
+            job_id: long,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .job;

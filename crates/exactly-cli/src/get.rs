@@ -5,12 +5,23 @@ use exactly_client::{Attempt, Client, Job, JobState};
 use std::collections::BTreeMap;
 
 use crate::output::{
-    bytes_text, duration_ms, emit, emit_json, key_values, or_dash, state_name, time_ms, Encoding,
-    Table,
+    bytes_text, duration_ms, emit, emit_bytes, emit_json, key_values, or_dash, state_name, time_ms,
+    Encoding, Table,
 };
 
-/// Runs `exactly get`.
-pub async fn run(client: &Client, job_id: u64, json: bool) -> anyhow::Result<()> {
+/// Runs `exactly get` (with `payload`: only the payload's bytes).
+pub async fn run(client: &Client, job_id: u64, payload: bool, json: bool) -> anyhow::Result<()> {
+    if payload {
+        let (job, payload) = client.get_with_payload(job_id).await?;
+        return match payload {
+            Some(bytes) => emit_bytes(&bytes),
+            None => Err(crate::RefusedError(format!(
+                "job {job_id} is {}: a job's payload is dropped when it succeeds or is cancelled",
+                state_name(job.state)
+            ))
+            .into()),
+        };
+    }
     let job = client.get(job_id).await?;
     if json {
         emit_json(&JobView::from(&job))

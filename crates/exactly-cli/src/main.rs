@@ -122,6 +122,11 @@ enum Command {
     Get {
         /// The job's id.
         job_id: u64,
+        /// Print only the job's payload, byte for byte (`exactly get 42 --payload > p.json`),
+        /// while the cluster holds it: pending, running, or dead (a succeeded or cancelled
+        /// job's payload is dropped).
+        #[arg(long)]
+        payload: bool,
     },
     /// List jobs in id order, filtered, a page at a time (or every page with --all).
     List(list::ListArgs),
@@ -215,7 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match &cli.command {
         Command::Submit(args) => submit::run(&client, args, json).await,
-        Command::Get { job_id } => get::run(&client, *job_id, json).await,
+        Command::Get { job_id, payload } => get::run(&client, *job_id, *payload, json).await,
         Command::List(args) => {
             list::run(&client, args.state.map(Into::into), &args.page, json).await
         }
@@ -322,7 +327,13 @@ mod tests {
         let cli = parse(&["get", "42", "--json", "--endpoints", "a:1,b:2"]).unwrap();
         assert!(cli.json);
         assert_eq!(cli.endpoints, vec!["a:1", "b:2"]);
-        assert_eq!(cli.command, Command::Get { job_id: 42 });
+        assert_eq!(
+            cli.command,
+            Command::Get {
+                job_id: 42,
+                payload: false
+            }
+        );
     }
 
     /// Every submit flag parses into the spec fields, durations included.

@@ -49,6 +49,8 @@ struct State {
     schedules: BTreeMap<String, ScheduleInfo>,
     /// Whether a LOST_REPLY_KIND submit has lost its answer already.
     reply_lost: bool,
+    /// Payloads of jobs that keep theirs (pending, running, dead), as the cluster does.
+    payloads: HashMap<u64, Vec<u8>>,
 }
 
 impl State {
@@ -150,6 +152,7 @@ impl Jobs for FakeCluster {
             state.last_id += 1;
             let id = state.last_id;
             let created = now_ms();
+            let payload = spec.payload.clone();
             let (job_state, outcome, error) = match spec.kind.as_str() {
                 "fail" => (JobState::Dead, "failed", "exit status 1"),
                 "sleep" => (JobState::Pending, "", ""),
@@ -211,6 +214,9 @@ impl Jobs for FakeCluster {
             if !spec.idempotency_key.is_empty() {
                 state.keys.insert(spec.idempotency_key, id);
             }
+            if job_state != JobState::Succeeded {
+                state.payloads.insert(id, payload.clone());
+            }
             state.jobs.insert(id, job);
             reply.job_ids.push(id);
             reply.existing.push(false);
@@ -223,10 +229,17 @@ impl Jobs for FakeCluster {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let id = request.into_inner().job_id;
-        match self.state.lock().unwrap().jobs.get(&id) {
+        let GetRequest {
+            job_id: id,
+            include_payload,
+        } = request.into_inner();
+        let state = self.state.lock().unwrap();
+        match state.jobs.get(&id) {
             Some(job) => Ok(Response::new(GetResponse {
                 job: Some(job.clone()),
+                payload: include_payload
+                    .then(|| state.payloads.get(&id).cloned())
+                    .flatten(),
             })),
             None => Err(Status::not_found(format!("job {id} does not exist"))),
         }
@@ -1368,4 +1381,37 @@ async fn health_exits_zero_only_when_every_endpoint_serves() {
     assert_eq!(answers[0]["serving"], true, "{answers}");
     assert_eq!(answers[1]["serving"], false, "{answers}");
     assert!(answers[1]["error"].is_string(), "{answers}");
+}
+
+/// `exactly get N --payload` prints a dead letter's (or pending job's) payload byte for byte,
+/// and for a succeeded job, whose payload the cluster dropped, says so and exits 1.
+#[tokio::test]
+async fn get_payload_prints_the_bytes_while_the_cluster_holds_them() {
+    let endpoint = start_fake().await;
+    let dead = ok(
+        &endpoint,
+        &[
+            "submit",
+            "--kind",
+            "fail",
+            "--payload",
+            "{\"to\":\"a@example.com\"}",
+        ],
+    )
+    .await;
+    let dead = dead.trim().to_string();
+    let out = exactly(&endpoint, &["get", &dead, "--payload"], b"").await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"{\"to\":\"a@example.com\"}");
+
+    let done = ok(&endpoint, &["submit", "--kind", "noop", "--payload", "x"]).await;
+    let done = done.trim().to_string();
+    let out = exactly(&endpoint, &["get", &done, "--payload"], b"").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr(&out).contains("succeeded") && stderr(&out).contains("dropped"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -305,7 +305,13 @@ impl Client {
     pub async fn get(&self, job_id: u64) -> Result<Job, Error> {
         let answer = self
             .call(CallKind::Read, |channel, timeout| {
-                let request = with_timeout(GetRequest { job_id }, timeout);
+                let request = with_timeout(
+                    GetRequest {
+                        job_id,
+                        ..Default::default()
+                    },
+                    timeout,
+                );
                 async move { JobsClient::new(channel).get(request).await }
             })
             .await?;
@@ -313,6 +319,30 @@ impl Client {
             message: format!("Get of job {job_id} returned no job"),
             endpoint: self.uri(answer.endpoint),
         })
+    }
+
+    /// Like [`Client::get`], with the job's payload while the cluster holds it: while the job
+    /// is pending or running, and while it is a dead letter (`None` once it succeeded or was
+    /// cancelled: the payload is dropped then).
+    pub async fn get_with_payload(&self, job_id: u64) -> Result<(Job, Option<Vec<u8>>), Error> {
+        let answer = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(
+                    GetRequest {
+                        job_id,
+                        include_payload: true,
+                    },
+                    timeout,
+                );
+                async move { JobsClient::new(channel).get(request).await }
+            })
+            .await?;
+        let exactly_proto::v1::GetResponse { job, payload } = answer.value;
+        let job = job.ok_or_else(|| Error::Protocol {
+            message: format!("Get of job {job_id} returned no job"),
+            endpoint: self.uri(answer.endpoint),
+        })?;
+        Ok((job, payload))
     }
 
     /// Lists jobs in id order, filtered, one page at a time (at most [`LIST_LIMIT_MAX`]). Pass

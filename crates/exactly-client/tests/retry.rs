@@ -130,6 +130,7 @@ impl Jobs for FakeNode {
                 id,
                 ..Job::default()
             }),
+            payload: None,
         })
         .await
     }

@@ -542,10 +542,13 @@ impl Cluster {
             }
             let call = async {
                 let mut c = Jobs::connect(self.endpoint(i)).await.ok()?;
-                c.get(pb::GetRequest { job_id: id })
-                    .await
-                    .ok()
-                    .and_then(|r| r.into_inner().job)
+                c.get(pb::GetRequest {
+                    job_id: id,
+                    ..Default::default()
+                })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().job)
             };
             if let Ok(Some(job)) = tokio::time::timeout(RPC_TIMEOUT, call).await {
                 return Some(job);

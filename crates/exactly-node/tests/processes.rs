@@ -255,7 +255,13 @@ impl Cluster {
 
     async fn get(clients: &mut [Jobs], id: u64) -> Option<pb::Job> {
         for c in clients.iter_mut() {
-            if let Ok(r) = c.get(pb::GetRequest { job_id: id }).await {
+            if let Ok(r) = c
+                .get(pb::GetRequest {
+                    job_id: id,
+                    ..Default::default()
+                })
+                .await
+            {
                 return r.into_inner().job;
             }
         }

@@ -30,6 +30,21 @@ pub struct JobsService {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEventMessage, Status>> + Send>>;
 
+impl JobsService {
+    /// Job `id`'s payload from this replica's payloads tree, if `wanted` and still held (a
+    /// pending, running or dead job's; a sled read, off the async workers).
+    async fn payload_of(&self, id: u64, wanted: bool) -> Result<Option<Vec<u8>>, Status> {
+        if !wanted {
+            return Ok(None);
+        }
+        let store = self.node.store.clone();
+        tokio::task::spawn_blocking(move || store.payload(id))
+            .await
+            .map_err(|e| Status::internal(format!("reading job {id}'s payload: {e}")))?
+            .map_err(|e| Status::internal(format!("reading job {id}'s payload: {e}")))
+    }
+}
+
 #[tonic::async_trait]
 impl Jobs for JobsService {
     async fn submit(
@@ -108,10 +123,17 @@ impl Jobs for JobsService {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
         let at = before_read(&self.node, &request).await?;
-        let id = request.into_inner().job_id;
+        let pb::GetRequest {
+            job_id: id,
+            include_payload,
+        } = request.into_inner();
         if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
+            let payload = self.payload_of(id, include_payload).await?;
             return Ok(stamped(
-                Response::new(pb::GetResponse { job: Some(job) }),
+                Response::new(pb::GetResponse {
+                    job: Some(job),
+                    payload,
+                }),
                 at,
             ));
         }
@@ -138,8 +160,12 @@ impl Jobs for JobsService {
                 )));
             }
             if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
+                let payload = self.payload_of(id, include_payload).await?;
                 return Ok(stamped(
-                    Response::new(pb::GetResponse { job: Some(job) }),
+                    Response::new(pb::GetResponse {
+                        job: Some(job),
+                        payload,
+                    }),
                     super::consistency::applied(&self.node),
                 ));
             }
