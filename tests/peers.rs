@@ -277,6 +277,20 @@ fn vote_request(term: u64, candidate: u64, target: u64) -> Blob {
     }
 }
 
+/// A 3-node cluster whose peer ports run mutual TLS with certificates from `issue_certs` (in the
+/// returned directory, which must outlive the cluster).
+async fn start_with_peer_tls() -> anyhow::Result<(tempfile::TempDir, TestCluster)> {
+    let certs = tempfile::tempdir()?;
+    issue_certs(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(3, |c| {
+        let id = c.node_id.expect("test configs name their node");
+        c.peer_tls = Some(tls_files(&dir, "ca.pem", &format!("node-{id}")));
+    })
+    .await?;
+    Ok((certs, cluster))
+}
+
 /// Mutual TLS on the peer port (`[peer-tls]`): a cluster whose nodes hold certificates from
 /// one CA runs jobs, and refuses every probe from outside before anything changes: a plaintext
 /// connection, a certificate from another CA, a certificate of a node that is not a member
@@ -286,14 +300,8 @@ fn vote_request(term: u64, candidate: u64, target: u64) -> Blob {
 /// term and the leader stay as they were, and the cluster still runs jobs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
-    let certs = tempfile::tempdir()?;
-    issue_certs(certs.path())?;
+    let (certs, cluster) = start_with_peer_tls().await?;
     let dir = certs.path().to_path_buf();
-    let cluster = TestCluster::start(3, |c| {
-        let id = c.node_id.expect("test configs name their node");
-        c.peer_tls = Some(tls_files(&dir, "ca.pem", &format!("node-{id}")));
-    })
-    .await?;
     let done = one_job_done(&cluster).await?;
     let metrics = cluster.nodes[0].node.raft.metrics().borrow().clone();
     let (term, leader) = (metrics.current_term, metrics.current_leader);
@@ -458,14 +466,8 @@ async fn presented(dir: &std::path::Path, addr: &str, target: u64) -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotated_peer_certificate_is_used_without_a_restart() -> anyhow::Result<()> {
     use exactly_client::certs::{issue_node, CertifiedKey};
-    let certs = tempfile::tempdir()?;
-    issue_certs(certs.path())?;
+    let (certs, cluster) = start_with_peer_tls().await?;
     let dir = certs.path().to_path_buf();
-    let cluster = TestCluster::start(3, |c| {
-        let id = c.node_id.expect("test configs name their node");
-        c.peer_tls = Some(tls_files(&dir, "ca.pem", &format!("node-{id}")));
-    })
-    .await?;
     one_job_done(&cluster).await?;
     let target = &cluster.nodes[1];
     let id = target.node.id;
