@@ -17,6 +17,7 @@ pub mod hooks;
 pub mod http;
 pub mod internal;
 pub mod lease;
+pub mod logging;
 pub mod membership;
 pub mod network;
 pub mod node;

@@ -181,14 +181,12 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
-        )
-        // Colour only on a terminal: a log file or a container log gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    // Colour only on a terminal (a log file or a container log gets plain text); openraft's
+    // repeated warnings and errors at most once a minute each.
+    exactly_node::logging::init(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+    );
     // Signals are caught from the first moment: a SIGTERM that arrives while the node starts
     // (a restart followed at once by a stop) must not kill the process by its default action.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

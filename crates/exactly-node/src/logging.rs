@@ -1,0 +1,129 @@
+//! What the node's log shows of openraft: its warnings and errors at most once a minute per
+//! place in its code (`OPENRAFT_REPEAT_EVERY`). openraft logs routine events as WARN or ERROR
+//! — a stale message ignored after a leader change, every failed RPC to a peer that is down,
+//! every read-index confirmation that missed a peer — so a failover or a stopped peer used to
+//! fill the log with dozens of lines a second that an operator learns to ignore. The first of
+//! each kind still shows (a peer down is worth one line), the repeats do not. openraft's INFO
+//! and DEBUG events (`RUST_LOG=openraft=debug`) are not held back.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::{Level, Metadata};
+
+/// How often the same openraft warning or error (the same line of its code) is shown.
+pub const OPENRAFT_REPEAT_EVERY: Duration = Duration::from_secs(60);
+
+/// The throttle's memory: when each openraft callsite was last shown.
+#[derive(Debug, Default)]
+pub struct OpenraftThrottle {
+    /// By callsite, `file:line`.
+    shown: Mutex<HashMap<String, Instant>>,
+}
+
+impl OpenraftThrottle {
+    /// Whether an event of `meta` at `now` is shown: everything but openraft's warnings and
+    /// errors is; one of those is shown if its callsite was not shown in the last
+    /// [`OPENRAFT_REPEAT_EVERY`].
+    pub fn admit(&self, meta: &Metadata<'_>, now: Instant) -> bool {
+        self.admit_at(
+            meta.target(),
+            *meta.level(),
+            meta.is_event(),
+            (meta.file().unwrap_or(""), meta.line().unwrap_or(0)),
+            now,
+        )
+    }
+
+    fn admit_at(
+        &self,
+        target: &str,
+        level: Level,
+        event: bool,
+        callsite: (&str, u32),
+        now: Instant,
+    ) -> bool {
+        let throttled = event
+            && (level == Level::WARN || level == Level::ERROR)
+            && (target == "openraft" || target.starts_with("openraft::"));
+        if !throttled {
+            return true;
+        }
+        let key = format!("{}:{}", callsite.0, callsite.1);
+        let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        match shown.get(&key) {
+            Some(&at) if now.saturating_duration_since(at) < OPENRAFT_REPEAT_EVERY => false,
+            _ => {
+                shown.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+/// The node's log subscriber: `filter` (from `RUST_LOG`, or the node's default), colour only on
+/// a terminal, and openraft's repeated warnings and errors throttled ([`OpenraftThrottle`]).
+pub fn init(filter: tracing_subscriber::EnvFilter) {
+    use tracing_subscriber::filter::DynFilterFn;
+    use tracing_subscriber::prelude::*;
+    let throttle = OpenraftThrottle::default();
+    let throttled = DynFilterFn::new(move |meta, _cx| throttle.admit(meta, Instant::now()))
+        .with_callsite_filter(|_| tracing::subscriber::Interest::sometimes());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                .with_filter(filter)
+                .with_filter(throttled),
+        )
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// openraft's warnings and errors show once a minute per callsite; other callsites,
+    /// levels and crates are not held back.
+    #[test]
+    fn openraft_repeats_show_once_a_minute_per_callsite() {
+        let t = OpenraftThrottle::default();
+        let now = Instant::now();
+        let site = ("src/core/raft_core.rs", 1553);
+        let other = ("src/replication/mod.rs", 258);
+        let admit = |target, level, site, at| t.admit_at(target, level, true, site, at);
+        assert!(admit("openraft::core::raft_core", Level::WARN, site, now));
+        assert!(!admit(
+            "openraft::core::raft_core",
+            Level::WARN,
+            site,
+            now + Duration::from_secs(1)
+        ));
+        assert!(admit(
+            "openraft::replication",
+            Level::ERROR,
+            other,
+            now + Duration::from_secs(1)
+        ));
+        assert!(!admit(
+            "openraft::core::raft_core",
+            Level::WARN,
+            site,
+            now + OPENRAFT_REPEAT_EVERY - Duration::from_millis(1)
+        ));
+        assert!(admit(
+            "openraft::core::raft_core",
+            Level::WARN,
+            site,
+            now + OPENRAFT_REPEAT_EVERY
+        ));
+        // Not throttled: openraft below WARN, other crates (ours), spans.
+        for _ in 0..3 {
+            assert!(admit("openraft::core::raft_core", Level::INFO, site, now));
+            assert!(admit("exactly_node::membership", Level::WARN, site, now));
+            assert!(admit("openraftish", Level::ERROR, site, now));
+            assert!(t.admit_at("openraft::core", Level::WARN, false, site, now));
+        }
+    }
+}
