@@ -108,7 +108,11 @@ fn rate_of(q: &QueueInfo) -> String {
 /// The queues as a table.
 pub fn render_list(queues: &[QueueInfo]) -> String {
     if queues.is_empty() {
-        return "no queues\n".into();
+        // The cluster keeps a queue while it has pending or running jobs or settings of its
+        // own; finished jobs are still listed by `exactly list`.
+        return "no queues with pending or running jobs or settings (finished jobs: `exactly \
+                list --state succeeded`, `--state dead`)\n"
+            .into();
     }
     let mut table = Table::new(&[
         "QUEUE",
@@ -208,6 +212,14 @@ pub async fn run(client: &Client, command: &QueueCommand, json: bool) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No queue to show says which queues the cluster keeps and where finished jobs are.
+    #[test]
+    fn an_empty_list_points_to_finished_jobs() {
+        let text = render_list(&[]);
+        assert!(text.contains("pending or running"), "{text}");
+        assert!(text.contains("exactly list --state succeeded"), "{text}");
+    }
 
     /// Rates parse as JOBS/PERIOD, a bare unit meaning one of it; zero or garbage is refused.
     #[test]
