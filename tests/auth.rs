@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use exactly_client::{Client, ClientOptions, Code, DeadLetterFilter, Token};
 use exactly_node::config::{ApiTlsConfig, TokenConfig};
-use exactly_tests::{http_get, ledger_job, TestCluster};
+use exactly_tests::{http_get, ledger_job, wait_for, TestCluster};
 
 const WEB: &str = "exa_web_token_for_tests";
 const OPS: &str = "exa_ops_token_for_tests";
@@ -184,7 +184,20 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
     // The audit trail: the operator's cancel and the admin's purge, by name, in log order, the
     // same on every replica; the refused calls are not in it; reading it needs admin.
     assert_eq!(code_of(ops.audit(0, 100).await), Code::PermissionDenied);
-    let trail = root.audit(0, 100).await?;
+    let all = root.audit(0, 100).await?;
+    // Nodes 2 and 3 joined first, each admitted once, each in its own name.
+    let admissions: Vec<(&str, bool)> = all
+        .iter()
+        .filter(|r| r.by.starts_with("node-"))
+        .map(|r| {
+            let id = &r.by["node-".len()..];
+            let prefix = format!("admit node {id} (127.0.0.1:");
+            let says = r.action.starts_with(&prefix) && r.action.ends_with(") as a voter");
+            (r.by.as_str(), says && r.outcome == "done")
+        })
+        .collect();
+    assert_eq!(admissions, [("node-2", true), ("node-3", true)], "{all:?}");
+    let trail: Vec<_> = all.iter().filter(|r| !r.by.starts_with("node-")).collect();
     let seen: Vec<(&str, &str)> = trail
         .iter()
         .map(|r| (r.by.as_str(), r.action.as_str()))
@@ -390,5 +403,227 @@ async fn the_http_port_serves_over_tls() -> anyhow::Result<()> {
         assert_ne!(code, 200, "plaintext answered: {text}");
     }
     cluster.shutdown().await;
+    Ok(())
+}
+
+/// A client pinned to one node (no failover to another endpoint), without TLS.
+fn pinned(addr: &str, secret: &str) -> anyhow::Result<Client> {
+    let options = ClientOptions {
+        token: Some(Token(secret.into())),
+        retry_total_ms_max: 1_000,
+        ..ClientOptions::default()
+    };
+    Ok(Client::connect_with(
+        vec![format!("http://{addr}")],
+        options,
+    )?)
+}
+
+/// Waits until every listed node answers `secret`'s Status call as `want` says (`Ok` or the
+/// code of its refusal).
+async fn until_every_node(
+    addrs: &[String],
+    secret: &str,
+    want: Result<(), Code>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for addr in addrs {
+        let client = pinned(addr, secret)?;
+        loop {
+            let got = client.status().await.map(|_| ()).map_err(|e| e.code());
+            if got == want {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "node {addr}: {secret} still gets {got:?}, not {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Tokens issued through the API: an admin issues one (only its digest reaches the cluster) and
+/// every node admits it with its own scopes, no configuration change and no restart; a second
+/// one with the same name or secret, one named like a configured token, or one issued by a
+/// token without `admin`, is refused; an expiring one is refused once it expired; a node
+/// restarted from a snapshot, and a node that joins after the log was compacted (so it gets the
+/// tokens in a snapshot), admit it too; a revocation reaches every node; issue, revocation and
+/// the new node's admission are in the audit trail with who did them. A node without
+/// configured tokens refuses to issue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_issued_through_the_api_work_on_every_node_until_revoked() -> anyhow::Result<()> {
+    use exactly_tests::faults::FaultController;
+    use exactly_tests::harness::FaultyCluster;
+    const CI: &str = "exa_ci_token_issued_in_a_test";
+    const TEMP: &str = "exa_temp_token_issued_in_a_test";
+    let mut cluster = FaultyCluster::start(
+        3,
+        FaultController::new(1),
+        exactly_handlers::Registry::with_builtins(),
+        |c| {
+            c.tokens = vec![token("root", ROOT, &["admin"])];
+            c.raft.snapshot_after_entries = 40;
+            c.raft.keep_entries_after_snapshot = 10;
+        },
+    )
+    .await?;
+    let addrs =
+        |c: &FaultyCluster| -> Vec<String> { c.endpoints().into_iter().map(|(_, a)| a).collect() };
+    let all = addrs(&cluster);
+    let root = pinned(&all[0], ROOT)?;
+    let scopes = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    let info = root
+        .issue_token(
+            "ci",
+            exactly_client::token::digest(CI),
+            &scopes(&["submit:emails", "read"]),
+            None,
+        )
+        .await?;
+    assert_eq!(
+        (
+            info.name.as_str(),
+            info.source.as_str(),
+            info.issued_by.as_str()
+        ),
+        ("ci", "api", "root")
+    );
+    assert_eq!(info.scopes, scopes(&["submit:emails", "read"]));
+    until_every_node(&all, CI, Ok(())).await?;
+    let ci = pinned(&all[1], CI)?;
+    let job = |queue: &str| exactly_client::JobSpec {
+        queue: queue.into(),
+        kind: "noop".into(),
+        ..Default::default()
+    };
+    ci.submit_one(job("emails")).await?;
+    assert_eq!(
+        code_of(ci.submit_one(job("billing")).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code_of(
+            ci.issue_token(
+                "mine",
+                exactly_client::token::digest("x"),
+                &scopes(&["admin"]),
+                None
+            )
+            .await
+        ),
+        Code::PermissionDenied
+    );
+    for (name, secret) in [("ci", "exa_other"), ("other", CI), ("root", "exa_other2")] {
+        let refused = root
+            .issue_token(
+                name,
+                exactly_client::token::digest(secret),
+                &scopes(&["read"]),
+                None,
+            )
+            .await;
+        assert_eq!(code_of(refused), Code::AlreadyExists, "{name}");
+    }
+    assert_eq!(
+        code_of(root.revoke_token("root").await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(code_of(root.revoke_token("nobody").await), Code::NotFound);
+
+    // An expiring token works until it expires, then every node refuses it.
+    let now_ms = exactly_node::node::wall_ms();
+    root.issue_token(
+        "temp",
+        exactly_client::token::digest(TEMP),
+        &scopes(&["read"]),
+        Some(now_ms + 2_000),
+    )
+    .await?;
+    until_every_node(&all, TEMP, Ok(())).await?;
+    tokio::time::sleep(Duration::from_millis(
+        (now_ms + 2_100).saturating_sub(exactly_node::node::wall_ms()),
+    ))
+    .await;
+    let expired = pinned(&all[2], TEMP)?.status().await.expect_err("expired");
+    assert_eq!(expired.code(), Code::Unauthenticated);
+    assert!(expired.to_string().contains("expired"), "{expired}");
+
+    let listed = root.list_tokens().await?;
+    let names: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|t| (t.name.as_str(), t.source.as_str()))
+        .collect();
+    assert_eq!(names, [("root", "config"), ("ci", "api"), ("temp", "api")]);
+
+    // Node 3 restarts from a snapshot that holds the tokens.
+    let node3 = cluster.node(3).expect("node 3 runs").clone();
+    node3.raft.trigger().snapshot().await?;
+    wait_for(Duration::from_secs(30), || {
+        node3.raft.metrics().borrow().snapshot.is_some()
+    })
+    .await?;
+    drop(node3);
+    cluster.crash(3).await?;
+    cluster.restart(3).await?;
+    until_every_node(&all[2..], CI, Ok(())).await?;
+
+    // Node 4 joins once the log that issued the token is purged: it gets it in a snapshot.
+    let leader = cluster.leader().expect("a leader");
+    let node = cluster.node(leader).expect("the leader runs").clone();
+    let issued_by = node.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    wait_for(Duration::from_secs(60), || {
+        node.raft
+            .metrics()
+            .borrow()
+            .purged
+            .is_some_and(|p| p.index > issued_by)
+    })
+    .await?;
+    drop(node);
+    cluster.add(4, |_| {}).await?;
+    let all = addrs(&cluster);
+    until_every_node(&all, CI, Ok(())).await?;
+
+    root.revoke_token("ci").await?;
+    until_every_node(&all, CI, Err(Code::Unauthenticated)).await?;
+
+    let trail = root.audit(0, 1000).await?;
+    let find = |action: &str| {
+        trail
+            .iter()
+            .find(|r| r.action.starts_with(action))
+            .map(|r| (r.by.as_str(), r.outcome.as_str()))
+    };
+    assert_eq!(
+        find("issue token \"ci\" (submit:emails, read)"),
+        Some(("root", "done"))
+    );
+    assert_eq!(find("revoke token \"ci\""), Some(("root", "done")));
+    assert_eq!(
+        find("revoke token \"nobody\""),
+        Some((
+            "root",
+            "refused: no token named \"nobody\" was issued through the API"
+        ))
+    );
+    assert_eq!(find("admit node 4 "), Some(("node-4", "done")), "{trail:?}");
+    cluster.shutdown().await;
+
+    // Without configured tokens, a node admits everyone and refuses to issue.
+    let open = TestCluster::start(1, |_| {}).await?;
+    let anyone = Client::connect(open.endpoints())?;
+    let refused = anyone
+        .issue_token(
+            "x",
+            exactly_client::token::digest("y"),
+            &scopes(&["read"]),
+            None,
+        )
+        .await;
+    assert_eq!(code_of(refused), Code::FailedPrecondition);
+    open.shutdown().await;
     Ok(())
 }

@@ -171,6 +171,7 @@ async fn a_peer_cannot_forward_what_only_the_leader_decides() -> anyhow::Result<
         .join(exactly_proto::internal::JoinRequest {
             node_id: 9,
             addr: huge.clone(),
+            by: String::new(),
         })
         .await
         .expect_err("a 1 MiB join address must be refused");
@@ -370,6 +371,7 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
         .join(exactly_proto::internal::JoinRequest {
             node_id: 4,
             addr: "127.0.0.1:1".into(),
+            by: String::new(),
         })
         .await
         .expect_err("a join as another id");

@@ -167,7 +167,8 @@ enum Command {
     /// The audit trail: operators' and administrators' writes, with the token that made each
     /// (needs an admin token).
     Audit(audit::AuditArgs),
-    /// Bearer tokens for the public API: make one, with the entry the nodes need.
+    /// Bearer tokens for the public API: make one with the entry the nodes' configuration needs,
+    /// or issue, revoke and list the ones the cluster keeps.
     #[command(subcommand)]
     Token(token::TokenCommand),
 }
@@ -178,7 +179,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return cert::run(command);
     }
     if let Command::Token(command) = &cli.command {
-        return token::run(command, cli.json);
+        if command.offline() {
+            return token::run(command, cli.json);
+        }
     }
     let endpoints: Vec<String> = cli
         .endpoints
@@ -234,7 +237,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster { command } => cluster::run(&client, command, json).await,
         Command::Bench(args) => bench::run(&client, args, json).await,
         Command::Audit(args) => audit::run(&client, args, json).await,
-        Command::Cert(_) | Command::Token(_) => unreachable!("handled before connecting"),
+        Command::Token(command) => token::run_online(&client, command, json).await,
+        Command::Cert(_) => unreachable!("handled before connecting"),
     }
 }
 

@@ -11,12 +11,14 @@ use exactly_proto::v1::dead_letters_client::DeadLettersClient;
 use exactly_proto::v1::jobs_client::JobsClient;
 use exactly_proto::v1::queues_client::QueuesClient;
 use exactly_proto::v1::schedules_client::SchedulesClient;
+use exactly_proto::v1::tokens_client::TokensClient;
 use exactly_proto::v1::{
     AddScheduleRequest, AuditRecord, AuditRequest, CancelRequest, CancelResult,
-    ConfigureQueueRequest, DeadLetterFilter, DrainRequest, DrainResponse, GetRequest, JoinRequest,
-    JoinResponse, ListQueuesRequest, ListRequest, ListResponse, ListSchedulesRequest, QueueInfo,
-    RemoveRequest, RemoveScheduleRequest, ScheduleInfo, SetSchedulePausedRequest, StatusRequest,
-    SubmitRequest,
+    ConfigureQueueRequest, DeadLetterFilter, DrainRequest, DrainResponse, GetRequest,
+    IssueTokenRequest, JoinRequest, JoinResponse, ListQueuesRequest, ListRequest, ListResponse,
+    ListSchedulesRequest, ListTokensRequest, QueueInfo, RemoveRequest, RemoveScheduleRequest,
+    RevokeTokenRequest, ScheduleInfo, SetSchedulePausedRequest, StatusRequest, SubmitRequest,
+    TokenInfo,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
@@ -617,6 +619,64 @@ impl Client {
             })
             .await?;
         Ok(answer.value)
+    }
+
+    /// Issues a bearer token named `name` with `scopes` (`submit`, `submit:<queue>`, `read`,
+    /// `operate`, `admin`), valid until `expires_at_ms` (ms since the Unix epoch; `None`:
+    /// never). Only the token's SHA-256 `digest` is sent (make the token with
+    /// [`crate::token::generate`]); every node admits the token once it applied the issue.
+    /// Needs the admin scope. Retried only when a try provably was not applied (a repeat
+    /// would be refused as a duplicate).
+    pub async fn issue_token(
+        &self,
+        name: &str,
+        digest: [u8; 32],
+        scopes: &[String],
+        expires_at_ms: Option<u64>,
+    ) -> Result<TokenInfo, Error> {
+        let answer = self
+            .call(CallKind::Write, |channel, timeout| {
+                let request = with_timeout(
+                    IssueTokenRequest {
+                        name: name.to_string(),
+                        sha256: digest.to_vec(),
+                        scopes: scopes.to_vec(),
+                        expires_at_ms: expires_at_ms.unwrap_or(0),
+                    },
+                    timeout,
+                );
+                async move { TokensClient::new(channel).issue(request).await }
+            })
+            .await?;
+        Ok(answer.value)
+    }
+
+    /// Revokes the issued token `name`: every node refuses it once it applied the revocation.
+    /// Needs the admin scope.
+    pub async fn revoke_token(&self, name: &str) -> Result<(), Error> {
+        self.call(CallKind::Write, |channel, timeout| {
+            let request = with_timeout(
+                RevokeTokenRequest {
+                    name: name.to_string(),
+                },
+                timeout,
+            );
+            async move { TokensClient::new(channel).revoke(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The issued tokens and the answering node's configured ones (names, scopes, expiry; never
+    /// digests). Needs the admin scope.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, Error> {
+        let answer = self
+            .call(CallKind::Read, |channel, timeout| {
+                let request = with_timeout(ListTokensRequest {}, timeout);
+                async move { TokensClient::new(channel).list(request).await }
+            })
+            .await?;
+        Ok(answer.value.tokens)
     }
 
     pub(crate) fn uri(&self, index: usize) -> String {

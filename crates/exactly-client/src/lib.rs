@@ -59,7 +59,7 @@ pub use exactly_proto::v1::{
     AddScheduleRequest, Attempt, AuditRecord, CancelResult, ConfigureQueueRequest,
     DeadLetterFilter, DrainResponse, EventPosition, Job, JobCounts, JobEventMessage, JobSpec,
     JobState, JoinResponse, ListRequest, ListResponse, Member, MissedTickPolicy, OverlapPolicy,
-    QueueInfo, RateLimitSpec, ScheduleInfo, StatusResponse,
+    QueueInfo, RateLimitSpec, ScheduleInfo, StatusResponse, TokenInfo,
 };
 /// The gRPC status code type used by [`Error::code`].
 pub use tonic::Code;

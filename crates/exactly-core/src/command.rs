@@ -115,6 +115,26 @@ pub enum Command {
     /// outcome in the audit trail ([`crate::state::AuditRecord`]). Only the commands
     /// [`Audited::check`] accepts; anything else is refused whole (`Response::Refused`).
     Audited(Box<Audited>),
+    /// An administrator issues a bearer token (only inside [`Command::Audited`]): every node
+    /// admits it once it applied this entry. Carries the token's digest, never the token.
+    IssueToken(crate::access::TokenGrant),
+    /// An administrator revokes a token issued through the API (only inside
+    /// [`Command::Audited`]): every node refuses it once it applied this entry.
+    RevokeToken(String),
+    /// The leader admitted a node into the Raft membership (only inside [`Command::Audited`], to
+    /// record who let it in): changes nothing but the audit trail.
+    Joined(JoinNote),
+}
+
+/// A node the leader admitted (see [`Command::Joined`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinNote {
+    pub node: NodeId,
+    pub addr: String,
+    /// Whether it is a voter now (else a learner).
+    pub voter: bool,
+    /// It was not a member before (else it came back at a new address or was promoted).
+    pub new_member: bool,
 }
 
 /// A command and who asked for it (see [`Command::Audited`]).
@@ -144,7 +164,10 @@ impl Audited {
             | Command::AddSchedule(_)
             | Command::RemoveSchedule(_)
             | Command::PauseSchedule { .. }
-            | Command::Drain(_) => Ok(()),
+            | Command::Drain(_)
+            | Command::IssueToken(_)
+            | Command::RevokeToken(_)
+            | Command::Joined(_) => Ok(()),
             other => Err(format!(
                 "only an operator's command is audited, not {}",
                 crate::state::audit::command_name(other)
@@ -426,6 +449,14 @@ pub enum Rejection {
     TooManyLeaving { got: usize, max: usize },
     #[error("node {0} is not leaving")]
     NotLeaving(NodeId),
+    #[error("a token named {0:?} exists already (revoke it first)")]
+    TokenExists(String),
+    #[error("another token has the same secret")]
+    TokenDigestInUse,
+    #[error("no token named {0:?} was issued through the API")]
+    UnknownToken(String),
+    #[error("too many issued tokens (limit {0}): revoke some first")]
+    TooManyTokens(usize),
     #[error("node {node} incarnation {incarnation} renewed at index {renewed}, after the renewal at index {counted_from} this expiry counted from")]
     RenewedSince {
         node: NodeId,
@@ -479,6 +510,8 @@ pub enum Response {
     SubmittedGroups(Vec<Vec<Result<Submitted, Rejection>>>),
     /// Per command of a `Batch`, in order; or why the batch was refused whole.
     Batch(Result<Vec<Response>, Rejection>),
+    /// A token was issued or revoked, or why not (then nothing changed).
+    TokenChanged(Result<(), Rejection>),
     /// The command was malformed as a whole and nothing was applied (an `Audited` whose name or
     /// command is not allowed).
     Refused(Rejection),
@@ -505,6 +538,8 @@ pub enum Effect {
     },
     /// A job changed state (for Watch streams).
     Event(JobEvent),
+    /// The issued tokens changed (every node's authorization reloads them).
+    TokensChanged,
 }
 
 /// One accepted submission.

@@ -7,6 +7,7 @@
 //!
 //! **Boundary:** this crate knows nothing about openraft, sled, tonic, tokio or ractor.
 
+pub mod access;
 pub mod command;
 pub mod cron;
 pub mod job;
@@ -19,8 +20,8 @@ pub mod state;
 
 pub use command::{
     Assignment, Audited, Command, Completion, DeadFilter, DrainNode, Effect, Expiry, JobEvent,
-    LeaveReason, NewJob, NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection, Renewal,
-    Request, Response, Retention, StartAttempt, Submitted,
+    JoinNote, LeaveReason, NewJob, NodeLease, NodeRegistration, Outcome, QueuePatch, Rejection,
+    Renewal, Request, Response, Retention, StartAttempt, Submitted,
 };
 pub use job::{Attempt, AttemptEnd, Backoff, Job, JobStatus, StateCounts};
 pub use limits::Limits;

@@ -144,3 +144,11 @@ pub const AUDIT_RECORDS_MAX: usize = 10_000;
 pub const AUDIT_BY_BYTES_MAX: usize = 64;
 /// Bytes of an audit record's action and outcome texts, at most each.
 pub const AUDIT_TEXT_BYTES_MAX: usize = 512;
+
+/// Bytes of a token's name, at most (the same bound as an audited command's name, which it
+/// becomes).
+pub const TOKEN_NAME_BYTES_MAX: usize = AUDIT_BY_BYTES_MAX;
+/// Scopes one token may list, at most.
+pub const TOKEN_SCOPES_MAX: usize = 16;
+/// Tokens issued through the API that the cluster keeps at once (revoke to make room).
+pub const ISSUED_TOKENS_MAX: usize = 1_000;

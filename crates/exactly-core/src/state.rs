@@ -29,6 +29,7 @@ mod jobs;
 mod nodes;
 mod retention;
 mod schedules;
+mod tokens;
 
 pub use audit::AuditRecord;
 pub use schedules::validate_schedule;
@@ -172,6 +173,8 @@ pub struct JobTable {
     /// Operators' and administrators' writes, oldest first (see `audit.rs`).
     #[serde(default)]
     audit: VecDeque<AuditRecord>,
+    /// Bearer tokens issued through the API, by name (see `tokens.rs`).
+    tokens: BTreeMap<String, crate::access::IssuedToken>,
 }
 
 pub(crate) fn truncate_bytes(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
@@ -380,6 +383,7 @@ impl Default for JobTable {
             leaving: BTreeMap::new(),
             removed: BTreeMap::new(),
             audit: VecDeque::new(),
+            tokens: BTreeMap::new(),
         }
     }
 }
@@ -499,6 +503,13 @@ impl JobTable {
                 "a batch cannot hold a batch".into(),
             ))),
             Command::Audited(audited) => self.apply_audited(log_index, entropy, *audited, effects),
+            // Applied by `apply_audited`, which knows who asked; bare, they are refused.
+            command @ (Command::IssueToken(_) | Command::RevokeToken(_) | Command::Joined(_)) => {
+                Response::Refused(Rejection::Invalid(format!(
+                    "a {} command is applied only inside Audited",
+                    audit::command_name(&command)
+                )))
+            }
         }
     }
 
@@ -825,6 +836,7 @@ impl JobTable {
     /// module, never bad input; tests call this after every command.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.check_audit()?;
+        self.check_tokens()?;
         let mut counts = StateCounts {
             stale_completions: self.counts.stale_completions,
             ..StateCounts::default()

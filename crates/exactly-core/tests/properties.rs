@@ -1423,6 +1423,9 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                     prop_assert_eq!(start.token, index, "token is the log index");
                 }
                 Effect::Renewed(_) | Effect::Event(_) => {}
+                Effect::TokensChanged => {
+                    prop_assert!(false, "no generated command changes tokens")
+                }
                 Effect::Cancel { job, token, .. } => {
                     // Only the attempt that was running is told to stop, and its job is over.
                     let j = a.job(*job).expect("cancelled job exists");

@@ -12,7 +12,12 @@ use prost::Message;
 
 fn setup() -> &'static (NodeConfig, exactly_handlers::Registry) {
     static SETUP: OnceLock<(NodeConfig, exactly_handlers::Registry)> = OnceLock::new();
-    SETUP.get_or_init(|| (NodeConfig::default(), exactly_handlers::Registry::with_builtins()))
+    SETUP.get_or_init(|| {
+        (
+            NodeConfig::default(),
+            exactly_handlers::Registry::with_builtins(),
+        )
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -21,7 +26,13 @@ fuzz_target!(|data: &[u8]| {
     };
     let (config, registry) = setup();
     for (i, spec) in request.jobs.into_iter().enumerate() {
-        if let Ok(job) = job_from_pb(config, registry, 1_700_000_000_000, &format!("jobs[{i}]"), spec) {
+        if let Ok(job) = job_from_pb(
+            config,
+            registry,
+            1_700_000_000_000,
+            &format!("jobs[{i}]"),
+            spec,
+        ) {
             assert!(exactly_core::state::validate_new_job(&job).is_ok());
         }
     }

@@ -21,11 +21,13 @@ pub mod consistency;
 pub mod convert;
 mod jobs;
 mod schedules;
+mod tokens;
 
 pub use admin::{DeadLettersService, QueuesService};
 pub use convert::job_to_pb;
 pub use jobs::JobsService;
 pub use schedules::SchedulesService;
+pub use tokens::TokensService;
 
 pub struct ClusterService {
     pub node: Node,
@@ -40,12 +42,17 @@ pub fn status_of(context: &str, why: &Rejection) -> Status {
         Rejection::IdempotencyConflict { .. } | Rejection::KeyConflictInBatch(_) => {
             Status::already_exists(message)
         }
-        Rejection::ScheduleExists(_) => Status::already_exists(message),
-        Rejection::UnknownJob(_) | Rejection::UnknownSchedule(_) => Status::not_found(message),
+        Rejection::ScheduleExists(_) | Rejection::TokenExists(_) | Rejection::TokenDigestInUse => {
+            Status::already_exists(message)
+        }
+        Rejection::UnknownJob(_) | Rejection::UnknownSchedule(_) | Rejection::UnknownToken(_) => {
+            Status::not_found(message)
+        }
         Rejection::Finished(_) | Rejection::NotPending(_) => Status::failed_precondition(message),
         Rejection::TooManyQueues(_)
         | Rejection::TooManySchedules(_)
         | Rejection::BatchTooLarge { .. }
+        | Rejection::TooManyTokens(_)
         | Rejection::Full(_) => Status::resource_exhausted(message),
         // The rest are refusals of the cluster's own commands (assignments, leases): a client
         // can never cause them, so one reaching a client is our bug.
@@ -217,7 +224,12 @@ impl ClusterService {
     }
 
     /// Admits a node, on the leader or through it.
-    async fn join_node(&self, id: u64, addr: String) -> Result<pb::JoinResponse, ClusterError> {
+    async fn join_node(
+        &self,
+        by: String,
+        id: u64,
+        addr: String,
+    ) -> Result<pb::JoinResponse, ClusterError> {
         let node = &self.node;
         if id == 0 || addr.is_empty() {
             return Err(ClusterError::BadRequest(
@@ -228,7 +240,9 @@ impl ClusterService {
             return Err(ClusterError::Removed(id));
         }
         let reply = match node.leader() {
-            Some((leader, _)) if leader == node.id => crate::internal::admit(node, id, addr).await,
+            Some((leader, _)) if leader == node.id => {
+                crate::internal::admit(node, id, addr, by).await
+            }
             Some((_, leader_addr)) => {
                 let mut client = node
                     .peer(&leader_addr)
@@ -237,7 +251,11 @@ impl ClusterService {
                         why: e.to_string(),
                     })?;
                 let blob = client
-                    .join(exactly_proto::internal::JoinRequest { node_id: id, addr })
+                    .join(exactly_proto::internal::JoinRequest {
+                        node_id: id,
+                        addr,
+                        by,
+                    })
                     .await
                     .map_err(|status| ClusterError::JoinFailed {
                         node: id,
@@ -295,8 +313,9 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let by = crate::auth::actor(&request);
         let pb::JoinRequest { node_id, addr } = request.into_inner();
-        Ok(Response::new(self.join_node(node_id, addr).await?))
+        Ok(Response::new(self.join_node(by, node_id, addr).await?))
     }
 
     async fn audit(

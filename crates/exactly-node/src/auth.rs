@@ -66,47 +66,12 @@ pub fn need_of(path: &str) -> Need {
         ("exactly.v1.Cluster", "Status") => Need::Read,
         ("exactly.v1.Cluster", "Drain") => Need::Operate,
         ("exactly.v1.Cluster", "Remove" | "Join" | "Audit") => Need::Admin,
+        ("exactly.v1.Tokens", "Issue" | "Revoke" | "List") => Need::Admin,
         _ => Need::Admin,
     }
 }
 
-/// One scope of a token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Scope {
-    /// Submit to every queue (`None`) or to one.
-    Submit(Option<String>),
-    Read,
-    Operate,
-    Admin,
-}
-
-impl std::str::FromStr for Scope {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "submit" => Ok(Scope::Submit(None)),
-            "read" => Ok(Scope::Read),
-            "operate" => Ok(Scope::Operate),
-            "admin" => Ok(Scope::Admin),
-            other => match other.strip_prefix("submit:") {
-                Some(queue) => {
-                    let max = exactly_core::limits::QUEUE_NAME_BYTES_MAX;
-                    if queue.is_empty() || queue.len() > max || queue.chars().any(char::is_control)
-                    {
-                        return Err(format!(
-                            "{other:?}: a queue name is 1..={max} bytes without control characters"
-                        ));
-                    }
-                    Ok(Scope::Submit(Some(queue.to_string())))
-                }
-                None => Err(format!(
-                    "{other:?}: scopes are submit, submit:<queue>, read, operate and admin"
-                )),
-            },
-        }
-    }
-}
+pub use exactly_core::access::Scope;
 
 /// A caller the node recognised: its token's name (for logs and the audit trail) and scopes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +115,8 @@ pub enum Denied {
     Malformed,
     #[error("unknown token")]
     Unknown,
+    #[error("token {0:?} expired")]
+    Expired(String),
     #[error("token {name:?} lacks the {need} scope this call needs")]
     Scope { name: String, need: &'static str },
 }
@@ -204,12 +171,34 @@ impl Tokens {
         !self.by_digest.is_empty()
     }
 
+    /// The configured token named `name`, if any.
+    pub fn named(&self, name: &str) -> Option<&Arc<Credential>> {
+        self.by_digest.values().find(|c| c.name == name)
+    }
+
+    /// Whether a configured token has this digest.
+    pub fn has_digest(&self, digest: &[u8; 32]) -> bool {
+        self.by_digest.contains_key(digest)
+    }
+
+    /// The configured tokens' credentials, by name.
+    pub fn credentials(&self) -> Vec<Arc<Credential>> {
+        let mut all: Vec<_> = self.by_digest.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
     /// Decides one request: the credential it carries (`None` when tokens are off, or for an
     /// open method called without one), or why it is refused. `authorization` is the header's
     /// raw value; `Basic` (any user name, the token as password) is accepted too, so that a
     /// browser can log in to the dashboard.
+    /// Who `authorization` names and whether that covers `need`: a token of the configuration,
+    /// else one of `issued` that has not expired by `now_ms` (wall clock). Without configured
+    /// tokens everyone is admitted, issued tokens or not.
     pub fn admit(
         &self,
+        issued: &IssuedSet,
+        now_ms: u64,
         authorization: Option<&[u8]>,
         need: Need,
     ) -> Result<Option<Arc<Credential>>, Denied> {
@@ -224,10 +213,18 @@ impl Tokens {
             };
         };
         let token = bearer_or_basic(header).ok_or(Denied::Malformed)?;
-        let credential = self
-            .by_digest
-            .get(&exactly_client::token::digest(&token))
-            .ok_or(Denied::Unknown)?;
+        let digest = exactly_client::token::digest(&token);
+        let credential = match self.by_digest.get(&digest) {
+            Some(credential) => credential,
+            None => {
+                let (credential, expires_at_ms) =
+                    issued.by_digest.get(&digest).ok_or(Denied::Unknown)?;
+                if expires_at_ms.is_some_and(|at| at <= now_ms) {
+                    return Err(Denied::Expired(credential.name.clone()));
+                }
+                credential
+            }
+        };
         if !credential.allows(need) {
             return Err(Denied::Scope {
                 name: credential.name.clone(),
@@ -239,6 +236,29 @@ impl Tokens {
 }
 
 /// The token in `Bearer <token>` or `Basic base64(<user>:<token>)`.
+/// The tokens issued through the API (kept in the replicated state), by digest, with their
+/// expiry (ms since the Unix epoch).
+#[derive(Debug, Default)]
+pub struct IssuedSet {
+    by_digest: HashMap<[u8; 32], (Arc<Credential>, Option<u64>)>,
+}
+
+impl IssuedSet {
+    pub fn from_state(tokens: &exactly_store::IssuedTokens) -> Self {
+        let by_digest = tokens
+            .values()
+            .map(|t| {
+                let credential = Credential {
+                    name: t.name.clone(),
+                    scopes: t.scopes.clone(),
+                };
+                (t.sha256, (Arc::new(credential), t.expires_at_ms))
+            })
+            .collect();
+        Self { by_digest }
+    }
+}
+
 fn bearer_or_basic(header: &[u8]) -> Option<String> {
     if header.len() > AUTHORIZATION_BYTES_MAX {
         return None;
@@ -267,6 +287,8 @@ pub struct TokenSet {
     inline: Vec<TokenConfig>,
     file: Option<std::path::PathBuf>,
     current: std::sync::RwLock<(Arc<Tokens>, FileStamp)>,
+    /// The issued tokens as this node last applied them.
+    issued: std::sync::RwLock<Arc<IssuedSet>>,
 }
 
 /// (modified, length) of the tokens file when it was read.
@@ -285,6 +307,7 @@ impl TokenSet {
             inline: config.tokens.clone(),
             file: config.tokens_file.clone(),
             current: std::sync::RwLock::new((Arc::new(tokens), stamp)),
+            issued: Default::default(),
         }))
     }
 
@@ -298,12 +321,24 @@ impl TokenSet {
     }
 
     /// [`Tokens::admit`] with the tokens in use now.
+    /// Replaces the issued tokens (what this node applied last).
+    pub fn set_issued(&self, tokens: &exactly_store::IssuedTokens) {
+        let set = Arc::new(IssuedSet::from_state(tokens));
+        *self.issued.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
     pub fn admit(
         &self,
         authorization: Option<&[u8]>,
         need: Need,
     ) -> Result<Option<Arc<Credential>>, Denied> {
-        self.current().admit(authorization, need)
+        let issued = self
+            .issued
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.current()
+            .admit(&issued, crate::node::wall_ms(), authorization, need)
     }
 }
 
@@ -432,11 +467,80 @@ mod tests {
         format!("Bearer {token}").into_bytes()
     }
 
+    impl Tokens {
+        /// `admit` with no issued tokens.
+        fn admit_plain(
+            &self,
+            authorization: Option<&[u8]>,
+            need: Need,
+        ) -> Result<Option<Arc<Credential>>, Denied> {
+            self.admit(&IssuedSet::default(), 0, authorization, need)
+        }
+    }
+
+    fn issued(list: &[(&str, &str, &[Scope], Option<u64>)]) -> IssuedSet {
+        let tokens = list
+            .iter()
+            .map(|&(name, token, scopes, expires_at_ms)| {
+                let t = exactly_core::access::IssuedToken {
+                    name: name.into(),
+                    sha256: exactly_client::token::digest(token),
+                    scopes: scopes.to_vec(),
+                    issued_at_ms: 1,
+                    issued_by: "root".into(),
+                    expires_at_ms,
+                };
+                (name.to_string(), t)
+            })
+            .collect();
+        IssuedSet::from_state(&tokens)
+    }
+
+    /// An issued token is admitted with its own scopes until it expires; a configured token
+    /// wins over an issued one; without configured tokens the port stays open, issued tokens
+    /// or not.
+    #[test]
+    fn issued_tokens_are_admitted_until_they_expire() {
+        let t = tokens(&[("root", "ta", &["admin"])]);
+        let set = issued(&[
+            ("ci", "tc", &[Scope::Read], None),
+            ("temp", "tt", &[Scope::Operate], Some(5_000)),
+        ]);
+        let read = Need::Read;
+        let name = |r: Result<Option<Arc<Credential>>, Denied>| r.unwrap().unwrap().name.clone();
+        assert_eq!(name(t.admit(&set, 1_000, Some(&bearer("tc")), read)), "ci");
+        assert_eq!(
+            t.admit(&set, 1_000, Some(&bearer("tc")), Need::Operate),
+            Err(Denied::Scope {
+                name: "ci".into(),
+                need: "operate"
+            })
+        );
+        assert_eq!(
+            name(t.admit(&set, 4_999, Some(&bearer("tt")), read)),
+            "temp"
+        );
+        assert_eq!(
+            t.admit(&set, 5_000, Some(&bearer("tt")), read),
+            Err(Denied::Expired("temp".into()))
+        );
+        assert_eq!(
+            name(t.admit(&set, 9_000, Some(&bearer("ta")), read)),
+            "root"
+        );
+        assert_eq!(
+            t.admit(&set, 1_000, Some(&bearer("nope")), read),
+            Err(Denied::Unknown)
+        );
+        let open = Tokens::default();
+        assert_eq!(open.admit(&set, 1_000, None, Need::Admin), Ok(None));
+    }
+
     #[test]
     fn without_tokens_everything_is_open() {
         let t = Tokens::default();
-        assert_eq!(t.admit(None, Need::Admin), Ok(None));
-        assert_eq!(t.admit(Some(b"junk"), Need::Admin), Ok(None));
+        assert_eq!(t.admit_plain(None, Need::Admin), Ok(None));
+        assert_eq!(t.admit_plain(Some(b"junk"), Need::Admin), Ok(None));
     }
 
     #[test]
@@ -472,7 +576,7 @@ mod tests {
             ("ts", "/grpc.health.v1.Health/Check", Ok(())),
         ];
         for (token, path, expected) in table {
-            let got = t.admit(Some(&bearer(token)), need_of(path));
+            let got = t.admit_plain(Some(&bearer(token)), need_of(path));
             match expected {
                 Ok(()) => assert!(got.is_ok(), "{token} {path}: {got:?}"),
                 Err(need) => assert!(
@@ -487,9 +591,12 @@ mod tests {
     fn missing_unknown_and_malformed_tokens_are_unauthenticated() {
         let t = tokens(&[("web", "secret", &["read"])]);
         let get = Need::Read;
-        assert_eq!(t.admit(None, get), Err(Denied::Missing));
-        assert_eq!(t.admit(None, Need::Open), Ok(None));
-        assert_eq!(t.admit(Some(&bearer("other")), get), Err(Denied::Unknown));
+        assert_eq!(t.admit_plain(None, get), Err(Denied::Missing));
+        assert_eq!(t.admit_plain(None, Need::Open), Ok(None));
+        assert_eq!(
+            t.admit_plain(Some(&bearer("other")), get),
+            Err(Denied::Unknown)
+        );
         for bad in [
             &b"secret"[..],
             b"Bearer",
@@ -497,16 +604,23 @@ mod tests {
             b"Token secret",
             &[0xff, 0xfe],
         ] {
-            assert_eq!(t.admit(Some(bad), get), Err(Denied::Malformed), "{bad:?}");
+            assert_eq!(
+                t.admit_plain(Some(bad), get),
+                Err(Denied::Malformed),
+                "{bad:?}"
+            );
         }
         let long = bearer(&"x".repeat(AUTHORIZATION_BYTES_MAX));
-        assert_eq!(t.admit(Some(&long), get), Err(Denied::Malformed));
+        assert_eq!(t.admit_plain(Some(&long), get), Err(Denied::Malformed));
         assert_eq!(
-            t.admit(Some(&bearer("secret")), get).unwrap().unwrap().name,
+            t.admit_plain(Some(&bearer("secret")), get)
+                .unwrap()
+                .unwrap()
+                .name,
             "web"
         );
         assert_eq!(
-            t.admit(Some(b"bearer  secret "), get)
+            t.admit_plain(Some(b"bearer  secret "), get)
                 .unwrap()
                 .unwrap()
                 .name,
@@ -516,7 +630,9 @@ mod tests {
             Denied::Missing.status().code(),
             tonic::Code::Unauthenticated
         );
-        let scope = t.admit(Some(&bearer("secret")), Need::Admin).unwrap_err();
+        let scope = t
+            .admit_plain(Some(&bearer("secret")), Need::Admin)
+            .unwrap_err();
         assert_eq!(scope.status().code(), tonic::Code::PermissionDenied);
     }
 
@@ -526,11 +642,14 @@ mod tests {
         // base64("anyone:secret")
         let basic = b"Basic YW55b25lOnNlY3JldA==";
         assert_eq!(
-            t.admit(Some(basic), Need::Read).unwrap().unwrap().name,
+            t.admit_plain(Some(basic), Need::Read)
+                .unwrap()
+                .unwrap()
+                .name,
             "web"
         );
         assert_eq!(
-            t.admit(Some(b"Basic YW55b25lOnNlY3JldA"), Need::Read),
+            t.admit_plain(Some(b"Basic YW55b25lOnNlY3JldA"), Need::Read),
             Err(Denied::Malformed)
         );
     }

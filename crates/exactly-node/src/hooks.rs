@@ -30,6 +30,8 @@ pub struct Hooks {
     pub renewals: Mutex<crate::lease::Renewals>,
     /// Job events for Watch streams.
     pub events: std::sync::Arc<crate::events::EventHub>,
+    /// The public port's credentials: told of every change to the issued tokens.
+    pub tokens: OnceLock<std::sync::Arc<crate::auth::TokenSet>>,
 }
 
 impl Hooks {
@@ -90,6 +92,12 @@ impl ApplyObserver for Hooks {
 
     fn on_events(&self, events: Vec<(u64, exactly_core::JobEvent)>) {
         self.events.publish(events);
+    }
+
+    fn on_tokens(&self, tokens: &exactly_store::IssuedTokens) {
+        if let Some(set) = self.tokens.get() {
+            set.set_issued(tokens);
+        }
     }
 
     fn on_snapshot_installed(&self, index: u64) {

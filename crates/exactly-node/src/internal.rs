@@ -294,10 +294,21 @@ impl Internal for InternalService {
     /// With peer TLS, a node joins only as the id its certificate names.
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<Blob>, Status> {
         let sender = self.sender(&request)?;
-        let JoinRequest { node_id, addr } = request.into_inner();
+        let JoinRequest { node_id, addr, by } = request.into_inner();
         if node_id == 0 {
             return Err(Status::invalid_argument("join needs a node id"));
         }
+        let by = if by.is_empty() {
+            format!("node-{node_id}")
+        } else {
+            let printable = by.bytes().all(|b| b.is_ascii_graphic());
+            if by.len() > exactly_core::limits::AUDIT_BY_BYTES_MAX || !printable {
+                return Err(Status::invalid_argument(
+                    "the join request's `by` must be a credential name",
+                ));
+            }
+            by
+        };
         exactly_core::state::validate_node_addr(&addr).map_err(Status::invalid_argument)?;
         check_claim(sender, node_id, "the join request")?;
         if !self.node.is_leader() {
@@ -307,7 +318,7 @@ impl Internal for InternalService {
                 "not the leader; leader: {leader}"
             )));
         }
-        Ok(blob(&admit(&self.node, node_id, addr).await))
+        Ok(blob(&admit(&self.node, node_id, addr, by).await))
     }
 }
 
@@ -335,6 +346,7 @@ pub(crate) fn check_forwarded(command: &Command, payload_bytes_max: usize) -> Re
         Command::Retain(_) => Some("Retain"),
         Command::FireSchedules(_) => Some("FireSchedules"),
         Command::NodeLeft(_) => Some("NodeLeft"),
+        Command::Joined(_) => Some("Joined"),
         Command::SubmitAssign { .. } => Some("SubmitAssign"),
         Command::Batch(_) => Some("Batch"),
         // Unwrapped above; one inside another is refused by `Audited::check`.
@@ -351,7 +363,9 @@ pub(crate) fn check_forwarded(command: &Command, payload_bytes_max: usize) -> Re
         | Command::AddSchedule(_)
         | Command::RemoveSchedule(_)
         | Command::PauseSchedule { .. }
-        | Command::Drain(_) => None,
+        | Command::Drain(_)
+        | Command::IssueToken(_)
+        | Command::RevokeToken(_) => None,
     };
     if let Some(name) = leader_only {
         return Err(Status::permission_denied(format!(
@@ -381,7 +395,7 @@ pub(crate) fn check_forwarded(command: &Command, payload_bytes_max: usize) -> Re
 
 /// Adds a node as a learner (waiting until it has caught up), then promotes it to voter while
 /// the cluster has fewer voters than `voters-target`.
-pub(crate) async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
+pub(crate) async fn admit(node: &Node, id: u64, addr: String, by: String) -> JoinReply {
     if node.read(|t| t.is_removed(id)) {
         return JoinReply::Removed;
     }
@@ -392,9 +406,10 @@ pub(crate) async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
         .membership_config
         .membership()
         .clone();
-    match membership.get_node(&id) {
+    let mut changed = false;
+    let new_member = match membership.get_node(&id) {
         None => {
-            let learner = BasicNode { addr };
+            let learner = BasicNode { addr: addr.clone() };
             if let Err(e) = raft.add_learner(id, learner, true).await {
                 return match e {
                     openraft::error::RaftError::APIError(
@@ -403,17 +418,21 @@ pub(crate) async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
                     other => JoinReply::Failed(other.to_string()),
                 };
             }
+            changed = true;
+            true
         }
         // A member that comes back at another address (a container recreated with a new host
         // name keeps its data and id): without this, the leader would go on dialing the old
         // address, and the node would get no log.
         Some(known) if known.addr != addr => {
-            if let Err(e) = set_address(node, id, known.addr.clone(), addr).await {
+            if let Err(e) = set_address(node, id, known.addr.clone(), addr.clone()).await {
                 return e;
             }
+            changed = true;
+            false
         }
-        Some(_) => {}
-    }
+        Some(_) => false,
+    };
     let membership = raft
         .metrics()
         .borrow()
@@ -421,18 +440,40 @@ pub(crate) async fn admit(node: &Node, id: u64, addr: String) -> JoinReply {
         .membership()
         .clone();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
-    if voters.contains(&id) {
-        return JoinReply::Joined { voter: true };
+    let reply = if voters.contains(&id) {
+        JoinReply::Joined { voter: true }
+    } else if voters.len() >= node.config.voters_target {
+        JoinReply::Joined { voter: false }
+    } else {
+        match raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+        {
+            Ok(_) => {
+                changed = true;
+                JoinReply::Joined { voter: true }
+            }
+            Err(e) => JoinReply::Failed(e.to_string()),
+        }
+    };
+    if let (true, JoinReply::Joined { voter }) = (changed, &reply) {
+        record_join(node, by, id, addr, *voter, new_member).await;
     }
-    if voters.len() >= node.config.voters_target {
-        return JoinReply::Joined { voter: false };
-    }
-    match raft
-        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-        .await
-    {
-        Ok(_) => JoinReply::Joined { voter: true },
-        Err(e) => JoinReply::Failed(e.to_string()),
+    reply
+}
+
+/// Records a change of the membership that a join made in the audit trail, with who asked. The
+/// membership changed already; a record that cannot be committed (the leader lost its place) is
+/// logged, not retried.
+async fn record_join(node: &Node, by: String, id: u64, addr: String, voter: bool, new: bool) {
+    let note = exactly_core::JoinNote {
+        node: id,
+        addr,
+        voter,
+        new_member: new,
+    };
+    if let Err(e) = node.propose_as(by, Command::Joined(note)).await {
+        tracing::warn!(node = id, error = %e, "a join is not in the audit trail");
     }
 }
 

@@ -13,6 +13,7 @@ use exactly_proto::v1::dead_letters_server::DeadLettersServer;
 use exactly_proto::v1::jobs_server::JobsServer;
 use exactly_proto::v1::queues_server::QueuesServer;
 use exactly_proto::v1::schedules_server::SchedulesServer;
+use exactly_proto::v1::tokens_server::TokensServer;
 use exactly_store::{Raft, Store};
 use openraft::BasicNode;
 use ractor::{Actor, ActorRef};
@@ -20,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{
-    ClusterService, DeadLettersService, JobsService, QueuesService, SchedulesService,
+    ClusterService, DeadLettersService, JobsService, QueuesService, SchedulesService, TokensService,
 };
 use crate::config::NodeConfig;
 use crate::executor::{Executor, ExecutorMsg};
@@ -223,7 +224,10 @@ pub async fn start_with(
     let tokens = crate::auth::TokenSet::load(&config).map_err(StartError::Tokens)?;
     let incarnation = store.next_incarnation()?;
     let hooks = Arc::new(Hooks::new(id));
+    let _ = hooks.tokens.set(tokens.clone());
     let state = store.state_machine(hooks.clone())?;
+    // The issued tokens of the loaded snapshot (later changes arrive through the hooks).
+    state.read(|t| tokens.set_issued(t.issued_tokens()));
     hooks
         .events
         .start_after(state.last_applied().map_or(0, |l| l.index));
@@ -523,7 +527,9 @@ fn serve(
             }
         });
         let router = builder
-            .layer(crate::auth::AuthLayer { tokens })
+            .layer(crate::auth::AuthLayer {
+                tokens: tokens.clone(),
+            })
             .add_service(health)
             .add_service(reflection)
             .add_service(
@@ -531,6 +537,10 @@ fn serve(
                     .max_decoding_message_size(API_MESSAGE_BYTES_MAX),
             )
             .add_service(ClusterServer::new(ClusterService { node: node.clone() }))
+            .add_service(TokensServer::new(TokensService {
+                node: node.clone(),
+                tokens: tokens.clone(),
+            }))
             .add_service(DeadLettersServer::new(DeadLettersService {
                 node: node.clone(),
             }))
@@ -703,6 +713,7 @@ async fn join(node: &Node, addr: &str, mut targets: Vec<String>) {
                 let request = client.join(JoinRequest {
                     node_id: node.id,
                     addr: addr.to_string(),
+                    by: String::new(),
                 });
                 // A paused or half-dead peer must not hold the join up; an admission that took
                 // longer (a big snapshot to catch up on) goes on, and the next try finds it done.

@@ -21,7 +21,9 @@ use crate::error::{Error, Result};
 ///   migration before the formats are versioned per type (issue 14).
 /// - 3: `Command::Audited`, `Response::Refused` and the audit trail in `JobTable`. Data of
 ///   versions 1 and 2 is refused the same way.
-pub(crate) const FORMAT: u8 = 3;
+/// - 4: `Command::IssueToken`, `RevokeToken` and `Joined`, `Response::TokenChanged`, new
+///   rejections, and the issued tokens in `JobTable`. Data of versions 1 to 3 is refused.
+pub(crate) const FORMAT: u8 = 4;
 
 /// Encodes `value` as `[FORMAT][postcard]`.
 pub(crate) fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Vec<u8>> {

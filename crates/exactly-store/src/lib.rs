@@ -52,6 +52,9 @@ openraft::declare_raft_types!(
         R = Response,
 );
 
+/// The tokens issued through the API, by name.
+pub type IssuedTokens = std::collections::BTreeMap<String, exactly_core::access::IssuedToken>;
+
 /// The Raft node type of exactly.
 pub type Raft = openraft::Raft<TypeConfig>;
 
@@ -80,6 +83,10 @@ pub trait ApplyObserver: Send + Sync + 'static {
     /// (for Watch streams). Re-sent for re-applied entries after a restart: consumers dedupe by
     /// (log index, position within the entry).
     fn on_events(&self, _events: Vec<(u64, exactly_core::JobEvent)>) {}
+    /// The tokens issued through the API changed (an applied issue or revocation, or an
+    /// installed snapshot): `tokens` is all of them now. The tokens of the snapshot loaded at
+    /// open are not reported: read them from [`StateMachine::read`] at start.
+    fn on_tokens(&self, _tokens: &IssuedTokens) {}
     /// A snapshot from the leader replaced the state up to `index` (no events, starts or
     /// cancels are reported for what it contains).
     fn on_snapshot_installed(&self, index: u64) {

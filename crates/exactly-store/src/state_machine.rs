@@ -23,7 +23,7 @@ use crate::codec::{encode_raw, u64_key};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, Meta};
 use crate::store::{Store, PAYLOAD_BATCH_KEYS_MAX};
-use crate::{Observer, TypeConfig};
+use crate::{IssuedTokens, Observer, TypeConfig};
 
 type StorageResult<T> = std::result::Result<T, StorageError<u64>>;
 
@@ -105,6 +105,7 @@ fn apply_blocking(
     let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
     let mut payload_ops: Vec<([u8; 8], Option<Vec<u8>>)> = Vec::new();
     let mut out = Applies::default();
+    let mut tokens_changed = false;
     for entry in entries {
         let log_id = entry.log_id;
         let response = match entry.payload {
@@ -121,6 +122,7 @@ fn apply_blocking(
                         Effect::Renewed(lease) => out.renewals.push((lease, log_id.index)),
                         Effect::Cancel { job, token, node } => out.cancels.push((job, token, node)),
                         Effect::Event(event) => out.events.push((log_id.index, event)),
+                        Effect::TokensChanged => tokens_changed = true,
                     }
                 }
                 response
@@ -158,6 +160,9 @@ fn apply_blocking(
             .and_then(|job| job.current_attempt())
             .is_some_and(|attempt| attempt.token == s.token)
     });
+    if tokens_changed {
+        out.tokens = Some(applied.table.issued_tokens().clone());
+    }
     Ok(out)
 }
 
@@ -173,6 +178,8 @@ struct Applies {
     cancels: Vec<(u64, u64, u64)>,
     /// Job events with the log index of the entry that caused them.
     events: Vec<(u64, JobEvent)>,
+    /// The issued tokens after the batch, if an entry changed them.
+    tokens: Option<IssuedTokens>,
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -206,6 +213,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             renewals,
             cancels,
             events,
+            tokens,
         } = tokio::task::spawn_blocking(move || apply_blocking(&store, &shared, entries))
             .await
             .map_err(Error::task)
@@ -222,6 +230,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         if !events.is_empty() {
             self.observer.on_events(events);
+        }
+        if let Some(tokens) = tokens {
+            self.observer.on_tokens(&tokens);
         }
         self.observer.on_applied(last.index);
         Ok(responses)
@@ -258,25 +269,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let shared = self.shared.clone();
         let meta = meta.clone();
         let last_index = meta.last_log_id.map(|l| l.index);
-        tokio::task::spawn_blocking(move || -> Result<()> {
+        let tokens = tokio::task::spawn_blocking(move || -> Result<IssuedTokens> {
             let body = snapshot::decode_body(&data)?;
             store.begin_payloads_rebuild()?;
             store.persist_snapshot(&meta, &data, false)?;
             let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
             store.replace_payloads(&body.payloads)?;
             store.finish_payloads_rebuild()?;
+            let tokens = body.table.issued_tokens().clone();
             *applied = Applied {
                 table: body.table,
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership,
             };
-            Ok(())
+            Ok(tokens)
         })
         .await
         .map_err(Error::task)
         .and_then(|r| r)
         .map_err(|e| e.into_raft(ErrorSubject::Snapshot(signature), ErrorVerb::Write))?;
         tracing::info!(?last_index, "installed a snapshot");
+        self.observer.on_tokens(&tokens);
         if let Some(index) = last_index {
             self.observer.on_snapshot_installed(index);
         }

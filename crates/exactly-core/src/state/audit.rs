@@ -48,6 +48,9 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::SubmitAssign { .. } => "SubmitAssign",
         Command::Batch(_) => "Batch",
         Command::Audited(_) => "Audited",
+        Command::IssueToken(_) => "IssueToken",
+        Command::RevokeToken(_) => "RevokeToken",
+        Command::Joined(_) => "Joined",
     }
 }
 
@@ -139,6 +142,24 @@ pub fn describe(command: &Command) -> String {
                 d.node, d.deadline_after_ms
             ),
         },
+        Command::IssueToken(grant) => format!(
+            "issue token {:?} ({}){}",
+            grant.name,
+            crate::access::scopes_text(&grant.scopes),
+            match grant.expires_at_ms {
+                Some(at) => format!(", expiring at {at} ms"),
+                None => String::new(),
+            }
+        ),
+        Command::RevokeToken(name) => format!("revoke token {name:?}"),
+        Command::Joined(note) => {
+            let role = if note.voter { "voter" } else { "learner" };
+            if note.new_member {
+                format!("admit node {} ({}) as a {role}", note.node, note.addr)
+            } else {
+                format!("node {} rejoined at {} as a {role}", note.node, note.addr)
+            }
+        }
         other => command_name(other).to_string(),
     };
     truncate_str(text, AUDIT_TEXT_BYTES_MAX)
@@ -154,13 +175,17 @@ pub fn outcome(response: &Response) -> String {
         }
         Response::Redriven(Ok(list)) => format!("{} redriven", list.len()),
         Response::PurgedDead(Ok(list)) => format!("{} purged", list.len()),
-        Response::QueueConfigured(Ok(_)) | Response::ScheduleChanged(Ok(())) => "done".into(),
+        Response::QueueConfigured(Ok(_))
+        | Response::ScheduleChanged(Ok(()))
+        | Response::TokenChanged(Ok(()))
+        | Response::Empty => "done".into(),
         Response::Draining(Ok(running)) => format!("draining; {running} attempts running"),
         Response::Redriven(Err(why))
         | Response::PurgedDead(Err(why))
         | Response::QueueConfigured(Err(why))
         | Response::ScheduleChanged(Err(why))
         | Response::Draining(Err(why))
+        | Response::TokenChanged(Err(why))
         | Response::Refused(why) => refused(why),
         other => format!("{other:?}"),
     };
@@ -181,7 +206,12 @@ impl JobTable {
         }
         let Audited { by, command } = audited;
         let action = describe(&command);
-        let response = self.apply_command(log_index, entropy, command, effects);
+        let response = match command {
+            Command::IssueToken(grant) => self.issue_token(grant, &by, effects),
+            Command::RevokeToken(name) => self.revoke_token(&name, effects),
+            Command::Joined(_) => Response::Empty,
+            command => self.apply_command(log_index, entropy, command, effects),
+        };
         if self.audit.len() >= AUDIT_RECORDS_MAX {
             self.audit.pop_front();
         }
