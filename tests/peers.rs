@@ -8,6 +8,7 @@ use std::time::Duration;
 use exactly_core::{Command, Expiry, NodeLease, Retention};
 use exactly_proto::internal::{Blob, SnapshotChunk};
 use exactly_tests::{ledger_job, TestCluster};
+use futures::StreamExt;
 use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, Vote};
 use tonic::Code;
 
@@ -29,7 +30,8 @@ async fn one_job_done(cluster: &TestCluster) -> anyhow::Result<u64> {
 /// a body that is not a snapshot: before this was checked, openraft purged the log up to the
 /// forged id, then the state machine failed to decode the body, the Raft core stopped, and the
 /// data directory could never start again (issue 12). Now it is refused with INVALID_ARGUMENT
-/// before openraft sees it: the node's term, log and jobs are untouched and it keeps working.
+/// before openraft sees it: the node's term, log and jobs are untouched and it keeps working. A
+/// snapshot under a stale vote is answered from its first chunk, without reading the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupt_snapshot_is_refused_and_the_node_keeps_its_data() -> anyhow::Result<()> {
     let cluster = TestCluster::start(3, |_| {}).await?;
@@ -65,6 +67,25 @@ async fn a_corrupt_snapshot_is_refused_and_the_node_keeps_its_data() -> anyhow::
             .expect_err("a corrupt snapshot must be refused");
         assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     }
+    // A snapshot under a vote older than the node's is answered with the node's vote as soon as
+    // its first chunk arrives: the rest of the stream (here one that never ends) is not read.
+    let stale = SnapshotChunk {
+        header: exactly_node::codec::encode(&(
+            Vote::new_committed(term.saturating_sub(1), leader),
+            SnapshotMeta::<u64, openraft::BasicNode>::default(),
+        )),
+        data: vec![7; 1000],
+        target: target.node.id,
+    };
+    let endless = futures::stream::iter(vec![stale]).chain(futures::stream::pending());
+    let answer = tokio::time::timeout(Duration::from_secs(5), peer.install_snapshot(endless))
+        .await
+        .expect("answered before the stream ended")?;
+    let decoded: Result<openraft::raft::SnapshotResponse<u64>, openraft::error::Fatal<u64>> =
+        exactly_node::codec::decode(&answer.into_inner().data)?;
+    let mine = target.node.raft.metrics().borrow().vote;
+    assert_eq!(decoded.expect("not fatal").vote, mine);
+
     let after = target.node.raft.metrics().borrow().clone();
     assert_eq!(after.current_term, term, "the forged vote reached Raft");
     assert!(

@@ -7,7 +7,8 @@ use exactly_core::Command;
 use exactly_proto::internal::internal_server::Internal;
 use exactly_proto::internal::{Blob, JoinRequest, SnapshotChunk};
 use exactly_store::TypeConfig;
-use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::error::Fatal;
+use openraft::raft::{AppendEntriesRequest, SnapshotResponse, VoteRequest};
 use openraft::{BasicNode, ChangeMembers, Snapshot, SnapshotMeta, Vote};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -196,14 +197,38 @@ impl Internal for InternalService {
         let sender = self.sender(&request)?;
         let cap = self.node.config.limits.snapshot_bytes_max;
         let mut stream = request.into_inner();
-        let mut header: Option<(Vote<u64>, SnapshotMeta<u64, BasicNode>)> = None;
-        let mut data = Vec::new();
+        // The first chunk names the sender's vote and the snapshot: everything that can be
+        // decided from it is decided before any data is taken in.
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        self.check_target(first.target)?;
+        let (vote, meta): (Vote<u64>, SnapshotMeta<u64, BasicNode>) = codec::decode(&first.header)?;
+        check_claim(sender, vote.leader_id.node_id, "the snapshot")?;
+        if let Some(refusal) =
+            crate::membership::removed_refusal(&self.node, vote.leader_id.node_id)
+        {
+            return Err(refusal);
+        }
+        // openraft refuses a snapshot from a leader whose vote is not at least this node's,
+        // whatever it holds, and answers with this node's vote: answer so at once, without
+        // reading the data (this node's vote only grows, so a stale view only lets more through
+        // to openraft, which decides again).
+        let mine = self.node.raft.metrics().borrow().vote;
+        // Not "at least": lower, or incomparable (votes are partially ordered).
+        let at_least = matches!(
+            vote.partial_cmp(&mine),
+            Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+        );
+        if !at_least {
+            let refused: Result<SnapshotResponse<u64>, Fatal<u64>> =
+                Ok(SnapshotResponse::new(mine));
+            return Ok(blob(&refused));
+        }
+        let mut data = first.data;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            if header.is_none() {
-                self.check_target(chunk.target)?;
-                header = Some(codec::decode(&chunk.header)?);
-            }
             if (data.len() + chunk.data.len()) as u64 > cap {
                 return Err(Status::resource_exhausted(format!(
                     "snapshot exceeds limits.snapshot-bytes-max ({cap} bytes)"
@@ -211,13 +236,10 @@ impl Internal for InternalService {
             }
             data.extend_from_slice(&chunk.data);
         }
-        let (vote, meta) =
-            header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        check_claim(sender, vote.leader_id.node_id, "the snapshot")?;
-        if let Some(refusal) =
-            crate::membership::removed_refusal(&self.node, vote.leader_id.node_id)
-        {
-            return Err(refusal);
+        if data.len() as u64 > cap {
+            return Err(Status::resource_exhausted(format!(
+                "snapshot exceeds limits.snapshot-bytes-max ({cap} bytes)"
+            )));
         }
         // Before openraft sees it: it purges the log before the state machine decodes the data.
         let checked = tokio::task::spawn_blocking(move || {
