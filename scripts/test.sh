@@ -22,3 +22,6 @@ phase() { # name command...
 phase "cargo fmt --check" cargo fmt --all -- --check
 phase "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings
 phase "cargo test --workspace" cargo test --workspace
+# Every fuzz target for a bounded time on the stable toolchain (`--sanitizer none`; see
+# scripts/fuzz.sh). The first run installs cargo-fuzz and builds the targets (~4 min here).
+phase "fuzz (stable, ${EXACTLY_FUZZ_SECONDS:-20} s per target)" env EXACTLY_FUZZ_STABLE=1 bash scripts/fuzz.sh "${EXACTLY_FUZZ_SECONDS:-20}"

@@ -400,6 +400,9 @@ impl JobTable {
     /// [`crate::Rejection`] in the response, and the rest of the batch is applied.
     pub fn apply(&mut self, log_index: u64, request: Request) -> (Response, Vec<Effect>) {
         self.now_ms = self.now_ms.max(request.now_ms);
+        // Whatever the command, even one that applies nothing (an empty or refused batch): the
+        // clock moved, so jobs it made due are ready now (found by the `apply` fuzz target).
+        self.promote_due();
         let mut effects = Vec::new();
         let response = match request.command {
             Command::Batch(commands) => Response::Batch(self.apply_batch(

@@ -2583,3 +2583,27 @@ fn the_audit_trail_is_bounded() {
     assert_eq!(trail.front().map(|r| r.index), Some(6));
     assert_eq!(trail.back().map(|r| r.index), Some(h.index));
 }
+
+/// An entry that applies nothing (an empty batch, or one refused whole) still moves the clock,
+/// and a delayed job it makes due is ready at once. Found by the `apply` fuzz target: the
+/// scheduling indexes disagreed with the records until the next command (the harness checks
+/// every invariant after each entry).
+#[test]
+fn an_entry_that_applies_nothing_still_makes_delayed_jobs_ready() {
+    let mut h = Harness::new();
+    let mut job = new_job("q", "noop", b"a");
+    job.run_at_ms = NOW + 1_000;
+    h.submit(NOW, vec![job]);
+    assert_eq!(h.table.queues()["q"].ready_entries().count(), 0);
+    h.apply(NOW + 5_000, Command::Batch(vec![]));
+    assert_eq!(h.table.queues()["q"].ready_entries().count(), 1);
+    let too_many = Command::Batch(vec![
+        Command::Cancel(vec![]);
+        exactly_core::limits::BATCH_COMMANDS_MAX + 1
+    ]);
+    let mut later = new_job("q", "noop", b"b");
+    later.run_at_ms = NOW + 6_000;
+    h.submit(NOW + 5_000, vec![later]);
+    h.apply(NOW + 7_000, too_many);
+    assert_eq!(h.table.queues()["q"].ready_entries().count(), 2);
+}
