@@ -449,7 +449,8 @@ async fn until_every_node(
 /// one with the same name or secret, one named like a configured token, or one issued by a
 /// token without `admin`, is refused; an expiring one is refused once it expired; a node
 /// restarted from a snapshot, and a node that joins after the log was compacted (so it gets the
-/// tokens in a snapshot), admit it too; a revocation reaches every node; issue, revocation and
+/// tokens in a snapshot), admit it too; a revocation reaches every node and ends a Watch stream
+/// opened with the token; issue, revocation and
 /// the new node's admission are in the audit trail with who did them. A node without
 /// configured tokens refuses to issue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -587,8 +588,22 @@ async fn tokens_issued_through_the_api_work_on_every_node_until_revoked() -> any
     let all = addrs(&cluster);
     until_every_node(&all, CI, Ok(())).await?;
 
+    // A Watch stream opened with the token ends once the token is revoked.
+    let mut watching = pinned(&all[1], CI)?
+        .watch(exactly_client::WatchScope::All, None)
+        .await?;
     root.revoke_token("ci").await?;
     until_every_node(&all, CI, Err(Code::Unauthenticated)).await?;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Err(e) = watching.next().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the revoked token's Watch stream ends within 10 s");
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended}");
 
     let trail = root.audit(0, 1000).await?;
     let find = |action: &str| {

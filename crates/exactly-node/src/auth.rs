@@ -78,6 +78,8 @@ pub use exactly_core::access::Scope;
 pub struct Credential {
     pub name: String,
     pub scopes: Vec<Scope>,
+    /// The SHA-256 of its token: what a long call (a Watch stream) is checked against again.
+    pub digest: [u8; 32],
 }
 
 impl Credential {
@@ -155,6 +157,7 @@ impl Tokens {
             let credential = Credential {
                 name: t.name.clone(),
                 scopes,
+                digest,
             };
             if by_digest.insert(digest, Arc::new(credential)).is_some() {
                 return Err(format!(
@@ -169,6 +172,27 @@ impl Tokens {
     /// Whether the port asks for tokens at all.
     pub fn enabled(&self) -> bool {
         !self.by_digest.is_empty()
+    }
+
+    /// Whether `credential`, admitted earlier, would still be admitted for `need` at `now_ms`:
+    /// its token is still configured or issued (and has not expired) with scopes that cover
+    /// `need`. What a long call (a Watch stream) is checked against while it runs.
+    pub fn still_admits(
+        &self,
+        issued: &IssuedSet,
+        now_ms: u64,
+        credential: &Credential,
+        need: Need,
+    ) -> bool {
+        let current = match self.by_digest.get(&credential.digest) {
+            Some(c) => Some(c),
+            None => issued
+                .by_digest
+                .get(&credential.digest)
+                .filter(|(_, expires)| !expires.is_some_and(|at| at <= now_ms))
+                .map(|(c, _)| c),
+        };
+        current.is_some_and(|c| c.allows(need))
     }
 
     /// The configured token named `name`, if any.
@@ -251,6 +275,7 @@ impl IssuedSet {
                 let credential = Credential {
                     name: t.name.clone(),
                     scopes: t.scopes.clone(),
+                    digest: t.sha256,
                 };
                 (t.sha256, (Arc::new(credential), t.expires_at_ms))
             })
@@ -321,6 +346,21 @@ impl TokenSet {
     }
 
     /// [`Tokens::admit`] with the tokens in use now.
+    /// [`Tokens::still_admits`] with the tokens as they are now. Without configured tokens
+    /// every call is admitted, so nothing is taken back either.
+    pub fn still_admits(&self, credential: &Credential, need: Need) -> bool {
+        let config = self.current();
+        if !config.enabled() {
+            return true;
+        }
+        let issued = self
+            .issued
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        config.still_admits(&issued, crate::node::wall_ms(), credential, need)
+    }
+
     /// Replaces the issued tokens (what this node applied last).
     pub fn set_issued(&self, tokens: &exactly_store::IssuedTokens) {
         let set = Arc::new(IssuedSet::from_state(tokens));
@@ -536,6 +576,32 @@ mod tests {
         assert_eq!(open.admit(&set, 1_000, None, Need::Admin), Ok(None));
     }
 
+    /// A credential admitted earlier is taken back once its token is revoked (no longer issued),
+    /// expires, or leaves the configuration; one that stays keeps its calls.
+    #[test]
+    fn admitted_credentials_are_checked_again() {
+        let t = tokens(&[("root", "ta", &["admin"])]);
+        let set = issued(&[
+            ("ci", "tc", &[Scope::Read], None),
+            ("temp", "tt", &[Scope::Read], Some(5_000)),
+        ]);
+        let admitted = |secret: &str| {
+            t.admit(&set, 1_000, Some(&bearer(secret)), Need::Read)
+                .unwrap()
+                .unwrap()
+        };
+        let (ci, temp, root) = (admitted("tc"), admitted("tt"), admitted("ta"));
+        assert!(t.still_admits(&set, 1_000, &ci, Need::Read));
+        assert!(!t.still_admits(&set, 1_000, &ci, Need::Operate));
+        assert!(t.still_admits(&set, 4_999, &temp, Need::Read));
+        assert!(!t.still_admits(&set, 5_000, &temp, Need::Read));
+        let revoked = issued(&[("temp", "tt", &[Scope::Read], Some(5_000))]);
+        assert!(!t.still_admits(&revoked, 1_000, &ci, Need::Read));
+        assert!(t.still_admits(&revoked, 1_000, &root, Need::Read));
+        let reconfigured = tokens(&[("root", "new-secret", &["admin"])]);
+        assert!(!reconfigured.still_admits(&set, 1_000, &root, Need::Read));
+    }
+
     #[test]
     fn without_tokens_everything_is_open() {
         let t = Tokens::default();
@@ -659,17 +725,20 @@ mod tests {
         let web = Credential {
             name: "web".into(),
             scopes: vec!["submit:emails".parse().unwrap(), Scope::Read],
+            digest: [1; 32],
         };
         assert!(web.may_submit_to("emails"));
         assert!(!web.may_submit_to("billing"));
         let admin = Credential {
             name: "root".into(),
             scopes: vec![Scope::Admin],
+            digest: [2; 32],
         };
         assert!(admin.may_submit_to("billing"));
         let reader = Credential {
             name: "r".into(),
             scopes: vec![Scope::Read],
+            digest: [3; 32],
         };
         assert!(!reader.may_submit_to("emails"));
         assert!("submit:".parse::<Scope>().is_err());

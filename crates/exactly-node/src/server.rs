@@ -533,8 +533,11 @@ fn serve(
             .add_service(health)
             .add_service(reflection)
             .add_service(
-                JobsServer::new(JobsService { node: node.clone() })
-                    .max_decoding_message_size(API_MESSAGE_BYTES_MAX),
+                JobsServer::new(JobsService {
+                    node: node.clone(),
+                    tokens: tokens.clone(),
+                })
+                .max_decoding_message_size(API_MESSAGE_BYTES_MAX),
             )
             .add_service(ClusterServer::new(ClusterService { node: node.clone() }))
             .add_service(TokensServer::new(TokensService {

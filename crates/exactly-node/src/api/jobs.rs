@@ -26,7 +26,13 @@ const WATCH_STREAM_EVENTS_MAX: usize = 1024;
 
 pub struct JobsService {
     pub node: Node,
+    /// The public port's credentials: a Watch stream ends once its token is no longer admitted.
+    pub tokens: std::sync::Arc<crate::auth::TokenSet>,
 }
+
+/// How often a Watch stream checks that its token is still admitted (revoked, expired, or gone
+/// from the tokens file: the stream ends with `UNAUTHENTICATED` within this).
+pub const WATCH_CREDENTIAL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEventMessage, Status>> + Send>>;
 
@@ -266,7 +272,9 @@ impl Jobs for JobsService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         // A watch "from now" starts no earlier than what the caller has seen.
         before_read(&self.node, &request).await?;
-        let token = crate::auth::credential_of(&request).map(|c| c.name.clone());
+        let credential = crate::auth::credential_of(&request).cloned();
+        let token = credential.as_ref().map(|c| c.name.clone());
+        let tokens = self.tokens.clone();
         let r = request.into_inner();
         if r.job_id != 0 && !r.queue.is_empty() {
             return Err(Status::invalid_argument(
@@ -292,6 +300,8 @@ impl Jobs for JobsService {
             // Releases the watcher slot however the stream ends.
             let _slot = slot;
             let mut last = after;
+            let mut recheck = tokio::time::interval(WATCH_CREDENTIAL_CHECK);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for e in backlog {
                 last = Some(e.position);
                 if wanted(&e)
@@ -307,6 +317,21 @@ impl Jobs for JobsService {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
+                    _ = recheck.tick() => {
+                        if let Some(c) = &credential {
+                            if !tokens.still_admits(c, crate::auth::Need::Read) {
+                                let _ = tx
+                                    .send(Err(Status::unauthenticated(format!(
+                                        "token {:?} is no longer admitted (revoked, expired or \
+                                         removed): the stream ends",
+                                        c.name
+                                    ))))
+                                    .await;
+                                return;
+                            }
+                        }
+                        continue;
+                    }
                     next = live.recv() => next,
                 };
                 match next {
