@@ -560,15 +560,7 @@ async fn tokens_issued_through_the_api_work_on_every_node_until_revoked() -> any
     assert_eq!(names, [("root", "config"), ("ci", "api"), ("temp", "api")]);
 
     // Node 3 restarts from a snapshot that holds the tokens.
-    let node3 = cluster.node(3).expect("node 3 runs").clone();
-    node3.raft.trigger().snapshot().await?;
-    wait_for(Duration::from_secs(30), || {
-        node3.raft.metrics().borrow().snapshot.is_some()
-    })
-    .await?;
-    drop(node3);
-    cluster.crash(3).await?;
-    cluster.restart(3).await?;
+    cluster.restart_from_snapshot(3).await?;
     until_every_node(&all[2..], CI, Ok(())).await?;
 
     // Node 4 joins once the log that issued the token is purged: it gets it in a snapshot.

@@ -1081,15 +1081,7 @@ async fn watch_is_ordered_and_resumable_on_another_node() -> anyhow::Result<()> 
 
     // With a snapshot taken, node 3 restarts from it and holds events only after it (its
     // floor): the start is older than that and is refused, not silently partial.
-    let node3 = cluster.node(3).expect("node 3 runs").clone();
-    node3.raft.trigger().snapshot().await?;
-    wait_for(Duration::from_secs(30), || {
-        node3.raft.metrics().borrow().snapshot.is_some()
-    })
-    .await?;
-    drop(node3);
-    cluster.crash(3).await?;
-    cluster.restart(3).await?;
+    cluster.restart_from_snapshot(3).await?;
     let mut third = pb::jobs_client::JobsClient::new(channel(&cluster, 3)?);
     let status = third
         .watch(pb::WatchRequest {

@@ -540,6 +540,23 @@ impl FaultyCluster {
         }
     }
 
+    /// Has member `id` take a snapshot (waiting at most 30 s for it), crashes it and starts it
+    /// again: it then loads its state from that snapshot, not from its log.
+    pub async fn restart_from_snapshot(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self
+            .node(id)
+            .ok_or_else(|| anyhow::anyhow!("node {id} does not run"))?
+            .clone();
+        node.raft.trigger().snapshot().await?;
+        crate::wait_for(Duration::from_secs(30), || {
+            node.raft.metrics().borrow().snapshot.is_some()
+        })
+        .await?;
+        drop(node);
+        self.crash(id).await?;
+        self.restart(id).await
+    }
+
     /// Starts a crashed member again on its data directory but at a new address (a container
     /// recreated with a new host name). Nothing listens at the old address any more.
     pub async fn restart_at_new_address(&mut self, id: u64) -> anyhow::Result<String> {

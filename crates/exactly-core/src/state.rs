@@ -448,7 +448,7 @@ impl JobTable {
         command: Command,
         effects: &mut Vec<Effect>,
     ) -> Response {
-        self.promote_due();
+        // Due jobs were made ready by `apply`, once per entry: within an entry the clock stands.
         match command {
             Command::Submit(jobs) => Response::Submitted(self.submit(jobs, effects)),
             Command::Assign(assignments) => self.assign(log_index, assignments, effects),
