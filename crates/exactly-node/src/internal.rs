@@ -417,7 +417,22 @@ pub(crate) fn check_forwarded(command: &Command, payload_bytes_max: usize) -> Re
 
 /// Adds a node as a learner (waiting until it has caught up), then promotes it to voter while
 /// the cluster has fewer voters than `voters-target`.
+///
+/// Runs to its end on its own task even if the caller goes away (a join request that timed out
+/// while its learner caught up: CI once lost node 2's record that way), one admission at a
+/// time: a membership change made is also recorded, and a retry waits for the try before it
+/// and then finds nothing left to change, so records nothing.
 pub(crate) async fn admit(node: &Node, id: u64, addr: String, by: String) -> JoinReply {
+    let node = node.clone();
+    tokio::spawn(async move {
+        let _one_at_a_time = node.admissions.lock().await;
+        admit_now(&node, id, addr, by).await
+    })
+    .await
+    .unwrap_or_else(|e| JoinReply::Failed(format!("the admission task failed: {e}")))
+}
+
+async fn admit_now(node: &Node, id: u64, addr: String, by: String) -> JoinReply {
     if node.read(|t| t.is_removed(id)) {
         return JoinReply::Removed;
     }

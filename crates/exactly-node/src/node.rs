@@ -78,6 +78,9 @@ pub enum ForwardReply {
 
 pub struct NodeInner {
     pub id: u64,
+    /// Held while this node, as leader, admits a node: one admission at a time, so that a join
+    /// retried while the first try still runs finds its work done (and records nothing twice).
+    pub admissions: tokio::sync::Mutex<()>,
     /// The address clients reach this one at (`advertise`, else the bound listen address); also
     /// other nodes without a peer listener. Registered in the state machine (`NodeEntry::addr`).
     pub addr: String,

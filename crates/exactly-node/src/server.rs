@@ -300,6 +300,7 @@ pub async fn start_with(
         id,
         addr: addr.clone(),
         peer_addr: peer_addr.clone(),
+        admissions: Default::default(),
         incarnation: incarnation.into(),
         lease_until_ms: Default::default(),
         lease_deadline: tokio::sync::watch::channel(0).0,
