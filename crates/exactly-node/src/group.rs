@@ -82,9 +82,9 @@ pub enum Refused {
 type Waiting = Arc<std::sync::Mutex<std::collections::VecDeque<tokio::time::Instant>>>;
 
 /// Whether a Submit may join the queue: refused while the oldest queued request has waited past
-/// [`ADMIT_QUEUE_DELAY_MAX`] (the queue is not draining as fast as it fills), or the oldest
-/// request in an entry in flight was queued longer ago than [`ADMIT_ANSWER_DELAY_MAX`] (entries
-/// commit too slowly for what they carry). The age of the oldest waiting request, not of the
+/// [`ADMIT_QUEUE_DELAY_MAX`] (the queue is not draining as fast as it fills), or, while requests
+/// wait in the queue, the oldest request in an entry in flight was queued longer ago than
+/// [`ADMIT_ANSWER_DELAY_MAX`] (entries commit too slowly for what they carry). The age of the oldest waiting request, not of the
 /// last one taken, so that a queue whose grouping task is stalled (every entry in flight waiting
 /// on slow commits) refuses too: measured, the last-taken delay stayed small while 8,192
 /// requests queued for seconds at 10,000 submits/s. `Err` carries the age that refused.
@@ -94,7 +94,10 @@ pub(crate) fn admits(
 ) -> Result<(), Duration> {
     match (oldest_queued, oldest_in_flight) {
         (Some(waited), _) if waited > ADMIT_QUEUE_DELAY_MAX => Err(waited),
-        (_, Some(waited)) if waited > ADMIT_ANSWER_DELAY_MAX => Err(waited),
+        // Only with a backlog: one slow commit alone (a leader change, a slow fsync) is not an
+        // overload, and refusing then would refuse a lone client (CI: a submit right after a
+        // leader's restart was refused while one earlier submit was still committing).
+        (Some(_), Some(waited)) if waited > ADMIT_ANSWER_DELAY_MAX => Err(waited),
         _ => Ok(()),
     }
 }
@@ -353,7 +356,11 @@ mod tests {
         assert_eq!(admits(Some(ms(5_000)), Some(ms(1))), Err(ms(5_000)));
         let slow = ADMIT_ANSWER_DELAY_MAX + ms(1);
         assert_eq!(admits(Some(ms(10)), Some(slow)), Err(slow));
-        assert_eq!(admits(None, Some(slow)), Err(slow));
+        assert_eq!(
+            admits(None, Some(slow)),
+            Ok(()),
+            "no backlog: a slow commit alone"
+        );
     }
 
     /// Weights 5, 3, 4, 9, 1 with a limit of 8 per batch and 3 items: the first always goes,
