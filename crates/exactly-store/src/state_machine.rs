@@ -22,7 +22,7 @@ use openraft::{
 use crate::codec::{encode_raw, u64_key};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, Meta};
-use crate::store::{Store, PAYLOAD_BATCH_KEYS_MAX};
+use crate::store::Store;
 use crate::{IssuedTokens, Observer, TypeConfig};
 
 type StorageResult<T> = std::result::Result<T, StorageError<u64>>;
@@ -135,21 +135,16 @@ fn apply_blocking(
         applied.last_applied = Some(log_id);
         out.responses.push(response);
     }
-    // In order, so that a later drop of the same job wins; in small batches, because sled
-    // leaks space with large batches of removals.
-    for chunk in payload_ops.chunks(PAYLOAD_BATCH_KEYS_MAX) {
-        let mut batch = sled::Batch::default();
-        for (key, value) in chunk {
-            match value {
-                Some(v) => batch.insert(key, v.as_slice()),
-                None => batch.remove(key),
-            }
+    // In order, so that a later drop of the same job wins. One operation each, not a
+    // `sled::Batch` (which rolls sled's IO buffer twice, see `log_store::write_entries`):
+    // nothing needs them atomic, as a restart re-applies the log from a snapshot and rewrites
+    // them.
+    for (key, value) in payload_ops {
+        match value {
+            Some(v) => store.inner.payloads.insert(key, v).map(drop),
+            None => store.inner.payloads.remove(key).map(drop),
         }
-        store
-            .inner
-            .payloads
-            .apply_batch(batch)
-            .map_err(|e| Error::sled("writing payloads", e))?;
+        .map_err(|e| Error::sled("writing payloads", e))?;
     }
     // A start that a later entry of the same batch already ended or replaced must not reach an
     // executor (this happens when a lagging node or a restarted one applies many entries).
