@@ -59,8 +59,6 @@ impl OpenraftThrottle {
     }
 }
 
-/// The node's log subscriber: `filter` (from `RUST_LOG`, or the node's default), colour only on
-/// a terminal, and openraft's repeated warnings and errors throttled ([`OpenraftThrottle`]).
 /// Whether events of this kind are throttled: openraft's warnings and errors.
 fn is_throttled(target: &str, level: Level, event: bool) -> bool {
     event
@@ -72,6 +70,13 @@ fn throttled_callsite(meta: &Metadata<'_>) -> bool {
     is_throttled(meta.target(), *meta.level(), meta.is_event())
 }
 
+/// The node's log subscriber: `filter` (from `RUST_LOG`, or the node's default), colour only on
+/// a terminal, and openraft's repeated warnings and errors throttled ([`OpenraftThrottle`]).
+///
+/// `filter` is the subscriber's global filter, not a per-layer one: a callsite it disables is
+/// then `never` for good and costs nothing. As a per-layer filter, openraft's and h2's debug
+/// spans (every poll of the Raft core is instrumented) were still created, entered and closed
+/// in the registry and checked per layer: ~4 % of the leader's CPU at 2,000 submits/s.
 pub fn init(filter: tracing_subscriber::EnvFilter) {
     use tracing_subscriber::filter::DynFilterFn;
     use tracing_subscriber::prelude::*;
@@ -90,10 +95,10 @@ pub fn init(filter: tracing_subscriber::EnvFilter) {
             }
         });
     tracing_subscriber::registry()
+        .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .with_filter(filter)
                 .with_filter(throttled),
         )
         .init();
