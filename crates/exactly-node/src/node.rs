@@ -530,8 +530,11 @@ impl Node {
     }
 
     /// Returns once Raft reports a leader other than `old` (not merely none: an election).
+    /// (Server metrics, which change only with the vote, state, leader or membership: the full
+    /// metrics are sent again after every batch of Raft work, and would wake every forwarded
+    /// request's watcher several times per entry.)
     async fn until_new_leader(&self, old: u64) {
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft.server_metrics();
         loop {
             if metrics
                 .borrow_and_update()
@@ -549,7 +552,7 @@ impl Node {
     /// Waits `backoff`, or less if the leader Raft reports changes from `seen` first (a new
     /// leader was elected: the next try should go to it at once, not after the backoff).
     async fn until_leader_changes(&self, seen: Option<u64>, backoff: Duration) {
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft.server_metrics();
         let changed = async {
             loop {
                 if metrics.borrow_and_update().current_leader != seen {

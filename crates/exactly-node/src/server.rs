@@ -622,8 +622,12 @@ async fn learn_ready_index(node: Node) {
 const READY_INDEX_RETRY: Duration = Duration::from_millis(100);
 
 /// Starts the scheduler actor when this node becomes leader and stops it when it is not.
+///
+/// Watches openraft's server metrics (vote, state, leader, membership), which change only when
+/// those do, not the full metrics, which are sent again after every batch of Raft work (several
+/// times per entry): each would wake this task for nothing.
 async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
-    let mut metrics = node.raft.metrics();
+    let mut metrics = node.raft.server_metrics();
     loop {
         let leading = {
             let m = metrics.borrow_and_update();
