@@ -181,6 +181,36 @@ fn unreachable_err<E: std::error::Error>(e: impl std::fmt::Display) -> RPCError<
     RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e.to_string())))
 }
 
+/// How a Raft RPC that failed is reported to openraft.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// No answer within the deadline (openraft 0.9 gives an AppendEntries one heartbeat
+    /// interval): the peer is slow, not gone. Reported as a network error, which openraft
+    /// retries at the next heartbeat or entry. As unreachable it put the peer's replication into
+    /// openraft's 500 ms backoff, and that node's clients waited for its apply (measured: a
+    /// 583 ms stall at 500 submits/s after one 50 ms timeout).
+    Slow,
+    /// No connection (refused, reset, the channel down): unreachable, which openraft backs off
+    /// from.
+    Unreachable,
+    /// The peer says this node was removed from the cluster.
+    Removed,
+    /// Anything else, e.g. a node at that address that is not the target (its address was
+    /// reused by a new node): a network error, which never counts for the target.
+    Other,
+}
+
+/// Classifies a failed Raft RPC by its status and how long it waited against its deadline.
+fn failure(code: tonic::Code, message: &str, waited: Duration, deadline: Duration) -> Failure {
+    use tonic::Code;
+    match code {
+        Code::DeadlineExceeded | Code::Cancelled if waited >= deadline => Failure::Slow,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Failure::Unreachable,
+        Code::FailedPrecondition if message.starts_with(REMOVED_MARKER) => Failure::Removed,
+        _ => Failure::Other,
+    }
+}
+
 impl Connection {
     // openraft's error type is what the trait returns; boxing it here would only unbox it again.
     #[allow(clippy::result_large_err)]
@@ -220,28 +250,16 @@ impl Connection {
         request.set_timeout(option.hard_ttl());
         let departure = &self.departure;
         let sent = std::time::Instant::now();
-        let reply = send(client, request)
-            .await
-            .map_err(|status| match status.code() {
-                // The peer did not answer within the deadline (openraft 0.9 gives an
-                // AppendEntries one heartbeat interval): slow, not gone. Unreachable would put
-                // its replication into openraft's 500 ms backoff, and that node's clients wait
-                // for its apply (measured: a 583 ms stall at 500 submits/s after one 50 ms
-                // timeout). As a network error the next heartbeat or entry retries.
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled if sent.elapsed() >= ttl => {
-                    RPCError::Network(NetworkError::new(&status))
-                }
-                tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled => unreachable_err(status.message()),
-                tonic::Code::FailedPrecondition if status.message().starts_with(REMOVED_MARKER) => {
+        let reply = send(client, request).await.map_err(|status| {
+            match failure(status.code(), status.message(), sent.elapsed(), ttl) {
+                Failure::Slow | Failure::Other => RPCError::Network(NetworkError::new(&status)),
+                Failure::Unreachable => unreachable_err(status.message()),
+                Failure::Removed => {
                     departure.mark_removed();
                     unreachable_err(status.message())
                 }
-                // A node at that address that is not `target` (its address was reused by a new
-                // node): as good as unreachable, and it must never count for `target`.
-                _ => RPCError::Network(NetworkError::new(&status)),
-            })?;
+            }
+        })?;
         if faults::pass(&self.faults, self.target, self.from, ttl)
             .await
             .is_err()
@@ -344,6 +362,52 @@ impl RaftNetwork<TypeConfig> for Connection {
 
 #[cfg(test)]
 mod tests {
+    /// A deadline missed is a slow peer (no backoff); a connection that fails before it is an
+    /// unreachable one; the removed marker is a removal; the rest is a plain network error.
+    #[test]
+    fn failed_rpcs_are_classified_by_status_and_deadline() {
+        use super::{failure, Failure, REMOVED_MARKER};
+        use std::time::Duration;
+        use tonic::Code;
+        let ms = Duration::from_millis;
+        let deadline = ms(50);
+        assert_eq!(
+            failure(Code::Cancelled, "Timeout expired", ms(50), deadline),
+            Failure::Slow
+        );
+        assert_eq!(
+            failure(Code::DeadlineExceeded, "", ms(80), deadline),
+            Failure::Slow
+        );
+        assert_eq!(
+            failure(Code::Cancelled, "", ms(3), deadline),
+            Failure::Unreachable
+        );
+        assert_eq!(
+            failure(Code::DeadlineExceeded, "", ms(49), deadline),
+            Failure::Unreachable
+        );
+        for waited in [ms(1), ms(500)] {
+            assert_eq!(
+                failure(Code::Unavailable, "refused", waited, deadline),
+                Failure::Unreachable
+            );
+        }
+        let removed = format!("{REMOVED_MARKER} node 3 was removed");
+        assert_eq!(
+            failure(Code::FailedPrecondition, &removed, ms(1), deadline),
+            Failure::Removed
+        );
+        assert_eq!(
+            failure(Code::FailedPrecondition, "other", ms(1), deadline),
+            Failure::Other
+        );
+        assert_eq!(
+            failure(Code::PermissionDenied, "not node 3", ms(1), deadline),
+            Failure::Other
+        );
+    }
+
     use std::collections::{BTreeSet, HashMap};
     use std::time::{Duration, Instant};
 
