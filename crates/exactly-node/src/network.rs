@@ -367,45 +367,27 @@ mod tests {
     #[test]
     fn failed_rpcs_are_classified_by_status_and_deadline() {
         use super::{failure, Failure, REMOVED_MARKER};
-        use std::time::Duration;
         use tonic::Code;
         let ms = Duration::from_millis;
-        let deadline = ms(50);
-        assert_eq!(
-            failure(Code::Cancelled, "Timeout expired", ms(50), deadline),
-            Failure::Slow
-        );
-        assert_eq!(
-            failure(Code::DeadlineExceeded, "", ms(80), deadline),
-            Failure::Slow
-        );
-        assert_eq!(
-            failure(Code::Cancelled, "", ms(3), deadline),
-            Failure::Unreachable
-        );
-        assert_eq!(
-            failure(Code::DeadlineExceeded, "", ms(49), deadline),
-            Failure::Unreachable
-        );
-        for waited in [ms(1), ms(500)] {
+        let removed = format!("{REMOVED_MARKER} node 3 was removed");
+        let cases = [
+            (Code::Cancelled, "Timeout expired", ms(50), Failure::Slow),
+            (Code::DeadlineExceeded, "", ms(80), Failure::Slow),
+            (Code::Cancelled, "", ms(3), Failure::Unreachable),
+            (Code::DeadlineExceeded, "", ms(49), Failure::Unreachable),
+            (Code::Unavailable, "refused", ms(1), Failure::Unreachable),
+            (Code::Unavailable, "refused", ms(500), Failure::Unreachable),
+            (Code::FailedPrecondition, &removed, ms(1), Failure::Removed),
+            (Code::FailedPrecondition, "other", ms(1), Failure::Other),
+            (Code::PermissionDenied, "not node 3", ms(1), Failure::Other),
+        ];
+        for (code, message, waited, expected) in cases {
             assert_eq!(
-                failure(Code::Unavailable, "refused", waited, deadline),
-                Failure::Unreachable
+                failure(code, message, waited, ms(50)),
+                expected,
+                "{code:?} {message:?} after {waited:?}"
             );
         }
-        let removed = format!("{REMOVED_MARKER} node 3 was removed");
-        assert_eq!(
-            failure(Code::FailedPrecondition, &removed, ms(1), deadline),
-            Failure::Removed
-        );
-        assert_eq!(
-            failure(Code::FailedPrecondition, "other", ms(1), deadline),
-            Failure::Other
-        );
-        assert_eq!(
-            failure(Code::PermissionDenied, "not node 3", ms(1), deadline),
-            Failure::Other
-        );
     }
 
     use std::collections::{BTreeSet, HashMap};
