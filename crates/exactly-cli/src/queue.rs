@@ -1,5 +1,5 @@
 //! `exactly queue list|configure`: queue settings, enforced cluster-wide (a concurrency limit, a
-//! rate limit, paused or not) and each queue's pending and running jobs.
+//! rate limit, paused or not) and each queue's jobs: pending, running, finished and dead.
 
 use std::time::Duration;
 
@@ -108,10 +108,10 @@ fn rate_of(q: &QueueInfo) -> String {
 /// The queues as a table.
 pub fn render_list(queues: &[QueueInfo]) -> String {
     if queues.is_empty() {
-        // The cluster keeps a queue while it has pending or running jobs or settings of its
-        // own; finished jobs are still listed by `exactly list`.
-        return "no queues with pending or running jobs or settings (finished jobs: `exactly \
-                list --state succeeded`, `--state dead`)\n"
+        // The cluster lists a queue while it holds jobs in any state (until retention deletes
+        // finished ones) or has settings of its own.
+        return "no queues: no job has been submitted, or retention has deleted every finished \
+                one, and no queue has settings\n"
             .into();
     }
     let mut table = Table::new(&[
@@ -121,6 +121,8 @@ pub fn render_list(queues: &[QueueInfo]) -> String {
         "RATE",
         "PENDING",
         "RUNNING",
+        "FINISHED",
+        "DEAD",
     ]);
     for q in queues {
         table.row(vec![
@@ -130,6 +132,8 @@ pub fn render_list(queues: &[QueueInfo]) -> String {
             rate_of(q),
             q.pending.to_string(),
             q.running.to_string(),
+            q.finished.to_string(),
+            q.dead.to_string(),
         ]);
     }
     table.render()
@@ -144,6 +148,8 @@ pub fn render_one(q: &QueueInfo) -> String {
         ("rate", rate_of(q)),
         ("pending", q.pending.to_string()),
         ("running", q.running.to_string()),
+        ("finished", q.finished.to_string()),
+        ("dead", q.dead.to_string()),
     ])
 }
 
@@ -157,6 +163,9 @@ pub struct QueueView {
     paused: bool,
     pending: u64,
     running: u32,
+    /// Succeeded and cancelled jobs still retained.
+    finished: u64,
+    dead: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -177,6 +186,8 @@ impl From<&QueueInfo> for QueueView {
             paused: q.paused,
             pending: q.pending,
             running: q.running,
+            finished: q.finished,
+            dead: q.dead,
         }
     }
 }
@@ -213,12 +224,11 @@ pub async fn run(client: &Client, command: &QueueCommand, json: bool) -> anyhow:
 mod tests {
     use super::*;
 
-    /// No queue to show says which queues the cluster keeps and where finished jobs are.
+    /// No queue to show says when that happens.
     #[test]
-    fn an_empty_list_points_to_finished_jobs() {
+    fn an_empty_list_says_why() {
         let text = render_list(&[]);
-        assert!(text.contains("pending or running"), "{text}");
-        assert!(text.contains("exactly list --state succeeded"), "{text}");
+        assert!(text.contains("no job has been submitted"), "{text}");
     }
 
     /// Rates parse as JOBS/PERIOD, a bare unit meaning one of it; zero or garbage is refused.
@@ -270,6 +280,8 @@ mod tests {
                 name: "default".into(),
                 pending: 3,
                 running: 1,
+                finished: 120,
+                dead: 2,
                 ..QueueInfo::default()
             },
             QueueInfo {
@@ -282,13 +294,15 @@ mod tests {
                 paused: true,
                 pending: 0,
                 running: 0,
+                finished: 0,
+                dead: 0,
             },
         ];
         assert_eq!(
             render_list(&queues),
-            "QUEUE    STATE   CONCURRENCY  RATE       PENDING  RUNNING\n\
-             default  active  unlimited    unlimited  3        1\n\
-             mail     paused  2            10/1s      0        0\n"
+            "QUEUE    STATE   CONCURRENCY  RATE       PENDING  RUNNING  FINISHED  DEAD\n\
+             default  active  unlimited    unlimited  3        1        120       2\n\
+             mail     paused  2            10/1s      0        0        0         0\n"
         );
     }
 }

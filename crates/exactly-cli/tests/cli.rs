@@ -1015,7 +1015,9 @@ async fn queues() {
          concurrency  2\n\
          rate         10/1s\n\
          pending      0\n\
-         running      0\n"
+         running      0\n\
+         finished     0\n\
+         dead         0\n"
     );
     let value = json(
         &ok(
@@ -1043,9 +1045,9 @@ async fn queues() {
     let text = ok(&endpoint, &["queue", "list"]).await;
     assert_eq!(
         text,
-        "QUEUE  STATE   CONCURRENCY  RATE       PENDING  RUNNING\n\
-         batch  active  unlimited    unlimited  1        0\n\
-         mail   active  2            unlimited  0        0\n"
+        "QUEUE  STATE   CONCURRENCY  RATE       PENDING  RUNNING  FINISHED  DEAD\n\
+         batch  active  unlimited    unlimited  1        0        0         0\n\
+         mail   active  2            unlimited  0        0        0         0\n"
     );
     let out = exactly(&endpoint, &["queue", "configure", "mail"], b"").await;
     assert_eq!(out.status.code(), Some(2));

@@ -175,6 +175,35 @@ pub struct JobTable {
     audit: VecDeque<AuditRecord>,
     /// Bearer tokens issued through the API, by name (see `tokens.rs`).
     tokens: BTreeMap<String, crate::access::IssuedToken>,
+    /// Finished jobs and dead letters still retained, per queue, so that a queue whose jobs have
+    /// all finished is still listed. Derived from the job records: not encoded in snapshots
+    /// (older snapshots do not have it) but rebuilt by [`JobTable::rebuild_derived`] after
+    /// decoding, and checked by [`JobTable::check_invariants`].
+    #[serde(skip)]
+    retained: BTreeMap<String, Retained>,
+}
+
+/// One queue's terminal jobs still in the table (until retention or a purge deletes them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retained {
+    /// Succeeded and cancelled jobs.
+    pub finished: u64,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+impl Retained {
+    fn slot(&mut self, status: JobStatus) -> Option<&mut u64> {
+        match status {
+            JobStatus::Succeeded | JobStatus::Cancelled => Some(&mut self.finished),
+            JobStatus::Dead => Some(&mut self.dead),
+            JobStatus::Pending | JobStatus::Running => None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.finished == 0 && self.dead == 0
+    }
 }
 
 pub(crate) fn truncate_bytes(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
@@ -378,6 +407,7 @@ impl Default for JobTable {
             keys_by_age: BTreeSet::new(),
             finished: BTreeSet::new(),
             dead: BTreeSet::new(),
+            retained: BTreeMap::new(),
             schedules: BTreeMap::new(),
             counts: StateCounts::default(),
             leaving: BTreeMap::new(),
@@ -594,6 +624,8 @@ impl JobTable {
             }
             JobStatus::Pending | JobStatus::Running => {}
         }
+        self.unretain(&job.queue, old);
+        self.retain_terminal(&job.queue, status);
         if status.is_terminal() {
             self.release_ordering_key(job);
             self.forget_queue_if_idle(&job.queue.clone());
@@ -608,6 +640,49 @@ impl JobTable {
             node: attempt.map(|a| a.node),
             at_ms: self.now_ms,
         }));
+    }
+
+    /// Counts a job of `queue` that is now in the terminal `status` (nothing for a live one).
+    fn retain_terminal(&mut self, queue: &str, status: JobStatus) {
+        if status.is_terminal() {
+            let retained = self.retained.entry(queue.to_string()).or_default();
+            if let Some(n) = retained.slot(status) {
+                *n += 1;
+            }
+        }
+    }
+
+    /// Uncounts a job of `queue` that leaves the terminal `status` (redriven or deleted).
+    fn unretain(&mut self, queue: &str, status: JobStatus) {
+        let Some(retained) = self.retained.get_mut(queue) else {
+            return;
+        };
+        if let Some(n) = retained.slot(status) {
+            *n = n.saturating_sub(1);
+        }
+        if retained.is_empty() {
+            self.retained.remove(queue);
+        }
+    }
+
+    /// Recomputes what is derived from the job records and not encoded (the per-queue counts of
+    /// retained jobs). Called after a table is decoded from a snapshot.
+    pub fn rebuild_derived(&mut self) {
+        self.retained = self.count_retained();
+    }
+
+    fn count_retained(&self) -> BTreeMap<String, Retained> {
+        let mut retained: BTreeMap<String, Retained> = BTreeMap::new();
+        for job in self.jobs.values().filter(|j| j.status.is_terminal()) {
+            if let Some(n) = retained
+                .entry(job.queue.clone())
+                .or_default()
+                .slot(job.status)
+            {
+                *n += 1;
+            }
+        }
+        retained
     }
 
     /// A job with an ordering key finished for good: it leaves its key's line, and the next job
@@ -766,6 +841,11 @@ impl JobTable {
 
     pub fn queue(&self, name: &str) -> Option<&QueueState> {
         self.queues.get(name)
+    }
+
+    /// Finished jobs and dead letters still retained, by queue (queues with none are absent).
+    pub fn retained(&self) -> &BTreeMap<String, Retained> {
+        &self.retained
     }
 
     pub fn schedules(&self) -> &BTreeMap<String, Schedule> {
@@ -945,6 +1025,9 @@ impl JobTable {
         }
         if counts != self.counts {
             return Err(format!("counts {:?} != {:?}", self.counts, counts));
+        }
+        if self.retained != self.count_retained() {
+            return Err("per-queue retained counts disagree with the jobs".to_string());
         }
         for node in self.removed.keys() {
             if self.nodes.contains_key(node) || self.leaving.contains_key(node) {

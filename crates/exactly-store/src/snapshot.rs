@@ -60,7 +60,8 @@ pub(crate) fn encode_body(table: &JobTable, payloads: &[(JobId, Vec<u8>)]) -> Re
 /// Decodes snapshot data, checking the table's own invariants: a snapshot comes from disk or
 /// from another node, and a table with broken indexes must be refused, not installed.
 pub(crate) fn decode_body(data: &[u8]) -> Result<SnapshotBody> {
-    let body: SnapshotBody = decode("snapshot data", data)?;
+    let mut body: SnapshotBody = decode("snapshot data", data)?;
+    body.table.rebuild_derived();
     body.table
         .check_invariants()
         .map_err(|e| Error::corrupt("snapshot data", e))?;

@@ -324,6 +324,7 @@ impl JobTable {
                 continue;
             }
             self.dead.remove(&(job.updated_at_ms, id));
+            self.unretain(&job.queue, JobStatus::Dead);
             job.failures = 0;
             job.abandoned = 0;
             job.run_at_ms = self.now_ms;
@@ -359,6 +360,7 @@ impl JobTable {
         };
         self.finished.remove(&(job.updated_at_ms, id));
         self.dead.remove(&(job.updated_at_ms, id));
+        self.unretain(&job.queue, job.status);
         *self.counts.slot(job.status) -= 1;
         // Succeeded and cancelled jobs dropped their payload when they finished.
         if job.status == JobStatus::Dead {

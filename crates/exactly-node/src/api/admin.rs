@@ -1,6 +1,9 @@
 //! The DeadLetters and Queues services.
 
+use std::collections::BTreeSet;
+
 use exactly_core::limits::DEAD_BATCH_MAX;
+use exactly_core::QueueConfig;
 use exactly_core::{Command, DeadFilter, QueuePatch, RateLimit, Response as CoreResponse};
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::dead_letters_server::DeadLetters;
@@ -126,9 +129,9 @@ impl Queues for QueuesService {
             .await?;
         match response {
             CoreResponse::QueueConfigured(Ok(config)) => {
-                let info = self
-                    .node
-                    .read(|t| queue_to_pb(&queue, &config, t.queue(&queue)));
+                let info = self.node.read(|t| {
+                    queue_to_pb(&queue, &config, t.queue(&queue), t.retained().get(&queue))
+                });
                 Ok(stamped(Response::new(info), index))
             }
             CoreResponse::QueueConfigured(Err(why)) => {
@@ -143,10 +146,18 @@ impl Queues for QueuesService {
         request: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
         let at = before_read(&self.node, &request).await?;
+        // Every queue with jobs in any state or settings of its own: the live ones (with their
+        // scheduling state) and those holding only finished jobs or dead letters.
         let queues = self.node.read(|t| {
-            t.queues()
-                .iter()
-                .map(|(name, q)| queue_to_pb(name, &q.config, Some(q)))
+            let names: BTreeSet<&String> = t.queues().keys().chain(t.retained().keys()).collect();
+            let default = QueueConfig::default();
+            names
+                .into_iter()
+                .map(|name| {
+                    let state = t.queue(name);
+                    let config = state.map_or(&default, |q| &q.config);
+                    queue_to_pb(name, config, state, t.retained().get(name))
+                })
                 .collect()
         });
         Ok(stamped(

@@ -4,6 +4,7 @@ use exactly_core::limits::RUN_AT_AHEAD_MS_MAX;
 use exactly_core::state::{validate_new_job, validate_run_at};
 use exactly_core::{
     AttemptEnd, Backoff, Job, JobEvent, JobStatus, NewJob, QueueConfig, QueueState, RateLimit,
+    Retained,
 };
 use exactly_proto::v1 as pb;
 use tonic::Status;
@@ -215,7 +216,12 @@ pub fn rate_to_pb(rate: &RateLimit) -> pb::RateLimitSpec {
     }
 }
 
-pub fn queue_to_pb(name: &str, config: &QueueConfig, state: Option<&QueueState>) -> pb::QueueInfo {
+pub fn queue_to_pb(
+    name: &str,
+    config: &QueueConfig,
+    state: Option<&QueueState>,
+    retained: Option<&Retained>,
+) -> pb::QueueInfo {
     let running = state.map_or(0, |q| q.running());
     pb::QueueInfo {
         name: name.to_string(),
@@ -224,5 +230,7 @@ pub fn queue_to_pb(name: &str, config: &QueueConfig, state: Option<&QueueState>)
         paused: config.paused,
         pending: state.map_or(0, |q| q.live().saturating_sub(u64::from(running))),
         running,
+        finished: retained.map_or(0, |r| r.finished),
+        dead: retained.map_or(0, |r| r.dead),
     }
 }
