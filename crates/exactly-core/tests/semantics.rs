@@ -2078,12 +2078,8 @@ fn retention_fixture() -> Harness {
 /// finished is still listed; redrive, purge and retention take them out of the count.
 #[test]
 fn retained_jobs_are_counted_per_queue() {
-    let counts = |h: &Harness, queue: &str| {
-        h.table
-            .retained()
-            .get(queue)
-            .map(|r| (r.finished, r.dead))
-    };
+    let counts =
+        |h: &Harness, queue: &str| h.table.retained().get(queue).map(|r| (r.finished, r.dead));
     let mut h = retention_fixture();
     assert_eq!(counts(&h, "q"), Some((3, 2)));
 
@@ -2093,9 +2089,15 @@ fn retained_jobs_are_counted_per_queue() {
     assert!(h.table.queue("done").is_none());
     assert_eq!(counts(&h, "done"), Some((1, 0)));
 
-    assert_eq!(redrive(&mut h, NOW + 62, dead_filter(&[3], None, None, 10)).0, [3]);
+    assert_eq!(
+        redrive(&mut h, NOW + 62, dead_filter(&[3], None, None, 10)).0,
+        [3]
+    );
     assert_eq!(counts(&h, "q"), Some((3, 1)));
-    assert_eq!(purge(&mut h, NOW + 63, dead_filter(&[7], None, None, 10)).0, [7]);
+    assert_eq!(
+        purge(&mut h, NOW + 63, dead_filter(&[7], None, None, 10)).0,
+        [7]
+    );
     assert_eq!(counts(&h, "q"), Some((3, 0)));
 
     retain(
