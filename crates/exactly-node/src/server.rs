@@ -126,6 +126,30 @@ impl RunningNode {
 /// refusing its vote request) — it stops campaigning so that it cannot raise the cluster's term,
 /// and cancels anything it still runs. It keeps serving reads and status (its /readyz says why
 /// it is not ready) until it is stopped.
+/// Logs at ERROR when the Raft core stops while the node is not shutting down: what an operator
+/// must act on, which openraft itself logs among lines the node writes at INFO (`logging.rs`).
+async fn report_raft_core_stop(node: Node) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        let state = metrics.borrow_and_update().running_state.clone();
+        if let Err(fatal) = state {
+            if !node.shutdown.is_cancelled() {
+                tracing::error!(
+                    node = node.id,
+                    error = %fatal,
+                    "the Raft core stopped: this node no longer takes part in the cluster \
+                     (/healthz answers 503); restart it once the error is understood"
+                );
+            }
+            return;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            () = node.shutdown.cancelled() => return,
+        }
+    }
+}
+
 async fn stand_down_when_removed(node: Node, executor: ActorRef<ExecutorMsg>) {
     tokio::select! {
         () = node.departure.wait() => {}
@@ -367,6 +391,7 @@ pub async fn start_with(
         tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
         tokio::spawn(stand_down_when_removed(node.clone(), executor.clone())),
         tokio::spawn(learn_ready_index(node.clone())),
+        tokio::spawn(report_raft_core_stop(node.clone())),
     ];
     if let Some(listener) = http {
         tasks.push(tokio::spawn(crate::http::serve(
