@@ -178,13 +178,15 @@ async fn compact(node: &Node) -> anyhow::Result<u64> {
 }
 
 /// The size of a node's current snapshot file, in bytes.
+/// Bytes in a node's snapshot directory (the pointer and the current data file).
 fn snapshot_bytes(cluster: &FaultyCluster, id: u64) -> u64 {
-    let path = cluster
-        .data_dir()
-        .join(format!("node-{id}"))
-        .join("snapshot")
-        .join("current");
-    std::fs::metadata(path).map_or(0, |m| m.len())
+    let dir = cluster.data_dir().join(format!("node-{id}")).join("snapshot");
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
 }
 
 /// A three-node cluster holding many finished jobs, its leader's log compacted into a snapshot,

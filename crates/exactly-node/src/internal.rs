@@ -1,7 +1,6 @@
 //! The node-to-node gRPC service: Raft RPCs, snapshot streams, forwarded writes and joins.
 
 use std::collections::BTreeSet;
-use std::io::Cursor;
 
 use exactly_core::Command;
 use exactly_proto::internal::internal_server::Internal;
@@ -10,6 +9,7 @@ use exactly_store::TypeConfig;
 use openraft::error::Fatal;
 use openraft::raft::{AppendEntriesRequest, SnapshotResponse, VoteRequest};
 use openraft::{BasicNode, ChangeMembers, Snapshot, SnapshotMeta, Vote};
+use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -226,34 +226,49 @@ impl Internal for InternalService {
                 Ok(SnapshotResponse::new(mine));
             return Ok(blob(&refused));
         }
-        let mut data = first.data;
+        // Into an anonymous file in the snapshot directory, never into memory: a snapshot is as
+        // large as the state, and the cap is checked as the bytes arrive.
+        let store = self.node.store.clone();
+        let file = tokio::task::spawn_blocking(move || store.incoming_snapshot_file())
+            .await
+            .map_err(|e| Status::internal(format!("receiving the snapshot: {e}")))?
+            .map_err(|e| Status::unavailable(format!("receiving the snapshot: {e}")))?;
+        let mut file = tokio::io::BufWriter::new(tokio::fs::File::from_std(file));
+        let write_err =
+            |e: std::io::Error| Status::unavailable(format!("receiving the snapshot: {e}"));
+        let too_big = || {
+            Status::resource_exhausted(format!(
+                "snapshot exceeds limits.snapshot-bytes-max ({cap} bytes)"
+            ))
+        };
+        let mut received = first.data.len() as u64;
+        if received > cap {
+            return Err(too_big());
+        }
+        file.write_all(&first.data).await.map_err(write_err)?;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            if (data.len() + chunk.data.len()) as u64 > cap {
-                return Err(Status::resource_exhausted(format!(
-                    "snapshot exceeds limits.snapshot-bytes-max ({cap} bytes)"
-                )));
+            received += chunk.data.len() as u64;
+            if received > cap {
+                return Err(too_big());
             }
-            data.extend_from_slice(&chunk.data);
+            file.write_all(&chunk.data).await.map_err(write_err)?;
         }
-        if data.len() as u64 > cap {
-            return Err(Status::resource_exhausted(format!(
-                "snapshot exceeds limits.snapshot-bytes-max ({cap} bytes)"
-            )));
-        }
+        file.flush().await.map_err(write_err)?;
+        let mut file = file.into_inner().into_std().await;
         // Before openraft sees it: it purges the log before the state machine decodes the data.
         let checked = tokio::task::spawn_blocking(move || {
-            exactly_store::check_snapshot(&meta, &data).map(|()| (meta, data))
+            exactly_store::check_snapshot_file(&meta, &mut file).map(|()| (meta, file))
         })
         .await
         .map_err(|e| Status::internal(format!("checking the snapshot: {e}")))?;
-        let (meta, data) = checked.map_err(|e| {
+        let (meta, file) = checked.map_err(|e| {
             tracing::warn!(error = %e, "refused a snapshot from a peer");
             Status::invalid_argument(format!("snapshot refused, nothing changed: {e}"))
         })?;
         let snapshot = Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         };
         Ok(blob(
             &self.node.raft.install_full_snapshot(vote, snapshot).await,

@@ -17,6 +17,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::transport::{Channel, Endpoint};
 
 use std::sync::Arc;
@@ -322,25 +323,12 @@ impl RaftNetwork<TypeConfig> for Connection {
             .await
             .map_err(lost)?;
         let header = codec::encode(&(vote, snapshot.meta.clone()));
-        let data = snapshot.snapshot.into_inner();
-        let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK_BYTES + 1);
-        let mut first = true;
-        for piece in data.chunks(SNAPSHOT_CHUNK_BYTES) {
-            chunks.push(SnapshotChunk {
-                header: if first { header.clone() } else { Vec::new() },
-                data: piece.to_vec(),
-                target: if first { self.target } else { 0 },
-            });
-            first = false;
-        }
-        if chunks.is_empty() {
-            chunks.push(SnapshotChunk {
-                header,
-                data: Vec::new(),
-                target: self.target,
-            });
-        }
-        let send = client.install_snapshot(futures::stream::iter(chunks));
+        let mut data = snapshot.snapshot;
+        data.seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        let chunks = snapshot_chunks(*data, header, self.target);
+        let send = client.install_snapshot(chunks);
         let reply = tokio::select! {
             reply = send => reply,
             closed = cancel => return Err(StreamingError::Closed(closed)),
@@ -358,6 +346,50 @@ impl RaftNetwork<TypeConfig> for Connection {
                 .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+/// Snapshot data read from `data` (from its current position to its end) as chunks of at most
+/// [`SNAPSHOT_CHUNK_BYTES`], read as they are sent: the first carries `header` and `target`
+/// (and no data if the snapshot is empty). A read error ends the stream early: the receiver
+/// then refuses the truncated snapshot and openraft sends it again.
+fn snapshot_chunks(
+    data: tokio::fs::File,
+    header: Vec<u8>,
+    target: u64,
+) -> impl futures::Stream<Item = SnapshotChunk> {
+    futures::stream::unfold(
+        (data, Some(header), false),
+        move |(mut data, header, done)| async move {
+            if done {
+                return None;
+            }
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < buf.len() {
+                match data.read(&mut buf[filled..]).await {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading snapshot data to send");
+                        return None;
+                    }
+                }
+            }
+            if filled == 0 && header.is_none() {
+                return None;
+            }
+            buf.truncate(filled);
+            let first = header.is_some();
+            let chunk = SnapshotChunk {
+                header: header.unwrap_or_default(),
+                data: buf,
+                target: if first { target } else { 0 },
+            };
+            // A short read means the end: nothing more to send after this chunk.
+            let done = filled < SNAPSHOT_CHUNK_BYTES;
+            Some((chunk, (data, None, done)))
+        },
+    )
 }
 
 #[cfg(test)]

@@ -157,8 +157,9 @@ impl fmt::Display for LostWrites {
 ///   snapshot's payloads, like an interrupted snapshot install. That is more than a power loss
 ///   drops (it keeps payload writes before the last durability point), and exactly what
 ///   openraft allows a state machine to lose: everything applied after its snapshot, which it
-///   applies again from the log. The snapshot file is its own durability point (written to a
-///   temporary name, fsynced, renamed, directory fsynced) and is kept as found.
+///   applies again from the log. The snapshot is its own durability point (its data file
+///   fsynced, then its pointer written to a temporary name, fsynced, renamed, directory
+///   fsynced) and is kept as found.
 /// - The node id and the incarnation counter are kept: each is durable before it is used.
 pub fn lose_unsynced_writes(dir: &Path, image: &DurableImage) -> Result<LostWrites> {
     let store = Store::open(dir)?;

@@ -19,7 +19,6 @@
 //! **Invariant:** `save_vote` returns, and `append` calls its flushed-callback, only after the
 //! vote or entries are fsynced (invariant 1 of the design).
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use exactly_core::{Request, Response, StartAttempt};
@@ -38,7 +37,7 @@ pub use durability::{
 };
 pub use error::{Error, Result};
 pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX};
-pub use snapshot::check as check_snapshot;
+pub use snapshot::{check as check_snapshot, check_file as check_snapshot_file};
 pub use state_machine::{SnapshotBuilder, StateMachine};
 pub use store::{
     Store, OPEN_LOCK_RETRY_MS, OPEN_LOCK_WAIT_MS_MAX, PAYLOAD_BATCH_KEYS_MAX, PURGE_BATCH_KEYS_MAX,
@@ -46,10 +45,13 @@ pub use store::{
 };
 
 openraft::declare_raft_types!(
-    /// openraft's type configuration for exactly: log entries carry an [`exactly_core::Request`].
+    /// openraft's type configuration for exactly: log entries carry an [`exactly_core::Request`];
+    /// snapshot data is a file (built into one, sent from one, received into one), never one
+    /// buffer in memory.
     pub TypeConfig:
         D = Request,
         R = Response,
+        SnapshotData = tokio::fs::File,
 );
 
 /// The tokens issued through the API, by name.

@@ -8,17 +8,35 @@
 //! dance on every build. A file written to a temporary name, fsynced and renamed over the old
 //! one is atomic, costs no memory at rest, and is read only when openraft asks for it.
 //!
-//! Snapshot data (what [`openraft::Snapshot::snapshot`] carries):
-//! `[FORMAT][postcard(SnapshotBody)]`, where the body is the job table and the payloads of
-//! its pending and running jobs. Last applied log id and membership travel in the
-//! [`SnapshotMeta`], as openraft expects.
+//! Snapshot data (what [`openraft::Snapshot::snapshot`] carries, a file: see
+//! [`crate::TypeConfig`]): `[FORMAT][postcard(SnapshotBody)]`, where the body is the job table
+//! and the payloads of its pending and running jobs. Last applied log id and membership travel
+//! in the [`SnapshotMeta`], as openraft expects.
 //!
-//! Snapshot file: `[FORMAT][u32 BE meta length][encoded meta][snapshot data]`.
+//! **Never one buffer of the whole snapshot**: the data is encoded straight into its file,
+//! decoded straight from a file (postcard over a buffered reader), sent to a peer in chunks read
+//! from the file, and received from a peer into a file. (What is still whole in memory is the
+//! job table itself, the state machine's state, until issue 13.)
+//!
+//! On disk, in the snapshot directory:
+//! - `data-<index>-<micros>-<n>`: snapshot data files, each written once and fsynced;
+//! - `pointer`: `[FORMAT][u32 BE meta length][encoded meta][data file name]`, naming the current
+//!   snapshot's data file; replaced atomically (temporary name, fsync, rename, fsync the
+//!   directory), so a crash leaves either the old or the new snapshot;
+//! - `incoming-*`: data being received from a peer; unlinked as soon as it is created, so
+//!   nothing is left behind by a crash or a refusal.
+//!
+//! Data files the pointer does not name are left-overs of an interrupted build and are deleted
+//! at start-up. A data directory of the earlier layout (one file `current` holding the header
+//! and the data) is converted when the store opens.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use exactly_core::limits::PAYLOAD_BYTES_CEILING;
 use exactly_core::{JobId, JobTable};
 use openraft::{BasicNode, SnapshotMeta};
 use serde::{Deserialize, Serialize};
@@ -32,13 +50,26 @@ pub type Meta = SnapshotMeta<u64, BasicNode>;
 /// Bytes of encoded snapshot metadata, at most (it is a log id and a membership config; a
 /// larger length in a file header is corruption, not a reason to allocate).
 const META_BYTES_MAX: usize = 16 * 1024 * 1024;
-/// The name of the current snapshot file inside the snapshot directory.
-const CURRENT: &str = "current";
-/// The name a new snapshot file is written under before it is renamed over [`CURRENT`].
-const CURRENT_TMP: &str = "current.tmp";
+/// The pointer to the current snapshot.
+const POINTER: &str = "pointer";
+/// The name a new pointer is written under before it is renamed over [`POINTER`].
+const POINTER_TMP: &str = "pointer.tmp";
+/// The earlier layout's single snapshot file (converted at open), and its temporary name.
+const LEGACY_CURRENT: &str = "current";
+const LEGACY_CURRENT_TMP: &str = "current.tmp";
+/// Prefixes of data files and of (unlinked) incoming files.
+const DATA_PREFIX: &str = "data-";
+const INCOMING_PREFIX: &str = "incoming-";
+/// Bytes of a data file name, at most (a longer name in a pointer is corruption).
+const DATA_NAME_BYTES_MAX: usize = 128;
+/// Buffer sizes for encoding into and decoding from a data file.
+const IO_BUFFER_BYTES: usize = 256 * 1024;
+/// postcard's scratch space when decoding from a reader: it holds one string or byte string at
+/// a time (a payload at most), never the whole snapshot.
+const DECODE_SCRATCH_BYTES: usize = PAYLOAD_BYTES_CEILING + 64 * 1024;
 
 /// What snapshot data holds, for decoding.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 pub(crate) struct SnapshotBody {
     pub(crate) table: JobTable,
     /// Payloads of the table's pending and running jobs, by job id.
@@ -52,28 +83,70 @@ struct SnapshotBodyRef<'a> {
     payloads: &'a [(JobId, Vec<u8>)],
 }
 
-/// Encodes snapshot data.
-pub(crate) fn encode_body(table: &JobTable, payloads: &[(JobId, Vec<u8>)]) -> Result<Vec<u8>> {
-    encode("snapshot data", &SnapshotBodyRef { table, payloads })
+/// Encodes snapshot data into `w` (buffered by the caller or not: this buffers).
+pub(crate) fn encode_body_to(
+    table: &JobTable,
+    payloads: &[(JobId, Vec<u8>)],
+    w: impl Write,
+) -> Result<()> {
+    let encode_err = |e: &dyn std::fmt::Display| Error::Encode {
+        what: "snapshot data",
+        detail: e.to_string(),
+    };
+    let mut w = BufWriter::with_capacity(IO_BUFFER_BYTES, w);
+    w.write_all(&[FORMAT])
+        .map_err(|e| Error::io("writing snapshot data", e))?;
+    let mut w =
+        postcard::to_io(&SnapshotBodyRef { table, payloads }, w).map_err(|e| encode_err(&e))?;
+    w.flush().map_err(|e| Error::io("writing snapshot data", e))
 }
 
-/// Decodes snapshot data, checking the table's own invariants: a snapshot comes from disk or
-/// from another node, and a table with broken indexes must be refused, not installed.
-pub(crate) fn decode_body(data: &[u8]) -> Result<SnapshotBody> {
-    let mut body: SnapshotBody = decode("snapshot data", data)?;
+/// Encodes snapshot data into memory (tests only; the node never does).
+#[cfg(test)]
+pub(crate) fn encode_body(table: &JobTable, payloads: &[(JobId, Vec<u8>)]) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    encode_body_to(table, payloads, &mut data)?;
+    Ok(data)
+}
+
+/// Decodes snapshot data from `r`, to its end, checking the table's own invariants: a snapshot
+/// comes from disk or from another node, and a table with broken indexes must be refused, not
+/// installed. Trailing bytes are corruption.
+pub(crate) fn decode_body_from(r: impl Read) -> Result<SnapshotBody> {
+    const WHAT: &str = "snapshot data";
+    let mut r = BufReader::with_capacity(IO_BUFFER_BYTES, r);
+    let mut version = [0u8; 1];
+    r.read_exact(&mut version)
+        .map_err(|_| Error::corrupt(WHAT, "empty value"))?;
+    if version[0] != FORMAT {
+        return Err(Error::corrupt(
+            WHAT,
+            format!("unknown format version {}", version[0]),
+        ));
+    }
+    let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
+    let (mut body, (mut rest, _)): (SnapshotBody, _) =
+        postcard::from_io((r, &mut scratch)).map_err(|e| Error::corrupt(WHAT, e))?;
+    let mut probe = [0u8; 1];
+    match rest.read(&mut probe) {
+        Ok(0) => {}
+        Ok(_) => return Err(Error::corrupt(WHAT, "trailing bytes")),
+        Err(e) => return Err(Error::io("reading snapshot data", e)),
+    }
     body.table.rebuild_derived();
     body.table
         .check_invariants()
-        .map_err(|e| Error::corrupt("snapshot data", e))?;
+        .map_err(|e| Error::corrupt(WHAT, e))?;
     Ok(body)
 }
 
-/// Checks a snapshot received from a peer completely (metadata consistent, data decodes, the
-/// table's invariants hold) without changing anything. The node calls it before it hands the
-/// snapshot to openraft, because openraft purges the log up to the snapshot's last log id
-/// before the state machine sees the data: a snapshot refused only at install would stop the
-/// Raft core and leave a data directory that cannot start again.
-pub fn check(meta: &Meta, data: &[u8]) -> Result<()> {
+/// Decodes snapshot data held in memory (see [`decode_body_from`]).
+pub(crate) fn decode_body(data: &[u8]) -> Result<SnapshotBody> {
+    decode_body_from(data)
+}
+
+/// Checks a snapshot's metadata: it has a last log id, and its membership is not after it.
+fn check_meta(meta: &Meta) -> Result<()> {
     if meta.last_log_id.is_none() {
         return Err(Error::corrupt(
             "snapshot metadata",
@@ -90,7 +163,29 @@ pub fn check(meta: &Meta, data: &[u8]) -> Result<()> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// Checks a snapshot received from a peer completely (metadata consistent, data decodes, the
+/// table's invariants hold) without changing anything. The node calls it before it hands the
+/// snapshot to openraft, because openraft purges the log up to the snapshot's last log id
+/// before the state machine sees the data: a snapshot refused only at install would stop the
+/// Raft core and leave a data directory that cannot start again.
+pub fn check(meta: &Meta, data: &[u8]) -> Result<()> {
+    check_meta(meta)?;
     decode_body(data).map(|_| ())
+}
+
+/// [`check`] for data in a file, read from its start; the file is left at its start.
+pub fn check_file(meta: &Meta, file: &mut File) -> Result<()> {
+    check_meta(meta)?;
+    let rewind = |f: &mut File| {
+        f.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io("rewinding snapshot data", e))
+    };
+    rewind(file)?;
+    decode_body_from(&mut *file)?;
+    rewind(file).map(|_| ())
 }
 
 /// The snapshot directory's path.
@@ -98,111 +193,230 @@ pub(crate) fn dir_of(data_dir: &Path) -> PathBuf {
     data_dir.join("snapshot")
 }
 
-/// Writes the current snapshot durably: to a temporary file, fsync, rename over the current
-/// file, fsync the directory. A crash at any point leaves either the old or the new snapshot.
-pub(crate) fn write(dir: &Path, meta: &Meta, data: &[u8]) -> Result<()> {
+/// A new, unique data file name.
+fn new_data_name(prefix: &str, label: u64) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!(
+        "{prefix}{label}-{micros}-{}",
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Writes a new data file with `write` and fsyncs it; returns its path. Not yet the current
+/// snapshot: see [`point_to`].
+pub(crate) fn write_data(
+    dir: &Path,
+    label: u64,
+    write: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<PathBuf> {
+    let path = dir.join(new_data_name(DATA_PREFIX, label));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Error::io("creating a snapshot data file", e))?;
+    let written = write(&mut f).and_then(|()| {
+        f.sync_all()
+            .map_err(|e| Error::io("fsyncing a snapshot data file", e))
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
+}
+
+/// A new anonymous file in the snapshot directory for data received from a peer: created and
+/// unlinked at once, so it disappears with its last handle whatever happens.
+pub(crate) fn incoming_file(dir: &Path) -> Result<File> {
+    let path = dir.join(new_data_name(INCOMING_PREFIX, 0));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Error::io("creating a file for an incoming snapshot", e))?;
+    fs::remove_file(&path).map_err(|e| Error::io("unlinking an incoming snapshot file", e))?;
+    Ok(f)
+}
+
+/// Makes the data file `data` (in `dir`) the current snapshot with `meta`, atomically, and
+/// fsyncs the directory. The data file must be durable already ([`write_data`]).
+pub(crate) fn point_to(dir: &Path, meta: &Meta, data: &Path) -> Result<()> {
+    let name = data
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| data.parent() == Some(dir) && valid_data_name(n))
+        .ok_or_else(|| Error::corrupt("snapshot pointer", "not a data file of this directory"))?;
     let meta_bytes = encode("snapshot metadata", meta)?;
     let meta_len = u32::try_from(meta_bytes.len()).map_err(|_| Error::Encode {
         what: "snapshot metadata",
         detail: format!("{} bytes do not fit the u32 length", meta_bytes.len()),
     })?;
-    let tmp = dir.join(CURRENT_TMP);
+    let tmp = dir.join(POINTER_TMP);
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&tmp)
-        .map_err(|e| Error::io("creating the snapshot file", e))?;
+        .map_err(|e| Error::io("creating the snapshot pointer", e))?;
     let write_all = |f: &mut File| -> std::io::Result<()> {
         f.write_all(&[FORMAT])?;
         f.write_all(&meta_len.to_be_bytes())?;
         f.write_all(&meta_bytes)?;
-        f.write_all(data)?;
+        f.write_all(name.as_bytes())?;
         f.sync_all()
     };
-    write_all(&mut f).map_err(|e| Error::io("writing the snapshot file", e))?;
+    write_all(&mut f).map_err(|e| Error::io("writing the snapshot pointer", e))?;
     drop(f);
-    fs::rename(&tmp, dir.join(CURRENT)).map_err(|e| Error::io("renaming the snapshot file", e))?;
+    fs::rename(&tmp, dir.join(POINTER))
+        .map_err(|e| Error::io("renaming the snapshot pointer", e))?;
     sync_dir(dir, "fsyncing the snapshot directory")
 }
 
-/// Reads the current snapshot, if there is one.
-pub(crate) fn read(dir: &Path) -> Result<Option<(Meta, Vec<u8>)>> {
-    let mut f = match File::open(dir.join(CURRENT)) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("opening the snapshot file", e)),
-    };
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)
-        .map_err(|e| Error::io("reading the snapshot file", e))?;
-    let (meta, data_start) = split_file(&bytes)?;
-    bytes.drain(..data_start);
-    Ok(Some((meta, bytes)))
+fn valid_data_name(name: &str) -> bool {
+    name.len() <= DATA_NAME_BYTES_MAX
+        && name.starts_with(DATA_PREFIX)
+        && name[DATA_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'-')
 }
 
-/// Reads only the current snapshot's metadata (not its data), if there is one.
-pub(crate) fn read_meta(dir: &Path) -> Result<Option<Meta>> {
-    const WHAT: &str = "snapshot file";
-    let f = match File::open(dir.join(CURRENT)) {
-        Ok(f) => f,
+/// The current snapshot's metadata and data file path, if there is one.
+pub(crate) fn current(dir: &Path) -> Result<Option<(Meta, PathBuf)>> {
+    const WHAT: &str = "snapshot pointer";
+    let bytes = match fs::read(dir.join(POINTER)) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("opening the snapshot file", e)),
+        Err(e) => return Err(Error::io("reading the snapshot pointer", e)),
     };
-    let mut f = std::io::BufReader::new(f);
-    let mut header = [0u8; 5];
-    f.read_exact(&mut header)
-        .map_err(|e| Error::corrupt(WHAT, format!("reading the header: {e}")))?;
-    let meta_len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if meta_len > META_BYTES_MAX {
-        return Err(Error::corrupt(
-            WHAT,
-            format!("metadata length {meta_len} exceeds {META_BYTES_MAX}"),
-        ));
-    }
-    let mut bytes = header.to_vec();
-    bytes.resize(5 + meta_len, 0);
-    f.read_exact(&mut bytes[5..])
-        .map_err(|e| Error::corrupt(WHAT, format!("reading the metadata: {e}")))?;
-    split_file(&bytes).map(|(meta, _)| Some(meta))
+    let (meta, meta_end) = split_header(WHAT, &bytes)?;
+    let name = std::str::from_utf8(&bytes[meta_end..])
+        .ok()
+        .filter(|n| valid_data_name(n))
+        .ok_or_else(|| Error::corrupt(WHAT, "not a data file name"))?;
+    Ok(Some((meta, dir.join(name))))
 }
 
-/// Decodes the framing of a snapshot file: returns the metadata and where the data starts.
-fn split_file(bytes: &[u8]) -> Result<(Meta, usize)> {
-    const WHAT: &str = "snapshot file";
+/// Opens the current snapshot's data file (at its start), if there is one (tests; the store
+/// opens it under its lock).
+#[cfg(test)]
+pub(crate) fn open_current(dir: &Path) -> Result<Option<(Meta, File)>> {
+    let Some((meta, path)) = current(dir)? else {
+        return Ok(None);
+    };
+    let f = File::open(&path).map_err(|e| Error::io("opening the snapshot data file", e))?;
+    Ok(Some((meta, f)))
+}
+
+/// Decodes the `[FORMAT][u32 BE length][meta]` header: returns the metadata and where it ends.
+fn split_header(what: &'static str, bytes: &[u8]) -> Result<(Meta, usize)> {
     match bytes.first() {
         Some(&FORMAT) => {}
-        Some(v) => return Err(Error::corrupt(WHAT, format!("unknown format version {v}"))),
-        None => return Err(Error::corrupt(WHAT, "empty file")),
+        Some(v) => return Err(Error::corrupt(what, format!("unknown format version {v}"))),
+        None => return Err(Error::corrupt(what, "empty file")),
     }
     let len_bytes: [u8; 4] = bytes
         .get(1..5)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| Error::corrupt(WHAT, "truncated header"))?;
-    let meta_end = 5usize.saturating_add(u32::from_be_bytes(len_bytes) as usize);
+        .ok_or_else(|| Error::corrupt(what, "truncated header"))?;
+    let meta_len = u32::from_be_bytes(len_bytes) as usize;
+    if meta_len > META_BYTES_MAX {
+        return Err(Error::corrupt(
+            what,
+            format!("metadata length {meta_len} exceeds {META_BYTES_MAX}"),
+        ));
+    }
+    let meta_end = 5 + meta_len;
     let meta_bytes = bytes
         .get(5..meta_end)
-        .ok_or_else(|| Error::corrupt(WHAT, "truncated metadata"))?;
+        .ok_or_else(|| Error::corrupt(what, "truncated metadata"))?;
     let meta: Meta = decode("snapshot metadata", meta_bytes)?;
     Ok((meta, meta_end))
 }
 
-/// Removes a temporary snapshot file left by a crash during [`write`].
-pub(crate) fn remove_leftovers(dir: &Path) -> Result<()> {
-    match fs::remove_file(dir.join(CURRENT_TMP)) {
+/// Start-up: converts the earlier layout, removes a half-written pointer, and deletes data files
+/// the pointer does not name (left by a build or an install that a crash interrupted).
+pub(crate) fn recover(dir: &Path) -> Result<()> {
+    remove_if_present(&dir.join(POINTER_TMP))?;
+    remove_if_present(&dir.join(LEGACY_CURRENT_TMP))?;
+    convert_legacy(dir)?;
+    let keep = current(dir)?.map(|(_, path)| path);
+    let entries = fs::read_dir(dir).map_err(|e| Error::io("listing the snapshot directory", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing the snapshot directory", e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let leftover = (name.starts_with(DATA_PREFIX) && Some(entry.path()) != keep)
+            || name.starts_with(INCOMING_PREFIX);
+        if leftover {
+            remove_if_present(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The earlier layout kept header and data in one file, `current`: its data is copied into a
+/// data file, the pointer written, and `current` removed (in that order, so a crash at any
+/// point converts again or is done).
+fn convert_legacy(dir: &Path) -> Result<()> {
+    const WHAT: &str = "snapshot file";
+    let legacy = dir.join(LEGACY_CURRENT);
+    let mut f = match File::open(&legacy) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("opening the snapshot file", e)),
+    };
+    let mut header = [0u8; 5];
+    f.read_exact(&mut header)
+        .map_err(|e| Error::corrupt(WHAT, format!("reading the header: {e}")))?;
+    let meta_len = (u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize)
+        .min(META_BYTES_MAX + 1);
+    let mut bytes = header.to_vec();
+    bytes.resize(5 + meta_len, 0);
+    f.read_exact(&mut bytes[5..])
+        .map_err(|e| Error::corrupt(WHAT, format!("reading the metadata: {e}")))?;
+    let (meta, _) = split_header(WHAT, &bytes)?;
+    let label = meta.last_log_id.map_or(0, |l| l.index);
+    let data = write_data(dir, label, |out| {
+        std::io::copy(&mut f, out)
+            .map(|_| ())
+            .map_err(|e| Error::io("converting the snapshot file", e))
+    })?;
+    point_to(dir, &meta, &data)?;
+    fs::remove_file(&legacy).map_err(|e| Error::io("removing the converted snapshot file", e))?;
+    sync_dir(dir, "fsyncing the snapshot directory")?;
+    tracing::info!(snapshot = %meta, "converted the snapshot file to the pointer layout");
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("removing a temporary snapshot file", e)),
+        Err(e) => Err(Error::io("removing a snapshot left-over", e)),
     }
 }
 
-/// The size of the current snapshot file in bytes (0 if there is none).
+/// Removes a data file that is no longer current (its open handles keep it readable).
+pub(crate) fn remove_data(path: &Path) -> Result<()> {
+    remove_if_present(path)
+}
+
+/// The size of the current snapshot (pointer and data file) in bytes (0 if there is none).
 pub(crate) fn size(dir: &Path) -> Result<u64> {
-    match fs::metadata(dir.join(CURRENT)) {
+    let Some((_, data)) = current(dir)? else {
+        return Ok(0);
+    };
+    let len = |p: &Path| match fs::metadata(p) {
         Ok(m) => Ok(m.len()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(Error::io("reading the snapshot file's size", e)),
-    }
+        Err(e) => Err(Error::io("reading the snapshot's size", e)),
+    };
+    Ok(len(&dir.join(POINTER))? + len(&data)?)
 }
 
 /// fsyncs a directory so that the names created or renamed in it survive a power loss.
@@ -216,28 +430,102 @@ pub(crate) fn sync_dir(dir: &Path, context: &'static str) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// A snapshot file round-trips its metadata and data, and a damaged header is corruption.
-    #[test]
-    fn snapshot_file_round_trips_and_refuses_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(read(dir.path()).unwrap().is_none());
-        let meta = Meta {
-            last_log_id: Some(openraft::testing::log_id(3, 1, 42)),
+    fn meta(index: u64) -> Meta {
+        Meta {
+            last_log_id: Some(openraft::testing::log_id(3, 1, index)),
             last_membership: Default::default(),
-            snapshot_id: "s-1".to_string(),
-        };
-        let data = encode_body(&JobTable::new(), &[(1, vec![1, 2, 3])]).unwrap();
-        write(dir.path(), &meta, &data).unwrap();
-        let (back_meta, back_data) = read(dir.path()).unwrap().unwrap();
-        assert_eq!(back_meta, meta);
-        assert_eq!(read_meta(dir.path()).unwrap(), Some(meta.clone()));
-        assert_eq!(back_data, data);
-        let body = decode_body(&back_data).unwrap();
+            snapshot_id: format!("s-{index}"),
+        }
+    }
+
+    /// A snapshot's data file and pointer round-trip, a damaged pointer is corruption, and
+    /// start-up removes data files the pointer does not name and a half-written pointer.
+    #[test]
+    fn pointer_and_data_round_trip_and_leftovers_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        assert!(current(dir).unwrap().is_none());
+        assert_eq!(size(dir).unwrap(), 0);
+        let data = write_data(dir, 42, |f| {
+            encode_body_to(&JobTable::new(), &[(1, vec![1, 2, 3])], f)
+        })
+        .unwrap();
+        point_to(dir, &meta(42), &data).unwrap();
+        let (back_meta, mut f) = open_current(dir).unwrap().unwrap();
+        assert_eq!(back_meta, meta(42));
+        check_file(&meta(42), &mut f).unwrap();
+        let body = decode_body_from(&mut f).unwrap();
         assert_eq!(body.table, JobTable::new());
         assert_eq!(body.payloads, vec![(1, vec![1, 2, 3])]);
+        assert!(size(dir).unwrap() > 0);
 
-        fs::write(dir.path().join(CURRENT), [FORMAT, 0, 0, 9]).unwrap();
-        assert!(read(dir.path()).unwrap_err().is_corruption());
-        assert!(read_meta(dir.path()).unwrap_err().is_corruption());
+        let orphan = write_data(dir, 43, |f| {
+            f.write_all(b"x").map_err(|e| Error::io("t", e))
+        })
+        .unwrap();
+        fs::write(dir.join(POINTER_TMP), b"half").unwrap();
+        recover(dir).unwrap();
+        assert!(!orphan.exists() && !dir.join(POINTER_TMP).exists());
+        assert!(data.exists(), "the current data file is kept");
+        assert_eq!(current(dir).unwrap().unwrap().0, meta(42));
+
+        fs::write(dir.join(POINTER), [FORMAT, 0, 0, 9]).unwrap();
+        assert!(current(dir).unwrap_err().is_corruption());
+        let mut pointer = vec![FORMAT];
+        let meta_bytes = encode("m", &meta(1)).unwrap();
+        pointer.extend((meta_bytes.len() as u32).to_be_bytes());
+        pointer.extend(meta_bytes);
+        pointer.extend(b"../../etc/passwd");
+        fs::write(dir.join(POINTER), pointer).unwrap();
+        assert!(
+            current(dir).unwrap_err().is_corruption(),
+            "names stay in the directory"
+        );
+    }
+
+    /// A data directory of the earlier layout (header and data in one `current` file) is
+    /// converted at start-up, with the same metadata and data.
+    #[test]
+    fn the_earlier_layout_is_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let data = encode_body(&JobTable::new(), &[(7, b"seven".to_vec())]).unwrap();
+        let meta_bytes = encode("m", &meta(9)).unwrap();
+        let mut legacy = vec![FORMAT];
+        legacy.extend((meta_bytes.len() as u32).to_be_bytes());
+        legacy.extend(meta_bytes);
+        legacy.extend(&data);
+        fs::write(dir.join(LEGACY_CURRENT), legacy).unwrap();
+        recover(dir).unwrap();
+        assert!(!dir.join(LEGACY_CURRENT).exists());
+        let (back, mut f) = open_current(dir).unwrap().unwrap();
+        assert_eq!(back, meta(9));
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes, data);
+    }
+
+    /// Decoding from a reader refuses what decoding from bytes refuses: another version,
+    /// truncation, trailing bytes; an incoming file is gone from the directory at once.
+    #[test]
+    fn decoding_from_a_reader_refuses_damage() {
+        let data = encode_body(&JobTable::new(), &[(1, vec![9; 100_000])]).unwrap();
+        assert_eq!(decode_body(&data).unwrap().payloads[0].1.len(), 100_000);
+        let mut other = data.clone();
+        other[0] = FORMAT + 1;
+        assert!(decode_body(&other).unwrap_err().is_corruption());
+        assert!(decode_body(&data[..data.len() - 1])
+            .unwrap_err()
+            .is_corruption());
+        let mut trailing = data.clone();
+        trailing.push(0);
+        assert!(decode_body(&trailing).unwrap_err().is_corruption());
+        assert!(decode_body(&[]).unwrap_err().is_corruption());
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = incoming_file(dir.path()).unwrap();
+        f.write_all(&data).unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        check_file(&meta(1), &mut f).unwrap();
     }
 }

@@ -8,7 +8,7 @@
 //! **Invariant:** a reader never sees a job whose payload is not yet readable: apply writes the
 //! payloads while it still holds the table's write lock, and calls the observer after both.
 
-use std::io::Cursor;
+use std::io::{Seek, SeekFrom, Write};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -56,7 +56,7 @@ impl StateMachine {
     pub(crate) fn load(store: Store, observer: Observer) -> Result<Self> {
         let applied = match store.read_snapshot()? {
             Some((meta, data)) => {
-                let body = snapshot::decode_body(&data)?;
+                let body = snapshot::decode_body_from(data)?;
                 tracing::info!(snapshot = %meta, "state machine loaded from the snapshot");
                 Applied {
                     table: body.table,
@@ -245,29 +245,50 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// An anonymous file in the snapshot directory (see `Store::incoming_snapshot_file`).
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let store = self.store.clone();
+        let file = tokio::task::spawn_blocking(move || store.incoming_snapshot_file())
+            .await
+            .map_err(Error::task)
+            .and_then(|r| r)
+            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
-    /// Validates the snapshot, persists it as the current one, replaces the payloads tree with
-    /// its payloads and the in-memory state with its table. Crash-safe: see
+    /// Validates the snapshot (decoded from its file, from the start), copies it into a data
+    /// file of its own and makes that the current snapshot, replaces the payloads tree with its
+    /// payloads and the in-memory state with its table. Crash-safe: see
     /// `Store::begin_payloads_rebuild`. Readers wait while the payloads are replaced, so they
     /// never see the new table with the old payloads.
     async fn install_snapshot(
         &mut self,
         meta: &Meta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
         let signature = Some(meta.signature());
-        let data = snapshot.into_inner();
+        let mut data = snapshot.into_std().await;
         let store = self.store.clone();
         let shared = self.shared.clone();
         let meta = meta.clone();
         let last_index = meta.last_log_id.map(|l| l.index);
         let tokens = tokio::task::spawn_blocking(move || -> Result<IssuedTokens> {
-            let body = snapshot::decode_body(&data)?;
+            let rewind = |f: &mut std::fs::File| {
+                f.seek(SeekFrom::Start(0))
+                    .map(|_| ())
+                    .map_err(|e| Error::io("rewinding snapshot data", e))
+            };
+            rewind(&mut data)?;
+            let body = snapshot::decode_body_from(&mut data)?;
+            rewind(&mut data)?;
+            let path = store.write_snapshot_data(last_index.unwrap_or(0), |out| {
+                let mut out = std::io::BufWriter::new(out);
+                std::io::copy(&mut data, &mut out)
+                    .and_then(|_| out.flush())
+                    .map_err(|e| Error::io("copying snapshot data", e))
+            })?;
             store.begin_payloads_rebuild()?;
-            store.persist_snapshot(&meta, &data, false)?;
+            store.persist_snapshot(&meta, &path, false)?;
             let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
             store.replace_payloads(&body.payloads)?;
             store.finish_payloads_rebuild()?;
@@ -300,7 +321,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
         Ok(current.map(|(meta, data)| Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(data)),
         }))
     }
 }
@@ -334,11 +355,18 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     payloads.push((job.id, payload));
                 }
             }
-            let data = snapshot::encode_body(&table, &payloads)?;
-            store.persist_snapshot(&meta, &data, true)?;
+            let label = meta.last_log_id.map_or(0, |l| l.index);
+            let path = store
+                .write_snapshot_data(label, |f| snapshot::encode_body_to(&table, &payloads, f))?;
+            let data = std::fs::File::open(&path)
+                .map_err(|e| Error::io("opening a built snapshot's data", e))?;
+            if !store.persist_snapshot(&meta, &path, true)? {
+                // A newer snapshot was installed meanwhile; the handle still reads this one.
+                store.discard_snapshot_data(&path)?;
+            }
             Ok(Snapshot {
                 meta,
-                snapshot: Box::new(Cursor::new(data)),
+                snapshot: Box::new(tokio::fs::File::from_std(data)),
             })
         })
         .await

@@ -5,7 +5,8 @@
 //! ```text
 //! <dir>/sled/              sled's files: `db` (its log-structured store), `conf`, `snap.*`,
 //!                          and `blobs/` (values above ~128 KiB, one file each)
-//! <dir>/snapshot/current   the current state machine snapshot (see `snapshot.rs`)
+//! <dir>/snapshot/         the current state machine snapshot: `pointer` and the data file
+//!                          it names (see `snapshot.rs`)
 //! ```
 //! sled trees, each value starting with a format version byte (see `codec.rs`):
 //! - `log`: big-endian log index -> `Entry<TypeConfig>`
@@ -22,8 +23,9 @@
 //! of the `blobs` directory; `fdatasync` of sled's `db` file through a handle this store keeps
 //! open. sled's log is ordered, so a durability point makes every write issued before it
 //! durable, whichever tree it went to. sled's periodic flusher is turned off: all flushing
-//! happens here. Directories are fsynced once at open; the snapshot file is written to a
-//! temporary name, fsynced, renamed, and its directory fsynced.
+//! happens here. Directories are fsynced once at open; a snapshot's data file is written and
+//! fsynced, then its pointer is written to a temporary name, fsynced, renamed, and its directory
+//! fsynced.
 //!
 //! - Power loss or kernel crash: everything written before the last completed durability point
 //!   survives. These operations pass a durability point before they return: `save_vote`,
@@ -112,9 +114,9 @@ pub(crate) struct Inner {
     /// order the same.
     image_seq: Mutex<u64>,
     snapshot_dir: PathBuf,
-    /// Metadata of the snapshot in the snapshot file. The lock also serializes writes of that
-    /// file, so a slow build cannot overwrite a newer snapshot installed meanwhile.
-    current_snapshot: Mutex<Option<Meta>>,
+    /// Metadata and data file of the current snapshot. The lock also serializes writes of the
+    /// pointer, so a slow build cannot replace a newer snapshot installed meanwhile.
+    current_snapshot: Mutex<Option<(Meta, PathBuf)>>,
 }
 
 /// The pieces of a durability point.
@@ -174,8 +176,8 @@ impl Store {
         for d in [&blobs_dir, &sled_dir, &snapshot_dir, &dir.to_path_buf()] {
             snapshot::sync_dir(d, "fsyncing the data directory")?;
         }
-        snapshot::remove_leftovers(&snapshot_dir)?;
-        let current_snapshot = snapshot::read_meta(&snapshot_dir)?;
+        snapshot::recover(&snapshot_dir)?;
+        let current_snapshot = snapshot::current(&snapshot_dir)?;
         let store = Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
@@ -414,7 +416,7 @@ impl Store {
     /// The payloads of the persisted snapshot (none without a snapshot).
     pub(crate) fn snapshot_payloads(&self) -> Result<Vec<(JobId, Vec<u8>)>> {
         Ok(match self.read_snapshot()? {
-            Some((_, data)) => snapshot::decode_body(&data)?.payloads,
+            Some((_, data)) => snapshot::decode_body_from(data)?.payloads,
             None => Vec::new(),
         })
     }
@@ -571,7 +573,7 @@ impl Store {
     pub(crate) fn persist_snapshot(
         &self,
         meta: &Meta,
-        data: &[u8],
+        data: &Path,
         only_if_newer: bool,
     ) -> Result<bool> {
         self.make_durable()?;
@@ -581,7 +583,7 @@ impl Store {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if only_if_newer {
-            if let Some(cur) = current.as_ref() {
+            if let Some((cur, _)) = current.as_ref() {
                 if cur.last_log_id > meta.last_log_id {
                     tracing::debug!(
                         current = %cur, built = %meta,
@@ -591,19 +593,71 @@ impl Store {
                 }
             }
         }
-        snapshot::write(&self.inner.snapshot_dir, meta, data)?;
-        *current = Some(meta.clone());
+        snapshot::point_to(&self.inner.snapshot_dir, meta, data)?;
+        let old = current.replace((meta.clone(), data.to_path_buf()));
+        if let Some((_, old_data)) = old.filter(|(_, old)| old != data) {
+            // Open handles (a peer being sent the old snapshot) keep reading it.
+            snapshot::remove_data(&old_data)?;
+        }
         Ok(true)
     }
 
-    /// The current snapshot's metadata and data, read from its file.
-    pub(crate) fn read_snapshot(&self) -> Result<Option<(Meta, Vec<u8>)>> {
-        let _current = self
+    /// Writes a new snapshot data file with `write` (durable when this returns); it becomes the
+    /// current snapshot only through [`Store::persist_snapshot`].
+    pub(crate) fn write_snapshot_data(
+        &self,
+        label: u64,
+        write: impl FnOnce(&mut File) -> Result<()>,
+    ) -> Result<PathBuf> {
+        snapshot::write_data(&self.inner.snapshot_dir, label, write)
+    }
+
+    /// Removes a snapshot data file that did not become current (open handles keep it).
+    pub(crate) fn discard_snapshot_data(&self, data: &Path) -> Result<()> {
+        snapshot::remove_data(data)
+    }
+
+    /// A new anonymous file for snapshot data received from a peer (gone with its handle).
+    pub fn incoming_snapshot_file(&self) -> Result<File> {
+        snapshot::incoming_file(&self.inner.snapshot_dir)
+    }
+
+    /// The current snapshot's metadata and its data file, opened at its start.
+    pub(crate) fn read_snapshot(&self) -> Result<Option<(Meta, File)>> {
+        let current = self
             .inner
             .current_snapshot
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        snapshot::read(&self.inner.snapshot_dir)
+        match current.as_ref() {
+            Some((meta, data)) => {
+                let f =
+                    File::open(data).map_err(|e| Error::io("opening the snapshot data file", e))?;
+                Ok(Some((meta.clone(), f)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Test helper: persists snapshot data held in memory.
+    #[cfg(test)]
+    pub(crate) fn persist_snapshot_bytes(
+        &self,
+        meta: &Meta,
+        data: &[u8],
+        only_if_newer: bool,
+    ) -> Result<bool> {
+        use std::io::Write;
+        let label = meta.last_log_id.map_or(0, |l| l.index);
+        let path = self.write_snapshot_data(label, |f| {
+            f.write_all(data)
+                .map_err(|e| Error::io("writing test snapshot data", e))
+        })?;
+        let written = self.persist_snapshot(meta, &path, only_if_newer)?;
+        if !written {
+            self.discard_snapshot_data(&path)?;
+        }
+        Ok(written)
     }
 
     /// Start-up recovery. See [`Store::open`].
@@ -817,7 +871,7 @@ mod tests {
                 snapshot_id: "s".to_string(),
             };
             store.begin_payloads_rebuild().unwrap();
-            store.persist_snapshot(&meta, &data, false).unwrap();
+            store.persist_snapshot_bytes(&meta, &data, false).unwrap();
             store.replace_payloads(&[(9, b"stale".to_vec())]).unwrap();
             store.make_durable().unwrap();
         }
@@ -868,8 +922,12 @@ mod tests {
             last_membership: Default::default(),
             snapshot_id: format!("s{index}"),
         };
-        assert!(store.persist_snapshot(&meta_at(10), &data, false).unwrap());
-        assert!(!store.persist_snapshot(&meta_at(5), &data, true).unwrap());
+        assert!(store
+            .persist_snapshot_bytes(&meta_at(10), &data, false)
+            .unwrap());
+        assert!(!store
+            .persist_snapshot_bytes(&meta_at(5), &data, true)
+            .unwrap());
         let (meta, _) = store.read_snapshot().unwrap().unwrap();
         assert_eq!(meta, meta_at(10));
     }
