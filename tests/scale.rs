@@ -177,10 +177,12 @@ async fn compact(node: &Node) -> anyhow::Result<u64> {
     Ok(index)
 }
 
-/// The size of a node's current snapshot file, in bytes.
 /// Bytes in a node's snapshot directory (the pointer and the current data file).
 fn snapshot_bytes(cluster: &FaultyCluster, id: u64) -> u64 {
-    let dir = cluster.data_dir().join(format!("node-{id}")).join("snapshot");
+    let dir = cluster
+        .data_dir()
+        .join(format!("node-{id}"))
+        .join("snapshot");
     std::fs::read_dir(dir).map_or(0, |entries| {
         entries
             .filter_map(|e| e.ok()?.metadata().ok())
