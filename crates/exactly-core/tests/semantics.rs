@@ -2629,3 +2629,26 @@ fn succeed_first(h: &mut Harness, now: u64, ids: &[JobId]) {
         h.complete(now, id, token, succeeded(b""));
     }
 }
+
+/// The table's persistent maps and sets (`imbl`) encode exactly as the `BTreeMap`s and
+/// `BTreeSet`s they replaced, so snapshots written before decode after, and the other way.
+#[test]
+fn persistent_maps_encode_as_the_std_ones() {
+    let std_map: std::collections::BTreeMap<u64, String> =
+        (0..300).map(|i| (i * 7, format!("job {i}"))).collect();
+    let im_map: imbl::OrdMap<u64, String> = std_map.clone().into_iter().collect();
+    let std_set: BTreeSet<(u64, String)> = std_map.iter().map(|(k, v)| (*k, v.clone())).collect();
+    let im_set: imbl::OrdSet<(u64, String)> = std_set.clone().into_iter().collect();
+    let bytes = postcard::to_allocvec(&std_map).unwrap();
+    assert_eq!(postcard::to_allocvec(&im_map).unwrap(), bytes);
+    assert_eq!(
+        postcard::from_bytes::<imbl::OrdMap<u64, String>>(&bytes).unwrap(),
+        im_map
+    );
+    let bytes = postcard::to_allocvec(&std_set).unwrap();
+    assert_eq!(postcard::to_allocvec(&im_set).unwrap(), bytes);
+    assert_eq!(
+        postcard::from_bytes::<imbl::OrdSet<(u64, String)>>(&bytes).unwrap(),
+        im_set
+    );
+}
