@@ -22,7 +22,7 @@ use openraft::{
 
 use crate::codec::{decode, encode, key_u64, u64_key};
 use crate::error::{Error, Result};
-use crate::store::{Store, META_COMMITTED, META_LAST_PURGED, META_VOTE};
+use crate::store::{Store, META_COMMITTED, META_VOTE};
 use crate::TypeConfig;
 
 /// Entries one `limited_get_log_entries` call returns, at most (one replication message).
@@ -47,7 +47,7 @@ impl LogStore {
 
     /// Reads entries in `range`, stopping early at `entries_max` entries or once `bytes_max`
     /// encoded bytes were read (always returning at least one entry if there is one).
-    fn read_entries(
+    pub(crate) fn read_entries(
         &self,
         range: &impl RangeBounds<u64>,
         entries_max: usize,
@@ -61,6 +61,8 @@ impl LogStore {
             },
             Bound::Unbounded => 0,
         };
+        // Purged entries the background purger has not removed yet are not there.
+        let start = start.max(self.store.purged_below());
         // `None` means unbounded.
         let end_excluded = match range.end_bound() {
             Bound::Included(&x) => x.checked_add(1),
@@ -272,9 +274,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 tracing::debug!(%log_id, ?previous, "purge request at or below the last purge");
                 return Ok(());
             }
-            store.meta_put(META_LAST_PURGED, "last purged log id", &log_id)?;
-            store.remove_log_upto(log_id.index)?;
-            store.make_durable()
+            store.purge_log_upto(log_id)
         })
         .await
         .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))

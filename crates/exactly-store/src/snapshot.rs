@@ -210,7 +210,7 @@ fn new_data_name(prefix: &str, label: u64) -> String {
 pub(crate) fn write_data(
     dir: &Path,
     label: u64,
-    write: impl FnOnce(&mut File) -> Result<()>,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<PathBuf> {
     let path = dir.join(new_data_name(DATA_PREFIX, label));
     let mut f = OpenOptions::new()
