@@ -29,8 +29,10 @@
 //!
 //! - Power loss or kernel crash: everything written before the last completed durability point
 //!   survives. These operations pass a durability point before they return: `save_vote`,
-//!   `append` (before its flushed-callback is called), `truncate`, `purge`, `node_id_or_init`,
+//!   `append` (before its flushed-callback is called), `truncate`, `node_id_or_init`,
 //!   `next_incarnation`, `build_snapshot` and `install_snapshot` (sled, then the snapshot file).
+//!   `purge` does not: it records the purge and leaves the removals to a background thread
+//!   (see [`Store::purge_log_upto`]); a lost record only means the entries are still there.
 //! - Process crash (SIGKILL): the same, plus whatever sled had already written out of its
 //!   buffers; writes still in sled's user-space buffers are lost.
 //! - Not made durable by their own operation, and why that is safe: `save_committed` (a lost
