@@ -146,13 +146,15 @@ pub struct Leave {
 /// when one side changes it. The snapshot builder clones the table under the read lock, which
 /// stops apply: with `BTreeMap`s, that clone of 47k and 99k jobs held the lock for 65–132 ms
 /// and 155–282 ms on every node, the larger part of a 300–550 ms stall of every write at each
-/// snapshot. The encoding is the same as `BTreeMap`'s and `BTreeSet`'s.
+/// snapshot. The encoding is the same as `BTreeMap`'s and `BTreeSet`'s. The records are shared
+/// (`Jobs`): with records inline, every insert into a 64-entry node moved whole records, and
+/// batched throughput fell by 5–10 %.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobTable {
     next_job_id: JobId,
     /// The largest leader timestamp applied so far.
     now_ms: u64,
-    jobs: OrdMap<JobId, Job>,
+    jobs: Jobs,
     queues: BTreeMap<String, QueueState>,
     /// Eligible pending jobs not due yet, by (run_at, id).
     delayed: BTreeSet<(u64, JobId)>,
@@ -189,6 +191,64 @@ pub struct JobTable {
     /// decoding, and checked by [`JobTable::check_invariants`].
     #[serde(skip)]
     retained: BTreeMap<String, Retained>,
+}
+
+/// The job records by id: a persistent map of shared records. A record is behind an `Arc`, so
+/// that moving entries inside the map's nodes (64 to a node) moves pointers, not records, and a
+/// node copied while a snapshot shares it copies pointers; a record taken out to be changed is
+/// cloned only if a snapshot still shares it. Encoded as a map of records, exactly as the
+/// `BTreeMap<JobId, Job>` it replaces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Jobs(OrdMap<JobId, std::sync::Arc<Job>>);
+
+impl Jobs {
+    fn get(&self, id: &JobId) -> Option<&Job> {
+        self.0.get(id).map(|job| &**job)
+    }
+
+    fn insert(&mut self, id: JobId, job: Job) {
+        self.0.insert(id, std::sync::Arc::new(job));
+    }
+
+    fn remove(&mut self, id: &JobId) -> Option<Job> {
+        self.0.remove(id).map(std::sync::Arc::unwrap_or_clone)
+    }
+
+    fn values(&self) -> impl DoubleEndedIterator<Item = &Job> {
+        self.0.values().map(|job| &**job)
+    }
+
+    fn range(&self, from: std::ops::RangeFrom<JobId>) -> impl Iterator<Item = (&JobId, &Job)> {
+        self.0.range(from).map(|(id, job)| (id, &**job))
+    }
+}
+
+impl Serialize for Jobs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(id, job)| (id, &**job)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Jobs {
+    /// Straight into the map, one record at a time (no second copy of the table while a
+    /// snapshot is decoded).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Records;
+        impl<'de> serde::de::Visitor<'de> for Records {
+            type Value = Jobs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of job records")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Jobs, A::Error> {
+                let mut jobs = Jobs::default();
+                while let Some((id, job)) = map.next_entry::<JobId, Job>()? {
+                    jobs.insert(id, job);
+                }
+                Ok(jobs)
+            }
+        }
+        deserializer.deserialize_map(Records)
+    }
 }
 
 /// One queue's terminal jobs still in the table (until retention or a purge deletes them).
@@ -405,7 +465,7 @@ impl Default for JobTable {
         Self {
             next_job_id: 1,
             now_ms: 0,
-            jobs: OrdMap::new(),
+            jobs: Jobs::default(),
             queues: BTreeMap::new(),
             delayed: BTreeSet::new(),
             running: BTreeMap::new(),

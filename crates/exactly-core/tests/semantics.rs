@@ -2647,6 +2647,18 @@ fn persistent_maps_encode_as_the_std_ones() {
     );
     let bytes = postcard::to_allocvec(&std_set).unwrap();
     assert_eq!(postcard::to_allocvec(&im_set).unwrap(), bytes);
+    // The job records (shared records in a persistent map) encode as a `BTreeMap` of records.
+    let table = retention_fixture().table;
+    let std_jobs: std::collections::BTreeMap<JobId, exactly_core::Job> =
+        table.jobs().map(|j| (j.id, j.clone())).collect();
+    let jobs_bytes = postcard::to_allocvec(&std_jobs).unwrap();
+    let table_bytes = postcard::to_allocvec(&table).unwrap();
+    assert!(
+        table_bytes
+            .windows(jobs_bytes.len())
+            .any(|w| w == jobs_bytes.as_slice()),
+        "the table's encoding holds its records as a BTreeMap encodes them"
+    );
     assert_eq!(
         postcard::from_bytes::<imbl::OrdSet<(u64, String)>>(&bytes).unwrap(),
         im_set
