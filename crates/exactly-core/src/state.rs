@@ -147,8 +147,8 @@ pub struct Leave {
 /// stops apply: with `BTreeMap`s, that clone of 47k and 99k jobs held the lock for 65–132 ms
 /// and 155–282 ms on every node, the larger part of a 300–550 ms stall of every write at each
 /// snapshot. The encoding is the same as `BTreeMap`'s and `BTreeSet`'s. The records are shared
-/// (`Jobs`): with records inline, every insert into a 64-entry node moved whole records, and
-/// batched throughput fell by 5–10 %.
+/// (`Jobs`), so a node copied while a snapshot shares it copies pointers, not records. The cost,
+/// measured: about 5 % of batched throughput (README, "A snapshot no longer stops writes").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobTable {
     next_job_id: JobId,
