@@ -163,12 +163,16 @@ pub struct JobTable {
     nodes: BTreeMap<NodeId, NodeEntry>,
     /// Live jobs per (queue, ordering key) in submission order; only the first is eligible.
     ordering: BTreeMap<(String, String), VecDeque<JobId>>,
+    #[serde(deserialize_with = "persistent::ord_map")]
     keys: OrdMap<String, KeyRecord>,
     /// Idempotency keys by creation time, for retention.
+    #[serde(deserialize_with = "persistent::ord_set")]
     keys_by_age: OrdSet<(u64, String)>,
     /// Succeeded and cancelled jobs by finish time, for retention.
+    #[serde(deserialize_with = "persistent::ord_set")]
     finished: OrdSet<(u64, JobId)>,
     /// Dead letters by time of death.
+    #[serde(deserialize_with = "persistent::ord_set")]
     dead: OrdSet<(u64, JobId)>,
     schedules: BTreeMap<String, Schedule>,
     counts: StateCounts,
@@ -248,6 +252,69 @@ impl<'de> Deserialize<'de> for Jobs {
             }
         }
         deserializer.deserialize_map(Records)
+    }
+}
+
+/// Decoding the persistent maps and sets one element at a time. `imbl`'s own `Deserialize`
+/// reserves room for as many elements as the input claims: found by the snapshot fuzz target, a
+/// snapshot claiming 2^50 idempotency keys aborted the process (allocation failure) instead of
+/// being refused. These never reserve; a false claim ends in "unexpected end of input".
+mod persistent {
+    use std::marker::PhantomData;
+
+    use imbl::{OrdMap, OrdSet};
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    pub(super) fn ord_map<'de, D, K, V>(deserializer: D) -> Result<OrdMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        struct Entries<K, V>(PhantomData<(K, V)>);
+        impl<'de, K, V> Visitor<'de> for Entries<K, V>
+        where
+            K: Deserialize<'de> + Ord + Clone,
+            V: Deserialize<'de> + Clone,
+        {
+            type Value = OrdMap<K, V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+                let mut map = OrdMap::new();
+                while let Some((k, v)) = access.next_entry()? {
+                    map.insert(k, v);
+                }
+                Ok(map)
+            }
+        }
+        deserializer.deserialize_map(Entries(PhantomData))
+    }
+
+    pub(super) fn ord_set<'de, D, T>(deserializer: D) -> Result<OrdSet<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + Ord + Clone,
+    {
+        struct Elements<T>(PhantomData<T>);
+        impl<'de, T> Visitor<'de> for Elements<T>
+        where
+            T: Deserialize<'de> + Ord + Clone,
+        {
+            type Value = OrdSet<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+                let mut set = OrdSet::new();
+                while let Some(element) = access.next_element()? {
+                    set.insert(element);
+                }
+                Ok(set)
+            }
+        }
+        deserializer.deserialize_seq(Elements(PhantomData))
     }
 }
 

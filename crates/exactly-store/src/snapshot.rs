@@ -505,6 +505,17 @@ mod tests {
         assert_eq!(bytes, data);
     }
 
+    /// Found by the snapshot fuzz target: a table claiming 2^50 idempotency keys aborted the
+    /// process (the persistent map reserved room for the claim); it is refused.
+    #[test]
+    fn a_huge_length_claim_is_refused_not_allocated() {
+        let data = [
+            FORMAT, 1, 0, 0, 0, 0, 0, 0, 0, 210, 255, 255, 255, 255, 254, 255, 46,
+        ];
+        assert!(decode_body(&data).unwrap_err().is_corruption());
+        assert!(check(&meta(10), &data).unwrap_err().is_corruption());
+    }
+
     /// Decoding from a reader refuses what decoding from bytes refuses: another version,
     /// truncation, trailing bytes; an incoming file is gone from the directory at once.
     #[test]
