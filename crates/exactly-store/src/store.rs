@@ -544,7 +544,7 @@ impl Store {
         use std::sync::atomic::Ordering::SeqCst;
         loop {
             let target = self.inner.purge_target.load(SeqCst);
-            if let Err(e) = self.remove_log_upto_paced(target) {
+            if let Err(e) = self.remove_log_upto(target, Some(PURGE_PAUSE)) {
                 // Harmless for correctness (reads skip purged entries; open finishes the
                 // removal), so it is only reported.
                 tracing::warn!(error = %e, upto = target, "purging the log in the background");
@@ -559,26 +559,9 @@ impl Store {
         }
     }
 
-    fn remove_log_upto_paced(&self, upto: u64) -> Result<()> {
-        loop {
-            let keys = self
-                .inner
-                .log
-                .range(..=u64_key(upto))
-                .keys()
-                .take(PURGE_BATCH_KEYS_MAX)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Error::sled("listing log entries to purge", e))?;
-            if keys.is_empty() {
-                return Ok(());
-            }
-            self.remove_keys(&self.inner.log, keys, "purging the log")?;
-            std::thread::sleep(PURGE_PAUSE);
-        }
-    }
-
-    /// Removes every log entry with an index `<= upto`, oldest first, in small batches.
-    pub(crate) fn remove_log_upto(&self, upto: u64) -> Result<usize> {
+    /// Removes every log entry with an index `<= upto`, oldest first, in small batches, with
+    /// `pause` between batches if given (the background purger's pacing).
+    pub(crate) fn remove_log_upto(&self, upto: u64, pause: Option<Duration>) -> Result<usize> {
         let mut removed = 0;
         loop {
             let keys = self
@@ -594,6 +577,9 @@ impl Store {
             }
             removed += keys.len();
             self.remove_keys(&self.inner.log, keys, "purging the log")?;
+            if let Some(pause) = pause {
+                std::thread::sleep(pause);
+            }
         }
     }
 
@@ -757,7 +743,7 @@ impl Store {
         // A purge persists `last_purged` before deleting; finish one a crash interrupted.
         let last_purged = self.last_purged()?;
         if let Some(purged) = &last_purged {
-            let n = self.remove_log_upto(purged.index)?;
+            let n = self.remove_log_upto(purged.index, None)?;
             if n > 0 {
                 tracing::info!(
                     count = n,
