@@ -98,6 +98,8 @@ async fn tokens_and_scopes_guard_the_public_api() -> anyhow::Result<()> {
         c.api_tls = Some(ApiTlsConfig {
             cert: dir.join("api.pem"),
             key: dir.join("api.key"),
+            client_ca: None,
+            crl: None,
         });
         c.tokens = vec![
             token("web", WEB, &["submit:emails", "read"]),
@@ -329,6 +331,8 @@ async fn a_silent_source_holds_up_no_other_clients_handshakes() -> anyhow::Resul
         c.api_tls = Some(ApiTlsConfig {
             cert: dir.join("api.pem"),
             key: dir.join("api.key"),
+            client_ca: None,
+            crl: None,
         });
         c.tokens = vec![token("root", ROOT, &["admin"])];
     })
@@ -368,6 +372,131 @@ async fn a_silent_source_holds_up_no_other_clients_handshakes() -> anyhow::Resul
     Ok(())
 }
 
+/// Client certificates as credentials (`[api-tls] client-ca`, `[[client-certs]]`), from a CA
+/// of their own: a listed client's certificate is admitted with its scopes (and named in the
+/// audit trail), an unlisted one and no credential at all are UNAUTHENTICATED, a token on a
+/// connection with a certificate decides alone. Revoking the certificate (`exactly cert crl`,
+/// the file changed) refuses it on the connection it already has, within a reload, and a new
+/// connection fails its handshake; other clients are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_certificates_are_credentials_until_revoked() -> anyhow::Result<()> {
+    use exactly_client::certs::{issue_client, new_ca, revocation_list};
+    use exactly_client::ClientIdentity;
+    let certs = tempfile::tempdir()?;
+    let server_ca = issue(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let clients_ca = new_ca(30)?;
+    std::fs::write(dir.join("clients-ca.pem"), &clients_ca.cert)?;
+    let (empty, _) = revocation_list(&clients_ca, None, &[], 30)?;
+    std::fs::write(dir.join("crl.pem"), &empty)?;
+    let web = issue_client(&clients_ca, "web", 30)?;
+    let ops = issue_client(&clients_ca, "ops", 30)?;
+    let stranger = issue_client(&clients_ca, "stranger", 30)?;
+    let cluster = TestCluster::start(1, |c| {
+        c.api_tls = Some(ApiTlsConfig {
+            cert: dir.join("api.pem"),
+            key: dir.join("api.key"),
+            client_ca: Some(dir.join("clients-ca.pem")),
+            crl: Some(dir.join("crl.pem")),
+        });
+        c.tokens = vec![token("root", ROOT, &["admin"])];
+        c.client_certs = vec![
+            exactly_node::config::ClientCertConfig {
+                name: "web".into(),
+                scopes: vec!["submit:emails".into(), "read".into()],
+            },
+            exactly_node::config::ClientCertConfig {
+                name: "ops".into(),
+                scopes: vec!["operate".into()],
+            },
+        ];
+    })
+    .await?;
+    let with_cert = |pair: &exactly_client::certs::CertifiedKey, secret: Option<&str>| {
+        let options = ClientOptions {
+            ca_pem: Some(server_ca.clone()),
+            identity: Some(ClientIdentity {
+                cert_pem: pair.cert.clone(),
+                key_pem: pair.key.clone(),
+            }),
+            token: secret.map(|s| Token(s.into())),
+            retry_total_ms_max: 1_000,
+            ..ClientOptions::default()
+        };
+        Client::connect_with(vec![format!("https://{}", cluster.nodes[0].addr)], options)
+    };
+    let in_queue = |queue: &str| exactly_client::JobSpec {
+        queue: queue.into(),
+        ..ledger_job(b"c")
+    };
+    let web_client = with_cert(&web, None)?;
+    let id = web_client.submit_one(in_queue("emails")).await?;
+    cluster.wait_succeeded(id, Duration::from_secs(20)).await?;
+    assert_eq!(web_client.get(id).await?.id, id);
+    assert_eq!(
+        code_of(web_client.submit_one(in_queue("billing")).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code_of(web_client.cancel(vec![id]).await),
+        Code::PermissionDenied
+    );
+    let ops_client = with_cert(&ops, None)?;
+    ops_client.cancel(vec![id]).await?;
+    let stranger_client = with_cert(&stranger, None)?;
+    assert_eq!(
+        code_of(stranger_client.status().await),
+        Code::Unauthenticated
+    );
+    let nobody = client(&cluster, Some(&server_ca), None)?;
+    assert_eq!(code_of(nobody.status().await), Code::Unauthenticated);
+    let stranger_root = with_cert(&stranger, Some(ROOT))?;
+    let root = client(&cluster, Some(&server_ca), Some(ROOT))?;
+    let trail = stranger_root.audit(0, 100).await?;
+    let by: Vec<&str> = trail
+        .iter()
+        .filter(|r| r.action.starts_with("cancel"))
+        .map(|r| r.by.as_str())
+        .collect();
+    assert_eq!(by, ["ops"], "{trail:?}");
+
+    // Revoke web's certificate; the node reads the changed list within a reload.
+    let (listed, _) = revocation_list(
+        &clients_ca,
+        Some(&empty),
+        std::slice::from_ref(&web.cert),
+        30,
+    )?;
+    std::fs::write(dir.join("crl.pem"), &listed)?;
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join("crl.pem"))?
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(5))?;
+    let deadline = std::time::Instant::now() + exactly_node::tls::RELOAD_CHECK * 3;
+    loop {
+        match web_client.status().await {
+            Err(e) if e.code() == Code::Unauthenticated => break,
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still admitted on its open connection: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let fresh = with_cert(&web, None)?;
+    let err = fresh
+        .status()
+        .await
+        .expect_err("a revoked certificate's handshake");
+    assert_ne!(err.code(), Code::Ok);
+    ops_client.status().await?;
+    root.status().await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// `[http-tls]`: the HTTP port serves the probes, `/metrics` and the dashboard over TLS (so a
 /// token sent to it does not cross the network in the clear), with the same token checks, and
 /// a plaintext request gets no answer from it.
@@ -380,6 +509,8 @@ async fn the_http_port_serves_over_tls() -> anyhow::Result<()> {
     let files = ApiTlsConfig {
         cert: dir.join("api.pem"),
         key: dir.join("api.key"),
+        client_ca: None,
+        crl: None,
     };
     let cluster = TestCluster::start(1, |c| {
         c.api_tls = Some(files.clone());

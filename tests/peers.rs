@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use exactly_core::{Command, Expiry, NodeLease, Retention};
 use exactly_proto::internal::{Blob, SnapshotChunk};
-use exactly_tests::{ledger_job, TestCluster};
+use exactly_tests::{ledger_job, wait_for, TestCluster};
 use futures::StreamExt;
 use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, Vote};
 use tonic::Code;
@@ -271,6 +271,7 @@ fn tls_files(dir: &std::path::Path, ca: &str, node: &str) -> exactly_node::confi
         ca: dir.join(ca),
         cert: dir.join(format!("{node}.pem")),
         key: dir.join(format!("{node}.key")),
+        crl: None,
     }
 }
 
@@ -342,6 +343,7 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
             ca: dir.join("ca.pem"),
             cert: dir.join("other/node-2.pem"),
             key: dir.join("other/node-2.key"),
+            crl: None,
         },
         2,
     )
@@ -541,6 +543,149 @@ async fn a_rotated_peer_certificate_is_used_without_a_restart() -> anyhow::Resul
     tokio::time::sleep(exactly_node::tls::RELOAD_CHECK + Duration::from_secs(1)).await;
     assert_eq!(presented(&dir, &target.peer_addr, id).await?, fresh_der);
     one_job_done(&cluster).await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// `[peer-tls] crl`: revoking a follower's node certificate (`exactly cert crl --revoke`) cuts
+/// it off once the nodes read the new list: its messages are refused on the connection it
+/// already has, a new connection with its certificate fails the handshake, the leader's next
+/// messages to it go over a new connection its certificate fails, so it gets no more of the
+/// log; its elections cannot depose the leader, and the other two keep running jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
+    use exactly_client::certs::{revocation_list, CertifiedKey};
+    let certs = tempfile::tempdir()?;
+    issue_certs(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let ca = CertifiedKey {
+        cert: std::fs::read_to_string(dir.join("ca.pem"))?,
+        key: std::fs::read_to_string(dir.join("ca.key"))?,
+    };
+    let (empty, _) = revocation_list(&ca, None, &[], 1)?;
+    std::fs::write(dir.join("crl.pem"), &empty)?;
+    let cluster = TestCluster::start(3, |c| {
+        let id = c.node_id.expect("test configs name their node");
+        c.peer_tls = Some(exactly_node::config::PeerTlsConfig {
+            crl: Some(dir.join("crl.pem")),
+            ..tls_files(&dir, "ca.pem", &format!("node-{id}"))
+        });
+    })
+    .await?;
+    one_job_done(&cluster).await?;
+    let metrics = cluster.nodes[0].node.raft.metrics().borrow().clone();
+    let (term, leader) = (
+        metrics.current_term,
+        metrics.current_leader.expect("a leader"),
+    );
+    let leader_node = cluster
+        .nodes
+        .iter()
+        .find(|n| n.node.id == leader)
+        .expect("the leader is a test node");
+    let revoked = cluster
+        .nodes
+        .iter()
+        .find(|n| n.node.id != leader)
+        .expect("a follower");
+    let id = revoked.node.id;
+    // A connection with the follower's certificate, open before the revocation.
+    let mut open = tls_peer(
+        &dir,
+        &format!("node-{id}"),
+        id,
+        &leader_node.peer_addr,
+        leader,
+    )?;
+    open.vote(vote_request(term, id, leader)).await?;
+
+    let (listed, _) = revocation_list(
+        &ca,
+        Some(&empty),
+        &[std::fs::read_to_string(dir.join(format!("node-{id}.pem")))?],
+        1,
+    )?;
+    std::fs::write(dir.join("crl.pem"), &listed)?;
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join("crl.pem"))?
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(5))?;
+    let deadline = std::time::Instant::now() + exactly_node::tls::RELOAD_CHECK * 3;
+    loop {
+        match open.vote(vote_request(term, id, leader)).await {
+            Err(status) if status.code() == Code::Unauthenticated => {
+                assert!(status.message().contains("revoked"), "{status:?}");
+                break;
+            }
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still heard on its open connection: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let mut fresh = tls_peer(
+        &dir,
+        &format!("node-{id}"),
+        id,
+        &leader_node.peer_addr,
+        leader,
+    )?;
+    let refused = fresh
+        .vote(vote_request(term, id, leader))
+        .await
+        .expect_err("a revoked certificate's handshake");
+    assert_ne!(refused.code(), Code::Ok);
+    // Every node has read the list by now (they check as often); the cut-off node's applied
+    // index stops where it is while the other two run jobs.
+    tokio::time::sleep(exactly_node::tls::RELOAD_CHECK).await;
+    let applied = |n: &exactly_node::Node| {
+        n.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index)
+    };
+    let before = applied(&revoked.node);
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.node.id == leader)
+        .expect("the leader's index");
+    let mut client = cluster.jobs_client(index).await?;
+    for _ in 0..3 {
+        let reply = client
+            .submit(exactly_proto::v1::SubmitRequest {
+                jobs: vec![ledger_job(b"y")],
+            })
+            .await?
+            .into_inner();
+        let id = reply.job_ids[0];
+        wait_for(Duration::from_secs(20), || {
+            cluster
+                .nodes
+                .iter()
+                .filter(|n| n.node.id != revoked.node.id)
+                .all(|n| {
+                    n.node.read(|t| {
+                        t.job(id)
+                            .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
+                    })
+                })
+        })
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        applied(&revoked.node),
+        before,
+        "node {id} still gets the log"
+    );
+    assert!(applied(&leader_node.node) > before + 3);
+    let now = leader_node.node.raft.metrics().borrow().clone();
+    assert_eq!(now.current_leader, Some(leader), "the leader stayed");
     cluster.shutdown().await;
     Ok(())
 }

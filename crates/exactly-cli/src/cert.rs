@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
-use exactly_client::certs::{issue_node, issue_server, new_ca, CertifiedKey};
+use exactly_client::certs::{
+    issue_client, issue_node, issue_server, new_ca, revocation_list, valid_client_name,
+    CertifiedKey,
+};
 
 use crate::UsageError;
 
@@ -65,6 +68,45 @@ pub enum CertCommand {
         /// Replace files that exist.
         #[arg(long)]
         force: bool,
+    },
+    /// Issue a client certificate with the CA in DIR: DIR/client-NAME.pem and
+    /// DIR/client-NAME.key. Nodes whose `[api-tls] client-ca` is this CA admit it with the
+    /// scopes their `[[client-certs]]` give NAME; use it with `exactly --cert … --key …`.
+    Client {
+        /// The directory of ca.pem and ca.key, where the files are written too.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Read ca.pem and ca.key from here instead of DIR.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: Option<PathBuf>,
+        /// The client's name (letters, digits, '-', '_', '.'), as `[[client-certs]]` lists it.
+        #[arg(long)]
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace files that exist.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write DIR/crl.pem, the CA's certificate revocation list: what it listed before, plus
+    /// the certificates given with --revoke. Nodes that name it (`[peer-tls] crl`,
+    /// `[api-tls] crl`) refuse those certificates once they see the file change (within
+    /// seconds, on connections already open too). Without --revoke: a fresh list (to start
+    /// with, or to renew before --days run out).
+    Crl {
+        /// The directory of ca.pem and ca.key, where crl.pem is written too.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Read ca.pem and ca.key from here instead of DIR.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: Option<PathBuf>,
+        /// A certificate (PEM) to revoke (repeatable).
+        #[arg(long, value_name = "CERT")]
+        revoke: Vec<PathBuf>,
+        /// Days until the list's next-update date.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -189,6 +231,68 @@ pub fn run(command: &CertCommand) -> anyhow::Result<()> {
                 ca_dir.as_ref().unwrap_or(dir).join("ca.pem").display()
             );
         }
+        CertCommand::Client {
+            dir,
+            ca_dir,
+            name,
+            days,
+            force,
+        } => {
+            if !valid_client_name(name) {
+                return Err(UsageError(format!(
+                    "--name {name:?}: 1..=64 letters, digits, '-', '_' and '.', not starting \
+                     with '.'"
+                ))
+                .into());
+            }
+            let ca = read_ca(ca_dir.as_ref().unwrap_or(dir))?;
+            let client = issue_client(&ca, name, *days).map_err(|e| UsageError(e.to_string()))?;
+            let (cert, key) = write_pair(dir, &format!("client-{name}"), &client, *force)?;
+            println!(
+                "wrote {} and {} for client {name} (valid {days} days); list it on the nodes:\n  \
+                 [[client-certs]]\n  name = \"{name}\"\n  scopes = [\"submit\", \"read\"]\n\
+                 and call with exactly --ca {} --cert {} --key {}",
+                cert.display(),
+                key.display(),
+                ca_dir.as_ref().unwrap_or(dir).join("ca.pem").display(),
+                cert.display(),
+                key.display()
+            );
+        }
+        CertCommand::Crl {
+            dir,
+            ca_dir,
+            revoke,
+            days,
+        } => {
+            let ca = read_ca(ca_dir.as_ref().unwrap_or(dir))?;
+            let path = dir.join("crl.pem");
+            let existing = match std::fs::read_to_string(&path) {
+                Ok(text) => Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("reading {}", path.display())))
+                }
+            };
+            let mut certs = Vec::new();
+            for cert in revoke {
+                certs.push(
+                    std::fs::read_to_string(cert)
+                        .with_context(|| format!("reading {}", cert.display()))?,
+                );
+            }
+            let (pem, count) = revocation_list(&ca, existing.as_deref(), &certs, *days)
+                .map_err(|e| UsageError(e.to_string()))?;
+            // Written whole under another name and renamed: a node never reads half a list.
+            let partial = dir.join(".crl.pem.partial");
+            write(&partial, &pem, 0o644, true)?;
+            std::fs::rename(&partial, &path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!(
+                "wrote {} listing {count} revoked certificate(s), valid {days} days",
+                path.display()
+            );
+        }
     }
     Ok(())
 }
@@ -237,5 +341,56 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), before);
         run(&node(true)).unwrap();
+    }
+
+    /// `cert client` writes a client's pair (a bad name is a usage error); `cert crl` starts an
+    /// empty list and then adds each revoked certificate once.
+    #[test]
+    fn issues_client_certificates_and_revocation_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().to_path_buf();
+        run(&CertCommand::Ca {
+            dir: dir.clone(),
+            days: 30,
+            force: false,
+        })
+        .unwrap();
+        let client = |name: &str| CertCommand::Client {
+            dir: dir.clone(),
+            ca_dir: None,
+            name: name.into(),
+            days: 30,
+            force: false,
+        };
+        run(&client("web")).unwrap();
+        let err = run(&client("../web")).unwrap_err();
+        assert!(err.is::<UsageError>(), "{err:#}");
+        let meta = std::fs::metadata(dir.join("client-web.key")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let crl = |revoke: Vec<PathBuf>| CertCommand::Crl {
+            dir: dir.clone(),
+            ca_dir: None,
+            revoke,
+            days: 30,
+        };
+        let listed = || {
+            let pem = std::fs::read_to_string(dir.join("crl.pem")).unwrap();
+            let der = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap()
+                .contents;
+            exactly_client::certs::revoked_serials(&der).unwrap()
+        };
+        run(&crl(vec![])).unwrap();
+        assert!(listed().is_empty());
+        let web = dir.join("client-web.pem");
+        run(&crl(vec![web.clone()])).unwrap();
+        run(&crl(vec![web.clone()])).unwrap();
+        let serial =
+            exactly_client::certs::serial_of_pem(&std::fs::read_to_string(&web).unwrap()).unwrap();
+        assert_eq!(listed(), vec![serial]);
+        let err = run(&crl(vec![dir.join("missing.pem")])).unwrap_err();
+        assert!(format!("{err:#}").contains("missing.pem"), "{err:#}");
     }
 }

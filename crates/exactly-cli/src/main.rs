@@ -110,6 +110,27 @@ struct Cli {
         value_name = "PATH"
     )]
     ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM, from `exactly cert client`) to present to nodes that take
+    /// client certificates; with --key. Bare host:port endpoints then use https://.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "EXACTLY_CERT",
+        value_name = "PATH",
+        requires = "key"
+    )]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "EXACTLY_KEY",
+        value_name = "PATH",
+        requires = "cert"
+    )]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -199,6 +220,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let identity = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => {
+            let read = |flag: &str, path: &std::path::Path| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| UsageError(format!("{flag} {}: {e}", path.display())))
+            };
+            Some(exactly_client::ClientIdentity {
+                cert_pem: read("--cert", cert)?,
+                key_pem: read("--key", key)?,
+            })
+        }
+        _ => None,
+    };
     let options = ClientOptions {
         retry_total_ms_max: retry_ms,
         retry_backoff_max_ms: defaults.retry_backoff_max_ms.min(retry_ms),
@@ -217,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (None, None) => None,
         },
         ca_pem,
+        identity,
         ..defaults
     };
     let client = Client::connect_with(endpoints, options)?;

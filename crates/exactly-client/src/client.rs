@@ -171,7 +171,8 @@ impl Client {
         let authorize = Authorize::new(options.token.as_ref())?;
         let mut nodes = Vec::with_capacity(endpoints.len());
         for raw in endpoints {
-            let uri = normalize_endpoint(&raw, options.ca_pem.is_some());
+            let uri =
+                normalize_endpoint(&raw, options.ca_pem.is_some() || options.identity.is_some());
             let mut endpoint = Endpoint::from_shared(uri.clone())
                 .map_err(|err| Error::Config(format!("endpoint {raw:?}: {err}")))?
                 .connect_timeout(Duration::from_millis(options.connect_timeout_ms))
@@ -179,14 +180,25 @@ impl Client {
                 .keep_alive_timeout(Duration::from_millis(options.keepalive_timeout_ms))
                 .tcp_nodelay(true);
             if uri.starts_with("https://") {
-                let tls = match &options.ca_pem {
+                let mut tls = match &options.ca_pem {
                     Some(pem) => tonic::transport::ClientTlsConfig::new()
                         .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
                     None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
                 };
+                if let Some(identity) = &options.identity {
+                    tls = tls.identity(tonic::transport::Identity::from_pem(
+                        &identity.cert_pem,
+                        &identity.key_pem,
+                    ));
+                }
                 endpoint = endpoint
                     .tls_config(tls)
                     .map_err(|err| Error::Config(format!("endpoint {raw:?}: TLS: {err}")))?;
+            } else if options.identity.is_some() {
+                return Err(Error::Config(format!(
+                    "endpoint {uri}: a client certificate is presented only over https:// \
+                     (give --ca, or an https:// endpoint)"
+                )));
             } else if options.token.is_some() && !is_loopback_uri(&uri) {
                 return Err(Error::Config(format!(
                     "endpoint {uri}: a token is sent only over https:// (or to a loopback \

@@ -52,7 +52,7 @@ pub use client::{
     DEAD_LETTERS_PER_CALL_MAX, ENDPOINTS_MAX, LIST_LIMIT_MAX, SUBMIT_JOBS_MAX,
 };
 pub use error::{code_name, Error};
-pub use options::{ClientOptions, Token};
+pub use options::{ClientIdentity, ClientOptions, Token};
 pub use watch::{Watch, WatchScope};
 
 pub use exactly_proto::v1::{

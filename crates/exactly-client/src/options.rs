@@ -43,6 +43,23 @@ pub struct ClientOptions {
     /// The CA certificate (PEM) that an `https://` endpoint's certificate must chain to (the
     /// nodes' `[api-tls]`). Unset: the bundled web PKI roots.
     pub ca_pem: Option<String>,
+    /// A client certificate and its key (PEM) presented to `https://` endpoints, for a cluster
+    /// whose nodes take client certificates (`[api-tls] client-ca`, `[[client-certs]]`;
+    /// `exactly cert client` makes one). A token, when set too, is what the node goes by.
+    pub identity: Option<ClientIdentity>,
+}
+
+/// A client certificate and its private key, PEM; its `Debug` shows neither.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientIdentity(…)")
+    }
 }
 
 /// A bearer token; its `Debug` shows only its first characters, so options can be logged.
@@ -73,6 +90,7 @@ impl Default for ClientOptions {
             in_flight_max: 1_024,
             token: None,
             ca_pem: None,
+            identity: None,
         }
     }
 }

@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         Need::Operate,
         Need::Admin,
     ] {
-        if let Ok(Some(credential)) = tokens().admit(issued(), 1_000, Some(data), need) {
+        if let Ok(Some(credential)) = tokens().admit(issued(), 1_000, Some(data), None, need) {
             assert!(credential.name == "fuzz" || credential.name == "issued");
             assert!(need != Need::Operate && need != Need::Admin);
             assert!(credential.name == "fuzz" || need != Need::Submit);

@@ -73,13 +73,17 @@ pub fn need_of(path: &str) -> Need {
 
 pub use exactly_core::access::Scope;
 
-/// A caller the node recognised: its token's name (for logs and the audit trail) and scopes.
+/// A caller the node recognised: its token's or client certificate's name (for logs and the
+/// audit trail) and scopes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credential {
     pub name: String,
     pub scopes: Vec<Scope>,
-    /// The SHA-256 of its token: what a long call (a Watch stream) is checked against again.
+    /// The SHA-256 of its token (of its certificate for a client certificate): what a long call
+    /// (a Watch stream) is checked against again.
     pub digest: [u8; 32],
+    /// A client certificate's serial number (`None` for a token): checked against the CRL.
+    pub serial: Option<Vec<u8>>,
 }
 
 impl Credential {
@@ -117,9 +121,15 @@ pub enum Denied {
     Malformed,
     #[error("unknown token")]
     Unknown,
+    #[error("client certificate {0:?} is not listed in this cluster's [[client-certs]]")]
+    UnknownClient(String),
+    #[error("client certificate {0:?} is revoked")]
+    Revoked(String),
+    #[error("the client certificate names no client (expected a URI urn:exactly:client:<name> or one common name)")]
+    NamelessClient,
     #[error("token {0:?} expired")]
     Expired(String),
-    #[error("token {name:?} lacks the {need} scope this call needs")]
+    #[error("{name:?} lacks the {need} scope this call needs")]
     Scope { name: String, need: &'static str },
 }
 
@@ -135,10 +145,19 @@ impl Denied {
 /// Longest `authorization` header value looked at.
 const AUTHORIZATION_BYTES_MAX: usize = 512;
 
-/// The configured tokens, by digest.
+/// The configured tokens, by digest, and the configured client certificates' scopes, by name.
 #[derive(Debug, Default)]
 pub struct Tokens {
     by_digest: HashMap<[u8; 32], Arc<Credential>>,
+    clients: HashMap<String, Vec<Scope>>,
+}
+
+/// The client certificate a connection presented (verified against `[api-tls] client-ca` and
+/// its CRL during the handshake), as far as admission needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientCert<'a> {
+    /// The certificate, DER.
+    pub der: &'a [u8],
 }
 
 impl Tokens {
@@ -158,6 +177,7 @@ impl Tokens {
                 name: t.name.clone(),
                 scopes,
                 digest,
+                serial: None,
             };
             if by_digest.insert(digest, Arc::new(credential)).is_some() {
                 return Err(format!(
@@ -166,12 +186,58 @@ impl Tokens {
                 ));
             }
         }
-        Ok(Self { by_digest })
+        Ok(Self {
+            by_digest,
+            clients: HashMap::new(),
+        })
     }
 
-    /// Whether the port asks for tokens at all.
+    /// Adds the client certificates of validated configuration (`[[client-certs]]`).
+    pub fn with_clients(
+        mut self,
+        clients: &[crate::config::ClientCertConfig],
+    ) -> Result<Self, String> {
+        for c in clients {
+            let scopes = c
+                .scopes
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<Vec<Scope>, _>>()
+                .map_err(|why| format!("client certificate {:?}: scope {why}", c.name))?;
+            if self.clients.insert(c.name.clone(), scopes).is_some() {
+                return Err(format!("client certificate {:?}: listed twice", c.name));
+            }
+        }
+        Ok(self)
+    }
+
+    /// Whether the port asks for credentials at all (tokens or client certificates).
     pub fn enabled(&self) -> bool {
-        !self.by_digest.is_empty()
+        !self.by_digest.is_empty() || !self.clients.is_empty()
+    }
+
+    /// The credential a client certificate stands for, or why it is refused: it must name a
+    /// client of `[[client-certs]]` and not be revoked (`revoked`: the CRL's serial numbers).
+    fn client(
+        &self,
+        cert: ClientCert<'_>,
+        revoked: &crate::tls::Revoked,
+    ) -> Result<Credential, Denied> {
+        let (name, serial) = crate::tls::client_of_der(cert.der).ok_or(Denied::NamelessClient)?;
+        let scopes = self
+            .clients
+            .get(&name)
+            .ok_or_else(|| Denied::UnknownClient(name.clone()))?;
+        if revoked.contains(&serial) {
+            return Err(Denied::Revoked(name));
+        }
+        use sha2::Digest;
+        Ok(Credential {
+            name,
+            scopes: scopes.clone(),
+            digest: sha2::Sha256::digest(cert.der).into(),
+            serial: Some(serial),
+        })
     }
 
     /// Whether `credential`, admitted earlier, would still be admitted for `need` at `now_ms`:
@@ -184,6 +250,17 @@ impl Tokens {
         credential: &Credential,
         need: Need,
     ) -> bool {
+        if credential.serial.is_some() {
+            // A client certificate: its name still listed with scopes that cover `need` (the
+            // CRL is checked by the caller, which holds it).
+            return self.clients.get(&credential.name).is_some_and(|scopes| {
+                Credential {
+                    scopes: scopes.clone(),
+                    ..credential.clone()
+                }
+                .allows(need)
+            });
+        }
         let current = match self.by_digest.get(&credential.digest) {
             Some(c) => Some(c),
             None => issued
@@ -219,22 +296,35 @@ impl Tokens {
     /// Who `authorization` names and whether that covers `need`: a token of the configuration,
     /// else one of `issued` that has not expired by `now_ms` (wall clock). Without configured
     /// tokens everyone is admitted, issued tokens or not.
+    /// A request without a token but on a connection that presented a client certificate is
+    /// admitted as that certificate's client (`revoked` holds the CRL's serial numbers); a
+    /// token, when sent, decides alone.
     pub fn admit(
         &self,
         issued: &IssuedSet,
         now_ms: u64,
         authorization: Option<&[u8]>,
+        client_cert: Option<(ClientCert<'_>, &crate::tls::Revoked)>,
         need: Need,
     ) -> Result<Option<Arc<Credential>>, Denied> {
         if !self.enabled() {
             return Ok(None);
         }
         let Some(header) = authorization else {
-            return if need == Need::Open {
-                Ok(None)
-            } else {
-                Err(Denied::Missing)
+            if need == Need::Open {
+                return Ok(None);
+            }
+            let Some((cert, revoked)) = client_cert else {
+                return Err(Denied::Missing);
             };
+            let credential = self.client(cert, revoked)?;
+            if !credential.allows(need) {
+                return Err(Denied::Scope {
+                    name: credential.name,
+                    need: need.name(),
+                });
+            }
+            return Ok(Some(Arc::new(credential)));
         };
         let token = bearer_or_basic(header).ok_or(Denied::Malformed)?;
         let digest = exactly_client::token::digest(&token);
@@ -276,6 +366,7 @@ impl IssuedSet {
                     name: t.name.clone(),
                     scopes: t.scopes.clone(),
                     digest: t.sha256,
+                    serial: None,
                 };
                 (t.sha256, (Arc::new(credential), t.expires_at_ms))
             })
@@ -310,6 +401,9 @@ fn bearer_or_basic(header: &[u8]) -> Option<String> {
 /// when the file changes (a token added or revoked without a restart). Cheap to share.
 pub struct TokenSet {
     inline: Vec<TokenConfig>,
+    clients: Vec<crate::config::ClientCertConfig>,
+    /// The serial numbers of the client CRL (`[api-tls] crl`), as loaded last.
+    revoked: Arc<crate::tls::Revoked>,
     file: Option<std::path::PathBuf>,
     current: std::sync::RwLock<(Arc<Tokens>, FileStamp)>,
     /// The issued tokens as this node last applied them.
@@ -327,13 +421,20 @@ impl TokenSet {
             .as_deref()
             .and_then(crate::tls::file_stamp);
         let all = config.all_tokens().map_err(|e| e.to_string())?;
-        let tokens = Tokens::from_config(&all)?;
+        let tokens = Tokens::from_config(&all)?.with_clients(&config.client_certs)?;
         Ok(Arc::new(Self {
             inline: config.tokens.clone(),
+            clients: config.client_certs.clone(),
+            revoked: Default::default(),
             file: config.tokens_file.clone(),
             current: std::sync::RwLock::new((Arc::new(tokens), stamp)),
             issued: Default::default(),
         }))
+    }
+
+    /// Where the public port's TLS puts the client CRL's serial numbers.
+    pub fn revoked(&self) -> Arc<crate::tls::Revoked> {
+        self.revoked.clone()
     }
 
     /// The tokens in use now.
@@ -353,6 +454,13 @@ impl TokenSet {
         if !config.enabled() {
             return true;
         }
+        if credential
+            .serial
+            .as_ref()
+            .is_some_and(|serial| self.revoked.contains(serial))
+        {
+            return false;
+        }
         let issued = self
             .issued
             .read()
@@ -370,6 +478,7 @@ impl TokenSet {
     pub fn admit(
         &self,
         authorization: Option<&[u8]>,
+        client_cert: Option<ClientCert<'_>>,
         need: Need,
     ) -> Result<Option<Arc<Credential>>, Denied> {
         let config = self.current();
@@ -381,7 +490,14 @@ impl TokenSet {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        config.admit(&issued, crate::node::wall_ms(), authorization, need)
+        let client_cert = client_cert.map(|cert| (cert, &*self.revoked));
+        config.admit(
+            &issued,
+            crate::node::wall_ms(),
+            authorization,
+            client_cert,
+            need,
+        )
     }
 }
 
@@ -403,7 +519,7 @@ impl crate::tls::Reload for TokenSet {
         let mut all = self.inline.clone();
         all.extend(from_file);
         crate::config::validate_tokens(&all).map_err(|e| e.to_string())?;
-        let tokens = Tokens::from_config(&all)?;
+        let tokens = Tokens::from_config(&all)?.with_clients(&self.clients)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(tokens), now);
         Ok(true)
     }
@@ -460,7 +576,15 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        match self.tokens.admit(header, need) {
+        let certs = request
+            .extensions()
+            .get::<crate::tls::PeerCerts>()
+            .and_then(|c| c.0.clone());
+        let client_cert = certs
+            .as_ref()
+            .and_then(|c| c.first())
+            .map(|der| ClientCert { der });
+        match self.tokens.admit(header, client_cert, need) {
             Ok(credential) => {
                 if let Some(credential) = credential {
                     request.extensions_mut().insert(credential);
@@ -517,7 +641,7 @@ mod tests {
             authorization: Option<&[u8]>,
             need: Need,
         ) -> Result<Option<Arc<Credential>>, Denied> {
-            self.admit(&IssuedSet::default(), 0, authorization, need)
+            self.admit(&IssuedSet::default(), 0, authorization, None, need)
         }
     }
 
@@ -551,32 +675,35 @@ mod tests {
         ]);
         let read = Need::Read;
         let name = |r: Result<Option<Arc<Credential>>, Denied>| r.unwrap().unwrap().name.clone();
-        assert_eq!(name(t.admit(&set, 1_000, Some(&bearer("tc")), read)), "ci");
         assert_eq!(
-            t.admit(&set, 1_000, Some(&bearer("tc")), Need::Operate),
+            name(t.admit(&set, 1_000, Some(&bearer("tc")), None, read)),
+            "ci"
+        );
+        assert_eq!(
+            t.admit(&set, 1_000, Some(&bearer("tc")), None, Need::Operate),
             Err(Denied::Scope {
                 name: "ci".into(),
                 need: "operate"
             })
         );
         assert_eq!(
-            name(t.admit(&set, 4_999, Some(&bearer("tt")), read)),
+            name(t.admit(&set, 4_999, Some(&bearer("tt")), None, read)),
             "temp"
         );
         assert_eq!(
-            t.admit(&set, 5_000, Some(&bearer("tt")), read),
+            t.admit(&set, 5_000, Some(&bearer("tt")), None, read),
             Err(Denied::Expired("temp".into()))
         );
         assert_eq!(
-            name(t.admit(&set, 9_000, Some(&bearer("ta")), read)),
+            name(t.admit(&set, 9_000, Some(&bearer("ta")), None, read)),
             "root"
         );
         assert_eq!(
-            t.admit(&set, 1_000, Some(&bearer("nope")), read),
+            t.admit(&set, 1_000, Some(&bearer("nope")), None, read),
             Err(Denied::Unknown)
         );
         let open = Tokens::default();
-        assert_eq!(open.admit(&set, 1_000, None, Need::Admin), Ok(None));
+        assert_eq!(open.admit(&set, 1_000, None, None, Need::Admin), Ok(None));
     }
 
     /// A credential admitted earlier is taken back once its token is revoked (no longer issued),
@@ -589,7 +716,7 @@ mod tests {
             ("temp", "tt", &[Scope::Read], Some(5_000)),
         ]);
         let admitted = |secret: &str| {
-            t.admit(&set, 1_000, Some(&bearer(secret)), Need::Read)
+            t.admit(&set, 1_000, Some(&bearer(secret)), None, Need::Read)
                 .unwrap()
                 .unwrap()
         };
@@ -729,6 +856,7 @@ mod tests {
             name: "web".into(),
             scopes: vec!["submit:emails".parse().unwrap(), Scope::Read],
             digest: [1; 32],
+            serial: None,
         };
         assert!(web.may_submit_to("emails"));
         assert!(!web.may_submit_to("billing"));
@@ -736,12 +864,14 @@ mod tests {
             name: "root".into(),
             scopes: vec![Scope::Admin],
             digest: [2; 32],
+            serial: None,
         };
         assert!(admin.may_submit_to("billing"));
         let reader = Credential {
             name: "r".into(),
             scopes: vec![Scope::Read],
             digest: [3; 32],
+            serial: None,
         };
         assert!(!reader.may_submit_to("emails"));
         assert!("submit:".parse::<Scope>().is_err());
@@ -768,5 +898,115 @@ mod tests {
         assert!(Tokens::from_config(&[twice, again])
             .unwrap_err()
             .contains("twice"));
+    }
+
+    /// A client certificate is a credential: its name (the `urn:exactly:client:` URI, else the
+    /// common name) is looked up in `[[client-certs]]` for its scopes; an unlisted name, a
+    /// revoked serial and a certificate that names nobody are refused; a token on the same
+    /// request decides alone; an admitted certificate is refused again once revoked or
+    /// unlisted.
+    #[test]
+    fn client_certificates_are_credentials() {
+        use exactly_client::certs::{issue_client, issue_node, new_ca, serial_of_pem};
+        let ca = new_ca(1).unwrap();
+        let der = |pem: &str| {
+            x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap()
+                .contents
+        };
+        let web = issue_client(&ca, "web", 1).unwrap().cert;
+        let stranger = issue_client(&ca, "stranger", 1).unwrap().cert;
+        let node = issue_node(&ca, 3, 1).unwrap().cert;
+        let listed = |name: &str, scopes: &[&str]| crate::config::ClientCertConfig {
+            name: name.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        };
+        let t = tokens(&[("root", "rootsecret", &["admin"])])
+            .with_clients(&[
+                listed("web", &["submit:emails", "read"]),
+                listed("node-3.exactly", &["read"]),
+            ])
+            .unwrap();
+        let revoked = crate::tls::Revoked::default();
+        let admit = |pem: &str, header: Option<&[u8]>, need| {
+            let der = der(pem);
+            t.admit(
+                &IssuedSet::default(),
+                0,
+                header,
+                Some((ClientCert { der: &der }, &revoked)),
+                need,
+            )
+        };
+        let name = |r: Result<Option<Arc<Credential>>, Denied>| r.unwrap().unwrap().name.clone();
+        assert_eq!(name(admit(&web, None, Need::Read)), "web");
+        assert_eq!(name(admit(&web, None, Need::Submit)), "web");
+        let credential = admit(&web, None, Need::Read).unwrap().unwrap();
+        assert!(credential.may_submit_to("emails") && !credential.may_submit_to("billing"));
+        assert_eq!(
+            admit(&web, None, Need::Operate),
+            Err(Denied::Scope {
+                name: "web".into(),
+                need: "operate"
+            })
+        );
+        assert_eq!(
+            admit(&stranger, None, Need::Read),
+            Err(Denied::UnknownClient("stranger".into()))
+        );
+        // Without the URI, the common name: a node certificate is `node-3.exactly`.
+        assert_eq!(name(admit(&node, None, Need::Read)), "node-3.exactly");
+        assert_eq!(
+            admit(&ca.cert, None, Need::Read),
+            Err(Denied::UnknownClient("exactly cluster CA".into()))
+        );
+        // A token decides alone, whatever certificate the connection has.
+        let root = bearer("rootsecret");
+        assert_eq!(name(admit(&stranger, Some(&root), Need::Admin)), "root");
+        assert_eq!(
+            admit(&web, Some(&bearer("nope")), Need::Read),
+            Err(Denied::Unknown)
+        );
+        // Revoked: refused at once, and an admitted credential is not admitted again.
+        let set = TokenSet {
+            inline: Vec::new(),
+            clients: Vec::new(),
+            revoked: Arc::new(crate::tls::Revoked::default()),
+            file: None,
+            current: std::sync::RwLock::new((
+                Arc::new(
+                    tokens(&[])
+                        .with_clients(&[listed("web", &["read"])])
+                        .unwrap(),
+                ),
+                None,
+            )),
+            issued: Default::default(),
+        };
+        assert!(set.still_admits(&credential, Need::Read));
+        let serial = serial_of_pem(&web).unwrap();
+        revoked.set(Arc::new([serial.clone()].into_iter().collect()));
+        assert_eq!(
+            admit(&web, None, Need::Read),
+            Err(Denied::Revoked("web".into()))
+        );
+        set.revoked.set(Arc::new([serial].into_iter().collect()));
+        assert!(!set.still_admits(&credential, Need::Read));
+        // Unlisted after a reload: not admitted again either.
+        let unlisted = tokens(&[("root", "rootsecret", &["admin"])]);
+        assert!(!unlisted.still_admits(&IssuedSet::default(), 0, &credential, Need::Read));
+        assert!(t.still_admits(&IssuedSet::default(), 0, &credential, Need::Read));
+        assert!(!t.still_admits(&IssuedSet::default(), 0, &credential, Need::Operate));
+        // Garbage is no certificate.
+        let garbage = t.admit(
+            &IssuedSet::default(),
+            0,
+            None,
+            Some((ClientCert { der: b"garbage" }, &revoked)),
+            Need::Read,
+        );
+        assert_eq!(garbage, Err(Denied::NamelessClient));
     }
 }

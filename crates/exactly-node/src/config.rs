@@ -48,6 +48,10 @@ pub struct NodeConfig {
     /// say). The node reads it again when it changes: tokens are added and revoked without a
     /// restart.
     pub tokens_file: Option<PathBuf>,
+    /// Client certificates that may call the public API, by the name they carry, each with its
+    /// scopes (`[[client-certs]] name = "billing" scopes = ["submit:mail"]`); needs
+    /// `[api-tls] client-ca`. A client presenting no certificate may still use a token.
+    pub client_certs: Vec<ClientCertConfig>,
     /// Serve ports beyond this machine without TLS or tokens anyway. Without it, a node whose
     /// public port listens on a non-loopback address refuses to start unless that port has TLS
     /// (`[api-tls]`) and tokens (`[[tokens]]`), its node-to-node traffic has a peer port with
@@ -104,6 +108,11 @@ pub struct PeerTlsConfig {
     pub cert: PathBuf,
     /// This node's private key.
     pub key: PathBuf,
+    /// The cluster CA's certificate revocation list (`exactly cert crl`): a node certificate it
+    /// lists is refused, as server and as client, from the next handshake and on every
+    /// message of a connection already open. Read again when it changes.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// The PEM files of the public port's TLS (`[api-tls]`).
@@ -115,6 +124,28 @@ pub struct ApiTlsConfig {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
+    /// The CA whose client certificates (`exactly cert client`) are credentials on the public
+    /// port, with the scopes `[[client-certs]]` gives their names. A client may still present
+    /// a bearer token instead. Unset: clients present no certificate.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// That CA's certificate revocation list (`exactly cert crl --revoke`): a client
+    /// certificate it lists is refused, from the next handshake and on every call of a
+    /// connection already open. Read again when it changes.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+}
+
+/// A client certificate's name and what it may do (`[[client-certs]]`): a client presenting a
+/// certificate from `[api-tls] client-ca` that names it (`exactly cert client --name`) is
+/// admitted with these scopes.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClientCertConfig {
+    /// The name the certificate carries (`urn:exactly:client:<name>`, else its common name).
+    pub name: String,
+    /// What it may do: `submit`, `submit:<queue>`, `read`, `operate`, `admin`.
+    pub scopes: Vec<String>,
 }
 
 /// One bearer token of the public API (`[[tokens]]`).
@@ -159,6 +190,63 @@ pub fn validate_tokens(tokens: &[TokenConfig]) -> Result<(), ConfigError> {
         }
     }
     crate::auth::Tokens::from_config(tokens).map_err(|why| invalid("tokens", "", why))?;
+    Ok(())
+}
+
+/// Checks `[[client-certs]]`: names plain, bounded and unique, scopes known, and
+/// `[api-tls] client-ca` set exactly when some are listed.
+pub fn validate_client_certs(
+    certs: &[ClientCertConfig],
+    api_tls: Option<&ApiTlsConfig>,
+) -> Result<(), ConfigError> {
+    let client_ca = api_tls.and_then(|t| t.client_ca.as_ref());
+    match (certs.is_empty(), client_ca) {
+        (false, None) => {
+            return Err(invalid(
+                "client-certs",
+                certs.len(),
+                "need [api-tls] client-ca: the CA their certificates come from",
+            ))
+        }
+        (true, Some(ca)) => {
+            return Err(invalid(
+                "api-tls.client-ca",
+                ca,
+                "no [[client-certs]] names a client: every certificate would be refused",
+            ))
+        }
+        _ => {}
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for c in certs {
+        if !exactly_client::certs::valid_client_name(&c.name) {
+            return Err(invalid(
+                "client-certs.name",
+                &c.name,
+                format!(
+                    "must be 1..={} letters, digits, '-', '_' and '.', not starting with '.'",
+                    exactly_client::certs::CLIENT_NAME_BYTES_MAX
+                ),
+            ));
+        }
+        if !names.insert(c.name.as_str()) {
+            return Err(invalid("client-certs.name", &c.name, "listed twice"));
+        }
+        if c.scopes.is_empty() {
+            return Err(invalid(
+                "client-certs.scopes",
+                &c.name,
+                "give at least one of submit, submit:<queue>, read, operate, admin",
+            ));
+        }
+        for scope in &c.scopes {
+            scope
+                .parse::<exactly_core::access::Scope>()
+                .map_err(|why| {
+                    invalid("client-certs.scopes", &c.name, format!("{scope}: {why}"))
+                })?;
+        }
+    }
     Ok(())
 }
 
@@ -275,6 +363,7 @@ impl Default for NodeConfig {
             api_tls: None,
             tokens: Vec::new(),
             tokens_file: None,
+            client_certs: Vec::new(),
             insecure: false,
             http_listen: None,
             http_tls: None,
@@ -528,10 +617,10 @@ impl NodeConfig {
         Ok(all)
     }
 
-    /// Whether the public API asks for tokens (a tokens file always holds some: validation and
-    /// reloads refuse an empty one).
+    /// Whether the public API asks for credentials: tokens (a tokens file always holds some:
+    /// validation and reloads refuse an empty one) or client certificates.
     fn has_tokens(&self) -> bool {
-        !self.tokens.is_empty() || self.tokens_file.is_some()
+        !self.tokens.is_empty() || self.tokens_file.is_some() || !self.client_certs.is_empty()
     }
 
     /// What this node would serve beyond this machine without protection: empty on a loopback
@@ -624,6 +713,26 @@ impl NodeConfig {
             ));
         }
         validate_tokens(&tokens)?;
+        validate_client_certs(&self.client_certs, self.api_tls.as_ref())?;
+        if let Some(http) = &self.http_tls {
+            if http.client_ca.is_some() || http.crl.is_some() {
+                return Err(invalid(
+                    "http-tls.client-ca",
+                    "set",
+                    "client certificates are credentials on the public gRPC port ([api-tls]) \
+                     only; the HTTP port takes tokens",
+                ));
+            }
+        }
+        if let Some(api) = &self.api_tls {
+            if api.crl.is_some() && api.client_ca.is_none() {
+                return Err(invalid(
+                    "api-tls.crl",
+                    "set",
+                    "lists revoked client certificates: set api-tls.client-ca too",
+                ));
+            }
+        }
         if self.node_id == Some(0) {
             return Err(invalid("node-id", 0, "node ids start at 1"));
         }
@@ -869,6 +978,8 @@ mod tests {
         let files = ApiTlsConfig {
             cert: "a.pem".into(),
             key: "a.key".into(),
+            client_ca: None,
+            crl: None,
         };
         let mut c = NodeConfig {
             http_listen: Some("0.0.0.0:8101".parse().unwrap()),
@@ -967,6 +1078,8 @@ mod tests {
             c.api_tls = Some(ApiTlsConfig {
                 cert: "a.pem".into(),
                 key: "a.key".into(),
+                client_ca: None,
+                crl: None,
             });
             c.tokens = vec![TokenConfig {
                 name: "web".into(),
@@ -978,6 +1091,7 @@ mod tests {
                 ca: "ca.pem".into(),
                 cert: "n.pem".into(),
                 key: "n.key".into(),
+                crl: None,
             });
         };
         let mut open = NodeConfig {
@@ -1241,5 +1355,60 @@ mod tests {
     fn unknown_keys_are_refused() {
         let err = NodeConfig::from_toml("slotz = 4").unwrap_err().to_string();
         assert!(err.contains("slotz"), "{err}");
+    }
+
+    /// `[[client-certs]]` need `[api-tls] client-ca` and the other way round; names are plain
+    /// and unique, scopes known; the HTTP port takes no client certificates; a CRL needs the
+    /// client CA it belongs to. A valid set parses from TOML and counts as credentials.
+    #[test]
+    fn client_certificates_are_checked() {
+        let text = r#"
+            [api-tls]
+            cert = "api.pem"
+            key = "api.key"
+            client-ca = "clients.pem"
+            crl = "crl.pem"
+
+            [[client-certs]]
+            name = "billing"
+            scopes = ["submit:mail", "read"]
+        "#;
+        let good = NodeConfig::from_toml(text).unwrap();
+        assert_eq!(good.client_certs.len(), 1);
+        assert!(good.has_tokens());
+        good.clone().validate().unwrap();
+        let err = |c: NodeConfig| c.validate().unwrap_err().to_string();
+        let mut no_ca = good.clone();
+        no_ca.api_tls.as_mut().unwrap().client_ca = None;
+        no_ca.api_tls.as_mut().unwrap().crl = None;
+        assert!(err(no_ca).contains("client-ca"));
+        let mut no_clients = good.clone();
+        no_clients.client_certs.clear();
+        assert!(err(no_clients).contains("no [[client-certs]]"));
+        let mut crl_alone = good.clone();
+        crl_alone.client_certs.clear();
+        crl_alone.api_tls.as_mut().unwrap().client_ca = None;
+        assert!(err(crl_alone).contains("api-tls.crl"));
+        for (name, scopes, says) in [
+            ("../x", vec!["read"], "client-certs.name"),
+            ("", vec!["read"], "client-certs.name"),
+            ("ok", vec![], "at least one"),
+            ("ok", vec!["fly"], "client-certs.scopes"),
+        ] {
+            let mut bad = good.clone();
+            bad.client_certs[0] = ClientCertConfig {
+                name: name.into(),
+                scopes: scopes.into_iter().map(String::from).collect(),
+            };
+            let e = err(bad);
+            assert!(e.contains(says), "{name:?}: {e}");
+        }
+        let mut twice = good.clone();
+        twice.client_certs.push(twice.client_certs[0].clone());
+        assert!(err(twice).contains("listed twice"));
+        let mut http = good.clone();
+        http.http_listen = Some("127.0.0.1:0".parse().unwrap());
+        http.http_tls = http.api_tls.clone();
+        assert!(err(http).contains("http-tls.client-ca"));
     }
 }

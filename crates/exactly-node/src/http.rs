@@ -165,7 +165,7 @@ async fn require_read(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    match tokens.admit(header, Need::Read) {
+    match tokens.admit(header, None, Need::Read) {
         Ok(_) => next.run(request).await,
         Err(denied @ Denied::Scope { .. }) => {
             (StatusCode::FORBIDDEN, format!("{denied}\n")).into_response()

@@ -85,13 +85,20 @@ fn check_claim(sender: Sender, claimed: u64, what: &str) -> Result<(), Status> {
 impl InternalService {
     /// The sender of a request: with peer TLS, the node its certificate names (a connection
     /// without a node certificate never gets here: the TLS handshake requires one).
+    /// A certificate the CRL lists now is refused on a connection opened before it was
+    /// revoked, too.
     fn sender<T>(&self, request: &Request<T>) -> Result<Sender, Status> {
-        if self.node.peer_tls.is_none() {
+        let Some(tls) = &self.node.peer_tls else {
             return Ok(Sender::Unauthenticated);
+        };
+        let id = crate::tls::sender(request)
+            .ok_or_else(|| Status::unauthenticated("no node certificate on this connection"))?;
+        if crate::tls::sender_cert(request).is_some_and(|der| tls.is_revoked(der)) {
+            return Err(Status::unauthenticated(format!(
+                "node {id}'s certificate is revoked (peer-tls.crl)"
+            )));
         }
-        crate::tls::sender(request)
-            .map(Sender::Node)
-            .ok_or_else(|| Status::unauthenticated("no node certificate on this connection"))
+        Ok(Sender::Node(id))
     }
 
     /// Refuses a sender that is not in this node's view of the membership (`voters_only`: not

@@ -94,7 +94,12 @@ pub struct Network {
 pub struct Connection {
     from: u64,
     target: u64,
+    addr: String,
     client: Result<InternalClient<Channel>, String>,
+    /// The peer TLS material's generation the channel was made with: when the material is
+    /// reloaded (a rotated certificate, a new CRL), the next message goes over a new
+    /// connection, whose handshake checks the peer against the new list.
+    tls: Option<(Arc<crate::tls::PeerTls>, u64)>,
     faults: Option<FaultsHandle>,
     departure: Arc<Departure>,
     answers: Arc<Answers>,
@@ -157,9 +162,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Connection {
             from: self.id,
             target,
+            addr: node.addr.clone(),
             client: peer_channel(&node.addr, self.tls.as_ref(), Some(target))
                 .map(internal_client)
                 .map_err(|e| format!("bad address {:?}: {e}", node.addr)),
+            tls: self.tls.as_ref().map(|t| (t.clone(), t.generation())),
             faults: self.faults.clone(),
             departure: self.departure.clone(),
             answers: self.answers.clone(),
@@ -216,8 +223,17 @@ impl Connection {
     // openraft's error type is what the trait returns; boxing it here would only unbox it again.
     #[allow(clippy::result_large_err)]
     fn client<E: std::error::Error>(
-        &self,
+        &mut self,
     ) -> Result<InternalClient<Channel>, RPCError<u64, BasicNode, E>> {
+        if let Some((tls, generation)) = &mut self.tls {
+            let now = tls.generation();
+            if now != *generation {
+                *generation = now;
+                self.client = peer_channel(&self.addr, Some(&*tls), Some(self.target))
+                    .map(internal_client)
+                    .map_err(|e| format!("bad address {:?}: {e}", self.addr));
+            }
+        }
         self.client.clone().map_err(unreachable_err)
     }
 

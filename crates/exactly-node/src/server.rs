@@ -233,19 +233,21 @@ pub async fn start_with(
         Some(files) => Some(crate::tls::PeerTls::load(files, id).map_err(StartError::PeerTls)?),
         None => None,
     };
+    let tokens = crate::auth::TokenSet::load(&config).map_err(StartError::Tokens)?;
     let api_tls = match &config.api_tls {
         Some(files) => Some(
-            crate::tls::ApiTls::load(files, crate::tls::ALPN_GRPC).map_err(StartError::ApiTls)?,
+            crate::tls::ApiTls::load(files, crate::tls::ALPN_GRPC, tokens.revoked())
+                .map_err(StartError::ApiTls)?,
         ),
         None => None,
     };
     let http_tls = match &config.http_tls {
         Some(files) => Some(
-            crate::tls::ApiTls::load(files, crate::tls::ALPN_HTTP).map_err(StartError::HttpTls)?,
+            crate::tls::ApiTls::load(files, crate::tls::ALPN_HTTP, Default::default())
+                .map_err(StartError::HttpTls)?,
         ),
         None => None,
     };
-    let tokens = crate::auth::TokenSet::load(&config).map_err(StartError::Tokens)?;
     let incarnation = store.next_incarnation()?;
     let hooks = Arc::new(Hooks::new(id));
     let _ = hooks.tokens.set(tokens.clone());

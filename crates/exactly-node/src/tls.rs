@@ -47,17 +47,86 @@ pub struct PeerTls {
     files: PeerTlsConfig,
     node_id: u64,
     current: RwLock<Arc<Material>>,
+    /// Counts the reloads: a channel made before the last one reconnects.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// One loaded version of the files.
 struct Material {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    /// The serial numbers the CRL lists (none without one).
+    revoked: Arc<Serials>,
     stamp: Stamp,
 }
 
-/// What the files looked like when they were read: (modified, length) of ca, cert and key.
-type Stamp = [Option<(SystemTime, u64)>; 3];
+/// What the files looked like when they were read: (modified, length) of ca, cert, key and
+/// CRL.
+type Stamp = [Option<(SystemTime, u64)>; 4];
+
+/// Certificate serial numbers, big-endian without leading zeros.
+pub type Serials = std::collections::HashSet<Vec<u8>>;
+
+/// A certificate's serial number as [`Serials`] holds them; `None` if it is not a certificate.
+pub fn serial_of_der(der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.tbs_certificate.serial.to_bytes_be())
+}
+
+/// Certificate revocation lists in PEM (`exactly cert crl`): the DER blocks rustls checks
+/// handshakes against, and the serial numbers they list, which a node checks every call of a
+/// connection already open against. A file without one is refused, naming `key`.
+pub fn read_crls(
+    key: &str,
+    path: &Path,
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+        Serials,
+    ),
+    String,
+> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    let blocks: Vec<Vec<u8>> = x509_parser::pem::Pem::iter_from_buffer(&pem)
+        .filter_map(Result::ok)
+        .filter(|p| p.label == "X509 CRL")
+        .map(|p| p.contents)
+        .collect();
+    if blocks.is_empty() {
+        return Err(format!(
+            "{key}: no PEM \"X509 CRL\" in {} (make one with `exactly cert crl`)",
+            path.display()
+        ));
+    }
+    let mut serials = Serials::new();
+    for der in &blocks {
+        let listed = exactly_client::certs::revoked_serials(der)
+            .map_err(|e| format!("{key}: {}: {e}", path.display()))?;
+        serials.extend(listed);
+    }
+    let ders = blocks.into_iter().map(Into::into).collect();
+    Ok((ders, serials))
+}
+
+/// The serial numbers a CRL listed when it was loaded last, shared by the TLS material that
+/// loads it and whoever checks calls on connections already open.
+#[derive(Debug, Default)]
+pub struct Revoked(RwLock<Arc<Serials>>);
+
+impl Revoked {
+    pub fn set(&self, serials: Arc<Serials>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = serials;
+    }
+
+    /// Whether the certificate with this serial number is revoked.
+    pub fn contains(&self, serial: &[u8]) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(serial)
+    }
+}
 
 impl std::fmt::Debug for PeerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,6 +150,7 @@ fn stamp(files: &PeerTlsConfig) -> Stamp {
         file_stamp(&files.ca),
         file_stamp(&files.cert),
         file_stamp(&files.key),
+        files.crl.as_deref().and_then(file_stamp),
     ]
 }
 
@@ -102,6 +172,7 @@ impl PeerTls {
             files: config.clone(),
             node_id,
             current: RwLock::new(Arc::new(material)),
+            generation: Default::default(),
         }))
     }
 
@@ -158,12 +229,31 @@ impl PeerTls {
                 config.key.display()
             )
         })?;
-        let (server, client) = configs(&roots, &chain, key)?;
+        let (crls, revoked) = match &config.crl {
+            Some(path) => read_crls("peer-tls.crl", path)?,
+            None => Default::default(),
+        };
+        if serial_of_der(leaf).is_some_and(|serial| revoked.contains(&serial)) {
+            return Err(format!(
+                "peer-tls.cert: {} is revoked by {}",
+                config.cert.display(),
+                config.crl.as_deref().unwrap_or(Path::new("")).display()
+            ));
+        }
+        let (server, client) = configs(&roots, &chain, key, crls)?;
         Ok(Material {
             server,
             client,
+            revoked: Arc::new(revoked),
             stamp,
         })
+    }
+
+    /// Whether the certificate `der` is revoked by the CRL loaded last: a peer connection opened
+    /// before its certificate was revoked is refused from its next message.
+    pub fn is_revoked(&self, der: &[u8]) -> bool {
+        let revoked = self.current().revoked.clone();
+        !revoked.is_empty() && serial_of_der(der).is_some_and(|s| revoked.contains(&s))
     }
 
     /// Reads the files again if they changed since they were last read, and uses them from now
@@ -176,7 +266,14 @@ impl PeerTls {
         }
         let material = Self::read_material(&self.files, self.node_id)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(material);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(true)
+    }
+
+    /// How many times new material was taken up since the start.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn current(&self) -> Arc<Material> {
@@ -382,6 +479,8 @@ pub struct ApiTls {
     /// The ALPN protocols offered.
     alpn: &'static [&'static [u8]],
     current: RwLock<(Arc<rustls::ServerConfig>, ApiStamp)>,
+    /// Where the serial numbers of the client CRL go when it is loaded.
+    revoked: Arc<Revoked>,
 }
 
 /// ALPN of the public gRPC port.
@@ -389,32 +488,44 @@ pub const ALPN_GRPC: &[&[u8]] = &[b"h2"];
 /// ALPN of the HTTP port (browsers, Prometheus, probes).
 pub const ALPN_HTTP: &[&[u8]] = &[b"http/1.1"];
 
-/// (modified, length) of the API certificate and key when they were read.
-type ApiStamp = [Option<(SystemTime, u64)>; 2];
+/// (modified, length) of the API certificate, key, client CA and CRL when they were read.
+type ApiStamp = [Option<(SystemTime, u64)>; 4];
 
 impl ApiTls {
     /// Reads the certificate and key; a missing file, one without PEM, or a key that does not
     /// match the certificate stops the start with the path named.
+    /// With `client-ca`, clients may present a certificate from that CA (checked against the
+    /// CRL, whose serial numbers go to `revoked`); a client without one is still served (it
+    /// may carry a token).
     pub fn load(
         files: &crate::config::ApiTlsConfig,
         alpn: &'static [&'static [u8]],
+        revoked: Arc<Revoked>,
     ) -> Result<Arc<Self>, String> {
-        let loaded = Self::read(files, alpn)?;
+        let (config, stamp, serials) = Self::read(files, alpn)?;
+        revoked.set(serials);
         Ok(Arc::new(Self {
             files: files.clone(),
             alpn,
-            current: RwLock::new(loaded),
+            current: RwLock::new((config, stamp)),
+            revoked,
         }))
     }
 
     fn stamp(files: &crate::config::ApiTlsConfig) -> ApiStamp {
-        [file_stamp(&files.cert), file_stamp(&files.key)]
+        [
+            file_stamp(&files.cert),
+            file_stamp(&files.key),
+            files.client_ca.as_deref().and_then(file_stamp),
+            files.crl.as_deref().and_then(file_stamp),
+        ]
     }
 
+    #[allow(clippy::type_complexity)]
     fn read(
         files: &crate::config::ApiTlsConfig,
         alpn: &[&[u8]],
-    ) -> Result<(Arc<rustls::ServerConfig>, ApiStamp), String> {
+    ) -> Result<(Arc<rustls::ServerConfig>, ApiStamp, Arc<Serials>), String> {
         let stamp = Self::stamp(files);
         let read = |path: &Path| {
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
@@ -430,14 +541,43 @@ impl ApiTls {
         let key = PrivateKeyDer::from_pem_slice(&key)
             .map_err(|_| format!("{}: not a PEM private key", files.key.display()))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
+            .map_err(|e| e.to_string())?;
+        let (builder, serials) = match &files.client_ca {
+            None => (builder.with_no_client_auth(), Serials::new()),
+            Some(ca) => {
+                let roots = pem_certificates(&read(ca)?);
+                if roots.is_empty() {
+                    return Err(format!("{}: not a PEM certificate", ca.display()));
+                }
+                let mut store = rustls::RootCertStore::empty();
+                for root in roots {
+                    store
+                        .add(CertificateDer::from(root))
+                        .map_err(|e| format!("{}: {e}", ca.display()))?;
+                }
+                let (crls, serials) = match &files.crl {
+                    Some(path) => read_crls("api-tls.crl", path)?,
+                    None => Default::default(),
+                };
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(store),
+                    provider,
+                )
+                .with_crls(crls)
+                .only_check_end_entity_revocation()
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+                (builder.with_client_cert_verifier(verifier), serials)
+            }
+        };
+        let mut config = builder
             .with_single_cert(chain, key)
             .map_err(|e| format!("{}: {e}", files.key.display()))?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok((Arc::new(config), stamp))
+        Ok((Arc::new(config), stamp, Arc::new(serials)))
     }
 }
 
@@ -475,8 +615,9 @@ impl Reload for ApiTls {
         if Self::stamp(&self.files) == last {
             return Ok(false);
         }
-        let loaded = Self::read(&self.files, self.alpn)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        let (config, stamp, serials) = Self::read(&self.files, self.alpn)?;
+        self.revoked.set(serials);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (config, stamp);
         Ok(true)
     }
 
@@ -496,6 +637,7 @@ fn configs(
     roots: &[Vec<u8>],
     chain: &[Vec<u8>],
     key: PrivateKeyDer<'static>,
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
 ) -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut store = rustls::RootCertStore::empty();
@@ -513,8 +655,16 @@ fn configs(
         store.clone(),
         provider.clone(),
     )
+    .with_crls(crls.clone())
+    .only_check_end_entity_revocation()
     .build()
     .map_err(|e| format!("peer-tls.ca: {e}"))?;
+    let server_verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(store, provider.clone())
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(|e| format!("peer-tls.ca: {e}"))?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -525,7 +675,7 @@ fn configs(
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(store)
+        .with_webpki_verifier(server_verifier)
         .with_client_auth_cert(chain, key)
         .map_err(|e| format!("peer-tls.key: {e}"))?;
     client.alpn_protocols = vec![b"h2".to_vec()];
@@ -719,11 +869,51 @@ pub fn node_id_of_der(der: &[u8]) -> Option<u64> {
     ids.all(|id| id == first).then_some(first)
 }
 
+/// The client a DER certificate names, and its serial number: the name of its one URI
+/// `urn:exactly:client:<name>` (`exactly cert client`), else its subject's common name (a
+/// certificate from another PKI). `None` if it names none or several.
+pub fn client_of_der(der: &[u8]) -> Option<(String, Vec<u8>)> {
+    use exactly_client::certs::CLIENT_URI_PREFIX;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let serial = cert.tbs_certificate.serial.to_bytes_be();
+    let uris: Vec<&str> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::URI(uri) => uri.strip_prefix(CLIENT_URI_PREFIX),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(_) => return None,
+    };
+    let name = match uris.as_slice() {
+        [one] => (*one).to_string(),
+        [] => {
+            let mut names = cert.subject().iter_common_name();
+            let first = names.next()?.as_str().ok()?.to_string();
+            if names.next().is_some() {
+                return None;
+            }
+            first
+        }
+        _ => return None,
+    };
+    Some((name, serial))
+}
+
 /// The node id of the certificate the sender of `request` presented (TLS verified it against
 /// the cluster CA before the request got here); `None` on a plaintext connection.
 pub fn sender<T>(request: &tonic::Request<T>) -> Option<u64> {
+    node_id_of_der(sender_cert(request)?)
+}
+
+/// The certificate (DER) the sender of `request` presented; `None` on a plaintext connection.
+pub fn sender_cert<T>(request: &tonic::Request<T>) -> Option<&[u8]> {
     let PeerCerts(certs) = request.extensions().get::<PeerCerts>()?;
-    node_id_of_der(certs.as_ref()?.first()?)
+    certs.as_ref()?.first().map(Vec::as_slice)
 }
 
 #[cfg(test)]
@@ -804,6 +994,7 @@ mod tests {
             ca: write(dir.path(), "ca.pem", &ca.cert),
             cert: write(dir.path(), "node-2.pem", &two.cert),
             key: write(dir.path(), "node-2.key", &two.key),
+            crl: None,
         };
         PeerTls::load(&config, 2).unwrap();
         let err = PeerTls::load(&config, 3).unwrap_err();
@@ -847,6 +1038,7 @@ mod tests {
             ca: write(dir.path(), "ca.pem", &ca.cert),
             cert: write(dir.path(), "node.pem", &first.cert),
             key: write(dir.path(), "node.key", &first.key),
+            crl: None,
         };
         let tls = PeerTls::load(&config, 2).unwrap();
         assert_eq!(tls.reload_if_changed(), Ok(false));
@@ -894,8 +1086,10 @@ mod tests {
         let files = crate::config::ApiTlsConfig {
             cert: write(dir.path(), "api.pem", &first.cert),
             key: write(dir.path(), "api.key", &first.key),
+            client_ca: None,
+            crl: None,
         };
-        let tls = ApiTls::load(&files, ALPN_GRPC).unwrap();
+        let tls = ApiTls::load(&files, ALPN_GRPC, Default::default()).unwrap();
         assert_eq!(Reload::reload_if_changed(&*tls), Ok(false));
         let touch = |path: &Path, secs: u64| {
             let file = std::fs::File::options().write(true).open(path).unwrap();
@@ -922,8 +1116,11 @@ mod tests {
             &crate::config::ApiTlsConfig {
                 cert: files.key.clone(),
                 key: files.key.clone(),
+                client_ca: None,
+                crl: None,
             },
             ALPN_HTTP,
+            Default::default(),
         )
         .err()
         .unwrap();
@@ -960,5 +1157,78 @@ mod tests {
         );
         assert_eq!(node_id_of_der(&der(&ca.cert)), None);
         assert_eq!(node_id_of_der(b"garbage"), None);
+    }
+
+    /// `[peer-tls] crl`: a node whose own certificate is listed does not start; a listed peer
+    /// certificate is revoked for messages on open connections once the new list is loaded; a
+    /// file without a CRL is refused, naming the key.
+    #[test]
+    fn a_revocation_list_refuses_listed_node_certificates() {
+        use exactly_client::certs::revocation_list;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca(1).unwrap();
+        let (two, three) = (
+            issue_node(&ca, 2, 1).unwrap(),
+            issue_node(&ca, 3, 1).unwrap(),
+        );
+        let (empty, _) = revocation_list(&ca, None, &[], 1).unwrap();
+        let config = PeerTlsConfig {
+            ca: write(dir.path(), "ca.pem", &ca.cert),
+            cert: write(dir.path(), "node-2.pem", &two.cert),
+            key: write(dir.path(), "node-2.key", &two.key),
+            crl: Some(write(dir.path(), "crl.pem", &empty)),
+        };
+        let tls = PeerTls::load(&config, 2).unwrap();
+        let der = |pem: &str| pem_certificates(pem.as_bytes()).remove(0);
+        assert!(!tls.is_revoked(&der(&three.cert)));
+        let (listed, _) =
+            revocation_list(&ca, Some(&empty), std::slice::from_ref(&three.cert), 1).unwrap();
+        write(dir.path(), "crl.pem", &listed);
+        let file = std::fs::File::options()
+            .write(true)
+            .open(config.crl.as_ref().unwrap())
+            .unwrap();
+        file.set_modified(SystemTime::now() + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(tls.reload_if_changed(), Ok(true));
+        assert!(tls.is_revoked(&der(&three.cert)));
+        assert!(!tls.is_revoked(&der(&two.cert)));
+        let (own, _) =
+            revocation_list(&ca, Some(&listed), std::slice::from_ref(&two.cert), 1).unwrap();
+        write(dir.path(), "crl.pem", &own);
+        let err = PeerTls::load(&config, 2).unwrap_err();
+        assert!(err.contains("is revoked by"), "{err}");
+        let not_a_crl = PeerTlsConfig {
+            crl: Some(config.ca.clone()),
+            ..config
+        };
+        let err = PeerTls::load(&not_a_crl, 2).unwrap_err();
+        assert!(err.contains("peer-tls.crl: no PEM"), "{err}");
+    }
+
+    /// A client certificate names its client by its URI; a certificate with two such URIs or
+    /// none and no common name names nobody.
+    #[test]
+    fn a_client_certificate_names_its_client() {
+        use exactly_client::certs::{issue_client, serial_of_pem};
+        let ca = new_ca(1).unwrap();
+        let web = issue_client(&ca, "web", 1).unwrap().cert;
+        let der = |pem: &str| pem_certificates(pem.as_bytes()).remove(0);
+        let (name, serial) = client_of_der(&der(&web)).unwrap();
+        assert_eq!(name, "web");
+        assert_eq!(serial, serial_of_pem(&web).unwrap());
+        assert_eq!(
+            client_of_der(&der(&ca.cert)).map(|c| c.0),
+            Some("exactly cluster CA".into())
+        );
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![
+            rcgen::SanType::URI("urn:exactly:client:a".try_into().unwrap()),
+            rcgen::SanType::URI("urn:exactly:client:b".try_into().unwrap()),
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let two = params.self_signed(&key).unwrap();
+        assert_eq!(client_of_der(two.der()), None);
+        assert_eq!(client_of_der(b"garbage"), None);
     }
 }

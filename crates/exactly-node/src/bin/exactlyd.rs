@@ -51,6 +51,10 @@ struct Args {
     /// This node's private key (PEM).
     #[arg(long, env = "EXACTLY_PEER_TLS_KEY", value_name = "PATH", requires_all = ["peer_tls_ca", "peer_tls_cert"])]
     peer_tls_key: Option<PathBuf>,
+    /// The cluster CA's certificate revocation list (PEM, from `exactly cert crl`): node
+    /// certificates it lists are refused. Needs peer TLS. Read again when it changes.
+    #[arg(long, env = "EXACTLY_PEER_TLS_CRL", value_name = "PATH")]
+    peer_tls_crl: Option<PathBuf>,
     /// TLS on the public gRPC port: this node's certificate for clients (PEM, from `exactly
     /// cert server`). With --api-tls-key.
     #[arg(
@@ -68,6 +72,14 @@ struct Args {
         requires = "api_tls_cert"
     )]
     api_tls_key: Option<PathBuf>,
+    /// The CA of client certificates that are credentials on the public port (their names'
+    /// scopes come from the config file's `[[client-certs]]`). Needs API TLS.
+    #[arg(long, env = "EXACTLY_API_TLS_CLIENT_CA", value_name = "PATH")]
+    api_tls_client_ca: Option<PathBuf>,
+    /// That CA's certificate revocation list (PEM, from `exactly cert crl`): client
+    /// certificates it lists are refused. Read again when it changes.
+    #[arg(long, env = "EXACTLY_API_TLS_CRL", value_name = "PATH")]
+    api_tls_crl: Option<PathBuf>,
     /// TLS on the HTTP port (dashboard, /metrics, probes): its certificate (PEM; the API's may
     /// serve). With --http-tls-key.
     #[arg(
@@ -139,22 +151,49 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     if let (Some(ca), Some(cert), Some(key)) =
         (&args.peer_tls_ca, &args.peer_tls_cert, &args.peer_tls_key)
     {
+        let file = config.peer_tls.take();
         config.peer_tls = Some(exactly_node::config::PeerTlsConfig {
             ca: ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
+            crl: file.and_then(|f| f.crl),
         });
     }
+    if let Some(crl) = &args.peer_tls_crl {
+        let tls = config.peer_tls.as_mut().ok_or_else(|| {
+            anyhow::anyhow!("--peer-tls-crl needs peer TLS (--peer-tls-ca/cert/key or [peer-tls])")
+        })?;
+        tls.crl = Some(crl.clone());
+    }
     if let (Some(cert), Some(key)) = (&args.api_tls_cert, &args.api_tls_key) {
+        let file = config.api_tls.take();
         config.api_tls = Some(exactly_node::config::ApiTlsConfig {
             cert: cert.clone(),
             key: key.clone(),
+            client_ca: file.as_ref().and_then(|f| f.client_ca.clone()),
+            crl: file.and_then(|f| f.crl),
         });
+    }
+    for (flag, value) in [
+        ("--api-tls-client-ca", &args.api_tls_client_ca),
+        ("--api-tls-crl", &args.api_tls_crl),
+    ] {
+        let Some(path) = value else { continue };
+        let tls = config.api_tls.as_mut().ok_or_else(|| {
+            anyhow::anyhow!("{flag} needs API TLS (--api-tls-cert/key or [api-tls])")
+        })?;
+        if flag == "--api-tls-crl" {
+            tls.crl = Some(path.clone());
+        } else {
+            tls.client_ca = Some(path.clone());
+        }
     }
     if let (Some(cert), Some(key)) = (&args.http_tls_cert, &args.http_tls_key) {
         config.http_tls = Some(exactly_node::config::ApiTlsConfig {
             cert: cert.clone(),
             key: key.clone(),
+            client_ca: None,
+            crl: None,
         });
     }
     if args.tokens_file.is_some() {
