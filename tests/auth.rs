@@ -497,6 +497,57 @@ async fn client_certificates_are_credentials_until_revoked() -> anyhow::Result<(
     Ok(())
 }
 
+/// Many silent sources together (20 addresses, 64 connections each: more than the port's 256
+/// handshake places and 1,024 waiting connections) hold up no client that completed a
+/// handshake before: its new connection has places of its own and is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_silent_sources_hold_up_no_client_seen_before() -> anyhow::Result<()> {
+    use exactly_node::tls::{HANDSHAKES_MAX, HANDSHAKES_PENDING_MAX, HANDSHAKES_PER_SOURCE_MAX};
+    let certs = tempfile::tempdir()?;
+    let ca = issue(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(1, |c| {
+        c.api_tls = Some(ApiTlsConfig {
+            cert: dir.join("api.pem"),
+            key: dir.join("api.key"),
+            client_ca: None,
+            crl: None,
+        });
+        c.tokens = vec![token("root", ROOT, &["admin"])];
+    })
+    .await?;
+    // Seen before: one completed handshake from 127.0.0.1.
+    client(&cluster, Some(&ca), Some(ROOT))?.status().await?;
+    let addr: std::net::SocketAddr = cluster.nodes[0].addr.parse()?;
+    let (sources, per_source) = (20u8, 64usize);
+    assert!(usize::from(sources) * HANDSHAKES_PER_SOURCE_MAX > HANDSHAKES_MAX);
+    assert!(usize::from(sources) * per_source > HANDSHAKES_PENDING_MAX);
+    let mut silent = Vec::new();
+    for s in 0..sources {
+        let ip: std::net::IpAddr = format!("127.0.1.{}", s + 1).parse()?;
+        for _ in 0..per_source {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
+            silent.push(socket.connect(addr).await?);
+        }
+    }
+    // Let the listener take them all in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let again = client(&cluster, Some(&ca), Some(ROOT))?;
+    again.status().await?;
+    let took = started.elapsed();
+    eprintln!("a client seen before was answered after {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "a client seen before waited {took:?} behind {} silent connections",
+        silent.len()
+    );
+    drop(silent);
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// `[http-tls]`: the HTTP port serves the probes, `/metrics` and the dashboard over TLS (so a
 /// token sent to it does not cross the network in the clear), with the same token checks, and
 /// a plaintext request gets no answer from it.

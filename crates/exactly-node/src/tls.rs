@@ -36,9 +36,18 @@ pub const HANDSHAKES_PER_SOURCE_MAX: usize = 16;
 /// source are closed at once.
 pub const HANDSHAKES_WAITING_PER_SOURCE_MAX: usize = 240;
 /// Accepted connections waiting for or in a handshake, at most, all sources together; beyond
-/// it the listener stops accepting until one finishes (new connections wait in the kernel's
-/// backlog).
+/// it new connections from sources not proven are closed at once.
 pub const HANDSHAKES_PENDING_MAX: usize = 1024;
+/// TLS handshakes a listener runs at once for proven sources (those that completed one
+/// before), apart from the [`HANDSHAKES_MAX`] of everyone else: a stranger with many addresses
+/// can fill the others' places for a handshake timeout, never these, so peers and clients
+/// that were connected before reconnect at once.
+pub const HANDSHAKES_PROVEN_MAX: usize = 64;
+/// Connections of proven sources waiting for or in a handshake, at most.
+pub const HANDSHAKES_PROVEN_PENDING_MAX: usize = 256;
+/// Proven sources a listener remembers, at most; past it, the one proven longest ago is
+/// forgotten.
+pub const PROVEN_SOURCES_MAX: usize = 4096;
 
 /// A node's peer TLS material, reloaded when its files change (certificate rotation without a
 /// restart): every new connection, accepted or dialled, uses what was loaded last; connections
@@ -343,6 +352,14 @@ impl Source {
 #[derive(Debug, Default)]
 pub struct HandshakeSources {
     sources: std::sync::Mutex<std::collections::HashMap<Source, SourceState>>,
+    /// Sources that completed a handshake, with when they last did (a counter, not a clock).
+    proven: std::sync::Mutex<Proven>,
+}
+
+#[derive(Debug, Default)]
+struct Proven {
+    last: std::collections::HashMap<Source, u64>,
+    counter: u64,
 }
 
 #[derive(Debug)]
@@ -381,6 +398,33 @@ impl HandshakeSources {
         })
     }
 
+    /// Whether `source` completed a handshake before (and is still remembered).
+    pub fn is_proven(&self, source: Source) -> bool {
+        self.proven
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last
+            .contains_key(&source)
+    }
+
+    /// Remembers that `source` completed a handshake; past [`PROVEN_SOURCES_MAX`] sources,
+    /// forgets the one that proved itself longest ago.
+    pub fn prove(&self, source: Source) {
+        let mut proven = self.proven.lock().unwrap_or_else(|p| p.into_inner());
+        proven.counter += 1;
+        let now = proven.counter;
+        if proven.last.insert(source, now).is_none() && proven.last.len() > PROVEN_SOURCES_MAX {
+            let oldest = proven
+                .last
+                .iter()
+                .min_by_key(|(_, &at)| at)
+                .map(|(&s, _)| s);
+            if let Some(oldest) = oldest {
+                proven.last.remove(&oldest);
+            }
+        }
+    }
+
     /// Sources with admitted connections (a source is forgotten once it has none).
     pub fn tracked(&self) -> usize {
         self.sources.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -410,24 +454,38 @@ impl Drop for SourceClaim {
     }
 }
 
+/// Places for handshakes: connections waiting for or in one, and handshakes running.
+struct Pool {
+    pending: Arc<tokio::sync::Semaphore>,
+    running: Arc<tokio::sync::Semaphore>,
+}
+
+impl Pool {
+    fn new(pending: usize, running: usize) -> Self {
+        Self {
+            pending: Arc::new(tokio::sync::Semaphore::new(pending)),
+            running: Arc::new(tokio::sync::Semaphore::new(running)),
+        }
+    }
+}
+
 /// Accepts connections on `listener`, runs each TLS handshake with the configuration loaded
 /// last, and yields the connections that completed one. Handshakes run apart, each bounded to
-/// [`HANDSHAKE_TIMEOUT`]; at most [`HANDSHAKES_MAX`] run at once, and each source gets a
-/// bounded share ([`HandshakeSources`]), so a slow or silent client holds up no other.
+/// [`HANDSHAKE_TIMEOUT`]; at most [`HANDSHAKES_MAX`] run at once, each source gets a bounded
+/// share ([`HandshakeSources`]), so a slow or silent client holds up no other, and sources
+/// that completed a handshake before have places of their own ([`HANDSHAKES_PROVEN_MAX`]), so
+/// many silent sources together hold up no peer or client that was connected before.
 pub fn incoming<M: ServerMaterial>(
     tls: Arc<M>,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKES_MAX);
-    let pending = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PENDING_MAX));
-    let running = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    let general = Pool::new(HANDSHAKES_PENDING_MAX, HANDSHAKES_MAX);
+    let proven = Pool::new(HANDSHAKES_PROVEN_PENDING_MAX, HANDSHAKES_PROVEN_MAX);
     let sources = Arc::new(HandshakeSources::default());
     tokio::spawn(async move {
         loop {
-            let Ok(pending) = pending.clone().acquire_owned().await else {
-                return;
-            };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 () = shutdown.cancelled() => return,
@@ -442,12 +500,23 @@ pub fn incoming<M: ServerMaterial>(
                     continue;
                 }
             };
-            let Some(claim) = sources.admit(Source::of(peer.ip())) else {
+            let source = Source::of(peer.ip());
+            let pool = if sources.is_proven(source) {
+                &proven
+            } else {
+                &general
+            };
+            let Ok(pending) = pool.pending.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "too many connections waiting for a TLS handshake; connection closed");
+                continue;
+            };
+            let Some(claim) = sources.admit(source) else {
                 tracing::debug!(%peer, "too many TLS handshakes from this source; connection closed");
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (tls, tx, running) = (tls.clone(), tx.clone(), running.clone());
+            let (tls, tx, running) = (tls.clone(), tx.clone(), pool.running.clone());
+            let sources = sources.clone();
             tokio::spawn(async move {
                 let _pending = pending;
                 let handshake = async {
@@ -459,6 +528,7 @@ pub fn incoming<M: ServerMaterial>(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Some(Ok(stream))) => {
                         drop(claim);
+                        sources.prove(source);
                         let _ = tx.send(Ok(PeerStream(stream))).await;
                     }
                     Ok(Some(Err(e))) => tracing::debug!(error = %e, "TLS handshake refused"),
@@ -975,6 +1045,31 @@ mod tests {
         drop(claims);
         drop(other);
         assert_eq!(sources.tracked(), 0);
+    }
+
+    /// A source that completed a handshake is remembered as proven; past the bound, the one
+    /// proven longest ago is forgotten, not the one just proven again.
+    #[test]
+    fn proven_sources_are_remembered_within_a_bound() {
+        let sources = HandshakeSources::default();
+        let v4 = |i: u32| Source::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        assert!(!sources.is_proven(v4(0)));
+        for i in 0..PROVEN_SOURCES_MAX as u32 {
+            sources.prove(v4(i));
+        }
+        assert!(sources.is_proven(v4(0)));
+        sources.prove(v4(0));
+        sources.prove(v4(PROVEN_SOURCES_MAX as u32));
+        assert!(sources.is_proven(v4(0)), "proven again: the newest");
+        assert!(
+            !sources.is_proven(v4(1)),
+            "the one proven longest ago is forgotten"
+        );
+        assert!(sources.is_proven(v4(PROVEN_SOURCES_MAX as u32)));
+        assert_eq!(
+            sources.proven.lock().unwrap().last.len(),
+            PROVEN_SOURCES_MAX
+        );
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
