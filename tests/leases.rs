@@ -594,3 +594,105 @@ async fn a_lost_lease_costs_no_attempt() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// An executor that dies while its node runs (a panic in it stops the actor) stops the node
+/// (crash-only) instead of leaving it renewing a lease for attempts nothing runs: the node
+/// says why, its lease runs out, and every job it held runs to the end elsewhere, each exactly
+/// once to completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_executor_dies_stops_and_its_jobs_run_elsewhere() -> anyhow::Result<()> {
+    let cluster = Cluster::start(|_| {}).await?;
+    let leader = cluster.leader();
+    let ids = cluster
+        .submit(leader, (0..9).map(|_| hold(1_500)).collect())
+        .await?;
+    let victim = (1..=3).find(|&n| n != leader).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        cluster
+            .runs()
+            .iter()
+            .any(|r| r.node == victim && r.end.is_none())
+    })
+    .await?;
+    cluster.node(victim).stop_executor();
+    let node = cluster.node(victim).node.clone();
+    wait_for(Duration::from_secs(2), || node.shutdown.is_cancelled())
+        .await
+        .map_err(|e| anyhow::anyhow!("the node kept running without its executor: {e}"))?;
+    let why = node.failure().expect("the node says why it stopped");
+    assert!(why.contains("executor"), "{why}");
+    let others: Vec<&RunningNode> = cluster.live().filter(|n| n.id() != victim).collect();
+    wait_for(Duration::from_secs(30), || {
+        ids.iter().all(|&id| {
+            others.iter().all(|n| {
+                n.node.read(|t| {
+                    t.job(id)
+                        .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
+                })
+            })
+        })
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("jobs of the stopped node did not finish elsewhere: {e}"))?;
+    let by_job = assert_no_overlap(&cluster.runs());
+    for id in &ids {
+        let completed = by_job[id]
+            .iter()
+            .filter(|r| r.end.is_some() && !r.cancelled)
+            .count();
+        assert_eq!(completed, 1, "job {id}: {:?}", by_job[id]);
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// A scheduler that stops while its node leads (a panic in it stops the actor) is started
+/// again: a failing job, whose retries only the scheduler assigns, still runs all its attempts
+/// and ends as a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduler_that_dies_is_started_again() -> anyhow::Result<()> {
+    let cluster = Cluster::start(|_| {}).await?;
+    let leader = cluster.leader();
+    let hooks = cluster.node(leader).hooks.clone();
+    let first = hooks
+        .scheduler
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the leader runs a scheduler");
+    first.stop(None);
+    let again = || {
+        hooks
+            .scheduler
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|a| a.get_id() != first.get_id())
+    };
+    wait_for(Duration::from_secs(5), again)
+        .await
+        .map_err(|e| anyhow::anyhow!("the scheduler was not started again: {e}"))?;
+    let ids = cluster
+        .submit(
+            leader,
+            vec![pb::JobSpec {
+                kind: "fail".into(),
+                max_attempts: 3,
+                backoff_base_ms: 50,
+                backoff_max_ms: 100,
+                ..Default::default()
+            }],
+        )
+        .await?;
+    let node = cluster.node(leader).node.clone();
+    wait_for(Duration::from_secs(15), || {
+        node.read(|t| {
+            t.job(ids[0])
+                .is_some_and(|j| j.status == exactly_core::JobStatus::Dead && j.attempts.len() == 3)
+        })
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the failing job's retries were not assigned: {e}"))?;
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -108,8 +108,7 @@ impl Node {
                 true
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot persist a new incarnation; stopping");
-                self.shutdown.cancel();
+                self.fail(format!("cannot persist a new incarnation: {e}"));
                 false
             }
         }

@@ -102,6 +102,8 @@ pub struct NodeInner {
     pub registry: Registry,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
+    /// Why the node stopped itself, if it did ([`NodeInner::fail`]).
+    pub failure: std::sync::OnceLock<String>,
     /// When this node, as leader, last confirmed its leadership with a quorum (heartbeat round),
     /// in milliseconds since `started`. 0: never.
     pub quorum_confirmed_ms: std::sync::atomic::AtomicU64,
@@ -637,3 +639,20 @@ impl Node {
 
 /// The Raft type config, re-exported for modules that name openraft types.
 pub type Config = TypeConfig;
+
+impl NodeInner {
+    /// Stops this node because a part it cannot run without failed (crash-only: its lease
+    /// renewals end with it, so its jobs move to other nodes under higher fencing tokens once
+    /// the lease runs out). The first reason is kept; `exactlyd` exits non-zero with it.
+    pub fn fail(&self, why: impl Into<String>) {
+        let why = why.into();
+        tracing::error!(node = self.id, %why, "stopping this node");
+        let _ = self.failure.set(why);
+        self.shutdown.cancel();
+    }
+
+    /// Why the node stopped itself, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+}

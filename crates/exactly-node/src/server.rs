@@ -172,6 +172,27 @@ async fn stand_down_when_removed(node: Node, executor: ActorRef<ExecutorMsg>) {
     }
 }
 
+/// Watches the executor actor. If it ends while the node runs (a panic in one of its handlers
+/// stops a ractor actor), the node could no longer start, finish or give back attempts, yet
+/// would keep renewing its lease, and its jobs would stay `running` until a restart. So the
+/// node stops instead (crash-only): its handlers stopped with the executor, its renewals stop
+/// now, the lease runs out, and the leader gives the attempts to other nodes under higher
+/// fencing tokens; `exactlyd` exits non-zero, and systemd or Kubernetes starts it again.
+async fn supervise_executor(node: Node, task: JoinHandle<()>) {
+    let ended = task.await;
+    if node.shutdown.is_cancelled() {
+        return;
+    }
+    let how = match ended {
+        Err(e) if e.is_panic() => "panicked",
+        _ => "stopped",
+    };
+    node.fail(format!(
+        "the executor {how} while the node ran; its attempts move to other nodes once this \
+         node's lease runs out"
+    ));
+}
+
 /// Actor names are process-global in ractor; several nodes (and several test clusters with the
 /// same node ids) share one process in tests, so every name carries a process-unique sequence.
 fn actor_name(node: u64, incarnation: u64, role: &str) -> String {
@@ -336,6 +357,7 @@ pub async fn start_with(
         state,
         registry,
         shutdown: CancellationToken::new(),
+        failure: Default::default(),
         quorum_confirmed_ms: Default::default(),
         faults: options.faults,
         started: std::time::Instant::now(),
@@ -368,7 +390,7 @@ pub async fn start_with(
         tracing::warn!(node = id, "{why}");
     }
 
-    let (executor, _) = Actor::spawn(
+    let (executor, executor_task) = Actor::spawn(
         Some(actor_name(id, incarnation, "executor")),
         Executor,
         node.clone(),
@@ -394,6 +416,7 @@ pub async fn start_with(
         tokio::spawn(stand_down_when_removed(node.clone(), executor.clone())),
         tokio::spawn(learn_ready_index(node.clone())),
         tokio::spawn(report_raft_core_stop(node.clone())),
+        tokio::spawn(supervise_executor(node.clone(), executor_task)),
     ];
     if let Some(listener) = http {
         tasks.push(tokio::spawn(crate::http::serve(
@@ -653,8 +676,14 @@ const READY_INDEX_RETRY: Duration = Duration::from_millis(100);
 /// Watches openraft's server metrics (vote, state, leader, membership), which change only when
 /// those do, not the full metrics, which are sent again after every batch of Raft work (several
 /// times per entry): each would wake this task for nothing.
+///
+/// The scheduler is supervised: if it ends while this node still leads (a panic in it stops
+/// the actor), it is started again after [`SCHEDULER_RESTART_DELAY`]. It keeps no state that
+/// matters across a restart (what it decides is read from the applied state each time, and
+/// apply refuses a repeated decision), so a fresh one carries on.
 async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
     let mut metrics = node.raft.server_metrics();
+    let restart = Arc::new(tokio::sync::Notify::new());
     loop {
         let leading = {
             let m = metrics.borrow_and_update();
@@ -668,9 +697,17 @@ async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
         if leading && !running {
             let name = actor_name(node.id, node.incarnation(), "scheduler");
             match Actor::spawn(Some(name), Scheduler, (node.clone(), hooks.clone())).await {
-                Ok((actor, _)) => {
+                Ok((actor, task)) => {
                     tracing::info!(node = node.id, "became leader; scheduler started");
+                    let id = actor.get_id();
                     *hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(actor);
+                    tokio::spawn(supervise_scheduler(
+                        node.clone(),
+                        hooks.clone(),
+                        id,
+                        task,
+                        restart.clone(),
+                    ));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot start scheduler"),
             }
@@ -687,9 +724,52 @@ async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },
+            () = restart.notified() => {}
             _ = node.shutdown.cancelled() => return,
         }
     }
+}
+
+/// How long a scheduler that stopped on its own waits before it is started again (a scheduler
+/// that panics at every start must not spin).
+pub const SCHEDULER_RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// Waits for the scheduler actor `id` to end. If it ended on its own (it is still the one in
+/// `hooks`: [`watch_leadership`] takes it out before it stops it) while the node runs, takes it
+/// out and, after [`SCHEDULER_RESTART_DELAY`], has `watch_leadership` start a new one if the
+/// node still leads.
+async fn supervise_scheduler(
+    node: Node,
+    hooks: Arc<Hooks>,
+    id: ractor::ActorId,
+    task: JoinHandle<()>,
+    restart: Arc<tokio::sync::Notify>,
+) {
+    let ended = task.await;
+    if node.shutdown.is_cancelled() {
+        return;
+    }
+    {
+        let mut slot = hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner());
+        if !slot.as_ref().is_some_and(|a| a.get_id() == id) {
+            return;
+        }
+        *slot = None;
+    }
+    let how = match ended {
+        Err(e) if e.is_panic() => "panicked",
+        _ => "stopped",
+    };
+    tracing::error!(
+        node = node.id,
+        "the scheduler {how} while this node leads; starting a new one in {:?}",
+        SCHEDULER_RESTART_DELAY
+    );
+    tokio::select! {
+        () = tokio::time::sleep(SCHEDULER_RESTART_DELAY) => {}
+        () = node.shutdown.cancelled() => return,
+    }
+    restart.notify_one();
 }
 
 /// Bootstraps (with `init`) or joins (with `join`), then registers this incarnation so the

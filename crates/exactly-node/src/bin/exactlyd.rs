@@ -259,6 +259,13 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = interrupt.recv() => {},
         _ = term.recv() => {},
+        // The node stopped itself (a part it cannot run without failed; it said why at ERROR):
+        // exit non-zero so that systemd or Kubernetes starts it again.
+        () = node.node.shutdown.cancelled() => {
+            let why = node.node.failure().unwrap_or("the node stopped").to_string();
+            node.shutdown().await;
+            anyhow::bail!("node stopped: {why}");
+        }
     }
     // A graceful stop (container stop, pod deletion, systemctl stop): drain and leave, so that
     // running jobs finish or move with new fencing tokens. A second signal stops at once.
