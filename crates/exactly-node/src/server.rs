@@ -751,7 +751,7 @@ async fn supervise_scheduler(
     }
     {
         let mut slot = hooks.scheduler.lock().unwrap_or_else(|p| p.into_inner());
-        if !slot.as_ref().is_some_and(|a| a.get_id() == id) {
+        if slot.as_ref().is_none_or(|a| a.get_id() != id) {
             return;
         }
         *slot = None;
