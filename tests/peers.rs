@@ -390,6 +390,65 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
         };
         denied(stranger.forward(forwarded).await, what);
     }
+    // Leader traffic from a non-member: an AppendEntries as leader of a higher term (the
+    // members asked do not vouch for node 9), asked again once the refusal is no longer
+    // remembered, and its membership question.
+    let as_leader = openraft::raft::AppendEntriesRequest::<exactly_store::TypeConfig> {
+        vote: Vote::new_committed(term + 5, 9),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    for _ in 0..2 {
+        denied(
+            stranger
+                .append_entries(Blob {
+                    data: exactly_node::codec::encode(&as_leader),
+                    target: to,
+                })
+                .await,
+            "an AppendEntries from a non-member",
+        );
+        tokio::time::sleep(exactly_node::internal::UNVOUCHED_FOR).await;
+    }
+    denied(
+        stranger
+            .members(Blob {
+                data: Vec::new(),
+                target: to,
+            })
+            .await,
+        "a membership question from a non-member",
+    );
+    let header = exactly_node::codec::encode(&(
+        Vote::new_committed(term + 5, 9),
+        SnapshotMeta::<u64, openraft::BasicNode> {
+            last_log_id: None,
+            last_membership: StoredMembership::default(),
+            snapshot_id: "forged".into(),
+        },
+    ));
+    let chunk = SnapshotChunk {
+        header,
+        data: Vec::new(),
+        target: to,
+    };
+    let status = stranger
+        .install_snapshot(futures::stream::iter([chunk]))
+        .await
+        .expect_err("a snapshot from a non-member");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // A member asks a member: the answer is its membership.
+    let mut member_asks = tls_peer(&dir, "node-3", 3, addr, to)?;
+    let reply = member_asks
+        .members(Blob {
+            data: Vec::new(),
+            target: to,
+        })
+        .await?
+        .into_inner();
+    let ids: Vec<u64> = exactly_node::codec::decode(&reply.data)?;
+    assert_eq!(ids, vec![1, 2, 3]);
     let status = stranger
         .join(exactly_proto::internal::JoinRequest {
             node_id: 4,

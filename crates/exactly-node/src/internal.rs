@@ -1,6 +1,8 @@
 //! The node-to-node gRPC service: Raft RPCs, snapshot streams, forwarded writes and joins.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use exactly_core::Command;
 use exactly_proto::internal::internal_server::Internal;
@@ -18,6 +20,62 @@ use crate::node::{ForwardReply, Node, ProposeError};
 
 pub struct InternalService {
     pub node: Node,
+    /// What members said about senders this node does not know as members
+    /// ([`leader_standing`]).
+    pub vouches: Arc<std::sync::Mutex<Vouches>>,
+}
+
+impl InternalService {
+    pub fn new(node: Node) -> Self {
+        Self {
+            node,
+            vouches: Default::default(),
+        }
+    }
+}
+
+/// Per sender id: whether a member vouched for it, and when that was learned.
+pub type Vouches = std::collections::HashMap<u64, (bool, std::time::Instant)>;
+
+/// How long a member's word that a node is a member holds.
+pub const VOUCHED_FOR: Duration = Duration::from_secs(30);
+/// How long a sender no member vouched for is refused without asking again.
+pub const UNVOUCHED_FOR: Duration = Duration::from_secs(2);
+/// How long the members asked may take to answer, together.
+pub const VOUCH_TIMEOUT: Duration = Duration::from_millis(500);
+/// Node ids a `Members` answer may hold, at most.
+pub const MEMBERS_MAX: usize = 1_000;
+
+/// Where a sender of leader traffic (AppendEntries, InstallSnapshot) stands with this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// In this node's membership (or this node has none yet: it is joining).
+    Member,
+    /// Not in it, but a member said it is, recently enough.
+    Vouched,
+    /// No member said so, recently enough: refused without asking again.
+    Refused,
+    /// Not known: ask the members.
+    Ask,
+}
+
+/// The pure rule: a lagging follower may not yet know a leader that joined after it fell
+/// behind, so an unknown sender is asked about, not refused outright; what members said is
+/// remembered for [`VOUCHED_FOR`] (yes) or [`UNVOUCHED_FOR`] (no).
+pub fn leader_standing(
+    known: &std::collections::BTreeSet<u64>,
+    sender: u64,
+    said: Option<(bool, std::time::Instant)>,
+    now: std::time::Instant,
+) -> Standing {
+    if known.is_empty() || known.contains(&sender) {
+        return Standing::Member;
+    }
+    match said {
+        Some((true, at)) if now.saturating_duration_since(at) < VOUCHED_FOR => Standing::Vouched,
+        Some((false, at)) if now.saturating_duration_since(at) < UNVOUCHED_FOR => Standing::Refused,
+        _ => Standing::Ask,
+    }
 }
 
 fn blob<T: serde::Serialize>(value: &T) -> Response<Blob> {
@@ -148,6 +206,94 @@ impl InternalService {
         }
     }
 
+    /// The node ids of this node's membership (the latest it has, committed or not).
+    fn known_members(&self) -> std::collections::BTreeSet<u64> {
+        let metrics = self.node.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        membership
+            .voter_ids()
+            .chain(membership.learner_ids())
+            .collect()
+    }
+
+    /// Refuses leader traffic (AppendEntries, InstallSnapshot) from a node that is not a member:
+    /// one this node does not know is asked about at the voters it knows, and taken if one of
+    /// them holds it in its membership (a follower that fell behind a membership change must
+    /// still hear from a leader that joined meanwhile). Plaintext: nothing to check.
+    async fn check_leader(&self, sender: Sender, what: &str) -> Result<(), Status> {
+        let Sender::Node(id) = sender else {
+            return Ok(());
+        };
+        let known = self.known_members();
+        let said = self
+            .vouches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied();
+        let refused = || {
+            Status::permission_denied(format!(
+                "node {id} is not a member of this cluster (nor of any member's view of it): it \
+                 may not send {what}"
+            ))
+        };
+        match leader_standing(&known, id, said, std::time::Instant::now()) {
+            Standing::Member | Standing::Vouched => return Ok(()),
+            Standing::Refused => return Err(refused()),
+            Standing::Ask => {}
+        }
+        let vouched = self.ask_members(id).await;
+        {
+            let mut vouches = self.vouches.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded: one entry per sender id asked about within the last VOUCHED_FOR.
+            let now = std::time::Instant::now();
+            vouches.retain(|_, (_, at)| now.saturating_duration_since(*at) < VOUCHED_FOR);
+            vouches.insert(id, (vouched, now));
+        }
+        if vouched {
+            tracing::info!(
+                node = self.node.id,
+                leader = id,
+                "a member vouched for a leader this node did not know yet"
+            );
+            Ok(())
+        } else {
+            Err(refused())
+        }
+    }
+
+    /// Whether one of the voters this node knows (other than itself) holds `id` in its
+    /// membership, asked all at once within [`VOUCH_TIMEOUT`].
+    async fn ask_members(&self, id: u64) -> bool {
+        let voters: Vec<(u64, String)> = {
+            let metrics = self.node.raft.metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            membership
+                .nodes()
+                .filter(|(v, _)| **v != self.node.id && membership.voter_ids().any(|x| x == **v))
+                .map(|(v, n)| (*v, n.addr.clone()))
+                .collect()
+        };
+        let asks = voters.into_iter().filter_map(|(voter, addr)| {
+            let mut client = self.node.peer(&addr).ok()?;
+            Some(async move {
+                let reply = client
+                    .members(Blob {
+                        data: Vec::new(),
+                        target: voter,
+                    })
+                    .await
+                    .ok()?;
+                let ids: Vec<u64> = codec::decode(&reply.into_inner().data).ok()?;
+                (ids.len() <= MEMBERS_MAX).then_some(ids.contains(&id))
+            })
+        });
+        let answers = tokio::time::timeout(VOUCH_TIMEOUT, futures::future::join_all(asks)).await;
+        answers.is_ok_and(|all| all.into_iter().any(|a| a == Some(true)))
+    }
+
     /// Refuses a Raft message meant for another node id (0: the sender did not say).
     fn check_target(&self, target: u64) -> Result<(), Status> {
         if target != 0 && target != self.node.id {
@@ -162,9 +308,9 @@ impl InternalService {
 
 #[tonic::async_trait]
 impl Internal for InternalService {
-    /// With peer TLS, only from the leader the message names. Not checked against this node's
-    /// membership: a lagging follower may not yet know that a new leader became a voter, and
-    /// must still hear from it to learn.
+    /// With peer TLS, only from the leader the message names, and only from a member: one this
+    /// node does not know yet (a lagging follower may not have the entry that admitted a new
+    /// leader) is taken if a voter it knows vouches for it ([`InternalService::check_leader`]).
     async fn append_entries(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
         let sender = self.sender(&request)?;
         let Blob { data, target } = request.into_inner();
@@ -177,7 +323,18 @@ impl Internal for InternalService {
         if let Some(refusal) = crate::membership::removed_refusal(&self.node, leader) {
             return Err(refusal);
         }
+        self.check_leader(sender, "AppendEntries").await?;
         Ok(blob(&self.node.raft.append_entries(req).await))
+    }
+
+    /// This node's membership, for a member that does not know a sender of leader traffic
+    /// ([`InternalService::check_leader`]); with peer TLS, only to members.
+    async fn members(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let sender = self.sender(&request)?;
+        self.check_target(request.get_ref().target)?;
+        self.check_member(sender, false, "membership questions")?;
+        let ids: Vec<u64> = self.known_members().into_iter().collect();
+        Ok(blob(&ids))
     }
 
     /// A removed node's vote request never reaches Raft: it must not raise this node's term,
@@ -213,6 +370,7 @@ impl Internal for InternalService {
         self.check_target(first.target)?;
         let (vote, meta): (Vote<u64>, SnapshotMeta<u64, BasicNode>) = codec::decode(&first.header)?;
         check_claim(sender, vote.leader_id.node_id, "the snapshot")?;
+        self.check_leader(sender, "snapshots").await?;
         if let Some(refusal) =
             crate::membership::removed_refusal(&self.node, vote.leader_id.node_id)
         {
@@ -567,7 +725,9 @@ mod tests {
     use exactly_core::{Command, NewJob, NodeLease, Retention};
     use tonic::Code;
 
-    use super::check_forwarded;
+    use std::time::Duration;
+
+    use super::{check_forwarded, leader_standing, Standing, UNVOUCHED_FOR, VOUCHED_FOR};
 
     fn job(payload_bytes: usize) -> NewJob {
         NewJob {
@@ -634,5 +794,44 @@ mod tests {
             let got = check_forwarded(&command, 100).err().map(|s| s.code());
             assert_eq!(got, expected, "{command:?}");
         }
+    }
+
+    /// Members and a node that is joining take any leader; an unknown one is asked about, and
+    /// what members said holds for a while: a yes for VOUCHED_FOR, a no for UNVOUCHED_FOR.
+    #[test]
+    fn an_unknown_leader_is_asked_about_and_the_answer_remembered() {
+        let now = std::time::Instant::now();
+        let known: BTreeSet<u64> = [1, 2, 3].into();
+        let later = |d: Duration| now + d;
+        assert_eq!(leader_standing(&known, 2, None, now), Standing::Member);
+        assert_eq!(
+            leader_standing(&BTreeSet::new(), 9, None, now),
+            Standing::Member
+        );
+        assert_eq!(leader_standing(&known, 9, None, now), Standing::Ask);
+        let yes = Some((true, now));
+        let no = Some((false, now));
+        assert_eq!(leader_standing(&known, 9, yes, now), Standing::Vouched);
+        assert_eq!(
+            leader_standing(
+                &known,
+                9,
+                yes,
+                later(VOUCHED_FOR - Duration::from_millis(1))
+            ),
+            Standing::Vouched
+        );
+        assert_eq!(
+            leader_standing(&known, 9, yes, later(VOUCHED_FOR)),
+            Standing::Ask
+        );
+        assert_eq!(leader_standing(&known, 9, no, now), Standing::Refused);
+        assert_eq!(
+            leader_standing(&known, 9, no, later(UNVOUCHED_FOR)),
+            Standing::Ask
+        );
+        // Once it is known, what was said no longer matters.
+        let known: BTreeSet<u64> = [1, 2, 3, 9].into();
+        assert_eq!(leader_standing(&known, 9, no, now), Standing::Member);
     }
 }

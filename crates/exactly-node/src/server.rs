@@ -487,7 +487,7 @@ fn bind_std(listen: std::net::SocketAddr) -> Result<std::net::TcpListener, Start
 
 /// The node-to-node service, with its message bounds.
 fn internal_service(node: &Node) -> InternalServer<InternalService> {
-    InternalServer::new(InternalService { node: node.clone() })
+    InternalServer::new(InternalService::new(node.clone()))
         .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
 }
