@@ -516,6 +516,22 @@ mod tests {
         assert!(check(&meta(10), &data).unwrap_err().is_corruption());
     }
 
+    /// Every input the snapshot fuzz target once broke (kept in
+    /// `crates/exactly-fuzz/regressions/snapshot/`) is refused or accepted, never a panic or an
+    /// abort.
+    #[test]
+    fn inputs_the_fuzzer_once_broke_are_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../exactly-fuzz/regressions/snapshot");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let _ = check(&meta(10), &data);
+            seen += 1;
+        }
+        assert!(seen > 0, "no regression inputs in {}", dir.display());
+    }
+
     /// Decoding from a reader refuses what decoding from bytes refuses: another version,
     /// truncation, trailing bytes; an incoming file is gone from the directory at once.
     #[test]
