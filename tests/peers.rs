@@ -3,6 +3,7 @@
 //! own peer listener). Every probe is refused before anything changes: the node keeps its data,
 //! its term and its jobs; and the public port does not serve the node-to-node service.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_core::{Command, Expiry, NodeLease, Retention};
@@ -746,5 +747,119 @@ async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
     let now = leader_node.node.raft.metrics().borrow().clone();
     assert_eq!(now.current_leader, Some(leader), "the leader stayed");
     cluster.shutdown().await;
+    Ok(())
+}
+
+/// Cuts chosen nodes off from every other node's Raft traffic, both ways.
+#[derive(Default)]
+struct Isolation(std::sync::Mutex<std::collections::BTreeSet<u64>>);
+
+impl exactly_node::faults::Faults for Isolation {
+    fn fate(&self, from: u64, to: u64) -> exactly_node::faults::Fate {
+        let cut = self.0.lock().unwrap();
+        if cut.contains(&from) || cut.contains(&to) {
+            exactly_node::faults::Fate::Drop
+        } else {
+            exactly_node::faults::Fate::Deliver
+        }
+    }
+}
+
+/// A follower that missed a membership change takes the new leader it does not know once a
+/// voter it knows vouches for it: under peer TLS, node 3 is cut off (and kept from campaigning)
+/// while nodes 4 and 5 join as voters; then the leader (node 1) is cut off and nodes 2 and 5
+/// kept from campaigning, so node 4 is elected. Back, node 3 does not have the entries that admitted
+/// them, asks nodes 1 and 2 (`Members`), follows the new leader and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_follower_takes_a_leader_that_members_vouch_for() -> anyhow::Result<()> {
+    let certs = tempfile::tempdir()?;
+    issue_certs(certs.path())?;
+    let dir = certs.path().to_path_buf();
+    let data = tempfile::tempdir()?;
+    let isolation = Arc::new(Isolation::default());
+    let start = |id: u64, join: Option<String>| {
+        let mut c = exactly_tests::test_config(data.path(), id);
+        c.init = join.is_none();
+        c.join = join.into_iter().collect();
+        c.peer_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.peer_tls = Some(tls_files(&dir, "ca.pem", &format!("node-{id}")));
+        c.voters_target = 5;
+        let options = exactly_node::StartOptions {
+            faults: Some(isolation.clone()),
+            ..Default::default()
+        };
+        exactly_node::start_with(c, exactly_handlers::Registry::with_builtins(), options)
+    };
+    let voters = |n: &exactly_node::RunningNode| -> Vec<u64> {
+        n.node
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    };
+    let leader_of = |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow().current_leader;
+    let one = start(1, None).await?;
+    let seed = one.peer_addr.clone();
+    let two = start(2, Some(seed.clone())).await?;
+    let three = start(3, Some(seed.clone())).await?;
+    wait_for(Duration::from_secs(30), || voters(&three) == [1, 2, 3]).await?;
+
+    three.node.raft.runtime_config().elect(false);
+    isolation.0.lock().unwrap().insert(3);
+    let four = start(4, Some(seed.clone())).await?;
+    let five = start(5, Some(seed)).await?;
+    wait_for(Duration::from_secs(30), || voters(&one) == [1, 2, 3, 4, 5])
+        .await
+        .map_err(|e| anyhow::anyhow!("nodes 4 and 5 not voters: {e}: {:?}", voters(&one)))?;
+    assert_eq!(voters(&three), [1, 2, 3], "node 3 missed their admission");
+    // Every node but 3 has the final configuration committed and applied.
+    let applied = |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow().last_applied;
+    wait_for(Duration::from_secs(15), || {
+        let target = applied(&one);
+        [&two, &four, &five]
+            .iter()
+            .all(|n| voters(n) == [1, 2, 3, 4, 5] && applied(n) >= target)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the others did not apply the new configuration: {e}"))?;
+
+    // Only node 4 campaigns (two candidates splitting the votes could take many terms).
+    two.node.raft.runtime_config().elect(false);
+    five.node.raft.runtime_config().elect(false);
+    isolation.0.lock().unwrap().insert(1);
+    wait_for(Duration::from_secs(15), || {
+        leader_of(&two) == Some(4) && leader_of(&five) == Some(4)
+    })
+    .await
+    .map_err(|e| {
+        let m = |n: &exactly_node::RunningNode| {
+            let m = n.node.raft.metrics().borrow().clone();
+            (m.current_term, m.current_leader, m.state, m.last_log_index)
+        };
+        anyhow::anyhow!(
+            "node 4 not elected: {e}: 2 {:?} 4 {:?} 5 {:?}",
+            m(&two),
+            m(&four),
+            m(&five)
+        )
+    })?;
+    let new_leader = leader_of(&two);
+
+    isolation.0.lock().unwrap().remove(&3);
+    wait_for(Duration::from_secs(10), || {
+        leader_of(&three) == new_leader && voters(&three) == [1, 2, 3, 4, 5]
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("node 3 did not take {new_leader:?} as its leader: {e}"))?;
+    let target = applied(&two);
+    wait_for(Duration::from_secs(10), || applied(&three) >= target)
+        .await
+        .map_err(|e| anyhow::anyhow!("node 3 did not catch up: {e}"))?;
+    for n in [five, four, three, two, one] {
+        n.shutdown().await;
+    }
     Ok(())
 }

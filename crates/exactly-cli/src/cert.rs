@@ -1,5 +1,5 @@
-//! `exactly cert`: the cluster CA, node certificates for the peer port's mutual TLS, and server
-//! certificates for the public port's TLS.
+//! `exactly cert`: the cluster CA, node certificates for the peer port's mutual TLS, server
+//! certificates for the public port's TLS, client certificates, and revocation lists.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -17,7 +17,7 @@ use crate::UsageError;
 #[derive(Subcommand, Debug, PartialEq)]
 pub enum CertCommand {
     /// Make a new cluster CA: DIR/ca.pem (give it to every node) and DIR/ca.key (keep it
-    /// offline; it only signs node certificates).
+    /// offline; it signs node, server and client certificates and revocation lists).
     Ca {
         /// Where to write the files.
         #[arg(long, default_value = ".")]

@@ -181,8 +181,8 @@ enum Command {
     /// cluster. Completion latency comes from each sampled job's own record (updated_at_ms minus
     /// created_at_ms, both stamped by the leader's clock).
     Bench(bench::BenchArgs),
-    /// Certificates: a cluster CA, one per node for the peer port's mutual TLS, and server
-    /// certificates for the public port's TLS.
+    /// Certificates: a cluster CA, one per node for the peer port's mutual TLS, server
+    /// certificates for the public port's TLS, client certificates, and revocation lists.
     #[command(subcommand)]
     Cert(cert::CertCommand),
     /// The audit trail: operators' and administrators' writes, with the token that made each
