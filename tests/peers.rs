@@ -830,7 +830,7 @@ async fn a_lagging_follower_takes_a_leader_that_members_vouch_for() -> anyhow::R
     two.node.raft.runtime_config().elect(false);
     five.node.raft.runtime_config().elect(false);
     isolation.0.lock().unwrap().insert(1);
-    wait_for(Duration::from_secs(15), || {
+    wait_for(Duration::from_secs(30), || {
         leader_of(&two) == Some(4) && leader_of(&five) == Some(4)
     })
     .await
