@@ -160,6 +160,15 @@ pub struct ClientCert<'a> {
     pub der: &'a [u8],
 }
 
+/// A credential's scopes as configured; an error names `whose`.
+fn parse_scopes(scopes: &[String], whose: &str) -> Result<Vec<Scope>, String> {
+    scopes
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<Scope>, _>>()
+        .map_err(|why| format!("{whose}: scope {why}"))
+}
+
 impl Tokens {
     /// From validated configuration (`NodeConfig::validate` checked digests and scopes).
     pub fn from_config(tokens: &[TokenConfig]) -> Result<Self, String> {
@@ -167,12 +176,7 @@ impl Tokens {
         for t in tokens {
             let digest = exactly_client::token::parse_digest_hex(&t.sha256)
                 .ok_or_else(|| format!("token {:?}: sha256 is not 64 hex digits", t.name))?;
-            let scopes = t
-                .scopes
-                .iter()
-                .map(|s| s.parse())
-                .collect::<Result<Vec<Scope>, _>>()
-                .map_err(|why| format!("token {:?}: scope {why}", t.name))?;
+            let scopes = parse_scopes(&t.scopes, &format!("token {:?}", t.name))?;
             let credential = Credential {
                 name: t.name.clone(),
                 scopes,
@@ -198,12 +202,7 @@ impl Tokens {
         clients: &[crate::config::ClientCertConfig],
     ) -> Result<Self, String> {
         for c in clients {
-            let scopes = c
-                .scopes
-                .iter()
-                .map(|s| s.parse())
-                .collect::<Result<Vec<Scope>, _>>()
-                .map_err(|why| format!("client certificate {:?}: scope {why}", c.name))?;
+            let scopes = parse_scopes(&c.scopes, &format!("client certificate {:?}", c.name))?;
             if self.clients.insert(c.name.clone(), scopes).is_some() {
                 return Err(format!("client certificate {:?}: listed twice", c.name));
             }
