@@ -6,6 +6,8 @@
 # THEN="<flags>" runs a second `exactly bench` on the same cluster right after the first, e.g.
 # an overload and then the normal rate, to see how fast latency recovers:
 #   THEN="--rate 2000 --duration 10s" scripts/bench.sh 1 --rate 10000 --duration 60s --drain 1s
+# After each run it prints every node's resident memory (RSS) and data directory size;
+# HOLD=<seconds> waits that long first (snapshots and log purges settle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${1:-100000}
@@ -59,9 +61,23 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 "${client[@]}" bench --jobs "$jobs" "$@"
+# What the nodes hold after the run: resident memory and data directory per node.
+memory() {
+  for i in 1 2 3; do
+    rss=$(awk '/^VmRSS/ {printf "%.0f MiB", $2 / 1024}' "/proc/${pids[$((i - 1))]}/status" 2>/dev/null || echo "?")
+    disk=$(du -sm "$dir/n$i" 2>/dev/null | cut -f1)
+    echo "node $i: RSS $rss, data directory ${disk:-?} MiB"
+  done
+}
+if [[ -n "${HOLD:-}" ]]; then
+  # HOLD=<seconds>: let retention, snapshots and log purges settle before measuring.
+  sleep "$HOLD"
+fi
+memory
 if [[ -n "${THEN:-}" ]]; then
   echo
   echo "then, on the same cluster: exactly bench $THEN"
   # shellcheck disable=SC2086 # THEN is a list of flags
   "${client[@]}" bench --jobs "$jobs" $THEN
+  memory
 fi

@@ -270,9 +270,10 @@ async fn stopping_a_leader_with_an_appended_write_does_not_answer_unavailable() 
     // The entry is on the followers: the next leader commits it.
     let queue = exactly_tests::history::queue_of(1);
     let _ = wait_for(Duration::from_secs(10), || {
-        s.cluster
-            .hosts()
-            .any(|h| h.node().read(|t| t.jobs().any(|j| j.queue == queue)))
+        s.cluster.hosts().any(|h| {
+            h.node()
+                .read_view(|t| t.all_jobs().iter().any(|j| j.queue == queue))
+        })
     })
     .await;
     let report = s.finish(Duration::from_secs(15)).await;
@@ -382,7 +383,7 @@ async fn a_worker_paused_past_its_lease_is_fenced_by_the_token() -> anyhow::Resu
         .cluster
         .node(leader)
         .and_then(|n| {
-            n.read(|t| {
+            n.read_view(|t| {
                 t.job(job)
                     .and_then(|j| j.attempts.last().map(|a| (a.node, a.token)))
             })

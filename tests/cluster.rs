@@ -225,7 +225,7 @@ async fn bad_input_is_refused_before_anything_is_committed() -> anyhow::Result<(
         }
     }
     for n in &cluster.nodes {
-        assert_eq!(n.node.read(|t| t.jobs().count()), 0);
+        assert_eq!(n.node.read_view(|t| t.all_jobs().len()), 0);
     }
     assert!(cluster.ledger.executions().is_empty());
     cluster.shutdown().await;
@@ -289,7 +289,7 @@ async fn no_quorum_gives_unavailable_in_bounded_time() -> anyhow::Result<()> {
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
         assert!(took < Duration::from_secs(4), "took {took:?}");
     }
-    assert_eq!(survivor.node.read(|t| t.jobs().count()), 0);
+    assert_eq!(survivor.node.read_view(|t| t.all_jobs().len()), 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     while health(&survivor.addr).await? != ServingStatus::NotServing as i32 {
         assert!(

@@ -93,7 +93,7 @@ async fn a_write_through_a_follower_is_read_there_at_once() -> anyhow::Result<()
         .job_ids;
     let node = &cluster.nodes[follower].node;
     wait_for(Duration::from_secs(20), || {
-        node.read(|t| {
+        node.read_view(|t| {
             ids.iter().all(|id| {
                 t.job(*id)
                     .is_some_and(|j| j.status == exactly_core::JobStatus::Dead)

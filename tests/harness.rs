@@ -81,7 +81,7 @@ fn applied(cluster: &FaultyCluster, id: u64) -> u64 {
 fn holds_all(cluster: &FaultyCluster, id: u64, jobs: &[u64]) -> bool {
     cluster
         .node(id)
-        .is_some_and(|n| n.read(|t| jobs.iter().all(|j| t.job(*j).is_some())))
+        .is_some_and(|n| n.read_view(|t| jobs.iter().all(|j| t.job(*j).is_some())))
 }
 
 /// A paused leader stops: the others elect a new leader and commit without it while its applied

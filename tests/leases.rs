@@ -226,7 +226,7 @@ async fn partitioned_worker_fences_before_its_jobs_move() -> anyhow::Result<()> 
 
     // Every job completes once the victim's jobs have moved (they re-run elsewhere).
     wait_for(Duration::from_secs(60), || {
-        let table = cluster.node(leader).node.read(|t| t.clone());
+        let table = cluster.node(leader).node.read_view(|t| t.copy());
         ids.iter().all(|id| {
             table
                 .job(*id)
@@ -268,7 +268,7 @@ async fn partitioned_worker_fences_before_its_jobs_move() -> anyhow::Result<()> 
         restart_after.iter().max().unwrap()
     );
     // Each job succeeded exactly once, from its last attempt.
-    let table = cluster.node(leader).node.read(|t| t.clone());
+    let table = cluster.node(leader).node.read_view(|t| t.copy());
     for id in &ids {
         let job = table.job(*id).unwrap();
         let wins = job
@@ -322,7 +322,7 @@ async fn dead_worker_jobs_move_after_the_lease_expires() -> anyhow::Result<()> {
     cluster.nodes[index].take().unwrap().shutdown().await;
 
     wait_for(Duration::from_secs(60), || {
-        let table = cluster.node(leader).node.read(|t| t.clone());
+        let table = cluster.node(leader).node.read_view(|t| t.copy());
         ids.iter().all(|id| {
             table
                 .job(*id)
@@ -448,7 +448,7 @@ async fn leader_failover_cancels_nothing_on_healthy_nodes() -> anyhow::Result<()
         }
         let survivor = (1..=3).find(|&n| n != leader).unwrap();
         wait_for(Duration::from_secs(60), || {
-            let table = cluster.node(survivor).node.read(|t| t.clone());
+            let table = cluster.node(survivor).node.read_view(|t| t.copy());
             ids.iter()
                 .all(|id| table.job(*id).is_some_and(|j| j.status.is_terminal()))
         })
@@ -469,7 +469,7 @@ async fn leader_failover_cancels_nothing_on_healthy_nodes() -> anyhow::Result<()
             healthy_cancelled.is_empty(),
             "{loss:?}: the failover cancelled attempts on healthy nodes: {healthy_cancelled:?}"
         );
-        let table = cluster.node(survivor).node.read(|t| t.clone());
+        let table = cluster.node(survivor).node.read_view(|t| t.copy());
         let mut moved_after = Vec::new();
         for id in &ids {
             let job = table.job(*id).unwrap();
@@ -556,7 +556,7 @@ async fn a_lost_lease_costs_no_attempt() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(4)).await;
     cluster.isolation.0.lock().unwrap().clear();
     wait_for(Duration::from_secs(60), || {
-        let table = cluster.node(leader).node.read(|t| t.clone());
+        let table = cluster.node(leader).node.read_view(|t| t.copy());
         ids.iter()
             .all(|id| table.job(*id).is_some_and(|j| j.status.is_terminal()))
     })
@@ -565,7 +565,7 @@ async fn a_lost_lease_costs_no_attempt() -> anyhow::Result<()> {
     let fenced = cluster.runs().iter().filter(|r| r.cancelled).count();
     assert!(fenced > 0, "the cut nodes fenced themselves");
     // Wait for every node's view, then read the leader's.
-    let table = cluster.node(cluster.leader()).node.read(|t| t.clone());
+    let table = cluster.node(cluster.leader()).node.read_view(|t| t.copy());
     let mut abandoned = 0;
     for id in &ids {
         let job = table.job(*id).unwrap();
@@ -625,7 +625,7 @@ async fn a_node_whose_executor_dies_stops_and_its_jobs_run_elsewhere() -> anyhow
     wait_for(Duration::from_secs(30), || {
         ids.iter().all(|&id| {
             others.iter().all(|n| {
-                n.node.read(|t| {
+                n.node.read_view(|t| {
                     t.job(id)
                         .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
                 })
@@ -686,7 +686,7 @@ async fn a_scheduler_that_dies_is_started_again() -> anyhow::Result<()> {
         .await?;
     let node = cluster.node(leader).node.clone();
     wait_for(Duration::from_secs(15), || {
-        node.read(|t| {
+        node.read_view(|t| {
             t.job(ids[0])
                 .is_some_and(|j| j.status == exactly_core::JobStatus::Dead && j.attempts.len() == 3)
         })

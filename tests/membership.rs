@@ -282,14 +282,15 @@ async fn drain_lets_running_attempts_finish_then_a_learner_replaces_the_voter() 
     // Its attempts ran to success on it, under the tokens they had when the drain began.
     let node = s.cluster.node(leader).unwrap();
     for &(job, token) in &held {
-        let j = node.read(|t| t.job(job).cloned()).unwrap();
+        let j = node.read_view(|t| t.job(job)).unwrap();
         assert_eq!(j.status, JobStatus::Succeeded, "job {job}");
         let last = j.attempts.last().unwrap();
         assert_eq!((last.node, last.token), (victim, token), "job {job}");
         assert_eq!(j.attempts.len(), 1, "job {job} ran once");
     }
-    let late: Vec<(u64, u64)> = node.read(|t| {
-        t.jobs()
+    let late: Vec<(u64, u64)> = node.read_view(|t| {
+        t.all_jobs()
+            .iter()
             .flat_map(|j| j.attempts.iter().map(move |a| (j.id, a.node, a.token)))
             .filter(|&(_, n, token)| n == victim && token > drained_at_index)
             .map(|(id, _, token)| (id, token))
@@ -299,7 +300,7 @@ async fn drain_lets_running_attempts_finish_then_a_learner_replaces_the_voter() 
         late.is_empty(),
         "attempts reached node {victim} after its drain: {late:?}"
     );
-    assert!(more.iter().all(|&j| node.read(|t| t
+    assert!(more.iter().all(|&j| node.read_view(|t| t
         .job(j)
         .is_some_and(|job| job.attempts.iter().all(|a| a.node != victim)))));
     assert!(
@@ -372,7 +373,7 @@ async fn drain_past_the_deadline_gives_attempts_back_and_they_run_elsewhere() ->
     let leader = s.leader().await?;
     let node = s.cluster.node(leader).unwrap();
     for &(job, token) in &held {
-        let j = node.read(|t| t.job(job).cloned()).unwrap();
+        let j = node.read_view(|t| t.job(job)).unwrap();
         let given_back = &j.attempts[0];
         assert_eq!((given_back.node, given_back.token), (victim, token));
         assert!(
@@ -622,7 +623,7 @@ async fn a_removed_dead_voter_is_replaced_and_cannot_come_back() -> anyhow::Resu
     let node = s.cluster.node(leader).unwrap();
     assert!(node.read(|t| t.is_removed(victim)));
     for &(job, token) in &held {
-        let j = node.read(|t| t.job(job).cloned()).unwrap();
+        let j = node.read_view(|t| t.job(job)).unwrap();
         let ended = j.attempts.iter().find(|a| a.token == token).unwrap();
         assert!(
             matches!(&ended.end, Some(exactly_core::AttemptEnd::Abandoned { reason }) if reason.contains("expired")),
@@ -780,7 +781,7 @@ async fn a_new_node_gets_a_snapshot_after_the_log_was_compacted() -> anyhow::Res
     s.cluster.add(4, |_| {}).await?;
     wait_for(CHANGE_WAIT, || {
         s.cluster.node(4).is_some_and(|n| {
-            n.read(|t| {
+            n.read_view(|t| {
                 first
                     .iter()
                     .all(|&j| t.job(j).is_some_and(|j| j.status.is_terminal()))
@@ -1065,7 +1066,7 @@ async fn a_node_that_gets_no_log_loses_its_lease() -> anyhow::Result<()> {
         let Some(l) = s.cluster.leader().and_then(|l| s.cluster.node(l)) else {
             return false;
         };
-        l.read(|t| {
+        l.read_view(|t| {
             held.iter().all(|(job, token)| {
                 t.job(*job).is_some_and(|j| {
                     j.attempts

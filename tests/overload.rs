@@ -114,7 +114,7 @@ async fn an_overload_of_one_job_submits_changes_no_leader_and_refuses_cleanly() 
     assert_eq!(cluster.nodes[0].node.leader().map(|(l, _)| l), leader);
     let node = &cluster.nodes[0].node;
     wait_for(Duration::from_secs(120), || {
-        node.read(|t| {
+        node.read_view(|t| {
             acked.iter().all(|id| {
                 t.job(*id)
                     .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)

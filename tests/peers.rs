@@ -96,7 +96,7 @@ async fn a_corrupt_snapshot_is_refused_and_the_node_keeps_its_data() -> anyhow::
         after.last_log_index
     );
     assert!(after.running_state.is_ok(), "{:?}", after.running_state);
-    assert!(target.node.read(|t| t.job(before).is_some()));
+    assert!(target.node.read_view(|t| t.job(before).is_some()));
     // And it keeps working: a new job commits and applies on every node, the target included.
     one_job_done(&cluster).await?;
     cluster.shutdown().await;
@@ -167,7 +167,7 @@ async fn a_peer_cannot_forward_what_only_the_leader_decides() -> anyhow::Result<
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     }
     for node in &cluster.nodes {
-        let (expired, kept) = node.node.read(|t| {
+        let (expired, kept) = node.node.read_view(|t| {
             (
                 t.nodes().get(&victim).is_none_or(|e| e.expired),
                 t.job(done).is_some(),
@@ -490,9 +490,9 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
         "a member's renewal in another's name",
     );
     // Nor report the outcome of an attempt that ran on another node.
-    let (token, ran_on) = cluster.nodes[0].node.read(|t| {
-        let attempt = &t.job(done).expect("the job").attempts[0];
-        (attempt.token, attempt.node)
+    let (token, ran_on) = cluster.nodes[0].node.read_view(|t| {
+        let job = t.job(done).expect("the job");
+        (job.attempts[0].token, job.attempts[0].node)
     });
     let other = (1..=3).find(|&n| n != ran_on).expect("another member");
     let mut other = tls_peer(&dir, &format!("node-{other}"), other, addr, to)?;
@@ -729,7 +729,7 @@ async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
                 .iter()
                 .filter(|n| n.node.id != revoked.node.id)
                 .all(|n| {
-                    n.node.read(|t| {
+                    n.node.read_view(|t| {
                         t.job(id)
                             .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
                     })

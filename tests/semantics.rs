@@ -154,7 +154,7 @@ async fn wait_status(
 ) -> anyhow::Result<()> {
     wait_for(limit, || {
         cluster.hosts().all(|h| {
-            h.node().read(|t| {
+            h.node().read_view(|t| {
                 ids.iter()
                     .all(|id| t.job(*id).is_some_and(|j| j.status == status))
             })
@@ -310,8 +310,9 @@ async fn cron_fires_each_tick_once_across_leader_failover() -> anyhow::Result<()
     let node = cluster
         .node(second)
         .ok_or_else(|| anyhow::anyhow!("leader gone"))?;
-    let jobs: Vec<(u64, String)> = node.read(|t| {
-        t.jobs()
+    let jobs: Vec<(u64, String)> = node.read_view(|t| {
+        t.all_jobs()
+            .into_iter()
             .filter(|j| j.schedule.as_deref() == Some("tick"))
             .map(|j| (j.id, j.idempotency_key.clone().unwrap_or_default()))
             .collect()
@@ -374,7 +375,7 @@ async fn cron_fires_each_tick_once_across_leader_failover() -> anyhow::Result<()
         .filter(|t| !per_tick.contains_key(t))
         .collect();
     // How late the latest fire came after its tick, in leader time: the failover's catch-up.
-    let latest_fire_ms = node.read(|t| {
+    let latest_fire_ms = node.read_view(|t| {
         jobs.iter()
             .filter_map(|(id, key)| {
                 let tick: u64 = key.strip_prefix("schedule/tick/")?.parse().ok()?;
@@ -463,10 +464,10 @@ async fn queue_concurrency_two_holds_across_nodes() -> anyhow::Result<()> {
     let node = cluster
         .node(l)
         .ok_or_else(|| anyhow::anyhow!("leader gone"))?;
-    let intervals: Vec<(u64, u64)> = node.read(|t| {
+    let intervals: Vec<(u64, u64)> = node.read_view(|t| {
         ids.iter()
             .filter_map(|id| t.job(*id))
-            .flat_map(|j| j.attempts.iter())
+            .flat_map(|j| j.attempts.into_iter())
             .map(|a| (a.started_at_ms, a.ended_at_ms.unwrap_or(u64::MAX)))
             .collect()
     });
@@ -710,7 +711,7 @@ async fn dead_letter_redrive_and_purge() -> anyhow::Result<()> {
     wait_for(Duration::from_secs(30), || {
         cluster
             .hosts()
-            .all(|h| h.node().read(|t| t.job(doomed).is_none()))
+            .all(|h| h.node().read_view(|t| t.job(doomed).is_none()))
     })
     .await?;
     let status = jobs
@@ -779,11 +780,11 @@ async fn idempotent_submit_across_nodes() -> anyhow::Result<()> {
     let l = leader(&cluster).await?;
     let counts = |c: &FaultyCluster| {
         c.node(l).map(|n| {
-            n.read(|t| {
+            n.read_view(|t| {
                 let s = t.counts();
                 (
                     s.pending + s.running + s.succeeded + s.dead + s.cancelled,
-                    t.jobs().count(),
+                    t.all_jobs().len(),
                 )
             })
         })
@@ -841,9 +842,9 @@ fn committed(cluster: &FaultyCluster, leader: u64) -> anyhow::Result<Committed> 
     let node = cluster
         .node(leader)
         .ok_or_else(|| anyhow::anyhow!("leader {leader} not running"))?;
-    Ok(node.read(|t| {
+    Ok(node.read_view(|t| {
         (
-            t.jobs().map(|j| (j.id, j.status)).collect(),
+            t.all_jobs().iter().map(|j| (j.id, j.status)).collect(),
             t.counts().clone(),
             t.queues().keys().cloned().collect(),
             t.schedules().keys().cloned().collect(),

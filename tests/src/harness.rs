@@ -613,7 +613,7 @@ impl FaultyCluster {
             .map(|h| {
                 let node = h.node();
                 let before = node.state.last_applied().map(|l| l.index);
-                let mut last = node.read(|t| NodeFinal::from_table(h.id, None, t));
+                let mut last = node.read_view(|t| NodeFinal::from_table(h.id, None, t));
                 let after = node.state.last_applied().map(|l| l.index);
                 last.applied = before.filter(|b| Some(*b) == after);
                 last

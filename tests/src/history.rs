@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use exactly_core::{AttemptEnd, Job, JobStatus, JobTable};
+use exactly_core::{AttemptEnd, Job, JobStatus};
 use exactly_handlers::{Handler, HandlerOutcome, JobContext};
 use exactly_store::LostWrites;
 use futures::future::BoxFuture;
@@ -406,11 +406,12 @@ pub struct NodeFinal {
 }
 
 impl NodeFinal {
-    pub fn from_table(node: u64, applied: Option<u64>, table: &JobTable) -> Self {
+    /// The final state of a node's replica: every retained job, finished ones from its archive.
+    pub fn from_table(node: u64, applied: Option<u64>, table: &exactly_store::JobView<'_>) -> Self {
         Self {
             node,
             applied,
-            jobs: table.jobs().map(FinalJob::from_job).collect(),
+            jobs: table.all_jobs().iter().map(FinalJob::from_job).collect(),
             stale_completions: table.counts().stale_completions,
         }
     }

@@ -148,7 +148,7 @@ impl TestCluster {
     pub async fn wait_succeeded(&self, id: u64, limit: Duration) -> anyhow::Result<()> {
         wait_for(limit, || {
             self.nodes.iter().all(|n| {
-                n.node.read(|t| {
+                n.node.read_view(|t| {
                     t.job(id)
                         .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
                 })

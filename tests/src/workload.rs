@@ -609,7 +609,7 @@ impl Scenario {
     /// Whether some running node shows `job` succeeded.
     pub fn succeeded(&self, job: u64) -> bool {
         self.cluster.hosts().filter(|h| !h.is_paused()).any(|h| {
-            h.node().read(|t| {
+            h.node().read_view(|t| {
                 t.job(job)
                     .is_some_and(|j| j.status == exactly_core::JobStatus::Succeeded)
             })

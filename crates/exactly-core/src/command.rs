@@ -540,6 +540,13 @@ pub enum Effect {
     Event(JobEvent),
     /// The issued tokens changed (every node's authorization reloads them).
     TokensChanged,
+    /// A job succeeded or was cancelled: this is its final record, which the shell keeps on disk
+    /// (readable by id) until [`Effect::Unarchive`]; the table keeps only a
+    /// [`crate::state::FinishedJob`] of it. Seen again when apply runs again after a restart:
+    /// the same record under the same id.
+    Archive(Box<crate::job::Job>),
+    /// Retention deleted an archived job: the shell drops its record.
+    Unarchive { job: JobId },
 }
 
 /// One accepted submission.

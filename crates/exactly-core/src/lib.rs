@@ -27,7 +27,9 @@ pub use job::{Attempt, AttemptEnd, Backoff, Job, JobStatus, StateCounts};
 pub use limits::Limits;
 pub use queue::{QueueConfig, RateLimit};
 pub use scheduler::plan_assignments;
-pub use state::{AuditRecord, JobTable, KeyRecord, Leave, NodeEntry, QueueState, Retained};
+pub use state::{
+    AuditRecord, FinishedJob, JobTable, KeyRecord, Leave, Listed, NodeEntry, QueueState, Retained,
+};
 
 /// A node's identity in the cluster: stable across restarts (kept in the data directory).
 pub type NodeId = u64;

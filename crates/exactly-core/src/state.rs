@@ -6,6 +6,7 @@
 //! its indexes, the read API and the invariant check that ties the indexes to the records.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
@@ -195,6 +196,61 @@ pub struct JobTable {
     /// decoding, and checked by [`JobTable::check_invariants`].
     #[serde(skip)]
     retained: BTreeMap<String, Retained>,
+    /// Succeeded and cancelled jobs whose records left the table for the shell's archive
+    /// ([`Effect::Archive`]): what apply still needs of each, instead of the record. Not
+    /// encoded with the table: a snapshot carries them next to it (with the archived records),
+    /// and [`JobTable::restore_finished`] puts them back; `finished` above indexes them by time.
+    #[serde(skip)]
+    archived: OrdMap<JobId, FinishedJob>,
+    /// The queue names the entries of `archived` share.
+    #[serde(skip)]
+    names: QueueNames,
+}
+
+/// A succeeded or cancelled job whose record left the table (see [`Effect::Archive`]): what
+/// apply still needs of it (its retention, its queue's counts, and the answers to a late report
+/// or a cancel), in about 40 bytes instead of the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FinishedJob {
+    /// When it finished (leader time): its place in the retention index.
+    pub finished_at_ms: u64,
+    /// `Succeeded` or `Cancelled`.
+    pub status: JobStatus,
+    pub queue: Arc<str>,
+    /// The token of the attempt a client cancelled (0: none), whose late report is answered
+    /// "finished: cancelled" rather than counted as stale.
+    pub cancelled_token: u64,
+}
+
+/// Interned queue names of archived jobs, so that a million finished jobs of one queue share
+/// one string. Not state: always equal, never encoded.
+#[derive(Clone, Debug, Default)]
+struct QueueNames(BTreeSet<Arc<str>>);
+
+impl PartialEq for QueueNames {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for QueueNames {}
+
+impl QueueNames {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        self.0.insert(shared.clone());
+        shared
+    }
+
+    /// Drops `name` if nothing but this set holds it any more.
+    fn release(&mut self, name: Arc<str>) {
+        if Arc::strong_count(&name) <= 2 {
+            self.0.remove(&*name);
+        }
+    }
 }
 
 /// The job records by id: a persistent map of shared records. A record is behind an `Arc`, so
@@ -315,6 +371,57 @@ mod persistent {
             }
         }
         deserializer.deserialize_seq(Elements(PhantomData))
+    }
+}
+
+/// One retained job as [`JobTable::all_jobs_after`] lists it.
+#[derive(Clone, Copy, Debug)]
+pub enum Listed<'a> {
+    /// Pending, running or dead: its record.
+    Record(&'a Job),
+    /// Succeeded or cancelled: its record is in the shell's archive.
+    Archived(JobId, &'a FinishedJob),
+}
+
+impl Listed<'_> {
+    pub fn id(&self) -> JobId {
+        match self {
+            Listed::Record(job) => job.id,
+            Listed::Archived(id, _) => *id,
+        }
+    }
+}
+
+/// Merges the table's records and the archived jobs by id.
+struct Merge<'a, T, A>
+where
+    T: Iterator<Item = &'a Job>,
+    A: Iterator<Item = (&'a JobId, &'a FinishedJob)>,
+{
+    table: std::iter::Peekable<T>,
+    archived: std::iter::Peekable<A>,
+    reverse: bool,
+}
+
+impl<'a, T, A> Iterator for Merge<'a, T, A>
+where
+    T: Iterator<Item = &'a Job>,
+    A: Iterator<Item = (&'a JobId, &'a FinishedJob)>,
+{
+    type Item = Listed<'a>;
+
+    fn next(&mut self) -> Option<Listed<'a>> {
+        let take_table = match (self.table.peek(), self.archived.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(job), Some((id, _))) => (job.id < **id) != self.reverse,
+        };
+        if take_table {
+            self.table.next().map(Listed::Record)
+        } else {
+            self.archived.next().map(|(id, f)| Listed::Archived(*id, f))
+        }
     }
 }
 
@@ -543,6 +650,8 @@ impl Default for JobTable {
             finished: OrdSet::new(),
             dead: OrdSet::new(),
             retained: BTreeMap::new(),
+            archived: OrdMap::new(),
+            names: QueueNames::default(),
             schedules: BTreeMap::new(),
             counts: StateCounts::default(),
             leaving: BTreeMap::new(),
@@ -777,6 +886,29 @@ impl JobTable {
         }));
     }
 
+    /// Puts a record taken out for a change back: into the table, or, if it succeeded or was
+    /// cancelled, out to the shell's archive ([`Effect::Archive`]) with a [`FinishedJob`] left
+    /// in its place. Every record a command may have finished comes back through here.
+    fn put_job(&mut self, job: Job, effects: &mut Vec<Effect>) {
+        if !matches!(job.status, JobStatus::Succeeded | JobStatus::Cancelled) {
+            self.jobs.insert(job.id, job);
+            return;
+        }
+        let cancelled_token = job
+            .attempts
+            .last()
+            .filter(|a| matches!(a.end, Some(crate::job::AttemptEnd::Cancelled { .. })))
+            .map_or(0, |a| a.token);
+        let stub = FinishedJob {
+            finished_at_ms: job.updated_at_ms,
+            status: job.status,
+            queue: self.names.intern(&job.queue),
+            cancelled_token,
+        };
+        self.archived.insert(job.id, stub);
+        effects.push(Effect::Archive(Box::new(job)));
+    }
+
     /// Counts a job of `queue` that is now in the terminal `status` (nothing for a live one).
     fn retain_terminal(&mut self, queue: &str, status: JobStatus) {
         if status.is_terminal() {
@@ -808,16 +940,73 @@ impl JobTable {
 
     fn count_retained(&self) -> BTreeMap<String, Retained> {
         let mut retained: BTreeMap<String, Retained> = BTreeMap::new();
-        for job in self.jobs.values().filter(|j| j.status.is_terminal()) {
-            if let Some(n) = retained
-                .entry(job.queue.clone())
-                .or_default()
-                .slot(job.status)
-            {
+        let terminal = self
+            .jobs
+            .values()
+            .filter(|j| j.status.is_terminal())
+            .map(|j| (j.queue.as_str(), j.status))
+            .chain(self.archived.values().map(|f| (&*f.queue, f.status)));
+        for (queue, status) in terminal {
+            if let Some(n) = retained.entry(queue.to_string()).or_default().slot(status) {
                 *n += 1;
             }
         }
         retained
+    }
+
+    /// Puts back a finished job a snapshot carries next to the table (see
+    /// [`JobTable::archived`]). Call [`JobTable::rebuild_derived`] and
+    /// [`JobTable::check_invariants`] once all are back: the table's retention index must name
+    /// exactly these.
+    pub fn restore_finished(
+        &mut self,
+        id: JobId,
+        finished_at_ms: u64,
+        status: JobStatus,
+        queue: &str,
+        cancelled_token: u64,
+    ) -> Result<(), String> {
+        if !matches!(status, JobStatus::Succeeded | JobStatus::Cancelled) {
+            return Err(format!("archived job {id} is {}", status.as_str()));
+        }
+        if self.jobs.get(&id).is_some() {
+            return Err(format!("job {id} is both archived and in the table"));
+        }
+        let stub = FinishedJob {
+            finished_at_ms,
+            status,
+            queue: self.names.intern(queue),
+            cancelled_token,
+        };
+        if self.archived.insert(id, stub).is_some() {
+            return Err(format!("archived job {id} twice"));
+        }
+        Ok(())
+    }
+
+    /// Moves the succeeded and cancelled records a table decoded from an earlier format still
+    /// holds out of it, as [`JobTable::put_job`] would have when they finished, and returns them
+    /// for the shell's archive.
+    pub fn archive_finished_records(&mut self) -> Vec<Job> {
+        let ids: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| matches!(j.status, JobStatus::Succeeded | JobStatus::Cancelled))
+            .map(|j| j.id)
+            .collect();
+        let mut effects = Vec::new();
+        for id in ids {
+            if let Some(job) = self.jobs.remove(&id) {
+                self.put_job(job, &mut effects);
+            }
+        }
+        effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Archive(job) => Some(*job),
+                _ => None,
+            })
+            .collect()
     }
 
     /// A job with an ordering key finished for good: it leaves its key's line, and the next job
@@ -938,24 +1127,45 @@ impl JobTable {
 
     // ----- read access for the scheduler, the API and tests -----
 
+    /// A pending, running or dead job's record. A succeeded or cancelled job's record is in the
+    /// shell's archive: see [`JobTable::finished_job`].
     pub fn job(&self, id: JobId) -> Option<&Job> {
         self.jobs.get(&id)
     }
 
+    /// The records the table holds: pending, running and dead jobs, in id order.
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
         self.jobs.values()
     }
 
-    /// The `n` newest jobs (highest ids first), for the dashboard.
-    pub fn newest_jobs(&self, n: usize) -> impl Iterator<Item = &Job> {
-        self.jobs.values().rev().take(n)
+    /// A succeeded or cancelled job still retained, whose record is in the shell's archive.
+    pub fn finished_job(&self, id: JobId) -> Option<&FinishedJob> {
+        self.archived.get(&id)
     }
 
-    /// Jobs with ids greater than `after`, in id order (for paged listing).
-    pub fn jobs_after(&self, after: JobId) -> impl Iterator<Item = &Job> {
-        self.jobs
-            .range(after.saturating_add(1)..)
-            .map(|(_, job)| job)
+    /// The succeeded and cancelled jobs still retained, in id order.
+    pub fn finished_jobs(&self) -> impl DoubleEndedIterator<Item = (JobId, &FinishedJob)> {
+        self.archived.iter().map(|(id, f)| (*id, f))
+    }
+
+    /// Every retained job, in id order: `Ok` a record in the table, `Err` a finished one whose
+    /// record is archived.
+    pub fn all_jobs_after(&self, after: JobId) -> impl Iterator<Item = Listed<'_>> {
+        let from = after.saturating_add(1);
+        Merge {
+            table: self.jobs.range(from..).map(|(_, job)| job).peekable(),
+            archived: self.archived.range(from..).peekable(),
+            reverse: false,
+        }
+    }
+
+    /// Every retained job, highest id first (see [`JobTable::all_jobs_after`]).
+    pub fn all_jobs_newest(&self) -> impl Iterator<Item = Listed<'_>> {
+        Merge {
+            table: self.jobs.values().rev().peekable(),
+            archived: self.archived.iter().rev().peekable(),
+            reverse: true,
+        }
     }
 
     pub fn counts(&self) -> &StateCounts {
@@ -1063,6 +1273,9 @@ impl JobTable {
         let mut queue_running: BTreeMap<&str, u32> = BTreeMap::new();
         for job in self.jobs.values() {
             *counts.slot(job.status) += 1;
+            if matches!(job.status, JobStatus::Succeeded | JobStatus::Cancelled) {
+                return Err(format!("finished job {} was not archived", job.id));
+            }
             if !job.status.is_terminal() {
                 *queue_live.entry(job.queue.as_str()).or_default() += 1;
                 if !self.queues.contains_key(&job.queue) {
@@ -1136,6 +1349,25 @@ impl JobTable {
             if live == 0 && q.config.is_default() {
                 return Err(format!("idle default queue {name} was kept"));
             }
+        }
+        for (id, f) in &self.archived {
+            if !matches!(f.status, JobStatus::Succeeded | JobStatus::Cancelled) {
+                return Err(format!("archived job {id} is {}", f.status.as_str()));
+            }
+            if self.jobs.get(id).is_some() {
+                return Err(format!("job {id} is both archived and in the table"));
+            }
+            if !self.finished.contains(&(f.finished_at_ms, *id)) {
+                return Err(format!("archived job {id} is not in the retention index"));
+            }
+            *counts.slot(f.status) += 1;
+        }
+        if self.finished.len() != self.archived.len() {
+            return Err(format!(
+                "retention index holds {} finished jobs, the archive {}",
+                self.finished.len(),
+                self.archived.len()
+            ));
         }
         if self.finished.len() + self.dead.len()
             != (counts.succeeded + counts.cancelled + counts.dead) as usize

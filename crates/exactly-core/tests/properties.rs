@@ -11,6 +11,8 @@
 //! agree exactly (determinism). At every submit step, the leader's group commit
 //! (`SubmitAssign`) is checked to equal a `SubmitGroups` plus the policy's `Assign` at one index.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use exactly_core::limits::{
@@ -1292,6 +1294,8 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
     let mut terminal: BTreeMap<JobId, Job> = BTreeMap::new();
     let mut stored: BTreeSet<JobId> = BTreeSet::new();
     let mut dropped: BTreeSet<JobId> = BTreeSet::new();
+    // The shell's archive of `a`: the records of its succeeded and cancelled jobs.
+    let mut archive: BTreeMap<JobId, Job> = BTreeMap::new();
 
     for (n, step) in steps.iter().enumerate() {
         // Log indexes increase, sometimes with gaps (blank and membership entries).
@@ -1328,15 +1332,59 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
         let (response, effects) = a.apply(index, request.clone());
         let (response_b, effects_b) = b.apply(index, request.clone());
         let (expected_response, expected_effects) = model.apply(index, &request);
-        // Watch events are checked by the table-driven tests; the model tracks the shell's work.
-        let effects: Vec<Effect> = effects
-            .into_iter()
-            .filter(|e| !matches!(e, Effect::Event(_)))
-            .collect();
-        let effects_b: Vec<Effect> = effects_b
-            .into_iter()
-            .filter(|e| !matches!(e, Effect::Event(_)))
-            .collect();
+        // Both replicas hand the shell the same records to archive, in the same order, and a
+        // batch of one the same as the command alone.
+        let archived = |effects: &[Effect]| -> Vec<Effect> {
+            effects
+                .iter()
+                .filter(|e| matches!(e, Effect::Archive(_) | Effect::Unarchive { .. }))
+                .cloned()
+                .collect()
+        };
+        prop_assert_eq!(
+            archived(&effects),
+            archived(&effects_b),
+            "step {}: archive",
+            n
+        );
+        prop_assert_eq!(
+            archived(&effects),
+            archived(&batch_effects),
+            "step {}: batched archive",
+            n
+        );
+        for effect in &effects {
+            match effect {
+                Effect::Archive(job) => {
+                    prop_assert!(
+                        archive.insert(job.id, (**job).clone()).is_none(),
+                        "job {} archived twice",
+                        job.id
+                    );
+                }
+                Effect::Unarchive { job } => {
+                    prop_assert!(archive.remove(job).is_some(), "job {} not archived", job);
+                }
+                _ => {}
+            }
+        }
+        if let Err(broken) = common::check_archive(&a, &archive) {
+            return Err(TestCaseError::fail(format!("step {n}: {broken}")));
+        }
+        // Watch events are checked by the table-driven tests, the archive above; the model
+        // tracks the rest of the shell's work.
+        let shell = |e: &Effect| {
+            !matches!(
+                e,
+                Effect::Event(_) | Effect::Archive(_) | Effect::Unarchive { .. }
+            )
+        };
+        let effects: Vec<Effect> = effects.into_iter().filter(shell).collect();
+        let effects_b: Vec<Effect> = effects_b.into_iter().filter(shell).collect();
+        // Every retained record, from the table or the archive.
+        let record = |id: JobId| a.job(id).or_else(|| archive.get(&id));
+        let mut all: Vec<&Job> = a.jobs().chain(archive.values()).collect();
+        all.sort_by_key(|j| j.id);
 
         prop_assert_eq!(
             &batch_response,
@@ -1344,10 +1392,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             "step {}: batched response",
             n
         );
-        let batch_effects: Vec<Effect> = batch_effects
-            .into_iter()
-            .filter(|e| !matches!(e, Effect::Event(_)))
-            .collect();
+        let batch_effects: Vec<Effect> = batch_effects.into_iter().filter(shell).collect();
         prop_assert_eq!(&batch_effects, &effects, "step {}: batched effects", n);
         prop_assert!(batched == a, "step {}: a batch of one differs", n);
 
@@ -1417,18 +1462,21 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                 }
                 Effect::DropPayload { job } => {
                     prop_assert!(dropped.insert(*job), "payload of {} dropped twice", job);
-                    prop_assert!(a.job(*job).is_some_and(|j| j.status.is_terminal()));
+                    prop_assert!(record(*job).is_some_and(|j| j.status.is_terminal()));
                 }
                 Effect::Start(start) => {
                     prop_assert_eq!(start.token, index, "token is the log index");
                 }
-                Effect::Renewed(_) | Effect::Event(_) => {}
+                Effect::Renewed(_)
+                | Effect::Event(_)
+                | Effect::Archive(_)
+                | Effect::Unarchive { .. } => {}
                 Effect::TokensChanged => {
                     prop_assert!(false, "no generated command changes tokens")
                 }
                 Effect::Cancel { job, token, .. } => {
                     // Only the attempt that was running is told to stop, and its job is over.
-                    let j = a.job(*job).expect("cancelled job exists");
+                    let j = record(*job).expect("cancelled job exists");
                     prop_assert_eq!(j.status, JobStatus::Cancelled);
                     prop_assert_eq!(j.attempts.last().map(|t| t.token), Some(*token));
                 }
@@ -1436,8 +1484,8 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
         }
 
         prop_assert_eq!(a.counts(), &model.counts());
-        prop_assert_eq!(a.jobs().count(), model.jobs.len());
-        for job in a.jobs() {
+        prop_assert_eq!(all.len(), model.jobs.len());
+        for &job in &all {
             let m = &model.jobs[&job.id];
             // Invariant 2: at most one open attempt, exactly one while running, and fencing
             // tokens strictly increase per job.
@@ -1451,7 +1499,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                 job.attempts
             );
             // Attempt history is append-only: earlier attempts never change once ended.
-            if let Some(old) = before.job(job.id) {
+            if let Some(old) = before.job(job.id).or_else(|| terminal.get(&job.id)) {
                 prop_assert!(job.attempts.len() >= old.attempts.len());
                 for (then, now) in old.attempts.iter().zip(&job.attempts) {
                     if then.end.is_some() {

@@ -350,7 +350,7 @@ fn a_repeated_key_dedupes_whatever_the_original_job_became() {
             "{key}: the original is untouched"
         );
     }
-    assert_eq!(h.table.jobs().count(), 5);
+    assert_eq!(h.all_jobs().len(), 5);
 }
 
 /// The same key with another queue, kind or payload is refused as a conflict naming the
@@ -2266,7 +2266,7 @@ fn retention_is_bounded_per_entry() {
         keys_before_ms: u64::MAX,
         max,
     };
-    let alive = |h: &Harness| h.table.jobs().map(|j| j.id).collect::<Vec<_>>();
+    let alive = |h: &Harness| h.all_jobs().iter().map(|j| j.id).collect::<Vec<_>>();
     let ((jobs, keys), effects) = retain(&mut h, NOW + 100, all(4));
     assert_eq!((jobs, keys), (4, 4));
     assert_eq!(effects, vec![]);
@@ -2302,7 +2302,8 @@ fn retention_is_bounded_per_entry() {
     );
     assert_eq!(retain(&mut h, NOW, all(0)).0, (1, 0));
     assert_eq!(retain(&mut h, NOW, all(0)).0, (1, 0));
-    assert_eq!(h.table.jobs().count(), 0);
+    assert_eq!(h.all_jobs().len(), 0);
+    assert!(h.archive.is_empty(), "every archived record was dropped");
 }
 
 /// Keys of live jobs are kept past their cut-off (a client retrying a long-pending job's
@@ -2469,9 +2470,10 @@ fn events_are_ordered_with_the_effects_of_their_entry() {
     assert_eq!(effects.len(), 2);
     assert_eq!(effects[0], ev(JobStatus::Running, 1, 3, Some(1)));
     assert!(matches!(&effects[1], Effect::Start(s) if s.job == 1 && s.token == 3));
+    let effects = apply(&mut table, 4, Command::Cancel(vec![1]));
     assert_eq!(
-        apply(&mut table, 4, Command::Cancel(vec![1])),
-        vec![
+        effects[..3],
+        [
             Effect::Cancel {
                 job: 1,
                 token: 3,
@@ -2480,6 +2482,11 @@ fn events_are_ordered_with_the_effects_of_their_entry() {
             Effect::DropPayload { job: 1 },
             ev(JobStatus::Cancelled, 1, 3, Some(1)),
         ]
+    );
+    // The finished record goes to the shell's archive last, in its final state.
+    assert_eq!(effects.len(), 4);
+    assert!(
+        matches!(&effects[3], Effect::Archive(job) if job.id == 1 && job.status == JobStatus::Cancelled)
     );
 }
 
@@ -2598,12 +2605,23 @@ fn issue_4_state_survives_a_snapshot_round_trip() {
     h.assign(NOW + 61, 8, 1, 1);
     let bytes = postcard::to_allocvec(&h.table).expect("encode");
     let mut copy: JobTable = postcard::from_bytes(&bytes).expect("decode");
-    // What is derived and not encoded (per-queue retained counts) comes back by a rebuild.
+    // The finished jobs travel next to the table (a snapshot carries them with their archived
+    // records), and what is derived and not encoded (per-queue retained counts) comes back by a
+    // rebuild.
     assert!(
         copy.check_invariants().is_err(),
-        "the fixture has finished jobs, so an unrebuilt copy must fail its invariants"
+        "the fixture has finished jobs, so a copy without them must fail its invariants"
+    );
+    for (id, f) in h.table.finished_jobs() {
+        copy.restore_finished(id, f.finished_at_ms, f.status, &f.queue, f.cancelled_token)
+            .expect("restored");
+    }
+    assert!(
+        copy.check_invariants().is_err(),
+        "an unrebuilt copy must fail its invariants"
     );
     copy.rebuild_derived();
+    copy.check_invariants().expect("the rebuilt copy holds");
     assert!(copy == h.table, "the decoded table differs");
 
     let mut twin = h.clone();
@@ -2662,5 +2680,126 @@ fn persistent_maps_encode_as_the_std_ones() {
     assert_eq!(
         postcard::from_bytes::<imbl::OrdSet<(u64, String)>>(&bytes).unwrap(),
         im_set
+    );
+}
+
+// ----- finished records leave the table -----
+
+/// A job that succeeds or is cancelled leaves the table for the shell's archive, in its final
+/// state and once; what the table keeps of it answers as the record did: a cancel is refused as
+/// finished, an assign as not pending, the late report of the cancelled attempt as finished and
+/// any other report as stale; retention drops the archived record; a dead letter stays in the
+/// table.
+#[test]
+fn finished_records_leave_the_table_and_answer_as_before() {
+    let mut h = Harness::new();
+    h.register(NOW, 1, 1, 10);
+    h.submit(NOW, vec![new_job("q", "noop", b"1"); 2]);
+    h.submit(NOW, vec![job_with(|j| j.max_attempts = 1)]);
+    let done = finish(&mut h, NOW + 1, 1);
+    let cancelled_token = h.assign(NOW + 2, 2, 1, 1);
+    let (results, _) = cancel(&mut h, NOW + 3, &[2]);
+    assert_eq!(results, vec![(2, Ok(JobStatus::Running))]);
+    kill(&mut h, NOW + 4, 3);
+
+    // The table keeps the dead letter's record and only what it needs of the other two.
+    assert!(h.table.job(1).is_none() && h.table.job(2).is_none());
+    assert_eq!(h.table.job(3).map(|j| j.status), Some(JobStatus::Dead));
+    let kept: Vec<(JobId, JobStatus, u64)> = h
+        .table
+        .finished_jobs()
+        .map(|(id, f)| (id, f.status, f.cancelled_token))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![
+            (1, JobStatus::Succeeded, 0),
+            (2, JobStatus::Cancelled, cancelled_token)
+        ]
+    );
+    // Listing merges the table's records and the finished jobs by id, both ways.
+    let ids = |it: &mut dyn Iterator<Item = exactly_core::Listed<'_>>| {
+        it.map(|l| (l.id(), matches!(l, exactly_core::Listed::Archived(..))))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&mut h.table.all_jobs_after(0)),
+        vec![(1, true), (2, true), (3, false)]
+    );
+    assert_eq!(
+        ids(&mut h.table.all_jobs_after(1)),
+        vec![(2, true), (3, false)]
+    );
+    assert_eq!(
+        ids(&mut h.table.all_jobs_newest()),
+        vec![(3, false), (2, true), (1, true)]
+    );
+    assert_eq!(h.archive[&1].result.as_deref(), Some(&b"ok"[..]));
+    assert_eq!(h.archive[&2].status, JobStatus::Cancelled);
+    assert_eq!(h.table.counts().succeeded, 1);
+    assert_eq!(h.table.retained()["q"].finished, 2);
+
+    let (results, _) = cancel(&mut h, NOW + 5, &[1, 2]);
+    assert_eq!(
+        results,
+        vec![
+            (1, Err(Rejection::Finished("succeeded".into()))),
+            (2, Err(Rejection::Finished("cancelled".into())))
+        ]
+    );
+    let (_, rejected, _) = assign_batch(&mut h, NOW + 5, &[(1, 1, 1)]);
+    assert_eq!(
+        rejected,
+        vec![(1, Rejection::NotPending("succeeded".into()))]
+    );
+    let stale_before = h.table.counts().stale_completions;
+    let (response, _) = h.apply(
+        NOW + 6,
+        Command::Complete(vec![
+            completion(2, cancelled_token, succeeded(b"late")),
+            completion(1, done, succeeded(b"again")),
+        ]),
+    );
+    assert_eq!(
+        response,
+        Response::Completed {
+            accepted: 0,
+            rejected: vec![
+                (2, Rejection::Finished("cancelled".into())),
+                (
+                    1,
+                    Rejection::StaleAttempt {
+                        got: done,
+                        current: None
+                    }
+                )
+            ]
+        }
+    );
+    assert_eq!(h.table.counts().stale_completions, stale_before + 1);
+
+    let everything = Retention {
+        finished_before_ms: u64::MAX,
+        dead_before_ms: 0,
+        keys_before_ms: 0,
+        max: 10,
+    };
+    let (response, effects) = h.table.clone().apply(
+        100,
+        Request::at(NOW + 7, Command::Retain(everything.clone())),
+    );
+    assert_eq!(response, Response::Retained { jobs: 2, keys: 0 });
+    assert_eq!(
+        effects,
+        vec![Effect::Unarchive { job: 1 }, Effect::Unarchive { job: 2 }]
+    );
+    assert_eq!(retain(&mut h, NOW + 7, everything).0, (2, 0));
+    assert!(h.archive.is_empty() && h.table.finished_jobs().next().is_none());
+    assert_eq!(
+        h.table.retained()["q"],
+        exactly_core::Retained {
+            finished: 0,
+            dead: 1
+        }
     );
 }

@@ -150,67 +150,80 @@ pub fn dashboard_status(node: &Node) -> DashboardStatus {
             lease_age_ms: m.lease_age_ms,
         })
         .collect();
-    let (queues, queues_total, schedules, schedules_total, jobs, now_ms) = node.read(|t| {
-        let queues = t
-            .queues()
-            .iter()
-            .take(DASHBOARD_ROWS_MAX)
-            .map(|(name, q)| QueueRow {
-                name: name.clone(),
-                pending: q.live().saturating_sub(u64::from(q.running())),
-                running: q.running(),
-                concurrency_max: q.config.concurrency_max,
-                rate: q.config.rate.as_ref().map(|r| {
-                    format!(
-                        "{}/{}",
-                        r.jobs,
-                        humantime::format_duration(std::time::Duration::from_millis(r.period_ms))
-                    )
-                }),
-                paused: q.config.paused,
-            })
-            .collect::<Vec<_>>();
-        let schedules = t
-            .schedules()
-            .values()
-            .take(DASHBOARD_ROWS_MAX)
-            .map(|s| ScheduleRow {
-                name: s.name.clone(),
-                cron: s.cron.expr().to_string(),
-                tz: s.cron.tz().to_string(),
-                queue: s.job.queue.clone(),
-                kind: s.job.kind.clone(),
-                paused: s.paused,
-                next_tick_ms: s.next_tick_ms,
-                last_job: s.last_job.map(|j| j.to_string()),
-            })
-            .collect::<Vec<_>>();
-        let jobs = t
-            .newest_jobs(DASHBOARD_JOBS_MAX)
-            .map(|j| {
-                let last = j.attempts.last();
-                JobRow {
-                    id: j.id.to_string(),
-                    queue: j.queue.clone(),
-                    kind: j.kind.clone(),
-                    status: j.status.as_str(),
-                    attempts: j.attempts.len(),
-                    node: last.map(|a| a.node.to_string()),
-                    token: last.map(|a| a.token),
-                    updated_at_ms: j.updated_at_ms,
-                    last_error: j.last_error.clone(),
-                }
-            })
-            .collect::<Vec<_>>();
-        (
-            queues,
-            t.queues().len(),
-            schedules,
-            t.schedules().len(),
-            jobs,
-            t.now_ms(),
-        )
-    });
+    let (queues, queues_total, schedules, schedules_total, jobs, now_ms) =
+        node.state.read_jobs(|t, archive| {
+            let queues = t
+                .queues()
+                .iter()
+                .take(DASHBOARD_ROWS_MAX)
+                .map(|(name, q)| QueueRow {
+                    name: name.clone(),
+                    pending: q.live().saturating_sub(u64::from(q.running())),
+                    running: q.running(),
+                    concurrency_max: q.config.concurrency_max,
+                    rate: q.config.rate.as_ref().map(|r| {
+                        format!(
+                            "{}/{}",
+                            r.jobs,
+                            humantime::format_duration(std::time::Duration::from_millis(
+                                r.period_ms
+                            ))
+                        )
+                    }),
+                    paused: q.config.paused,
+                })
+                .collect::<Vec<_>>();
+            let schedules = t
+                .schedules()
+                .values()
+                .take(DASHBOARD_ROWS_MAX)
+                .map(|s| ScheduleRow {
+                    name: s.name.clone(),
+                    cron: s.cron.expr().to_string(),
+                    tz: s.cron.tz().to_string(),
+                    queue: s.job.queue.clone(),
+                    kind: s.job.kind.clone(),
+                    paused: s.paused,
+                    next_tick_ms: s.next_tick_ms,
+                    last_job: s.last_job.map(|j| j.to_string()),
+                })
+                .collect::<Vec<_>>();
+            let jobs = t
+                .all_jobs_newest()
+                .filter_map(|listed| match listed {
+                    exactly_core::Listed::Record(job) => Some(std::borrow::Cow::Borrowed(job)),
+                    // A record that cannot be read is left out of this overview (Get reports it).
+                    exactly_core::Listed::Archived(id, _) => archive
+                        .finished(t, id)
+                        .ok()
+                        .flatten()
+                        .map(std::borrow::Cow::Owned),
+                })
+                .take(DASHBOARD_JOBS_MAX)
+                .map(|j| {
+                    let last = j.attempts.last();
+                    JobRow {
+                        id: j.id.to_string(),
+                        queue: j.queue.clone(),
+                        kind: j.kind.clone(),
+                        status: j.status.as_str(),
+                        attempts: j.attempts.len(),
+                        node: last.map(|a| a.node.to_string()),
+                        token: last.map(|a| a.token),
+                        updated_at_ms: j.updated_at_ms,
+                        last_error: j.last_error.clone(),
+                    }
+                })
+                .collect::<Vec<_>>();
+            (
+                queues,
+                t.queues().len(),
+                schedules,
+                t.schedules().len(),
+                jobs,
+                t.now_ms(),
+            )
+        });
     DashboardStatus {
         node: ThisNode {
             id: node.id.to_string(),

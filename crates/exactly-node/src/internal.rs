@@ -181,7 +181,7 @@ impl InternalService {
 
     /// Refuses outcomes of attempts that ran on another node than the sender: an honest node
     /// reports only its own (a late report of an attempt since replaced is still its own, and
-    /// the state machine refuses it as stale). A token this node does not know (a retained
+    /// the state machine refuses it as stale). A token this node does not know (a deleted
     /// job, a future index) is left to the state machine, which refuses it too.
     fn check_own_attempts(
         &self,
@@ -191,9 +191,18 @@ impl InternalService {
         let Sender::Node(id) = sender else {
             return Ok(());
         };
-        let foreign = self.node.read(|t| {
+        // A finished job's attempts are in its archived record (read only for such a job).
+        let foreign = self.node.state.read_jobs(|t, archive| {
             list.iter().find_map(|c| {
-                let attempt = t.job(c.job)?.attempts.iter().find(|a| a.token == c.token)?;
+                let archived;
+                let job = match t.job(c.job) {
+                    Some(job) => job,
+                    None => {
+                        archived = archive.finished(t, c.job).ok().flatten()?;
+                        &archived
+                    }
+                };
+                let attempt = job.attempts.iter().find(|a| a.token == c.token)?;
                 (attempt.node != id).then_some((c.job, c.token, attempt.node))
             })
         });

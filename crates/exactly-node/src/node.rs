@@ -255,6 +255,12 @@ impl Node {
         self.state.read(f)
     }
 
+    /// Reads the local replica's job table with the archived records of its finished jobs
+    /// (see [`exactly_store::JobView`]).
+    pub fn read_view<T>(&self, f: impl FnOnce(&exactly_store::JobView<'_>) -> T) -> T {
+        self.state.read_view(f)
+    }
+
     /// The current leader and its node-to-node address, as this node last heard.
     pub fn leader(&self) -> Option<(u64, String)> {
         let metrics = self.raft.metrics().borrow().clone();

@@ -123,6 +123,9 @@ pub struct LostWrites {
     /// Payloads before and after the payloads tree was reset to the snapshot's.
     pub payloads_found: u64,
     pub payloads_kept: u64,
+    /// Archived records before and after the archive tree was reset to the snapshot's.
+    pub archived_found: u64,
+    pub archived_kept: u64,
 }
 
 impl fmt::Display for LostWrites {
@@ -138,8 +141,8 @@ impl fmt::Display for LostWrites {
         }
         write!(
             f,
-            ", payloads {} -> {}",
-            self.payloads_found, self.payloads_kept
+            ", payloads {} -> {}, archived jobs {} -> {}",
+            self.payloads_found, self.payloads_kept, self.archived_found, self.archived_kept
         )
     }
 }
@@ -197,10 +200,12 @@ pub fn lose_unsynced_writes(dir: &Path, image: &DurableImage) -> Result<LostWrit
     }
 
     lost.payloads_found = store.payload_count()?;
-    let payloads = store.snapshot_payloads()?;
-    lost.payloads_kept = payloads.len() as u64;
+    lost.archived_found = store.archived_count()?;
+    let trees = store.snapshot_trees()?;
+    lost.payloads_kept = trees.payloads.len() as u64;
+    lost.archived_kept = trees.archived.len() as u64;
     store.begin_payloads_rebuild()?;
-    store.replace_payloads(&payloads)?;
+    store.replace_trees(&trees)?;
     store.finish_payloads_rebuild()?;
     Ok(lost)
 }

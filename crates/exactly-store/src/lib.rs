@@ -38,7 +38,7 @@ pub use durability::{
 pub use error::{Error, Result};
 pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX};
 pub use snapshot::{check as check_snapshot, check_file as check_snapshot_file};
-pub use state_machine::{SnapshotBuilder, StateMachine};
+pub use state_machine::{Archive, JobCopy, JobView, SnapshotBuilder, StateMachine};
 pub use store::{
     Store, OPEN_LOCK_RETRY_MS, OPEN_LOCK_WAIT_MS_MAX, PAYLOAD_BATCH_KEYS_MAX, PURGE_BATCH_KEYS_MAX,
     SLED_CACHE_BYTES,

@@ -37,11 +37,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use exactly_core::limits::PAYLOAD_BYTES_CEILING;
-use exactly_core::{JobId, JobTable};
+use exactly_core::{JobId, JobStatus, JobTable};
 use openraft::{BasicNode, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{decode, encode, FORMAT};
+use crate::codec::{decode, encode, encode_raw, FORMAT};
 use crate::error::{Error, Result};
 
 /// Metadata of a snapshot in exactly's type configuration.
@@ -69,24 +69,94 @@ const IO_BUFFER_BYTES: usize = 256 * 1024;
 const DECODE_SCRATCH_BYTES: usize = PAYLOAD_BYTES_CEILING + 64 * 1024;
 
 /// What snapshot data holds, for decoding.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub(crate) struct SnapshotBody {
     pub(crate) table: JobTable,
     /// Payloads of the table's pending and running jobs, by job id.
     pub(crate) payloads: Vec<(JobId, Vec<u8>)>,
+    /// The archived records of the table's finished jobs, encoded as the archive tree holds
+    /// them (empty if decoded with [`Records::Skip`] from data of this format).
+    pub(crate) archived: Vec<(JobId, Vec<u8>)>,
+    /// The data was of the earlier format, whose table held the finished records: they were
+    /// moved out into `archived` (whatever [`Records`] said), and the archive tree does not
+    /// have them yet.
+    pub(crate) legacy: bool,
 }
 
-/// What snapshot data holds, for encoding without cloning the table again.
+impl SnapshotBody {
+    /// The payloads and archive trees as this snapshot has them (taken out of it).
+    pub(crate) fn take_trees(&mut self) -> Trees {
+        Trees {
+            payloads: std::mem::take(&mut self.payloads)
+                .into_iter()
+                .map(|(id, p)| (id, encode_raw(&p)))
+                .collect(),
+            archived: std::mem::take(&mut self.archived),
+        }
+    }
+}
+
+/// Values of the payloads and archive trees, as the trees store them.
+#[derive(Debug, Default)]
+pub(crate) struct Trees {
+    pub(crate) payloads: Vec<(JobId, Vec<u8>)>,
+    pub(crate) archived: Vec<(JobId, Vec<u8>)>,
+}
+
+/// Whether decoding keeps the archived records (to install them) or only checks them (the
+/// node's own snapshot at start-up, whose records the archive tree already holds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Records {
+    Keep,
+    Skip,
+}
+
+/// The table and payloads part of snapshot data, for decoding (the earlier format's whole
+/// body).
+#[derive(Deserialize)]
+struct TableAndPayloads {
+    table: JobTable,
+    payloads: Vec<(JobId, Vec<u8>)>,
+}
+
+/// The same, for encoding without cloning the table again.
 #[derive(Serialize)]
-struct SnapshotBodyRef<'a> {
+struct TableAndPayloadsRef<'a> {
     table: &'a JobTable,
     payloads: &'a [(JobId, Vec<u8>)],
 }
 
-/// Encodes snapshot data into `w` (buffered by the caller or not: this buffers).
+/// One finished job after the table and payloads: what the table keeps of it, and its archived
+/// record (`[FORMAT][postcard(Job)]`, as the archive tree holds it), absent if retention
+/// deleted it after the snapshot's point, before the build read it (the log after the
+/// snapshot deletes the job again).
+#[derive(Serialize)]
+struct FinishedRef<'a> {
+    id: JobId,
+    finished_at_ms: u64,
+    status: JobStatus,
+    queue: &'a str,
+    cancelled_token: u64,
+    record: Option<&'a [u8]>,
+}
+
+#[derive(Deserialize)]
+struct Finished {
+    id: JobId,
+    finished_at_ms: u64,
+    status: JobStatus,
+    queue: String,
+    cancelled_token: u64,
+    record: Option<Vec<u8>>,
+}
+
+/// Encodes snapshot data into `w` (buffered by the caller or not: this buffers):
+/// `[FORMAT][postcard(table, payloads)][postcard(u64 n)][postcard(finished job)] * n`, the
+/// finished jobs in id order with their records read from `archived` one at a time.
 pub(crate) fn encode_body_to(
     table: &JobTable,
     payloads: &[(JobId, Vec<u8>)],
+    mut archived: impl FnMut(JobId) -> Result<Option<sled::IVec>>,
     w: impl Write,
 ) -> Result<()> {
     let encode_err = |e: &dyn std::fmt::Display| Error::Encode {
@@ -97,22 +167,53 @@ pub(crate) fn encode_body_to(
     w.write_all(&[FORMAT])
         .map_err(|e| Error::io("writing snapshot data", e))?;
     let mut w =
-        postcard::to_io(&SnapshotBodyRef { table, payloads }, w).map_err(|e| encode_err(&e))?;
+        postcard::to_io(&TableAndPayloadsRef { table, payloads }, w).map_err(|e| encode_err(&e))?;
+    let count = table.finished_jobs().count() as u64;
+    w = postcard::to_io(&count, w).map_err(|e| encode_err(&e))?;
+    for (id, f) in table.finished_jobs() {
+        let record = archived(id)?;
+        let entry = FinishedRef {
+            id,
+            finished_at_ms: f.finished_at_ms,
+            status: f.status,
+            queue: &f.queue,
+            cancelled_token: f.cancelled_token,
+            record: record.as_deref(),
+        };
+        w = postcard::to_io(&entry, w).map_err(|e| encode_err(&e))?;
+    }
     w.flush().map_err(|e| Error::io("writing snapshot data", e))
 }
 
-/// Encodes snapshot data into memory (tests only; the node never does).
+/// Encodes snapshot data into memory, with the records in `archive` (tests only; the node
+/// never does).
 #[cfg(test)]
-pub(crate) fn encode_body(table: &JobTable, payloads: &[(JobId, Vec<u8>)]) -> Result<Vec<u8>> {
+pub(crate) fn encode_body(
+    table: &JobTable,
+    payloads: &[(JobId, Vec<u8>)],
+    archive: &std::collections::BTreeMap<JobId, exactly_core::Job>,
+) -> Result<Vec<u8>> {
     let mut data = Vec::new();
-    encode_body_to(table, payloads, &mut data)?;
+    encode_body_to(
+        table,
+        payloads,
+        |id| {
+            archive
+                .get(&id)
+                .map(|job| encode("archived job", job).map(sled::IVec::from))
+                .transpose()
+        },
+        &mut data,
+    )?;
     Ok(data)
 }
 
-/// Decodes snapshot data from `r`, to its end, checking the table's own invariants: a snapshot
-/// comes from disk or from another node, and a table with broken indexes must be refused, not
-/// installed. Trailing bytes are corruption.
-pub(crate) fn decode_body_from(r: impl Read) -> Result<SnapshotBody> {
+/// Decodes snapshot data from `r`, to its end, checking the table's own invariants and each
+/// archived record against what the table keeps of it: a snapshot comes from disk or from
+/// another node, and a table with broken indexes must be refused, not installed. Trailing bytes
+/// are corruption. Data of the earlier format (the table and payloads only, the finished
+/// records inside the table) is read too, its finished records moved out of the table.
+pub(crate) fn decode_body_from(r: impl Read, records: Records) -> Result<SnapshotBody> {
     const WHAT: &str = "snapshot data";
     let mut r = BufReader::with_capacity(IO_BUFFER_BYTES, r);
     let mut version = [0u8; 1];
@@ -125,24 +226,91 @@ pub(crate) fn decode_body_from(r: impl Read) -> Result<SnapshotBody> {
         ));
     }
     let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
-    let (mut body, (mut rest, _)): (SnapshotBody, _) =
+    let (head, (mut rest, _)): (TableAndPayloads, _) =
         postcard::from_io((r, &mut scratch)).map_err(|e| Error::corrupt(WHAT, e))?;
+    let TableAndPayloads {
+        mut table,
+        payloads,
+    } = head;
     let mut probe = [0u8; 1];
-    match rest.read(&mut probe) {
-        Ok(0) => {}
-        Ok(_) => return Err(Error::corrupt(WHAT, "trailing bytes")),
-        Err(e) => return Err(Error::io("reading snapshot data", e)),
+    let n = read_some(&mut rest, &mut probe)?;
+    let mut archived = Vec::new();
+    let legacy = n == 0;
+    if legacy {
+        // The earlier format: the finished records are in the table.
+        for job in table.archive_finished_records() {
+            archived.push((job.id, encode("archived job", &job)?));
+        }
+    } else {
+        let mut rest = probe.as_slice().chain(rest);
+        let (count, (r, _)): (u64, _) =
+            postcard::from_io((&mut rest, &mut scratch)).map_err(|e| Error::corrupt(WHAT, e))?;
+        let _ = r;
+        for _ in 0..count {
+            let (f, _): (Finished, _) = postcard::from_io((&mut rest, &mut scratch))
+                .map_err(|e| Error::corrupt(WHAT, e))?;
+            table
+                .restore_finished(
+                    f.id,
+                    f.finished_at_ms,
+                    f.status,
+                    &f.queue,
+                    f.cancelled_token,
+                )
+                .map_err(|e| Error::corrupt(WHAT, e))?;
+            if let Some(bytes) = f.record {
+                let job: exactly_core::Job = decode("archived job", &bytes)?;
+                if job.id != f.id
+                    || job.status != f.status
+                    || job.updated_at_ms != f.finished_at_ms
+                    || job.queue != f.queue
+                {
+                    return Err(Error::corrupt(
+                        WHAT,
+                        format!("archived record of job {} disagrees with the table", f.id),
+                    ));
+                }
+                if records == Records::Keep {
+                    archived.push((f.id, bytes));
+                }
+            }
+        }
+        if read_some(&mut rest, &mut [0u8; 1])? != 0 {
+            return Err(Error::corrupt(WHAT, "trailing bytes"));
+        }
     }
-    body.table.rebuild_derived();
-    body.table
+    if legacy && !archived.is_empty() {
+        tracing::info!(
+            jobs = archived.len(),
+            "snapshot of the earlier format: its finished jobs move to the archive"
+        );
+    }
+    table.rebuild_derived();
+    table
         .check_invariants()
         .map_err(|e| Error::corrupt(WHAT, e))?;
-    Ok(body)
+    Ok(SnapshotBody {
+        table,
+        payloads,
+        archived,
+        legacy,
+    })
+}
+
+/// Reads up to `buf.len()` bytes, retrying interruptions; 0 at the end.
+fn read_some(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
+    loop {
+        match r.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("reading snapshot data", e)),
+        }
+    }
 }
 
 /// Decodes snapshot data held in memory (see [`decode_body_from`]).
-pub(crate) fn decode_body(data: &[u8]) -> Result<SnapshotBody> {
-    decode_body_from(data)
+pub(crate) fn decode_body(data: &[u8], records: Records) -> Result<SnapshotBody> {
+    decode_body_from(data, records)
 }
 
 /// Checks a snapshot's metadata: it has a last log id, and its membership is not after it.
@@ -173,7 +341,7 @@ fn check_meta(meta: &Meta) -> Result<()> {
 /// Raft core and leave a data directory that cannot start again.
 pub fn check(meta: &Meta, data: &[u8]) -> Result<()> {
     check_meta(meta)?;
-    decode_body(data).map(|_| ())
+    decode_body(data, Records::Skip).map(|_| ())
 }
 
 /// [`check`] for data in a file, read from its start; the file is left at its start.
@@ -184,7 +352,7 @@ pub fn check_file(meta: &Meta, file: &mut File) -> Result<()> {
             .map_err(|e| Error::io("rewinding snapshot data", e))
     };
     rewind(file)?;
-    decode_body_from(&mut *file)?;
+    decode_body_from(&mut *file, Records::Skip)?;
     rewind(file).map(|_| ())
 }
 
@@ -447,14 +615,14 @@ mod tests {
         assert!(current(dir).unwrap().is_none());
         assert_eq!(size(dir).unwrap(), 0);
         let data = write_data(dir, 42, |f| {
-            encode_body_to(&JobTable::new(), &[(1, vec![1, 2, 3])], f)
+            encode_body_to(&JobTable::new(), &[(1, vec![1, 2, 3])], |_| Ok(None), f)
         })
         .unwrap();
         point_to(dir, &meta(42), &data).unwrap();
         let (back_meta, mut f) = open_current(dir).unwrap().unwrap();
         assert_eq!(back_meta, meta(42));
         check_file(&meta(42), &mut f).unwrap();
-        let body = decode_body_from(&mut f).unwrap();
+        let body = decode_body_from(&mut f, Records::Keep).unwrap();
         assert_eq!(body.table, JobTable::new());
         assert_eq!(body.payloads, vec![(1, vec![1, 2, 3])]);
         assert!(size(dir).unwrap() > 0);
@@ -489,7 +657,12 @@ mod tests {
     fn the_earlier_layout_is_converted() {
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path();
-        let data = encode_body(&JobTable::new(), &[(7, b"seven".to_vec())]).unwrap();
+        let data = encode_body(
+            &JobTable::new(),
+            &[(7, b"seven".to_vec())],
+            &Default::default(),
+        )
+        .unwrap();
         let meta_bytes = encode("m", &meta(9)).unwrap();
         let mut legacy = vec![FORMAT];
         legacy.extend((meta_bytes.len() as u32).to_be_bytes());
@@ -512,7 +685,9 @@ mod tests {
         let data = [
             FORMAT, 1, 0, 0, 0, 0, 0, 0, 0, 210, 255, 255, 255, 255, 254, 255, 46,
         ];
-        assert!(decode_body(&data).unwrap_err().is_corruption());
+        assert!(decode_body(&data, Records::Keep)
+            .unwrap_err()
+            .is_corruption());
         assert!(check(&meta(10), &data).unwrap_err().is_corruption());
     }
 
@@ -536,23 +711,218 @@ mod tests {
     /// truncation, trailing bytes; an incoming file is gone from the directory at once.
     #[test]
     fn decoding_from_a_reader_refuses_damage() {
-        let data = encode_body(&JobTable::new(), &[(1, vec![9; 100_000])]).unwrap();
-        assert_eq!(decode_body(&data).unwrap().payloads[0].1.len(), 100_000);
+        let data = encode_body(
+            &JobTable::new(),
+            &[(1, vec![9; 100_000])],
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            decode_body(&data, Records::Keep).unwrap().payloads[0]
+                .1
+                .len(),
+            100_000
+        );
         let mut other = data.clone();
         other[0] = FORMAT + 1;
-        assert!(decode_body(&other).unwrap_err().is_corruption());
-        assert!(decode_body(&data[..data.len() - 1])
+        assert!(decode_body(&other, Records::Keep)
+            .unwrap_err()
+            .is_corruption());
+        // (Cut by one byte, the data of an empty table is that of the earlier format, which
+        // is the same state: the cut is found when the table lists finished jobs.)
+        assert!(decode_body(&data[..data.len() - 2], Records::Keep)
             .unwrap_err()
             .is_corruption());
         let mut trailing = data.clone();
         trailing.push(0);
-        assert!(decode_body(&trailing).unwrap_err().is_corruption());
-        assert!(decode_body(&[]).unwrap_err().is_corruption());
+        assert!(decode_body(&trailing, Records::Keep)
+            .unwrap_err()
+            .is_corruption());
+        assert!(decode_body(&[], Records::Keep).unwrap_err().is_corruption());
 
         let dir = tempfile::tempdir().unwrap();
         let mut f = incoming_file(dir.path()).unwrap();
         f.write_all(&data).unwrap();
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
         check_file(&meta(1), &mut f).unwrap();
+    }
+
+    /// The entries of the format-4 fixture: a node, four jobs; one succeeds, one is cancelled
+    /// while running, one dies, one stays pending.
+    pub(crate) fn format4_fixture_entries() -> Vec<(u64, exactly_core::Request)> {
+        use exactly_core::{Assignment, Command, Completion, NewJob, NodeRegistration, Outcome};
+        let job = |queue: &str, payload: &[u8], edit: &dyn Fn(&mut NewJob)| {
+            let mut j = NewJob {
+                queue: queue.to_string(),
+                kind: "send".to_string(),
+                payload: payload.to_vec(),
+                max_attempts: 3,
+                ..NewJob::default()
+            };
+            edit(&mut j);
+            j
+        };
+        let at = |i: u64, command| (i, exactly_core::Request::at(1_000_000 + i, command));
+        let assign = |job| Assignment {
+            job,
+            node: 1,
+            incarnation: 1,
+        };
+        vec![
+            at(
+                1,
+                Command::RegisterNode(NodeRegistration {
+                    node: 1,
+                    incarnation: 1,
+                    slots: 4,
+                    addr: "n1".to_string(),
+                    applied: 0,
+                }),
+            ),
+            at(
+                2,
+                Command::Submit(vec![
+                    job("mail", b"a", &|_| {}),
+                    job("mail", b"b", &|j| {
+                        j.idempotency_key = Some("k2".to_string())
+                    }),
+                    job("report", b"c", &|j| j.max_attempts = 1),
+                    job("mail", b"d", &|_| {}),
+                ]),
+            ),
+            at(3, Command::Assign(vec![assign(1), assign(2), assign(3)])),
+            at(
+                4,
+                Command::Complete(vec![
+                    Completion {
+                        job: 1,
+                        token: 3,
+                        outcome: Outcome::Succeeded {
+                            result: b"ok".to_vec(),
+                        },
+                    },
+                    Completion {
+                        job: 3,
+                        token: 3,
+                        outcome: Outcome::Failed {
+                            error: "no".to_string(),
+                            retryable: false,
+                        },
+                    },
+                ]),
+            ),
+            at(5, Command::Cancel(vec![2])),
+        ]
+    }
+
+    /// Archived records by job id.
+    type Archived = std::collections::BTreeMap<JobId, exactly_core::Job>;
+
+    /// Applies the fixture's entries with this code: the table, its payloads and the archive
+    /// its effects made.
+    fn fixture_state() -> (JobTable, Vec<(JobId, Vec<u8>)>, Archived) {
+        use exactly_core::Effect;
+        let mut table = JobTable::new();
+        let mut payloads = std::collections::BTreeMap::new();
+        let mut archive = std::collections::BTreeMap::new();
+        for (i, r) in format4_fixture_entries() {
+            for e in table.apply(i, r).1 {
+                match e {
+                    Effect::StorePayload { job, payload } => {
+                        payloads.insert(job, payload);
+                    }
+                    Effect::DropPayload { job } => {
+                        payloads.remove(&job);
+                    }
+                    Effect::Archive(job) => {
+                        archive.insert(job.id, *job);
+                    }
+                    Effect::Unarchive { job } => {
+                        archive.remove(&job);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        table.check_invariants().unwrap();
+        (table, payloads.into_iter().collect(), archive)
+    }
+
+    /// Snapshot data written by the release before finished records left the table (format 4,
+    /// the table and payloads only; `tests/fixtures/snapshot-format4.bin`, made from
+    /// [`format4_fixture_entries`] by that release) is read: its succeeded and cancelled
+    /// records move out of the table into the archive, and the result is what this release
+    /// makes of the same entries.
+    #[test]
+    fn snapshot_data_of_the_earlier_format_is_read() {
+        let data = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/snapshot-format4.bin"),
+        )
+        .unwrap();
+        let (table, payloads, archive) = fixture_state();
+        assert_eq!(archive.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        for records in [Records::Keep, Records::Skip] {
+            let body = decode_body(&data, records).unwrap();
+            assert!(body.legacy);
+            assert!(body.table == table, "the migrated table differs");
+            assert_eq!(body.payloads, payloads);
+            let archived: Vec<(JobId, exactly_core::Job)> = body
+                .archived
+                .iter()
+                .map(|(id, bytes)| (*id, decode("archived job", bytes).unwrap()))
+                .collect();
+            assert_eq!(archived, archive.clone().into_iter().collect::<Vec<_>>());
+        }
+        check(&meta(5), &data).unwrap();
+    }
+
+    /// This format carries the finished jobs after the table, with their records: they come
+    /// back as they were (or are only checked, with `Records::Skip`); a record deleted before
+    /// the build read it is left out; a record that disagrees with the table is refused.
+    #[test]
+    fn finished_jobs_travel_after_the_table() {
+        let (table, payloads, archive) = fixture_state();
+        let data = encode_body(&table, &payloads, &archive).unwrap();
+        let body = decode_body(&data, Records::Keep).unwrap();
+        assert!(!body.legacy);
+        assert!(body.table == table);
+        assert_eq!(body.payloads, payloads);
+        let expected: Vec<(JobId, Vec<u8>)> = archive
+            .iter()
+            .map(|(id, job)| (*id, encode("archived job", job).unwrap()))
+            .collect();
+        assert_eq!(body.archived, expected);
+        let skipped = decode_body(&data, Records::Skip).unwrap();
+        assert!(skipped.table == table && skipped.archived.is_empty());
+
+        let mut partial = archive.clone();
+        partial.remove(&1);
+        let body = decode_body(
+            &encode_body(&table, &payloads, &partial).unwrap(),
+            Records::Keep,
+        )
+        .unwrap();
+        assert!(body.table == table, "the table still lists the job");
+        assert_eq!(body.archived.len(), 1);
+
+        let mut forged = archive.clone();
+        forged.get_mut(&2).unwrap().status = JobStatus::Succeeded;
+        let err = decode_body(
+            &encode_body(&table, &payloads, &forged).unwrap(),
+            Records::Skip,
+        )
+        .unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+
+        let mut longer = data.clone();
+        longer.push(0);
+        assert!(decode_body(&longer, Records::Skip)
+            .unwrap_err()
+            .is_corruption());
+        let shorter = &data[..data.len() - 1];
+        assert!(decode_body(shorter, Records::Skip)
+            .unwrap_err()
+            .is_corruption());
     }
 }

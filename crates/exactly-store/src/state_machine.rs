@@ -19,7 +19,7 @@ use openraft::{
     RaftSnapshotBuilder, StorageError, StoredMembership,
 };
 
-use crate::codec::{encode_raw, u64_key};
+use crate::codec::{encode, encode_raw, u64_key};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, Meta};
 use crate::store::Store;
@@ -56,7 +56,12 @@ impl StateMachine {
     pub(crate) fn load(store: Store, observer: Observer) -> Result<Self> {
         let applied = match store.read_snapshot()? {
             Some((meta, data)) => {
-                let body = snapshot::decode_body_from(data)?;
+                // The archive tree holds this snapshot's finished records (it is never older
+                // than the persisted snapshot), unless the snapshot is of the earlier format.
+                let body = snapshot::decode_body_from(data, snapshot::Records::Skip)?;
+                if body.legacy {
+                    store.archive_records(&body.archived)?;
+                }
                 tracing::info!(snapshot = %meta, "state machine loaded from the snapshot");
                 Applied {
                     table: body.table,
@@ -86,6 +91,34 @@ impl StateMachine {
         f(&applied.table)
     }
 
+    /// Read access to the job table and the archived records of its finished jobs, consistent
+    /// with each other (apply writes the archive under the same lock): for reads that may meet
+    /// a succeeded or cancelled job. Keep `f` short, as for [`StateMachine::read`].
+    pub fn read_jobs<T>(&self, f: impl FnOnce(&JobTable, &Archive<'_>) -> T) -> T {
+        let applied = self.shared.read().unwrap_or_else(PoisonError::into_inner);
+        f(&applied.table, &Archive { store: &self.store })
+    }
+
+    /// [`StateMachine::read_jobs`] through a [`JobView`], whose `job` finds any retained job.
+    pub fn read_view<T>(&self, f: impl FnOnce(&JobView<'_>) -> T) -> T {
+        self.read_jobs(|table, archive| {
+            f(&JobView {
+                table,
+                archive: Archive {
+                    store: archive.store,
+                },
+            })
+        })
+    }
+
+    /// One retained job's record, from the table or the archive (a copy).
+    pub fn job(&self, id: exactly_core::JobId) -> Result<Option<exactly_core::Job>> {
+        self.read_jobs(|t, archive| match t.job(id) {
+            Some(job) => Ok(Some(job.clone())),
+            None => archive.finished(t, id),
+        })
+    }
+
     /// The log id of the last applied entry (or of the loaded or installed snapshot).
     pub fn last_applied(&self) -> Option<LogId<u64>> {
         self.shared
@@ -104,6 +137,7 @@ fn apply_blocking(
 ) -> Result<Applies> {
     let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
     let mut payload_ops: Vec<([u8; 8], Option<Vec<u8>>)> = Vec::new();
+    let mut archive_ops: Vec<([u8; 8], Option<Vec<u8>>)> = Vec::new();
     let mut out = Applies::default();
     let mut tokens_changed = false;
     for entry in entries {
@@ -118,6 +152,10 @@ fn apply_blocking(
                             payload_ops.push((u64_key(job), Some(encode_raw(&payload))));
                         }
                         Effect::DropPayload { job } => payload_ops.push((u64_key(job), None)),
+                        Effect::Archive(job) => {
+                            archive_ops.push((u64_key(job.id), Some(encode("archived job", &job)?)))
+                        }
+                        Effect::Unarchive { job } => archive_ops.push((u64_key(job), None)),
                         Effect::Start(start) => out.starts.push(start),
                         Effect::Renewed(lease) => out.renewals.push((lease, log_id.index)),
                         Effect::Cancel { job, token, node } => out.cancels.push((job, token, node)),
@@ -146,6 +184,15 @@ fn apply_blocking(
         }
         .map_err(|e| Error::sled("writing payloads", e))?;
     }
+    // The same for the archive (same reasons): the snapshot of a point carries its finished
+    // records, and the log after it archives and deletes the same records again.
+    for (key, value) in archive_ops {
+        match value {
+            Some(v) => store.inner.archive.insert(key, v).map(drop),
+            None => store.inner.archive.remove(key).map(drop),
+        }
+        .map_err(|e| Error::sled("writing archived jobs", e))?;
+    }
     // A start that a later entry of the same batch already ended or replaced must not reach an
     // executor (this happens when a lagging node or a restarted one applies many entries).
     out.starts.retain(|s| {
@@ -159,6 +206,101 @@ fn apply_blocking(
         out.tokens = Some(applied.table.issued_tokens().clone());
     }
     Ok(out)
+}
+
+/// The archived records of finished jobs, as seen under [`StateMachine::read_jobs`].
+pub struct Archive<'a> {
+    store: &'a Store,
+}
+
+impl Archive<'_> {
+    /// The record of a job that `table` lists as finished (`None` for any other, and for a
+    /// finished job whose record a snapshot did not carry: see [`Store::archived`]).
+    pub fn finished(
+        &self,
+        table: &JobTable,
+        id: exactly_core::JobId,
+    ) -> Result<Option<exactly_core::Job>> {
+        if table.finished_job(id).is_none() {
+            return Ok(None);
+        }
+        self.store.archived(id)
+    }
+}
+
+/// The job table with the archived records of its finished jobs (see
+/// [`StateMachine::read_view`]): the table's own methods, and a `job` that finds any retained
+/// job. For tests and inspection: an archived record that cannot be read is logged and
+/// treated as absent (the API reports such errors instead).
+pub struct JobView<'a> {
+    table: &'a JobTable,
+    archive: Archive<'a>,
+}
+
+impl std::ops::Deref for JobView<'_> {
+    type Target = JobTable;
+
+    fn deref(&self) -> &JobTable {
+        self.table
+    }
+}
+
+impl JobView<'_> {
+    /// A retained job's record (a copy), from the table or, if it finished, the archive.
+    pub fn job(&self, id: exactly_core::JobId) -> Option<exactly_core::Job> {
+        if let Some(job) = self.table.job(id) {
+            return Some(job.clone());
+        }
+        self.archive.finished(self.table, id).unwrap_or_else(|e| {
+            tracing::error!(job = id, error = %e, "reading an archived job");
+            None
+        })
+    }
+
+    /// A copy of the table with its finished jobs' records.
+    pub fn copy(&self) -> JobCopy {
+        let finished = self
+            .table
+            .finished_jobs()
+            .filter_map(|(id, _)| self.job(id).map(|job| (id, job)))
+            .collect();
+        JobCopy {
+            table: self.table.clone(),
+            finished,
+        }
+    }
+
+    /// Every retained job's record (copies), in id order.
+    pub fn all_jobs(&self) -> Vec<exactly_core::Job> {
+        self.table
+            .all_jobs_after(0)
+            .filter_map(|listed| match listed {
+                exactly_core::Listed::Record(job) => Some(job.clone()),
+                exactly_core::Listed::Archived(id, _) => self.job(id),
+            })
+            .collect()
+    }
+}
+
+/// A copy of the job table and its finished jobs' records ([`JobView::copy`]), for tests.
+pub struct JobCopy {
+    pub table: JobTable,
+    pub finished: std::collections::BTreeMap<exactly_core::JobId, exactly_core::Job>,
+}
+
+impl std::ops::Deref for JobCopy {
+    type Target = JobTable;
+
+    fn deref(&self) -> &JobTable {
+        &self.table
+    }
+}
+
+impl JobCopy {
+    /// A retained job's record, from the table or, if it finished, the archived copy.
+    pub fn job(&self, id: exactly_core::JobId) -> Option<&exactly_core::Job> {
+        self.table.job(id).or_else(|| self.finished.get(&id))
+    }
 }
 
 /// What one apply call hands back to the observer.
@@ -279,7 +421,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map_err(|e| Error::io("rewinding snapshot data", e))
             };
             rewind(&mut data)?;
-            let body = snapshot::decode_body_from(&mut data)?;
+            let body = snapshot::decode_body_from(&mut data, snapshot::Records::Keep)?;
             rewind(&mut data)?;
             let path = store.write_snapshot_data(last_index.unwrap_or(0), |out| {
                 let mut out = std::io::BufWriter::new(out);
@@ -290,11 +432,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store.begin_payloads_rebuild()?;
             store.persist_snapshot(&meta, &path, false)?;
             let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
-            store.replace_payloads(&body.payloads)?;
+            let mut body = body;
+            store.replace_trees(&body.take_trees())?;
+            let table = body.table;
             store.finish_payloads_rebuild()?;
-            let tokens = body.table.issued_tokens().clone();
+            let tokens = table.issued_tokens().clone();
             *applied = Applied {
-                table: body.table,
+                table,
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership,
             };
@@ -356,8 +500,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 }
             }
             let label = meta.last_log_id.map_or(0, |l| l.index);
-            let path = store
-                .write_snapshot_data(label, |f| snapshot::encode_body_to(&table, &payloads, f))?;
+            let path = store.write_snapshot_data(label, |f| {
+                snapshot::encode_body_to(&table, &payloads, |id| store.archived_raw(id), f)
+            })?;
             let data = std::fs::File::open(&path)
                 .map_err(|e| Error::io("opening a built snapshot's data", e))?;
             if !store.persist_snapshot(&meta, &path, true)? {

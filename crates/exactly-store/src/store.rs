@@ -63,7 +63,7 @@ use openraft::{Entry, LogId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::codec::{decode, encode, encode_raw, key_u64, u64_key, versioned_body};
+use crate::codec::{decode, encode, key_u64, u64_key, versioned_body};
 use crate::durability::{DurabilityHook, DurableImage, StoreOptions};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, Meta};
@@ -79,9 +79,11 @@ pub const PURGE_PAUSE: Duration = Duration::from_millis(2);
 /// Payload keys written or removed per sled batch when the payloads tree is rebuilt from a
 /// snapshot (same reason as [`PURGE_BATCH_KEYS_MAX`]).
 pub const PAYLOAD_BATCH_KEYS_MAX: usize = 256;
-/// Bytes of sled's page cache. sled's default is 1 GiB; the log and payloads are read rarely
-/// after they are written, so a smaller cache keeps a node's memory bounded.
-pub const SLED_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// Bytes of sled's page cache. sled's default is 1 GiB; the log, payloads and archived records
+/// are read rarely after they are written (the hot pages are the newest), so a small cache
+/// keeps a node's memory bounded: with 1,000,000 archived jobs, 256 MiB held ~200 MiB more RSS
+/// per node than 64 MiB (README, "Finished jobs live on disk").
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// How long [`Store::open`] waits for sled's lock on the data directory. A store dropped a
 /// moment ago may still be closed by sled's background threads; a live process keeps it forever.
 pub const OPEN_LOCK_WAIT_MS_MAX: u64 = 5_000;
@@ -92,6 +94,7 @@ const SLED_DIR: &str = "sled";
 const TREE_LOG: &str = "log";
 const TREE_META: &str = "meta";
 const TREE_PAYLOADS: &str = "payloads";
+const TREE_ARCHIVE: &str = "archive";
 
 pub(crate) const META_VOTE: &[u8] = b"vote";
 pub(crate) const META_COMMITTED: &[u8] = b"committed";
@@ -112,6 +115,8 @@ pub(crate) struct Inner {
     pub(crate) log: sled::Tree,
     pub(crate) meta: sled::Tree,
     pub(crate) payloads: sled::Tree,
+    /// The records of succeeded and cancelled jobs (see `Effect::Archive`).
+    pub(crate) archive: sled::Tree,
     durability: Durability,
     /// Test seams at the durability points (see `durability.rs`); default in production.
     pub(crate) options: StoreOptions,
@@ -174,6 +179,7 @@ impl Store {
                 .map_err(|e| Error::sled("opening a sled tree", e))
         };
         let (log, meta, payloads) = (tree(TREE_LOG)?, tree(TREE_META)?, tree(TREE_PAYLOADS)?);
+        let archive = tree(TREE_ARCHIVE)?;
         let db_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -197,6 +203,7 @@ impl Store {
                 log,
                 meta,
                 payloads,
+                archive,
                 durability: Durability {
                     db_file,
                     blobs_dir,
@@ -245,6 +252,41 @@ impl Store {
         value
             .map(|v| versioned_body("payload", &v).map(<[u8]>::to_vec))
             .transpose()
+    }
+
+    /// The archived record of a succeeded or cancelled job, from its finishing until retention
+    /// deletes it. Read it only for a job the table lists as finished
+    /// ([`exactly_core::JobTable::finished_job`]): after a restart the tree may hold the
+    /// records of jobs that finished after the snapshot's point until the log after it is
+    /// applied again. `None` also for a finished job whose record was deleted after the point
+    /// of the snapshot this node installed, until the log after it is applied. Blocking.
+    pub fn archived(&self, job: JobId) -> Result<Option<exactly_core::Job>> {
+        let value = self
+            .inner
+            .archive
+            .get(u64_key(job))
+            .map_err(|e| Error::sled("reading an archived job", e))?;
+        value
+            .map(|v| decode::<exactly_core::Job>("archived job", &v))
+            .transpose()
+    }
+
+    /// The encoded archived record of `job` (as the tree holds it), for snapshots.
+    pub(crate) fn archived_raw(&self, job: JobId) -> Result<Option<sled::IVec>> {
+        self.inner
+            .archive
+            .get(u64_key(job))
+            .map_err(|e| Error::sled("reading an archived job", e))
+    }
+
+    /// How many records the archive tree holds.
+    pub(crate) fn archived_count(&self) -> Result<u64> {
+        let mut n = 0;
+        for key in self.inner.archive.iter().keys() {
+            key.map_err(|e| Error::sled("counting archived jobs", e))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// This node's identity: the persisted node id, or, the first time, `generate()`'s value,
@@ -433,12 +475,22 @@ impl Store {
         Ok(n)
     }
 
-    /// The payloads of the persisted snapshot (none without a snapshot).
-    pub(crate) fn snapshot_payloads(&self) -> Result<Vec<(JobId, Vec<u8>)>> {
+    /// The payloads and the archived records of the persisted snapshot (none without a
+    /// snapshot), as the payloads and archive trees hold them.
+    pub(crate) fn snapshot_trees(&self) -> Result<snapshot::Trees> {
         Ok(match self.read_snapshot()? {
-            Some((_, data)) => snapshot::decode_body_from(data)?.payloads,
-            None => Vec::new(),
+            Some((_, data)) => {
+                snapshot::decode_body_from(data, snapshot::Records::Keep)?.take_trees()
+            }
+            None => snapshot::Trees::default(),
         })
+    }
+
+    /// Makes the payloads and archive trees hold exactly `trees` (see
+    /// [`Store::begin_payloads_rebuild`] for crash safety).
+    pub(crate) fn replace_trees(&self, trees: &snapshot::Trees) -> Result<()> {
+        self.replace_tree(&self.inner.payloads, &trees.payloads, "payloads")?;
+        self.replace_tree(&self.inner.archive, &trees.archived, "archived jobs")
     }
 
     pub(crate) fn meta_get<T: DeserializeOwned>(
@@ -596,32 +648,48 @@ impl Store {
         tree.apply_batch(batch).map_err(|e| Error::sled(context, e))
     }
 
-    /// Replaces the whole payloads tree with `payloads`, in small batches. Not atomic: callers
-    /// guard it with the `payloads_rebuild` marker.
-    pub(crate) fn replace_payloads(&self, payloads: &[(JobId, Vec<u8>)]) -> Result<()> {
+    /// Replaces a whole tree keyed by job id with `values` (each as the tree stores it), in
+    /// small batches. Not atomic: callers guard it with the `payloads_rebuild` marker.
+    fn replace_tree(
+        &self,
+        tree: &sled::Tree,
+        values: &[(JobId, Vec<u8>)],
+        what: &'static str,
+    ) -> Result<()> {
         loop {
-            let keys = self
-                .inner
-                .payloads
+            let keys = tree
                 .iter()
                 .keys()
                 .take(PAYLOAD_BATCH_KEYS_MAX)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Error::sled("listing payloads", e))?;
+                .map_err(|e| Error::sled(what, e))?;
             if keys.is_empty() {
                 break;
             }
-            self.remove_keys(&self.inner.payloads, keys, "clearing payloads")?;
+            self.remove_keys(tree, keys, what)?;
         }
-        for chunk in payloads.chunks(PAYLOAD_BATCH_KEYS_MAX) {
+        for chunk in values.chunks(PAYLOAD_BATCH_KEYS_MAX) {
             let mut batch = sled::Batch::default();
-            for (job, payload) in chunk {
-                batch.insert(&u64_key(*job), encode_raw(payload));
+            for (job, value) in chunk {
+                batch.insert(&u64_key(*job), value.as_slice());
+            }
+            tree.apply_batch(batch).map_err(|e| Error::sled(what, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes records into the archive tree (the finished records of a snapshot of the earlier
+    /// format, which kept them in the table).
+    pub(crate) fn archive_records(&self, records: &[(JobId, Vec<u8>)]) -> Result<()> {
+        for chunk in records.chunks(PAYLOAD_BATCH_KEYS_MAX) {
+            let mut batch = sled::Batch::default();
+            for (job, value) in chunk {
+                batch.insert(&u64_key(*job), value.as_slice());
             }
             self.inner
-                .payloads
+                .archive
                 .apply_batch(batch)
-                .map_err(|e| Error::sled("writing payloads", e))?;
+                .map_err(|e| Error::sled("archiving jobs", e))?;
         }
         Ok(())
     }
@@ -760,8 +828,8 @@ impl Store {
             tracing::warn!(
                 "a snapshot install was interrupted; rebuilding payloads from the snapshot"
             );
-            let payloads = self.snapshot_payloads()?;
-            self.replace_payloads(&payloads)?;
+            let trees = self.snapshot_trees()?;
+            self.replace_trees(&trees)?;
             self.finish_payloads_rebuild()?;
         }
         self.make_durable()
@@ -971,7 +1039,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            let data = snapshot::encode_body(&JobTable::new(), &[(2, b"two".to_vec())]).unwrap();
+            let data = snapshot::encode_body(
+                &JobTable::new(),
+                &[(2, b"two".to_vec())],
+                &Default::default(),
+            )
+            .unwrap();
             let meta = Meta {
                 last_log_id: Some(log_id(1, 1, 9)),
                 last_membership: Default::default(),
@@ -979,7 +1052,13 @@ mod tests {
             };
             store.begin_payloads_rebuild().unwrap();
             store.persist_snapshot_bytes(&meta, &data, false).unwrap();
-            store.replace_payloads(&[(9, b"stale".to_vec())]).unwrap();
+            store
+                .replace_tree(
+                    &store.inner.payloads,
+                    &[(9, crate::codec::encode_raw(b"stale"))],
+                    "t",
+                )
+                .unwrap();
             store.make_durable().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -1000,7 +1079,10 @@ mod tests {
         store
             .inner
             .payloads
-            .insert(u64_key(1), encode_raw(&vec![5u8; 1024 * 1024]))
+            .insert(
+                u64_key(1),
+                crate::codec::encode_raw(&vec![5u8; 1024 * 1024]),
+            )
             .unwrap();
         store.make_durable().unwrap();
         let blobs = fs::read_dir(dir.path().join(SLED_DIR).join("blobs"))
@@ -1023,7 +1105,7 @@ mod tests {
     fn an_older_snapshot_does_not_replace_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let data = snapshot::encode_body(&JobTable::new(), &[]).unwrap();
+        let data = snapshot::encode_body(&JobTable::new(), &[], &Default::default()).unwrap();
         let meta_at = |index| Meta {
             last_log_id: Some(log_id(1, 1, index)),
             last_membership: Default::default(),

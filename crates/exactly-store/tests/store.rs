@@ -189,9 +189,16 @@ async fn apply_runs_the_job_table_and_keeps_payloads() -> anyhow::Result<()> {
     let mut expected = JobTable::new();
     replay(&mut expected, &entries);
     assert_eq!(sm.read(|t| t.clone()), expected);
+    // A finished record leaves the table for the archive tree, readable by id.
+    assert_eq!(sm.read(|t| t.job(1).map(|j| j.status)), None);
+    let archived = sm.job(1)?.expect("job 1 is archived");
+    assert_eq!(archived.status, JobStatus::Succeeded);
+    assert_eq!(store.archived(1)?, Some(archived));
+    assert_eq!(store.archived(2)?, None, "a running job is not archived");
     assert_eq!(
-        sm.read(|t| t.job(1).map(|j| j.status)),
-        Some(JobStatus::Succeeded)
+        sm.job(2)?.map(|j| j.status),
+        Some(JobStatus::Running),
+        "a live job is read from the table"
     );
     assert_eq!(sm.last_applied(), Some(log_id(1, 1, 5)));
 
@@ -253,6 +260,10 @@ async fn snapshot_installs_into_a_fresh_store() -> anyhow::Result<()> {
 
     assert_eq!(sm_b.read(|t| t.clone()), sm_a.read(|t| t.clone()));
     assert_eq!(sm_b.applied_state().await?, sm_a.applied_state().await?);
+    let archived = sm_b
+        .job(1)?
+        .expect("the snapshot carried job 1's archived record");
+    assert_eq!(Some(archived), sm_a.job(1)?);
     assert_eq!(store_b.payload(1)?, None);
     assert_eq!(store_b.payload(2)?, Some(b"two".to_vec()));
     assert_eq!(store_b.payload(3)?, Some(b"three".to_vec()));
@@ -270,9 +281,20 @@ async fn snapshot_installs_into_a_fresh_store() -> anyhow::Result<()> {
 #[tokio::test]
 async fn restart_resumes_from_the_snapshot() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
+    // After the snapshot: job 2 finishes (archived), and retention deletes the oldest
+    // finished job, 1, which the snapshot holds archived.
     let later = vec![
         normal(6, succeed(2, 4)),
         normal(7, Command::Submit(vec![new_job(b"four")])),
+        normal(
+            8,
+            Command::Retain(exactly_core::Retention {
+                finished_before_ms: u64::MAX,
+                dead_before_ms: u64::MAX,
+                keys_before_ms: u64::MAX,
+                max: 1,
+            }),
+        ),
     ];
     let (at_snapshot, before_restart) = {
         let store = Store::open(dir.path())?;
@@ -292,6 +314,13 @@ async fn restart_resumes_from_the_snapshot() -> anyhow::Result<()> {
     assert_eq!(mem.log_id(), &Some(log_id(1, 1, 1)));
     sm.apply(later).await?;
     assert_eq!(sm.read(|t| t.clone()), before_restart);
+    assert_eq!(sm.job(1)?, None, "retention deleted job 1 again");
+    assert_eq!(store.archived(1)?, None);
+    assert_eq!(
+        sm.job(2)?.map(|j| j.status),
+        Some(JobStatus::Succeeded),
+        "job 2 archived again"
+    );
     assert_eq!(store.payload(2)?, None);
     assert_eq!(store.payload(4)?, Some(b"four".to_vec()));
     Ok(())

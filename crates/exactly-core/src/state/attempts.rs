@@ -120,6 +120,9 @@ impl JobTable {
         effects: &mut Vec<Effect>,
     ) -> Result<StartAttempt, Rejection> {
         self.check_node(a)?;
+        if let Some(f) = self.archived.get(&a.job) {
+            return Err(Rejection::NotPending(f.status.as_str().to_string()));
+        }
         let mut job = self
             .jobs
             .remove(&a.job)
@@ -203,6 +206,18 @@ impl JobTable {
         entropy: u64,
         effects: &mut Vec<Effect>,
     ) -> Result<(), Rejection> {
+        if let Some(f) = self.archived.get(&c.job) {
+            // As for a record in the table: no attempt is current; the report of the attempt a
+            // client cancelled is expected.
+            return Err(if f.cancelled_token == c.token && c.token != 0 {
+                Rejection::Finished(JobStatus::Cancelled.as_str().to_string())
+            } else {
+                Rejection::StaleAttempt {
+                    got: c.token,
+                    current: None,
+                }
+            });
+        }
         let mut job = self
             .jobs
             .remove(&c.job)
@@ -238,7 +253,7 @@ impl JobTable {
             },
         };
         self.end_current_attempt(&mut job, end, false, entropy, effects);
-        self.jobs.insert(job.id, job);
+        self.put_job(job, effects);
         Ok(())
     }
 

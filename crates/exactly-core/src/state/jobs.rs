@@ -249,6 +249,9 @@ impl JobTable {
     }
 
     fn cancel_one(&mut self, id: JobId, effects: &mut Vec<Effect>) -> Result<JobStatus, Rejection> {
+        if let Some(f) = self.archived.get(&id) {
+            return Err(Rejection::Finished(f.status.as_str().to_string()));
+        }
         let mut job = self.jobs.remove(&id).ok_or(Rejection::UnknownJob(id))?;
         let was = job.status;
         match was {
@@ -279,7 +282,7 @@ impl JobTable {
                 return Err(Rejection::Finished(terminal.as_str().to_string()));
             }
         }
-        self.jobs.insert(id, job);
+        self.put_job(job, effects);
         Ok(was)
     }
 
@@ -355,6 +358,14 @@ impl JobTable {
 
     /// Removes a terminal job from the table and its retention index.
     pub(super) fn delete_job(&mut self, id: JobId, effects: &mut Vec<Effect>) {
+        if let Some(f) = self.archived.remove(&id) {
+            self.finished.remove(&(f.finished_at_ms, id));
+            self.unretain(&f.queue, f.status);
+            *self.counts.slot(f.status) -= 1;
+            self.names.release(f.queue);
+            effects.push(Effect::Unarchive { job: id });
+            return;
+        }
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };

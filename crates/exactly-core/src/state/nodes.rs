@@ -109,7 +109,7 @@ impl JobTable {
                 );
                 requeued += 1;
             }
-            self.jobs.insert(id, job);
+            self.put_job(job, effects);
         }
         Ok(requeued)
     }
@@ -213,7 +213,7 @@ impl JobTable {
             let end = AttemptEnd::Abandoned { reason };
             self.end_current_attempt(&mut job, end, true, entropy, effects);
             requeued += 1;
-            self.jobs.insert(id, job);
+            self.put_job(job, effects);
         }
         Ok(requeued)
     }

@@ -92,6 +92,10 @@ pub struct Harness {
     /// Every Watch event the entries emitted, in order. `apply` takes them out of the effects so
     /// that effect assertions stay about the shell's work.
     pub events: Vec<JobEvent>,
+    /// The shell's archive: the records of succeeded and cancelled jobs, kept from the
+    /// `Archive` and `Unarchive` effects (which `apply` takes out of the effects, as a node's
+    /// store does), checked against the table's finished jobs after every entry.
+    pub archive: BTreeMap<JobId, Job>,
 }
 
 impl Harness {
@@ -101,6 +105,7 @@ impl Harness {
             index: 0,
             entropy: 0,
             events: Vec::new(),
+            archive: BTreeMap::new(),
         }
     }
 
@@ -120,9 +125,21 @@ impl Harness {
         for effect in effects {
             match effect {
                 Effect::Event(event) => self.events.push(event),
+                Effect::Archive(job) => {
+                    self.archive.insert(job.id, *job);
+                }
+                Effect::Unarchive { job } => {
+                    assert!(
+                        self.archive.remove(&job).is_some(),
+                        "entry {} unarchived job {job}, which was not archived",
+                        self.index
+                    );
+                }
                 other => kept.push(other),
             }
         }
+        check_archive(&self.table, &self.archive)
+            .unwrap_or_else(|e| panic!("archive after entry {}: {e}", self.index));
         (response, kept)
     }
 
@@ -199,9 +216,43 @@ impl Harness {
         effects
     }
 
+    /// A retained job's record: from the table, or from the archive if it finished.
     pub fn job(&self, id: JobId) -> &Job {
-        self.table.job(id).expect("job exists")
+        self.table
+            .job(id)
+            .or_else(|| self.archive.get(&id))
+            .expect("job exists")
     }
+
+    /// Every retained job's record, in id order.
+    pub fn all_jobs(&self) -> Vec<Job> {
+        let mut all: BTreeMap<JobId, Job> = self.archive.clone();
+        all.extend(self.table.jobs().map(|j| (j.id, j.clone())));
+        all.into_values().collect()
+    }
+}
+
+/// The archive holds exactly the records of the table's finished jobs, each as its
+/// [`exactly_core::FinishedJob`] says.
+pub fn check_archive(table: &JobTable, archive: &BTreeMap<JobId, Job>) -> Result<(), String> {
+    let finished: Vec<_> = table.finished_jobs().collect();
+    if finished.len() != archive.len() {
+        return Err(format!(
+            "{} finished jobs, {} archived records",
+            finished.len(),
+            archive.len()
+        ));
+    }
+    for (id, f) in finished {
+        let job = archive
+            .get(&id)
+            .ok_or(format!("finished job {id} has no archived record"))?;
+        if job.status != f.status || job.updated_at_ms != f.finished_at_ms || *job.queue != *f.queue
+        {
+            return Err(format!("archived job {id} disagrees with {f:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// Everything a caller can observe of a table, for "nothing else changed" assertions where the

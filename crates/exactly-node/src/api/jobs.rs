@@ -3,7 +3,7 @@
 use std::pin::Pin;
 
 use exactly_core::limits::{CANCEL_BATCH_MAX, SUBMIT_BATCH_JOBS_MAX};
-use exactly_core::{Command, Rejection, Response as CoreResponse};
+use exactly_core::{Command, Listed, Rejection, Response as CoreResponse};
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::jobs_server::Jobs;
 use futures::Stream;
@@ -21,6 +21,10 @@ pub const LIST_LIMIT_MAX: u32 = 1000;
 /// Jobs one List call looks at, at most, however selective its filter: past it the call returns
 /// what it found with a `next_after_id` to continue from, so a list never scans without bound.
 pub const LIST_SCAN_MAX: usize = 100_000;
+/// Archived records (of succeeded and cancelled jobs, read from disk) one List call reads, at
+/// most: a filter by kind reads each finished job it looks at. Past it the call returns what
+/// it found with a `next_after_id`, as for [`LIST_SCAN_MAX`].
+pub const LIST_ARCHIVE_READS_MAX: usize = 2 * LIST_LIMIT_MAX as usize;
 /// Events buffered per watch stream between the hub and the client's connection.
 const WATCH_STREAM_EVENTS_MAX: usize = 1024;
 
@@ -37,6 +41,15 @@ pub const WATCH_CREDENTIAL_CHECK: std::time::Duration = std::time::Duration::fro
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEventMessage, Status>> + Send>>;
 
 impl JobsService {
+    /// Job `id`'s record on this replica: from the table, or from the archive if it finished.
+    fn job_pb(&self, id: u64) -> Result<Option<pb::Job>, Status> {
+        self.node
+            .state
+            .job(id)
+            .map(|job| job.as_ref().map(job_to_pb))
+            .map_err(|e| Status::internal(format!("reading job {id}: {e}")))
+    }
+
     /// Job `id`'s payload from this replica's payloads tree, if `wanted` and still held (a
     /// pending, running or dead job's; a sled read, off the async workers).
     async fn payload_of(&self, id: u64, wanted: bool) -> Result<Option<Vec<u8>>, Status> {
@@ -133,7 +146,7 @@ impl Jobs for JobsService {
             job_id: id,
             include_payload,
         } = request.into_inner();
-        if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
+        if let Some(job) = self.job_pb(id)? {
             let payload = self.payload_of(id, include_payload).await?;
             return Ok(stamped(
                 Response::new(pb::GetResponse {
@@ -165,7 +178,7 @@ impl Jobs for JobsService {
                     "job {id} is not on this node yet and it is behind the leader; retry"
                 )));
             }
-            if let Some(job) = self.node.read(|t| t.job(id).map(job_to_pb)) {
+            if let Some(job) = self.job_pb(id)? {
                 let payload = self.payload_of(id, include_payload).await?;
                 return Ok(stamped(
                     Response::new(pb::GetResponse {
@@ -195,14 +208,39 @@ impl Jobs for JobsService {
             }
             n => n,
         } as usize;
-        let reply = self.node.read(|t| {
+        let reply = self.node.state.read_jobs(|t, archive| {
             let mut jobs = Vec::new();
             let mut last_seen = None;
-            for (scanned, job) in t.jobs_after(r.after_id).enumerate() {
-                if jobs.len() == limit || scanned == LIST_SCAN_MAX {
+            let mut reads = 0;
+            for (scanned, listed) in t.all_jobs_after(r.after_id).enumerate() {
+                if jobs.len() == limit
+                    || scanned == LIST_SCAN_MAX
+                    || reads == LIST_ARCHIVE_READS_MAX
+                {
                     break;
                 }
-                last_seen = Some(job.id);
+                last_seen = Some(listed.id());
+                let archived;
+                let job = match listed {
+                    Listed::Record(job) => job,
+                    Listed::Archived(id, f) => {
+                        // What the table keeps of a finished job decides queue and state
+                        // without reading its record.
+                        if !(r.queue.is_empty() || *f.queue == r.queue)
+                            || state.is_some_and(|s| f.status != s)
+                        {
+                            continue;
+                        }
+                        reads += 1;
+                        archived = archive
+                            .finished(t, id)
+                            .map_err(|e| Status::internal(format!("reading job {id}: {e}")))?;
+                        match &archived {
+                            Some(job) => job,
+                            None => continue,
+                        }
+                    }
+                };
                 let keep = (r.queue.is_empty() || job.queue == r.queue)
                     && (r.kind.is_empty() || job.kind == r.kind)
                     && state.is_none_or(|s| job.status == s);
@@ -210,13 +248,13 @@ impl Jobs for JobsService {
                     jobs.push(job_to_pb(job));
                 }
             }
-            // More may follow if the page or the scan budget filled up.
-            let more = last_seen.is_some_and(|id| t.jobs_after(id).next().is_some());
-            pb::ListResponse {
+            // More may follow if the page or a budget filled up.
+            let more = last_seen.is_some_and(|id| t.all_jobs_after(id).next().is_some());
+            Ok::<_, Status>(pb::ListResponse {
                 jobs,
                 next_after_id: if more { last_seen.unwrap_or(0) } else { 0 },
-            }
-        });
+            })
+        })?;
         Ok(stamped(Response::new(reply), at))
     }
 
