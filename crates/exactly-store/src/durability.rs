@@ -201,11 +201,11 @@ pub fn lose_unsynced_writes(dir: &Path, image: &DurableImage) -> Result<LostWrit
 
     lost.payloads_found = store.payload_count()?;
     lost.archived_found = store.archived_count()?;
-    let trees = store.snapshot_trees()?;
-    lost.payloads_kept = trees.payloads.len() as u64;
-    lost.archived_kept = trees.archived.len() as u64;
     store.begin_payloads_rebuild()?;
-    store.replace_trees(&trees)?;
+    let data = store.read_snapshot()?.map(|(_, data)| data);
+    let (body, archived) = store.rebuild_trees_from(data)?;
+    lost.payloads_kept = body.map_or(0, |b| b.payloads.len() as u64);
+    lost.archived_kept = archived;
     store.finish_payloads_rebuild()?;
     Ok(lost)
 }

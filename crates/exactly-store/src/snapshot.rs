@@ -41,7 +41,7 @@ use exactly_core::{JobId, JobStatus, JobTable};
 use openraft::{BasicNode, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{decode, encode, encode_raw, FORMAT};
+use crate::codec::{decode, encode, FORMAT};
 use crate::error::{Error, Result};
 
 /// Metadata of a snapshot in exactly's type configuration.
@@ -75,40 +75,23 @@ pub(crate) struct SnapshotBody {
     /// Payloads of the table's pending and running jobs, by job id.
     pub(crate) payloads: Vec<(JobId, Vec<u8>)>,
     /// The archived records of the table's finished jobs, encoded as the archive tree holds
-    /// them (empty if decoded with [`Records::Skip`] from data of this format).
+    /// them, with [`Records::Keep`] (and with [`Records::Skip`] for data of the earlier format).
     pub(crate) archived: Vec<(JobId, Vec<u8>)>,
     /// The data was of the earlier format, whose table held the finished records: they were
-    /// moved out into `archived` (whatever [`Records`] said), and the archive tree does not
-    /// have them yet.
+    /// moved out of the table, and the archive tree does not have them yet.
     pub(crate) legacy: bool,
 }
 
-impl SnapshotBody {
-    /// The payloads and archive trees as this snapshot has them (taken out of it).
-    pub(crate) fn take_trees(&mut self) -> Trees {
-        Trees {
-            payloads: std::mem::take(&mut self.payloads)
-                .into_iter()
-                .map(|(id, p)| (id, encode_raw(&p)))
-                .collect(),
-            archived: std::mem::take(&mut self.archived),
-        }
-    }
-}
-
-/// Values of the payloads and archive trees, as the trees store them.
-#[derive(Debug, Default)]
-pub(crate) struct Trees {
-    pub(crate) payloads: Vec<(JobId, Vec<u8>)>,
-    pub(crate) archived: Vec<(JobId, Vec<u8>)>,
-}
-
-/// Whether decoding keeps the archived records (to install them) or only checks them (the
-/// node's own snapshot at start-up, whose records the archive tree already holds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Records {
+/// What decoding does with the archived records: keep them in the body (tests, and the earlier
+/// format's records at start-up), only check them (a received snapshot before it is handed to
+/// openraft; the node's own snapshot at start-up, whose records the archive tree already
+/// holds), or hand each to a sink (an install, which writes them into the archive tree a few
+/// at a time, so a snapshot of millions of finished jobs never sits in memory).
+pub(crate) enum Records<'a> {
+    #[cfg_attr(not(test), allow(dead_code))]
     Keep,
     Skip,
+    Into(&'a mut dyn FnMut(JobId, Vec<u8>) -> Result<()>),
 }
 
 /// The table and payloads part of snapshot data, for decoding (the earlier format's whole
@@ -213,7 +196,7 @@ pub(crate) fn encode_body(
 /// another node, and a table with broken indexes must be refused, not installed. Trailing bytes
 /// are corruption. Data of the earlier format (the table and payloads only, the finished
 /// records inside the table) is read too, its finished records moved out of the table.
-pub(crate) fn decode_body_from(r: impl Read, records: Records) -> Result<SnapshotBody> {
+pub(crate) fn decode_body_from(r: impl Read, mut records: Records<'_>) -> Result<SnapshotBody> {
     const WHAT: &str = "snapshot data";
     let mut r = BufReader::with_capacity(IO_BUFFER_BYTES, r);
     let mut version = [0u8; 1];
@@ -239,7 +222,11 @@ pub(crate) fn decode_body_from(r: impl Read, records: Records) -> Result<Snapsho
     if legacy {
         // The earlier format: the finished records are in the table.
         for job in table.archive_finished_records() {
-            archived.push((job.id, encode("archived job", &job)?));
+            let bytes = encode("archived job", &job)?;
+            match &mut records {
+                Records::Into(sink) => sink(job.id, bytes)?,
+                Records::Keep | Records::Skip => archived.push((job.id, bytes)),
+            }
         }
     } else {
         let mut rest = probe.as_slice().chain(rest);
@@ -270,8 +257,10 @@ pub(crate) fn decode_body_from(r: impl Read, records: Records) -> Result<Snapsho
                         format!("archived record of job {} disagrees with the table", f.id),
                     ));
                 }
-                if records == Records::Keep {
-                    archived.push((f.id, bytes));
+                match &mut records {
+                    Records::Keep => archived.push((f.id, bytes)),
+                    Records::Skip => {}
+                    Records::Into(sink) => sink(f.id, bytes)?,
                 }
             }
         }
@@ -309,7 +298,7 @@ fn read_some(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
 }
 
 /// Decodes snapshot data held in memory (see [`decode_body_from`]).
-pub(crate) fn decode_body(data: &[u8], records: Records) -> Result<SnapshotBody> {
+pub(crate) fn decode_body(data: &[u8], records: Records<'_>) -> Result<SnapshotBody> {
     decode_body_from(data, records)
 }
 
@@ -595,7 +584,7 @@ pub(crate) fn sync_dir(dir: &Path, context: &'static str) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn meta(index: u64) -> Meta {
@@ -816,11 +805,11 @@ mod tests {
     }
 
     /// Archived records by job id.
-    type Archived = std::collections::BTreeMap<JobId, exactly_core::Job>;
+    pub(crate) type Archived = std::collections::BTreeMap<JobId, exactly_core::Job>;
 
     /// Applies the fixture's entries with this code: the table, its payloads and the archive
     /// its effects made.
-    fn fixture_state() -> (JobTable, Vec<(JobId, Vec<u8>)>, Archived) {
+    pub(crate) fn fixture_state() -> (JobTable, Vec<(JobId, Vec<u8>)>, Archived) {
         use exactly_core::Effect;
         let mut table = JobTable::new();
         let mut payloads = std::collections::BTreeMap::new();

@@ -420,8 +420,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map(|_| ())
                     .map_err(|e| Error::io("rewinding snapshot data", e))
             };
+            // Checked whole before anything changes; its table is decoded again below, while
+            // the trees are rebuilt (so that only one copy is in memory at a time).
             rewind(&mut data)?;
-            let body = snapshot::decode_body_from(&mut data, snapshot::Records::Keep)?;
+            drop(snapshot::decode_body_from(
+                &mut data,
+                snapshot::Records::Skip,
+            )?);
             rewind(&mut data)?;
             let path = store.write_snapshot_data(last_index.unwrap_or(0), |out| {
                 let mut out = std::io::BufWriter::new(out);
@@ -432,9 +437,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store.begin_payloads_rebuild()?;
             store.persist_snapshot(&meta, &path, false)?;
             let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
-            let mut body = body;
-            store.replace_trees(&body.take_trees())?;
-            let table = body.table;
+            rewind(&mut data)?;
+            let (body, _) = store.rebuild_trees_from(Some(&mut data))?;
+            let table = body.expect("a snapshot was given").table;
             store.finish_payloads_rebuild()?;
             let tokens = table.issued_tokens().clone();
             *applied = Applied {

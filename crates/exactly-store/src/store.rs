@@ -475,22 +475,43 @@ impl Store {
         Ok(n)
     }
 
-    /// The payloads and the archived records of the persisted snapshot (none without a
-    /// snapshot), as the payloads and archive trees hold them.
-    pub(crate) fn snapshot_trees(&self) -> Result<snapshot::Trees> {
-        Ok(match self.read_snapshot()? {
-            Some((_, data)) => {
-                snapshot::decode_body_from(data, snapshot::Records::Keep)?.take_trees()
+    /// Makes the payloads and archive trees hold exactly what the snapshot `data` holds (none
+    /// without a snapshot), the archived records written a batch at a time as they are decoded.
+    /// Returns the decoded snapshot (its table, and its payloads) and how many records were
+    /// archived. Callers guard it with the `payloads_rebuild` marker (see
+    /// [`Store::begin_payloads_rebuild`]): an error leaves the trees half-written.
+    pub(crate) fn rebuild_trees_from(
+        &self,
+        data: Option<impl std::io::Read>,
+    ) -> Result<(Option<snapshot::SnapshotBody>, u64)> {
+        self.clear_tree(&self.inner.payloads, "clearing payloads")?;
+        self.clear_tree(&self.inner.archive, "clearing archived jobs")?;
+        let Some(data) = data else {
+            return Ok((None, 0));
+        };
+        let mut batch: Vec<(JobId, Vec<u8>)> = Vec::with_capacity(PAYLOAD_BATCH_KEYS_MAX);
+        let mut archived = 0u64;
+        let mut sink = |job: JobId, value: Vec<u8>| -> Result<()> {
+            batch.push((job, value));
+            archived += 1;
+            if batch.len() == PAYLOAD_BATCH_KEYS_MAX {
+                self.put_all(
+                    &self.inner.archive,
+                    &std::mem::take(&mut batch),
+                    "archiving jobs",
+                )?;
             }
-            None => snapshot::Trees::default(),
-        })
-    }
-
-    /// Makes the payloads and archive trees hold exactly `trees` (see
-    /// [`Store::begin_payloads_rebuild`] for crash safety).
-    pub(crate) fn replace_trees(&self, trees: &snapshot::Trees) -> Result<()> {
-        self.replace_tree(&self.inner.payloads, &trees.payloads, "payloads")?;
-        self.replace_tree(&self.inner.archive, &trees.archived, "archived jobs")
+            Ok(())
+        };
+        let body = snapshot::decode_body_from(data, snapshot::Records::Into(&mut sink))?;
+        self.put_all(&self.inner.archive, &batch, "archiving jobs")?;
+        let payloads: Vec<(JobId, Vec<u8>)> = body
+            .payloads
+            .iter()
+            .map(|(id, p)| (*id, crate::codec::encode_raw(p)))
+            .collect();
+        self.put_all(&self.inner.payloads, &payloads, "writing payloads")?;
+        Ok((Some(body), archived))
     }
 
     pub(crate) fn meta_get<T: DeserializeOwned>(
@@ -648,14 +669,8 @@ impl Store {
         tree.apply_batch(batch).map_err(|e| Error::sled(context, e))
     }
 
-    /// Replaces a whole tree keyed by job id with `values` (each as the tree stores it), in
-    /// small batches. Not atomic: callers guard it with the `payloads_rebuild` marker.
-    fn replace_tree(
-        &self,
-        tree: &sled::Tree,
-        values: &[(JobId, Vec<u8>)],
-        what: &'static str,
-    ) -> Result<()> {
+    /// Removes every key of a tree keyed by job id, in small batches.
+    fn clear_tree(&self, tree: &sled::Tree, what: &'static str) -> Result<()> {
         loop {
             let keys = tree
                 .iter()
@@ -664,10 +679,20 @@ impl Store {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Error::sled(what, e))?;
             if keys.is_empty() {
-                break;
+                return Ok(());
             }
             self.remove_keys(tree, keys, what)?;
         }
+    }
+
+    /// Writes `values` (each as the tree stores it) into a tree keyed by job id, in small
+    /// batches.
+    pub(crate) fn put_all(
+        &self,
+        tree: &sled::Tree,
+        values: &[(JobId, Vec<u8>)],
+        what: &'static str,
+    ) -> Result<()> {
         for chunk in values.chunks(PAYLOAD_BATCH_KEYS_MAX) {
             let mut batch = sled::Batch::default();
             for (job, value) in chunk {
@@ -681,17 +706,7 @@ impl Store {
     /// Writes records into the archive tree (the finished records of a snapshot of the earlier
     /// format, which kept them in the table).
     pub(crate) fn archive_records(&self, records: &[(JobId, Vec<u8>)]) -> Result<()> {
-        for chunk in records.chunks(PAYLOAD_BATCH_KEYS_MAX) {
-            let mut batch = sled::Batch::default();
-            for (job, value) in chunk {
-                batch.insert(&u64_key(*job), value.as_slice());
-            }
-            self.inner
-                .archive
-                .apply_batch(batch)
-                .map_err(|e| Error::sled("archiving jobs", e))?;
-        }
-        Ok(())
+        self.put_all(&self.inner.archive, records, "archiving jobs")
     }
 
     /// Makes `payloads` the payloads tree, crash-safely with respect to the snapshot file: the
@@ -828,8 +843,8 @@ impl Store {
             tracing::warn!(
                 "a snapshot install was interrupted; rebuilding payloads from the snapshot"
             );
-            let trees = self.snapshot_trees()?;
-            self.replace_trees(&trees)?;
+            let data = self.read_snapshot()?.map(|(_, data)| data);
+            self.rebuild_trees_from(data)?;
             self.finish_payloads_rebuild()?;
         }
         self.make_durable()
@@ -1032,19 +1047,15 @@ mod tests {
         assert!(log_indexes(&store).is_empty());
     }
 
-    /// A snapshot install interrupted while replacing payloads (marker still present) makes
-    /// reopening rebuild the payloads tree from the snapshot file.
+    /// A snapshot install interrupted while replacing payloads and archived records (marker
+    /// still present) makes reopening rebuild both trees from the snapshot file.
     #[test]
     fn interrupted_install_rebuilds_payloads_on_open() {
         let dir = tempfile::tempdir().unwrap();
+        let (table, payloads, archive) = snapshot::tests::fixture_state();
         {
             let store = Store::open(dir.path()).unwrap();
-            let data = snapshot::encode_body(
-                &JobTable::new(),
-                &[(2, b"two".to_vec())],
-                &Default::default(),
-            )
-            .unwrap();
+            let data = snapshot::encode_body(&table, &payloads, &archive).unwrap();
             let meta = Meta {
                 last_log_id: Some(log_id(1, 1, 9)),
                 last_membership: Default::default(),
@@ -1053,21 +1064,73 @@ mod tests {
             store.begin_payloads_rebuild().unwrap();
             store.persist_snapshot_bytes(&meta, &data, false).unwrap();
             store
-                .replace_tree(
+                .put_all(
                     &store.inner.payloads,
                     &[(9, crate::codec::encode_raw(b"stale"))],
                     "t",
                 )
                 .unwrap();
+            let stale = encode("archived job", &archive[&1]).unwrap();
+            store
+                .put_all(&store.inner.archive, &[(9, stale)], "t")
+                .unwrap();
             store.make_durable().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.payload(2).unwrap(), Some(b"two".to_vec()));
+        for (id, payload) in &payloads {
+            assert_eq!(store.payload(*id).unwrap().as_ref(), Some(payload));
+        }
         assert_eq!(store.payload(9).unwrap(), None);
+        for (id, job) in &archive {
+            assert_eq!(store.archived(*id).unwrap().as_ref(), Some(job));
+        }
+        assert_eq!(store.archived(9).unwrap(), None);
+        assert_eq!(store.archived_count().unwrap(), archive.len() as u64);
         assert!(store
             .meta_get::<bool>(META_PAYLOADS_REBUILD, "marker")
             .unwrap()
             .is_none());
+    }
+
+    /// Rebuilding the trees from a snapshot of more finished jobs than one write batch holds
+    /// writes every record (a batch at a time) and returns the snapshot's table.
+    #[test]
+    fn trees_are_rebuilt_a_batch_at_a_time() {
+        use exactly_core::{Command, Effect, NewJob, Request};
+        let n = 3 * PAYLOAD_BATCH_KEYS_MAX + 7;
+        let mut table = JobTable::new();
+        let mut archive = std::collections::BTreeMap::new();
+        let job = NewJob {
+            queue: "q".to_string(),
+            kind: "noop".to_string(),
+            max_attempts: 1,
+            ..NewJob::default()
+        };
+        table.apply(1, Request::at(10, Command::Submit(vec![job; n])));
+        let ids: Vec<JobId> = (1..=n as JobId).collect();
+        for (i, chunk) in ids.chunks(100).enumerate() {
+            let (_, effects) = table.apply(
+                2 + i as u64,
+                Request::at(11, Command::Cancel(chunk.to_vec())),
+            );
+            for e in effects {
+                if let Effect::Archive(job) = e {
+                    archive.insert(job.id, *job);
+                }
+            }
+        }
+        assert_eq!(archive.len(), n);
+        let data = snapshot::encode_body(&table, &[], &archive).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (body, archived) = store.rebuild_trees_from(Some(data.as_slice())).unwrap();
+        assert_eq!(archived, n as u64);
+        assert!(body.unwrap().table == table);
+        assert_eq!(store.archived_count().unwrap(), n as u64);
+        assert_eq!(
+            store.archived(n as JobId).unwrap().as_ref(),
+            archive.get(&(n as JobId))
+        );
     }
 
     /// A value large enough for sled to write as a separate blob file gets that file fsynced
