@@ -128,6 +128,9 @@ impl StateMachine {
     }
 }
 
+/// A write to the payloads or archive tree: (tree, key, value, or `None` to remove).
+type TreeOp<'a> = (&'a sled::Tree, [u8; 8], Option<Vec<u8>>);
+
 /// Applies `entries` to the table and their payload effects to sled, under the write lock.
 /// Returns the responses and the attempt starts that are still current after the whole batch.
 fn apply_blocking(
@@ -136,8 +139,8 @@ fn apply_blocking(
     entries: Vec<Entry<TypeConfig>>,
 ) -> Result<Applies> {
     let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
-    let mut payload_ops: Vec<([u8; 8], Option<Vec<u8>>)> = Vec::new();
-    let mut archive_ops: Vec<([u8; 8], Option<Vec<u8>>)> = Vec::new();
+    let mut tree_ops: Vec<TreeOp<'_>> = Vec::new();
+    let (payloads, archive) = (&store.inner.payloads, &store.inner.archive);
     let mut out = Applies::default();
     let mut tokens_changed = false;
     for entry in entries {
@@ -149,13 +152,16 @@ fn apply_blocking(
                 for effect in effects {
                     match effect {
                         Effect::StorePayload { job, payload } => {
-                            payload_ops.push((u64_key(job), Some(encode_raw(&payload))));
+                            tree_ops.push((payloads, u64_key(job), Some(encode_raw(&payload))));
                         }
-                        Effect::DropPayload { job } => payload_ops.push((u64_key(job), None)),
+                        Effect::DropPayload { job } => {
+                            tree_ops.push((payloads, u64_key(job), None))
+                        }
                         Effect::Archive(job) => {
-                            archive_ops.push((u64_key(job.id), Some(encode("archived job", &job)?)))
+                            let record = encode("archived job", &job)?;
+                            tree_ops.push((archive, u64_key(job.id), Some(record)));
                         }
-                        Effect::Unarchive { job } => archive_ops.push((u64_key(job), None)),
+                        Effect::Unarchive { job } => tree_ops.push((archive, u64_key(job), None)),
                         Effect::Start(start) => out.starts.push(start),
                         Effect::Renewed(lease) => out.renewals.push((lease, log_id.index)),
                         Effect::Cancel { job, token, node } => out.cancels.push((job, token, node)),
@@ -175,23 +181,14 @@ fn apply_blocking(
     }
     // In order, so that a later drop of the same job wins. One operation each, not a
     // `sled::Batch` (which rolls sled's IO buffer twice, see `log_store::write_entries`):
-    // nothing needs them atomic, as a restart re-applies the log from a snapshot and rewrites
-    // them.
-    for (key, value) in payload_ops {
+    // nothing needs them atomic, as a restart re-applies the log from a snapshot (which carries
+    // the payloads and archived records of its point) and rewrites them.
+    for (tree, key, value) in tree_ops {
         match value {
-            Some(v) => store.inner.payloads.insert(key, v).map(drop),
-            None => store.inner.payloads.remove(key).map(drop),
+            Some(v) => tree.insert(key, v).map(drop),
+            None => tree.remove(key).map(drop),
         }
-        .map_err(|e| Error::sled("writing payloads", e))?;
-    }
-    // The same for the archive (same reasons): the snapshot of a point carries its finished
-    // records, and the log after it archives and deletes the same records again.
-    for (key, value) in archive_ops {
-        match value {
-            Some(v) => store.inner.archive.insert(key, v).map(drop),
-            None => store.inner.archive.remove(key).map(drop),
-        }
-        .map_err(|e| Error::sled("writing archived jobs", e))?;
+        .map_err(|e| Error::sled("writing payloads and archived jobs", e))?;
     }
     // A start that a later entry of the same batch already ended or replaced must not reach an
     // executor (this happens when a lagging node or a restarted one applies many entries).

@@ -150,6 +150,16 @@ struct Durability {
     lost: OnceLock<String>,
 }
 
+/// How many keys `tree` holds (a scan).
+fn count_keys(tree: &sled::Tree, what: &'static str) -> Result<u64> {
+    let mut n = 0;
+    for key in tree.iter().keys() {
+        key.map_err(|e| Error::sled(what, e))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -281,12 +291,7 @@ impl Store {
 
     /// How many records the archive tree holds.
     pub(crate) fn archived_count(&self) -> Result<u64> {
-        let mut n = 0;
-        for key in self.inner.archive.iter().keys() {
-            key.map_err(|e| Error::sled("counting archived jobs", e))?;
-            n += 1;
-        }
-        Ok(n)
+        count_keys(&self.inner.archive, "counting archived jobs")
     }
 
     /// This node's identity: the persisted node id, or, the first time, `generate()`'s value,
@@ -467,12 +472,7 @@ impl Store {
 
     /// How many payloads the payloads tree holds.
     pub(crate) fn payload_count(&self) -> Result<u64> {
-        let mut n = 0;
-        for key in self.inner.payloads.iter().keys() {
-            key.map_err(|e| Error::sled("counting payloads", e))?;
-            n += 1;
-        }
-        Ok(n)
+        count_keys(&self.inner.payloads, "counting payloads")
     }
 
     /// Makes the payloads and archive trees hold exactly what the snapshot `data` holds (none
