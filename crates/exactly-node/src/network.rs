@@ -89,6 +89,55 @@ pub struct Network {
     pub answers: Arc<Answers>,
     /// Mutual TLS on the peer port, if configured.
     pub tls: Option<Arc<crate::tls::PeerTls>>,
+    /// One channel per peer, shared by every connection openraft asks for.
+    pub channels: Arc<Channels>,
+}
+
+/// The channel to each peer, made once and shared (tonic channels multiplex calls over one
+/// HTTP/2 connection). openraft 0.9 asks for a new connection for every leadership check and
+/// vote round, each heartbeat interval: with a channel each, a leader opened 36 TCP connections
+/// a second (and with peer TLS as many handshakes). A channel is made again when the peer's
+/// address or the TLS material's generation changed.
+#[derive(Default)]
+pub struct Channels {
+    by_peer: std::sync::Mutex<std::collections::HashMap<u64, Shared>>,
+}
+
+struct Shared {
+    addr: String,
+    generation: u64,
+    client: InternalClient<Channel>,
+}
+
+impl Channels {
+    /// The channel to `target` at `addr`, made now if there is none for this address and TLS
+    /// generation.
+    fn get(
+        &self,
+        target: u64,
+        addr: &str,
+        tls: Option<&Arc<crate::tls::PeerTls>>,
+    ) -> Result<InternalClient<Channel>, String> {
+        let generation = tls.map_or(0, |t| t.generation());
+        let mut by_peer = self.by_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = by_peer.get(&target) {
+            if shared.addr == addr && shared.generation == generation {
+                return Ok(shared.client.clone());
+            }
+        }
+        let client = peer_channel(addr, tls, Some(target))
+            .map(internal_client)
+            .map_err(|e| format!("bad address {addr:?}: {e}"))?;
+        by_peer.insert(
+            target,
+            Shared {
+                addr: addr.to_string(),
+                generation,
+                client: client.clone(),
+            },
+        );
+        Ok(client)
+    }
 }
 
 pub struct Connection {
@@ -103,6 +152,7 @@ pub struct Connection {
     faults: Option<FaultsHandle>,
     departure: Arc<Departure>,
     answers: Arc<Answers>,
+    channels: Arc<Channels>,
 }
 
 /// When each peer last answered one of this node's Raft messages (a heartbeat, an append, a
@@ -163,10 +213,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             from: self.id,
             target,
             addr: node.addr.clone(),
-            client: peer_channel(&node.addr, self.tls.as_ref(), Some(target))
-                .map(internal_client)
-                .map_err(|e| format!("bad address {:?}: {e}", node.addr)),
+            client: self.channels.get(target, &node.addr, self.tls.as_ref()),
             tls: self.tls.as_ref().map(|t| (t.clone(), t.generation())),
+            channels: self.channels.clone(),
             faults: self.faults.clone(),
             departure: self.departure.clone(),
             answers: self.answers.clone(),
@@ -229,9 +278,7 @@ impl Connection {
             let now = tls.generation();
             if now != *generation {
                 *generation = now;
-                self.client = peer_channel(&self.addr, Some(&*tls), Some(self.target))
-                    .map(internal_client)
-                    .map_err(|e| format!("bad address {:?}: {e}", self.addr));
+                self.client = self.channels.get(self.target, &self.addr, Some(&*tls));
             }
         }
         self.client.clone().map_err(unreachable_err)
@@ -480,5 +527,69 @@ mod tests {
         assert!(answers
             .silent(1, &members, at, Duration::from_millis(200))
             .is_empty());
+    }
+
+    /// Serves gRPC (health only: every Raft call is UNIMPLEMENTED, over a working HTTP/2
+    /// connection) on a loopback port and counts the TCP connections it accepts.
+    async fn counting_server() -> (
+        String,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        tokio_util::sync::DropGuard,
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio_stream::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |s| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            s
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (_, health) = tonic_health::server::health_reporter();
+        let until = stop.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(incoming, async move { until.cancelled().await }),
+        );
+        (addr, accepted, stop.drop_guard())
+    }
+
+    /// openraft asks for a new connection for every leadership check and vote round: they all
+    /// share one channel, hence one TCP connection, per peer; a new address gets a new one.
+    #[tokio::test]
+    async fn connections_to_a_peer_share_one_channel() {
+        use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+        use openraft::{BasicNode, Vote};
+        use std::sync::atomic::Ordering;
+        let (addr, accepted, _stop) = counting_server().await;
+        let mut network = super::Network::default();
+        let vote = openraft::raft::VoteRequest::new(Vote::new(1, 1), None);
+        let option = RPCOption::new(Duration::from_secs(2));
+        for _ in 0..10 {
+            let mut connection = network.new_client(2, &BasicNode::new(&addr)).await;
+            // The peer answers UNIMPLEMENTED: a network error, over a connection that worked.
+            let answer = connection.vote(vote.clone(), option.clone()).await;
+            assert!(
+                matches!(answer, Err(openraft::error::RPCError::Network(_))),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for ten clients"
+        );
+        // The peer moved (its address changed in the membership): a new channel.
+        let (moved, accepted_there, _stop2) = counting_server().await;
+        let mut connection = network.new_client(2, &BasicNode::new(&moved)).await;
+        let _ = connection.vote(vote.clone(), option.clone()).await;
+        assert_eq!(accepted_there.load(Ordering::SeqCst), 1);
+        // Another peer at the first address has a channel of its own.
+        let mut other = network.new_client(3, &BasicNode::new(&addr)).await;
+        let _ = other.vote(vote, option).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

@@ -295,6 +295,7 @@ pub async fn start_with(
         departure: departure.clone(),
         answers: answers.clone(),
         tls: peer_tls.clone(),
+        channels: Default::default(),
     };
     // openraft spawns its tasks on the runtime it is created on: its own (see `RaftRuntime`).
     let raft_runtime = if options.shared_raft_runtime {
