@@ -524,10 +524,13 @@ impl Internal for InternalService {
         check_claim(sender, node_id, "the join request")?;
         if !self.node.is_leader() {
             // Tell the caller who leads so it can ask there.
-            let leader = self.node.leader().map(|(_, a)| a).unwrap_or_default();
-            return Err(Status::failed_precondition(format!(
-                "not the leader; leader: {leader}"
-            )));
+            let leader = self.node.leader().map(|(_, a)| a);
+            let message = format!(
+                "not the leader; leader: {}",
+                leader.as_deref().unwrap_or("?")
+            );
+            return Err(crate::codec::Refusal::NotLeader { leader }
+                .status(tonic::Code::FailedPrecondition, message));
         }
         Ok(blob(&admit(&self.node, node_id, addr, by).await))
     }

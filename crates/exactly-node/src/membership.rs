@@ -34,9 +34,6 @@ use tokio::sync::Notify;
 
 use crate::node::{ForwardReply, Node, ProposeError};
 
-/// The prefix of the status a node sends to a removed node that asks for its vote. The removed
-/// node recognizes it and stops campaigning.
-pub const REMOVED_MARKER: &str = "removed from the cluster:";
 /// A learner is promoted to voter only if it is at most this many entries behind the leader.
 pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 100;
 /// How often a leaving node asks whether it has left yet.
@@ -115,10 +112,13 @@ impl Departure {
 /// refused here: openraft refuses its stale candidacy by the log, and it may come back.)
 pub fn removed_refusal(node: &Node, candidate: u64) -> Option<tonic::Status> {
     node.read(|t| t.is_removed(candidate)).then(|| {
-        tonic::Status::failed_precondition(format!(
-            "{REMOVED_MARKER} node {candidate} was removed; start it with an empty data directory \
-             to join again as a new node"
-        ))
+        crate::codec::Refusal::Removed { node: candidate }.status(
+            tonic::Code::FailedPrecondition,
+            format!(
+                "removed from the cluster: node {candidate} was removed; start it with an empty \
+                 data directory to join again as a new node"
+            ),
+        )
     })
 }
 

@@ -23,8 +23,9 @@ use tonic::transport::{Channel, Endpoint};
 use std::sync::Arc;
 
 use crate::codec;
+use crate::codec::Refusal;
 use crate::faults::{self, FaultsHandle};
-use crate::membership::{Departure, REMOVED_MARKER};
+use crate::membership::Departure;
 
 /// Bytes per snapshot chunk on the wire.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
@@ -257,13 +258,19 @@ enum Failure {
     Other,
 }
 
-/// Classifies a failed Raft RPC by its status and how long it waited against its deadline.
-fn failure(code: tonic::Code, message: &str, waited: Duration, deadline: Duration) -> Failure {
+/// Classifies a failed Raft RPC by its status (code and typed refusal) and how long it waited
+/// against its deadline.
+fn failure(
+    code: tonic::Code,
+    refusal: Option<Refusal>,
+    waited: Duration,
+    deadline: Duration,
+) -> Failure {
     use tonic::Code;
-    match code {
-        Code::DeadlineExceeded | Code::Cancelled if waited >= deadline => Failure::Slow,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Failure::Unreachable,
-        Code::FailedPrecondition if message.starts_with(REMOVED_MARKER) => Failure::Removed,
+    match (code, refusal) {
+        (Code::DeadlineExceeded | Code::Cancelled, _) if waited >= deadline => Failure::Slow,
+        (Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled, _) => Failure::Unreachable,
+        (Code::FailedPrecondition, Some(Refusal::Removed { .. })) => Failure::Removed,
         _ => Failure::Other,
     }
 }
@@ -315,7 +322,7 @@ impl Connection {
         let departure = &self.departure;
         let sent = std::time::Instant::now();
         let reply = send(client, request).await.map_err(|status| {
-            match failure(status.code(), status.message(), sent.elapsed(), ttl) {
+            match failure(status.code(), Refusal::of(&status), sent.elapsed(), ttl) {
                 Failure::Slow | Failure::Other => RPCError::Network(NetworkError::new(&status)),
                 Failure::Unreachable => unreachable_err(status.message()),
                 Failure::Removed => {
@@ -458,29 +465,37 @@ fn snapshot_chunks(
 #[cfg(test)]
 mod tests {
     /// A deadline missed is a slow peer (no backoff); a connection that fails before it is an
-    /// unreachable one; the removed marker is a removal; the rest is a plain network error.
+    /// unreachable one; a typed removal refusal is a removal, whatever the words; the rest is a
+    /// plain network error.
     #[test]
     fn failed_rpcs_are_classified_by_status_and_deadline() {
-        use super::{failure, Failure, REMOVED_MARKER};
+        use super::{failure, Failure, Refusal};
         use tonic::Code;
         let ms = Duration::from_millis;
-        let removed = format!("{REMOVED_MARKER} node 3 was removed");
+        let removed = || Some(Refusal::Removed { node: 3 });
+        let not_leader = || Some(Refusal::NotLeader { leader: None });
         let cases = [
-            (Code::Cancelled, "Timeout expired", ms(50), Failure::Slow),
-            (Code::DeadlineExceeded, "", ms(80), Failure::Slow),
-            (Code::Cancelled, "", ms(3), Failure::Unreachable),
-            (Code::DeadlineExceeded, "", ms(49), Failure::Unreachable),
-            (Code::Unavailable, "refused", ms(1), Failure::Unreachable),
-            (Code::Unavailable, "refused", ms(500), Failure::Unreachable),
-            (Code::FailedPrecondition, &removed, ms(1), Failure::Removed),
-            (Code::FailedPrecondition, "other", ms(1), Failure::Other),
-            (Code::PermissionDenied, "not node 3", ms(1), Failure::Other),
+            (Code::Cancelled, None, ms(50), Failure::Slow),
+            (Code::DeadlineExceeded, None, ms(80), Failure::Slow),
+            (Code::Cancelled, None, ms(3), Failure::Unreachable),
+            (Code::DeadlineExceeded, None, ms(49), Failure::Unreachable),
+            (Code::Unavailable, None, ms(1), Failure::Unreachable),
+            (Code::Unavailable, None, ms(500), Failure::Unreachable),
+            (Code::FailedPrecondition, removed(), ms(1), Failure::Removed),
+            (
+                Code::FailedPrecondition,
+                not_leader(),
+                ms(1),
+                Failure::Other,
+            ),
+            (Code::FailedPrecondition, None, ms(1), Failure::Other),
+            (Code::PermissionDenied, removed(), ms(1), Failure::Other),
         ];
-        for (code, message, waited, expected) in cases {
+        for (code, refusal, waited, expected) in cases {
             assert_eq!(
-                failure(code, message, waited, ms(50)),
+                failure(code, refusal.clone(), waited, ms(50)),
                 expected,
-                "{code:?} {message:?} after {waited:?}"
+                "{code:?} {refusal:?} after {waited:?}"
             );
         }
     }

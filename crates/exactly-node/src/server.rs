@@ -853,9 +853,12 @@ async fn join(node: &Node, addr: &str, mut targets: Vec<String>) {
                 Err(e) => tracing::warn!(error = %e, "bad join reply"),
             },
             Err(status) => {
-                if let Some(leader) = status.message().strip_prefix("not the leader; leader: ") {
-                    if !leader.is_empty() && !targets.iter().any(|t| t == leader) {
-                        targets.push(leader.to_string());
+                if let Some(crate::codec::Refusal::NotLeader {
+                    leader: Some(leader),
+                }) = crate::codec::Refusal::of(&status)
+                {
+                    if !leader.is_empty() && !targets.contains(&leader) {
+                        targets.push(leader);
                     }
                 }
                 tracing::debug!(via = %target, %status, "join attempt failed");
