@@ -607,4 +607,38 @@ mod tests {
         let _ = other.vote(vote, option).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
+
+    /// A peer's typed removal refusal marks this node removed (it stops campaigning); the same
+    /// words without the typed refusal do not, and are a plain network error.
+    #[tokio::test]
+    async fn a_typed_removal_refusal_marks_this_node_removed() {
+        use openraft::error::RPCError;
+        use openraft::network::{RPCOption, RaftNetworkFactory};
+        use openraft::raft::{VoteRequest, VoteResponse};
+        use openraft::{BasicNode, Vote};
+        let mut network = super::Network::default();
+        let departure = network.departure.clone();
+        // Lazily connected and never used: the answers below come from the test.
+        let mut connection = network.new_client(2, &BasicNode::new("127.0.0.1:9")).await;
+        let vote = VoteRequest::new(Vote::new(7, 1), None);
+        let option = RPCOption::new(Duration::from_secs(1));
+        let words = tonic::Status::failed_precondition(
+            "removed from the cluster: node 1 was removed; start it with an empty data directory",
+        );
+        let answer: Result<VoteResponse<u64>, super::RpcErr> = connection
+            .call(&vote, &option, async move |_, _| Err(words))
+            .await;
+        assert!(matches!(answer, Err(RPCError::Network(_))), "{answer:?}");
+        assert!(!departure.is_removed());
+        let refusal = super::Refusal::Removed { node: 1 }
+            .status(tonic::Code::FailedPrecondition, "node 1 was removed");
+        let answer: Result<VoteResponse<u64>, super::RpcErr> = connection
+            .call(&vote, &option, async move |_, _| Err(refusal))
+            .await;
+        assert!(
+            matches!(answer, Err(RPCError::Unreachable(_))),
+            "{answer:?}"
+        );
+        assert!(departure.is_removed());
+    }
 }

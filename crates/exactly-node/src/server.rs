@@ -853,17 +853,51 @@ async fn join(node: &Node, addr: &str, mut targets: Vec<String>) {
                 Err(e) => tracing::warn!(error = %e, "bad join reply"),
             },
             Err(status) => {
-                if let Some(crate::codec::Refusal::NotLeader {
-                    leader: Some(leader),
-                }) = crate::codec::Refusal::of(&status)
-                {
-                    if !leader.is_empty() && !targets.contains(&leader) {
-                        targets.push(leader);
-                    }
-                }
+                learn_leader(&mut targets, &status);
                 tracing::debug!(via = %target, %status, "join attempt failed");
             }
         }
         tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+
+/// A join refused by a follower names the leader (typed, in the status details): it becomes
+/// one more address to try, once.
+fn learn_leader(targets: &mut Vec<String>, status: &tonic::Status) {
+    if let Some(crate::codec::Refusal::NotLeader {
+        leader: Some(leader),
+    }) = crate::codec::Refusal::of(status)
+    {
+        if !leader.is_empty() && !targets.contains(&leader) {
+            targets.push(leader);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::codec::Refusal;
+    use tonic::Code;
+
+    /// Only a typed not-leader refusal with an address adds a target, and only once; the same
+    /// words in a message add nothing.
+    #[test]
+    fn a_join_refused_by_a_follower_tries_the_leader_it_names() {
+        let mut targets = vec!["10.0.0.1:7001".to_string()];
+        let named = |leader: Option<&str>| {
+            Refusal::NotLeader {
+                leader: leader.map(str::to_string),
+            }
+            .status(Code::FailedPrecondition, "not the leader")
+        };
+        super::learn_leader(&mut targets, &named(Some("10.0.0.2:7001")));
+        super::learn_leader(&mut targets, &named(Some("10.0.0.2:7001")));
+        super::learn_leader(&mut targets, &named(None));
+        super::learn_leader(&mut targets, &named(Some("")));
+        let words = tonic::Status::failed_precondition("not the leader; leader: 10.0.0.3:7001");
+        super::learn_leader(&mut targets, &words);
+        let removed = Refusal::Removed { node: 4 }.status(Code::FailedPrecondition, "removed");
+        super::learn_leader(&mut targets, &removed);
+        assert_eq!(targets, ["10.0.0.1:7001", "10.0.0.2:7001"]);
     }
 }
