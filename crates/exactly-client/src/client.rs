@@ -756,6 +756,15 @@ impl Client {
                 }
                 Decision::Retry => {}
             }
+            // The next call starts elsewhere too, even if this one gives up now (with a retry
+            // budget of one try, a node that went down was otherwise asked first by every call
+            // for good). Only if no other call moved the preference meanwhile.
+            let _ = inner.preferred.compare_exchange(
+                index,
+                (index + 1) % count,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             maybe_applied |= failure.class == Class::MaybeApplied;
             let delay_ms = retry_delay_ms(options, attempts - 1, &failure, rand::random::<f64>());
             let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -320,6 +320,27 @@ async fn submit_retries_after_connection_refused() {
     assert_eq!(node.calls.load(Ordering::SeqCst), 1);
 }
 
+/// A call that gives up on an endpoint that refused the connection (a budget of one try, as
+/// `exactly bench --rate` runs) leaves the next call to start at the next endpoint: a node that
+/// went down is not asked first by every call for good.
+#[tokio::test]
+async fn the_next_call_starts_past_an_endpoint_that_failed() {
+    let dead = closed_port().await;
+    let (live, node) = fake(2, Behavior::Ok).await;
+    let one_try = ClientOptions {
+        retry_attempts_max: 1,
+        ..quick()
+    };
+    let client = Client::connect_with(vec![dead, live], one_try).unwrap();
+    let refused = client.submit_one(noop()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused}");
+    assert_eq!(node.calls.load(Ordering::SeqCst), 0);
+    for expected in 1..=3 {
+        assert_eq!(client.submit_one(noop()).await.unwrap(), expected);
+    }
+    assert_eq!(node.calls.load(Ordering::SeqCst), 3);
+}
+
 /// A Submit answered UNAVAILABLE by the server is retried on the next endpoint, once.
 #[tokio::test]
 async fn submit_retries_after_server_unavailable() {
