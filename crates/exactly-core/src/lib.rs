@@ -17,6 +17,7 @@ pub mod retry;
 pub mod schedule;
 pub mod scheduler;
 pub mod state;
+pub mod typed;
 
 pub use command::{
     Assignment, Audited, Command, Completion, DeadFilter, DrainNode, Effect, Expiry, JobEvent,
@@ -30,6 +31,7 @@ pub use scheduler::plan_assignments;
 pub use state::{
     AuditRecord, FinishedJob, JobTable, KeyRecord, Leave, Listed, NodeEntry, QueueState, Retained,
 };
+pub use typed::{Accepted, Deleted, Proposal, Reply};
 
 /// A node's identity in the cluster: stable across restarts (kept in the data directory).
 pub type NodeId = u64;

@@ -5,26 +5,33 @@
 //! proposes outcomes in batches: while one Complete command is in flight, finished attempts
 //! accumulate, and the next command carries them all (group commit).
 //!
+//! Every decision (which attempts start, which are held while the lease is out, which are
+//! stopped and why, what is given back, how completions batch) is made by the pure
+//! [`engine::Engine`]; this actor reads the world (the lease, the incarnation, the local
+//! replica, a monotonic clock), feeds the engine and carries out its actions.
+//!
 //! **Invariant:** an attempt starts here only if the applied Assign named this node *and this
 //! incarnation*. Apply re-runs after a restart, but a restarted node has a new incarnation, so a
 //! replayed Start of its previous life is ignored; the state machine requeues those jobs when the
 //! new incarnation registers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use exactly_core::limits::COMPLETE_BATCH_MAX;
-use exactly_core::{Command, Completion, JobId, Outcome, Response, StartAttempt};
+use exactly_core::{Accepted, Completion, JobId, Outcome, Proposal, StartAttempt};
 use exactly_handlers::{HandlerOutcome, JobContext, CANCELLED};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
 
+pub mod engine;
+
+use engine::{Action, Engine, Event, ReplicaView, Settings, World};
+
 /// How often the executor compares its running set with the state machine's.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
-/// Delay before proposing completions again after a failed proposal.
-const FLUSH_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 pub enum ExecutorMsg {
     /// An applied Assign started an attempt (possibly on another node: filtered here).
@@ -49,31 +56,18 @@ pub enum ExecutorMsg {
     Reconcile,
 }
 
+/// The actor: a thin loop that reads the world, feeds [`Engine::handle`] and carries out its
+/// [`Action`]s (spawning handlers, cancelling them, proposing completions). Every decision is in
+/// the engine.
 pub struct Executor;
 
 pub struct ExecutorState {
     node: Node,
-    running: HashMap<JobId, (u64, CancellationToken)>,
-    outbox: Vec<Completion>,
-    /// The largest fencing token this incarnation has started per job. An attempt starts at
-    /// most once however it is announced (an applied Assign, or reconciliation from a snapshot,
-    /// in either order). The second field counts consecutive reconciliation rounds in which the
-    /// local replica no longer showed that attempt as current; see [`ExecutorMsg::Reconcile`].
-    started: HashMap<JobId, (u64, u8)>,
-    /// The lease lapsed: nothing starts, and everything running was cancelled.
-    fenced: bool,
-    flushing: bool,
-    /// Why this actor stopped an attempt it runs. Unless the handler still succeeded, a stop
-    /// the job did not cause is reported as given back (`Outcome::Abandoned`): the job runs
-    /// again elsewhere without losing an attempt and never becomes a dead letter for it.
-    stops: HashMap<(JobId, u64), Stop>,
-    /// This node's drain deadline has passed, as of the last reconciliation (read once per
-    /// [`RECONCILE_INTERVAL`] with the rest of the state, not on every start).
-    drain_passed: bool,
-    /// Attempts assigned while the lease was out, with when they arrived: started once it is
-    /// valid again, given back if it stays out (see [`ExecutorState::release_held`]). At most
-    /// `slots`.
-    held: Vec<(StartAttempt, tokio::time::Instant)>,
+    engine: Engine,
+    /// The cancellation token of every handler task alive, by (job, token).
+    cancels: HashMap<(JobId, u64), CancellationToken>,
+    /// The origin of the engine's monotonic milliseconds.
+    origin: tokio::time::Instant,
 }
 
 impl Actor for Executor {
@@ -83,21 +77,22 @@ impl Actor for Executor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<ExecutorMsg>,
+        myself: ActorRef<ExecutorMsg>,
         node: Node,
     ) -> Result<ExecutorState, ActorProcessingErr> {
-        _myself.send_interval(RECONCILE_INTERVAL, || ExecutorMsg::Reconcile);
-        _myself.send_interval(crate::lease::CHECK_INTERVAL, || ExecutorMsg::CheckLease);
+        myself.send_interval(RECONCILE_INTERVAL, || ExecutorMsg::Reconcile);
+        myself.send_interval(crate::lease::CHECK_INTERVAL, || ExecutorMsg::CheckLease);
+        let engine = Engine::new(Settings {
+            node: node.id,
+            slots: node.config.slots,
+            self_fence_after: node.config.lease.self_fence_after,
+            batch_max: COMPLETE_BATCH_MAX,
+        });
         Ok(ExecutorState {
             node,
-            running: HashMap::new(),
-            outbox: Vec::new(),
-            started: HashMap::new(),
-            fenced: true,
-            flushing: false,
-            stops: HashMap::new(),
-            drain_passed: false,
-            held: Vec::new(),
+            engine,
+            cancels: HashMap::new(),
+            origin: tokio::time::Instant::now(),
         })
     }
 
@@ -111,7 +106,9 @@ impl Actor for Executor {
         _myself: ActorRef<ExecutorMsg>,
         state: &mut ExecutorState,
     ) -> Result<(), ActorProcessingErr> {
-        state.stop_all(Stop::ShuttingDown);
+        for cancel in state.cancels.values() {
+            cancel.cancel();
+        }
         Ok(())
     }
 
@@ -121,79 +118,31 @@ impl Actor for Executor {
         msg: ExecutorMsg,
         state: &mut ExecutorState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            ExecutorMsg::Start(start) => state.start(&myself, start),
+        let event = match msg {
+            ExecutorMsg::Start(start) => Event::Start(start),
             ExecutorMsg::Finished { job, token, end } => {
-                if state.running.get(&job).is_some_and(|(t, _)| *t == token) {
-                    state.running.remove(&job);
-                }
-                let stop = state.stops.remove(&(job, token));
-                let outcome = outcome_of(end, stop, state.node.id);
-                state.outbox.push(Completion {
-                    job,
-                    token,
-                    outcome,
-                });
-                state.flush(&myself);
+                state.cancels.remove(&(job, token));
+                Event::Finished { job, token, end }
             }
-            ExecutorMsg::Flushed { batch, committed } => {
-                state.flushing = false;
-                if committed {
-                    state.flush(&myself);
-                } else {
-                    // Re-proposing is safe: the state machine accepts a completion only for the
-                    // current attempt, so one that did commit is refused as stale the second time.
-                    let mut retry = batch;
-                    retry.append(&mut state.outbox);
-                    state.outbox = retry;
-                    myself.send_after(FLUSH_RETRY_DELAY, || ExecutorMsg::Flush);
-                }
-            }
-            ExecutorMsg::Flush => state.flush(&myself),
+            ExecutorMsg::Flushed { batch, committed } => Event::Flushed { batch, committed },
+            ExecutorMsg::Flush => Event::FlushTimer,
             ExecutorMsg::CheckLease => {
-                let valid = state.node.lease_valid();
-                if !valid && !state.fenced {
-                    state.fenced = true;
-                    if !state.running.is_empty() {
-                        tracing::warn!(
-                            node = state.node.id,
-                            running = state.running.len(),
-                            self_fence_after = ?state.node.config.lease.self_fence_after,
-                            "lease lapsed (no committed renewal): fencing, stopping every running attempt"
-                        );
-                    }
-                    let after = state.node.config.lease.self_fence_after;
-                    state.stop_all(Stop::Fenced { after });
-                } else if valid && state.fenced {
-                    state.fenced = false;
-                    tracing::info!(node = state.node.id, "lease valid: running attempts");
-                }
-                state.release_held(&myself);
+                let held: Vec<(JobId, u64)> = state.engine.held().collect();
+                let current = if held.is_empty() {
+                    BTreeSet::new()
+                } else {
+                    state.node.read(|t| current_of(t, held))
+                };
+                Event::CheckLease { current }
             }
             ExecutorMsg::Reconcile => {
                 let (id, incarnation) = (state.node.id, state.node.incarnation());
-                state.drain_passed = state.node.read(|t| t.drain_deadline_passed(id));
-                state.release_if_drained();
-                // Forget a started attempt only after two rounds in which the local replica did
-                // not show it as current. The Start message of an attempt is enqueued when its
-                // Assign applies, before the replica can show the attempt ended; a round enqueued
-                // after an earlier round saw it ended therefore runs after that Start message.
-                let started = std::mem::take(&mut state.started);
-                state.started = state.node.read(|t| {
-                    started
-                        .into_iter()
-                        .filter_map(|(job, (token, stale_rounds))| {
-                            let current = t
-                                .job(job)
-                                .and_then(|j| j.current_attempt())
-                                .is_some_and(|a| a.token == token);
-                            let stale_rounds = if current { 0 } else { stale_rounds + 1 };
-                            (stale_rounds < 2).then_some((job, (token, stale_rounds)))
-                        })
-                        .collect()
-                });
-                let mine: Vec<StartAttempt> = state.node.read(|t| {
-                    t.jobs_running_on(id)
+                let watched: Vec<(JobId, u64)> = state.engine.watched().collect();
+                let view = state.node.read(|t| ReplicaView {
+                    drain_passed: t.drain_deadline_passed(id),
+                    current: current_of(t, watched),
+                    mine: t
+                        .jobs_running_on(id)
                         .filter_map(|job| {
                             let a = job.current_attempt()?;
                             (a.incarnation == incarnation).then(|| StartAttempt {
@@ -208,188 +157,92 @@ impl Actor for Executor {
                                 idempotency_key: job.effective_idempotency_key(),
                             })
                         })
-                        .collect()
+                        .collect(),
                 });
-                for start in mine {
-                    state.start(&myself, start);
-                }
-                // An attempt this replica has shown as ended for two rounds is over (a cancel or
-                // a reassignment whose message this node missed, e.g. across a snapshot): stop it.
-                let gone: Vec<(JobId, u64)> = state
-                    .running
-                    .iter()
-                    .filter(|(job, (token, _))| {
-                        state.started.get(job).is_none_or(|(t, _)| t != token)
-                    })
-                    .map(|(&job, &(token, _))| (job, token))
-                    .collect();
-                for (job, token) in gone {
-                    if state.stop(job, token, Stop::NoLongerCurrent) {
-                        tracing::info!(job, token, "attempt no longer current: stopping it");
-                    }
-                }
+                Event::Reconcile(view)
             }
-            ExecutorMsg::Cancel { job, token } => {
-                if state.stop(job, token, Stop::ClientCancelled) {
-                    tracing::info!(job, token, "attempt cancelled by a client");
-                }
-            }
-            ExecutorMsg::CancelAll => state.stop_all(Stop::ShuttingDown),
+            ExecutorMsg::Cancel { job, token } => Event::Cancel { job, token },
+            ExecutorMsg::CancelAll => Event::CancelAll,
+        };
+        let world = World {
+            lease_valid: state.node.lease_valid(),
+            incarnation: state.node.incarnation(),
+            now_ms: state.origin.elapsed().as_millis() as u64,
+        };
+        for action in state.engine.handle(event, world) {
+            state.carry_out(&myself, action);
         }
         // What a stopping node waits for before it goes (see `Node::drain_and_leave`).
-        let unreported = state.held.len() + state.outbox.len() + usize::from(state.flushing);
         state
             .node
             .work_in_hand
-            .store(state.running.len(), unreported);
+            .store(state.engine.running(), state.engine.unreported());
         Ok(())
     }
 }
 
+/// Which of `attempts` the replica `t` shows as their job's current attempt.
+fn current_of(t: &exactly_core::JobTable, attempts: Vec<(JobId, u64)>) -> BTreeSet<(JobId, u64)> {
+    attempts
+        .into_iter()
+        .filter(|&(job, token)| {
+            t.job(job)
+                .and_then(|j| j.current_attempt())
+                .is_some_and(|a| a.token == token)
+        })
+        .collect()
+}
+
 impl ExecutorState {
-    /// Once this node's drain deadline has passed (by the replicated leader time), cancels every
-    /// running attempt; each is reported as given back when its handler has stopped (or was
-    /// killed after the kill grace), never before, so the job cannot run twice at once.
-    fn release_if_drained(&mut self) {
-        if !self.drain_passed {
-            return;
-        }
-        let running: Vec<(JobId, u64)> = self.running.iter().map(|(&j, &(t, _))| (j, t)).collect();
-        for (job, token) in running {
-            if self.stop(job, token, Stop::Drained) {
-                tracing::info!(
-                    node = self.node.id,
-                    job,
-                    token,
-                    "drain deadline passed: stopping"
-                );
+    fn carry_out(&mut self, myself: &ActorRef<ExecutorMsg>, action: Action) {
+        match action {
+            Action::Run(start) => self.run(myself, start),
+            Action::Stop { job, token, why } => {
+                if let Some(cancel) = self.cancels.get(&(job, token)) {
+                    cancel.cancel();
+                }
+                match why {
+                    Stop::ClientCancelled => {
+                        tracing::info!(job, token, "attempt cancelled by a client")
+                    }
+                    Stop::NoLongerCurrent => {
+                        tracing::info!(job, token, "attempt no longer current: stopping it")
+                    }
+                    Stop::Drained => tracing::info!(
+                        node = self.node.id,
+                        job,
+                        token,
+                        "drain deadline passed: stopping"
+                    ),
+                    Stop::Fenced { .. } | Stop::ShuttingDown => {}
+                }
+            }
+            Action::Propose(batch) => self.propose(myself, batch),
+            Action::FlushAfter(delay) => {
+                myself.send_after(delay, || ExecutorMsg::Flush);
+            }
+            Action::Fenced { running } => {
+                if running > 0 {
+                    tracing::warn!(
+                        node = self.node.id,
+                        running,
+                        self_fence_after = ?self.node.config.lease.self_fence_after,
+                        "lease lapsed (no committed renewal): fencing, stopping every running attempt"
+                    );
+                }
+            }
+            Action::Unfenced => {
+                tracing::info!(node = self.node.id, "lease valid: running attempts");
             }
         }
     }
 
-    /// Stops the running attempt `(job, token)` for `why`, unless it is not running or already
-    /// stopping (the first reason stands). Returns whether it was stopped now.
-    fn stop(&mut self, job: JobId, token: u64, why: Stop) -> bool {
-        let Some((running, cancel)) = self.running.get(&job) else {
-            return false;
-        };
-        if *running != token || self.stops.contains_key(&(job, token)) {
-            return false;
-        }
-        cancel.cancel();
-        self.stops.insert((job, token), why);
-        true
-    }
-
-    /// Stops every running attempt for `why`.
-    fn stop_all(&mut self, why: Stop) {
-        let running: Vec<(JobId, u64)> = self.running.iter().map(|(&j, &(t, _))| (j, t)).collect();
-        for (job, token) in running {
-            self.stop(job, token, why.clone());
-        }
-    }
-
-    /// Reports an attempt this node will not run as given back at once (it never started).
-    fn give_back(
-        &mut self,
-        myself: &ActorRef<ExecutorMsg>,
-        job: JobId,
-        token: u64,
-        reason: String,
-    ) {
-        self.outbox.push(Completion {
-            job,
-            token,
-            outcome: Outcome::Abandoned { reason },
-        });
-        self.flush(myself);
-    }
-
-    fn start(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
-        let node = self.node.clone();
-        if start.node != node.id || start.incarnation != node.incarnation() {
-            return;
-        }
-        if self
-            .started
-            .get(&start.job)
-            .is_some_and(|(token, _)| *token >= start.token)
-        {
-            return;
-        }
-        self.started.insert(start.job, (start.token, 0));
-        if self.drain_passed {
-            // Assigned just before the drain (or its deadline) applied: give it straight back.
-            let reason = format!("node {} is drained past its deadline: not started", node.id);
-            self.give_back(myself, start.job, start.token, reason);
-            return;
-        }
-        if !node.lease_valid() {
-            // Invariant 4: no lease, no execution. A node whose renewals are only slow gets its
-            // lease back within moments: hold the start until then (giving it straight back
-            // would have the leader assign it again and again while the lease is out, and that
-            // churn makes a busy cluster busier). CheckLease gives it back if the lease stays out.
-            if self.held.len() < node.config.slots as usize {
-                self.held.push((start, tokio::time::Instant::now()));
-            } else {
-                let reason = format!(
-                    "node {} had no valid lease (no committed renewal for {:?}): not started",
-                    node.id, node.config.lease.self_fence_after
-                );
-                self.give_back(myself, start.job, start.token, reason);
-            }
-            return;
-        }
-        self.run(myself, start);
-    }
-
-    /// Starts held attempts once the lease is valid again; gives back those held for longer
-    /// than `lease.self-fence-after` (the lease is not coming back soon: let another node run
-    /// them) and drops those no longer current.
-    fn release_held(&mut self, myself: &ActorRef<ExecutorMsg>) {
-        if self.held.is_empty() {
-            return;
-        }
-        let node = self.node.clone();
-        let valid = node.lease_valid();
-        let hold_max = node.config.lease.self_fence_after;
-        let held = std::mem::take(&mut self.held);
-        for (start, since) in held {
-            let current = start.incarnation == node.incarnation()
-                && node.read(|t| {
-                    t.job(start.job)
-                        .and_then(|j| j.current_attempt())
-                        .is_some_and(|a| a.token == start.token)
-                });
-            if !current {
-                continue;
-            }
-            if valid && !self.drain_passed {
-                self.run(myself, start);
-            } else if since.elapsed() >= hold_max || self.drain_passed {
-                let reason = format!(
-                    "node {} had no valid lease (no committed renewal for {:?}): not started",
-                    node.id, hold_max
-                );
-                self.give_back(myself, start.job, start.token, reason);
-            } else {
-                self.held.push((start, since));
-            }
-        }
-    }
-
-    /// Runs an attempt under a valid lease.
+    /// Runs an attempt's handler in a task of its own.
     fn run(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
         let node = self.node.clone();
-        // Something runs only under a valid lease, and from here CheckLease watches it lapse.
-        self.fenced = false;
-        if let Some(&(previous, _)) = self.running.get(&start.job) {
-            // A newer attempt of a job still running here: the old one is fenced off.
-            self.stop(start.job, previous, Stop::NoLongerCurrent);
-        }
         let cancel = CancellationToken::new();
-        self.running
-            .insert(start.job, (start.token, cancel.clone()));
+        self.cancels
+            .insert((start.job, start.token), cancel.clone());
         let job = start.job;
         let token = start.token;
         let timeout = if start.timeout_ms == 0 {
@@ -442,19 +295,14 @@ impl ExecutorState {
         });
     }
 
-    fn flush(&mut self, myself: &ActorRef<ExecutorMsg>) {
-        if self.flushing || self.outbox.is_empty() {
-            return;
-        }
-        let take = self.outbox.len().min(COMPLETE_BATCH_MAX);
-        let batch: Vec<Completion> = self.outbox.drain(..take).collect();
-        self.flushing = true;
+    /// Proposes one batch of completions and answers `Flushed`.
+    fn propose(&mut self, myself: &ActorRef<ExecutorMsg>, batch: Vec<Completion>) {
         let node = self.node.clone();
         let me = myself.clone();
         tokio::spawn(async move {
-            let result = node.propose(Command::Complete(batch.clone())).await;
+            let result = node.ask(Proposal::complete(batch.clone())).await;
             let committed = match result {
-                Ok(Response::Completed { rejected, .. }) => {
+                Ok(Accepted { rejected, .. }) => {
                     for (job, why) in rejected {
                         if matches!(why, exactly_core::Rejection::Finished(_)) {
                             tracing::debug!(job, %why, "late report of a cancelled attempt");
@@ -462,10 +310,6 @@ impl ExecutorState {
                             tracing::warn!(job, %why, "completion refused by the state machine");
                         }
                     }
-                    true
-                }
-                Ok(other) => {
-                    tracing::error!(?other, "unexpected response to Complete");
                     true
                 }
                 Err(e) => {

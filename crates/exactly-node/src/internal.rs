@@ -701,7 +701,7 @@ async fn record_join(node: &Node, by: String, id: u64, addr: String, voter: bool
         voter,
         new_member: new,
     };
-    if let Err(e) = node.propose_as(by, Command::Joined(note)).await {
+    if let Err(e) = node.ask_as(by, exactly_core::Proposal::joined(note)).await {
         tracing::warn!(node = id, error = %e, "a join is not in the audit trail");
     }
 }

@@ -22,7 +22,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use exactly_core::{Command, Expiry, NodeLease, NodeRegistration, Rejection, Renewal, Response};
+use exactly_core::{Expiry, NodeLease, NodeRegistration, Proposal, Rejection, Renewal};
 
 use crate::config::LEASE_CHECK_INTERVAL;
 use crate::node::Node;
@@ -66,8 +66,8 @@ impl Node {
                 applied: self.state.last_applied().map_or(0, |l| l.index),
             };
             let sent = self.mono_ms();
-            match self.propose(Command::RegisterNode(registration)).await {
-                Ok(Response::NodeRegistered(Ok(requeued))) => {
+            match self.ask(Proposal::register(registration)).await {
+                Ok(Ok(requeued)) => {
                     self.lease_acked(sent);
                     tracing::info!(
                         node = self.id,
@@ -77,22 +77,21 @@ impl Node {
                     );
                     return true;
                 }
-                Ok(Response::NodeRegistered(Err(Rejection::Removed(_)))) => {
+                Ok(Err(Rejection::Removed(_))) => {
                     self.departure.mark_removed();
                     return false;
                 }
                 // Behind the log (catching up after a restart, or the cluster dials an old
                 // address of this node): try again once more of the log has arrived.
-                Ok(Response::NodeRegistered(Err(why @ Rejection::Lagging { .. }))) => {
+                Ok(Err(why @ Rejection::Lagging { .. })) => {
                     tracing::info!(%why, "registration refused until this node catches up");
                 }
-                Ok(Response::NodeRegistered(Err(why))) => {
+                Ok(Err(why)) => {
                     tracing::error!(%why, "registration refused; taking a new incarnation");
                     if !self.reincarnate() {
                         return false;
                     }
                 }
-                Ok(other) => tracing::error!(?other, "unexpected response to registration"),
                 Err(e) => tracing::debug!(error = %e, "registration not yet possible"),
             }
             tokio::time::sleep(REGISTER_RETRY).await;
@@ -153,7 +152,7 @@ impl Node {
                     in_flight.spawn(async move {
                         let sent = node.mono_ms();
                         let reply =
-                            tokio::time::timeout(budget, node.propose(Command::Renew(renewal))).await;
+                            tokio::time::timeout(budget, node.ask(Proposal::renew(renewal))).await;
                         (sent, renewal.lease.incarnation, reply)
                     });
                 }
@@ -175,42 +174,42 @@ impl Node {
         }
     }
 
-    /// Acts on the answer to one renewal of `incarnation` sent at `sent` (lease clock).
+    /// Acts on the answer to one renewal of `incarnation` sent at `sent` (lease clock): what
+    /// [`after_renewal`] decides, carried out.
     fn renewed(
         &self,
         sent: u64,
         incarnation: u64,
-        reply: Result<Result<Response, crate::node::ProposeError>, tokio::time::error::Elapsed>,
+        reply: Result<
+            Result<Result<(), Rejection>, crate::node::ProposeError>,
+            tokio::time::error::Elapsed,
+        >,
     ) -> Renewed {
-        if incarnation != self.incarnation() {
-            // Sent by an incarnation this process has since replaced: it says nothing now.
-            return Renewed::Go;
-        }
-        match reply {
-            Ok(Ok(Response::Renewed(Ok(())))) => self.lease_acked(sent),
-            // Not receiving the log (an old address in the membership, a one-way partition):
-            // the lease runs out and the work moves on; catching up restores it.
-            Ok(Ok(Response::Renewed(Err(why @ Rejection::Lagging { .. })))) => {
-                tracing::warn!(%why, "renewal refused: this node is behind the log");
+        let answer = match reply {
+            Ok(Ok(answer)) => RenewalAnswer::Committed(answer),
+            Ok(Err(e)) => RenewalAnswer::Failed(e.to_string()),
+            Err(_) => RenewalAnswer::TimedOut,
+        };
+        match after_renewal(self.incarnation(), incarnation, answer) {
+            AfterRenewal::Extend => self.lease_acked(sent),
+            AfterRenewal::Behind(why) => {
+                tracing::warn!(%why, "renewal refused: this node is behind the log")
             }
-            Ok(Ok(Response::Renewed(Err(
-                why @ (Rejection::Expired { .. } | Rejection::StaleIncarnation { .. }),
-            )))) => {
+            AfterRenewal::Refused(why) => tracing::warn!(%why, "renewal refused"),
+            AfterRenewal::Unanswered(why) => tracing::debug!(%why, "renewal not acknowledged"),
+            AfterRenewal::Ignore => {}
+            AfterRenewal::Reincarnate(why) => {
                 tracing::warn!(%why, "lease lost; registering a new incarnation");
                 return Renewed::Reincarnate;
             }
-            Ok(Ok(Response::Renewed(Err(Rejection::Removed(_))))) => {
+            AfterRenewal::Removed => {
                 self.departure.mark_removed();
                 return Renewed::Stop;
             }
-            // The entry of a registered node goes only when it has left the cluster.
-            Ok(Ok(Response::Renewed(Err(Rejection::UnknownNode(_))))) => {
+            AfterRenewal::Left => {
                 self.departure.mark_left();
                 return Renewed::Stop;
             }
-            Ok(Ok(other)) => tracing::error!(?other, "unexpected response to a renewal"),
-            Ok(Err(e)) => tracing::debug!(error = %e, "renewal failed"),
-            Err(_) => tracing::debug!("renewal not acknowledged within the self-fence time"),
         }
         Renewed::Go
     }
@@ -223,6 +222,63 @@ enum Renewed {
     Reincarnate,
     /// This node is out of the cluster.
     Stop,
+}
+
+/// How one renewal was answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RenewalAnswer {
+    /// It committed, and apply accepted or refused it.
+    Committed(Result<(), Rejection>),
+    /// It could not be proposed (no leader, no quorum, shutting down).
+    Failed(String),
+    /// No answer within the self-fence time (an answer later than that extends nothing).
+    TimedOut,
+}
+
+/// What one renewal's answer means for this node (pure; table-tested).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AfterRenewal {
+    /// The lease runs `self-fence-after` from the renewal's send time.
+    Extend,
+    /// Refused because this node has not applied enough of the log (an old address in the
+    /// membership, a one-way partition): the lease runs out and the work moves on; catching up
+    /// restores it.
+    Behind(Rejection),
+    /// Refused for another reason: nothing changes.
+    Refused(Rejection),
+    /// Not committed: nothing changes; the next renewal tries again.
+    Unanswered(String),
+    /// The answer is for an incarnation this process has since replaced: it says nothing now.
+    Ignore,
+    /// This incarnation's lease was expired (or is stale): take a new incarnation, register it.
+    Reincarnate(Rejection),
+    /// This node was removed from the cluster: it stands down for good.
+    Removed,
+    /// This node's entry is gone (it left the cluster): it stops.
+    Left,
+}
+
+/// Decides what the answer to a renewal sent by incarnation `sent_by` means, when this node's
+/// incarnation is `current`.
+pub fn after_renewal(current: u64, sent_by: u64, answer: RenewalAnswer) -> AfterRenewal {
+    if sent_by != current {
+        return AfterRenewal::Ignore;
+    }
+    match answer {
+        RenewalAnswer::Committed(Ok(())) => AfterRenewal::Extend,
+        RenewalAnswer::Committed(Err(why @ Rejection::Lagging { .. })) => AfterRenewal::Behind(why),
+        RenewalAnswer::Committed(Err(
+            why @ (Rejection::Expired { .. } | Rejection::StaleIncarnation { .. }),
+        )) => AfterRenewal::Reincarnate(why),
+        RenewalAnswer::Committed(Err(Rejection::Removed(_))) => AfterRenewal::Removed,
+        // The entry of a registered node goes only when it has left the cluster.
+        RenewalAnswer::Committed(Err(Rejection::UnknownNode(_))) => AfterRenewal::Left,
+        RenewalAnswer::Committed(Err(why)) => AfterRenewal::Refused(why),
+        RenewalAnswer::Failed(e) => AfterRenewal::Unanswered(e),
+        RenewalAnswer::TimedOut => {
+            AfterRenewal::Unanswered("not acknowledged within the self-fence time".into())
+        }
+    }
 }
 
 /// Renewals sent and not yet answered, at most (one per renew interval within the self-fence
@@ -371,6 +427,82 @@ mod tests {
     }
 
     /// The silence is measured from the renewal this process applied, and the expiry names it.
+    /// Every answer to a renewal maps to what the node does: only a committed, accepted
+    /// renewal of the current incarnation extends the lease; a lost lease takes a new
+    /// incarnation; removal and departure stop the node; everything else changes nothing.
+    #[test]
+    fn each_renewal_answer_takes_its_step() {
+        let expired = Rejection::Expired {
+            node: 2,
+            incarnation: 5,
+        };
+        let lagging = Rejection::Lagging {
+            node: 2,
+            applied: 10,
+            needed: 20,
+        };
+        let stale = Rejection::StaleIncarnation {
+            node: 2,
+            got: 4,
+            current: 5,
+        };
+        let cases = [
+            (5, RenewalAnswer::Committed(Ok(())), AfterRenewal::Extend),
+            (4, RenewalAnswer::Committed(Ok(())), AfterRenewal::Ignore),
+            (
+                4,
+                RenewalAnswer::Committed(Err(expired.clone())),
+                AfterRenewal::Ignore,
+            ),
+            (
+                5,
+                RenewalAnswer::Committed(Err(lagging.clone())),
+                AfterRenewal::Behind(lagging),
+            ),
+            (
+                5,
+                RenewalAnswer::Committed(Err(expired.clone())),
+                AfterRenewal::Reincarnate(expired),
+            ),
+            (
+                5,
+                RenewalAnswer::Committed(Err(stale.clone())),
+                AfterRenewal::Reincarnate(stale),
+            ),
+            (
+                5,
+                RenewalAnswer::Committed(Err(Rejection::Removed(2))),
+                AfterRenewal::Removed,
+            ),
+            (
+                5,
+                RenewalAnswer::Committed(Err(Rejection::UnknownNode(2))),
+                AfterRenewal::Left,
+            ),
+            (
+                5,
+                RenewalAnswer::Committed(Err(Rejection::Draining(2))),
+                AfterRenewal::Refused(Rejection::Draining(2)),
+            ),
+            (
+                5,
+                RenewalAnswer::Failed("no leader".into()),
+                AfterRenewal::Unanswered("no leader".into()),
+            ),
+        ];
+        for (sent_by, answer, expected) in cases {
+            assert_eq!(
+                after_renewal(5, sent_by, answer.clone()),
+                expected,
+                "{answer:?} sent by incarnation {sent_by}"
+            );
+        }
+        assert!(matches!(
+            after_renewal(5, 5, RenewalAnswer::TimedOut),
+            AfterRenewal::Unanswered(_)
+        ));
+    }
+
     #[test]
     fn silence_counts_from_the_applied_renewal_and_the_expiry_names_it() {
         let start = Instant::now();

@@ -28,14 +28,16 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use exactly_core::{Command, DrainNode, LeaveReason, Rejection, Response};
+use exactly_core::{Command, DrainNode, LeaveReason, Proposal, Rejection, Response};
 use openraft::ChangeMembers;
 use tokio::sync::Notify;
 
 use crate::node::{ForwardReply, Node, ProposeError};
 
-/// A learner is promoted to voter only if it is at most this many entries behind the leader.
-pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 100;
+pub mod plan;
+
+pub use plan::PROMOTE_LAG_ENTRIES_MAX;
+use plan::{Change, Hold, Step};
 /// How often a leaving node asks whether it has left yet.
 const LEAVE_POLL: Duration = Duration::from_millis(200);
 /// After the drain deadline (and the kill grace), how long a stopping node waits for its last
@@ -168,23 +170,20 @@ impl Node {
         reason: LeaveReason,
         by: Option<String>,
     ) -> Result<u32, LeaveError> {
-        let command = Command::Drain(DrainNode {
+        let drain = Proposal::drain(DrainNode {
             node,
             deadline_after_ms: deadline.as_millis().min(u64::MAX as u128) as u64,
             reason,
         });
         // An operator's drain or removal goes into the audit trail; a node's own (SIGTERM) not.
-        let response = match by {
-            Some(by) => self.propose_as(by, command).await?.0,
-            None => self.propose(command).await?,
+        let draining = match by {
+            Some(by) => self.ask_as(by, drain).await?.0,
+            None => self.ask(drain).await?,
         };
-        match response {
-            Response::Draining(Ok(running)) => Ok(running),
-            Response::Draining(Err(Rejection::Removed(n))) => Err(LeaveError::Removed(n)),
-            Response::Draining(Err(why)) => Err(LeaveError::Refused(why)),
-            other => Err(LeaveError::Refused(Rejection::Invalid(format!(
-                "unexpected response {other:?}"
-            )))),
+        match draining {
+            Ok(running) => Ok(running),
+            Err(Rejection::Removed(n)) => Err(LeaveError::Removed(n)),
+            Err(why) => Err(LeaveError::Refused(why)),
         }
     }
 
@@ -355,48 +354,96 @@ pub struct Reconcile {
     pub quiet: BTreeSet<u64>,
 }
 
-/// One round of the leader's membership work: take one drained node out (or record the removal
-/// of one that is out already), else promote one learner while voters are short. Every step
-/// re-reads the current state, so a round that fails half-way (lost leadership, a concurrent
-/// change) is finished by the next round or the next leader.
+/// One round of the leader's membership work: fix this leader's own address, or take one
+/// drained node out (or record the removal of one that is out already), else promote one
+/// learner while voters are short. The decision is [`plan::next_step`]'s; this reads what it
+/// decides from and carries the step out. Every round re-reads the current state, so a round
+/// that fails half-way (lost leadership, a concurrent change) is finished by the next round or
+/// the next leader.
 pub async fn reconcile(node: &Node, policy: &Reconcile) {
     let metrics = node.raft.metrics().borrow().clone();
     if metrics.current_leader != Some(node.id) {
         return;
     }
-    let membership = metrics.membership_config.membership().clone();
-    // A leader restarted at a new address (a recreated container) is told of it by nobody.
-    if let Some(me) = membership.get_node(&node.id) {
-        if me.addr != node.peer_addr {
-            let _ = crate::internal::set_address(
-                node,
-                node.id,
-                me.addr.clone(),
-                node.peer_addr.clone(),
-            )
-            .await;
-            return;
-        }
-    }
-    let voters: BTreeSet<u64> = membership.voter_ids().collect();
-    let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
-    let drained: Vec<u64> = node.read(|t| {
-        t.leaving_nodes()
+    let membership = metrics.membership_config.membership();
+    let view = node.read(|t| plan::View {
+        me: node.id,
+        my_addr: node.peer_addr.clone(),
+        my_recorded_addr: membership.get_node(&node.id).map(|n| n.addr.clone()),
+        voters: membership.voter_ids().collect(),
+        members: membership.nodes().map(|(id, _)| *id).collect(),
+        last_log_index: metrics.last_log_index.unwrap_or(0),
+        matched: metrics
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, m)| (*id, m.map(|l| l.index))).collect())
+            .unwrap_or_default(),
+        drained: t
+            .leaving_nodes()
             .keys()
             .copied()
             .filter(|&id| t.running_on(id) == 0)
-            .collect()
+            .collect(),
+        stopping: t
+            .leaving_nodes()
+            .iter()
+            .filter(|(_, l)| l.reason == LeaveReason::Stopping)
+            .map(|(id, _)| *id)
+            .collect(),
+        healthy: t
+            .nodes()
+            .iter()
+            .filter(|(id, entry)| !entry.expired && t.leaving(**id).is_none())
+            .map(|(id, _)| *id)
+            .collect(),
+        quiet: policy.quiet.clone(),
+        voters_target: policy.voters_target,
     });
-    if let Some(&id) = drained.first() {
-        if members.contains(&id) {
-            leave_membership(node, id, &voters, &metrics, policy).await;
-        } else {
-            record_departure(node, id).await;
+    match plan::next_step(&view) {
+        // A leader restarted at a new address (a recreated container) is told of it by nobody.
+        Step::SetAddress { from, to } => {
+            let _ = crate::internal::set_address(node, node.id, from, to).await;
         }
-        return;
-    }
-    if voters.len() < policy.voters_target {
-        if let Some(learner) = promotable_learner(node, &voters, &members, &metrics, policy) {
+        Step::Leave {
+            node: id,
+            change,
+            promoted,
+        } => {
+            if let Some(learner) = promoted {
+                tracing::info!(
+                    leaving = id,
+                    promoted = learner,
+                    "replacing a leaving voter"
+                );
+            }
+            let change = match change {
+                Change::ReplaceAllVoters(voters) => ChangeMembers::ReplaceAllVoters(voters),
+                Change::RemoveNodes(nodes) => ChangeMembers::RemoveNodes(nodes),
+            };
+            tracing::info!(node = id, "drained; taking it out of the membership");
+            match node.raft.change_membership(change, false).await {
+                Ok(_) => record_departure(node, id).await,
+                Err(e) => {
+                    tracing::warn!(node = id, error = %e, "membership change for a drained node")
+                }
+            }
+        }
+        Step::RecordDeparture(id) => record_departure(node, id).await,
+        Step::Hold {
+            node: id,
+            why: Hold::LastVoter,
+        } => tracing::warn!(
+            node = id,
+            "the last voter cannot leave until a learner is healthy and caught up"
+        ),
+        Step::Hold {
+            node: id,
+            why: Hold::StoppingVoterStays,
+        } => tracing::debug!(
+            node = id,
+            "a stopping voter nobody can replace stays a voter"
+        ),
+        Step::Promote(learner) => {
             let added = BTreeSet::from([learner]);
             match node
                 .raft
@@ -407,64 +454,7 @@ pub async fn reconcile(node: &Node, policy: &Reconcile) {
                 Err(e) => tracing::warn!(node = learner, error = %e, "promoting a learner"),
             }
         }
-    }
-}
-
-/// Takes the drained node `id` out of the membership, replacing it with a learner if voters
-/// would drop below the target.
-async fn leave_membership(
-    node: &Node,
-    id: u64,
-    voters: &BTreeSet<u64>,
-    metrics: &openraft::RaftMetrics<u64, openraft::BasicNode>,
-    policy: &Reconcile,
-) {
-    let change = if voters.contains(&id) {
-        let mut next: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != id).collect();
-        if next.len() < policy.voters_target.max(1) {
-            let members: BTreeSet<u64> = metrics
-                .membership_config
-                .membership()
-                .nodes()
-                .map(|(n, _)| *n)
-                .collect();
-            if let Some(learner) = promotable_learner(node, voters, &members, metrics, policy) {
-                tracing::info!(
-                    leaving = id,
-                    promoted = learner,
-                    "replacing a leaving voter"
-                );
-                next.insert(learner);
-            }
-        }
-        if next.is_empty() {
-            tracing::warn!(
-                node = id,
-                "the last voter cannot leave until a learner is healthy and caught up"
-            );
-            return;
-        }
-        // A voter stopping by itself (SIGTERM) stays unless replaced: the others may be stopping
-        // too (a whole cluster shut down), and a restart brings it back as the same voter.
-        let stopping = node.read(|t| {
-            t.leaving(id)
-                .is_some_and(|l| l.reason == exactly_core::LeaveReason::Stopping)
-        });
-        if stopping && next.len() < policy.voters_target.max(1).min(voters.len()) {
-            tracing::debug!(
-                node = id,
-                "a stopping voter nobody can replace stays a voter"
-            );
-            return;
-        }
-        ChangeMembers::ReplaceAllVoters(next)
-    } else {
-        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-    };
-    tracing::info!(node = id, "drained; taking it out of the membership");
-    match node.raft.change_membership(change, false).await {
-        Ok(_) => record_departure(node, id).await,
-        Err(e) => tracing::warn!(node = id, error = %e, "membership change for a drained node"),
+        Step::Nothing => {}
     }
 }
 
@@ -482,33 +472,4 @@ async fn record_departure(node: &Node, id: u64) {
         Ok(other) => tracing::debug!(node = id, ?other, "departure not committed"),
         Err(_) => tracing::debug!(node = id, "departure not committed in time"),
     }
-}
-
-/// A learner fit to become a voter: registered with a live, unexpired lease, not leaving, not
-/// quiet, and caught up with the leader's log. The most caught-up one wins (then the lowest id).
-fn promotable_learner(
-    node: &Node,
-    voters: &BTreeSet<u64>,
-    members: &BTreeSet<u64>,
-    metrics: &openraft::RaftMetrics<u64, openraft::BasicNode>,
-    policy: &Reconcile,
-) -> Option<u64> {
-    let last = metrics.last_log_index.unwrap_or(0);
-    let replication = metrics.replication.as_ref()?;
-    let healthy: BTreeSet<u64> = node.read(|t| {
-        t.nodes()
-            .iter()
-            .filter(|(id, entry)| !entry.expired && t.leaving(**id).is_none())
-            .map(|(id, _)| *id)
-            .collect()
-    });
-    members
-        .iter()
-        .filter(|id| !voters.contains(id) && healthy.contains(id) && !policy.quiet.contains(id))
-        .filter_map(|id| {
-            let matched = replication.get(id).copied().flatten()?.index;
-            (last.saturating_sub(matched) <= PROMOTE_LAG_ENTRIES_MAX).then_some((matched, *id))
-        })
-        .max_by_key(|&(matched, id)| (matched, std::cmp::Reverse(id)))
-        .map(|(_, id)| id)
 }

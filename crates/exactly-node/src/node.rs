@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use exactly_core::{Command, JobTable, Request, Response};
+use exactly_core::{Command, JobTable, Proposal, Request, Response};
 use exactly_handlers::Registry;
 use exactly_proto::internal::internal_client::InternalClient;
 use exactly_proto::internal::Blob;
@@ -30,6 +30,12 @@ pub const LEADER_CHANGE_GRACE: Duration = Duration::from_millis(300);
 /// How long a client's write waits, once committed, for this node to apply it before the
 /// reply goes out anyway (a follower applies a commit one round trip after the leader).
 pub const WRITE_APPLY_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// A committed entry's response that its typed proposal cannot read: `apply` answered its
+/// command with something it never answers it (a bug, reported rather than guessed at).
+fn unreadable(response: Response) -> ProposeError {
+    ProposeError::Unexpected(format!("{response:?}"))
+}
 
 /// Why a proposal did not commit.
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
@@ -384,17 +390,33 @@ impl Node {
         Ok((response, index))
     }
 
-    /// [`Node::propose_for_client`] for an operator's or administrator's write: proposed as
-    /// `Command::Audited` with the caller's credential name, so the audit trail records it.
-    pub async fn propose_as(
+    /// A typed proposal ([`Proposal`]): [`Node::propose`], with the reply read as its type.
+    pub async fn ask<T>(&self, proposal: Proposal<T>) -> Result<T, ProposeError> {
+        let (command, reply) = proposal.split();
+        let response = self.propose(command).await?;
+        reply.read(response).map_err(unreadable)
+    }
+
+    /// [`Node::ask`] with the log index of the committed entry.
+    pub async fn ask_at<T>(&self, proposal: Proposal<T>) -> Result<(T, u64), ProposeError> {
+        let (command, reply) = proposal.split();
+        let (response, index) = self.propose_at(command).await?;
+        Ok((reply.read(response).map_err(unreadable)?, index))
+    }
+
+    /// An operator's or administrator's typed write from the public API: proposed audited by
+    /// the caller's credential name (so the audit trail records it) with
+    /// [`Node::propose_for_client`]'s read-your-writes wait; the reply as its type, with the
+    /// entry's log index.
+    pub async fn ask_as<T>(
         &self,
         by: String,
-        command: Command,
-    ) -> Result<(Response, u64), ProposeError> {
-        let audited = Command::Audited(Box::new(exactly_core::Audited { by, command }));
-        match self.propose_for_client(audited).await? {
+        proposal: Proposal<T>,
+    ) -> Result<(T, u64), ProposeError> {
+        let (command, reply) = proposal.audited(by).split();
+        match self.propose_for_client(command).await? {
             (Response::Refused(why), _) => Err(ProposeError::Unexpected(why.to_string())),
-            answer => Ok(answer),
+            (response, index) => Ok((reply.read(response).map_err(unreadable)?, index)),
         }
     }
 

@@ -10,28 +10,33 @@
 //! cron ticks (each tick at most once: apply fires only the schedule's current next tick, and
 //! with it every tick that came due since, within the late grace, each its own job) and the
 //! retention pass that deletes what is past its configured age.
+//!
+//! Every decision (when to plan, whom to exclude, which leases to expire, which ticks to fire,
+//! when retention is due, when a membership round starts) is made by the pure
+//! [`engine::Engine`]; this actor reads the world and carries out the engine's actions.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use exactly_core::limits::{ASSIGN_BATCH_MAX, FIRE_BATCH_MAX, RETAIN_BATCH_MAX};
-use exactly_core::schedule::Fire;
-use exactly_core::{plan_assignments, Command, NodeLease, Retention};
+use exactly_core::{Command, NodeLease, Response};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::hooks::Hooks;
 use crate::lease::LeaseWatch;
 use crate::node::{wall_ms, ForwardReply, Node};
 
+pub mod engine;
+
+use engine::{Action, Engine, Event, Housekept, RetentionSettings, World};
+
 /// How often the scheduler looks even without a wake-up (delayed jobs become due by time alone).
 pub const SCHEDULER_TICK: Duration = Duration::from_millis(100);
 /// A member that has not answered the leader's heartbeats for this many heartbeat intervals
 /// gets no new work (see `network::Answers`).
 pub const SILENT_AFTER_HEARTBEATS: u32 = 4;
-/// Scheduler ticks between two membership rounds (drained nodes leaving, voters topped up).
-pub const MEMBERSHIP_EVERY_TICKS: u32 = 3;
+pub use engine::MEMBERSHIP_EVERY_TICKS;
 
 /// Which members the scheduler gives no new work, as it last planned (`None`: no scheduler
 /// runs on this node). Published for the leader's group commit (`Node::write_local`), which
@@ -56,41 +61,27 @@ pub enum SchedulerMsg {
     MembershipDone,
     /// An Expire proposal for this lease returned.
     Expired(NodeLease),
+    /// The Assign proposal returned.
     Proposed {
         planned: usize,
         ok: bool,
     },
-    /// A housekeeping proposal (cron fires, retention) returned; `more` asks for another round,
-    /// `retain_again` for another retention pass at once (the last one filled its batch).
-    Housekept {
-        more: bool,
-        retain_again: bool,
-    },
+    /// A housekeeping proposal (cron fires, retention) returned.
+    Housekept(Housekept),
 }
 
+/// The actor: a thin loop that reads the world (the applied table, the clocks, the Raft
+/// members, heartbeat answers, the lease review), feeds [`Engine::handle`] and carries out its
+/// [`Action`]s. Every decision is in the engine.
 pub struct Scheduler;
 
 pub struct SchedulerState {
     node: Node,
     hooks: Arc<Hooks>,
-    in_flight: bool,
-    again: bool,
+    engine: Engine,
     leases: LeaseWatch,
-    /// Nodes that have not renewed for `lease.self-fence-after`: no new work for them.
-    quiet: BTreeSet<u64>,
-    /// Expiries proposed and not yet answered.
-    expiring: BTreeSet<NodeLease>,
-    /// Lapsed leases already logged (an expiry that cannot commit, without a quorum, is retried
-    /// every tick but logged once).
-    expiry_logged: BTreeSet<NodeLease>,
-    /// A cron-fire or retention proposal is in flight.
-    housekeeping: bool,
-    /// When the last retention pass found nothing (or ran), on the monotonic clock.
-    retained_at: Option<std::time::Instant>,
-    /// A membership round is running (one at a time).
-    membership_busy: bool,
-    /// Ticks since the last membership round started.
-    ticks_since_membership: u32,
+    /// The origin of the engine's monotonic milliseconds.
+    origin: std::time::Instant,
 }
 
 impl Actor for Scheduler {
@@ -106,19 +97,19 @@ impl Actor for Scheduler {
         myself.send_interval(SCHEDULER_TICK, || SchedulerMsg::Tick);
         let _ = myself.send_message(SchedulerMsg::Wake);
         let leases = LeaseWatch::new(node.state.last_applied().map_or(0, |l| l.index));
+        let keep = &node.config.retention;
+        let engine = Engine::new(RetentionSettings {
+            finished: keep.finished,
+            dead_letters: keep.dead_letters,
+            idempotency_keys: keep.idempotency_keys,
+            interval: keep.interval,
+        });
         Ok(SchedulerState {
             node,
             hooks,
-            in_flight: false,
-            again: false,
+            engine,
             leases,
-            quiet: BTreeSet::new(),
-            expiring: BTreeSet::new(),
-            expiry_logged: BTreeSet::new(),
-            housekeeping: false,
-            retained_at: None,
-            membership_busy: false,
-            ticks_since_membership: 0,
+            origin: std::time::Instant::now(),
         })
     }
 
@@ -139,199 +130,22 @@ impl Actor for Scheduler {
         msg: SchedulerMsg,
         state: &mut SchedulerState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
+        let event = match msg {
             SchedulerMsg::Wake => {
                 state.hooks.wake_pending.store(false, Ordering::Release);
-                state.plan(&myself);
+                Event::Wake
             }
-            SchedulerMsg::Tick => {
-                state.plan(&myself);
-                state.housekeep(&myself);
-                state.maybe_reconcile_membership(&myself);
-            }
-            SchedulerMsg::Housekept { more, retain_again } => {
-                state.housekeeping = false;
-                if retain_again {
-                    state.retained_at = None;
-                }
-                if more {
-                    state.housekeep(&myself);
-                }
-            }
-            SchedulerMsg::MembershipDone => state.membership_busy = false,
-            SchedulerMsg::Expired(lease) => {
-                state.expiring.remove(&lease);
-            }
-            SchedulerMsg::Proposed { planned, ok } => {
-                state.in_flight = false;
-                if !ok {
-                    // Lost leadership or no quorum: the tick retries; the leadership watcher
-                    // stops this actor if another node leads now.
-                    return Ok(());
-                }
-                if state.again || planned == ASSIGN_BATCH_MAX {
-                    state.again = false;
-                    state.plan(&myself);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl SchedulerState {
-    /// Starts a membership round every [`MEMBERSHIP_EVERY_TICKS`] ticks unless one runs: drained
-    /// nodes leave, voters are topped up from learners.
-    fn maybe_reconcile_membership(&mut self, myself: &ActorRef<SchedulerMsg>) {
-        self.ticks_since_membership += 1;
-        if self.membership_busy || self.ticks_since_membership < MEMBERSHIP_EVERY_TICKS {
-            return;
-        }
-        self.ticks_since_membership = 0;
-        self.membership_busy = true;
-        let node = self.node.clone();
-        let policy = crate::membership::Reconcile {
-            voters_target: node.config.voters_target,
-            quiet: self.quiet.clone(),
+            SchedulerMsg::Tick => Event::Tick,
+            SchedulerMsg::Proposed { planned, ok } => Event::Proposed { planned, ok },
+            SchedulerMsg::Housekept(how) => Event::Housekept(how),
+            SchedulerMsg::MembershipDone => Event::MembershipDone,
+            SchedulerMsg::Expired(lease) => Event::Expired(lease),
         };
-        let me = myself.clone();
-        tokio::spawn(async move {
-            crate::membership::reconcile(&node, &policy).await;
-            let _ = me.send_message(SchedulerMsg::MembershipDone);
-        });
-    }
-
-    /// Expires leases that lapsed on this leader's clock (one proposal per lease at a time).
-    fn review_leases(&mut self, myself: &ActorRef<SchedulerMsg>) {
-        let (expire, quiet) = self.leases.review(&self.node, &self.hooks.renewals);
-        self.quiet = quiet;
-        self.expiry_logged
-            .retain(|l| expire.iter().any(|e| e.lease == *l));
-        for expiry in expire {
-            let lease = expiry.lease;
-            if !self.expiring.insert(lease) {
-                continue;
-            }
-            if self.expiry_logged.insert(lease) {
-                tracing::warn!(
-                    node = lease.node,
-                    incarnation = lease.incarnation,
-                    "lease expired"
-                );
-            }
-            let node = self.node.clone();
-            let me = myself.clone();
-            tokio::spawn(async move {
-                let budget = node.config.limits.propose_timeout;
-                let reply =
-                    tokio::time::timeout(budget, node.write_local(Command::Expire(expiry))).await;
-                if let Ok(ForwardReply::Committed(r, _)) = reply {
-                    // Refused (RenewedSince) if the node renewed after the renewal this expiry
-                    // counted from: the next review counts from the newer one.
-                    tracing::info!(?r, node = lease.node, "expiry committed");
-                }
-                let _ = me.send_message(SchedulerMsg::Expired(lease));
-            });
-        }
-    }
-
-    /// Proposes the next piece of housekeeping, if any: due cron ticks first (they are
-    /// time-critical), then a retention pass every `retention.interval`.
-    fn housekeep(&mut self, myself: &ActorRef<SchedulerMsg>) {
-        if self.housekeeping {
-            return;
-        }
-        let now = wall_ms();
-        let fires: Vec<Fire> = self.node.read(|t| {
-            t.schedules()
-                .values()
-                .filter(|s| !s.paused)
-                .filter_map(|s| {
-                    let tick = s.next_tick_ms.filter(|&tick| tick <= now)?;
-                    Some(Fire {
-                        name: s.name.clone(),
-                        tick_ms: tick,
-                    })
-                })
-                .take(FIRE_BATCH_MAX)
-                .collect()
-        });
-        let command = if !fires.is_empty() {
-            Command::FireSchedules(fires)
-        } else {
-            let keep = &self.node.config.retention;
-            if self
-                .retained_at
-                .is_some_and(|at| at.elapsed() < keep.interval)
-            {
-                return;
-            }
-            self.retained_at = Some(std::time::Instant::now());
-            let cut = |age: Duration| now.saturating_sub(age.as_millis() as u64);
-            let retention = Retention {
-                finished_before_ms: cut(keep.finished),
-                dead_before_ms: cut(keep.dead_letters),
-                keys_before_ms: cut(keep.idempotency_keys),
-                max: RETAIN_BATCH_MAX as u32,
-            };
-            let due = self.node.read(|t| {
-                t.oldest_finished_ms()
-                    .is_some_and(|at| at < retention.finished_before_ms)
-                    || t.oldest_dead_ms()
-                        .is_some_and(|at| at < retention.dead_before_ms)
-                    || t.oldest_key_ms()
-                        .is_some_and(|at| at < retention.keys_before_ms)
-            });
-            if !due {
-                return;
-            }
-            Command::Retain(retention)
-        };
-        self.housekeeping = true;
-        let node = self.node.clone();
-        let me = myself.clone();
-        tokio::spawn(async move {
-            let budget = node.config.limits.propose_timeout;
-            let reply = tokio::time::timeout(budget, node.write_local(command)).await;
-            let mut retain_again = false;
-            let more = match reply {
-                Ok(ForwardReply::Committed(exactly_core::Response::Fired(results), _)) => {
-                    for r in results {
-                        match r {
-                            Ok(fired) => match &fired.refused {
-                                Some(why) => tracing::warn!(%why, ?fired, "cron tick refused"),
-                                None => tracing::debug!(?fired, "cron ticks fired"),
-                            },
-                            Err(why) => tracing::warn!(%why, "cron fire refused"),
-                        }
-                    }
-                    // A catch-up longer than CRON_CATCH_UP_FIRES_MAX leaves the next tick due:
-                    // the next round proposes it at once.
-                    true
-                }
-                Ok(ForwardReply::Committed(exactly_core::Response::Retained { jobs, keys }, _)) => {
-                    tracing::debug!(jobs, keys, "retention pass");
-                    // A full batch means more may be past retention: go on at once.
-                    retain_again =
-                        jobs as usize == RETAIN_BATCH_MAX || keys as usize == RETAIN_BATCH_MAX;
-                    retain_again
-                }
-                _ => false,
-            };
-            let _ = me.send_message(SchedulerMsg::Housekept { more, retain_again });
-        });
-    }
-
-    fn plan(&mut self, myself: &ActorRef<SchedulerMsg>) {
-        // Fresh lease view first: a new leader's very first plan must already skip a dead
-        // predecessor (and expiries are proposed from here too).
-        self.review_leases(myself);
-        if self.in_flight {
-            self.again = true;
-            return;
-        }
-        let members: BTreeSet<u64> = self
-            .node
+        let node = &state.node;
+        // The lease view first (a new leader's very first plan must already skip a dead
+        // predecessor), read before the table (see `lease::review`).
+        let (expire, quiet) = state.leases.review(node, &state.hooks.renewals);
+        let members: BTreeSet<u64> = node
             .raft
             .metrics()
             .borrow()
@@ -340,42 +154,112 @@ impl SchedulerState {
             .nodes()
             .map(|(id, _)| *id)
             .collect();
-        let now = wall_ms();
         // Members that stopped answering heartbeats (a dead or frozen node, before its lease
-        // runs out; a new leader's dead predecessor) get nothing new either.
-        let silent = self.node.answers.silent(
-            self.node.id,
+        // runs out; a new leader's dead predecessor).
+        let silent = node.answers.silent(
+            node.id,
             &members,
             std::time::Instant::now(),
-            self.node.config.raft.heartbeat_interval * SILENT_AFTER_HEARTBEATS,
+            node.config.raft.heartbeat_interval * SILENT_AFTER_HEARTBEATS,
         );
-        let (plan, excluded) = self.node.read(|table| {
-            // Registered nodes that left the membership get nothing (leaving and expired ones
-            // are skipped by the policy itself).
-            let excluded: BTreeSet<u64> = table
-                .nodes()
-                .keys()
-                .filter(|id| {
-                    !members.contains(id) || self.quiet.contains(id) || silent.contains(id)
-                })
-                .copied()
-                .collect();
-            let plan = plan_assignments(table, now, ASSIGN_BATCH_MAX, &excluded);
-            (plan, excluded)
+        let now_wall_ms = wall_ms();
+        let now_mono_ms = state.origin.elapsed().as_millis() as u64;
+        let engine = &mut state.engine;
+        let actions = node.read(|table| {
+            engine.handle(
+                event,
+                &World {
+                    table,
+                    now_wall_ms,
+                    now_mono_ms,
+                    members: &members,
+                    silent: &silent,
+                    expire: &expire,
+                    quiet: &quiet,
+                },
+            )
         });
-        self.node.assign_view.set(Some(excluded));
-        if plan.is_empty() {
-            return;
+        for action in actions {
+            state.carry_out(&myself, action);
         }
-        self.in_flight = true;
-        let planned = plan.len();
+        Ok(())
+    }
+}
+
+impl SchedulerState {
+    fn carry_out(&self, myself: &ActorRef<SchedulerMsg>, action: Action) {
         let node = self.node.clone();
         let me = myself.clone();
-        tokio::spawn(async move {
-            let budget = node.config.limits.propose_timeout;
-            let reply = tokio::time::timeout(budget, node.write_local(Command::Assign(plan))).await;
-            let ok = matches!(reply, Ok(ForwardReply::Committed(..)));
-            let _ = me.send_message(SchedulerMsg::Proposed { planned, ok });
-        });
+        let budget = node.config.limits.propose_timeout;
+        match action {
+            Action::View(excluded) => self.node.assign_view.set(Some(excluded)),
+            Action::Assign(plan) => {
+                let planned = plan.len();
+                tokio::spawn(async move {
+                    let reply =
+                        tokio::time::timeout(budget, node.write_local(Command::Assign(plan))).await;
+                    let ok = matches!(reply, Ok(ForwardReply::Committed(..)));
+                    let _ = me.send_message(SchedulerMsg::Proposed { planned, ok });
+                });
+            }
+            Action::Expire { expiry, log } => {
+                let lease = expiry.lease;
+                if log {
+                    tracing::warn!(
+                        node = lease.node,
+                        incarnation = lease.incarnation,
+                        "lease expired"
+                    );
+                }
+                tokio::spawn(async move {
+                    let reply =
+                        tokio::time::timeout(budget, node.write_local(Command::Expire(expiry)))
+                            .await;
+                    if let Ok(ForwardReply::Committed(r, _)) = reply {
+                        // Refused (RenewedSince) if the node renewed after the renewal this
+                        // expiry counted from: the next review counts from the newer one.
+                        tracing::info!(?r, node = lease.node, "expiry committed");
+                    }
+                    let _ = me.send_message(SchedulerMsg::Expired(lease));
+                });
+            }
+            Action::Housekeep(command) => {
+                tokio::spawn(async move {
+                    let reply = tokio::time::timeout(budget, node.write_local(*command)).await;
+                    let how = match reply {
+                        Ok(ForwardReply::Committed(Response::Fired(results), _)) => {
+                            for r in results {
+                                match r {
+                                    Ok(fired) => match &fired.refused {
+                                        Some(why) => {
+                                            tracing::warn!(%why, ?fired, "cron tick refused")
+                                        }
+                                        None => tracing::debug!(?fired, "cron ticks fired"),
+                                    },
+                                    Err(why) => tracing::warn!(%why, "cron fire refused"),
+                                }
+                            }
+                            Housekept::Fired
+                        }
+                        Ok(ForwardReply::Committed(Response::Retained { jobs, keys }, _)) => {
+                            tracing::debug!(jobs, keys, "retention pass");
+                            Housekept::Retained { jobs, keys }
+                        }
+                        _ => Housekept::NotCommitted,
+                    };
+                    let _ = me.send_message(SchedulerMsg::Housekept(how));
+                });
+            }
+            Action::Membership { quiet } => {
+                let policy = crate::membership::Reconcile {
+                    voters_target: node.config.voters_target,
+                    quiet,
+                };
+                tokio::spawn(async move {
+                    crate::membership::reconcile(&node, &policy).await;
+                    let _ = me.send_message(SchedulerMsg::MembershipDone);
+                });
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use exactly_core::limits::DEAD_BATCH_MAX;
 use exactly_core::QueueConfig;
-use exactly_core::{Command, DeadFilter, QueuePatch, RateLimit, Response as CoreResponse};
+use exactly_core::{DeadFilter, Proposal, QueuePatch, RateLimit};
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::dead_letters_server::DeadLetters;
 use exactly_proto::v1::queues_server::Queues;
@@ -59,15 +59,12 @@ impl DeadLetters for DeadLettersService {
     ) -> Result<Response<pb::DeadLetterResponse>, Status> {
         let by = crate::auth::actor(&request);
         let filter = dead_filter(request.into_inner())?;
-        let (response, index) = self.node.propose_as(by, Command::Redrive(filter)).await?;
-        match response {
-            CoreResponse::Redriven(Ok(job_ids)) => Ok(stamped(
-                Response::new(pb::DeadLetterResponse { job_ids }),
-                index,
-            )),
-            CoreResponse::Redriven(Err(why)) => Err(status_of("filter", &why)),
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
-        }
+        let (redriven, index) = self.node.ask_as(by, Proposal::redrive(filter)).await?;
+        let job_ids = redriven.map_err(|why| status_of("filter", &why))?;
+        Ok(stamped(
+            Response::new(pb::DeadLetterResponse { job_ids }),
+            index,
+        ))
     }
 
     async fn purge(
@@ -76,15 +73,12 @@ impl DeadLetters for DeadLettersService {
     ) -> Result<Response<pb::DeadLetterResponse>, Status> {
         let by = crate::auth::actor(&request);
         let filter = dead_filter(request.into_inner())?;
-        let (response, index) = self.node.propose_as(by, Command::PurgeDead(filter)).await?;
-        match response {
-            CoreResponse::PurgedDead(Ok(job_ids)) => Ok(stamped(
-                Response::new(pb::DeadLetterResponse { job_ids }),
-                index,
-            )),
-            CoreResponse::PurgedDead(Err(why)) => Err(status_of("filter", &why)),
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
-        }
+        let (purged, index) = self.node.ask_as(by, Proposal::purge_dead(filter)).await?;
+        let job_ids = purged.map_err(|why| status_of("filter", &why))?;
+        Ok(stamped(
+            Response::new(pb::DeadLetterResponse { job_ids }),
+            index,
+        ))
     }
 }
 
@@ -117,28 +111,15 @@ impl Queues for QueuesService {
             paused: r.paused,
         };
         let queue = r.queue;
-        let (response, index) = self
+        let (configured, index) = self
             .node
-            .propose_as(
-                by,
-                Command::ConfigureQueue {
-                    queue: queue.clone(),
-                    patch,
-                },
-            )
+            .ask_as(by, Proposal::configure_queue(queue.clone(), patch))
             .await?;
-        match response {
-            CoreResponse::QueueConfigured(Ok(config)) => {
-                let info = self.node.read(|t| {
-                    queue_to_pb(&queue, &config, t.queue(&queue), t.retained().get(&queue))
-                });
-                Ok(stamped(Response::new(info), index))
-            }
-            CoreResponse::QueueConfigured(Err(why)) => {
-                Err(status_of(&format!("queue {queue:?}"), &why))
-            }
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
-        }
+        let config = configured.map_err(|why| status_of(&format!("queue {queue:?}"), &why))?;
+        let info = self
+            .node
+            .read(|t| queue_to_pb(&queue, &config, t.queue(&queue), t.retained().get(&queue)));
+        Ok(stamped(Response::new(info), index))
     }
 
     async fn list(

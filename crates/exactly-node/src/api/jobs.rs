@@ -3,7 +3,7 @@
 use std::pin::Pin;
 
 use exactly_core::limits::{CANCEL_BATCH_MAX, SUBMIT_BATCH_JOBS_MAX};
-use exactly_core::{Command, Listed, Rejection, Response as CoreResponse};
+use exactly_core::{Listed, Proposal, Rejection};
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::jobs_server::Jobs;
 use futures::Stream;
@@ -273,33 +273,30 @@ impl Jobs for JobsService {
                 ids.len()
             )));
         }
-        let (response, index) = self.node.propose_as(by, Command::Cancel(ids)).await?;
-        match response {
-            CoreResponse::Cancelled(results) => Ok(stamped(
-                Response::new(pb::CancelResponse {
-                    results: results
-                        .into_iter()
-                        .map(|(job_id, r)| match r {
-                            Ok(was) => pb::CancelResult {
-                                job_id,
-                                previous_state: state_to_pb(was) as i32,
-                                error: String::new(),
-                                code: tonic::Code::Ok as i32,
-                            },
-                            // The same code a whole call refused for this reason would get.
-                            Err(why) => pb::CancelResult {
-                                job_id,
-                                previous_state: pb::JobState::Unspecified as i32,
-                                error: why.to_string(),
-                                code: status_of(&format!("job {job_id}"), &why).code() as i32,
-                            },
-                        })
-                        .collect(),
-                }),
-                index,
-            )),
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
-        }
+        let (results, index) = self.node.ask_as(by, Proposal::cancel(ids)).await?;
+        Ok(stamped(
+            Response::new(pb::CancelResponse {
+                results: results
+                    .into_iter()
+                    .map(|(job_id, r)| match r {
+                        Ok(was) => pb::CancelResult {
+                            job_id,
+                            previous_state: state_to_pb(was) as i32,
+                            error: String::new(),
+                            code: tonic::Code::Ok as i32,
+                        },
+                        // The same code a whole call refused for this reason would get.
+                        Err(why) => pb::CancelResult {
+                            job_id,
+                            previous_state: pb::JobState::Unspecified as i32,
+                            error: why.to_string(),
+                            code: status_of(&format!("job {job_id}"), &why).code() as i32,
+                        },
+                    })
+                    .collect(),
+            }),
+            index,
+        ))
     }
 
     type WatchStream = WatchStream;

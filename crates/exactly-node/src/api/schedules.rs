@@ -4,7 +4,7 @@
 use exactly_core::cron::MissedTickPolicy;
 use exactly_core::schedule::{OverlapPolicy, Schedule, ScheduleSpec};
 use exactly_core::state::validate_schedule;
-use exactly_core::{Command, Response as CoreResponse};
+use exactly_core::{Proposal, Rejection};
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::schedules_server::Schedules;
 use tonic::{Request, Response, Status};
@@ -94,15 +94,15 @@ impl SchedulesService {
     }
 
     /// Proposes a schedule change for a client; returns the entry's log index.
-    async fn change(&self, by: String, name: &str, command: Command) -> Result<u64, Status> {
-        let (response, index) = self.node.propose_as(by, command).await?;
-        match response {
-            CoreResponse::ScheduleChanged(Ok(())) => Ok(index),
-            CoreResponse::ScheduleChanged(Err(why)) => {
-                Err(status_of(&format!("schedule {name:?}"), &why))
-            }
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
-        }
+    async fn change(
+        &self,
+        by: String,
+        name: &str,
+        change: Proposal<Result<(), Rejection>>,
+    ) -> Result<u64, Status> {
+        let (changed, index) = self.node.ask_as(by, change).await?;
+        changed.map_err(|why| status_of(&format!("schedule {name:?}"), &why))?;
+        Ok(index)
     }
 }
 
@@ -140,7 +140,7 @@ impl Schedules for SchedulesService {
         validate_schedule(&schedule).map_err(Status::invalid_argument)?;
         let cron = schedule.cron.clone();
         let index = self
-            .change(by, &r.name, Command::AddSchedule(schedule))
+            .change(by, &r.name, Proposal::add_schedule(schedule))
             .await?;
         let info = self.info_when(&r.name, |i| i.cron == cron).await?;
         Ok(stamped(Response::new(info), index))
@@ -167,7 +167,7 @@ impl Schedules for SchedulesService {
         let by = crate::auth::actor(&request);
         let name = request.into_inner().name;
         let index = self
-            .change(by, &name, Command::RemoveSchedule(name.clone()))
+            .change(by, &name, Proposal::remove_schedule(name.clone()))
             .await?;
         Ok(stamped(Response::new(pb::RemoveScheduleResponse {}), index))
     }
@@ -182,10 +182,7 @@ impl Schedules for SchedulesService {
             .change(
                 by,
                 &r.name,
-                Command::PauseSchedule {
-                    name: r.name.clone(),
-                    paused: r.paused,
-                },
+                Proposal::pause_schedule(r.name.clone(), r.paused),
             )
             .await?;
         let info = self.info_when(&r.name, |i| i.paused == r.paused).await?;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use exactly_core::access::{IssuedToken, Scope, TokenGrant};
-use exactly_core::{Command, Response as CoreResponse};
+use exactly_core::Proposal;
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::tokens_server::Tokens;
 use tonic::{Request, Response, Status};
@@ -100,23 +100,18 @@ impl Tokens for TokensService {
             crate::node::wall_ms(),
         )?;
         let name = grant.name.clone();
-        let (response, index) = self.node.propose_as(by, Command::IssueToken(grant)).await?;
-        match response {
-            CoreResponse::TokenChanged(Ok(())) => {
-                let info = self
-                    .node
-                    .read(|t| t.issued_tokens().get(&name).map(info_of))
-                    .ok_or_else(|| {
-                        Status::unavailable(format!(
-                            "token {name:?} was issued at log index {index}, but this node has \
-                             not applied it yet: list the tokens in a moment"
-                        ))
-                    })?;
-                Ok(stamped(Response::new(info), index))
-            }
-            CoreResponse::TokenChanged(Err(why)) => Err(status_of("token", &why)),
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
-        }
+        let (issued, index) = self.node.ask_as(by, Proposal::issue_token(grant)).await?;
+        issued.map_err(|why| status_of("token", &why))?;
+        let info = self
+            .node
+            .read(|t| t.issued_tokens().get(&name).map(info_of))
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "token {name:?} was issued at log index {index}, but this node has not \
+                     applied it yet: list the tokens in a moment"
+                ))
+            })?;
+        Ok(stamped(Response::new(info), index))
     }
 
     async fn revoke(
@@ -132,14 +127,9 @@ impl Tokens for TokensService {
                  reload it) to revoke it"
             )));
         }
-        let (response, index) = self.node.propose_as(by, Command::RevokeToken(name)).await?;
-        match response {
-            CoreResponse::TokenChanged(Ok(())) => {
-                Ok(stamped(Response::new(pb::RevokeTokenResponse {}), index))
-            }
-            CoreResponse::TokenChanged(Err(why)) => Err(status_of("token", &why)),
-            other => Err(Status::internal(format!("unexpected response {other:?}"))),
-        }
+        let (revoked, index) = self.node.ask_as(by, Proposal::revoke_token(name)).await?;
+        revoked.map_err(|why| status_of("token", &why))?;
+        Ok(stamped(Response::new(pb::RevokeTokenResponse {}), index))
     }
 
     async fn list(
