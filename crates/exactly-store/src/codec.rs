@@ -110,3 +110,263 @@ mod tests {
         assert!(key_u64("k", &[1, 2]).is_err());
     }
 }
+
+/// Golden files: the bytes this release writes, kept under `tests/fixtures/` and read by every
+/// later build, so that a change to a stored type cannot slip in without a new format version
+/// and a reader for the old one. `EXACTLY_WRITE_GOLDEN=1 cargo test -p exactly-store golden`
+/// writes them again (only when the format version changes).
+#[cfg(test)]
+pub(crate) mod golden {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::PathBuf;
+
+    use exactly_core::access::{Scope, TokenGrant};
+    use exactly_core::cron::MissedTickPolicy;
+    use exactly_core::schedule::{Fire, OverlapPolicy, ScheduleSpec};
+    use exactly_core::{
+        Assignment, Audited, Backoff, Command, Completion, DeadFilter, DrainNode, Expiry, JoinNote,
+        LeaveReason, NewJob, NodeLease, NodeRegistration, Outcome, QueuePatch, RateLimit, Renewal,
+        Request, Retention,
+    };
+
+    /// `tests/fixtures/<name>`, compared with `bytes` (written first under
+    /// `EXACTLY_WRITE_GOLDEN=1`).
+    pub(crate) fn golden(name: &str, bytes: &[u8]) -> Vec<u8> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        if std::env::var_os("EXACTLY_WRITE_GOLDEN").is_some() {
+            std::fs::write(&path, bytes).unwrap();
+        }
+        std::fs::read(&path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()))
+    }
+
+    fn job(kind: &str) -> NewJob {
+        NewJob {
+            queue: "mail".into(),
+            kind: kind.into(),
+            payload: b"{\"to\":\"a@example.com\"}".to_vec(),
+            priority: -3,
+            max_attempts: 5,
+            timeout_ms: 30_000,
+            run_at_ms: 1_767_225_660_000,
+            idempotency_key: Some("order-42".into()),
+            ordering_key: Some("customer-7".into()),
+            labels: BTreeMap::from([("tenant".into(), "acme".into())]),
+            backoff: Backoff {
+                base_ms: 500,
+                max_ms: 60_000,
+            },
+        }
+    }
+
+    fn lease() -> NodeLease {
+        NodeLease {
+            node: 2,
+            incarnation: 3,
+        }
+    }
+
+    fn filter() -> DeadFilter {
+        DeadFilter {
+            ids: vec![7, 9],
+            queue: Some("mail".into()),
+            kind: Some("send".into()),
+            max: 100,
+            all: false,
+        }
+    }
+
+    /// Which variant a command is. Exhaustive on purpose: a new variant does not compile until
+    /// it is listed here, and [`every_command`] must then carry it.
+    fn variant(command: &Command) -> u8 {
+        match command {
+            Command::Submit(_) => 0,
+            Command::Assign(_) => 1,
+            Command::Complete(_) => 2,
+            Command::Renew(_) => 3,
+            Command::Expire(_) => 4,
+            Command::RegisterNode(_) => 5,
+            Command::Cancel(_) => 6,
+            Command::Redrive(_) => 7,
+            Command::PurgeDead(_) => 8,
+            Command::ConfigureQueue { .. } => 9,
+            Command::Retain(_) => 10,
+            Command::AddSchedule(_) => 11,
+            Command::RemoveSchedule(_) => 12,
+            Command::PauseSchedule { .. } => 13,
+            Command::FireSchedules(_) => 14,
+            Command::Drain(_) => 15,
+            Command::NodeLeft(_) => 16,
+            Command::SubmitGroups(_) => 17,
+            Command::SubmitAssign { .. } => 18,
+            Command::Batch(_) => 19,
+            Command::Audited(_) => 20,
+            Command::IssueToken(_) => 21,
+            Command::RevokeToken(_) => 22,
+            Command::Joined(_) => 23,
+        }
+    }
+
+    const VARIANTS: u8 = 24;
+
+    /// One log entry of every command, with every field set.
+    pub(crate) fn every_command() -> Vec<Request> {
+        let commands = vec![
+            Command::Submit(vec![job("send"), NewJob::default()]),
+            Command::Assign(vec![Assignment {
+                job: 7,
+                node: 2,
+                incarnation: 3,
+            }]),
+            Command::Complete(vec![
+                Completion {
+                    job: 7,
+                    token: 11,
+                    outcome: Outcome::Succeeded {
+                        result: b"ok".to_vec(),
+                    },
+                },
+                Completion {
+                    job: 8,
+                    token: 12,
+                    outcome: Outcome::Failed {
+                        error: "smtp 451".into(),
+                        retryable: true,
+                    },
+                },
+                Completion {
+                    job: 9,
+                    token: 13,
+                    outcome: Outcome::Abandoned {
+                        reason: "node 2 is stopping".into(),
+                    },
+                },
+            ]),
+            Command::Renew(Renewal {
+                lease: lease(),
+                applied: 40,
+            }),
+            Command::Expire(Expiry {
+                lease: lease(),
+                renewed_index: 38,
+            }),
+            Command::RegisterNode(NodeRegistration {
+                node: 2,
+                incarnation: 3,
+                slots: 16,
+                addr: "10.0.0.2:7000".into(),
+                applied: 37,
+            }),
+            Command::Cancel(vec![7, 8]),
+            Command::Redrive(filter()),
+            Command::PurgeDead(DeadFilter {
+                all: true,
+                max: 10,
+                ..DeadFilter::default()
+            }),
+            Command::ConfigureQueue {
+                queue: "mail".into(),
+                patch: QueuePatch {
+                    concurrency_max: Some(4),
+                    rate: Some(Some(RateLimit {
+                        jobs: 10,
+                        period_ms: 1000,
+                    })),
+                    paused: Some(true),
+                },
+            },
+            Command::Retain(Retention {
+                finished_before_ms: 1_767_000_000_000,
+                dead_before_ms: 1_766_000_000_000,
+                keys_before_ms: 1_765_000_000_000,
+                max: 4096,
+            }),
+            Command::AddSchedule(ScheduleSpec {
+                name: "nightly".into(),
+                cron: "0 3 * * *".into(),
+                tz: "Europe/Berlin".into(),
+                job: job("report"),
+                overlap: OverlapPolicy::Skip,
+                missed: MissedTickPolicy::RunOnce,
+                replace: true,
+            }),
+            Command::RemoveSchedule("nightly".into()),
+            Command::PauseSchedule {
+                name: "nightly".into(),
+                paused: true,
+            },
+            Command::FireSchedules(vec![Fire {
+                name: "nightly".into(),
+                tick_ms: 1_767_236_400_000,
+            }]),
+            Command::Drain(DrainNode {
+                node: 2,
+                deadline_after_ms: 30_000,
+                reason: LeaveReason::Removed,
+            }),
+            Command::NodeLeft(2),
+            Command::SubmitGroups(vec![vec![job("send")], vec![job("sms"), job("push")]]),
+            Command::SubmitAssign {
+                groups: vec![vec![job("send")]],
+                excluded: BTreeSet::from([3, 4]),
+            },
+            Command::Batch(vec![Command::NodeLeft(5), Command::Cancel(vec![1])]),
+            Command::Audited(Box::new(Audited {
+                by: "ops".into(),
+                command: Command::Cancel(vec![3]),
+            })),
+            Command::IssueToken(TokenGrant {
+                name: "ci".into(),
+                sha256: [0xab; 32],
+                scopes: vec![
+                    Scope::Submit(Some("mail".into())),
+                    Scope::Submit(None),
+                    Scope::Read,
+                    Scope::Operate,
+                    Scope::Admin,
+                ],
+                expires_at_ms: Some(1_800_000_000_000),
+            }),
+            Command::RevokeToken("ci".into()),
+            Command::Joined(JoinNote {
+                node: 6,
+                addr: "10.0.0.6:7001".into(),
+                voter: true,
+                new_member: false,
+            }),
+        ];
+        commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, command)| Request {
+                now_ms: 1_767_225_600_000 + i as u64,
+                entropy: 0x5eed_0000 + i as u64,
+                command,
+            })
+            .collect()
+    }
+
+    /// Log entries of every command as this release writes them: the bytes are the golden
+    /// file's, and the golden file reads back as the same entries.
+    #[test]
+    fn golden_log_entries_read_and_write_as_this_format() {
+        let entries = every_command();
+        let covered: BTreeSet<u8> = entries.iter().map(|r| variant(&r.command)).collect();
+        assert_eq!(
+            covered,
+            (0..VARIANTS).collect(),
+            "every command has an entry"
+        );
+        let bytes = super::encode("golden log entries", &entries).unwrap();
+        let golden = golden("entries-format4.bin", &bytes);
+        let read: Vec<Request> = super::decode("golden log entries", &golden).unwrap();
+        assert_eq!(read, entries, "the golden file reads as these entries");
+        assert!(
+            bytes == golden,
+            "this build encodes log entries differently from format {}: a stored type changed. \
+             Bump `FORMAT`, keep reading the old one, and write new golden files.",
+            super::FORMAT
+        );
+    }
+}

@@ -866,6 +866,26 @@ pub(crate) mod tests {
         check(&meta(5), &data).unwrap();
     }
 
+    /// Snapshot data as this release writes it (the table, payloads, then finished jobs with
+    /// their records) is the golden file's, byte for byte, and the golden file reads back as the
+    /// same state: a change to the table's or a record's encoding fails here until the format
+    /// version is bumped.
+    #[test]
+    fn golden_snapshot_data_reads_and_writes_as_this_format() {
+        let (table, payloads, archive) = fixture_state();
+        let data = encode_body(&table, &payloads, &archive).unwrap();
+        let golden = crate::codec::golden::golden("snapshot-format4-archive.bin", &data);
+        let body = decode_body(&golden, Records::Keep).unwrap();
+        assert!(!body.legacy);
+        assert!(body.table == table, "the golden table differs");
+        assert_eq!(body.payloads, payloads);
+        assert_eq!(body.archived.len(), archive.len());
+        assert!(
+            data == golden,
+            "this build encodes snapshot data differently from the golden file: bump the format"
+        );
+    }
+
     /// This format carries the finished jobs after the table, with their records: they come
     /// back as they were (or are only checked, with `Records::Skip`); a record deleted before
     /// the build read it is left out; a record that disagrees with the table is refused.
