@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_core::limits::{SUBMIT_GROUPS_MAX, SUBMIT_GROUP_JOBS_MAX};
-use exactly_core::{Command, NewJob, Rejection, Response, Submitted};
+use exactly_core::{NewJob, Proposal, Rejection, Submitted};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::node::{Node, ProposeError, WRITE_APPLY_WAIT_MAX};
@@ -122,13 +122,17 @@ impl Submitter {
         let bytes = Arc::new(AtomicUsize::new(0));
         let waiting = Waiting::default();
         let in_flight = InFlight::default();
-        tokio::spawn(run(
-            node.clone(),
-            rx,
-            bytes.clone(),
-            waiting.clone(),
-            in_flight.clone(),
-        ));
+        crate::supervise::spawn(
+            &node,
+            "submit queue",
+            run(
+                node.clone(),
+                rx,
+                bytes.clone(),
+                waiting.clone(),
+                in_flight.clone(),
+            ),
+        );
         Self {
             tx,
             bytes,
@@ -312,18 +316,12 @@ async fn run(
             let _landed = Landed(in_flight, entry);
             let (jobs, replies): (Vec<Vec<NewJob>>, Vec<oneshot::Sender<Outcome>>) =
                 group.into_iter().map(|r| (r.jobs, r.reply)).unzip();
-            match node.propose_at(Command::SubmitGroups(jobs)).await {
-                Ok((Response::SubmittedGroups(results), index)) => {
+            match node.ask_at(Proposal::submit_groups(jobs)).await {
+                Ok((results, index)) => {
                     // Read-your-writes on this node (see `Node::propose_for_client`).
                     node.await_applied(index, WRITE_APPLY_WAIT_MAX).await;
                     for (reply, results) in replies.into_iter().zip(results) {
                         let _ = reply.send(Ok((results, index)));
-                    }
-                }
-                Ok((other, _)) => {
-                    let e = ProposeError::Unexpected(format!("{other:?}"));
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
                     }
                 }
                 Err(e) => {

@@ -24,6 +24,7 @@ pub mod node;
 pub mod proposer;
 pub mod scheduler;
 pub mod server;
+pub mod supervise;
 pub mod tls;
 
 pub use config::NodeConfig;

@@ -44,7 +44,7 @@ impl Proposer {
     /// Starts the proposing task; it ends when the node shuts down.
     pub fn start(node: Node) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
-        tokio::spawn(run(node, rx));
+        crate::supervise::spawn(&node.clone(), "proposal queue", run(node, rx));
         Self { tx }
     }
 

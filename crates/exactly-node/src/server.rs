@@ -30,7 +30,7 @@ use crate::internal::{InternalService, JoinReply};
 use crate::network::{Network, INTERNAL_MESSAGE_BYTES_MAX};
 use crate::node::{Node, NodeInner};
 use crate::scheduler::Scheduler;
-use crate::{codec, network};
+use crate::{codec, network, supervise};
 
 /// Largest public gRPC message (a submit batch of large payloads).
 pub const API_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -403,57 +403,93 @@ pub async fn start_with(
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     let with_internal = peer_listener.is_none();
     let api_tls_reload = api_tls.clone();
+    // Every long-lived task is supervised: a panic in one stops the node loudly
+    // (`supervise.rs`); the executor's own supervisor does the same for the actor.
+    type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let spawn = |name: &'static str, task: Task| supervise::spawn(&node, name, task);
     let mut tasks = vec![
-        tokio::spawn(serve(
-            node.clone(),
-            listener,
-            with_internal,
-            api_tls,
-            tokens.clone(),
-        )?),
-        tokio::spawn(watch_leadership(node.clone(), hooks.clone())),
-        tokio::spawn(confirm_quorum_while_leading(node.clone())),
-        tokio::spawn(bootstrap_and_register(node.clone(), addr.clone())),
-        tokio::spawn(stand_down_when_removed(node.clone(), executor.clone())),
-        tokio::spawn(learn_ready_index(node.clone())),
-        tokio::spawn(report_raft_core_stop(node.clone())),
+        spawn(
+            "API server",
+            Box::pin(serve(
+                node.clone(),
+                listener,
+                with_internal,
+                api_tls,
+                tokens.clone(),
+            )?),
+        ),
+        spawn(
+            "leadership watcher",
+            Box::pin(watch_leadership(node.clone(), hooks.clone())),
+        ),
+        spawn(
+            "quorum check",
+            Box::pin(confirm_quorum_while_leading(node.clone())),
+        ),
+        spawn(
+            "lease",
+            Box::pin(bootstrap_and_register(node.clone(), addr.clone())),
+        ),
+        spawn(
+            "removal watcher",
+            Box::pin(stand_down_when_removed(node.clone(), executor.clone())),
+        ),
+        spawn("readiness", Box::pin(learn_ready_index(node.clone()))),
+        spawn(
+            "Raft core watcher",
+            Box::pin(report_raft_core_stop(node.clone())),
+        ),
         tokio::spawn(supervise_executor(node.clone(), executor_task)),
     ];
     if let Some(listener) = http {
-        tasks.push(tokio::spawn(crate::http::serve(
-            node.clone(),
-            listener,
-            tokens.clone(),
-            http_tls.clone(),
-        )));
+        tasks.push(spawn(
+            "HTTP server",
+            Box::pin(crate::http::serve(
+                node.clone(),
+                listener,
+                tokens.clone(),
+                http_tls.clone(),
+            )),
+        ));
     }
     if let Some(tls) = http_tls {
-        tasks.push(tokio::spawn(crate::tls::reload_on_change(
-            tls,
-            node.shutdown.clone(),
-        )));
+        tasks.push(spawn(
+            "HTTP TLS reloader",
+            Box::pin(crate::tls::reload_on_change(tls, node.shutdown.clone())),
+        ));
     }
     if let Some(listener) = peer_listener {
         let handle = node.raft_runtime.handle();
-        tasks.push(handle.spawn(serve_peers(node.clone(), listener)));
+        tasks.push(supervise::spawn_on(
+            &handle,
+            &node,
+            "peer server",
+            serve_peers(node.clone(), listener),
+        ));
     }
     if let Some(tls) = &node.peer_tls {
-        tasks.push(tokio::spawn(crate::tls::reload_on_change(
-            tls.clone(),
-            node.shutdown.clone(),
-        )));
+        tasks.push(spawn(
+            "peer TLS reloader",
+            Box::pin(crate::tls::reload_on_change(
+                tls.clone(),
+                node.shutdown.clone(),
+            )),
+        ));
     }
     if node.config.tokens_file.is_some() {
-        tasks.push(tokio::spawn(crate::tls::reload_on_change(
-            tokens.clone(),
-            node.shutdown.clone(),
-        )));
+        tasks.push(spawn(
+            "tokens file reloader",
+            Box::pin(crate::tls::reload_on_change(
+                tokens.clone(),
+                node.shutdown.clone(),
+            )),
+        ));
     }
     if let Some(tls) = api_tls_reload {
-        tasks.push(tokio::spawn(crate::tls::reload_on_change(
-            tls,
-            node.shutdown.clone(),
-        )));
+        tasks.push(spawn(
+            "API TLS reloader",
+            Box::pin(crate::tls::reload_on_change(tls, node.shutdown.clone())),
+        ));
     }
 
     Ok(RunningNode {
