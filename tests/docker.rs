@@ -426,12 +426,33 @@ fn reap_leftovers() {
     }
 }
 
-/// A free TCP port on loopback (to publish a container port on).
+/// A free TCP port on loopback to publish a container port on, below the kernel's ephemeral
+/// range (32768–60999 on Linux by default). The ports are chosen when the deployment is made
+/// and bound by docker up to half a minute later (a node added by scaling up): an ephemeral
+/// port free at the start could meanwhile be handed to another test's connection or listener
+/// (CI saw `bind: address already in use` for a scaled-up node), but the kernel hands out no
+/// port below its ephemeral range, and every other test binds port 0. Each call takes the next
+/// candidate (from a start that differs per process), so one deployment never picks a port
+/// twice.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        std::sync::atomic::AtomicU16::new((seed % u64::from(SPAN)) as u16)
+    });
+    for _ in 0..SPAN {
+        let port = FIRST + next.fetch_add(1, Ordering::SeqCst) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// `GET path` on 127.0.0.1:port over HTTP/1.0: the status code and the body.
