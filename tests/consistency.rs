@@ -263,7 +263,7 @@ async fn a_restarted_node_is_ready_only_once_caught_up() -> anyhow::Result<()> {
     loop {
         checks += 1;
         let applied = node.node.state.last_applied().map_or(0, |l| l.index);
-        match exactly_node::http::not_ready(&node.node) {
+        match node.node.not_ready() {
             None => {
                 assert!(
                     applied >= committed,

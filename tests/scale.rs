@@ -147,7 +147,7 @@ async fn load(cluster: &FaultyCluster, via: u64, n: usize) -> anyhow::Result<Dur
 
 /// Waits until `node` is ready (what `/readyz` checks) and returns when it became so.
 async fn wait_ready(node: &Node, limit: Duration) -> anyhow::Result<Instant> {
-    wait_for(limit, || exactly_node::http::not_ready(node).is_none()).await?;
+    wait_for(limit, || node.not_ready().is_none()).await?;
     Ok(Instant::now())
 }
 

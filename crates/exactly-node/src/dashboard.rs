@@ -233,7 +233,7 @@ pub fn dashboard_status(node: &Node) -> DashboardStatus {
             last_log_index: status.last_log_index,
             committed_index: status.committed_index,
             applied_index: status.applied_index,
-            not_ready: crate::http::not_ready(node),
+            not_ready: node.not_ready(),
             insecure: node.config.exposure(),
         },
         members,

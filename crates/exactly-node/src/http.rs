@@ -15,9 +15,6 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::auth::{Denied, Need, TokenSet};
 use crate::node::Node;
 
-/// Applied entries a node may lag its own last log entry by and still be ready.
-pub const READY_APPLY_LAG_MAX: u64 = 1_000;
-
 /// The process-wide Prometheus recorder (several in-process test nodes share it; every series
 /// carries a `node` label).
 fn recorder() -> Option<&'static PrometheusHandle> {
@@ -42,48 +39,8 @@ async fn healthz(State(node): State<Node>) -> (StatusCode, String) {
     }
 }
 
-/// Why the node is not ready, or `None`.
-pub fn not_ready(node: &Node) -> Option<String> {
-    let m = node.raft.metrics().borrow().clone();
-    if let Err(fatal) = &m.running_state {
-        return Some(format!("raft stopped: {fatal}"));
-    }
-    if node.departure.is_removed() {
-        return Some("removed from the cluster".into());
-    }
-    if node.departure.has_departed() {
-        return Some("left the cluster (drained)".into());
-    }
-    if node.read(|t| t.leaving(node.id).is_some()) {
-        return Some("draining: leaving the cluster".into());
-    }
-    if m.current_leader.is_none() {
-        return Some("no leader known".into());
-    }
-    let applied = m.last_applied.map_or(0, |l| l.index);
-    match node.ready_index.load(std::sync::atomic::Ordering::Acquire) {
-        u64::MAX => {
-            return Some("catching up: asking the leader how far the log is committed".into())
-        }
-        needed if applied < needed => {
-            return Some(format!(
-                "catching up: applied {applied} of the {needed} entries committed when it started"
-            ))
-        }
-        _ => {}
-    }
-    if !node.lease_valid() {
-        return Some("no valid lease (not registered yet, or fenced)".into());
-    }
-    let last = m.last_log_index.unwrap_or(0);
-    if last.saturating_sub(applied) > READY_APPLY_LAG_MAX {
-        return Some(format!("applying: {applied} of {last}"));
-    }
-    None
-}
-
 async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
-    match not_ready(&node) {
+    match node.not_ready() {
         None => {
             let open = node.config.exposure();
             if open.is_empty() {

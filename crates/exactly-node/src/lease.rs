@@ -66,8 +66,9 @@ impl Node {
                 applied: self.state.last_applied().map_or(0, |l| l.index),
             };
             let sent = self.mono_ms();
-            match self.ask(Proposal::register(registration)).await {
-                Ok(Ok(requeued)) => {
+            let answer = self.ask(Proposal::register(registration)).await;
+            match after_registration(answer) {
+                AfterRegistration::Registered(requeued) => {
                     self.lease_acked(sent);
                     tracing::info!(
                         node = self.id,
@@ -77,22 +78,22 @@ impl Node {
                     );
                     return true;
                 }
-                Ok(Err(Rejection::Removed(_))) => {
+                AfterRegistration::Removed => {
                     self.departure.mark_removed();
                     return false;
                 }
-                // Behind the log (catching up after a restart, or the cluster dials an old
-                // address of this node): try again once more of the log has arrived.
-                Ok(Err(why @ Rejection::Lagging { .. })) => {
+                AfterRegistration::Behind(why) => {
                     tracing::info!(%why, "registration refused until this node catches up");
                 }
-                Ok(Err(why)) => {
+                AfterRegistration::Reincarnate(why) => {
                     tracing::error!(%why, "registration refused; taking a new incarnation");
                     if !self.reincarnate() {
                         return false;
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "registration not yet possible"),
+                AfterRegistration::Retry(e) => {
+                    tracing::debug!(error = %e, "registration not yet possible")
+                }
             }
             tokio::time::sleep(REGISTER_RETRY).await;
         }
@@ -222,6 +223,36 @@ enum Renewed {
     Reincarnate,
     /// This node is out of the cluster.
     Stop,
+}
+
+/// What one registration's answer means for this node (pure; table-tested).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AfterRegistration {
+    /// Registered: the lease runs from the send time (`requeued`: attempts of earlier
+    /// incarnations given back).
+    Registered(u32),
+    /// This node id was removed from the cluster: it never registers again.
+    Removed,
+    /// Behind the log (catching up after a restart, or the cluster dials an old address of
+    /// this node): try again once more of the log has arrived.
+    Behind(Rejection),
+    /// Refused for another reason (an expired or stale incarnation): take a new incarnation.
+    Reincarnate(Rejection),
+    /// Not committed: try again.
+    Retry(String),
+}
+
+/// Decides what the answer to a registration means.
+pub fn after_registration(
+    answer: Result<Result<u32, Rejection>, crate::node::ProposeError>,
+) -> AfterRegistration {
+    match answer {
+        Ok(Ok(requeued)) => AfterRegistration::Registered(requeued),
+        Ok(Err(Rejection::Removed(_))) => AfterRegistration::Removed,
+        Ok(Err(why @ Rejection::Lagging { .. })) => AfterRegistration::Behind(why),
+        Ok(Err(why)) => AfterRegistration::Reincarnate(why),
+        Err(e) => AfterRegistration::Retry(e.to_string()),
+    }
 }
 
 /// How one renewal was answered.
@@ -427,20 +458,27 @@ mod tests {
     }
 
     /// The silence is measured from the renewal this process applied, and the expiry names it.
+    fn expired() -> Rejection {
+        Rejection::Expired {
+            node: 2,
+            incarnation: 5,
+        }
+    }
+
+    fn lagging() -> Rejection {
+        Rejection::Lagging {
+            node: 2,
+            applied: 10,
+            needed: 20,
+        }
+    }
+
     /// Every answer to a renewal maps to what the node does: only a committed, accepted
     /// renewal of the current incarnation extends the lease; a lost lease takes a new
     /// incarnation; removal and departure stop the node; everything else changes nothing.
     #[test]
     fn each_renewal_answer_takes_its_step() {
-        let expired = Rejection::Expired {
-            node: 2,
-            incarnation: 5,
-        };
-        let lagging = Rejection::Lagging {
-            node: 2,
-            applied: 10,
-            needed: 20,
-        };
+        let (expired, lagging) = (expired(), lagging());
         let stale = Rejection::StaleIncarnation {
             node: 2,
             got: 4,
@@ -501,6 +539,29 @@ mod tests {
             after_renewal(5, 5, RenewalAnswer::TimedOut),
             AfterRenewal::Unanswered(_)
         ));
+    }
+
+    /// Every answer to a registration maps to what the node does.
+    #[test]
+    fn each_registration_answer_takes_its_step() {
+        let (expired, lagging) = (expired(), lagging());
+        let timeout = crate::node::ProposeError::Timeout(Duration::from_secs(5));
+        let cases = [
+            (Ok(Ok(3)), AfterRegistration::Registered(3)),
+            (Ok(Err(Rejection::Removed(2))), AfterRegistration::Removed),
+            (Ok(Err(lagging.clone())), AfterRegistration::Behind(lagging)),
+            (
+                Ok(Err(expired.clone())),
+                AfterRegistration::Reincarnate(expired),
+            ),
+            (
+                Err(timeout.clone()),
+                AfterRegistration::Retry(timeout.to_string()),
+            ),
+        ];
+        for (answer, expected) in cases {
+            assert_eq!(after_registration(answer.clone()), expected, "{answer:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,25 @@ pub const LEADER_CHANGE_GRACE: Duration = Duration::from_millis(300);
 /// reply goes out anyway (a follower applies a commit one round trip after the leader).
 pub const WRITE_APPLY_WAIT_MAX: Duration = Duration::from_secs(1);
 
+/// Applied entries a node may lag its own last log entry by and still be ready.
+pub const READY_APPLY_LAG_MAX: u64 = 1_000;
+
+/// Which members the scheduler gives no new work, as it last planned (`None`: no scheduler
+/// runs on this node). Published for the leader's group commit (`Node::write_local`), which
+/// folds the same policy into each submit's entry (`Command::SubmitAssign`).
+#[derive(Debug, Default)]
+pub struct AssignView(std::sync::Mutex<Option<std::collections::BTreeSet<u64>>>);
+
+impl AssignView {
+    pub fn get(&self) -> Option<std::collections::BTreeSet<u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set(&self, view: Option<std::collections::BTreeSet<u64>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+}
+
 /// A committed entry's response that its typed proposal cannot read: `apply` answered its
 /// command with something it never answers it (a bug, reported rather than guessed at).
 fn unreadable(response: Response) -> ProposeError {
@@ -133,12 +152,12 @@ pub struct NodeInner {
     pub submitter: std::sync::OnceLock<crate::group::Submitter>,
     /// Which members the running scheduler would give no new work (`None`: no scheduler runs
     /// here). The leader's group commit uses it to start attempts in the submit's own entry.
-    pub assign_view: crate::scheduler::AssignView,
+    pub assign_view: AssignView,
     /// Batches what this node proposes as leader into few entries (see `proposer.rs`); set once
     /// at start.
     pub proposer: std::sync::OnceLock<crate::proposer::Proposer>,
     /// The leader's read index learned once after start: this node is ready only once it has
-    /// applied that far (`u64::MAX`: not learned yet). See `http::not_ready`.
+    /// applied that far (`u64::MAX`: not learned yet). See `Node::not_ready`.
     pub ready_index: std::sync::atomic::AtomicU64,
     /// The runtime openraft's core, log, state machine and replication run on (see
     /// [`RaftRuntime`]).
@@ -662,6 +681,47 @@ impl Node {
         let client = network::internal_client(channel);
         peers.insert(addr.to_string(), client.clone());
         Ok(client)
+    }
+
+    /// Why this node is not ready (`/readyz`, the dashboard, readiness waits), or `None`.
+    pub fn not_ready(&self) -> Option<String> {
+        let node = self;
+        let m = node.raft.metrics().borrow().clone();
+        if let Err(fatal) = &m.running_state {
+            return Some(format!("raft stopped: {fatal}"));
+        }
+        if node.departure.is_removed() {
+            return Some("removed from the cluster".into());
+        }
+        if node.departure.has_departed() {
+            return Some("left the cluster (drained)".into());
+        }
+        if node.read(|t| t.leaving(node.id).is_some()) {
+            return Some("draining: leaving the cluster".into());
+        }
+        if m.current_leader.is_none() {
+            return Some("no leader known".into());
+        }
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        match node.ready_index.load(std::sync::atomic::Ordering::Acquire) {
+            u64::MAX => {
+                return Some("catching up: asking the leader how far the log is committed".into())
+            }
+            needed if applied < needed => {
+                return Some(format!(
+                "catching up: applied {applied} of the {needed} entries committed when it started"
+            ))
+            }
+            _ => {}
+        }
+        if !node.lease_valid() {
+            return Some("no valid lease (not registered yet, or fenced)".into());
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        if last.saturating_sub(applied) > READY_APPLY_LAG_MAX {
+            return Some(format!("applying: {applied} of {last}"));
+        }
+        None
     }
 }
 

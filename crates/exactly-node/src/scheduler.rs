@@ -38,22 +38,6 @@ pub const SCHEDULER_TICK: Duration = Duration::from_millis(100);
 pub const SILENT_AFTER_HEARTBEATS: u32 = 4;
 pub use engine::MEMBERSHIP_EVERY_TICKS;
 
-/// Which members the scheduler gives no new work, as it last planned (`None`: no scheduler
-/// runs on this node). Published for the leader's group commit (`Node::write_local`), which
-/// folds the same policy into each submit's entry (`Command::SubmitAssign`).
-#[derive(Debug, Default)]
-pub struct AssignView(std::sync::Mutex<Option<BTreeSet<u64>>>);
-
-impl AssignView {
-    pub fn get(&self) -> Option<BTreeSet<u64>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, view: Option<BTreeSet<u64>>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = view;
-    }
-}
-
 pub enum SchedulerMsg {
     Wake,
     Tick,

@@ -595,7 +595,7 @@ fn serve(
                     _ = tick.tick() => {}
                     _ = watched.shutdown.cancelled() => return,
                 }
-                let ready = crate::http::not_ready(&watched).is_none();
+                let ready = watched.not_ready().is_none();
                 if last == Some(ready) {
                     continue;
                 }
