@@ -18,19 +18,19 @@ use crate::{JobId, NodeId};
 #[derive(Clone, Debug)]
 pub struct Proposal<T> {
     command: Command,
-    reply: fn(Response) -> Option<T>,
+    reply: fn(Response) -> Result<T, Response>,
 }
 
 /// How to read the reply of a proposal whose command went its own way (see [`Proposal::split`]).
 #[derive(Clone, Copy, Debug)]
-pub struct Reply<T>(fn(Response) -> Option<T>);
+pub struct Reply<T>(fn(Response) -> Result<T, Response>);
 
 impl<T> Reply<T> {
     /// The typed reply, or the response itself if `apply` answered something this command
-    /// never gets (a bug; the caller reports it).
+    /// never gets (a bug; the caller reports it). Moves the response, never copies it: this is
+    /// on every submit's and completion's path.
     pub fn read(&self, response: Response) -> Result<T, Response> {
-        let fallback = response.clone();
-        (self.0)(response).ok_or(fallback)
+        (self.0)(response)
     }
 }
 
@@ -78,8 +78,8 @@ impl<T> Proposal<T> {
 macro_rules! reply {
     ($pattern:pat => $value:expr) => {
         |response| match response {
-            $pattern => Some($value),
-            _ => None,
+            $pattern => Ok($value),
+            other => Err(other),
         }
     };
 }
@@ -204,7 +204,7 @@ impl Proposal<Result<(), Rejection>> {
     pub fn joined(note: JoinNote) -> Self {
         Proposal {
             command: Command::Joined(note),
-            reply: reply!(Response::Empty => Ok(())),
+            reply: reply!(Response::Empty => Ok::<(), Rejection>(())),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{new_job, Harness};
+use common::{new_job, spec, Harness};
 use exactly_core::cron::MissedTickPolicy;
 use exactly_core::limits::CRON_CATCH_UP_FIRES_MAX;
 use exactly_core::schedule::{fire_key, Fire, Fired, OverlapPolicy, ScheduleSpec};
@@ -12,18 +12,6 @@ use exactly_core::{Command, JobId, JobStatus, Rejection, Response};
 /// 2026-01-01T00:00:00Z.
 const T0: u64 = 1_767_225_600_000;
 const MINUTE: u64 = 60_000;
-
-fn spec(name: &str, cron: &str) -> ScheduleSpec {
-    ScheduleSpec {
-        name: name.into(),
-        cron: cron.into(),
-        tz: "UTC".into(),
-        job: new_job("reports", "noop", b"tick"),
-        overlap: OverlapPolicy::Allow,
-        missed: MissedTickPolicy::Skip,
-        replace: false,
-    }
-}
 
 fn add(h: &mut Harness, now: u64, s: ScheduleSpec) -> Result<(), Rejection> {
     match h.apply(now, Command::AddSchedule(s)).0 {

@@ -3,10 +3,9 @@
 
 mod common;
 
-use common::{assignment, completion, new_job, registration, succeeded, Harness};
+use common::{assignment, completion, new_job, registration, spec, succeeded, Harness};
 use exactly_core::access::{Scope, TokenGrant};
-use exactly_core::cron::MissedTickPolicy;
-use exactly_core::schedule::{Fire, OverlapPolicy, ScheduleSpec};
+use exactly_core::schedule::Fire;
 use exactly_core::{
     Command, DeadFilter, DrainNode, Expiry, JoinNote, LeaveReason, NodeLease, NodeRegistration,
     Proposal, QueuePatch, Renewal, Response, Retention,
@@ -20,18 +19,6 @@ fn check<T: std::fmt::Debug>(h: &mut Harness, name: &str, proposal: Proposal<T>)
     match proposal.reply(response) {
         Ok(reply) => reply,
         Err(response) => panic!("{name}: apply answered {response:?}, which it cannot read"),
-    }
-}
-
-fn spec(name: &str, cron: &str) -> ScheduleSpec {
-    ScheduleSpec {
-        name: name.into(),
-        cron: cron.into(),
-        tz: "UTC".into(),
-        job: new_job("reports", "noop", b"tick"),
-        overlap: OverlapPolicy::Allow,
-        missed: MissedTickPolicy::Skip,
-        replace: false,
     }
 }
 

@@ -5,6 +5,9 @@
 
 use std::collections::BTreeMap;
 
+use exactly_core::cron::MissedTickPolicy;
+use exactly_core::schedule::{OverlapPolicy, ScheduleSpec};
+
 use exactly_core::{
     Assignment, Command, Completion, Effect, Expiry, Job, JobEvent, JobId, JobTable, NewJob,
     NodeEntry, NodeId, NodeLease, NodeRegistration, Outcome, Renewal, Request, Response,
@@ -23,6 +26,19 @@ pub fn new_job(queue: &str, kind: &str, payload: &[u8]) -> NewJob {
         priority: 0,
         max_attempts: 3,
         ..NewJob::default()
+    }
+}
+
+/// An every-field-valid schedule in UTC firing a `reports` job, skipping missed ticks.
+pub fn spec(name: &str, cron: &str) -> ScheduleSpec {
+    ScheduleSpec {
+        name: name.into(),
+        cron: cron.into(),
+        tz: "UTC".into(),
+        job: new_job("reports", "noop", b"tick"),
+        overlap: OverlapPolicy::Allow,
+        missed: MissedTickPolicy::Skip,
+        replace: false,
     }
 }
 
