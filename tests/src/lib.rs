@@ -74,12 +74,41 @@ impl Handler for LedgerHandler {
 /// The kind under which [`LedgerHandler`] is registered.
 pub const LEDGER_KIND: &str = "ledger";
 
-/// A configuration for an in-process test node: loopback, an ephemeral port, fast elections.
+/// A free loopback port for a test node to listen on, from 10000–19999: below the kernel's
+/// ephemeral range (32768–60999 by default), where no outgoing connection ever gets a port, and
+/// below the container test's host ports (20000–31999). A node the fault harness restarts comes
+/// back on its old port; with port 0 the kernel could hand that port to another test's
+/// connection while the node was down (CI saw `cannot listen on 127.0.0.1:46469: Address
+/// already in use` for a chaos seed's restart). Each call takes the next candidate that binds,
+/// from a start that differs per process.
+pub fn free_port() -> u16 {
+    const FIRST: u16 = 10_000;
+    const SPAN: u16 = 10_000;
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let seed = u64::from(std::process::id())
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        std::sync::atomic::AtomicU16::new((seed % u64::from(SPAN)) as u16)
+    });
+    for _ in 0..SPAN {
+        let port = FIRST + next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
+}
+
+/// A configuration for an in-process test node: loopback, a port from [`free_port`], fast
+/// elections.
 pub fn test_config(dir: &std::path::Path, node_id: u64) -> NodeConfig {
     let mut c = NodeConfig {
         node_id: Some(node_id),
         data_dir: dir.join(format!("node-{node_id}")),
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
         ..NodeConfig::default()
     };
     c.raft.heartbeat_interval = Duration::from_millis(50);
