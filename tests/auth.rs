@@ -4,6 +4,7 @@
 //! narrow and one wide enough, through the Rust client as users call it; a refused call changes
 //! nothing.
 
+use openraft::async_runtime::WatchReceiver;
 use std::time::Duration;
 
 use exactly_client::{Client, ClientOptions, Code, DeadLetterFilter, Token};
@@ -748,11 +749,16 @@ async fn tokens_issued_through_the_api_work_on_every_node_until_revoked() -> any
     // Node 4 joins once the log that issued the token is purged: it gets it in a snapshot.
     let leader = cluster.leader().expect("a leader");
     let node = cluster.node(leader).expect("the leader runs").clone();
-    let issued_by = node.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let issued_by = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .unwrap_or(0);
     wait_for(Duration::from_secs(60), || {
         node.raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .purged
             .is_some_and(|p| p.index > issued_by)
     })

@@ -447,14 +447,27 @@ async fn run_negative_control(acknowledge_before_sync: bool) -> ChaosOutcome {
 /// losses of the control seed lose jobs whose submits were acknowledged, and the checker
 /// reports them, together with the acknowledgements no durable point covered. If this finds
 /// nothing, the fault is too weak to test invariant 1.
+///
+/// The harness replays the seed's schedule, not the task interleaving, and on a busy machine a
+/// run can end with every early-acknowledged entry recovered from another replica (seen once in
+/// a full parallel run after openraft 0.10). So the control runs up to three times: every run
+/// must catch the unsynced acknowledgements, and one of them must lose an acknowledged job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_loss_catches_a_store_that_acknowledges_before_fsync() {
-    let outcome = run_negative_control(true).await;
-    assert!(
-        outcome.report.lost > 0,
-        "no acknowledged job was lost: {outcome:#}"
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let outcome = run_negative_control(true).await;
+        assert!(outcome.report.not_durable > 0, "{outcome:#}");
+        let lost = outcome.report.lost > 0;
+        runs.push(format!("{outcome:#}"));
+        if lost {
+            return;
+        }
+    }
+    panic!(
+        "no acknowledged job was lost in 3 runs: {}",
+        runs.join("\n")
     );
-    assert!(outcome.report.not_durable > 0, "{outcome:#}");
 }
 
 /// The negative control's seed with the correct store (fsync, then callback): clean, although

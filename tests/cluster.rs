@@ -1,5 +1,6 @@
 //! In-process cluster tests: real nodes (openraft, sled, gRPC on loopback) in one process.
 
+use openraft::async_runtime::WatchReceiver;
 use std::time::{Duration, Instant};
 
 use exactly_proto::v1 as pb;
@@ -151,7 +152,14 @@ async fn bad_input_is_refused_before_anything_is_committed() -> anyhow::Result<(
     let log_index = |c: &TestCluster| {
         c.nodes
             .iter()
-            .map(|n| n.node.raft.metrics().borrow().last_log_index.unwrap_or(0))
+            .map(|n| {
+                n.node
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .last_log_index
+                    .unwrap_or(0)
+            })
             .max()
             .unwrap_or(0)
     };

@@ -4,6 +4,7 @@
 //! says it cannot, and a restarted node is not ready before it has applied what was committed
 //! when it started.
 
+use openraft::async_runtime::WatchReceiver;
 use std::time::{Duration, Instant};
 
 use exactly_proto::v1 as pb;
@@ -252,7 +253,7 @@ async fn a_restarted_node_is_ready_only_once_caught_up() -> anyhow::Result<()> {
         .node
         .raft
         .metrics()
-        .borrow()
+        .borrow_watched()
         .last_applied
         .map_or(0, |l| l.index);
     let mut registry = exactly_handlers::Registry::with_builtins();

@@ -4,6 +4,7 @@
 //! voter removed and replaced, a removed node coming back with its old data, and a snapshot
 //! installed on a new node after the log was compacted.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -52,7 +53,7 @@ fn roles(cluster: &FaultyCluster, node: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
     let Some(n) = cluster.node(node) else {
         return Default::default();
     };
-    let m = n.raft.metrics().borrow().membership_config.clone();
+    let m = n.raft.metrics().borrow_watched().membership_config.clone();
     let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
     let learners: BTreeSet<u64> = m.membership().learner_ids().collect();
     (voters, learners)
@@ -655,7 +656,7 @@ async fn a_removed_dead_voter_is_replaced_and_cannot_come_back() -> anyhow::Resu
     let terms_before: Vec<(u64, u64)> = s
         .cluster
         .hosts()
-        .map(|h| (h.id, h.node().raft.metrics().borrow().current_term))
+        .map(|h| (h.id, h.node().raft.metrics().borrow_watched().current_term))
         .collect();
     s.recorder.nemesis(format!("restart removed node {victim}"));
     let back_at = now_us();
@@ -700,7 +701,7 @@ async fn a_removed_dead_voter_is_replaced_and_cannot_come_back() -> anyhow::Resu
             .unwrap()
             .raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .current_term;
         assert_eq!(now, term, "node {id}'s term moved");
     }
@@ -759,7 +760,12 @@ async fn a_new_node_gets_a_snapshot_after_the_log_was_compacted() -> anyhow::Res
     }
     let node = s.cluster.node(leader).unwrap().clone();
     // Every submit above is at or below this index.
-    let submitted_by = node.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let submitted_by = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .unwrap_or(0);
     wait_for(CHANGE_WAIT, || {
         node.read(|t| t.counts().succeeded) >= first.len() as u64
     })
@@ -768,12 +774,12 @@ async fn a_new_node_gets_a_snapshot_after_the_log_was_compacted() -> anyhow::Res
     wait_for(CHANGE_WAIT, || {
         node.raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .purged
             .is_some_and(|p| p.index > submitted_by)
     })
     .await?;
-    let purged = node.raft.metrics().borrow().purged.map(|p| p.index);
+    let purged = node.raft.metrics().borrow_watched().purged.map(|p| p.index);
     drop(node);
     s.recorder
         .nemesis(format!("add node 4 (leader log purged up to {purged:?})"));
@@ -1017,7 +1023,7 @@ async fn a_member_back_at_a_new_address_gets_the_log_there() -> anyhow::Result<(
 /// `node`'s address in `via`'s view of the Raft membership.
 fn member_addr(cluster: &FaultyCluster, via: u64, node: u64) -> Option<String> {
     let n = cluster.node(via)?;
-    let m = n.raft.metrics().borrow().membership_config.clone();
+    let m = n.raft.metrics().borrow_watched().membership_config.clone();
     m.membership().get_node(&node).map(|b| b.addr.clone())
 }
 

@@ -4,6 +4,7 @@
 //! acknowledgement or a refusal that provably committed nothing (RESOURCE_EXHAUSTED with a
 //! retry hint, or UNAVAILABLE), and every acknowledged job completes.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +27,7 @@ async fn an_overload_of_one_job_submits_changes_no_leader_and_refuses_cleanly() 
     let terms: Vec<u64> = cluster
         .nodes
         .iter()
-        .map(|n| n.node.raft.metrics().borrow().current_term)
+        .map(|n| n.node.raft.metrics().borrow_watched().current_term)
         .collect();
     let leader = cluster.nodes[0].node.leader().map(|(l, _)| l);
     let endpoints = cluster.endpoints();
@@ -105,7 +106,7 @@ async fn an_overload_of_one_job_submits_changes_no_leader_and_refuses_cleanly() 
     );
     for (node, before) in cluster.nodes.iter().zip(&terms) {
         assert_eq!(
-            node.node.raft.metrics().borrow().current_term,
+            node.node.raft.metrics().borrow_watched().current_term,
             *before,
             "the overload changed the term on node {}",
             node.id()

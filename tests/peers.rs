@@ -3,14 +3,16 @@
 //! own peer listener). Every probe is refused before anything changes: the node keeps its data,
 //! its term and its jobs; and the public port does not serve the node-to-node service.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_core::{Command, Expiry, NodeLease, Retention};
 use exactly_proto::internal::{Blob, SnapshotChunk};
+use exactly_store::raft_types::{log_id, SnapshotMeta, StoredMembership, Vote};
+use exactly_store::TypeConfig;
 use exactly_tests::{ledger_job, wait_for, TestCluster};
 use futures::StreamExt;
-use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, Vote};
 use tonic::Code;
 
 /// Submits one ledger job through node 0 and waits until every node sees it succeeded.
@@ -43,18 +45,14 @@ async fn a_corrupt_snapshot_is_refused_and_the_node_keeps_its_data() -> anyhow::
         .iter()
         .find(|n| n.node.id != leader)
         .expect("a follower");
-    let metrics = target.node.raft.metrics().borrow().clone();
+    let metrics = target.node.raft.metrics().borrow_watched().clone();
     let term = metrics.current_term;
     let mut peer =
         exactly_node::network::internal_client(exactly_node::network::channel(&target.peer_addr)?);
     for body in [b"garbage".to_vec(), Vec::new(), vec![1u8; 100_000]] {
-        let meta: SnapshotMeta<u64, openraft::BasicNode> = SnapshotMeta {
-            last_log_id: Some(LogId::new(
-                CommittedLeaderId::new(term + 5, leader),
-                1_000_000_000,
-            )),
+        let meta: SnapshotMeta = SnapshotMeta {
+            last_log_id: Some(log_id(term + 5, leader, 1_000_000_000)),
             last_membership: StoredMembership::default(),
-            snapshot_id: "forged".into(),
         };
         let header = exactly_node::codec::encode(&(Vote::new_committed(term + 5, leader), meta));
         let chunk = SnapshotChunk {
@@ -73,7 +71,7 @@ async fn a_corrupt_snapshot_is_refused_and_the_node_keeps_its_data() -> anyhow::
     let stale = SnapshotChunk {
         header: exactly_node::codec::encode(&(
             Vote::new_committed(term.saturating_sub(1), leader),
-            SnapshotMeta::<u64, openraft::BasicNode>::default(),
+            SnapshotMeta::default(),
         )),
         data: vec![7; 1000],
         target: target.node.id,
@@ -82,12 +80,14 @@ async fn a_corrupt_snapshot_is_refused_and_the_node_keeps_its_data() -> anyhow::
     let answer = tokio::time::timeout(Duration::from_secs(5), peer.install_snapshot(endless))
         .await
         .expect("answered before the stream ended")?;
-    let decoded: Result<openraft::raft::SnapshotResponse<u64>, openraft::error::Fatal<u64>> =
-        exactly_node::codec::decode(&answer.into_inner().data)?;
-    let mine = target.node.raft.metrics().borrow().vote;
+    let decoded: Result<
+        openraft::raft::SnapshotResponse<TypeConfig>,
+        openraft::error::Fatal<TypeConfig>,
+    > = exactly_node::codec::decode(&answer.into_inner().data)?;
+    let mine = target.node.raft.metrics().borrow_watched().vote;
     assert_eq!(decoded.expect("not fatal").vote, mine);
 
-    let after = target.node.raft.metrics().borrow().clone();
+    let after = target.node.raft.metrics().borrow_watched().clone();
     assert_eq!(after.current_term, term, "the forged vote reached Raft");
     assert!(
         after.last_log_index >= metrics.last_log_index,
@@ -294,7 +294,7 @@ fn tls_peer(
 }
 
 fn vote_request(term: u64, candidate: u64, target: u64) -> Blob {
-    let request = openraft::raft::VoteRequest::new(Vote::new(term, candidate), None);
+    let request = openraft::raft::VoteRequest::<TypeConfig>::new(Vote::new(term, candidate), None);
     Blob {
         data: exactly_node::codec::encode(&request),
         target,
@@ -327,7 +327,12 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
     let (certs, cluster) = start_with_peer_tls().await?;
     let dir = certs.path().to_path_buf();
     let done = one_job_done(&cluster).await?;
-    let metrics = cluster.nodes[0].node.raft.metrics().borrow().clone();
+    let metrics = cluster.nodes[0]
+        .node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .clone();
     let (term, leader) = (metrics.current_term, metrics.current_leader);
     let target = &cluster.nodes[1];
     let (addr, to) = (target.peer_addr.as_str(), target.node.id);
@@ -394,7 +399,7 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
     // Leader traffic from a non-member: an AppendEntries as leader of a higher term (the
     // members asked do not vouch for node 9), asked again once the refusal is no longer
     // remembered, and its membership question.
-    let as_leader = openraft::raft::AppendEntriesRequest::<exactly_store::TypeConfig> {
+    let as_leader = openraft::raft::AppendEntriesRequest::<TypeConfig> {
         vote: Vote::new_committed(term + 5, 9),
         prev_log_id: None,
         entries: Vec::new(),
@@ -423,10 +428,9 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
     );
     let header = exactly_node::codec::encode(&(
         Vote::new_committed(term + 5, 9),
-        SnapshotMeta::<u64, openraft::BasicNode> {
+        SnapshotMeta {
             last_log_id: None,
             last_membership: StoredMembership::default(),
-            snapshot_id: "forged".into(),
         },
     ));
     let chunk = SnapshotChunk {
@@ -466,7 +470,7 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
         member.vote(vote_request(term + 5, 1, to)).await,
         "a member's vote in another member's name",
     );
-    let append = openraft::raft::AppendEntriesRequest::<exactly_store::TypeConfig> {
+    let append = openraft::raft::AppendEntriesRequest::<TypeConfig> {
         vote: Vote::new_committed(term + 5, 1),
         prev_log_id: None,
         entries: Vec::new(),
@@ -515,7 +519,7 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
     );
 
     for node in &cluster.nodes {
-        let now = node.node.raft.metrics().borrow().clone();
+        let now = node.node.raft.metrics().borrow_watched().clone();
         assert_eq!(
             now.current_term, term,
             "node {}: a probe moved the term",
@@ -633,7 +637,12 @@ async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
     })
     .await?;
     one_job_done(&cluster).await?;
-    let metrics = cluster.nodes[0].node.raft.metrics().borrow().clone();
+    let metrics = cluster.nodes[0]
+        .node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .clone();
     let (term, leader) = (
         metrics.current_term,
         metrics.current_leader.expect("a leader"),
@@ -704,7 +713,7 @@ async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
     let applied = |n: &exactly_node::Node| {
         n.raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .last_applied
             .map_or(0, |l| l.index)
     };
@@ -744,7 +753,7 @@ async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
         "node {id} still gets the log"
     );
     assert!(applied(&leader_node.node) > before + 3);
-    let now = leader_node.node.raft.metrics().borrow().clone();
+    let now = leader_node.node.raft.metrics().borrow_watched().clone();
     assert_eq!(now.current_leader, Some(leader), "the leader stayed");
     cluster.shutdown().await;
     Ok(())
@@ -794,13 +803,14 @@ async fn a_lagging_follower_takes_a_leader_that_members_vouch_for() -> anyhow::R
         n.node
             .raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .voter_ids()
             .collect()
     };
-    let leader_of = |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow().current_leader;
+    let leader_of =
+        |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow_watched().current_leader;
     let one = start(1, None).await?;
     let seed = one.peer_addr.clone();
     let two = start(2, Some(seed.clone())).await?;
@@ -816,7 +826,8 @@ async fn a_lagging_follower_takes_a_leader_that_members_vouch_for() -> anyhow::R
         .map_err(|e| anyhow::anyhow!("nodes 4 and 5 not voters: {e}: {:?}", voters(&one)))?;
     assert_eq!(voters(&three), [1, 2, 3], "node 3 missed their admission");
     // Every node but 3 has the final configuration committed and applied.
-    let applied = |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow().last_applied;
+    let applied =
+        |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow_watched().last_applied;
     wait_for(Duration::from_secs(15), || {
         let target = applied(&one);
         [&two, &four, &five]
@@ -836,7 +847,7 @@ async fn a_lagging_follower_takes_a_leader_that_members_vouch_for() -> anyhow::R
     .await
     .map_err(|e| {
         let m = |n: &exactly_node::RunningNode| {
-            let m = n.node.raft.metrics().borrow().clone();
+            let m = n.node.raft.metrics().borrow_watched().clone();
             (m.current_term, m.current_leader, m.state, m.last_log_index)
         };
         anyhow::anyhow!(

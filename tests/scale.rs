@@ -12,6 +12,7 @@
 //! EXACTLY_SLOW_TESTS=1 cargo test --release -p exactly-tests --test scale -- --nocapture --test-threads 1
 //! ```
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -123,7 +124,14 @@ async fn load(cluster: &FaultyCluster, via: u64, n: usize) -> anyhow::Result<Dur
                     {
                         Ok(_) => break,
                         // Only "nothing was applied" answers are retried: the count must be exact.
-                        Err(s) if s.code() == tonic::Code::Unavailable && tries < 20 => {
+                        // RESOURCE_EXHAUSTED is admission control's refusal, which proposed
+                        // nothing (README "Overload"); a real client backs off and retries it too.
+                        Err(s)
+                            if matches!(
+                                s.code(),
+                                tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                            ) && tries < 20 =>
+                        {
                             tries += 1;
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
@@ -159,17 +167,22 @@ async fn compact(node: &Node) -> anyhow::Result<u64> {
     wait_for(Duration::from_secs(600), || {
         node.raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .snapshot
             .is_some_and(|s| s.index >= applied)
     })
     .await?;
-    let index = node.raft.metrics().borrow().snapshot.map_or(0, |s| s.index);
+    let index = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .snapshot
+        .map_or(0, |s| s.index);
     node.raft.trigger().purge_log(index).await?;
     wait_for(Duration::from_secs(60), || {
         node.raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .purged
             .is_some_and(|p| p.index >= index)
     })
@@ -213,7 +226,12 @@ async fn a_node_joins_and_takes_work_with_many_finished_jobs() -> anyhow::Result
     };
     let loaded = load(&cluster, leader, n).await?;
     let l = cluster.node(leader).unwrap().clone();
-    let last_index = l.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let last_index = l
+        .raft
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .unwrap_or(0);
     // Whatever the policy did so far, compact the leader's log now: the new node can then only
     // catch up from a snapshot.
     let purged = compact(&l).await?;

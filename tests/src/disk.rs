@@ -12,8 +12,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use exactly_store::raft_types::{LogId, Vote};
 use exactly_store::{DurabilityHook, DurableImage, StoreOptions};
-use openraft::{LogId, Vote};
 
 use crate::history::{now_us, Micros};
 
@@ -46,12 +46,12 @@ struct State {
     /// The newest completed image, and when it completed.
     durable: Option<(DurableImage, Micros)>,
     /// The last log id `append` wrote.
-    written: Option<LogId<u64>>,
+    written: Option<LogId>,
     /// The newest log id an append callback reported while no completed image covered it yet
     /// (a correct store never does this); cleared once an image covers it.
-    acknowledged_early: Option<LogId<u64>>,
+    acknowledged_early: Option<LogId>,
     /// Likewise for a vote `save_vote` returned.
-    vote_early: Option<Vote<u64>>,
+    vote_early: Option<Vote>,
     acknowledgements: u64,
 }
 
@@ -70,9 +70,9 @@ pub struct PowerCut {
     /// Log entries an append callback had reported as on disk although no completed durability
     /// point covered them, and still none did when the power went off: the newest such log id.
     /// Always `None` for a correct store.
-    pub acknowledged_not_durable: Option<LogId<u64>>,
+    pub acknowledged_not_durable: Option<LogId>,
     /// Likewise for the vote `save_vote` returned.
-    pub vote_not_durable: Option<Vote<u64>>,
+    pub vote_not_durable: Option<Vote>,
     /// Append callbacks in this life.
     pub acknowledgements: u64,
 }
@@ -136,14 +136,14 @@ impl DurabilityHook for Disk {
         true
     }
 
-    fn append_written(&self, last: LogId<u64>) {
+    fn append_written(&self, last: LogId) {
         self.state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .written = Some(last);
     }
 
-    fn append_acknowledged(&self, last: LogId<u64>) {
+    fn append_acknowledged(&self, last: LogId) {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         s.acknowledgements += 1;
         if s.image().and_then(|i| i.log_last) < Some(last) {
@@ -151,7 +151,7 @@ impl DurabilityHook for Disk {
         }
     }
 
-    fn vote_saved(&self, vote: Vote<u64>) {
+    fn vote_saved(&self, vote: Vote) {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if s.image().and_then(|i| i.vote) < Some(vote) {
             s.vote_early = Some(vote);

@@ -33,6 +33,7 @@
 //! [`ScheduleOptions::crash_forever`] is on (which needs node leases for the cluster to take
 //! their jobs back).
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
@@ -394,7 +395,7 @@ impl FaultyCluster {
             .hosts()
             .filter(|h| !h.is_paused())
             .filter_map(|h| {
-                let m = h.node().raft.metrics().borrow().clone();
+                let m = h.node().raft.metrics().borrow_watched().clone();
                 Some((m.current_term, m.current_leader?))
             })
             .max()?;
@@ -549,7 +550,7 @@ impl FaultyCluster {
             .clone();
         node.raft.trigger().snapshot().await?;
         crate::wait_for(Duration::from_secs(30), || {
-            node.raft.metrics().borrow().snapshot.is_some()
+            node.raft.metrics().borrow_watched().snapshot.is_some()
         })
         .await?;
         drop(node);

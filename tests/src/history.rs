@@ -1422,8 +1422,8 @@ mod tests {
     /// only unacknowledged entries to drop is not.
     #[test]
     fn acknowledged_but_not_durable_is_detected() {
+        use exactly_store::raft_types::log_id;
         use exactly_store::DurableImage;
-        use openraft::testing::log_id;
         let image = DurableImage {
             seq: 4,
             log_last: Some(log_id(1, 1, 20)),

@@ -3,13 +3,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use openraft::{BasicNode, CommittedLeaderId, LogId, SnapshotMeta, StoredMembership};
+use exactly_store::raft_types::{LeaderId as CommittedLeaderId, LogId, SnapshotMeta, StoredMembership};
 
 fuzz_target!(|data: &[u8]| {
-    let meta: SnapshotMeta<u64, BasicNode> = SnapshotMeta {
+    let meta: SnapshotMeta = SnapshotMeta {
         last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 10)),
         last_membership: StoredMembership::default(),
-        snapshot_id: "fuzz".into(),
     };
     let _ = exactly_store::check_snapshot(&meta, data);
 });

@@ -9,6 +9,7 @@
 use exactly_core::{LeaveReason, Rejection};
 use exactly_proto::v1 as pb;
 use exactly_proto::v1::cluster_server::Cluster;
+use openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 
 use crate::config::DRAIN_DEADLINE_MAX;
@@ -98,7 +99,7 @@ impl From<ProposeError> for Status {
 /// The highest log index known committed: on the leader, the index a majority of voters has
 /// matched; elsewhere, the applied index (a follower learns commits only as it applies them).
 fn committed_index(
-    metrics: &openraft::RaftMetrics<u64, openraft::BasicNode>,
+    metrics: &openraft::RaftMetrics<exactly_store::TypeConfig>,
     voters: &std::collections::BTreeSet<u64>,
 ) -> u64 {
     let applied = metrics.last_applied.map_or(0, |l| l.index);
@@ -379,7 +380,7 @@ impl Cluster for ClusterService {
 /// from its replica (the Status call and the dashboard).
 pub(crate) fn cluster_status(node: &Node) -> pb::StatusResponse {
     {
-        let metrics = node.raft.metrics().borrow().clone();
+        let metrics = node.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership().clone();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let replication = metrics.replication.clone().unwrap_or_default();

@@ -952,12 +952,21 @@ impl NodeConfig {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
             max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
             purge_batch_size: 256,
-            // openraft 0.9 gives an AppendEntries RPC one heartbeat interval to complete. Its
+            // openraft gives an AppendEntries RPC one heartbeat interval to complete. Its
             // default of 300 entries per RPC, each entry a batch of up to 1,000 jobs, could not be
             // shipped in time on a busy machine: the RPC timed out again and again and the leader
             // never committed (found by the 10k-job test under load). Fewer entries per RPC keep
             // each one small; openraft sends the next right after.
             max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,
+            // openraft 0.10 lets a leader that restarts come back as leader in the same term
+            // without an election. Its log store acknowledges an append only after the fsync, but
+            // the leader replicates entries while its own fsync runs, so a crash can take from
+            // its disk entries that followers already hold; restored in the same term it would
+            // append different entries under the same log ids, and two replicas would commit
+            // different logs. Found by the chaos suite (seeds 1, 13 and 14 with kills: replicas
+            // disagreed). A restarted node must win a new term: its new entries never share a
+            // log id with the lost ones.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
     }
@@ -969,6 +978,14 @@ pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 16;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restarted leader never resumes its term (see `openraft_config`): the chaos suite
+    /// found replicas committing different logs when it did.
+    #[test]
+    fn a_restarted_leader_must_win_a_new_term() {
+        let config = NodeConfig::default().openraft_config();
+        assert_eq!(config.enable_leader_restore, Some(false));
+    }
 
     /// Every example in cluster-config/ parses and validates.
     /// Tokens on a non-loopback HTTP port without `[http-tls]` are warned about; with it, on a

@@ -4,6 +4,7 @@
 //! and it is neither draining nor removed), `/metrics`
 //! (Prometheus text), and the dashboard (`/`, `/api/status`: `dashboard.rs`).
 
+use openraft::async_runtime::WatchReceiver;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -30,7 +31,7 @@ pub fn init_metrics() {
 }
 
 async fn healthz(State(node): State<Node>) -> (StatusCode, String) {
-    match &node.raft.metrics().borrow().running_state {
+    match &node.raft.metrics().borrow_watched().running_state {
         Ok(()) => (StatusCode::OK, "ok\n".into()),
         Err(fatal) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -73,7 +74,7 @@ async fn metrics_text(State(node): State<Node>) -> (StatusCode, String) {
 /// Samples the node's state into gauges (at scrape time: nothing on the hot path).
 fn record_gauges(node: &Node) {
     let id = node.id.to_string();
-    let m = node.raft.metrics().borrow().clone();
+    let m = node.raft.metrics().borrow_watched().clone();
     // The job counts are the cluster's, the same on every replica: only the leader reports them
     // (the others report 0), so that summing a metric over nodes, as dashboards do, counts
     // each job once.

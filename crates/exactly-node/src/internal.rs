@@ -1,5 +1,6 @@
 //! The node-to-node gRPC service: Raft RPCs, snapshot streams, forwarded writes and joins.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,10 +8,11 @@ use std::time::Duration;
 use exactly_core::Command;
 use exactly_proto::internal::internal_server::Internal;
 use exactly_proto::internal::{Blob, JoinRequest, SnapshotChunk};
+use exactly_store::raft_types::{Snapshot, SnapshotMeta, Vote};
 use exactly_store::TypeConfig;
 use openraft::error::Fatal;
-use openraft::raft::{AppendEntriesRequest, SnapshotResponse, VoteRequest};
-use openraft::{BasicNode, ChangeMembers, Snapshot, SnapshotMeta, Vote};
+use openraft::raft::{AppendEntriesRequest, SnapshotResponse};
+use openraft::{BasicNode, ChangeMembers};
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -166,7 +168,7 @@ impl InternalService {
             return Ok(());
         };
         let metrics = self.node.raft.metrics();
-        let metrics = metrics.borrow();
+        let metrics = metrics.borrow_watched();
         let membership = metrics.membership_config.membership();
         let member = membership.voter_ids().any(|v| v == id)
             || (!voters_only && membership.learner_ids().any(|l| l == id));
@@ -218,7 +220,7 @@ impl InternalService {
     /// The node ids of this node's membership (the latest it has, committed or not).
     fn known_members(&self) -> std::collections::BTreeSet<u64> {
         let metrics = self.node.raft.metrics();
-        let metrics = metrics.borrow();
+        let metrics = metrics.borrow_watched();
         let membership = metrics.membership_config.membership();
         membership
             .voter_ids()
@@ -277,7 +279,7 @@ impl InternalService {
     async fn ask_members(&self, id: u64) -> bool {
         let voters: Vec<(u64, String)> = {
             let metrics = self.node.raft.metrics();
-            let metrics = metrics.borrow();
+            let metrics = metrics.borrow_watched();
             let membership = metrics.membership_config.membership();
             membership
                 .nodes()
@@ -353,7 +355,7 @@ impl Internal for InternalService {
         let sender = self.sender(&request)?;
         let Blob { data, target } = request.into_inner();
         self.check_target(target)?;
-        let req: VoteRequest<u64> = codec::decode(&data)?;
+        let req = codec::decode_vote_request(&data)?;
         let candidate = req.vote.leader_id.node_id;
         check_claim(sender, candidate, "the vote request")?;
         if let Some(refusal) = crate::membership::removed_refusal(&self.node, candidate) {
@@ -377,7 +379,7 @@ impl Internal for InternalService {
             .await
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         self.check_target(first.target)?;
-        let (vote, meta): (Vote<u64>, SnapshotMeta<u64, BasicNode>) = codec::decode(&first.header)?;
+        let (vote, meta): (Vote, SnapshotMeta) = codec::decode(&first.header)?;
         check_claim(sender, vote.leader_id.node_id, "the snapshot")?;
         self.check_leader(sender, "snapshots").await?;
         if let Some(refusal) =
@@ -389,14 +391,14 @@ impl Internal for InternalService {
         // whatever it holds, and answers with this node's vote: answer so at once, without
         // reading the data (this node's vote only grows, so a stale view only lets more through
         // to openraft, which decides again).
-        let mine = self.node.raft.metrics().borrow().vote;
+        let mine = self.node.raft.metrics().borrow_watched().vote;
         // Not "at least": lower, or incomparable (votes are partially ordered).
         let at_least = matches!(
             vote.partial_cmp(&mine),
             Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
         );
         if !at_least {
-            let refused: Result<SnapshotResponse<u64>, Fatal<u64>> =
+            let refused: Result<SnapshotResponse<TypeConfig>, Fatal<TypeConfig>> =
                 Ok(SnapshotResponse::new(mine));
             return Ok(blob(&refused));
         }
@@ -442,7 +444,7 @@ impl Internal for InternalService {
         })?;
         let snapshot = Snapshot {
             meta,
-            snapshot: Box::new(tokio::fs::File::from_std(file)),
+            snapshot: tokio::fs::File::from_std(file),
         };
         Ok(blob(
             &self.node.raft.install_full_snapshot(vote, snapshot).await,
@@ -631,7 +633,7 @@ async fn admit_now(node: &Node, id: u64, addr: String, by: String) -> JoinReply 
     let raft = &node.raft;
     let membership = raft
         .metrics()
-        .borrow()
+        .borrow_watched()
         .membership_config
         .membership()
         .clone();
@@ -664,7 +666,7 @@ async fn admit_now(node: &Node, id: u64, addr: String, by: String) -> JoinReply 
     };
     let membership = raft
         .metrics()
-        .borrow()
+        .borrow_watched()
         .membership_config
         .membership()
         .clone();

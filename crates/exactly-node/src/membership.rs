@@ -24,6 +24,7 @@
 //! **Invariant:** the leader never removes the last voter, and never commits `NodeLeft` for a
 //! node that still runs attempts (apply refuses it too).
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -145,7 +146,12 @@ impl Node {
     /// Whether `id` may not leave because it is the only voter and no learner could take its
     /// place.
     pub fn is_last_voter(&self, id: u64) -> bool {
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
         let others = m.membership().nodes().filter(|(n, _)| **n != id).count();
         voters.len() == 1 && voters.contains(&id) && others == 0
@@ -155,7 +161,7 @@ impl Node {
     pub fn is_member(&self, id: u64) -> bool {
         self.raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .get_node(&id)
@@ -304,7 +310,12 @@ impl Node {
     /// voter, the voters are not above `voters-target`, and no learner that is not itself leaving
     /// could take its place (the same rule as the leader's [`reconcile`] for a `Stopping` node).
     fn why_stay(&self) -> Option<String> {
-        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         let membership = membership.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         if !voters.contains(&self.id) || voters.len() > self.config.voters_target {
@@ -361,7 +372,7 @@ pub struct Reconcile {
 /// that fails half-way (lost leadership, a concurrent change) is finished by the next round or
 /// the next leader.
 pub async fn reconcile(node: &Node, policy: &Reconcile) {
-    let metrics = node.raft.metrics().borrow().clone();
+    let metrics = node.raft.metrics().borrow_watched().clone();
     if metrics.current_leader != Some(node.id) {
         return;
     }

@@ -7,16 +7,16 @@ use std::time::Duration;
 
 use exactly_proto::internal::internal_client::InternalClient;
 use exactly_proto::internal::{Blob, SnapshotChunk};
+use exactly_store::raft_types::{Snapshot, Vote};
 use exactly_store::TypeConfig;
 use openraft::error::{
-    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
-    Unreachable,
+    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
+use openraft::{BasicNode, OptionalSend, RaftNetworkV2};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::transport::{Channel, Endpoint};
 
@@ -95,13 +95,19 @@ pub struct Network {
 }
 
 /// The channel to each peer, made once and shared (tonic channels multiplex calls over one
-/// HTTP/2 connection). openraft 0.9 asks for a new connection for every leadership check and
+/// HTTP/2 connection). openraft 0.9 asked for a new connection for every leadership check and
 /// vote round, each heartbeat interval: with a channel each, a leader opened 36 TCP connections
 /// a second (and with peer TLS as many handshakes). A channel is made again when the peer's
 /// address or the TLS material's generation changed.
+///
+/// Also each member's address as the newest membership names it ([`Channels::follow`]):
+/// openraft 0.10 keeps a connection (a heartbeat worker's, a replication stream's) for as long
+/// as the peer stays a member, even when the membership gives it a new address, so every
+/// message looks the address up here.
 #[derive(Default)]
 pub struct Channels {
     by_peer: std::sync::Mutex<std::collections::HashMap<u64, Shared>>,
+    addresses: std::sync::Mutex<std::collections::HashMap<u64, String>>,
 }
 
 struct Shared {
@@ -111,6 +117,36 @@ struct Shared {
 }
 
 impl Channels {
+    /// Records the members' addresses of the newest membership.
+    pub fn set_addresses(&self, members: impl IntoIterator<Item = (u64, String)>) {
+        let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        *addresses = members.into_iter().collect();
+    }
+
+    /// `target`'s address in the newest membership, if it is a member.
+    fn address(&self, target: u64) -> Option<String> {
+        let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        addresses.get(&target).cloned()
+    }
+
+    /// Keeps the members' addresses up to date with `raft`'s membership until the node stops.
+    pub async fn follow(self: Arc<Self>, raft: exactly_store::Raft) {
+        use openraft::async_runtime::WatchReceiver;
+        let mut metrics = raft.metrics();
+        loop {
+            let members: Vec<(u64, String)> = metrics
+                .borrow_watched()
+                .membership_config
+                .nodes()
+                .map(|(id, node)| (*id, node.addr.clone()))
+                .collect();
+            self.set_addresses(members);
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The channel to `target` at `addr`, made now if there is none for this address and TLS
     /// generation.
     fn get(
@@ -229,20 +265,26 @@ const LOST: &str = "message lost (fault injection): no answer within the deadlin
 /// A message the fault harness lost costs its sender the deadline, as a real lost message
 /// does, and ends as a real timeout does ([`Connection::call`]): a network error, which openraft
 /// retries at the next heartbeat or entry, not an unreachable peer, which it backs off from.
-fn lost_err<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
+fn lost_err() -> RpcErr {
     RPCError::Network(NetworkError::new(&std::io::Error::other(LOST)))
 }
 
-type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+type RpcErr = RPCError<TypeConfig>;
 
-fn unreachable_err<E: std::error::Error>(e: impl std::fmt::Display) -> RPCError<u64, BasicNode, E> {
+fn unreachable_err(e: impl std::fmt::Display) -> RpcErr {
     RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e.to_string())))
+}
+
+/// A peer's answer that its Raft node failed: openraft backs off from it as from an
+/// unreachable peer (the peer stops or restarts).
+fn remote_err(target: u64, e: RaftError<TypeConfig>) -> RpcErr {
+    unreachable_err(format!("node {target}: {e}"))
 }
 
 /// How a Raft RPC that failed is reported to openraft.
 #[derive(Debug, PartialEq, Eq)]
 enum Failure {
-    /// No answer within the deadline (openraft 0.9 gives an AppendEntries one heartbeat
+    /// No answer within the deadline (openraft gives an AppendEntries one heartbeat
     /// interval): the peer is slow, not gone. Reported as a network error, which openraft
     /// retries at the next heartbeat or entry. As unreachable it put the peer's replication into
     /// openraft's 500 ms backoff, and that node's clients waited for its apply (measured: a
@@ -278,21 +320,30 @@ fn failure(
 impl Connection {
     // openraft's error type is what the trait returns; boxing it here would only unbox it again.
     #[allow(clippy::result_large_err)]
-    fn client<E: std::error::Error>(
-        &mut self,
-    ) -> Result<InternalClient<Channel>, RPCError<u64, BasicNode, E>> {
+    fn client(&mut self) -> Result<InternalClient<Channel>, RpcErr> {
+        let mut stale = false;
+        if let Some(addr) = self.channels.address(self.target) {
+            if addr != self.addr {
+                self.addr = addr;
+                stale = true;
+            }
+        }
         if let Some((tls, generation)) = &mut self.tls {
             let now = tls.generation();
             if now != *generation {
                 *generation = now;
-                self.client = self.channels.get(self.target, &self.addr, Some(&*tls));
+                stale = true;
             }
+        }
+        if stale {
+            let tls = self.tls.as_ref().map(|(tls, _)| tls);
+            self.client = self.channels.get(self.target, &self.addr, tls);
         }
         self.client.clone().map_err(unreachable_err)
     }
 
-    /// Sends one blob RPC and decodes the reply, which is a `Result<T, RaftError<u64, E>>`.
-    async fn call<Req, T, E>(
+    /// Sends one blob RPC and decodes the reply, which is a `Result<T, RaftError>`.
+    async fn call<Req, T>(
         &mut self,
         req: &Req,
         option: &RPCOption,
@@ -300,11 +351,10 @@ impl Connection {
             InternalClient<Channel>,
             tonic::Request<Blob>,
         ) -> Result<tonic::Response<Blob>, tonic::Status>,
-    ) -> Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    ) -> Result<T, RpcErr>
     where
         Req: serde::Serialize,
         T: serde::de::DeserializeOwned,
-        E: std::error::Error + serde::de::DeserializeOwned,
     {
         let client = self.client()?;
         let ttl = option.hard_ttl();
@@ -338,54 +388,42 @@ impl Connection {
             return Err(lost_err());
         }
         self.answers.record(self.target, std::time::Instant::now());
-        let decoded: Result<T, RaftError<u64, E>> = codec::decode(&reply.into_inner().data)
+        let decoded: Result<T, RaftError<TypeConfig>> = codec::decode(&reply.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        decoded.map_err(|e| remote_err(self.target, e))
     }
 }
 
-impl RaftNetwork<TypeConfig> for Connection {
+impl RaftNetworkV2<TypeConfig> for Connection {
+    type SnapshotData = tokio::fs::File;
+
     async fn append_entries(
         &mut self,
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
         self.call(&req, &option, async |mut c, r| c.append_entries(r).await)
             .await
     }
 
-    /// Never called: [`Self::full_snapshot`] replaces openraft's chunked snapshot transfer.
-    async fn install_snapshot(
-        &mut self,
-        _req: openraft::raft::InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<
-        openraft::raft::InstallSnapshotResponse<u64>,
-        RpcErr<openraft::error::InstallSnapshotError>,
-    > {
-        Err(unreachable_err(
-            "chunked snapshot transfer is not used; snapshots are streamed whole",
-        ))
-    }
-
     async fn vote(
         &mut self,
-        req: VoteRequest<u64>,
+        req: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RpcErr> {
+    ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
         self.call(&req, &option, async |mut c, r| c.vote(r).await)
             .await
     }
 
     async fn full_snapshot(
         &mut self,
-        vote: Vote<u64>,
-        snapshot: Snapshot<TypeConfig>,
+        vote: Vote,
+        snapshot: Snapshot,
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
-    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
-        let mut client = self.client.clone().map_err(|e| {
-            StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(e)))
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client().map_err(|e| {
+            StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(e.to_string())))
         })?;
         let lost = |_| StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(LOST)));
         let ttl = Duration::from_secs(1);
@@ -397,7 +435,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         data.seek(std::io::SeekFrom::Start(0))
             .await
             .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
-        let chunks = snapshot_chunks(*data, header, self.target);
+        let chunks = snapshot_chunks(data, header, self.target);
         let send = client.install_snapshot(chunks);
         let reply = tokio::select! {
             reply = send => reply,
@@ -411,10 +449,15 @@ impl RaftNetwork<TypeConfig> for Connection {
         faults::pass(&self.faults, self.target, self.from, ttl)
             .await
             .map_err(lost)?;
-        let decoded: Result<SnapshotResponse<u64>, Fatal<u64>> =
+        let decoded: Result<SnapshotResponse<TypeConfig>, Fatal<TypeConfig>> =
             codec::decode(&reply.into_inner().data)
                 .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        decoded.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+        let target = self.target;
+        decoded.map_err(|e| {
+            StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
+                "node {target}: {e}"
+            ))))
+        })
     }
 }
 
@@ -576,12 +619,14 @@ mod tests {
     /// share one channel, hence one TCP connection, per peer; a new address gets a new one.
     #[tokio::test]
     async fn connections_to_a_peer_share_one_channel() {
-        use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+        use openraft::network::{RPCOption, RaftNetworkFactory};
+        use openraft::RaftNetworkV2;
         use openraft::{BasicNode, Vote};
         use std::sync::atomic::Ordering;
         let (addr, accepted, _stop) = counting_server().await;
         let mut network = super::Network::default();
-        let vote = openraft::raft::VoteRequest::new(Vote::new(1, 1), None);
+        let vote =
+            openraft::raft::VoteRequest::<exactly_store::TypeConfig>::new(Vote::new(1, 1), None);
         let option = RPCOption::new(Duration::from_secs(2));
         for _ in 0..10 {
             let mut connection = network.new_client(2, &BasicNode::new(&addr)).await;
@@ -620,19 +665,19 @@ mod tests {
         let departure = network.departure.clone();
         // Lazily connected and never used: the answers below come from the test.
         let mut connection = network.new_client(2, &BasicNode::new("127.0.0.1:9")).await;
-        let vote = VoteRequest::new(Vote::new(7, 1), None);
+        let vote = VoteRequest::<exactly_store::TypeConfig>::new(Vote::new(7, 1), None);
         let option = RPCOption::new(Duration::from_secs(1));
         let words = tonic::Status::failed_precondition(
             "removed from the cluster: node 1 was removed; start it with an empty data directory",
         );
-        let answer: Result<VoteResponse<u64>, super::RpcErr> = connection
+        let answer: Result<VoteResponse<exactly_store::TypeConfig>, super::RpcErr> = connection
             .call(&vote, &option, async move |_, _| Err(words))
             .await;
         assert!(matches!(answer, Err(RPCError::Network(_))), "{answer:?}");
         assert!(!departure.is_removed());
         let refusal = super::Refusal::Removed { node: 1 }
             .status(tonic::Code::FailedPrecondition, "node 1 was removed");
-        let answer: Result<VoteResponse<u64>, super::RpcErr> = connection
+        let answer: Result<VoteResponse<exactly_store::TypeConfig>, super::RpcErr> = connection
             .call(&vote, &option, async move |_, _| Err(refusal))
             .await;
         assert!(

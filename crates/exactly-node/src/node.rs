@@ -2,6 +2,7 @@
 //! proposes a command — [`Node::propose`], which finds the leader (this node or another) and
 //! waits a bounded time.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -288,7 +289,7 @@ impl Node {
 
     /// The current leader and its node-to-node address, as this node last heard.
     pub fn leader(&self) -> Option<(u64, String)> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics().borrow_watched().clone();
         let leader = metrics.current_leader?;
         let addr = metrics
             .membership_config
@@ -301,14 +302,14 @@ impl Node {
     /// Whether this node has applied an entry of its current term (as a new leader: its own
     /// first entry), hence every entry any earlier leader committed.
     pub fn applied_own_term(&self) -> bool {
-        let term = self.raft.metrics().borrow().current_term;
+        let term = self.raft.metrics().borrow_watched().current_term;
         self.state
             .last_applied()
-            .is_some_and(|l| l.leader_id.get_term() == term)
+            .is_some_and(|l| l.leader_id.term == term)
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+        self.raft.metrics().borrow_watched().current_leader == Some(self.id)
     }
 
     /// Whether this leader confirmed its leadership with a quorum within the last
@@ -332,7 +333,12 @@ impl Node {
         let budget = self.config.raft.election_timeout_min;
         // Only the quorum round (not `ensure_linearizable`, which also waits for apply to catch
         // up and would make a busy leader look cut off).
-        match tokio::time::timeout(budget, self.raft.get_read_log_id()).await {
+        match tokio::time::timeout(
+            budget,
+            self.raft.get_read_log_id(openraft::ReadPolicy::ReadIndex),
+        )
+        .await
+        {
             Ok(Ok(_)) => {
                 self.quorum_confirmed_ms
                     .fetch_max(sent.max(1), std::sync::atomic::Ordering::AcqRel);
@@ -382,6 +388,15 @@ impl Node {
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 ForwardReply::Failed(ProposeError::ShuttingDown(e.to_string()))
+            }
+            // This node appended the entry as leader, then took another leader's log, which
+            // replaced it: the entry may have reached followers and commit under the new leader.
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => {
+                ForwardReply::Failed(ProposeError::LeaderChanged(self.id))
+            }
+            // No proposal carries a precondition.
+            Err(RaftError::APIError(ClientWriteError::PreconditionFailed(e))) => {
+                ForwardReply::Failed(ProposeError::Unexpected(e.to_string()))
             }
             // Found by the chaos suite (seeds 10 and 38): a leader stopped with an appended write
             // answered UNAVAILABLE, and the next leader committed the write.
@@ -467,7 +482,7 @@ impl Node {
             }
             // What Raft reports, not `leader()` (which also needs the leader's address): waiting
             // for a change of the one while testing the other would spin.
-            let seen = self.raft.metrics().borrow().current_leader;
+            let seen = self.raft.metrics().borrow_watched().current_leader;
             match self.leader() {
                 Some((leader, _)) if leader == self.id => {
                     match tokio::time::timeout_at(deadline, self.write_local(command.clone())).await
@@ -514,7 +529,7 @@ impl Node {
             self.until_leader_changes(seen, backoff).await;
             // A newly elected leader is tried at once and, if it is not ready yet, again soon:
             // the backoff only grows while the leader stays the same.
-            backoff = if self.raft.metrics().borrow().current_leader != seen {
+            backoff = if self.raft.metrics().borrow_watched().current_leader != seen {
                 LEADER_RETRY_BACKOFF_MIN
             } else {
                 (backoff * 2).min(LEADER_RETRY_BACKOFF_MAX)
@@ -530,8 +545,13 @@ impl Node {
             return ReadIndexReply::NotLeader;
         }
         let budget = self.config.raft.election_timeout_max;
-        match tokio::time::timeout(budget, self.raft.get_read_log_id()).await {
-            Ok(Ok((read, _applied))) => ReadIndexReply::Index(read.map_or(0, |l| l.index)),
+        match tokio::time::timeout(
+            budget,
+            self.raft.get_read_log_id(openraft::ReadPolicy::ReadIndex),
+        )
+        .await
+        {
+            Ok(Ok((read, _applied))) => ReadIndexReply::Index(read.index()),
             Ok(Err(RaftError::APIError(_))) => ReadIndexReply::NotLeader,
             Ok(Err(e)) => ReadIndexReply::Failed(e.to_string()),
             Err(_) => ReadIndexReply::Failed(format!(
@@ -586,7 +606,7 @@ impl Node {
         let mut metrics = self.raft.server_metrics();
         loop {
             if metrics
-                .borrow_and_update()
+                .borrow_watched()
                 .current_leader
                 .is_some_and(|l| l != old)
             {
@@ -604,7 +624,7 @@ impl Node {
         let mut metrics = self.raft.server_metrics();
         let changed = async {
             loop {
-                if metrics.borrow_and_update().current_leader != seen {
+                if metrics.borrow_watched().current_leader != seen {
                     return;
                 }
                 if metrics.changed().await.is_err() {
@@ -686,7 +706,7 @@ impl Node {
     /// Why this node is not ready (`/readyz`, the dashboard, readiness waits), or `None`.
     pub fn not_ready(&self) -> Option<String> {
         let node = self;
-        let m = node.raft.metrics().borrow().clone();
+        let m = node.raft.metrics().borrow_watched().clone();
         if let Err(fatal) = &m.running_state {
             return Some(format!("raft stopped: {fatal}"));
         }

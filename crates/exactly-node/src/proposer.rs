@@ -2,9 +2,10 @@
 //! submits, assignments, outcomes and housekeeping, and what followers forward) goes through one
 //! queue, and a single task proposes what has queued as one `Command::Batch` entry.
 //!
-//! openraft 0.9 appends each `client_write` on its own, one fsync after another, inside the Raft
-//! core: at a few hundred small entries per second the leader's core spends its time in fsyncs
-//! and every proposal waits behind the ones queued before it. Batched, what arrives while the
+//! openraft appends each `client_write` as its own entry (0.9 one fsync after another inside the
+//! Raft core; 0.10 groups the writes queued in its API channel into one append, still an entry
+//! and a response each): at a few hundred small entries per second the leader spends its time on
+//! per-entry work, and every proposal waits behind the ones queued before it. Batched, what arrives while the
 //! previous entries are appended shares one append and one fsync on a quorum. Nothing waits on a
 //! timer: a lone command on an idle node is proposed at once (as itself, not as a batch), and
 //! the batches grow with the load. At most [`PROPOSALS_IN_FLIGHT_MAX`] entries are in flight, so

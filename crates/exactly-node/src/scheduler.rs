@@ -15,6 +15,7 @@
 //! when retention is due, when a membership round starts) is made by the pure
 //! [`engine::Engine`]; this actor reads the world and carries out the engine's actions.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -132,7 +133,7 @@ impl Actor for Scheduler {
         let members: BTreeSet<u64> = node
             .raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .nodes()

@@ -1,6 +1,7 @@
 //! Starting and stopping a node: storage, Raft, actors, the gRPC server, bootstrap or join, and
 //! registration of this incarnation in the state machine.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,7 +132,7 @@ impl RunningNode {
 async fn report_raft_core_stop(node: Node) {
     let mut metrics = node.raft.metrics();
     loop {
-        let state = metrics.borrow_and_update().running_state.clone();
+        let state = metrics.borrow_watched().running_state.clone();
         if let Err(fatal) = state {
             if !node.shutdown.is_cancelled() {
                 tracing::error!(
@@ -297,6 +298,7 @@ pub async fn start_with(
         tls: peer_tls.clone(),
         channels: Default::default(),
     };
+    let channels = network.channels.clone();
     // openraft spawns its tasks on the runtime it is created on: its own (see `RaftRuntime`).
     let raft_runtime = if options.shared_raft_runtime {
         crate::node::RaftRuntime::shared()
@@ -438,6 +440,10 @@ pub async fn start_with(
         spawn(
             "Raft core watcher",
             Box::pin(report_raft_core_stop(node.clone())),
+        ),
+        spawn(
+            "member address watcher",
+            Box::pin(channels.follow(node.raft.clone())),
         ),
         tokio::spawn(supervise_executor(node.clone(), executor_task)),
     ];
@@ -723,7 +729,7 @@ async fn watch_leadership(node: Node, hooks: Arc<Hooks>) {
     let restart = Arc::new(tokio::sync::Notify::new());
     loop {
         let leading = {
-            let m = metrics.borrow_and_update();
+            let m = metrics.borrow_watched();
             m.current_leader == Some(node.id) && m.state == openraft::ServerState::Leader
         };
         let running = hooks
@@ -832,7 +838,12 @@ async fn bootstrap_and_register(node: Node, addr: String) {
         // answers at once), and a removed node learns here that it is out for good. In the
         // background: a member registers at once, whatever the join says.
         let mut targets = node.config.join.clone();
-        let membership = node.raft.metrics().borrow().membership_config.clone();
+        let membership = node
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         for (id, member) in membership.membership().nodes() {
             if *id != node.id && !targets.contains(&member.addr) {
                 targets.push(member.addr.clone());

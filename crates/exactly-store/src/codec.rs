@@ -2,7 +2,7 @@
 //! later release can read old data or refuse it with a clear error instead of misreading it.
 //!
 //! - Structured values (log entries, vote, log ids, node id, incarnation, snapshot metadata and
-//!   the snapshot body) are `[FORMAT][postcard]`. postcard round-trips every openraft 0.9.25
+//!   the snapshot body) are `[FORMAT][postcard]`. postcard round-trips every openraft 0.10
 //!   type we store (the openraft storage suite checks it: openraft's types use no
 //!   `skip_serializing_if`, `flatten` or untagged enums outside its compat module).
 //! - Payloads are `[FORMAT][raw bytes]`: they are opaque, and skipping serde keeps them cheap.

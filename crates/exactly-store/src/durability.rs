@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::{LogId, Vote};
+use crate::raft_types::{LogId, Vote};
 
 use crate::error::{Error, Result};
 use crate::store::{Store, META_COMMITTED, META_VOTE};
@@ -42,14 +42,14 @@ pub struct DurableImage {
     /// order; the newest completed image is the one that counts.
     pub seq: u64,
     /// The last log id: of the last entry, or the last purged one if that is later.
-    pub log_last: Option<LogId<u64>>,
-    pub vote: Option<Vote<u64>>,
-    pub committed: Option<LogId<u64>>,
+    pub log_last: Option<LogId>,
+    pub vote: Option<Vote>,
+    pub committed: Option<LogId>,
 }
 
 impl fmt::Display for DurableImage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let show = |l: &Option<LogId<u64>>| l.map_or("none".to_string(), |l| l.to_string());
+        let show = |l: &Option<LogId>| l.map_or("none".to_string(), |l| l.to_string());
         write!(
             f,
             "log up to {}, vote {}, committed {}",
@@ -72,11 +72,11 @@ pub trait DurabilityHook: Send + Sync + 'static {
     fn completed(&self, image: DurableImage) -> bool;
     /// `append` wrote the entries up to `last`; they are not durable before the next
     /// durability point completes.
-    fn append_written(&self, _last: LogId<u64>) {}
+    fn append_written(&self, _last: LogId) {}
     /// openraft's append callback is about to report the entries up to `last` as on disk.
-    fn append_acknowledged(&self, last: LogId<u64>);
+    fn append_acknowledged(&self, last: LogId);
     /// `save_vote` is about to return for `vote`.
-    fn vote_saved(&self, vote: Vote<u64>);
+    fn vote_saved(&self, vote: Vote);
 }
 
 /// Shared handle to a hook.
@@ -89,8 +89,8 @@ pub struct StoreOptions {
     /// Test-only: watches every durability point and can cut the power.
     pub durability_hook: Option<DurabilityHookHandle>,
     /// Test-only fault, a slow disk: every `append` holds its fsync and its flushed-callback
-    /// this long after writing the entries (openraft waits for the callback, so the node's Raft
-    /// core waits too).
+    /// this long after writing the entries (the log flusher waits; the Raft core goes on, and
+    /// the entries count for this node's quorum only once the callback came).
     pub append_sync_delay: Duration,
     /// **Wrong on purpose**, for negative controls only: `append` calls the flushed-callback as
     /// soon as the entries are written and passes no durability point, the mistake of
@@ -113,13 +113,13 @@ impl fmt::Debug for StoreOptions {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LostWrites {
     /// The last log id found in the directory before the roll-back.
-    pub log_last_found: Option<LogId<u64>>,
+    pub log_last_found: Option<LogId>,
     /// Log entries removed: written, but after the last durable image.
     pub log_entries: u64,
     /// The vote found, if it differed from the durable one (which replaced it).
-    pub vote_found: Option<Option<Vote<u64>>>,
+    pub vote_found: Option<Option<Vote>>,
     /// The committed log id found, if it differed from the durable one (which replaced it).
-    pub committed_found: Option<Option<LogId<u64>>>,
+    pub committed_found: Option<Option<LogId>>,
     /// Payloads before and after the payloads tree was reset to the snapshot's.
     pub payloads_found: u64,
     pub payloads_kept: u64,
@@ -192,7 +192,7 @@ pub fn lose_unsynced_writes(dir: &Path, image: &DurableImage) -> Result<LostWrit
         }
     }
     let committed = store
-        .meta_get::<Option<LogId<u64>>>(META_COMMITTED, "committed log id")?
+        .meta_get::<Option<LogId>>(META_COMMITTED, "committed log id")?
         .flatten();
     if committed != image.committed {
         lost.committed_found = Some(committed);

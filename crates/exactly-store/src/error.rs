@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use openraft::{ErrorSubject, ErrorVerb, StorageError, StorageIOError};
-
 /// An error of the storage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -82,14 +80,11 @@ impl Error {
         Error::Task(e.to_string())
     }
 
-    /// Converts into openraft's storage error. openraft stops the Raft node on any storage
-    /// error, which is right for the fatal kinds and acceptable for I/O (the node restarts).
-    pub(crate) fn into_raft(
-        self,
-        subject: ErrorSubject<u64>,
-        verb: ErrorVerb,
-    ) -> StorageError<u64> {
-        StorageIOError::new(subject, verb, &self).into()
+    /// Converts into the I/O error openraft's storage traits return, saying what was being
+    /// done. openraft stops the Raft node on any storage error, which is right for the fatal
+    /// kinds and acceptable for I/O (the node restarts).
+    pub(crate) fn into_io(self, doing: &'static str) -> std::io::Error {
+        std::io::Error::other(format!("{doing}: {self}"))
     }
 }
 

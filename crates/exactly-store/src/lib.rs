@@ -45,20 +45,57 @@ pub use store::{
 };
 
 openraft::declare_raft_types!(
-    /// openraft's type configuration for exactly: log entries carry an [`exactly_core::Request`];
-    /// snapshot data is a file (built into one, sent from one, received into one), never one
-    /// buffer in memory.
+    /// openraft's type configuration for exactly: log entries carry an [`exactly_core::Request`],
+    /// node ids are `u64` and nodes [`openraft::BasicNode`] (their address). Snapshot data is a
+    /// file (built into one, sent from one, received into one), never one buffer in memory: see
+    /// [`StateMachine`]'s `SnapshotData`.
     pub TypeConfig:
         D = Request,
         R = Response,
-        SnapshotData = tokio::fs::File,
 );
+
+/// openraft's types as exactly uses them (openraft 0.10 makes them generic over the type
+/// configuration; these are the instances).
+pub mod raft_types {
+    use super::TypeConfig;
+
+    /// A log entry's id: the leader that proposed it (term, node) and its index.
+    pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+    /// A leader's id as log ids carry it (term and node id).
+    pub type LeaderId = openraft::alias::CommittedLeaderIdOf<TypeConfig>;
+    /// A vote (term, node id, committed).
+    pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+    /// A log entry.
+    pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+    /// A log entry's payload.
+    pub type EntryPayload = openraft::alias::EntryPayloadOf<TypeConfig>;
+    /// A membership configuration.
+    pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
+    /// A membership configuration with the log id that set it.
+    pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+    /// A snapshot's metadata.
+    pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+    /// A snapshot whose data is a file.
+    pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, tokio::fs::File>;
+    /// openraft's storage error.
+    pub type StorageError = openraft::StorageError<TypeConfig>;
+
+    /// The log id of the entry at `index` proposed by `node`'s leadership in `term`.
+    pub fn log_id(term: u64, node: u64, index: u64) -> LogId {
+        openraft::testing::log_id::<TypeConfig>(term, node, index)
+    }
+
+    /// A blank entry (what a new leader appends first) at `index`.
+    pub fn blank_entry(term: u64, node: u64, index: u64) -> Entry {
+        openraft::testing::blank_ent::<TypeConfig>(term, node, index)
+    }
+}
 
 /// The tokens issued through the API, by name.
 pub type IssuedTokens = std::collections::BTreeMap<String, exactly_core::access::IssuedToken>;
 
 /// The Raft node type of exactly.
-pub type Raft = openraft::Raft<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// Receives what applying committed entries means for the node hosting this store. Called on the
 /// apply path: implementations must be cheap and must not block (cast to an actor and return).

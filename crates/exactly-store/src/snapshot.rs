@@ -36,16 +36,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::raft_types::SnapshotMeta;
 use exactly_core::limits::PAYLOAD_BYTES_CEILING;
 use exactly_core::{JobId, JobStatus, JobTable};
-use openraft::{BasicNode, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{decode, encode, FORMAT};
 use crate::error::{Error, Result};
 
 /// Metadata of a snapshot in exactly's type configuration.
-pub type Meta = SnapshotMeta<u64, BasicNode>;
+pub type Meta = SnapshotMeta;
 
 /// Bytes of encoded snapshot metadata, at most (it is a log id and a membership config; a
 /// larger length in a file header is corruption, not a reason to allocate).
@@ -589,9 +589,8 @@ pub(crate) mod tests {
 
     fn meta(index: u64) -> Meta {
         Meta {
-            last_log_id: Some(openraft::testing::log_id(3, 1, index)),
+            last_log_id: Some(crate::raft_types::log_id(3, 1, index)),
             last_membership: Default::default(),
-            snapshot_id: format!("s-{index}"),
         }
     }
 

@@ -8,30 +8,26 @@
 //! **Invariant:** a reader never sees a job whose payload is not yet readable: apply writes the
 //! payloads while it still holds the table's write lock, and calls the observer after both.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use exactly_core::{Effect, JobEvent, JobTable, NodeLease, Response, StartAttempt};
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{
-    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
-    RaftSnapshotBuilder, StorageError, StoredMembership,
-};
+use futures::TryStreamExt;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{OptionalSend, RaftSnapshotBuilder};
 
 use crate::codec::{encode, encode_raw, u64_key};
 use crate::error::{Error, Result};
+use crate::raft_types::{Entry, EntryPayload, LogId, Snapshot, StoredMembership};
 use crate::snapshot::{self, Meta};
 use crate::store::Store;
 use crate::{IssuedTokens, Observer, TypeConfig};
 
-type StorageResult<T> = std::result::Result<T, StorageError<u64>>;
-
 /// What has been applied: the job table, and the Raft bookkeeping that goes with it.
 struct Applied {
     table: JobTable,
-    last_applied: Option<LogId<u64>>,
-    membership: StoredMembership<u64, BasicNode>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
 }
 
 /// The replicated state machine of one node. Cheap to clone; clones share the same state.
@@ -119,8 +115,62 @@ impl StateMachine {
         })
     }
 
+    /// Applies `entries` (see the `RaftStateMachine::apply` of this type) and returns their
+    /// responses in order, without answering anyone: openraft's `apply` sends them to the
+    /// proposers; tests read them here.
+    pub async fn apply_entries(
+        &mut self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> io::Result<Vec<Response>> {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            return Ok(Vec::new());
+        };
+        let store = self.store.clone();
+        let shared = self.shared.clone();
+        let Applies {
+            responses,
+            starts,
+            renewals,
+            cancels,
+            events,
+            tokens,
+        } = tokio::task::spawn_blocking(move || apply_blocking(&store, &shared, entries))
+            .await
+            .map_err(Error::task)
+            .and_then(|r| r)
+            .map_err(|e| e.into_io("applying entries"))?;
+        for start in starts {
+            self.observer.on_start(start);
+        }
+        for (lease, index) in renewals {
+            self.observer.on_renewed(lease, index);
+        }
+        for (job, token, node) in cancels {
+            self.observer.on_cancel(job, token, node);
+        }
+        if !events.is_empty() {
+            self.observer.on_events(events);
+        }
+        if let Some(tokens) = tokens {
+            self.observer.on_tokens(&tokens);
+        }
+        self.observer.on_applied(last.index);
+        Ok(responses)
+    }
+
+    /// An anonymous file in the snapshot directory to receive a snapshot from the leader into
+    /// (see `Store::incoming_snapshot_file`), then handed to `install_snapshot`.
+    pub async fn begin_receiving_snapshot(&self) -> Result<tokio::fs::File> {
+        let store = self.store.clone();
+        let file = tokio::task::spawn_blocking(move || store.incoming_snapshot_file())
+            .await
+            .map_err(Error::task)??;
+        Ok(tokio::fs::File::from_std(file))
+    }
+
     /// The log id of the last applied entry (or of the loaded or installed snapshot).
-    pub fn last_applied(&self) -> Option<LogId<u64>> {
+    pub fn last_applied(&self) -> Option<LogId> {
         self.shared
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -133,11 +183,7 @@ type TreeOp<'a> = (&'a sled::Tree, [u8; 8], Option<Vec<u8>>);
 
 /// Applies `entries` to the table and their payload effects to sled, under the write lock.
 /// Returns the responses and the attempt starts that are still current after the whole batch.
-fn apply_blocking(
-    store: &Store,
-    shared: &RwLock<Applied>,
-    entries: Vec<Entry<TypeConfig>>,
-) -> Result<Applies> {
+fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) -> Result<Applies> {
     let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
     let mut tree_ops: Vec<TreeOp<'_>> = Vec::new();
     let (payloads, archive) = (&store.inner.payloads, &store.inner.archive);
@@ -317,11 +363,10 @@ struct Applies {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = tokio::fs::File;
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(
-        &mut self,
-    ) -> StorageResult<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>)> {
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         let applied = self.shared.read().unwrap_or_else(PoisonError::into_inner);
         Ok((applied.last_applied, applied.membership.clone()))
     }
@@ -329,47 +374,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     /// Applies entries in log order: `Normal` through [`JobTable::apply`] with the entry's
     /// index (the fencing token of the attempts it starts), `Blank` and `Membership` as
     /// [`Response::Empty`]. Then tells the observer about the attempts started (only those
-    /// still current at the end of the batch) and the last applied index.
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    /// still current at the end of the batch) and the last applied index, and only then
+    /// answers the entries' proposers.
+    async fn apply<Strm>(&mut self, entries: Strm) -> io::Result<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
-        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let Some(last) = entries.last().map(|e| e.log_id) else {
-            return Ok(Vec::new());
-        };
-        let store = self.store.clone();
-        let shared = self.shared.clone();
-        let Applies {
-            responses,
-            starts,
-            renewals,
-            cancels,
-            events,
-            tokens,
-        } = tokio::task::spawn_blocking(move || apply_blocking(&store, &shared, entries))
-            .await
-            .map_err(Error::task)
-            .and_then(|r| r)
-            .map_err(|e| e.into_raft(ErrorSubject::Apply(last), ErrorVerb::Write))?;
-        for start in starts {
-            self.observer.on_start(start);
+        let (entries, responders): (Vec<Entry>, Vec<_>) =
+            entries.try_collect::<Vec<_>>().await?.into_iter().unzip();
+        let responses = self.apply_entries(entries).await?;
+        for (responder, response) in responders.into_iter().zip(responses) {
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
         }
-        for (lease, index) in renewals {
-            self.observer.on_renewed(lease, index);
-        }
-        for (job, token, node) in cancels {
-            self.observer.on_cancel(job, token, node);
-        }
-        if !events.is_empty() {
-            self.observer.on_events(events);
-        }
-        if let Some(tokens) = tokens {
-            self.observer.on_tokens(&tokens);
-        }
-        self.observer.on_applied(last.index);
-        Ok(responses)
+        Ok(())
     }
 
     /// Takes a consistent copy (table, last applied, membership) under the read lock, so that
@@ -384,28 +403,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    /// An anonymous file in the snapshot directory (see `Store::incoming_snapshot_file`).
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
-        let store = self.store.clone();
-        let file = tokio::task::spawn_blocking(move || store.incoming_snapshot_file())
-            .await
-            .map_err(Error::task)
-            .and_then(|r| r)
-            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
-        Ok(Box::new(tokio::fs::File::from_std(file)))
-    }
-
     /// Validates the snapshot (decoded from its file, from the start), copies it into a data
     /// file of its own and makes that the current snapshot, replaces the payloads tree with its
     /// payloads and the in-memory state with its table. Crash-safe: see
     /// `Store::begin_payloads_rebuild`. Readers wait while the payloads are replaced, so they
     /// never see the new table with the old payloads.
-    async fn install_snapshot(
-        &mut self,
-        meta: &Meta,
-        snapshot: Box<tokio::fs::File>,
-    ) -> StorageResult<()> {
-        let signature = Some(meta.signature());
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: tokio::fs::File) -> io::Result<()> {
         let mut data = snapshot.into_std().await;
         let store = self.store.clone();
         let shared = self.shared.clone();
@@ -449,7 +452,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(Error::task)
         .and_then(|r| r)
-        .map_err(|e| e.into_raft(ErrorSubject::Snapshot(signature), ErrorVerb::Write))?;
+        .map_err(|e| e.into_io("installing a snapshot"))?;
         tracing::info!(?last_index, "installed a snapshot");
         self.observer.on_tokens(&tokens);
         if let Some(index) = last_index {
@@ -458,16 +461,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         let store = self.store.clone();
         let current = tokio::task::spawn_blocking(move || store.read_snapshot())
             .await
             .map_err(Error::task)
             .and_then(|r| r)
-            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
+            .map_err(|e| e.into_io("reading the current snapshot"))?;
         Ok(current.map(|(meta, data)| Snapshot {
             meta,
-            snapshot: Box::new(tokio::fs::File::from_std(data)),
+            snapshot: tokio::fs::File::from_std(data),
         }))
     }
 }
@@ -477,24 +480,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub struct SnapshotBuilder {
     store: Store,
     table: Arc<JobTable>,
-    last_applied: Option<LogId<u64>>,
-    membership: StoredMembership<u64, BasicNode>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = tokio::fs::File;
+
     /// Serializes the copy and the payloads of its pending and running jobs (a payload already
     /// dropped because the job finished after the copy was taken is skipped: the log after the
     /// snapshot finishes that job again), persists it unless a newer snapshot was installed
     /// meanwhile, and returns it.
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let store = self.store.clone();
         let table = self.table.clone();
         let meta = Meta {
             last_log_id: self.last_applied,
             last_membership: self.membership.clone(),
-            snapshot_id: snapshot_id(self.last_applied),
         };
-        tokio::task::spawn_blocking(move || -> Result<Snapshot<TypeConfig>> {
+        tokio::task::spawn_blocking(move || -> Result<Snapshot> {
             let mut payloads = Vec::new();
             for job in table.jobs().filter(|j| !j.status.is_terminal()) {
                 if let Some(payload) = store.payload(job.id)? {
@@ -513,27 +517,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             }
             Ok(Snapshot {
                 meta,
-                snapshot: Box::new(tokio::fs::File::from_std(data)),
+                snapshot: tokio::fs::File::from_std(data),
             })
         })
         .await
         .map_err(Error::task)
         .and_then(|r| r)
-        .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Write))
-    }
-}
-
-/// A snapshot id: the last log id it covers, and the build time to tell apart two snapshots of
-/// the same log id (openraft only compares ids for equality).
-fn snapshot_id(last: Option<LogId<u64>>) -> String {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    match last {
-        Some(l) => format!(
-            "{}-{}-{}-{micros}",
-            l.leader_id.term, l.leader_id.node_id, l.index
-        ),
-        None => format!("none-{micros}"),
+        .map_err(|e| e.into_io("building a snapshot"))
     }
 }

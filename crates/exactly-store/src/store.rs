@@ -9,7 +9,7 @@
 //!                          it names (see `snapshot.rs`)
 //! ```
 //! sled trees, each value starting with a format version byte (see `codec.rs`):
-//! - `log`: big-endian log index -> `Entry<TypeConfig>`
+//! - `log`: big-endian log index -> `Entry`
 //! - `meta`: `vote`, `committed`, `last_purged` (log ids), `node_id`, `incarnation` (u64), and
 //!   `payloads_rebuild` (present only while a snapshot install replaces the payloads tree)
 //! - `payloads`: big-endian job id -> payload bytes
@@ -58,8 +58,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::raft_types::{Entry, LogId};
 use exactly_core::JobId;
-use openraft::{Entry, LogId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -67,7 +67,7 @@ use crate::codec::{decode, encode, key_u64, u64_key, versioned_body};
 use crate::durability::{DurabilityHook, DurableImage, StoreOptions};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, Meta};
-use crate::{Observer, TypeConfig};
+use crate::Observer;
 
 /// Log keys removed per sled batch when purging or truncating. sled 0.34 leaked space (about
 /// 210 MB of file and 900 MB of RSS per million entries, never reclaimed) when a sliding window
@@ -424,7 +424,7 @@ impl Store {
             .unwrap_or_else(PoisonError::into_inner);
         *seq += 1;
         let committed = self
-            .meta_get::<Option<LogId<u64>>>(META_COMMITTED, "committed log id")?
+            .meta_get::<Option<LogId>>(META_COMMITTED, "committed log id")?
             .flatten();
         let vote = self.meta_get(META_VOTE, "vote")?;
         let log_last = self.log_last()?;
@@ -437,19 +437,19 @@ impl Store {
     }
 
     /// The id of the last log entry, if any.
-    pub(crate) fn last_entry_log_id(&self) -> Result<Option<LogId<u64>>> {
+    pub(crate) fn last_entry_log_id(&self) -> Result<Option<LogId>> {
         let last = self
             .inner
             .log
             .last()
             .map_err(|e| Error::sled("reading the last log entry", e))?;
-        last.map(|(_, value)| decode::<Entry<TypeConfig>>("log entry", &value).map(|e| e.log_id))
+        last.map(|(_, value)| decode::<Entry>("log entry", &value).map(|e| e.log_id))
             .transpose()
     }
 
     /// The last log id: of the last entry, or the last purged one if that is later (entries at
     /// or below it are gone, or about to be after a crash during a purge).
-    pub(crate) fn log_last(&self) -> Result<Option<LogId<u64>>> {
+    pub(crate) fn log_last(&self) -> Result<Option<LogId>> {
         let entry = self.last_entry_log_id()?;
         let purged = self.last_purged()?;
         Ok(match (entry, purged) {
@@ -459,14 +459,14 @@ impl Store {
     }
 
     /// The log id of the entry at `index`, if there is one.
-    pub(crate) fn log_entry_id(&self, index: u64) -> Result<Option<LogId<u64>>> {
+    pub(crate) fn log_entry_id(&self, index: u64) -> Result<Option<LogId>> {
         let value = self
             .inner
             .log
             .get(u64_key(index))
             .map_err(|e| Error::sled("reading a log entry", e))?;
         value
-            .map(|v| decode::<Entry<TypeConfig>>("log entry", &v).map(|e| e.log_id))
+            .map(|v| decode::<Entry>("log entry", &v).map(|e| e.log_id))
             .transpose()
     }
 
@@ -551,7 +551,7 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn last_purged(&self) -> Result<Option<LogId<u64>>> {
+    pub(crate) fn last_purged(&self) -> Result<Option<LogId>> {
         self.meta_get(META_LAST_PURGED, "last purged log id")
     }
 
@@ -592,7 +592,7 @@ impl Store {
     /// [`PURGE_BATCH_KEYS_MAX`] keys at a time with [`PURGE_PAUSE`] between batches. Removing
     /// 15,000–35,000 entries inline held up the Raft log's appends for 106–178 ms at every
     /// snapshot. A removal a crash interrupts is finished by [`Store::open`].
-    pub(crate) fn purge_log_upto(&self, log_id: LogId<u64>) -> Result<()> {
+    pub(crate) fn purge_log_upto(&self, log_id: LogId) -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         self.meta_put(META_LAST_PURGED, "last purged log id", &log_id)?;
         self.inner.purged_below.fetch_max(log_id.index + 1, SeqCst);
@@ -949,15 +949,14 @@ fn open_sled(path: &Path) -> Result<sled::Db> {
 mod tests {
     use std::collections::HashSet;
 
+    use crate::raft_types::{blank_entry as blank_ent, log_id};
     use exactly_core::JobTable;
-    use openraft::testing::{blank_ent, log_id};
 
     use super::*;
-    use crate::TypeConfig;
 
     fn put_entries(store: &Store, indexes: impl IntoIterator<Item = u64>) {
         for index in indexes {
-            let entry = blank_ent::<TypeConfig>(1, 1, index);
+            let entry = blank_ent(1, 1, index);
             let bytes = encode("log entry", &entry).unwrap();
             store.inner.log.insert(u64_key(index), bytes).unwrap();
         }
@@ -1059,7 +1058,6 @@ mod tests {
             let meta = Meta {
                 last_log_id: Some(log_id(1, 1, 9)),
                 last_membership: Default::default(),
-                snapshot_id: "s".to_string(),
             };
             store.begin_payloads_rebuild().unwrap();
             store.persist_snapshot_bytes(&meta, &data, false).unwrap();
@@ -1172,7 +1170,6 @@ mod tests {
         let meta_at = |index| Meta {
             last_log_id: Some(log_id(1, 1, index)),
             last_membership: Default::default(),
-            snapshot_id: format!("s{index}"),
         };
         assert!(store
             .persist_snapshot_bytes(&meta_at(10), &data, false)

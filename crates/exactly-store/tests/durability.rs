@@ -5,20 +5,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use exactly_core::{Command, NewJob, Request};
+use exactly_store::raft_types::log_id;
+use exactly_store::raft_types::{Entry, EntryPayload, LogId, Vote};
 use exactly_store::{
     lose_unsynced_writes, DurabilityHook, DurableImage, NoopObserver, Store, StoreOptions,
-    TypeConfig,
 };
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
-use openraft::testing::log_id;
-use openraft::{Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, Vote};
+use openraft::{RaftLogReader, RaftSnapshotBuilder};
 
 #[derive(Default)]
 struct DiskState {
     off: bool,
     image: Option<DurableImage>,
-    acked: Option<LogId<u64>>,
-    vote: Option<Vote<u64>>,
+    acked: Option<LogId>,
+    vote: Option<Vote>,
     completed: u64,
 }
 
@@ -60,12 +60,12 @@ impl DurabilityHook for Disk {
         }
         true
     }
-    fn append_acknowledged(&self, last: LogId<u64>) {
+    fn append_acknowledged(&self, last: LogId) {
         let mut s = self.0.lock().unwrap();
         // Acknowledged entries must be covered by a completed image, unless the store lies.
         s.acked = s.acked.max(Some(last));
     }
-    fn vote_saved(&self, vote: Vote<u64>) {
+    fn vote_saved(&self, vote: Vote) {
         self.0.lock().unwrap().vote = Some(vote);
     }
 }
@@ -78,7 +78,7 @@ fn options(disk: &Arc<Disk>, delay: Duration, early: bool) -> StoreOptions {
     }
 }
 
-fn submit(index: u64, payload: &[u8]) -> Entry<TypeConfig> {
+fn submit(index: u64, payload: &[u8]) -> Entry {
     Entry {
         log_id: log_id(1, 1, index),
         payload: EntryPayload::Normal(Request::at(
@@ -94,7 +94,7 @@ fn submit(index: u64, payload: &[u8]) -> Entry<TypeConfig> {
     }
 }
 
-fn submits(range: std::ops::RangeInclusive<u64>) -> Vec<Entry<TypeConfig>> {
+fn submits(range: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
     range
         .map(|i| submit(i, format!("job{i}").as_bytes()))
         .collect()
@@ -218,9 +218,9 @@ async fn vote_committed_and_payloads_go_back_to_the_durable_state() -> anyhow::R
         log.blocking_append(submits(1..=3)).await?;
         log.save_vote(&Vote::new(3, 1)).await?;
         log.save_committed(Some(log_id(1, 1, 2))).await?;
-        sm.apply(submits(1..=2)).await?;
+        sm.apply_entries(submits(1..=2)).await?;
         sm.get_snapshot_builder().await.build_snapshot().await?;
-        sm.apply(submits(3..=3)).await?;
+        sm.apply_entries(submits(3..=3)).await?;
         assert_eq!(store.payload(3)?, Some(b"job3".to_vec()));
         let image = disk.image().expect("an image");
         assert_eq!(image.committed, Some(log_id(1, 1, 2)));
@@ -240,7 +240,7 @@ async fn vote_committed_and_payloads_go_back_to_the_durable_state() -> anyhow::R
     assert_eq!(store.payload(3)?, None);
     let mut sm = store.state_machine(Arc::new(NoopObserver))?;
     assert_eq!(sm.last_applied(), Some(log_id(1, 1, 2)));
-    sm.apply(submits(3..=3)).await?;
+    sm.apply_entries(submits(3..=3)).await?;
     assert_eq!(store.payload(3)?, Some(b"job3".to_vec()));
     assert_eq!(store.payload(1)?, Some(b"job1".to_vec()));
     Ok(())

@@ -4,25 +4,25 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use exactly_store::raft_types::{LogId, StorageError, Vote};
 use exactly_store::{
     DurabilityHook, DurableImage, LogStore, NoopObserver, StateMachine, Store, StoreOptions,
     TypeConfig,
 };
-use openraft::testing::{StoreBuilder, Suite};
-use openraft::{ErrorSubject, ErrorVerb, LogId, StorageError, StorageIOError, Vote};
+use openraft::testing::log::{StoreBuilder, Suite};
 use tempfile::TempDir;
 
 /// Opens a fresh store in a new temporary directory; the directory is the suite's guard and is
 /// removed when the case ends.
 struct FreshStore;
 
-fn setup_error(e: &(dyn std::error::Error + 'static)) -> StorageError<u64> {
-    let e = openraft::AnyError::from_dyn(e, None);
-    StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, e).into()
+fn setup_error(e: &(dyn std::error::Error + 'static)) -> StorageError {
+    use openraft::type_config::TypeConfigExt;
+    StorageError::write(TypeConfig::err_from_string(e))
 }
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for FreshStore {
-    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().map_err(|e| setup_error(&e))?;
         let store = Store::open(dir.path()).map_err(|e| setup_error(&e))?;
         let sm = store
@@ -32,11 +32,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for FreshStore {
     }
 }
 
-/// Every case of openraft 0.9.25's storage suite passes: log reads, purge, truncate, vote,
+/// Every case of openraft 0.10's storage suite passes: log reads, purge, truncate, vote,
 /// committed, membership bookkeeping, apply and snapshot transfer.
-#[test]
-fn openraft_storage_suite() -> anyhow::Result<()> {
-    Suite::test_all(FreshStore)?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite() -> anyhow::Result<()> {
+    Suite::test_all(FreshStore).await?;
     Ok(())
 }
 
@@ -58,7 +58,7 @@ impl DurabilityHook for ContractCheck {
         }
         true
     }
-    fn append_acknowledged(&self, last: LogId<u64>) {
+    fn append_acknowledged(&self, last: LogId) {
         let newest = self.newest.lock().unwrap();
         let durable = newest.as_ref().and_then(|n| n.log_last);
         assert!(
@@ -66,7 +66,7 @@ impl DurabilityHook for ContractCheck {
             "entries up to {last} acknowledged, durable only {durable:?}"
         );
     }
-    fn vote_saved(&self, vote: Vote<u64>) {
+    fn vote_saved(&self, vote: Vote) {
         let newest = self.newest.lock().unwrap();
         let durable = newest.as_ref().and_then(|n| n.vote);
         assert!(
@@ -80,7 +80,7 @@ impl DurabilityHook for ContractCheck {
 struct SlowDisk;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SlowDisk {
-    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().map_err(|e| setup_error(&e))?;
         let options = StoreOptions {
             durability_hook: Some(Arc::new(ContractCheck::default())),
@@ -97,8 +97,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SlowDisk {
 
 /// The whole suite passes with the test seam on (a slow disk and a hook), and no append
 /// callback or vote is acknowledged before a durability point covers it.
-#[test]
-fn openraft_storage_suite_on_a_slow_disk() -> anyhow::Result<()> {
-    Suite::test_all(SlowDisk)?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite_on_a_slow_disk() -> anyhow::Result<()> {
+    Suite::test_all(SlowDisk).await?;
     Ok(())
 }

@@ -9,10 +9,11 @@ use exactly_core::{
     Assignment, Command, Completion, JobStatus, JobTable, NewJob, NodeRegistration, Outcome,
     Request, Response, StartAttempt, Submitted,
 };
-use exactly_store::{ApplyObserver, NoopObserver, Store, TypeConfig};
+use exactly_store::raft_types::log_id;
+use exactly_store::raft_types::{Entry, EntryPayload, Membership, Vote};
+use exactly_store::{ApplyObserver, NoopObserver, Store};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
-use openraft::testing::log_id;
-use openraft::{Entry, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, Vote};
+use openraft::{RaftLogReader, RaftSnapshotBuilder};
 
 /// Records what apply tells the node.
 #[derive(Default)]
@@ -36,17 +37,20 @@ fn request(index: u64, command: Command) -> Request {
     Request::at(1_000 * index, command)
 }
 
-fn normal(index: u64, command: Command) -> Entry<TypeConfig> {
+fn normal(index: u64, command: Command) -> Entry {
     Entry {
         log_id: log_id(1, 1, index),
         payload: EntryPayload::Normal(request(index, command)),
     }
 }
 
-fn membership(index: u64) -> Entry<TypeConfig> {
+fn membership(index: u64) -> Entry {
     Entry {
         log_id: log_id(1, 1, index),
-        payload: EntryPayload::Membership(Membership::new(vec![BTreeSet::from([1])], None)),
+        payload: EntryPayload::Membership(Membership::new_with_defaults(
+            vec![BTreeSet::from([1])],
+            [],
+        )),
     }
 }
 
@@ -95,7 +99,7 @@ fn succeed(job: u64, token: u64) -> Command {
 
 /// Membership at 1, a node at 2, jobs 1..=3 at 3, jobs 1 and 2 assigned at 4 (token 4), job 1
 /// succeeded at 5. Afterwards job 1 is finished, job 2 running and job 3 pending.
-fn scenario() -> Vec<Entry<TypeConfig>> {
+fn scenario() -> Vec<Entry> {
     vec![
         membership(1),
         normal(2, register()),
@@ -109,7 +113,7 @@ fn scenario() -> Vec<Entry<TypeConfig>> {
 }
 
 /// The table a pure replay of the normal entries of `entries` produces.
-fn replay(table: &mut JobTable, entries: &[Entry<TypeConfig>]) {
+fn replay(table: &mut JobTable, entries: &[Entry]) {
     for e in entries {
         if let EntryPayload::Normal(req) = &e.payload {
             let _ = table.apply(e.log_id.index, req.clone());
@@ -167,7 +171,7 @@ async fn apply_runs_the_job_table_and_keeps_payloads() -> anyhow::Result<()> {
     let entries = scenario();
     let mut responses = Vec::new();
     for e in &entries {
-        responses.extend(sm.apply([e.clone()]).await?);
+        responses.extend(sm.apply_entries([e.clone()]).await?);
     }
 
     assert_eq!(responses[0], Response::Empty);
@@ -227,7 +231,7 @@ async fn starts_already_ended_in_the_same_batch_are_not_reported() -> anyhow::Re
     let store = Store::open(dir.path())?;
     let recorder = Arc::new(Recorder::default());
     let mut sm = store.state_machine(recorder.clone())?;
-    sm.apply(scenario()).await?;
+    sm.apply_entries(scenario()).await?;
     assert_eq!(*recorder.starts.lock().unwrap(), vec![start(2, 4)]);
     assert_eq!(*recorder.applied.lock().unwrap(), vec![5]);
     assert_eq!(store.payload(1)?, None);
@@ -241,7 +245,7 @@ async fn snapshot_installs_into_a_fresh_store() -> anyhow::Result<()> {
     let dir_a = tempfile::tempdir()?;
     let store_a = Store::open(dir_a.path())?;
     let mut sm_a = store_a.state_machine(Arc::new(NoopObserver))?;
-    sm_a.apply(scenario()).await?;
+    sm_a.apply_entries(scenario()).await?;
     let built = sm_a.get_snapshot_builder().await.build_snapshot().await?;
     assert_eq!(built.meta.last_log_id, Some(log_id(1, 1, 5)));
 
@@ -254,9 +258,8 @@ async fn snapshot_installs_into_a_fresh_store() -> anyhow::Result<()> {
         .await?
         .expect("a current snapshot");
     assert_eq!(current.meta, built.meta);
-    let mut receiving = sm_b.begin_receiving_snapshot().await?;
-    *receiving = *current.snapshot;
-    sm_b.install_snapshot(&current.meta, receiving).await?;
+    sm_b.install_snapshot(&current.meta, current.snapshot)
+        .await?;
 
     assert_eq!(sm_b.read(|t| t.clone()), sm_a.read(|t| t.clone()));
     assert_eq!(sm_b.applied_state().await?, sm_a.applied_state().await?);
@@ -299,10 +302,10 @@ async fn restart_resumes_from_the_snapshot() -> anyhow::Result<()> {
     let (at_snapshot, before_restart) = {
         let store = Store::open(dir.path())?;
         let mut sm = store.state_machine(Arc::new(NoopObserver))?;
-        sm.apply(scenario()).await?;
+        sm.apply_entries(scenario()).await?;
         sm.get_snapshot_builder().await.build_snapshot().await?;
         let at_snapshot = sm.read(|t| t.clone());
-        sm.apply(later.clone()).await?;
+        sm.apply_entries(later.clone()).await?;
         (at_snapshot, sm.read(|t| t.clone()))
     };
 
@@ -312,7 +315,7 @@ async fn restart_resumes_from_the_snapshot() -> anyhow::Result<()> {
     assert_eq!(sm.last_applied(), Some(log_id(1, 1, 5)));
     let (_, mem) = sm.applied_state().await?;
     assert_eq!(mem.log_id(), &Some(log_id(1, 1, 1)));
-    sm.apply(later).await?;
+    sm.apply_entries(later).await?;
     assert_eq!(sm.read(|t| t.clone()), before_restart);
     assert_eq!(sm.job(1)?, None, "retention deleted job 1 again");
     assert_eq!(store.archived(1)?, None);
