@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use exactly_store::raft_types::{LeaderId as CommittedLeaderId, LogId, SnapshotMeta, StoredMembership};
+use exactly_store::raft_types::{log_id, SnapshotMeta, StoredMembership};
 
 fuzz_target!(|data: &[u8]| {
     let meta: SnapshotMeta = SnapshotMeta {
-        last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 10)),
+        last_log_id: Some(log_id(1, 1, 10)),
         last_membership: StoredMembership::default(),
     };
     let _ = exactly_store::check_snapshot(&meta, data);
