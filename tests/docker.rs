@@ -435,24 +435,7 @@ fn reap_leftovers() {
 /// candidate (from a start that differs per process), so one deployment never picks a port
 /// twice.
 fn free_port() -> u16 {
-    const FIRST: u16 = 20_000;
-    const SPAN: u16 = 12_000;
-    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
-    let next = NEXT.get_or_init(|| {
-        let seed = std::process::id() as u64
-            ^ std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-        std::sync::atomic::AtomicU16::new((seed % u64::from(SPAN)) as u16)
-    });
-    for _ in 0..SPAN {
-        let port = FIRST + next.fetch_add(1, Ordering::SeqCst) % SPAN;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
+    exactly_tests::free_port_in(20_000, 12_000)
 }
 
 /// `GET path` on 127.0.0.1:port over HTTP/1.0: the status code and the body.

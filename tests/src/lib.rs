@@ -82,8 +82,13 @@ pub const LEDGER_KIND: &str = "ledger";
 /// already in use` for a chaos seed's restart). Each call takes the next candidate that binds,
 /// from a start that differs per process.
 pub fn free_port() -> u16 {
-    const FIRST: u16 = 10_000;
-    const SPAN: u16 = 10_000;
+    free_port_in(10_000, 10_000)
+}
+
+/// A free loopback port in `first..first + span` that binds now; each call (in any range)
+/// takes the next candidate of one per-process sequence, so a process never picks a port twice
+/// while its range lasts.
+pub fn free_port_in(first: u16, span: u16) -> u16 {
     static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
     let next = NEXT.get_or_init(|| {
         let seed = u64::from(std::process::id())
@@ -91,15 +96,15 @@ pub fn free_port() -> u16 {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0);
-        std::sync::atomic::AtomicU16::new((seed % u64::from(SPAN)) as u16)
+        std::sync::atomic::AtomicU16::new(seed as u16)
     });
-    for _ in 0..SPAN {
-        let port = FIRST + next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % SPAN;
+    for _ in 0..span {
+        let port = first + next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % span;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
+    panic!("no free loopback port in {first}..{}", first + span)
 }
 
 /// A configuration for an in-process test node: loopback, a port from [`free_port`], fast

@@ -22,43 +22,16 @@ pub struct Request {
     pub command: Command,
 }
 
-/// A short description for logs (openraft prints entries): the command's name and how many
-/// items it carries, never payloads.
+/// A short description for logs (openraft prints entries): the command's name and the
+/// leader's clock, never payloads.
 impl std::fmt::Display for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.command.name(), self.now_ms)
-    }
-}
-
-impl Command {
-    /// The variant's name, for logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Submit(_) => "Submit",
-            Command::Assign(_) => "Assign",
-            Command::Complete(_) => "Complete",
-            Command::Renew(_) => "Renew",
-            Command::Expire(_) => "Expire",
-            Command::RegisterNode(_) => "RegisterNode",
-            Command::Cancel(_) => "Cancel",
-            Command::Redrive(_) => "Redrive",
-            Command::PurgeDead(_) => "PurgeDead",
-            Command::ConfigureQueue { .. } => "ConfigureQueue",
-            Command::Retain(_) => "Retain",
-            Command::AddSchedule(_) => "AddSchedule",
-            Command::RemoveSchedule(_) => "RemoveSchedule",
-            Command::PauseSchedule { .. } => "PauseSchedule",
-            Command::FireSchedules(_) => "FireSchedules",
-            Command::Drain(_) => "Drain",
-            Command::NodeLeft(_) => "NodeLeft",
-            Command::SubmitGroups(_) => "SubmitGroups",
-            Command::SubmitAssign { .. } => "SubmitAssign",
-            Command::Batch(_) => "Batch",
-            Command::Audited(_) => "Audited",
-            Command::IssueToken(_) => "IssueToken",
-            Command::RevokeToken(_) => "RevokeToken",
-            Command::Joined(_) => "Joined",
-        }
+        write!(
+            f,
+            "{}@{}",
+            crate::state::audit::command_name(&self.command),
+            self.now_ms
+        )
     }
 }
 
