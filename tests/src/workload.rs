@@ -420,9 +420,19 @@ pub async fn run_chaos(
     options: &ChaosOptions,
     tweak: impl Fn(&mut NodeConfig),
 ) -> anyhow::Result<ChaosOutcome> {
+    run_schedule(Schedule::generate(seed, &options.schedule), options, tweak).await
+}
+
+/// Runs `schedule` (generated from its seed, or written by hand) end to end with the workload
+/// of its seed, and checks the history. `options.schedule` is not consulted.
+pub async fn run_schedule(
+    schedule: Schedule,
+    options: &ChaosOptions,
+    tweak: impl Fn(&mut NodeConfig),
+) -> anyhow::Result<ChaosOutcome> {
     let started = Instant::now();
     let recorder = Recorder::new();
-    let schedule = Schedule::generate(seed, &options.schedule);
+    let seed = schedule.seed;
     let faults = FaultController::new(seed ^ 0x6661_756c_7473);
     let snapshot_after = (!options.snapshot_after.is_empty())
         .then(|| options.snapshot_after[(seed % options.snapshot_after.len() as u64) as usize]);
@@ -440,7 +450,7 @@ pub async fn run_chaos(
         tweak(c);
     };
     let mut cluster = FaultyCluster::start_on_disks(
-        options.schedule.nodes,
+        schedule.nodes,
         faults,
         registry(&recorder),
         options.disk.clone(),
