@@ -55,6 +55,10 @@ struct PowerTotals {
     schedules_dropping: usize,
 }
 
+/// The longest one seed of a sweep may take: a short schedule runs 5 s and settles within
+/// `settle_max` (30 s); seeds take 4–20 s on a busy machine.
+const SEED_BOUND: Duration = Duration::from_secs(150);
+
 /// Runs `seeds` with `parallel` runs at once, prints each outcome, and fails listing every
 /// failing seed.
 async fn sweep(seeds: Vec<u64>, options: ChaosOptions, parallel: usize) -> PowerTotals {
@@ -64,7 +68,16 @@ async fn sweep(seeds: Vec<u64>, options: ChaosOptions, parallel: usize) -> Power
         .map(|seed| {
             let options = options.clone();
             async move {
-                let result = run_chaos(seed, &options, |_| {}).await;
+                // A bound per seed, so a run that hangs fails with its seed instead of holding
+                // the sweep until CI's limit.
+                let result = tokio::time::timeout(SEED_BOUND, run_chaos(seed, &options, |_| {}))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "the seed did not finish within {SEED_BOUND:?} (a hang: rerun it \
+                             alone with EXACTLY_SEED_BASE={seed} EXACTLY_SEEDS=1)"
+                        ))
+                    });
                 match &result {
                     Ok(outcome) if verbose => println!("{outcome:#}"),
                     Ok(outcome) => println!("{outcome}"),

@@ -42,14 +42,6 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// refused attempt can never be retried into success).
 const EXIT_STALE: i32 = 3;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Every process's parent, from /proc (pid -> ppid).
 fn parents() -> HashMap<i32, i32> {
     let mut out = HashMap::new();
@@ -447,7 +439,7 @@ impl Cluster {
         let shaped = write_shaped_script(dir.path(), sink.port(), &pids);
         let mut procs: Vec<Proc> = (1..=n)
             .map(|id| {
-                let port = free_port();
+                let port = common::free_port();
                 Proc {
                     id,
                     port,

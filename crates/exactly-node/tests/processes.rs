@@ -17,14 +17,6 @@ use nix::unistd::Pid;
 
 type Jobs = pb::jobs_client::JobsClient<tonic::transport::Channel>;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Proc {
     id: u64,
     port: u16,
@@ -103,9 +95,31 @@ impl Drop for Proc {
 }
 
 struct Cluster {
-    dir: tempfile::TempDir,
+    /// Holds the nodes' directories (removed when the cluster is dropped).
+    _dir: tempfile::TempDir,
     procs: Vec<Proc>,
     ledger: PathBuf,
+}
+
+/// A failing test shows the end of every node's log (its directory is removed with it).
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for p in &self.procs {
+            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "---- node {} (port {}), last {} lines of its log:\n{}",
+                p.id,
+                p.port,
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
 }
 
 /// A node's config file; with `peer` (a peer port and the directory of `exactly_client::certs`
@@ -176,8 +190,8 @@ impl Cluster {
         }
         let mut procs: Vec<Proc> = (1..=n)
             .map(|id| {
-                let port = free_port();
-                let peer_port = peer_tls.then(free_port);
+                let port = common::free_port();
+                let peer_port = peer_tls.then(common::free_port);
                 let peer = peer_port.map(|p| (p, certs.as_path()));
                 Proc {
                     id,
@@ -194,7 +208,11 @@ impl Cluster {
         for p in procs.iter_mut().skip(1) {
             p.start(&["--join", &seed]);
         }
-        Self { dir, procs, ledger }
+        Self {
+            _dir: dir,
+            procs,
+            ledger,
+        }
     }
 
     fn endpoint(&self, i: usize) -> String {
@@ -419,7 +437,7 @@ async fn leader_sigkill_and_restart_loses_nothing_and_runs_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     check_exactly_once(&cluster, &acked).await;
-    drop(cluster.dir);
+    drop(cluster);
 }
 
 /// All three nodes are SIGKILLed together while jobs are being acknowledged; after a restart
@@ -560,10 +578,8 @@ async fn sigterm_drains_and_a_stopped_cluster_comes_back_whole() {
     // The whole cluster stopped at once, while short jobs flow (the minute-long ones are
     // cancelled: draining them would only wait out the drain deadline): once every process
     // answers itself (a process signalled before its main installed its handlers would just die).
-    let mut c = Jobs::connect(cluster.endpoint(0)).await.unwrap();
-    c.cancel(pb::CancelRequest { job_ids: long_ids })
-        .await
-        .unwrap();
+    // (`wait_ready` may answer from the registrations of the earlier incarnations before a
+    // restarted process listens: CI saw the connection below refused.)
     for i in 0..3 {
         let deadline = Instant::now() + Duration::from_secs(30);
         while cluster.status(i).await.is_none() {
@@ -571,6 +587,10 @@ async fn sigterm_drains_and_a_stopped_cluster_comes_back_whole() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    let mut c = Jobs::connect(cluster.endpoint(0)).await.unwrap();
+    c.cancel(pb::CancelRequest { job_ids: long_ids })
+        .await
+        .unwrap();
     let signalled = Instant::now();
     for proc in &cluster.procs {
         proc.term();

@@ -5,6 +5,9 @@
 //!
 //! The CLI binary is found next to `exactlyd` (`cargo test --workspace` builds both).
 
+#[allow(dead_code)] // the exec guard's helper is for the other process tests
+mod common;
+
 use std::fs;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -52,14 +55,6 @@ fn marked_blocks(readme: &str) -> Vec<String> {
         blocks.push(block);
     }
     blocks
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A child in its own process group (the cluster script and the nodes it starts, or the example
@@ -128,7 +123,7 @@ fn readme_examples_run_as_written() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..6).map(|_| common::free_port()).collect();
     let endpoints = ports[..3]
         .iter()
         .map(|p| format!("127.0.0.1:{p}"))
