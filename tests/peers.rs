@@ -776,9 +776,9 @@ impl exactly_node::faults::Faults for Isolation {
 
 /// A follower that missed a membership change takes the new leader it does not know once a
 /// voter it knows vouches for it: under peer TLS, node 3 is cut off (and kept from campaigning)
-/// while nodes 4 and 5 join as voters; then the leader (node 1) is cut off and nodes 2 and 5
-/// kept from campaigning, so node 4 is elected. Back, node 3 does not have the entries that admitted
-/// them, asks nodes 1 and 2 (`Members`), follows the new leader and catches up.
+/// while nodes 4 and 5 join as voters; then the leader (node 1) is cut off and only one of the
+/// new nodes may campaign, so it is elected. Back, node 3 does not have the entries that
+/// admitted them, asks nodes 1 and 2 (`Members`), follows the new leader and catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lagging_follower_takes_a_leader_that_members_vouch_for() -> anyhow::Result<()> {
     let certs = tempfile::tempdir()?;
@@ -799,72 +799,112 @@ async fn a_lagging_follower_takes_a_leader_that_members_vouch_for() -> anyhow::R
         };
         exactly_node::start_with(c, exactly_handlers::Registry::with_builtins(), options)
     };
-    let voters = |n: &exactly_node::RunningNode| -> Vec<u64> {
-        n.node
-            .raft
-            .metrics()
-            .borrow_watched()
+    let metrics = |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow_watched().clone();
+    // A node's configuration as its voter sets: one set once a change is done, two while it is
+    // joint (a joint configuration's voters are the union of both, so comparing voter ids alone
+    // takes a half-done change for a done one).
+    let config = |n: &exactly_node::RunningNode| -> Vec<Vec<u64>> {
+        metrics(n)
             .membership_config
             .membership()
-            .voter_ids()
+            .get_joint_config()
+            .iter()
+            .map(|set| set.iter().copied().collect())
             .collect()
     };
-    let leader_of =
-        |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow_watched().current_leader;
+    let applied = |n: &exactly_node::RunningNode| metrics(n).last_applied.map_or(0, |l| l.index);
+    // The node has applied (so committed) the configuration it holds.
+    let settled = |n: &exactly_node::RunningNode| {
+        let m = metrics(n);
+        let at = m.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+        m.last_applied.is_some_and(|l| l.index >= at)
+    };
+    let three_voters = vec![vec![1, 2, 3]];
+    let five_voters = vec![vec![1, 2, 3, 4, 5]];
     let one = start(1, None).await?;
     let seed = one.peer_addr.clone();
     let two = start(2, Some(seed.clone())).await?;
     let three = start(3, Some(seed.clone())).await?;
-    wait_for(Duration::from_secs(30), || voters(&three) == [1, 2, 3]).await?;
+    wait_for(Duration::from_secs(30), || {
+        config(&three) == three_voters && settled(&three)
+    })
+    .await?;
 
     three.node.raft.runtime_config().elect(false);
     isolation.0.lock().unwrap().insert(3);
     let four = start(4, Some(seed.clone())).await?;
     let five = start(5, Some(seed)).await?;
-    wait_for(Duration::from_secs(30), || voters(&one) == [1, 2, 3, 4, 5])
-        .await
-        .map_err(|e| anyhow::anyhow!("nodes 4 and 5 not voters: {e}: {:?}", voters(&one)))?;
-    assert_eq!(voters(&three), [1, 2, 3], "node 3 missed their admission");
-    // Every node but 3 has the final configuration committed and applied.
-    let applied =
-        |n: &exactly_node::RunningNode| n.node.raft.metrics().borrow_watched().last_applied;
+    wait_for(Duration::from_secs(30), || {
+        config(&one) == five_voters && settled(&one)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("nodes 4 and 5 not voters: {e}: {:?}", config(&one)))?;
+    assert_eq!(
+        config(&three),
+        three_voters,
+        "node 3 missed their admission"
+    );
+    // Every node but 3 has the final configuration committed and applied, and (at that moment)
+    // the leader's whole log: a node can only be elected by voters whose logs are not ahead of
+    // its own, and the leader writes on its own (lease renewals), so the cut comes in a quiet
+    // moment.
     wait_for(Duration::from_secs(15), || {
-        let target = applied(&one);
+        let last = metrics(&one).last_log_index;
         [&two, &four, &five]
             .iter()
-            .all(|n| voters(n) == [1, 2, 3, 4, 5] && applied(n) >= target)
+            .all(|n| config(n) == five_voters && settled(n) && metrics(n).last_log_index == last)
     })
     .await
     .map_err(|e| anyhow::anyhow!("the others did not apply the new configuration: {e}"))?;
 
-    // Only node 4 campaigns (two candidates splitting the votes could take many terms).
+    // Only one new node campaigns (two candidates splitting the votes could take many terms):
+    // whichever of 4 and 5 has the longer log, in case an entry reached one of them as the
+    // leader was cut off.
     two.node.raft.runtime_config().elect(false);
+    four.node.raft.runtime_config().elect(false);
     five.node.raft.runtime_config().elect(false);
     isolation.0.lock().unwrap().insert(1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every entry is node 1's (term 1), so the longer log is the more up-to-date one.
+    let last_log = |n: &exactly_node::RunningNode| metrics(n).last_log_index;
+    let (candidate, campaigner) = if last_log(&five) > last_log(&four) {
+        (5, &five)
+    } else {
+        (4, &four)
+    };
+    assert!(
+        last_log(campaigner) >= last_log(&two),
+        "node 2 holds an entry neither new node has: {:?} {:?} {:?}",
+        last_log(&two),
+        last_log(&four),
+        last_log(&five)
+    );
+    campaigner.node.raft.runtime_config().elect(true);
     wait_for(Duration::from_secs(30), || {
-        leader_of(&two) == Some(4) && leader_of(&five) == Some(4)
+        [&two, &four, &five]
+            .iter()
+            .all(|n| metrics(n).current_leader == Some(candidate))
     })
     .await
     .map_err(|e| {
         let m = |n: &exactly_node::RunningNode| {
-            let m = n.node.raft.metrics().borrow_watched().clone();
+            let m = metrics(n);
             (m.current_term, m.current_leader, m.state, m.last_log_index)
         };
         anyhow::anyhow!(
-            "node 4 not elected: {e}: 2 {:?} 4 {:?} 5 {:?}",
+            "node {candidate} not elected: {e}: 2 {:?} 4 {:?} 5 {:?}",
             m(&two),
             m(&four),
             m(&five)
         )
     })?;
-    let new_leader = leader_of(&two);
 
     isolation.0.lock().unwrap().remove(&3);
     wait_for(Duration::from_secs(10), || {
-        leader_of(&three) == new_leader && voters(&three) == [1, 2, 3, 4, 5]
+        metrics(&three).current_leader == Some(candidate) && config(&three) == five_voters
     })
     .await
-    .map_err(|e| anyhow::anyhow!("node 3 did not take {new_leader:?} as its leader: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("node 3 did not take {candidate} as its leader: {e}"))?;
     let target = applied(&two);
     wait_for(Duration::from_secs(10), || applied(&three) >= target)
         .await
