@@ -327,6 +327,10 @@ impl Internal for InternalService {
         let Blob { data, target } = request.into_inner();
         self.check_target(target)?;
         let req: AppendEntriesRequest<TypeConfig> = codec::decode(&data)?;
+        let last = req.entries.last().map(|e| e.log_id.index);
+        if let Some(index) = last {
+            tracing::trace!(target: exactly_store::TIMELINE, index, "received");
+        }
         let leader = req.vote.leader_id.node_id;
         check_claim(sender, leader, "AppendEntries")?;
         // A removed node never leads again (its id is never reused): what it sends as leader
@@ -335,7 +339,11 @@ impl Internal for InternalService {
             return Err(refusal);
         }
         self.check_leader(sender, "AppendEntries").await?;
-        Ok(blob(&self.node.raft.append_entries(req).await))
+        let reply = blob(&self.node.raft.append_entries(req).await);
+        if let Some(index) = last {
+            tracing::trace!(target: exactly_store::TIMELINE, index, "acknowledged");
+        }
+        Ok(reply)
     }
 
     /// This node's membership, for a member that does not know a sender of leader traffic

@@ -402,8 +402,17 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
-        self.call(&req, &option, async |mut c, r| c.append_entries(r).await)
-            .await
+        let last = req.entries.last().map(|e| e.log_id.index);
+        if let Some(index) = last {
+            tracing::trace!(target: exactly_store::TIMELINE, to = self.target, index, "sent");
+        }
+        let reply = self
+            .call(&req, &option, async |mut c, r| c.append_entries(r).await)
+            .await;
+        if let Some(index) = last {
+            tracing::trace!(target: exactly_store::TIMELINE, from = self.target, index, ok = reply.is_ok(), "answered");
+        }
+        reply
     }
 
     async fn vote(

@@ -381,8 +381,17 @@ impl Node {
             entropy: rand::random(),
             command,
         };
+        let started = std::time::Instant::now();
         match self.raft.client_write(request).await {
-            Ok(reply) => ForwardReply::Committed(reply.data, reply.log_id.index),
+            Ok(reply) => {
+                tracing::trace!(
+                    target: exactly_store::TIMELINE,
+                    index = reply.log_id.index,
+                    took_us = started.elapsed().as_micros() as u64,
+                    "applied"
+                );
+                ForwardReply::Committed(reply.data, reply.log_id.index)
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 ForwardReply::NotLeader
             }

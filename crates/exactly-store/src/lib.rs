@@ -36,7 +36,7 @@ pub use durability::{
     StoreOptions,
 };
 pub use error::{Error, Result};
-pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX};
+pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX, TIMELINE};
 pub use snapshot::{check as check_snapshot, check_file as check_snapshot_file};
 pub use state_machine::{Archive, JobCopy, JobView, SnapshotBuilder, StateMachine};
 pub use store::{

@@ -46,6 +46,11 @@ pub struct LogStore {
     flusher: Arc<Flusher>,
 }
 
+/// The target of the trace events that time one entry's way through the nodes (append,
+/// durability point, replication, commit): `RUST_LOG=exactly::timeline=trace` turns them on and
+/// `scripts/commit-timeline.sh` reads them. Off, they cost a disabled callsite's check.
+pub const TIMELINE: &str = "exactly::timeline";
+
 /// What the flusher thread is asked to do, in order.
 enum Flush {
     /// An append whose entries are written and wait for a durability point.
@@ -118,6 +123,15 @@ fn flush_loop(store: &Store, rx: &mpsc::Receiver<Flush>) {
             std::thread::sleep(delay);
         }
         let result = store.make_durable();
+        if let Some(Flush::Append {
+            last: Some(last), ..
+        }) = batch
+            .iter()
+            .rev()
+            .find(|f| matches!(f, Flush::Append { .. }))
+        {
+            tracing::trace!(target: TIMELINE, index = last.index, ok = result.is_ok(), "durable");
+        }
         for flush in batch {
             match (flush, &result) {
                 (Flush::Append { last, callback }, Ok(())) => acknowledge(store, last, callback),
@@ -311,6 +325,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id);
+        if let Some(last) = last {
+            tracing::trace!(target: TIMELINE, index = last.index, entries = entries.len(), "appended");
+        }
         if let Err(e) = write_entries(&self.store, &entries) {
             let e = e.into_io("appending log entries");
             callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
