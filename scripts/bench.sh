@@ -8,6 +8,8 @@
 #   THEN="--rate 2000 --duration 10s" scripts/bench.sh 1 --rate 10000 --duration 60s --drain 1s
 # After each run it prints every node's resident memory (RSS) and data directory size;
 # HOLD=<seconds> waits that long first (snapshots and log purges settle).
+# LOGS=<dir> keeps the nodes' logs there (n1.log … n3.log) when the cluster stops; the nodes
+# take RUST_LOG from the environment (scripts/commit-timeline.sh uses both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${1:-100000}
@@ -19,6 +21,10 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [[ -n "${LOGS:-}" ]]; then
+    mkdir -p "$LOGS"
+    cp "$dir"/n*.log "$LOGS"/ 2>/dev/null || true
+  fi
   rm -rf "$dir"
 }
 trap cleanup EXIT INT TERM

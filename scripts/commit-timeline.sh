@@ -9,37 +9,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-300}
-cargo build --release -p exactly-node -p exactly-handlers -p exactly-cli --bins
-bin=${CARGO_TARGET_DIR:-target}/release
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT INT TERM
-base=$((19000 + RANDOM % 900))
-export RUST_LOG="info,exactly::timeline=trace"
-"$bin/exactlyd" --init --node-id 1 --listen 127.0.0.1:$((base + 1)) --peer-listen 127.0.0.1:$((base + 11)) \
-  --data-dir "$dir/n1" >"$dir/n1.log" 2>&1 &
-pids+=($!)
-for i in 2 3; do
-  "$bin/exactlyd" --join 127.0.0.1:$((base + 11)) --node-id $i --listen 127.0.0.1:$((base + i)) \
-    --peer-listen 127.0.0.1:$((base + 10 + i)) --data-dir "$dir/n$i" >"$dir/n$i.log" 2>&1 &
-  pids+=($!)
-done
-eps="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
-for _ in $(seq 1 150); do
-  k=$("$bin/exactly" --endpoints "$eps" --json status 2>/dev/null | grep -cE '"incarnation": *[1-9]' || true)
-  if [[ "$k" -ge 3 ]]; then break; fi
-  sleep 0.2
-done
-# Node 1 bootstrapped the cluster and leads it unless something went wrong; the script checks.
-"$bin/exactly" --endpoints "127.0.0.1:$((base + 1))" bench --jobs "$n" --batch 1 --concurrency 1 \
-  | grep -E 'submit latency|completion latency'
-python3 - "$dir" <<'EOF'
-import bisect, datetime, re, statistics, sys
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+# bench.sh starts the cluster (node 1 bootstraps and leads it), and its client sends every
+# request to the first endpoint that answers, node 1; the parser below checks that node 1
+# applied the entries.
+RUST_LOG="info,exactly::timeline=trace" LOGS="$logs" scripts/bench.sh "$n" --batch 1 \
+  --concurrency 1 | grep -E 'submit latency|completion latency'
+python3 - "$logs" <<'EOF'
+import datetime, re, statistics, sys
 
 d = sys.argv[1]
 line_re = re.compile(r'^(\S+Z)\s+TRACE\b.*exactly::timeline: (\w+) (.*)$')

@@ -410,7 +410,8 @@ impl RaftNetworkV2<TypeConfig> for Connection {
             .call(&req, &option, async |mut c, r| c.append_entries(r).await)
             .await;
         if let Some(index) = last {
-            tracing::trace!(target: exactly_store::TIMELINE, from = self.target, index, ok = reply.is_ok(), "answered");
+            let (from, ok) = (self.target, reply.is_ok());
+            tracing::trace!(target: exactly_store::TIMELINE, from, index, ok, "answered");
         }
         reply
     }

@@ -123,14 +123,14 @@ fn flush_loop(store: &Store, rx: &mpsc::Receiver<Flush>) {
             std::thread::sleep(delay);
         }
         let result = store.make_durable();
-        if let Some(Flush::Append {
-            last: Some(last), ..
-        }) = batch
-            .iter()
-            .rev()
-            .find(|f| matches!(f, Flush::Append { .. }))
-        {
-            tracing::trace!(target: TIMELINE, index = last.index, ok = result.is_ok(), "durable");
+        if tracing::enabled!(target: TIMELINE, tracing::Level::TRACE) {
+            let last = batch.iter().rev().find_map(|f| match f {
+                Flush::Append { last, .. } => last.map(|l| l.index),
+                Flush::Barrier(_) => None,
+            });
+            if let Some(index) = last {
+                tracing::trace!(target: TIMELINE, index, ok = result.is_ok(), "durable");
+            }
         }
         for flush in batch {
             match (flush, &result) {
@@ -326,7 +326,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id);
         if let Some(last) = last {
-            tracing::trace!(target: TIMELINE, index = last.index, entries = entries.len(), "appended");
+            let n = entries.len();
+            tracing::trace!(target: TIMELINE, index = last.index, entries = n, "appended");
         }
         if let Err(e) = write_entries(&self.store, &entries) {
             let e = e.into_io("appending log entries");
