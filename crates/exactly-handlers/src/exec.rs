@@ -923,7 +923,12 @@ mod tests {
         // Drive it until the grandchild exists, then leak it: no drop guard runs, like SIGKILL.
         let mut run = Box::pin(run);
         let deadline = StdInstant::now() + Duration::from_secs(5);
-        while std::fs::read_to_string(&pids).map_or(true, |s| s.trim().is_empty()) {
+        // The grandchild may write its pid before the handler has read the guard's report of
+        // the start and recorded the group: wait for both.
+        let recorded = || std::fs::read_dir(&groups).map_or(0, |d| d.count());
+        while std::fs::read_to_string(&pids).map_or(true, |s| s.trim().is_empty())
+            || recorded() == 0
+        {
             assert!(StdInstant::now() < deadline, "command did not start");
             let _ = tokio::time::timeout(Duration::from_millis(10), &mut run).await;
         }
