@@ -417,6 +417,18 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
         );
         tokio::time::sleep(exactly_node::internal::UNVOUCHED_FOR).await;
     }
+    // The pipelined path makes the same checks: its answers end with the refusal.
+    denied(
+        first_answer(
+            &mut stranger,
+            Blob {
+                data: exactly_node::codec::encode(&as_leader),
+                target: to,
+            },
+        )
+        .await,
+        "a pipelined AppendEntries from a non-member",
+    );
     denied(
         stranger
             .members(Blob {
@@ -484,6 +496,17 @@ async fn peer_tls_admits_only_the_members_it_names() -> anyhow::Result<()> {
             })
             .await,
         "an AppendEntries in the leader's name",
+    );
+    denied(
+        first_answer(
+            &mut member,
+            Blob {
+                data: exactly_node::codec::encode(&append),
+                target: to,
+            },
+        )
+        .await,
+        "a pipelined AppendEntries in the leader's name",
     );
     let forwarded = Blob {
         data: exactly_node::codec::encode(&renewal),
@@ -611,11 +634,32 @@ async fn a_rotated_peer_certificate_is_used_without_a_restart() -> anyhow::Resul
     Ok(())
 }
 
+/// The first answer of a pipelined `AppendStream` that sends `request` alone.
+async fn first_answer(
+    client: &mut exactly_proto::internal::internal_client::InternalClient<
+        tonic::transport::Channel,
+    >,
+    request: Blob,
+) -> Result<tonic::Response<Blob>, tonic::Status> {
+    let mut answers = client
+        .append_stream(futures::stream::iter([request]))
+        .await?
+        .into_inner();
+    match answers.message().await? {
+        Some(answer) => Ok(tonic::Response::new(answer)),
+        None => Err(tonic::Status::internal(
+            "the stream ended without an answer",
+        )),
+    }
+}
+
 /// `[peer-tls] crl`: revoking a follower's node certificate (`exactly cert crl --revoke`) cuts
 /// it off once the nodes read the new list: its messages are refused on the connection it
-/// already has, a new connection with its certificate fails the handshake, the leader's next
-/// messages to it go over a new connection its certificate fails, so it gets no more of the
-/// log; its elections cannot depose the leader, and the other two keep running jobs.
+/// already has (a pipelined stream opened before at its next request), a new connection with
+/// its certificate fails the handshake, the leader's next messages to it go over a new
+/// connection its certificate fails (its pipelined stream ends when the list is reloaded), so
+/// it gets no more of the log; its elections cannot depose the leader, and the other two keep
+/// running jobs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
     use exactly_client::certs::{revocation_list, CertifiedKey};
@@ -667,6 +711,9 @@ async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
         leader,
     )?;
     open.vote(vote_request(term, id, leader)).await?;
+    // And a pipelined AppendEntries stream, open before the revocation, that sends nothing yet.
+    let (mut requests, pending) = futures::channel::mpsc::channel(1);
+    let mut streamed = open.append_stream(pending).await?.into_inner();
 
     let (listed, _) = revocation_list(
         &ca,
@@ -695,6 +742,27 @@ async fn a_revoked_node_certificate_is_cut_off() -> anyhow::Result<()> {
             }
         }
     }
+    // The open stream's next request is refused, whatever it says.
+    let as_leader = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(term + 5, id),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    futures::SinkExt::send(
+        &mut requests,
+        Blob {
+            data: exactly_node::codec::encode(&as_leader),
+            target: leader,
+        },
+    )
+    .await?;
+    let status = streamed
+        .message()
+        .await
+        .expect_err("a request on a revoked certificate's open stream");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
     let mut fresh = tls_peer(
         &dir,
         &format!("node-{id}"),

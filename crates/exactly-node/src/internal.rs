@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::codec;
 use crate::node::{ForwardReply, Node, ProposeError};
 
+#[derive(Clone)]
 pub struct InternalService {
     pub node: Node,
     /// What members said about senders this node does not know as members
@@ -133,6 +134,55 @@ enum Sender {
 
 /// Refuses a request whose sender is not `claimed` (the leader or candidate a Raft message
 /// names, the node a renewal or join is about). Plaintext: nothing to check.
+/// The requests of an `AppendStream` that pass their checks, in order; the first that does not
+/// ends them, with its refusal left in `refused` for the stream of answers to end with.
+struct Inbound {
+    service: InternalService,
+    inbound: Streaming<Blob>,
+    sender: Sender,
+    /// The sender's certificate (DER), checked against the revocation list before each request.
+    cert: Option<Vec<u8>>,
+    refused: Arc<std::sync::Mutex<Option<Status>>>,
+}
+
+impl Inbound {
+    async fn next(this: Option<Self>) -> Option<(AppendEntriesRequest<TypeConfig>, Option<Self>)> {
+        let mut this = this?;
+        match this.checked().await {
+            Ok(Some(req)) => Some((req, Some(this))),
+            Ok(None) => None,
+            Err(status) => {
+                *this.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                None
+            }
+        }
+    }
+
+    async fn checked(&mut self) -> Result<Option<AppendEntriesRequest<TypeConfig>>, Status> {
+        let Some(message) = self.inbound.message().await? else {
+            return Ok(None);
+        };
+        if let (Some(tls), Sender::Node(id)) = (&self.service.node.peer_tls, self.sender) {
+            check_revoked(tls, id, self.cert.as_deref())?;
+        }
+        self.service
+            .check_append(self.sender, message)
+            .await
+            .map(Some)
+    }
+}
+
+/// Refuses a certificate (DER) the revocation list names now, on a connection opened before it
+/// was revoked too.
+fn check_revoked(tls: &crate::tls::PeerTls, id: u64, der: Option<&[u8]>) -> Result<(), Status> {
+    if der.is_some_and(|der| tls.is_revoked(der)) {
+        return Err(Status::unauthenticated(format!(
+            "node {id}'s certificate is revoked (peer-tls.crl)"
+        )));
+    }
+    Ok(())
+}
+
 fn check_claim(sender: Sender, claimed: u64, what: &str) -> Result<(), Status> {
     match sender {
         Sender::Node(id) if id != claimed => Err(Status::permission_denied(format!(
@@ -153,11 +203,7 @@ impl InternalService {
         };
         let id = crate::tls::sender(request)
             .ok_or_else(|| Status::unauthenticated("no node certificate on this connection"))?;
-        if crate::tls::sender_cert(request).is_some_and(|der| tls.is_revoked(der)) {
-            return Err(Status::unauthenticated(format!(
-                "node {id}'s certificate is revoked (peer-tls.crl)"
-            )));
-        }
+        check_revoked(tls, id, crate::tls::sender_cert(request))?;
         Ok(Sender::Node(id))
     }
 
@@ -305,6 +351,30 @@ impl InternalService {
         answers.is_ok_and(|all| all.into_iter().any(|a| a == Some(true)))
     }
 
+    /// The checks an AppendEntries from `sender` passes before Raft sees it, on either path
+    /// (one call or the pipelined stream): meant for this node, well formed, sent by the leader
+    /// it names, which is not a removed node and is a member (or vouched for).
+    async fn check_append(
+        &self,
+        sender: Sender,
+        Blob { data, target }: Blob,
+    ) -> Result<AppendEntriesRequest<TypeConfig>, Status> {
+        self.check_target(target)?;
+        let req: AppendEntriesRequest<TypeConfig> = codec::decode(&data)?;
+        if let Some(index) = req.entries.last().map(|e| e.log_id.index) {
+            tracing::trace!(target: exactly_store::TIMELINE, index, "received");
+        }
+        let leader = req.vote.leader_id.node_id;
+        check_claim(sender, leader, "AppendEntries")?;
+        // A removed node never leads again (its id is never reused): what it sends as leader
+        // must not move this node's term, and the refusal tells it that it was removed.
+        if let Some(refusal) = crate::membership::removed_refusal(&self.node, leader) {
+            return Err(refusal);
+        }
+        self.check_leader(sender, "AppendEntries").await?;
+        Ok(req)
+    }
+
     /// Refuses a Raft message meant for another node id (0: the sender did not say).
     fn check_target(&self, target: u64) -> Result<(), Status> {
         if target != 0 && target != self.node.id {
@@ -324,26 +394,54 @@ impl Internal for InternalService {
     /// leader) is taken if a voter it knows vouches for it ([`InternalService::check_leader`]).
     async fn append_entries(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
         let sender = self.sender(&request)?;
-        let Blob { data, target } = request.into_inner();
-        self.check_target(target)?;
-        let req: AppendEntriesRequest<TypeConfig> = codec::decode(&data)?;
+        let req = self.check_append(sender, request.into_inner()).await?;
         let last = req.entries.last().map(|e| e.log_id.index);
-        if let Some(index) = last {
-            tracing::trace!(target: exactly_store::TIMELINE, index, "received");
-        }
-        let leader = req.vote.leader_id.node_id;
-        check_claim(sender, leader, "AppendEntries")?;
-        // A removed node never leads again (its id is never reused): what it sends as leader
-        // must not move this node's term, and the refusal tells it that it was removed.
-        if let Some(refusal) = crate::membership::removed_refusal(&self.node, leader) {
-            return Err(refusal);
-        }
-        self.check_leader(sender, "AppendEntries").await?;
         let reply = blob(&self.node.raft.append_entries(req).await);
         if let Some(index) = last {
             tracing::trace!(target: exactly_store::TIMELINE, index, "acknowledged");
         }
         Ok(reply)
+    }
+
+    type AppendStreamStream = futures::stream::BoxStream<'static, Result<Blob, Status>>;
+
+    /// AppendEntries pipelined (see the proto): each request passes the checks of
+    /// [`Internal::append_entries`] before Raft sees it, and openraft's `stream_append` appends
+    /// the next while the one before is still being made durable.
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<Blob>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let sender = self.sender(&request)?;
+        // The stream lives as long as the sender's leadership: its certificate is checked
+        // against the revocation list again before each request.
+        let cert = crate::tls::sender_cert(&request).map(<[u8]>::to_vec);
+        let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+        let checked = futures::stream::unfold(
+            Some(Inbound {
+                service: self.clone(),
+                inbound: request.into_inner(),
+                sender,
+                cert,
+                refused: refused.clone(),
+            }),
+            Inbound::next,
+        );
+        let answers = self.node.raft.stream_append(checked).map(|answer| {
+            if let Ok(Ok(Some(log_id))) = &answer {
+                let index = log_id.index;
+                tracing::trace!(target: exactly_store::TIMELINE, index, "acknowledged");
+            }
+            Ok(Blob {
+                data: codec::encode(&answer),
+                target: 0,
+            })
+        });
+        let refusal = futures::stream::once(async move {
+            refused.lock().unwrap_or_else(|p| p.into_inner()).take()
+        })
+        .filter_map(|status| status.map(Err));
+        Ok(Response::new(Box::pin(answers.chain(refusal))))
     }
 
     /// This node's membership, for a member that does not know a sender of leader traffic

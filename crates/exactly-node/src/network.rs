@@ -7,12 +7,16 @@ use std::time::Duration;
 
 use exactly_proto::internal::internal_client::InternalClient;
 use exactly_proto::internal::{Blob, SnapshotChunk};
-use exactly_store::raft_types::{Snapshot, Vote};
+use exactly_store::raft_types::{LogId, Snapshot, Vote};
 use exactly_store::TypeConfig;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use openraft::error::{
     Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::StreamAppendResult;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
@@ -190,6 +194,9 @@ pub struct Connection {
     departure: Arc<Departure>,
     answers: Arc<Answers>,
     channels: Arc<Channels>,
+    /// Whether the peer serves `AppendStream` (a node of an older version does not: its
+    /// replication then goes one `AppendEntries` at a time).
+    pipelines: bool,
 }
 
 /// When each peer last answered one of this node's Raft messages (a heartbeat, an append, a
@@ -256,6 +263,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             faults: self.faults.clone(),
             departure: self.departure.clone(),
             answers: self.answers.clone(),
+            pipelines: true,
         }
     }
 }
@@ -279,6 +287,24 @@ fn unreachable_err(e: impl std::fmt::Display) -> RpcErr {
 /// unreachable peer (the peer stops or restarts).
 fn remote_err(target: u64, e: RaftError<TypeConfig>) -> RpcErr {
     unreachable_err(format!("node {target}: {e}"))
+}
+
+/// A failed Raft RPC's status as openraft is told it ([`failure`]); a removal refusal marks
+/// this node removed.
+fn status_err(
+    status: &tonic::Status,
+    waited: Duration,
+    deadline: Duration,
+    departure: &Departure,
+) -> RpcErr {
+    match failure(status.code(), Refusal::of(status), waited, deadline) {
+        Failure::Slow | Failure::Other => RPCError::Network(NetworkError::new(status)),
+        Failure::Unreachable => unreachable_err(status.message()),
+        Failure::Removed => {
+            departure.mark_removed();
+            unreachable_err(status.message())
+        }
+    }
 }
 
 /// How a Raft RPC that failed is reported to openraft.
@@ -369,18 +395,10 @@ impl Connection {
             target: self.target,
         });
         request.set_timeout(option.hard_ttl());
-        let departure = &self.departure;
         let sent = std::time::Instant::now();
-        let reply = send(client, request).await.map_err(|status| {
-            match failure(status.code(), Refusal::of(&status), sent.elapsed(), ttl) {
-                Failure::Slow | Failure::Other => RPCError::Network(NetworkError::new(&status)),
-                Failure::Unreachable => unreachable_err(status.message()),
-                Failure::Removed => {
-                    departure.mark_removed();
-                    unreachable_err(status.message())
-                }
-            }
-        })?;
+        let reply = send(client, request)
+            .await
+            .map_err(|status| status_err(&status, sent.elapsed(), ttl, &self.departure))?;
         if faults::pass(&self.faults, self.target, self.from, ttl)
             .await
             .is_err()
@@ -414,6 +432,29 @@ impl RaftNetworkV2<TypeConfig> for Connection {
             tracing::trace!(target: exactly_store::TIMELINE, from, index, ok, "answered");
         }
         reply
+    }
+
+    /// openraft's replication to this peer: the requests of one session go down one
+    /// `AppendStream` call as openraft makes them, each without waiting for the answer to the
+    /// one before ([`pipeline`]); a one-request stream (a heartbeat) is one `AppendEntries`.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RpcErr>>, RpcErr>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
+            + OptionalSend
+            + Unpin
+            + 'static,
+    {
+        if input.size_hint() == (1, Some(1)) || !self.pipelines {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let answers: BoxStream<'s, _> = self.pipeline(input, option).await?;
+            Ok(answers)
+        })
     }
 
     async fn vote(
@@ -468,6 +509,312 @@ impl RaftNetworkV2<TypeConfig> for Connection {
                 "node {target}: {e}"
             ))))
         })
+    }
+}
+
+/// The requests a pipelined `AppendStream` sent and has not had answered yet, oldest first:
+/// the follower answers in order, so each answer is the oldest one's.
+#[derive(Default)]
+struct Inflight {
+    sent: std::sync::Mutex<std::collections::VecDeque<Sent>>,
+    /// Wakes the reader of answers when a request goes out while none was waiting.
+    pushed: tokio::sync::Notify,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Sent {
+    /// A request: the log id it ends at (its `prev_log_id` if it carries no entry) and when it
+    /// left, from which its answer's deadline runs.
+    Request {
+        last: Option<LogId>,
+        at: tokio::time::Instant,
+    },
+    /// The stream stopped sending here, and ends with this error once the answers to the
+    /// requests before are in.
+    End(Stop),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The fault harness lost the next request.
+    Lost,
+    /// The peer's address or this node's TLS material changed since the stream opened: the
+    /// next request goes over a new connection, whose handshake checks the peer against the
+    /// current certificates and revocation list (a stream lives as long as the leadership).
+    Stale,
+}
+
+impl Inflight {
+    fn push(&self, sent: Sent) {
+        self.lock().push_back(sent);
+        self.pushed.notify_one();
+    }
+
+    fn front(&self) -> Option<Sent> {
+        self.lock().front().cloned()
+    }
+
+    fn pop(&self) -> Option<Sent> {
+        self.lock().pop_front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Sent>> {
+        self.sent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the follower's answer to a request that ended at `last` means for openraft, and
+/// whether the stream goes on after it: not after a refusal (a conflict, a higher vote), a
+/// failed Raft node, or a partial success (openraft starts again from what matched).
+fn answered(
+    target: u64,
+    last: Option<LogId>,
+    answer: Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>>,
+) -> (Result<StreamAppendResult<TypeConfig>, RpcErr>, bool) {
+    match answer {
+        Ok(Ok(matching)) => {
+            let whole = matching == last;
+            (Ok(Ok(matching)), whole)
+        }
+        Ok(Err(refused)) => (Ok(Err(refused)), false),
+        Err(fatal) => (Err(remote_err(target, RaftError::Fatal(fatal))), false),
+    }
+}
+
+/// Reads a pipelined `AppendStream`'s answers ([`Connection::pipeline`]).
+struct Answering {
+    answers: tonic::Streaming<Blob>,
+    /// Ends the requests when openraft drops the answers ([`Requests::over`]).
+    _over: tokio_util::sync::DropGuard,
+    inflight: Arc<Inflight>,
+    faults: Option<FaultsHandle>,
+    from: u64,
+    target: u64,
+    /// Each answer's deadline after its request left: what openraft gives one AppendEntries.
+    ttl: Duration,
+    departure: Arc<Departure>,
+    seen: Arc<Answers>,
+}
+
+impl Answering {
+    async fn step(
+        this: Option<Self>,
+    ) -> Option<(Result<StreamAppendResult<TypeConfig>, RpcErr>, Option<Self>)> {
+        let mut this = this?;
+        let (item, more) = this.next().await?;
+        Some((item, more.then_some(this)))
+    }
+
+    /// The next item of the stream openraft reads, and whether another may follow it.
+    async fn next(&mut self) -> Option<(Result<StreamAppendResult<TypeConfig>, RpcErr>, bool)> {
+        loop {
+            let message = match self.inflight.front() {
+                Some(Sent::End(Stop::Lost)) => return Some((Err(lost_err()), false)),
+                Some(Sent::End(Stop::Stale)) => {
+                    let e = network_err("the peer's address or the TLS material changed");
+                    return Some((Err(e), false));
+                }
+                Some(Sent::Request { at, .. }) => {
+                    let deadline = at + self.ttl;
+                    match tokio::time::timeout_at(deadline, self.answers.message()).await {
+                        Ok(message) => message,
+                        Err(_) => return Some((Err(slow_err(self.ttl)), false)),
+                    }
+                }
+                // Nothing in flight: wait for a request to go out (an answer now would answer
+                // nothing, which is refused below).
+                None => tokio::select! {
+                    message = self.answers.message() => message,
+                    () = self.inflight.pushed.notified() => continue,
+                },
+            };
+            return match message {
+                Ok(Some(blob)) => Some(self.answer(blob).await),
+                Ok(None) if self.inflight.is_empty() => None,
+                Ok(None) => Some((
+                    Err(network_err(
+                        "the peer ended the append stream with requests unanswered",
+                    )),
+                    false,
+                )),
+                Err(status) => {
+                    let waited = match self.inflight.front() {
+                        Some(Sent::Request { at, .. }) => at.elapsed(),
+                        _ => Duration::ZERO,
+                    };
+                    let e = status_err(&status, waited, self.ttl, &self.departure);
+                    Some((Err(e), false))
+                }
+            };
+        }
+    }
+
+    async fn answer(
+        &mut self,
+        blob: Blob,
+    ) -> (Result<StreamAppendResult<TypeConfig>, RpcErr>, bool) {
+        let Some(Sent::Request { last, .. }) = self.inflight.pop() else {
+            return (Err(network_err("an append answer to no request")), false);
+        };
+        if faults::pass(&self.faults, self.target, self.from, self.ttl)
+            .await
+            .is_err()
+        {
+            return (Err(lost_err()), false);
+        }
+        self.seen.record(self.target, std::time::Instant::now());
+        let decoded = match codec::decode(&blob.data) {
+            Ok(decoded) => decoded,
+            Err(e) => return (Err(RPCError::Network(NetworkError::new(&e))), false),
+        };
+        if let (Some(last), Ok(Ok(_))) = (&last, &decoded) {
+            let (from, index) = (self.target, last.index);
+            tracing::trace!(target: exactly_store::TIMELINE, from, index, ok = true, "answered");
+        }
+        answered(self.target, last, decoded)
+    }
+}
+
+fn network_err(what: &str) -> RpcErr {
+    RPCError::Network(NetworkError::new(&std::io::Error::other(what.to_string())))
+}
+
+/// No answer within the deadline: a slow peer, reported as [`Failure::Slow`] is.
+fn slow_err(ttl: Duration) -> RpcErr {
+    network_err(&format!("no append answer within {ttl:?}"))
+}
+
+impl Connection {
+    /// Opens an `AppendStream` to the peer and sends `input`'s requests down it as openraft
+    /// makes them, each without waiting for the answer to the one before; the stream openraft
+    /// reads yields the answers in order, each within `option`'s deadline after its request
+    /// left. The fault harness's fate applies to each request and each answer as to a call.
+    async fn pipeline<S>(
+        &mut self,
+        input: S,
+        option: RPCOption,
+    ) -> Result<BoxStream<'static, Result<StreamAppendResult<TypeConfig>, RpcErr>>, RpcErr>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
+            + OptionalSend
+            + Unpin
+            + 'static,
+    {
+        let mut client = self.client()?;
+        let ttl = option.hard_ttl();
+        let inflight = Arc::new(Inflight::default());
+        let over = tokio_util::sync::CancellationToken::new();
+        let over_guard = over.clone().drop_guard();
+        let requests = futures::stream::unfold(
+            Some(Requests {
+                input,
+                over: over.clone(),
+                inflight: inflight.clone(),
+                addr: self.addr.clone(),
+                tls: self.tls.clone(),
+                channels: self.channels.clone(),
+                faults: self.faults.clone(),
+                from: self.from,
+                target: self.target,
+                ttl,
+            }),
+            Requests::next,
+        );
+        let opened = tokio::time::Instant::now();
+        let answers = match tokio::time::timeout(ttl, client.append_stream(requests)).await {
+            Err(_) => return Err(slow_err(ttl)),
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                // A node of an older version: one AppendEntries at a time from now on. openraft
+                // starts the session again after this error.
+                self.pipelines = false;
+                return Err(network_err("the peer does not serve AppendStream"));
+            }
+            Ok(Err(status)) => {
+                return Err(status_err(&status, opened.elapsed(), ttl, &self.departure))
+            }
+            Ok(Ok(answers)) => answers.into_inner(),
+        };
+        let answering = Answering {
+            answers,
+            _over: over_guard,
+            inflight,
+            faults: self.faults.clone(),
+            from: self.from,
+            target: self.target,
+            ttl,
+            departure: self.departure.clone(),
+            seen: self.answers.clone(),
+        };
+        Ok(futures::stream::unfold(Some(answering), Answering::step).boxed())
+    }
+}
+
+/// Feeds a pipelined `AppendStream` ([`Connection::pipeline`]).
+struct Requests<S> {
+    input: S,
+    /// Cancelled when openraft drops the answers: the session is over. openraft's request
+    /// stream holds its replication state's lock while it waits for new entries, and the next
+    /// session waits for that lock; the transport may keep a stream it no longer sends
+    /// anything of, so the requests end here at once, which drops openraft's stream.
+    over: tokio_util::sync::CancellationToken,
+    inflight: Arc<Inflight>,
+    /// The address and TLS generation the stream's connection was made for.
+    addr: String,
+    tls: Option<(Arc<crate::tls::PeerTls>, u64)>,
+    channels: Arc<Channels>,
+    faults: Option<FaultsHandle>,
+    from: u64,
+    target: u64,
+    ttl: Duration,
+}
+
+impl<S> Requests<S>
+where
+    S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
+{
+    fn stale(&self) -> bool {
+        let moved = self
+            .channels
+            .address(self.target)
+            .is_some_and(|addr| addr != self.addr);
+        let reloaded = self
+            .tls
+            .as_ref()
+            .is_some_and(|(tls, g)| tls.generation() != *g);
+        moved || reloaded
+    }
+
+    /// The next request openraft makes, encoded, once the fault harness lets it leave.
+    async fn next(this: Option<Self>) -> Option<(Blob, Option<Self>)> {
+        let mut this = this?;
+        let req = tokio::select! {
+            req = this.input.next() => req?,
+            () = this.over.cancelled() => return None,
+        };
+        if faults::pass_raft_request(&this.faults, this.from, this.target, this.ttl)
+            .await
+            .is_err()
+        {
+            this.inflight.push(Sent::End(Stop::Lost));
+            return None;
+        }
+        if this.stale() {
+            this.inflight.push(Sent::End(Stop::Stale));
+            return None;
+        }
+        let last = req.entries.last().map(|e| e.log_id).or(req.prev_log_id);
+        let target = this.target;
+        if let Some(index) = req.entries.last().map(|e| e.log_id.index) {
+            tracing::trace!(target: exactly_store::TIMELINE, to = target, index, "sent");
+        }
+        let data = codec::encode(&req);
+        let at = tokio::time::Instant::now();
+        this.inflight.push(Sent::Request { last, at });
+        Some((Blob { data, target }, Some(this)))
     }
 }
 
@@ -553,6 +900,63 @@ mod tests {
         }
     }
 
+    /// An answer keeps the pipeline going only when it is a whole success: a partial one, a
+    /// refusal or a failed Raft node ends it (openraft then starts again from what matched).
+    #[test]
+    fn only_a_whole_success_keeps_the_pipeline_going() {
+        use exactly_store::raft_types::log_id;
+        use openraft::error::Fatal;
+        use openraft::raft::StreamAppendError;
+        let sent = Some(log_id(2, 1, 9));
+        let (item, more) = super::answered(3, sent, Ok(Ok(sent)));
+        assert!(more);
+        assert!(matches!(item, Ok(Ok(m)) if m == sent));
+        // A request without entries on an empty log ends at no log id.
+        assert!(super::answered(3, None, Ok(Ok(None))).1);
+        let (item, more) = super::answered(3, sent, Ok(Ok(Some(log_id(2, 1, 7)))));
+        assert!(!more, "a partial success ends the stream");
+        assert!(matches!(item, Ok(Ok(Some(m))) if m.index == 7));
+        let conflict = StreamAppendError::Conflict(log_id(2, 1, 5));
+        let (item, more) = super::answered(3, sent, Ok(Err(conflict.clone())));
+        assert!(!more);
+        assert!(matches!(item, Ok(Err(e)) if e == conflict));
+        let (item, more) = super::answered(3, sent, Err(Fatal::Stopped));
+        assert!(!more);
+        assert!(matches!(item, Err(RPCError::Unreachable(_))), "{item:?}");
+    }
+
+    /// Answers are matched to requests oldest first; a request going out wakes a reader that
+    /// waits with nothing in flight.
+    #[tokio::test]
+    async fn requests_in_flight_are_answered_oldest_first() {
+        use super::{Inflight, Sent, Stop};
+        let inflight = std::sync::Arc::new(Inflight::default());
+        assert!(inflight.is_empty());
+        let waiter = {
+            let inflight = inflight.clone();
+            tokio::spawn(async move { inflight.pushed.notified().await })
+        };
+        let at = tokio::time::Instant::now();
+        let first = Sent::Request { last: None, at };
+        let second = Sent::Request {
+            last: Some(exactly_store::raft_types::log_id(1, 1, 1)),
+            at,
+        };
+        inflight.push(first.clone());
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the reader wakes")
+            .unwrap();
+        inflight.push(second.clone());
+        inflight.push(Sent::End(Stop::Lost));
+        assert_eq!(inflight.front(), Some(first.clone()));
+        assert_eq!(inflight.pop(), Some(first));
+        assert_eq!(inflight.pop(), Some(second));
+        assert_eq!(inflight.pop(), Some(Sent::End(Stop::Lost)));
+        assert!(inflight.is_empty());
+    }
+
+    use openraft::error::RPCError;
     use std::collections::{BTreeSet, HashMap};
     use std::time::{Duration, Instant};
 
@@ -597,6 +1001,154 @@ mod tests {
             .is_empty());
     }
 
+    /// A peer whose `AppendStream` answers every request at once that it matched its last
+    /// log id; the other calls are not served.
+    struct Echo;
+
+    #[tonic::async_trait]
+    impl exactly_proto::internal::internal_server::Internal for Echo {
+        type AppendStreamStream =
+            futures::stream::BoxStream<'static, Result<super::Blob, tonic::Status>>;
+
+        async fn append_stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::Blob>>,
+        ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
+            use futures::StreamExt;
+            type Req = super::AppendEntriesRequest<exactly_store::TypeConfig>;
+            type Answer = Result<
+                super::StreamAppendResult<exactly_store::TypeConfig>,
+                openraft::error::Fatal<exactly_store::TypeConfig>,
+            >;
+            let answers = request.into_inner().map(|blob| {
+                let req: Req = crate::codec::decode(&blob?.data)
+                    .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+                let last = req.entries.last().map(|e| e.log_id).or(req.prev_log_id);
+                let answer: Answer = Ok(Ok(last));
+                Ok(super::Blob {
+                    data: crate::codec::encode(&answer),
+                    target: 0,
+                })
+            });
+            Ok(tonic::Response::new(answers.boxed()))
+        }
+
+        async fn append_entries(
+            &self,
+            _: tonic::Request<super::Blob>,
+        ) -> Result<tonic::Response<super::Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test peer"))
+        }
+
+        async fn vote(
+            &self,
+            _: tonic::Request<super::Blob>,
+        ) -> Result<tonic::Response<super::Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test peer"))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<tonic::Streaming<super::SnapshotChunk>>,
+        ) -> Result<tonic::Response<super::Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test peer"))
+        }
+
+        async fn forward(
+            &self,
+            _: tonic::Request<super::Blob>,
+        ) -> Result<tonic::Response<super::Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test peer"))
+        }
+
+        async fn join(
+            &self,
+            _: tonic::Request<exactly_proto::internal::JoinRequest>,
+        ) -> Result<tonic::Response<super::Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test peer"))
+        }
+
+        async fn read_index(
+            &self,
+            _: tonic::Request<super::Blob>,
+        ) -> Result<tonic::Response<super::Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test peer"))
+        }
+
+        async fn members(
+            &self,
+            _: tonic::Request<super::Blob>,
+        ) -> Result<tonic::Response<super::Blob>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test peer"))
+        }
+    }
+
+    /// Requests go out without waiting for answers, which come back in order; when openraft
+    /// drops the answers (its session is over), its request stream is dropped at once, even
+    /// while it waits for entries: it holds openraft's replication state while it waits, and
+    /// the next session waits for that (found by the chaos suite: a follower got no more of the
+    /// log once an answer was lost while the cluster was idle).
+    #[tokio::test]
+    async fn a_pipeline_sends_ahead_and_lets_go_of_its_requests_when_dropped() {
+        use futures::StreamExt;
+        use openraft::network::{RPCOption, RaftNetworkFactory};
+        use openraft::{BasicNode, RaftNetworkV2};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(exactly_proto::internal::internal_server::InternalServer::new(Echo))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move { until.cancelled().await },
+                ),
+        );
+        let _stop = stop.drop_guard();
+        let mut network = super::Network::default();
+        let mut conn = network.new_client(2, &BasicNode { addr }).await;
+        let request = |index: u64| super::AppendEntriesRequest::<exactly_store::TypeConfig> {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: Some(exactly_store::raft_types::log_id(1, 1, index)),
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+        // Three requests, then a wait for entries that never come; `held` is alive as long as
+        // the stream is.
+        let held = Arc::new(());
+        let witness = held.clone();
+        let input = futures::stream::iter([request(3), request(4), request(5)])
+            .chain(futures::stream::pending())
+            .map(move |r| {
+                let _ = &witness;
+                r
+            });
+        let option = RPCOption::new(Duration::from_secs(5));
+        let mut answers = conn
+            .stream_append(Box::pin(input), option)
+            .await
+            .expect("the stream opens");
+        for index in 3..=5 {
+            let answer = answers.next().await.expect("an answer");
+            assert!(
+                matches!(answer, Ok(Ok(Some(m))) if m.index == index),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(Arc::strong_count(&held), 2);
+        drop(answers);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&held) > 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "openraft's request stream outlived its session"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Serves gRPC (health only: every Raft call is UNIMPLEMENTED, over a working HTTP/2
     /// connection) on a loopback port and counts the TCP connections it accepts.
     async fn counting_server() -> (
@@ -623,6 +1175,37 @@ mod tests {
                 .serve_with_incoming_shutdown(incoming, async move { until.cancelled().await }),
         );
         (addr, accepted, stop.drop_guard())
+    }
+
+    /// A peer that does not serve `AppendStream` (a node of an older version) gets its
+    /// entries one `AppendEntries` at a time: the first stream fails and the connection stops
+    /// pipelining.
+    #[tokio::test]
+    async fn a_peer_without_append_stream_is_sent_one_request_at_a_time() {
+        use openraft::network::{RPCOption, RaftNetworkFactory};
+        use openraft::{BasicNode, RaftNetworkV2};
+        let (addr, _accepted, _stop) = counting_server().await;
+        let mut network = super::Network::default();
+        let mut conn = network.new_client(2, &BasicNode { addr }).await;
+        let request = || openraft::raft::AppendEntriesRequest::<exactly_store::TypeConfig> {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+        let option = RPCOption::new(Duration::from_secs(2));
+        assert!(conn.pipelines);
+        let two = futures::stream::iter([request(), request()]);
+        let failed = match conn.stream_append(two, option.clone()).await {
+            Err(RPCError::Network(_)) => true,
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => false,
+        };
+        assert!(failed, "the first stream fails");
+        assert!(
+            !conn.pipelines,
+            "a connection stops pipelining to such a peer"
+        );
     }
 
     /// openraft asks for a new connection for every leadership check and vote round: they all
