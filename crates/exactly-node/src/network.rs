@@ -512,6 +512,10 @@ impl RaftNetworkV2<TypeConfig> for Connection {
     }
 }
 
+/// Requests a pipelined `AppendStream` has in flight at most: the next waits for an answer
+/// (openraft's own pipeline on the follower's side holds as many).
+pub const APPEND_PIPELINE_MAX: usize = 64;
+
 /// The requests a pipelined `AppendStream` sent and has not had answered yet, oldest first:
 /// the follower answers in order, so each answer is the oldest one's.
 #[derive(Default)]
@@ -519,6 +523,8 @@ struct Inflight {
     sent: std::sync::Mutex<std::collections::VecDeque<Sent>>,
     /// Wakes the reader of answers when a request goes out while none was waiting.
     pushed: tokio::sync::Notify,
+    /// Wakes the sender of requests when an answer came in while it waited for room.
+    popped: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -555,7 +561,13 @@ impl Inflight {
     }
 
     fn pop(&self) -> Option<Sent> {
-        self.lock().pop_front()
+        let sent = self.lock().pop_front();
+        self.popped.notify_one();
+        sent
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
     }
 
     fn is_empty(&self) -> bool {
@@ -791,6 +803,12 @@ where
     /// The next request openraft makes, encoded, once the fault harness lets it leave.
     async fn next(this: Option<Self>) -> Option<(Blob, Option<Self>)> {
         let mut this = this?;
+        while this.inflight.len() >= APPEND_PIPELINE_MAX {
+            tokio::select! {
+                () = this.inflight.popped.notified() => {}
+                () = this.over.cancelled() => return None,
+            }
+        }
         let req = tokio::select! {
             req = this.input.next() => req?,
             () = this.over.cancelled() => return None,
@@ -1001,9 +1019,31 @@ mod tests {
             .is_empty());
     }
 
+    /// The answer to an AppendEntries request that it matched up to its last log id.
+    fn echo(blob: Result<super::Blob, tonic::Status>) -> Result<super::Blob, tonic::Status> {
+        type Req = super::AppendEntriesRequest<exactly_store::TypeConfig>;
+        type Answer = Result<
+            super::StreamAppendResult<exactly_store::TypeConfig>,
+            openraft::error::Fatal<exactly_store::TypeConfig>,
+        >;
+        let req: Req = crate::codec::decode(&blob?.data)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let last = req.entries.last().map(|e| e.log_id).or(req.prev_log_id);
+        let answer: Answer = Ok(Ok(last));
+        Ok(super::Blob {
+            data: crate::codec::encode(&answer),
+            target: 0,
+        })
+    }
+
     /// A peer whose `AppendStream` answers every request at once that it matched its last
-    /// log id; the other calls are not served.
-    struct Echo;
+    /// log id (or, `silent`, takes them in and never answers); the other calls are not served.
+    #[derive(Clone, Default)]
+    struct Echo {
+        /// Takes requests in but never answers.
+        silent: bool,
+        received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
 
     #[tonic::async_trait]
     impl exactly_proto::internal::internal_server::Internal for Echo {
@@ -1015,20 +1055,11 @@ mod tests {
             request: tonic::Request<tonic::Streaming<super::Blob>>,
         ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
             use futures::StreamExt;
-            type Req = super::AppendEntriesRequest<exactly_store::TypeConfig>;
-            type Answer = Result<
-                super::StreamAppendResult<exactly_store::TypeConfig>,
-                openraft::error::Fatal<exactly_store::TypeConfig>,
-            >;
-            let answers = request.into_inner().map(|blob| {
-                let req: Req = crate::codec::decode(&blob?.data)
-                    .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-                let last = req.entries.last().map(|e| e.log_id).or(req.prev_log_id);
-                let answer: Answer = Ok(Ok(last));
-                Ok(super::Blob {
-                    data: crate::codec::encode(&answer),
-                    target: 0,
-                })
+            let (silent, received) = (self.silent, self.received.clone());
+            let answers = request.into_inner().filter_map(move |blob| {
+                received.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = echo(blob);
+                async move { (!silent).then_some(answer) }
             });
             Ok(tonic::Response::new(answers.boxed()))
         }
@@ -1083,6 +1114,64 @@ mod tests {
         }
     }
 
+    /// Serves `echo` on a loopback port until the guard is dropped.
+    async fn echo_server(echo: Echo) -> (String, tokio_util::sync::DropGuard) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(exactly_proto::internal::internal_server::InternalServer::new(echo))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move { until.cancelled().await },
+                ),
+        );
+        (addr, stop.drop_guard())
+    }
+
+    /// A request waits for an answer when `APPEND_PIPELINE_MAX` are unanswered, however many
+    /// openraft has ready.
+    #[tokio::test]
+    async fn a_pipeline_holds_at_most_its_bound_unanswered() {
+        use openraft::network::{RPCOption, RaftNetworkFactory};
+        use openraft::{BasicNode, RaftNetworkV2};
+        use std::sync::atomic::Ordering;
+        let echo = Echo {
+            silent: true,
+            ..Echo::default()
+        };
+        let received = echo.received.clone();
+        let (addr, _stop) = echo_server(echo).await;
+        let mut network = super::Network::default();
+        let mut conn = network.new_client(2, &BasicNode { addr }).await;
+        let ready = (1..=200u64).map(|index| super::AppendEntriesRequest::<
+            exactly_store::TypeConfig,
+        > {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: Some(exactly_store::raft_types::log_id(1, 1, index)),
+            entries: Vec::new(),
+            leader_commit: None,
+        });
+        let input = futures::stream::iter(ready);
+        let option = RPCOption::new(Duration::from_secs(30));
+        let _answers = conn
+            .stream_append(input, option)
+            .await
+            .expect("the stream opens");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while received.load(Ordering::SeqCst) < super::APPEND_PIPELINE_MAX {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the requests did not go out"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(received.load(Ordering::SeqCst), super::APPEND_PIPELINE_MAX);
+    }
+
     /// Requests go out without waiting for answers, which come back in order; when openraft
     /// drops the answers (its session is over), its request stream is dropped at once, even
     /// while it waits for entries: it holds openraft's replication state while it waits, and
@@ -1094,19 +1183,7 @@ mod tests {
         use openraft::network::{RPCOption, RaftNetworkFactory};
         use openraft::{BasicNode, RaftNetworkV2};
         use std::sync::Arc;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let until = stop.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(exactly_proto::internal::internal_server::InternalServer::new(Echo))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move { until.cancelled().await },
-                ),
-        );
-        let _stop = stop.drop_guard();
+        let (addr, _stop) = echo_server(Echo::default()).await;
         let mut network = super::Network::default();
         let mut conn = network.new_client(2, &BasicNode { addr }).await;
         let request = |index: u64| super::AppendEntriesRequest::<exactly_store::TypeConfig> {
