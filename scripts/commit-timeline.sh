@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# Where one Raft commit's time goes: starts a local 3-node cluster (release build, fsync on) with
-# the nodes' timeline trace events on (`RUST_LOG=exactly::timeline=trace`: append, durability
-# point, AppendEntries sent / received / acknowledged / answered, applied), submits N one-job
-# requests one after another straight to the leader, and prints the median and 90th percentile
-# of each hop of their entries. Usage: scripts/commit-timeline.sh [N] (default 300). Needs
-# python3. The nodes print their logs' timestamps in microseconds from the same clock, so the
-# hops between nodes are comparable on one machine only.
+# Where one Raft commit's time goes, and where one job's: starts a local 3-node cluster (release
+# build, fsync on) with the nodes' timeline trace events on (`RUST_LOG=exactly::timeline=trace`:
+# append, durability point, AppendEntries sent / received / acknowledged / answered, applied;
+# and per job: submit answered, attempt started by apply, handler run and ended, completion
+# proposed and committed, event sent on a Watch stream), loads it, and prints the median and
+# 90th percentile of each hop.
+#   scripts/commit-timeline.sh [N]   N one-job requests one after another straight to the leader
+#                                    (default 300): the commit hops.
+#   RATE=R scripts/commit-timeline.sh   an open-loop load of R one-job requests per second for
+#                                    5 s over every node (`exactly bench --rate`), as users load
+#                                    it: the commit hops and each job's path, submit to event.
+# Needs python3. The nodes print their logs' timestamps in microseconds from the same clock, so
+# the hops between nodes are comparable on one machine only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-300}
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
-# bench.sh starts the cluster (node 1 bootstraps and leads it), and its client sends every
-# request to the first endpoint that answers, node 1; the parser below checks that node 1
-# applied the entries.
-RUST_LOG="info,exactly::timeline=trace" LOGS="$logs" scripts/bench.sh "$n" --batch 1 \
-  --concurrency 1 | grep -E 'submit latency|completion latency'
+# bench.sh starts the cluster (node 1 bootstraps and leads it); in the closed-loop mode its
+# client sends every request to the first endpoint that answers, node 1. The parser below checks
+# that node 1 applied the entries; the open-loop client watches on node 1.
+if [[ -n "${RATE:-}" ]]; then
+  RUST_LOG="info,exactly::timeline=trace" LOGS="$logs" scripts/bench.sh 1 --rate "$RATE" \
+    --duration 5s --drain 3s | grep -E 'end to end|submit|acknowledged'
+else
+  RUST_LOG="info,exactly::timeline=trace" LOGS="$logs" scripts/bench.sh "$n" --batch 1 \
+    --concurrency 1 | grep -E 'submit latency|completion latency'
+fi
 python3 - "$logs" <<'EOF'
-import datetime, re, statistics, sys
+import bisect, datetime, re, statistics, sys
 
 d = sys.argv[1]
 line_re = re.compile(r'^(\S+Z)\s+TRACE\b.*exactly::timeline: (\w+) (.*)$')
@@ -95,8 +106,92 @@ for index, end, fields in applied[-min(len(applied), 1000):]:
         add(f'answer from {f} -> applied', answered, end)
     add('propose -> applied (one commit)', start, end)
 
-print(f'{len(applied)} entries applied on the leader; microseconds, median / p90 / samples:')
-for name, v in hops.items():
+
+
+def show(title, hops):
+    print(title)
+    for name, v in hops.items():
+        v.sort()
+        print(f'  {name:44s} {statistics.median(v):8.0f} {v[int(len(v) * 0.9)]:8d} {len(v):6d}')
+
+
+show(f'{len(applied)} entries applied on the leader; microseconds, median / p90 / samples:', hops)
+
+# One job's path, from its job-keyed events: (name, job) -> [(time, node, fields)].
+job_re = re.compile(r'^(\S+Z)\s+TRACE\b.*exactly::timeline: (\w+) (.*)$')
+jobs = {}
+for node in (1, 2, 3):
+    with open(f'{d}/n{node}.log', errors='replace') as f:
+        for line in f:
+            m = job_re.match(line)
+            if not m:
+                continue
+            fields = dict(field_re.findall(m.group(3)))
+            if 'job' not in fields:
+                continue
+            key = (m.group(2), int(fields['job']))
+            jobs.setdefault(key, []).append((micros(m.group(1)), node, fields))
+
+leader_applied = {i: t for i, t, _ in applied}
+path = {}
+
+
+def once(name, job, node=None, after=0):
+    for t, n, f in sorted(jobs.get((name, job), []), key=lambda e: e[0]):
+        if t >= after and (node is None or n == node):
+            return t, n, f
+    return None
+
+
+by_node = {}
+for (ev, _), evs in jobs.items():
+    for t, n, _ in evs:
+        by_node.setdefault((ev, n), []).append(t)
+for v in by_node.values():
     v.sort()
-    print(f'  {name:40s} {statistics.median(v):8.0f} {v[int(len(v) * 0.9)]:8d} {len(v):6d}')
+
+
+def later(name, node, after):
+    """The first `name` event on `node` at or after `after`, whatever its job (completions go
+    in batches named by their first job)."""
+    v = by_node.get((name, node), [])
+    i = bisect.bisect_left(v, after)
+    return v[i] if i < len(v) else None
+
+
+def hop(name, a, b, signed=False):
+    if a is not None and b is not None and (signed or b >= a):
+        path.setdefault(name, []).append(b - a)
+
+
+submitted = [(job, e) for (name, job), evs in jobs.items() if name == 'submitted' for e in evs]
+for job, (t, node, f) in submitted[:2000]:
+    received = t - int(f['took_us'])
+    committed = leader_applied.get(int(f['index']))
+    start = once('start', job, after=received)
+    if start is None:
+        continue
+    s_t, x, _ = start
+    run = once('run', job, x, s_t)
+    ran = once('ran', job, x, run[0] if run else s_t)
+    ran_t = ran[0] if ran else None
+    proposed = later('complete', x, ran_t) if ran_t else None
+    completed = later('completed', x, proposed) if proposed else None
+    watched = None
+    for wt, wn, wf in sorted(jobs.get(('watched', job), []), key=lambda e: e[0]):
+        if wn == 1 and wf.get('status') == 'Succeeded':
+            watched = wt
+            break
+    where = 'leader' if x == 1 else 'follower'
+    hop(f'submit received -> submit applied on leader', received, committed)
+    hop(f'submit applied on leader -> start on {where}', committed, s_t, signed=True)
+    hop('start -> handler run', s_t, run[0] if run else None)
+    hop('handler run -> ended', run[0] if run else None, ran_t)
+    hop('ended -> completion proposed', ran_t, proposed)
+    hop(f'proposed -> committed ({where})', proposed, completed)
+    hop(f'proposed -> event sent on node 1 ({where})', proposed, watched)
+    hop('submit received -> event sent on node 1', received, watched)
+    hop('submit received -> submit answered', received, t)
+
+show(f'{len(submitted)} jobs submitted; microseconds, median / p90 / samples:', path)
 EOF

@@ -2,8 +2,9 @@
 //!
 //! It receives `Start` effects from the applied log (through [`crate::hooks::Hooks`]), runs each
 //! attempt's handler in its own task with a cancellation token and the job's timeout, and
-//! proposes outcomes in batches: while one Complete command is in flight, finished attempts
-//! accumulate, and the next command carries them all (group commit).
+//! proposes outcomes in batches: while [`COMPLETE_PROPOSALS_IN_FLIGHT_MAX`] Complete commands
+//! are in flight, finished attempts accumulate, and the next command carries them all (group
+//! commit).
 //!
 //! Every decision (which attempts start, which are held while the lease is out, which are
 //! stopped and why, what is given back, how completions batch) is made by the pure
@@ -29,6 +30,10 @@ use crate::node::Node;
 pub mod engine;
 
 use engine::{Action, Engine, Event, ReplicaView, Settings, World};
+
+/// Completion proposals one executor has in flight at once: a finished attempt's outcome is
+/// proposed at once unless this many are (see [`engine::Settings::proposals_max`]).
+pub const COMPLETE_PROPOSALS_IN_FLIGHT_MAX: usize = 4;
 
 /// How often the executor compares its running set with the state machine's.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -87,6 +92,7 @@ impl Actor for Executor {
             slots: node.config.slots,
             self_fence_after: node.config.lease.self_fence_after,
             batch_max: COMPLETE_BATCH_MAX,
+            proposals_max: COMPLETE_PROPOSALS_IN_FLIGHT_MAX,
         });
         Ok(ExecutorState {
             node,
@@ -121,10 +127,16 @@ impl Actor for Executor {
         let event = match msg {
             ExecutorMsg::Start(start) => Event::Start(start),
             ExecutorMsg::Finished { job, token, end } => {
+                tracing::trace!(target: exactly_store::TIMELINE, job, "ran");
                 state.cancels.remove(&(job, token));
                 Event::Finished { job, token, end }
             }
-            ExecutorMsg::Flushed { batch, committed } => Event::Flushed { batch, committed },
+            ExecutorMsg::Flushed { batch, committed } => {
+                if let Some(first) = batch.first() {
+                    tracing::trace!(target: exactly_store::TIMELINE, job = first.job, count = batch.len(), committed, "completed");
+                }
+                Event::Flushed { batch, committed }
+            }
             ExecutorMsg::Flush => Event::FlushTimer,
             ExecutorMsg::CheckLease => {
                 let held: Vec<(JobId, u64)> = state.engine.held().collect();
@@ -239,6 +251,7 @@ impl ExecutorState {
 
     /// Runs an attempt's handler in a task of its own.
     fn run(&mut self, myself: &ActorRef<ExecutorMsg>, start: StartAttempt) {
+        tracing::trace!(target: exactly_store::TIMELINE, job = start.job, "run");
         let node = self.node.clone();
         let cancel = CancellationToken::new();
         self.cancels
@@ -297,6 +310,9 @@ impl ExecutorState {
 
     /// Proposes one batch of completions and answers `Flushed`.
     fn propose(&mut self, myself: &ActorRef<ExecutorMsg>, batch: Vec<Completion>) {
+        if let Some(first) = batch.first() {
+            tracing::trace!(target: exactly_store::TIMELINE, job = first.job, count = batch.len(), "complete");
+        }
         let node = self.node.clone();
         let me = myself.clone();
         tokio::spawn(async move {

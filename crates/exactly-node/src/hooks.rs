@@ -64,6 +64,7 @@ impl ApplyObserver for Hooks {
         if start.node != self.node_id {
             return;
         }
+        tracing::trace!(target: exactly_store::TIMELINE, job = start.job, "start");
         if let Some(executor) = self.executor.get() {
             let _ = executor.send_message(ExecutorMsg::Start(start));
         }

@@ -70,6 +70,7 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let received = std::time::Instant::now();
         let credential = crate::auth::credential_of(&request).cloned();
         let specs = request.into_inner().jobs;
         if specs.is_empty() {
@@ -133,6 +134,15 @@ impl Jobs for JobsService {
             let submitted = r.map_err(|why| status_of(&format!("jobs[{i}]"), &why))?;
             reply.job_ids.push(submitted.id);
             reply.existing.push(submitted.existing);
+        }
+        if let Some(&job) = reply.job_ids.first() {
+            tracing::trace!(
+                target: exactly_store::TIMELINE,
+                job,
+                index,
+                took_us = received.elapsed().as_micros() as u64,
+                "submitted"
+            );
         }
         Ok(stamped(Response::new(reply), index))
     }
@@ -376,6 +386,7 @@ impl Jobs for JobsService {
                             continue;
                         }
                         last = Some(e.position);
+                        tracing::trace!(target: exactly_store::TIMELINE, job = e.event.job, status = ?e.event.status, "watched");
                         if wanted(&e)
                             && tx
                                 .send(Ok(event_to_pb(e.position, &e.event)))

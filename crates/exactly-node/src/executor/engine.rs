@@ -18,7 +18,8 @@
 //!    Assign, reconciliation from a snapshot, a held start released).
 //! 4. Every handler that ends and every attempt given back yields exactly one completion, and
 //!    every completion is proposed until a proposal carrying it commits (a failed proposal puts
-//!    its batch back); at most `batch_max` per proposal and one proposal in flight.
+//!    its batch back); at most `batch_max` per proposal and `proposals_max` proposals in
+//!    flight.
 //! 5. At most `slots` starts are held while the lease is out.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,6 +43,10 @@ pub struct Settings {
     pub self_fence_after: Duration,
     /// Completions per proposal.
     pub batch_max: usize,
+    /// Proposals in flight at once. One made a finished attempt wait for the commit of the
+    /// previous batch before its own was even proposed (measured at 500 jobs/s: a median of
+    /// 1.0 ms, a 90th percentile of 7.5 ms between a handler's end and its proposal).
+    pub proposals_max: usize,
 }
 
 /// What the local replica shows at one reconciliation (read by the actor in one pass).
@@ -124,8 +129,8 @@ pub struct Engine {
     started: BTreeMap<JobId, (u64, u8)>,
     /// Completions not yet proposed.
     outbox: Vec<Completion>,
-    /// A proposal is in flight.
-    flushing: bool,
+    /// Proposals in flight.
+    in_flight: usize,
     /// A retry of a failed proposal is scheduled.
     retry_scheduled: bool,
     /// The lease lapsed: nothing runs unstopped until it is valid again.
@@ -145,7 +150,7 @@ impl Engine {
             handlers: BTreeMap::new(),
             started: BTreeMap::new(),
             outbox: Vec::new(),
-            flushing: false,
+            in_flight: 0,
             retry_scheduled: false,
             fenced: true,
             drain_passed: false,
@@ -161,7 +166,7 @@ impl Engine {
     /// Attempts that ended (or were given back) and whose outcome has not committed yet, plus
     /// starts held: what a stopping node waits for before it goes.
     pub fn unreported(&self) -> usize {
-        self.held.len() + self.outbox.len() + usize::from(self.flushing)
+        self.held.len() + self.outbox.len() + self.in_flight
     }
 
     /// The attempts whose currency the replica is asked about at the next reconciliation:
@@ -191,7 +196,7 @@ impl Engine {
                 });
             }
             Event::Flushed { batch, committed } => {
-                self.flushing = false;
+                self.in_flight = self.in_flight.saturating_sub(1);
                 if !committed {
                     // Proposing again is safe: the state machine accepts a completion only for
                     // the current attempt, so one that did commit is refused as stale.
@@ -269,9 +274,18 @@ impl Engine {
                 self.settings.slots
             ));
         }
-        if !self.flushing && !self.retry_scheduled && !self.outbox.is_empty() {
+        if self.in_flight > self.settings.proposals_max {
             return Err(format!(
-                "{} completions wait with no proposal in flight and no retry scheduled",
+                "{} proposals in flight, more than {}",
+                self.in_flight, self.settings.proposals_max
+            ));
+        }
+        if self.in_flight < self.settings.proposals_max
+            && !self.retry_scheduled
+            && !self.outbox.is_empty()
+        {
+            return Err(format!(
+                "{} completions wait with room for a proposal and no retry scheduled",
                 self.outbox.len()
             ));
         }
@@ -440,15 +454,18 @@ impl Engine {
         out.push(Action::Run(start));
     }
 
-    /// Proposes what waits, unless a proposal is in flight or a retry is scheduled.
+    /// Proposes what waits, in batches of at most `batch_max`, while fewer than
+    /// `proposals_max` proposals are in flight and no retry is scheduled.
     fn flush(&mut self, out: &mut Vec<Action>) {
-        if self.flushing || self.retry_scheduled || self.outbox.is_empty() {
-            return;
+        while self.in_flight < self.settings.proposals_max
+            && !self.retry_scheduled
+            && !self.outbox.is_empty()
+        {
+            let take = self.outbox.len().min(self.settings.batch_max);
+            let batch: Vec<Completion> = self.outbox.drain(..take).collect();
+            self.in_flight += 1;
+            out.push(Action::Propose(batch));
         }
-        let take = self.outbox.len().min(self.settings.batch_max);
-        let batch: Vec<Completion> = self.outbox.drain(..take).collect();
-        self.flushing = true;
-        out.push(Action::Propose(batch));
     }
 }
 
@@ -463,11 +480,16 @@ mod tests {
     const FENCE: Duration = Duration::from_millis(2500);
 
     fn engine(slots: u32, batch_max: usize) -> Engine {
+        engine_with(slots, batch_max, 1)
+    }
+
+    fn engine_with(slots: u32, batch_max: usize, proposals_max: usize) -> Engine {
         Engine::new(Settings {
             node: NODE,
             slots,
             self_fence_after: FENCE,
             batch_max,
+            proposals_max,
         })
     }
 
@@ -776,6 +798,55 @@ mod tests {
         assert_eq!(jobs, vec![3, 4]);
     }
 
+    /// With room for two proposals, a completion is proposed at once while another is in
+    /// flight; a third waits for either to return, and goes then with what else waited.
+    #[test]
+    fn completions_are_proposed_while_others_are_in_flight_up_to_the_bound() {
+        let mut e = engine_with(8, 4, 2);
+        for job in 1..=4 {
+            e.handle(Event::Start(attempt(job, 10 + job)), valid(0));
+        }
+        let finish = |e: &mut Engine, job: JobId| {
+            e.handle(
+                Event::Finished {
+                    job,
+                    token: 10 + job,
+                    end: succeeded(),
+                },
+                valid(1),
+            )
+        };
+        let first = proposed(&finish(&mut e, 1));
+        let second = proposed(&finish(&mut e, 2));
+        assert_eq!((first.len(), second.len()), (1, 1), "two in flight");
+        assert_eq!(second[0][0].job, 2);
+        assert!(proposed(&finish(&mut e, 3)).is_empty(), "the third waits");
+        assert!(proposed(&finish(&mut e, 4)).is_empty(), "the fourth waits");
+        assert_eq!(e.unreported(), 4, "two proposals in flight and two waiting");
+        // The second returns first: the two waiting go together.
+        let out = e.handle(
+            Event::Flushed {
+                batch: second[0].clone(),
+                committed: true,
+            },
+            valid(2),
+        );
+        let jobs: Vec<JobId> = proposed(&out)[0].iter().map(|c| c.job).collect();
+        assert_eq!(jobs, vec![3, 4]);
+        // A failure puts its batch back and holds every proposal until the retry delay.
+        let out = e.handle(
+            Event::Flushed {
+                batch: first[0].clone(),
+                committed: false,
+            },
+            valid(3),
+        );
+        assert_eq!(out, vec![Action::FlushAfter(FLUSH_RETRY_DELAY)]);
+        let out = e.handle(Event::FlushTimer, valid(203));
+        let jobs: Vec<JobId> = proposed(&out)[0].iter().map(|c| c.job).collect();
+        assert_eq!(jobs, vec![1]);
+    }
+
     /// Reconciliation forgets a started attempt after two rounds in which the replica did not
     /// show it current, and stops a handler whose attempt the replica has shown ended; a start
     /// of an attempt still remembered is not run again.
@@ -836,8 +907,8 @@ mod tests {
         Replay(usize),
         /// One handler alive ends.
         Finish(usize, u8),
-        /// The proposal in flight returns.
-        Flushed(bool),
+        /// One of the proposals in flight returns.
+        Flushed(usize, bool),
         FlushTimer,
         Lease(bool),
         Reconcile {
@@ -854,7 +925,7 @@ mod tests {
             2 => (0u64..6, any::<bool>()).prop_map(|(job, cancel)| Step::End { job, cancel }),
             1 => (0usize..64).prop_map(Step::Replay),
             4 => (0usize..64, 0u8..4).prop_map(|(i, how)| Step::Finish(i, how)),
-            3 => any::<bool>().prop_map(Step::Flushed),
+            3 => (0usize..4, any::<bool>()).prop_map(|(i, ok)| Step::Flushed(i, ok)),
             1 => Just(Step::FlushTimer),
             2 => proptest::bool::weighted(0.75).prop_map(Step::Lease),
             2 => proptest::bool::weighted(0.05).prop_map(|drain| Step::Reconcile { drain }),
@@ -868,7 +939,7 @@ mod tests {
     struct Shell {
         /// Handlers running (stopped ones included until they end).
         alive: Vec<(JobId, u64)>,
-        in_flight: Option<Vec<Completion>>,
+        in_flight: Vec<Vec<Completion>>,
         timer: bool,
         ran: BTreeSet<(JobId, u64)>,
         newest_run: BTreeMap<JobId, u64>,
@@ -903,9 +974,9 @@ mod tests {
                         self.alive.push((s.job, s.token));
                     }
                     Action::Propose(batch) => {
-                        prop_assert!(self.in_flight.is_none(), "two proposals in flight");
+                        prop_assert!(self.in_flight.len() < 2, "three proposals in flight");
                         prop_assert!(!batch.is_empty() && batch.len() <= 4);
-                        self.in_flight = Some(batch);
+                        self.in_flight.push(batch);
                     }
                     Action::FlushAfter(_) => self.timer = true,
                     Action::Stop { .. } | Action::Fenced { .. } | Action::Unfenced => {}
@@ -928,7 +999,7 @@ mod tests {
         fn the_executor_keeps_its_guarantees_under_any_interleaving(
             steps in proptest::collection::vec(step(), 1..160),
         ) {
-            let mut e = engine(3, 4);
+            let mut e = engine_with(3, 4, 2);
             let mut world = valid(0);
             let mut next_token = 100u64;
             // The replica: each job's current attempt (token, on this node, still open).
@@ -978,8 +1049,9 @@ mod tests {
                         };
                         Event::Finished { job, token, end }
                     }
-                    Step::Flushed(committed) => {
-                        let Some(batch) = shell.in_flight.take() else { continue };
+                    Step::Flushed(i, committed) => {
+                        if shell.in_flight.is_empty() { continue }
+                        let batch = shell.in_flight.remove(i % shell.in_flight.len());
                         if committed {
                             shell.reported.extend(batch.iter().map(|c| (c.job, c.token)));
                         }
@@ -1022,7 +1094,7 @@ mod tests {
             for _ in 0..10_000 {
                 let event = if let Some((job, token)) = shell.alive.pop() {
                     Event::Finished { job, token, end: succeeded() }
-                } else if let Some(batch) = shell.in_flight.take() {
+                } else if let Some(batch) = shell.in_flight.pop() {
                     shell.reported.extend(batch.iter().map(|c| (c.job, c.token)));
                     Event::Flushed { batch, committed: true }
                 } else if std::mem::take(&mut shell.timer) {
