@@ -14,8 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${1:-100000}
 shift || true
-cargo build --release -p exactly-node -p exactly-handlers -p exactly-cli --bins
-bin=${CARGO_TARGET_DIR:-target}/release
+# BIN=<dir> runs the binaries in that directory as they are, without building (to compare two
+# builds in one hour: copy each build's exactlyd, exactly and exactly-exec-guard aside).
+if [[ -n "${BIN:-}" ]]; then
+  bin=$BIN
+else
+  cargo build --release -p exactly-node -p exactly-handlers -p exactly-cli --bins
+  bin=${CARGO_TARGET_DIR:-target}/release
+fi
 dir=$(mktemp -d)
 pids=()
 cleanup() {
