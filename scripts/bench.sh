@@ -6,7 +6,7 @@
 # THEN="<flags>" runs a second `exactly bench` on the same cluster right after the first, e.g.
 # an overload and then the normal rate, to see how fast latency recovers:
 #   THEN="--rate 2000 --duration 10s" scripts/bench.sh 1 --rate 10000 --duration 60s --drain 1s
-# After each run it prints every node's resident memory (RSS) and data directory size;
+# After each run it prints every node's resident memory (RSS), data directory size and CPU time;
 # HOLD=<seconds> waits that long first (snapshots and log purges settle).
 # LOGS=<dir> keeps the nodes' logs there (n1.log … n3.log) when the cluster stops; the nodes
 # take RUST_LOG from the environment (scripts/commit-timeline.sh uses both).
@@ -73,12 +73,17 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 "${client[@]}" bench --jobs "$jobs" "$@"
-# What the nodes hold after the run: resident memory and data directory per node.
+# What the nodes hold after the run: resident memory, data directory and CPU time (user +
+# system, since the node started) per node.
+ticks=$(getconf CLK_TCK)
 memory() {
   for i in 1 2 3; do
-    rss=$(awk '/^VmRSS/ {printf "%.0f MiB", $2 / 1024}' "/proc/${pids[$((i - 1))]}/status" 2>/dev/null || echo "?")
+    pid=${pids[$((i - 1))]}
+    rss=$(awk '/^VmRSS/ {printf "%.0f MiB", $2 / 1024}' "/proc/$pid/status" 2>/dev/null || echo "?")
     disk=$(du -sm "$dir/n$i" 2>/dev/null | cut -f1)
-    echo "node $i: RSS $rss, data directory ${disk:-?} MiB"
+    # Fields 14 and 15 of /proc/PID/stat (after the command name in parentheses).
+    cpu=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk -v t="$ticks" '{printf "%.1f s", ($12 + $13) / t}' || echo "?")
+    echo "node $i: RSS $rss, data directory ${disk:-?} MiB, CPU ${cpu:-?}"
   done
 }
 if [[ -n "${HOLD:-}" ]]; then

@@ -194,4 +194,22 @@ for job, (t, node, f) in submitted[:2000]:
     hop('submit received -> submit answered', received, t)
 
 show(f'{len(submitted)} jobs submitted; microseconds, median / p90 / samples:', path)
+
+# Forwarded writes (a follower's Submit groups and Completes): the follower's round trip, the
+# leader's handling (decode to answer), and that entry's commit on the leader.
+fwd = {}
+took = {i: int(f['took_us']) for i, _, f in applied}
+answered_at_leader = {i: int(f['took_us']) for i, _, f in leader.get(('forward_answered', None), [])}
+for node in (2, 3):
+    for index, _, f in nodes[node].get(('forwarded', None), []):
+        rtt = int(f['took_us'])
+        fwd.setdefault('follower: forward sent -> reply', []).append(rtt)
+        handled = answered_at_leader.get(index)
+        if handled is not None:
+            fwd.setdefault('leader: forward received -> answered', []).append(handled)
+            fwd.setdefault('forward round trip outside the leader (signed)', []).append(rtt - handled)
+        if index in took:
+            fwd.setdefault('leader: that entry proposed -> applied', []).append(took[index])
+if fwd:
+    show('forwarded writes; microseconds, median / p90 / samples:', fwd)
 EOF

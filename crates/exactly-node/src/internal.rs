@@ -589,6 +589,7 @@ impl Internal for InternalService {
     /// With peer TLS, only from a member, and a node's renewal or registration only from that
     /// node.
     async fn forward(&self, request: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let received = std::time::Instant::now();
         let sender = self.sender(&request)?;
         let command: Command = codec::decode(&request.into_inner().data)?;
         check_forwarded(&command, self.node.config.limits.payload_bytes_max)?;
@@ -607,6 +608,14 @@ impl Internal for InternalService {
             Ok(reply) => reply,
             Err(_) => ForwardReply::Failed(ProposeError::Timeout(budget)),
         };
+        if let ForwardReply::Committed(_, index) = &reply {
+            tracing::trace!(
+                target: exactly_store::TIMELINE,
+                index,
+                took_us = received.elapsed().as_micros() as u64,
+                "forward_answered"
+            );
+        }
         Ok(blob(&reply))
     }
 

@@ -289,7 +289,10 @@ impl Node {
 
     /// The current leader and its node-to-node address, as this node last heard.
     pub fn leader(&self) -> Option<(u64, String)> {
-        let metrics = self.raft.metrics().borrow_watched().clone();
+        // Read in place (every proposal asks): a clone of the metrics copies the membership
+        // and replication maps.
+        let watched = self.raft.metrics();
+        let metrics = watched.borrow_watched();
         let leader = metrics.current_leader?;
         let addr = metrics
             .membership_config
@@ -506,6 +509,7 @@ impl Node {
                     let data = encoded
                         .get_or_insert_with(|| codec::encode(&command))
                         .clone();
+                    let sent = std::time::Instant::now();
                     let forward = self.forward(leader, &addr, data, deadline);
                     tokio::pin!(forward);
                     // A leader that froze (SIGSTOP, a VM pause) holds the request without an
@@ -521,7 +525,15 @@ impl Node {
                         }
                     };
                     match reply {
-                        Ok(ForwardReply::Committed(r, index)) => return Ok((r, index)),
+                        Ok(ForwardReply::Committed(r, index)) => {
+                            tracing::trace!(
+                                target: exactly_store::TIMELINE,
+                                index,
+                                took_us = sent.elapsed().as_micros() as u64,
+                                "forwarded"
+                            );
+                            return Ok((r, index));
+                        }
                         Ok(ForwardReply::NotLeader | ForwardReply::NoQuorum) => {}
                         Ok(ForwardReply::Failed(e)) => return Err(e),
                         // The request never reached a leader (connection refused, leader gone):
