@@ -40,19 +40,23 @@ def micros(stamp):
     return int(t.replace(tzinfo=datetime.timezone.utc).timestamp() * 1e6)
 
 
-def events(node):
-    out = {}
+def timeline(node):
+    """Every timeline event in `node`'s log: (name, time in microseconds, fields)."""
     with open(f'{d}/n{node}.log', errors='replace') as f:
         for line in f:
             m = line_re.match(line)
-            if not m:
-                continue
-            fields = dict(field_re.findall(m.group(3)))
-            if 'index' not in fields:
-                continue
-            peer = fields.get('to') or fields.get('from')
-            key = (m.group(2), peer)
-            out.setdefault(key, []).append((int(fields['index']), micros(m.group(1)), fields))
+            if m:
+                yield m.group(2), micros(m.group(1)), dict(field_re.findall(m.group(3)))
+
+
+def events(node):
+    """The entry-keyed events: (name, peer) -> [(index, time, fields)] by time."""
+    out = {}
+    for name, t, fields in timeline(node):
+        if 'index' not in fields:
+            continue
+        peer = fields.get('to') or fields.get('from')
+        out.setdefault((name, peer), []).append((int(fields['index']), t, fields))
     for v in out.values():
         v.sort(key=lambda e: e[1])
     return out
@@ -107,7 +111,6 @@ for index, end, fields in applied[-min(len(applied), 1000):]:
     add('propose -> applied (one commit)', start, end)
 
 
-
 def show(title, hops):
     print(title)
     for name, v in hops.items():
@@ -118,19 +121,11 @@ def show(title, hops):
 show(f'{len(applied)} entries applied on the leader; microseconds, median / p90 / samples:', hops)
 
 # One job's path, from its job-keyed events: (name, job) -> [(time, node, fields)].
-job_re = re.compile(r'^(\S+Z)\s+TRACE\b.*exactly::timeline: (\w+) (.*)$')
 jobs = {}
 for node in (1, 2, 3):
-    with open(f'{d}/n{node}.log', errors='replace') as f:
-        for line in f:
-            m = job_re.match(line)
-            if not m:
-                continue
-            fields = dict(field_re.findall(m.group(3)))
-            if 'job' not in fields:
-                continue
-            key = (m.group(2), int(fields['job']))
-            jobs.setdefault(key, []).append((micros(m.group(1)), node, fields))
+    for name, t, fields in timeline(node):
+        if 'job' in fields:
+            jobs.setdefault((name, int(fields['job'])), []).append((t, node, fields))
 
 leader_applied = {i: t for i, t, _ in applied}
 path = {}
@@ -183,7 +178,7 @@ for job, (t, node, f) in submitted[:2000]:
             watched = wt
             break
     where = 'leader' if x == 1 else 'follower'
-    hop(f'submit received -> submit applied on leader', received, committed)
+    hop('submit received -> submit applied on leader', received, committed)
     hop(f'submit applied on leader -> start on {where}', committed, s_t, signed=True)
     hop('start -> handler run', s_t, run[0] if run else None)
     hop('handler run -> ended', run[0] if run else None, ran_t)

@@ -747,6 +747,18 @@ mod tests {
         );
     }
 
+    /// The handler of `job`'s attempt `10 + job` (as the batching tests start them) succeeds.
+    fn finish(e: &mut Engine, job: JobId) -> Vec<Action> {
+        e.handle(
+            Event::Finished {
+                job,
+                token: 10 + job,
+                end: succeeded(),
+            },
+            valid(1),
+        )
+    }
+
     /// Completions batch: one proposal in flight; what ends meanwhile goes in the next, at
     /// most `batch_max` per proposal; a failed proposal goes back in front and is retried after
     /// the delay, not at once.
@@ -756,16 +768,6 @@ mod tests {
         for job in 1..=4 {
             e.handle(Event::Start(attempt(job, 10 + job)), valid(0));
         }
-        let finish = |e: &mut Engine, job: JobId| {
-            e.handle(
-                Event::Finished {
-                    job,
-                    token: 10 + job,
-                    end: succeeded(),
-                },
-                valid(1),
-            )
-        };
         let first = proposed(&finish(&mut e, 1));
         assert_eq!(first.len(), 1);
         for job in 2..=4 {
@@ -806,16 +808,6 @@ mod tests {
         for job in 1..=4 {
             e.handle(Event::Start(attempt(job, 10 + job)), valid(0));
         }
-        let finish = |e: &mut Engine, job: JobId| {
-            e.handle(
-                Event::Finished {
-                    job,
-                    token: 10 + job,
-                    end: succeeded(),
-                },
-                valid(1),
-            )
-        };
         let first = proposed(&finish(&mut e, 1));
         let second = proposed(&finish(&mut e, 2));
         assert_eq!((first.len(), second.len()), (1, 1), "two in flight");
