@@ -13,6 +13,7 @@ pub mod cron;
 pub mod job;
 pub mod limits;
 pub mod queue;
+pub mod records;
 pub mod retry;
 pub mod schedule;
 pub mod scheduler;

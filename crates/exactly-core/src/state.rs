@@ -22,11 +22,13 @@ use crate::limits::{
     PAYLOAD_BYTES_CEILING, QUEUE_NAME_BYTES_MAX, RUN_AT_AHEAD_MS_MAX, TIMEOUT_MS_MAX,
 };
 use crate::queue::QueueConfig;
+use crate::records::{layout, MemRecords, Records, Space};
 use crate::schedule::Schedule;
 use crate::{JobId, NodeId};
 
 mod attempts;
 pub mod audit;
+mod encoding;
 mod jobs;
 mod nodes;
 mod retention;
@@ -150,7 +152,7 @@ pub struct Leave {
 /// snapshot. The encoding is the same as `BTreeMap`'s and `BTreeSet`'s. The records are shared
 /// (`Jobs`), so a node copied while a snapshot shares it copies pointers, not records. The cost,
 /// measured: about 5 % of batched throughput (README, "A snapshot no longer stops writes").
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobTable {
     next_job_id: JobId,
     /// The largest leader timestamp applied so far.
@@ -164,29 +166,23 @@ pub struct JobTable {
     nodes: BTreeMap<NodeId, NodeEntry>,
     /// Live jobs per (queue, ordering key) in submission order; only the first is eligible.
     ordering: BTreeMap<(String, String), VecDeque<JobId>>,
-    #[serde(deserialize_with = "persistent::ord_map")]
-    keys: OrdMap<String, KeyRecord>,
-    /// Idempotency keys by creation time, for retention.
-    #[serde(deserialize_with = "persistent::ord_set")]
-    keys_by_age: OrdSet<(u64, String)>,
+    /// The records moved out of the table's own fields into the storage boundary (see
+    /// [`crate::records`]): today the idempotency keys ([`Space::Keys`]) and their age index
+    /// ([`Space::KeysByAge`], for retention). Encoded where the fields they replace were.
+    records: MemRecords,
     /// Succeeded and cancelled jobs by finish time, for retention.
-    #[serde(deserialize_with = "persistent::ord_set")]
     finished: OrdSet<(u64, JobId)>,
     /// Dead letters by time of death.
-    #[serde(deserialize_with = "persistent::ord_set")]
     dead: OrdSet<(u64, JobId)>,
     schedules: BTreeMap<String, Schedule>,
     counts: StateCounts,
     /// Nodes asked to leave that have not left yet: no new attempts go to them.
-    #[serde(default)]
     leaving: BTreeMap<NodeId, Leave>,
     /// Nodes taken out of the membership, with the leader time of their removal. Never shrinks:
     /// a removed node that comes back with its old data must stay out (a node that wants to
     /// rejoin starts with an empty data directory, which gives it a new id).
-    #[serde(default)]
     removed: BTreeMap<NodeId, u64>,
     /// Operators' and administrators' writes, oldest first (see `audit.rs`).
-    #[serde(default)]
     audit: VecDeque<AuditRecord>,
     /// Bearer tokens issued through the API, by name (see `tokens.rs`).
     tokens: BTreeMap<String, crate::access::IssuedToken>,
@@ -194,16 +190,13 @@ pub struct JobTable {
     /// all finished is still listed. Derived from the job records: not encoded in snapshots
     /// (older snapshots do not have it) but rebuilt by [`JobTable::rebuild_derived`] after
     /// decoding, and checked by [`JobTable::check_invariants`].
-    #[serde(skip)]
     retained: BTreeMap<String, Retained>,
     /// Succeeded and cancelled jobs whose records left the table for the shell's archive
     /// ([`Effect::Archive`]): what apply still needs of each, instead of the record. Not
     /// encoded with the table: a snapshot carries them next to it (with the archived records),
     /// and [`JobTable::restore_finished`] puts them back; `finished` above indexes them by time.
-    #[serde(skip)]
     archived: OrdMap<JobId, FinishedJob>,
     /// The queue names the entries of `archived` share.
-    #[serde(skip)]
     names: QueueNames,
 }
 
@@ -308,69 +301,6 @@ impl<'de> Deserialize<'de> for Jobs {
             }
         }
         deserializer.deserialize_map(Records)
-    }
-}
-
-/// Decoding the persistent maps and sets one element at a time. `imbl`'s own `Deserialize`
-/// reserves room for as many elements as the input claims: found by the snapshot fuzz target, a
-/// snapshot claiming 2^50 idempotency keys aborted the process (allocation failure) instead of
-/// being refused. These never reserve; a false claim ends in "unexpected end of input".
-mod persistent {
-    use std::marker::PhantomData;
-
-    use imbl::{OrdMap, OrdSet};
-    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-
-    pub(super) fn ord_map<'de, D, K, V>(deserializer: D) -> Result<OrdMap<K, V>, D::Error>
-    where
-        D: Deserializer<'de>,
-        K: Deserialize<'de> + Ord + Clone,
-        V: Deserialize<'de> + Clone,
-    {
-        struct Entries<K, V>(PhantomData<(K, V)>);
-        impl<'de, K, V> Visitor<'de> for Entries<K, V>
-        where
-            K: Deserialize<'de> + Ord + Clone,
-            V: Deserialize<'de> + Clone,
-        {
-            type Value = OrdMap<K, V>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a map")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-                let mut map = OrdMap::new();
-                while let Some((k, v)) = access.next_entry()? {
-                    map.insert(k, v);
-                }
-                Ok(map)
-            }
-        }
-        deserializer.deserialize_map(Entries(PhantomData))
-    }
-
-    pub(super) fn ord_set<'de, D, T>(deserializer: D) -> Result<OrdSet<T>, D::Error>
-    where
-        D: Deserializer<'de>,
-        T: Deserialize<'de> + Ord + Clone,
-    {
-        struct Elements<T>(PhantomData<T>);
-        impl<'de, T> Visitor<'de> for Elements<T>
-        where
-            T: Deserialize<'de> + Ord + Clone,
-        {
-            type Value = OrdSet<T>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a sequence")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-                let mut set = OrdSet::new();
-                while let Some(element) = access.next_element()? {
-                    set.insert(element);
-                }
-                Ok(set)
-            }
-        }
-        deserializer.deserialize_seq(Elements(PhantomData))
     }
 }
 
@@ -645,8 +575,7 @@ impl Default for JobTable {
             running: BTreeMap::new(),
             nodes: BTreeMap::new(),
             ordering: BTreeMap::new(),
-            keys: OrdMap::new(),
-            keys_by_age: OrdSet::new(),
+            records: MemRecords::default(),
             finished: OrdSet::new(),
             dead: OrdSet::new(),
             retained: BTreeMap::new(),
@@ -1213,12 +1142,38 @@ impl JobTable {
 
     /// When the oldest retained idempotency key was first used.
     pub fn oldest_key_ms(&self) -> Option<u64> {
-        self.keys_by_age.get_min().map(|(at, _)| *at)
+        self.records
+            .scan_from(Space::KeysByAge, &[])
+            .next()
+            .map(|(key, _)| layout::read_u64(&key))
     }
 
     /// The record of an idempotency key, while it is retained.
-    pub fn idempotency_key(&self, key: &str) -> Option<&KeyRecord> {
-        self.keys.get(key)
+    pub fn idempotency_key(&self, key: &str) -> Option<KeyRecord> {
+        self.records
+            .get(Space::Keys, key.as_bytes())
+            .map(|value| layout::decode(Space::Keys, &value))
+    }
+
+    /// The retained idempotency keys by first use, oldest first: (first use, key).
+    pub fn keys_by_age(&self) -> impl Iterator<Item = (u64, String)> + '_ {
+        self.records
+            .scan_from(Space::KeysByAge, &[])
+            .map(|(key, _)| layout::read_key_age(&key))
+    }
+
+    /// Records an idempotency key and its entry in the age index.
+    fn write_key(records: &mut MemRecords, key: &str, record: &KeyRecord) {
+        records.put(Space::Keys, key.as_bytes(), &layout::encode(record));
+        let age = layout::key_age(record.created_at_ms, key);
+        records.put(Space::KeysByAge, &age, &[]);
+    }
+
+    /// Forgets an idempotency key first used at `at_ms`.
+    fn forget_key(&mut self, at_ms: u64, key: &str) {
+        self.records.delete(Space::Keys, key.as_bytes());
+        let age = layout::key_age(at_ms, key);
+        self.records.delete(Space::KeysByAge, &age);
     }
 
     /// Dead letters, oldest death first.
@@ -1374,15 +1329,17 @@ impl JobTable {
         {
             return Err("retention index holds jobs that are gone".to_string());
         }
-        for (key, record) in &self.keys {
-            if !self
-                .keys_by_age
-                .contains(&(record.created_at_ms, key.clone()))
-            {
+        let mut keys = 0;
+        for (key, value) in self.records.scan_from(Space::Keys, &[]) {
+            let record: KeyRecord = layout::decode(Space::Keys, &value);
+            let key = String::from_utf8_lossy(&key);
+            let age = layout::key_age(record.created_at_ms, &key);
+            if self.records.get(Space::KeysByAge, &age).is_none() {
                 return Err(format!("key {key} is not in the age index"));
             }
+            keys += 1;
         }
-        if self.keys.len() != self.keys_by_age.len() {
+        if keys != self.records.len(Space::KeysByAge) {
             return Err("key age index disagrees".to_string());
         }
         if let Some(&(at, id)) = self.delayed.first() {

@@ -279,7 +279,7 @@ fn a_repeated_key_returns_the_original_job_and_creates_nothing() {
         fingerprint: fingerprint("q", "noop", b"charge 7"),
         created_at_ms: NOW,
     };
-    assert_eq!(h.table.idempotency_key("order-7"), Some(&record));
+    assert_eq!(h.table.idempotency_key("order-7"), Some(record.clone()));
     assert_eq!(h.job(1).idempotency_key.as_deref(), Some("order-7"));
     let jobs_before: Vec<_> = h.table.jobs().cloned().collect();
     let events_before = h.events.len();
@@ -308,7 +308,11 @@ fn a_repeated_key_returns_the_original_job_and_creates_nothing() {
             jobs_before,
             "{name}"
         );
-        assert_eq!(h.table.idempotency_key("order-7"), Some(&record), "{name}");
+        assert_eq!(
+            h.table.idempotency_key("order-7"),
+            Some(record.clone()),
+            "{name}"
+        );
     }
     assert_eq!(h.events.len(), events_before, "a repeat emits no event");
     assert_eq!(h.table.counts(), &counts(1, 0, 0, 0, 0));
@@ -546,7 +550,7 @@ fn the_dedupe_window_ends_when_retention_forgets_the_key() {
     assert_eq!(results, vec![created(2)]);
     assert_eq!(
         h.table.idempotency_key("k"),
-        Some(&KeyRecord {
+        Some(KeyRecord {
             job: 2,
             fingerprint: fingerprint("q", "noop", b"other"),
             created_at_ms: NOW + 40,

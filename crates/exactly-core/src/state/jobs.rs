@@ -89,7 +89,7 @@ impl JobTable {
                 super::validate_run_at(new.run_at_ms, self.now_ms).map_err(Rejection::Invalid)?;
                 if let Some(key) = &new.idempotency_key {
                     let print = fingerprint(new);
-                    if let Some(record) = self.keys.get(key) {
+                    if let Some(record) = self.idempotency_key(key) {
                         if record.fingerprint != print {
                             return Err(Rejection::IdempotencyConflict {
                                 key: key.clone(),
@@ -142,7 +142,7 @@ impl JobTable {
         super::validate_run_at(new.run_at_ms, self.now_ms).map_err(Rejection::Invalid)?;
         let print = new.idempotency_key.as_ref().map(|_| fingerprint(&new));
         if let (Some(key), Some(print)) = (&new.idempotency_key, print) {
-            if let Some(record) = self.keys.get(key) {
+            if let Some(record) = self.idempotency_key(key) {
                 return if record.fingerprint == print {
                     Ok(Submitted {
                         id: record.job,
@@ -185,15 +185,12 @@ impl JobTable {
             last_error: None,
         };
         if let (Some(key), Some(fingerprint)) = (&job.idempotency_key, print) {
-            self.keys.insert(
-                key.clone(),
-                KeyRecord {
-                    job: id,
-                    fingerprint,
-                    created_at_ms: self.now_ms,
-                },
-            );
-            self.keys_by_age.insert((self.now_ms, key.clone()));
+            let record = KeyRecord {
+                job: id,
+                fingerprint,
+                created_at_ms: self.now_ms,
+            };
+            Self::write_key(&mut self.records, key, &record);
         }
         self.enqueue(&job);
         self.counts.pending += 1;

@@ -36,25 +36,23 @@ impl JobTable {
         // the ones deleted).
         let mut forget = Vec::new();
         let mut skipped = 0;
-        for (at, key) in &self.keys_by_age {
-            if *at >= r.keys_before_ms || forget.len() >= max || skipped >= max {
+        for (at, key) in self.keys_by_age() {
+            if at >= r.keys_before_ms || forget.len() >= max || skipped >= max {
                 break;
             }
             let live = self
-                .keys
-                .get(key)
+                .idempotency_key(&key)
                 .and_then(|record| self.jobs.get(&record.job))
                 .is_some_and(|job| !job.status.is_terminal());
             if live {
                 skipped += 1;
             } else {
-                forget.push((*at, key.clone()));
+                forget.push((at, key));
             }
         }
         let keys = forget.len() as u32;
-        for entry in forget {
-            self.keys.remove(&entry.1);
-            self.keys_by_age.remove(&entry);
+        for (at, key) in forget {
+            self.forget_key(at, &key);
         }
         Response::Retained { jobs, keys }
     }

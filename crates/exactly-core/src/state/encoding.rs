@@ -1,0 +1,232 @@
+//! How a [`JobTable`] is encoded in a snapshot: its fields in their order, with the families
+//! that moved into the records store ([`crate::records`]) written where their fields were, so
+//! the bytes are those of the format before the move (`tests/fixtures/snapshot-format4*.bin`
+//! pin them).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use imbl::{OrdMap, OrdSet};
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{JobTable, Jobs, KeyRecord, Leave, NodeEntry, QueueNames, QueueState};
+use crate::job::StateCounts;
+use crate::records::{layout, MemRecords, Records, Space};
+use crate::schedule::Schedule;
+use crate::state::AuditRecord;
+use crate::{JobId, NodeId};
+
+/// The idempotency keys as the map they were: key → record, in key order.
+struct KeysOut<'a>(&'a MemRecords);
+
+impl Serialize for KeysOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len(Space::Keys)))?;
+        for (key, value) in self.0.scan_from(Space::Keys, &[]) {
+            let record: KeyRecord = layout::decode(Space::Keys, &value);
+            map.serialize_entry(&*String::from_utf8_lossy(&key), &record)?;
+        }
+        map.end()
+    }
+}
+
+/// The keys' age index as the set it was: (first use, key), in that order.
+struct AgesOut<'a>(&'a MemRecords);
+
+impl Serialize for AgesOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len(Space::KeysByAge)))?;
+        for (key, _) in self.0.scan_from(Space::KeysByAge, &[]) {
+            seq.serialize_element(&layout::read_key_age(&key))?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename = "JobTable")]
+struct Encoded<'a> {
+    next_job_id: JobId,
+    now_ms: u64,
+    jobs: &'a Jobs,
+    queues: &'a BTreeMap<String, QueueState>,
+    delayed: &'a BTreeSet<(u64, JobId)>,
+    running: &'a BTreeMap<NodeId, BTreeSet<JobId>>,
+    nodes: &'a BTreeMap<NodeId, NodeEntry>,
+    ordering: &'a BTreeMap<(String, String), VecDeque<JobId>>,
+    keys: KeysOut<'a>,
+    keys_by_age: AgesOut<'a>,
+    finished: &'a OrdSet<(u64, JobId)>,
+    dead: &'a OrdSet<(u64, JobId)>,
+    schedules: &'a BTreeMap<String, Schedule>,
+    counts: &'a StateCounts,
+    leaving: &'a BTreeMap<NodeId, Leave>,
+    removed: &'a BTreeMap<NodeId, u64>,
+    audit: &'a VecDeque<AuditRecord>,
+    tokens: &'a BTreeMap<String, crate::access::IssuedToken>,
+}
+
+impl Serialize for JobTable {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Encoded {
+            next_job_id: self.next_job_id,
+            now_ms: self.now_ms,
+            jobs: &self.jobs,
+            queues: &self.queues,
+            delayed: &self.delayed,
+            running: &self.running,
+            nodes: &self.nodes,
+            ordering: &self.ordering,
+            keys: KeysOut(&self.records),
+            keys_by_age: AgesOut(&self.records),
+            finished: &self.finished,
+            dead: &self.dead,
+            schedules: &self.schedules,
+            counts: &self.counts,
+            leaving: &self.leaving,
+            removed: &self.removed,
+            audit: &self.audit,
+            tokens: &self.tokens,
+        }
+        .serialize(serializer)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename = "JobTable")]
+struct Decoded {
+    next_job_id: JobId,
+    now_ms: u64,
+    jobs: Jobs,
+    queues: BTreeMap<String, QueueState>,
+    delayed: BTreeSet<(u64, JobId)>,
+    running: BTreeMap<NodeId, BTreeSet<JobId>>,
+    nodes: BTreeMap<NodeId, NodeEntry>,
+    ordering: BTreeMap<(String, String), VecDeque<JobId>>,
+    #[serde(deserialize_with = "persistent::ord_map")]
+    keys: OrdMap<String, KeyRecord>,
+    #[serde(deserialize_with = "persistent::ord_set")]
+    keys_by_age: OrdSet<(u64, String)>,
+    #[serde(deserialize_with = "persistent::ord_set")]
+    finished: OrdSet<(u64, JobId)>,
+    #[serde(deserialize_with = "persistent::ord_set")]
+    dead: OrdSet<(u64, JobId)>,
+    schedules: BTreeMap<String, Schedule>,
+    counts: StateCounts,
+    #[serde(default)]
+    leaving: BTreeMap<NodeId, Leave>,
+    #[serde(default)]
+    removed: BTreeMap<NodeId, u64>,
+    #[serde(default)]
+    audit: VecDeque<AuditRecord>,
+    tokens: BTreeMap<String, crate::access::IssuedToken>,
+}
+
+impl<'de> Deserialize<'de> for JobTable {
+    /// The records families go into the records store as they are read from their maps. A
+    /// key's age entry is written from its record, so the two agree by construction; an age
+    /// index that names anything else is refused, as `check_invariants` would.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let d = Decoded::deserialize(deserializer)?;
+        let mut records = MemRecords::default();
+        for (key, record) in &d.keys {
+            JobTable::write_key(&mut records, key, record);
+        }
+        let ages_agree = d.keys_by_age.len() == d.keys.len()
+            && d.keys_by_age.iter().all(|(at, key)| {
+                d.keys
+                    .get(key)
+                    .is_some_and(|record| record.created_at_ms == *at)
+            });
+        if !ages_agree {
+            return Err(serde::de::Error::custom(
+                "the idempotency keys' age index disagrees with the keys",
+            ));
+        }
+        Ok(JobTable {
+            next_job_id: d.next_job_id,
+            now_ms: d.now_ms,
+            jobs: d.jobs,
+            queues: d.queues,
+            delayed: d.delayed,
+            running: d.running,
+            nodes: d.nodes,
+            ordering: d.ordering,
+            records,
+            finished: d.finished,
+            dead: d.dead,
+            schedules: d.schedules,
+            counts: d.counts,
+            leaving: d.leaving,
+            removed: d.removed,
+            audit: d.audit,
+            tokens: d.tokens,
+            retained: BTreeMap::new(),
+            archived: OrdMap::new(),
+            names: QueueNames::default(),
+        })
+    }
+}
+
+/// Decoding the persistent maps and sets one element at a time. `imbl`'s own `Deserialize`
+/// reserves room for as many elements as the input claims: found by the snapshot fuzz target, a
+/// snapshot claiming 2^50 idempotency keys aborted the process (allocation failure) instead of
+/// being refused. These never reserve; a false claim ends in "unexpected end of input".
+mod persistent {
+    use std::marker::PhantomData;
+
+    use imbl::{OrdMap, OrdSet};
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    pub(super) fn ord_map<'de, D, K, V>(deserializer: D) -> Result<OrdMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        struct Entries<K, V>(PhantomData<(K, V)>);
+        impl<'de, K, V> Visitor<'de> for Entries<K, V>
+        where
+            K: Deserialize<'de> + Ord + Clone,
+            V: Deserialize<'de> + Clone,
+        {
+            type Value = OrdMap<K, V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+                let mut map = OrdMap::new();
+                while let Some((k, v)) = access.next_entry()? {
+                    map.insert(k, v);
+                }
+                Ok(map)
+            }
+        }
+        deserializer.deserialize_map(Entries(PhantomData))
+    }
+
+    pub(super) fn ord_set<'de, D, T>(deserializer: D) -> Result<OrdSet<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + Ord + Clone,
+    {
+        struct Elements<T>(PhantomData<T>);
+        impl<'de, T> Visitor<'de> for Elements<T>
+        where
+            T: Deserialize<'de> + Ord + Clone,
+        {
+            type Value = OrdSet<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+                let mut set = OrdSet::new();
+                while let Some(element) = access.next_element()? {
+                    set.insert(element);
+                }
+                Ok(set)
+            }
+        }
+        deserializer.deserialize_seq(Elements(PhantomData))
+    }
+}
