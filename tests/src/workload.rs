@@ -603,8 +603,7 @@ impl Scenario {
             .find_map(|h| {
                 h.node().read(|t| {
                     t.job(job)
-                        .and_then(|j| j.current_attempt())
-                        .map(|a| (a.node, a.token))
+                        .and_then(|j| j.current_attempt().map(|a| (a.node, a.token)))
                 })
             })
     }

@@ -26,6 +26,8 @@ use serde::{de::DeserializeOwned, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum Space {
+    /// Job id → [`crate::Job`]: the records of pending, running and dead jobs.
+    Jobs = 0,
     /// Idempotency key → [`crate::KeyRecord`].
     Keys = 1,
     /// (first use, idempotency key) → nothing: the keys by age, for retention.
@@ -33,7 +35,7 @@ pub enum Space {
 }
 
 impl Space {
-    pub const ALL: [Space; 2] = [Space::Keys, Space::KeysByAge];
+    pub const ALL: [Space; 3] = [Space::Jobs, Space::Keys, Space::KeysByAge];
 }
 
 /// An ordered store of byte records in [`Space`]s, which the job table reads and writes while

@@ -157,7 +157,6 @@ pub struct JobTable {
     next_job_id: JobId,
     /// The largest leader timestamp applied so far.
     now_ms: u64,
-    jobs: Jobs,
     queues: BTreeMap<String, QueueState>,
     /// Eligible pending jobs not due yet, by (run_at, id).
     delayed: BTreeSet<(u64, JobId)>,
@@ -167,8 +166,9 @@ pub struct JobTable {
     /// Live jobs per (queue, ordering key) in submission order; only the first is eligible.
     ordering: BTreeMap<(String, String), VecDeque<JobId>>,
     /// The records moved out of the table's own fields into the storage boundary (see
-    /// [`crate::records`]): today the idempotency keys ([`Space::Keys`]) and their age index
-    /// ([`Space::KeysByAge`], for retention). Encoded where the fields they replace were.
+    /// [`crate::records`]): the records of pending, running and dead jobs ([`Space::Jobs`]),
+    /// the idempotency keys ([`Space::Keys`]) and their age index ([`Space::KeysByAge`], for
+    /// retention). Encoded where the fields they replace were.
     records: MemRecords,
     /// Succeeded and cancelled jobs by finish time, for retention.
     finished: OrdSet<(u64, JobId)>,
@@ -246,69 +246,11 @@ impl QueueNames {
     }
 }
 
-/// The job records by id: a persistent map of shared records. A record is behind an `Arc`, so
-/// that moving entries inside the map's nodes (64 to a node) moves pointers, not records, and a
-/// node copied while a snapshot shares it copies pointers; a record taken out to be changed is
-/// cloned only if a snapshot still shares it. Encoded as a map of records, exactly as the
-/// `BTreeMap<JobId, Job>` it replaces.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Jobs(OrdMap<JobId, std::sync::Arc<Job>>);
-
-impl Jobs {
-    fn get(&self, id: &JobId) -> Option<&Job> {
-        self.0.get(id).map(|job| &**job)
-    }
-
-    fn insert(&mut self, id: JobId, job: Job) {
-        self.0.insert(id, std::sync::Arc::new(job));
-    }
-
-    fn remove(&mut self, id: &JobId) -> Option<Job> {
-        self.0.remove(id).map(std::sync::Arc::unwrap_or_clone)
-    }
-
-    fn values(&self) -> impl DoubleEndedIterator<Item = &Job> {
-        self.0.values().map(|job| &**job)
-    }
-
-    fn range(&self, from: std::ops::RangeFrom<JobId>) -> impl Iterator<Item = (&JobId, &Job)> {
-        self.0.range(from).map(|(id, job)| (id, &**job))
-    }
-}
-
-impl Serialize for Jobs {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(id, job)| (id, &**job)))
-    }
-}
-
-impl<'de> Deserialize<'de> for Jobs {
-    /// Straight into the map, one record at a time (no second copy of the table while a
-    /// snapshot is decoded).
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Records;
-        impl<'de> serde::de::Visitor<'de> for Records {
-            type Value = Jobs;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a map of job records")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Jobs, A::Error> {
-                let mut jobs = Jobs::default();
-                while let Some((id, job)) = map.next_entry::<JobId, Job>()? {
-                    jobs.insert(id, job);
-                }
-                Ok(jobs)
-            }
-        }
-        deserializer.deserialize_map(Records)
-    }
-}
-
 /// One retained job as [`JobTable::all_jobs_after`] lists it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Listed<'a> {
     /// Pending, running or dead: its record.
-    Record(&'a Job),
+    Record(Box<Job>),
     /// Succeeded or cancelled: its record is in the shell's archive.
     Archived(JobId, &'a FinishedJob),
 }
@@ -325,7 +267,7 @@ impl Listed<'_> {
 /// Merges the table's records and the archived jobs by id.
 struct Merge<'a, T, A>
 where
-    T: Iterator<Item = &'a Job>,
+    T: Iterator<Item = Job>,
     A: Iterator<Item = (&'a JobId, &'a FinishedJob)>,
 {
     table: std::iter::Peekable<T>,
@@ -335,7 +277,7 @@ where
 
 impl<'a, T, A> Iterator for Merge<'a, T, A>
 where
-    T: Iterator<Item = &'a Job>,
+    T: Iterator<Item = Job>,
     A: Iterator<Item = (&'a JobId, &'a FinishedJob)>,
 {
     type Item = Listed<'a>;
@@ -348,7 +290,7 @@ where
             (Some(job), Some((id, _))) => (job.id < **id) != self.reverse,
         };
         if take_table {
-            self.table.next().map(Listed::Record)
+            self.table.next().map(|job| Listed::Record(Box::new(job)))
         } else {
             self.archived.next().map(|(id, f)| Listed::Archived(*id, f))
         }
@@ -569,7 +511,6 @@ impl Default for JobTable {
         Self {
             next_job_id: 1,
             now_ms: 0,
-            jobs: Jobs::default(),
             queues: BTreeMap::new(),
             delayed: BTreeSet::new(),
             running: BTreeMap::new(),
@@ -727,7 +668,7 @@ impl JobTable {
                 break;
             }
             self.delayed.pop_first();
-            if let Some(job) = self.jobs.get(&id) {
+            if let Some(job) = self.job(id) {
                 if let Some(q) = self.queues.get_mut(&job.queue) {
                     q.ready.insert((-(job.priority as i64), id));
                 }
@@ -820,7 +761,7 @@ impl JobTable {
     /// in its place. Every record a command may have finished comes back through here.
     fn put_job(&mut self, job: Job, effects: &mut Vec<Effect>) {
         if !matches!(job.status, JobStatus::Succeeded | JobStatus::Cancelled) {
-            self.jobs.insert(job.id, job);
+            self.insert_job(&job);
             return;
         }
         let cancelled_token = job
@@ -828,6 +769,7 @@ impl JobTable {
             .last()
             .filter(|a| matches!(a.end, Some(crate::job::AttemptEnd::Cancelled { .. })))
             .map_or(0, |a| a.token);
+        self.records.delete(Space::Jobs, &layout::u64_key(job.id));
         let stub = FinishedJob {
             finished_at_ms: job.updated_at_ms,
             status: job.status,
@@ -870,13 +812,16 @@ impl JobTable {
     fn count_retained(&self) -> BTreeMap<String, Retained> {
         let mut retained: BTreeMap<String, Retained> = BTreeMap::new();
         let terminal = self
-            .jobs
-            .values()
+            .jobs()
             .filter(|j| j.status.is_terminal())
-            .map(|j| (j.queue.as_str(), j.status))
-            .chain(self.archived.values().map(|f| (&*f.queue, f.status)));
+            .map(|j| (j.queue, j.status))
+            .chain(
+                self.archived
+                    .values()
+                    .map(|f| (f.queue.to_string(), f.status)),
+            );
         for (queue, status) in terminal {
-            if let Some(n) = retained.entry(queue.to_string()).or_default().slot(status) {
+            if let Some(n) = retained.entry(queue).or_default().slot(status) {
                 *n += 1;
             }
         }
@@ -898,7 +843,7 @@ impl JobTable {
         if !matches!(status, JobStatus::Succeeded | JobStatus::Cancelled) {
             return Err(format!("archived job {id} is {}", status.as_str()));
         }
-        if self.jobs.get(&id).is_some() {
+        if self.has_job(id) {
             return Err(format!("job {id} is both archived and in the table"));
         }
         let stub = FinishedJob {
@@ -918,14 +863,13 @@ impl JobTable {
     /// for the shell's archive.
     pub fn archive_finished_records(&mut self) -> Vec<Job> {
         let ids: Vec<JobId> = self
-            .jobs
-            .values()
+            .jobs()
             .filter(|j| matches!(j.status, JobStatus::Succeeded | JobStatus::Cancelled))
             .map(|j| j.id)
             .collect();
         let mut effects = Vec::new();
         for id in ids {
-            if let Some(job) = self.jobs.remove(&id) {
+            if let Some(job) = self.job(id) {
                 self.put_job(job, &mut effects);
             }
         }
@@ -955,7 +899,7 @@ impl JobTable {
             self.ordering.remove(&line_key);
         }
         if was_first {
-            if let Some(next) = next.and_then(|id| self.jobs.get(&id)).cloned() {
+            if let Some(next) = next.and_then(|id| self.job(id)) {
                 if next.status == JobStatus::Pending {
                     self.index_pending(&next);
                 }
@@ -1058,13 +1002,44 @@ impl JobTable {
 
     /// A pending, running or dead job's record. A succeeded or cancelled job's record is in the
     /// shell's archive: see [`JobTable::finished_job`].
-    pub fn job(&self, id: JobId) -> Option<&Job> {
-        self.jobs.get(&id)
+    pub fn job(&self, id: JobId) -> Option<Job> {
+        self.records
+            .get(Space::Jobs, &layout::u64_key(id))
+            .map(|value| layout::decode(Space::Jobs, &value))
+    }
+
+    /// Whether the table holds `id`'s record (pending, running or dead), without decoding it.
+    fn has_job(&self, id: JobId) -> bool {
+        self.records
+            .get(Space::Jobs, &layout::u64_key(id))
+            .is_some()
+    }
+
+    /// Writes a pending, running or dead job's record.
+    fn insert_job(&mut self, job: &Job) {
+        self.records
+            .put(Space::Jobs, &layout::u64_key(job.id), &layout::encode(job));
+    }
+
+    /// Takes a record out of the table for good. (A record read to be changed is read with
+    /// [`JobTable::job`] and written back with [`JobTable::put_job`], which replaces it, or
+    /// moves it to the archive if it finished.)
+    fn take_job(&mut self, id: JobId) -> Option<Job> {
+        let job = self.job(id)?;
+        self.records.delete(Space::Jobs, &layout::u64_key(id));
+        Some(job)
     }
 
     /// The records the table holds: pending, running and dead jobs, in id order.
-    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values()
+    pub fn jobs(&self) -> impl Iterator<Item = Job> + '_ {
+        self.jobs_from(0)
+    }
+
+    /// The records from `from` on, in id order.
+    fn jobs_from(&self, from: JobId) -> impl Iterator<Item = Job> + '_ {
+        self.records
+            .scan_from(Space::Jobs, &layout::u64_key(from))
+            .map(|(_, value)| layout::decode(Space::Jobs, &value))
     }
 
     /// A succeeded or cancelled job still retained, whose record is in the shell's archive.
@@ -1082,7 +1057,7 @@ impl JobTable {
     pub fn all_jobs_after(&self, after: JobId) -> impl Iterator<Item = Listed<'_>> {
         let from = after.saturating_add(1);
         Merge {
-            table: self.jobs.range(from..).map(|(_, job)| job).peekable(),
+            table: self.jobs_from(from).peekable(),
             archived: self.archived.range(from..).peekable(),
             reverse: false,
         }
@@ -1091,7 +1066,11 @@ impl JobTable {
     /// Every retained job, highest id first (see [`JobTable::all_jobs_after`]).
     pub fn all_jobs_newest(&self) -> impl Iterator<Item = Listed<'_>> {
         Merge {
-            table: self.jobs.values().rev().peekable(),
+            table: self
+                .records
+                .scan_back(Space::Jobs)
+                .map(|(_, value)| layout::decode(Space::Jobs, &value))
+                .peekable(),
             archived: self.archived.iter().rev().peekable(),
             reverse: true,
         }
@@ -1177,17 +1156,17 @@ impl JobTable {
     }
 
     /// Dead letters, oldest death first.
-    pub fn dead_jobs(&self) -> impl Iterator<Item = &Job> + '_ {
-        self.dead.iter().filter_map(|(_, id)| self.jobs.get(id))
+    pub fn dead_jobs(&self) -> impl Iterator<Item = Job> + '_ {
+        self.dead.iter().filter_map(|(_, id)| self.job(*id))
     }
 
     /// The jobs running on `node` now.
-    pub fn jobs_running_on(&self, node: NodeId) -> impl Iterator<Item = &Job> + '_ {
+    pub fn jobs_running_on(&self, node: NodeId) -> impl Iterator<Item = Job> + '_ {
         self.running
             .get(&node)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.jobs.get(id))
+            .filter_map(|id| self.job(*id))
     }
 
     /// How many jobs are running on `node` now.
@@ -1224,28 +1203,28 @@ impl JobTable {
             stale_completions: self.counts.stale_completions,
             ..StateCounts::default()
         };
-        let mut queue_live: BTreeMap<&str, u64> = BTreeMap::new();
-        let mut queue_running: BTreeMap<&str, u32> = BTreeMap::new();
-        for job in self.jobs.values() {
+        let mut queue_live: BTreeMap<String, u64> = BTreeMap::new();
+        let mut queue_running: BTreeMap<String, u32> = BTreeMap::new();
+        for job in self.jobs() {
             *counts.slot(job.status) += 1;
             if matches!(job.status, JobStatus::Succeeded | JobStatus::Cancelled) {
                 return Err(format!("finished job {} was not archived", job.id));
             }
             if !job.status.is_terminal() {
-                *queue_live.entry(job.queue.as_str()).or_default() += 1;
+                *queue_live.entry(job.queue.clone()).or_default() += 1;
                 if !self.queues.contains_key(&job.queue) {
                     return Err(format!("live job {} has no queue state", job.id));
                 }
             }
             if job.status == JobStatus::Running {
-                *queue_running.entry(job.queue.as_str()).or_default() += 1;
+                *queue_running.entry(job.queue.clone()).or_default() += 1;
             }
             let in_ready = self
                 .queues
                 .get(&job.queue)
                 .is_some_and(|q| q.ready.contains(&(-(job.priority as i64), job.id)));
             let in_delayed = self.delayed.contains(&(job.run_at_ms, job.id));
-            let should_index = job.status == JobStatus::Pending && self.eligible(job);
+            let should_index = job.status == JobStatus::Pending && self.eligible(&job);
             if should_index != (in_ready || in_delayed) || (in_ready && in_delayed) {
                 return Err(format!("job {} pending index disagrees", job.id));
             }
@@ -1287,7 +1266,7 @@ impl JobTable {
         }
         for line in self.ordering.values() {
             for id in line {
-                if self.jobs.get(id).is_none_or(|j| j.status.is_terminal()) {
+                if self.job(*id).is_none_or(|j| j.status.is_terminal()) {
                     return Err(format!("ordering line holds finished or gone job {id}"));
                 }
             }
@@ -1309,7 +1288,7 @@ impl JobTable {
             if !matches!(f.status, JobStatus::Succeeded | JobStatus::Cancelled) {
                 return Err(format!("archived job {id} is {}", f.status.as_str()));
             }
-            if self.jobs.get(id).is_some() {
+            if self.has_job(*id) {
                 return Err(format!("job {id} is both archived and in the table"));
             }
             if !self.finished.contains(&(f.finished_at_ms, *id)) {

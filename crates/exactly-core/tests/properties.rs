@@ -1382,8 +1382,8 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
         let effects: Vec<Effect> = effects.into_iter().filter(shell).collect();
         let effects_b: Vec<Effect> = effects_b.into_iter().filter(shell).collect();
         // Every retained record, from the table or the archive.
-        let record = |id: JobId| a.job(id).or_else(|| archive.get(&id));
-        let mut all: Vec<&Job> = a.jobs().chain(archive.values()).collect();
+        let record = |id: JobId| a.job(id).or_else(|| archive.get(&id).cloned());
+        let mut all: Vec<Job> = a.jobs().chain(archive.values().cloned()).collect();
         all.sort_by_key(|j| j.id);
 
         prop_assert_eq!(
@@ -1417,8 +1417,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                 let cur = current.entry(c.job).or_insert_with(|| {
                     before
                         .job(c.job)
-                        .and_then(|j| j.current_attempt())
-                        .map(|at| at.token)
+                        .and_then(|j| j.current_attempt().map(|at| at.token))
                 });
                 if *cur == Some(c.token) {
                     *cur = None;
@@ -1485,7 +1484,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
 
         prop_assert_eq!(a.counts(), &model.counts());
         prop_assert_eq!(all.len(), model.jobs.len());
-        for &job in &all {
+        for job in &all {
             let m = &model.jobs[&job.id];
             // Invariant 2: at most one open attempt, exactly one while running, and fencing
             // tokens strictly increase per job.
@@ -1499,7 +1498,10 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                 job.attempts
             );
             // Attempt history is append-only: earlier attempts never change once ended.
-            if let Some(old) = before.job(job.id).or_else(|| terminal.get(&job.id)) {
+            if let Some(old) = before
+                .job(job.id)
+                .or_else(|| terminal.get(&job.id).cloned())
+            {
                 prop_assert!(job.attempts.len() >= old.attempts.len());
                 for (then, now) in old.attempts.iter().zip(&job.attempts) {
                     if then.end.is_some() {

@@ -281,7 +281,7 @@ fn a_repeated_key_returns_the_original_job_and_creates_nothing() {
     };
     assert_eq!(h.table.idempotency_key("order-7"), Some(record.clone()));
     assert_eq!(h.job(1).idempotency_key.as_deref(), Some("order-7"));
-    let jobs_before: Vec<_> = h.table.jobs().cloned().collect();
+    let jobs_before: Vec<_> = h.table.jobs().collect();
     let events_before = h.events.len();
 
     let variants: [(&str, Edit); 8] = [
@@ -303,11 +303,7 @@ fn a_repeated_key_returns_the_original_job_and_creates_nothing() {
         let (results, effects) = submit_results(&mut h, at, vec![repeat]);
         assert_eq!(results, vec![existing(1)], "{name}");
         assert_eq!(effects, vec![], "{name}");
-        assert_eq!(
-            h.table.jobs().cloned().collect::<Vec<_>>(),
-            jobs_before,
-            "{name}"
-        );
+        assert_eq!(h.table.jobs().collect::<Vec<_>>(), jobs_before, "{name}");
         assert_eq!(
             h.table.idempotency_key("order-7"),
             Some(record.clone()),
@@ -1120,7 +1116,7 @@ fn an_empty_dead_letter_filter_without_all_is_refused() {
             assert!(reason.contains(why), "{name}: {reason}");
             assert_eq!(effects, vec![], "{name}");
             assert!(h.events.is_empty(), "{name}");
-            let jobs = |h: &Harness| h.table.jobs().cloned().collect::<Vec<_>>();
+            let jobs = |h: &Harness| h.table.jobs().collect::<Vec<_>>();
             assert_eq!(jobs(&h), jobs(&fixture), "{name}: no job changed");
             assert_eq!(h.table.counts(), fixture.table.counts(), "{name}");
             assert_eq!(h.table.dead_jobs().count(), 4, "{name}: nothing purged");

@@ -101,7 +101,7 @@ fn submit_assigns_sequential_ids_and_stores_payloads() {
     );
     assert_eq!(
         h.job(3),
-        &Job {
+        Job {
             id: 3,
             queue: "mail".into(),
             kind: "send".into(),
@@ -546,7 +546,7 @@ fn assign_starts_attempt_with_log_index_as_token() {
     );
     assert_eq!(
         h.job(1),
-        &Job {
+        Job {
             id: 1,
             queue: "mail".into(),
             kind: "send".into(),
@@ -904,7 +904,7 @@ fn completion_success_finishes_the_job() {
     assert_eq!(effects, vec![Effect::DropPayload { job: 1 }]);
     assert_eq!(
         h.job(1),
-        &Job {
+        Job {
             id: 1,
             queue: "q".into(),
             kind: "noop".into(),

@@ -191,13 +191,9 @@ pub fn dashboard_status(node: &Node) -> DashboardStatus {
             let jobs = t
                 .all_jobs_newest()
                 .filter_map(|listed| match listed {
-                    exactly_core::Listed::Record(job) => Some(std::borrow::Cow::Borrowed(job)),
+                    exactly_core::Listed::Record(job) => Some(*job),
                     // A record that cannot be read is left out of this overview (Get reports it).
-                    exactly_core::Listed::Archived(id, _) => archive
-                        .finished(t, id)
-                        .ok()
-                        .flatten()
-                        .map(std::borrow::Cow::Owned),
+                    exactly_core::Listed::Archived(id, _) => archive.finished(t, id).ok().flatten(),
                 })
                 .take(DASHBOARD_JOBS_MAX)
                 .map(|j| {

@@ -199,8 +199,7 @@ fn current_of(t: &exactly_core::JobTable, attempts: Vec<(JobId, u64)>) -> BTreeS
         .into_iter()
         .filter(|&(job, token)| {
             t.job(job)
-                .and_then(|j| j.current_attempt())
-                .is_some_and(|a| a.token == token)
+                .is_some_and(|j| j.current_attempt().is_some_and(|a| a.token == token))
         })
         .collect()
 }

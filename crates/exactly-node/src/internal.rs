@@ -242,13 +242,9 @@ impl InternalService {
         // A finished job's attempts are in its archived record (read only for such a job).
         let foreign = self.node.state.read_jobs(|t, archive| {
             list.iter().find_map(|c| {
-                let archived;
                 let job = match t.job(c.job) {
                     Some(job) => job,
-                    None => {
-                        archived = archive.finished(t, c.job).ok().flatten()?;
-                        &archived
-                    }
+                    None => archive.finished(t, c.job).ok().flatten()?,
                 };
                 let attempt = job.attempts.iter().find(|a| a.token == c.token)?;
                 (attempt.node != id).then_some((c.job, c.token, attempt.node))

@@ -242,8 +242,7 @@ fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) 
         applied
             .table
             .job(s.job)
-            .and_then(|job| job.current_attempt())
-            .is_some_and(|attempt| attempt.token == s.token)
+            .is_some_and(|job| job.current_attempt().is_some_and(|a| a.token == s.token))
     });
     if tokens_changed {
         out.tokens = Some(applied.table.issued_tokens().clone());
@@ -318,7 +317,7 @@ impl JobView<'_> {
         self.table
             .all_jobs_after(0)
             .filter_map(|listed| match listed {
-                exactly_core::Listed::Record(job) => Some(job.clone()),
+                exactly_core::Listed::Record(job) => Some(*job),
                 exactly_core::Listed::Archived(id, _) => self.job(id),
             })
             .collect()
@@ -341,8 +340,10 @@ impl std::ops::Deref for JobCopy {
 
 impl JobCopy {
     /// A retained job's record, from the table or, if it finished, the archived copy.
-    pub fn job(&self, id: exactly_core::JobId) -> Option<&exactly_core::Job> {
-        self.table.job(id).or_else(|| self.finished.get(&id))
+    pub fn job(&self, id: exactly_core::JobId) -> Option<exactly_core::Job> {
+        self.table
+            .job(id)
+            .or_else(|| self.finished.get(&id).cloned())
     }
 }
 

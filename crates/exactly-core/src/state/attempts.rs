@@ -123,14 +123,8 @@ impl JobTable {
         if let Some(f) = self.archived.get(&a.job) {
             return Err(Rejection::NotPending(f.status.as_str().to_string()));
         }
-        let mut job = self
-            .jobs
-            .remove(&a.job)
-            .ok_or(Rejection::UnknownJob(a.job))?;
-        if let Err(why) = self.check_job(token, &job) {
-            self.jobs.insert(job.id, job);
-            return Err(why);
-        }
+        let mut job = self.job(a.job).ok_or(Rejection::UnknownJob(a.job))?;
+        self.check_job(token, &job)?;
         let now = self.now_ms;
         if let Some(queue) = self.queues.get_mut(&job.queue) {
             if let Some(rate) = queue.config.rate {
@@ -163,7 +157,7 @@ impl JobTable {
             timeout_ms: job.timeout_ms,
             idempotency_key: job.effective_idempotency_key(),
         };
-        self.jobs.insert(job.id, job);
+        self.insert_job(&job);
         Ok(start)
     }
 
@@ -218,10 +212,7 @@ impl JobTable {
                 }
             });
         }
-        let mut job = self
-            .jobs
-            .remove(&c.job)
-            .ok_or(Rejection::UnknownJob(c.job))?;
+        let mut job = self.job(c.job).ok_or(Rejection::UnknownJob(c.job))?;
         let current = job.current_attempt().map(|a| a.token);
         if current != Some(c.token) {
             // The late report of an attempt a client cancelled is expected, not a fencing event.
@@ -229,7 +220,6 @@ impl JobTable {
                 .attempts
                 .iter()
                 .any(|a| a.token == c.token && matches!(a.end, Some(AttemptEnd::Cancelled { .. })));
-            self.jobs.insert(job.id, job);
             return Err(if cancelled {
                 Rejection::Finished(JobStatus::Cancelled.as_str().to_string())
             } else {

@@ -9,12 +9,59 @@ use imbl::{OrdMap, OrdSet};
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{JobTable, Jobs, KeyRecord, Leave, NodeEntry, QueueNames, QueueState};
-use crate::job::StateCounts;
+use super::{JobTable, KeyRecord, Leave, NodeEntry, QueueNames, QueueState};
+use crate::job::{Job, StateCounts};
 use crate::records::{layout, MemRecords, Records, Space};
 use crate::schedule::Schedule;
 use crate::state::AuditRecord;
 use crate::{JobId, NodeId};
+
+/// The job records as the map they were: id → record, in id order.
+struct JobsOut<'a>(&'a MemRecords);
+
+impl Serialize for JobsOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len(Space::Jobs)))?;
+        for (key, value) in self.0.scan_from(Space::Jobs, &[]) {
+            let job: Job = layout::decode(Space::Jobs, &value);
+            map.serialize_entry(&layout::read_u64(&key), &job)?;
+        }
+        map.end()
+    }
+}
+
+/// The job records, decoded one at a time straight into a records store (no second copy of
+/// the table while a snapshot is decoded).
+struct JobsIn(MemRecords);
+
+impl<'de> Deserialize<'de> for JobsIn {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = JobsIn;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of job records")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<JobsIn, A::Error> {
+                let mut records = MemRecords::default();
+                while let Some((id, job)) = map.next_entry::<JobId, Job>()? {
+                    if id != job.id {
+                        return Err(serde::de::Error::custom(format!(
+                            "job record {} is filed under id {id}",
+                            job.id
+                        )));
+                    }
+                    records.put(Space::Jobs, &layout::u64_key(id), &layout::encode(&job));
+                }
+                Ok(JobsIn(records))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
 
 /// The idempotency keys as the map they were: key → record, in key order.
 struct KeysOut<'a>(&'a MemRecords);
@@ -48,7 +95,7 @@ impl Serialize for AgesOut<'_> {
 struct Encoded<'a> {
     next_job_id: JobId,
     now_ms: u64,
-    jobs: &'a Jobs,
+    jobs: JobsOut<'a>,
     queues: &'a BTreeMap<String, QueueState>,
     delayed: &'a BTreeSet<(u64, JobId)>,
     running: &'a BTreeMap<NodeId, BTreeSet<JobId>>,
@@ -71,7 +118,7 @@ impl Serialize for JobTable {
         Encoded {
             next_job_id: self.next_job_id,
             now_ms: self.now_ms,
-            jobs: &self.jobs,
+            jobs: JobsOut(&self.records),
             queues: &self.queues,
             delayed: &self.delayed,
             running: &self.running,
@@ -97,7 +144,7 @@ impl Serialize for JobTable {
 struct Decoded {
     next_job_id: JobId,
     now_ms: u64,
-    jobs: Jobs,
+    jobs: JobsIn,
     queues: BTreeMap<String, QueueState>,
     delayed: BTreeSet<(u64, JobId)>,
     running: BTreeMap<NodeId, BTreeSet<JobId>>,
@@ -128,7 +175,7 @@ impl<'de> Deserialize<'de> for JobTable {
     /// index that names anything else is refused, as `check_invariants` would.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let d = Decoded::deserialize(deserializer)?;
-        let mut records = MemRecords::default();
+        let mut records = d.jobs.0;
         for (key, record) in &d.keys {
             JobTable::write_key(&mut records, key, record);
         }
@@ -146,7 +193,6 @@ impl<'de> Deserialize<'de> for JobTable {
         Ok(JobTable {
             next_job_id: d.next_job_id,
             now_ms: d.now_ms,
-            jobs: d.jobs,
             queues: d.queues,
             delayed: d.delayed,
             running: d.running,

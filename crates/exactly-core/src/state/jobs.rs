@@ -199,7 +199,7 @@ impl JobTable {
             payload: new.payload,
         });
         effects.push(self.event(&job));
-        self.jobs.insert(id, job);
+        self.insert_job(&job);
         Ok(Submitted::new(id))
     }
 
@@ -249,7 +249,7 @@ impl JobTable {
         if let Some(f) = self.archived.get(&id) {
             return Err(Rejection::Finished(f.status.as_str().to_string()));
         }
-        let mut job = self.jobs.remove(&id).ok_or(Rejection::UnknownJob(id))?;
+        let mut job = self.job(id).ok_or(Rejection::UnknownJob(id))?;
         let was = job.status;
         match was {
             JobStatus::Pending => {
@@ -275,7 +275,6 @@ impl JobTable {
                 );
             }
             terminal => {
-                self.jobs.insert(id, job);
                 return Err(Rejection::Finished(terminal.as_str().to_string()));
             }
         }
@@ -304,7 +303,7 @@ impl JobTable {
             filter
                 .ids
                 .iter()
-                .filter(|&&id| self.jobs.get(&id).is_some_and(matches) && seen.insert(id))
+                .filter(|&&id| self.job(id).is_some_and(|job| matches(&job)) && seen.insert(id))
                 .copied()
                 .take(max)
                 .collect()
@@ -316,11 +315,10 @@ impl JobTable {
     pub(super) fn redrive(&mut self, filter: &DeadFilter, effects: &mut Vec<Effect>) -> Vec<JobId> {
         let mut redriven = Vec::new();
         for id in self.select_dead(filter) {
-            let Some(mut job) = self.jobs.remove(&id) else {
+            let Some(mut job) = self.job(id) else {
                 continue;
             };
             if !self.queues.contains_key(&job.queue) && self.queues.len() >= QUEUES_MAX {
-                self.jobs.insert(id, job);
                 continue;
             }
             self.dead.remove(&(job.updated_at_ms, id));
@@ -334,7 +332,7 @@ impl JobTable {
             job.updated_at_ms = self.now_ms;
             self.enqueue(&job);
             effects.push(self.event(&job));
-            self.jobs.insert(id, job);
+            self.insert_job(&job);
             redriven.push(id);
         }
         redriven
@@ -363,7 +361,7 @@ impl JobTable {
             effects.push(Effect::Unarchive { job: id });
             return;
         }
-        let Some(job) = self.jobs.remove(&id) else {
+        let Some(job) = self.take_job(id) else {
             return;
         };
         self.finished.remove(&(job.updated_at_ms, id));

@@ -91,7 +91,7 @@ impl JobTable {
             .unwrap_or_default();
         let mut requeued = 0;
         for id in held {
-            let Some(mut job) = self.jobs.remove(&id) else {
+            let Some(mut job) = self.job(id) else {
                 continue;
             };
             let stale = job
@@ -203,7 +203,7 @@ impl JobTable {
             .unwrap_or_default();
         let mut requeued = 0;
         for id in held {
-            let Some(mut job) = self.jobs.remove(&id) else {
+            let Some(mut job) = self.job(id) else {
                 continue;
             };
             let reason = format!(

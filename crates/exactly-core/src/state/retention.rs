@@ -42,7 +42,7 @@ impl JobTable {
             }
             let live = self
                 .idempotency_key(&key)
-                .and_then(|record| self.jobs.get(&record.job))
+                .and_then(|record| self.job(record.job))
                 .is_some_and(|job| !job.status.is_terminal());
             if live {
                 skipped += 1;

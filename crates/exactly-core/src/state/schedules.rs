@@ -210,7 +210,7 @@ impl JobTable {
     /// delayed both), so the tick is not skipped for it. Overlap is judged as of the tick's own
     /// time, as if every tick had fired on time.
     fn overlaps(&self, last: Option<JobId>, tick_ms: u64) -> bool {
-        last.and_then(|id| self.jobs.get(&id))
+        last.and_then(|id| self.job(id))
             .is_some_and(|job| !job.status.is_terminal() && job.created_at_ms < tick_ms)
     }
 }

@@ -233,17 +233,17 @@ impl Harness {
     }
 
     /// A retained job's record: from the table, or from the archive if it finished.
-    pub fn job(&self, id: JobId) -> &Job {
+    pub fn job(&self, id: JobId) -> Job {
         self.table
             .job(id)
-            .or_else(|| self.archive.get(&id))
+            .or_else(|| self.archive.get(&id).cloned())
             .expect("job exists")
     }
 
     /// Every retained job's record, in id order.
     pub fn all_jobs(&self) -> Vec<Job> {
         let mut all: BTreeMap<JobId, Job> = self.archive.clone();
-        all.extend(self.table.jobs().map(|j| (j.id, j.clone())));
+        all.extend(self.table.jobs().map(|j| (j.id, j)));
         all.into_values().collect()
     }
 }
@@ -288,7 +288,7 @@ impl View {
     pub fn of(table: &JobTable) -> Self {
         Self {
             now_ms: table.now_ms(),
-            jobs: table.jobs().cloned().collect(),
+            jobs: table.jobs().collect(),
             counts: table.counts().clone(),
             nodes: table.nodes().clone(),
             ready: table.ready_jobs().collect(),

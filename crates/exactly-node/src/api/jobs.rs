@@ -230,9 +230,8 @@ impl Jobs for JobsService {
                     break;
                 }
                 last_seen = Some(listed.id());
-                let archived;
                 let job = match listed {
-                    Listed::Record(job) => job,
+                    Listed::Record(job) => *job,
                     Listed::Archived(id, f) => {
                         // What the table keeps of a finished job decides queue and state
                         // without reading its record.
@@ -242,10 +241,10 @@ impl Jobs for JobsService {
                             continue;
                         }
                         reads += 1;
-                        archived = archive
+                        let archived = archive
                             .finished(t, id)
                             .map_err(|e| Status::internal(format!("reading job {id}: {e}")))?;
-                        match &archived {
+                        match archived {
                             Some(job) => job,
                             None => continue,
                         }
@@ -255,7 +254,7 @@ impl Jobs for JobsService {
                     && (r.kind.is_empty() || job.kind == r.kind)
                     && state.is_none_or(|s| job.status == s);
                 if keep {
-                    jobs.push(job_to_pb(job));
+                    jobs.push(job_to_pb(&job));
                 }
             }
             // More may follow if the page or a budget filled up.
