@@ -32,10 +32,33 @@ pub enum Space {
     Keys = 1,
     /// (first use, idempotency key) → nothing: the keys by age, for retention.
     KeysByAge = 2,
+    /// (finish time, job id) → nothing: succeeded and cancelled jobs by finish time, for
+    /// retention.
+    Finished = 3,
+    /// (time of death, job id) → nothing: the dead letters, oldest first.
+    Dead = 4,
+    /// Job id → [`crate::FinishedJob`]: what apply keeps of a succeeded or cancelled job whose
+    /// record went to the shell's archive.
+    Archived = 5,
+    /// (queue, negated priority, job id) → nothing: each queue's pending jobs that are due and
+    /// eligible (first of their ordering line), in start order: highest priority first, then
+    /// FIFO.
+    Ready = 6,
+    /// (run at, job id) → nothing: eligible pending jobs not due yet.
+    Delayed = 7,
 }
 
 impl Space {
-    pub const ALL: [Space; 3] = [Space::Jobs, Space::Keys, Space::KeysByAge];
+    pub const ALL: [Space; 8] = [
+        Space::Jobs,
+        Space::Keys,
+        Space::KeysByAge,
+        Space::Finished,
+        Space::Dead,
+        Space::Archived,
+        Space::Ready,
+        Space::Delayed,
+    ];
 }
 
 /// An ordered store of byte records in [`Space`]s, which the job table reads and writes while
@@ -55,6 +78,10 @@ pub trait Records {
     ) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a>;
     /// The entries of `space`, last key first.
     fn scan_back<'a>(&'a self, space: Space) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a>;
+    /// How many entries `space` holds (a scan: for checks and tests, not for apply).
+    fn count(&self, space: Space) -> usize {
+        self.scan_from(space, &[]).count()
+    }
 }
 
 /// The in-memory [`Records`] store: one persistent ordered map whose keys start with their
@@ -68,13 +95,6 @@ fn prefixed(space: Space, key: &[u8]) -> Box<[u8]> {
     full.push(space as u8);
     full.extend_from_slice(key);
     full.into_boxed_slice()
-}
-
-impl MemRecords {
-    /// How many entries `space` holds.
-    pub fn len(&self, space: Space) -> usize {
-        self.scan_from(space, &[]).count()
-    }
 }
 
 impl Records for MemRecords {
@@ -148,6 +168,41 @@ pub mod layout {
         u64::from_be_bytes(bytes)
     }
 
+    /// `Finished` and `Dead`: (time, job id).
+    pub fn time_id(at_ms: u64, id: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&u64_key(at_ms));
+        k[8..].copy_from_slice(&u64_key(id));
+        k
+    }
+
+    /// The (time, job id) of a `Finished` or `Dead` key.
+    pub fn read_time_id(key: &[u8]) -> (u64, u64) {
+        (read_u64(key), read_u64(&key[8..]))
+    }
+
+    /// The start of a queue's keys in `Ready`: its name and a 0 byte (which no queue name holds).
+    pub fn ready_prefix(queue: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(queue.len() + 17);
+        k.extend_from_slice(queue.as_bytes());
+        k.push(0);
+        k
+    }
+
+    /// `Ready`: (queue, negated priority, job id). The `i64` with its sign bit flipped sorts as
+    /// a number.
+    pub fn ready_key(queue: &str, negated_priority: i64, id: u64) -> Vec<u8> {
+        let mut k = ready_prefix(queue);
+        k.extend_from_slice(&u64_key((negated_priority as u64) ^ (1 << 63)));
+        k.extend_from_slice(&u64_key(id));
+        k
+    }
+
+    /// The (negated priority, job id) of a `Ready` key after its queue's prefix.
+    pub fn read_ready(rest: &[u8]) -> (i64, u64) {
+        ((read_u64(rest) ^ (1 << 63)) as i64, read_u64(&rest[8..]))
+    }
+
     /// `KeysByAge`: (first use, idempotency key).
     pub fn key_age(at_ms: u64, key: &str) -> Vec<u8> {
         let mut k = Vec::with_capacity(8 + key.len());
@@ -194,11 +249,44 @@ mod tests {
         assert_eq!(back, vec![b"b".to_vec(), b"a".to_vec()]);
         let from: Vec<_> = r.scan_from(Space::Keys, b"b").map(|(_, v)| v).collect();
         assert_eq!(from, vec![b"2".to_vec()]);
-        assert_eq!(r.len(Space::Keys), 2);
+        assert_eq!(r.count(Space::Keys), 2);
         r.delete(Space::Keys, b"a");
         assert_eq!(r.get(Space::Keys, b"a"), None);
         assert_eq!(r.get(Space::Keys, b"b"), Some(b"2".to_vec()));
-        assert_eq!(r.len(Space::KeysByAge), 3);
+        assert_eq!(r.count(Space::KeysByAge), 3);
+    }
+
+    #[test]
+    fn ready_keys_sort_by_queue_then_priority_then_id() {
+        let entries = [
+            ("a", -5i64, 9u64),
+            ("a", -5, 10),
+            ("a", 3, 1),
+            ("a", i64::MIN, 7),
+            ("a", i64::MAX, 2),
+            ("ab", -1000, 1),
+            ("b", 0, 4),
+        ];
+        let mut keys: Vec<Vec<u8>> = entries
+            .iter()
+            .rev()
+            .map(|&(q, p, id)| ready_key(q, p, id))
+            .collect();
+        keys.sort();
+        let back: Vec<(String, i64, u64)> = keys
+            .iter()
+            .map(|k| {
+                let end = k.iter().position(|&b| b == 0).unwrap();
+                let (p, id) = read_ready(&k[end + 1..]);
+                (String::from_utf8(k[..end].to_vec()).unwrap(), p, id)
+            })
+            .collect();
+        let mut expected: Vec<(String, i64, u64)> = entries
+            .iter()
+            .map(|&(q, p, id)| (q.to_string(), p, id))
+            .collect();
+        expected.sort();
+        assert_eq!(back, expected);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use crate::command::Assignment;
 use crate::limits::ASSIGN_BATCH_MAX;
+use crate::records::Records;
 use crate::state::JobTable;
 use crate::{JobId, NodeId};
 
@@ -23,8 +24,8 @@ use crate::{JobId, NodeId};
 /// the node with the most free slots (ties to the lower id), which spreads load evenly.
 /// `excluded` nodes (unreachable, or not yet caught up) receive nothing, and neither do expired
 /// or leaving (draining) ones.
-pub fn plan_assignments(
-    state: &JobTable,
+pub fn plan_assignments<R: Records>(
+    state: &JobTable<R>,
     now_ms: u64,
     batch_max: usize,
     excluded: &BTreeSet<NodeId>,
@@ -69,7 +70,7 @@ pub fn plan_assignments(
 /// Up to `want` jobs in start order: a k-way merge of every queue's ready set (plus delayed jobs
 /// that fell due since the last applied entry), taking from each queue at most its allowance.
 /// Work is bounded by `want` plus the number of queues, however many jobs wait.
-fn pick_jobs(state: &JobTable, now_ms: u64, want: usize) -> Vec<JobId> {
+fn pick_jobs<R: Records>(state: &JobTable<R>, now_ms: u64, want: usize) -> Vec<JobId> {
     let queues: Vec<_> = state.queues().iter().collect();
     let index: BTreeMap<&str, usize> = queues
         .iter()
@@ -94,7 +95,10 @@ fn pick_jobs(state: &JobTable, now_ms: u64, want: usize) -> Vec<JobId> {
     delayed.sort_unstable();
     let mut delayed = delayed.into_iter().peekable();
 
-    let mut sources: Vec<_> = queues.iter().map(|(_, q)| q.ready_entries()).collect();
+    let mut sources: Vec<_> = queues
+        .iter()
+        .map(|(name, _)| state.ready_entries(name))
+        .collect();
     // Min-heap of each source's next job: (key, source); source == queues.len() is `delayed`.
     let mut heap: BinaryHeap<Reverse<((i64, JobId), usize)>> = BinaryHeap::new();
     for (i, source) in sources.iter_mut().enumerate() {

@@ -6,9 +6,7 @@
 //! its indexes, the read API and the invariant check that ties the indexes to the records.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 
-use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{
@@ -66,12 +64,10 @@ pub struct NodeEntry {
 
 /// One queue's settings and scheduling indexes. A queue exists while it has live jobs or
 /// non-default settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// (Its pending jobs that are due and eligible are in the table's records, [`Space::Ready`].)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueState {
     pub config: QueueConfig,
-    /// Pending jobs that are due and eligible (first of their ordering key), by (negated
-    /// priority, id): highest priority first, then FIFO.
-    ready: BTreeSet<(i64, JobId)>,
     /// Jobs of this queue running now, on any node.
     running: u32,
     /// Jobs of this queue that are pending or running.
@@ -89,20 +85,6 @@ impl QueueState {
     /// Jobs of this queue that are pending or running.
     pub fn live(&self) -> u64 {
         self.live
-    }
-
-    /// Due, eligible pending jobs in the order they should start.
-    pub fn ready(&self) -> impl Iterator<Item = JobId> + '_ {
-        self.ready.iter().map(|&(_, id)| id)
-    }
-
-    /// Like [`QueueState::ready`], with each job's scheduling key (negated priority, id).
-    pub fn ready_entries(&self) -> impl Iterator<Item = (i64, JobId)> + '_ {
-        self.ready.iter().copied()
-    }
-
-    pub fn ready_len(&self) -> usize {
-        self.ready.len()
     }
 
     /// How many more attempts this queue may start at `now_ms` (paused, concurrency and rate
@@ -153,13 +135,11 @@ pub struct Leave {
 /// (`Jobs`), so a node copied while a snapshot shares it copies pointers, not records. The cost,
 /// measured: about 5 % of batched throughput (README, "A snapshot no longer stops writes").
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JobTable {
+pub struct JobTable<R = MemRecords> {
     next_job_id: JobId,
     /// The largest leader timestamp applied so far.
     now_ms: u64,
     queues: BTreeMap<String, QueueState>,
-    /// Eligible pending jobs not due yet, by (run_at, id).
-    delayed: BTreeSet<(u64, JobId)>,
     /// Running jobs per node.
     running: BTreeMap<NodeId, BTreeSet<JobId>>,
     nodes: BTreeMap<NodeId, NodeEntry>,
@@ -168,12 +148,14 @@ pub struct JobTable {
     /// The records moved out of the table's own fields into the storage boundary (see
     /// [`crate::records`]): the records of pending, running and dead jobs ([`Space::Jobs`]),
     /// the idempotency keys ([`Space::Keys`]) and their age index ([`Space::KeysByAge`], for
-    /// retention). Encoded where the fields they replace were.
-    records: MemRecords,
-    /// Succeeded and cancelled jobs by finish time, for retention.
-    finished: OrdSet<(u64, JobId)>,
-    /// Dead letters by time of death.
-    dead: OrdSet<(u64, JobId)>,
+    /// retention), the scheduling indexes of pending jobs ([`Space::Ready`] per queue,
+    /// [`Space::Delayed`]), the retention indexes of finished jobs and dead letters
+    /// ([`Space::Finished`], [`Space::Dead`]), and what apply keeps of a succeeded or cancelled
+    /// job whose record went to the shell's archive ([`Effect::Archive`]) instead of the record
+    /// ([`Space::Archived`]: not encoded with the table, a snapshot carries them next to it with
+    /// the archived records, and [`JobTable::restore_finished`] puts them back). Encoded where
+    /// the fields they replace were.
+    records: R,
     schedules: BTreeMap<String, Schedule>,
     counts: StateCounts,
     /// Nodes asked to leave that have not left yet: no new attempts go to them.
@@ -191,71 +173,33 @@ pub struct JobTable {
     /// (older snapshots do not have it) but rebuilt by [`JobTable::rebuild_derived`] after
     /// decoding, and checked by [`JobTable::check_invariants`].
     retained: BTreeMap<String, Retained>,
-    /// Succeeded and cancelled jobs whose records left the table for the shell's archive
-    /// ([`Effect::Archive`]): what apply still needs of each, instead of the record. Not
-    /// encoded with the table: a snapshot carries them next to it (with the archived records),
-    /// and [`JobTable::restore_finished`] puts them back; `finished` above indexes them by time.
-    archived: OrdMap<JobId, FinishedJob>,
-    /// The queue names the entries of `archived` share.
-    names: QueueNames,
 }
 
 /// A succeeded or cancelled job whose record left the table (see [`Effect::Archive`]): what
 /// apply still needs of it (its retention, its queue's counts, and the answers to a late report
 /// or a cancel), in about 40 bytes instead of the record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinishedJob {
     /// When it finished (leader time): its place in the retention index.
     pub finished_at_ms: u64,
     /// `Succeeded` or `Cancelled`.
     pub status: JobStatus,
-    pub queue: Arc<str>,
+    pub queue: String,
     /// The token of the attempt a client cancelled (0: none), whose late report is answered
     /// "finished: cancelled" rather than counted as stale.
     pub cancelled_token: u64,
 }
 
-/// Interned queue names of archived jobs, so that a million finished jobs of one queue share
-/// one string. Not state: always equal, never encoded.
-#[derive(Clone, Debug, Default)]
-struct QueueNames(BTreeSet<Arc<str>>);
-
-impl PartialEq for QueueNames {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for QueueNames {}
-
-impl QueueNames {
-    fn intern(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.0.get(name) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = Arc::from(name);
-        self.0.insert(shared.clone());
-        shared
-    }
-
-    /// Drops `name` if nothing but this set holds it any more.
-    fn release(&mut self, name: Arc<str>) {
-        if Arc::strong_count(&name) <= 2 {
-            self.0.remove(&*name);
-        }
-    }
-}
-
 /// One retained job as [`JobTable::all_jobs_after`] lists it.
 #[derive(Clone, Debug)]
-pub enum Listed<'a> {
+pub enum Listed {
     /// Pending, running or dead: its record.
     Record(Box<Job>),
     /// Succeeded or cancelled: its record is in the shell's archive.
-    Archived(JobId, &'a FinishedJob),
+    Archived(JobId, FinishedJob),
 }
 
-impl Listed<'_> {
+impl Listed {
     pub fn id(&self) -> JobId {
         match self {
             Listed::Record(job) => job.id,
@@ -265,34 +209,34 @@ impl Listed<'_> {
 }
 
 /// Merges the table's records and the archived jobs by id.
-struct Merge<'a, T, A>
+struct Merge<T, A>
 where
     T: Iterator<Item = Job>,
-    A: Iterator<Item = (&'a JobId, &'a FinishedJob)>,
+    A: Iterator<Item = (JobId, FinishedJob)>,
 {
     table: std::iter::Peekable<T>,
     archived: std::iter::Peekable<A>,
     reverse: bool,
 }
 
-impl<'a, T, A> Iterator for Merge<'a, T, A>
+impl<T, A> Iterator for Merge<T, A>
 where
     T: Iterator<Item = Job>,
-    A: Iterator<Item = (&'a JobId, &'a FinishedJob)>,
+    A: Iterator<Item = (JobId, FinishedJob)>,
 {
-    type Item = Listed<'a>;
+    type Item = Listed;
 
-    fn next(&mut self) -> Option<Listed<'a>> {
+    fn next(&mut self) -> Option<Listed> {
         let take_table = match (self.table.peek(), self.archived.peek()) {
             (None, None) => return None,
             (Some(_), None) => true,
             (None, Some(_)) => false,
-            (Some(job), Some((id, _))) => (job.id < **id) != self.reverse,
+            (Some(job), Some((id, _))) => (job.id < *id) != self.reverse,
         };
         if take_table {
             self.table.next().map(|job| Listed::Record(Box::new(job)))
         } else {
-            self.archived.next().map(|(id, f)| Listed::Archived(*id, f))
+            self.archived.next().map(|(id, f)| Listed::Archived(id, f))
         }
     }
 }
@@ -508,20 +452,23 @@ impl Default for JobTable {
     /// jobs differently from one that calls `new()`, and issue the id 0 that [`crate::JobId`]
     /// promises never exists.
     fn default() -> Self {
+        Self::with_records(MemRecords::default())
+    }
+}
+
+impl<R: Records> JobTable<R> {
+    /// An empty table over an empty records store (the records it holds are not read: a table
+    /// starts from nothing, and a store with records is loaded with its table's state).
+    pub fn with_records(records: R) -> Self {
         Self {
             next_job_id: 1,
             now_ms: 0,
             queues: BTreeMap::new(),
-            delayed: BTreeSet::new(),
             running: BTreeMap::new(),
             nodes: BTreeMap::new(),
             ordering: BTreeMap::new(),
-            records: MemRecords::default(),
-            finished: OrdSet::new(),
-            dead: OrdSet::new(),
+            records,
             retained: BTreeMap::new(),
-            archived: OrdMap::new(),
-            names: QueueNames::default(),
             schedules: BTreeMap::new(),
             counts: StateCounts::default(),
             leaving: BTreeMap::new(),
@@ -533,10 +480,13 @@ impl Default for JobTable {
 }
 
 impl JobTable {
+    /// An empty table whose records are kept in memory.
     pub fn new() -> Self {
         Self::default()
     }
+}
 
+impl<R: Records> JobTable<R> {
     /// Applies one committed command. `log_index` is the entry's Raft log index: it becomes the
     /// fencing token of every attempt the entry starts, so tokens strictly increase per job.
     ///
@@ -663,16 +613,26 @@ impl JobTable {
     /// Moves delayed jobs whose run_at has come into their queue's `ready` set, so that `ready`
     /// holds every due eligible pending job in priority order and `delayed` only jobs not due yet.
     fn promote_due(&mut self) {
-        while let Some(&(at, id)) = self.delayed.first() {
+        loop {
+            let Some((at, id)) = self.time_index(Space::Delayed).next() else {
+                break;
+            };
             if at > self.now_ms {
                 break;
             }
-            self.delayed.pop_first();
+            self.records
+                .delete(Space::Delayed, &layout::time_id(at, id));
             if let Some(job) = self.job(id) {
-                if let Some(q) = self.queues.get_mut(&job.queue) {
-                    q.ready.insert((-(job.priority as i64), id));
-                }
+                self.make_ready(&job);
             }
+        }
+    }
+
+    /// Puts a pending job into its queue's ready index (if the queue is known).
+    fn make_ready(&mut self, job: &Job) {
+        if self.queues.contains_key(&job.queue) {
+            let key = layout::ready_key(&job.queue, -(job.priority as i64), job.id);
+            self.records.put(Space::Ready, &key, &[]);
         }
     }
 
@@ -695,17 +655,34 @@ impl JobTable {
             return;
         }
         if job.run_at_ms > self.now_ms {
-            self.delayed.insert((job.run_at_ms, job.id));
-        } else if let Some(q) = self.queues.get_mut(&job.queue) {
-            q.ready.insert((-(job.priority as i64), job.id));
+            let key = layout::time_id(job.run_at_ms, job.id);
+            self.records.put(Space::Delayed, &key, &[]);
+        } else {
+            self.make_ready(job);
         }
     }
 
     fn unindex_pending(&mut self, job: &Job) {
-        self.delayed.remove(&(job.run_at_ms, job.id));
-        if let Some(q) = self.queues.get_mut(&job.queue) {
-            q.ready.remove(&(-(job.priority as i64), job.id));
-        }
+        let delayed = layout::time_id(job.run_at_ms, job.id);
+        self.records.delete(Space::Delayed, &delayed);
+        let ready = layout::ready_key(&job.queue, -(job.priority as i64), job.id);
+        self.records.delete(Space::Ready, &ready);
+    }
+
+    /// A queue's due, eligible pending jobs in the order they should start, each with its
+    /// scheduling key (negated priority, id).
+    pub fn ready_entries(&self, queue: &str) -> impl Iterator<Item = (i64, JobId)> + '_ {
+        let prefix = layout::ready_prefix(queue);
+        let skip = prefix.len();
+        self.records
+            .scan_from(Space::Ready, &prefix)
+            .take_while(move |(key, _)| key.starts_with(&prefix))
+            .map(move |(key, _)| layout::read_ready(&key[skip..]))
+    }
+
+    /// A queue's due, eligible pending jobs in the order they should start.
+    pub fn queue_ready(&self, queue: &str) -> impl Iterator<Item = JobId> + '_ {
+        self.ready_entries(queue).map(|(_, id)| id)
     }
 
     /// Moves `job` to `status`: counts, per-queue live and running counts, the retention indexes,
@@ -729,12 +706,14 @@ impl JobTable {
         }
         match status {
             JobStatus::Succeeded | JobStatus::Cancelled => {
-                self.finished.insert((self.now_ms, job.id));
+                let key = layout::time_id(self.now_ms, job.id);
+                self.records.put(Space::Finished, &key, &[]);
                 effects.push(Effect::DropPayload { job: job.id });
             }
             // A dead letter keeps its payload: it may be redriven.
             JobStatus::Dead => {
-                self.dead.insert((self.now_ms, job.id));
+                let key = layout::time_id(self.now_ms, job.id);
+                self.records.put(Space::Dead, &key, &[]);
             }
             JobStatus::Pending | JobStatus::Running => {}
         }
@@ -773,10 +752,10 @@ impl JobTable {
         let stub = FinishedJob {
             finished_at_ms: job.updated_at_ms,
             status: job.status,
-            queue: self.names.intern(&job.queue),
+            queue: job.queue.clone(),
             cancelled_token,
         };
-        self.archived.insert(job.id, stub);
+        self.put_finished(job.id, &stub);
         effects.push(Effect::Archive(Box::new(job)));
     }
 
@@ -815,11 +794,7 @@ impl JobTable {
             .jobs()
             .filter(|j| j.status.is_terminal())
             .map(|j| (j.queue, j.status))
-            .chain(
-                self.archived
-                    .values()
-                    .map(|f| (f.queue.to_string(), f.status)),
-            );
+            .chain(self.finished_jobs().map(|(_, f)| (f.queue, f.status)));
         for (queue, status) in terminal {
             if let Some(n) = retained.entry(queue).or_default().slot(status) {
                 *n += 1;
@@ -846,15 +821,16 @@ impl JobTable {
         if self.has_job(id) {
             return Err(format!("job {id} is both archived and in the table"));
         }
+        if self.finished_job(id).is_some() {
+            return Err(format!("archived job {id} twice"));
+        }
         let stub = FinishedJob {
             finished_at_ms,
             status,
-            queue: self.names.intern(queue),
+            queue: queue.to_string(),
             cancelled_token,
         };
-        if self.archived.insert(id, stub).is_some() {
-            return Err(format!("archived job {id} twice"));
-        }
+        self.put_finished(id, &stub);
         Ok(())
     }
 
@@ -1043,35 +1019,76 @@ impl JobTable {
     }
 
     /// A succeeded or cancelled job still retained, whose record is in the shell's archive.
-    pub fn finished_job(&self, id: JobId) -> Option<&FinishedJob> {
-        self.archived.get(&id)
+    pub fn finished_job(&self, id: JobId) -> Option<FinishedJob> {
+        self.records
+            .get(Space::Archived, &layout::u64_key(id))
+            .map(|value| layout::decode(Space::Archived, &value))
+    }
+
+    /// Keeps what apply needs of a finished job whose record left for the archive.
+    fn put_finished(&mut self, id: JobId, f: &FinishedJob) {
+        self.records
+            .put(Space::Archived, &layout::u64_key(id), &layout::encode(f));
+    }
+
+    /// The finished jobs from `from` on, in id order.
+    fn finished_jobs_from(&self, from: JobId) -> impl Iterator<Item = (JobId, FinishedJob)> + '_ {
+        self.records
+            .scan_from(Space::Archived, &layout::u64_key(from))
+            .map(|(key, value)| {
+                (
+                    layout::read_u64(&key),
+                    layout::decode(Space::Archived, &value),
+                )
+            })
+    }
+
+    /// The entries of a (time, job id) index (`Finished`, `Dead`), oldest first.
+    fn time_index(&self, space: Space) -> impl Iterator<Item = (u64, JobId)> + '_ {
+        self.records
+            .scan_from(space, &[])
+            .map(|(key, _)| layout::read_time_id(&key))
+    }
+
+    /// Whether a (time, job id) index holds the entry.
+    fn in_time_index(&self, space: Space, at_ms: u64, id: JobId) -> bool {
+        self.records
+            .get(space, &layout::time_id(at_ms, id))
+            .is_some()
     }
 
     /// The succeeded and cancelled jobs still retained, in id order.
-    pub fn finished_jobs(&self) -> impl DoubleEndedIterator<Item = (JobId, &FinishedJob)> {
-        self.archived.iter().map(|(id, f)| (*id, f))
+    pub fn finished_jobs(&self) -> impl Iterator<Item = (JobId, FinishedJob)> + '_ {
+        self.finished_jobs_from(0)
     }
 
     /// Every retained job, in id order: `Ok` a record in the table, `Err` a finished one whose
     /// record is archived.
-    pub fn all_jobs_after(&self, after: JobId) -> impl Iterator<Item = Listed<'_>> {
+    pub fn all_jobs_after(&self, after: JobId) -> impl Iterator<Item = Listed> + '_ {
         let from = after.saturating_add(1);
         Merge {
             table: self.jobs_from(from).peekable(),
-            archived: self.archived.range(from..).peekable(),
+            archived: self.finished_jobs_from(from).peekable(),
             reverse: false,
         }
     }
 
     /// Every retained job, highest id first (see [`JobTable::all_jobs_after`]).
-    pub fn all_jobs_newest(&self) -> impl Iterator<Item = Listed<'_>> {
+    pub fn all_jobs_newest(&self) -> impl Iterator<Item = Listed> + '_ {
         Merge {
             table: self
                 .records
                 .scan_back(Space::Jobs)
                 .map(|(_, value)| layout::decode(Space::Jobs, &value))
                 .peekable(),
-            archived: self.archived.iter().rev().peekable(),
+            archived: self
+                .records
+                .scan_back(Space::Archived)
+                .map(|(key, value)| {
+                    let f = layout::decode(Space::Archived, &value);
+                    (layout::read_u64(&key), f)
+                })
+                .peekable(),
             reverse: true,
         }
     }
@@ -1111,12 +1128,12 @@ impl JobTable {
 
     /// When the oldest succeeded or cancelled job finished (for the leader's retention pass).
     pub fn oldest_finished_ms(&self) -> Option<u64> {
-        self.finished.get_min().map(|&(at, _)| at)
+        self.time_index(Space::Finished).next().map(|(at, _)| at)
     }
 
     /// When the oldest dead letter died.
     pub fn oldest_dead_ms(&self) -> Option<u64> {
-        self.dead.get_min().map(|&(at, _)| at)
+        self.time_index(Space::Dead).next().map(|(at, _)| at)
     }
 
     /// When the oldest retained idempotency key was first used.
@@ -1142,7 +1159,7 @@ impl JobTable {
     }
 
     /// Records an idempotency key and its entry in the age index.
-    fn write_key(records: &mut MemRecords, key: &str, record: &KeyRecord) {
+    fn write_key(records: &mut R, key: &str, record: &KeyRecord) {
         records.put(Space::Keys, key.as_bytes(), &layout::encode(record));
         let age = layout::key_age(record.created_at_ms, key);
         records.put(Space::KeysByAge, &age, &[]);
@@ -1157,7 +1174,8 @@ impl JobTable {
 
     /// Dead letters, oldest death first.
     pub fn dead_jobs(&self) -> impl Iterator<Item = Job> + '_ {
-        self.dead.iter().filter_map(|(_, id)| self.job(*id))
+        self.time_index(Space::Dead)
+            .filter_map(|(_, id)| self.job(id))
     }
 
     /// The jobs running on `node` now.
@@ -1179,8 +1197,8 @@ impl JobTable {
     pub fn ready_jobs(&self) -> impl Iterator<Item = JobId> + '_ {
         let mut all: Vec<(i64, JobId)> = self
             .queues
-            .values()
-            .flat_map(|q| q.ready.iter().copied())
+            .keys()
+            .flat_map(|name| self.ready_entries(name))
             .collect();
         all.sort_unstable();
         all.into_iter().map(|(_, id)| id)
@@ -1188,10 +1206,9 @@ impl JobTable {
 
     /// Eligible pending jobs due by `now_ms` that were delayed, earliest first.
     pub fn due_delayed_jobs(&self, now_ms: u64) -> impl Iterator<Item = JobId> + '_ {
-        self.delayed
-            .iter()
-            .take_while(move |&&(at, _)| at <= now_ms)
-            .map(|&(_, id)| id)
+        self.time_index(Space::Delayed)
+            .take_while(move |&(at, _)| at <= now_ms)
+            .map(|(_, id)| id)
     }
 
     /// Checks that the indexes agree with the job records. A broken index is a bug in this
@@ -1205,6 +1222,7 @@ impl JobTable {
         };
         let mut queue_live: BTreeMap<String, u64> = BTreeMap::new();
         let mut queue_running: BTreeMap<String, u32> = BTreeMap::new();
+        let mut indexed = 0;
         for job in self.jobs() {
             *counts.slot(job.status) += 1;
             if matches!(job.status, JobStatus::Succeeded | JobStatus::Cancelled) {
@@ -1219,11 +1237,13 @@ impl JobTable {
             if job.status == JobStatus::Running {
                 *queue_running.entry(job.queue.clone()).or_default() += 1;
             }
-            let in_ready = self
-                .queues
-                .get(&job.queue)
-                .is_some_and(|q| q.ready.contains(&(-(job.priority as i64), job.id)));
-            let in_delayed = self.delayed.contains(&(job.run_at_ms, job.id));
+            let ready = layout::ready_key(&job.queue, -(job.priority as i64), job.id);
+            let in_ready = self.queues.contains_key(&job.queue)
+                && self.records.get(Space::Ready, &ready).is_some();
+            let in_delayed = self.in_time_index(Space::Delayed, job.run_at_ms, job.id);
+            if job.status == JobStatus::Pending {
+                indexed += usize::from(in_ready) + usize::from(in_delayed);
+            }
             let should_index = job.status == JobStatus::Pending && self.eligible(&job);
             if should_index != (in_ready || in_delayed) || (in_ready && in_delayed) {
                 return Err(format!("job {} pending index disagrees", job.id));
@@ -1257,8 +1277,8 @@ impl JobTable {
             if job.attempts.windows(2).any(|w| w[0].token >= w[1].token) {
                 return Err(format!("job {} tokens do not increase", job.id));
             }
-            let in_finished = self.finished.contains(&(job.updated_at_ms, job.id));
-            let in_dead = self.dead.contains(&(job.updated_at_ms, job.id));
+            let in_finished = self.in_time_index(Space::Finished, job.updated_at_ms, job.id);
+            let in_dead = self.in_time_index(Space::Dead, job.updated_at_ms, job.id);
             let finished = matches!(job.status, JobStatus::Succeeded | JobStatus::Cancelled);
             if in_finished != finished || in_dead != (job.status == JobStatus::Dead) {
                 return Err(format!("job {} retention index disagrees", job.id));
@@ -1284,26 +1304,27 @@ impl JobTable {
                 return Err(format!("idle default queue {name} was kept"));
             }
         }
-        for (id, f) in &self.archived {
+        let mut archived = 0;
+        for (id, f) in self.finished_jobs() {
             if !matches!(f.status, JobStatus::Succeeded | JobStatus::Cancelled) {
                 return Err(format!("archived job {id} is {}", f.status.as_str()));
             }
-            if self.has_job(*id) {
+            if self.has_job(id) {
                 return Err(format!("job {id} is both archived and in the table"));
             }
-            if !self.finished.contains(&(f.finished_at_ms, *id)) {
+            if !self.in_time_index(Space::Finished, f.finished_at_ms, id) {
                 return Err(format!("archived job {id} is not in the retention index"));
             }
             *counts.slot(f.status) += 1;
+            archived += 1;
         }
-        if self.finished.len() != self.archived.len() {
+        let finished = self.records.count(Space::Finished);
+        if finished != archived {
             return Err(format!(
-                "retention index holds {} finished jobs, the archive {}",
-                self.finished.len(),
-                self.archived.len()
+                "retention index holds {finished} finished jobs, the archive {archived}"
             ));
         }
-        if self.finished.len() + self.dead.len()
+        if finished + self.records.count(Space::Dead)
             != (counts.succeeded + counts.cancelled + counts.dead) as usize
         {
             return Err("retention index holds jobs that are gone".to_string());
@@ -1318,10 +1339,13 @@ impl JobTable {
             }
             keys += 1;
         }
-        if keys != self.records.len(Space::KeysByAge) {
+        if keys != self.records.count(Space::KeysByAge) {
             return Err("key age index disagrees".to_string());
         }
-        if let Some(&(at, id)) = self.delayed.first() {
+        if indexed != self.records.count(Space::Ready) + self.records.count(Space::Delayed) {
+            return Err("the ready or delayed index holds jobs that are not pending".to_string());
+        }
+        if let Some((at, id)) = self.time_index(Space::Delayed).next() {
             if at <= self.now_ms {
                 return Err(format!("job {id} is due at {at} but not ready"));
             }

@@ -1933,7 +1933,9 @@ fn idle_queues_are_forgotten() {
 
     h.submit(NOW, vec![new_job("q", "noop", b"")]);
     assert_eq!(
-        h.table.queue("q").map(|q| (q.live(), q.ready_len())),
+        h.table
+            .queue("q")
+            .map(|q| (q.live(), h.table.ready_entries("q").count())),
         Some((1, 1))
     );
     finish(&mut h, NOW, 1);
@@ -2718,7 +2720,7 @@ fn finished_records_leave_the_table_and_answer_as_before() {
         ]
     );
     // Listing merges the table's records and the finished jobs by id, both ways.
-    let ids = |it: &mut dyn Iterator<Item = exactly_core::Listed<'_>>| {
+    let ids = |it: &mut dyn Iterator<Item = exactly_core::Listed>| {
         it.map(|l| (l.id(), matches!(l, exactly_core::Listed::Archived(..))))
             .collect::<Vec<_>>()
     };

@@ -2594,9 +2594,9 @@ fn an_entry_that_applies_nothing_still_makes_delayed_jobs_ready() {
     let mut job = new_job("q", "noop", b"a");
     job.run_at_ms = NOW + 1_000;
     h.submit(NOW, vec![job]);
-    assert_eq!(h.table.queues()["q"].ready_entries().count(), 0);
+    assert_eq!(h.table.ready_entries("q").count(), 0);
     h.apply(NOW + 5_000, Command::Batch(vec![]));
-    assert_eq!(h.table.queues()["q"].ready_entries().count(), 1);
+    assert_eq!(h.table.ready_entries("q").count(), 1);
     let too_many = Command::Batch(vec![
         Command::Cancel(vec![]);
         exactly_core::limits::BATCH_COMMANDS_MAX + 1
@@ -2605,5 +2605,5 @@ fn an_entry_that_applies_nothing_still_makes_delayed_jobs_ready() {
     later.run_at_ms = NOW + 6_000;
     h.submit(NOW + 5_000, vec![later]);
     h.apply(NOW + 7_000, too_many);
-    assert_eq!(h.table.queues()["q"].ready_entries().count(), 2);
+    assert_eq!(h.table.ready_entries("q").count(), 2);
 }

@@ -10,9 +10,10 @@ use crate::limits::{
     ABANDONS_RERUN_AT_ONCE, ABANDON_DELAY_MAX_MS, ASSIGN_BATCH_MAX, COMPLETE_BATCH_MAX,
     ERROR_BYTES_MAX, RESULT_BYTES_MAX,
 };
+use crate::records::Records;
 use crate::retry::retry_delay_ms;
 
-impl JobTable {
+impl<R: Records> JobTable<R> {
     pub(super) fn assign(
         &mut self,
         log_index: u64,
@@ -120,7 +121,7 @@ impl JobTable {
         effects: &mut Vec<Effect>,
     ) -> Result<StartAttempt, Rejection> {
         self.check_node(a)?;
-        if let Some(f) = self.archived.get(&a.job) {
+        if let Some(f) = self.finished_job(a.job) {
             return Err(Rejection::NotPending(f.status.as_str().to_string()));
         }
         let mut job = self.job(a.job).ok_or(Rejection::UnknownJob(a.job))?;
@@ -200,7 +201,7 @@ impl JobTable {
         entropy: u64,
         effects: &mut Vec<Effect>,
     ) -> Result<(), Rejection> {
-        if let Some(f) = self.archived.get(&c.job) {
+        if let Some(f) = self.finished_job(c.job) {
             // As for a record in the table: no attempt is current; the report of the attempt a
             // client cancelled is expected.
             return Err(if f.cancelled_token == c.token && c.token != 0 {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{truncate_str, JobTable};
 use crate::command::{Audited, Command, DeadFilter, Effect, LeaveReason, Response};
 use crate::limits::{AUDIT_RECORDS_MAX, AUDIT_TEXT_BYTES_MAX};
+use crate::records::Records;
 
 /// One audited write.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,7 +193,7 @@ pub fn outcome(response: &Response) -> String {
     truncate_str(text, AUDIT_TEXT_BYTES_MAX)
 }
 
-impl JobTable {
+impl<R: Records> JobTable<R> {
     /// An `Audited` command: checked, applied as its command, recorded with its outcome.
     pub(super) fn apply_audited(
         &mut self,

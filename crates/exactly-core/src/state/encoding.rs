@@ -9,8 +9,9 @@ use imbl::{OrdMap, OrdSet};
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{JobTable, KeyRecord, Leave, NodeEntry, QueueNames, QueueState};
+use super::{JobTable, KeyRecord, Leave, NodeEntry, QueueState};
 use crate::job::{Job, StateCounts};
+use crate::queue::QueueConfig;
 use crate::records::{layout, MemRecords, Records, Space};
 use crate::schedule::Schedule;
 use crate::state::AuditRecord;
@@ -21,7 +22,7 @@ struct JobsOut<'a>(&'a MemRecords);
 
 impl Serialize for JobsOut<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len(Space::Jobs)))?;
+        let mut map = serializer.serialize_map(Some(self.0.count(Space::Jobs)))?;
         for (key, value) in self.0.scan_from(Space::Jobs, &[]) {
             let job: Job = layout::decode(Space::Jobs, &value);
             map.serialize_entry(&layout::read_u64(&key), &job)?;
@@ -63,12 +64,80 @@ impl<'de> Deserialize<'de> for JobsIn {
     }
 }
 
+/// The queues as the map they were, each with its ready set where its field was.
+struct QueuesOut<'a>(&'a JobTable);
+
+/// One queue as the struct it was.
+#[derive(Serialize)]
+#[serde(rename = "QueueState")]
+struct QueueOut<'a> {
+    config: &'a QueueConfig,
+    ready: ReadyOut<'a>,
+    running: u32,
+    live: u64,
+    rate_tat_us: u64,
+}
+
+/// A queue's ready index as the set of (negated priority, id) it was.
+struct ReadyOut<'a>(&'a JobTable, &'a str);
+
+impl Serialize for ReadyOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.ready_entries(self.1).count()))?;
+        for entry in self.0.ready_entries(self.1) {
+            seq.serialize_element(&entry)?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for QueuesOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.queues.len()))?;
+        for (name, q) in &self.0.queues {
+            let out = QueueOut {
+                config: &q.config,
+                ready: ReadyOut(self.0, name),
+                running: q.running,
+                live: q.live,
+                rate_tat_us: q.rate_tat_us,
+            };
+            map.serialize_entry(name, &out)?;
+        }
+        map.end()
+    }
+}
+
+/// One queue as it is decoded.
+#[derive(Deserialize)]
+#[serde(rename = "QueueState")]
+struct QueueIn {
+    config: QueueConfig,
+    ready: BTreeSet<(i64, JobId)>,
+    running: u32,
+    live: u64,
+    rate_tat_us: u64,
+}
+
+/// A (time, job id) index as the set it was.
+struct TimeIndexOut<'a>(&'a MemRecords, Space);
+
+impl Serialize for TimeIndexOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.count(self.1)))?;
+        for (key, _) in self.0.scan_from(self.1, &[]) {
+            seq.serialize_element(&layout::read_time_id(&key))?;
+        }
+        seq.end()
+    }
+}
+
 /// The idempotency keys as the map they were: key → record, in key order.
 struct KeysOut<'a>(&'a MemRecords);
 
 impl Serialize for KeysOut<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len(Space::Keys)))?;
+        let mut map = serializer.serialize_map(Some(self.0.count(Space::Keys)))?;
         for (key, value) in self.0.scan_from(Space::Keys, &[]) {
             let record: KeyRecord = layout::decode(Space::Keys, &value);
             map.serialize_entry(&*String::from_utf8_lossy(&key), &record)?;
@@ -82,7 +151,7 @@ struct AgesOut<'a>(&'a MemRecords);
 
 impl Serialize for AgesOut<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.0.len(Space::KeysByAge)))?;
+        let mut seq = serializer.serialize_seq(Some(self.0.count(Space::KeysByAge)))?;
         for (key, _) in self.0.scan_from(Space::KeysByAge, &[]) {
             seq.serialize_element(&layout::read_key_age(&key))?;
         }
@@ -96,15 +165,15 @@ struct Encoded<'a> {
     next_job_id: JobId,
     now_ms: u64,
     jobs: JobsOut<'a>,
-    queues: &'a BTreeMap<String, QueueState>,
-    delayed: &'a BTreeSet<(u64, JobId)>,
+    queues: QueuesOut<'a>,
+    delayed: TimeIndexOut<'a>,
     running: &'a BTreeMap<NodeId, BTreeSet<JobId>>,
     nodes: &'a BTreeMap<NodeId, NodeEntry>,
     ordering: &'a BTreeMap<(String, String), VecDeque<JobId>>,
     keys: KeysOut<'a>,
     keys_by_age: AgesOut<'a>,
-    finished: &'a OrdSet<(u64, JobId)>,
-    dead: &'a OrdSet<(u64, JobId)>,
+    finished: TimeIndexOut<'a>,
+    dead: TimeIndexOut<'a>,
     schedules: &'a BTreeMap<String, Schedule>,
     counts: &'a StateCounts,
     leaving: &'a BTreeMap<NodeId, Leave>,
@@ -119,15 +188,15 @@ impl Serialize for JobTable {
             next_job_id: self.next_job_id,
             now_ms: self.now_ms,
             jobs: JobsOut(&self.records),
-            queues: &self.queues,
-            delayed: &self.delayed,
+            queues: QueuesOut(self),
+            delayed: TimeIndexOut(&self.records, Space::Delayed),
             running: &self.running,
             nodes: &self.nodes,
             ordering: &self.ordering,
             keys: KeysOut(&self.records),
             keys_by_age: AgesOut(&self.records),
-            finished: &self.finished,
-            dead: &self.dead,
+            finished: TimeIndexOut(&self.records, Space::Finished),
+            dead: TimeIndexOut(&self.records, Space::Dead),
             schedules: &self.schedules,
             counts: &self.counts,
             leaving: &self.leaving,
@@ -145,7 +214,7 @@ struct Decoded {
     next_job_id: JobId,
     now_ms: u64,
     jobs: JobsIn,
-    queues: BTreeMap<String, QueueState>,
+    queues: BTreeMap<String, QueueIn>,
     delayed: BTreeSet<(u64, JobId)>,
     running: BTreeMap<NodeId, BTreeSet<JobId>>,
     nodes: BTreeMap<NodeId, NodeEntry>,
@@ -190,17 +259,35 @@ impl<'de> Deserialize<'de> for JobTable {
                 "the idempotency keys' age index disagrees with the keys",
             ));
         }
+        let mut queues = BTreeMap::new();
+        for (name, q) in d.queues {
+            for (priority, id) in q.ready {
+                records.put(Space::Ready, &layout::ready_key(&name, priority, id), &[]);
+            }
+            let state = QueueState {
+                config: q.config,
+                running: q.running,
+                live: q.live,
+                rate_tat_us: q.rate_tat_us,
+            };
+            queues.insert(name, state);
+        }
+        for &(at, id) in &d.delayed {
+            records.put(Space::Delayed, &layout::time_id(at, id), &[]);
+        }
+        for (space, index) in [(Space::Finished, &d.finished), (Space::Dead, &d.dead)] {
+            for &(at, id) in index {
+                records.put(space, &layout::time_id(at, id), &[]);
+            }
+        }
         Ok(JobTable {
             next_job_id: d.next_job_id,
             now_ms: d.now_ms,
-            queues: d.queues,
-            delayed: d.delayed,
+            queues,
             running: d.running,
             nodes: d.nodes,
             ordering: d.ordering,
             records,
-            finished: d.finished,
-            dead: d.dead,
             schedules: d.schedules,
             counts: d.counts,
             leaving: d.leaving,
@@ -208,8 +295,6 @@ impl<'de> Deserialize<'de> for JobTable {
             audit: d.audit,
             tokens: d.tokens,
             retained: BTreeMap::new(),
-            archived: OrdMap::new(),
-            names: QueueNames::default(),
         })
     }
 }

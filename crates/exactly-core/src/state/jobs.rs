@@ -13,6 +13,7 @@ use crate::limits::{
     SUBMIT_GROUP_JOBS_MAX,
 };
 use crate::queue::QueueConfig;
+use crate::records::{layout, Records, Space};
 use crate::JobId;
 
 /// What an idempotency key is bound to: the parts of a submission a client chose (node defaults
@@ -29,7 +30,7 @@ fn fingerprint(job: &NewJob) -> [u8; 16] {
     out
 }
 
-impl JobTable {
+impl<R: Records> JobTable<R> {
     pub(super) fn submit(
         &mut self,
         jobs: Vec<NewJob>,
@@ -246,7 +247,7 @@ impl JobTable {
     }
 
     fn cancel_one(&mut self, id: JobId, effects: &mut Vec<Effect>) -> Result<JobStatus, Rejection> {
-        if let Some(f) = self.archived.get(&id) {
+        if let Some(f) = self.finished_job(id) {
             return Err(Rejection::Finished(f.status.as_str().to_string()));
         }
         let mut job = self.job(id).ok_or(Rejection::UnknownJob(id))?;
@@ -321,7 +322,8 @@ impl JobTable {
             if !self.queues.contains_key(&job.queue) && self.queues.len() >= QUEUES_MAX {
                 continue;
             }
-            self.dead.remove(&(job.updated_at_ms, id));
+            let dead = layout::time_id(job.updated_at_ms, id);
+            self.records.delete(Space::Dead, &dead);
             self.unretain(&job.queue, JobStatus::Dead);
             job.failures = 0;
             job.abandoned = 0;
@@ -353,19 +355,21 @@ impl JobTable {
 
     /// Removes a terminal job from the table and its retention index.
     pub(super) fn delete_job(&mut self, id: JobId, effects: &mut Vec<Effect>) {
-        if let Some(f) = self.archived.remove(&id) {
-            self.finished.remove(&(f.finished_at_ms, id));
+        if let Some(f) = self.finished_job(id) {
+            self.records.delete(Space::Archived, &layout::u64_key(id));
+            let finished = layout::time_id(f.finished_at_ms, id);
+            self.records.delete(Space::Finished, &finished);
             self.unretain(&f.queue, f.status);
             *self.counts.slot(f.status) -= 1;
-            self.names.release(f.queue);
             effects.push(Effect::Unarchive { job: id });
             return;
         }
         let Some(job) = self.take_job(id) else {
             return;
         };
-        self.finished.remove(&(job.updated_at_ms, id));
-        self.dead.remove(&(job.updated_at_ms, id));
+        let at = layout::time_id(job.updated_at_ms, id);
+        self.records.delete(Space::Finished, &at);
+        self.records.delete(Space::Dead, &at);
         self.unretain(&job.queue, job.status);
         *self.counts.slot(job.status) -= 1;
         // Succeeded and cancelled jobs dropped their payload when they finished.

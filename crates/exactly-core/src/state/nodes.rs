@@ -6,9 +6,10 @@ use crate::command::{
 };
 use crate::job::AttemptEnd;
 use crate::limits::{NODE_SLOTS_MAX, RENEW_APPLY_LAG_MAX_MS, RENEW_MARKS_MAX};
+use crate::records::Records;
 use crate::JobId;
 
-impl JobTable {
+impl<R: Records> JobTable<R> {
     pub(super) fn register_node(
         &mut self,
         log_index: u64,

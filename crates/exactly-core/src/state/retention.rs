@@ -6,25 +6,24 @@
 use super::JobTable;
 use crate::command::{Effect, Response, Retention};
 use crate::limits::RETAIN_BATCH_MAX;
+use crate::records::{Records, Space};
 
-impl JobTable {
+impl<R: Records> JobTable<R> {
     pub(super) fn retain(&mut self, r: &Retention, effects: &mut Vec<Effect>) -> Response {
         let max = (r.max as usize).clamp(1, RETAIN_BATCH_MAX);
         let mut doomed = Vec::new();
         doomed.extend(
-            self.finished
-                .iter()
-                .take_while(|&&(at, _)| at < r.finished_before_ms)
+            self.time_index(Space::Finished)
+                .take_while(|&(at, _)| at < r.finished_before_ms)
                 .take(max)
-                .map(|&(_, id)| id),
+                .map(|(_, id)| id),
         );
         let room = max - doomed.len();
         doomed.extend(
-            self.dead
-                .iter()
-                .take_while(|&&(at, _)| at < r.dead_before_ms)
+            self.time_index(Space::Dead)
+                .take_while(|&(at, _)| at < r.dead_before_ms)
                 .take(room)
-                .map(|&(_, id)| id),
+                .map(|(_, id)| id),
         );
         let jobs = doomed.len() as u32;
         for id in doomed {

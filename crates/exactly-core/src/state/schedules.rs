@@ -17,6 +17,7 @@ use crate::limits::{
     CRON_CATCH_UP_FIRES_MAX, CRON_LATE_GRACE_MS, FIRE_BATCH_MAX, SCHEDULES_MAX,
     SCHEDULE_NAME_BYTES_MAX, SCHEDULE_PAYLOAD_BYTES_MAX,
 };
+use crate::records::Records;
 use crate::schedule::{
     fire_key, schedule_line, Fire, Fired, OverlapPolicy, Schedule, ScheduleSpec,
 };
@@ -66,7 +67,7 @@ pub fn validate_schedule(spec: &ScheduleSpec) -> Result<CronSchedule, String> {
     Ok(cron)
 }
 
-impl JobTable {
+impl<R: Records> JobTable<R> {
     pub(super) fn add_schedule(&mut self, spec: ScheduleSpec) -> Result<(), Rejection> {
         let cron = validate_schedule(&spec).map_err(Rejection::Invalid)?;
         let exists = self.schedules.contains_key(&spec.name);

@@ -11,8 +11,9 @@ use super::JobTable;
 use crate::access::{IssuedToken, TokenGrant};
 use crate::command::{Effect, Rejection, Response};
 use crate::limits::ISSUED_TOKENS_MAX;
+use crate::records::Records;
 
-impl JobTable {
+impl<R: Records> JobTable<R> {
     /// Issues a token: refused whole if the grant is malformed, its name or digest is taken,
     /// it expired already (by the entry's leader time), or the cluster keeps the most it may.
     pub(super) fn issue_token(
