@@ -1006,6 +1006,17 @@ impl<R: Records> JobTable<R> {
         Some(job)
     }
 
+    /// The records store, for the shell that keeps it (an on-disk engine's commit).
+    pub fn records(&self) -> &R {
+        &self.records
+    }
+
+    /// The records store, mutably: for the shell to commit an on-disk engine's writes after an
+    /// apply call. Writing records through it would break the table's invariants.
+    pub fn records_mut(&mut self) -> &mut R {
+        &mut self.records
+    }
+
     /// The records the table holds: pending, running and dead jobs, in id order.
     pub fn jobs(&self) -> impl Iterator<Item = Job> + '_ {
         self.jobs_from(0)

@@ -11,6 +11,9 @@
 //! - [`LogStore`] (`log_store.rs`): openraft's `RaftLogStorage` (log entries and vote).
 //! - [`StateMachine`] (`state_machine.rs`): openraft's `RaftStateMachine`: the
 //!   [`exactly_core::JobTable`] in memory, payloads in sled, snapshots.
+//! - [`SledRecords`] (`records.rs`): the job table's [`exactly_core::records::Records`] in a
+//!   sled tree, every change of an apply call written as one atomic batch (tested against the
+//!   in-memory model; not yet the state machine's store).
 //! - `snapshot.rs`: the snapshot data and file formats; `codec.rs`: versioned value encoding.
 //! - `durability.rs`: the test-only seam at the durability points ([`StoreOptions`],
 //!   [`DurabilityHook`]) and [`lose_unsynced_writes`], which leaves a data directory as a power
@@ -27,6 +30,7 @@ mod codec;
 mod durability;
 mod error;
 mod log_store;
+mod records;
 mod snapshot;
 mod state_machine;
 mod store;
@@ -37,6 +41,7 @@ pub use durability::{
 };
 pub use error::{Error, Result};
 pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX, TIMELINE};
+pub use records::SledRecords;
 pub use snapshot::{check as check_snapshot, check_file as check_snapshot_file};
 pub use state_machine::{Archive, JobCopy, JobView, SnapshotBuilder, StateMachine};
 pub use store::{
