@@ -35,6 +35,9 @@ pub enum Error {
     /// A blocking storage task panicked or was cancelled. Fatal (a bug).
     #[error("a blocking storage task failed: {0}")]
     Task(String),
+    /// The store was asked for something its state does not allow (a bug in the caller).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl Error {

@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::iter::Peekable;
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use exactly_core::records::{Records, Space};
 
@@ -23,6 +25,23 @@ pub struct SledRecords {
     tree: sled::Tree,
     /// Writes not yet in the tree, by full key (space byte first); `None` removes.
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The capture of a consistent view, while one is read ([`SledRecords::capture`]).
+    capture: Arc<Mutex<Option<Capture>>>,
+}
+
+/// A consistent view being read while apply goes on: the reader walks the keys in order, and
+/// a commit first saves the value of every key it changes that the reader has not passed yet
+/// (once: the value at the capture's point), so the reader reads each key as it was at that
+/// point: from the saved value if there is one, else from the tree (unchanged since). The saved
+/// values live in a sled tree of their own, so a long read under heavy writes costs disk, not
+/// memory.
+struct Capture {
+    /// Which capture this is (a view of an earlier one reads nothing more).
+    id: u64,
+    /// The last key the reader returned or skipped (`None`: before the first).
+    cursor: Option<Vec<u8>>,
+    /// Full key → the value at the capture's point: `[1, value…]`, or `[0]` if absent then.
+    saved: sled::Tree,
 }
 
 impl std::fmt::Debug for SledRecords {
@@ -50,7 +69,34 @@ impl SledRecords {
         Self {
             tree,
             pending: BTreeMap::new(),
+            capture: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Starts reading a consistent view of the committed records as they are now, while
+    /// commits go on: `saved` (an empty tree of its own, cleared first) keeps the values later
+    /// commits replace before the reader reaches them. Call it with nothing uncommitted, at the
+    /// point the view is of. One view at a time; a second call ends the first.
+    pub fn capture(&mut self, saved: sled::Tree) -> Result<CapturedView> {
+        assert!(
+            self.pending.is_empty(),
+            "a view is captured between apply calls, with nothing uncommitted"
+        );
+        saved
+            .clear()
+            .map_err(|e| Error::sled("clearing a capture's saved values", e))?;
+        let mut capture = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = capture.as_ref().map_or(0, |c| c.id) + 1;
+        *capture = Some(Capture {
+            id,
+            cursor: None,
+            saved,
+        });
+        Ok(CapturedView {
+            id,
+            tree: self.tree.clone(),
+            capture: self.capture.clone(),
+        })
     }
 
     /// How many writes wait for [`SledRecords::commit`].
@@ -61,6 +107,31 @@ impl SledRecords {
     /// Writes what waits, and `extra` (keys outside every space: a first byte no [`Space`]
     /// has), as one atomic sled batch. Blocking; not a durability point.
     pub fn commit(&mut self, extra: sled::Batch) -> Result<()> {
+        let capture = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(capture) = capture.as_ref() {
+            for key in self.pending.keys() {
+                let passed = capture.cursor.as_ref().is_some_and(|c| key <= c);
+                let known = capture
+                    .saved
+                    .contains_key(key)
+                    .map_err(|e| Error::sled("reading a capture's saved values", e))?;
+                if passed || known {
+                    continue;
+                }
+                let now = self
+                    .tree
+                    .get(key)
+                    .map_err(|e| Error::sled("reading a record to save for a capture", e))?;
+                let saved = match now {
+                    Some(value) => [&[1u8][..], &value].concat(),
+                    None => vec![0],
+                };
+                capture
+                    .saved
+                    .insert(key.as_slice(), saved)
+                    .map_err(|e| Error::sled("saving a record for a capture", e))?;
+            }
+        }
         let mut batch = extra;
         for (key, value) in std::mem::take(&mut self.pending) {
             match value {
@@ -76,6 +147,73 @@ impl SledRecords {
     /// Forgets what waits (the tree keeps what was committed).
     pub fn discard(&mut self) {
         self.pending.clear();
+    }
+}
+
+/// A consistent view of the records at the point [`SledRecords::capture`] was called, read in
+/// key order while apply goes on. Dropping it ends the capture.
+pub struct CapturedView {
+    id: u64,
+    tree: sled::Tree,
+    capture: Arc<Mutex<Option<Capture>>>,
+}
+
+impl CapturedView {
+    /// The next record of the view: (full key, with its space's byte first; value), or `None`
+    /// at the end. Each step holds the capture's lock (a commit waits for at most one step).
+    pub fn next_record(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let mut guard = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(capture) = guard.as_mut().filter(|c| c.id == self.id) else {
+            return Err(Error::Invalid(
+                "this captured view was ended by a newer capture".to_string(),
+            ));
+        };
+        loop {
+            let after = match &capture.cursor {
+                Some(c) => Bound::Excluded(c.clone()),
+                None => Bound::Unbounded,
+            };
+            let read = |tree: &sled::Tree, what: &'static str| {
+                tree.range::<Vec<u8>, _>((after.clone(), Bound::Unbounded))
+                    .next()
+                    .transpose()
+                    .map_err(|e| Error::sled(what, e))
+            };
+            let in_tree = read(&self.tree, "reading a captured view")?;
+            let in_saved = read(&capture.saved, "reading a capture's saved values")?;
+            let key = match (&in_tree, &in_saved) {
+                (None, None) => return Ok(None),
+                (Some((t, _)), None) => t.to_vec(),
+                (None, Some((s, _))) => s.to_vec(),
+                (Some((t, _)), Some((s, _))) => t.min(s).to_vec(),
+            };
+            capture.cursor = Some(key.clone());
+            let saved = in_saved.filter(|(s, _)| **s == *key);
+            let value = match saved {
+                Some((_, v)) if v.first() == Some(&1) => Some(v[1..].to_vec()),
+                Some(_) => None,
+                None => in_tree.map(|(_, v)| v.to_vec()),
+            };
+            if let Some(value) = value {
+                return Ok(Some((key, value)));
+            }
+        }
+    }
+}
+
+impl Drop for CapturedView {
+    fn drop(&mut self) {
+        let mut guard = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
+        let ended = match guard.as_ref() {
+            Some(c) if c.id == self.id => guard.take(),
+            _ => None,
+        };
+        drop(guard);
+        if let Some(capture) = ended {
+            if let Err(e) = capture.saved.clear() {
+                tracing::warn!(error = %e, "clearing a capture's saved values failed");
+            }
+        }
     }
 }
 

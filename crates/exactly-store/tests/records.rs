@@ -279,3 +279,138 @@ fn a_table_on_sled_applies_exactly_as_the_table_in_memory() {
     let ids: BTreeMap<_, _> = in_memory.jobs().map(|j| (j.id, j.status)).collect();
     assert!(ids.len() > 10, "{} jobs left", ids.len());
 }
+
+/// Every record of `model` as a captured view returns them: full keys (space byte first).
+fn full_records(model: &MemRecords) -> Vec<(Vec<u8>, Vec<u8>)> {
+    Space::ALL
+        .into_iter()
+        .flat_map(|space| {
+            model
+                .scan_from(space, &[])
+                .map(move |(k, v)| ([&[space as u8][..], &k].concat(), v))
+        })
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write(Op),
+    /// The reader takes this many records.
+    Read(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => op().prop_filter("no restarts during a capture", |o| !matches!(o, Op::Reopen))
+            .prop_map(Step::Write),
+        1 => (1usize..4).prop_map(Step::Read),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn a_captured_view_reads_the_records_as_they_were_whatever_is_committed_meanwhile(
+        before in proptest::collection::vec(op(), 0..40),
+        during in proptest::collection::vec(step(), 0..80),
+    ) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tree = tree(&dir);
+        let db = sled::Config::new()
+            .path(dir.path().join("saved"))
+            .open()
+            .expect("sled opens");
+        let mut sled = SledRecords::new(tree.clone());
+        let mut model = MemRecords::default();
+        for op in before {
+            match op {
+                Op::Put(space, key, value) => {
+                    sled.put(space, &key, &value);
+                    model.put(space, &key, &value);
+                }
+                Op::Delete(space, key) => {
+                    sled.delete(space, &key);
+                    model.delete(space, &key);
+                }
+                Op::Commit | Op::Reopen => {}
+            }
+        }
+        sled.commit(sled::Batch::default()).expect("commit");
+        let expected = full_records(&model);
+        let mut view = sled
+            .capture(db.open_tree("saved").expect("tree"))
+            .expect("capture");
+        let mut read = Vec::new();
+        for step in during {
+            match step {
+                Step::Write(Op::Put(space, key, value)) => sled.put(space, &key, &value),
+                Step::Write(Op::Delete(space, key)) => sled.delete(space, &key),
+                Step::Write(_) => sled.commit(sled::Batch::default()).expect("commit"),
+                Step::Read(n) => {
+                    for _ in 0..n {
+                        if let Some(record) = view.next_record().expect("read") {
+                            read.push(record);
+                        }
+                    }
+                }
+            }
+        }
+        sled.commit(sled::Batch::default()).expect("commit");
+        while let Some(record) = view.next_record().expect("read") {
+            read.push(record);
+        }
+        prop_assert_eq!(read, expected);
+    }
+}
+
+#[test]
+fn a_captured_view_holds_while_another_thread_commits() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tree = tree(&dir);
+    let db = sled::Config::new()
+        .path(dir.path().join("saved"))
+        .open()
+        .expect("sled opens");
+    let mut sled = SledRecords::new(tree);
+    let mut model = MemRecords::default();
+    for i in 0..2_000u64 {
+        let key = (i * 7 % 2_000).to_be_bytes();
+        sled.put(Space::Jobs, &key, &i.to_be_bytes());
+        model.put(Space::Jobs, &key, &i.to_be_bytes());
+    }
+    sled.commit(sled::Batch::default()).expect("commit");
+    let expected = full_records(&model);
+    let mut view = sled
+        .capture(db.open_tree("saved").expect("tree"))
+        .expect("capture");
+    let writer = std::thread::spawn(move || {
+        let mut rng = Rng(99);
+        for round in 0..200u64 {
+            for _ in 0..20 {
+                let key = rng.below(2_500).to_be_bytes();
+                if rng.below(3) == 0 {
+                    sled.delete(Space::Jobs, &key);
+                } else {
+                    sled.put(Space::Jobs, &key, &round.to_be_bytes());
+                }
+            }
+            sled.commit(sled::Batch::default()).expect("commit");
+        }
+        sled
+    });
+    let mut read = Vec::new();
+    while let Some(record) = view.next_record().expect("read") {
+        read.push(record);
+    }
+    let sled = writer.join().expect("writer");
+    assert_eq!(read.len(), expected.len());
+    assert_eq!(read, expected);
+    // The writes went on: the tree moved past the view.
+    assert_ne!(
+        sled.scan_from(Space::Jobs, &[]).collect::<Vec<_>>(),
+        model.scan_from(Space::Jobs, &[]).collect::<Vec<_>>()
+    );
+}
