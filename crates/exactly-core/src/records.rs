@@ -46,10 +46,14 @@ pub enum Space {
     Ready = 6,
     /// (run at, job id) → nothing: eligible pending jobs not due yet.
     Delayed = 7,
+    /// (queue, ordering key) → the live jobs of that ordering line, in the order they run
+    /// (only the first is eligible). A line is one record, rewritten whole when it changes:
+    /// lines are meant to be short (one customer's, one entity's jobs).
+    Lines = 8,
 }
 
 impl Space {
-    pub const ALL: [Space; 8] = [
+    pub const ALL: [Space; 9] = [
         Space::Jobs,
         Space::Keys,
         Space::KeysByAge,
@@ -58,6 +62,7 @@ impl Space {
         Space::Archived,
         Space::Ready,
         Space::Delayed,
+        Space::Lines,
     ];
 }
 
@@ -201,6 +206,23 @@ pub mod layout {
     /// The (negated priority, job id) of a `Ready` key after its queue's prefix.
     pub fn read_ready(rest: &[u8]) -> (i64, u64) {
         ((read_u64(rest) ^ (1 << 63)) as i64, read_u64(&rest[8..]))
+    }
+
+    /// `Lines`: (queue, ordering key): the queue's name, a 0 byte, the key.
+    pub fn line_key(queue: &str, ordering_key: &str) -> Vec<u8> {
+        let mut k = ready_prefix(queue);
+        k.extend_from_slice(ordering_key.as_bytes());
+        k
+    }
+
+    /// The (queue, ordering key) of a `Lines` key.
+    pub fn read_line_key(key: &[u8]) -> (String, String) {
+        let end = key.iter().position(|&b| b == 0).unwrap_or(key.len());
+        let rest = key.get(end + 1..).unwrap_or_default();
+        (
+            String::from_utf8_lossy(&key[..end]).into_owned(),
+            String::from_utf8_lossy(rest).into_owned(),
+        )
     }
 
     /// `KeysByAge`: (first use, idempotency key).

@@ -143,8 +143,6 @@ pub struct JobTable<R = MemRecords> {
     /// Running jobs per node.
     running: BTreeMap<NodeId, BTreeSet<JobId>>,
     nodes: BTreeMap<NodeId, NodeEntry>,
-    /// Live jobs per (queue, ordering key) in submission order; only the first is eligible.
-    ordering: BTreeMap<(String, String), VecDeque<JobId>>,
     /// The records moved out of the table's own fields into the storage boundary (see
     /// [`crate::records`]): the records of pending, running and dead jobs ([`Space::Jobs`]),
     /// the idempotency keys ([`Space::Keys`]) and their age index ([`Space::KeysByAge`], for
@@ -466,7 +464,6 @@ impl<R: Records> JobTable<R> {
             queues: BTreeMap::new(),
             running: BTreeMap::new(),
             nodes: BTreeMap::new(),
-            ordering: BTreeMap::new(),
             records,
             retained: BTreeMap::new(),
             schedules: BTreeMap::new(),
@@ -628,6 +625,33 @@ impl<R: Records> JobTable<R> {
         }
     }
 
+    /// The live jobs of an ordering line, first first (empty if none).
+    fn line(&self, queue: &str, key: &str) -> VecDeque<JobId> {
+        self.records
+            .get(Space::Lines, &layout::line_key(queue, key))
+            .map_or_else(VecDeque::new, |value| layout::decode(Space::Lines, &value))
+    }
+
+    /// Writes an ordering line back (an empty one is dropped).
+    fn set_line(&mut self, queue: &str, key: &str, line: &VecDeque<JobId>) {
+        let k = layout::line_key(queue, key);
+        if line.is_empty() {
+            self.records.delete(Space::Lines, &k);
+        } else {
+            self.records.put(Space::Lines, &k, &layout::encode(line));
+        }
+    }
+
+    /// Every ordering line: ((queue, ordering key), its live jobs in order).
+    fn lines(&self) -> impl Iterator<Item = ((String, String), VecDeque<JobId>)> + '_ {
+        self.records
+            .scan_from(Space::Lines, &[])
+            .map(|(key, value)| {
+                let line: VecDeque<JobId> = layout::decode(Space::Lines, &value);
+                (layout::read_line_key(&key), line)
+            })
+    }
+
     /// Puts a pending job into its queue's ready index (if the queue is known).
     fn make_ready(&mut self, job: &Job) {
         if self.queues.contains_key(&job.queue) {
@@ -640,12 +664,7 @@ impl<R: Records> JobTable<R> {
     fn eligible(&self, job: &Job) -> bool {
         match &job.ordering_key {
             None => true,
-            Some(key) => {
-                self.ordering
-                    .get(&(job.queue.clone(), key.clone()))
-                    .and_then(|q| q.front())
-                    == Some(&job.id)
-            }
+            Some(key) => self.line(&job.queue, key).front() == Some(&job.id),
         }
     }
 
@@ -864,16 +883,14 @@ impl<R: Records> JobTable<R> {
         let Some(key) = &job.ordering_key else {
             return;
         };
-        let line_key = (job.queue.clone(), key.clone());
-        let Some(line) = self.ordering.get_mut(&line_key) else {
+        let mut line = self.line(&job.queue, key);
+        if line.is_empty() {
             return;
-        };
+        }
         let was_first = line.front() == Some(&job.id);
         line.retain(|&id| id != job.id);
         let next = line.front().copied();
-        if line.is_empty() {
-            self.ordering.remove(&line_key);
-        }
+        self.set_line(&job.queue, key, &line);
         if was_first {
             if let Some(next) = next.and_then(|id| self.job(id)) {
                 if next.status == JobStatus::Pending {
@@ -1260,10 +1277,7 @@ impl<R: Records> JobTable<R> {
                 return Err(format!("job {} pending index disagrees", job.id));
             }
             if let Some(key) = &job.ordering_key {
-                let in_line = self
-                    .ordering
-                    .get(&(job.queue.clone(), key.clone()))
-                    .is_some_and(|line| line.contains(&job.id));
+                let in_line = self.line(&job.queue, key).contains(&job.id);
                 if in_line == job.status.is_terminal() {
                     return Err(format!("job {} ordering line disagrees", job.id));
                 }
@@ -1295,10 +1309,17 @@ impl<R: Records> JobTable<R> {
                 return Err(format!("job {} retention index disagrees", job.id));
             }
         }
-        for line in self.ordering.values() {
+        for ((queue, key), line) in self.lines() {
+            if line.is_empty() {
+                return Err(format!("the empty ordering line {queue}/{key} was kept"));
+            }
             for id in line {
-                if self.job(*id).is_none_or(|j| j.status.is_terminal()) {
+                let job = self.job(id);
+                if job.as_ref().is_none_or(|j| j.status.is_terminal()) {
                     return Err(format!("ordering line holds finished or gone job {id}"));
+                }
+                if job.is_some_and(|j| j.queue != queue || j.ordering_key.as_ref() != Some(&key)) {
+                    return Err(format!("job {id} is in another's ordering line"));
                 }
             }
         }

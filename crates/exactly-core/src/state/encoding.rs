@@ -119,6 +119,20 @@ struct QueueIn {
     rate_tat_us: u64,
 }
 
+/// The ordering lines as the map they were: (queue, ordering key) → jobs in order.
+struct LinesOut<'a>(&'a MemRecords);
+
+impl Serialize for LinesOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.count(Space::Lines)))?;
+        for (key, value) in self.0.scan_from(Space::Lines, &[]) {
+            let line: VecDeque<JobId> = layout::decode(Space::Lines, &value);
+            map.serialize_entry(&layout::read_line_key(&key), &line)?;
+        }
+        map.end()
+    }
+}
+
 /// A (time, job id) index as the set it was.
 struct TimeIndexOut<'a>(&'a MemRecords, Space);
 
@@ -169,7 +183,7 @@ struct Encoded<'a> {
     delayed: TimeIndexOut<'a>,
     running: &'a BTreeMap<NodeId, BTreeSet<JobId>>,
     nodes: &'a BTreeMap<NodeId, NodeEntry>,
-    ordering: &'a BTreeMap<(String, String), VecDeque<JobId>>,
+    ordering: LinesOut<'a>,
     keys: KeysOut<'a>,
     keys_by_age: AgesOut<'a>,
     finished: TimeIndexOut<'a>,
@@ -192,7 +206,7 @@ impl Serialize for JobTable {
             delayed: TimeIndexOut(&self.records, Space::Delayed),
             running: &self.running,
             nodes: &self.nodes,
-            ordering: &self.ordering,
+            ordering: LinesOut(&self.records),
             keys: KeysOut(&self.records),
             keys_by_age: AgesOut(&self.records),
             finished: TimeIndexOut(&self.records, Space::Finished),
@@ -272,6 +286,15 @@ impl<'de> Deserialize<'de> for JobTable {
             };
             queues.insert(name, state);
         }
+        for ((queue, key), line) in &d.ordering {
+            if line.is_empty() {
+                return Err(serde::de::Error::custom(format!(
+                    "the ordering line {queue}/{key} is empty"
+                )));
+            }
+            let k = layout::line_key(queue, key);
+            records.put(Space::Lines, &k, &layout::encode(line));
+        }
         for &(at, id) in &d.delayed {
             records.put(Space::Delayed, &layout::time_id(at, id), &[]);
         }
@@ -286,7 +309,6 @@ impl<'de> Deserialize<'de> for JobTable {
             queues,
             running: d.running,
             nodes: d.nodes,
-            ordering: d.ordering,
             records,
             schedules: d.schedules,
             counts: d.counts,

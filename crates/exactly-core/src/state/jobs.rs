@@ -208,10 +208,9 @@ impl<R: Records> JobTable<R> {
     fn enqueue(&mut self, job: &Job) {
         self.queues.entry(job.queue.clone()).or_default().live += 1;
         if let Some(key) = &job.ordering_key {
-            self.ordering
-                .entry((job.queue.clone(), key.clone()))
-                .or_default()
-                .push_back(job.id);
+            let mut line = self.line(&job.queue, key);
+            line.push_back(job.id);
+            self.set_line(&job.queue, key, &line);
         }
         self.index_pending(job);
     }
