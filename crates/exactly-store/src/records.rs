@@ -23,8 +23,8 @@ use crate::error::{Error, Result};
 /// The job table's records in a sled tree, with the writes of the apply call under way.
 pub struct SledRecords {
     tree: sled::Tree,
-    /// Writes not yet in the tree, by full key (space byte first); `None` removes.
-    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Writes not yet in the tree, by full key (space byte first).
+    pending: BTreeMap<Vec<u8>, Pending>,
     /// The capture of a consistent view, while one is read ([`SledRecords::capture`]).
     capture: Arc<Mutex<Option<Capture>>>,
 }
@@ -50,6 +50,16 @@ impl std::fmt::Debug for SledRecords {
             .field("pending", &self.pending.len())
             .finish()
     }
+}
+
+/// A write waiting for the next commit.
+struct Pending {
+    /// The value to write; `None` removes.
+    value: Option<Vec<u8>>,
+    /// Whether the tree held the key when this window first touched it. A key created and
+    /// removed again within one window never reaches the tree (and leaves no removal to skip
+    /// over in scans).
+    on_disk: bool,
 }
 
 fn prefixed(space: Space, key: &[u8]) -> Vec<u8> {
@@ -133,8 +143,8 @@ impl SledRecords {
             }
         }
         let mut batch = extra;
-        for (key, value) in std::mem::take(&mut self.pending) {
-            match value {
+        for (key, pending) in std::mem::take(&mut self.pending) {
+            match pending.value {
                 Some(value) => batch.insert(key, value),
                 None => batch.remove(key),
             }
@@ -263,11 +273,19 @@ where
     }
 }
 
+impl SledRecords {
+    fn on_disk(&self, space: Space, full: &[u8]) -> bool {
+        self.tree
+            .contains_key(full)
+            .unwrap_or_else(|e| read_failed(space, e))
+    }
+}
+
 impl Records for SledRecords {
     fn get(&self, space: Space, key: &[u8]) -> Option<Vec<u8>> {
         let full = prefixed(space, key);
-        if let Some(value) = self.pending.get(&full) {
-            return value.clone();
+        if let Some(pending) = self.pending.get(&full) {
+            return pending.value.clone();
         }
         match self.tree.get(&full) {
             Ok(value) => value.map(|v| v.to_vec()),
@@ -276,12 +294,33 @@ impl Records for SledRecords {
     }
 
     fn put(&mut self, space: Space, key: &[u8], value: &[u8]) {
-        self.pending
-            .insert(prefixed(space, key), Some(value.to_vec()));
+        let full = prefixed(space, key);
+        if let Some(pending) = self.pending.get_mut(&full) {
+            pending.value = Some(value.to_vec());
+            return;
+        }
+        let on_disk = self.on_disk(space, &full);
+        let value = Some(value.to_vec());
+        self.pending.insert(full, Pending { value, on_disk });
     }
 
     fn delete(&mut self, space: Space, key: &[u8]) {
-        self.pending.insert(prefixed(space, key), None);
+        let full = prefixed(space, key);
+        match self.pending.get_mut(&full) {
+            Some(pending) if pending.on_disk => pending.value = None,
+            Some(_) => {
+                self.pending.remove(&full);
+            }
+            None => {
+                if self.on_disk(space, &full) {
+                    let gone = Pending {
+                        value: None,
+                        on_disk: true,
+                    };
+                    self.pending.insert(full, gone);
+                }
+            }
+        }
     }
 
     fn scan_from<'a>(
@@ -301,7 +340,7 @@ impl Records for SledRecords {
             .pending
             .range(start..)
             .take_while(move |(k, _)| k[0] == tag)
-            .map(|(k, v)| (k.clone(), v.clone()));
+            .map(|(k, p)| (k.clone(), p.value.clone()));
         Box::new(
             Overlay {
                 disk: disk.peekable(),
@@ -327,7 +366,7 @@ impl Records for SledRecords {
             .range(..end)
             .rev()
             .take_while(move |(k, _)| k[0] == tag)
-            .map(|(k, v)| (k.clone(), v.clone()));
+            .map(|(k, p)| (k.clone(), p.value.clone()));
         Box::new(
             Overlay {
                 disk: disk.peekable(),
