@@ -17,6 +17,14 @@ use crate::schedule::Schedule;
 use crate::state::AuditRecord;
 use crate::{JobId, NodeId};
 
+/// Refuses a name that apply would have refused (a control character; above all a 0 byte,
+/// which ends a name inside the records' keys: a queue named `a\0b` would read as part of
+/// queue `a`'s ready jobs). Apply checks names before they reach the records; a snapshot's
+/// are checked here, before anything is written.
+fn named<E: serde::de::Error>(what: &str, name: &str) -> Result<(), E> {
+    super::check_no_control(what, name).map_err(E::custom)
+}
+
 /// The job records as the map they were: id → record, in id order.
 struct JobsOut<'a>(&'a MemRecords);
 
@@ -54,6 +62,10 @@ impl<'de> Deserialize<'de> for JobsIn {
                             "job record {} is filed under id {id}",
                             job.id
                         )));
+                    }
+                    named("queue name", &job.queue)?;
+                    if let Some(key) = &job.ordering_key {
+                        named("ordering key", key)?;
                     }
                     records.put(Space::Jobs, &layout::u64_key(id), &layout::encode(&job));
                 }
@@ -275,6 +287,7 @@ impl<'de> Deserialize<'de> for JobTable {
         }
         let mut queues = BTreeMap::new();
         for (name, q) in d.queues {
+            named("queue name", &name)?;
             for (priority, id) in q.ready {
                 records.put(Space::Ready, &layout::ready_key(&name, priority, id), &[]);
             }
@@ -287,6 +300,8 @@ impl<'de> Deserialize<'de> for JobTable {
             queues.insert(name, state);
         }
         for ((queue, key), line) in &d.ordering {
+            named("queue name", queue)?;
+            named("ordering key", key)?;
             if line.is_empty() {
                 return Err(serde::de::Error::custom(format!(
                     "the ordering line {queue}/{key} is empty"
@@ -381,5 +396,49 @@ mod persistent {
             }
         }
         deserializer.deserialize_seq(Elements(PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Command, NewJob, Request};
+
+    /// A table with one pending job in `queue`, encoded.
+    fn encoded_with_queue(queue: &str) -> Vec<u8> {
+        let mut table = JobTable::new();
+        let job = NewJob {
+            queue: "q".into(),
+            kind: "noop".into(),
+            max_attempts: 1,
+            ordering_key: Some("line".into()),
+            ..NewJob::default()
+        };
+        let request = Request {
+            now_ms: 1_000,
+            entropy: 0,
+            command: Command::Submit(vec![job]),
+        };
+        table.apply(1, request);
+        let bytes = postcard::to_stdvec(&table).expect("encodes");
+        // Same length, so the name can be swapped in place in the encoding.
+        assert_eq!(queue.len(), 1);
+        bytes
+            .iter()
+            .map(|&b| if b == b'q' { queue.as_bytes()[0] } else { b })
+            .collect()
+    }
+
+    #[test]
+    fn a_snapshot_with_a_name_apply_would_refuse_does_not_decode() {
+        let good = encoded_with_queue("r");
+        let table: JobTable = postcard::from_bytes(&good).expect("a plain name decodes");
+        assert_eq!(table.ready_entries("r").count(), 1);
+        // The same bytes but for the name (postcard keeps no custom message to check).
+        let bad = encoded_with_queue("\0");
+        assert!(
+            postcard::from_bytes::<JobTable>(&bad).is_err(),
+            "a 0 byte is refused"
+        );
     }
 }
