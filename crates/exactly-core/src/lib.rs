@@ -31,6 +31,7 @@ pub use queue::{QueueConfig, RateLimit};
 pub use scheduler::plan_assignments;
 pub use state::{
     AuditRecord, FinishedJob, JobTable, KeyRecord, Leave, Listed, NodeEntry, QueueState, Retained,
+    TableHead,
 };
 pub use typed::{Accepted, Deleted, Proposal, Reply};
 

@@ -65,7 +65,7 @@ pub struct NodeEntry {
 /// One queue's settings and scheduling indexes. A queue exists while it has live jobs or
 /// non-default settings.
 /// (Its pending jobs that are due and eligible are in the table's records, [`Space::Ready`].)
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
     pub config: QueueConfig,
     /// Jobs of this queue running now, on any node.
@@ -126,14 +126,12 @@ pub struct Leave {
 /// The whole replicated job state. Every field is derived only from applied commands, so two
 /// replicas that applied the same log are equal (`==`), which the cluster tests check.
 ///
-/// The fields that grow with the number of jobs (the records, idempotency keys and retention
-/// indexes) are persistent maps (`imbl`): a clone shares them, costs O(1) and copies a node only
-/// when one side changes it. The snapshot builder clones the table under the read lock, which
-/// stops apply: with `BTreeMap`s, that clone of 47k and 99k jobs held the lock for 65–132 ms
-/// and 155–282 ms on every node, the larger part of a 300–550 ms stall of every write at each
-/// snapshot. The encoding is the same as `BTreeMap`'s and `BTreeSet`'s. The records are shared
-/// (`Jobs`), so a node copied while a snapshot shares it copies pointers, not records. The cost,
-/// measured: about 5 % of batched throughput (README, "A snapshot no longer stops writes").
+/// What grows with the number of jobs is in the records store `R` (see [`crate::records`]);
+/// the other fields are bounded by limits (queues, nodes, slots, schedules, tokens, the audit
+/// trail) and make up the table's [`TableHead`]. With [`MemRecords`] (a persistent `imbl` map)
+/// a clone shares the records and costs O(1): the snapshot builder clones the table under the
+/// read lock, which stops apply (with `BTreeMap`s, that clone of 47k and 99k jobs held the lock
+/// for 65–132 ms and 155–282 ms on every node; README, "A snapshot no longer stops writes").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobTable<R = MemRecords> {
     next_job_id: JobId,
@@ -171,6 +169,26 @@ pub struct JobTable<R = MemRecords> {
     /// (older snapshots do not have it) but rebuilt by [`JobTable::rebuild_derived`] after
     /// decoding, and checked by [`JobTable::check_invariants`].
     retained: BTreeMap<String, Retained>,
+}
+
+/// A table's fields outside its records store: all bounded by limits, so a shell that keeps
+/// the records on disk can write the head whole with each durable step and read it back at
+/// start ([`JobTable::head`], [`JobTable::from_parts`]). The per-queue retained counts are
+/// here too, so that a start does not count them from the records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableHead {
+    pub next_job_id: JobId,
+    pub now_ms: u64,
+    pub queues: BTreeMap<String, QueueState>,
+    pub running: BTreeMap<NodeId, BTreeSet<JobId>>,
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    pub schedules: BTreeMap<String, Schedule>,
+    pub counts: StateCounts,
+    pub leaving: BTreeMap<NodeId, Leave>,
+    pub removed: BTreeMap<NodeId, u64>,
+    pub audit: VecDeque<AuditRecord>,
+    pub tokens: BTreeMap<String, crate::access::IssuedToken>,
+    pub retained: BTreeMap<String, Retained>,
 }
 
 /// A succeeded or cancelled job whose record left the table (see [`Effect::Archive`]): what
@@ -240,7 +258,7 @@ where
 }
 
 /// One queue's terminal jobs still in the table (until retention or a purge deletes them).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retained {
     /// Succeeded and cancelled jobs.
     pub finished: u64,
@@ -1021,6 +1039,46 @@ impl<R: Records> JobTable<R> {
         let job = self.job(id)?;
         self.records.delete(Space::Jobs, &layout::u64_key(id));
         Some(job)
+    }
+
+    /// A copy of the table's fields outside its records (see [`TableHead`]).
+    pub fn head(&self) -> TableHead {
+        TableHead {
+            next_job_id: self.next_job_id,
+            now_ms: self.now_ms,
+            queues: self.queues.clone(),
+            running: self.running.clone(),
+            nodes: self.nodes.clone(),
+            schedules: self.schedules.clone(),
+            counts: self.counts.clone(),
+            leaving: self.leaving.clone(),
+            removed: self.removed.clone(),
+            audit: self.audit.clone(),
+            tokens: self.tokens.clone(),
+            retained: self.retained.clone(),
+        }
+    }
+
+    /// The table whose head is `head` and whose records are in `records`, as
+    /// [`JobTable::head`] and [`JobTable::records`] gave them (a node's own, written together).
+    /// Not checked, since a check is a full scan of the records: parts from anywhere else go
+    /// through [`JobTable::check_invariants`] before they are used.
+    pub fn from_parts(head: TableHead, records: R) -> Self {
+        Self {
+            next_job_id: head.next_job_id,
+            now_ms: head.now_ms,
+            queues: head.queues,
+            running: head.running,
+            nodes: head.nodes,
+            records,
+            schedules: head.schedules,
+            counts: head.counts,
+            leaving: head.leaving,
+            removed: head.removed,
+            audit: head.audit,
+            tokens: head.tokens,
+            retained: head.retained,
+        }
     }
 
     /// The records store, for the shell that keeps it (an on-disk engine's commit).

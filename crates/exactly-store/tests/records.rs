@@ -271,6 +271,28 @@ fn a_table_on_sled_applies_exactly_as_the_table_in_memory() {
             finished_seen += accepted;
         }
     }
+    // A restart: the head and the committed records make the same table again.
+    let head = on_sled.head();
+    on_sled
+        .records_mut()
+        .commit(sled::Batch::default())
+        .expect("commit");
+    drop(on_sled);
+    let again = JobTable::from_parts(head, SledRecords::new(tree(&dir)));
+    again.check_invariants().expect("the restarted table holds");
+    assert_eq!(again.head(), in_memory.head());
+    for space in Space::ALL {
+        assert!(
+            again
+                .records()
+                .scan_from(space, &[])
+                .eq(in_memory.records().scan_from(space, &[])),
+            "after the restart, {space:?} differs"
+        );
+    }
+    let rebuilt = JobTable::from_parts(in_memory.head(), in_memory.records().clone());
+    assert_eq!(rebuilt, in_memory);
+
     // The workload reached every part: jobs finished, died, were retained and forgotten.
     let counts = in_memory.counts();
     assert!(finished_seen > 100, "{finished_seen} completions accepted");
