@@ -96,10 +96,7 @@ pub trait Records {
 pub struct MemRecords(OrdMap<Box<[u8]>, Box<[u8]>>);
 
 fn prefixed(space: Space, key: &[u8]) -> Box<[u8]> {
-    let mut full = Vec::with_capacity(1 + key.len());
-    full.push(space as u8);
-    full.extend_from_slice(key);
-    full.into_boxed_slice()
+    layout::full_key(space, key).into_boxed_slice()
 }
 
 impl Records for MemRecords {
@@ -159,6 +156,14 @@ pub mod layout {
             Ok(value) => value,
             Err(e) => panic!("a record in {space:?} does not decode: {e}"),
         }
+    }
+
+    /// A key as an engine with one keyspace stores it: its space's byte, then the key.
+    pub fn full_key(space: Space, key: &[u8]) -> Vec<u8> {
+        let mut full = Vec::with_capacity(1 + key.len());
+        full.push(space as u8);
+        full.extend_from_slice(key);
+        full
     }
 
     /// A `u64` whose byte order is its numeric order.

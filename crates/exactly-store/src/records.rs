@@ -16,6 +16,7 @@ use std::iter::Peekable;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use exactly_core::records::layout::full_key;
 use exactly_core::records::{Records, Space};
 
 use crate::error::{Error, Result};
@@ -60,13 +61,6 @@ struct Pending {
     /// removed again within one window never reaches the tree (and leaves no removal to skip
     /// over in scans).
     on_disk: bool,
-}
-
-fn prefixed(space: Space, key: &[u8]) -> Vec<u8> {
-    let mut full = Vec::with_capacity(1 + key.len());
-    full.push(space as u8);
-    full.extend_from_slice(key);
-    full
 }
 
 fn read_failed(space: Space, e: sled::Error) -> ! {
@@ -274,6 +268,33 @@ where
 }
 
 impl SledRecords {
+    /// The entries of `space` among the tree's `disk` and the overlay's `mem` (both in the
+    /// same direction, starting where the scan starts), merged, without the space's byte.
+    fn merged<'a>(
+        &'a self,
+        space: Space,
+        disk: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
+        mem: impl Iterator<Item = (&'a Vec<u8>, &'a Pending)> + 'a,
+        reverse: bool,
+    ) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
+        let tag = space as u8;
+        let disk = disk
+            .map(move |r| r.unwrap_or_else(|e| read_failed(space, e)))
+            .take_while(move |(k, _)| k[0] == tag)
+            .map(|(k, v)| (k.to_vec(), v.to_vec()));
+        let mem = mem
+            .take_while(move |(k, _)| k[0] == tag)
+            .map(|(k, p)| (k.clone(), p.value.clone()));
+        Box::new(
+            Overlay {
+                disk: disk.peekable(),
+                mem: mem.peekable(),
+                reverse,
+            }
+            .map(|(k, v)| (k[1..].to_vec(), v)),
+        )
+    }
+
     fn on_disk(&self, space: Space, full: &[u8]) -> bool {
         self.tree
             .contains_key(full)
@@ -283,7 +304,7 @@ impl SledRecords {
 
 impl Records for SledRecords {
     fn get(&self, space: Space, key: &[u8]) -> Option<Vec<u8>> {
-        let full = prefixed(space, key);
+        let full = full_key(space, key);
         if let Some(pending) = self.pending.get(&full) {
             return pending.value.clone();
         }
@@ -294,7 +315,7 @@ impl Records for SledRecords {
     }
 
     fn put(&mut self, space: Space, key: &[u8], value: &[u8]) {
-        let full = prefixed(space, key);
+        let full = full_key(space, key);
         if let Some(pending) = self.pending.get_mut(&full) {
             pending.value = Some(value.to_vec());
             return;
@@ -305,7 +326,7 @@ impl Records for SledRecords {
     }
 
     fn delete(&mut self, space: Space, key: &[u8]) {
-        let full = prefixed(space, key);
+        let full = full_key(space, key);
         match self.pending.get_mut(&full) {
             Some(pending) if pending.on_disk => pending.value = None,
             Some(_) => {
@@ -328,52 +349,16 @@ impl Records for SledRecords {
         space: Space,
         from: &[u8],
     ) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
-        let start = prefixed(space, from);
-        let tag = space as u8;
-        let disk = self
-            .tree
-            .range(start.clone()..)
-            .map(move |r| r.unwrap_or_else(|e| read_failed(space, e)))
-            .take_while(move |(k, _)| k[0] == tag)
-            .map(|(k, v)| (k.to_vec(), v.to_vec()));
-        let mem = self
-            .pending
-            .range(start..)
-            .take_while(move |(k, _)| k[0] == tag)
-            .map(|(k, p)| (k.clone(), p.value.clone()));
-        Box::new(
-            Overlay {
-                disk: disk.peekable(),
-                mem: mem.peekable(),
-                reverse: false,
-            }
-            .map(|(k, v)| (k[1..].to_vec(), v)),
-        )
+        let start = full_key(space, from);
+        let disk = self.tree.range(start.clone()..);
+        let mem = self.pending.range(start..);
+        self.merged(space, disk, mem, false)
     }
 
     fn scan_back<'a>(&'a self, space: Space) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
-        let tag = space as u8;
-        let end = vec![tag + 1];
-        let disk = self
-            .tree
-            .range(..end.clone())
-            .rev()
-            .map(move |r| r.unwrap_or_else(|e| read_failed(space, e)))
-            .take_while(move |(k, _)| k[0] == tag)
-            .map(|(k, v)| (k.to_vec(), v.to_vec()));
-        let mem = self
-            .pending
-            .range(..end)
-            .rev()
-            .take_while(move |(k, _)| k[0] == tag)
-            .map(|(k, p)| (k.clone(), p.value.clone()));
-        Box::new(
-            Overlay {
-                disk: disk.peekable(),
-                mem: mem.peekable(),
-                reverse: true,
-            }
-            .map(|(k, v)| (k[1..].to_vec(), v)),
-        )
+        let end = vec![space as u8 + 1];
+        let disk = self.tree.range(..end.clone()).rev();
+        let mem = self.pending.range(..end).rev();
+        self.merged(space, disk, mem, true)
     }
 }
