@@ -5,14 +5,16 @@
 # it (release, fsync on, --slots 1024, measured by `exactly bench`), and prints both systems'
 # figures side by side with their ratios.
 # Usage: scripts/bench-peer.sh
-#   env RATES="500 2000 5000" (open-loop rates, jobs/s), DURATION=30s, DRAIN=30s,
-#       JOBS=100000 (batched maximum; 0 skips it)
+#   env RATES="500 2000 5000" (open-loop rates, jobs/s; empty: none), DURATION=30s, DRAIN=30s,
+#       JOBS=100000 (batched maximum; 0 skips it), BACKLOG=0 (a backlog of that many jobs
+#       filled into a paused queue and then drained, as scripts/backlog.sh; 0 skips it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rates=${RATES:-500 2000 5000}
+rates=${RATES-500 2000 5000}
 duration=${DURATION:-30s}
 drain=${DRAIN:-30s}
 jobs=${JOBS:-100000}
+backlog=${BACKLOG:-0}
 
 if ! command -v nats-server >/dev/null; then
   apt-get install -y nats-server
@@ -232,4 +234,31 @@ for rate in $rates; do
 done
 if [[ "$jobs" -gt 0 ]]; then
   scenario "batched maximum: $jobs jobs" batch --messages "$jobs" -- --jobs "$jobs"
+fi
+# The backlog: JetStream publishes with no consumer pulling, then drains with the worker;
+# exactly fills a paused queue, then resumes it (scripts/backlog.sh). Both print each tenth's
+# rate, the servers' RSS and data directories.
+if [[ "$backlog" -gt 0 ]]; then
+  echo
+  echo "== backlog: $backlog jobs filled (requests of 1,000), then drained =="
+  rm -rf "$dir"/nats? "$dir"/x?
+  start_nats
+  echo "-- JetStream"
+  "$bin/exactly-peer-bench" --servers "$servers" --backlog "$backlog" --timeout 3600s \
+    --watch-pid "$(IFS=,; echo "${pids[*]}")" \
+    --watch-dir "$dir/nats1,$dir/nats2,$dir/nats3" | tee "$dir/nats-backlog.txt" ||
+    echo "exactly-peer-bench exited with $?"
+  stop_all
+  echo "-- exactly"
+  BIN=$bin scripts/backlog.sh "$backlog" | tee "$dir/exactly-backlog.txt" ||
+    echo "backlog.sh exited with $?"
+  overall() { sed -n "s/^$1: \([0-9]*\) [a-z]*\/s overall.*/\1/p" "$2"; }
+  for phase in fill drain; do
+    n=$(overall "$phase" "$dir/nats-backlog.txt")
+    x=$(overall "$phase" "$dir/exactly-backlog.txt")
+    if [[ -n "$n" && -n "$x" ]]; then
+      printf '%s: JetStream %s/s, exactly %s/s, %.2fx (exactly/JetStream)\n' "$phase" "$n" "$x" \
+        "$(echo "$x / $n" | bc -l)"
+    fi
+  done
 fi

@@ -235,6 +235,11 @@ impl Worker {
         }
     }
 
+    /// How many messages have had their ack confirmed so far.
+    pub fn finished_count(&self) -> usize {
+        lock(&self.finished).len()
+    }
+
     /// When each stream sequence's ack was confirmed, so far.
     pub fn finished(&self) -> HashMap<u64, Instant> {
         lock(&self.finished).clone()

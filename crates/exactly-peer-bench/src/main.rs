@@ -3,10 +3,12 @@
 //! message on an R3 file-backed stream; it is submitted when its PubAck arrives and ends when a
 //! durable pull consumer's confirmed ack is answered. `--rate` runs the open loop of `exactly
 //! bench --rate`, `--messages` the batched maximum of `exactly bench --jobs`; `--json` prints the
-//! report under the same field names.
+//! report under the same field names. `--backlog` fills the stream with no consumer and then
+//! drains it, as `scripts/backlog.sh` does on exactly.
 //!
 //! The crate depends on no exactly crate: it measures the peer, not exactly.
 
+mod backlog;
 mod batched;
 mod jetstream;
 mod open_loop;
@@ -30,7 +32,7 @@ const PAYLOAD_BYTES_MAX: u32 = 1024 * 1024;
 #[command(
     name = "exactly-peer-bench",
     about = "Benchmarks a NATS JetStream cluster like `exactly bench` benchmarks exactly",
-    group(clap::ArgGroup::new("mode").required(true).args(["rate", "messages"]))
+    group(clap::ArgGroup::new("mode").required(true).args(["rate", "messages", "backlog"]))
 )]
 struct Args {
     /// NATS servers of the cluster, comma-separated; each connection starts at the next one.
@@ -50,6 +52,18 @@ struct Args {
     /// the first publish to the last confirmed ack.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MESSAGES_MAX))]
     messages: Option<u64>,
+    /// Backlog: publish this many messages with no consumer pulling, then start the worker and
+    /// drain them; print each tenth's rate (and the watched processes' memory).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MESSAGES_MAX))]
+    backlog: Option<u64>,
+    /// Backlog: a process (a server) whose resident memory is printed after each tenth;
+    /// comma-separated or repeated.
+    #[arg(long = "watch-pid", value_name = "PID", value_delimiter = ',')]
+    watch_pids: Vec<u32>,
+    /// Backlog: a directory (a server's store) whose size is printed after each tenth;
+    /// comma-separated or repeated.
+    #[arg(long = "watch-dir", value_name = "DIR", value_delimiter = ',')]
+    watch_dirs: Vec<std::path::PathBuf>,
     /// Open loop: how long to offer the load.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     duration: Duration,
@@ -62,7 +76,8 @@ struct Args {
     /// Batched: publishes sent before their acks are awaited together.
     #[arg(long, value_name = "N", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(BATCH_IN_FLIGHT_MAX)))]
     in_flight: u32,
-    /// Batched: give up this long after the first publish.
+    /// Batched: give up this long after the first publish (backlog: after the fill starts,
+    /// and again after the drain starts).
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     timeout: Duration,
     /// Size of each message's payload (zero bytes).
@@ -144,6 +159,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse().validate()?;
     let setup = jetstream::connect(&args.servers, 0, args.ack_timeout, ACKS_IN_FLIGHT_MAX).await?;
     let consumer = jetstream::recreate(&setup, args.ack_wait).await?;
+    if let Some(messages) = args.backlog {
+        let plan = backlog::Backlog {
+            messages,
+            in_flight: args.in_flight,
+            payload_bytes: args.payload_bytes,
+            timeout: args.timeout,
+            ack_timeout: args.ack_timeout,
+            watch: args.watch_pids.clone(),
+            dirs: args.watch_dirs.clone(),
+        };
+        return backlog::run(&args.servers, &consumer, &plan).await;
+    }
     let worker = Worker::start(&consumer).await?;
     if let Some(rate) = args.rate {
         let plan = OpenLoop {
@@ -163,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let Some(messages) = args.messages else {
-        bail!("one of --rate and --messages is required");
+        bail!("one of --rate, --messages and --backlog is required");
     };
     let plan = Batched {
         messages,
@@ -225,13 +252,19 @@ mod tests {
         assert_eq!(args.servers, vec!["nats://a:1", "nats://b:2"]);
     }
 
-    /// Exactly one mode: --rate or --messages.
+    /// Exactly one mode: --rate, --messages or --backlog.
     #[test]
     fn one_mode_is_required() {
         assert!(parse(&[]).is_err());
         assert!(parse(&["--rate", "1", "--messages", "10"]).is_err());
+        assert!(parse(&["--backlog", "10", "--messages", "10"]).is_err());
         assert!(parse(&["--messages", "10"]).is_ok());
         assert!(parse(&["--messages", "0"]).is_err());
+        let backlog = parse(&["--backlog", "10", "--watch-pid", "7,8", "--watch-pid", "9"]);
+        let backlog = backlog.unwrap();
+        assert_eq!(backlog.backlog, Some(10));
+        assert_eq!(backlog.watch_pids, vec![7, 8, 9]);
+        assert!(parse(&["--backlog", "0"]).is_err());
     }
 
     /// The ack wait must outlast the wait for a confirmed ack's answer.
