@@ -117,7 +117,7 @@ async fn ten_thousand_jobs_run_exactly_once_on_three_nodes() -> anyhow::Result<(
             .iter()
             .map(|n| {
                 let before = n.node.state.last_applied();
-                let table = n.node.read(|t| t.clone());
+                let table = n.node.read(exactly_store::in_memory);
                 (before, table, n.node.state.last_applied())
             })
             .collect();

@@ -194,7 +194,7 @@ impl Actor for Executor {
 }
 
 /// Which of `attempts` the replica `t` shows as their job's current attempt.
-fn current_of(t: &exactly_core::JobTable, attempts: Vec<(JobId, u64)>) -> BTreeSet<(JobId, u64)> {
+fn current_of(t: &exactly_store::Table, attempts: Vec<(JobId, u64)>) -> BTreeSet<(JobId, u64)> {
     attempts
         .into_iter()
         .filter(|&(job, token)| {

@@ -6,7 +6,7 @@ use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use exactly_core::{Command, JobTable, Proposal, Request, Response};
+use exactly_core::{Command, Proposal, Request, Response};
 use exactly_handlers::Registry;
 use exactly_proto::internal::internal_client::InternalClient;
 use exactly_proto::internal::Blob;
@@ -277,7 +277,7 @@ impl Node {
     }
 
     /// Reads the local replica's job table.
-    pub fn read<T>(&self, f: impl FnOnce(&JobTable) -> T) -> T {
+    pub fn read<T>(&self, f: impl FnOnce(&exactly_store::Table) -> T) -> T {
         self.state.read(f)
     }
 

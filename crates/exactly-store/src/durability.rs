@@ -156,8 +156,9 @@ impl fmt::Display for LostWrites {
 ///   entries cannot be brought back (a power loss that kept such a removal also kept every
 ///   write before it: sled's log is ordered).
 /// - The vote and the committed log id go back to the image's.
-/// - The state machine's on-disk part, the payloads tree, goes back to the persisted
-///   snapshot's payloads, like an interrupted snapshot install. That is more than a power loss
+/// - The state machine's on-disk part, its state tree and the payloads tree, goes back to the
+///   persisted snapshot's (the state is rebuilt from the snapshot when the node loads it),
+///   like an interrupted snapshot install. That is more than a power loss
 ///   drops (it keeps payload writes before the last durability point), and exactly what
 ///   openraft allows a state machine to lose: everything applied after its snapshot, which it
 ///   applies again from the log. The snapshot is its own durability point (its data file
@@ -206,6 +207,7 @@ pub fn lose_unsynced_writes(dir: &Path, image: &DurableImage) -> Result<LostWrit
     let (body, archived) = store.rebuild_trees_from(data)?;
     lost.payloads_kept = body.map_or(0, |b| b.payloads.len() as u64);
     lost.archived_kept = archived;
+    store.forget_state()?;
     store.finish_payloads_rebuild()?;
     Ok(lost)
 }

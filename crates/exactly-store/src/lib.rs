@@ -10,10 +10,11 @@
 //!   module documentation states exactly what survives a crash or a power loss.
 //! - [`LogStore`] (`log_store.rs`): openraft's `RaftLogStorage` (log entries and vote).
 //! - [`StateMachine`] (`state_machine.rs`): openraft's `RaftStateMachine`: the
-//!   [`exactly_core::JobTable`] in memory, payloads in sled, snapshots.
+//!   [`exactly_core::JobTable`] with its records on disk ([`Table`]), its head in memory and
+//!   written with every apply call, payloads in sled, snapshots from a consistent view.
 //! - [`SledRecords`] (`records.rs`): the job table's [`exactly_core::records::Records`] in a
 //!   sled tree, every change of an apply call written as one atomic batch (tested against the
-//!   in-memory model; not yet the state machine's store).
+//!   in-memory model).
 //! - `snapshot.rs`: the snapshot data and file formats; `codec.rs`: versioned value encoding.
 //! - `durability.rs`: the test-only seam at the durability points ([`StoreOptions`],
 //!   [`DurabilityHook`]) and [`lose_unsynced_writes`], which leaves a data directory as a power
@@ -43,7 +44,9 @@ pub use error::{Error, Result};
 pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX, TIMELINE};
 pub use records::SledRecords;
 pub use snapshot::{check as check_snapshot, check_file as check_snapshot_file};
-pub use state_machine::{Archive, JobCopy, JobView, SnapshotBuilder, StateMachine};
+pub use state_machine::{
+    in_memory, Archive, JobCopy, JobView, SnapshotBuilder, StateMachine, Table,
+};
 pub use store::{
     Store, OPEN_LOCK_RETRY_MS, OPEN_LOCK_WAIT_MS_MAX, PAYLOAD_BATCH_KEYS_MAX, PURGE_BATCH_KEYS_MAX,
     SLED_CACHE_BYTES,

@@ -90,7 +90,9 @@ impl SledRecords {
             .clear()
             .map_err(|e| Error::sled("clearing a capture's saved values", e))?;
         let mut capture = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
-        let id = capture.as_ref().map_or(0, |c| c.id) + 1;
+        // Unique in the process, so that no ended view can read a later capture.
+        static CAPTURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = CAPTURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         *capture = Some(Capture {
             id,
             cursor: None,
@@ -101,6 +103,21 @@ impl SledRecords {
             tree: self.tree.clone(),
             capture: self.capture.clone(),
         })
+    }
+
+    /// Ends the capture under way, if any: its view reads nothing more. Call it before the
+    /// tree is replaced wholesale (a snapshot install).
+    pub fn end_capture(&mut self) {
+        let ended = self
+            .capture
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(capture) = ended {
+            if let Err(e) = capture.saved.clear() {
+                tracing::warn!(error = %e, "clearing a capture's saved values failed");
+            }
+        }
     }
 
     /// How many writes wait for [`SledRecords::commit`].

@@ -1,9 +1,24 @@
-//! [`StateMachine`]: the job table in memory, fed by committed entries, with snapshots.
+//! [`StateMachine`]: the job table on disk, fed by committed entries, with snapshots.
 //!
-//! The table lives in memory behind a `std::sync::RwLock`; payloads live next to it in the
-//! `payloads` tree. Apply needs no durability point of its own: the log it applies is durable,
-//! openraft re-applies everything after the last snapshot at start-up, and every effect on the
-//! payloads tree is idempotent (insert the same bytes again, remove again).
+//! The table's records (every family that grows with the jobs) live in the `state` sled tree
+//! through [`SledRecords`]; its head (the bounded fields, [`TableHead`]) is in memory and is
+//! written with every apply call, under [`STATE_HEAD`] in the same tree, with the last
+//! applied log id and the membership: one atomic sled batch per apply call, so the tree is
+//! always the state after some whole call, and the head key is its commit mark. A restart
+//! reads the head and goes on from its last applied entry: nothing the disk holds is replayed
+//! or loaded. Apply needs no durability point of its own: the log it applies is durable,
+//! sled's log is ordered (a durability point makes every earlier write durable), and a
+//! snapshot is persisted only after one, so the state on disk is never older than the
+//! snapshot. A state whose head is missing (a fresh directory, an interrupted install, a
+//! simulated power loss) or older than the snapshot is rebuilt from the snapshot.
+//!
+//! Payloads and the archived records of finished jobs live next to it in their own trees;
+//! every effect on those is idempotent (insert the same bytes again, remove again) and is
+//! written before the apply call's state batch, so a state on disk never names a payload
+//! that is not there.
+//!
+//! Snapshots are built from a consistent view of the state tree ([`SledRecords::capture`])
+//! while apply goes on.
 //!
 //! **Invariant:** a reader never sees a job whose payload is not yet readable: apply writes the
 //! payloads while it still holds the table's write lock, and calls the observer after both.
@@ -11,21 +26,39 @@
 use std::io::{self, Seek, SeekFrom, Write};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use exactly_core::{Effect, JobEvent, JobTable, NodeLease, Response, StartAttempt};
+use exactly_core::records::{MemRecords, Records, Space};
+use exactly_core::{Effect, JobEvent, JobTable, NodeLease, Response, StartAttempt, TableHead};
 use futures::TryStreamExt;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{OptionalSend, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
 
-use crate::codec::{encode, encode_raw, u64_key};
+use crate::codec::{decode, encode, encode_raw, u64_key};
 use crate::error::{Error, Result};
 use crate::raft_types::{Entry, EntryPayload, LogId, Snapshot, StoredMembership};
+use crate::records::{CapturedView, SledRecords};
 use crate::snapshot::{self, Meta};
-use crate::store::Store;
+use crate::store::{Store, PAYLOAD_BATCH_KEYS_MAX};
 use crate::{IssuedTokens, Observer, TypeConfig};
+
+/// The job table as a node keeps it: its records in the `state` sled tree.
+pub type Table = JobTable<SledRecords>;
+
+/// The key of the state's head in the state tree: outside every [`Space`] (whose keys start
+/// with their space's byte, all below `0xFF`), and after all of them.
+pub(crate) const STATE_HEAD: &[u8] = b"\xFFhead";
+
+/// What the state tree keeps besides the records, written with every apply call.
+#[derive(Serialize, Deserialize)]
+struct StateHead {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    table: TableHead,
+}
 
 /// What has been applied: the job table, and the Raft bookkeeping that goes with it.
 struct Applied {
-    table: JobTable,
+    table: Table,
     last_applied: Option<LogId>,
     membership: StoredMembership,
 }
@@ -48,27 +81,51 @@ impl std::fmt::Debug for StateMachine {
 }
 
 impl StateMachine {
-    /// Loads the persisted snapshot, if any (see [`Store::state_machine`]).
+    /// Loads the state from the state tree, or rebuilds it from the persisted snapshot when the
+    /// tree has none as new as the snapshot (see the module documentation).
     pub(crate) fn load(store: Store, observer: Observer) -> Result<Self> {
-        let applied = match store.read_snapshot()? {
-            Some((meta, data)) => {
-                // The archive tree holds this snapshot's finished records (it is never older
-                // than the persisted snapshot), unless the snapshot is of the earlier format.
-                let body = snapshot::decode_body_from(data, snapshot::Records::Skip)?;
-                if body.legacy {
-                    store.archive_records(&body.archived)?;
-                }
-                tracing::info!(snapshot = %meta, "state machine loaded from the snapshot");
+        let tree = store.inner.state.clone();
+        let head = tree
+            .get(STATE_HEAD)
+            .map_err(|e| Error::sled("reading the state's head", e))?
+            .map(|bytes| decode::<StateHead>("state head", &bytes))
+            .transpose()?;
+        let snapshot_last = store.current_snapshot_meta().and_then(|m| m.last_log_id);
+        let applied = match head {
+            Some(head) if head.last_applied >= snapshot_last => {
+                tracing::info!(last_applied = ?head.last_applied, "state machine loaded from disk");
                 Applied {
-                    table: body.table,
-                    last_applied: meta.last_log_id,
-                    membership: meta.last_membership,
+                    table: JobTable::from_parts(head.table, SledRecords::new(tree)),
+                    last_applied: head.last_applied,
+                    membership: head.membership,
                 }
             }
-            None => Applied {
-                table: JobTable::new(),
-                last_applied: None,
-                membership: StoredMembership::default(),
+            _ => match store.read_snapshot()? {
+                Some((meta, data)) => {
+                    // The archive tree holds this snapshot's finished records (it is never
+                    // older than the persisted snapshot), unless the snapshot is of the earlier
+                    // format.
+                    let body = snapshot::decode_body_from(data, snapshot::Records::Skip)?;
+                    if body.legacy {
+                        store.archive_records(&body.archived)?;
+                    }
+                    let table =
+                        write_state(&store, &body.table, meta.last_log_id, &meta.last_membership)?;
+                    tracing::info!(snapshot = %meta, "state machine rebuilt from the snapshot");
+                    Applied {
+                        table,
+                        last_applied: meta.last_log_id,
+                        membership: meta.last_membership,
+                    }
+                }
+                None => {
+                    let none = StoredMembership::default();
+                    Applied {
+                        table: write_state(&store, &JobTable::new(), None, &none)?,
+                        last_applied: None,
+                        membership: StoredMembership::default(),
+                    }
+                }
             },
         };
         Ok(Self {
@@ -80,7 +137,7 @@ impl StateMachine {
 
     /// Read access to the job table for the API and the scheduler (a read lock, held for the
     /// duration of `f`: keep `f` short).
-    pub fn read<T>(&self, f: impl FnOnce(&JobTable) -> T) -> T {
+    pub fn read<T>(&self, f: impl FnOnce(&Table) -> T) -> T {
         // Only a panic inside apply poisons the lock, and apply then fails every later call,
         // which stops the Raft node; readers may still look at the table meanwhile.
         let applied = self.shared.read().unwrap_or_else(PoisonError::into_inner);
@@ -90,7 +147,7 @@ impl StateMachine {
     /// Read access to the job table and the archived records of its finished jobs, consistent
     /// with each other (apply writes the archive under the same lock): for reads that may meet
     /// a succeeded or cancelled job. Keep `f` short, as for [`StateMachine::read`].
-    pub fn read_jobs<T>(&self, f: impl FnOnce(&JobTable, &Archive<'_>) -> T) -> T {
+    pub fn read_jobs<T>(&self, f: impl FnOnce(&Table, &Archive<'_>) -> T) -> T {
         let applied = self.shared.read().unwrap_or_else(PoisonError::into_inner);
         f(&applied.table, &Archive { store: &self.store })
     }
@@ -110,7 +167,7 @@ impl StateMachine {
     /// One retained job's record, from the table or the archive (a copy).
     pub fn job(&self, id: exactly_core::JobId) -> Result<Option<exactly_core::Job>> {
         self.read_jobs(|t, archive| match t.job(id) {
-            Some(job) => Ok(Some(job.clone())),
+            Some(job) => Ok(Some(job)),
             None => archive.finished(t, id),
         })
     }
@@ -236,6 +293,8 @@ fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) 
         }
         .map_err(|e| Error::sled("writing payloads and archived jobs", e))?;
     }
+    // After the payloads: the state on disk never names a payload that is not there.
+    commit_state(&mut applied)?;
     // A start that a later entry of the same batch already ended or replaced must not reach an
     // executor (this happens when a lagging node or a restarted one applies many entries).
     out.starts.retain(|s| {
@@ -250,6 +309,72 @@ fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) 
     Ok(out)
 }
 
+/// Writes what the apply call changed in the table's records and its head, last applied log id
+/// and membership, as one atomic batch of the state tree.
+fn commit_state(applied: &mut Applied) -> Result<()> {
+    let head = StateHead {
+        last_applied: applied.last_applied,
+        membership: applied.membership.clone(),
+        table: applied.table.head(),
+    };
+    let mut batch = sled::Batch::default();
+    batch.insert(STATE_HEAD, encode("state head", &head)?);
+    applied.table.records_mut().commit(batch)
+}
+
+/// Makes the state tree hold `table` (an in-memory table: a snapshot's) with the given last
+/// applied log id and membership, and returns the table on it. The head is removed first and
+/// written last, a few hundred records per batch between (large sled batches leak space: see
+/// [`crate::PURGE_BATCH_KEYS_MAX`]), so a crash half-way leaves a state without a head, which
+/// the next load rebuilds from the snapshot again.
+fn write_state(
+    store: &Store,
+    table: &JobTable,
+    last_applied: Option<LogId>,
+    membership: &StoredMembership,
+) -> Result<Table> {
+    let tree = &store.inner.state;
+    store.forget_state()?;
+    tree.clear()
+        .map_err(|e| Error::sled("clearing the state", e))?;
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0;
+    for space in Space::ALL {
+        for (key, value) in table.records().scan_from(space, &[]) {
+            batch.insert(exactly_core::records::layout::full_key(space, &key), value);
+            in_batch += 1;
+            if in_batch == PAYLOAD_BATCH_KEYS_MAX {
+                tree.apply_batch(std::mem::take(&mut batch))
+                    .map_err(|e| Error::sled("writing the state", e))?;
+                in_batch = 0;
+            }
+        }
+    }
+    let head = StateHead {
+        last_applied,
+        membership: membership.clone(),
+        table: table.head(),
+    };
+    batch.insert(STATE_HEAD, encode("state head", &head)?);
+    tree.apply_batch(batch)
+        .map_err(|e| Error::sled("writing the state", e))?;
+    Ok(JobTable::from_parts(
+        head.table,
+        SledRecords::new(tree.clone()),
+    ))
+}
+
+/// A copy of `table` in memory (for tests and snapshot builds of small states).
+pub fn in_memory<R: Records>(table: &JobTable<R>) -> JobTable {
+    let mut records = MemRecords::default();
+    for space in Space::ALL {
+        for (key, value) in table.records().scan_from(space, &[]) {
+            records.put(space, &key, &value);
+        }
+    }
+    JobTable::from_parts(table.head(), records)
+}
+
 /// The archived records of finished jobs, as seen under [`StateMachine::read_jobs`].
 pub struct Archive<'a> {
     store: &'a Store,
@@ -258,9 +383,9 @@ pub struct Archive<'a> {
 impl Archive<'_> {
     /// The record of a job that `table` lists as finished (`None` for any other, and for a
     /// finished job whose record a snapshot did not carry: see [`Store::archived`]).
-    pub fn finished(
+    pub fn finished<R: Records>(
         &self,
-        table: &JobTable,
+        table: &JobTable<R>,
         id: exactly_core::JobId,
     ) -> Result<Option<exactly_core::Job>> {
         if table.finished_job(id).is_none() {
@@ -275,14 +400,14 @@ impl Archive<'_> {
 /// job. For tests and inspection: an archived record that cannot be read is logged and
 /// treated as absent (the API reports such errors instead).
 pub struct JobView<'a> {
-    table: &'a JobTable,
+    table: &'a Table,
     archive: Archive<'a>,
 }
 
 impl std::ops::Deref for JobView<'_> {
-    type Target = JobTable;
+    type Target = Table;
 
-    fn deref(&self) -> &JobTable {
+    fn deref(&self) -> &Table {
         self.table
     }
 }
@@ -291,7 +416,7 @@ impl JobView<'_> {
     /// A retained job's record (a copy), from the table or, if it finished, the archive.
     pub fn job(&self, id: exactly_core::JobId) -> Option<exactly_core::Job> {
         if let Some(job) = self.table.job(id) {
-            return Some(job.clone());
+            return Some(job);
         }
         self.archive.finished(self.table, id).unwrap_or_else(|e| {
             tracing::error!(job = id, error = %e, "reading an archived job");
@@ -307,7 +432,7 @@ impl JobView<'_> {
             .filter_map(|(id, _)| self.job(id).map(|job| (id, job)))
             .collect();
         JobCopy {
-            table: self.table.clone(),
+            table: in_memory(self.table),
             finished,
         }
     }
@@ -392,13 +517,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    /// Takes a consistent copy (table, last applied, membership) under the read lock, so that
-    /// applies may go on while the snapshot is built. Costs a clone of the table.
+    /// Starts a consistent view of the state tree (with the head, last applied and membership
+    /// of its point) under the write lock, between two apply calls, so that applies go on while
+    /// the snapshot is built.
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        let applied = self.shared.read().unwrap_or_else(PoisonError::into_inner);
+        let mut applied = self.shared.write().unwrap_or_else(PoisonError::into_inner);
+        let saved = self.store.inner.state_capture.clone();
         SnapshotBuilder {
             store: self.store.clone(),
-            table: Arc::new(applied.table.clone()),
+            view: applied.table.records_mut().capture(saved).map(|view| {
+                Some(View {
+                    records: view,
+                    head: applied.table.head(),
+                })
+            }),
             last_applied: applied.last_applied,
             membership: applied.membership.clone(),
         }
@@ -438,9 +570,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store.begin_payloads_rebuild()?;
             store.persist_snapshot(&meta, &path, false)?;
             let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
+            // A build under way reads the tree being replaced: its view ends here.
+            applied.table.records_mut().end_capture();
             rewind(&mut data)?;
             let (body, _) = store.rebuild_trees_from(Some(&mut data))?;
-            let table = body.expect("a snapshot was given").table;
+            let body = body.expect("a snapshot was given").table;
+            let table = write_state(&store, &body, meta.last_log_id, &meta.last_membership)?;
+            drop(body);
             store.finish_payloads_rebuild()?;
             let tokens = table.issued_tokens().clone();
             *applied = Applied {
@@ -476,30 +612,73 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// A consistent copy of the state machine, taken by
+/// A consistent view of the state machine, taken by
 /// [`RaftStateMachine::get_snapshot_builder`], that becomes a snapshot.
 pub struct SnapshotBuilder {
     store: Store,
-    table: Arc<JobTable>,
+    /// The view (`None` once read), or why it could not be captured.
+    view: Result<Option<View>>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+}
+
+/// The records of a captured view, and the table's head at its point.
+struct View {
+    records: CapturedView,
+    head: TableHead,
+}
+
+impl View {
+    /// The table of the view, read into memory. The snapshot format still holds the table as
+    /// one value (format 4), so a build holds one copy of the records while it runs.
+    fn read(mut self) -> Result<JobTable> {
+        let mut records = MemRecords::default();
+        while let Some((key, value)) = self.records.next_record()? {
+            let Some(space) = Space::ALL.iter().find(|s| **s as u8 == key[0]) else {
+                continue; // the head
+            };
+            records.put(*space, &key[1..], &value);
+        }
+        Ok(JobTable::from_parts(self.head, records))
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = tokio::fs::File;
 
-    /// Serializes the copy and the payloads of its pending and running jobs (a payload already
-    /// dropped because the job finished after the copy was taken is skipped: the log after the
+    /// Serializes the view and the payloads of its pending and running jobs (a payload already
+    /// dropped because the job finished after the view's point is skipped: the log after the
     /// snapshot finishes that job again), persists it unless a newer snapshot was installed
     /// meanwhile, and returns it.
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let store = self.store.clone();
-        let table = self.table.clone();
+        let view = std::mem::replace(&mut self.view, Ok(None));
         let meta = Meta {
             last_log_id: self.last_applied,
             last_membership: self.membership.clone(),
         };
         tokio::task::spawn_blocking(move || -> Result<Snapshot> {
+            let view = view?.ok_or_else(|| {
+                Error::Invalid("a snapshot builder builds one snapshot".to_string())
+            })?;
+            let table = match view.read() {
+                Ok(table) => table,
+                Err(e) => {
+                    // An install replaced the state while this view was read: the installed
+                    // snapshot is newer than this one would have been, so it is the answer.
+                    if let Some((current, data)) = store.read_snapshot()? {
+                        if current.last_log_id >= meta.last_log_id {
+                            tracing::info!(error = %e, snapshot = %current,
+                                "a snapshot build gave way to an installed snapshot");
+                            return Ok(Snapshot {
+                                meta: current,
+                                snapshot: tokio::fs::File::from_std(data),
+                            });
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             let mut payloads = Vec::new();
             for job in table.jobs().filter(|j| !j.status.is_terminal()) {
                 if let Some(payload) = store.payload(job.id)? {

@@ -95,6 +95,8 @@ const TREE_LOG: &str = "log";
 const TREE_META: &str = "meta";
 const TREE_PAYLOADS: &str = "payloads";
 const TREE_ARCHIVE: &str = "archive";
+const TREE_STATE: &str = "state";
+const TREE_STATE_CAPTURE: &str = "state_capture";
 
 pub(crate) const META_VOTE: &[u8] = b"vote";
 pub(crate) const META_COMMITTED: &[u8] = b"committed";
@@ -117,6 +119,11 @@ pub(crate) struct Inner {
     pub(crate) payloads: sled::Tree,
     /// The records of succeeded and cancelled jobs (see `Effect::Archive`).
     pub(crate) archive: sled::Tree,
+    /// The state machine's job table records and its head (see `state_machine.rs`).
+    pub(crate) state: sled::Tree,
+    /// The values a snapshot build's consistent view of `state` saves (see
+    /// [`crate::SledRecords::capture`]).
+    pub(crate) state_capture: sled::Tree,
     durability: Durability,
     /// Test seams at the durability points (see `durability.rs`); default in production.
     pub(crate) options: StoreOptions,
@@ -190,6 +197,7 @@ impl Store {
         };
         let (log, meta, payloads) = (tree(TREE_LOG)?, tree(TREE_META)?, tree(TREE_PAYLOADS)?);
         let archive = tree(TREE_ARCHIVE)?;
+        let (state, state_capture) = (tree(TREE_STATE)?, tree(TREE_STATE_CAPTURE)?);
         let db_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -214,6 +222,8 @@ impl Store {
                 meta,
                 payloads,
                 archive,
+                state,
+                state_capture,
                 durability: Durability {
                     db_file,
                     blobs_dir,
@@ -703,6 +713,27 @@ impl Store {
         Ok(())
     }
 
+    /// Makes the state machine's next load rebuild its state from the current snapshot (the
+    /// state tree's head is its commit mark: see `state_machine.rs`). Durable at the next
+    /// durability point.
+    pub(crate) fn forget_state(&self) -> Result<()> {
+        self.inner
+            .state
+            .remove(crate::state_machine::STATE_HEAD)
+            .map_err(|e| Error::sled("forgetting the state", e))?;
+        Ok(())
+    }
+
+    /// The current snapshot's metadata, if there is one (without opening its data).
+    pub(crate) fn current_snapshot_meta(&self) -> Option<Meta> {
+        let current = self
+            .inner
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        current.as_ref().map(|(meta, _)| meta.clone())
+    }
+
     /// Writes records into the archive tree (the finished records of a snapshot of the earlier
     /// format, which kept them in the table).
     pub(crate) fn archive_records(&self, records: &[(JobId, Vec<u8>)]) -> Result<()> {
@@ -845,6 +876,9 @@ impl Store {
             );
             let data = self.read_snapshot()?.map(|(_, data)| data);
             self.rebuild_trees_from(data)?;
+            // The state may be the old snapshot's, or half of the new one's: it is rebuilt
+            // from the snapshot file when the state machine loads.
+            self.forget_state()?;
             self.finish_payloads_rebuild()?;
         }
         self.make_durable()

@@ -192,7 +192,7 @@ async fn apply_runs_the_job_table_and_keeps_payloads() -> anyhow::Result<()> {
     );
     let mut expected = JobTable::new();
     replay(&mut expected, &entries);
-    assert_eq!(sm.read(|t| t.clone()), expected);
+    assert_eq!(sm.read(exactly_store::in_memory), expected);
     // A finished record leaves the table for the archive tree, readable by id.
     assert_eq!(sm.read(|t| t.job(1).map(|j| j.status)), None);
     let archived = sm.job(1)?.expect("job 1 is archived");
@@ -261,7 +261,10 @@ async fn snapshot_installs_into_a_fresh_store() -> anyhow::Result<()> {
     sm_b.install_snapshot(&current.meta, current.snapshot)
         .await?;
 
-    assert_eq!(sm_b.read(|t| t.clone()), sm_a.read(|t| t.clone()));
+    assert_eq!(
+        sm_b.read(exactly_store::in_memory),
+        sm_a.read(exactly_store::in_memory)
+    );
     assert_eq!(sm_b.applied_state().await?, sm_a.applied_state().await?);
     let archived = sm_b
         .job(1)?
@@ -279,10 +282,12 @@ async fn snapshot_installs_into_a_fresh_store() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// After a restart, the state machine resumes from the persisted snapshot, and re-applying
-/// the log after it (as openraft does) gives back the table from before the restart.
+/// After a restart, the state machine resumes from its state on disk, at the last entry it
+/// applied: nothing is replayed. When that state is lost (a power loss, simulated), it resumes
+/// from the persisted snapshot instead, and re-applying the log after it (as openraft does)
+/// gives back the table from before the restart.
 #[tokio::test]
-async fn restart_resumes_from_the_snapshot() -> anyhow::Result<()> {
+async fn restart_resumes_from_disk_or_else_from_the_snapshot() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // After the snapshot: job 2 finishes (archived), and retention deletes the oldest
     // finished job, 1, which the snapshot holds archived.
@@ -304,19 +309,33 @@ async fn restart_resumes_from_the_snapshot() -> anyhow::Result<()> {
         let mut sm = store.state_machine(Arc::new(NoopObserver))?;
         sm.apply_entries(scenario()).await?;
         sm.get_snapshot_builder().await.build_snapshot().await?;
-        let at_snapshot = sm.read(|t| t.clone());
+        let at_snapshot = sm.read(exactly_store::in_memory);
         sm.apply_entries(later.clone()).await?;
-        (at_snapshot, sm.read(|t| t.clone()))
+        (at_snapshot, sm.read(exactly_store::in_memory))
     };
+
+    {
+        let store = Store::open(dir.path())?;
+        let sm = store.state_machine(Arc::new(NoopObserver))?;
+        assert_eq!(sm.read(exactly_store::in_memory), before_restart);
+        assert_eq!(sm.last_applied(), Some(log_id(1, 1, 8)));
+    }
+    let nothing_durable = exactly_store::DurableImage {
+        seq: 1,
+        log_last: None,
+        vote: None,
+        committed: None,
+    };
+    exactly_store::lose_unsynced_writes(dir.path(), &nothing_durable)?;
 
     let store = Store::open(dir.path())?;
     let mut sm = store.state_machine(Arc::new(NoopObserver))?;
-    assert_eq!(sm.read(|t| t.clone()), at_snapshot);
+    assert_eq!(sm.read(exactly_store::in_memory), at_snapshot);
     assert_eq!(sm.last_applied(), Some(log_id(1, 1, 5)));
     let (_, mem) = sm.applied_state().await?;
     assert_eq!(mem.log_id(), &Some(log_id(1, 1, 1)));
     sm.apply_entries(later).await?;
-    assert_eq!(sm.read(|t| t.clone()), before_restart);
+    assert_eq!(sm.read(exactly_store::in_memory), before_restart);
     assert_eq!(sm.job(1)?, None, "retention deleted job 1 again");
     assert_eq!(store.archived(1)?, None);
     assert_eq!(

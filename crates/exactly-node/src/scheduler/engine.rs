@@ -25,6 +25,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use exactly_core::limits::{ASSIGN_BATCH_MAX, FIRE_BATCH_MAX, RETAIN_BATCH_MAX};
+use exactly_core::records::{MemRecords, Records};
 use exactly_core::schedule::Fire;
 use exactly_core::{
     plan_assignments, Assignment, Command, Expiry, JobTable, NodeId, NodeLease, Retention,
@@ -72,10 +73,9 @@ pub enum Housekept {
 }
 
 /// The world as of one event: inputs only.
-#[derive(Clone, Copy, Debug)]
-pub struct World<'a> {
+pub struct World<'a, R: Records = MemRecords> {
     /// The applied table.
-    pub table: &'a JobTable,
+    pub table: &'a JobTable<R>,
     /// This leader's wall clock (what apply will be stamped with), Unix ms.
     pub now_wall_ms: u64,
     /// Monotonic milliseconds (any fixed origin).
@@ -144,7 +144,7 @@ impl Engine {
     }
 
     /// Applies one event and returns what to do.
-    pub fn handle(&mut self, event: Event, world: &World<'_>) -> Vec<Action> {
+    pub fn handle<R: Records>(&mut self, event: Event, world: &World<'_, R>) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
             Event::Wake => self.plan(world, &mut out),
@@ -198,7 +198,7 @@ impl Engine {
     }
 
     /// Expires lapsed leases, then plans a batch of assignments unless one is in flight.
-    fn plan(&mut self, world: &World<'_>, out: &mut Vec<Action>) {
+    fn plan<R: Records>(&mut self, world: &World<'_, R>, out: &mut Vec<Action>) {
         // The lease view first: a new leader's very first plan must already skip a dead
         // predecessor.
         self.expiry_logged
@@ -237,7 +237,7 @@ impl Engine {
 
     /// The next piece of housekeeping, if any and none is in flight: due cron ticks first
     /// (they are time-critical), then a retention pass every `interval`.
-    fn housekeep(&mut self, world: &World<'_>, out: &mut Vec<Action>) {
+    fn housekeep<R: Records>(&mut self, world: &World<'_, R>, out: &mut Vec<Action>) {
         if self.housekeeping {
             return;
         }
