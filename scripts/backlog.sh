@@ -5,7 +5,8 @@
 # (RSS) and data directory, so a rate that falls with depth or memory that grows with it shows.
 # Usage: scripts/backlog.sh [JOBS]   (default 1,000,000)
 # BIN=<dir> runs the binaries in that directory without building; FILL_ONLY=1 stops after the
-# fill (the backlog is then measured, not run).
+# fill (the backlog is then measured, not run). EXACTLY_TABLE_STORAGE=disk runs the nodes with
+# their job tables on disk (`table-storage = "disk"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${1:-1000000}

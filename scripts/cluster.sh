@@ -8,6 +8,7 @@
 # For tests (README's examples run against this script): EXACTLY_CLUSTER_BIN names a directory
 # with the built binaries (no build then), EXACTLY_CLUSTER_DATA the data directory, and
 # EXACTLY_CLUSTER_PORTS six ports: the three gRPC ports, then the three HTTP ports.
+# EXACTLY_TABLE_STORAGE=disk keeps the nodes' job tables on disk (`table-storage`).
 #
 # Stopping (Ctrl-C, SIGTERM) sends SIGTERM to every node at once: each drains its running jobs
 # (for at most its drain deadline, 20 s) and stops as a member, so the membership is kept. The

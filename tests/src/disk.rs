@@ -35,6 +35,7 @@ impl DiskOptions {
             durability_hook: Some(disk.clone()),
             append_sync_delay: self.append_sync_delay,
             acknowledge_before_sync: self.acknowledge_before_sync,
+            ..StoreOptions::default()
         }
     }
 }

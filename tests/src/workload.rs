@@ -15,6 +15,7 @@ use exactly_handlers::Registry;
 use exactly_node::config::{LeaseConfig, LEASE_CHECK_INTERVAL};
 use exactly_node::NodeConfig;
 use exactly_proto::v1 as pb;
+use exactly_store::TableStorage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::{Channel, Endpoint};
@@ -270,6 +271,9 @@ pub struct ChaosOptions {
     pub lease: LeaseConfig,
     /// Every node's disk: slow enough that a crash losing unsynced writes finds some.
     pub disk: DiskOptions,
+    /// `table-storage` of every node by seed (`seed % len`): the job table in memory or on
+    /// disk, so both run under every kind of fault.
+    pub table_storage: Vec<TableStorage>,
 }
 
 impl ChaosOptions {
@@ -303,6 +307,7 @@ impl ChaosOptions {
                 append_sync_delay: APPEND_SYNC_DELAY,
                 acknowledge_before_sync: false,
             },
+            table_storage: vec![TableStorage::Memory, TableStorage::Disk],
         }
     }
 
@@ -326,6 +331,7 @@ impl ChaosOptions {
                 append_sync_delay: APPEND_SYNC_DELAY,
                 acknowledge_before_sync: false,
             },
+            table_storage: vec![TableStorage::Memory, TableStorage::Disk],
         }
     }
 }
@@ -344,6 +350,8 @@ pub struct ChaosOutcome {
     pub snapshot_after: Option<u64>,
     /// `slots` of every node in this run, if set.
     pub slots: Option<u32>,
+    /// `table-storage` of every node in this run, if set.
+    pub table_storage: Option<TableStorage>,
     pub schedule: Schedule,
     pub report: Report,
     /// Wall time of the whole run (start-up to shutdown).
@@ -365,7 +373,7 @@ impl std::fmt::Display for ChaosOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} ({}, {:.1}s{}{}{}): ",
+            "seed {} ({}, {:.1}s{}{}{}{}): ",
             self.seed,
             if self.passed() { "ok" } else { "FAILED" },
             self.took.as_secs_f64(),
@@ -374,6 +382,9 @@ impl std::fmt::Display for ChaosOutcome {
                 .unwrap_or_default(),
             self.slots
                 .map(|n| format!(", {n} slots"))
+                .unwrap_or_default(),
+            self.table_storage
+                .map(|t| format!(", table on {t:?}"))
                 .unwrap_or_default(),
             self.write_after_heal
                 .map(|d| format!(", write {}ms after heal", d.as_millis()))
@@ -438,8 +449,13 @@ pub async fn run_schedule(
         .then(|| options.snapshot_after[(seed % options.snapshot_after.len() as u64) as usize]);
     let slots = (!options.slots.is_empty())
         .then(|| options.slots[((seed / 3) % options.slots.len() as u64) as usize]);
+    let table_storage = (!options.table_storage.is_empty())
+        .then(|| options.table_storage[(seed % options.table_storage.len() as u64) as usize]);
     let configure = |c: &mut NodeConfig| {
         c.lease = options.lease.clone();
+        if let Some(storage) = table_storage {
+            c.table_storage = storage;
+        }
         if let Some(slots) = slots {
             c.slots = slots;
         }
@@ -518,6 +534,7 @@ pub async fn run_schedule(
         seed,
         snapshot_after,
         slots,
+        table_storage,
         schedule,
         report,
         took: started.elapsed(),

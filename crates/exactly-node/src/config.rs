@@ -70,6 +70,11 @@ pub struct NodeConfig {
     pub join: Vec<String>,
     /// Voters the cluster grows to as nodes join (3 or 5); later nodes stay learners.
     pub voters_target: usize,
+    /// Where the job table's records live: `"memory"` (the default: the fastest apply; memory
+    /// grows with the retained jobs) or `"disk"` (the `state` sled tree: memory stays flat
+    /// whatever the backlog, apply costs more; a restart resumes from disk without replaying).
+    /// Nodes of one cluster may differ; a node may change it across a restart.
+    pub table_storage: exactly_store::TableStorage,
     /// Attempts this node runs at once.
     pub slots: u32,
     /// On SIGTERM the node drains and leaves the cluster: running attempts may finish for this
@@ -370,6 +375,7 @@ impl Default for NodeConfig {
             init: false,
             join: Vec::new(),
             voters_target: 3,
+            table_storage: exactly_store::TableStorage::default(),
             slots: 256,
             drain_deadline: Duration::from_secs(20),
             limits: LimitsConfig::default(),
@@ -1081,6 +1087,21 @@ mod tests {
                 .to_string();
             assert!(err.contains(key) && err.contains(value), "{text}: {err}");
         }
+    }
+
+    /// `table-storage` takes "memory" (the default) or "disk"; anything else is refused at
+    /// parse time with the key and the accepted values.
+    #[test]
+    fn table_storage_is_memory_or_disk() {
+        let parse = |text: &str| NodeConfig::from_toml(text).map(|c| c.table_storage);
+        assert_eq!(parse("").unwrap(), exactly_store::TableStorage::Memory);
+        let disk = parse("table-storage = \"disk\"").unwrap();
+        assert_eq!(disk, exactly_store::TableStorage::Disk);
+        let err = parse("table-storage = \"tape\"").unwrap_err().to_string();
+        assert!(
+            err.contains("table-storage") && err.contains("memory") && err.contains("disk"),
+            "{err}"
+        );
     }
 
     /// Secure by default: a port beyond loopback needs its protection (TLS and tokens on the

@@ -102,6 +102,10 @@ impl RunningNode {
             s.stop(None);
         }
         let _ = self.node.raft.shutdown().await;
+        // With the table on disk, a restart then resumes where this node stopped.
+        if let Err(e) = self.node.state.flush().await {
+            tracing::warn!(error = %e, "flushing the state at shutdown failed");
+        }
         self.executor.stop(None);
         for t in self.tasks {
             t.abort();
@@ -226,7 +230,11 @@ pub async fn start_with(
     registry: Registry,
     options: StartOptions,
 ) -> Result<RunningNode, StartError> {
-    let store = Store::open_with(&config.data_dir, options.store)?;
+    let store_options = exactly_store::StoreOptions {
+        table: config.table_storage,
+        ..options.store
+    };
+    let store = Store::open_with(&config.data_dir, store_options)?;
     let id = store.node_id_or_init(|| {
         config
             .node_id

@@ -97,6 +97,8 @@ pub struct StoreOptions {
     /// openraft 0.9's rocksdb example; its entries become durable only with the next durability
     /// point of another operation (a vote, a snapshot, a purge). Breaks invariant 1.
     pub acknowledge_before_sync: bool,
+    /// Where the job table's records live (the node's `table-storage`; not a test seam).
+    pub table: crate::TableStorage,
 }
 
 impl fmt::Debug for StoreOptions {
@@ -105,6 +107,7 @@ impl fmt::Debug for StoreOptions {
             .field("durability_hook", &self.durability_hook.is_some())
             .field("append_sync_delay", &self.append_sync_delay)
             .field("acknowledge_before_sync", &self.acknowledge_before_sync)
+            .field("table", &self.table)
             .finish()
     }
 }

@@ -17,7 +17,7 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use exactly_core::records::layout::full_key;
-use exactly_core::records::{Records, Space};
+use exactly_core::records::{MemRecords, Records, Space};
 
 use crate::error::{Error, Result};
 
@@ -377,5 +377,74 @@ impl Records for SledRecords {
         let disk = self.tree.range(..end.clone()).rev();
         let mem = self.pending.range(..end).rev();
         self.merged(space, disk, mem, true)
+    }
+}
+
+/// Where a node keeps its job table's records (`table-storage` in the node's configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TableStorage {
+    /// In memory ([`MemRecords`]): the fastest apply; memory grows with the retained jobs; a
+    /// restart loads the snapshot and re-applies the log after it.
+    #[default]
+    Memory,
+    /// On disk ([`SledRecords`], the `state` tree): memory stays flat whatever the backlog; a
+    /// restart resumes from the state on disk.
+    Disk,
+}
+
+/// The records of a node's job table, in memory or on disk ([`TableStorage`]).
+pub enum NodeRecords {
+    Memory(MemRecords),
+    Disk(SledRecords),
+}
+
+impl std::fmt::Debug for NodeRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeRecords::Memory(_) => f.write_str("NodeRecords::Memory"),
+            NodeRecords::Disk(d) => d.fmt(f),
+        }
+    }
+}
+
+impl Records for NodeRecords {
+    fn get(&self, space: Space, key: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            NodeRecords::Memory(m) => m.get(space, key),
+            NodeRecords::Disk(d) => d.get(space, key),
+        }
+    }
+
+    fn put(&mut self, space: Space, key: &[u8], value: &[u8]) {
+        match self {
+            NodeRecords::Memory(m) => m.put(space, key, value),
+            NodeRecords::Disk(d) => d.put(space, key, value),
+        }
+    }
+
+    fn delete(&mut self, space: Space, key: &[u8]) {
+        match self {
+            NodeRecords::Memory(m) => m.delete(space, key),
+            NodeRecords::Disk(d) => d.delete(space, key),
+        }
+    }
+
+    fn scan_from<'a>(
+        &'a self,
+        space: Space,
+        from: &[u8],
+    ) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
+        match self {
+            NodeRecords::Memory(m) => m.scan_from(space, from),
+            NodeRecords::Disk(d) => d.scan_from(space, from),
+        }
+    }
+
+    fn scan_back<'a>(&'a self, space: Space) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
+        match self {
+            NodeRecords::Memory(m) => m.scan_back(space),
+            NodeRecords::Disk(d) => d.scan_back(space),
+        }
     }
 }

@@ -25,6 +25,7 @@
 
 use std::io::{self, Seek, SeekFrom, Write};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use exactly_core::records::{MemRecords, Records, Space};
 use exactly_core::{Effect, JobEvent, JobTable, NodeLease, Response, StartAttempt, TableHead};
@@ -36,13 +37,23 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{decode, encode, encode_raw, u64_key};
 use crate::error::{Error, Result};
 use crate::raft_types::{Entry, EntryPayload, LogId, Snapshot, StoredMembership};
-use crate::records::{CapturedView, SledRecords};
+use crate::records::{CapturedView, NodeRecords, SledRecords, TableStorage};
 use crate::snapshot::{self, Meta};
 use crate::store::{Store, PAYLOAD_BATCH_KEYS_MAX};
 use crate::{IssuedTokens, Observer, TypeConfig};
 
-/// The job table as a node keeps it: its records in the `state` sled tree.
-pub type Table = JobTable<SledRecords>;
+/// How long apply calls' writes may wait in memory before they go to the state tree. Within
+/// this window a record written and removed again (a job submitted, started and finished; its
+/// entry in the ready index) never reaches sled, which writes each key as a log record of its
+/// own: a restart re-applies the window's entries from the log, which openraft keeps until a
+/// snapshot (whose build flushes first) covers them.
+pub const STATE_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Writes waiting in memory after which apply flushes at once, whatever the window's age.
+pub const STATE_FLUSH_KEYS_MAX: usize = 50_000;
+
+/// The job table as a node keeps it: its records in memory or in the `state` sled tree
+/// ([`TableStorage`]).
+pub type Table = JobTable<NodeRecords>;
 
 /// The key of the state's head in the state tree: outside every [`Space`] (whose keys start
 /// with their space's byte, all below `0xFF`), and after all of them.
@@ -61,6 +72,9 @@ struct Applied {
     table: Table,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    /// When the oldest apply call whose writes are not in the state tree yet ended (`None`:
+    /// everything is flushed).
+    unflushed_since: Option<Instant>,
 }
 
 /// The replicated state machine of one node. Cheap to clone; clones share the same state.
@@ -85,19 +99,28 @@ impl StateMachine {
     /// tree has none as new as the snapshot (see the module documentation).
     pub(crate) fn load(store: Store, observer: Observer) -> Result<Self> {
         let tree = store.inner.state.clone();
-        let head = tree
-            .get(STATE_HEAD)
-            .map_err(|e| Error::sled("reading the state's head", e))?
-            .map(|bytes| decode::<StateHead>("state head", &bytes))
-            .transpose()?;
+        let head = if store.inner.options.table == TableStorage::Disk {
+            tree.get(STATE_HEAD)
+                .map_err(|e| Error::sled("reading the state's head", e))?
+                .map(|bytes| decode::<StateHead>("state head", &bytes))
+                .transpose()?
+        } else {
+            // A state left by an earlier run on disk goes stale from here on.
+            store.forget_state()?;
+            None
+        };
         let snapshot_last = store.current_snapshot_meta().and_then(|m| m.last_log_id);
         let applied = match head {
             Some(head) if head.last_applied >= snapshot_last => {
                 tracing::info!(last_applied = ?head.last_applied, "state machine loaded from disk");
                 Applied {
-                    table: JobTable::from_parts(head.table, SledRecords::new(tree)),
+                    table: JobTable::from_parts(
+                        head.table,
+                        NodeRecords::Disk(SledRecords::new(tree)),
+                    ),
                     last_applied: head.last_applied,
                     membership: head.membership,
+                    unflushed_since: None,
                 }
             }
             _ => match store.read_snapshot()? {
@@ -110,20 +133,22 @@ impl StateMachine {
                         store.archive_records(&body.archived)?;
                     }
                     let table =
-                        write_state(&store, &body.table, meta.last_log_id, &meta.last_membership)?;
+                        place(&store, &body.table, meta.last_log_id, &meta.last_membership)?;
                     tracing::info!(snapshot = %meta, "state machine rebuilt from the snapshot");
                     Applied {
                         table,
                         last_applied: meta.last_log_id,
                         membership: meta.last_membership,
+                        unflushed_since: None,
                     }
                 }
                 None => {
                     let none = StoredMembership::default();
                     Applied {
-                        table: write_state(&store, &JobTable::new(), None, &none)?,
+                        table: place(&store, &JobTable::new(), None, &none)?,
                         last_applied: None,
                         membership: StoredMembership::default(),
+                        unflushed_since: None,
                     }
                 }
             },
@@ -226,6 +251,19 @@ impl StateMachine {
         Ok(tokio::fs::File::from_std(file))
     }
 
+    /// Writes what apply calls left in memory (see [`STATE_FLUSH_INTERVAL`]) to the state tree,
+    /// so that a restart resumes from here (a graceful stop calls it; nothing else needs to:
+    /// openraft re-applies what a crash lost). Nothing to do with the table in memory.
+    pub async fn flush(&self) -> Result<()> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
+            commit_state(&mut applied)
+        })
+        .await
+        .map_err(Error::task)?
+    }
+
     /// The log id of the last applied entry (or of the loaded or installed snapshot).
     pub fn last_applied(&self) -> Option<LogId> {
         self.shared
@@ -294,7 +332,14 @@ fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) 
         .map_err(|e| Error::sled("writing payloads and archived jobs", e))?;
     }
     // After the payloads: the state on disk never names a payload that is not there.
-    commit_state(&mut applied)?;
+    let since = *applied.unflushed_since.get_or_insert_with(Instant::now);
+    let uncommitted = match applied.table.records() {
+        NodeRecords::Disk(records) => records.uncommitted(),
+        NodeRecords::Memory(_) => 0,
+    };
+    if since.elapsed() >= STATE_FLUSH_INTERVAL || uncommitted >= STATE_FLUSH_KEYS_MAX {
+        commit_state(&mut applied)?;
+    }
     // A start that a later entry of the same batch already ended or replaced must not reach an
     // executor (this happens when a lagging node or a restarted one applies many entries).
     out.starts.retain(|s| {
@@ -309,9 +354,13 @@ fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) 
     Ok(out)
 }
 
-/// Writes what the apply call changed in the table's records and its head, last applied log id
-/// and membership, as one atomic batch of the state tree.
+/// Writes what the apply calls since the last flush changed in the table's records, and its
+/// head, last applied log id and membership, as one atomic batch of the state tree.
 fn commit_state(applied: &mut Applied) -> Result<()> {
+    applied.unflushed_since = None;
+    if !matches!(applied.table.records(), NodeRecords::Disk(_)) {
+        return Ok(());
+    }
     let head = StateHead {
         last_applied: applied.last_applied,
         membership: applied.membership.clone(),
@@ -319,7 +368,27 @@ fn commit_state(applied: &mut Applied) -> Result<()> {
     };
     let mut batch = sled::Batch::default();
     batch.insert(STATE_HEAD, encode("state head", &head)?);
-    applied.table.records_mut().commit(batch)
+    match applied.table.records_mut() {
+        NodeRecords::Disk(records) => records.commit(batch),
+        NodeRecords::Memory(_) => Ok(()),
+    }
+}
+
+/// The node's table holding `table` (an in-memory table: a snapshot's, or a new one), with the
+/// given last applied log id and membership: as it is, or written into the state tree.
+fn place(
+    store: &Store,
+    table: &JobTable,
+    last_applied: Option<LogId>,
+    membership: &StoredMembership,
+) -> Result<Table> {
+    match store.inner.options.table {
+        TableStorage::Memory => Ok(JobTable::from_parts(
+            table.head(),
+            NodeRecords::Memory(table.records().clone()),
+        )),
+        TableStorage::Disk => write_state(store, table, last_applied, membership),
+    }
 }
 
 /// Makes the state tree hold `table` (an in-memory table: a snapshot's) with the given last
@@ -360,7 +429,7 @@ fn write_state(
         .map_err(|e| Error::sled("writing the state", e))?;
     Ok(JobTable::from_parts(
         head.table,
-        SledRecords::new(tree.clone()),
+        NodeRecords::Disk(SledRecords::new(tree.clone())),
     ))
 }
 
@@ -523,14 +592,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         let mut applied = self.shared.write().unwrap_or_else(PoisonError::into_inner);
         let saved = self.store.inner.state_capture.clone();
+        let head = applied.table.head();
+        let view = match commit_state(&mut applied) {
+            Err(e) => Err(e),
+            Ok(()) => match applied.table.records_mut() {
+                NodeRecords::Memory(records) => Ok(Some(View::Copied(JobTable::from_parts(
+                    head,
+                    records.clone(),
+                )))),
+                NodeRecords::Disk(records) => records
+                    .capture(saved)
+                    .map(|records| Some(View::Captured { records, head })),
+            },
+        };
         SnapshotBuilder {
             store: self.store.clone(),
-            view: applied.table.records_mut().capture(saved).map(|view| {
-                Some(View {
-                    records: view,
-                    head: applied.table.head(),
-                })
-            }),
+            view,
             last_applied: applied.last_applied,
             membership: applied.membership.clone(),
         }
@@ -571,11 +648,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store.persist_snapshot(&meta, &path, false)?;
             let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
             // A build under way reads the tree being replaced: its view ends here.
-            applied.table.records_mut().end_capture();
+            if let NodeRecords::Disk(records) = applied.table.records_mut() {
+                records.end_capture();
+            }
             rewind(&mut data)?;
             let (body, _) = store.rebuild_trees_from(Some(&mut data))?;
             let body = body.expect("a snapshot was given").table;
-            let table = write_state(&store, &body, meta.last_log_id, &meta.last_membership)?;
+            let table = place(&store, &body, meta.last_log_id, &meta.last_membership)?;
             drop(body);
             store.finish_payloads_rebuild()?;
             let tokens = table.issued_tokens().clone();
@@ -583,6 +662,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 table,
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership,
+                unflushed_since: None,
             };
             Ok(tokens)
         })
@@ -622,24 +702,33 @@ pub struct SnapshotBuilder {
     membership: StoredMembership,
 }
 
-/// The records of a captured view, and the table's head at its point.
-struct View {
-    records: CapturedView,
-    head: TableHead,
+/// What a snapshot is built from: a copy of an in-memory table (O(1): its records are a
+/// persistent map), or the records of a captured view of the state tree and the table's head at
+/// its point.
+enum View {
+    Copied(JobTable),
+    Captured {
+        records: CapturedView,
+        head: TableHead,
+    },
 }
 
 impl View {
-    /// The table of the view, read into memory. The snapshot format still holds the table as
-    /// one value (format 4), so a build holds one copy of the records while it runs.
-    fn read(mut self) -> Result<JobTable> {
+    /// The table of the view, in memory. The snapshot format still holds the table as one value
+    /// (format 4), so a build from the state tree holds one copy of the records while it runs.
+    fn read(self) -> Result<JobTable> {
+        let (mut view, head) = match self {
+            View::Copied(table) => return Ok(table),
+            View::Captured { records, head } => (records, head),
+        };
         let mut records = MemRecords::default();
-        while let Some((key, value)) = self.records.next_record()? {
+        while let Some((key, value)) = view.next_record()? {
             let Some(space) = Space::ALL.iter().find(|s| **s as u8 == key[0]) else {
                 continue; // the head
             };
             records.put(*space, &key[1..], &value);
         }
-        Ok(JobTable::from_parts(self.head, records))
+        Ok(JobTable::from_parts(head, records))
     }
 }
 

@@ -9,6 +9,7 @@ use exactly_store::raft_types::log_id;
 use exactly_store::raft_types::{Entry, EntryPayload, LogId, Vote};
 use exactly_store::{
     lose_unsynced_writes, DurabilityHook, DurableImage, NoopObserver, Store, StoreOptions,
+    TableStorage,
 };
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{RaftLogReader, RaftSnapshotBuilder};
@@ -75,6 +76,7 @@ fn options(disk: &Arc<Disk>, delay: Duration, early: bool) -> StoreOptions {
         durability_hook: Some(disk.clone()),
         append_sync_delay: delay,
         acknowledge_before_sync: early,
+        table: TableStorage::Memory,
     }
 }
 
@@ -209,10 +211,26 @@ async fn acknowledging_before_sync_loses_acknowledged_entries() -> anyhow::Resul
 /// again, and then has it back.
 #[tokio::test]
 async fn vote_committed_and_payloads_go_back_to_the_durable_state() -> anyhow::Result<()> {
+    back_to_the_durable_state(TableStorage::Memory).await
+}
+
+/// The same with the job table on disk: its state goes back to the snapshot's too.
+#[tokio::test]
+async fn with_the_table_on_disk_the_state_goes_back_to_the_durable_state() -> anyhow::Result<()> {
+    back_to_the_durable_state(TableStorage::Disk).await
+}
+
+async fn back_to_the_durable_state(table: TableStorage) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let disk = Arc::new(Disk::default());
     let image = {
-        let store = Store::open_with(dir.path(), options(&disk, Duration::ZERO, false))?;
+        let store = Store::open_with(
+            dir.path(),
+            StoreOptions {
+                table,
+                ..options(&disk, Duration::ZERO, false)
+            },
+        )?;
         let mut log = store.log_store();
         let mut sm = store.state_machine(Arc::new(NoopObserver))?;
         log.blocking_append(submits(1..=3)).await?;
@@ -233,7 +251,11 @@ async fn vote_committed_and_payloads_go_back_to_the_durable_state() -> anyhow::R
     assert_eq!(lost.log_entries, 0, "{lost}");
     assert_eq!(lost.committed_found, Some(Some(log_id(1, 1, 3))), "{lost}");
     assert_eq!((lost.payloads_found, lost.payloads_kept), (3, 2), "{lost}");
-    let store = Store::open(dir.path())?;
+    let reopen = StoreOptions {
+        table,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(dir.path(), reopen)?;
     let mut log = store.log_store();
     assert_eq!(log.read_vote().await?, Some(Vote::new(3, 1)));
     assert_eq!(log.read_committed().await?, Some(log_id(1, 1, 2)));

@@ -7,14 +7,14 @@ use std::time::Duration;
 use exactly_store::raft_types::{LogId, StorageError, Vote};
 use exactly_store::{
     DurabilityHook, DurableImage, LogStore, NoopObserver, StateMachine, Store, StoreOptions,
-    TypeConfig,
+    TableStorage, TypeConfig,
 };
 use openraft::testing::log::{StoreBuilder, Suite};
 use tempfile::TempDir;
 
-/// Opens a fresh store in a new temporary directory; the directory is the suite's guard and is
-/// removed when the case ends.
-struct FreshStore;
+/// Opens a fresh store in a new temporary directory, its job table kept as given; the
+/// directory is the suite's guard and is removed when the case ends.
+struct FreshStore(TableStorage);
 
 fn setup_error(e: &(dyn std::error::Error + 'static)) -> StorageError {
     use openraft::type_config::TypeConfigExt;
@@ -24,7 +24,11 @@ fn setup_error(e: &(dyn std::error::Error + 'static)) -> StorageError {
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for FreshStore {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().map_err(|e| setup_error(&e))?;
-        let store = Store::open(dir.path()).map_err(|e| setup_error(&e))?;
+        let options = StoreOptions {
+            table: self.0,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(dir.path(), options).map_err(|e| setup_error(&e))?;
         let sm = store
             .state_machine(Arc::new(NoopObserver))
             .map_err(|e| setup_error(&e))?;
@@ -36,7 +40,14 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for FreshStore {
 /// committed, membership bookkeeping, apply and snapshot transfer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_storage_suite() -> anyhow::Result<()> {
-    Suite::test_all(FreshStore).await?;
+    Suite::test_all(FreshStore(TableStorage::Memory)).await?;
+    Ok(())
+}
+
+/// The same with the job table's records on disk (`table-storage = "disk"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite_with_the_table_on_disk() -> anyhow::Result<()> {
+    Suite::test_all(FreshStore(TableStorage::Disk)).await?;
     Ok(())
 }
 
@@ -86,6 +97,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SlowDisk {
             durability_hook: Some(Arc::new(ContractCheck::default())),
             append_sync_delay: Duration::from_millis(1),
             acknowledge_before_sync: false,
+            table: TableStorage::Memory,
         };
         let store = Store::open_with(dir.path(), options).map_err(|e| setup_error(&e))?;
         let sm = store

@@ -11,7 +11,7 @@ use exactly_core::{
 };
 use exactly_store::raft_types::log_id;
 use exactly_store::raft_types::{Entry, EntryPayload, Membership, Vote};
-use exactly_store::{ApplyObserver, NoopObserver, Store};
+use exactly_store::{ApplyObserver, NoopObserver, Store, TableStorage};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{RaftLogReader, RaftSnapshotBuilder};
 
@@ -282,12 +282,31 @@ async fn snapshot_installs_into_a_fresh_store() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// After a restart, the state machine resumes from its state on disk, at the last entry it
-/// applied: nothing is replayed. When that state is lost (a power loss, simulated), it resumes
-/// from the persisted snapshot instead, and re-applying the log after it (as openraft does)
-/// gives back the table from before the restart.
+/// With the table in memory, a restart resumes from the persisted snapshot, and re-applying
+/// the log after it (as openraft does) gives back the table from before the restart.
 #[tokio::test]
-async fn restart_resumes_from_disk_or_else_from_the_snapshot() -> anyhow::Result<()> {
+async fn restart_resumes_from_the_snapshot() -> anyhow::Result<()> {
+    restart_resumes(TableStorage::Memory).await
+}
+
+/// With the table on disk, a restart resumes from its state on disk, at the last entry it
+/// applied: nothing is replayed. When that state is lost (a power loss, simulated), it resumes
+/// from the persisted snapshot instead, as with the table in memory.
+#[tokio::test]
+async fn with_the_table_on_disk_a_restart_resumes_from_disk_or_else_from_the_snapshot(
+) -> anyhow::Result<()> {
+    restart_resumes(TableStorage::Disk).await
+}
+
+fn open(dir: &std::path::Path, table: TableStorage) -> exactly_store::Result<Store> {
+    let options = exactly_store::StoreOptions {
+        table,
+        ..Default::default()
+    };
+    Store::open_with(dir, options)
+}
+
+async fn restart_resumes(table: TableStorage) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // After the snapshot: job 2 finishes (archived), and retention deletes the oldest
     // finished job, 1, which the snapshot holds archived.
@@ -305,17 +324,18 @@ async fn restart_resumes_from_disk_or_else_from_the_snapshot() -> anyhow::Result
         ),
     ];
     let (at_snapshot, before_restart) = {
-        let store = Store::open(dir.path())?;
+        let store = open(dir.path(), table)?;
         let mut sm = store.state_machine(Arc::new(NoopObserver))?;
         sm.apply_entries(scenario()).await?;
         sm.get_snapshot_builder().await.build_snapshot().await?;
         let at_snapshot = sm.read(exactly_store::in_memory);
         sm.apply_entries(later.clone()).await?;
+        sm.flush().await?;
         (at_snapshot, sm.read(exactly_store::in_memory))
     };
 
-    {
-        let store = Store::open(dir.path())?;
+    if table == TableStorage::Disk {
+        let store = open(dir.path(), table)?;
         let sm = store.state_machine(Arc::new(NoopObserver))?;
         assert_eq!(sm.read(exactly_store::in_memory), before_restart);
         assert_eq!(sm.last_applied(), Some(log_id(1, 1, 8)));
@@ -328,7 +348,7 @@ async fn restart_resumes_from_disk_or_else_from_the_snapshot() -> anyhow::Result
     };
     exactly_store::lose_unsynced_writes(dir.path(), &nothing_durable)?;
 
-    let store = Store::open(dir.path())?;
+    let store = open(dir.path(), table)?;
     let mut sm = store.state_machine(Arc::new(NoopObserver))?;
     assert_eq!(sm.read(exactly_store::in_memory), at_snapshot);
     assert_eq!(sm.last_applied(), Some(log_id(1, 1, 5)));

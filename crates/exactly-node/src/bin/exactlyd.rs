@@ -114,6 +114,10 @@ struct Args {
     /// Attempts this node runs at once.
     #[arg(long)]
     slots: Option<u32>,
+    /// Where the job table's records live: memory (fastest) or disk (memory stays flat
+    /// whatever the backlog).
+    #[arg(long, env = "EXACTLY_TABLE_STORAGE", value_parser = ["memory", "disk"])]
+    table_storage: Option<String>,
     /// On SIGTERM, how long running jobs may finish before they are cancelled and run elsewhere
     /// (for example 30s).
     #[arg(long, env = "EXACTLY_DRAIN_DEADLINE", value_parser = humantime::parse_duration)]
@@ -205,6 +209,11 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     config.insecure |= args.insecure;
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
+    }
+    match args.table_storage.as_deref() {
+        Some("disk") => config.table_storage = exactly_store::TableStorage::Disk,
+        Some(_) => config.table_storage = exactly_store::TableStorage::Memory,
+        None => {}
     }
     if let Some(slots) = args.slots {
         config.slots = slots;
