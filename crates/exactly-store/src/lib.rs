@@ -42,7 +42,7 @@ pub use durability::{
 };
 pub use error::{Error, Result};
 pub use log_store::{LogStore, LOG_READ_BYTES_MAX, LOG_READ_ENTRIES_MAX, TIMELINE};
-pub use records::{NodeRecords, SledRecords, TableStorage};
+pub use records::{NodeRecords, SledRecords, TableStorage, COMMIT_BATCH_KEYS_MAX};
 pub use snapshot::{check as check_snapshot, check_file as check_snapshot_file};
 pub use state_machine::{
     in_memory, Archive, JobCopy, JobView, SnapshotBuilder, StateMachine, Table,

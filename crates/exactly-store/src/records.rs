@@ -21,6 +21,10 @@ use exactly_core::records::{MemRecords, Records, Space};
 
 use crate::error::{Error, Result};
 
+/// Writes per sled batch when [`SledRecords::commit_marked`] writes many (sled leaks space
+/// and memory with larger batches: see [`crate::PURGE_BATCH_KEYS_MAX`]).
+pub const COMMIT_BATCH_KEYS_MAX: usize = 256;
+
 /// The job table's records in a sled tree, with the writes of the apply call under way.
 pub struct SledRecords {
     tree: sled::Tree,
@@ -163,6 +167,35 @@ impl SledRecords {
         self.tree
             .apply_batch(batch)
             .map_err(|e| Error::sled("writing the state's records", e))
+    }
+
+    /// Writes what waits and then sets `mark` (a key outside every space) to `value`: the
+    /// mark says the tree holds a whole commit. Up to [`COMMIT_BATCH_KEYS_MAX`] writes go as
+    /// one atomic batch with the mark; more go in batches of that size after the mark was
+    /// removed, and the mark is set again last, so a crash half-way leaves a tree without its
+    /// mark (which the owner must treat as unusable: the state machine rebuilds it from its
+    /// snapshot). sled leaks file space and memory with large batches (see
+    /// [`crate::PURGE_BATCH_KEYS_MAX`]). Blocking; not a durability point.
+    pub fn commit_marked(&mut self, mark: &[u8], value: Vec<u8>) -> Result<()> {
+        if self.pending.len() < COMMIT_BATCH_KEYS_MAX {
+            let mut batch = sled::Batch::default();
+            batch.insert(mark, value);
+            return self.commit(batch);
+        }
+        self.tree
+            .remove(mark)
+            .map_err(|e| Error::sled("removing the state's commit mark", e))?;
+        let mut rest: Vec<(Vec<u8>, Pending)> =
+            std::mem::take(&mut self.pending).into_iter().collect();
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().saturating_sub(COMMIT_BATCH_KEYS_MAX));
+            self.pending = tail.into_iter().collect();
+            self.commit(sled::Batch::default())?;
+        }
+        self.tree
+            .insert(mark, value)
+            .map_err(|e| Error::sled("writing the state's commit mark", e))?;
+        Ok(())
     }
 
     /// Forgets what waits (the tree keeps what was committed).

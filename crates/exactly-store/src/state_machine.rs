@@ -366,10 +366,9 @@ fn commit_state(applied: &mut Applied) -> Result<()> {
         membership: applied.membership.clone(),
         table: applied.table.head(),
     };
-    let mut batch = sled::Batch::default();
-    batch.insert(STATE_HEAD, encode("state head", &head)?);
+    let head = encode("state head", &head)?;
     match applied.table.records_mut() {
-        NodeRecords::Disk(records) => records.commit(batch),
+        NodeRecords::Disk(records) => records.commit_marked(STATE_HEAD, head),
         NodeRecords::Memory(_) => Ok(()),
     }
 }

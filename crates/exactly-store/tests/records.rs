@@ -436,3 +436,41 @@ fn a_captured_view_holds_while_another_thread_commits() {
         model.scan_from(Space::Jobs, &[]).collect::<Vec<_>>()
     );
 }
+
+/// A commit larger than one sled batch writes every record in batches and sets its mark last;
+/// a small one writes its records and the mark in one batch. Either way the tree then holds
+/// exactly the model's records and the mark.
+#[test]
+fn a_marked_commit_of_many_writes_lands_whole_with_its_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = tree(&dir);
+    let mut sled = SledRecords::new(tree.clone());
+    let mut model = MemRecords::default();
+    let mark: &[u8] = b"\xFFhead";
+    for (round, writes) in [
+        (1u8, 10usize),
+        (2, 3 * exactly_store::COMMIT_BATCH_KEYS_MAX + 7),
+    ] {
+        for i in 0..writes {
+            let key = (i as u64).to_be_bytes();
+            sled.put(Space::Jobs, &key, &[round]);
+            model.put(Space::Jobs, &key, &[round]);
+            if i % 3 == 0 {
+                sled.delete(Space::Ready, &key);
+                model.delete(Space::Ready, &key);
+            } else {
+                sled.put(Space::Ready, &key, &[]);
+                model.put(Space::Ready, &key, &[]);
+            }
+        }
+        sled.commit_marked(mark, vec![round]).unwrap();
+        assert_eq!(sled.uncommitted(), 0);
+        assert_eq!(tree.get(mark).unwrap().as_deref(), Some(&[round][..]));
+        let reopened = SledRecords::new(tree.clone());
+        for space in [Space::Jobs, Space::Ready] {
+            let on_disk: Vec<_> = reopened.scan_from(space, &[]).collect();
+            let expected: Vec<_> = model.scan_from(space, &[]).collect();
+            assert_eq!(on_disk, expected, "round {round}, {space:?}");
+        }
+    }
+}
