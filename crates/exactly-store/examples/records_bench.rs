@@ -1,8 +1,10 @@
 //! What the job table's apply costs with its records in memory and on sled: 100,000 jobs
-//! (500 per Submit, each with an idempotency key and a 64-byte payload) submitted, assigned
+//! (500 per Submit, each with a random-looking idempotency key and a 64-byte payload) submitted, assigned
 //! and completed, the sled table committing every `--every` rounds of those three entries.
-//! Prints the time per job of each, and the share of the sled run spent in commits.
-//! Run: `cargo run --release -p exactly-store --example records_bench -- [--every N]`
+//! Prints the time per job of each, the share of the sled run spent in commits, and sled's
+//! size on disk. `--fill` only submits (a backlog); `--jobs N` changes the 100,000.
+//! Run: `cargo run --release -p exactly-store --example records_bench -- [--every N] [--fill]
+//! [--jobs N]`
 
 use std::time::{Duration, Instant};
 
@@ -12,14 +14,30 @@ use exactly_core::{
 };
 use exactly_store::SledRecords;
 
-const ROUNDS: u64 = 200;
 const JOBS_PER_ROUND: u64 = 500;
+
+/// A bijective scramble of `n` (splitmix64's finalizer), twice for 128 bits.
+fn scatter(n: u64) -> u128 {
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (u128::from(mix(n)) << 64) | u128::from(mix(!n))
+}
+
+struct Settings {
+    every: u64,
+    fill: bool,
+    rounds: u64,
+}
 
 fn run<R: Records>(
     table: &mut JobTable<R>,
-    every: u64,
+    settings: &Settings,
     mut commit: impl FnMut(&mut JobTable<R>),
 ) -> Duration {
+    let every = settings.every;
     let start = Instant::now();
     let mut now_ms = 1_000_000;
     let mut index = 1;
@@ -36,7 +54,7 @@ fn run<R: Records>(
         applied: u64::MAX,
     });
     table.apply(index, request(register, now_ms));
-    for round in 0..ROUNDS {
+    for round in 0..settings.rounds {
         now_ms += 10;
         index += 1;
         let jobs = (0..JOBS_PER_ROUND)
@@ -45,11 +63,18 @@ fn run<R: Records>(
                 kind: "noop".into(),
                 payload: vec![1; 64],
                 max_attempts: 3,
-                idempotency_key: Some(format!("key-{round}-{i}")),
+                // Scattered like the random UUIDs the clients make.
+                idempotency_key: Some(format!("{:032x}", scatter(round * JOBS_PER_ROUND + i))),
                 ..NewJob::default()
             })
             .collect();
         table.apply(index, request(Command::Submit(jobs), now_ms));
+        if settings.fill {
+            if (round + 1) % every == 0 {
+                commit(table);
+            }
+            continue;
+        }
         index += 1;
         let plan = plan_assignments(table, now_ms, JOBS_PER_ROUND as usize, &Default::default());
         table.apply(index, request(Command::Assign(plan), now_ms));
@@ -73,18 +98,24 @@ fn run<R: Records>(
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let every = args
-        .iter()
-        .position(|a| a == "--every")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1u64)
-        .max(1);
-    let jobs = ROUNDS * JOBS_PER_ROUND;
+    let number = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default)
+    };
+    let settings = Settings {
+        every: number("--every", 1).max(1),
+        fill: args.iter().any(|a| a == "--fill"),
+        rounds: (number("--jobs", 100_000) / JOBS_PER_ROUND).max(1),
+    };
+    let every = settings.every;
+    let jobs = settings.rounds * JOBS_PER_ROUND;
     let per_job = |d: Duration| d.as_secs_f64() * 1e6 / jobs as f64;
 
     let mut in_memory = JobTable::new();
-    let memory = run(&mut in_memory, every, |_| {});
+    let memory = run(&mut in_memory, &settings, |_| {});
     println!(
         "in memory: {jobs} jobs in {memory:.2?} ({:.1} µs per job)",
         per_job(memory)
@@ -99,7 +130,7 @@ fn main() {
     let tree = db.open_tree("state").expect("a tree");
     let mut on_sled = JobTable::with_records(SledRecords::new(tree));
     let mut committing = Duration::ZERO;
-    let sled = run(&mut on_sled, every, |t| {
+    let sled = run(&mut on_sled, &settings, |t| {
         let start = Instant::now();
         t.records_mut()
             .commit(sled::Batch::default())
@@ -111,5 +142,12 @@ fn main() {
          {:.1} of them in commits)",
         per_job(sled),
         per_job(committing)
+    );
+    db.flush().expect("flush");
+    let bytes = db.size_on_disk().expect("size");
+    println!(
+        "sled on disk: {:.1} MiB ({:.0} bytes per job)",
+        bytes as f64 / 1048576.0,
+        bytes as f64 / jobs as f64
     );
 }

@@ -14,7 +14,8 @@
 //!   written with every apply call, payloads in sled, snapshots from a consistent view.
 //! - [`SledRecords`] (`records.rs`): the job table's [`exactly_core::records::Records`] in a
 //!   sled tree, every change of an apply call written as one atomic batch (tested against the
-//!   in-memory model).
+//!   in-memory model), the records packed into chunks of a few KiB (`chunks.rs`: the layout,
+//!   pure).
 //! - `snapshot.rs`: the snapshot data and file formats; `codec.rs`: versioned value encoding.
 //! - `durability.rs`: the test-only seam at the durability points ([`StoreOptions`],
 //!   [`DurabilityHook`]) and [`lose_unsynced_writes`], which leaves a data directory as a power
@@ -27,6 +28,7 @@ use std::sync::Arc;
 
 use exactly_core::{Request, Response, StartAttempt};
 
+mod chunks;
 mod codec;
 mod durability;
 mod error;
@@ -36,6 +38,7 @@ mod snapshot;
 mod state_machine;
 mod store;
 
+pub use chunks::CHUNK_BYTES_MAX;
 pub use durability::{
     lose_unsynced_writes, DurabilityHook, DurabilityHookHandle, DurableImage, LostWrites,
     StoreOptions,

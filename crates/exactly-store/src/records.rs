@@ -1,17 +1,18 @@
 //! [`SledRecords`]: the job table's records ([`exactly_core::records`]) in a sled tree.
 //!
 //! One tree holds every [`Space`], each key prefixed with its space's byte (the layout
-//! [`exactly_core::records::MemRecords`] models), so that everything one apply call changed can
-//! be written as one `sled::Batch`, which sled applies atomically: a crash leaves the tree as it
-//! was after some whole apply call, never half of one. Writes wait in memory until
-//! [`SledRecords::commit`]; reads see them (an overlay merged over the tree), so apply reads
-//! its own writes.
+//! [`exactly_core::records::MemRecords`] models), packed into chunks of a few KiB by key order
+//! ([`crate::chunks`]: one sled key per chunk, not per record), so that everything one apply
+//! call changed can be written as one `sled::Batch`, which sled applies atomically: a crash
+//! leaves the tree as it was after some whole apply call, never half of one. Writes wait in
+//! memory until [`SledRecords::commit`]; reads see them (an overlay merged over the tree), so
+//! apply reads its own writes.
 //!
 //! **Invariant:** a read either answers from the tree and the overlay or stops the process: a
 //! replica that cannot read its state must not apply an entry on a guess (the `Records` trait
 //! is infallible because apply is).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::iter::Peekable;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,33 +20,75 @@ use std::sync::{Arc, Mutex, PoisonError};
 use exactly_core::records::layout::full_key;
 use exactly_core::records::{MemRecords, Records, Space};
 
+use crate::chunks::{self, Entries};
 use crate::error::{Error, Result};
 
-/// Writes per sled batch when [`SledRecords::commit_marked`] writes many (sled leaks space
-/// and memory with larger batches: see [`crate::PURGE_BATCH_KEYS_MAX`]).
+/// Sled writes per batch when [`SledRecords::commit_marked`] or [`SledRecords::fill`] write
+/// many (sled leaks space and memory with larger batches: see [`crate::PURGE_BATCH_KEYS_MAX`]).
 pub const COMMIT_BATCH_KEYS_MAX: usize = 256;
 
-/// The job table's records in a sled tree, with the writes of the apply call under way.
+/// Decoded chunks kept for reads (a few MiB at most: chunks are [`chunks::CHUNK_BYTES_MAX`] at most).
+const CHUNK_CACHE_MAX: usize = 1_024;
+
+/// Sled keys at or after this byte are not chunks (the owner's marks: the state's head).
+const FIRST_MARK_BYTE: u8 = 0xFF;
+
+/// The job table's records in a sled tree, with the writes of the apply calls under way.
 pub struct SledRecords {
     tree: sled::Tree,
-    /// Writes not yet in the tree, by full key (space byte first).
-    pending: BTreeMap<Vec<u8>, Pending>,
+    /// Writes not yet in the tree, by full key (space byte first); `None` removes.
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The size chunks are cut at, if not each space's own ([`chunks::chunk_bytes_max`]):
+    /// tests cut small chunks.
+    chunk_bytes: Option<usize>,
     /// The capture of a consistent view, while one is read ([`SledRecords::capture`]).
     capture: Arc<Mutex<Option<Capture>>>,
+    /// Chunks decoded lately, by sled key (a commit forgets the ones it writes).
+    cache: Mutex<ChunkCache>,
 }
 
-/// A consistent view being read while apply goes on: the reader walks the keys in order, and
-/// a commit first saves the value of every key it changes that the reader has not passed yet
-/// (once: the value at the capture's point), so the reader reads each key as it was at that
-/// point: from the saved value if there is one, else from the tree (unchanged since). The saved
-/// values live in a sled tree of their own, so a long read under heavy writes costs disk, not
-/// memory.
+/// Decoded chunks, the oldest forgotten first.
+#[derive(Default)]
+struct ChunkCache {
+    chunks: HashMap<Vec<u8>, Arc<Entries>>,
+    order: VecDeque<Vec<u8>>,
+}
+
+impl ChunkCache {
+    fn get(&mut self, key: &[u8], value: &[u8]) -> Arc<Entries> {
+        if let Some(entries) = self.chunks.get(key) {
+            return entries.clone();
+        }
+        let entries = Arc::new(decoded(key, value));
+        if self.order.len() >= CHUNK_CACHE_MAX {
+            if let Some(oldest) = self.order.pop_front() {
+                self.chunks.remove(&oldest);
+            }
+        }
+        self.order.push_back(key.to_vec());
+        self.chunks.insert(key.to_vec(), entries.clone());
+        entries
+    }
+
+    fn forget(&mut self, key: &[u8]) {
+        if self.chunks.remove(key).is_some() {
+            self.order.retain(|k| k != key);
+        }
+    }
+}
+
+/// A consistent view being read while apply goes on: the reader walks the chunks in key order,
+/// and a commit first saves the value of every chunk it changes that the reader has not passed
+/// yet (once: the value at the capture's point), so the reader reads each chunk as it was at
+/// that point: from the saved value if there is one, else from the tree (unchanged since). The
+/// saved values live in a sled tree of their own, so a long read under heavy writes costs disk,
+/// not memory.
 struct Capture {
     /// Which capture this is (a view of an earlier one reads nothing more).
     id: u64,
-    /// The last key the reader returned or skipped (`None`: before the first).
+    /// The sled key of the last chunk the reader read or skipped (`None`: before the first).
     cursor: Option<Vec<u8>>,
-    /// Full key → the value at the capture's point: `[1, value…]`, or `[0]` if absent then.
+    /// Chunk key → the chunk at the capture's point: `[1, value…]`, or `[0]` if absent then.
     saved: sled::Tree,
 }
 
@@ -57,32 +100,85 @@ impl std::fmt::Debug for SledRecords {
     }
 }
 
-/// A write waiting for the next commit.
-struct Pending {
-    /// The value to write; `None` removes.
-    value: Option<Vec<u8>>,
-    /// Whether the tree held the key when this window first touched it. A key created and
-    /// removed again within one window never reaches the tree (and leaves no removal to skip
-    /// over in scans).
-    on_disk: bool,
+fn read_failed(what: impl std::fmt::Debug, e: impl std::fmt::Display) -> ! {
+    panic!("reading the state's {what:?} records from sled failed: {e}")
 }
 
-fn read_failed(space: Space, e: sled::Error) -> ! {
-    panic!("reading the state's {space:?} records from sled failed: {e}")
+/// The records of a chunk read from the tree (a chunk that does not decode stops the process:
+/// see the module's invariant).
+fn decoded(key: &[u8], value: &[u8]) -> Entries {
+    chunks::decode(value).unwrap_or_else(|e| read_failed(key, e))
+}
+
+fn is_chunk_key(key: &[u8]) -> bool {
+    key.first().is_some_and(|b| *b < FIRST_MARK_BYTE)
 }
 
 impl SledRecords {
-    /// The records in `tree` (which holds nothing else).
+    /// The records in `tree` (which holds nothing else but keys from byte 0xFF on).
     pub fn new(tree: sled::Tree) -> Self {
         Self {
             tree,
             pending: BTreeMap::new(),
+            chunk_bytes: None,
             capture: Arc::new(Mutex::new(None)),
+            cache: Mutex::new(ChunkCache::default()),
         }
     }
 
+    /// The same with chunks cut at `chunk_bytes` (any size reads any other's chunks: tests
+    /// use small ones to split and merge often).
+    pub fn with_chunk_bytes(tree: sled::Tree, chunk_bytes: usize) -> Self {
+        Self {
+            chunk_bytes: Some(chunk_bytes),
+            ..Self::new(tree)
+        }
+    }
+
+    /// The size a chunk starting with `key` is cut at.
+    fn chunk_bytes(&self, key: &[u8]) -> usize {
+        self.chunk_bytes
+            .unwrap_or_else(|| chunks::chunk_bytes_max(key))
+    }
+
+    /// The records of the chunk `key` whose value is `value`, decoded once.
+    fn entries(&self, key: &[u8], value: &[u8]) -> Arc<Entries> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key, value)
+    }
+
+    /// The chunk whose range holds `key`: the one with the greatest sled key at or below it.
+    fn chunk_at(&self, key: &[u8]) -> Option<(sled::IVec, Arc<Entries>)> {
+        self.tree
+            .range::<&[u8], _>(..=key)
+            .next_back()
+            .map(|r| r.unwrap_or_else(|e| read_failed(key, e)))
+            .map(|(k, v)| {
+                let entries = self.entries(&k, &v);
+                (k, entries)
+            })
+    }
+
+    /// The sled key of the first chunk after `key` (the end of the range of the chunk holding
+    /// `key`).
+    fn chunk_after(&self, key: &[u8]) -> Option<sled::IVec> {
+        self.tree
+            .range::<&[u8], _>((Bound::Excluded(key), Bound::Unbounded))
+            .next()
+            .map(|r| r.unwrap_or_else(|e| read_failed(key, e)))
+            .map(|(k, _)| k)
+            .filter(|k| is_chunk_key(k))
+    }
+
+    /// The tree the records are in.
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
     /// Starts reading a consistent view of the committed records as they are now, while
-    /// commits go on: `saved` (an empty tree of its own, cleared first) keeps the values later
+    /// commits go on: `saved` (an empty tree of its own, cleared first) keeps the chunks later
     /// commits replace before the reader reaches them. Call it with nothing uncommitted, at the
     /// point the view is of. One view at a time; a second call ends the first.
     pub fn capture(&mut self, saved: sled::Tree) -> Result<CapturedView> {
@@ -106,6 +202,7 @@ impl SledRecords {
             id,
             tree: self.tree.clone(),
             capture: self.capture.clone(),
+            chunk: Vec::new().into_iter(),
         })
     }
 
@@ -129,12 +226,35 @@ impl SledRecords {
         self.pending.len()
     }
 
-    /// Writes what waits, and `extra` (keys outside every space: a first byte no [`Space`]
-    /// has), as one atomic sled batch. Blocking; not a durability point.
-    pub fn commit(&mut self, extra: sled::Batch) -> Result<()> {
+    /// The sled writes (chunk key → new chunk, or `None`: remove) that carry what waits, which
+    /// is taken.
+    fn plan(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut writes = Vec::new();
+        let mut pending = std::mem::take(&mut self.pending).into_iter().peekable();
+        while let Some((first, _)) = pending.peek() {
+            let (chunk, old) = match self.chunk_at(first) {
+                Some((key, entries)) => (Some(key.to_vec()), entries.as_ref().clone()),
+                None => (None, Vec::new()),
+            };
+            let max_bytes = self.chunk_bytes(chunk.as_deref().unwrap_or(first));
+            let end = self.chunk_after(chunk.as_deref().unwrap_or(first));
+            let mut changes = Vec::new();
+            while let Some(change) =
+                pending.next_if(|(k, _)| end.as_ref().is_none_or(|e| **k < **e))
+            {
+                changes.push(change);
+            }
+            writes.extend(chunks::rewrite(chunk.as_deref(), old, changes, max_bytes));
+        }
+        writes
+    }
+
+    /// Writes `writes` and `extra` as one atomic batch, first saving for the capture under way
+    /// the chunks its reader has not passed.
+    fn write(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>, extra: sled::Batch) -> Result<()> {
         let capture = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(capture) = capture.as_ref() {
-            for key in self.pending.keys() {
+            for (key, _) in &writes {
                 let passed = capture.cursor.as_ref().is_some_and(|c| key <= c);
                 let known = capture
                     .saved
@@ -146,7 +266,7 @@ impl SledRecords {
                 let now = self
                     .tree
                     .get(key)
-                    .map_err(|e| Error::sled("reading a record to save for a capture", e))?;
+                    .map_err(|e| Error::sled("reading a chunk to save for a capture", e))?;
                 let saved = match now {
                     Some(value) => [&[1u8][..], &value].concat(),
                     None => vec![0],
@@ -154,12 +274,15 @@ impl SledRecords {
                 capture
                     .saved
                     .insert(key.as_slice(), saved)
-                    .map_err(|e| Error::sled("saving a record for a capture", e))?;
+                    .map_err(|e| Error::sled("saving a chunk for a capture", e))?;
             }
         }
+        drop(capture);
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         let mut batch = extra;
-        for (key, pending) in std::mem::take(&mut self.pending) {
-            match pending.value {
+        for (key, value) in writes {
+            cache.forget(&key);
+            match value {
                 Some(value) => batch.insert(key, value),
                 None => batch.remove(key),
             }
@@ -169,33 +292,88 @@ impl SledRecords {
             .map_err(|e| Error::sled("writing the state's records", e))
     }
 
-    /// Writes what waits and then sets `mark` (a key outside every space) to `value`: the
-    /// mark says the tree holds a whole commit. Up to [`COMMIT_BATCH_KEYS_MAX`] writes go as
+    /// Writes what waits, and `extra` (keys from byte 0xFF on, outside every chunk), as one
+    /// atomic sled batch. Blocking; not a durability point.
+    pub fn commit(&mut self, extra: sled::Batch) -> Result<()> {
+        let writes = self.plan();
+        self.write(writes, extra)
+    }
+
+    /// Writes what waits and then sets `mark` (a key from byte 0xFF on) to `value`: the mark
+    /// says the tree holds a whole commit. Up to [`COMMIT_BATCH_KEYS_MAX`] chunk writes go as
     /// one atomic batch with the mark; more go in batches of that size after the mark was
     /// removed, and the mark is set again last, so a crash half-way leaves a tree without its
     /// mark (which the owner must treat as unusable: the state machine rebuilds it from its
-    /// snapshot). sled leaks file space and memory with large batches (see
-    /// [`crate::PURGE_BATCH_KEYS_MAX`]). Blocking; not a durability point.
+    /// snapshot). Blocking; not a durability point.
     pub fn commit_marked(&mut self, mark: &[u8], value: Vec<u8>) -> Result<()> {
-        if self.pending.len() < COMMIT_BATCH_KEYS_MAX {
+        assert!(!is_chunk_key(mark), "a mark is outside the chunks");
+        let mut writes = self.plan();
+        if writes.len() < COMMIT_BATCH_KEYS_MAX {
             let mut batch = sled::Batch::default();
             batch.insert(mark, value);
-            return self.commit(batch);
+            return self.write(writes, batch);
         }
         self.tree
             .remove(mark)
             .map_err(|e| Error::sled("removing the state's commit mark", e))?;
-        let mut rest: Vec<(Vec<u8>, Pending)> =
-            std::mem::take(&mut self.pending).into_iter().collect();
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().saturating_sub(COMMIT_BATCH_KEYS_MAX));
-            self.pending = tail.into_iter().collect();
-            self.commit(sled::Batch::default())?;
+        while !writes.is_empty() {
+            let tail = writes.split_off(writes.len().saturating_sub(COMMIT_BATCH_KEYS_MAX));
+            self.write(tail, sled::Batch::default())?;
         }
         self.tree
             .insert(mark, value)
             .map_err(|e| Error::sled("writing the state's commit mark", e))?;
         Ok(())
+    }
+
+    /// Fills the tree, which must hold no records, with `records` (full keys in strictly
+    /// increasing order, and values), in full chunks (each of one space), [`COMMIT_BATCH_KEYS_MAX`] chunks per
+    /// batch, without holding more than one batch in memory. Blocking; not a durability point.
+    pub fn fill(
+        &mut self,
+        records: impl IntoIterator<Item = Result<(Vec<u8>, Vec<u8>)>>,
+    ) -> Result<()> {
+        assert!(
+            self.pending.is_empty(),
+            "a tree is filled with nothing uncommitted"
+        );
+        let mut writes = Vec::new();
+        let mut chunk: Entries = Vec::new();
+        let mut bytes = 0;
+        let cut = |chunk: &mut Entries, writes: &mut Vec<_>| -> Result<()> {
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let chunk = std::mem::take(chunk);
+            writes.push((chunk[0].0.clone(), Some(chunks::encode(&chunk))));
+            if writes.len() == COMMIT_BATCH_KEYS_MAX {
+                self.write(std::mem::take(writes), sled::Batch::default())?;
+            }
+            Ok(())
+        };
+        for record in records {
+            let (key, value) = record?;
+            assert!(
+                is_chunk_key(&key),
+                "a record's key starts with its space's byte"
+            );
+            if let Some((last, _)) = chunk.last() {
+                assert!(*last < key, "a tree is filled in key order");
+            }
+            let size = key.len() + value.len() + 3;
+            let other_space = chunk.first().is_some_and(|(first, _)| first[0] != key[0]);
+            let full = chunk
+                .first()
+                .is_some_and(|(first, _)| bytes + size > self.chunk_bytes(first));
+            if other_space || full {
+                cut(&mut chunk, &mut writes)?;
+                bytes = 0;
+            }
+            bytes += size;
+            chunk.push((key, value));
+        }
+        cut(&mut chunk, &mut writes)?;
+        self.write(writes, sled::Batch::default())
     }
 
     /// Forgets what waits (the tree keeps what was committed).
@@ -210,12 +388,41 @@ pub struct CapturedView {
     id: u64,
     tree: sled::Tree,
     capture: Arc<Mutex<Option<Capture>>>,
+    /// The rest of the chunk read last.
+    chunk: std::vec::IntoIter<(Vec<u8>, Vec<u8>)>,
 }
 
 impl CapturedView {
+    /// The records of the view, in key order, as an iterator (stops at the first error,
+    /// which it yields).
+    pub fn records(&mut self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if failed {
+                return None;
+            }
+            let next = self.next_record().transpose();
+            failed = matches!(next, Some(Err(_)));
+            next
+        })
+    }
+
     /// The next record of the view: (full key, with its space's byte first; value), or `None`
-    /// at the end. Each step holds the capture's lock (a commit waits for at most one step).
+    /// at the end. Each chunk is read under the capture's lock (a commit waits for at most one
+    /// chunk's read).
     pub fn next_record(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        loop {
+            if let Some(record) = self.chunk.next() {
+                return Ok(Some(record));
+            }
+            match self.next_chunk()? {
+                Some(entries) => self.chunk = entries.into_iter(),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<Entries>> {
         let mut guard = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(capture) = guard.as_mut().filter(|c| c.id == self.id) else {
             return Err(Error::Invalid(
@@ -231,6 +438,7 @@ impl CapturedView {
                 tree.range::<Vec<u8>, _>((after.clone(), Bound::Unbounded))
                     .next()
                     .transpose()
+                    .map(|found| found.filter(|(k, _)| is_chunk_key(k)))
                     .map_err(|e| Error::sled(what, e))
             };
             let in_tree = read(&self.tree, "reading a captured view")?;
@@ -249,7 +457,9 @@ impl CapturedView {
                 None => in_tree.map(|(_, v)| v.to_vec()),
             };
             if let Some(value) = value {
-                return Ok(Some((key, value)));
+                let entries = chunks::decode(&value)
+                    .map_err(|e| Error::Invalid(format!("a captured chunk: {e}")))?;
+                return Ok(Some(entries));
             }
         }
     }
@@ -318,23 +528,21 @@ where
 }
 
 impl SledRecords {
-    /// The entries of `space` among the tree's `disk` and the overlay's `mem` (both in the
-    /// same direction, starting where the scan starts), merged, without the space's byte.
+    /// The entries of `space` among the tree's records `disk` (full keys, in the scan's
+    /// direction, starting where the scan starts) and the overlay's `mem`, merged, without the
+    /// space's byte.
     fn merged<'a>(
         &'a self,
         space: Space,
-        disk: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
-        mem: impl Iterator<Item = (&'a Vec<u8>, &'a Pending)> + 'a,
+        disk: impl Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a,
+        mem: impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a,
         reverse: bool,
     ) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
         let tag = space as u8;
-        let disk = disk
-            .map(move |r| r.unwrap_or_else(|e| read_failed(space, e)))
-            .take_while(move |(k, _)| k[0] == tag)
-            .map(|(k, v)| (k.to_vec(), v.to_vec()));
+        let disk = disk.take_while(move |(k, _)| k[0] == tag);
         let mem = mem
             .take_while(move |(k, _)| k[0] == tag)
-            .map(|(k, p)| (k.clone(), p.value.clone()));
+            .map(|(k, v)| (k.clone(), v.clone()));
         Box::new(
             Overlay {
                 disk: disk.peekable(),
@@ -344,54 +552,33 @@ impl SledRecords {
             .map(|(k, v)| (k[1..].to_vec(), v)),
         )
     }
+}
 
-    fn on_disk(&self, space: Space, full: &[u8]) -> bool {
-        self.tree
-            .contains_key(full)
-            .unwrap_or_else(|e| read_failed(space, e))
-    }
+/// A decoded chunk's records, copied one at a time as they are taken.
+fn records_of(entries: Arc<Entries>) -> impl DoubleEndedIterator<Item = (Vec<u8>, Vec<u8>)> {
+    (0..entries.len()).map(move |i| entries[i].clone())
 }
 
 impl Records for SledRecords {
     fn get(&self, space: Space, key: &[u8]) -> Option<Vec<u8>> {
         let full = full_key(space, key);
         if let Some(pending) = self.pending.get(&full) {
-            return pending.value.clone();
+            return pending.clone();
         }
-        match self.tree.get(&full) {
-            Ok(value) => value.map(|v| v.to_vec()),
-            Err(e) => read_failed(space, e),
-        }
+        let (_, entries) = self.chunk_at(&full)?;
+        let at = entries
+            .binary_search_by(|(k, _)| k.as_slice().cmp(&full))
+            .ok()?;
+        Some(entries[at].1.clone())
     }
 
     fn put(&mut self, space: Space, key: &[u8], value: &[u8]) {
-        let full = full_key(space, key);
-        if let Some(pending) = self.pending.get_mut(&full) {
-            pending.value = Some(value.to_vec());
-            return;
-        }
-        let on_disk = self.on_disk(space, &full);
-        let value = Some(value.to_vec());
-        self.pending.insert(full, Pending { value, on_disk });
+        self.pending
+            .insert(full_key(space, key), Some(value.to_vec()));
     }
 
     fn delete(&mut self, space: Space, key: &[u8]) {
-        let full = full_key(space, key);
-        match self.pending.get_mut(&full) {
-            Some(pending) if pending.on_disk => pending.value = None,
-            Some(_) => {
-                self.pending.remove(&full);
-            }
-            None => {
-                if self.on_disk(space, &full) {
-                    let gone = Pending {
-                        value: None,
-                        on_disk: true,
-                    };
-                    self.pending.insert(full, gone);
-                }
-            }
-        }
+        self.pending.insert(full_key(space, key), None);
     }
 
     fn scan_from<'a>(
@@ -400,14 +587,32 @@ impl Records for SledRecords {
         from: &[u8],
     ) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
         let start = full_key(space, from);
-        let disk = self.tree.range(start.clone()..);
+        let first = match self.chunk_at(&start) {
+            Some((chunk, _)) => chunk.to_vec(),
+            None => start.clone(),
+        };
+        let skip_below = start.clone();
+        let disk = self
+            .tree
+            .range(first..)
+            .map(move |r| r.unwrap_or_else(|e| read_failed(space, e)))
+            .take_while(|(k, _)| is_chunk_key(k))
+            .flat_map(|(k, v)| records_of(self.entries(&k, &v)))
+            .skip_while(move |(k, _)| *k < skip_below);
         let mem = self.pending.range(start..);
         self.merged(space, disk, mem, false)
     }
 
     fn scan_back<'a>(&'a self, space: Space) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
         let end = vec![space as u8 + 1];
-        let disk = self.tree.range(..end.clone()).rev();
+        let skip_from = end.clone();
+        let disk = self
+            .tree
+            .range(..end.clone())
+            .rev()
+            .map(move |r| r.unwrap_or_else(|e| read_failed(space, e)))
+            .flat_map(|(k, v)| records_of(self.entries(&k, &v)).rev())
+            .skip_while(move |(k, _)| *k >= skip_from);
         let mem = self.pending.range(..end).rev();
         self.merged(space, disk, mem, true)
     }

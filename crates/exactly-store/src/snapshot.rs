@@ -104,9 +104,42 @@ struct TableAndPayloads {
 
 /// The same, for encoding without cloning the table again.
 #[derive(Serialize)]
-struct TableAndPayloadsRef<'a> {
-    table: &'a JobTable,
-    payloads: &'a [(JobId, Vec<u8>)],
+#[serde(bound = "")]
+struct TableAndPayloadsRef<'a, R: exactly_core::records::Records> {
+    table: &'a JobTable<R>,
+    payloads: Payloads<'a>,
+}
+
+/// The payloads a snapshot carries (encoded as the list `Vec<(JobId, Vec<u8>)>` was).
+pub(crate) enum Payloads<'a> {
+    /// Read into memory (a build from an in-memory table).
+    Collected(&'a [(JobId, Vec<u8>)]),
+    /// In a tree of their own, id → payload (a build from disk: read one at a time).
+    Tree(&'a sled::Tree),
+}
+
+impl Serialize for Payloads<'_> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeSeq};
+        match self {
+            Payloads::Collected(payloads) => payloads.serialize(serializer),
+            Payloads::Tree(tree) => {
+                let mut seq = serializer.serialize_seq(Some(tree.len()))?;
+                for entry in tree.iter() {
+                    let (id, payload) = entry.map_err(S::Error::custom)?;
+                    let id: [u8; 8] = id.as_ref().try_into().map_err(S::Error::custom)?;
+                    seq.serialize_element(&(
+                        u64::from_be_bytes(id),
+                        serde_bytes::Bytes::new(&payload),
+                    ))?;
+                }
+                seq.end()
+            }
+        }
+    }
 }
 
 /// One finished job after the table and payloads: what the table keeps of it, and its archived
@@ -136,9 +169,9 @@ struct Finished {
 /// Encodes snapshot data into `w` (buffered by the caller or not: this buffers):
 /// `[FORMAT][postcard(table, payloads)][postcard(u64 n)][postcard(finished job)] * n`, the
 /// finished jobs in id order with their records read from `archived` one at a time.
-pub(crate) fn encode_body_to(
-    table: &JobTable,
-    payloads: &[(JobId, Vec<u8>)],
+pub(crate) fn encode_body_to<R: exactly_core::records::Records>(
+    table: &JobTable<R>,
+    payloads: Payloads<'_>,
     mut archived: impl FnMut(JobId) -> Result<Option<sled::IVec>>,
     w: impl Write,
 ) -> Result<()> {
@@ -179,7 +212,7 @@ pub(crate) fn encode_body(
     let mut data = Vec::new();
     encode_body_to(
         table,
-        payloads,
+        Payloads::Collected(payloads),
         |id| {
             archive
                 .get(&id)
@@ -603,7 +636,12 @@ pub(crate) mod tests {
         assert!(current(dir).unwrap().is_none());
         assert_eq!(size(dir).unwrap(), 0);
         let data = write_data(dir, 42, |f| {
-            encode_body_to(&JobTable::new(), &[(1, vec![1, 2, 3])], |_| Ok(None), f)
+            encode_body_to(
+                &JobTable::new(),
+                Payloads::Collected(&[(1, vec![1, 2, 3])]),
+                |_| Ok(None),
+                f,
+            )
         })
         .unwrap();
         point_to(dir, &meta(42), &data).unwrap();

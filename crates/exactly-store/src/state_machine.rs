@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::raft_types::{Entry, EntryPayload, LogId, Snapshot, StoredMembership};
 use crate::records::{CapturedView, NodeRecords, SledRecords, TableStorage};
 use crate::snapshot::{self, Meta};
-use crate::store::{Store, PAYLOAD_BATCH_KEYS_MAX};
+use crate::store::Store;
 use crate::{IssuedTokens, Observer, TypeConfig};
 
 /// How long apply calls' writes may wait in memory before they go to the state tree. Within
@@ -392,9 +392,9 @@ fn place(
 
 /// Makes the state tree hold `table` (an in-memory table: a snapshot's) with the given last
 /// applied log id and membership, and returns the table on it. The head is removed first and
-/// written last, a few hundred records per batch between (large sled batches leak space: see
-/// [`crate::PURGE_BATCH_KEYS_MAX`]), so a crash half-way leaves a state without a head, which
-/// the next load rebuilds from the snapshot again.
+/// written last, the records in full chunks between ([`SledRecords::fill`]), so a crash
+/// half-way leaves a state without a head, which the next load rebuilds from the snapshot
+/// again.
 fn write_state(
     store: &Store,
     table: &JobTable,
@@ -405,31 +405,23 @@ fn write_state(
     store.forget_state()?;
     tree.clear()
         .map_err(|e| Error::sled("clearing the state", e))?;
-    let mut batch = sled::Batch::default();
-    let mut in_batch = 0;
-    for space in Space::ALL {
-        for (key, value) in table.records().scan_from(space, &[]) {
-            batch.insert(exactly_core::records::layout::full_key(space, &key), value);
-            in_batch += 1;
-            if in_batch == PAYLOAD_BATCH_KEYS_MAX {
-                tree.apply_batch(std::mem::take(&mut batch))
-                    .map_err(|e| Error::sled("writing the state", e))?;
-                in_batch = 0;
-            }
-        }
-    }
+    let mut records = SledRecords::new(tree.clone());
+    records.fill(Space::ALL.into_iter().flat_map(|space| {
+        table
+            .records()
+            .scan_from(space, &[])
+            .map(move |(key, value)| {
+                Ok((exactly_core::records::layout::full_key(space, &key), value))
+            })
+    }))?;
     let head = StateHead {
         last_applied,
         membership: membership.clone(),
         table: table.head(),
     };
-    batch.insert(STATE_HEAD, encode("state head", &head)?);
-    tree.apply_batch(batch)
+    tree.insert(STATE_HEAD, encode("state head", &head)?)
         .map_err(|e| Error::sled("writing the state", e))?;
-    Ok(JobTable::from_parts(
-        head.table,
-        NodeRecords::Disk(SledRecords::new(tree.clone())),
-    ))
+    Ok(JobTable::from_parts(head.table, NodeRecords::Disk(records)))
 }
 
 /// A copy of `table` in memory (for tests and snapshot builds of small states).
@@ -712,23 +704,49 @@ enum View {
     },
 }
 
-impl View {
-    /// The table of the view, in memory. The snapshot format still holds the table as one value
-    /// (format 4), so a build from the state tree holds one copy of the records while it runs.
-    fn read(self) -> Result<JobTable> {
-        let (mut view, head) = match self {
-            View::Copied(table) => return Ok(table),
-            View::Captured { records, head } => (records, head),
-        };
-        let mut records = MemRecords::default();
-        while let Some((key, value)) = view.next_record()? {
-            let Some(space) = Space::ALL.iter().find(|s| **s as u8 == key[0]) else {
-                continue; // the head
-            };
-            records.put(*space, &key[1..], &value);
+/// Writes the snapshot data of a captured view of the state tree, without holding its records
+/// in memory: the view is copied into the build tree (in key order, in full chunks), the
+/// payloads of its live jobs into the build payloads tree, and the data is encoded from those
+/// (format 4 reads each family in its own order, which one pass over the view cannot give).
+/// Fails if an install ended the view meanwhile. The build trees are emptied again after.
+fn build_from_disk(
+    store: &Store,
+    mut view: CapturedView,
+    head: TableHead,
+    label: u64,
+) -> Result<std::path::PathBuf> {
+    let build = store
+        .inner
+        .state_build
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (records_tree, payloads_tree) = &*build;
+    let clear = || -> Result<()> {
+        records_tree
+            .clear()
+            .and_then(|()| payloads_tree.clear())
+            .map_err(|e| Error::sled("clearing a snapshot build's trees", e))
+    };
+    clear()?;
+    let built = (|| {
+        let mut records = SledRecords::new(records_tree.clone());
+        records.fill(view.records())?;
+        drop(view);
+        let table = JobTable::from_parts(head, records);
+        for job in table.jobs().filter(|j| !j.status.is_terminal()) {
+            if let Some(payload) = store.payload(job.id)? {
+                payloads_tree
+                    .insert(job.id.to_be_bytes(), payload)
+                    .map_err(|e| Error::sled("copying a payload for a snapshot build", e))?;
+            }
         }
-        Ok(JobTable::from_parts(head, records))
-    }
+        store.write_snapshot_data(label, |f| {
+            let payloads = snapshot::Payloads::Tree(payloads_tree);
+            snapshot::encode_body_to(&table, payloads, |id| store.archived_raw(id), f)
+        })
+    })();
+    clear()?;
+    built
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -749,8 +767,24 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let view = view?.ok_or_else(|| {
                 Error::Invalid("a snapshot builder builds one snapshot".to_string())
             })?;
-            let table = match view.read() {
-                Ok(table) => table,
+            let label = meta.last_log_id.map_or(0, |l| l.index);
+            let built = match view {
+                View::Copied(table) => {
+                    let mut payloads = Vec::new();
+                    for job in table.jobs().filter(|j| !j.status.is_terminal()) {
+                        if let Some(payload) = store.payload(job.id)? {
+                            payloads.push((job.id, payload));
+                        }
+                    }
+                    store.write_snapshot_data(label, |f| {
+                        let payloads = snapshot::Payloads::Collected(&payloads);
+                        snapshot::encode_body_to(&table, payloads, |id| store.archived_raw(id), f)
+                    })
+                }
+                View::Captured { records, head } => build_from_disk(&store, records, head, label),
+            };
+            let path = match built {
+                Ok(path) => path,
                 Err(e) => {
                     // An install replaced the state while this view was read: the installed
                     // snapshot is newer than this one would have been, so it is the answer.
@@ -767,16 +801,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     return Err(e);
                 }
             };
-            let mut payloads = Vec::new();
-            for job in table.jobs().filter(|j| !j.status.is_terminal()) {
-                if let Some(payload) = store.payload(job.id)? {
-                    payloads.push((job.id, payload));
-                }
-            }
-            let label = meta.last_log_id.map_or(0, |l| l.index);
-            let path = store.write_snapshot_data(label, |f| {
-                snapshot::encode_body_to(&table, &payloads, |id| store.archived_raw(id), f)
-            })?;
             let data = std::fs::File::open(&path)
                 .map_err(|e| Error::io("opening a built snapshot's data", e))?;
             if !store.persist_snapshot(&meta, &path, true)? {

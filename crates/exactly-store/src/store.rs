@@ -97,6 +97,8 @@ const TREE_PAYLOADS: &str = "payloads";
 const TREE_ARCHIVE: &str = "archive";
 const TREE_STATE: &str = "state";
 const TREE_STATE_CAPTURE: &str = "state_capture";
+const TREE_STATE_BUILD: &str = "state_build";
+const TREE_STATE_BUILD_PAYLOADS: &str = "state_build_payloads";
 
 pub(crate) const META_VOTE: &[u8] = b"vote";
 pub(crate) const META_COMMITTED: &[u8] = b"committed";
@@ -124,6 +126,10 @@ pub(crate) struct Inner {
     /// The values a snapshot build's consistent view of `state` saves (see
     /// [`crate::SledRecords::capture`]).
     pub(crate) state_capture: sled::Tree,
+    /// A snapshot build's copy of its view of `state` and the payloads of its live jobs (so
+    /// that a build from disk never holds the records in memory), with the lock that keeps
+    /// builds one at a time. Emptied after each build.
+    pub(crate) state_build: Mutex<(sled::Tree, sled::Tree)>,
     durability: Durability,
     /// Test seams at the durability points (see `durability.rs`); default in production.
     pub(crate) options: StoreOptions,
@@ -198,6 +204,7 @@ impl Store {
         let (log, meta, payloads) = (tree(TREE_LOG)?, tree(TREE_META)?, tree(TREE_PAYLOADS)?);
         let archive = tree(TREE_ARCHIVE)?;
         let (state, state_capture) = (tree(TREE_STATE)?, tree(TREE_STATE_CAPTURE)?);
+        let state_build = Mutex::new((tree(TREE_STATE_BUILD)?, tree(TREE_STATE_BUILD_PAYLOADS)?));
         let db_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -224,6 +231,7 @@ impl Store {
                 archive,
                 state,
                 state_capture,
+                state_build,
                 durability: Durability {
                     db_file,
                     blobs_dir,

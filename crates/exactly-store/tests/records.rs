@@ -81,10 +81,11 @@ proptest! {
     fn sled_records_read_as_the_model_and_keep_what_was_committed(
         ops in proptest::collection::vec(op(), 1..80),
         probes in proptest::collection::vec(key(), 1..6),
+        chunk_bytes in chunk_bytes(),
     ) {
         let dir = tempfile::tempdir().expect("temp dir");
         let tree = tree(&dir);
-        let mut sled = SledRecords::new(tree.clone());
+        let mut sled = SledRecords::with_chunk_bytes(tree.clone(), chunk_bytes);
         let mut model = MemRecords::default();
         let mut committed = MemRecords::default();
         for op in ops {
@@ -103,13 +104,46 @@ proptest! {
                     committed = model.clone();
                 }
                 Op::Reopen => {
-                    sled = SledRecords::new(tree.clone());
+                    sled = SledRecords::with_chunk_bytes(tree.clone(), chunk_bytes);
                     model = committed.clone();
                 }
             }
             same(&sled, &model, &probes)?;
         }
     }
+
+    #[test]
+    fn a_tree_filled_in_key_order_reads_as_the_model(
+        ops in proptest::collection::vec(op(), 0..80),
+        probes in proptest::collection::vec(key(), 1..6),
+        chunk_bytes in chunk_bytes(),
+    ) {
+        let mut model = MemRecords::default();
+        for op in ops {
+            match op {
+                Op::Put(space, key, value) => model.put(space, &key, &value),
+                Op::Delete(space, key) => model.delete(space, &key),
+                Op::Commit | Op::Reopen => {}
+            }
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tree = tree(&dir);
+        let mut sled = SledRecords::with_chunk_bytes(tree.clone(), chunk_bytes);
+        sled.fill(full_records(&model).into_iter().map(Ok)).expect("fill");
+        same(&sled, &model, &probes)?;
+        let reopened = SledRecords::new(tree);
+        same(&reopened, &model, &probes)?;
+    }
+}
+
+/// Chunk sizes from one record per chunk to a few to all of them in one.
+fn chunk_bytes() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        Just(1usize),
+        Just(12),
+        Just(30),
+        Just(exactly_store::CHUNK_BYTES_MAX)
+    ]
 }
 
 /// A small deterministic generator (xorshift64*), so the workload below is the same every run.
@@ -212,8 +246,19 @@ fn shell_view(effects: &[Effect]) -> String {
 
 #[test]
 fn a_table_on_sled_applies_exactly_as_the_table_in_memory() {
+    table_on_sled_against_memory(exactly_store::CHUNK_BYTES_MAX);
+}
+
+/// The same with chunks of a few records, which split and empty all the time.
+#[test]
+fn a_table_on_sled_in_small_chunks_applies_exactly_as_the_table_in_memory() {
+    table_on_sled_against_memory(64);
+}
+
+fn table_on_sled_against_memory(chunk_bytes: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut on_sled = JobTable::with_records(SledRecords::new(tree(&dir)));
+    let mut on_sled =
+        JobTable::with_records(SledRecords::with_chunk_bytes(tree(&dir), chunk_bytes));
     let mut in_memory = JobTable::new();
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut now_ms = 1_000_000;
@@ -338,6 +383,7 @@ proptest! {
     fn a_captured_view_reads_the_records_as_they_were_whatever_is_committed_meanwhile(
         before in proptest::collection::vec(op(), 0..40),
         during in proptest::collection::vec(step(), 0..80),
+        chunk_bytes in chunk_bytes(),
     ) {
         let dir = tempfile::tempdir().expect("temp dir");
         let tree = tree(&dir);
@@ -345,7 +391,7 @@ proptest! {
             .path(dir.path().join("saved"))
             .open()
             .expect("sled opens");
-        let mut sled = SledRecords::new(tree.clone());
+        let mut sled = SledRecords::with_chunk_bytes(tree.clone(), chunk_bytes);
         let mut model = MemRecords::default();
         for op in before {
             match op {
@@ -396,7 +442,8 @@ fn a_captured_view_holds_while_another_thread_commits() {
         .path(dir.path().join("saved"))
         .open()
         .expect("sled opens");
-    let mut sled = SledRecords::new(tree);
+    // About 4 records per chunk: writes split and remove chunks ahead of the reader and behind.
+    let mut sled = SledRecords::with_chunk_bytes(tree, 100);
     let mut model = MemRecords::default();
     for i in 0..2_000u64 {
         let key = (i * 7 % 2_000).to_be_bytes();
@@ -444,7 +491,8 @@ fn a_captured_view_holds_while_another_thread_commits() {
 fn a_marked_commit_of_many_writes_lands_whole_with_its_mark() {
     let dir = tempfile::tempdir().unwrap();
     let tree = tree(&dir);
-    let mut sled = SledRecords::new(tree.clone());
+    // One record per chunk: every record is a sled write of its own.
+    let mut sled = SledRecords::with_chunk_bytes(tree.clone(), 1);
     let mut model = MemRecords::default();
     let mark: &[u8] = b"\xFFhead";
     for (round, writes) in [

@@ -298,6 +298,41 @@ async fn with_the_table_on_disk_a_restart_resumes_from_disk_or_else_from_the_sna
     restart_resumes(TableStorage::Disk).await
 }
 
+/// A snapshot built from the state on disk (through the build trees, never the records in
+/// memory) holds the same bytes as one built from the same state in memory: pending, running
+/// and finished jobs, idempotency keys, delayed jobs, an ordering line and several chunks of
+/// records.
+#[tokio::test]
+async fn a_snapshot_built_from_disk_holds_the_bytes_of_one_built_in_memory() -> anyhow::Result<()> {
+    let mut entries = scenario();
+    let jobs: Vec<NewJob> = (0..2_000u32)
+        .map(|i| NewJob {
+            idempotency_key: Some(format!("key-{}", i.wrapping_mul(2_654_435_761))),
+            ordering_key: (i % 100 == 0).then(|| "customer-7".to_string()),
+            run_at_ms: if i % 7 == 0 { 10_000_000 } else { 0 },
+            ..new_job(format!("payload {i}").as_bytes())
+        })
+        .collect();
+    entries.push(normal(6, Command::Submit(jobs[..1_000].to_vec())));
+    entries.push(normal(7, Command::Submit(jobs[1_000..].to_vec())));
+    entries.push(normal(8, assign(&[3])));
+    let mut built = Vec::new();
+    for table in [TableStorage::Memory, TableStorage::Disk] {
+        let dir = tempfile::tempdir()?;
+        let store = open(dir.path(), table)?;
+        let mut sm = store.state_machine(Arc::new(NoopObserver))?;
+        sm.apply_entries(entries.clone()).await?;
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await?;
+        let mut data = snapshot.snapshot.into_std().await;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut data, &mut bytes)?;
+        built.push(bytes);
+    }
+    assert!(built[0].len() > 2_000 * 20, "{} bytes", built[0].len());
+    assert!(built[0] == built[1], "the two snapshots differ");
+    Ok(())
+}
+
 fn open(dir: &std::path::Path, table: TableStorage) -> exactly_store::Result<Store> {
     let options = exactly_store::StoreOptions {
         table,

@@ -26,9 +26,9 @@ fn named<E: serde::de::Error>(what: &str, name: &str) -> Result<(), E> {
 }
 
 /// The job records as the map they were: id → record, in id order.
-struct JobsOut<'a>(&'a MemRecords);
+struct JobsOut<'a, R>(&'a R);
 
-impl Serialize for JobsOut<'_> {
+impl<R: Records> Serialize for JobsOut<'_, R> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.count(Space::Jobs)))?;
         for (key, value) in self.0.scan_from(Space::Jobs, &[]) {
@@ -77,23 +77,23 @@ impl<'de> Deserialize<'de> for JobsIn {
 }
 
 /// The queues as the map they were, each with its ready set where its field was.
-struct QueuesOut<'a>(&'a JobTable);
+struct QueuesOut<'a, R>(&'a JobTable<R>);
 
 /// One queue as the struct it was.
 #[derive(Serialize)]
-#[serde(rename = "QueueState")]
-struct QueueOut<'a> {
+#[serde(rename = "QueueState", bound = "")]
+struct QueueOut<'a, R: Records> {
     config: &'a QueueConfig,
-    ready: ReadyOut<'a>,
+    ready: ReadyOut<'a, R>,
     running: u32,
     live: u64,
     rate_tat_us: u64,
 }
 
 /// A queue's ready index as the set of (negated priority, id) it was.
-struct ReadyOut<'a>(&'a JobTable, &'a str);
+struct ReadyOut<'a, R>(&'a JobTable<R>, &'a str);
 
-impl Serialize for ReadyOut<'_> {
+impl<R: Records> Serialize for ReadyOut<'_, R> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.0.ready_entries(self.1).count()))?;
         for entry in self.0.ready_entries(self.1) {
@@ -103,7 +103,7 @@ impl Serialize for ReadyOut<'_> {
     }
 }
 
-impl Serialize for QueuesOut<'_> {
+impl<R: Records> Serialize for QueuesOut<'_, R> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.queues.len()))?;
         for (name, q) in &self.0.queues {
@@ -132,9 +132,9 @@ struct QueueIn {
 }
 
 /// The ordering lines as the map they were: (queue, ordering key) → jobs in order.
-struct LinesOut<'a>(&'a MemRecords);
+struct LinesOut<'a, R>(&'a R);
 
-impl Serialize for LinesOut<'_> {
+impl<R: Records> Serialize for LinesOut<'_, R> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.count(Space::Lines)))?;
         for (key, value) in self.0.scan_from(Space::Lines, &[]) {
@@ -146,9 +146,9 @@ impl Serialize for LinesOut<'_> {
 }
 
 /// A (time, job id) index as the set it was.
-struct TimeIndexOut<'a>(&'a MemRecords, Space);
+struct TimeIndexOut<'a, R>(&'a R, Space);
 
-impl Serialize for TimeIndexOut<'_> {
+impl<R: Records> Serialize for TimeIndexOut<'_, R> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.0.count(self.1)))?;
         for (key, _) in self.0.scan_from(self.1, &[]) {
@@ -159,9 +159,9 @@ impl Serialize for TimeIndexOut<'_> {
 }
 
 /// The idempotency keys as the map they were: key → record, in key order.
-struct KeysOut<'a>(&'a MemRecords);
+struct KeysOut<'a, R>(&'a R);
 
-impl Serialize for KeysOut<'_> {
+impl<R: Records> Serialize for KeysOut<'_, R> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.count(Space::Keys)))?;
         for (key, value) in self.0.scan_from(Space::Keys, &[]) {
@@ -173,9 +173,9 @@ impl Serialize for KeysOut<'_> {
 }
 
 /// The keys' age index as the set it was: (first use, key), in that order.
-struct AgesOut<'a>(&'a MemRecords);
+struct AgesOut<'a, R>(&'a R);
 
-impl Serialize for AgesOut<'_> {
+impl<R: Records> Serialize for AgesOut<'_, R> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.0.count(Space::KeysByAge)))?;
         for (key, _) in self.0.scan_from(Space::KeysByAge, &[]) {
@@ -186,20 +186,20 @@ impl Serialize for AgesOut<'_> {
 }
 
 #[derive(Serialize)]
-#[serde(rename = "JobTable")]
-struct Encoded<'a> {
+#[serde(rename = "JobTable", bound = "")]
+struct Encoded<'a, R: Records> {
     next_job_id: JobId,
     now_ms: u64,
-    jobs: JobsOut<'a>,
-    queues: QueuesOut<'a>,
-    delayed: TimeIndexOut<'a>,
+    jobs: JobsOut<'a, R>,
+    queues: QueuesOut<'a, R>,
+    delayed: TimeIndexOut<'a, R>,
     running: &'a BTreeMap<NodeId, BTreeSet<JobId>>,
     nodes: &'a BTreeMap<NodeId, NodeEntry>,
-    ordering: LinesOut<'a>,
-    keys: KeysOut<'a>,
-    keys_by_age: AgesOut<'a>,
-    finished: TimeIndexOut<'a>,
-    dead: TimeIndexOut<'a>,
+    ordering: LinesOut<'a, R>,
+    keys: KeysOut<'a, R>,
+    keys_by_age: AgesOut<'a, R>,
+    finished: TimeIndexOut<'a, R>,
+    dead: TimeIndexOut<'a, R>,
     schedules: &'a BTreeMap<String, Schedule>,
     counts: &'a StateCounts,
     leaving: &'a BTreeMap<NodeId, Leave>,
@@ -208,7 +208,7 @@ struct Encoded<'a> {
     tokens: &'a BTreeMap<String, crate::access::IssuedToken>,
 }
 
-impl Serialize for JobTable {
+impl<R: Records> Serialize for JobTable<R> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         Encoded {
             next_job_id: self.next_job_id,
