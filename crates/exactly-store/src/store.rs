@@ -95,7 +95,11 @@ const TREE_LOG: &str = "log";
 const TREE_META: &str = "meta";
 const TREE_PAYLOADS: &str = "payloads";
 const TREE_ARCHIVE: &str = "archive";
-const TREE_STATE: &str = "state";
+/// The state tree, its records packed in chunks (`chunks.rs`).
+const TREE_STATE: &str = "state_chunks";
+/// The state tree of the earlier layout (a sled key per record): dropped at open, so that its
+/// state is rebuilt from the snapshot and the log, as in a fresh directory.
+const TREE_STATE_UNCHUNKED: &str = "state";
 const TREE_STATE_CAPTURE: &str = "state_capture";
 const TREE_STATE_BUILD: &str = "state_build";
 const TREE_STATE_BUILD_PAYLOADS: &str = "state_build_payloads";
@@ -203,6 +207,14 @@ impl Store {
         };
         let (log, meta, payloads) = (tree(TREE_LOG)?, tree(TREE_META)?, tree(TREE_PAYLOADS)?);
         let archive = tree(TREE_ARCHIVE)?;
+        if db
+            .tree_names()
+            .iter()
+            .any(|name| name.as_ref() == TREE_STATE_UNCHUNKED.as_bytes())
+        {
+            db.drop_tree(TREE_STATE_UNCHUNKED)
+                .map_err(|e| Error::sled("dropping the state tree of the earlier layout", e))?;
+        }
         let (state, state_capture) = (tree(TREE_STATE)?, tree(TREE_STATE_CAPTURE)?);
         let state_build = Mutex::new((tree(TREE_STATE_BUILD)?, tree(TREE_STATE_BUILD_PAYLOADS)?));
         let db_file = OpenOptions::new()

@@ -333,6 +333,40 @@ async fn a_snapshot_built_from_disk_holds_the_bytes_of_one_built_in_memory() -> 
     Ok(())
 }
 
+/// A data directory whose state tree has the earlier layout (a sled key per record, which the
+/// chunked layout cannot read) opens on disk: that tree is dropped and the state rebuilt from
+/// the snapshot and the log.
+#[tokio::test]
+async fn a_state_tree_of_the_earlier_layout_is_dropped_and_rebuilt() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (before, last) = {
+        let store = open(dir.path(), TableStorage::Disk)?;
+        let mut sm = store.state_machine(Arc::new(NoopObserver))?;
+        sm.apply_entries(scenario()).await?;
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        (sm.read(exactly_store::in_memory), sm.last_applied())
+    };
+    {
+        let db = sled::Config::new().path(dir.path().join("sled")).open()?;
+        let old = db.open_tree("state")?;
+        old.insert(
+            [0u8, 0, 0, 0, 0, 0, 0, 0, 1],
+            &b"a record of the earlier layout"[..],
+        )?;
+        old.insert(b"\xFFhead", &b"a head of the earlier layout"[..])?;
+        db.flush()?;
+    }
+    let store = open(dir.path(), TableStorage::Disk)?;
+    let sm = store.state_machine(Arc::new(NoopObserver))?;
+    assert_eq!(sm.read(exactly_store::in_memory), before);
+    assert_eq!(sm.last_applied(), last);
+    drop(sm);
+    drop(store);
+    let db = sled::Config::new().path(dir.path().join("sled")).open()?;
+    assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"state"));
+    Ok(())
+}
+
 fn open(dir: &std::path::Path, table: TableStorage) -> exactly_store::Result<Store> {
     let options = exactly_store::StoreOptions {
         table,
