@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use exactly_core::{Request, Response, StartAttempt};
 
+mod chunked;
 mod chunks;
 mod codec;
 mod durability;

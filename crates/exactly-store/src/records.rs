@@ -12,7 +12,7 @@
 //! replica that cannot read its state must not apply an entry on a guess (the `Records` trait
 //! is infallible because apply is).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::iter::Peekable;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use exactly_core::records::layout::full_key;
 use exactly_core::records::{MemRecords, Records, Space};
 
+use crate::chunked::{is_chunk_key, read_failed, records_of, ChunkedTree};
 use crate::chunks::{self, Entries};
 use crate::error::{Error, Result};
 
@@ -27,54 +28,14 @@ use crate::error::{Error, Result};
 /// many (sled leaks space and memory with larger batches: see [`crate::PURGE_BATCH_KEYS_MAX`]).
 pub const COMMIT_BATCH_KEYS_MAX: usize = 256;
 
-/// Decoded chunks kept for reads (a few MiB at most: chunks are [`chunks::CHUNK_BYTES_MAX`] at most).
-const CHUNK_CACHE_MAX: usize = 1_024;
-
-/// Sled keys at or after this byte are not chunks (the owner's marks: the state's head).
-const FIRST_MARK_BYTE: u8 = 0xFF;
-
 /// The job table's records in a sled tree, with the writes of the apply calls under way.
 pub struct SledRecords {
-    tree: sled::Tree,
+    /// The committed records, in chunks.
+    chunks: ChunkedTree,
     /// Writes not yet in the tree, by full key (space byte first); `None` removes.
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// The size chunks are cut at, if not each space's own ([`chunks::chunk_bytes_max`]):
-    /// tests cut small chunks.
-    chunk_bytes: Option<usize>,
     /// The capture of a consistent view, while one is read ([`SledRecords::capture`]).
     capture: Arc<Mutex<Option<Capture>>>,
-    /// Chunks decoded lately, by sled key (a commit forgets the ones it writes).
-    cache: Mutex<ChunkCache>,
-}
-
-/// Decoded chunks, the oldest forgotten first.
-#[derive(Default)]
-struct ChunkCache {
-    chunks: HashMap<Vec<u8>, Arc<Entries>>,
-    order: VecDeque<Vec<u8>>,
-}
-
-impl ChunkCache {
-    fn get(&mut self, key: &[u8], value: &[u8]) -> Arc<Entries> {
-        if let Some(entries) = self.chunks.get(key) {
-            return entries.clone();
-        }
-        let entries = Arc::new(decoded(key, value));
-        if self.order.len() >= CHUNK_CACHE_MAX {
-            if let Some(oldest) = self.order.pop_front() {
-                self.chunks.remove(&oldest);
-            }
-        }
-        self.order.push_back(key.to_vec());
-        self.chunks.insert(key.to_vec(), entries.clone());
-        entries
-    }
-
-    fn forget(&mut self, key: &[u8]) {
-        if self.chunks.remove(key).is_some() {
-            self.order.retain(|k| k != key);
-        }
-    }
 }
 
 /// A consistent view being read while apply goes on: the reader walks the chunks in key order,
@@ -100,81 +61,29 @@ impl std::fmt::Debug for SledRecords {
     }
 }
 
-fn read_failed(what: impl std::fmt::Debug, e: impl std::fmt::Display) -> ! {
-    panic!("reading the state's {what:?} records from sled failed: {e}")
-}
-
-/// The records of a chunk read from the tree (a chunk that does not decode stops the process:
-/// see the module's invariant).
-fn decoded(key: &[u8], value: &[u8]) -> Entries {
-    chunks::decode(value).unwrap_or_else(|e| read_failed(key, e))
-}
-
-fn is_chunk_key(key: &[u8]) -> bool {
-    key.first().is_some_and(|b| *b < FIRST_MARK_BYTE)
-}
-
 impl SledRecords {
     /// The records in `tree` (which holds nothing else but keys from byte 0xFF on).
     pub fn new(tree: sled::Tree) -> Self {
-        Self {
-            tree,
-            pending: BTreeMap::new(),
-            chunk_bytes: None,
-            capture: Arc::new(Mutex::new(None)),
-            cache: Mutex::new(ChunkCache::default()),
-        }
+        Self::over(ChunkedTree::new(tree))
     }
 
     /// The same with chunks cut at `chunk_bytes` (any size reads any other's chunks: tests
     /// use small ones to split and merge often).
     pub fn with_chunk_bytes(tree: sled::Tree, chunk_bytes: usize) -> Self {
+        Self::over(ChunkedTree::with_chunk_bytes(tree, chunk_bytes))
+    }
+
+    fn over(chunks: ChunkedTree) -> Self {
         Self {
-            chunk_bytes: Some(chunk_bytes),
-            ..Self::new(tree)
+            chunks,
+            pending: BTreeMap::new(),
+            capture: Arc::new(Mutex::new(None)),
         }
-    }
-
-    /// The size a chunk starting with `key` is cut at.
-    fn chunk_bytes(&self, key: &[u8]) -> usize {
-        self.chunk_bytes
-            .unwrap_or_else(|| chunks::chunk_bytes_max(key))
-    }
-
-    /// The records of the chunk `key` whose value is `value`, decoded once.
-    fn entries(&self, key: &[u8], value: &[u8]) -> Arc<Entries> {
-        self.cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key, value)
-    }
-
-    /// The chunk whose range holds `key`: the one with the greatest sled key at or below it.
-    fn chunk_at(&self, key: &[u8]) -> Option<(sled::IVec, Arc<Entries>)> {
-        self.tree
-            .range::<&[u8], _>(..=key)
-            .next_back()
-            .map(|r| r.unwrap_or_else(|e| read_failed(key, e)))
-            .map(|(k, v)| {
-                let entries = self.entries(&k, &v);
-                (k, entries)
-            })
-    }
-
-    /// The sled key of the first chunk after `key` (the end of the range of the chunk holding
-    /// `key`).
-    fn chunk_after(&self, key: &[u8]) -> Option<sled::IVec> {
-        self.tree
-            .range::<&[u8], _>((Bound::Excluded(key), Bound::Unbounded))
-            .next()
-            .map(|r| r.unwrap_or_else(|e| read_failed(key, e)))
-            .map(|(k, _)| k)
-            .filter(|k| is_chunk_key(k))
     }
 
     /// The tree the records are in.
     pub fn tree(&self) -> &sled::Tree {
-        &self.tree
+        self.chunks.tree()
     }
 
     /// Starts reading a consistent view of the committed records as they are now, while
@@ -200,7 +109,7 @@ impl SledRecords {
         });
         Ok(CapturedView {
             id,
-            tree: self.tree.clone(),
+            tree: self.tree().clone(),
             capture: self.capture.clone(),
             chunk: Vec::new().into_iter(),
         })
@@ -229,24 +138,8 @@ impl SledRecords {
     /// The sled writes (chunk key → new chunk, or `None`: remove) that carry what waits, which
     /// is taken.
     fn plan(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        let mut writes = Vec::new();
-        let mut pending = std::mem::take(&mut self.pending).into_iter().peekable();
-        while let Some((first, _)) = pending.peek() {
-            let (chunk, old) = match self.chunk_at(first) {
-                Some((key, entries)) => (Some(key.to_vec()), entries.as_ref().clone()),
-                None => (None, Vec::new()),
-            };
-            let max_bytes = self.chunk_bytes(chunk.as_deref().unwrap_or(first));
-            let end = self.chunk_after(chunk.as_deref().unwrap_or(first));
-            let mut changes = Vec::new();
-            while let Some(change) =
-                pending.next_if(|(k, _)| end.as_ref().is_none_or(|e| **k < **e))
-            {
-                changes.push(change);
-            }
-            writes.extend(chunks::rewrite(chunk.as_deref(), old, changes, max_bytes));
-        }
-        writes
+        let pending = std::mem::take(&mut self.pending);
+        self.chunks.plan(pending)
     }
 
     /// Writes `writes` and `extra` as one atomic batch, first saving for the capture under way
@@ -264,7 +157,7 @@ impl SledRecords {
                     continue;
                 }
                 let now = self
-                    .tree
+                    .tree()
                     .get(key)
                     .map_err(|e| Error::sled("reading a chunk to save for a capture", e))?;
                 let saved = match now {
@@ -278,16 +171,14 @@ impl SledRecords {
             }
         }
         drop(capture);
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         let mut batch = extra;
         for (key, value) in writes {
-            cache.forget(&key);
             match value {
                 Some(value) => batch.insert(key, value),
                 None => batch.remove(key),
             }
         }
-        self.tree
+        self.tree()
             .apply_batch(batch)
             .map_err(|e| Error::sled("writing the state's records", e))
     }
@@ -313,14 +204,14 @@ impl SledRecords {
             batch.insert(mark, value);
             return self.write(writes, batch);
         }
-        self.tree
+        self.tree()
             .remove(mark)
             .map_err(|e| Error::sled("removing the state's commit mark", e))?;
         while !writes.is_empty() {
             let tail = writes.split_off(writes.len().saturating_sub(COMMIT_BATCH_KEYS_MAX));
             self.write(tail, sled::Batch::default())?;
         }
-        self.tree
+        self.tree()
             .insert(mark, value)
             .map_err(|e| Error::sled("writing the state's commit mark", e))?;
         Ok(())
@@ -337,43 +228,10 @@ impl SledRecords {
             self.pending.is_empty(),
             "a tree is filled with nothing uncommitted"
         );
-        let mut writes = Vec::new();
-        let mut chunk: Entries = Vec::new();
-        let mut bytes = 0;
-        let cut = |chunk: &mut Entries, writes: &mut Vec<_>| -> Result<()> {
-            if chunk.is_empty() {
-                return Ok(());
-            }
-            let chunk = std::mem::take(chunk);
-            writes.push((chunk[0].0.clone(), Some(chunks::encode(&chunk))));
-            if writes.len() == COMMIT_BATCH_KEYS_MAX {
-                self.write(std::mem::take(writes), sled::Batch::default())?;
-            }
-            Ok(())
-        };
-        for record in records {
-            let (key, value) = record?;
-            assert!(
-                is_chunk_key(&key),
-                "a record's key starts with its space's byte"
-            );
-            if let Some((last, _)) = chunk.last() {
-                assert!(*last < key, "a tree is filled in key order");
-            }
-            let size = key.len() + value.len() + 3;
-            let other_space = chunk.first().is_some_and(|(first, _)| first[0] != key[0]);
-            let full = chunk
-                .first()
-                .is_some_and(|(first, _)| bytes + size > self.chunk_bytes(first));
-            if other_space || full {
-                cut(&mut chunk, &mut writes)?;
-                bytes = 0;
-            }
-            bytes += size;
-            chunk.push((key, value));
-        }
-        cut(&mut chunk, &mut writes)?;
-        self.write(writes, sled::Batch::default())
+        self.chunks
+            .fill_with(records, COMMIT_BATCH_KEYS_MAX, |writes| {
+                self.write(writes, sled::Batch::default())
+            })
     }
 
     /// Forgets what waits (the tree keeps what was committed).
@@ -554,22 +412,13 @@ impl SledRecords {
     }
 }
 
-/// A decoded chunk's records, copied one at a time as they are taken.
-fn records_of(entries: Arc<Entries>) -> impl DoubleEndedIterator<Item = (Vec<u8>, Vec<u8>)> {
-    (0..entries.len()).map(move |i| entries[i].clone())
-}
-
 impl Records for SledRecords {
     fn get(&self, space: Space, key: &[u8]) -> Option<Vec<u8>> {
         let full = full_key(space, key);
         if let Some(pending) = self.pending.get(&full) {
             return pending.clone();
         }
-        let (_, entries) = self.chunk_at(&full)?;
-        let at = entries
-            .binary_search_by(|(k, _)| k.as_slice().cmp(&full))
-            .ok()?;
-        Some(entries[at].1.clone())
+        self.chunks.get(&full)
     }
 
     fn put(&mut self, space: Space, key: &[u8], value: &[u8]) {
@@ -587,18 +436,7 @@ impl Records for SledRecords {
         from: &[u8],
     ) -> Box<dyn Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a> {
         let start = full_key(space, from);
-        let first = match self.chunk_at(&start) {
-            Some((chunk, _)) => chunk.to_vec(),
-            None => start.clone(),
-        };
-        let skip_below = start.clone();
-        let disk = self
-            .tree
-            .range(first..)
-            .map(move |r| r.unwrap_or_else(|e| read_failed(space, e)))
-            .take_while(|(k, _)| is_chunk_key(k))
-            .flat_map(|(k, v)| records_of(self.entries(&k, &v)))
-            .skip_while(move |(k, _)| *k < skip_below);
+        let disk = self.chunks.scan_from(&start);
         let mem = self.pending.range(start..);
         self.merged(space, disk, mem, false)
     }
@@ -607,11 +445,11 @@ impl Records for SledRecords {
         let end = vec![space as u8 + 1];
         let skip_from = end.clone();
         let disk = self
-            .tree
+            .tree()
             .range(..end.clone())
             .rev()
             .map(move |r| r.unwrap_or_else(|e| read_failed(space, e)))
-            .flat_map(|(k, v)| records_of(self.entries(&k, &v)).rev())
+            .flat_map(|(k, v)| records_of(self.chunks.entries(&k, &v)).rev())
             .skip_while(move |(k, _)| *k >= skip_from);
         let mem = self.pending.range(..end).rev();
         self.merged(space, disk, mem, true)

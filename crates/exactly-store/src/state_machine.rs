@@ -23,6 +23,7 @@
 //! **Invariant:** a reader never sees a job whose payload is not yet readable: apply writes the
 //! payloads while it still holds the table's write lock, and calls the observer after both.
 
+use std::collections::BTreeMap;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -273,15 +274,13 @@ impl StateMachine {
     }
 }
 
-/// A write to the payloads or archive tree: (tree, key, value, or `None` to remove).
-type TreeOp<'a> = (&'a sled::Tree, [u8; 8], Option<Vec<u8>>);
-
 /// Applies `entries` to the table and their payload effects to sled, under the write lock.
 /// Returns the responses and the attempt starts that are still current after the whole batch.
 fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) -> Result<Applies> {
     let mut applied = shared.write().map_err(|_| Error::Poisoned)?;
-    let mut tree_ops: Vec<TreeOp<'_>> = Vec::new();
-    let (payloads, archive) = (&store.inner.payloads, &store.inner.archive);
+    // By key: a later drop of the same job wins.
+    let mut payload_ops: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    let mut archive_ops: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
     let mut out = Applies::default();
     let mut tokens_changed = false;
     for entry in entries {
@@ -293,16 +292,18 @@ fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) 
                 for effect in effects {
                     match effect {
                         Effect::StorePayload { job, payload } => {
-                            tree_ops.push((payloads, u64_key(job), Some(encode_raw(&payload))));
+                            payload_ops.insert(u64_key(job).to_vec(), Some(encode_raw(&payload)));
                         }
                         Effect::DropPayload { job } => {
-                            tree_ops.push((payloads, u64_key(job), None))
+                            payload_ops.insert(u64_key(job).to_vec(), None);
                         }
                         Effect::Archive(job) => {
                             let record = encode("archived job", &job)?;
-                            tree_ops.push((archive, u64_key(job.id), Some(record)));
+                            archive_ops.insert(u64_key(job.id).to_vec(), Some(record));
                         }
-                        Effect::Unarchive { job } => tree_ops.push((archive, u64_key(job), None)),
+                        Effect::Unarchive { job } => {
+                            archive_ops.insert(u64_key(job).to_vec(), None);
+                        }
                         Effect::Start(start) => out.starts.push(start),
                         Effect::Renewed(lease) => out.renewals.push((lease, log_id.index)),
                         Effect::Cancel { job, token, node } => out.cancels.push((job, token, node)),
@@ -320,17 +321,18 @@ fn apply_blocking(store: &Store, shared: &RwLock<Applied>, entries: Vec<Entry>) 
         applied.last_applied = Some(log_id);
         out.responses.push(response);
     }
-    // In order, so that a later drop of the same job wins. One operation each, not a
-    // `sled::Batch` (which rolls sled's IO buffer twice, see `log_store::write_entries`):
-    // nothing needs them atomic, as a restart re-applies the log from a snapshot (which carries
-    // the payloads and archived records of its point) and rewrites them.
-    for (tree, key, value) in tree_ops {
-        match value {
-            Some(v) => tree.insert(key, v).map(drop),
-            None => tree.remove(key).map(drop),
-        }
-        .map_err(|e| Error::sled("writing payloads and archived jobs", e))?;
-    }
+    // One operation each, not a `sled::Batch` (which rolls sled's IO buffer twice, see
+    // `log_store::write_entries`): nothing needs them atomic, as a restart re-applies the log
+    // from a snapshot (which carries the payloads and archived records of its point) and
+    // rewrites them. The payloads' chunks keep every payload readable between two writes.
+    store
+        .inner
+        .payloads
+        .write_unbatched(payload_ops, "writing payloads")?;
+    store
+        .inner
+        .archive
+        .write_unbatched(archive_ops, "writing archived jobs")?;
     // After the payloads: the state on disk never names a payload that is not there.
     let since = *applied.unflushed_since.get_or_insert_with(Instant::now);
     let uncommitted = match applied.table.records() {

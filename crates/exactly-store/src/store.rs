@@ -12,7 +12,12 @@
 //! - `log`: big-endian log index -> `Entry`
 //! - `meta`: `vote`, `committed`, `last_purged` (log ids), `node_id`, `incarnation` (u64), and
 //!   `payloads_rebuild` (present only while a snapshot install replaces the payloads tree)
-//! - `payloads`: big-endian job id -> payload bytes
+//! - `payload_chunks`: big-endian job id -> payload bytes, and `archive_chunks`: big-endian
+//!   job id -> the record of a succeeded or cancelled job; both packed into chunks of a few KiB
+//!   (`chunked.rs`: a sled key per chunk, not per job; the per-key `payloads` and `archive`
+//!   trees of earlier builds are moved into them at open)
+//! - `state_chunks` (table on disk, `state_machine.rs`), `state_capture`, `state_build` and
+//!   `state_build_payloads` (snapshot builds from disk)
 //!
 //! # Durability: what survives what
 //!
@@ -63,6 +68,7 @@ use exactly_core::JobId;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::chunked::ChunkedTree;
 use crate::codec::{decode, encode, key_u64, u64_key, versioned_body};
 use crate::durability::{DurabilityHook, DurableImage, StoreOptions};
 use crate::error::{Error, Result};
@@ -93,8 +99,12 @@ pub const OPEN_LOCK_RETRY_MS: u64 = 20;
 const SLED_DIR: &str = "sled";
 const TREE_LOG: &str = "log";
 const TREE_META: &str = "meta";
-const TREE_PAYLOADS: &str = "payloads";
-const TREE_ARCHIVE: &str = "archive";
+const TREE_PAYLOADS: &str = "payload_chunks";
+/// The payloads tree of earlier builds (a sled key per payload): moved into the chunks at open.
+const TREE_PAYLOADS_UNCHUNKED: &str = "payloads";
+const TREE_ARCHIVE: &str = "archive_chunks";
+/// The archive tree of earlier builds (a sled key per record): moved into the chunks at open.
+const TREE_ARCHIVE_UNCHUNKED: &str = "archive";
 /// The state tree, its records packed in chunks (`chunks.rs`).
 const TREE_STATE: &str = "state_chunks";
 /// The state tree of the earlier layout (a sled key per record): dropped at open, so that its
@@ -122,9 +132,9 @@ pub(crate) struct Inner {
     pub(crate) db: sled::Db,
     pub(crate) log: sled::Tree,
     pub(crate) meta: sled::Tree,
-    pub(crate) payloads: sled::Tree,
+    pub(crate) payloads: ChunkedTree,
     /// The records of succeeded and cancelled jobs (see `Effect::Archive`).
-    pub(crate) archive: sled::Tree,
+    pub(crate) archive: ChunkedTree,
     /// The state machine's job table records and its head (see `state_machine.rs`).
     pub(crate) state: sled::Tree,
     /// The values a snapshot build's consistent view of `state` saves (see
@@ -168,13 +178,42 @@ struct Durability {
 }
 
 /// How many keys `tree` holds (a scan).
-fn count_keys(tree: &sled::Tree, what: &'static str) -> Result<u64> {
-    let mut n = 0;
-    for key in tree.iter().keys() {
-        key.map_err(|e| Error::sled(what, e))?;
-        n += 1;
+/// Moves the records of an earlier build's per-key tree `old_name` (payloads or archived
+/// jobs) into `chunks` (emptied first: a move a crash interrupted starts again) and drops
+/// that tree. sled recovers a prefix of its log, so after a crash either the old tree is still
+/// there or every record was moved.
+fn move_unchunked(db: &sled::Db, old_name: &str, chunks: &ChunkedTree) -> Result<()> {
+    let old_name = old_name.as_bytes();
+    if !db.tree_names().iter().any(|n| n.as_ref() == old_name) {
+        return Ok(());
     }
-    Ok(n)
+    let old = db
+        .open_tree(old_name)
+        .map_err(|e| Error::sled("opening a tree of the earlier layout", e))?;
+    chunks
+        .clear()
+        .map_err(|e| Error::sled("clearing a chunked tree", e))?;
+    let records = old.iter().map(|entry| {
+        entry
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .map_err(|e| Error::sled("reading a record of the earlier layout", e))
+    });
+    chunks.fill_with(records, PAYLOAD_BATCH_KEYS_MAX, |writes| {
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes {
+            if let Some(value) = value {
+                batch.insert(key, value);
+            }
+        }
+        chunks
+            .tree()
+            .apply_batch(batch)
+            .map_err(|e| Error::sled("moving records into chunks", e))
+    })?;
+    drop(old);
+    db.drop_tree(old_name)
+        .map_err(|e| Error::sled("dropping a tree of the earlier layout", e))?;
+    Ok(())
 }
 
 impl std::fmt::Debug for Store {
@@ -205,8 +244,11 @@ impl Store {
             db.open_tree(name)
                 .map_err(|e| Error::sled("opening a sled tree", e))
         };
-        let (log, meta, payloads) = (tree(TREE_LOG)?, tree(TREE_META)?, tree(TREE_PAYLOADS)?);
-        let archive = tree(TREE_ARCHIVE)?;
+        let (log, meta) = (tree(TREE_LOG)?, tree(TREE_META)?);
+        let payloads = ChunkedTree::new(tree(TREE_PAYLOADS)?);
+        move_unchunked(&db, TREE_PAYLOADS_UNCHUNKED, &payloads)?;
+        let archive = ChunkedTree::new(tree(TREE_ARCHIVE)?);
+        move_unchunked(&db, TREE_ARCHIVE_UNCHUNKED, &archive)?;
         if db
             .tree_names()
             .iter()
@@ -284,11 +326,7 @@ impl Store {
     /// snapshot's point (its payload was dropped before the snapshot was built), until the
     /// entries after the snapshot are applied. Blocking (a sled read).
     pub fn payload(&self, job: JobId) -> Result<Option<Vec<u8>>> {
-        let value = self
-            .inner
-            .payloads
-            .get(u64_key(job))
-            .map_err(|e| Error::sled("reading a payload", e))?;
+        let value = self.inner.payloads.get(&u64_key(job));
         value
             .map(|v| versioned_body("payload", &v).map(<[u8]>::to_vec))
             .transpose()
@@ -301,11 +339,7 @@ impl Store {
     /// applied again. `None` also for a finished job whose record was deleted after the point
     /// of the snapshot this node installed, until the log after it is applied. Blocking.
     pub fn archived(&self, job: JobId) -> Result<Option<exactly_core::Job>> {
-        let value = self
-            .inner
-            .archive
-            .get(u64_key(job))
-            .map_err(|e| Error::sled("reading an archived job", e))?;
+        let value = self.inner.archive.get(&u64_key(job));
         value
             .map(|v| decode::<exactly_core::Job>("archived job", &v))
             .transpose()
@@ -313,15 +347,12 @@ impl Store {
 
     /// The encoded archived record of `job` (as the tree holds it), for snapshots.
     pub(crate) fn archived_raw(&self, job: JobId) -> Result<Option<sled::IVec>> {
-        self.inner
-            .archive
-            .get(u64_key(job))
-            .map_err(|e| Error::sled("reading an archived job", e))
+        Ok(self.inner.archive.get(&u64_key(job)).map(sled::IVec::from))
     }
 
     /// How many records the archive tree holds.
     pub(crate) fn archived_count(&self) -> Result<u64> {
-        count_keys(&self.inner.archive, "counting archived jobs")
+        Ok(self.inner.archive.count() as u64)
     }
 
     /// This node's identity: the persisted node id, or, the first time, `generate()`'s value,
@@ -502,7 +533,7 @@ impl Store {
 
     /// How many payloads the payloads tree holds.
     pub(crate) fn payload_count(&self) -> Result<u64> {
-        count_keys(&self.inner.payloads, "counting payloads")
+        Ok(self.inner.payloads.count() as u64)
     }
 
     /// Makes the payloads and archive trees hold exactly what the snapshot `data` holds (none
@@ -514,8 +545,8 @@ impl Store {
         &self,
         data: Option<impl std::io::Read>,
     ) -> Result<(Option<snapshot::SnapshotBody>, u64)> {
-        self.clear_tree(&self.inner.payloads, "clearing payloads")?;
-        self.clear_tree(&self.inner.archive, "clearing archived jobs")?;
+        self.clear_tree(self.inner.payloads.tree(), "clearing payloads")?;
+        self.clear_tree(self.inner.archive.tree(), "clearing archived jobs")?;
         let Some(data) = data else {
             return Ok((None, 0));
         };
@@ -525,22 +556,20 @@ impl Store {
             batch.push((job, value));
             archived += 1;
             if batch.len() == PAYLOAD_BATCH_KEYS_MAX {
-                self.put_all(
-                    &self.inner.archive,
-                    &std::mem::take(&mut batch),
-                    "archiving jobs",
-                )?;
+                self.archive_records(&std::mem::take(&mut batch))?;
             }
             Ok(())
         };
         let body = snapshot::decode_body_from(data, snapshot::Records::Into(&mut sink))?;
-        self.put_all(&self.inner.archive, &batch, "archiving jobs")?;
-        let payloads: Vec<(JobId, Vec<u8>)> = body
+        self.archive_records(&batch)?;
+        let mut payloads: Vec<(JobId, Vec<u8>)> = body
             .payloads
             .iter()
             .map(|(id, p)| (*id, crate::codec::encode_raw(p)))
             .collect();
-        self.put_all(&self.inner.payloads, &payloads, "writing payloads")?;
+        payloads.sort_by_key(|(id, _)| *id);
+        payloads.dedup_by_key(|(id, _)| *id);
+        self.put_payloads(&payloads)?;
         Ok((Some(body), archived))
     }
 
@@ -715,22 +744,15 @@ impl Store {
         }
     }
 
-    /// Writes `values` (each as the tree stores it) into a tree keyed by job id, in small
-    /// batches.
-    pub(crate) fn put_all(
-        &self,
-        tree: &sled::Tree,
-        values: &[(JobId, Vec<u8>)],
-        what: &'static str,
-    ) -> Result<()> {
-        for chunk in values.chunks(PAYLOAD_BATCH_KEYS_MAX) {
-            let mut batch = sled::Batch::default();
-            for (job, value) in chunk {
-                batch.insert(&u64_key(*job), value.as_slice());
-            }
-            tree.apply_batch(batch).map_err(|e| Error::sled(what, e))?;
-        }
-        Ok(())
+    /// Writes encoded payloads (by job id) into the payloads' chunks.
+    pub(crate) fn put_payloads(&self, payloads: &[(JobId, Vec<u8>)]) -> Result<()> {
+        let changes = payloads
+            .iter()
+            .map(|(id, value)| (u64_key(*id).to_vec(), Some(value.clone())));
+        self.inner.payloads.write_unbatched(
+            changes.collect::<std::collections::BTreeMap<_, _>>(),
+            "writing payloads",
+        )
     }
 
     /// Makes the state machine's next load rebuild its state from the current snapshot (the
@@ -757,7 +779,13 @@ impl Store {
     /// Writes records into the archive tree (the finished records of a snapshot of the earlier
     /// format, which kept them in the table).
     pub(crate) fn archive_records(&self, records: &[(JobId, Vec<u8>)]) -> Result<()> {
-        self.put_all(&self.inner.archive, records, "archiving jobs")
+        let changes = records
+            .iter()
+            .map(|(id, value)| (u64_key(*id).to_vec(), Some(value.clone())));
+        self.inner.archive.write_unbatched(
+            changes.collect::<std::collections::BTreeMap<_, _>>(),
+            "archiving jobs",
+        )
     }
 
     /// Makes `payloads` the payloads tree, crash-safely with respect to the snapshot file: the
@@ -1100,6 +1128,54 @@ mod tests {
         assert!(log_indexes(&store).is_empty());
     }
 
+    /// A data directory of an earlier build keeps its payloads and archived jobs in trees
+    /// with a sled key per job: opening it moves them into the chunks (a few hundred, several
+    /// chunks) and drops those trees; a payload written afterwards lands beside them.
+    #[test]
+    fn payloads_and_archived_jobs_of_the_earlier_layout_move_into_chunks_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = |id: u64| format!("payload of job {id}").into_bytes();
+        let (_, _, archive) = snapshot::tests::fixture_state();
+        {
+            let db = open_sled(&dir.path().join(SLED_DIR)).unwrap();
+            let old = db.open_tree(TREE_PAYLOADS_UNCHUNKED).unwrap();
+            for id in 1..=600u64 {
+                old.insert(u64_key(id), crate::codec::encode_raw(&payload(id)))
+                    .unwrap();
+            }
+            let old = db.open_tree(TREE_ARCHIVE_UNCHUNKED).unwrap();
+            for (id, job) in &archive {
+                old.insert(u64_key(*id), encode("archived job", job).unwrap())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.inner.payloads.tree().len() > 2, "several chunks");
+        for id in 1..=600u64 {
+            assert_eq!(store.payload(id).unwrap(), Some(payload(id)), "job {id}");
+        }
+        assert_eq!(store.payload(601).unwrap(), None);
+        assert_eq!(store.payload_count().unwrap(), 600);
+        store
+            .put_payloads(&[(601, crate::codec::encode_raw(b"new"))])
+            .unwrap();
+        assert_eq!(store.payload(601).unwrap(), Some(b"new".to_vec()));
+        assert!(!archive.is_empty());
+        for (id, job) in &archive {
+            assert_eq!(store.archived(*id).unwrap().as_ref(), Some(job));
+        }
+        assert_eq!(store.archived_count().unwrap(), archive.len() as u64);
+        for old in [TREE_PAYLOADS_UNCHUNKED, TREE_ARCHIVE_UNCHUNKED] {
+            assert!(!store
+                .inner
+                .db
+                .tree_names()
+                .iter()
+                .any(|n| n.as_ref() == old.as_bytes()));
+        }
+    }
+
     /// A snapshot install interrupted while replacing payloads and archived records (marker
     /// still present) makes reopening rebuild both trees from the snapshot file.
     #[test]
@@ -1116,16 +1192,10 @@ mod tests {
             store.begin_payloads_rebuild().unwrap();
             store.persist_snapshot_bytes(&meta, &data, false).unwrap();
             store
-                .put_all(
-                    &store.inner.payloads,
-                    &[(9, crate::codec::encode_raw(b"stale"))],
-                    "t",
-                )
+                .put_payloads(&[(9, crate::codec::encode_raw(b"stale"))])
                 .unwrap();
             let stale = encode("archived job", &archive[&1]).unwrap();
-            store
-                .put_all(&store.inner.archive, &[(9, stale)], "t")
-                .unwrap();
+            store.archive_records(&[(9, stale)]).unwrap();
             store.make_durable().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -1192,12 +1262,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store
-            .inner
-            .payloads
-            .insert(
-                u64_key(1),
-                crate::codec::encode_raw(&vec![5u8; 1024 * 1024]),
-            )
+            .put_payloads(&[(1, crate::codec::encode_raw(&vec![5u8; 1024 * 1024]))])
             .unwrap();
         store.make_durable().unwrap();
         let blobs = fs::read_dir(dir.path().join(SLED_DIR).join("blobs"))
