@@ -12,9 +12,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::chunks::{self, Entries};
 use crate::error::{Error, Result};
 
-/// Decoded chunks kept for reads (a few MiB at most: chunks are [`chunks::CHUNK_BYTES_MAX`] at
-/// most, apart from single records larger than that).
+/// Decoded chunks kept for reads, at most.
 const CHUNK_CACHE_MAX: usize = 1_024;
+/// Bytes the cached chunks may hold (their values, counted twice: the value the cache keeps to
+/// check against the tree, and the decoded records). Chunks are a few KiB, but one record may
+/// be larger (a payload of up to a MiB is a chunk of its own), so the count alone is no bound.
+const CHUNK_CACHE_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// Sled keys at or after this byte are not chunks (an owner's marks: the state's head).
 pub(crate) const FIRST_MARK_BYTE: u8 = 0xFF;
@@ -42,6 +45,8 @@ pub struct ChunkedTree {
 struct ChunkCache {
     chunks: HashMap<Vec<u8>, (sled::IVec, Arc<Entries>)>,
     order: VecDeque<Vec<u8>>,
+    /// What the cached chunks hold, as [`CHUNK_CACHE_BYTES_MAX`] counts it.
+    bytes: usize,
 }
 
 impl ChunkCache {
@@ -54,16 +59,24 @@ impl ChunkCache {
         let entries = Arc::new(
             chunks::decode(value).unwrap_or_else(|e| read_failed(String::from_utf8_lossy(key), e)),
         );
-        if self
+        let cost = 2 * value.len();
+        if cost > CHUNK_CACHE_BYTES_MAX {
+            return entries;
+        }
+        match self
             .chunks
             .insert(key.to_vec(), (value.clone(), entries.clone()))
-            .is_none()
         {
-            self.order.push_back(key.to_vec());
-            if self.order.len() > CHUNK_CACHE_MAX {
-                if let Some(oldest) = self.order.pop_front() {
-                    self.chunks.remove(&oldest);
-                }
+            Some((replaced, _)) => self.bytes -= 2 * replaced.len(),
+            None => self.order.push_back(key.to_vec()),
+        }
+        self.bytes += cost;
+        while self.order.len() > CHUNK_CACHE_MAX || self.bytes > CHUNK_CACHE_BYTES_MAX {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((raw, _)) = self.chunks.remove(&oldest) {
+                self.bytes -= 2 * raw.len();
             }
         }
         entries
@@ -280,6 +293,41 @@ pub(crate) fn records_of(
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The cache holds at most its count and its bytes, whatever the chunks' sizes, and never
+    /// answers with a chunk whose value the tree no longer holds.
+    #[test]
+    fn the_cache_is_bounded_in_count_and_bytes_and_follows_the_tree() {
+        let mut cache = ChunkCache::default();
+        let chunk = |n: usize, fill: u8| {
+            let entries = vec![(vec![fill], vec![fill; n])];
+            sled::IVec::from(chunks::encode(&entries))
+        };
+        for i in 0..3 * CHUNK_CACHE_MAX {
+            let key = (i as u64).to_be_bytes();
+            cache.get(&key, &chunk(10, 1));
+            assert!(cache.order.len() <= CHUNK_CACHE_MAX);
+            assert_eq!(cache.order.len(), cache.chunks.len());
+        }
+        for i in 0..40u64 {
+            cache.get(&i.to_be_bytes(), &chunk(512 * 1024, 2));
+            assert!(
+                cache.bytes <= CHUNK_CACHE_BYTES_MAX,
+                "{} bytes",
+                cache.bytes
+            );
+            assert_eq!(cache.order.len(), cache.chunks.len());
+        }
+        // Its value alone is over half the bound: not kept.
+        let too_big = chunk(CHUNK_CACHE_BYTES_MAX / 2 + 1, 3);
+        cache.get(b"big", &too_big);
+        assert!(!cache.chunks.contains_key(&b"big"[..]));
+        let key = 1u64.to_be_bytes();
+        let old = cache.get(&key, &chunk(10, 4));
+        let new = cache.get(&key, &chunk(10, 5));
+        assert_ne!(old, new, "a changed value is decoded again");
+        assert_eq!(new[0].1, vec![5; 10]);
+    }
 
     /// While a writer adds records in scattered order one sled write at a time (chunks of a
     /// few records, split all the time), a reader always finds every record written before it

@@ -226,33 +226,24 @@ mod tests {
 
     #[test]
     fn a_chunk_with_keys_out_of_order_or_a_bad_prefix_is_refused() {
-        let backwards = Encoded {
-            entries: vec![
-                EncodedEntry {
-                    shared: 0,
-                    suffix: b"b",
-                    value: b"",
-                },
-                EncodedEntry {
-                    shared: 0,
-                    suffix: b"a",
-                    value: b"",
-                },
-            ],
+        // (shared, suffix) pairs, encoded as they are, unchecked.
+        let raw = |entries: &[(u32, &'static [u8])]| {
+            let encoded = Encoded {
+                entries: entries
+                    .iter()
+                    .map(|&(shared, suffix)| EncodedEntry {
+                        shared,
+                        suffix,
+                        value: b"",
+                    })
+                    .collect(),
+            };
+            postcard::to_extend(&encoded, vec![CHUNK_FORMAT]).unwrap()
         };
-        let mut bytes = vec![CHUNK_FORMAT];
-        bytes = postcard::to_extend(&backwards, bytes).unwrap();
-        assert!(decode(&bytes).unwrap_err().contains("increasing"));
-        let too_shared = Encoded {
-            entries: vec![EncodedEntry {
-                shared: 2,
-                suffix: b"a",
-                value: b"",
-            }],
-        };
-        let mut bytes = vec![CHUNK_FORMAT];
-        bytes = postcard::to_extend(&too_shared, bytes).unwrap();
-        assert!(decode(&bytes).unwrap_err().contains("shares"));
+        let backwards = raw(&[(0, b"b"), (0, b"a")]);
+        assert!(decode(&backwards).unwrap_err().contains("increasing"));
+        let too_shared = raw(&[(2, b"a")]);
+        assert!(decode(&too_shared).unwrap_err().contains("shares"));
         assert!(decode(&[]).is_err());
         assert!(decode(&[9, 0]).unwrap_err().contains("format"));
         assert!(decode(&[CHUNK_FORMAT, 1, 0]).is_err());

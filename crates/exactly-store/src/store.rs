@@ -182,6 +182,15 @@ struct Durability {
 /// jobs) into `chunks` (emptied first: a move a crash interrupted starts again) and drops
 /// that tree. sled recovers a prefix of its log, so after a crash either the old tree is still
 /// there or every record was moved.
+/// Writes `values` (each as the tree keeps it) by job id into `tree`'s chunks.
+fn put_by_id(tree: &ChunkedTree, values: &[(JobId, Vec<u8>)], what: &'static str) -> Result<()> {
+    let changes: std::collections::BTreeMap<_, _> = values
+        .iter()
+        .map(|(id, value)| (u64_key(*id).to_vec(), Some(value.clone())))
+        .collect();
+    tree.write_unbatched(changes, what)
+}
+
 fn move_unchunked(db: &sled::Db, old_name: &str, chunks: &ChunkedTree) -> Result<()> {
     let old_name = old_name.as_bytes();
     if !db.tree_names().iter().any(|n| n.as_ref() == old_name) {
@@ -746,13 +755,7 @@ impl Store {
 
     /// Writes encoded payloads (by job id) into the payloads' chunks.
     pub(crate) fn put_payloads(&self, payloads: &[(JobId, Vec<u8>)]) -> Result<()> {
-        let changes = payloads
-            .iter()
-            .map(|(id, value)| (u64_key(*id).to_vec(), Some(value.clone())));
-        self.inner.payloads.write_unbatched(
-            changes.collect::<std::collections::BTreeMap<_, _>>(),
-            "writing payloads",
-        )
+        put_by_id(&self.inner.payloads, payloads, "writing payloads")
     }
 
     /// Makes the state machine's next load rebuild its state from the current snapshot (the
@@ -779,13 +782,7 @@ impl Store {
     /// Writes records into the archive tree (the finished records of a snapshot of the earlier
     /// format, which kept them in the table).
     pub(crate) fn archive_records(&self, records: &[(JobId, Vec<u8>)]) -> Result<()> {
-        let changes = records
-            .iter()
-            .map(|(id, value)| (u64_key(*id).to_vec(), Some(value.clone())));
-        self.inner.archive.write_unbatched(
-            changes.collect::<std::collections::BTreeMap<_, _>>(),
-            "archiving jobs",
-        )
+        put_by_id(&self.inner.archive, records, "archiving jobs")
     }
 
     /// Makes `payloads` the payloads tree, crash-safely with respect to the snapshot file: the
