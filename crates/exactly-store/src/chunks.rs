@@ -249,6 +249,14 @@ mod tests {
         assert!(decode(&[CHUNK_FORMAT, 1, 0]).is_err());
     }
 
+    /// Each written chunk's sled key and the record keys it holds.
+    fn cut_of(writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<(Vec<u8>, Vec<u64>)> {
+        writes
+            .iter()
+            .map(|(k, v)| (k.clone(), keys_of(v.as_ref().unwrap())))
+            .collect()
+    }
+
     fn keys_of(value: &[u8]) -> Vec<u64> {
         decode(value)
             .unwrap()
@@ -268,10 +276,7 @@ mod tests {
                 .collect()
         };
         let writes = rewrite(None, vec![], changes(&[1, 2, 3, 4, 5, 6, 7, 8, 9]), max);
-        let cut: Vec<_> = writes
-            .iter()
-            .map(|(k, v)| (k.clone(), keys_of(v.as_ref().unwrap())))
-            .collect();
+        let cut = cut_of(&writes);
         assert_eq!(
             cut,
             vec![
@@ -288,10 +293,7 @@ mod tests {
             changes(&[25]),
             max,
         );
-        let cut: Vec<_> = writes
-            .iter()
-            .map(|(k, v)| (k.clone(), keys_of(v.as_ref().unwrap())))
-            .collect();
+        let cut = cut_of(&writes);
         assert_eq!(
             cut,
             vec![

@@ -464,7 +464,7 @@ pub enum TableStorage {
     /// restart loads the snapshot and re-applies the log after it.
     #[default]
     Memory,
-    /// On disk ([`SledRecords`], the `state` tree): memory stays flat whatever the backlog; a
+    /// On disk ([`SledRecords`], the `state_chunks` tree): memory stays flat whatever the backlog; a
     /// restart resumes from the state on disk.
     Disk,
 }

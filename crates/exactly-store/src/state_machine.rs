@@ -1,6 +1,6 @@
 //! [`StateMachine`]: the job table on disk, fed by committed entries, with snapshots.
 //!
-//! The table's records (every family that grows with the jobs) live in the `state` sled tree
+//! The table's records (every family that grows with the jobs) live in the `state_chunks` sled tree
 //! through [`SledRecords`]; its head (the bounded fields, [`TableHead`]) is in memory and is
 //! written with every apply call, under [`STATE_HEAD`] in the same tree, with the last
 //! applied log id and the membership: one atomic sled batch per apply call, so the tree is
@@ -52,7 +52,7 @@ pub const STATE_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Writes waiting in memory after which apply flushes at once, whatever the window's age.
 pub const STATE_FLUSH_KEYS_MAX: usize = 50_000;
 
-/// The job table as a node keeps it: its records in memory or in the `state` sled tree
+/// The job table as a node keeps it: its records in memory or in the `state_chunks` sled tree
 /// ([`TableStorage`]).
 pub type Table = JobTable<NodeRecords>;
 
